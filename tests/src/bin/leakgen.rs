@@ -1,0 +1,864 @@
+//! `leakgen`: a deterministic kernel slab allocation generator for leaktrace's
+//! integration tests.
+//!
+//! ```text
+//! leakgen keys N       N "user" keys, 400-byte payload -> N held kmalloc-512 (unaccounted)
+//! leakgen inotify N    N inotify instances -> N held kmalloc-cg-512 (accounted)
+//! leakgen files N      N open fds on /dev/null -> N held `filp` cache objects
+//! leakgen other N      N eventfds -> N held kmalloc-64, no kmalloc-512 at all
+//! leakgen writev  (SECONDS | --ops N) [--wait]   transient kmalloc-512 per op
+//! leakgen writev256 (SECONDS | --ops N) [--wait] transient kmalloc-256 per op
+//! ```
+//!
+//! Hold modes (keys, inotify, files, other) speak a line protocol so a test can
+//! snapshot the tracer while the objects are outstanding and again after they
+//! are gone:
+//!
+//! 1. make all N objects, then print `READY <pid>`;
+//! 2. wait for one line on stdin (EOF counts as a line);
+//! 3. release all N objects, then print `RELEASED <pid>`;
+//! 4. wait for one more line / EOF, then exit 0.
+//!
+//! Churn modes (writev, writev256) print `READY <pid>`, wait for a stdin line
+//! only with `--wait`, churn, then print
+//! `DONE <pid> ops=<n> secs=<f> ops_per_sec=<f>`.
+//!
+//! Exit codes: 0 ok, 2 usage, 1 any failure (the message names the syscall,
+//! the errno and a hint). A mode never silently makes fewer objects than asked.
+//!
+//! Every syscall that allocates is issued by inline asm from a named
+//! `#[inline(never)]` function: glibc's wrappers set up no frame pointer, so a
+//! frame-pointer unwinder starting in one would skip its caller, and the tests
+//! look for these call chains in user stacks (the crate is built with
+//! `-C force-frame-pointers=yes`):
+//!
+//! * keys:      `main -> run_keys -> leak_keys -> sys_add_key`
+//! * other:     `main -> run_other -> leak_eventfd -> sys_eventfd2`
+//! * inotify:   `main -> run_inotify -> leak_inotify -> sys_inotify_init1`
+//! * files:     `main -> run_files -> leak_files -> sys_openat`
+//! * writev:    `main -> run_churn -> churn_writev -> sys_writev`
+//! * writev256: `main -> run_churn -> churn_iovec256 -> sys_writev`
+//!   (deliberately not `churn_writev256`, which would contain `churn_writev`)
+
+use std::arch::asm;
+use std::ffi::{CStr, CString};
+use std::fmt;
+use std::io::{self, BufRead, Write};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+
+/// 24-byte `struct user_key_payload` header + 400 = 424 bytes -> kmalloc-512.
+const KEY_PAYLOAD_LEN: usize = 400;
+/// 32 * sizeof(struct iovec) = 512 -> kmalloc-512 in iovec_from_user (more
+/// than UIO_FASTIOV = 8, so the on-stack array is not used).
+const WRITEV_IOVS: usize = 32;
+/// 16 * 16 = 256 -> kmalloc-256.
+const WRITEV256_IOVS: usize = 16;
+
+const KEY_SPEC_PROCESS_KEYRING: i32 = -2;
+const KEYCTL_INVALIDATE: usize = 21;
+/// Writing 1 runs rcu_barrier() (kernel/rcu/tree.c, root only).
+const RCU_BARRIER_KNOB: &str = "/sys/module/rcutree/parameters/do_rcu_barrier";
+/// Grace periods take 10-30 ms on the reference VM.
+const RCU_FALLBACK: Duration = Duration::from_millis(200);
+/// The GC destroys 1000 keys within ~50 ms on the reference VM.
+const KEY_GC_TIMEOUT: Duration = Duration::from_secs(10);
+const KEY_GC_FALLBACK: Duration = Duration::from_millis(500);
+
+const USAGE: &str = "\
+usage: leakgen keys N | inotify N | files N | other N
+       leakgen writev (SECONDS | --ops N) [--wait]
+       leakgen writev256 (SECONDS | --ops N) [--wait]
+hold modes print `READY <pid>`, wait for a stdin line (or EOF), release,
+print `RELEASED <pid>`, wait for another line (or EOF) and exit";
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Mode {
+    Keys,
+    Inotify,
+    Files,
+    Other,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Limit {
+    Secs(f64),
+    Ops(u64),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Command {
+    Hold(Mode, usize),
+    Churn {
+        iovs: usize,
+        limit: Limit,
+        wait: bool,
+    },
+}
+
+fn parse_args(args: &[String]) -> Result<Command, String> {
+    let (mode, rest) = args
+        .split_first()
+        .ok_or_else(|| "missing mode".to_string())?;
+    let hold = match mode.as_str() {
+        "keys" => Some(Mode::Keys),
+        "inotify" => Some(Mode::Inotify),
+        "files" => Some(Mode::Files),
+        "other" => Some(Mode::Other),
+        _ => None,
+    };
+    if let Some(m) = hold {
+        let [n] = rest else {
+            return Err(format!("{mode} takes exactly one argument N"));
+        };
+        let n: usize = n
+            .parse()
+            .map_err(|_| format!("N must be a non-negative integer, got {n:?}"))?;
+        return Ok(Command::Hold(m, n));
+    }
+    let iovs = match mode.as_str() {
+        "writev" => WRITEV_IOVS,
+        "writev256" => WRITEV256_IOVS,
+        _ => return Err(format!("unknown mode {mode:?}")),
+    };
+    let mut limit = None;
+    let mut wait = false;
+    let mut it = rest.iter();
+    while let Some(a) = it.next() {
+        let new = match a.as_str() {
+            "--wait" => {
+                wait = true;
+                continue;
+            }
+            "--ops" => {
+                let v = it.next().ok_or("--ops needs a value")?;
+                Limit::Ops(
+                    v.parse()
+                        .map_err(|_| format!("--ops must be an integer, got {v:?}"))?,
+                )
+            }
+            s => match s.parse::<f64>() {
+                Ok(secs) if secs.is_finite() && secs >= 0.0 => Limit::Secs(secs),
+                _ => return Err(format!("SECONDS must be a non-negative number, got {s:?}")),
+            },
+        };
+        if limit.replace(new).is_some() {
+            return Err("give either SECONDS or --ops N, once".into());
+        }
+    }
+    let limit = limit.ok_or_else(|| format!("{mode} needs SECONDS or --ops N"))?;
+    Ok(Command::Churn { iovs, limit, wait })
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let cmd = match parse_args(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("leakgen: {e}\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    let res = match cmd {
+        Command::Hold(Mode::Keys, n) => run_keys(n),
+        Command::Hold(Mode::Other, n) => run_other(n),
+        Command::Hold(Mode::Inotify, n) => run_inotify(n),
+        Command::Hold(Mode::Files, n) => run_files(n),
+        Command::Churn { iovs, limit, wait } => run_churn(iovs, limit, wait),
+    };
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("leakgen: error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Raw syscalls
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Errno(i32);
+
+impl Errno {
+    fn name(self) -> &'static str {
+        match self.0 {
+            libc::EPERM => "EPERM",
+            libc::ENOENT => "ENOENT",
+            libc::EINTR => "EINTR",
+            libc::EBADF => "EBADF",
+            libc::ENOMEM => "ENOMEM",
+            libc::EACCES => "EACCES",
+            libc::EFAULT => "EFAULT",
+            libc::EINVAL => "EINVAL",
+            libc::ENFILE => "ENFILE",
+            libc::EMFILE => "EMFILE",
+            libc::ENOSPC => "ENOSPC",
+            libc::ENOSYS => "ENOSYS",
+            libc::EDQUOT => "EDQUOT",
+            libc::ENOKEY => "ENOKEY",
+            libc::EKEYREVOKED => "EKEYREVOKED",
+            libc::EKEYEXPIRED => "EKEYEXPIRED",
+            _ => "E?",
+        }
+    }
+}
+
+impl fmt::Display for Errno {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} ({})",
+            self.name(),
+            io::Error::from_raw_os_error(self.0)
+        )
+    }
+}
+
+/// The bare `syscall` instruction, inlined into each named wrapper so that the
+/// wrapper's own frame (set up because of force-frame-pointers) is the
+/// innermost user frame at syscall entry.
+///
+/// # Safety
+/// The arguments must be valid for syscall `nr`; pointer arguments must point
+/// to memory that stays valid for the call.
+#[inline(always)]
+unsafe fn raw_syscall5(
+    nr: libc::c_long,
+    a1: usize,
+    a2: usize,
+    a3: usize,
+    a4: usize,
+    a5: usize,
+) -> isize {
+    let ret: isize;
+    // SAFETY: the x86_64 syscall ABI: number in rax, args in rdi/rsi/rdx/r10/r8,
+    // result in rax, rcx and r11 clobbered; the user stack is not touched.
+    unsafe {
+        asm!(
+            "syscall",
+            inlateout("rax") nr as isize => ret,
+            in("rdi") a1,
+            in("rsi") a2,
+            in("rdx") a3,
+            in("r10") a4,
+            in("r8") a5,
+            lateout("rcx") _,
+            lateout("r11") _,
+            options(nostack),
+        );
+    }
+    ret
+}
+
+fn check(ret: isize) -> Result<usize, Errno> {
+    if (-4095..0).contains(&ret) {
+        Err(Errno(-ret as i32))
+    } else {
+        Ok(ret as usize)
+    }
+}
+
+#[inline(never)]
+fn sys_add_key(key_type: &CStr, desc: &CStr, payload: &[u8], keyring: i32) -> Result<i32, Errno> {
+    // SAFETY: the strings are NUL-terminated and the payload slice is valid;
+    // the kernel only reads them during the call.
+    let ret = unsafe {
+        raw_syscall5(
+            libc::SYS_add_key,
+            key_type.as_ptr() as usize,
+            desc.as_ptr() as usize,
+            payload.as_ptr() as usize,
+            payload.len(),
+            keyring as usize,
+        )
+    };
+    check(ret).map(|serial| serial as i32)
+}
+
+#[inline(never)]
+fn sys_keyctl(cmd: usize, arg2: usize, arg3: usize) -> Result<usize, Errno> {
+    // SAFETY: only used with commands whose arguments are plain integers.
+    check(unsafe { raw_syscall5(libc::SYS_keyctl, cmd, arg2, arg3, 0, 0) })
+}
+
+#[inline(never)]
+fn sys_eventfd2(initval: u32, flags: i32) -> Result<i32, Errno> {
+    // SAFETY: no pointer arguments.
+    let ret = unsafe {
+        raw_syscall5(
+            libc::SYS_eventfd2,
+            initval as usize,
+            flags as usize,
+            0,
+            0,
+            0,
+        )
+    };
+    check(ret).map(|fd| fd as i32)
+}
+
+#[inline(never)]
+fn sys_inotify_init1(flags: i32) -> Result<i32, Errno> {
+    // SAFETY: no pointer arguments.
+    let ret = unsafe { raw_syscall5(libc::SYS_inotify_init1, flags as usize, 0, 0, 0, 0) };
+    check(ret).map(|fd| fd as i32)
+}
+
+#[inline(never)]
+fn sys_openat(path: &CStr, flags: i32) -> Result<i32, Errno> {
+    // SAFETY: path is NUL-terminated and outlives the call.
+    let ret = unsafe {
+        raw_syscall5(
+            libc::SYS_openat,
+            libc::AT_FDCWD as usize,
+            path.as_ptr() as usize,
+            flags as usize,
+            0,
+            0,
+        )
+    };
+    check(ret).map(|fd| fd as i32)
+}
+
+#[inline(never)]
+fn sys_close(fd: i32) -> Result<(), Errno> {
+    // SAFETY: closing an fd this program opened and owns.
+    check(unsafe { raw_syscall5(libc::SYS_close, fd as usize, 0, 0, 0, 0) }).map(|_| ())
+}
+
+#[inline(never)]
+fn sys_writev(fd: i32, iov: &[libc::iovec]) -> Result<usize, Errno> {
+    // SAFETY: iov is a valid array of iovecs, each of length 0, so the kernel
+    // reads the array but no buffer behind it.
+    check(unsafe {
+        raw_syscall5(
+            libc::SYS_writev,
+            fd as usize,
+            iov.as_ptr() as usize,
+            iov.len(),
+            0,
+            0,
+        )
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Protocol
+
+fn say(line: &str) -> Result<()> {
+    let mut out = io::stdout().lock();
+    writeln!(out, "{line}")
+        .and_then(|()| out.flush())
+        .context("writing to stdout")
+}
+
+/// Blocks until a line (or EOF) arrives on stdin.
+fn wait_for_line() -> Result<()> {
+    let mut buf = String::new();
+    io::stdin()
+        .lock()
+        .read_line(&mut buf)
+        .context("reading stdin")?;
+    Ok(())
+}
+
+/// READY, wait, release, RELEASED, wait.
+fn hold_protocol(release: impl FnOnce() -> Result<()>) -> Result<()> {
+    let pid = std::process::id();
+    say(&format!("READY {pid}"))?;
+    wait_for_line()?;
+    release()?;
+    say(&format!("RELEASED {pid}"))?;
+    wait_for_line()
+}
+
+// ---------------------------------------------------------------------------
+// keys
+
+fn read_trimmed(path: &str) -> Option<String> {
+    std::fs::read_to_string(path)
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
+/// One line of /proc/key-users.
+#[derive(Debug, Clone, Copy)]
+struct KeyUser {
+    /// Keys that still exist, dropped by the GC only after `destroy` freed the
+    /// payload.
+    nkeys: u64,
+    /// Quota use, dropped by key_put() as soon as the last reference goes
+    /// (6.14+), i.e. *before* the payload is freed.
+    qnkeys: u64,
+    maxkeys: u64,
+    qnbytes: u64,
+    maxbytes: u64,
+}
+
+/// `uid`'s line of /proc/key-users; None if the uid owns no key yet or the
+/// file is unreadable.
+fn key_user(uid: u32) -> Option<KeyUser> {
+    let text = std::fs::read_to_string("/proc/key-users").ok()?;
+    let pair = |s: &str| -> Option<(u64, u64)> {
+        let (a, b) = s.split_once('/')?;
+        Some((a.parse().ok()?, b.parse().ok()?))
+    };
+    for line in text.lines() {
+        // "    0:     9 8/8 3/1000000 40/25000000":
+        // uid: usage nkeys/nikeys qnkeys/maxkeys qnbytes/maxbytes
+        let mut f = line.split_whitespace();
+        if f.next()?.trim_end_matches(':').parse::<u32>().ok()? != uid {
+            continue;
+        }
+        let _usage = f.next()?;
+        let (nkeys, _nikeys) = pair(f.next()?)?;
+        let (qnkeys, maxkeys) = pair(f.next()?)?;
+        let (qnbytes, maxbytes) = pair(f.next()?)?;
+        return Some(KeyUser {
+            nkeys,
+            qnkeys,
+            maxkeys,
+            qnbytes,
+            maxbytes,
+        });
+    }
+    None
+}
+
+fn quota_hint(uid: u32) -> String {
+    let (kname, bname) = if uid == 0 {
+        ("root_maxkeys", "root_maxbytes")
+    } else {
+        ("maxkeys", "maxbytes")
+    };
+    let get =
+        |n: &str| read_trimmed(&format!("/proc/sys/kernel/keys/{n}")).unwrap_or_else(|| "?".into());
+    let used = key_user(uid)
+        .map(|u| format!("{} keys / {} bytes", u.qnkeys, u.qnbytes))
+        .unwrap_or_else(|| "nothing".into());
+    format!(
+        "uid {uid}'s key quota is /proc/sys/kernel/keys/{kname}={} keys and {bname}={} bytes, \
+         shared by every process of the uid (currently used: {used}, see /proc/key-users; \
+         unlinked keys only give quota back once the key GC has run); pick a smaller N",
+        get(kname),
+        get(bname)
+    )
+}
+
+/// Refuses up front when the uid's key quota cannot hold `n` more keys, so the
+/// test gets a clear error instead of a half-built set. The kernel charges a
+/// user key `strlen(description) + 1 + payload_len` bytes.
+fn check_key_quota(n: usize, desc_len: usize, payload_len: usize) -> Result<()> {
+    // SAFETY: geteuid cannot fail.
+    let uid = unsafe { libc::geteuid() };
+    let Some(KeyUser {
+        qnkeys: qk,
+        maxkeys: mk,
+        qnbytes: qb,
+        maxbytes: mb,
+        ..
+    }) = key_user(uid)
+    else {
+        return Ok(()); // nothing to go on; EDQUOT from add_key still stops us
+    };
+    let need_keys = n as u64;
+    let need_bytes = n as u64 * (desc_len + 1 + payload_len) as u64;
+    if qk + need_keys > mk || qb + need_bytes > mb {
+        bail!(
+            "{n} keys need {need_keys} keys and about {need_bytes} bytes of key quota, \
+             but only {} keys / {} bytes are left; {}",
+            mk.saturating_sub(qk),
+            mb.saturating_sub(qb),
+            quota_hint(uid)
+        );
+    }
+    Ok(())
+}
+
+fn add_key_error(e: Errno, done: usize, n: usize) -> anyhow::Error {
+    // SAFETY: geteuid cannot fail.
+    let uid = unsafe { libc::geteuid() };
+    let hint = if e.0 == libc::EDQUOT {
+        quota_hint(uid)
+    } else {
+        "see add_key(2)".into()
+    };
+    anyhow!("add_key(\"user\", KEY_SPEC_PROCESS_KEYRING) failed after {done} of {n} keys: {e}; hint: {hint}")
+}
+
+/// Returns the key serials. One user_preparse kmalloc-512 per key stays
+/// allocated while the key lives.
+#[inline(never)]
+fn leak_keys(n: usize) -> Result<Vec<i32>> {
+    let pid = std::process::id();
+    let payload = [b'K'; KEY_PAYLOAD_LEN];
+    let mut serials = Vec::with_capacity(n);
+    for i in 0..n {
+        let desc = CString::new(format!("leakgen-{pid}-{i}")).context("key description")?;
+        let serial = sys_add_key(c"user", &desc, &payload, KEY_SPEC_PROCESS_KEYRING)
+            .map_err(|e| add_key_error(e, i, n))?;
+        serials.push(serial);
+    }
+    Ok(serials)
+}
+
+/// Invalidate rather than unlink: both free the payloads within tens of ms
+/// (key GC kworker, user_destroy -> kfree_sensitive), but KEYCTL_UNLINK also
+/// makes one transient kmalloc-512 per key (assoc_array_delete's edit
+/// script, RCU-freed) in *our* context, while with KEYCTL_INVALIDATE the GC
+/// edits the keyring in its own kworker.
+fn release_keys(serials: &[i32]) -> Result<()> {
+    for (i, &serial) in serials.iter().enumerate() {
+        sys_keyctl(KEYCTL_INVALIDATE, serial as usize, 0).map_err(|e| {
+            anyhow!(
+                "keyctl(KEYCTL_INVALIDATE, {serial}) failed after {i} of {} keys: {e}; \
+                 hint: was the key revoked or invalidated behind our back?",
+                serials.len()
+            )
+        })?;
+    }
+    Ok(())
+}
+
+/// The key GC frees each payload (type->destroy) before it decrements the
+/// user's nkeys, so once the uid's nkeys in /proc/key-users has dropped by `n`
+/// all `n` payloads are gone. (qnkeys would not do: key_put gives the quota
+/// back before the GC has even run.) Assumes no other process of the uid adds keys
+/// meanwhile; if one does we time out loudly rather than report early.
+fn wait_for_key_gc(uid: u32, before: u64, n: usize) -> Result<()> {
+    let target = before.saturating_sub(n as u64);
+    let start = Instant::now();
+    loop {
+        let now = key_user(uid).map(|u| u.nkeys);
+        match now {
+            Some(nk) if nk <= target => return Ok(()),
+            _ if start.elapsed() >= KEY_GC_TIMEOUT => bail!(
+                "the key GC has not destroyed the {n} invalidated keys after {:?} \
+                 (uid {uid} nkeys in /proc/key-users: {before} before, {now:?} now, \
+                 want <= {target}); hint: another process of the uid may be adding keys",
+                KEY_GC_TIMEOUT
+            ),
+            _ => std::thread::sleep(Duration::from_millis(1)),
+        }
+    }
+}
+
+/// Upper bound on strlen("leakgen-<pid>-<i>") for the quota estimate.
+fn desc_len_bound(prefix: &str, n: usize) -> usize {
+    prefix.len() + 10 + 1 + n.to_string().len()
+}
+
+#[inline(never)]
+fn run_keys(n: usize) -> Result<()> {
+    check_key_quota(n, desc_len_bound("leakgen-", n), KEY_PAYLOAD_LEN)?;
+    let serials = leak_keys(n)?;
+    // Linking each key into the process keyring also kmallocs a 328-byte
+    // assoc_array edit script (kmalloc-512) that is freed by call_rcu some
+    // 10-30 ms later; flush those so that at READY exactly the n payloads are
+    // outstanding.
+    rcu_barrier();
+    hold_protocol(|| {
+        // SAFETY: geteuid cannot fail.
+        let uid = unsafe { libc::geteuid() };
+        let before = key_user(uid).map(|u| u.nkeys);
+        release_keys(&serials)?;
+        match before {
+            Some(before) => wait_for_key_gc(uid, before, serials.len())?,
+            None => {
+                eprintln!(
+                    "leakgen: warning: /proc/key-users has no line for uid {uid}; \
+                     sleeping {KEY_GC_FALLBACK:?} instead of watching the key GC"
+                );
+                std::thread::sleep(KEY_GC_FALLBACK);
+            }
+        }
+        // The GC's keyring edits are RCU-freed too (in its kworker's name).
+        rcu_barrier();
+        Ok(())
+    })
+}
+
+/// Blocks until every call_rcu callback queued so far has run (rcu_barrier).
+/// Best effort: the knob needs root and a kernel that has it (6.x); without
+/// it we sleep a few grace periods instead.
+fn rcu_barrier() {
+    if let Err(e) = std::fs::write(RCU_BARRIER_KNOB, "1") {
+        eprintln!(
+            "leakgen: warning: cannot write {RCU_BARRIER_KNOB} ({e}); sleeping \
+             {RCU_FALLBACK:?} instead, RCU-freed objects may still be outstanding"
+        );
+        std::thread::sleep(RCU_FALLBACK);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// other: eventfd
+
+/// Each eventfd holds one 48-byte eventfd_ctx in kmalloc-64 (unaccounted,
+/// call site do_eventfd). Keys with a small payload are not used here: every
+/// add_key also kmallocs a 328-byte assoc_array edit, i.e. kmalloc-512.
+#[inline(never)]
+fn leak_eventfd(n: usize) -> Result<Vec<i32>> {
+    let mut fds = Vec::with_capacity(n);
+    for i in 0..n {
+        let fd = sys_eventfd2(0, libc::EFD_CLOEXEC)
+            .map_err(|e| fd_error("eventfd2(0, EFD_CLOEXEC)", e, i, n, ""))?;
+        fds.push(fd);
+    }
+    Ok(fds)
+}
+
+#[inline(never)]
+fn run_other(n: usize) -> Result<()> {
+    ensure_fd_room(n)?;
+    let fds = leak_eventfd(n)?;
+    hold_protocol(|| close_all(&fds))
+}
+
+// ---------------------------------------------------------------------------
+// inotify / files
+
+/// Raises RLIMIT_NOFILE's soft limit to the hard one and checks that `n` more
+/// fds fit beside the ones already open.
+fn ensure_fd_room(n: usize) -> Result<()> {
+    let mut rl = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: rl is a valid out-pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) } != 0 {
+        let e = Errno(io::Error::last_os_error().raw_os_error().unwrap_or(0));
+        bail!("getrlimit(RLIMIT_NOFILE) failed: {e}");
+    }
+    if rl.rlim_cur < rl.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: rl.rlim_max,
+            rlim_max: rl.rlim_max,
+        };
+        // SAFETY: raised is a valid rlimit.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+            let e = Errno(io::Error::last_os_error().raw_os_error().unwrap_or(0));
+            bail!(
+                "setrlimit(RLIMIT_NOFILE, {0}/{0}) failed: {e}; hint: raise the hard limit (ulimit -Hn)",
+                rl.rlim_max
+            );
+        }
+    }
+    let open_now = std::fs::read_dir("/proc/self/fd")
+        .map(|d| d.count() as u64)
+        .unwrap_or(3);
+    let need = open_now + n as u64;
+    if need > rl.rlim_max {
+        bail!(
+            "{n} more fds plus the {open_now} already open exceed RLIMIT_NOFILE's hard limit {}; \
+             hint: raise it (ulimit -Hn, or LimitNOFILE=) or pick a smaller N",
+            rl.rlim_max
+        );
+    }
+    Ok(())
+}
+
+fn fd_error(call: &str, e: Errno, done: usize, n: usize, extra: &str) -> anyhow::Error {
+    let hint = match e.0 {
+        libc::EMFILE => format!("EMFILE is RLIMIT_NOFILE (see `ulimit -n`){extra}"),
+        libc::ENFILE => "system-wide file limit /proc/sys/fs/file-max reached".into(),
+        _ => "see the syscall's man page".into(),
+    };
+    anyhow!("{call} failed after {done} of {n}: {e}; hint: {hint}")
+}
+
+/// Each instance holds one fsnotify_group, kzalloc'ed with
+/// GFP_KERNEL_ACCOUNT -> kmalloc-cg-512, until its fd is closed.
+#[inline(never)]
+fn leak_inotify(n: usize) -> Result<Vec<i32>> {
+    let mut fds = Vec::with_capacity(n);
+    for i in 0..n {
+        let fd = sys_inotify_init1(0).map_err(|e| {
+            let max = read_trimmed("/proc/sys/fs/inotify/max_user_instances")
+                .unwrap_or_else(|| "?".into());
+            fd_error(
+                "inotify_init1(0)",
+                e,
+                i,
+                n,
+                &format!(
+                    ", or the per-uid inotify instance limit \
+                     /proc/sys/fs/inotify/max_user_instances={max} (counts every process of the uid)"
+                ),
+            )
+        })?;
+        fds.push(fd);
+    }
+    Ok(fds)
+}
+
+/// Each open holds one `filp` cache object until the fd is closed.
+#[inline(never)]
+fn leak_files(n: usize) -> Result<Vec<i32>> {
+    let mut fds = Vec::with_capacity(n);
+    for i in 0..n {
+        let fd = sys_openat(c"/dev/null", libc::O_RDONLY | libc::O_CLOEXEC)
+            .map_err(|e| fd_error("openat(\"/dev/null\", O_RDONLY)", e, i, n, ""))?;
+        fds.push(fd);
+    }
+    Ok(fds)
+}
+
+fn close_all(fds: &[i32]) -> Result<()> {
+    for (i, &fd) in fds.iter().enumerate() {
+        sys_close(fd).map_err(|e| {
+            anyhow!(
+                "close({fd}) failed after {i} of {}: {e}; hint: fd closed behind our back?",
+                fds.len()
+            )
+        })?;
+    }
+    Ok(())
+}
+
+#[inline(never)]
+fn run_inotify(n: usize) -> Result<()> {
+    // Checked up front: an inotify_init1 EMFILE cannot tell this limit from
+    // RLIMIT_NOFILE, and a clear error beats a half-built set.
+    let max = read_trimmed("/proc/sys/fs/inotify/max_user_instances");
+    if let Some(max) = max.as_deref().and_then(|s| s.parse::<usize>().ok()) {
+        if n > max {
+            bail!(
+                "{n} inotify instances exceed /proc/sys/fs/inotify/max_user_instances={max} \
+                 (a per-uid limit shared by every process of the uid); hint: \
+                 sysctl -w fs.inotify.max_user_instances={} or pick a smaller N",
+                n + 128
+            );
+        }
+    }
+    ensure_fd_room(n)?;
+    let fds = leak_inotify(n)?;
+    hold_protocol(|| close_all(&fds))
+}
+
+#[inline(never)]
+fn run_files(n: usize) -> Result<()> {
+    ensure_fd_room(n)?;
+    let fds = leak_files(n)?;
+    hold_protocol(|| close_all(&fds))
+}
+
+// ---------------------------------------------------------------------------
+// writev churn
+
+/// Checks the clock only every this many ops: Instant::now is a vDSO call, but
+/// at ~1M ops/s it would still be a visible share of the loop.
+const CLOCK_EVERY: u64 = 256;
+
+#[inline(always)]
+fn churn_loop(fd: i32, iov: &[libc::iovec], limit: Limit) -> Result<u64> {
+    let start = Instant::now();
+    let (max_ops, deadline) = match limit {
+        Limit::Ops(n) => (n, None),
+        Limit::Secs(s) => (u64::MAX, Some(Duration::from_secs_f64(s))),
+    };
+    let mut ops = 0u64;
+    while ops < max_ops {
+        if let Some(d) = deadline {
+            if ops.is_multiple_of(CLOCK_EVERY) && start.elapsed() >= d {
+                break;
+            }
+        }
+        sys_writev(fd, iov).map_err(|e| {
+            anyhow!(
+                "writev(/dev/null, {} iovecs) failed after {ops} ops: {e}; hint: see writev(2)",
+                iov.len()
+            )
+        })?;
+        ops += 1;
+    }
+    Ok(ops)
+}
+
+/// 32 empty iovecs: iovec_from_user kmallocs 512 bytes and frees them before
+/// writev returns.
+#[inline(never)]
+fn churn_writev(fd: i32, limit: Limit) -> Result<u64> {
+    static BYTE: u8 = 0;
+    let iov = [libc::iovec {
+        iov_base: &BYTE as *const u8 as *mut libc::c_void,
+        iov_len: 0,
+    }; WRITEV_IOVS];
+    churn_loop(fd, &iov, limit)
+}
+
+/// Same as churn_writev with 16 iovecs -> a transient kmalloc-256.
+#[inline(never)]
+fn churn_iovec256(fd: i32, limit: Limit) -> Result<u64> {
+    static BYTE: u8 = 0;
+    let iov = [libc::iovec {
+        iov_base: &BYTE as *const u8 as *mut libc::c_void,
+        iov_len: 0,
+    }; WRITEV256_IOVS];
+    churn_loop(fd, &iov, limit)
+}
+
+#[inline(never)]
+fn run_churn(iovs: usize, limit: Limit, wait: bool) -> Result<()> {
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/null")
+        .context("open(\"/dev/null\", O_WRONLY) failed")?;
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
+    let pid = std::process::id();
+    say(&format!("READY {pid}"))?;
+    if wait {
+        wait_for_line()?;
+    }
+    let start = Instant::now();
+    let ops = if iovs == WRITEV_IOVS {
+        churn_writev(fd, limit)?
+    } else {
+        churn_iovec256(fd, limit)?
+    };
+    let secs = start.elapsed().as_secs_f64();
+    let rate = if secs > 0.0 { ops as f64 / secs } else { 0.0 };
+    say(&format!(
+        "DONE {pid} ops={ops} secs={secs:.3} ops_per_sec={rate:.0}"
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(a: &[&str]) -> Result<Command, String> {
+        parse_args(&a.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn parses() {
+        assert_eq!(p(&["keys", "10"]), Ok(Command::Hold(Mode::Keys, 10)));
+        assert_eq!(
+            p(&["writev", "--ops", "5", "--wait"]),
+            Ok(Command::Churn {
+                iovs: 32,
+                limit: Limit::Ops(5),
+                wait: true
+            })
+        );
+        assert_eq!(
+            p(&["writev256", "1.5"]),
+            Ok(Command::Churn {
+                iovs: 16,
+                limit: Limit::Secs(1.5),
+                wait: false
+            })
+        );
+        assert!(p(&[]).is_err());
+        assert!(p(&["keys"]).is_err());
+        assert!(p(&["keys", "-1"]).is_err());
+        assert!(p(&["writev"]).is_err());
+        assert!(p(&["writev", "1", "--ops", "3"]).is_err());
+        assert!(p(&["bogus", "1"]).is_err());
+    }
+}

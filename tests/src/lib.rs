@@ -1,0 +1,387 @@
+//! Harness for leaktrace's integration tests: run the real `leaktrace` binary
+//! against the real kernel while `leakgen` makes allocations whose cache, count
+//! and stacks are known exactly, and read leaktrace's JSON output.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    path::PathBuf,
+    process::{Child, ChildStdin, Command, Stdio},
+    sync::mpsc::{self, Receiver, RecvTimeoutError},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::Value;
+
+fn binary(env: &str, name: &str) -> PathBuf {
+    if let Some(path) = std::env::var_os(env) {
+        return PathBuf::from(path);
+    }
+    // `cargo xtask test` sets the variables; this fallback serves a plain
+    // `cargo test --release` after `cargo build --release`.
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/release")
+        .join(name);
+    assert!(
+        path.exists(),
+        "{} not found; run the tests with `cargo xtask test` (it builds the binaries and sets {env})",
+        path.display()
+    );
+    path
+}
+
+pub fn leaktrace_bin() -> PathBuf {
+    binary("LEAKTRACE_BIN", "leaktrace")
+}
+
+pub fn leakgen_bin() -> PathBuf {
+    binary("LEAKGEN_BIN", "leakgen")
+}
+
+/// A running `leaktrace … --json`, its JSON lines and stderr collected by threads.
+pub struct Tracer {
+    child: Child,
+    lines: Receiver<Value>,
+    stderr: Receiver<String>,
+    pub stderr_seen: Vec<String>,
+    pub prog_ids: Vec<u32>,
+}
+
+impl Tracer {
+    /// Start `leaktrace --json ARGS` and wait until it reports it is attached.
+    pub fn start(args: &[&str]) -> Result<Tracer> {
+        let mut child = Command::new(leaktrace_bin())
+            .arg("--json")
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("spawning leaktrace")?;
+        let stdout = child.stdout.take().context("leaktrace stdout")?;
+        let err_pipe = child.stderr.take().context("leaktrace stderr")?;
+        let (tx, lines) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                match serde_json::from_str::<Value>(&line) {
+                    Ok(v) => {
+                        if tx.send(v).is_err() {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        panic!("leaktrace printed a non-JSON line in --json mode: {e}: {line}")
+                    }
+                }
+            }
+        });
+        let (etx, stderr) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(err_pipe).lines().map_while(Result::ok) {
+                if etx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut tracer = Tracer {
+            child,
+            lines,
+            stderr,
+            stderr_seen: Vec::new(),
+            prog_ids: Vec::new(),
+        };
+        let attached =
+            tracer.wait_stderr(|l| l.contains("attached to"), Duration::from_secs(20))?;
+        tracer.prog_ids = parse_prog_ids(&attached);
+        Ok(tracer)
+    }
+
+    fn wait_stderr(&mut self, want: impl Fn(&str) -> bool, timeout: Duration) -> Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.stderr.recv_timeout(left) {
+                Ok(line) => {
+                    self.stderr_seen.push(line.clone());
+                    if want(&line) {
+                        return Ok(line);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    bail!(
+                        "leaktrace did not attach in {timeout:?}; stderr: {:?}",
+                        self.stderr_seen
+                    )
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    bail!(
+                        "leaktrace exited before attaching; stderr: {:?}",
+                        self.stderr_seen
+                    )
+                }
+            }
+        }
+    }
+
+    /// Wait for a JSON line satisfying `pred`; returns it.
+    pub fn wait_for(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Result<Value> {
+        let deadline = Instant::now() + timeout;
+        let mut last = None;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(v) => {
+                    if pred(&v) {
+                        return Ok(v);
+                    }
+                    last = Some(v);
+                }
+                Err(_) => {
+                    self.drain_stderr();
+                    bail!(
+                        "timed out after {timeout:?} waiting for {what}; last snapshot: {}; stderr: {:?}",
+                        last.map_or("none".to_string(), |v| v.to_string()),
+                        self.stderr_seen
+                    );
+                }
+            }
+        }
+    }
+
+    /// Send a signal, wait for exit, and return (exit code, final report).
+    pub fn stop(mut self, signal: i32) -> Result<(i32, Value)> {
+        // SAFETY: plain kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+        let status = wait_timeout(&mut self.child, Duration::from_secs(20))?;
+        let mut last = None;
+        while let Ok(v) = self.lines.recv_timeout(Duration::from_millis(500)) {
+            last = Some(v);
+        }
+        self.drain_stderr();
+        let report =
+            last.ok_or_else(|| anyhow!("no final report; stderr: {:?}", self.stderr_seen))?;
+        Ok((status, report))
+    }
+
+    fn drain_stderr(&mut self) {
+        while let Ok(line) = self.stderr.try_recv() {
+            self.stderr_seen.push(line);
+        }
+    }
+}
+
+impl Drop for Tracer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn wait_timeout(child: &mut Child, timeout: Duration) -> Result<i32> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status.code().unwrap_or(-1));
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            bail!("process did not exit within {timeout:?}");
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn parse_prog_ids(line: &str) -> Vec<u32> {
+    line.split_once("prog ids [")
+        .and_then(|(_, rest)| rest.split_once(']'))
+        .map(|(ids, _)| {
+            ids.split(',')
+                .filter_map(|s| s.trim().parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// True while the kernel still has a BPF program with this id.
+pub fn prog_exists(id: u32) -> bool {
+    #[repr(C)]
+    struct Attr {
+        id: u32,
+        next_id: u32,
+        open_flags: u32,
+    }
+    let mut attr = Attr {
+        id,
+        next_id: 0,
+        open_flags: 0,
+    };
+    const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+    // SAFETY: attr outlives the call and matches the kernel's union prefix for this command.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_GET_FD_BY_ID,
+            &mut attr as *mut Attr,
+            std::mem::size_of::<Attr>(),
+        )
+    };
+    if fd >= 0 {
+        // SAFETY: we own the fd the kernel just gave us.
+        unsafe { libc::close(fd as i32) };
+        return true;
+    }
+    std::io::Error::last_os_error().raw_os_error() != Some(libc::ENOENT)
+}
+
+/// Programs are freed after an RCU grace period; give the kernel a moment.
+pub fn assert_detached(ids: &[u32]) {
+    assert!(!ids.is_empty(), "leaktrace did not report its program ids");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while ids.iter().any(|&id| prog_exists(id)) {
+        assert!(
+            Instant::now() < deadline,
+            "BPF programs {ids:?} still loaded after leaktrace exited"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A running `leakgen MODE N`, stopped at each protocol step by its stdin.
+pub struct Generator {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    stdout: Receiver<String>,
+    pub pid: u32,
+}
+
+impl Generator {
+    /// Start and wait for `READY <pid>`: the allocations are made and held.
+    pub fn start(mode: &str, arg: &str) -> Result<Generator> {
+        let mut child = Command::new(leakgen_bin())
+            .args([mode, arg])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("spawning leakgen")?;
+        let stdin = child.stdin.take();
+        let out = child.stdout.take().context("leakgen stdout")?;
+        let (tx, stdout) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut gen = Generator {
+            pid: child.id(),
+            child,
+            stdin,
+            stdout,
+        };
+        gen.expect("READY", Duration::from_secs(30))?;
+        Ok(gen)
+    }
+
+    fn expect(&mut self, word: &str, timeout: Duration) -> Result<()> {
+        let line = self
+            .stdout
+            .recv_timeout(timeout)
+            .with_context(|| format!("leakgen did not print {word} within {timeout:?}"))?;
+        if line != format!("{word} {}", self.pid) {
+            bail!("leakgen printed {line:?}, expected '{word} {}'", self.pid);
+        }
+        Ok(())
+    }
+
+    /// Free what was held and wait for `RELEASED`.
+    pub fn release(&mut self) -> Result<()> {
+        let stdin = self
+            .stdin
+            .as_mut()
+            .context("leakgen stdin already closed")?;
+        writeln!(stdin, "release")?;
+        stdin.flush()?;
+        self.expect("RELEASED", Duration::from_secs(30))
+    }
+
+    pub fn finish(mut self) -> Result<()> {
+        drop(self.stdin.take());
+        let code = wait_timeout(&mut self.child, Duration::from_secs(30))?;
+        if code != 0 {
+            bail!("leakgen exited with {code}");
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Generator {
+    fn drop(&mut self) {
+        if self.stdin.is_some() || self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The process entry for `tgid` in a report, if listed.
+pub fn process(report: &Value, tgid: u32) -> Option<&Value> {
+    report["processes"]
+        .as_array()?
+        .iter()
+        .find(|p| p["tgid"].as_u64() == Some(u64::from(tgid)))
+}
+
+pub fn count(v: &Value, field: &str) -> u64 {
+    v[field].as_u64().unwrap_or(0)
+}
+
+/// Outstanding objects of `tgid` on stacks whose kernel frames name `kframe`
+/// and whose user frames name `uframe` (substring matches).
+pub fn outstanding_on(report: &Value, tgid: u32, kframe: &str, uframe: &str) -> u64 {
+    stacks_matching(report, tgid, kframe, uframe)
+        .map(|s| count(s, "outstanding"))
+        .sum()
+}
+
+pub fn stacks_matching<'a>(
+    report: &'a Value,
+    tgid: u32,
+    kframe: &'a str,
+    uframe: &'a str,
+) -> impl Iterator<Item = &'a Value> + 'a {
+    process(report, tgid)
+        .and_then(|p| p["stacks"].as_array())
+        .into_iter()
+        .flatten()
+        .filter(move |s| frames_contain(&s["kernel"], kframe) && frames_contain(&s["user"], uframe))
+}
+
+fn frames_contain(frames: &Value, needle: &str) -> bool {
+    needle.is_empty()
+        || frames.as_array().is_some_and(|f| {
+            f.iter()
+                .any(|x| x.as_str().is_some_and(|s| s.contains(needle)))
+        })
+}
+
+/// Run leaktrace to completion with `args` and return (exit code, stdout, stderr).
+pub fn run_leaktrace(args: &[&str]) -> Result<(i32, String, String)> {
+    let out = Command::new(leaktrace_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .context("running leaktrace")?;
+    Ok((
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}

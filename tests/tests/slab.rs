@@ -1,0 +1,199 @@
+//! The core tracer against this machine's kernel, with allocations we control.
+//! Every test here needs root; CI runs as root.
+
+use std::time::Duration;
+
+use leaktrace_tests::*;
+
+const WAIT: Duration = Duration::from_secs(30);
+const SIGINT: i32 = libc::SIGINT;
+const SIGTERM: i32 = libc::SIGTERM;
+
+/// N add_key payloads: N unaccounted kmalloc-512 objects held by `user_preparse`
+/// until the keys are unlinked.
+#[test]
+fn held_keys_are_attributed_to_the_generator_and_seen_freed() {
+    const N: u64 = 200;
+    let mut tracer =
+        Tracer::start(&["--cache", "kmalloc-512", "--top", "--interval", "250ms"]).expect("start");
+    let mut gen = Generator::start("keys", &N.to_string()).expect("leakgen keys");
+    let pid = gen.pid;
+
+    let held = tracer
+        .wait_for("N outstanding keys on the expected stack", WAIT, |r| {
+            outstanding_on(r, pid, "user_preparse", "leak_keys") >= N
+        })
+        .expect("attribution");
+    let p = process(&held, pid).expect("generator listed");
+    assert_eq!(p["comm"], "leakgen");
+    assert!(
+        p["cmdline"].as_str().is_some_and(|c| c.contains("keys")),
+        "{p}"
+    );
+    assert!(count(p, "outstanding") >= N);
+    assert!(count(p, "outstanding_bytes") >= N * 512);
+
+    gen.release().expect("release");
+    let freed = tracer
+        .wait_for("the keys' payloads to be freed", WAIT, |r| {
+            process(r, pid).is_some_and(|p| count(p, "frees") >= N)
+                && outstanding_on(r, pid, "user_preparse", "leak_keys") == 0
+        })
+        .expect("frees seen");
+    assert!(count(&freed["totals"], "frees") >= N);
+    gen.finish().expect("leakgen exits");
+
+    let ids = tracer.prog_ids.clone();
+    let (code, report) = tracer.stop(SIGINT).expect("stop");
+    assert_eq!(code, 0, "Ctrl-C is a normal stop");
+    assert_eq!(report["kind"], "final");
+    assert_eq!(report["kernel"]["allocs_lost_ringbuf"], 0);
+    assert_eq!(report["kernel"]["allocs_lost_map_full"], 0);
+    assert_eq!(report["anomalies"]["unmatched_frees"], 0);
+    assert_detached(&ids);
+}
+
+/// inotify groups are accounted kmallocs: kmalloc-cg-512 sees them, kmalloc-512 must not.
+#[test]
+fn accounted_inotify_groups_land_in_kmalloc_cg_512_only() {
+    const N: u64 = 64;
+    let mut cg = Tracer::start(&["--cache", "kmalloc-cg-512", "--top", "--interval", "250ms"])
+        .expect("start cg");
+    let mut plain = Tracer::start(&["--cache", "kmalloc-512", "--top", "--interval", "250ms"])
+        .expect("start plain");
+    let mut gen = Generator::start("inotify", &N.to_string()).expect("leakgen inotify");
+    let pid = gen.pid;
+
+    cg.wait_for("N inotify groups under kmalloc-cg-512", WAIT, |r| {
+        outstanding_on(r, pid, "fsnotify_alloc_group", "leak_inotify") >= N
+    })
+    .expect("cg attribution");
+    // The plain cache has had the same time to see them; one more snapshot after READY.
+    let snap = plain
+        .wait_for("a kmalloc-512 snapshot", WAIT, |r| {
+            r["elapsed_s"].as_f64().is_some()
+        })
+        .expect("plain snapshot");
+    gen.release().expect("release");
+    gen.finish().expect("leakgen exits");
+    let (_, plain_final) = plain.stop(SIGTERM).expect("stop plain");
+    for report in [&snap, &plain_final] {
+        assert_eq!(
+            stacks_matching(report, pid, "fsnotify_alloc_group", "").count(),
+            0,
+            "kmalloc-512 must not see accounted inotify groups: {report}"
+        );
+    }
+    let (code, cg_final) = cg.stop(SIGTERM).expect("stop cg");
+    assert_eq!(code, 0, "SIGTERM is a normal stop");
+    let p = process(&cg_final, pid).expect("generator in final report");
+    assert!(
+        count(p, "frees") >= N,
+        "closing the fds frees the groups: {p}"
+    );
+}
+
+/// writev(/dev/null, 32 empty iovecs) allocates and frees one kmalloc-512 per call:
+/// a high allocation rate with nothing outstanding.
+#[test]
+fn writev_churn_is_a_rate_not_a_leak() {
+    let tracer = Tracer::start(&[
+        "--cache",
+        "kmalloc-512",
+        "--sort",
+        "allocs",
+        "--interval",
+        "250ms",
+    ])
+    .expect("start");
+    let gen = std::process::Command::new(leakgen_bin())
+        .args(["writev", "2"])
+        .output()
+        .expect("leakgen writev");
+    assert!(gen.status.success(), "{gen:?}");
+    let (code, report) = tracer.stop(SIGINT).expect("stop");
+    assert_eq!(code, 0);
+    let procs = report["processes"].as_array().expect("processes");
+    let churn = procs
+        .iter()
+        .find(|p| p["comm"] == "leakgen")
+        .unwrap_or_else(|| panic!("leakgen missing from {report}"));
+    let allocs = count(churn, "allocs");
+    assert!(
+        allocs >= 10_000,
+        "expected a high allocation count, got {allocs}"
+    );
+    assert_eq!(
+        count(churn, "outstanding"),
+        0,
+        "every writev buffer is freed: {churn}"
+    );
+    assert_eq!(count(churn, "frees"), allocs);
+    let stacks = churn["stacks"].as_array().expect("stacks");
+    assert!(
+        stacks
+            .iter()
+            .any(|s| s["kernel"].to_string().contains("iovec_from_user")
+                && s["user"].to_string().contains("churn_writev")),
+        "{churn}"
+    );
+}
+
+/// A process allocating only from another size class shows nothing here.
+#[test]
+fn other_sizes_do_not_show_under_kmalloc_512() {
+    const N: u64 = 200;
+    let mut tracer =
+        Tracer::start(&["--cache", "kmalloc-512", "--top", "--interval", "250ms"]).expect("start");
+    let mut small = Tracer::start(&["--cache", OTHER_CACHE, "--top", "--interval", "250ms"])
+        .expect("start other");
+    let mut gen = Generator::start("other", &N.to_string()).expect("leakgen other");
+    let pid = gen.pid;
+    // Positive control: the other cache does see them.
+    small
+        .wait_for("the eventfd contexts in their own cache", WAIT, |r| {
+            outstanding_on(r, pid, "do_eventfd", "leak_eventfd") >= N
+        })
+        .expect("other-size attribution");
+    let snap = tracer
+        .wait_for("a kmalloc-512 snapshot", WAIT, |r| {
+            r["elapsed_s"].as_f64().is_some()
+        })
+        .expect("snapshot");
+    assert_eq!(outstanding_on(&snap, pid, "", "leak_eventfd"), 0, "{snap}");
+    gen.release().expect("release");
+    gen.finish().expect("exit");
+    let (_, report) = tracer.stop(SIGINT).expect("stop");
+    assert_eq!(
+        stacks_matching(&report, pid, "", "leak_eventfd").count(),
+        0,
+        "{report}"
+    );
+}
+
+/// `leakgen other` holds eventfd contexts, a kmalloc from another size class.
+const OTHER_CACHE: &str = "kmalloc-64";
+
+/// A named cache through kmem_cache_alloc's name field: open files hold `filp`s.
+#[test]
+fn named_cache_filp_follows_open_files() {
+    const N: u64 = 300;
+    let mut tracer =
+        Tracer::start(&["--cache", "filp", "--top", "--interval", "250ms"]).expect("start");
+    let mut gen = Generator::start("files", &N.to_string()).expect("leakgen files");
+    let pid = gen.pid;
+    tracer
+        .wait_for("N filps held by the generator", WAIT, |r| {
+            outstanding_on(r, pid, "alloc_empty_file", "leak_files") >= N
+        })
+        .expect("filp attribution");
+    gen.release().expect("release");
+    tracer
+        .wait_for("the files to be closed", WAIT, |r| {
+            outstanding_on(r, pid, "alloc_empty_file", "leak_files") == 0
+        })
+        .expect("filp frees");
+    gen.finish().expect("exit");
+    let (code, _) = tracer.stop(SIGINT).expect("stop");
+    assert_eq!(code, 0);
+}

@@ -1,0 +1,172 @@
+//! The one place where leaktrace's kernel side and user side agree on bytes.
+//!
+//! Everything here is `#[repr(C)]` and free of pointers so the eBPF object and the
+//! userspace decoder read the same layout. The kernel side reads [`Config`] from a
+//! read-only global that userspace fills in before load; because the verifier knows
+//! those values, branches on them cost nothing.
+#![no_std]
+
+/// Deepest kernel stack we copy per allocation. 32 frames reach well past the
+/// slab entry points into the syscall layer on every kernel we test.
+pub const MAX_KSTACK: usize = 32;
+/// Deepest user stack we copy per allocation (frame-pointer walk by the kernel).
+pub const MAX_USTACK: usize = 32;
+/// Named caches (slab aliases) the kernel side compares against `kmem_cache_alloc`'s `name`.
+pub const MAX_CACHE_NAMES: usize = 8;
+/// Bytes of a cache name we compare; slab names are far shorter than this.
+pub const CACHE_NAME_LEN: usize = 32;
+
+pub const EVENT_ALLOC: u32 = 1;
+pub const EVENT_FREE: u32 = 2;
+
+/// Which tracepoint produced an allocation.
+pub const SOURCE_KMALLOC: u16 = 1;
+pub const SOURCE_CACHE_ALLOC: u16 = 2;
+
+/// Indexes into the per-CPU `COUNTERS` array.
+pub mod counter {
+    /// Allocations that matched the selection.
+    pub const ALLOCS_MATCHED: u32 = 0;
+    /// Matched allocations dropped because the ring buffer was full.
+    pub const ALLOCS_LOST_RINGBUF: u32 = 1;
+    /// Matched allocations dropped because the live-object map was full.
+    pub const ALLOCS_LOST_MAP_FULL: u32 = 2;
+    /// Frees of tracked objects.
+    pub const FREES_MATCHED: u32 = 3;
+    /// Frees of tracked objects whose event could not be sent: userspace will
+    /// over-report outstanding objects by this many.
+    pub const FREES_LOST_RINGBUF: u32 = 4;
+    /// Kernel stack capture failed (event still sent, with an empty stack).
+    pub const KSTACK_FAILED: u32 = 5;
+    /// User stack capture failed for a task that has a user address space.
+    pub const USTACK_FAILED: u32 = 6;
+    /// Allocation reported for a pointer the kernel map still held: its free was
+    /// never seen (e.g. a bulk or RCU free path without a tracepoint).
+    pub const ALLOC_PTR_REUSED: u32 = 7;
+    pub const COUNT: u32 = 8;
+}
+
+/// Tracepoint field offsets for one kernel, read from tracefs `format` files.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AllocLayout {
+    pub ptr: u16,
+    pub bytes_req: u16,
+    pub bytes_alloc: u16,
+    pub gfp_flags: u16,
+    /// `__data_loc char[] name`, or 0 when the kernel's record has no name.
+    pub name: u16,
+    pub _pad: [u16; 3],
+}
+
+/// Class index of a kmalloc from its gfp flags; see [`Config::kmalloc_classes`].
+#[inline(always)]
+pub fn kmalloc_class(gfp: u64, cfg: &Config) -> u64 {
+    ((gfp & cfg.gfp_dma != 0) as u64)
+        | (((gfp & cfg.gfp_reclaimable != 0) as u64) << 1)
+        | (((gfp & cfg.gfp_account != 0) as u64) << 2)
+}
+
+/// What the kernel side selects and how it reads records. Filled by userspace.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub kmalloc: AllocLayout,
+    pub cache_alloc: AllocLayout,
+    /// Offset of `ptr` in `kmem:kfree`.
+    pub kfree_ptr: u16,
+    /// Offset of `ptr` in `kmem:kmem_cache_free`.
+    pub cache_free_ptr: u16,
+    pub n_cache_names: u16,
+    pub _pad: u16,
+    /// kmalloc selection: `bytes_alloc == kmalloc_size` (0 disables kmalloc matching)
+    /// and the allocation's kmalloc class is set in `kmalloc_classes`. The class index
+    /// is `dma | reclaimable << 1 | account << 2`, from the gfp bits below; userspace
+    /// decides which classes land in the selected cache on this kernel.
+    pub kmalloc_size: u64,
+    pub gfp_dma: u64,
+    pub gfp_reclaimable: u64,
+    pub gfp_account: u64,
+    pub kmalloc_classes: u64,
+    /// Named-cache selection on `kmem_cache_alloc`: `bytes_alloc == cache_size`
+    /// first (cheap), then the name. 0 disables it.
+    pub cache_size: u64,
+    /// Only this tgid (0 = every process).
+    pub target_tgid: u32,
+    /// Bit 0: capture kernel stacks. Bit 1: capture user stacks.
+    pub stack_flags: u32,
+    /// NUL-padded names, as little-endian words so the kernel compares 8 bytes at a time.
+    pub cache_names: [[u64; CACHE_NAME_LEN / 8]; MAX_CACHE_NAMES],
+}
+
+pub const STACK_KERNEL: u32 = 1;
+pub const STACK_USER: u32 = 2;
+
+impl Config {
+    pub const fn zeroed() -> Self {
+        const EMPTY: AllocLayout = AllocLayout {
+            ptr: 0,
+            bytes_req: 0,
+            bytes_alloc: 0,
+            gfp_flags: 0,
+            name: 0,
+            _pad: [0; 3],
+        };
+        Config {
+            kmalloc: EMPTY,
+            cache_alloc: EMPTY,
+            kfree_ptr: 0,
+            cache_free_ptr: 0,
+            n_cache_names: 0,
+            _pad: 0,
+            kmalloc_size: 0,
+            gfp_dma: 0,
+            gfp_reclaimable: 0,
+            gfp_account: 0,
+            kmalloc_classes: 0,
+            cache_size: 0,
+            target_tgid: 0,
+            stack_flags: 0,
+            cache_names: [[0; CACHE_NAME_LEN / 8]; MAX_CACHE_NAMES],
+        }
+    }
+}
+
+/// A selected allocation, as it crosses the ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct AllocEvent {
+    pub kind: u32,
+    pub tgid: u32,
+    pub pid: u32,
+    pub source: u16,
+    pub _pad: u16,
+    pub ptr: u64,
+    pub ts_ns: u64,
+    pub bytes_req: u64,
+    pub bytes_alloc: u64,
+    pub gfp_flags: u64,
+    pub cgroup_id: u64,
+    /// `bpf_get_stack` results: bytes written, or a negative errno.
+    pub kstack_bytes: i32,
+    pub ustack_bytes: i32,
+    pub comm: [u8; 16],
+    pub kstack: [u64; MAX_KSTACK],
+    pub ustack: [u64; MAX_USTACK],
+}
+
+/// The free of a tracked object.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct FreeEvent {
+    pub kind: u32,
+    pub tgid: u32,
+    pub ptr: u64,
+    pub ts_ns: u64,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: plain-old-data, repr(C), every bit pattern valid.
+    unsafe impl aya::Pod for super::Config {}
+}

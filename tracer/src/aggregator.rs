@@ -1,0 +1,524 @@
+//! Outstanding objects, by process, by allocation site (kernel+user stack) and by
+//! cgroup. Fed decoded events in ring-buffer order; asked for snapshots by views.
+
+use std::collections::{HashMap, VecDeque};
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use crate::{
+    cli::SortKey,
+    decoder::{Alloc, Event, Free},
+    stacks::{StackId, StackTable},
+};
+
+/// One allocation the kernel reported and we have not seen freed.
+#[derive(Debug, Clone, Copy)]
+struct Live {
+    ts_ns: u64,
+    site: u32,
+    bytes: u32,
+    cgroup_id: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct SiteKey {
+    tgid: u32,
+    kstack: StackId,
+    ustack: StackId,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Counts {
+    pub outstanding: u64,
+    pub outstanding_bytes: u64,
+    pub allocs: u64,
+    pub frees: u64,
+}
+
+impl Counts {
+    fn alloc(&mut self, bytes: u64) {
+        self.outstanding += 1;
+        self.outstanding_bytes += bytes;
+        self.allocs += 1;
+    }
+
+    fn free(&mut self, bytes: u64) {
+        self.outstanding = self.outstanding.saturating_sub(1);
+        self.outstanding_bytes = self.outstanding_bytes.saturating_sub(bytes);
+        self.frees += 1;
+    }
+}
+
+#[derive(Debug)]
+struct Site {
+    key: SiteKey,
+    counts: Counts,
+}
+
+#[derive(Debug)]
+pub struct Process {
+    pub tgid: u32,
+    /// Thread name of the first allocating thread; views prefer /proc's.
+    pub comm: String,
+    pub last_cgroup_id: u64,
+    pub counts: Counts,
+    sites: Vec<u32>,
+    /// (time, allocs, outstanding) at each tick inside the rate window.
+    history: VecDeque<(u64, u64, u64)>,
+    first_seen_ns: u64,
+}
+
+/// Everything userspace noticed that makes a number less than exact.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Anomalies {
+    /// A free for a pointer we do not hold: an alloc event was lost or arrived
+    /// before we attached to the ring. Should be 0.
+    pub unmatched_frees: u64,
+    /// A new allocation at a pointer we still held: its free was never reported
+    /// (bulk/RCU free paths without a tracepoint). Counted as freed.
+    pub freed_unseen: u64,
+    pub kstack_failed: u64,
+    pub ustack_failed: u64,
+    pub decode_errors: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct AgeSummary {
+    pub count: u64,
+    pub p50_ms: u64,
+    pub p99_ms: u64,
+    pub max_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SiteRow {
+    #[serde(skip)]
+    pub kstack: StackId,
+    #[serde(skip)]
+    pub ustack: StackId,
+    #[serde(flatten)]
+    pub counts: Counts,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ProcRow {
+    pub tgid: u32,
+    pub comm: String,
+    pub cgroup_id: u64,
+    #[serde(flatten)]
+    pub counts: Counts,
+    /// Allocations per second over the rate window.
+    pub alloc_rate: f64,
+    /// Change of outstanding objects per second over the rate window.
+    pub growth_rate: f64,
+    pub sites: Vec<SiteRow>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CgroupRow {
+    pub cgroup_id: u64,
+    #[serde(flatten)]
+    pub counts: Counts,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Snapshot {
+    pub totals: Counts,
+    pub anomalies: Anomalies,
+    pub age: AgeSummary,
+    pub processes: Vec<ProcRow>,
+    pub cgroups: Vec<CgroupRow>,
+}
+
+#[derive(Debug, Clone)]
+pub struct SnapshotOptions {
+    pub sort: SortKey,
+    pub limit: usize,
+    pub stacks: usize,
+    pub comm: Option<String>,
+    pub pid: Option<u32>,
+}
+
+#[derive(Debug)]
+pub struct Aggregator {
+    objects: HashMap<u64, Live>,
+    sites: Vec<Site>,
+    site_ids: HashMap<SiteKey, u32>,
+    procs: HashMap<u32, Process>,
+    cgroups: HashMap<u64, Counts>,
+    pub stacks: StackTable,
+    totals: Counts,
+    anomalies: Anomalies,
+    rate_window_ns: u64,
+}
+
+impl Aggregator {
+    pub fn new(rate_window_ns: u64) -> Self {
+        Aggregator {
+            objects: HashMap::new(),
+            sites: Vec::new(),
+            site_ids: HashMap::new(),
+            procs: HashMap::new(),
+            cgroups: HashMap::new(),
+            stacks: StackTable::default(),
+            totals: Counts::default(),
+            anomalies: Anomalies::default(),
+            rate_window_ns,
+        }
+    }
+
+    /// Returns the tgid when this event introduced a process we had not seen, or one
+    /// whose command name changed (exec), so the caller can (re)read its /proc
+    /// metadata while the process is still alive.
+    pub fn apply(&mut self, event: &Event<'_>) -> Option<u32> {
+        match event {
+            Event::Alloc(a) => self.alloc(a),
+            Event::Free(f) => {
+                self.free(f);
+                None
+            }
+        }
+    }
+
+    pub fn decode_error(&mut self) {
+        self.anomalies.decode_errors += 1;
+    }
+
+    fn alloc(&mut self, a: &Alloc<'_>) -> Option<u32> {
+        if a.kstack_err.is_some() {
+            self.anomalies.kstack_failed += 1;
+        }
+        if a.ustack_err.is_some() && a.tgid != 0 {
+            self.anomalies.ustack_failed += 1;
+        }
+        if let Some(old) = self.objects.remove(&a.ptr) {
+            self.anomalies.freed_unseen += 1;
+            self.release(old);
+        }
+        let key = SiteKey {
+            tgid: a.tgid,
+            kstack: self.stacks.intern(a.kstack),
+            ustack: self.stacks.intern(a.ustack),
+        };
+        let next_id = self.sites.len() as u32;
+        let site = *self.site_ids.entry(key).or_insert(next_id);
+        if site == next_id {
+            self.sites.push(Site {
+                key,
+                counts: Counts::default(),
+            });
+        }
+        let bytes = a.bytes_alloc;
+        self.sites[site as usize].counts.alloc(bytes);
+        self.totals.alloc(bytes);
+        self.cgroups.entry(a.cgroup_id).or_default().alloc(bytes);
+
+        let mut new_proc = None;
+        let proc = self.procs.entry(a.tgid).or_insert_with(|| {
+            new_proc = Some(a.tgid);
+            Process {
+                tgid: a.tgid,
+                comm: String::from_utf8_lossy(a.comm).into_owned(),
+                last_cgroup_id: a.cgroup_id,
+                counts: Counts::default(),
+                sites: Vec::new(),
+                history: VecDeque::new(),
+                first_seen_ns: a.ts_ns,
+            }
+        });
+        // Only the main thread's name tracks exec; other threads may carry their
+        // own names and must not make us re-read /proc on every event.
+        if a.pid == a.tgid && proc.comm.as_bytes() != a.comm {
+            proc.comm = String::from_utf8_lossy(a.comm).into_owned();
+            new_proc = Some(a.tgid);
+        }
+        proc.counts.alloc(bytes);
+        proc.last_cgroup_id = a.cgroup_id;
+        if site == next_id {
+            proc.sites.push(site);
+        }
+        self.objects.insert(
+            a.ptr,
+            Live {
+                ts_ns: a.ts_ns,
+                site,
+                bytes: u32::try_from(bytes).unwrap_or(u32::MAX),
+                cgroup_id: a.cgroup_id,
+            },
+        );
+        new_proc
+    }
+
+    fn free(&mut self, f: &Free) {
+        match self.objects.remove(&f.ptr) {
+            Some(live) => self.release(live),
+            None => self.anomalies.unmatched_frees += 1,
+        }
+    }
+
+    fn release(&mut self, live: Live) {
+        let bytes = u64::from(live.bytes);
+        let Some(site) = self.sites.get_mut(live.site as usize) else {
+            return;
+        };
+        site.counts.free(bytes);
+        let tgid = site.key.tgid;
+        self.totals.free(bytes);
+        if let Some(c) = self.cgroups.get_mut(&live.cgroup_id) {
+            c.free(bytes);
+        }
+        if let Some(p) = self.procs.get_mut(&tgid) {
+            p.counts.free(bytes);
+        }
+    }
+
+    /// Record the per-process history that rates are computed from.
+    pub fn tick(&mut self, now_ns: u64) {
+        let horizon = now_ns.saturating_sub(self.rate_window_ns);
+        for p in self.procs.values_mut() {
+            p.history
+                .push_back((now_ns, p.counts.allocs, p.counts.outstanding));
+            while p.history.len() > 2 && p.history.front().is_some_and(|h| h.0 < horizon) {
+                p.history.pop_front();
+            }
+        }
+    }
+
+    fn rates(&self, p: &Process, now_ns: u64) -> (f64, f64) {
+        let (t0, allocs0, out0) = p
+            .history
+            .front()
+            .copied()
+            .unwrap_or((p.first_seen_ns, 0, 0));
+        let dt = now_ns.saturating_sub(t0) as f64 / 1e9;
+        if dt < 0.05 {
+            return (0.0, 0.0);
+        }
+        let alloc_rate = p.counts.allocs.saturating_sub(allocs0) as f64 / dt;
+        let growth = (p.counts.outstanding as f64 - out0 as f64) / dt;
+        (alloc_rate, growth)
+    }
+
+    fn age(&self, now_ns: u64) -> AgeSummary {
+        let Ok(mut h) = Histogram::<u64>::new(3) else {
+            return AgeSummary::default();
+        };
+        for live in self.objects.values() {
+            let ms = now_ns.saturating_sub(live.ts_ns) / 1_000_000;
+            h.saturating_record(ms);
+        }
+        if h.is_empty() {
+            return AgeSummary::default();
+        }
+        AgeSummary {
+            count: h.len(),
+            p50_ms: h.value_at_quantile(0.50),
+            p99_ms: h.value_at_quantile(0.99),
+            max_ms: h.max(),
+        }
+    }
+
+    pub fn snapshot(&self, now_ns: u64, opts: &SnapshotOptions) -> Snapshot {
+        let mut rows: Vec<ProcRow> = self
+            .procs
+            .values()
+            .filter(|p| opts.pid.is_none_or(|pid| pid == p.tgid))
+            .filter(|p| opts.comm.as_deref().is_none_or(|c| p.comm.contains(c)))
+            .map(|p| {
+                let (alloc_rate, growth_rate) = self.rates(p, now_ns);
+                ProcRow {
+                    tgid: p.tgid,
+                    comm: p.comm.clone(),
+                    cgroup_id: p.last_cgroup_id,
+                    counts: p.counts.clone(),
+                    alloc_rate,
+                    growth_rate,
+                    sites: Vec::new(),
+                }
+            })
+            .collect();
+        rows.sort_by(|a, b| compare(opts.sort, b, a).then(a.tgid.cmp(&b.tgid)));
+        rows.truncate(opts.limit);
+        for row in &mut rows {
+            let Some(p) = self.procs.get(&row.tgid) else {
+                continue;
+            };
+            let mut sites: Vec<&Site> = p
+                .sites
+                .iter()
+                .filter_map(|&s| self.sites.get(s as usize))
+                .collect();
+            sites.sort_by(|a, b| match opts.sort {
+                SortKey::Outstanding => (b.counts.outstanding_bytes, b.counts.allocs)
+                    .cmp(&(a.counts.outstanding_bytes, a.counts.allocs)),
+                SortKey::Rate | SortKey::Allocs => b.counts.allocs.cmp(&a.counts.allocs),
+            });
+            row.sites = sites
+                .into_iter()
+                .take(opts.stacks)
+                .map(|s| SiteRow {
+                    kstack: s.key.kstack,
+                    ustack: s.key.ustack,
+                    counts: s.counts.clone(),
+                })
+                .collect();
+        }
+        let mut cgroups: Vec<CgroupRow> = self
+            .cgroups
+            .iter()
+            .filter(|(_, c)| c.outstanding > 0)
+            .map(|(&cgroup_id, c)| CgroupRow {
+                cgroup_id,
+                counts: c.clone(),
+            })
+            .collect();
+        cgroups.sort_by(|a, b| {
+            b.counts
+                .outstanding_bytes
+                .cmp(&a.counts.outstanding_bytes)
+                .then(a.cgroup_id.cmp(&b.cgroup_id))
+        });
+        cgroups.truncate(opts.limit);
+        Snapshot {
+            totals: self.totals.clone(),
+            anomalies: self.anomalies.clone(),
+            age: self.age(now_ns),
+            processes: rows,
+            cgroups,
+        }
+    }
+}
+
+fn compare(key: SortKey, a: &ProcRow, b: &ProcRow) -> std::cmp::Ordering {
+    match key {
+        SortKey::Outstanding => (a.counts.outstanding_bytes, a.counts.allocs)
+            .cmp(&(b.counts.outstanding_bytes, b.counts.allocs)),
+        SortKey::Rate => a.alloc_rate.total_cmp(&b.alloc_rate),
+        SortKey::Allocs => a.counts.allocs.cmp(&b.counts.allocs),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn alloc<'a>(
+        tgid: u32,
+        ptr: u64,
+        ts_ns: u64,
+        kstack: &'a [u64],
+        ustack: &'a [u64],
+    ) -> Event<'a> {
+        Event::Alloc(Alloc {
+            tgid,
+            pid: tgid,
+            source: 1,
+            ptr,
+            ts_ns,
+            bytes_req: 400,
+            bytes_alloc: 512,
+            gfp_flags: 0,
+            cgroup_id: 100 + u64::from(tgid),
+            comm: b"gen",
+            kstack,
+            ustack,
+            kstack_err: None,
+            ustack_err: None,
+        })
+    }
+
+    fn free(ptr: u64) -> Event<'static> {
+        Event::Free(Free {
+            tgid: 1,
+            ptr,
+            ts_ns: 0,
+        })
+    }
+
+    fn opts(sort: SortKey) -> SnapshotOptions {
+        SnapshotOptions {
+            sort,
+            limit: 10,
+            stacks: 5,
+            comm: None,
+            pid: None,
+        }
+    }
+
+    #[test]
+    fn outstanding_by_process_and_site() {
+        let mut agg = Aggregator::new(10_000_000_000);
+        assert_eq!(agg.apply(&alloc(10, 0x1000, 0, &[1, 2], &[9])), Some(10));
+        assert_eq!(agg.apply(&alloc(10, 0x2000, 0, &[1, 2], &[9])), None);
+        agg.apply(&alloc(10, 0x3000, 0, &[1, 3], &[9]));
+        agg.apply(&alloc(20, 0x4000, 0, &[1, 2], &[9]));
+        agg.apply(&free(0x3000));
+        let snap = agg.snapshot(1_000_000_000, &opts(SortKey::Outstanding));
+        assert_eq!(snap.totals.outstanding, 3);
+        assert_eq!(snap.totals.frees, 1);
+        let p10 = &snap.processes[0];
+        assert_eq!(
+            (
+                p10.tgid,
+                p10.counts.outstanding,
+                p10.counts.outstanding_bytes
+            ),
+            (10, 2, 1024)
+        );
+        assert_eq!(p10.sites.len(), 2);
+        assert_eq!(p10.sites[0].counts.outstanding, 2);
+        assert_eq!(agg.stacks.frames(p10.sites[0].kstack), &[1, 2]);
+        assert_eq!(p10.sites[1].counts.outstanding, 0);
+        // Same frames in another process are another site: user addresses are per-process.
+        assert_eq!(snap.processes[1].tgid, 20);
+        assert_eq!(snap.cgroups[0].cgroup_id, 110);
+        assert_eq!(snap.age.count, 3);
+        assert_eq!(snap.age.max_ms, 1000);
+    }
+
+    #[test]
+    fn unmatched_free_and_pointer_reuse_are_counted_not_hidden() {
+        let mut agg = Aggregator::new(10_000_000_000);
+        agg.apply(&free(0x99));
+        agg.apply(&alloc(1, 0x10, 0, &[], &[]));
+        agg.apply(&alloc(2, 0x10, 5, &[], &[]));
+        let snap = agg.snapshot(10, &opts(SortKey::Outstanding));
+        assert_eq!(snap.anomalies.unmatched_frees, 1);
+        assert_eq!(snap.anomalies.freed_unseen, 1);
+        assert_eq!(snap.totals.outstanding, 1);
+        assert_eq!(snap.processes[0].tgid, 2);
+        assert_eq!(snap.processes[1].counts.outstanding, 0);
+    }
+
+    #[test]
+    fn rates_over_window_and_sorting() {
+        let mut agg = Aggregator::new(2_000_000_000);
+        agg.apply(&alloc(1, 0x1, 0, &[], &[]));
+        agg.tick(0);
+        // Process 2 churns: 100 allocs, all freed.
+        for i in 0..100u64 {
+            agg.apply(&alloc(2, 0x1000 + i, 0, &[], &[]));
+            agg.apply(&free(0x1000 + i));
+        }
+        agg.tick(0);
+        for i in 0..10u64 {
+            agg.apply(&alloc(1, 0x10 + i, 0, &[], &[]));
+        }
+        agg.tick(1_000_000_000);
+        let by_out = agg.snapshot(1_000_000_000, &opts(SortKey::Outstanding));
+        assert_eq!(by_out.processes[0].tgid, 1);
+        assert!((by_out.processes[0].growth_rate - 10.0).abs() < 1e-9);
+        let by_allocs = agg.snapshot(1_000_000_000, &opts(SortKey::Allocs));
+        assert_eq!(by_allocs.processes[0].tgid, 2);
+        assert_eq!(by_allocs.processes[0].counts.outstanding, 0);
+        let filtered = agg.snapshot(
+            1_000_000_000,
+            &SnapshotOptions {
+                pid: Some(2),
+                ..opts(SortKey::Rate)
+            },
+        );
+        assert_eq!(filtered.processes.len(), 1);
+    }
+}

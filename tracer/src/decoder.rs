@@ -1,0 +1,242 @@
+//! Ring-buffer records -> typed events. The kernel writes `tracer_common` structs;
+//! we check kind and length before reading so a short or foreign record is an
+//! error, not undefined behaviour.
+
+use std::mem::size_of;
+
+use thiserror::Error;
+use tracer_common::{AllocEvent, FreeEvent, EVENT_ALLOC, EVENT_FREE, MAX_KSTACK, MAX_USTACK};
+
+/// An allocation with its stacks trimmed to the frames the kernel wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Alloc<'a> {
+    pub tgid: u32,
+    pub pid: u32,
+    pub source: u16,
+    pub ptr: u64,
+    pub ts_ns: u64,
+    pub bytes_req: u64,
+    pub bytes_alloc: u64,
+    pub gfp_flags: u64,
+    pub cgroup_id: u64,
+    pub comm: &'a [u8],
+    pub kstack: &'a [u64],
+    pub ustack: &'a [u64],
+    /// Negative errno from `bpf_get_stack`, when capture failed.
+    pub kstack_err: Option<i32>,
+    pub ustack_err: Option<i32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Free {
+    pub tgid: u32,
+    pub ptr: u64,
+    pub ts_ns: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event<'a> {
+    Alloc(Alloc<'a>),
+    Free(Free),
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("ring buffer record of {0} bytes is too short for any event")]
+    Short(usize),
+    #[error("unknown event kind {kind} ({len} bytes)")]
+    UnknownKind { kind: u32, len: usize },
+    #[error("event kind {kind} needs {need} bytes, record has {len}")]
+    Truncated { kind: u32, need: usize, len: usize },
+}
+
+pub fn decode(record: &[u8]) -> Result<Event<'_>, DecodeError> {
+    let kind_bytes: [u8; 4] = record
+        .get(..4)
+        .and_then(|b| b.try_into().ok())
+        .ok_or(DecodeError::Short(record.len()))?;
+    let kind = u32::from_ne_bytes(kind_bytes);
+    match kind {
+        EVENT_ALLOC => {
+            let ev: &AllocEvent = view(record, kind)?;
+            Ok(Event::Alloc(Alloc {
+                tgid: ev.tgid,
+                pid: ev.pid,
+                source: ev.source,
+                ptr: ev.ptr,
+                ts_ns: ev.ts_ns,
+                bytes_req: ev.bytes_req,
+                bytes_alloc: ev.bytes_alloc,
+                gfp_flags: ev.gfp_flags,
+                cgroup_id: ev.cgroup_id,
+                comm: trim_nul(&ev.comm),
+                kstack: frames(&ev.kstack, ev.kstack_bytes, MAX_KSTACK),
+                ustack: frames(&ev.ustack, ev.ustack_bytes, MAX_USTACK),
+                kstack_err: (ev.kstack_bytes < 0).then_some(ev.kstack_bytes),
+                ustack_err: (ev.ustack_bytes < 0).then_some(ev.ustack_bytes),
+            }))
+        }
+        EVENT_FREE => {
+            let ev: &FreeEvent = view(record, kind)?;
+            Ok(Event::Free(Free {
+                tgid: ev.tgid,
+                ptr: ev.ptr,
+                ts_ns: ev.ts_ns,
+            }))
+        }
+        _ => Err(DecodeError::UnknownKind {
+            kind,
+            len: record.len(),
+        }),
+    }
+}
+
+/// Borrow a record as `T` without copying 600 bytes per event.
+fn view<T>(record: &[u8], kind: u32) -> Result<&T, DecodeError> {
+    let need = size_of::<T>();
+    if record.len() < need {
+        return Err(DecodeError::Truncated {
+            kind,
+            need,
+            len: record.len(),
+        });
+    }
+    let ptr = record.as_ptr();
+    if ptr.align_offset(std::mem::align_of::<T>()) != 0 {
+        // Ring buffer records are 8-byte aligned; anything else is not ours.
+        return Err(DecodeError::Truncated {
+            kind,
+            need,
+            len: record.len(),
+        });
+    }
+    // SAFETY: length and alignment checked above; T is repr(C) plain data for which
+    // every bit pattern is valid.
+    Ok(unsafe { &*ptr.cast::<T>() })
+}
+
+fn frames(buf: &[u64], bytes: i32, max: usize) -> &[u64] {
+    let n = usize::try_from(bytes).unwrap_or(0) / size_of::<u64>();
+    let frames = &buf[..n.min(max)];
+    // bpf_get_stack pads nothing, but a zero frame means the walk ended early.
+    let end = frames
+        .iter()
+        .position(|&ip| ip == 0)
+        .unwrap_or(frames.len());
+    &frames[..end]
+}
+
+fn trim_nul(comm: &[u8]) -> &[u8] {
+    let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
+    &comm[..end]
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// An aligned byte buffer holding `value`, as the ring buffer would.
+    pub(crate) fn record_of<T: Copy>(value: &T) -> Vec<u64> {
+        let words = size_of::<T>().div_ceil(8);
+        let mut buf = vec![0u64; words];
+        // SAFETY: buf has at least size_of::<T>() bytes and is 8-aligned.
+        unsafe { std::ptr::write(buf.as_mut_ptr().cast::<T>(), *value) };
+        buf
+    }
+
+    pub(crate) fn bytes(words: &[u64], len: usize) -> &[u8] {
+        // SAFETY: reinterpreting initialized u64s as bytes.
+        unsafe { std::slice::from_raw_parts(words.as_ptr().cast::<u8>(), len) }
+    }
+
+    pub(crate) fn alloc_event(tgid: u32, ptr: u64, kstack: &[u64], ustack: &[u64]) -> AllocEvent {
+        let mut ev = AllocEvent {
+            kind: EVENT_ALLOC,
+            tgid,
+            pid: tgid + 1,
+            source: tracer_common::SOURCE_KMALLOC,
+            _pad: 0,
+            ptr,
+            ts_ns: 1_000,
+            bytes_req: 424,
+            bytes_alloc: 512,
+            gfp_flags: 0xcc0,
+            cgroup_id: 7,
+            kstack_bytes: (kstack.len() * 8) as i32,
+            ustack_bytes: (ustack.len() * 8) as i32,
+            comm: [0; 16],
+            kstack: [0; MAX_KSTACK],
+            ustack: [0; MAX_USTACK],
+        };
+        ev.comm[..7].copy_from_slice(b"leakgen");
+        ev.kstack[..kstack.len()].copy_from_slice(kstack);
+        ev.ustack[..ustack.len()].copy_from_slice(ustack);
+        ev
+    }
+
+    #[test]
+    fn decodes_alloc_with_trimmed_stacks() {
+        let ev = alloc_event(
+            42,
+            0xffff_8880_0000_0200,
+            &[0xffff_ffff_8100_0000, 0xffff_ffff_8100_0010],
+            &[0x401000],
+        );
+        let buf = record_of(&ev);
+        let Event::Alloc(a) = decode(bytes(&buf, size_of::<AllocEvent>())).expect("decodes") else {
+            panic!("not an alloc")
+        };
+        assert_eq!(a.tgid, 42);
+        assert_eq!(a.comm, b"leakgen");
+        assert_eq!(a.kstack.len(), 2);
+        assert_eq!(a.ustack, &[0x401000]);
+        assert_eq!(a.kstack_err, None);
+    }
+
+    #[test]
+    fn failed_stack_is_empty_with_errno() {
+        let mut ev = alloc_event(1, 0x10, &[], &[]);
+        ev.ustack_bytes = -14;
+        let buf = record_of(&ev);
+        let Ok(Event::Alloc(a)) = decode(bytes(&buf, size_of::<AllocEvent>())) else {
+            panic!("decode failed")
+        };
+        assert!(a.ustack.is_empty());
+        assert_eq!(a.ustack_err, Some(-14));
+    }
+
+    #[test]
+    fn decodes_free() {
+        let ev = FreeEvent {
+            kind: EVENT_FREE,
+            tgid: 9,
+            ptr: 0x200,
+            ts_ns: 5,
+        };
+        let buf = record_of(&ev);
+        assert_eq!(
+            decode(bytes(&buf, size_of::<FreeEvent>())),
+            Ok(Event::Free(Free {
+                tgid: 9,
+                ptr: 0x200,
+                ts_ns: 5
+            }))
+        );
+    }
+
+    #[test]
+    fn rejects_short_unknown_and_truncated() {
+        assert_eq!(decode(&[1, 0]), Err(DecodeError::Short(2)));
+        let buf = [7u64, 0];
+        assert!(matches!(
+            decode(bytes(&buf, 16)),
+            Err(DecodeError::UnknownKind { kind: 7, .. })
+        ));
+        let ev = alloc_event(1, 0x10, &[], &[]);
+        let buf = record_of(&ev);
+        assert!(matches!(
+            decode(bytes(&buf, 100)),
+            Err(DecodeError::Truncated { .. })
+        ));
+    }
+}

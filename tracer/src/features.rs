@@ -1,0 +1,80 @@
+//! What this kernel and this process can do, detected at run time: root, BTF,
+//! kprobes. Tracepoint presence is checked per event by `plan`.
+
+use std::path::Path;
+
+use anyhow::{bail, Result};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Features {
+    pub kernel_release: String,
+    pub btf: bool,
+    /// A kprobe PMU or tracefs kprobe_events: kprobes can be attached.
+    pub kprobes: bool,
+}
+
+impl Features {
+    pub fn detect(root: &Path, tracefs: Option<&Path>) -> Features {
+        let kernel_release = std::fs::read_to_string(root.join("proc/sys/kernel/osrelease"))
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|_| "unknown".to_string());
+        let kprobes = root.join("sys/bus/event_source/devices/kprobe").exists()
+            || tracefs.is_some_and(|t| t.join("kprobe_events").exists());
+        Features {
+            kernel_release,
+            btf: root.join("sys/kernel/btf/vmlinux").exists(),
+            kprobes,
+        }
+    }
+
+    /// The one line users see about hooks: what we use and what we fell back from.
+    pub fn hooks_note(&self, tracepoints: &[String]) -> String {
+        let fallback = if self.kprobes {
+            "kprobes available but not needed for slab tracing"
+        } else {
+            "no kprobes on this kernel, tracepoints only"
+        };
+        format!(
+            "hooks: tracepoints {} ({fallback}; kernel {})",
+            tracepoints.join(", "),
+            self.kernel_release
+        )
+    }
+}
+
+/// BPF programs and perf events need root (or CAP_BPF + CAP_PERFMON, which a
+/// plain user does not have either); say so before anything fails obscurely.
+pub fn require_root() -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!(
+            "leaktrace needs root to load eBPF programs and read kernel symbols; run it with sudo \
+             (or as root in a privileged container with hostPID)"
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn detects_from_a_fake_root() {
+        let dir = std::env::temp_dir().join(format!("leaktrace-features-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("proc/sys/kernel")).expect("mkdir");
+        std::fs::create_dir_all(dir.join("sys/kernel/btf")).expect("mkdir");
+        std::fs::write(dir.join("proc/sys/kernel/osrelease"), "5.10.0-test\n").expect("write");
+        std::fs::write(dir.join("sys/kernel/btf/vmlinux"), "").expect("write");
+        let f = Features::detect(&dir, None);
+        assert_eq!(f.kernel_release, "5.10.0-test");
+        assert!(f.btf);
+        assert!(!f.kprobes);
+        assert!(f
+            .hooks_note(&["kmem:kmalloc".into()])
+            .contains("no kprobes"));
+        std::fs::create_dir_all(dir.join("sys/bus/event_source/devices/kprobe")).expect("mkdir");
+        assert!(Features::detect(&dir, None).kprobes);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

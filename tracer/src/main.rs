@@ -1,0 +1,65 @@
+//! leaktrace: who is growing kernel memory.
+//!
+//! Data path, top to bottom: kernel tracepoints (`tracer-ebpf`) -> ring buffer ->
+//! [`decoder`] -> [`aggregator`] -> [`report`] -> [`view`] / JSON.
+
+mod aggregator;
+mod caches;
+mod cli;
+mod decoder;
+mod features;
+mod meminfo;
+mod plan;
+mod probes;
+mod procinfo;
+mod report;
+mod slabinfo;
+mod stacks;
+mod symbolize;
+mod trace;
+mod tracefs;
+mod view;
+
+use std::{path::Path, process::ExitCode};
+
+use anyhow::{Context, Result};
+use clap::Parser;
+
+use crate::cli::{Cli, Command};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("leaktrace: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Some(Command::Caches) => {
+            let root = Path::new("/");
+            let catalogue = caches::Catalogue::read(root).context("reading slab caches")?;
+            let slab = slabinfo::read(root).context("reading /proc/slabinfo (needs root)")?;
+            print!("{}", caches::render_table(&catalogue, &slab));
+            Ok(())
+        }
+        None => {
+            let Some(cache) = cli.trace.cache.clone() else {
+                anyhow::bail!(
+                    "no cache selected: use --cache NAME (e.g. --cache kmalloc-512); 'leaktrace caches' lists them"
+                );
+            };
+            // One thread is plenty: the loop is bound by the kernel's event rate,
+            // and a single thread keeps leaktrace's footprint on a sick node small.
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            runtime.block_on(trace::run(cli.trace, &cache))
+        }
+    }
+}

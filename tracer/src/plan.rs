@@ -1,0 +1,370 @@
+//! Turns "trace this cache" into what the kernel side needs on *this* kernel:
+//! field offsets from tracefs `format` files, gfp bit values from their print
+//! formats, which kmalloc classes land in the cache, and which tracepoints to attach.
+
+use anyhow::{bail, Context, Result};
+use tracer_common::{
+    AllocLayout, Config, CACHE_NAME_LEN, MAX_CACHE_NAMES, STACK_KERNEL, STACK_USER,
+};
+
+use crate::{
+    caches::{Catalogue, KmallocKind, Selection},
+    tracefs::{EventFormat, Tracefs},
+};
+
+/// One program attached to one tracepoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attachment {
+    pub program: &'static str,
+    pub category: &'static str,
+    pub event: &'static str,
+}
+
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub config: Config,
+    pub attachments: Vec<Attachment>,
+    /// One-line facts the user should see at start (aliases included, fallbacks taken).
+    pub notes: Vec<String>,
+    pub cache: String,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct PlanOptions {
+    pub pid: Option<u32>,
+    pub kernel_stacks: bool,
+    pub user_stacks: bool,
+}
+
+pub fn build(
+    tracefs: &Tracefs,
+    catalogue: &Catalogue,
+    sel: &Selection,
+    opts: &PlanOptions,
+) -> Result<Plan> {
+    let mut cfg = Config::zeroed();
+    let mut attachments = Vec::new();
+    let mut notes = sel.notes.clone();
+
+    // Frees are matched against the kernel's live map, so both free paths are always needed:
+    // kmalloc'd memory may be freed by kmem_cache_free and cache objects by kfree.
+    let kfree = require(tracefs, "kfree")?;
+    cfg.kfree_ptr = kfree.offset_of("ptr", 8)?;
+    attachments.push(attach("kfree", "kfree"));
+    let cache_free = require(tracefs, "kmem_cache_free")?;
+    cfg.cache_free_ptr = cache_free.offset_of("ptr", 8)?;
+    attachments.push(attach("kmem_cache_free", "kmem_cache_free"));
+
+    // bytes_alloc is the kmem_cache's size (Selection::object_size), which debug
+    // options (red zones) make larger than the nominal object size.
+    let slab_size = u64::from(sel.object_size);
+
+    let mut kinds: Vec<(u32, KmallocKind)> = sel.kmalloc.iter().copied().collect();
+    kinds.extend(sel.also_kmalloc.iter().copied());
+    if !kinds.is_empty() {
+        let fmt = require(tracefs, "kmalloc")?;
+        cfg.kmalloc = alloc_layout(&fmt)?;
+        cfg.kmalloc_size = slab_size;
+        // Kernels before 6.18 print bit 0 only under its alias GFP_DMA.
+        cfg.gfp_dma = gfp_bit(&fmt, "__GFP_DMA").or_else(|_| gfp_bit(&fmt, "GFP_DMA"))?;
+        cfg.gfp_reclaimable = gfp_bit(&fmt, "__GFP_RECLAIMABLE")?;
+        cfg.gfp_account = gfp_bit(&fmt, "__GFP_ACCOUNT")?;
+        // The kernel creates a kind's caches for every size or for none, so ask
+        // whether the kind exists at all; sizes here are slab sizes, which debug
+        // options make differ from the nominal one in the cache name.
+        let present = |kind| {
+            let prefix = kmalloc_prefix(kind);
+            catalogue.iter().any(|c| c.name.starts_with(prefix))
+        };
+        cfg.kmalloc_classes = class_bitmap(&kinds, present);
+        attachments.push(attach("kmalloc", "kmalloc"));
+        // Before 6.1 NUMA-node kmallocs had their own tracepoint with the same leading fields.
+        if let Some(node) = tracefs.event_format("kmem", "kmalloc_node")? {
+            same_layout(&fmt, &node)?;
+            attachments.push(attach("kmalloc", "kmalloc_node"));
+        }
+    }
+
+    if !sel.named.is_empty() {
+        let fmt = require(tracefs, "kmem_cache_alloc")?;
+        let layout = alloc_layout(&fmt)?;
+        let Some(name) = fmt.field("name").filter(|f| f.data_loc) else {
+            bail!(
+                "cache '{}' is selected by name, but this kernel's kmem:kmem_cache_alloc tracepoint has no \
+                 cache name (Debian's 6.1 and 6.12 have none; 6.18 has it); pick a kmalloc-N cache instead (see 'leaktrace caches')",
+                sel.cache
+            );
+        };
+        cfg.cache_alloc = AllocLayout {
+            name: name.offset,
+            ..layout
+        };
+        cfg.cache_size = slab_size;
+        if sel.named.len() > MAX_CACHE_NAMES {
+            bail!(
+                "cache '{}' has {} merged names; the kernel side compares at most {MAX_CACHE_NAMES}",
+                sel.cache,
+                sel.named.len()
+            );
+        }
+        for (slot, name) in cfg.cache_names.iter_mut().zip(&sel.named) {
+            *slot = name_words(name)?;
+        }
+        cfg.n_cache_names = sel.named.len() as u16;
+        attachments.push(attach("kmem_cache_alloc", "kmem_cache_alloc"));
+        if let Some(node) = tracefs.event_format("kmem", "kmem_cache_alloc_node")? {
+            same_layout(&fmt, &node)?;
+            attachments.push(attach("kmem_cache_alloc", "kmem_cache_alloc_node"));
+        }
+    }
+    if cfg.kmalloc_size == 0 && cfg.cache_size == 0 {
+        bail!(
+            "cache '{}' selects nothing the kmem tracepoints can see",
+            sel.cache
+        );
+    }
+    if !sel.aliases_included.is_empty() {
+        notes.push(format!(
+            "also covers caches merged into {}: {}",
+            sel.cache,
+            sel.aliases_included.join(", ")
+        ));
+    }
+
+    cfg.target_tgid = opts.pid.unwrap_or(0);
+    cfg.stack_flags = if opts.kernel_stacks { STACK_KERNEL } else { 0 }
+        | if opts.user_stacks { STACK_USER } else { 0 };
+    Ok(Plan {
+        config: cfg,
+        attachments,
+        notes,
+        cache: sel.cache.clone(),
+    })
+}
+
+fn attach(program: &'static str, event: &'static str) -> Attachment {
+    Attachment {
+        program,
+        category: "kmem",
+        event,
+    }
+}
+
+fn require(tracefs: &Tracefs, event: &str) -> Result<EventFormat> {
+    tracefs.event_format("kmem", event)?.with_context(|| {
+        format!(
+            "this kernel has no kmem:{event} tracepoint (looked in {}/events/kmem); \
+             leaktrace needs the kmem tracepoints (CONFIG_TRACEPOINTS)",
+            tracefs.root().display()
+        )
+    })
+}
+
+fn alloc_layout(fmt: &EventFormat) -> Result<AllocLayout> {
+    let gfp = fmt
+        .field("gfp_flags")
+        .with_context(|| format!("kmem:{} has no gfp_flags field", fmt.name))?;
+    if gfp.size != 4 && gfp.size != 8 {
+        bail!(
+            "kmem:{} gfp_flags has unexpected size {}",
+            fmt.name,
+            gfp.size
+        );
+    }
+    Ok(AllocLayout {
+        ptr: fmt.offset_of("ptr", 8)?,
+        bytes_req: fmt.offset_of("bytes_req", 8)?,
+        bytes_alloc: fmt.offset_of("bytes_alloc", 8)?,
+        gfp_flags: gfp.offset,
+        name: 0,
+        _pad: [0; 3],
+    })
+}
+
+/// `*_node` variants share one program, so their fields must sit where the base event's do.
+fn same_layout(base: &EventFormat, node: &EventFormat) -> Result<()> {
+    let a = alloc_layout(base)?;
+    let b = alloc_layout(node)?;
+    if a != b {
+        bail!(
+            "kmem:{} and kmem:{} lay out their fields differently ({a:?} vs {b:?}); not supported",
+            base.name,
+            node.name
+        );
+    }
+    Ok(())
+}
+
+fn gfp_bit(fmt: &EventFormat, flag: &str) -> Result<u64> {
+    fmt.print_flag(flag).with_context(|| {
+        format!(
+            "cannot read the value of {flag} from kmem:{}'s print format; refusing to guess this kernel's gfp bits",
+            fmt.name
+        )
+    })
+}
+
+fn kmalloc_prefix(kind: KmallocKind) -> &'static str {
+    match kind {
+        KmallocKind::Normal => "kmalloc-",
+        KmallocKind::Cgroup => "kmalloc-cg-",
+        KmallocKind::Reclaimable => "kmalloc-rcl-",
+        KmallocKind::Dma => "dma-kmalloc-",
+    }
+}
+
+/// Which of the 8 (dma, reclaimable, account) combinations land in the selected caches.
+/// Mirrors the kernel's kmalloc_type(): DMA wins, then reclaimable, then accounted; a
+/// kind whose caches this kernel does not have (no kmalloc-cg before 5.14, no ZONE_DMA)
+/// falls back to the normal caches.
+fn class_bitmap(selected: &[(u32, KmallocKind)], present: impl Fn(KmallocKind) -> bool) -> u64 {
+    let mut bitmap = 0;
+    for class in 0..8u64 {
+        let (dma, rcl, account) = (class & 1 != 0, class & 2 != 0, class & 4 != 0);
+        let wanted = if dma {
+            KmallocKind::Dma
+        } else if rcl {
+            KmallocKind::Reclaimable
+        } else if account {
+            KmallocKind::Cgroup
+        } else {
+            KmallocKind::Normal
+        };
+        let lands_in = if present(wanted) {
+            wanted
+        } else {
+            KmallocKind::Normal
+        };
+        if selected.iter().any(|&(_, k)| k == lands_in) {
+            bitmap |= 1 << class;
+        }
+    }
+    bitmap
+}
+
+fn name_words(name: &str) -> Result<[u64; CACHE_NAME_LEN / 8]> {
+    let bytes = name.as_bytes();
+    // The kernel compares the NUL-terminated name it read, so one byte stays zero.
+    if bytes.len() >= CACHE_NAME_LEN {
+        bail!(
+            "cache name '{name}' is longer than {} bytes",
+            CACHE_NAME_LEN - 1
+        );
+    }
+    let mut buf = [0u8; CACHE_NAME_LEN];
+    buf[..bytes.len()].copy_from_slice(bytes);
+    let mut words = [0u64; CACHE_NAME_LEN / 8];
+    for (word, chunk) in words.iter_mut().zip(buf.chunks_exact(8)) {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(chunk);
+        *word = u64::from_le_bytes(b);
+    }
+    Ok(words)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::caches;
+
+    const TESTDATA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/testdata");
+
+    fn plan_for(kernel: &str, cache: &str) -> Result<Plan> {
+        let catalogue = Catalogue::read(&Path::new(TESTDATA).join("proc/host-6.18")).expect("catalogue fixture");
+        let sel = caches::select(&catalogue, cache).expect("selection");
+        let tracefs = Tracefs::at(Path::new(TESTDATA).join("formats").join(kernel));
+        let opts = PlanOptions { pid: Some(42), kernel_stacks: true, user_stacks: false };
+        build(&tracefs, &catalogue, &sel, &opts)
+    }
+
+    fn events(plan: &Plan) -> Vec<&str> {
+        plan.attachments.iter().map(|a| a.event).collect()
+    }
+
+    #[test]
+    fn kmalloc_512_on_every_fixture_kernel() {
+        for kernel in ["5.10", "6.1", "6.12", "6.18"] {
+            let plan = plan_for(kernel, "kmalloc-512").unwrap_or_else(|e| panic!("{kernel}: {e:#}"));
+            let c = &plan.config;
+            assert_eq!((c.kmalloc.ptr, c.kmalloc.bytes_alloc, c.kmalloc.gfp_flags), (16, 32, 40), "{kernel}");
+            assert_eq!((c.kfree_ptr, c.cache_free_ptr), (16, 16), "{kernel}");
+            assert_eq!(c.kmalloc_size, 512);
+            assert_eq!((c.gfp_dma, c.gfp_reclaimable, c.gfp_account), (0x1, 0x10, 0x400000), "{kernel}");
+            // This host has kmalloc-cg/rcl/dma caches: only the plain class is kmalloc-512.
+            assert_eq!(c.kmalloc_classes, 0b1);
+            assert_eq!(c.cache_size, 0, "nothing named is merged into kmalloc-512 here");
+            assert_eq!((c.target_tgid, c.stack_flags), (42, STACK_KERNEL));
+            let mut want = vec!["kfree", "kmem_cache_free", "kmalloc"];
+            if kernel == "5.10" {
+                want.push("kmalloc_node");
+            }
+            assert_eq!(events(&plan), want, "{kernel}");
+        }
+    }
+
+    #[test]
+    fn named_cache_reads_the_name_where_the_kernel_has_one() {
+        let plan = plan_for("6.18", "filp").expect("6.18 has kmem_cache_alloc name");
+        let c = &plan.config;
+        assert_eq!((c.cache_alloc.name, c.cache_alloc.bytes_alloc, c.cache_alloc.gfp_flags), (24, 40, 48));
+        assert_eq!(c.cache_size, 192);
+        assert_eq!(c.n_cache_names, 1);
+        assert_eq!(c.cache_names[0], name_words("filp").expect("fits"));
+        assert_eq!(c.kmalloc_size, 0);
+        assert!(events(&plan).contains(&"kmem_cache_alloc"));
+        for kernel in ["5.10", "6.1", "6.12"] {
+            let err = plan_for(kernel, "filp").expect_err("no name field").to_string();
+            assert!(err.contains("has no cache name"), "{kernel}: {err}");
+        }
+    }
+
+    #[test]
+    fn missing_tracepoint_is_a_clear_error() {
+        let catalogue = Catalogue::read(&Path::new(TESTDATA).join("proc/host-6.18")).expect("catalogue");
+        let sel = caches::select(&catalogue, "kmalloc-512").expect("selection");
+        let empty = std::env::temp_dir().join(format!("leaktrace-empty-tracefs-{}", std::process::id()));
+        std::fs::create_dir_all(&empty).expect("mkdir");
+        let err = build(&Tracefs::at(&empty), &catalogue, &sel, &PlanOptions::default())
+            .expect_err("no tracepoints")
+            .to_string();
+        assert!(err.contains("no kmem:kfree tracepoint"), "{err}");
+        let _ = std::fs::remove_dir_all(&empty);
+    }
+
+    #[test]
+    fn class_bitmap_follows_kmalloc_type() {
+        let all = |_| true;
+        assert_eq!(
+            class_bitmap(&[(512, KmallocKind::Normal)], all),
+            0b0000_0001
+        );
+        // account only -> cg; reclaimable(+account) -> rcl; dma(+anything) -> dma.
+        assert_eq!(
+            class_bitmap(&[(512, KmallocKind::Cgroup)], all),
+            0b0001_0000
+        );
+        assert_eq!(
+            class_bitmap(&[(512, KmallocKind::Reclaimable)], all),
+            0b0100_0100
+        );
+        assert_eq!(class_bitmap(&[(512, KmallocKind::Dma)], all), 0b1010_1010);
+        // A kernel without kmalloc-cg caches puts accounted kmallocs in kmalloc-N.
+        let no_cg = |k| k != KmallocKind::Cgroup;
+        assert_eq!(
+            class_bitmap(&[(512, KmallocKind::Normal)], no_cg),
+            0b0001_0001
+        );
+        assert_eq!(class_bitmap(&[(512, KmallocKind::Cgroup)], no_cg), 0);
+    }
+
+    #[test]
+    fn names_pack_little_endian_with_nul() {
+        let w = name_words("filp").expect("fits");
+        assert_eq!(w[0], u64::from_le_bytes(*b"filp\0\0\0\0"));
+        assert_eq!(&w[1..], &[0, 0, 0]);
+        assert!(name_words(&"x".repeat(32)).is_err());
+        assert!(name_words(&"x".repeat(31)).is_ok());
+    }
+}

@@ -1,0 +1,194 @@
+//! Loading the embedded eBPF object, attaching it, and reading its counters.
+//!
+//! Every attachment is a perf-event file descriptor owned by this process, and
+//! nothing is pinned, so the kernel detaches everything when we exit, however we
+//! exit (Ctrl-C, SIGTERM, a panic or SIGKILL).
+
+use std::os::fd::{AsFd, AsRawFd};
+
+use anyhow::{Context, Result};
+use aya::{
+    maps::{MapData, PerCpuArray, RingBuf},
+    programs::{ProgramError, TracePoint},
+    Ebpf, EbpfLoader,
+};
+use serde::Serialize;
+use tracer_common::counter;
+
+use crate::plan::Plan;
+
+static BPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/leaktrace.bpf.o"));
+
+pub struct Probes {
+    /// Keeps programs and links alive; dropping it detaches.
+    ebpf: Ebpf,
+    counters: PerCpuArray<MapData, u64>,
+    programs: Vec<&'static str>,
+}
+
+/// The kernel side's own account of what it saw and could not deliver.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct KernelCounters {
+    pub allocs_matched: u64,
+    pub allocs_lost_ringbuf: u64,
+    pub allocs_lost_map_full: u64,
+    pub frees_matched: u64,
+    pub frees_lost_ringbuf: u64,
+    pub kstack_failed: u64,
+    pub ustack_failed: u64,
+    /// Program runs the kernel skipped because a BPF program was already running
+    /// on that CPU (e.g. a kfree from an interrupt that hit our handler). None
+    /// when the kernel does not report it (before 5.12).
+    pub recursion_misses: Option<u64>,
+}
+
+impl Probes {
+    /// Load with the plan's configuration and attach every planned tracepoint.
+    /// Returns the ring buffer separately so the event loop can own it.
+    pub fn attach(
+        plan: &Plan,
+        max_objects: u32,
+        ringbuf_bytes: u32,
+    ) -> Result<(Probes, RingBuf<MapData>)> {
+        raise_memlock_limit();
+        let mut ebpf = EbpfLoader::new()
+            .override_global("CONFIG", &plan.config, true)
+            .map_max_entries("LIVE", max_objects)
+            .map_max_entries("EVENTS", ringbuf_bytes)
+            .load(BPF_OBJECT)
+            .context("loading leaktrace's eBPF programs (is this kernel built with BPF ring buffers, Linux 5.8+?)")?;
+
+        let mut programs: Vec<&'static str> = Vec::new();
+        for a in &plan.attachments {
+            let prog: &mut TracePoint = ebpf
+                .program_mut(a.program)
+                .with_context(|| format!("eBPF object has no program {}", a.program))?
+                .try_into()
+                .with_context(|| format!("{} is not a tracepoint program", a.program))?;
+            if !programs.contains(&a.program) {
+                prog.load()
+                    .map_err(verifier_context)
+                    .with_context(|| format!("loading program {} into the kernel", a.program))?;
+                programs.push(a.program);
+            }
+            prog.attach(a.category, a.event)
+                .with_context(|| format!("attaching to tracepoint {}:{}", a.category, a.event))?;
+        }
+
+        let ring = RingBuf::try_from(
+            ebpf.take_map("EVENTS")
+                .context("eBPF object has no EVENTS map")?,
+        )
+        .context("EVENTS is not a ring buffer")?;
+        let counters = PerCpuArray::try_from(
+            ebpf.take_map("COUNTERS")
+                .context("eBPF object has no COUNTERS map")?,
+        )
+        .context("COUNTERS is not a per-CPU array")?;
+        Ok((
+            Probes {
+                ebpf,
+                counters,
+                programs,
+            },
+            ring,
+        ))
+    }
+
+    pub fn counters(&self) -> Result<KernelCounters> {
+        let sum = |index: u32| -> Result<u64> {
+            let values = self
+                .counters
+                .get(&index, 0)
+                .with_context(|| format!("reading kernel counter {index}"))?;
+            Ok(values.iter().copied().fold(0u64, u64::wrapping_add))
+        };
+        Ok(KernelCounters {
+            allocs_matched: sum(counter::ALLOCS_MATCHED)?,
+            allocs_lost_ringbuf: sum(counter::ALLOCS_LOST_RINGBUF)?,
+            allocs_lost_map_full: sum(counter::ALLOCS_LOST_MAP_FULL)?,
+            frees_matched: sum(counter::FREES_MATCHED)?,
+            frees_lost_ringbuf: sum(counter::FREES_LOST_RINGBUF)?,
+            kstack_failed: sum(counter::KSTACK_FAILED)?,
+            ustack_failed: sum(counter::USTACK_FAILED)?,
+            recursion_misses: self.recursion_misses(),
+        })
+    }
+
+    /// Kernel program ids, so tests and users can check nothing outlives us.
+    pub fn program_ids(&self) -> Vec<u32> {
+        self.programs
+            .iter()
+            .filter_map(|name| {
+                let prog: &TracePoint = self.ebpf.program(name)?.try_into().ok()?;
+                Some(prog.info().ok()?.id())
+            })
+            .collect()
+    }
+
+    fn recursion_misses(&self) -> Option<u64> {
+        let mut total = 0;
+        for name in &self.programs {
+            let prog: &TracePoint = self.ebpf.program(name)?.try_into().ok()?;
+            let fd = prog.fd().ok()?;
+            total += prog_info(fd.as_fd().as_raw_fd())?.recursion_misses;
+        }
+        Some(total)
+    }
+}
+
+/// aya's ProgramInfo does not expose recursion_misses, so ask BPF_OBJ_GET_INFO_BY_FD.
+/// A kernel older than the field leaves it zero; callers that care check the version.
+fn prog_info(fd: i32) -> Option<aya_obj::generated::bpf_prog_info> {
+    #[repr(C)]
+    struct InfoAttr {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    // SAFETY: bpf_prog_info is plain data; zero is a valid value for every field.
+    let mut info: aya_obj::generated::bpf_prog_info = unsafe { std::mem::zeroed() };
+    let mut attr = InfoAttr {
+        bpf_fd: fd as u32,
+        info_len: std::mem::size_of_val(&info) as u32,
+        info: std::ptr::addr_of_mut!(info) as u64,
+    };
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    // SAFETY: attr and info outlive the call; the kernel writes at most info_len bytes.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            std::ptr::addr_of_mut!(attr),
+            std::mem::size_of::<InfoAttr>(),
+        )
+    };
+    (rc == 0).then_some(info)
+}
+
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK (64 KiB by default), far
+/// less than our live-object map. Failure is not fatal: newer kernels ignore it.
+fn raise_memlock_limit() {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: plain setrlimit call with a valid struct.
+    unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
+}
+
+/// Verifier rejections carry a log that is the only useful part of the error.
+fn verifier_context(err: ProgramError) -> anyhow::Error {
+    match err {
+        ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => {
+            anyhow::anyhow!(
+                "the kernel's verifier rejected the program: {io_error}\n{verifier_log}"
+            )
+        }
+        other => other.into(),
+    }
+}

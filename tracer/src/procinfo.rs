@@ -1,0 +1,151 @@
+//! What /proc and cgroupfs say about the processes and cgroups events name.
+//! Read once per process when it first allocates (it may be gone by the next
+//! refresh) and cached.
+
+use std::{
+    collections::HashMap,
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+};
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProcMeta {
+    pub comm: Option<String>,
+    pub cmdline: Option<String>,
+}
+
+pub fn read_proc(root: &Path, tgid: u32) -> ProcMeta {
+    let dir = root.join(format!("proc/{tgid}"));
+    let comm = std::fs::read_to_string(dir.join("comm"))
+        .ok()
+        .map(|s| s.trim_end().to_string());
+    let cmdline = std::fs::read(dir.join("cmdline")).ok().and_then(|raw| {
+        let args: Vec<String> = raw
+            .split(|&b| b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        (!args.is_empty()).then(|| args.join(" "))
+    });
+    ProcMeta { comm, cmdline }
+}
+
+/// Maps cgroup v2 ids (what `bpf_get_current_cgroup_id` returns: the cgroup
+/// directory's inode number on cgroup2) to paths.
+#[derive(Debug, Default)]
+pub struct CgroupPaths {
+    mount: Option<PathBuf>,
+    paths: HashMap<u64, String>,
+    scanned: bool,
+}
+
+impl CgroupPaths {
+    pub fn new(root: &Path) -> Self {
+        CgroupPaths {
+            mount: cgroup2_mount(root),
+            paths: HashMap::new(),
+            scanned: false,
+        }
+    }
+
+    /// Path relative to the cgroup2 root, or None if unknown (removed, or no cgroup2).
+    pub fn path(&mut self, id: u64) -> Option<&str> {
+        if !self.paths.contains_key(&id) {
+            self.rescan();
+        }
+        self.paths.get(&id).map(String::as_str)
+    }
+
+    /// Re-walk on the next miss: cgroups come and go during an incident.
+    pub fn invalidate(&mut self) {
+        self.scanned = false;
+    }
+
+    fn rescan(&mut self) {
+        if self.scanned {
+            return;
+        }
+        self.scanned = true;
+        let Some(mount) = self.mount.clone() else {
+            return;
+        };
+        let mut stack = vec![mount.clone()];
+        while let Some(dir) = stack.pop() {
+            let Ok(meta) = std::fs::metadata(&dir) else {
+                continue;
+            };
+            let rel = dir.strip_prefix(&mount).map_or_else(
+                |_| dir.display().to_string(),
+                |r| format!("/{}", r.display()),
+            );
+            self.paths.insert(meta.ino(), rel);
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    stack.push(entry.path());
+                }
+            }
+        }
+    }
+}
+
+fn cgroup2_mount(root: &Path) -> Option<PathBuf> {
+    let text = std::fs::read_to_string(root.join("proc/self/mountinfo")).ok()?;
+    parse_cgroup2_mount(&text).map(|m| root.join(m.trim_start_matches('/')))
+}
+
+/// mountinfo: `id parent major:minor root mountpoint options [optional...] - fstype source super`.
+pub fn parse_cgroup2_mount(mountinfo: &str) -> Option<String> {
+    mountinfo.lines().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        let fstype = right.split_whitespace().next()?;
+        (fstype == "cgroup2").then(|| left.split_whitespace().nth(4).map(str::to_string))?
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_cgroup2_mount() {
+        let mi = "\
+35 24 0:30 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
+40 35 0:35 / /sys/fs/cgroup/memory rw,relatime shared:9 - cgroup cgroup rw,memory
+46 35 0:41 / /sys/fs/cgroup/unified rw,relatime shared:15 - cgroup2 cgroup2 rw
+";
+        assert_eq!(
+            parse_cgroup2_mount(mi).as_deref(),
+            Some("/sys/fs/cgroup/unified")
+        );
+        assert_eq!(parse_cgroup2_mount("garbage\n"), None);
+    }
+
+    #[test]
+    fn reads_own_process() {
+        let meta = read_proc(Path::new("/"), std::process::id());
+        assert!(meta.comm.is_some());
+        assert!(meta.cmdline.is_some_and(|c| !c.is_empty()));
+    }
+
+    #[test]
+    fn resolves_own_cgroup_id() {
+        // Our own cgroup v2 directory must map back to its path by inode.
+        let root = Path::new("/");
+        let Some(mount) = cgroup2_mount(root) else {
+            panic!("no cgroup2 mount on this machine");
+        };
+        let own = std::fs::read_to_string("/proc/self/cgroup").expect("read /proc/self/cgroup");
+        let rel = own
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .expect("a cgroup v2 line");
+        let ino = std::fs::metadata(mount.join(rel.trim_start_matches('/')))
+            .expect("own cgroup dir")
+            .ino();
+        let mut paths = CgroupPaths::new(root);
+        assert_eq!(paths.path(ino), Some(rel));
+    }
+}

@@ -1,0 +1,148 @@
+//! A snapshot made presentable: symbolized stacks, process and cgroup names, the
+//! node's memory picture and the cache's slabinfo line. Both the text views and
+//! `--json` render this one model, so they can never disagree.
+
+use serde::Serialize;
+
+use crate::{
+    aggregator::{AgeSummary, Anomalies, Counts, Snapshot},
+    meminfo::MemInfo,
+    probes::KernelCounters,
+    procinfo::{CgroupPaths, ProcMeta},
+    stacks::StackTable,
+    symbolize::Symbolizer,
+};
+
+pub const SCHEMA_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub schema_version: u32,
+    /// "snapshot" for periodic output, "final" for the report at exit.
+    pub kind: &'static str,
+    pub cache: String,
+    pub aliases: Vec<String>,
+    pub elapsed_s: f64,
+    pub meminfo: Option<MemInfo>,
+    pub slab: Option<SlabPicture>,
+    pub totals: Counts,
+    pub kernel: KernelCounters,
+    pub anomalies: Anomalies,
+    pub age: AgeSummary,
+    pub processes: Vec<ProcessReport>,
+    pub cgroups: Vec<CgroupReport>,
+}
+
+/// The cache as /proc/slabinfo sees it: every object, not only those allocated
+/// since attach, so the tracked count can be compared with real growth.
+#[derive(Debug, Clone, Serialize)]
+pub struct SlabPicture {
+    pub active_objs: u64,
+    pub num_objs: u64,
+    pub objsize: u64,
+    /// Change of active objects since attach (all caches merged into this one).
+    pub active_objs_delta: i64,
+    pub active_objs_per_sec: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ProcessReport {
+    pub tgid: u32,
+    pub comm: String,
+    pub cmdline: Option<String>,
+    pub cgroup_id: u64,
+    pub cgroup: Option<String>,
+    #[serde(flatten)]
+    pub counts: Counts,
+    pub alloc_rate: f64,
+    pub growth_rate: f64,
+    pub stacks: Vec<StackReport>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StackReport {
+    #[serde(flatten)]
+    pub counts: Counts,
+    pub kernel: Vec<String>,
+    pub user: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CgroupReport {
+    pub cgroup_id: u64,
+    pub path: Option<String>,
+    #[serde(flatten)]
+    pub counts: Counts,
+}
+
+/// Where names come from; borrowed from the run loop's caches.
+pub struct Naming<'a> {
+    pub symbols: &'a mut Symbolizer,
+    pub stacks: &'a StackTable,
+    pub procs: &'a std::collections::HashMap<u32, ProcMeta>,
+    pub cgroups: &'a mut CgroupPaths,
+}
+
+pub struct Header {
+    pub cache: String,
+    pub aliases: Vec<String>,
+    pub elapsed_s: f64,
+    pub meminfo: Option<MemInfo>,
+    pub slab: Option<SlabPicture>,
+    pub kernel: KernelCounters,
+}
+
+pub fn build(kind: &'static str, header: Header, snap: Snapshot, names: &mut Naming<'_>) -> Report {
+    let processes = snap
+        .processes
+        .into_iter()
+        .map(|p| {
+            let meta = names.procs.get(&p.tgid);
+            ProcessReport {
+                tgid: p.tgid,
+                comm: meta.and_then(|m| m.comm.clone()).unwrap_or(p.comm),
+                cmdline: meta.and_then(|m| m.cmdline.clone()),
+                cgroup_id: p.cgroup_id,
+                cgroup: names.cgroups.path(p.cgroup_id).map(str::to_string),
+                counts: p.counts,
+                alloc_rate: p.alloc_rate,
+                growth_rate: p.growth_rate,
+                stacks: p
+                    .sites
+                    .into_iter()
+                    .map(|s| StackReport {
+                        counts: s.counts,
+                        kernel: names.symbols.kernel_frames(names.stacks.frames(s.kstack)),
+                        user: names
+                            .symbols
+                            .user_frames(p.tgid, names.stacks.frames(s.ustack)),
+                    })
+                    .collect(),
+            }
+        })
+        .collect();
+    let cgroups = snap
+        .cgroups
+        .into_iter()
+        .map(|c| CgroupReport {
+            cgroup_id: c.cgroup_id,
+            path: names.cgroups.path(c.cgroup_id).map(str::to_string),
+            counts: c.counts,
+        })
+        .collect();
+    Report {
+        schema_version: SCHEMA_VERSION,
+        kind,
+        cache: header.cache,
+        aliases: header.aliases,
+        elapsed_s: header.elapsed_s,
+        meminfo: header.meminfo,
+        slab: header.slab,
+        totals: snap.totals,
+        kernel: header.kernel,
+        anomalies: snap.anomalies,
+        age: snap.age,
+        processes,
+        cgroups,
+    }
+}

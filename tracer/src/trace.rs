@@ -1,0 +1,286 @@
+//! The slab tracer's run loop: preflight, attach, then
+//! ring buffer -> decoder -> aggregator -> report -> view, until Ctrl-C, SIGTERM
+//! or --duration; then detach and print the final report.
+
+use std::{
+    collections::HashMap,
+    io::{IsTerminal, Write},
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+use aya::maps::{MapData, RingBuf};
+use tokio::{
+    io::unix::AsyncFd,
+    signal::unix::{signal, SignalKind},
+};
+
+use crate::{
+    aggregator::{Aggregator, SnapshotOptions},
+    caches::{self, Catalogue},
+    cli::{SortKey, TraceArgs},
+    decoder::decode,
+    features::{self, Features},
+    meminfo, plan,
+    probes::Probes,
+    procinfo::{self, CgroupPaths, ProcMeta},
+    report::{self, Header, Naming, Report, SlabPicture},
+    slabinfo::{self, SlabLine},
+    symbolize::Symbolizer,
+    tracefs::Tracefs,
+    view::{self, TextOptions},
+};
+
+pub async fn run(args: TraceArgs, cache: &str) -> Result<()> {
+    let root = Path::new("/");
+    features::require_root()?;
+    let tracefs = Tracefs::locate_or_mount()?;
+    let features = Features::detect(root, Some(tracefs.root()));
+    let catalogue = Catalogue::read(root).context("reading the slab cache catalogue")?;
+    let selection = caches::select(&catalogue, cache)?;
+    let plan = plan::build(
+        &tracefs,
+        &catalogue,
+        &selection,
+        &plan::PlanOptions {
+            pid: args.pid,
+            kernel_stacks: !args.no_kernel_stacks,
+            user_stacks: !args.no_user_stacks,
+        },
+    )?;
+    let ringbuf_bytes = args
+        .ringbuf_mib
+        .checked_mul(1 << 20)
+        .and_then(u32::checked_next_power_of_two)
+        .context("--ringbuf-mib is too large")?;
+    let (probes, ring) = Probes::attach(&plan, args.max_objects, ringbuf_bytes)?;
+
+    let tracepoints: Vec<String> = plan
+        .attachments
+        .iter()
+        .map(|a| format!("{}:{}", a.category, a.event))
+        .collect();
+    for note in &plan.notes {
+        eprintln!("leaktrace: {note}");
+    }
+    eprintln!("leaktrace: {}", features.hooks_note(&tracepoints));
+    eprintln!(
+        "leaktrace: attached to {} (bpf prog ids {:?}); Ctrl-C to stop",
+        plan.cache,
+        probes.program_ids()
+    );
+
+    let mut state = State {
+        agg: Aggregator::new(args.rate_window.as_nanos() as u64),
+        symbols: Symbolizer::new(),
+        procs: HashMap::new(),
+        cgroups: CgroupPaths::new(root),
+        slab_baseline: slab_line(root, &plan.cache, &selection.aliases_included)
+            .map(|l| (l, Instant::now())),
+        cache: plan.cache.clone(),
+        aliases: selection.aliases_included.clone(),
+        started_ns: monotonic_ns(),
+        snapshot_opts: SnapshotOptions {
+            sort: args.sort,
+            limit: args.limit,
+            stacks: args.stacks,
+            comm: args.comm.clone(),
+            pid: args.pid,
+        },
+    };
+
+    let outcome = event_loop(&args, ring, &probes, &mut state).await;
+    // Counters first, then detach, then render: the report states what the
+    // kernel side saw up to the moment it stopped.
+    let counters = probes.counters().unwrap_or_default();
+    drop(probes);
+    let ring = outcome?;
+    let mut ring = ring;
+    drain(&mut state, &mut ring);
+    let final_report = state.report("final", counters);
+    emit_final(&args, &final_report)?;
+    Ok(())
+}
+
+struct State {
+    agg: Aggregator,
+    symbols: Symbolizer,
+    procs: HashMap<u32, ProcMeta>,
+    cgroups: CgroupPaths,
+    slab_baseline: Option<(SlabLine, Instant)>,
+    cache: String,
+    aliases: Vec<String>,
+    started_ns: u64,
+    snapshot_opts: SnapshotOptions,
+}
+
+impl State {
+    fn report(&mut self, kind: &'static str, kernel: crate::probes::KernelCounters) -> Report {
+        let root = Path::new("/");
+        let now = monotonic_ns();
+        let slab = slab_line(root, &self.cache, &self.aliases)
+            .map(|now| slab_picture(&now, self.slab_baseline.as_ref()));
+        let header = Header {
+            cache: self.cache.clone(),
+            aliases: self.aliases.clone(),
+            elapsed_s: now.saturating_sub(self.started_ns) as f64 / 1e9,
+            meminfo: meminfo::read(root).ok(),
+            slab,
+            kernel,
+        };
+        let snap = self.agg.snapshot(now, &self.snapshot_opts);
+        let mut names = Naming {
+            symbols: &mut self.symbols,
+            stacks: &self.agg.stacks,
+            procs: &self.procs,
+            cgroups: &mut self.cgroups,
+        };
+        let report = report::build(kind, header, snap, &mut names);
+        // Next refresh re-walks cgroupfs on a miss: new containers appear mid-incident.
+        self.cgroups.invalidate();
+        report
+    }
+}
+
+async fn event_loop(
+    args: &TraceArgs,
+    ring: RingBuf<MapData>,
+    probes: &Probes,
+    state: &mut State,
+) -> Result<RingBuf<MapData>> {
+    // SAFETY: the ring buffer owns its fd for as long as the AsyncFd holds it, and
+    // the fd is deregistered (into_inner) before the RingBuf is used elsewhere.
+    let mut ring = unsafe { AsyncFd::register(ring) }
+        .map_err(|e| e.into_parts().1)
+        .context("registering the ring buffer with the event loop")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut ticker = tokio::time::interval(args.interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let deadline = tokio::time::sleep(args.duration.unwrap_or(Duration::from_secs(u64::MAX / 4)));
+    tokio::pin!(deadline);
+    let tty = std::io::stdout().is_terminal();
+    let text_opts = text_options(args, Some(args.frames));
+
+    loop {
+        tokio::select! {
+            guard = ring.readable_mut() => {
+                let mut guard = guard.context("waiting for ring buffer events")?;
+                drain(state, guard.get_inner_mut());
+                guard.clear_ready();
+            }
+            _ = ticker.tick() => {
+                drain(state, ring.get_mut());
+                state.agg.tick(monotonic_ns());
+                // Build a report every tick even when nothing is shown: it resolves
+                // symbols of the top processes while they are still alive.
+                let counters = probes.counters().unwrap_or_default();
+                let report = state.report("snapshot", counters);
+                if args.top {
+                    emit_snapshot(args, &report, tty, &text_opts)?;
+                }
+            }
+            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break,
+            _ = &mut deadline => break,
+        }
+    }
+    Ok(ring.into_inner())
+}
+
+fn drain(state: &mut State, ring: &mut RingBuf<MapData>) {
+    while let Some(item) = ring.next() {
+        match decode(&item) {
+            Ok(event) => {
+                if let Some(tgid) = state.agg.apply(&event) {
+                    state
+                        .procs
+                        .insert(tgid, procinfo::read_proc(Path::new("/"), tgid));
+                }
+            }
+            Err(_) => state.agg.decode_error(),
+        }
+    }
+}
+
+fn emit_snapshot(args: &TraceArgs, report: &Report, tty: bool, opts: &TextOptions) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        let line = serde_json::to_string(report).context("encoding JSON snapshot")?;
+        writeln!(out, "{line}")?;
+    } else {
+        let text = view::render(report, opts);
+        if tty {
+            // Home + clear: redraw in place like top(1).
+            write!(out, "\x1b[H\x1b[2J{text}")?;
+        } else {
+            writeln!(out, "{text}---")?;
+        }
+    }
+    out.flush()?;
+    Ok(())
+}
+
+fn emit_final(args: &TraceArgs, report: &Report) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        let line = serde_json::to_string(report).context("encoding JSON report")?;
+        writeln!(out, "{line}")?;
+    } else {
+        writeln!(out, "{}", view::render(report, &text_options(args, None)))?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+fn text_options(args: &TraceArgs, frames: Option<usize>) -> TextOptions {
+    TextOptions {
+        frames,
+        sort_label: match args.sort {
+            SortKey::Outstanding => "outstanding",
+            SortKey::Rate => "rate",
+            SortKey::Allocs => "allocs",
+        },
+        interval_s: args.interval.as_secs_f64(),
+    }
+}
+
+/// The cache and everything merged into it as one /proc/slabinfo line: slabinfo
+/// lists a merged group once, under one name, and kmalloc-rnd copies separately.
+fn slab_line(root: &Path, cache: &str, aliases: &[String]) -> Option<SlabLine> {
+    let lines = slabinfo::read(root).ok()?;
+    let mut parts = lines
+        .into_iter()
+        .filter(|l| l.name == cache || aliases.contains(&l.name));
+    let mut sum = parts.next()?;
+    for l in parts {
+        sum.active_objs += l.active_objs;
+        sum.num_objs += l.num_objs;
+        sum.active_slabs += l.active_slabs;
+        sum.num_slabs += l.num_slabs;
+    }
+    sum.name = cache.to_string();
+    Some(sum)
+}
+
+fn slab_picture(now: &SlabLine, baseline: Option<&(SlabLine, Instant)>) -> SlabPicture {
+    let growth = baseline.and_then(|(before, at)| slabinfo::growth(before, now, at.elapsed()).ok());
+    SlabPicture {
+        active_objs: now.active_objs,
+        num_objs: now.num_objs,
+        objsize: now.objsize,
+        active_objs_delta: growth.as_ref().map_or(0, |g| g.objs_delta),
+        active_objs_per_sec: growth.as_ref().map_or(0.0, |g| g.objs_per_sec),
+    }
+}
+
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid pointer to a timespec; CLOCK_MONOTONIC matches bpf_ktime_get_ns.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}

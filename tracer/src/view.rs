@@ -1,0 +1,226 @@
+//! Text rendering of a [`Report`]: the live `--top` screen and the final report.
+//! Plain text, so the same output works in a terminal, in `watch`, and in a log.
+
+use std::fmt::Write;
+
+use crate::{
+    caches::human_bytes,
+    report::{ProcessReport, Report},
+};
+
+pub struct TextOptions {
+    /// Frames per stack; None shows every frame (final report).
+    pub frames: Option<usize>,
+    pub sort_label: &'static str,
+    pub interval_s: f64,
+}
+
+pub fn render(report: &Report, opts: &TextOptions) -> String {
+    let mut out = String::new();
+    header(&mut out, report, opts);
+    processes(&mut out, report, opts);
+    cgroups(&mut out, report);
+    out
+}
+
+fn header(out: &mut String, r: &Report, opts: &TextOptions) {
+    let title = if r.kind == "final" {
+        "final report"
+    } else {
+        "live"
+    };
+    let _ = writeln!(
+        out,
+        "leaktrace {title} — cache {}   up {:.0}s   refresh {:.1}s   sort {}",
+        r.cache, r.elapsed_s, opts.interval_s, opts.sort_label
+    );
+    if !r.aliases.is_empty() {
+        let _ = writeln!(out, "also covers merged caches: {}", r.aliases.join(", "));
+    }
+    if let Some(m) = &r.meminfo {
+        let pct = |kb: u64| 100.0 * kb as f64 / m.mem_total_kb.max(1) as f64;
+        let _ = writeln!(
+            out,
+            "MemTotal {}   Slab {} ({:.1}%)   SUnreclaim {} ({:.1}%)",
+            human_bytes(m.mem_total_kb * 1024),
+            human_bytes(m.slab_kb * 1024),
+            pct(m.slab_kb),
+            human_bytes(m.sunreclaim_kb * 1024),
+            pct(m.sunreclaim_kb),
+        );
+    }
+    if let Some(s) = &r.slab {
+        let _ = writeln!(
+            out,
+            "slabinfo {}: {} active / {} objs of {} B ({})   since attach {:+} objs ({:+.1}/s)",
+            r.cache,
+            group(s.active_objs),
+            group(s.num_objs),
+            s.objsize,
+            human_bytes(s.num_objs * s.objsize),
+            s.active_objs_delta,
+            s.active_objs_per_sec,
+        );
+    }
+    let t = &r.totals;
+    let _ = writeln!(
+        out,
+        "tracked since attach: {} outstanding ({})   allocs {}   frees {}   (objects allocated before attach cannot be attributed)",
+        group(t.outstanding),
+        human_bytes(t.outstanding_bytes),
+        group(t.allocs),
+        group(t.frees),
+    );
+    let k = &r.kernel;
+    let a = &r.anomalies;
+    let recursion = k.recursion_misses.map_or_else(|| "n/a".to_string(), group);
+    let _ = writeln!(
+        out,
+        "lost: ringbuf {} map-full {} frees {}   stack-fail k{}/u{}   freed-unseen {}   unmatched-frees {}   bpf-recursion-misses {}",
+        group(k.allocs_lost_ringbuf),
+        group(k.allocs_lost_map_full),
+        group(k.frees_lost_ringbuf),
+        group(k.kstack_failed),
+        group(k.ustack_failed),
+        group(a.freed_unseen),
+        group(a.unmatched_frees),
+        recursion,
+    );
+    if r.age.count > 0 {
+        let _ = writeln!(
+            out,
+            "age of outstanding: p50 {}   p99 {}   max {}",
+            human_ms(r.age.p50_ms),
+            human_ms(r.age.p99_ms),
+            human_ms(r.age.max_ms)
+        );
+    }
+    out.push('\n');
+}
+
+fn processes(out: &mut String, r: &Report, opts: &TextOptions) {
+    let _ = writeln!(
+        out,
+        "{:>8} {:<16} {:>11} {:>10} {:>9} {:>10} {:>10} {:>10}  CGROUP",
+        "PID", "COMM", "OUTSTANDING", "BYTES", "GROWTH/s", "ALLOCS/s", "ALLOCS", "FREES"
+    );
+    if r.processes.is_empty() {
+        let _ = writeln!(out, "{:>8} (no matching allocations yet)", "");
+    }
+    for p in &r.processes {
+        process(out, p, opts);
+    }
+}
+
+fn process(out: &mut String, p: &ProcessReport, opts: &TextOptions) {
+    let _ = writeln!(
+        out,
+        "{:>8} {:<16} {:>11} {:>10} {:>+9.1} {:>10.1} {:>10} {:>10}  {}",
+        p.tgid,
+        truncate(&p.comm, 16),
+        group(p.counts.outstanding),
+        human_bytes(p.counts.outstanding_bytes),
+        p.growth_rate,
+        p.alloc_rate,
+        group(p.counts.allocs),
+        group(p.counts.frees),
+        p.cgroup.as_deref().unwrap_or("?"),
+    );
+    if let Some(cmd) = &p.cmdline {
+        let _ = writeln!(out, "{:>8} cmd: {}", "", truncate(cmd, 100));
+    }
+    for (i, s) in p.stacks.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "{:>8} stack #{}: {} outstanding ({}), {} allocs, {} frees",
+            "",
+            i + 1,
+            group(s.counts.outstanding),
+            human_bytes(s.counts.outstanding_bytes),
+            group(s.counts.allocs),
+            group(s.counts.frees),
+        );
+        frames(out, "k", &s.kernel, opts.frames);
+        frames(out, "u", &s.user, opts.frames);
+    }
+}
+
+fn frames(out: &mut String, tag: &str, frames: &[String], limit: Option<usize>) {
+    let shown = limit.unwrap_or(usize::MAX).min(frames.len());
+    for f in &frames[..shown] {
+        let _ = writeln!(out, "{:>12} {tag} {f}", "");
+    }
+    if shown < frames.len() {
+        let _ = writeln!(out, "{:>12} {tag} ... {} more", "", frames.len() - shown);
+    }
+}
+
+fn cgroups(out: &mut String, r: &Report) {
+    if r.cgroups.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "\n{:>11} {:>10}  CGROUP (outstanding by allocating task's cgroup)",
+        "OUTSTANDING", "BYTES"
+    );
+    for c in &r.cgroups {
+        let _ = writeln!(
+            out,
+            "{:>11} {:>10}  {}",
+            group(c.counts.outstanding),
+            human_bytes(c.counts.outstanding_bytes),
+            c.path
+                .as_deref()
+                .map_or_else(|| format!("id {}", c.cgroup_id), str::to_string),
+        );
+    }
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
+        s.to_string()
+    } else {
+        let mut t: String = s.chars().take(max.saturating_sub(1)).collect();
+        t.push('…');
+        t
+    }
+}
+
+/// 1234567 -> "1,234,567": counts are read at a glance during an incident.
+pub fn group(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn human_ms(ms: u64) -> String {
+    if ms < 1000 {
+        format!("{ms}ms")
+    } else if ms < 120_000 {
+        format!("{:.1}s", ms as f64 / 1000.0)
+    } else {
+        format!("{:.1}m", ms as f64 / 60_000.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_read_like_slabtop() {
+        assert_eq!(group(0), "0");
+        assert_eq!(group(999), "999");
+        assert_eq!(group(1000), "1,000");
+        assert_eq!(group(1234567), "1,234,567");
+        assert_eq!(human_ms(1500), "1.5s");
+        assert_eq!(truncate("kubelet-with-a-long-name", 8), "kubelet…");
+    }
+}

@@ -1,0 +1,130 @@
+//! `cargo xtask …`: the project's own build, run and test entry points. Each one
+//! first makes sure the eBPF toolchain is in place, so a fresh machine needs no
+//! manual steps.
+
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "leaktrace's build, run and test tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install the eBPF toolchain (nightly rust-src, bpf-linker built against nightly's LLVM). Idempotent.
+    Setup,
+    /// Build leaktrace (release) with its embedded eBPF object.
+    Build,
+    /// Build and run leaktrace (release) with the given arguments, e.g. `cargo xtask run -- --cache kmalloc-512 --top`.
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Check formatting and lints, then run every unit and integration test against this kernel (needs root).
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root()?;
+    match cli.task {
+        Task::Setup => setup::ensure(),
+        Task::Build => {
+            setup::ensure()?;
+            build(&root)
+        }
+        Task::Run { args } => {
+            setup::ensure()?;
+            build(&root)?;
+            let status = Command::new(root.join("target/release/leaktrace"))
+                .args(args)
+                .status()
+                .context("running leaktrace")?;
+            std::process::exit(status.code().unwrap_or(1));
+        }
+        Task::Test { args } => {
+            setup::ensure()?;
+            test(&root, &args)
+        }
+    }
+}
+
+fn build(root: &Path) -> Result<()> {
+    cargo(root, &["build", "--release", "--package", "leaktrace"])
+}
+
+fn test(root: &Path, extra: &[String]) -> Result<()> {
+    cargo(root, &["fmt", "--all", "--check"])?;
+    cargo(
+        root,
+        &[
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--release",
+            "--",
+            "-D",
+            "warnings",
+        ],
+    )?;
+    // Integration tests drive the real release binaries, as a user would.
+    cargo(
+        root,
+        &[
+            "build",
+            "--release",
+            "--package",
+            "leaktrace",
+            "--package",
+            "leaktrace-tests",
+            "--bins",
+        ],
+    )?;
+    let mut args = vec!["test", "--workspace", "--release", "--no-fail-fast"];
+    args.extend(extra.iter().map(String::as_str));
+    let status = Command::new("cargo")
+        .current_dir(root)
+        .args(&args)
+        .env("LEAKTRACE_BIN", root.join("target/release/leaktrace"))
+        .env("LEAKGEN_BIN", root.join("target/release/leakgen"))
+        .status()
+        .context("running cargo test")?;
+    if !status.success() {
+        bail!("tests failed ({status})");
+    }
+    Ok(())
+}
+
+fn cargo(root: &Path, args: &[&str]) -> Result<()> {
+    let status = Command::new("cargo")
+        .current_dir(root)
+        .args(args)
+        .status()
+        .with_context(|| format!("running cargo {}", args.join(" ")))?;
+    if !status.success() {
+        bail!("cargo {} failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+fn workspace_root() -> Result<PathBuf> {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest
+        .parent()
+        .map(Path::to_path_buf)
+        .context("xtask has no parent directory")
+}
