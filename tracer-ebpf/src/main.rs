@@ -47,7 +47,7 @@ const BPF_ANY: u64 = 0;
 fn config() -> &'static Config {
     // The volatile read keeps rustc from folding the zeroed initializer into the code;
     // the verifier then sees the real, frozen values.
-    unsafe { &*core::ptr::read_volatile(&&CONFIG) }
+    unsafe { core::ptr::read_volatile(&&CONFIG) }
 }
 
 #[inline(always)]
@@ -219,7 +219,7 @@ fn record(
     }
     // Insert before submit: once userspace can see the alloc, the kernel must
     // already forward its free.
-    if LIVE.insert(&ptr, &ts, BPF_ANY).is_err() {
+    if LIVE.insert(ptr, ts, BPF_ANY).is_err() {
         entry.discard(0);
         bump(counter::ALLOCS_LOST_MAP_FULL);
         return None;
@@ -234,14 +234,14 @@ fn on_free(ctx: &TracePointContext, ptr_offset: u16) -> Option<()> {
     let ptr: u64 = read(ctx, ptr_offset)?;
     // A lockless lookup rules out the overwhelming majority of frees (objects we
     // never selected) before we touch the bucket lock that delete takes.
-    unsafe { LIVE.get(&ptr) }?;
+    unsafe { LIVE.get(ptr) }?;
     // Reserve before deleting: if the ring is full the entry stays, kernel and
     // userspace keep agreeing the object is live, and the loss is counted.
     let Some(mut entry) = EVENTS.reserve::<FreeEvent>(0) else {
         bump(counter::FREES_LOST_RINGBUF);
         return None;
     };
-    if LIVE.remove(&ptr).is_err() {
+    if LIVE.remove(ptr).is_err() {
         // Another CPU removed it first; nothing to report.
         entry.discard(0);
         return None;

@@ -272,10 +272,15 @@ mod tests {
     const TESTDATA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/testdata");
 
     fn plan_for(kernel: &str, cache: &str) -> Result<Plan> {
-        let catalogue = Catalogue::read(&Path::new(TESTDATA).join("proc/host-6.18")).expect("catalogue fixture");
+        let catalogue = Catalogue::read(&Path::new(TESTDATA).join("proc/host-6.18"))
+            .expect("catalogue fixture");
         let sel = caches::select(&catalogue, cache).expect("selection");
         let tracefs = Tracefs::at(Path::new(TESTDATA).join("formats").join(kernel));
-        let opts = PlanOptions { pid: Some(42), kernel_stacks: true, user_stacks: false };
+        let opts = PlanOptions {
+            pid: Some(42),
+            kernel_stacks: true,
+            user_stacks: false,
+        };
         build(&tracefs, &catalogue, &sel, &opts)
     }
 
@@ -286,15 +291,27 @@ mod tests {
     #[test]
     fn kmalloc_512_on_every_fixture_kernel() {
         for kernel in ["5.10", "6.1", "6.12", "6.18"] {
-            let plan = plan_for(kernel, "kmalloc-512").unwrap_or_else(|e| panic!("{kernel}: {e:#}"));
+            let plan =
+                plan_for(kernel, "kmalloc-512").unwrap_or_else(|e| panic!("{kernel}: {e:#}"));
             let c = &plan.config;
-            assert_eq!((c.kmalloc.ptr, c.kmalloc.bytes_alloc, c.kmalloc.gfp_flags), (16, 32, 40), "{kernel}");
+            assert_eq!(
+                (c.kmalloc.ptr, c.kmalloc.bytes_alloc, c.kmalloc.gfp_flags),
+                (16, 32, 40),
+                "{kernel}"
+            );
             assert_eq!((c.kfree_ptr, c.cache_free_ptr), (16, 16), "{kernel}");
             assert_eq!(c.kmalloc_size, 512);
-            assert_eq!((c.gfp_dma, c.gfp_reclaimable, c.gfp_account), (0x1, 0x10, 0x400000), "{kernel}");
+            assert_eq!(
+                (c.gfp_dma, c.gfp_reclaimable, c.gfp_account),
+                (0x1, 0x10, 0x400000),
+                "{kernel}"
+            );
             // This host has kmalloc-cg/rcl/dma caches: only the plain class is kmalloc-512.
             assert_eq!(c.kmalloc_classes, 0b1);
-            assert_eq!(c.cache_size, 0, "nothing named is merged into kmalloc-512 here");
+            assert_eq!(
+                c.cache_size, 0,
+                "nothing named is merged into kmalloc-512 here"
+            );
             assert_eq!((c.target_tgid, c.stack_flags), (42, STACK_KERNEL));
             let mut want = vec!["kfree", "kmem_cache_free", "kmalloc"];
             if kernel == "5.10" {
@@ -308,27 +325,43 @@ mod tests {
     fn named_cache_reads_the_name_where_the_kernel_has_one() {
         let plan = plan_for("6.18", "filp").expect("6.18 has kmem_cache_alloc name");
         let c = &plan.config;
-        assert_eq!((c.cache_alloc.name, c.cache_alloc.bytes_alloc, c.cache_alloc.gfp_flags), (24, 40, 48));
+        assert_eq!(
+            (
+                c.cache_alloc.name,
+                c.cache_alloc.bytes_alloc,
+                c.cache_alloc.gfp_flags
+            ),
+            (24, 40, 48)
+        );
         assert_eq!(c.cache_size, 192);
         assert_eq!(c.n_cache_names, 1);
         assert_eq!(c.cache_names[0], name_words("filp").expect("fits"));
         assert_eq!(c.kmalloc_size, 0);
         assert!(events(&plan).contains(&"kmem_cache_alloc"));
         for kernel in ["5.10", "6.1", "6.12"] {
-            let err = plan_for(kernel, "filp").expect_err("no name field").to_string();
+            let err = plan_for(kernel, "filp")
+                .expect_err("no name field")
+                .to_string();
             assert!(err.contains("has no cache name"), "{kernel}: {err}");
         }
     }
 
     #[test]
     fn missing_tracepoint_is_a_clear_error() {
-        let catalogue = Catalogue::read(&Path::new(TESTDATA).join("proc/host-6.18")).expect("catalogue");
+        let catalogue =
+            Catalogue::read(&Path::new(TESTDATA).join("proc/host-6.18")).expect("catalogue");
         let sel = caches::select(&catalogue, "kmalloc-512").expect("selection");
-        let empty = std::env::temp_dir().join(format!("leaktrace-empty-tracefs-{}", std::process::id()));
+        let empty =
+            std::env::temp_dir().join(format!("leaktrace-empty-tracefs-{}", std::process::id()));
         std::fs::create_dir_all(&empty).expect("mkdir");
-        let err = build(&Tracefs::at(&empty), &catalogue, &sel, &PlanOptions::default())
-            .expect_err("no tracepoints")
-            .to_string();
+        let err = build(
+            &Tracefs::at(&empty),
+            &catalogue,
+            &sel,
+            &PlanOptions::default(),
+        )
+        .expect_err("no tracepoints")
+        .to_string();
         assert!(err.contains("no kmem:kfree tracepoint"), "{err}");
         let _ = std::fs::remove_dir_all(&empty);
     }
