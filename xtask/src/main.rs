@@ -69,17 +69,36 @@ fn build(root: &Path) -> Result<()> {
 
 fn test(root: &Path, extra: &[String]) -> Result<()> {
     cargo(root, &["fmt", "--all", "--check"])?;
+    // The eBPF crate only builds for the BPF target, so it is linted there.
+    let lint = ["--release", "--", "-D", "warnings"];
     cargo(
         root,
         &[
-            "clippy",
-            "--workspace",
-            "--all-targets",
-            "--release",
-            "--",
-            "-D",
-            "warnings",
-        ],
+            &[
+                "clippy",
+                "--workspace",
+                "--exclude",
+                "tracer-ebpf",
+                "--all-targets",
+            ],
+            &lint[..],
+        ]
+        .concat(),
+    )?;
+    nightly_cargo(
+        root,
+        &[
+            &[
+                "clippy",
+                "--package",
+                "tracer-ebpf",
+                "--target",
+                "bpfel-unknown-none",
+            ],
+            &["-Z", "build-std=core"][..],
+            &lint[..],
+        ]
+        .concat(),
     )?;
     // Integration tests drive the real release binaries, as a user would.
     cargo(
