@@ -5,9 +5,9 @@
 //! leakgen keys N       N "user" keys, 400-byte payload -> N held kmalloc-512 (unaccounted)
 //! leakgen inotify N    N inotify instances -> N held kmalloc-cg-512 (accounted)
 //! leakgen files N      N open fds on /dev/null -> N held `filp` cache objects
-//! leakgen other N      N eventfds -> N held kmalloc-64, no kmalloc-512 at all
-//! leakgen writev  (SECONDS | --ops N) [--wait]   transient kmalloc-512 per op
-//! leakgen writev256 (SECONDS | --ops N) [--wait] transient kmalloc-256 per op
+//! leakgen other N      N eventfds -> N held kmalloc-64, nothing in kmalloc-512
+//! leakgen writev    (SECONDS | --ops N) [--wait]   one transient kmalloc-512 per op
+//! leakgen writev256 (SECONDS | --ops N) [--wait]   one transient kmalloc-256 per op
 //! ```
 //!
 //! Hold modes (keys, inotify, files, other) speak a line protocol so a test can
@@ -19,12 +19,22 @@
 //! 3. release all N objects, then print `RELEASED <pid>`;
 //! 4. wait for one more line / EOF, then exit 0.
 //!
-//! Churn modes (writev, writev256) print `READY <pid>`, wait for a stdin line
-//! only with `--wait`, churn, then print
-//! `DONE <pid> ops=<n> secs=<f> ops_per_sec=<f>`.
+//! READY and RELEASED are only printed once the kernel has really settled:
+//! `keys` flushes the RCU-freed keyring edit scripts before READY, and after
+//! invalidating the keys waits for the asynchronous key GC to have freed every
+//! payload before RELEASED (see release_keys); the fd modes free
+//! synchronously in close().
+//!
+//! Churn modes print `READY <pid>`, wait for a stdin line only with `--wait`,
+//! churn, then print `DONE <pid> ops=<n> secs=<f> ops_per_sec=<f>`.
 //!
 //! Exit codes: 0 ok, 2 usage, 1 any failure (the message names the syscall,
 //! the errno and a hint). A mode never silently makes fewer objects than asked.
+//! Limits: `keys` N <= 16382 (see MAX_KEYS) and the uid's key quota (root:
+//! root_maxkeys 1,000,000, root_maxbytes 25,000,000 at ~420 bytes a key;
+//! other uids: maxkeys 200, maxbytes 20,000, i.e. ~47 keys), `inotify` by fs.inotify.max_user_instances (default 128, per uid
+//! and shared with every other process of the uid), the fd modes by
+//! RLIMIT_NOFILE's hard limit (the soft one is raised to it).
 //!
 //! Every syscall that allocates is issued by inline asm from a named
 //! `#[inline(never)]` function: glibc's wrappers set up no frame pointer, so a
@@ -33,14 +43,15 @@
 //! `-C force-frame-pointers=yes`):
 //!
 //! * keys:      `main -> run_keys -> leak_keys -> sys_add_key`
-//! * other:     `main -> run_other -> leak_eventfd -> sys_eventfd2`
 //! * inotify:   `main -> run_inotify -> leak_inotify -> sys_inotify_init1`
 //! * files:     `main -> run_files -> leak_files -> sys_openat`
+//! * other:     `main -> run_other -> leak_eventfd -> sys_eventfd2`
 //! * writev:    `main -> run_churn -> churn_writev -> sys_writev`
 //! * writev256: `main -> run_churn -> churn_iovec256 -> sys_writev`
 //!   (deliberately not `churn_writev256`, which would contain `churn_writev`)
 
 use std::arch::asm;
+use std::collections::HashSet;
 use std::ffi::{CStr, CString};
 use std::fmt;
 use std::io::{self, BufRead, Write};
@@ -58,14 +69,21 @@ const WRITEV_IOVS: usize = 32;
 const WRITEV256_IOVS: usize = 16;
 
 const KEY_SPEC_PROCESS_KEYRING: i32 = -2;
+/// KEYQUOTA_LINK_BYTES: quota the destination keyring is charged per link.
+const KEYRING_LINK_BYTES: usize = 4;
+/// struct key's quotalen/datalen are u16: the process keyring ("_pid", 5
+/// bytes) plus 4 bytes a link must stay <= 65535.
+const MAX_KEYS: usize = (65535 - 5) / KEYRING_LINK_BYTES;
 const KEYCTL_INVALIDATE: usize = 21;
 /// Writing 1 runs rcu_barrier() (kernel/rcu/tree.c, root only).
 const RCU_BARRIER_KNOB: &str = "/sys/module/rcutree/parameters/do_rcu_barrier";
 /// Grace periods take 10-30 ms on the reference VM.
 const RCU_FALLBACK: Duration = Duration::from_millis(200);
-/// The GC destroys 1000 keys within ~50 ms on the reference VM.
+/// The GC frees 1000 invalidated keys in 20-60 ms on the reference VM.
 const KEY_GC_TIMEOUT: Duration = Duration::from_secs(10);
-const KEY_GC_FALLBACK: Duration = Duration::from_millis(500);
+const KEY_GC_POLL: Duration = Duration::from_millis(2);
+/// Once our keys have left /proc/keys their destruction is microseconds away.
+const KEY_GC_NKEYS_CAP: Duration = Duration::from_millis(500);
 
 const USAGE: &str = "\
 usage: leakgen keys N | inotify N | files N | other N
@@ -116,6 +134,13 @@ fn parse_args(args: &[String]) -> Result<Command, String> {
         let n: usize = n
             .parse()
             .map_err(|_| format!("N must be a non-negative integer, got {n:?}"))?;
+        if m == Mode::Keys && n > MAX_KEYS {
+            return Err(format!(
+                "keys N must be at most {MAX_KEYS}: the process keyring's quota charge is a \
+                 16-bit field (4 bytes a link), and past that it wraps and the uid's key byte \
+                 quota permanently loses 64 KiB per wrap (measured on 6.18)"
+            ));
+        }
         return Ok(Command::Hold(m, n));
     }
     let iovs = match mode.as_str() {
@@ -388,11 +413,10 @@ fn read_trimmed(path: &str) -> Option<String> {
 /// One line of /proc/key-users.
 #[derive(Debug, Clone, Copy)]
 struct KeyUser {
-    /// Keys that still exist, dropped by the GC only after `destroy` freed the
-    /// payload.
+    /// Keys that exist; the GC decrements it after destroying a key.
     nkeys: u64,
-    /// Quota use, dropped by key_put() as soon as the last reference goes
-    /// (6.14+), i.e. *before* the payload is freed.
+    /// Quota in use; key_put() gives it back when the last reference goes,
+    /// before the GC has run.
     qnkeys: u64,
     maxkeys: u64,
     qnbytes: u64,
@@ -443,15 +467,17 @@ fn quota_hint(uid: u32) -> String {
     format!(
         "uid {uid}'s key quota is /proc/sys/kernel/keys/{kname}={} keys and {bname}={} bytes, \
          shared by every process of the uid (currently used: {used}, see /proc/key-users; \
-         unlinked keys only give quota back once the key GC has run); pick a smaller N",
+         a dead process's keys only give quota back once the key GC has run); pick a smaller N",
         get(kname),
         get(bname)
     )
 }
 
 /// Refuses up front when the uid's key quota cannot hold `n` more keys, so the
-/// test gets a clear error instead of a half-built set. The kernel charges a
-/// user key `strlen(description) + 1 + payload_len` bytes.
+/// test gets a clear error instead of a half-built set. Each key is charged
+/// its payload plus its description, and the keyring 4 bytes per link
+/// (measured on 6.18: 1000 keys with 16-byte descriptions took 419,895 bytes);
+/// the estimate rounds up.
 fn check_key_quota(n: usize, desc_len: usize, payload_len: usize) -> Result<()> {
     // SAFETY: geteuid cannot fail.
     let uid = unsafe { libc::geteuid() };
@@ -466,7 +492,7 @@ fn check_key_quota(n: usize, desc_len: usize, payload_len: usize) -> Result<()> 
         return Ok(()); // nothing to go on; EDQUOT from add_key still stops us
     };
     let need_keys = n as u64;
-    let need_bytes = n as u64 * (desc_len + 1 + payload_len) as u64;
+    let need_bytes = n as u64 * (desc_len + 1 + payload_len + KEYRING_LINK_BYTES) as u64;
     if qk + need_keys > mk || qb + need_bytes > mb {
         bail!(
             "{n} keys need {need_keys} keys and about {need_bytes} bytes of key quota, \
@@ -506,12 +532,20 @@ fn leak_keys(n: usize) -> Result<Vec<i32>> {
     Ok(serials)
 }
 
-/// Invalidate rather than unlink: both free the payloads within tens of ms
-/// (key GC kworker, user_destroy -> kfree_sensitive), but KEYCTL_UNLINK also
-/// makes one transient kmalloc-512 per key (assoc_array_delete's edit
-/// script, RCU-freed) in *our* context, while with KEYCTL_INVALIDATE the GC
-/// edits the keyring in its own kworker.
+/// Invalidates the keys and returns once the key GC has freed every payload.
+///
+/// The payloads must be freed by the key GC kworker (user_destroy ->
+/// kfree_sensitive, in process context): KEYCTL_REVOKE would free them from
+/// an RCU callback in softirq, and a softirq that interrupts a running BPF
+/// program gets its tracepoint events dropped (bpf_prog_active recursion
+/// guard), so a tracer could miss those frees. KEYCTL_INVALIDATE rather than
+/// KEYCTL_UNLINK because unlinking kmallocs a 328-byte assoc_array edit
+/// (kmalloc-512, RCU-freed) per key in our context, while invalidated keys
+/// are unlinked by the GC in its own context.
 fn release_keys(serials: &[i32]) -> Result<()> {
+    // SAFETY: geteuid cannot fail.
+    let uid = unsafe { libc::geteuid() };
+    let nkeys_before = key_user(uid).map(|u| u.nkeys);
     for (i, &serial) in serials.iter().enumerate() {
         sys_keyctl(KEYCTL_INVALIDATE, serial as usize, 0).map_err(|e| {
             anyhow!(
@@ -521,29 +555,64 @@ fn release_keys(serials: &[i32]) -> Result<()> {
             )
         })?;
     }
+    wait_for_key_gc(uid, serials, nkeys_before)?;
+    // The GC's keyring edits are RCU-freed; settle them too so the system is
+    // quiet at RELEASED (they are not charged to us either way).
+    rcu_barrier();
     Ok(())
 }
 
-/// The key GC frees each payload (type->destroy) before it decrements the
-/// user's nkeys, so once the uid's nkeys in /proc/key-users has dropped by `n`
-/// all `n` payloads are gone. (qnkeys would not do: key_put gives the quota
-/// back before the GC has even run.) Assumes no other process of the uid adds keys
-/// meanwhile; if one does we time out loudly rather than report early.
-fn wait_for_key_gc(uid: u32, before: u64, n: usize) -> Result<()> {
-    let target = before.saturating_sub(n as u64);
+/// The GC takes a dead key out of the serial tree (so out of /proc/keys) and
+/// then, in the same work item, destroys it (frees the payload) and only
+/// after that decrements the owner's nkeys. So: wait until none of our
+/// serials is listed any more, then until the uid's nkeys has dropped by
+/// len(serials). nkeys is uid-wide, so the first step keeps other processes'
+/// key frees from ending the wait early, and the second is capped because
+/// other processes adding keys could hold it up forever.
+fn wait_for_key_gc(uid: u32, serials: &[i32], nkeys_before: Option<u64>) -> Result<()> {
+    let ours: HashSet<u32> = serials.iter().map(|&s| s as u32).collect();
     let start = Instant::now();
     loop {
-        let now = key_user(uid).map(|u| u.nkeys);
-        match now {
-            Some(nk) if nk <= target => return Ok(()),
-            _ if start.elapsed() >= KEY_GC_TIMEOUT => bail!(
-                "the key GC has not destroyed the {n} invalidated keys after {:?} \
-                 (uid {uid} nkeys in /proc/key-users: {before} before, {now:?} now, \
-                 want <= {target}); hint: another process of the uid may be adding keys",
-                KEY_GC_TIMEOUT
-            ),
-            _ => std::thread::sleep(Duration::from_millis(1)),
+        let text = std::fs::read_to_string("/proc/keys").context("reading /proc/keys")?;
+        let listed = text
+            .lines()
+            .filter_map(|l| u32::from_str_radix(l.split_whitespace().next()?, 16).ok())
+            .filter(|s| ours.contains(s))
+            .count();
+        if listed == 0 {
+            break;
         }
+        if start.elapsed() >= KEY_GC_TIMEOUT {
+            bail!(
+                "{listed} of the {} invalidated keys are still in /proc/keys after {:?}; \
+                 hint: the key GC (kworker running key_garbage_collector) is stuck or slow",
+                serials.len(),
+                KEY_GC_TIMEOUT
+            );
+        }
+        std::thread::sleep(KEY_GC_POLL);
+    }
+    let Some(before) = nkeys_before else {
+        // No /proc/key-users line: nothing finer to wait on.
+        std::thread::sleep(KEY_GC_NKEYS_CAP);
+        return Ok(());
+    };
+    let target = before.saturating_sub(serials.len() as u64);
+    let settle = Instant::now();
+    loop {
+        match key_user(uid) {
+            Some(u) if u.nkeys > target => {}
+            _ => return Ok(()),
+        }
+        if settle.elapsed() >= KEY_GC_NKEYS_CAP {
+            eprintln!(
+                "leakgen: warning: uid {uid}'s nkeys in /proc/key-users has not dropped to \
+                 {target} {KEY_GC_NKEYS_CAP:?} after our keys left /proc/keys (another process \
+                 of the uid adding keys?); assuming the GC is done"
+            );
+            return Ok(());
+        }
+        std::thread::sleep(KEY_GC_POLL);
     }
 }
 
@@ -561,25 +630,7 @@ fn run_keys(n: usize) -> Result<()> {
     // 10-30 ms later; flush those so that at READY exactly the n payloads are
     // outstanding.
     rcu_barrier();
-    hold_protocol(|| {
-        // SAFETY: geteuid cannot fail.
-        let uid = unsafe { libc::geteuid() };
-        let before = key_user(uid).map(|u| u.nkeys);
-        release_keys(&serials)?;
-        match before {
-            Some(before) => wait_for_key_gc(uid, before, serials.len())?,
-            None => {
-                eprintln!(
-                    "leakgen: warning: /proc/key-users has no line for uid {uid}; \
-                     sleeping {KEY_GC_FALLBACK:?} instead of watching the key GC"
-                );
-                std::thread::sleep(KEY_GC_FALLBACK);
-            }
-        }
-        // The GC's keyring edits are RCU-freed too (in its kworker's name).
-        rcu_barrier();
-        Ok(())
-    })
+    hold_protocol(|| release_keys(&serials))
 }
 
 /// Blocks until every call_rcu callback queued so far has run (rcu_barrier).
@@ -659,7 +710,57 @@ fn ensure_fd_room(n: usize) -> Result<()> {
             rl.rlim_max
         );
     }
+    presize_fd_table(need + FD_SLACK, rl.rlim_max);
     Ok(())
+}
+
+/// Room for the fds std and /proc reads open after ensure_fd_room.
+const FD_SLACK: u64 = 16;
+
+/// Grows the fd table once, before the leak loop, so that growing it does not
+/// add allocations of the leak's size class. The table only grows, to
+/// 128 * 2^k slots; the step to 1024 slots (fds 512..=1023) kvmallocs
+/// 2*1024/8 + 8 = 264 bytes of bitmaps from kmalloc-cg-512 (seen as an
+/// alloc_fdtable kmalloc-512 in our context, held until exit), so that size is
+/// skipped: 2048 slots put the bitmaps in kmalloc-cg-1k.
+fn presize_fd_table(max_fd: u64, hard_limit: u64) {
+    let target = if (512..1024).contains(&max_fd) {
+        1024
+    } else {
+        max_fd
+    };
+    // The initial table embedded in files_struct has 64 slots.
+    if target < 64 {
+        return;
+    }
+    if target >= hard_limit {
+        eprintln!(
+            "leakgen: warning: RLIMIT_NOFILE {hard_limit} too low to presize the fd table to \
+             {target}; growing it may kmalloc from kmalloc-cg-512 (alloc_fdtable)"
+        );
+        return;
+    }
+    // SAFETY: plain fd syscalls on fds this function owns; `target` is
+    // unused (nothing else in this process opens fds that high) and closed
+    // right after.
+    let ok = unsafe {
+        let fd = libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
+        let ok = fd >= 0 && libc::dup2(fd, target as i32) >= 0;
+        if ok {
+            libc::close(target as i32);
+        }
+        if fd >= 0 {
+            libc::close(fd);
+        }
+        ok
+    };
+    if !ok {
+        eprintln!(
+            "leakgen: warning: could not presize the fd table to {target} ({}); growing it may \
+             kmalloc from kmalloc-cg-512 (alloc_fdtable)",
+            io::Error::last_os_error()
+        );
+    }
 }
 
 fn fd_error(call: &str, e: Errno, done: usize, n: usize, extra: &str) -> anyhow::Error {
@@ -857,6 +958,8 @@ mod tests {
         assert!(p(&[]).is_err());
         assert!(p(&["keys"]).is_err());
         assert!(p(&["keys", "-1"]).is_err());
+        assert_eq!(p(&["keys", "16382"]), Ok(Command::Hold(Mode::Keys, 16382)));
+        assert!(p(&["keys", "16383"]).is_err());
         assert!(p(&["writev"]).is_err());
         assert!(p(&["writev", "1", "--ops", "3"]).is_err());
         assert!(p(&["bogus", "1"]).is_err());
