@@ -10,12 +10,35 @@ const SIGINT: i32 = libc::SIGINT;
 const SIGTERM: i32 = libc::SIGTERM;
 
 /// N add_key payloads: N unaccounted kmalloc-512 objects held by `user_preparse`
-/// until the keys are unlinked.
+/// until the keys are invalidated. Run through both hook kinds: raw tracepoints
+/// (the default where BTF allows) and the classic tracepoint fallback.
 #[test]
-fn held_keys_are_attributed_to_the_generator_and_seen_freed() {
+fn held_keys_are_attributed_and_seen_freed_via_raw_tracepoints() {
+    held_keys("raw", "raw tracepoints kfree,kmem_cache_free,kmalloc");
+}
+
+#[test]
+fn held_keys_are_attributed_and_seen_freed_via_classic_tracepoints() {
+    held_keys("classic", "tracepoints kmem:kfree,kmem_cache_free,kmalloc");
+}
+
+fn held_keys(hooks: &str, hooks_line: &str) {
     const N: u64 = 200;
-    let mut tracer =
-        Tracer::start(&["--cache", "kmalloc-512", "--top", "--interval", "250ms"]).expect("start");
+    let args = [
+        "--cache",
+        "kmalloc-512",
+        "--top",
+        "--interval",
+        "250ms",
+        "--hooks",
+        hooks,
+    ];
+    let mut tracer = Tracer::start(&args).expect("start");
+    assert!(
+        tracer.stderr_seen.iter().any(|l| l.contains(hooks_line)),
+        "expected '{hooks_line}' in {:?}",
+        tracer.stderr_seen
+    );
     let mut gen = Generator::start("keys", &N.to_string()).expect("leakgen keys");
     let pid = gen.pid;
 

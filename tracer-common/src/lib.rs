@@ -40,9 +40,9 @@ pub mod counter {
     pub const KSTACK_FAILED: u32 = 5;
     /// User stack capture failed for a task that has a user address space.
     pub const USTACK_FAILED: u32 = 6;
-    /// Allocation reported for a pointer the kernel map still held: its free was
-    /// never seen (e.g. a bulk or RCU free path without a tracepoint).
-    pub const ALLOC_PTR_REUSED: u32 = 7;
+    /// A selected object whose pointer fails `free_align_mask`: its free would be
+    /// filtered out. Should be 0; nonzero means the alignment assumption is wrong.
+    pub const MISALIGNED: u32 = 7;
     pub const COUNT: u32 = 8;
 }
 
@@ -91,6 +91,15 @@ pub struct Config {
     /// Named-cache selection on `kmem_cache_alloc`: `bytes_alloc == cache_size`
     /// first (cheap), then the name. 0 disables it.
     pub cache_size: u64,
+    /// Frees whose pointer has any of these bits set cannot be a selected object
+    /// (power-of-two caches align objects to their size), so they skip the map
+    /// lookup. 0 disables the test.
+    pub free_align_mask: u64,
+    /// Offsets in `struct kmem_cache` (from BTF) for the raw `kmem_cache_alloc`
+    /// program, whose arguments carry the cache pointer instead of size and name.
+    pub kmem_cache_size_off: u16,
+    pub kmem_cache_name_off: u16,
+    pub _pad2: u32,
     /// Only this tgid (0 = every process).
     pub target_tgid: u32,
     /// Bit 0: capture kernel stacks. Bit 1: capture user stacks.
@@ -125,6 +134,10 @@ impl Config {
             gfp_account: 0,
             kmalloc_classes: 0,
             cache_size: 0,
+            free_align_mask: 0,
+            kmem_cache_size_off: 0,
+            kmem_cache_name_off: 0,
+            _pad2: 0,
             target_tgid: 0,
             stack_flags: 0,
             cache_names: [[0; CACHE_NAME_LEN / 8]; MAX_CACHE_NAMES],

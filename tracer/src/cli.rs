@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::plan::HookMode;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "leaktrace",
@@ -110,6 +112,15 @@ pub struct TraceArgs {
     /// Machine output: one JSON object per interval (with --top) and a final report, one per line.
     #[arg(long)]
     pub json: bool,
+
+    /// Kernel hooks: auto uses raw tracepoints where the kernel's BTF proves their
+    /// argument layout (cheapest) and classic kmem tracepoints elsewhere.
+    #[arg(long, value_enum, default_value_t = HookMode::Auto)]
+    pub hooks: HookMode,
+
+    /// Benchmark floor: attach empty programs on the same hooks and record nothing.
+    #[arg(long, hide = true)]
+    pub floor: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -5,6 +5,8 @@ use std::path::Path;
 
 use anyhow::{bail, Result};
 
+use crate::plan::{Attachment, Hook};
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Features {
     pub kernel_release: String,
@@ -28,15 +30,37 @@ impl Features {
     }
 
     /// The one line users see about hooks: what we use and what we fell back from.
-    pub fn hooks_note(&self, tracepoints: &[String]) -> String {
-        let fallback = if self.kprobes {
-            "kprobes available but not needed for slab tracing"
+    pub fn hooks_note(&self, attachments: &[Attachment], btf: bool) -> String {
+        let list = |hook| {
+            attachments
+                .iter()
+                .filter(|a| a.hook == hook)
+                .map(|a| a.event)
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let mut used = Vec::new();
+        let raw = list(Hook::Raw);
+        if !raw.is_empty() {
+            used.push(format!("raw tracepoints {raw}"));
+        }
+        let classic = list(Hook::Classic);
+        if !classic.is_empty() {
+            let why = if btf {
+                ""
+            } else {
+                " (no BTF: raw tracepoint layouts unverifiable)"
+            };
+            used.push(format!("tracepoints kmem:{classic}{why}"));
+        }
+        let kprobes = if self.kprobes {
+            "kprobes available, not needed for slab tracing"
         } else {
-            "no kprobes on this kernel, tracepoints only"
+            "no kprobes on this kernel"
         };
         format!(
-            "hooks: tracepoints {} ({fallback}; kernel {})",
-            tracepoints.join(", "),
+            "hooks: {} ({kprobes}; kernel {})",
+            used.join(" + "),
             self.kernel_release
         )
     }

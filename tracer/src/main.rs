@@ -4,6 +4,7 @@
 //! [`decoder`] -> [`aggregator`] -> [`report`] -> [`view`] / JSON.
 
 mod aggregator;
+mod btf;
 mod caches;
 mod cli;
 mod decoder;

@@ -8,16 +8,45 @@ use tracer_common::{
 };
 
 use crate::{
+    btf::Btf,
     caches::{Catalogue, KmallocKind, Selection},
     tracefs::{EventFormat, Tracefs},
 };
+
+/// How a program hooks its event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hook {
+    /// `kmem:<event>` through perf, fields read at format-file offsets.
+    Classic,
+    /// `bpf_raw_tracepoint_open(<event>)`: TP_PROTO arguments, no perf record.
+    Raw,
+}
+
+/// Which hooks the user allows; `Auto` prefers raw tracepoints where BTF proves
+/// the argument layout the raw programs were written for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum HookMode {
+    #[default]
+    Auto,
+    Raw,
+    Classic,
+}
 
 /// One program attached to one tracepoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Attachment {
     pub program: &'static str,
-    pub category: &'static str,
+    pub hook: Hook,
     pub event: &'static str,
+}
+
+impl Attachment {
+    pub fn describe(&self) -> String {
+        match self.hook {
+            Hook::Classic => format!("kmem:{}", self.event),
+            Hook::Raw => format!("raw:{}", self.event),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -34,26 +63,107 @@ pub struct PlanOptions {
     pub pid: Option<u32>,
     pub kernel_stacks: bool,
     pub user_stacks: bool,
+    pub hooks: HookMode,
+}
+
+/// The raw tracepoint argument names each raw program was written for, checked
+/// against the running kernel's BTF before the program is used.
+const RAW_KMALLOC: &[&str] = &["call_site", "ptr", "bytes_req", "bytes_alloc", "gfp_flags"];
+const RAW_FREE: &[&str] = &["call_site", "ptr"];
+const RAW_CACHE_ALLOC: &[&str] = &["call_site", "ptr", "s", "gfp_flags"];
+
+struct Hooks<'a> {
+    tracefs: &'a Tracefs,
+    btf: Option<&'a Btf>,
+    mode: HookMode,
+    attachments: Vec<Attachment>,
+}
+
+impl Hooks<'_> {
+    /// Attach `event` through its raw tracepoint when allowed and the kernel's
+    /// arguments start with `raw_args`; otherwise through the classic tracepoint,
+    /// whose format is returned for offset lookups. None: the event does not exist.
+    fn add(
+        &mut self,
+        event: &'static str,
+        classic: &'static str,
+        raw: &'static str,
+        raw_args: &[&str],
+        extra_raw_ok: bool,
+    ) -> Result<Option<Option<EventFormat>>> {
+        let Some(fmt) = self.tracefs.event_format("kmem", event)? else {
+            return Ok(None);
+        };
+        let raw_ok = extra_raw_ok
+            && self
+                .btf
+                .and_then(|b| b.tracepoint_args(event))
+                .is_some_and(|args| {
+                    args.len() >= raw_args.len() && args.iter().zip(raw_args).all(|(a, b)| a == b)
+                });
+        match (self.mode, raw_ok) {
+            (HookMode::Raw, false) => bail!(
+                "--hooks raw: the raw tracepoint {event} is unusable here ({}); use --hooks auto",
+                if self.btf.is_none() {
+                    "no BTF at /sys/kernel/btf/vmlinux"
+                } else {
+                    "its BTF arguments differ from what leaktrace's raw program reads"
+                }
+            ),
+            (HookMode::Auto | HookMode::Raw, true) => {
+                self.attachments.push(Attachment {
+                    program: raw,
+                    hook: Hook::Raw,
+                    event,
+                });
+                Ok(Some(None))
+            }
+            _ => {
+                self.attachments.push(Attachment {
+                    program: classic,
+                    hook: Hook::Classic,
+                    event,
+                });
+                Ok(Some(Some(fmt)))
+            }
+        }
+    }
 }
 
 pub fn build(
     tracefs: &Tracefs,
+    btf: Option<&Btf>,
     catalogue: &Catalogue,
     sel: &Selection,
     opts: &PlanOptions,
 ) -> Result<Plan> {
     let mut cfg = Config::zeroed();
-    let mut attachments = Vec::new();
     let mut notes = sel.notes.clone();
+    let mut hooks = Hooks {
+        tracefs,
+        btf,
+        mode: opts.hooks,
+        attachments: Vec::new(),
+    };
 
     // Frees are matched against the kernel's live map, so both free paths are always needed:
     // kmalloc'd memory may be freed by kmem_cache_free and cache objects by kfree.
-    let kfree = require(tracefs, "kfree")?;
-    cfg.kfree_ptr = kfree.offset_of("ptr", 8)?;
-    attachments.push(attach("kfree", "kfree"));
-    let cache_free = require(tracefs, "kmem_cache_free")?;
-    cfg.cache_free_ptr = cache_free.offset_of("ptr", 8)?;
-    attachments.push(attach("kmem_cache_free", "kmem_cache_free"));
+    match hooks.add("kfree", "kfree", "kfree_raw", RAW_FREE, true)? {
+        None => return Err(missing(tracefs, "kfree")),
+        Some(Some(fmt)) => cfg.kfree_ptr = fmt.offset_of("ptr", 8)?,
+        Some(None) => {}
+    }
+    match hooks.add(
+        "kmem_cache_free",
+        "kmem_cache_free",
+        "kmem_cache_free_raw",
+        RAW_FREE,
+        true,
+    )? {
+        None => return Err(missing(tracefs, "kmem_cache_free")),
+        Some(Some(fmt)) => cfg.cache_free_ptr = fmt.offset_of("ptr", 8)?,
+        Some(None) => {}
+    }
 
     // bytes_alloc is the kmem_cache's size (Selection::object_size), which debug
     // options (red zones) make larger than the nominal object size.
@@ -62,8 +172,8 @@ pub fn build(
     let mut kinds: Vec<(u32, KmallocKind)> = sel.kmalloc.iter().copied().collect();
     kinds.extend(sel.also_kmalloc.iter().copied());
     if !kinds.is_empty() {
+        // gfp bit values come from the classic format's print fmt whichever hook runs.
         let fmt = require(tracefs, "kmalloc")?;
-        cfg.kmalloc = alloc_layout(&fmt)?;
         cfg.kmalloc_size = slab_size;
         // Kernels before 6.18 print bit 0 only under its alias GFP_DMA.
         cfg.gfp_dma = gfp_bit(&fmt, "__GFP_DMA").or_else(|_| gfp_bit(&fmt, "GFP_DMA"))?;
@@ -77,28 +187,61 @@ pub fn build(
             catalogue.iter().any(|c| c.name.starts_with(prefix))
         };
         cfg.kmalloc_classes = class_bitmap(&kinds, present);
-        attachments.push(attach("kmalloc", "kmalloc"));
         // Before 6.1 NUMA-node kmallocs had their own tracepoint with the same leading fields.
-        if let Some(node) = tracefs.event_format("kmem", "kmalloc_node")? {
-            same_layout(&fmt, &node)?;
-            attachments.push(attach("kmalloc", "kmalloc_node"));
+        for event in ["kmalloc", "kmalloc_node"] {
+            if let Some(Some(f)) = hooks.add(event, "kmalloc", "kmalloc_raw", RAW_KMALLOC, true)? {
+                let layout = alloc_layout(&f)?;
+                if cfg.kmalloc != AllocLayout::default() && cfg.kmalloc != layout {
+                    bail!("kmem:kmalloc and kmem:{event} lay out their fields differently; not supported");
+                }
+                cfg.kmalloc = layout;
+            }
         }
     }
 
     if !sel.named.is_empty() {
-        let fmt = require(tracefs, "kmem_cache_alloc")?;
-        let layout = alloc_layout(&fmt)?;
-        let Some(name) = fmt.field("name").filter(|f| f.data_loc) else {
-            bail!(
-                "cache '{}' is selected by name, but this kernel's kmem:kmem_cache_alloc tracepoint has no \
-                 cache name (Debian's 6.1 and 6.12 have none; 6.18 has it); pick a kmalloc-N cache instead (see 'leaktrace caches')",
-                sel.cache
-            );
-        };
-        cfg.cache_alloc = AllocLayout {
-            name: name.offset,
-            ..layout
-        };
+        let kmem_cache = btf.and_then(|b| {
+            Some((
+                b.member_offset("kmem_cache", "size")?,
+                b.member_offset("kmem_cache", "name")?,
+            ))
+        });
+        if let Some((size, name)) = kmem_cache {
+            cfg.kmem_cache_size_off = u16::try_from(size).context("kmem_cache.size offset")?;
+            cfg.kmem_cache_name_off = u16::try_from(name).context("kmem_cache.name offset")?;
+        }
+        for event in ["kmem_cache_alloc", "kmem_cache_alloc_node"] {
+            let raw_ok = kmem_cache.is_some();
+            let Some(Some(fmt)) = hooks.add(
+                event,
+                "kmem_cache_alloc",
+                "kmem_cache_alloc_raw",
+                RAW_CACHE_ALLOC,
+                raw_ok,
+            )?
+            else {
+                continue;
+            };
+            let Some(name) = fmt.field("name").filter(|f| f.data_loc) else {
+                bail!(
+                    "cache '{}' is selected by name, but this kernel's kmem:{event} tracepoint has no \
+                     cache name (Debian's 6.1 and 6.12 have none; 6.18 has it) and its raw tracepoint \
+                     is unusable without BTF; pick a kmalloc-N cache instead (see 'leaktrace caches')",
+                    sel.cache
+                );
+            };
+            cfg.cache_alloc = AllocLayout {
+                name: name.offset,
+                ..alloc_layout(&fmt)?
+            };
+        }
+        if !hooks
+            .attachments
+            .iter()
+            .any(|a| a.program.starts_with("kmem_cache_alloc"))
+        {
+            return Err(missing(tracefs, "kmem_cache_alloc"));
+        }
         cfg.cache_size = slab_size;
         if sel.named.len() > MAX_CACHE_NAMES {
             bail!(
@@ -111,11 +254,6 @@ pub fn build(
             *slot = name_words(name)?;
         }
         cfg.n_cache_names = sel.named.len() as u16;
-        attachments.push(attach("kmem_cache_alloc", "kmem_cache_alloc"));
-        if let Some(node) = tracefs.event_format("kmem", "kmem_cache_alloc_node")? {
-            same_layout(&fmt, &node)?;
-            attachments.push(attach("kmem_cache_alloc", "kmem_cache_alloc_node"));
-        }
     }
     if cfg.kmalloc_size == 0 && cfg.cache_size == 0 {
         bail!(
@@ -130,34 +268,37 @@ pub fn build(
             sel.aliases_included.join(", ")
         ));
     }
+    // Objects of a power-of-two cache sit at multiples of their size (kmalloc's
+    // alignment guarantee; slabs are page-aligned), so a free whose pointer has a
+    // low bit set cannot be ours. Debug layouts (red zones) break this: no filter.
+    let debug = catalogue.get(&sel.cache).is_some_and(|c| c.debug);
+    if slab_size.is_power_of_two() && !debug {
+        cfg.free_align_mask = slab_size.min(4096) - 1;
+    }
 
     cfg.target_tgid = opts.pid.unwrap_or(0);
     cfg.stack_flags = if opts.kernel_stacks { STACK_KERNEL } else { 0 }
         | if opts.user_stacks { STACK_USER } else { 0 };
     Ok(Plan {
         config: cfg,
-        attachments,
+        attachments: hooks.attachments,
         notes,
         cache: sel.cache.clone(),
     })
 }
 
-fn attach(program: &'static str, event: &'static str) -> Attachment {
-    Attachment {
-        program,
-        category: "kmem",
-        event,
-    }
+fn missing(tracefs: &Tracefs, event: &str) -> anyhow::Error {
+    anyhow::anyhow!(
+        "this kernel has no kmem:{event} tracepoint (looked in {}/events/kmem); \
+         leaktrace needs the kmem tracepoints (CONFIG_TRACEPOINTS)",
+        tracefs.root().display()
+    )
 }
 
 fn require(tracefs: &Tracefs, event: &str) -> Result<EventFormat> {
-    tracefs.event_format("kmem", event)?.with_context(|| {
-        format!(
-            "this kernel has no kmem:{event} tracepoint (looked in {}/events/kmem); \
-             leaktrace needs the kmem tracepoints (CONFIG_TRACEPOINTS)",
-            tracefs.root().display()
-        )
-    })
+    tracefs
+        .event_format("kmem", event)?
+        .ok_or_else(|| missing(tracefs, event))
 }
 
 fn alloc_layout(fmt: &EventFormat) -> Result<AllocLayout> {
@@ -179,20 +320,6 @@ fn alloc_layout(fmt: &EventFormat) -> Result<AllocLayout> {
         name: 0,
         _pad: [0; 3],
     })
-}
-
-/// `*_node` variants share one program, so their fields must sit where the base event's do.
-fn same_layout(base: &EventFormat, node: &EventFormat) -> Result<()> {
-    let a = alloc_layout(base)?;
-    let b = alloc_layout(node)?;
-    if a != b {
-        bail!(
-            "kmem:{} and kmem:{} lay out their fields differently ({a:?} vs {b:?}); not supported",
-            base.name,
-            node.name
-        );
-    }
-    Ok(())
 }
 
 fn gfp_bit(fmt: &EventFormat, flag: &str) -> Result<u64> {

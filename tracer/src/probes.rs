@@ -9,13 +9,13 @@ use std::os::fd::{AsFd, AsRawFd};
 use anyhow::{Context, Result};
 use aya::{
     maps::{MapData, PerCpuArray, RingBuf},
-    programs::{ProgramError, TracePoint},
+    programs::{ProgramError, RawTracePoint, TracePoint},
     Ebpf, EbpfLoader,
 };
 use serde::Serialize;
 use tracer_common::counter;
 
-use crate::plan::Plan;
+use crate::plan::{Hook, Plan};
 
 static BPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/leaktrace.bpf.o"));
@@ -37,6 +37,9 @@ pub struct KernelCounters {
     pub frees_lost_ringbuf: u64,
     pub kstack_failed: u64,
     pub ustack_failed: u64,
+    /// Selected objects whose pointer broke the free filter's alignment
+    /// assumption (their frees would go unseen). Should be 0.
+    pub misaligned: u64,
     /// Program runs the kernel skipped because a BPF program was already running
     /// on that CPU (e.g. a kfree from an interrupt that hit our handler). None
     /// when the kernel does not report it (before 5.12).
@@ -50,6 +53,7 @@ impl Probes {
         plan: &Plan,
         max_objects: u32,
         ringbuf_bytes: u32,
+        floor: bool,
     ) -> Result<(Probes, RingBuf<MapData>)> {
         raise_memlock_limit();
         let mut ebpf = EbpfLoader::new()
@@ -61,19 +65,46 @@ impl Probes {
 
         let mut programs: Vec<&'static str> = Vec::new();
         for a in &plan.attachments {
-            let prog: &mut TracePoint = ebpf
-                .program_mut(a.program)
-                .with_context(|| format!("eBPF object has no program {}", a.program))?
-                .try_into()
-                .with_context(|| format!("{} is not a tracepoint program", a.program))?;
-            if !programs.contains(&a.program) {
-                prog.load()
-                    .map_err(verifier_context)
-                    .with_context(|| format!("loading program {} into the kernel", a.program))?;
-                programs.push(a.program);
+            // The floor runs empty programs on exactly the planned hooks.
+            let name = match (floor, a.hook) {
+                (false, _) => a.program,
+                (true, Hook::Classic) => "floor_tp",
+                (true, Hook::Raw) => "floor_raw",
+            };
+            let first = !programs.contains(&name);
+            let prog = ebpf
+                .program_mut(name)
+                .with_context(|| format!("eBPF object has no program {name}"))?;
+            let what = a.describe();
+            match a.hook {
+                Hook::Classic => {
+                    let prog: &mut TracePoint = prog
+                        .try_into()
+                        .with_context(|| format!("{name} is not a tracepoint program"))?;
+                    if first {
+                        prog.load()
+                            .map_err(verifier_context)
+                            .with_context(|| format!("loading program {name} into the kernel"))?;
+                    }
+                    prog.attach("kmem", a.event)
+                        .with_context(|| format!("attaching to tracepoint {what}"))?;
+                }
+                Hook::Raw => {
+                    let prog: &mut RawTracePoint = prog
+                        .try_into()
+                        .with_context(|| format!("{name} is not a raw tracepoint program"))?;
+                    if first {
+                        prog.load()
+                            .map_err(verifier_context)
+                            .with_context(|| format!("loading program {name} into the kernel"))?;
+                    }
+                    prog.attach(a.event)
+                        .with_context(|| format!("attaching to raw tracepoint {what}"))?;
+                }
             }
-            prog.attach(a.category, a.event)
-                .with_context(|| format!("attaching to tracepoint {}:{}", a.category, a.event))?;
+            if first {
+                programs.push(name);
+            }
         }
 
         let ring = RingBuf::try_from(
@@ -112,6 +143,7 @@ impl Probes {
             frees_lost_ringbuf: sum(counter::FREES_LOST_RINGBUF)?,
             kstack_failed: sum(counter::KSTACK_FAILED)?,
             ustack_failed: sum(counter::USTACK_FAILED)?,
+            misaligned: sum(counter::MISALIGNED)?,
             recursion_misses: self.recursion_misses(),
         })
     }
@@ -120,18 +152,14 @@ impl Probes {
     pub fn program_ids(&self) -> Vec<u32> {
         self.programs
             .iter()
-            .filter_map(|name| {
-                let prog: &TracePoint = self.ebpf.program(name)?.try_into().ok()?;
-                Some(prog.info().ok()?.id())
-            })
+            .filter_map(|name| Some(self.ebpf.program(name)?.info().ok()?.id()))
             .collect()
     }
 
     fn recursion_misses(&self) -> Option<u64> {
         let mut total = 0;
         for name in &self.programs {
-            let prog: &TracePoint = self.ebpf.program(name)?.try_into().ok()?;
-            let fd = prog.fd().ok()?;
+            let fd = self.ebpf.program(name)?.fd().ok()?;
             total += prog_info(fd.as_fd().as_raw_fd())?.recursion_misses;
         }
         Some(total)

@@ -112,7 +112,9 @@ pub fn build(kind: &'static str, header: Header, snap: Snapshot, names: &mut Nam
                     .into_iter()
                     .map(|s| StackReport {
                         counts: s.counts,
-                        kernel: names.symbols.kernel_frames(names.stacks.frames(s.kstack)),
+                        kernel: strip_tracing_frames(
+                            names.symbols.kernel_frames(names.stacks.frames(s.kstack)),
+                        ),
                         user: names
                             .symbols
                             .user_frames(p.tgid, names.stacks.frames(s.ustack)),
@@ -144,5 +146,51 @@ pub fn build(kind: &'static str, header: Header, snap: Snapshot, names: &mut Nam
         age: snap.age,
         processes,
         cgroups,
+    }
+}
+
+/// Frames of the tracing machinery itself (our BPF program, the raw tracepoint
+/// trampoline) sit on top of a raw tracepoint's kernel stack; they say nothing
+/// about who allocated and differ by hook, so they are dropped from the top.
+fn strip_tracing_frames(mut frames: Vec<String>) -> Vec<String> {
+    const TRACING: [&str; 6] = [
+        "bpf_prog_",
+        "bpf_trace_run",
+        "__bpf_trace_",
+        "__traceiter_",
+        "perf_trace_",
+        "trace_event_raw_event_",
+    ];
+    let keep = frames
+        .iter()
+        .position(|f| !TRACING.iter().any(|t| f.starts_with(t)))
+        .unwrap_or(frames.len());
+    frames.drain(..keep);
+    frames
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tracing_frames_are_dropped_only_from_the_top() {
+        let frames = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let raw = frames(&[
+            "bpf_prog_ac3eadf3fccf7f8c_kmalloc_raw+0x499",
+            "bpf_trace_run6+0x10b",
+            "__kmalloc_noprof+0x244",
+            "user_preparse+0x2f",
+            "bpf_trace_run6+0x10b",
+        ]);
+        assert_eq!(
+            strip_tracing_frames(raw),
+            frames(&[
+                "__kmalloc_noprof+0x244",
+                "user_preparse+0x2f",
+                "bpf_trace_run6+0x10b"
+            ])
+        );
+        assert!(strip_tracing_frames(frames(&["bpf_prog_x+0x1"])).is_empty());
     }
 }

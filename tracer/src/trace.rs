@@ -18,6 +18,7 @@ use tokio::{
 
 use crate::{
     aggregator::{Aggregator, SnapshotOptions},
+    btf::Btf,
     caches::{self, Catalogue},
     cli::{SortKey, TraceArgs},
     decoder::decode,
@@ -39,14 +40,19 @@ pub async fn run(args: TraceArgs, cache: &str) -> Result<()> {
     let features = Features::detect(root, Some(tracefs.root()));
     let catalogue = Catalogue::read(root).context("reading the slab cache catalogue")?;
     let selection = caches::select(&catalogue, cache)?;
+    // Without BTF the raw tracepoints' argument layout cannot be checked; the
+    // classic tracepoints still work.
+    let btf = Btf::from_sys_fs().ok();
     let plan = plan::build(
         &tracefs,
+        btf.as_ref(),
         &catalogue,
         &selection,
         &plan::PlanOptions {
             pid: args.pid,
             kernel_stacks: !args.no_kernel_stacks,
             user_stacks: !args.no_user_stacks,
+            hooks: args.hooks,
         },
     )?;
     let ringbuf_bytes = args
@@ -54,17 +60,15 @@ pub async fn run(args: TraceArgs, cache: &str) -> Result<()> {
         .checked_mul(1 << 20)
         .and_then(u32::checked_next_power_of_two)
         .context("--ringbuf-mib is too large")?;
-    let (probes, ring) = Probes::attach(&plan, args.max_objects, ringbuf_bytes)?;
+    let (probes, ring) = Probes::attach(&plan, args.max_objects, ringbuf_bytes, args.floor)?;
 
-    let tracepoints: Vec<String> = plan
-        .attachments
-        .iter()
-        .map(|a| format!("{}:{}", a.category, a.event))
-        .collect();
     for note in &plan.notes {
         eprintln!("leaktrace: {note}");
     }
-    eprintln!("leaktrace: {}", features.hooks_note(&tracepoints));
+    eprintln!(
+        "leaktrace: {}",
+        features.hooks_note(&plan.attachments, btf.is_some())
+    );
     eprintln!(
         "leaktrace: attached to {} (bpf prog ids {:?}); Ctrl-C to stop",
         plan.cache,
