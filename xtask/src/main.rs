@@ -3,6 +3,7 @@
 //! manual steps.
 
 mod setup;
+mod vm;
 
 use std::{
     path::{Path, PathBuf},
@@ -36,6 +37,18 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Run the integration tests inside Debian kernels under QEMU (default: 5.10, 6.1, 6.12, newest 7.x).
+    VmTest {
+        /// Kernel series to boot, repeatable: 5.10, 6.1, 6.12, 7 (newest 7.x), …
+        #[arg(long = "kernel", value_name = "SERIES")]
+        kernels: Vec<String>,
+        /// Look up the newest kernel of each series again (touches the network).
+        #[arg(long)]
+        refresh: bool,
+        /// Only run tests whose `binary::name` contains this.
+        #[arg(long)]
+        test: Option<String>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -59,6 +72,21 @@ fn main() -> Result<()> {
         Task::Test { args } => {
             setup::ensure()?;
             test(&root, &args)
+        }
+        Task::VmTest {
+            kernels,
+            refresh,
+            test,
+        } => {
+            setup::ensure()?;
+            vm::run(
+                &root,
+                vm::Options {
+                    kernels,
+                    refresh,
+                    filter: test,
+                },
+            )
         }
     }
 }
