@@ -94,9 +94,14 @@ mod tests {
         assert_eq!(f.kernel_release, "5.10.0-test");
         assert!(f.btf);
         assert!(!f.kprobes);
-        assert!(f
-            .hooks_note(&["kmem:kmalloc".into()])
-            .contains("no kprobes"));
+        let kmalloc = Attachment {
+            program: "kmalloc",
+            hook: Hook::Classic,
+            event: "kmalloc",
+        };
+        let note = f.hooks_note(&[kmalloc], false);
+        assert!(note.contains("no kprobes"), "{note}");
+        assert!(note.contains("tracepoints kmem:kmalloc (no BTF"), "{note}");
         std::fs::create_dir_all(dir.join("sys/bus/event_source/devices/kprobe")).expect("mkdir");
         assert!(Features::detect(&dir, None).kprobes);
         let _ = std::fs::remove_dir_all(&dir);

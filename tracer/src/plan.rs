@@ -407,8 +407,9 @@ mod tests {
             pid: Some(42),
             kernel_stacks: true,
             user_stacks: false,
+            hooks: HookMode::Classic,
         };
-        build(&tracefs, &catalogue, &sel, &opts)
+        build(&tracefs, None, &catalogue, &sel, &opts)
     }
 
     fn events(plan: &Plan) -> Vec<&str> {
@@ -483,6 +484,7 @@ mod tests {
         std::fs::create_dir_all(&empty).expect("mkdir");
         let err = build(
             &Tracefs::at(&empty),
+            None,
             &catalogue,
             &sel,
             &PlanOptions::default(),
