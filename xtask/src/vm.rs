@@ -309,7 +309,7 @@ fn init_script(tests: &[TestCase]) -> String {
     let mut s = String::from(
         r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
-export PATH=/bin HOME=/tmp RUST_BACKTRACE=1
+export PATH=/bin HOME=/tmp
 export LEAKTRACE_BIN=/bin/leaktrace LEAKGEN_BIN=/bin/leakgen
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys

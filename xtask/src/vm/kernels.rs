@@ -428,6 +428,8 @@ fn decompress_bzimage(img: &[u8]) -> Result<Vec<u8>> {
         [0xfd, b'7', b'z', b'X', b'Z', 0, ..] => &["xz", "-dc", "--single-stream"],
         [0x28, 0xb5, 0x2f, 0xfd, ..] => &["zstd", "-dcq"],
         [0x1f, 0x8b, ..] => &["gzip", "-dc"],
+        // The kernel's legacy lz4 frame (Debian 5.10).
+        [0x02, 0x21, 0x4c, 0x18, ..] => &["lz4", "-dc"],
         _ => bail!(
             "unsupported bzImage compression (magic {:02x?})",
             &payload[..payload.len().min(6)]
