@@ -39,6 +39,7 @@ fn held_keys_are_attributed_and_seen_freed_via_raw_tracepoints() {
     held_keys("raw", "raw tracepoints kfree,kmem_cache_free,kmalloc");
 }
 
+/// Classic hooks with --exact: every allocation carries its own stacks.
 #[test]
 fn held_keys_are_attributed_and_seen_freed_via_classic_tracepoints() {
     held_keys("classic", "tracepoints kmem:kfree,kmem_cache_free,kmalloc");
@@ -46,7 +47,7 @@ fn held_keys_are_attributed_and_seen_freed_via_classic_tracepoints() {
 
 fn held_keys(hooks: &str, hooks_line: &str) {
     const N: u64 = 200;
-    let args = [
+    let mut args = vec![
         "--cache",
         "kmalloc-512",
         "--top",
@@ -55,6 +56,10 @@ fn held_keys(hooks: &str, hooks_line: &str) {
         "--hooks",
         hooks,
     ];
+    let exact = hooks == "classic";
+    if exact {
+        args.push("--exact");
+    }
     let mut tracer = Tracer::start(&args).expect("start");
     assert!(
         tracer.stderr_seen.iter().any(|l| l.contains(hooks_line)),
@@ -95,6 +100,17 @@ fn held_keys(hooks: &str, hooks_line: &str) {
     assert_eq!(report["kernel"]["allocs_lost_ringbuf"], 0);
     assert_eq!(report["kernel"]["allocs_lost_map_full"], 0);
     assert_eq!(report["anomalies"]["unmatched_frees"], 0);
+    let shared = report["stacks"]["shared"].as_u64().expect("stacks.shared");
+    if exact {
+        assert_eq!(shared, 0, "--exact captures every allocation's stacks");
+    } else {
+        // 200 keys from one (process, call site): all but the sampled ones share.
+        assert!(
+            shared >= N - N / 64 - 1,
+            "sampling must show: {}",
+            report["stacks"]
+        );
+    }
     assert_detached(&ids);
 }
 

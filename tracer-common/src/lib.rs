@@ -18,6 +18,7 @@ pub const CACHE_NAME_LEN: usize = 32;
 
 pub const EVENT_ALLOC: u32 = 1;
 pub const EVENT_FREE: u32 = 2;
+pub const EVENT_ALLOC_SAMPLED: u32 = 3;
 
 /// Which tracepoint produced an allocation.
 pub const SOURCE_KMALLOC: u16 = 1;
@@ -56,7 +57,8 @@ pub struct AllocLayout {
     pub gfp_flags: u16,
     /// `__data_loc char[] name`, or 0 when the kernel's record has no name.
     pub name: u16,
-    pub _pad: [u16; 3],
+    pub call_site: u16,
+    pub _pad: [u16; 2],
 }
 
 /// Class index of a kmalloc from its gfp flags; see [`Config::kmalloc_classes`].
@@ -99,7 +101,16 @@ pub struct Config {
     /// program, whose arguments carry the cache pointer instead of size and name.
     pub kmem_cache_size_off: u16,
     pub kmem_cache_name_off: u16,
-    pub _pad2: u32,
+    /// Key stack sampling by the user instruction pointer too (the syscall's
+    /// call site in the program), read through `bpf_task_pt_regs` (5.15+).
+    pub user_ip_key: u32,
+    /// Submit without waking the reader until this many bytes are waiting;
+    /// userspace also polls on a short timer. 0 wakes on every event.
+    pub wakeup_bytes: u64,
+    /// Stack sampling per (process, call site): stacks are captured for the
+    /// first allocation and then whenever the site's count & mask == 0.
+    /// 0 captures every allocation's stacks (`--exact`).
+    pub stack_sample_mask: u64,
     /// Only this tgid (0 = every process).
     pub target_tgid: u32,
     /// Bit 0: capture kernel stacks. Bit 1: capture user stacks.
@@ -119,7 +130,8 @@ impl Config {
             bytes_alloc: 0,
             gfp_flags: 0,
             name: 0,
-            _pad: [0; 3],
+            call_site: 0,
+            _pad: [0; 2],
         };
         Config {
             kmalloc: EMPTY,
@@ -137,7 +149,9 @@ impl Config {
             free_align_mask: 0,
             kmem_cache_size_off: 0,
             kmem_cache_name_off: 0,
-            _pad2: 0,
+            user_ip_key: 0,
+            wakeup_bytes: 0,
+            stack_sample_mask: 0,
             target_tgid: 0,
             stack_flags: 0,
             cache_names: [[0; CACHE_NAME_LEN / 8]; MAX_CACHE_NAMES],
@@ -145,10 +159,12 @@ impl Config {
     }
 }
 
-/// A selected allocation, as it crosses the ring buffer.
+/// Fields every selected allocation carries across the ring buffer.
 #[repr(C)]
-#[derive(Clone, Copy)]
-pub struct AllocEvent {
+#[derive(Clone, Copy, Debug)]
+pub struct AllocHeader {
+    /// [`EVENT_ALLOC`] when stacks follow ([`AllocEvent`]), [`EVENT_ALLOC_SAMPLED`]
+    /// when they were not captured for this allocation (header only).
     pub kind: u32,
     pub tgid: u32,
     pub pid: u32,
@@ -160,6 +176,18 @@ pub struct AllocEvent {
     pub bytes_alloc: u64,
     pub gfp_flags: u64,
     pub cgroup_id: u64,
+    /// The allocator's caller (`_RET_IP_`), which keys stack sampling.
+    pub call_site: u64,
+    /// The user instruction pointer that entered the kernel, when sampling is
+    /// keyed by it ([`Config::user_ip_key`]); otherwise 0.
+    pub user_ip: u64,
+}
+
+/// A selected allocation with its stacks.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct AllocEvent {
+    pub hdr: AllocHeader,
     /// `bpf_get_stack` results: bytes written, or a negative errno.
     pub kstack_bytes: i32,
     pub ustack_bytes: i32,
@@ -175,7 +203,6 @@ pub struct FreeEvent {
     pub kind: u32,
     pub tgid: u32,
     pub ptr: u64,
-    pub ts_ns: u64,
 }
 
 #[cfg(feature = "user")]

@@ -13,18 +13,19 @@ use aya_ebpf::{
     bindings::BPF_F_USER_STACK,
     helpers::bpf_probe_read_kernel,
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_stack,
-        bpf_ktime_get_ns, bpf_probe_read_kernel_str_bytes,
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
+        bpf_get_current_task_btf, bpf_get_stack, bpf_ktime_get_ns, bpf_probe_read_kernel_str_bytes,
+        bpf_task_pt_regs,
     },
     macros::{map, raw_tracepoint, tracepoint},
-    maps::{HashMap, PerCpuArray, RingBuf},
+    maps::{ring_buf::RingBufEntry, HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::{RawTracePointContext, TracePointContext},
     EbpfContext,
 };
 use tracer_common::{
-    counter, kmalloc_class, AllocEvent, Config, FreeEvent, CACHE_NAME_LEN, EVENT_ALLOC, EVENT_FREE,
-    MAX_CACHE_NAMES, MAX_KSTACK, MAX_USTACK, SOURCE_CACHE_ALLOC, SOURCE_KMALLOC, STACK_KERNEL,
-    STACK_USER,
+    counter, kmalloc_class, AllocEvent, AllocHeader, Config, FreeEvent, CACHE_NAME_LEN,
+    EVENT_ALLOC, EVENT_ALLOC_SAMPLED, EVENT_FREE, MAX_CACHE_NAMES, MAX_KSTACK, MAX_USTACK,
+    SOURCE_CACHE_ALLOC, SOURCE_KMALLOC, STACK_KERNEL, STACK_USER,
 };
 
 #[no_mangle]
@@ -39,10 +40,40 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(8 << 20, 0);
 #[map]
 static LIVE: HashMap<u64, u64> = HashMap::with_max_entries(1 << 20, 0);
 
+/// Allocations seen per (process, call site), for stack sampling. LRU is fine
+/// here: forgetting a site only means its next allocation captures stacks again.
+#[map]
+static SITES: LruHashMap<SiteKey, u64> = LruHashMap::with_max_entries(16384, 0);
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct SiteKey {
+    call_site: u64,
+    tgid: u64,
+    user_ip: u64,
+}
+
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
 
 const BPF_ANY: u64 = 0;
+const BPF_RB_NO_WAKEUP: u64 = 1;
+const BPF_RB_FORCE_WAKEUP: u64 = 2;
+const BPF_RB_AVAIL_DATA: u64 = 0;
+
+/// A wake-up per event costs an irq_work and a context switch on a busy path;
+/// batch them: wake only when enough data waits (userspace polls meanwhile).
+#[inline(always)]
+fn wakeup_flags() -> u64 {
+    let threshold = config().wakeup_bytes;
+    if threshold == 0 {
+        0
+    } else if EVENTS.query(BPF_RB_AVAIL_DATA) >= threshold {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    }
+}
 
 #[inline(always)]
 fn config() -> &'static Config {
@@ -111,14 +142,15 @@ pub fn kmalloc_raw(ctx: RawTracePointContext) -> i32 {
     if (cfg.kmalloc_classes >> kmalloc_class(gfp, cfg)) & 1 == 0 {
         return 0;
     }
-    let _ = record(
-        ctx.as_ptr(),
-        ctx.arg(1),
-        ctx.arg(2),
+    let site = Site {
+        call_site: ctx.arg(0),
+        ptr: ctx.arg(1),
+        bytes_req: ctx.arg(2),
         bytes_alloc,
         gfp,
-        SOURCE_KMALLOC,
-    );
+        source: SOURCE_KMALLOC,
+    };
+    let _ = record(ctx.as_ptr(), &site);
     0
 }
 
@@ -176,16 +208,15 @@ fn tp_kmalloc(ctx: &TracePointContext) -> Option<()> {
     if (cfg.kmalloc_classes >> kmalloc_class(gfp, cfg)) & 1 == 0 {
         return None;
     }
-    let ptr = read(ctx, cfg.kmalloc.ptr)?;
-    let bytes_req = read(ctx, cfg.kmalloc.bytes_req).unwrap_or(0);
-    record(
-        ctx.as_ptr(),
-        ptr,
-        bytes_req,
+    let site = Site {
+        call_site: read(ctx, cfg.kmalloc.call_site).unwrap_or(0),
+        ptr: read(ctx, cfg.kmalloc.ptr)?,
+        bytes_req: read(ctx, cfg.kmalloc.bytes_req).unwrap_or(0),
         bytes_alloc,
         gfp,
-        SOURCE_KMALLOC,
-    )
+        source: SOURCE_KMALLOC,
+    };
+    record(ctx.as_ptr(), &site)
 }
 
 #[inline(always)]
@@ -205,16 +236,15 @@ fn tp_cache_alloc(ctx: &TracePointContext) -> Option<()> {
         return None;
     }
     let gfp = read::<u32>(ctx, cfg.cache_alloc.gfp_flags)? as u64;
-    let ptr = read(ctx, cfg.cache_alloc.ptr)?;
-    let bytes_req = read(ctx, cfg.cache_alloc.bytes_req).unwrap_or(0);
-    record(
-        ctx.as_ptr(),
-        ptr,
-        bytes_req,
+    let site = Site {
+        call_site: read(ctx, cfg.cache_alloc.call_site).unwrap_or(0),
+        ptr: read(ctx, cfg.cache_alloc.ptr)?,
+        bytes_req: read(ctx, cfg.cache_alloc.bytes_req).unwrap_or(0),
         bytes_alloc,
         gfp,
-        SOURCE_CACHE_ALLOC,
-    )
+        source: SOURCE_CACHE_ALLOC,
+    };
+    record(ctx.as_ptr(), &site)
 }
 
 #[inline(always)]
@@ -231,15 +261,16 @@ fn raw_cache_alloc(ctx: &RawTracePointContext, cfg: &Config) -> Option<()> {
         return None;
     }
     let gfp = ctx.arg::<u64>(3) & 0xffff_ffff;
-    // The raw arguments carry no requested size on these kernels.
-    record(
-        ctx.as_ptr(),
-        ctx.arg(1),
-        0,
+    let site = Site {
+        call_site: ctx.arg(0),
+        ptr: ctx.arg(1),
+        // The raw arguments carry no requested size on these kernels.
+        bytes_req: 0,
         bytes_alloc,
         gfp,
-        SOURCE_CACHE_ALLOC,
-    )
+        source: SOURCE_CACHE_ALLOC,
+    };
+    record(ctx.as_ptr(), &site)
 }
 
 #[inline(always)]
@@ -267,81 +298,167 @@ fn name_selected(src: *const u8, cfg: &Config) -> bool {
     false
 }
 
-#[inline(always)]
-fn record(
-    ctx: *mut core::ffi::c_void,
+/// One selected allocation as the hook saw it.
+struct Site {
+    call_site: u64,
     ptr: u64,
     bytes_req: u64,
     bytes_alloc: u64,
     gfp: u64,
     source: u16,
-) -> Option<()> {
+}
+
+#[inline(always)]
+fn record(ctx: *mut core::ffi::c_void, site: &Site) -> Option<()> {
     let cfg = config();
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
     if cfg.target_tgid != 0 && cfg.target_tgid != tgid {
         return None;
     }
-    if ptr == 0 {
+    if site.ptr == 0 {
         return None;
     }
-    if ptr & cfg.free_align_mask != 0 {
+    if site.ptr & cfg.free_align_mask != 0 {
         bump(counter::MISALIGNED);
     }
-    let Some(mut entry) = EVENTS.reserve::<AllocEvent>(0) else {
-        bump(counter::ALLOCS_LOST_RINGBUF);
-        return None;
-    };
     let ts = unsafe { bpf_ktime_get_ns() };
-    let ev = entry.as_mut_ptr();
-    unsafe {
-        (*ev).kind = EVENT_ALLOC;
-        (*ev).tgid = tgid;
-        (*ev).pid = pid_tgid as u32;
-        (*ev).source = source;
-        (*ev)._pad = 0;
-        (*ev).ptr = ptr;
-        (*ev).ts_ns = ts;
-        (*ev).bytes_req = bytes_req;
-        (*ev).bytes_alloc = bytes_alloc;
-        (*ev).gfp_flags = gfp;
-        (*ev).cgroup_id = bpf_get_current_cgroup_id();
-        (*ev).comm = bpf_get_current_comm().unwrap_or([0; 16]);
-        (*ev).kstack_bytes = 0;
-        (*ev).ustack_bytes = 0;
-        if cfg.stack_flags & STACK_KERNEL != 0 {
-            let n = bpf_get_stack(
-                ctx,
-                (*ev).kstack.as_mut_ptr().cast(),
-                (MAX_KSTACK * size_of::<u64>()) as u32,
-                0,
-            );
-            (*ev).kstack_bytes = n as i32;
-            if n < 0 {
-                bump(counter::KSTACK_FAILED);
+    let user_ip = if cfg.user_ip_key != 0 && cfg.stack_sample_mask != 0 {
+        user_ip()
+    } else {
+        0
+    };
+    if capture_stacks(site.call_site, tgid, user_ip, cfg) {
+        let Some(mut entry) = EVENTS.reserve::<AllocEvent>(0) else {
+            bump(counter::ALLOCS_LOST_RINGBUF);
+            return None;
+        };
+        let ev = entry.as_mut_ptr();
+        unsafe {
+            fill_header(&mut (*ev).hdr, EVENT_ALLOC, pid_tgid, ts, user_ip, site);
+            (*ev).comm = bpf_get_current_comm().unwrap_or([0; 16]);
+            (*ev).kstack_bytes = 0;
+            (*ev).ustack_bytes = 0;
+            if cfg.stack_flags & STACK_KERNEL != 0 {
+                let n = bpf_get_stack(
+                    ctx,
+                    (*ev).kstack.as_mut_ptr().cast(),
+                    (MAX_KSTACK * size_of::<u64>()) as u32,
+                    0,
+                );
+                (*ev).kstack_bytes = n as i32;
+                if n < 0 {
+                    bump(counter::KSTACK_FAILED);
+                }
+            }
+            if cfg.stack_flags & STACK_USER != 0 {
+                let n = bpf_get_stack(
+                    ctx,
+                    (*ev).ustack.as_mut_ptr().cast(),
+                    (MAX_USTACK * size_of::<u64>()) as u32,
+                    BPF_F_USER_STACK as u64,
+                );
+                (*ev).ustack_bytes = n as i32;
+                if n < 0 && tgid != 0 {
+                    bump(counter::USTACK_FAILED);
+                }
             }
         }
-        if cfg.stack_flags & STACK_USER != 0 {
-            let n = bpf_get_stack(
-                ctx,
-                (*ev).ustack.as_mut_ptr().cast(),
-                (MAX_USTACK * size_of::<u64>()) as u32,
-                BPF_F_USER_STACK as u64,
-            );
-            (*ev).ustack_bytes = n as i32;
-            if n < 0 && tgid != 0 {
-                bump(counter::USTACK_FAILED);
-            }
+        commit(entry, site.ptr, ts)
+    } else {
+        let Some(mut entry) = EVENTS.reserve::<AllocHeader>(0) else {
+            bump(counter::ALLOCS_LOST_RINGBUF);
+            return None;
+        };
+        unsafe {
+            fill_header(
+                &mut *entry.as_mut_ptr(),
+                EVENT_ALLOC_SAMPLED,
+                pid_tgid,
+                ts,
+                user_ip,
+                site,
+            )
+        };
+        commit(entry, site.ptr, ts)
+    }
+}
+
+/// Stack capture costs most of a matched event, so by default it is sampled per
+/// (process, call site): the first allocation and then one in mask+1. Userspace
+/// attributes the others to their site's last captured stack and says so.
+#[inline(always)]
+fn capture_stacks(call_site: u64, tgid: u32, user_ip: u64, cfg: &Config) -> bool {
+    if cfg.stack_flags == 0 {
+        return false;
+    }
+    if cfg.stack_sample_mask == 0 {
+        return true;
+    }
+    let key = SiteKey {
+        call_site,
+        tgid: tgid as u64,
+        user_ip,
+    };
+    match SITES.get_ptr_mut(key) {
+        Some(count) => unsafe {
+            *count += 1;
+            *count & cfg.stack_sample_mask == 0
+        },
+        None => {
+            let _ = SITES.insert(key, 0, BPF_ANY);
+            true
         }
     }
-    // Insert before submit: once userspace can see the alloc, the kernel must
-    // already forward its free.
+}
+
+/// Where user space entered the kernel: one program calling the same kernel
+/// path from two places (ld.so's open vs. the program's own) gets two sites.
+#[inline(always)]
+fn user_ip() -> u64 {
+    // x86_64 struct pt_regs: r15 … orig_ax are 16 words, then ip.
+    const PT_REGS_IP: u64 = 16 * 8;
+    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as u64;
+    if regs == 0 {
+        return 0;
+    }
+    unsafe { bpf_probe_read_kernel((regs + PT_REGS_IP) as *const u64) }.unwrap_or(0)
+}
+
+#[inline(always)]
+fn fill_header(
+    hdr: &mut AllocHeader,
+    kind: u32,
+    pid_tgid: u64,
+    ts: u64,
+    user_ip: u64,
+    site: &Site,
+) {
+    hdr.kind = kind;
+    hdr.tgid = (pid_tgid >> 32) as u32;
+    hdr.pid = pid_tgid as u32;
+    hdr.source = site.source;
+    hdr._pad = 0;
+    hdr.ptr = site.ptr;
+    hdr.ts_ns = ts;
+    hdr.bytes_req = site.bytes_req;
+    hdr.bytes_alloc = site.bytes_alloc;
+    hdr.gfp_flags = site.gfp;
+    hdr.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    hdr.call_site = site.call_site;
+    hdr.user_ip = user_ip;
+}
+
+/// Insert before submit: once userspace can see the alloc, the kernel must
+/// already forward its free.
+#[inline(always)]
+fn commit<T>(entry: RingBufEntry<T>, ptr: u64, ts: u64) -> Option<()> {
     if LIVE.insert(ptr, ts, BPF_ANY).is_err() {
         entry.discard(0);
         bump(counter::ALLOCS_LOST_MAP_FULL);
         return None;
     }
-    entry.submit(0);
+    entry.submit(wakeup_flags());
     bump(counter::ALLOCS_MATCHED);
     Some(())
 }
@@ -370,9 +487,8 @@ fn on_free(ptr: u64) {
         (*ev).kind = EVENT_FREE;
         (*ev).tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
         (*ev).ptr = ptr;
-        (*ev).ts_ns = bpf_ktime_get_ns();
     }
-    entry.submit(0);
+    entry.submit(wakeup_flags());
     bump(counter::FREES_MATCHED);
 }
 

@@ -83,6 +83,14 @@ pub struct Anomalies {
     pub decode_errors: u64,
 }
 
+/// How many allocations carried their own stacks and how many were attributed to
+/// their (process, call site)'s last captured stack because stacks are sampled.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct StackSampling {
+    pub captured: u64,
+    pub shared: u64,
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct AgeSummary {
     pub count: u64,
@@ -126,6 +134,7 @@ pub struct CgroupRow {
 pub struct Snapshot {
     pub totals: Counts,
     pub anomalies: Anomalies,
+    pub stacks: StackSampling,
     pub age: AgeSummary,
     pub processes: Vec<ProcRow>,
     pub cgroups: Vec<CgroupRow>,
@@ -145,6 +154,9 @@ pub struct Aggregator {
     objects: HashMap<u64, Live>,
     sites: Vec<Site>,
     site_ids: HashMap<SiteKey, u32>,
+    /// (tgid, kernel call site, user ip) -> the site of its last allocation with stacks.
+    last_site: HashMap<(u32, u64, u64), u32>,
+    sampling: StackSampling,
     procs: HashMap<u32, Process>,
     cgroups: HashMap<u64, Counts>,
     pub stacks: StackTable,
@@ -159,6 +171,8 @@ impl Aggregator {
             objects: HashMap::new(),
             sites: Vec::new(),
             site_ids: HashMap::new(),
+            last_site: HashMap::new(),
+            sampling: StackSampling::default(),
             procs: HashMap::new(),
             cgroups: HashMap::new(),
             stacks: StackTable::default(),
@@ -196,19 +210,7 @@ impl Aggregator {
             self.anomalies.freed_unseen += 1;
             self.release(old);
         }
-        let key = SiteKey {
-            tgid: a.tgid,
-            kstack: self.stacks.intern(a.kstack),
-            ustack: self.stacks.intern(a.ustack),
-        };
-        let next_id = self.sites.len() as u32;
-        let site = *self.site_ids.entry(key).or_insert(next_id);
-        if site == next_id {
-            self.sites.push(Site {
-                key,
-                counts: Counts::default(),
-            });
-        }
+        let (site, new_site) = self.site_of(a);
         let bytes = a.bytes_alloc;
         self.sites[site as usize].counts.alloc(bytes);
         self.totals.alloc(bytes);
@@ -229,13 +231,13 @@ impl Aggregator {
         });
         // Only the main thread's name tracks exec; other threads may carry their
         // own names and must not make us re-read /proc on every event.
-        if a.pid == a.tgid && proc.comm.as_bytes() != a.comm {
+        if a.pid == a.tgid && !a.sampled && proc.comm.as_bytes() != a.comm {
             proc.comm = String::from_utf8_lossy(a.comm).into_owned();
             new_proc = Some(a.tgid);
         }
         proc.counts.alloc(bytes);
         proc.last_cgroup_id = a.cgroup_id;
-        if site == next_id {
+        if new_site {
             proc.sites.push(site);
         }
         self.objects.insert(
@@ -248,6 +250,44 @@ impl Aggregator {
             },
         );
         new_proc
+    }
+
+    /// The site an allocation belongs to, and whether it is new. A sampled
+    /// allocation joins its call site's last captured stack; if none was seen
+    /// (its stack event was lost) it gets a site whose kernel stack is just the
+    /// call site, which is still exact about the allocating function.
+    fn site_of(&mut self, a: &Alloc<'_>) -> (u32, bool) {
+        let site_key = (a.tgid, a.call_site, a.user_ip);
+        if a.sampled {
+            self.sampling.shared += 1;
+            if let Some(&site) = self.last_site.get(&site_key) {
+                return (site, false);
+            }
+        } else {
+            self.sampling.captured += 1;
+        }
+        let kstack = if a.sampled {
+            std::slice::from_ref(&a.call_site)
+        } else {
+            a.kstack
+        };
+        let key = SiteKey {
+            tgid: a.tgid,
+            kstack: self.stacks.intern(kstack),
+            ustack: self.stacks.intern(a.ustack),
+        };
+        let next_id = self.sites.len() as u32;
+        let site = *self.site_ids.entry(key).or_insert(next_id);
+        if site == next_id {
+            self.sites.push(Site {
+                key,
+                counts: Counts::default(),
+            });
+        }
+        if !a.sampled {
+            self.last_site.insert(site_key, site);
+        }
+        (site, site == next_id)
     }
 
     fn free(&mut self, f: &Free) {
@@ -383,6 +423,7 @@ impl Aggregator {
         Snapshot {
             totals: self.totals.clone(),
             anomalies: self.anomalies.clone(),
+            stacks: self.sampling.clone(),
             age: self.age(now_ns),
             processes: rows,
             cgroups,
@@ -420,6 +461,9 @@ mod tests {
             bytes_alloc: 512,
             gfp_flags: 0,
             cgroup_id: 100 + u64::from(tgid),
+            call_site: kstack.first().copied().unwrap_or(0),
+            user_ip: 0,
+            sampled: false,
             comm: b"gen",
             kstack,
             ustack,
@@ -428,12 +472,60 @@ mod tests {
         })
     }
 
-    fn free(ptr: u64) -> Event<'static> {
-        Event::Free(Free {
-            tgid: 1,
+    fn sampled(tgid: u32, ptr: u64, call_site: u64) -> Event<'static> {
+        Event::Alloc(Alloc {
+            tgid,
+            pid: tgid,
+            source: 1,
             ptr,
             ts_ns: 0,
+            bytes_req: 400,
+            bytes_alloc: 512,
+            gfp_flags: 0,
+            cgroup_id: 100,
+            call_site,
+            user_ip: 0,
+            sampled: true,
+            comm: b"",
+            kstack: &[],
+            ustack: &[],
+            kstack_err: None,
+            ustack_err: None,
         })
+    }
+
+    #[test]
+    fn sampled_allocations_join_their_call_sites_last_stack() {
+        let mut agg = Aggregator::new(10_000_000_000);
+        agg.apply(&alloc(1, 0x10, 0, &[7, 8, 9], &[42]));
+        agg.apply(&sampled(1, 0x20, 7));
+        agg.apply(&sampled(1, 0x30, 7));
+        // Never-captured call site: a site of its own with the call site as its kernel stack.
+        agg.apply(&sampled(1, 0x40, 99));
+        agg.apply(&free(0x20));
+        let snap = agg.snapshot(0, &opts(SortKey::Outstanding));
+        assert_eq!(
+            snap.stacks,
+            StackSampling {
+                captured: 1,
+                shared: 3
+            }
+        );
+        let p = &snap.processes[0];
+        assert_eq!(p.counts.outstanding, 3);
+        assert_eq!(p.sites.len(), 2);
+        assert_eq!(agg.stacks.frames(p.sites[0].kstack), &[7, 8, 9]);
+        assert_eq!(
+            (p.sites[0].counts.allocs, p.sites[0].counts.outstanding),
+            (3, 2)
+        );
+        assert_eq!(agg.stacks.frames(p.sites[1].kstack), &[99]);
+        // The process keeps the name from its captured event.
+        assert_eq!(p.comm, "gen");
+    }
+
+    fn free(ptr: u64) -> Event<'static> {
+        Event::Free(Free { tgid: 1, ptr })
     }
 
     fn opts(sort: SortKey) -> SnapshotOptions {

@@ -101,6 +101,16 @@ pub struct TraceArgs {
     #[arg(long, default_value_t = 16, value_name = "MIB")]
     pub ringbuf_mib: u32,
 
+    /// Capture stacks for every allocation. By default stacks are captured for the
+    /// first allocation of each (process, call site) and then 1 in --stack-sample;
+    /// the others are counted under that site's last captured stack.
+    #[arg(long)]
+    pub exact: bool,
+
+    /// Stack sampling rate per (process, call site) without --exact (power of two).
+    #[arg(long, default_value_t = 64, value_parser = parse_power_of_two, value_name = "N")]
+    pub stack_sample: u64,
+
     /// Do not capture kernel stacks.
     #[arg(long)]
     pub no_kernel_stacks: bool,
@@ -131,6 +141,15 @@ pub enum SortKey {
     Rate,
     /// Allocations since attach.
     Allocs,
+}
+
+fn parse_power_of_two(text: &str) -> Result<u64, String> {
+    match text.parse::<u64>() {
+        Ok(n) if n.is_power_of_two() => Ok(n),
+        _ => Err(format!(
+            "'{text}' is not a power of two (1, 2, 4, ... 64 ...)"
+        )),
+    }
 }
 
 /// `500ms`, `10s`, `5m`, `1h`, or bare seconds. Zero is refused: a zero interval

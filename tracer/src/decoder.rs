@@ -5,7 +5,10 @@
 use std::mem::size_of;
 
 use thiserror::Error;
-use tracer_common::{AllocEvent, FreeEvent, EVENT_ALLOC, EVENT_FREE, MAX_KSTACK, MAX_USTACK};
+use tracer_common::{
+    AllocEvent, AllocHeader, FreeEvent, EVENT_ALLOC, EVENT_ALLOC_SAMPLED, EVENT_FREE, MAX_KSTACK,
+    MAX_USTACK,
+};
 
 /// An allocation with its stacks trimmed to the frames the kernel wrote.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,6 +22,12 @@ pub struct Alloc<'a> {
     pub bytes_alloc: u64,
     pub gfp_flags: u64,
     pub cgroup_id: u64,
+    pub call_site: u64,
+    /// User instruction pointer that entered the kernel (0 when not keyed by it).
+    pub user_ip: u64,
+    /// Stacks were not captured for this allocation (sampling): it belongs to
+    /// its (process, call site)'s last captured stack. Stacks and comm are empty.
+    pub sampled: bool,
     pub comm: &'a [u8],
     pub kstack: &'a [u64],
     pub ustack: &'a [u64],
@@ -31,7 +40,6 @@ pub struct Alloc<'a> {
 pub struct Free {
     pub tgid: u32,
     pub ptr: u64,
-    pub ts_ns: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,34 +68,51 @@ pub fn decode(record: &[u8]) -> Result<Event<'_>, DecodeError> {
         EVENT_ALLOC => {
             let ev: &AllocEvent = view(record, kind)?;
             Ok(Event::Alloc(Alloc {
-                tgid: ev.tgid,
-                pid: ev.pid,
-                source: ev.source,
-                ptr: ev.ptr,
-                ts_ns: ev.ts_ns,
-                bytes_req: ev.bytes_req,
-                bytes_alloc: ev.bytes_alloc,
-                gfp_flags: ev.gfp_flags,
-                cgroup_id: ev.cgroup_id,
                 comm: trim_nul(&ev.comm),
                 kstack: frames(&ev.kstack, ev.kstack_bytes, MAX_KSTACK),
                 ustack: frames(&ev.ustack, ev.ustack_bytes, MAX_USTACK),
                 kstack_err: (ev.kstack_bytes < 0).then_some(ev.kstack_bytes),
                 ustack_err: (ev.ustack_bytes < 0).then_some(ev.ustack_bytes),
+                ..header(&ev.hdr, false)
             }))
+        }
+        EVENT_ALLOC_SAMPLED => {
+            let hdr: &AllocHeader = view(record, kind)?;
+            Ok(Event::Alloc(header(hdr, true)))
         }
         EVENT_FREE => {
             let ev: &FreeEvent = view(record, kind)?;
             Ok(Event::Free(Free {
                 tgid: ev.tgid,
                 ptr: ev.ptr,
-                ts_ns: ev.ts_ns,
             }))
         }
         _ => Err(DecodeError::UnknownKind {
             kind,
             len: record.len(),
         }),
+    }
+}
+
+fn header(h: &AllocHeader, sampled: bool) -> Alloc<'_> {
+    Alloc {
+        tgid: h.tgid,
+        pid: h.pid,
+        source: h.source,
+        ptr: h.ptr,
+        ts_ns: h.ts_ns,
+        bytes_req: h.bytes_req,
+        bytes_alloc: h.bytes_alloc,
+        gfp_flags: h.gfp_flags,
+        cgroup_id: h.cgroup_id,
+        call_site: h.call_site,
+        user_ip: h.user_ip,
+        sampled,
+        comm: &[],
+        kstack: &[],
+        ustack: &[],
+        kstack_err: None,
+        ustack_err: None,
     }
 }
 
@@ -151,17 +176,7 @@ pub(crate) mod tests {
 
     pub(crate) fn alloc_event(tgid: u32, ptr: u64, kstack: &[u64], ustack: &[u64]) -> AllocEvent {
         let mut ev = AllocEvent {
-            kind: EVENT_ALLOC,
-            tgid,
-            pid: tgid + 1,
-            source: tracer_common::SOURCE_KMALLOC,
-            _pad: 0,
-            ptr,
-            ts_ns: 1_000,
-            bytes_req: 424,
-            bytes_alloc: 512,
-            gfp_flags: 0xcc0,
-            cgroup_id: 7,
+            hdr: header_of(EVENT_ALLOC, tgid, ptr),
             kstack_bytes: (kstack.len() * 8) as i32,
             ustack_bytes: (ustack.len() * 8) as i32,
             comm: [0; 16],
@@ -172,6 +187,45 @@ pub(crate) mod tests {
         ev.kstack[..kstack.len()].copy_from_slice(kstack);
         ev.ustack[..ustack.len()].copy_from_slice(ustack);
         ev
+    }
+
+    pub(crate) fn header_of(kind: u32, tgid: u32, ptr: u64) -> AllocHeader {
+        AllocHeader {
+            kind,
+            tgid,
+            pid: tgid + 1,
+            source: tracer_common::SOURCE_KMALLOC,
+            _pad: 0,
+            ptr,
+            ts_ns: 1_000,
+            bytes_req: 424,
+            bytes_alloc: 512,
+            gfp_flags: 0xcc0,
+            cgroup_id: 7,
+            call_site: 0xffff_ffff_8123_4567,
+            user_ip: 0x401000,
+        }
+    }
+
+    #[test]
+    fn decodes_sampled_alloc_without_stacks() {
+        let hdr = header_of(EVENT_ALLOC_SAMPLED, 5, 0x400);
+        let buf = record_of(&hdr);
+        let Ok(Event::Alloc(a)) = decode(bytes(&buf, size_of::<AllocHeader>())) else {
+            panic!("decode failed")
+        };
+        assert!(a.sampled);
+        assert_eq!(
+            (a.tgid, a.ptr, a.call_site),
+            (5, 0x400, 0xffff_ffff_8123_4567)
+        );
+        assert!(a.kstack.is_empty() && a.comm.is_empty());
+        // A full event cut to header length is truncated, not misread.
+        let full = record_of(&alloc_event(5, 0x400, &[], &[]));
+        assert!(matches!(
+            decode(bytes(&full, size_of::<AllocHeader>())),
+            Err(DecodeError::Truncated { .. })
+        ));
     }
 
     #[test]
@@ -211,15 +265,13 @@ pub(crate) mod tests {
             kind: EVENT_FREE,
             tgid: 9,
             ptr: 0x200,
-            ts_ns: 5,
         };
         let buf = record_of(&ev);
         assert_eq!(
             decode(bytes(&buf, size_of::<FreeEvent>())),
             Ok(Event::Free(Free {
                 tgid: 9,
-                ptr: 0x200,
-                ts_ns: 5
+                ptr: 0x200
             }))
         );
     }

@@ -64,6 +64,9 @@ pub struct PlanOptions {
     pub kernel_stacks: bool,
     pub user_stacks: bool,
     pub hooks: HookMode,
+    /// Capture stacks for one allocation in this many per (process, call site)
+    /// after the first; 1 captures every allocation.
+    pub stack_sample: u64,
 }
 
 /// The raw tracepoint argument names each raw program was written for, checked
@@ -276,6 +279,7 @@ pub fn build(
         cfg.free_align_mask = slab_size.min(4096) - 1;
     }
 
+    cfg.stack_sample_mask = opts.stack_sample.max(1).next_power_of_two() - 1;
     cfg.target_tgid = opts.pid.unwrap_or(0);
     cfg.stack_flags = if opts.kernel_stacks { STACK_KERNEL } else { 0 }
         | if opts.user_stacks { STACK_USER } else { 0 };
@@ -318,7 +322,8 @@ fn alloc_layout(fmt: &EventFormat) -> Result<AllocLayout> {
         bytes_alloc: fmt.offset_of("bytes_alloc", 8)?,
         gfp_flags: gfp.offset,
         name: 0,
-        _pad: [0; 3],
+        call_site: fmt.offset_of("call_site", 8)?,
+        _pad: [0; 2],
     })
 }
 
@@ -408,6 +413,7 @@ mod tests {
             kernel_stacks: true,
             user_stacks: false,
             hooks: HookMode::Classic,
+            stack_sample: 64,
         };
         build(&tracefs, None, &catalogue, &sel, &opts)
     }

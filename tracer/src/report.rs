@@ -5,7 +5,7 @@
 use serde::Serialize;
 
 use crate::{
-    aggregator::{AgeSummary, Anomalies, Counts, Snapshot},
+    aggregator::{AgeSummary, Anomalies, Counts, Snapshot, StackSampling},
     meminfo::MemInfo,
     probes::KernelCounters,
     procinfo::{CgroupPaths, ProcMeta},
@@ -28,6 +28,7 @@ pub struct Report {
     pub totals: Counts,
     pub kernel: KernelCounters,
     pub anomalies: Anomalies,
+    pub stacks: StackSampling,
     pub age: AgeSummary,
     pub processes: Vec<ProcessReport>,
     pub cgroups: Vec<CgroupReport>,
@@ -143,6 +144,7 @@ pub fn build(kind: &'static str, header: Header, snap: Snapshot, names: &mut Nam
         totals: snap.totals,
         kernel: header.kernel,
         anomalies: snap.anomalies,
+        stacks: snap.stacks,
         age: snap.age,
         processes,
         cgroups,

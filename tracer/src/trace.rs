@@ -53,6 +53,7 @@ pub async fn run(args: TraceArgs, cache: &str) -> Result<()> {
             kernel_stacks: !args.no_kernel_stacks,
             user_stacks: !args.no_user_stacks,
             hooks: args.hooks,
+            stack_sample: if args.exact { 1 } else { args.stack_sample },
         },
     )?;
     let ringbuf_bytes = args
@@ -60,8 +61,22 @@ pub async fn run(args: TraceArgs, cache: &str) -> Result<()> {
         .checked_mul(1 << 20)
         .and_then(u32::checked_next_power_of_two)
         .context("--ringbuf-mib is too large")?;
+    let mut plan = plan;
+    // Wake the reader at a quarter full; the poll timer drains smaller batches.
+    plan.config.wakeup_bytes = u64::from(ringbuf_bytes / 4);
+    // Sampling sites include the user call site where the kernel has
+    // bpf_task_pt_regs (5.15+); kallsyms names every BPF helper it has.
+    plan.config.user_ip_key = u32::from(kernel_has_symbol("bpf_task_pt_regs"));
     let (probes, ring) = Probes::attach(&plan, args.max_objects, ringbuf_bytes, args.floor)?;
 
+    if !(args.exact || args.no_kernel_stacks && args.no_user_stacks) {
+        plan.notes.push(format!(
+            "stacks sampled per (process, kernel call site{}): the first allocation, then 1 in {}; \
+             every object is counted (--exact captures every stack)",
+            if plan.config.user_ip_key != 0 { ", user call site" } else { "" },
+            args.stack_sample
+        ));
+    }
     for note in &plan.notes {
         eprintln!("leaktrace: {note}");
     }
@@ -106,6 +121,8 @@ pub async fn run(args: TraceArgs, cache: &str) -> Result<()> {
     emit_final(&args, &final_report)?;
     Ok(())
 }
+
+const POLL: Duration = Duration::from_millis(20);
 
 struct State {
     agg: Aggregator,
@@ -161,6 +178,10 @@ async fn event_loop(
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut ticker = tokio::time::interval(args.interval);
+    // The kernel batches wake-ups, so read on a short timer too: events reach
+    // the aggregator within POLL even when few arrive.
+    let mut poll = tokio::time::interval(POLL);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let deadline = tokio::time::sleep(args.duration.unwrap_or(Duration::from_secs(u64::MAX / 4)));
     tokio::pin!(deadline);
@@ -174,6 +195,7 @@ async fn event_loop(
                 drain(state, guard.get_inner_mut());
                 guard.clear_ready();
             }
+            _ = poll.tick() => drain(state, ring.get_mut()),
             _ = ticker.tick() => {
                 drain(state, ring.get_mut());
                 state.agg.tick(monotonic_ns());
@@ -277,6 +299,13 @@ fn slab_picture(now: &SlabLine, baseline: Option<&(SlabLine, Instant)>) -> SlabP
         active_objs_delta: growth.as_ref().map_or(0, |g| g.objs_delta),
         active_objs_per_sec: growth.as_ref().map_or(0.0, |g| g.objs_per_sec),
     }
+}
+
+fn kernel_has_symbol(name: &str) -> bool {
+    std::fs::read_to_string("/proc/kallsyms").is_ok_and(|text| {
+        text.lines()
+            .any(|l| l.split_whitespace().nth(2) == Some(name))
+    })
 }
 
 pub fn monotonic_ns() -> u64 {

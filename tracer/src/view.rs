@@ -86,6 +86,14 @@ fn header(out: &mut String, r: &Report, opts: &TextOptions) {
         group(a.unmatched_frees),
         recursion,
     );
+    if r.stacks.shared > 0 {
+        let _ = writeln!(
+            out,
+            "stacks: {} allocations captured their own, {} counted under their call site's last captured stack (sampled; --exact for all)",
+            group(r.stacks.captured),
+            group(r.stacks.shared),
+        );
+    }
     if r.age.count > 0 {
         let _ = writeln!(
             out,
