@@ -238,8 +238,14 @@ fn emit_snapshot(args: &TraceArgs, report: &Report, tty: bool, opts: &TextOption
     } else {
         let text = view::render(report, opts);
         if tty {
-            // Home + clear: redraw in place like top(1).
-            write!(out, "\x1b[H\x1b[2J{text}")?;
+            // Home + clear: redraw in place like top(1), cut to the window so the
+            // header never scrolls away.
+            let rows = terminal_rows()
+                .unwrap_or(usize::MAX)
+                .saturating_sub(1)
+                .max(1);
+            let screen: Vec<&str> = text.lines().take(rows).collect();
+            write!(out, "\x1b[H\x1b[2J{}", screen.join("\n"))?;
         } else {
             writeln!(out, "{text}---")?;
         }
@@ -299,6 +305,18 @@ fn slab_picture(now: &SlabLine, baseline: Option<&(SlabLine, Instant)>) -> SlabP
         active_objs_delta: growth.as_ref().map_or(0, |g| g.objs_delta),
         active_objs_per_sec: growth.as_ref().map_or(0.0, |g| g.objs_per_sec),
     }
+}
+
+fn terminal_rows() -> Option<usize> {
+    let mut size = libc::winsize {
+        ws_row: 0,
+        ws_col: 0,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCGWINSZ writes one winsize into the struct we own.
+    let rc = unsafe { libc::ioctl(libc::STDOUT_FILENO, libc::TIOCGWINSZ, &mut size) };
+    (rc == 0 && size.ws_row > 0).then_some(usize::from(size.ws_row))
 }
 
 fn kernel_has_symbol(name: &str) -> bool {

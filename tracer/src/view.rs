@@ -52,13 +52,14 @@ fn header(out: &mut String, r: &Report, opts: &TextOptions) {
     if let Some(s) = &r.slab {
         let _ = writeln!(
             out,
-            "slabinfo {}: {} active / {} objs of {} B ({})   since attach {:+} objs ({:+.1}/s)",
+            "slabinfo {}: {} active / {} objs of {} B ({})   since attach {}{} objs ({:+.1}/s)",
             r.cache,
             group(s.active_objs),
             group(s.num_objs),
             s.objsize,
             human_bytes(s.num_objs * s.objsize),
-            s.active_objs_delta,
+            if s.active_objs_delta < 0 { "-" } else { "+" },
+            group(s.active_objs_delta.unsigned_abs()),
             s.active_objs_per_sec,
         );
     }
