@@ -2,6 +2,7 @@
 //! first makes sure the eBPF toolchain is in place, so a fresh machine needs no
 //! manual steps.
 
+mod bench;
 mod setup;
 mod vm;
 
@@ -36,6 +37,16 @@ enum Task {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+    /// Measure leaktrace's overhead against an empty-program floor and the installed peers
+    /// (needs root); writes bench/results/<date>.md.
+    Bench {
+        /// Interleaved rounds of every configuration (0: only leaktrace's own costs).
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// Generator seconds per run.
+        #[arg(long, default_value_t = 2.0)]
+        secs: f64,
     },
     /// Run the integration tests inside Debian kernels under QEMU (default: 5.10, 6.1, 6.12, newest 7.x).
     VmTest {
@@ -72,6 +83,10 @@ fn main() -> Result<()> {
         Task::Test { args } => {
             setup::ensure()?;
             test(&root, &args)
+        }
+        Task::Bench { rounds, secs } => {
+            setup::ensure()?;
+            bench::run(&root, &bench::Options { rounds, secs })
         }
         Task::VmTest {
             kernels,

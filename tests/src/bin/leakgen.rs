@@ -8,6 +8,9 @@
 //! leakgen other N      N eventfds -> N held kmalloc-64, nothing in kmalloc-512
 //! leakgen writev    (SECONDS | --ops N) [--wait]   one transient kmalloc-512 per op
 //! leakgen writev256 (SECONDS | --ops N) [--wait]   one transient kmalloc-256 per op
+//! leakgen inotify-churn (SECONDS | --ops N) [--wait]   inotify_init1 + close per op:
+//!                                                  one transient kmalloc-cg-512 + others
+//! churn modes also take [--rate OPS_PER_SEC] (paced instead of flat out)
 //! ```
 //!
 //! Hold modes (keys, inotify, files, other) speak a line protocol so a test can
@@ -26,7 +29,9 @@
 //! synchronously in close().
 //!
 //! Churn modes print `READY <pid>`, wait for a stdin line only with `--wait`,
-//! churn, then print `DONE <pid> ops=<n> secs=<f> ops_per_sec=<f>`.
+//! churn, then print `DONE <pid> ops=<n> secs=<f> ops_per_sec=<f> cpu=<f>`, where
+//! cpu is the churning thread's user+sys time over the wall time: a benchmark
+//! rejects a run below ~0.9, whose thread was preempted rather than slowed.
 //!
 //! Exit codes: 0 ok, 2 usage, 1 any failure (the message names the syscall,
 //! the errno and a hint). A mode never silently makes fewer objects than asked.
@@ -49,6 +54,7 @@
 //! * writev:    `main -> run_churn -> churn_writev -> sys_writev`
 //! * writev256: `main -> run_churn -> churn_iovec256 -> sys_writev`
 //!   (deliberately not `churn_writev256`, which would contain `churn_writev`)
+//! * inotify-churn: `main -> run_churn -> churn_inotify -> sys_inotify_init1`
 
 use std::arch::asm;
 use std::collections::HashSet;
@@ -87,8 +93,9 @@ const KEY_GC_NKEYS_CAP: Duration = Duration::from_millis(500);
 
 const USAGE: &str = "\
 usage: leakgen keys N | inotify N | files N | other N
-       leakgen writev (SECONDS | --ops N) [--wait]
-       leakgen writev256 (SECONDS | --ops N) [--wait]
+       leakgen writev (SECONDS | --ops N) [--wait] [--rate OPS_PER_SEC]
+       leakgen writev256 (SECONDS | --ops N) [--wait] [--rate OPS_PER_SEC]
+       leakgen inotify-churn (SECONDS | --ops N) [--wait] [--rate OPS_PER_SEC]
 hold modes print `READY <pid>`, wait for a stdin line (or EOF), release,
 print `RELEASED <pid>`, wait for another line (or EOF) and exit";
 
@@ -106,13 +113,24 @@ enum Limit {
     Ops(u64),
 }
 
+/// What one churn op does.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Churn {
+    /// writev of this many empty iovecs to /dev/null.
+    Writev(usize),
+    /// inotify_init1 + close.
+    Inotify,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Command {
     Hold(Mode, usize),
     Churn {
-        iovs: usize,
+        op: Churn,
         limit: Limit,
         wait: bool,
+        /// Ops per second to pace at; None = as fast as possible.
+        rate: Option<f64>,
     },
 }
 
@@ -143,18 +161,28 @@ fn parse_args(args: &[String]) -> Result<Command, String> {
         }
         return Ok(Command::Hold(m, n));
     }
-    let iovs = match mode.as_str() {
-        "writev" => WRITEV_IOVS,
-        "writev256" => WRITEV256_IOVS,
+    let op = match mode.as_str() {
+        "writev" => Churn::Writev(WRITEV_IOVS),
+        "writev256" => Churn::Writev(WRITEV256_IOVS),
+        "inotify-churn" => Churn::Inotify,
         _ => return Err(format!("unknown mode {mode:?}")),
     };
     let mut limit = None;
     let mut wait = false;
+    let mut rate = None;
     let mut it = rest.iter();
     while let Some(a) = it.next() {
         let new = match a.as_str() {
             "--wait" => {
                 wait = true;
+                continue;
+            }
+            "--rate" => {
+                let v = it.next().ok_or("--rate needs a value")?;
+                match v.parse::<f64>() {
+                    Ok(r) if r.is_finite() && r > 0.0 => rate = Some(r),
+                    _ => return Err(format!("--rate must be a positive number, got {v:?}")),
+                }
                 continue;
             }
             "--ops" => {
@@ -174,7 +202,12 @@ fn parse_args(args: &[String]) -> Result<Command, String> {
         }
     }
     let limit = limit.ok_or_else(|| format!("{mode} needs SECONDS or --ops N"))?;
-    Ok(Command::Churn { iovs, limit, wait })
+    Ok(Command::Churn {
+        op,
+        limit,
+        wait,
+        rate,
+    })
 }
 
 fn main() -> ExitCode {
@@ -191,7 +224,12 @@ fn main() -> ExitCode {
         Command::Hold(Mode::Other, n) => run_other(n),
         Command::Hold(Mode::Inotify, n) => run_inotify(n),
         Command::Hold(Mode::Files, n) => run_files(n),
-        Command::Churn { iovs, limit, wait } => run_churn(iovs, limit, wait),
+        Command::Churn {
+            op,
+            limit,
+            wait,
+            rate,
+        } => run_churn(op, limit, wait, rate),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
@@ -855,8 +893,19 @@ fn run_files(n: usize) -> Result<()> {
 /// at ~1M ops/s it would still be a visible share of the loop.
 const CLOCK_EVERY: u64 = 256;
 
+/// Ops between pacing checks under --rate: small enough that a paced run
+/// stays smooth at 1 ms granularity, large enough that the sleep syscall is
+/// not a visible share of the op cost.
+const PACE_EVERY: u64 = 32;
+
+/// Runs `op` until `limit`, optionally paced to `rate` ops/s; returns the
+/// number of ops done.
 #[inline(always)]
-fn churn_loop(fd: i32, iov: &[libc::iovec], limit: Limit) -> Result<u64> {
+fn churn_loop(
+    limit: Limit,
+    rate: Option<f64>,
+    mut op: impl FnMut(u64) -> Result<()>,
+) -> Result<u64> {
     let start = Instant::now();
     let (max_ops, deadline) = match limit {
         Limit::Ops(n) => (n, None),
@@ -869,42 +918,88 @@ fn churn_loop(fd: i32, iov: &[libc::iovec], limit: Limit) -> Result<u64> {
                 break;
             }
         }
-        sys_writev(fd, iov).map_err(|e| {
-            anyhow!(
-                "writev(/dev/null, {} iovecs) failed after {ops} ops: {e}; hint: see writev(2)",
-                iov.len()
-            )
-        })?;
+        if let Some(r) = rate {
+            if ops.is_multiple_of(PACE_EVERY) {
+                pace(start, ops, r);
+            }
+        }
+        op(ops)?;
         ops += 1;
     }
     Ok(ops)
 }
 
-/// 32 empty iovecs: iovec_from_user kmallocs 512 bytes and frees them before
-/// writev returns.
-#[inline(never)]
-fn churn_writev(fd: i32, limit: Limit) -> Result<u64> {
+/// Sleeps until `ops` ops are due at `rate` ops/s since `start`.
+fn pace(start: Instant, ops: u64, rate: f64) {
+    let due = Duration::from_secs_f64(ops as f64 / rate);
+    if let Some(ahead) = due.checked_sub(start.elapsed()) {
+        std::thread::sleep(ahead);
+    }
+}
+
+/// `n` empty iovecs: iovec_from_user kmallocs n * 16 bytes (32 -> 512,
+/// 16 -> 256) and frees them before writev returns.
+fn empty_iovecs<const N: usize>() -> [libc::iovec; N] {
     static BYTE: u8 = 0;
-    let iov = [libc::iovec {
+    [libc::iovec {
         iov_base: &BYTE as *const u8 as *mut libc::c_void,
         iov_len: 0,
-    }; WRITEV_IOVS];
-    churn_loop(fd, &iov, limit)
+    }; N]
+}
+
+fn writev_op(fd: i32, iov: &[libc::iovec], ops: u64) -> Result<()> {
+    sys_writev(fd, iov).map(|_| ()).map_err(|e| {
+        anyhow!(
+            "writev(/dev/null, {} iovecs) failed after {ops} ops: {e}; hint: see writev(2)",
+            iov.len()
+        )
+    })
+}
+
+/// 32 empty iovecs -> one transient kmalloc-512 per op.
+#[inline(never)]
+fn churn_writev(fd: i32, limit: Limit, rate: Option<f64>) -> Result<u64> {
+    let iov = empty_iovecs::<WRITEV_IOVS>();
+    churn_loop(limit, rate, |ops| writev_op(fd, &iov, ops))
 }
 
 /// Same as churn_writev with 16 iovecs -> a transient kmalloc-256.
 #[inline(never)]
-fn churn_iovec256(fd: i32, limit: Limit) -> Result<u64> {
-    static BYTE: u8 = 0;
-    let iov = [libc::iovec {
-        iov_base: &BYTE as *const u8 as *mut libc::c_void,
-        iov_len: 0,
-    }; WRITEV256_IOVS];
-    churn_loop(fd, &iov, limit)
+fn churn_iovec256(fd: i32, limit: Limit, rate: Option<f64>) -> Result<u64> {
+    let iov = empty_iovecs::<WRITEV256_IOVS>();
+    churn_loop(limit, rate, |ops| writev_op(fd, &iov, ops))
+}
+
+/// inotify_init1 + close: one fsnotify_group (accounted, kmalloc-cg-512)
+/// plus a file, an inode and more, all freed again by the close.
+#[inline(never)]
+fn churn_inotify(limit: Limit, rate: Option<f64>) -> Result<u64> {
+    churn_loop(limit, rate, |ops| {
+        let fd = sys_inotify_init1(libc::IN_CLOEXEC).map_err(|e| {
+            anyhow!(
+                "inotify_init1 failed after {ops} ops: {e}; hint: \
+                 /proc/sys/fs/inotify/max_user_instances is shared by every process of the uid"
+            )
+        })?;
+        sys_close(fd).map_err(|e| anyhow!("close(inotify fd {fd}) failed: {e}"))
+    })
+}
+
+/// user + sys CPU time of the calling thread.
+fn thread_cpu() -> Result<Duration> {
+    // SAFETY: an all-zero rusage is valid, and getrusage only writes to it.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: ru is a valid out-pointer.
+    if unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut ru) } != 0 {
+        let e = Errno(io::Error::last_os_error().raw_os_error().unwrap_or(0));
+        bail!("getrusage(RUSAGE_THREAD) failed: {e}");
+    }
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    Ok(tv(ru.ru_utime) + tv(ru.ru_stime))
 }
 
 #[inline(never)]
-fn run_churn(iovs: usize, limit: Limit, wait: bool) -> Result<()> {
+fn run_churn(op: Churn, limit: Limit, wait: bool, rate: Option<f64>) -> Result<()> {
     let file = std::fs::OpenOptions::new()
         .write(true)
         .open("/dev/null")
@@ -915,16 +1010,19 @@ fn run_churn(iovs: usize, limit: Limit, wait: bool) -> Result<()> {
     if wait {
         wait_for_line()?;
     }
+    let cpu0 = thread_cpu()?;
     let start = Instant::now();
-    let ops = if iovs == WRITEV_IOVS {
-        churn_writev(fd, limit)?
-    } else {
-        churn_iovec256(fd, limit)?
+    let ops = match op {
+        Churn::Writev(WRITEV_IOVS) => churn_writev(fd, limit, rate)?,
+        Churn::Writev(_) => churn_iovec256(fd, limit, rate)?,
+        Churn::Inotify => churn_inotify(limit, rate)?,
     };
     let secs = start.elapsed().as_secs_f64();
+    let cpu = (thread_cpu()? - cpu0).as_secs_f64();
     let rate = if secs > 0.0 { ops as f64 / secs } else { 0.0 };
+    let frac = if secs > 0.0 { cpu / secs } else { 0.0 };
     say(&format!(
-        "DONE {pid} ops={ops} secs={secs:.3} ops_per_sec={rate:.0}"
+        "DONE {pid} ops={ops} secs={secs:.3} ops_per_sec={rate:.0} cpu={frac:.3}"
     ))
 }
 
@@ -942,19 +1040,32 @@ mod tests {
         assert_eq!(
             p(&["writev", "--ops", "5", "--wait"]),
             Ok(Command::Churn {
-                iovs: 32,
+                op: Churn::Writev(32),
                 limit: Limit::Ops(5),
-                wait: true
+                wait: true,
+                rate: None,
             })
         );
         assert_eq!(
             p(&["writev256", "1.5"]),
             Ok(Command::Churn {
-                iovs: 16,
+                op: Churn::Writev(16),
                 limit: Limit::Secs(1.5),
-                wait: false
+                wait: false,
+                rate: None,
             })
         );
+        assert_eq!(
+            p(&["inotify-churn", "2", "--rate", "50000"]),
+            Ok(Command::Churn {
+                op: Churn::Inotify,
+                limit: Limit::Secs(2.0),
+                wait: false,
+                rate: Some(50000.0),
+            })
+        );
+        assert!(p(&["writev", "1", "--rate", "0"]).is_err());
+        assert!(p(&["writev", "1", "--rate"]).is_err());
         assert!(p(&[]).is_err());
         assert!(p(&["keys"]).is_err());
         assert!(p(&["keys", "-1"]).is_err());

@@ -1,0 +1,627 @@
+//! `cargo xtask bench`: what leaktrace costs the kernel's allocator, next to an
+//! empty-program floor and the peers installed on this machine, plus the
+//! userspace side (CPU, RSS, loss, attach latency). Writes
+//! `bench/results/<date>.md`.
+//!
+//! The machine is noisy (other builds, QEMU guests), so configurations run in
+//! interleaved rounds and every traced run is compared with the untraced run of
+//! the same round; the generator reports its thread's CPU fraction so a run
+//! that was preempted rather than slowed by tracing is repeated.
+
+mod extras;
+mod peers;
+mod proc;
+
+use std::{
+    collections::BTreeSet,
+    fmt::Write as _,
+    path::{Path, PathBuf},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+
+use extras::Extras;
+use proc::{prog_ids, Running, Stream};
+
+/// A run whose generator thread got less CPU than this was preempted.
+const MIN_CPU: f64 = 0.9;
+/// A stopped tracer's programs normally vanish within milliseconds; past this
+/// something else (another engineer's tracer) is loading programs too.
+const PROGS_GONE_TIMEOUT: Duration = Duration::from_secs(10);
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub struct Options {
+    pub rounds: usize,
+    pub secs: f64,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+pub enum Workload {
+    Writev,
+    Writev256,
+    Inotify,
+}
+
+impl Workload {
+    const ALL: [Workload; 3] = [Workload::Writev, Workload::Writev256, Workload::Inotify];
+
+    fn mode(self) -> &'static str {
+        match self {
+            Workload::Writev => "writev",
+            Workload::Writev256 => "writev256",
+            Workload::Inotify => "inotify-churn",
+        }
+    }
+
+    /// The cache a leak hunter would trace for this workload: writev256 is the
+    /// filter-miss twin of writev, so it is traced as kmalloc-512 too.
+    fn cache(self) -> &'static str {
+        match self {
+            Workload::Writev | Workload::Writev256 => "kmalloc-512",
+            Workload::Inotify => "kmalloc-cg-512",
+        }
+    }
+
+    fn target(self) -> f64 {
+        match self {
+            Workload::Writev => 0.40,
+            Workload::Writev256 => 0.90,
+            Workload::Inotify => 0.60,
+        }
+    }
+}
+
+/// How to tell that a tracer is attached.
+#[derive(Clone)]
+pub enum Ready {
+    /// A line on stdout or stderr containing this.
+    Line(&'static str),
+    /// A line, then this long for attachments the tool makes after saying so.
+    LineThenSettle(&'static str, Duration),
+    /// No readiness line: wait this long.
+    Settle(Duration),
+}
+
+/// One traced configuration: a command line per workload.
+#[derive(Clone)]
+pub struct Tracer {
+    pub name: String,
+    pub program: PathBuf,
+    /// `{cache}` is replaced by the workload's cache.
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub ready: Ready,
+}
+
+impl Tracer {
+    fn command(&self, w: Workload) -> std::process::Command {
+        let mut cmd = std::process::Command::new(&self.program);
+        cmd.args(self.args.iter().map(|a| a.replace("{cache}", w.cache())));
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
+        cmd
+    }
+}
+
+struct Bins {
+    leaktrace: PathBuf,
+    leakgen: PathBuf,
+}
+
+/// One generator run.
+#[derive(Clone, Copy, Debug)]
+struct Sample {
+    ops_per_sec: f64,
+    secs: f64,
+    cpu: f64,
+}
+
+struct Cell {
+    workload: Workload,
+    config: String,
+    round: usize,
+    sample: Sample,
+}
+
+pub fn run(root: &Path, opts: &Options) -> Result<()> {
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("cargo xtask bench loads BPF programs and must run as root");
+    }
+    super::cargo(
+        root,
+        &[
+            "build",
+            "--release",
+            "-p",
+            "leaktrace",
+            "-p",
+            "leaktrace-tests",
+            "--bins",
+        ],
+    )?;
+    let bins = Bins {
+        leaktrace: root.join("target/release/leaktrace"),
+        leakgen: root.join("target/release/leakgen"),
+    };
+    let work = root.join("target/bench");
+    std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+
+    let started = SystemTime::now();
+    let load_before = loadavg();
+    let foreign = prog_ids()?.len();
+    let (peer_tracers, mut skipped) = peers::prepare(&work);
+    let mut configs = leaktrace_configs(&bins);
+    configs.extend(peer_tracers);
+
+    let hooks = hooks_line(&bins)?;
+    let cells = run_rounds(&bins, &configs, opts, &mut skipped)?;
+    let extras = extras::measure(&bins)?;
+    let load_after = loadavg();
+
+    let report = Report {
+        command: format!(
+            "cargo xtask bench --rounds {} --secs {}",
+            opts.rounds, opts.secs
+        ),
+        date: utc_date(started),
+        hooks,
+        load_before,
+        load_after,
+        foreign_progs: foreign,
+        opts,
+        configs: configs.iter().map(|c| c.name.clone()).collect(),
+        cells,
+        skipped,
+        extras,
+        tree: git_state(root),
+    };
+    let md = report.render();
+    let dir = root.join("bench/results");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join(format!("{}.md", report.date));
+    std::fs::write(&path, &md).with_context(|| format!("writing {}", path.display()))?;
+    println!("{md}");
+    eprintln!("xtask bench: wrote {}", path.display());
+    Ok(())
+}
+
+fn leaktrace_configs(bins: &Bins) -> Vec<Tracer> {
+    let lt = |name: &str, extra: &[&str]| Tracer {
+        name: name.into(),
+        program: bins.leaktrace.clone(),
+        args: ["--cache", "{cache}"]
+            .iter()
+            .chain(extra)
+            .map(|s| s.to_string())
+            .collect(),
+        env: vec![],
+        ready: Ready::Line("attached to"),
+    };
+    vec![
+        lt("floor (empty progs)", &["--floor"]),
+        lt("leaktrace", &[]),
+        lt("leaktrace --exact", &["--exact"]),
+    ]
+}
+
+/// leaktrace's `hooks:` line, from a short attach.
+fn hooks_line(bins: &Bins) -> Result<String> {
+    let before = prog_ids()?;
+    let mut cmd = std::process::Command::new(&bins.leaktrace);
+    cmd.args(["--cache", "kmalloc-512"]);
+    let mut t = Running::spawn(cmd, "leaktrace")?;
+    t.wait_for(|l| l.text.contains("attached to"), READY_TIMEOUT)?;
+    let lines = t.stop()?;
+    wait_progs_gone(&before);
+    Ok(lines
+        .iter()
+        .find(|l| l.stream == Stream::Err && l.text.contains("hooks:"))
+        .map(|l| l.text.trim_start_matches("leaktrace: ").to_string())
+        .unwrap_or_else(|| "(no hooks: line on stderr)".into()))
+}
+
+fn run_rounds(
+    bins: &Bins,
+    configs: &[Tracer],
+    opts: &Options,
+    skipped: &mut Vec<(String, String)>,
+) -> Result<Vec<Cell>> {
+    let mut cells = Vec::new();
+    let mut dropped: BTreeSet<String> = BTreeSet::new();
+    for round in 0..opts.rounds {
+        for w in Workload::ALL {
+            let base = measure(bins, w, None, opts.secs)?;
+            eprintln!(
+                "xtask bench: round {} {}: untraced {:.0} ops/s",
+                round + 1,
+                w.mode(),
+                base.ops_per_sec
+            );
+            cells.push(Cell {
+                workload: w,
+                config: "untraced".into(),
+                round,
+                sample: base,
+            });
+            // Rotating the order keeps a slow drift from always hitting the
+            // same configuration.
+            let n = configs.len();
+            for i in 0..n {
+                let c = &configs[(i + round) % n];
+                if dropped.contains(&c.name) {
+                    continue;
+                }
+                match measure(bins, w, Some(c), opts.secs) {
+                    Ok(s) => {
+                        eprintln!(
+                            "xtask bench: round {} {}: {} {:.0} ops/s ({:.2}), cpu {:.2}",
+                            round + 1,
+                            w.mode(),
+                            c.name,
+                            s.ops_per_sec,
+                            s.ops_per_sec / base.ops_per_sec,
+                            s.cpu
+                        );
+                        cells.push(Cell {
+                            workload: w,
+                            config: c.name.clone(),
+                            round,
+                            sample: s,
+                        });
+                    }
+                    Err(e) if !c.name.starts_with("leaktrace") && !c.name.starts_with("floor") => {
+                        eprintln!("xtask bench: {} failed, skipping it: {e:#}", c.name);
+                        skipped.push((c.name.clone(), format!("failed during the run: {e:#}")));
+                        dropped.insert(c.name.clone());
+                    }
+                    Err(e) => return Err(e.context(format!("measuring {}", c.name))),
+                }
+            }
+        }
+    }
+    Ok(cells)
+}
+
+/// One measurement, repeated once if the generator was preempted; a second
+/// preempted run is kept (its cpu shows in the table).
+fn measure(bins: &Bins, w: Workload, tracer: Option<&Tracer>, secs: f64) -> Result<Sample> {
+    let first = measure_once(bins, w, tracer, secs)?;
+    if first.cpu >= MIN_CPU {
+        return Ok(first);
+    }
+    eprintln!(
+        "xtask bench: generator cpu {:.2} < {MIN_CPU}: preempted, running once more",
+        first.cpu
+    );
+    measure_once(bins, w, tracer, secs)
+}
+
+fn measure_once(bins: &Bins, w: Workload, tracer: Option<&Tracer>, secs: f64) -> Result<Sample> {
+    let before = prog_ids()?;
+    let running = match tracer {
+        Some(t) => Some(start_tracer(t, w)?),
+        None => None,
+    };
+    let sample = generate(bins, w.mode(), secs, &[]);
+    if let Some(t) = running {
+        t.stop()?;
+    }
+    wait_progs_gone(&before);
+    sample
+}
+
+fn start_tracer(t: &Tracer, w: Workload) -> Result<Running> {
+    let mut r = Running::spawn(t.command(w), &t.name)?;
+    match &t.ready {
+        Ready::Line(s) => {
+            r.wait_for(|l| l.text.contains(s), READY_TIMEOUT)?;
+        }
+        Ready::LineThenSettle(s, d) => {
+            r.wait_for(|l| l.text.contains(s), READY_TIMEOUT)?;
+            std::thread::sleep(*d);
+        }
+        Ready::Settle(d) => {
+            std::thread::sleep(*d);
+            r.check_alive()?;
+        }
+    }
+    Ok(r)
+}
+
+/// Runs `leakgen <mode> <secs> <extra>` and parses its DONE line.
+fn generate(bins: &Bins, mode: &str, secs: f64, extra: &[&str]) -> Result<Sample> {
+    let mut cmd = std::process::Command::new(&bins.leakgen);
+    cmd.arg(mode).arg(format!("{secs}")).args(extra);
+    let mut g = Running::spawn(cmd, "leakgen")?;
+    let timeout = Duration::from_secs_f64(secs) + Duration::from_secs(30);
+    let done = g.wait_for(|l| l.text.starts_with("DONE "), timeout)?;
+    g.wait()?;
+    parse_done(&done.text)
+}
+
+/// `DONE <pid> ops=<n> secs=<f> ops_per_sec=<f> cpu=<f>`.
+fn parse_done(line: &str) -> Result<Sample> {
+    let field = |k: &str| -> Result<f64> {
+        line.split_whitespace()
+            .find_map(|f| f.strip_prefix(k)?.strip_prefix('='))
+            .with_context(|| format!("no {k}= in leakgen's {line:?}"))?
+            .parse()
+            .with_context(|| format!("bad {k}= in leakgen's {line:?}"))
+    };
+    Ok(Sample {
+        ops_per_sec: field("ops_per_sec")?,
+        secs: field("secs")?,
+        cpu: field("cpu")?,
+    })
+}
+
+/// Waits until every BPF program that was not loaded in `before` is gone, so a
+/// stopped tracer's programs cannot tax the next run. Programs loaded by
+/// someone else meanwhile only cost the timeout, with a warning.
+fn wait_progs_gone(before: &BTreeSet<u32>) {
+    let start = Instant::now();
+    loop {
+        match prog_ids() {
+            Ok(now) if now.is_subset(before) => return,
+            Ok(now) if start.elapsed() >= PROGS_GONE_TIMEOUT => {
+                let extra: Vec<_> = now.difference(before).collect();
+                eprintln!(
+                    "xtask bench: warning: BPF programs {extra:?} still loaded {PROGS_GONE_TIMEOUT:?} \
+                     after the tracer stopped (someone else's tracer?); going on"
+                );
+                return;
+            }
+            Ok(_) => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => {
+                eprintln!("xtask bench: warning: cannot list BPF programs: {e:#}");
+                return;
+            }
+        }
+    }
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|e| format!("unreadable ({e})"))
+}
+
+fn git_state(root: &Path) -> String {
+    let out = |args: &[&str]| {
+        std::process::Command::new("git")
+            .current_dir(root)
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    let head = out(&["rev-parse", "--short", "HEAD"]).unwrap_or_else(|| "unknown".into());
+    let dirty = out(&["status", "--porcelain", "--untracked-files=no"])
+        .map(|s| s.lines().count())
+        .unwrap_or(0);
+    if dirty == 0 {
+        head
+    } else {
+        format!("{head} + {dirty} modified files in the work tree")
+    }
+}
+
+/// YYYY-MM-DD in UTC (Howard Hinnant's civil_from_days).
+fn utc_date(t: SystemTime) -> String {
+    let days = t
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() / 86_400)
+        .unwrap_or(0) as i64;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+struct Report<'a> {
+    command: String,
+    date: String,
+    hooks: String,
+    load_before: String,
+    load_after: String,
+    foreign_progs: usize,
+    opts: &'a Options,
+    configs: Vec<String>,
+    cells: Vec<Cell>,
+    skipped: Vec<(String, String)>,
+    extras: Extras,
+    tree: String,
+}
+
+/// min / median / max of a configuration's ratios to the same round's untraced run.
+struct Ratios {
+    min: f64,
+    med: f64,
+    max: f64,
+    low_cpu: usize,
+}
+
+impl Report<'_> {
+    fn ratios(&self, w: Workload, config: &str) -> Option<Ratios> {
+        let base = |round| {
+            self.cells
+                .iter()
+                .find(|c| c.workload == w && c.round == round && c.config == "untraced")
+                .map(|c| c.sample.ops_per_sec)
+        };
+        let mut low_cpu = 0;
+        let mut v: Vec<f64> = self
+            .cells
+            .iter()
+            .filter(|c| c.workload == w && c.config == config)
+            .filter_map(|c| {
+                low_cpu += usize::from(c.sample.cpu < MIN_CPU);
+                Some(c.sample.ops_per_sec / base(c.round)?)
+            })
+            .collect();
+        if v.is_empty() {
+            return None;
+        }
+        let med = median(&mut v);
+        Some(Ratios {
+            min: v[0],
+            med,
+            max: v[v.len() - 1],
+            low_cpu,
+        })
+    }
+
+    fn untraced_median(&self, w: Workload) -> f64 {
+        let mut v: Vec<f64> = self
+            .cells
+            .iter()
+            .filter(|c| c.workload == w && c.config == "untraced")
+            .map(|c| c.sample.ops_per_sec)
+            .collect();
+        median(&mut v)
+    }
+
+    fn render(&self) -> String {
+        let mut s = String::new();
+        self.render_header(&mut s);
+        self.render_ratios(&mut s);
+        self.render_targets(&mut s);
+        self.extras.render(&mut s);
+        self.render_skipped(&mut s);
+        s
+    }
+
+    fn render_header(&self, s: &mut String) {
+        let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map(|k| k.trim().to_string())
+            .unwrap_or_else(|e| format!("unknown ({e})"));
+        let _ = writeln!(s, "# leaktrace benchmark, {}\n", self.date);
+        let _ = writeln!(s, "- command: `{}`", self.command);
+        let _ = writeln!(s, "- code: {}", self.tree);
+        let _ = writeln!(
+            s,
+            "- machine: {nproc} CPUs, kernel {kernel}; leaktrace `{}`",
+            self.hooks
+        );
+        let _ = writeln!(
+            s,
+            "- load average (1/5/15 min) at start {}, at end {}; {} BPF programs of others loaded at start",
+            self.load_before, self.load_after, self.foreign_progs
+        );
+        let _ = writeln!(
+            s,
+            "- {} interleaved rounds, {} s of generator time per run; a run whose generator thread \
+             had < {MIN_CPU} of a CPU was repeated once (`low cpu` counts runs still below it)\n",
+            self.opts.rounds, self.opts.secs
+        );
+    }
+
+    fn render_ratios(&self, s: &mut String) {
+        let _ = writeln!(
+            s,
+            "## Throughput kept: ops/s traced / untraced in the same round\n"
+        );
+        if self.cells.is_empty() {
+            let _ = writeln!(s, "not measured (--rounds 0)\n");
+            return;
+        }
+        let _ = writeln!(
+            s,
+            "| workload (cache) | configuration | min | median | max | low cpu | overhead / floor's |"
+        );
+        let _ = writeln!(s, "|---|---|---|---|---|---|---|");
+        for w in Workload::ALL {
+            let _ = writeln!(
+                s,
+                "| {} ({}) | untraced | {:.0} ops/s median | | | | |",
+                w.mode(),
+                w.cache(),
+                self.untraced_median(w)
+            );
+            let floor = self.ratios(w, "floor (empty progs)").map(|r| r.med);
+            for c in &self.configs {
+                let Some(r) = self.ratios(w, c) else { continue };
+                let multiple = match floor {
+                    Some(f) if c.starts_with("leaktrace") && f < 1.0 => {
+                        format!("{:.1}x", (1.0 - r.med) / (1.0 - f))
+                    }
+                    Some(_) if c.starts_with("leaktrace") => "n/a (floor >= 1)".into(),
+                    _ => String::new(),
+                };
+                let _ = writeln!(
+                    s,
+                    "| {} | {c} | {:.2} | **{:.2}** | {:.2} | {} | {multiple} |",
+                    w.mode(),
+                    r.min,
+                    r.med,
+                    r.max,
+                    r.low_cpu
+                );
+            }
+        }
+        s.push('\n');
+    }
+
+    fn render_targets(&self, s: &mut String) {
+        let _ = writeln!(s, "## Targets (issue 4)\n");
+        let _ = writeln!(s, "| target | measured | met? |");
+        let _ = writeln!(s, "|---|---|---|");
+        for w in Workload::ALL {
+            let r = self.ratios(w, "leaktrace").map(|r| r.med);
+            let _ = writeln!(
+                s,
+                "| {} keeps >= {:.2} (leaktrace default, median) | {} | {} |",
+                w.mode(),
+                w.target(),
+                r.map_or("not measured".into(), |r| format!("{r:.2}")),
+                met(r.map(|r| r >= w.target()))
+            );
+        }
+        self.extras.render_targets(s);
+        s.push('\n');
+    }
+
+    fn render_skipped(&self, s: &mut String) {
+        let _ = writeln!(s, "## Peers skipped\n");
+        if self.skipped.is_empty() {
+            let _ = writeln!(s, "none\n");
+        }
+        for (name, why) in &self.skipped {
+            let _ = writeln!(s, "- {name}: {why}");
+        }
+    }
+}
+
+fn met(ok: Option<bool>) -> &'static str {
+    match ok {
+        Some(true) => "yes",
+        Some(false) => "**no**",
+        None => "not measured",
+    }
+}
+
+/// The value at `path` (dot-separated) of a JSON report as u64.
+fn json_u64(v: &Value, path: &str) -> Option<u64> {
+    path.split('.')
+        .try_fold(v, |v, k| v.get(k))
+        .and_then(Value::as_u64)
+}

@@ -1,0 +1,519 @@
+//! The userspace side of leaktrace: CPU at a given event rate, RSS with 1 M
+//! outstanding objects, a known leak found, loss at the highest rate two
+//! generators drive, and attach latency.
+
+use std::{fmt::Write as _, process::Command, time::Duration};
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+
+use super::{
+    generate, json_u64, median, met, proc::cpu_secs, proc::rss_kib, proc::Running, proc::Stream,
+    prog_ids, wait_progs_gone, Bins, READY_TIMEOUT,
+};
+
+const RATE_SECS: f64 = 5.0;
+/// alloc + free = 2 events an op: 50 k ops/s is the issue's 100 k events/s.
+const PACED_OPS: &str = "50000";
+const HELD_OBJECTS: u64 = 1_000_000;
+const KNOWN_LEAK: u64 = 1000;
+const ATTACH_RUNS: usize = 5;
+const HOLD_TIMEOUT: Duration = Duration::from_secs(120);
+/// Three snapshot intervals: enough for a tracer that keeps up.
+const CATCH_UP_TIMEOUT: Duration = Duration::from_millis(1500);
+
+pub struct CpuAt {
+    events_per_sec: f64,
+    pct: f64,
+}
+
+pub struct Rss {
+    hwm_kib: u64,
+    rss_kib: u64,
+    outstanding: u64,
+    generators: u64,
+    allocs_lost_ringbuf: Option<u64>,
+}
+
+pub struct Loss {
+    label: &'static str,
+    matched_per_sec: f64,
+    allocs_lost_ringbuf: u64,
+    frees_lost_ringbuf: u64,
+    allocs_lost_map_full: u64,
+}
+
+pub struct Attach {
+    attached_ms: Vec<f64>,
+    first_screen_ms: Vec<f64>,
+}
+
+pub struct Extras {
+    cpu_paced: Result<CpuAt>,
+    cpu_max: Result<CpuAt>,
+    rss: Result<Rss>,
+    leak: Result<u64>,
+    loss: Vec<Result<Loss>>,
+    attach: Result<Attach>,
+}
+
+pub fn measure(bins: &Bins) -> Result<Extras> {
+    let step = |what: &str| eprintln!("xtask bench: measuring {what}");
+    step("userspace CPU at 100k events/s");
+    let cpu_paced = cpu_at(bins, Some(PACED_OPS));
+    step("userspace CPU at the max rate");
+    let cpu_max = cpu_at(bins, None);
+    step("RSS at 1M outstanding");
+    let rss = rss_at_million(bins);
+    step("a known leak");
+    let leak = known_leak(bins);
+    step("loss at the highest rate");
+    let loss = vec![
+        loss(bins, "default", &[]),
+        loss(bins, "--exact", &["--exact"]),
+    ];
+    step("attach latency");
+    let attach = attach(bins);
+    Ok(Extras {
+        cpu_paced,
+        cpu_max,
+        rss,
+        leak,
+        loss,
+        attach,
+    })
+}
+
+fn leaktrace(bins: &Bins, args: &[&str]) -> Result<Running> {
+    let mut cmd = Command::new(&bins.leaktrace);
+    cmd.args(args);
+    let mut t = Running::spawn(cmd, "leaktrace")?;
+    t.wait_for(|l| l.text.contains("attached to"), READY_TIMEOUT)?;
+    Ok(t)
+}
+
+/// leaktrace's own CPU while one writev generator runs (paced or flat out).
+fn cpu_at(bins: &Bins, rate: Option<&str>) -> Result<CpuAt> {
+    let before = prog_ids()?;
+    let t = leaktrace(bins, &["--cache", "kmalloc-512"])?;
+    let cpu0 = cpu_secs(t.pid())?;
+    let extra: Vec<&str> = rate.map(|r| vec!["--rate", r]).unwrap_or_default();
+    let gen = generate(bins, "writev", RATE_SECS, &extra);
+    let cpu1 = cpu_secs(t.pid());
+    t.stop()?;
+    wait_progs_gone(&before);
+    let gen = gen?;
+    Ok(CpuAt {
+        events_per_sec: 2.0 * gen.ops_per_sec,
+        pct: 100.0 * (cpu1? - cpu0) / gen.secs,
+    })
+}
+
+/// JSON lines on stdout so far, parsed.
+fn json_lines(t: &Running) -> impl Iterator<Item = Value> + '_ {
+    t.lines
+        .iter()
+        .filter(|l| l.stream == Stream::Out && l.text.starts_with('{'))
+        .filter_map(|l| serde_json::from_str(&l.text).ok())
+}
+
+/// Outstanding objects of process `pid` in a JSON report.
+fn outstanding_of(v: &Value, pid: u32) -> Option<u64> {
+    v.get("processes")?
+        .as_array()?
+        .iter()
+        .find(|p| p.get("tgid").and_then(Value::as_u64) == Some(u64::from(pid)))
+        .and_then(|p| json_u64(p, "outstanding"))
+}
+
+/// Outstanding objects of the processes `pids` in the newest JSON snapshot
+/// that lists any of them.
+fn outstanding_of_all(t: &Running, pids: &[u32]) -> Option<u64> {
+    json_lines(t)
+        .filter_map(|v| {
+            let found: Vec<u64> = pids.iter().filter_map(|&p| outstanding_of(&v, p)).collect();
+            (!found.is_empty()).then(|| found.iter().sum())
+        })
+        .last()
+}
+
+/// RLIMIT_NOFILE's hard limit: without CAP_SYS_RESOURCE (containers) it cannot
+/// be raised, so 1 M files are spread over as many generators as needed.
+fn nofile_hard() -> Result<u64> {
+    let mut rl = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: rl is a valid out-pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("getrlimit(RLIMIT_NOFILE)");
+    }
+    Ok(rl.rlim_max)
+}
+
+/// Room leakgen needs beside its held fds (stdio, /proc reads, fd table slack).
+const FD_HEADROOM: u64 = 64;
+
+fn rss_at_million(bins: &Bins) -> Result<Rss> {
+    let per_gen = nofile_hard()?.saturating_sub(FD_HEADROOM).min(HELD_OBJECTS);
+    if per_gen < 1000 {
+        bail!("RLIMIT_NOFILE's hard limit is too low to hold files");
+    }
+    let n_gens = HELD_OBJECTS.div_ceil(per_gen);
+    let before = prog_ids()?;
+    let limit = (n_gens + 10).to_string();
+    let mut t = leaktrace(
+        bins,
+        &[
+            "--cache",
+            "filp",
+            "--json",
+            "--top",
+            "--interval",
+            "500ms",
+            "--limit",
+            &limit,
+        ],
+    )?;
+    let mut gens = Vec::new();
+    let seen = hold_files(bins, &mut t, &mut gens, per_gen);
+    let rss = rss_kib(t.pid());
+    for g in gens {
+        release(g)?;
+    }
+    let lines = t.stop()?;
+    wait_progs_gone(&before);
+    let outstanding = seen?;
+    let (hwm_kib, rss_kib) = rss?;
+    let lost = lines
+        .iter()
+        .rev()
+        .filter(|l| l.stream == Stream::Out)
+        .find_map(|l| serde_json::from_str::<Value>(&l.text).ok())
+        .and_then(|v| json_u64(&v, "kernel.allocs_lost_ringbuf"));
+    Ok(Rss {
+        hwm_kib,
+        rss_kib,
+        outstanding,
+        generators: n_gens,
+        allocs_lost_ringbuf: lost,
+    })
+}
+
+/// Starts generators one at a time until HELD_OBJECTS files are held, each
+/// after the tracer has caught up with the previous ones: 1 M opens at once
+/// overrun the default ring buffer, which would measure loss, not memory.
+/// Returns the last outstanding count seen for all of them.
+fn hold_files(bins: &Bins, t: &mut Running, gens: &mut Vec<Running>, per_gen: u64) -> Result<u64> {
+    let mut held = 0;
+    let mut pids = Vec::new();
+    let mut seen = None;
+    while held < HELD_OBJECTS {
+        let n = per_gen.min(HELD_OBJECTS - held);
+        let mut cmd = Command::new(&bins.leakgen);
+        cmd.args(["files", &n.to_string()]);
+        let mut g = Running::spawn(cmd, "leakgen files")?;
+        g.wait_for(|l| l.text.starts_with("READY "), HOLD_TIMEOUT)?;
+        pids.push(g.pid());
+        gens.push(g);
+        held += n;
+        seen = wait_seen(t, &pids, held, CATCH_UP_TIMEOUT);
+    }
+    seen.context("no JSON snapshot mentioned the generators")
+}
+
+/// Polls the tracer's snapshots until `pids` hold `want` objects or `timeout`
+/// passes; returns the last count seen.
+fn wait_seen(t: &mut Running, pids: &[u32], want: u64, timeout: Duration) -> Option<u64> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        std::thread::sleep(Duration::from_millis(100));
+        t.drain();
+        let seen = outstanding_of_all(t, pids);
+        if seen.is_some_and(|n| n >= want) || std::time::Instant::now() >= deadline {
+            return seen;
+        }
+    }
+}
+
+/// Lets a hold-mode generator release its objects and exit.
+fn release(mut gen: Running) -> Result<()> {
+    gen.send_line()?;
+    gen.wait_for(|l| l.text.starts_with("RELEASED "), HOLD_TIMEOUT)?;
+    gen.wait()?;
+    Ok(())
+}
+
+/// N held keys (kmalloc-512) under default settings: how many are reported.
+/// The count is taken from a snapshot at least two intervals after READY, so
+/// it is what an on-call engineer would read, not the best of many.
+fn known_leak(bins: &Bins) -> Result<u64> {
+    let before = prog_ids()?;
+    let mut t = leaktrace(
+        bins,
+        &[
+            "--cache",
+            "kmalloc-512",
+            "--json",
+            "--top",
+            "--interval",
+            "500ms",
+        ],
+    )?;
+    let mut cmd = Command::new(&bins.leakgen);
+    cmd.args(["keys", &KNOWN_LEAK.to_string()]);
+    let mut gen = Running::spawn(cmd, "leakgen keys")?;
+    let ready = gen.wait_for(|l| l.text.starts_with("READY "), HOLD_TIMEOUT)?;
+    std::thread::sleep(Duration::from_millis(1700));
+    t.drain();
+    let pid = gen.pid();
+    let reported = t
+        .lines
+        .iter()
+        .filter(|l| l.at >= ready.at + Duration::from_millis(1000))
+        .filter_map(|l| serde_json::from_str::<Value>(&l.text).ok())
+        .find_map(|v| outstanding_of(&v, pid));
+    release(gen)?;
+    t.stop()?;
+    wait_progs_gone(&before);
+    reported.context("no JSON snapshot after READY mentioned the generator")
+}
+
+/// Two flat-out writev generators (one per core) under leaktrace, and its
+/// final report's loss counters.
+fn loss(bins: &Bins, label: &'static str, extra: &[&str]) -> Result<Loss> {
+    let before = prog_ids()?;
+    let args: Vec<&str> = ["--cache", "kmalloc-512", "--json"]
+        .iter()
+        .chain(extra)
+        .copied()
+        .collect();
+    let t = leaktrace(bins, &args)?;
+    let gens = std::thread::scope(|s| {
+        let a = s.spawn(|| generate(bins, "writev", RATE_SECS, &[]));
+        let b = s.spawn(|| generate(bins, "writev", RATE_SECS, &[]));
+        [a.join(), b.join()]
+    });
+    let lines = t.stop()?;
+    wait_progs_gone(&before);
+    let mut secs: f64 = 0.0;
+    for g in gens {
+        let g = g.map_err(|_| anyhow::anyhow!("a generator thread panicked"))??;
+        secs = secs.max(g.secs);
+    }
+    let last = lines
+        .iter()
+        .rev()
+        .filter(|l| l.stream == Stream::Out)
+        .find_map(|l| serde_json::from_str::<Value>(&l.text).ok())
+        .context("leaktrace printed no final JSON report")?;
+    let k = |f: &str| {
+        json_u64(&last, &format!("kernel.{f}"))
+            .with_context(|| format!("no kernel.{f} in the final report"))
+    };
+    Ok(Loss {
+        label,
+        // Events during the generators' window; the little traffic before and
+        // after it is counted too, which is noise at these rates.
+        matched_per_sec: (k("allocs_matched")? + k("frees_matched")?) as f64 / secs,
+        allocs_lost_ringbuf: k("allocs_lost_ringbuf")?,
+        frees_lost_ringbuf: k("frees_lost_ringbuf")?,
+        allocs_lost_map_full: k("allocs_lost_map_full")?,
+    })
+}
+
+/// spawn -> `attached` on stderr, and spawn -> first JSON screen on stdout.
+fn attach(bins: &Bins) -> Result<Attach> {
+    let mut a = Attach {
+        attached_ms: vec![],
+        first_screen_ms: vec![],
+    };
+    for _ in 0..ATTACH_RUNS {
+        let before = prog_ids()?;
+        let mut t = leaktrace(
+            bins,
+            &[
+                "--cache",
+                "kmalloc-512",
+                "--top",
+                "--json",
+                "--interval",
+                "200ms",
+            ],
+        )?;
+        let attached = t.wait_for(|l| l.text.contains("attached to"), READY_TIMEOUT)?;
+        let screen = t.wait_for(
+            |l| l.stream == Stream::Out && l.text.starts_with('{'),
+            READY_TIMEOUT,
+        )?;
+        let ms = |at: std::time::Instant| (at - t.spawned).as_secs_f64() * 1000.0;
+        a.attached_ms.push(ms(attached.at));
+        a.first_screen_ms.push(ms(screen.at));
+        t.stop()?;
+        wait_progs_gone(&before);
+    }
+    Ok(a)
+}
+
+fn min(v: &[f64]) -> f64 {
+    v.iter().copied().fold(f64::INFINITY, f64::min)
+}
+
+impl Extras {
+    pub fn render(&self, s: &mut String) {
+        let _ = writeln!(s, "## leaktrace's own costs\n");
+        let cpu = |r: &Result<CpuAt>| match r {
+            Ok(c) => format!(
+                "{:.1}% of one core at {:.0} events/s",
+                c.pct, c.events_per_sec
+            ),
+            Err(e) => format!("failed: {e:#}"),
+        };
+        let _ = writeln!(
+            s,
+            "- userspace CPU (utime+stime from /proc/PID/stat over the generator's {RATE_SECS} s; \
+             `leakgen writev --rate {PACED_OPS}`): {}",
+            cpu(&self.cpu_paced)
+        );
+        let _ = writeln!(
+            s,
+            "- userspace CPU, one unpaced writev generator: {}",
+            cpu(&self.cpu_max)
+        );
+        match &self.rss {
+            Ok(r) => {
+                let _ = writeln!(
+                    s,
+                    "- memory with {} outstanding `filp` objects seen in a JSON snapshot \
+                     ({} `leakgen files` processes holding {HELD_OBJECTS} in all, as \
+                     RLIMIT_NOFILE's hard limit cannot be raised without CAP_SYS_RESOURCE; \
+                     `--cache filp --json --top --interval 500ms`, each started once the previous ones \
+                     showed up): VmHWM {:.1} MiB, VmRSS {:.1} MiB; allocs_lost_ringbuf {}",
+                    r.outstanding,
+                    r.generators,
+                    r.hwm_kib as f64 / 1024.0,
+                    r.rss_kib as f64 / 1024.0,
+                    r.allocs_lost_ringbuf
+                        .map_or("not in the final report".into(), |n| n.to_string())
+                );
+            }
+            Err(e) => {
+                let _ = writeln!(s, "- memory at 1 M outstanding: failed: {e:#}");
+            }
+        }
+        match &self.leak {
+            Ok(n) => {
+                let _ = writeln!(
+                    s,
+                    "- known leak: `leakgen keys {KNOWN_LEAK}` holds {KNOWN_LEAK} kmalloc-512 \
+                     payloads; the snapshot 1 s after READY reported {n}"
+                );
+            }
+            Err(e) => {
+                let _ = writeln!(s, "- known leak: failed: {e:#}");
+            }
+        }
+        for l in &self.loss {
+            match l {
+                Ok(l) => {
+                    let _ = writeln!(
+                        s,
+                        "- loss, two unpaced writev generators, leaktrace {}: {:.0} matched \
+                         events/s; allocs_lost_ringbuf {}, frees_lost_ringbuf {}, \
+                         allocs_lost_map_full {}",
+                        l.label,
+                        l.matched_per_sec,
+                        l.allocs_lost_ringbuf,
+                        l.frees_lost_ringbuf,
+                        l.allocs_lost_map_full
+                    );
+                }
+                Err(e) => {
+                    let _ = writeln!(s, "- loss: failed: {e:#}");
+                }
+            }
+        }
+        match &self.attach {
+            Ok(a) => {
+                let mut att = a.attached_ms.clone();
+                let mut scr = a.first_screen_ms.clone();
+                let _ = writeln!(
+                    s,
+                    "- attach latency over {ATTACH_RUNS} runs (min / median): spawn -> `attached` \
+                     {:.0} / {:.0} ms; spawn -> first `--top --json --interval 200ms` line \
+                     {:.0} / {:.0} ms",
+                    min(&att),
+                    median(&mut att),
+                    min(&scr),
+                    median(&mut scr)
+                );
+            }
+            Err(e) => {
+                let _ = writeln!(s, "- attach latency: failed: {e:#}");
+            }
+        }
+        s.push('\n');
+    }
+
+    pub fn render_targets(&self, s: &mut String) {
+        let row = |s: &mut String, target: &str, measured: String, ok: Option<bool>| {
+            let _ = writeln!(s, "| {target} | {measured} | {} |", met(ok));
+        };
+        match &self.leak {
+            Ok(n) => row(
+                s,
+                "100% of a known leak found",
+                format!("{n} of {KNOWN_LEAK}"),
+                Some(*n == KNOWN_LEAK),
+            ),
+            Err(e) => row(s, "100% of a known leak found", format!("{e:#}"), None),
+        }
+        if let Some(Ok(l)) = self.loss.first() {
+            let lost = l.allocs_lost_ringbuf + l.frees_lost_ringbuf + l.allocs_lost_map_full;
+            row(
+                s,
+                "0 lost at 1 M matched events/s, or an exact loss count",
+                format!(
+                    "{lost} lost at {:.2} M matched events/s (exact counters)",
+                    l.matched_per_sec / 1e6
+                ),
+                Some(true),
+            );
+        }
+        match &self.cpu_paced {
+            Ok(c) => row(
+                s,
+                "userspace <= 10% of a core at 100 k events/s",
+                format!("{:.1}%", c.pct),
+                Some(c.pct <= 10.0),
+            ),
+            Err(e) => row(s, "userspace <= 10% of a core", format!("{e:#}"), None),
+        }
+        match &self.rss {
+            Ok(r) => row(
+                s,
+                "RSS <= 150 MB at 1 M outstanding",
+                format!(
+                    "VmHWM {:.1} MiB ({} outstanding seen)",
+                    r.hwm_kib as f64 / 1024.0,
+                    r.outstanding
+                ),
+                Some(r.hwm_kib <= 150 * 1000 * 1000 / 1024 && r.outstanding >= HELD_OBJECTS),
+            ),
+            Err(e) => row(s, "RSS <= 150 MB", format!("{e:#}"), None),
+        }
+        match &self.attach {
+            Ok(a) => {
+                let mut scr = a.first_screen_ms.clone();
+                let m = median(&mut scr);
+                row(
+                    s,
+                    "attach to first screen < 1 s",
+                    format!("{m:.0} ms median"),
+                    Some(m < 1000.0),
+                )
+            }
+            Err(e) => row(s, "attach to first screen < 1 s", format!("{e:#}"), None),
+        }
+    }
+}
