@@ -69,6 +69,13 @@ pub struct Process {
     first_seen_ns: u64,
 }
 
+/// What an event introduced; see [`Aggregator::apply`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Novelty {
+    pub process: Option<u32>,
+    pub user_stack: Option<(u32, StackId)>,
+}
+
 /// Everything userspace noticed that makes a number less than exact.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Anomalies {
@@ -182,15 +189,15 @@ impl Aggregator {
         }
     }
 
-    /// Returns the tgid when this event introduced a process we had not seen, or one
-    /// whose command name changed (exec), so the caller can (re)read its /proc
-    /// metadata while the process is still alive.
-    pub fn apply(&mut self, event: &Event<'_>) -> Option<u32> {
+    /// Says what this event introduced that must be looked up while the process
+    /// is still alive: a new (or exec'd) process's /proc metadata, a new user
+    /// stack's symbols. Short-lived processes are gone by the next refresh.
+    pub fn apply(&mut self, event: &Event<'_>) -> Novelty {
         match event {
             Event::Alloc(a) => self.alloc(a),
             Event::Free(f) => {
                 self.free(f);
-                None
+                Novelty::default()
             }
         }
     }
@@ -199,7 +206,7 @@ impl Aggregator {
         self.anomalies.decode_errors += 1;
     }
 
-    fn alloc(&mut self, a: &Alloc<'_>) -> Option<u32> {
+    fn alloc(&mut self, a: &Alloc<'_>) -> Novelty {
         if a.kstack_err.is_some() {
             self.anomalies.kstack_failed += 1;
         }
@@ -249,7 +256,15 @@ impl Aggregator {
                 cgroup_id: a.cgroup_id,
             },
         );
-        new_proc
+        let new_user_stack = self
+            .sites
+            .get(site as usize)
+            .filter(|s| new_site && s.key.ustack != StackId::EMPTY)
+            .map(|s| (s.key.tgid, s.key.ustack));
+        Novelty {
+            process: new_proc,
+            user_stack: new_user_stack,
+        }
     }
 
     /// The site an allocation belongs to, and whether it is new. A sampled
@@ -541,8 +556,13 @@ mod tests {
     #[test]
     fn outstanding_by_process_and_site() {
         let mut agg = Aggregator::new(10_000_000_000);
-        assert_eq!(agg.apply(&alloc(10, 0x1000, 0, &[1, 2], &[9])), Some(10));
-        assert_eq!(agg.apply(&alloc(10, 0x2000, 0, &[1, 2], &[9])), None);
+        let first = agg.apply(&alloc(10, 0x1000, 0, &[1, 2], &[9]));
+        assert_eq!(first.process, Some(10));
+        assert!(first.user_stack.is_some_and(|(tgid, _)| tgid == 10));
+        assert_eq!(
+            agg.apply(&alloc(10, 0x2000, 0, &[1, 2], &[9])),
+            Novelty::default()
+        );
         agg.apply(&alloc(10, 0x3000, 0, &[1, 3], &[9]));
         agg.apply(&alloc(20, 0x4000, 0, &[1, 2], &[9]));
         agg.apply(&free(0x3000));

@@ -107,10 +107,11 @@ impl Hooks<'_> {
         match (self.mode, raw_ok) {
             (HookMode::Raw, false) => bail!(
                 "--hooks raw: the raw tracepoint {event} is unusable here ({}); use --hooks auto",
-                if self.btf.is_none() {
-                    "no BTF at /sys/kernel/btf/vmlinux"
-                } else {
-                    "its BTF arguments differ from what leaktrace's raw program reads"
+                match self.btf.map(|b| b.tracepoint_args(event)) {
+                    None => "no BTF at /sys/kernel/btf/vmlinux",
+                    Some(None) => "its BTF has no __bpf_trace_ function naming the arguments",
+                    Some(Some(_)) =>
+                        "its BTF arguments differ from what leaktrace's raw program reads",
                 }
             ),
             (HookMode::Auto | HookMode::Raw, true) => {

@@ -219,10 +219,18 @@ fn drain(state: &mut State, ring: &mut RingBuf<MapData>) {
     while let Some(item) = ring.next() {
         match decode(&item) {
             Ok(event) => {
-                if let Some(tgid) = state.agg.apply(&event) {
+                let new = state.agg.apply(&event);
+                if let Some(tgid) = new.process {
                     state
                         .procs
                         .insert(tgid, procinfo::read_proc(Path::new("/"), tgid));
+                }
+                // Resolve now (and cache): a short-lived process's mappings are
+                // gone by the next refresh. Bounded by distinct stacks, not events.
+                if let Some((tgid, ustack)) = new.user_stack {
+                    state
+                        .symbols
+                        .user_frames(tgid, state.agg.stacks.frames(ustack));
                 }
             }
             Err(_) => state.agg.decode_error(),
