@@ -14,11 +14,13 @@ use crate::{
 
 /// One allocation the kernel reported and we have not seen freed.
 #[derive(Debug, Clone, Copy)]
+/// 16 bytes, so a million outstanding objects cost ~24 MB of table: the time is
+/// kept in ms since the first event and the cgroup as an index.
 struct Live {
-    ts_ns: u64,
+    ts_ms: u32,
     site: u32,
     bytes: u32,
-    cgroup_id: u64,
+    cgroup: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -166,6 +168,11 @@ pub struct Aggregator {
     sampling: StackSampling,
     procs: HashMap<u32, Process>,
     cgroups: HashMap<u64, Counts>,
+    /// cgroup id by the index `Live` stores, and the reverse.
+    cgroup_ids: Vec<u64>,
+    cgroup_index: HashMap<u64, u32>,
+    /// Kernel time of the first event: `Live::ts_ms` counts from here.
+    base_ns: Option<u64>,
     pub stacks: StackTable,
     totals: Counts,
     anomalies: Anomalies,
@@ -182,6 +189,9 @@ impl Aggregator {
             sampling: StackSampling::default(),
             procs: HashMap::new(),
             cgroups: HashMap::new(),
+            cgroup_ids: Vec::new(),
+            cgroup_index: HashMap::new(),
+            base_ns: None,
             stacks: StackTable::default(),
             totals: Counts::default(),
             anomalies: Anomalies::default(),
@@ -218,6 +228,8 @@ impl Aggregator {
             self.release(old);
         }
         let (site, new_site) = self.site_of(a);
+        let cgroup = self.cgroup_slot(a.cgroup_id);
+        let ts_ms = self.ms_since_base(a.ts_ns);
         let bytes = a.bytes_alloc;
         self.sites[site as usize].counts.alloc(bytes);
         self.totals.alloc(bytes);
@@ -250,10 +262,10 @@ impl Aggregator {
         self.objects.insert(
             a.ptr,
             Live {
-                ts_ns: a.ts_ns,
+                ts_ms,
                 site,
                 bytes: u32::try_from(bytes).unwrap_or(u32::MAX),
-                cgroup_id: a.cgroup_id,
+                cgroup,
             },
         );
         let new_user_stack = self
@@ -320,12 +332,28 @@ impl Aggregator {
         site.counts.free(bytes);
         let tgid = site.key.tgid;
         self.totals.free(bytes);
-        if let Some(c) = self.cgroups.get_mut(&live.cgroup_id) {
+        let cgroup_id = self.cgroup_ids.get(live.cgroup as usize).copied();
+        if let Some(c) = cgroup_id.and_then(|id| self.cgroups.get_mut(&id)) {
             c.free(bytes);
         }
         if let Some(p) = self.procs.get_mut(&tgid) {
             p.counts.free(bytes);
         }
+    }
+
+    fn ms_since_base(&mut self, ts_ns: u64) -> u32 {
+        let base = *self.base_ns.get_or_insert(ts_ns);
+        u32::try_from(ts_ns.saturating_sub(base) / 1_000_000).unwrap_or(u32::MAX)
+    }
+
+    fn cgroup_slot(&mut self, id: u64) -> u32 {
+        if let Some(&slot) = self.cgroup_index.get(&id) {
+            return slot;
+        }
+        let slot = self.cgroup_ids.len() as u32;
+        self.cgroup_ids.push(id);
+        self.cgroup_index.insert(id, slot);
+        slot
     }
 
     /// Record the per-process history that rates are computed from.
@@ -360,7 +388,8 @@ impl Aggregator {
             return AgeSummary::default();
         };
         for live in self.objects.values() {
-            let ms = now_ns.saturating_sub(live.ts_ns) / 1_000_000;
+            let born_ns = self.base_ns.unwrap_or(0) + u64::from(live.ts_ms) * 1_000_000;
+            let ms = now_ns.saturating_sub(born_ns) / 1_000_000;
             h.saturating_record(ms);
         }
         if h.is_empty() {

@@ -17,6 +17,8 @@ pub struct Symbolizer {
     blaze: Blaze,
     kernel: HashMap<u64, String>,
     user: HashMap<(u32, u64), String>,
+    /// User lookups since blazesym's caches were last dropped.
+    user_lookups: usize,
 }
 
 impl Default for Symbolizer {
@@ -31,6 +33,7 @@ impl Symbolizer {
             blaze: Blaze::builder().enable_code_info(false).build(),
             kernel: HashMap::new(),
             user: HashMap::new(),
+            user_lookups: 0,
         }
     }
 
@@ -63,7 +66,14 @@ impl Symbolizer {
             .filter(|a| !self.user.contains_key(&(tgid, *a)))
             .collect();
         if !missing.is_empty() {
-            let src = Source::Process(Process::new(Pid::from(tgid)));
+            self.user_lookups += 1;
+            // ELF symbols name every function; DWARF would add inlined frames
+            // at the price of parsing debug info per binary, per process.
+            let src = Source::Process(Process {
+                debug_syms: false,
+                perf_map: false,
+                ..Process::new(Pid::from(tgid))
+            });
             let maps = read_maps(tgid);
             let names = self.resolve(&src, &missing, |addr| module_offset(&maps, addr));
             self.user
@@ -73,6 +83,17 @@ impl Symbolizer {
             .iter()
             .map(|a| self.user[&(tgid, *a)].clone())
             .collect()
+    }
+
+    /// blazesym caches every binary it parsed, keyed by path; through
+    /// /proc/PID/map_files each process is a new path, so with many processes
+    /// the parsed copies pile up. Our own name cache keeps every result, so
+    /// dropping blazesym's after a burst of lookups costs only re-parsing.
+    pub fn trim(&mut self) {
+        if self.user_lookups >= 8 {
+            self.blaze = Blaze::builder().enable_code_info(false).build();
+            self.user_lookups = 0;
+        }
     }
 
     fn resolve(

@@ -158,6 +158,7 @@ impl State {
             cgroups: &mut self.cgroups,
         };
         let report = report::build(kind, header, snap, &mut names);
+        self.symbols.trim();
         // Next refresh re-walks cgroupfs on a miss: new containers appear mid-incident.
         self.cgroups.invalidate();
         report
