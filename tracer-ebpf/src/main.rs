@@ -323,7 +323,7 @@ fn record(ctx: *mut core::ffi::c_void, site: &Site) -> Option<()> {
         bump(counter::MISALIGNED);
     }
     let ts = unsafe { bpf_ktime_get_ns() };
-    let user_ip = if cfg.user_ip_key != 0 && cfg.stack_sample_mask != 0 {
+    let user_ip = if cfg.user_ip_key != 0 && cfg.stack_sample_mask != 0 && cfg.stack_flags != 0 {
         user_ip()
     } else {
         0
