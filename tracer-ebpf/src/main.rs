@@ -23,9 +23,9 @@ use aya_ebpf::{
     EbpfContext,
 };
 use tracer_common::{
-    counter, kmalloc_class, AllocEvent, AllocHeader, Config, FreeEvent, CACHE_NAME_LEN,
-    EVENT_ALLOC, EVENT_ALLOC_SAMPLED, EVENT_FREE, MAX_CACHE_NAMES, MAX_KSTACK, MAX_USTACK,
-    SOURCE_CACHE_ALLOC, SOURCE_KMALLOC, STACK_KERNEL, STACK_USER,
+    counter, kmalloc_class, AllocEvent, AllocHeader, AllocLayout, Config, FreeEvent,
+    CACHE_NAME_LEN, EVENT_ALLOC, EVENT_ALLOC_SAMPLED, EVENT_FREE, MAX_CACHE_NAMES, MAX_KSTACK,
+    MAX_USTACK, SOURCE_CACHE_ALLOC, SOURCE_KMALLOC, STACK_KERNEL, STACK_USER,
 };
 
 #[no_mangle]
@@ -208,14 +208,7 @@ fn tp_kmalloc(ctx: &TracePointContext) -> Option<()> {
     if (cfg.kmalloc_classes >> kmalloc_class(gfp, cfg)) & 1 == 0 {
         return None;
     }
-    let site = Site {
-        call_site: read(ctx, cfg.kmalloc.call_site).unwrap_or(0),
-        ptr: read(ctx, cfg.kmalloc.ptr)?,
-        bytes_req: read(ctx, cfg.kmalloc.bytes_req).unwrap_or(0),
-        bytes_alloc,
-        gfp,
-        source: SOURCE_KMALLOC,
-    };
+    let site = classic_site(ctx, &cfg.kmalloc, bytes_alloc, gfp, SOURCE_KMALLOC)?;
     record(ctx.as_ptr(), &site)
 }
 
@@ -236,15 +229,27 @@ fn tp_cache_alloc(ctx: &TracePointContext) -> Option<()> {
         return None;
     }
     let gfp = read::<u32>(ctx, cfg.cache_alloc.gfp_flags)? as u64;
-    let site = Site {
-        call_site: read(ctx, cfg.cache_alloc.call_site).unwrap_or(0),
-        ptr: read(ctx, cfg.cache_alloc.ptr)?,
-        bytes_req: read(ctx, cfg.cache_alloc.bytes_req).unwrap_or(0),
+    let site = classic_site(ctx, &cfg.cache_alloc, bytes_alloc, gfp, SOURCE_CACHE_ALLOC)?;
+    record(ctx.as_ptr(), &site)
+}
+
+/// The rest of a selected classic record, read once selection has passed.
+#[inline(always)]
+fn classic_site(
+    ctx: &TracePointContext,
+    layout: &AllocLayout,
+    bytes_alloc: u64,
+    gfp: u64,
+    source: u16,
+) -> Option<Site> {
+    Some(Site {
+        call_site: read(ctx, layout.call_site).unwrap_or(0),
+        ptr: read(ctx, layout.ptr)?,
+        bytes_req: read(ctx, layout.bytes_req).unwrap_or(0),
         bytes_alloc,
         gfp,
-        source: SOURCE_CACHE_ALLOC,
-    };
-    record(ctx.as_ptr(), &site)
+        source,
+    })
 }
 
 #[inline(always)]
