@@ -45,6 +45,10 @@ Examples:
 pub enum Command {
     /// List slab caches with object sizes, usage and merged aliases, to pick a --cache.
     Caches,
+    /// Diagnose a node whose kernel memory grows: meminfo, slab growth, dying memcgs, kmem
+    /// accounting, kernel version, whether leaktrace can attach, and the next command.
+    /// Works without root and where BPF cannot load.
+    Doctor(crate::doctor::DoctorArgs),
 }
 
 #[derive(Debug, Args)]

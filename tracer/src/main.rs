@@ -8,6 +8,7 @@ mod btf;
 mod caches;
 mod cli;
 mod decoder;
+mod doctor;
 mod features;
 mod meminfo;
 mod plan;
@@ -48,6 +49,7 @@ fn run(cli: Cli) -> Result<()> {
             print!("{}", caches::render_table(&catalogue, &slab));
             Ok(())
         }
+        Some(Command::Doctor(args)) => doctor::run(&args),
         None => {
             let Some(cache) = cli.trace.cache.clone() else {
                 anyhow::bail!(
