@@ -210,3 +210,203 @@ mod pod {
     // SAFETY: plain-old-data, repr(C), every bit pattern valid.
     unsafe impl aya::Pod for super::Config {}
 }
+
+/// `leaktrace memcg`: memory-cgroup lifetimes (cgroup tracepoints) and the
+/// charged slab objects allocated inside each memcg. Separate maps and config
+/// from the slab tracer so the two can evolve independently.
+pub mod memcg {
+    /// Bytes of a cgroup path we copy (relative to its hierarchy's root).
+    /// Kubernetes paths are ~150 bytes; longer ones arrive truncated.
+    pub const PATH_LEN: usize = 256;
+    /// Bytes of a slab cache name we copy from `kmem_cache_alloc`.
+    pub const CACHE_LEN: usize = 32;
+    /// Kernel frames per charged allocation.
+    pub const KSTACK: usize = 24;
+
+    pub const EVENT_MKDIR: u32 = 1;
+    pub const EVENT_RMDIR: u32 = 2;
+    pub const EVENT_RELEASE: u32 = 3;
+    pub const EVENT_CHARGE: u32 = 4;
+    pub const EVENT_UNCHARGE: u32 = 5;
+
+    /// Indexes into `MEMCG_COUNTERS`.
+    pub mod counter {
+        /// Cgroup events lost because the ring buffer was full.
+        pub const CGROUP_LOST: u32 = 0;
+        /// Charged allocations not tracked: ring buffer full.
+        pub const CHARGE_LOST_RINGBUF: u32 = 1;
+        /// Charged allocations not tracked: live map full.
+        pub const CHARGE_LOST_MAP_FULL: u32 = 2;
+        /// Frees of tracked objects whose event was lost (the object stays tracked).
+        pub const UNCHARGE_LOST: u32 = 3;
+        /// Charged allocations whose memcg could not be read from the task.
+        pub const MEMCG_UNKNOWN: u32 = 4;
+        pub const COUNT: u32 = 5;
+    }
+
+    /// Offsets in the classic `cgroup:cgroup_{mkdir,rmdir,release}` records
+    /// (identical for the three events on every kernel we know, checked at load).
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct CgroupLayout {
+        pub root: u16,
+        pub level: u16,
+        pub id: u16,
+        /// `__data_loc char[] path`.
+        pub path: u16,
+    }
+
+    /// Offsets in a classic kmem allocation record; 0 = field absent.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct KmemLayout {
+        pub ptr: u16,
+        pub bytes_alloc: u16,
+        pub gfp_flags: u16,
+        pub call_site: u16,
+        /// `__data_loc char[] name` (kmem_cache_alloc on 6.18+).
+        pub name: u16,
+        /// `bool accounted` (kmem_cache_alloc on 6.0+): covers SLAB_ACCOUNT caches,
+        /// whose allocations carry no __GFP_ACCOUNT.
+        pub accounted: u16,
+        pub _pad: [u16; 2],
+    }
+
+    /// Filled by userspace from tracefs formats and BTF; frozen at load.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct MemcgConfig {
+        pub cgroup: CgroupLayout,
+        /// Keep only cgroup events of this hierarchy id (the memory controller's).
+        pub hierarchy: u32,
+        /// 1: filter on `hierarchy`; 0: keep every hierarchy.
+        pub filter_hierarchy: u32,
+        /// task_struct -> css_set -> subsys[memory] -> cgroup -> kernfs_node -> id,
+        /// offsets from BTF. `task_cgroups == 0` disables the walk.
+        pub task_cgroups: u16,
+        pub css_set_subsys: u16,
+        pub css_cgroup: u16,
+        pub cgroup_kn: u16,
+        pub kn_id: u16,
+        /// task_struct.real_parent and .tgid, for the creator's parent.
+        pub task_real_parent: u16,
+        pub task_tgid: u16,
+        pub _pad0: u16,
+        /// `memory_cgrp_id` in `enum cgroup_subsys_id`.
+        pub memory_subsys: u32,
+        /// 1: no BTF walk; memory is on cgroup2, so the task's cgroup2 id
+        /// (`bpf_get_current_cgroup_id`) stands in for its memcg.
+        pub memcg_from_cgroup2: u32,
+        /// Charges to this memcg (the root: never charged) are ignored.
+        pub root_memcg_id: u64,
+        /// 1: track charged slab allocations.
+        pub pins: u32,
+        /// 1: capture a kernel stack per charged allocation.
+        pub stacks: u32,
+        pub kmalloc: KmemLayout,
+        pub cache_alloc: KmemLayout,
+        pub kfree_ptr: u16,
+        pub cache_free_ptr: u16,
+        pub _pad1: u32,
+        pub gfp_account: u64,
+        /// Charge events wake the reader only once this many bytes wait
+        /// (userspace also polls); 0 wakes on every event.
+        pub wakeup_bytes: u64,
+    }
+
+    impl MemcgConfig {
+        pub const fn zeroed() -> Self {
+            const K: KmemLayout = KmemLayout {
+                ptr: 0,
+                bytes_alloc: 0,
+                gfp_flags: 0,
+                call_site: 0,
+                name: 0,
+                accounted: 0,
+                _pad: [0; 2],
+            };
+            MemcgConfig {
+                cgroup: CgroupLayout {
+                    root: 0,
+                    level: 0,
+                    id: 0,
+                    path: 0,
+                },
+                hierarchy: 0,
+                filter_hierarchy: 0,
+                task_cgroups: 0,
+                css_set_subsys: 0,
+                css_cgroup: 0,
+                cgroup_kn: 0,
+                kn_id: 0,
+                task_real_parent: 0,
+                task_tgid: 0,
+                _pad0: 0,
+                memory_subsys: 0,
+                memcg_from_cgroup2: 0,
+                root_memcg_id: 0,
+                pins: 0,
+                stacks: 0,
+                kmalloc: K,
+                cache_alloc: K,
+                kfree_ptr: 0,
+                cache_free_ptr: 0,
+                _pad1: 0,
+                gfp_account: 0,
+                wakeup_bytes: 0,
+            }
+        }
+    }
+
+    /// mkdir / rmdir / release of a cgroup in the watched hierarchy.
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    pub struct CgroupEvent {
+        pub kind: u32,
+        pub root: u32,
+        pub level: u32,
+        pub tgid: u32,
+        pub pid: u32,
+        /// The acting task's parent tgid (0 when unknown).
+        pub ppid: u32,
+        pub id: u64,
+        pub ts_ns: u64,
+        pub comm: [u8; 16],
+        pub path: [u8; PATH_LEN],
+    }
+
+    /// A charged (accounted) slab allocation by a task in a non-root memcg.
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    pub struct ChargeEvent {
+        pub kind: u32,
+        pub tgid: u32,
+        pub pid: u32,
+        /// `bpf_get_stack` result: bytes written or a negative errno.
+        pub kstack_bytes: i32,
+        pub ptr: u64,
+        pub memcg_id: u64,
+        pub ts_ns: u64,
+        pub bytes_alloc: u64,
+        pub call_site: u64,
+        pub comm: [u8; 16],
+        /// Cache name for kmem_cache_alloc where the record has one; empty for kmalloc.
+        pub cache: [u8; CACHE_LEN],
+        pub kstack: [u64; KSTACK],
+    }
+
+    /// The free of a tracked charged object.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug)]
+    pub struct UnchargeEvent {
+        pub kind: u32,
+        pub _pad: u32,
+        pub ptr: u64,
+    }
+
+    #[cfg(feature = "user")]
+    mod pod {
+        // SAFETY: plain-old-data, repr(C), every bit pattern valid.
+        unsafe impl aya::Pod for super::MemcgConfig {}
+    }
+}

@@ -7,6 +7,8 @@
 #![no_std]
 #![no_main]
 
+mod memcg;
+
 use core::mem::size_of;
 
 use aya_ebpf::{

@@ -16,6 +16,7 @@ pub enum BtfError {
 }
 
 const KIND_STRUCT: u32 = 4;
+const KIND_ENUM: u32 = 6;
 const KIND_UNION: u32 = 5;
 const KIND_TYPEDEF: u32 = 8;
 const KIND_FUNC: u32 = 12;
@@ -105,7 +106,16 @@ impl Btf {
                     }
                     12 * vlen
                 }
-                6 => 8 * vlen, // enum
+                KIND_ENUM => {
+                    for m in 0..vlen {
+                        let base = o + 8 * m;
+                        let (Some(n), Some(v)) = (u32_at(base), u32_at(base + 4)) else {
+                            return Err(BtfError::Malformed("truncated enum"));
+                        };
+                        members.push((n, v, 0));
+                    }
+                    8 * vlen
+                }
                 KIND_FUNC_PROTO => {
                     for p in 0..vlen {
                         let base = o + 8 * p;
@@ -135,7 +145,9 @@ impl Btf {
             by_name: HashMap::new(),
         };
         for (id, t) in btf.types.iter().enumerate().skip(1) {
-            if t.name_off != 0 && matches!(t.kind, KIND_STRUCT | KIND_TYPEDEF | KIND_FUNC) {
+            if t.name_off != 0
+                && matches!(t.kind, KIND_STRUCT | KIND_TYPEDEF | KIND_FUNC | KIND_ENUM)
+            {
                 let name = btf.string(t.name_off).to_string();
                 btf.by_name.entry((t.kind, name)).or_insert(id as u32);
             }
@@ -188,6 +200,19 @@ impl Btf {
     }
 }
 
+impl Btf {
+    /// Value of enumerator `variant` in `enum name` (e.g. `memory_cgrp_id` in
+    /// `cgroup_subsys_id`, which depends on the kernel's config).
+    pub fn enum_value(&self, name: &str, variant: &str) -> Option<u32> {
+        let id = *self.by_name.get(&(KIND_ENUM, name.to_string()))?;
+        let t = self.types.get(id as usize)?;
+        t.members
+            .iter()
+            .find(|&&(n, _, _)| self.string(n) == variant)
+            .map(|&(_, v, _)| v)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -196,7 +221,8 @@ mod tests {
     /// and func __bpf_trace_kfree(void *__data, unsigned long call_site, const void *ptr).
     fn sample() -> Vec<u8> {
         let strings =
-            b"\0int\0kmem_cache\0size\0name\0__bpf_trace_kfree\0__data\0call_site\0ptr\0".to_vec();
+            b"\0int\0kmem_cache\0size\0name\0__bpf_trace_kfree\0__data\0call_site\0ptr\0cgroup_subsys_id\0cpuset_cgrp_id\0memory_cgrp_id\0"
+                .to_vec();
         let s = |name: &str| {
             let needle = format!("\0{name}\0");
             strings
@@ -216,6 +242,9 @@ mod tests {
         t.extend([s("__data"), 1, s("call_site"), 1, s("ptr"), 1]);
         // 4: func __bpf_trace_kfree -> 3
         t.extend([s("__bpf_trace_kfree"), KIND_FUNC << 24, 3]);
+        // 5: enum cgroup_subsys_id { cpuset_cgrp_id = 0, memory_cgrp_id = 4 }
+        t.extend([s("cgroup_subsys_id"), (KIND_ENUM << 24) | 2, 4]);
+        t.extend([s("cpuset_cgrp_id"), 0, s("memory_cgrp_id"), 4]);
         let types: Vec<u8> = t.iter().flat_map(|v| v.to_le_bytes()).collect();
         let mut out = Vec::new();
         out.extend(0xeb9fu16.to_le_bytes());
@@ -241,6 +270,15 @@ mod tests {
         assert_eq!(btf.member_offset("kmem_cache", "name"), Some(8));
         assert_eq!(btf.member_offset("kmem_cache", "size"), Some(0));
         assert_eq!(btf.member_offset("kmem_cache", "nope"), None);
+        assert_eq!(
+            btf.enum_value("cgroup_subsys_id", "memory_cgrp_id"),
+            Some(4)
+        );
+        assert_eq!(
+            btf.enum_value("cgroup_subsys_id", "cpuset_cgrp_id"),
+            Some(0)
+        );
+        assert_eq!(btf.enum_value("cgroup_subsys_id", "nope"), None);
     }
 
     #[test]
@@ -266,5 +304,18 @@ mod tests {
         );
         assert!(btf.member_offset("kmem_cache", "size").is_some());
         assert!(btf.member_offset("kmem_cache", "name").is_some());
+        // What `leaktrace memcg` walks from a task to its memory cgroup's id.
+        assert!(btf
+            .enum_value("cgroup_subsys_id", "memory_cgrp_id")
+            .is_some());
+        for (s, m) in [
+            ("task_struct", "cgroups"),
+            ("css_set", "subsys"),
+            ("cgroup_subsys_state", "cgroup"),
+            ("cgroup", "kn"),
+            ("kernfs_node", "id"),
+        ] {
+            assert!(btf.member_offset(s, m).is_some(), "{s}.{m}");
+        }
     }
 }

@@ -49,6 +49,9 @@ pub enum Command {
     /// accounting, kernel version, whether leaktrace can attach, and the next command.
     /// Works without root and where BPF cannot load.
     Doctor(crate::doctor::DoctorArgs),
+    /// Memory-cgroup lifetimes: who creates memcgs, which are removed but never
+    /// freed (dying, zombie), and which charged kernel objects pin them.
+    Memcg(crate::memcg::MemcgArgs),
 }
 
 #[derive(Debug, Args)]

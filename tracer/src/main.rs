@@ -10,6 +10,7 @@ mod cli;
 mod decoder;
 mod doctor;
 mod features;
+mod memcg;
 mod meminfo;
 mod plan;
 mod probes;
@@ -50,6 +51,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Some(Command::Doctor(args)) => doctor::run(&args),
+        Some(Command::Memcg(args)) => memcg::run(args),
         None => {
             let Some(cache) = cli.trace.cache.clone() else {
                 anyhow::bail!(

@@ -17,7 +17,7 @@ use tracer_common::counter;
 
 use crate::plan::{Hook, Plan};
 
-static BPF_OBJECT: &[u8] =
+pub(crate) static BPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/leaktrace.bpf.o"));
 
 pub struct Probes {
@@ -197,7 +197,7 @@ fn prog_info(fd: i32) -> Option<aya_obj::generated::bpf_prog_info> {
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK (64 KiB by default), far
 /// less than our live-object map. Failure is not fatal: newer kernels ignore it.
-fn raise_memlock_limit() {
+pub(crate) fn raise_memlock_limit() {
     let unlimited = libc::rlimit {
         rlim_cur: libc::RLIM_INFINITY,
         rlim_max: libc::RLIM_INFINITY,
@@ -207,7 +207,7 @@ fn raise_memlock_limit() {
 }
 
 /// Verifier rejections carry a log that is the only useful part of the error.
-fn verifier_context(err: ProgramError) -> anyhow::Error {
+pub(crate) fn verifier_context(err: ProgramError) -> anyhow::Error {
     match err {
         ProgramError::LoadError {
             io_error,

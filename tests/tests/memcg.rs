@@ -1,0 +1,535 @@
+//! `leaktrace memcg` against this machine's real cgroupfs: memcgs we create and
+//! remove from known processes, one pinned by charged kernel objects that a
+//! known process keeps, and the pre-existing dying count. Needs root.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    os::unix::process::CommandExt,
+    path::{Path, PathBuf},
+    process::{Child, ChildStdin, Command, Stdio},
+    sync::mpsc::{self, Receiver},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use leaktrace_tests::{leakgen_bin, leaktrace_bin, skip_unless};
+use serde_json::Value;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// Where the memory controller is, found independently of leaktrace.
+#[derive(Debug, Clone)]
+struct Hier {
+    version: u8,
+    mount: PathBuf,
+}
+
+fn mountinfo() -> String {
+    std::fs::read_to_string("/proc/self/mountinfo").expect("reading mountinfo")
+}
+
+fn memory_line() -> Option<(u32, u64)> {
+    let text = std::fs::read_to_string("/proc/cgroups").ok()?;
+    text.lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.first() == Some(&"memory") && f.get(3) == Some(&"1"))
+            .then(|| Some((f[1].parse().ok()?, f[2].parse().ok()?)))?
+    })
+}
+
+fn v1_memory() -> Option<Hier> {
+    let (hid, _) = memory_line()?;
+    if hid == 0 {
+        return None;
+    }
+    mountinfo().lines().find_map(|l| {
+        let (left, right) = l.split_once(" - ")?;
+        let r: Vec<&str> = right.split_whitespace().collect();
+        (r.first() == Some(&"cgroup") && r.get(2)?.split(',').any(|o| o == "memory")).then(|| {
+            Hier {
+                version: 1,
+                mount: PathBuf::from(left.split_whitespace().nth(4).unwrap_or("/")),
+            }
+        })
+    })
+}
+
+fn v2_memory() -> Option<Hier> {
+    let (hid, _) = memory_line()?;
+    if hid != 0 {
+        return None;
+    }
+    let mount = mountinfo().lines().find_map(|l| {
+        let (left, right) = l.split_once(" - ")?;
+        (right.split_whitespace().next() == Some("cgroup2"))
+            .then(|| PathBuf::from(left.split_whitespace().nth(4).unwrap_or("/")))
+    })?;
+    let controllers = std::fs::read_to_string(mount.join("cgroup.controllers")).ok()?;
+    controllers
+        .split_whitespace()
+        .any(|c| c == "memory")
+        .then_some(Hier { version: 2, mount })
+}
+
+impl Hier {
+    /// A fresh child memcg path (not created yet).
+    fn child(&self, tag: &str) -> PathBuf {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        self.mount.join(format!(
+            "leaktrace-test-{tag}-{}-{nanos:x}",
+            std::process::id()
+        ))
+    }
+
+    /// cgroup2 needs the memory controller enabled for children of the root.
+    fn enable_children(&self) {
+        if self.version == 2 {
+            let _ = std::fs::write(self.mount.join("cgroup.subtree_control"), "+memory");
+        }
+    }
+
+    /// Where our own memory cgroup is, to move a task back out of the test memcg.
+    fn own_cgroup(&self) -> PathBuf {
+        let text = std::fs::read_to_string("/proc/self/cgroup").expect("reading /proc/self/cgroup");
+        let rel = text
+            .lines()
+            .find_map(|l| {
+                let mut f = l.splitn(3, ':');
+                let (_, ctrl, path) = (f.next()?, f.next()?, f.next()?);
+                let hit = if self.version == 1 {
+                    ctrl.split(',').any(|c| c == "memory")
+                } else {
+                    ctrl.is_empty()
+                };
+                hit.then(|| path.to_string())
+            })
+            .unwrap_or_else(|| "/".to_string());
+        self.mount.join(rel.trim_start_matches('/'))
+    }
+
+    /// The kernel's dying memcgs by the same arithmetic a user would do.
+    fn dying(&self) -> u64 {
+        if self.version == 2 {
+            let stat =
+                std::fs::read_to_string(self.mount.join("cgroup.stat")).expect("cgroup.stat");
+            let get = |k: &str| {
+                stat.lines()
+                    .find_map(|l| l.strip_prefix(k)?.trim().parse::<u64>().ok())
+            };
+            return get("nr_dying_subsys_memory ")
+                .or_else(|| get("nr_dying_descendants "))
+                .expect("nr_dying_descendants");
+        }
+        let (_, total) = memory_line().expect("memory line");
+        total.saturating_sub(count_dirs(&self.mount))
+    }
+}
+
+fn count_dirs(dir: &Path) -> u64 {
+    1 + std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| count_dirs(&e.path()))
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// `leaktrace memcg --json ARGS`, its JSON lines and stderr collected by threads.
+struct Memcg {
+    child: Child,
+    lines: Receiver<Value>,
+    stderr: Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Memcg {
+    fn start(args: &[&str]) -> Result<Memcg> {
+        let mut child = Command::new(leaktrace_bin())
+            .args(["memcg", "--json"])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("spawning leaktrace memcg")?;
+        let out = child.stdout.take().context("stdout")?;
+        let err = child.stderr.take().context("stderr")?;
+        let (tx, lines) = mpsc::channel();
+        thread::spawn(move || {
+            for l in BufReader::new(out).lines().map_while(Result::ok) {
+                let v: Value = serde_json::from_str(&l)
+                    .unwrap_or_else(|e| panic!("non-JSON line in --json mode: {e}: {l}"));
+                if tx.send(v).is_err() {
+                    break;
+                }
+            }
+        });
+        let (etx, stderr) = mpsc::channel();
+        thread::spawn(move || {
+            for l in BufReader::new(err).lines().map_while(Result::ok) {
+                if etx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut m = Memcg {
+            child,
+            lines,
+            stderr,
+            seen: Vec::new(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match m
+                .stderr
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            {
+                Ok(l) => {
+                    let done = l.contains("attached to memcg lifetimes");
+                    m.seen.push(l);
+                    if done {
+                        return Ok(m);
+                    }
+                }
+                Err(_) => bail!("leaktrace memcg did not attach; stderr: {:?}", m.seen),
+            }
+        }
+    }
+
+    fn wait_for(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Result<Value> {
+        let deadline = Instant::now() + WAIT;
+        let mut last = None;
+        loop {
+            match self
+                .lines
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            {
+                Ok(v) if pred(&v) => return Ok(v),
+                Ok(v) => last = Some(v),
+                Err(_) => {
+                    while let Ok(l) = self.stderr.try_recv() {
+                        self.seen.push(l);
+                    }
+                    bail!(
+                        "timed out waiting for {what}; last report: {}; stderr: {:?}",
+                        last.map_or("none".into(), |v: Value| v.to_string()),
+                        self.seen
+                    )
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Memcg {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn find<'a>(report: &'a Value, path: &str) -> Option<&'a Value> {
+    report["memcgs"]
+        .as_array()?
+        .iter()
+        .find(|m| m["path"].as_str() == Some(path))
+}
+
+fn rel(h: &Hier, dir: &Path) -> String {
+    format!(
+        "/{}",
+        dir.strip_prefix(&h.mount).expect("under mount").display()
+    )
+}
+
+/// Run `mkdir`/`rmdir` as their own processes: a known pid and comm.
+fn run_tool(tool: &str, dir: &Path) -> u32 {
+    let mut child = Command::new(tool).arg(dir).spawn().expect(tool);
+    let pid = child.id();
+    let status = child.wait().expect("wait");
+    assert!(status.success(), "{tool} {} failed", dir.display());
+    pid
+}
+
+/// Removes the test memcg however the test ends.
+struct Cleanup(PathBuf);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+fn empty_memcg_is_attributed_then_released(h: Hier) {
+    h.enable_children();
+    let mut tracer = Memcg::start(&[
+        "--top",
+        "--interval",
+        "250ms",
+        "--zombie-after",
+        "1s",
+        "--no-pins",
+    ])
+    .expect("start");
+    let dir = h.child("empty");
+    let _cleanup = Cleanup(dir.clone());
+    let path = rel(&h, &dir);
+    let mkdir_pid = run_tool("mkdir", &dir);
+    let live = tracer
+        .wait_for("the new memcg, live", |r| {
+            find(r, &path).is_some_and(|m| m["state"] == "live")
+        })
+        .expect("live");
+    let m = find(&live, &path).expect("listed");
+    assert_eq!(
+        m["creator"]["tgid"].as_u64(),
+        Some(u64::from(mkdir_pid)),
+        "{m}"
+    );
+    assert_eq!(m["creator"]["comm"], "mkdir", "{m}");
+    let rmdir_pid = run_tool("rmdir", &dir);
+    let released = tracer
+        .wait_for("the memcg released", |r| {
+            find(r, &path).is_some_and(|m| m["state"] == "released")
+        })
+        .expect("released");
+    let m = find(&released, &path).expect("listed");
+    assert_eq!(
+        m["creator"]["tgid"].as_u64(),
+        Some(u64::from(mkdir_pid)),
+        "{m}"
+    );
+    assert_eq!(
+        m["remover"]["tgid"].as_u64(),
+        Some(u64::from(rmdir_pid)),
+        "{m}"
+    );
+    assert_eq!(m["remover"]["comm"], "rmdir", "{m}");
+    assert!(m["released_after_rmdir_s"].as_f64().is_some(), "{m}");
+    assert!(
+        released["counts"]["released"].as_u64() >= Some(1),
+        "{released}"
+    );
+}
+
+/// leakgen started inside `cgroup` (it joins before exec, so every allocation
+/// it makes is charged there) holding N inotify instances.
+struct Pinner {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    pid: u32,
+}
+
+impl Pinner {
+    fn start(cgroup: &Path, n: u32) -> Result<Pinner> {
+        let procs = std::ffi::CString::new(
+            cgroup
+                .join("cgroup.procs")
+                .into_os_string()
+                .into_encoded_bytes(),
+        )?;
+        let mut cmd = Command::new(leakgen_bin());
+        cmd.args(["inotify", &n.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped());
+        // SAFETY: only async-signal-safe calls (open, write, close) between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // "0" moves the writing task itself, on v1 and v2.
+                let rc = libc::write(fd, b"0\n".as_ptr().cast(), 2);
+                libc::close(fd);
+                if rc < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().context("spawning leakgen in the cgroup")?;
+        let pid = child.id();
+        let stdin = child.stdin.take();
+        let out = child.stdout.take().context("leakgen stdout")?;
+        let mut line = String::new();
+        BufReader::new(out).read_line(&mut line)?;
+        if line.trim() != format!("READY {pid}") {
+            bail!("leakgen printed {line:?}");
+        }
+        Ok(Pinner { child, stdin, pid })
+    }
+}
+
+impl Drop for Pinner {
+    fn drop(&mut self) {
+        if let Some(mut s) = self.stdin.take() {
+            let _ = writeln!(s, "release");
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn pinned_memcg_becomes_zombie(h: Hier) {
+    const N: u64 = 64;
+    skip_unless!(
+        Path::new("/sys/kernel/slab/kmalloc-cg-512").exists(),
+        "no kmalloc-cg-512 cache (kernel before 5.14): inotify groups land in kmalloc-512"
+    );
+    h.enable_children();
+    let mut tracer = Memcg::start(&[
+        "--top",
+        "--interval",
+        "250ms",
+        "--zombie-after",
+        "1s",
+        "--stacks",
+        "10",
+    ])
+    .expect("start");
+    let dir = h.child("pinned");
+    let _cleanup = Cleanup(dir.clone());
+    let path = rel(&h, &dir);
+    let mkdir_pid = run_tool("mkdir", &dir);
+    let pinner = Pinner::start(&dir, N as u32).expect("leakgen in the memcg");
+    // Move the task out (rmdir needs an empty cgroup); what it allocated
+    // stays charged to the memcg it was allocated in.
+    std::fs::write(h.own_cgroup().join("cgroup.procs"), pinner.pid.to_string())
+        .expect("moving leakgen out");
+    run_tool("rmdir", &dir);
+    let dying = tracer
+        .wait_for("the memcg dying", |r| {
+            find(r, &path).is_some_and(|m| m["state"] == "dying" || m["state"] == "zombie")
+        })
+        .expect("dying");
+    assert!(find(&dying, &path).is_some());
+    let zombie = tracer
+        .wait_for(
+            "the memcg a zombie pinned by leakgen's inotify groups",
+            |r| {
+                find(r, &path).is_some_and(|m| {
+                    m["state"] == "zombie"
+                        && m["pinned_by_process"].as_array().is_some_and(|p| {
+                            p.iter().any(|p| {
+                                p["tgid"].as_u64() == Some(u64::from(pinner.pid))
+                                    && p["objects"].as_u64() >= Some(N)
+                            })
+                        })
+                })
+            },
+        )
+        .expect("zombie");
+    let m = find(&zombie, &path).expect("listed");
+    assert_eq!(
+        m["creator"]["tgid"].as_u64(),
+        Some(u64::from(mkdir_pid)),
+        "{m}"
+    );
+    assert_eq!(m["creator"]["comm"], "mkdir", "{m}");
+    assert!(m["dying_s"].as_f64() >= Some(1.0), "{m}");
+    let cg512 = m["pinned_by_cache"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["cache"] == "kmalloc-cg-512"))
+        .unwrap_or_else(|| panic!("no kmalloc-cg-512 pins: {m}"));
+    assert!(cg512["objects"].as_u64() >= Some(N), "{m}");
+    let fsnotify: u64 = m["pinned_stacks"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|s| {
+            s["tgid"].as_u64() == Some(u64::from(pinner.pid))
+                && s["kernel"].as_array().is_some_and(|f| {
+                    f.iter().any(|f| {
+                        f.as_str()
+                            .is_some_and(|f| f.contains("fsnotify_alloc_group"))
+                    })
+                })
+        })
+        .map(|s| s["objects"].as_u64().unwrap_or(0))
+        .sum();
+    assert!(
+        fsnotify >= N,
+        "expected {N} objects on fsnotify_alloc_group stacks: {m}"
+    );
+    let groups = zombie["zombies_by_creator"].as_array().expect("groups");
+    assert!(groups.iter().any(|g| g["key"] == "mkdir"), "{zombie}");
+}
+
+fn preexisting_dying_matches_arithmetic(h: Hier) {
+    // Other tenants may make and remove memcgs meanwhile: bracket the reading.
+    let before = h.dying();
+    let out = Command::new(leaktrace_bin())
+        .args(["memcg", "--list", "--json"])
+        .output()
+        .expect("run");
+    let after = h.dying();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).expect("one JSON report");
+    assert_eq!(v["kind"], "list");
+    let got = v["preexisting_dying"]["at_start"]
+        .as_u64()
+        .expect("at_start");
+    let (lo, hi) = (before.min(after), before.max(after));
+    assert!(
+        (lo..=hi).contains(&got),
+        "leaktrace says {got} dying memcgs; /proc/cgroups arithmetic says {before}..{after}"
+    );
+    assert_eq!(
+        v["hierarchy"]["version"].as_u64(),
+        Some(u64::from(h.version))
+    );
+    // Every live directory is listed.
+    let listed = v["memcgs"].as_array().map_or(0, Vec::len) as u64;
+    if h.version == 1 {
+        let dirs = count_dirs(&h.mount);
+        assert!(
+            listed.abs_diff(dirs) <= 2,
+            "{listed} listed vs {dirs} directories"
+        );
+    }
+}
+
+#[test]
+fn v1_empty_memcg_is_attributed_then_released() {
+    let h = v1_memory();
+    skip_unless!(h.is_some(), "no cgroup v1 memory hierarchy mounted");
+    empty_memcg_is_attributed_then_released(h.expect("checked"));
+}
+
+#[test]
+fn v2_empty_memcg_is_attributed_then_released() {
+    let h = v2_memory();
+    skip_unless!(h.is_some(), "the memory controller is not on cgroup2 here");
+    empty_memcg_is_attributed_then_released(h.expect("checked"));
+}
+
+#[test]
+fn v1_pinned_memcg_becomes_a_zombie_with_its_pins() {
+    let h = v1_memory();
+    skip_unless!(h.is_some(), "no cgroup v1 memory hierarchy mounted");
+    pinned_memcg_becomes_zombie(h.expect("checked"));
+}
+
+#[test]
+fn v2_pinned_memcg_becomes_a_zombie_with_its_pins() {
+    let h = v2_memory();
+    skip_unless!(h.is_some(), "the memory controller is not on cgroup2 here");
+    pinned_memcg_becomes_zombie(h.expect("checked"));
+}
+
+#[test]
+fn preexisting_dying_count_matches_proc_cgroups_or_cgroup_stat() {
+    let h = v1_memory().or_else(v2_memory);
+    skip_unless!(h.is_some(), "no memory controller mounted");
+    preexisting_dying_matches_arithmetic(h.expect("checked"));
+}

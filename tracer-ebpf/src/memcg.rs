@@ -1,0 +1,322 @@
+//! `leaktrace memcg`: memory-cgroup lifetimes from the `cgroup:*` tracepoints
+//! (they exist on every kernel, unlike kprobes on `mem_cgroup_css_*`), and the
+//! charged slab objects allocated inside each memcg, keyed by pointer so their
+//! frees are seen. Own maps and config: nothing here touches the slab tracer's.
+
+use core::mem::size_of;
+
+use aya_ebpf::{
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
+        bpf_get_current_task, bpf_get_stack, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        bpf_probe_read_kernel_str_bytes,
+    },
+    macros::{map, tracepoint},
+    maps::{HashMap, PerCpuArray, RingBuf},
+    programs::TracePointContext,
+    EbpfContext,
+};
+use tracer_common::memcg::{
+    counter, CgroupEvent, ChargeEvent, MemcgConfig, UnchargeEvent, CACHE_LEN, EVENT_CHARGE,
+    EVENT_MKDIR, EVENT_RELEASE, EVENT_RMDIR, EVENT_UNCHARGE, KSTACK, PATH_LEN,
+};
+
+#[no_mangle]
+static MEMCG_CONFIG: MemcgConfig = MemcgConfig::zeroed();
+
+/// Sized by userspace before load.
+#[map]
+static MEMCG_EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
+
+/// Pointer of a charged object -> memcg id it was allocated in. Not LRU: an
+/// eviction would turn a pinned object into a silently forgotten one.
+#[map]
+static MEMCG_LIVE: HashMap<u64, u64> = HashMap::with_max_entries(1 << 18, 0);
+
+#[map]
+static MEMCG_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+
+const BPF_ANY: u64 = 0;
+const BPF_RB_NO_WAKEUP: u64 = 1;
+const BPF_RB_FORCE_WAKEUP: u64 = 2;
+const BPF_RB_AVAIL_DATA: u64 = 0;
+
+/// Charges can come by the thousand per second: wake the reader in batches.
+#[inline(always)]
+fn wakeup_flags(cfg: &MemcgConfig) -> u64 {
+    if cfg.wakeup_bytes == 0 {
+        0
+    } else if MEMCG_EVENTS.query(BPF_RB_AVAIL_DATA) >= cfg.wakeup_bytes {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    }
+}
+
+#[inline(always)]
+fn config() -> &'static MemcgConfig {
+    // Volatile so rustc cannot fold the zeroed initializer; the verifier sees
+    // the frozen values userspace wrote.
+    unsafe { core::ptr::read_volatile(&&MEMCG_CONFIG) }
+}
+
+#[inline(always)]
+fn bump(index: u32) {
+    if let Some(slot) = MEMCG_COUNTERS.get_ptr_mut(index) {
+        unsafe { *slot += 1 };
+    }
+}
+
+#[inline(always)]
+fn read<T>(ctx: &TracePointContext, offset: u16) -> Option<T> {
+    unsafe { ctx.read_at::<T>(offset as usize).ok() }
+}
+
+#[tracepoint]
+pub fn memcg_mkdir(ctx: TracePointContext) -> u32 {
+    let _ = on_cgroup(&ctx, EVENT_MKDIR);
+    0
+}
+
+#[tracepoint]
+pub fn memcg_rmdir(ctx: TracePointContext) -> u32 {
+    let _ = on_cgroup(&ctx, EVENT_RMDIR);
+    0
+}
+
+/// Runs from a workqueue after the last reference is gone: the task is a
+/// kworker and means nothing; only the id matters.
+#[tracepoint]
+pub fn memcg_release(ctx: TracePointContext) -> u32 {
+    let _ = on_cgroup(&ctx, EVENT_RELEASE);
+    0
+}
+
+#[inline(always)]
+fn on_cgroup(ctx: &TracePointContext, kind: u32) -> Option<()> {
+    let cfg = config();
+    let root: u32 = read(ctx, cfg.cgroup.root)?;
+    if cfg.filter_hierarchy != 0 && root != cfg.hierarchy {
+        return None;
+    }
+    let Some(mut entry) = MEMCG_EVENTS.reserve::<CgroupEvent>(0) else {
+        bump(counter::CGROUP_LOST);
+        return None;
+    };
+    let ev = entry.as_mut_ptr();
+    let pid_tgid = bpf_get_current_pid_tgid();
+    unsafe {
+        (*ev).kind = kind;
+        (*ev).root = root;
+        (*ev).level = read(ctx, cfg.cgroup.level).unwrap_or(0);
+        (*ev).id = read(ctx, cfg.cgroup.id).unwrap_or(0);
+        (*ev).tgid = (pid_tgid >> 32) as u32;
+        (*ev).pid = pid_tgid as u32;
+        (*ev).ppid = parent_tgid(cfg);
+        (*ev).ts_ns = bpf_ktime_get_ns();
+        (*ev).comm = bpf_get_current_comm().unwrap_or([0; 16]);
+        (*ev).path[0] = 0;
+        // __data_loc: low 16 bits are the string's offset in the record.
+        if let Some(loc) = read::<u32>(ctx, cfg.cgroup.path) {
+            let src = ctx.as_ptr().cast::<u8>().add((loc & 0xffff) as usize);
+            let dst = core::slice::from_raw_parts_mut((*ev).path.as_mut_ptr(), PATH_LEN);
+            if bpf_probe_read_kernel_str_bytes(src, dst).is_err() {
+                (*ev).path[0] = 0;
+            }
+        }
+    }
+    // Lifetime events are rare and a user watches for them: wake at once.
+    entry.submit(0);
+    Some(())
+}
+
+/// The creator often exits at once (`mkdir`, runc): its parent, read now, is
+/// what lets userspace walk up to kubelet or containerd-shim later.
+#[inline(always)]
+fn parent_tgid(cfg: &MemcgConfig) -> u32 {
+    if cfg.task_real_parent == 0 || cfg.task_tgid == 0 {
+        return 0;
+    }
+    let task = unsafe { bpf_get_current_task() };
+    let parent: u64 =
+        unsafe { bpf_probe_read_kernel((task + cfg.task_real_parent as u64) as *const u64) }
+            .unwrap_or(0);
+    if parent == 0 {
+        return 0;
+    }
+    unsafe { bpf_probe_read_kernel((parent + cfg.task_tgid as u64) as *const u32) }.unwrap_or(0)
+}
+
+/// The memcg a charge by the current task goes to: the cgroup owning the
+/// task's memory css. On cgroup v1 this is NOT `bpf_get_current_cgroup_id`
+/// (that is the cgroup2 id), hence the BTF-described pointer walk.
+#[inline(always)]
+fn current_memcg(cfg: &MemcgConfig) -> u64 {
+    if cfg.task_cgroups == 0 {
+        return if cfg.memcg_from_cgroup2 != 0 {
+            unsafe { bpf_get_current_cgroup_id() }
+        } else {
+            0
+        };
+    }
+    let read_ptr = |addr: u64| -> u64 {
+        if addr == 0 {
+            return 0;
+        }
+        unsafe { bpf_probe_read_kernel(addr as *const u64) }.unwrap_or(0)
+    };
+    let task = unsafe { bpf_get_current_task() };
+    let cset = read_ptr(task + cfg.task_cgroups as u64);
+    if cset == 0 {
+        return 0;
+    }
+    let slot = cset + cfg.css_set_subsys as u64 + 8 * (cfg.memory_subsys as u64 & 0x3f);
+    let css = read_ptr(slot);
+    if css == 0 {
+        return 0;
+    }
+    let cgrp = read_ptr(css + cfg.css_cgroup as u64);
+    if cgrp == 0 {
+        return 0;
+    }
+    let kn = read_ptr(cgrp + cfg.cgroup_kn as u64);
+    if kn == 0 {
+        return 0;
+    }
+    read_ptr(kn + cfg.kn_id as u64)
+}
+
+#[tracepoint]
+pub fn memcg_kmalloc(ctx: TracePointContext) -> u32 {
+    let cfg = config();
+    if cfg.pins != 0 {
+        let _ = on_charge(&ctx, cfg, false);
+    }
+    0
+}
+
+#[tracepoint]
+pub fn memcg_cache_alloc(ctx: TracePointContext) -> u32 {
+    let cfg = config();
+    if cfg.pins != 0 {
+        let _ = on_charge(&ctx, cfg, true);
+    }
+    0
+}
+
+#[tracepoint]
+pub fn memcg_kfree(ctx: TracePointContext) -> u32 {
+    let cfg = config();
+    if let Some(ptr) = read(&ctx, cfg.kfree_ptr) {
+        on_uncharge(ptr);
+    }
+    0
+}
+
+#[tracepoint]
+pub fn memcg_cache_free(ctx: TracePointContext) -> u32 {
+    let cfg = config();
+    if let Some(ptr) = read(&ctx, cfg.cache_free_ptr) {
+        on_uncharge(ptr);
+    }
+    0
+}
+
+#[inline(always)]
+fn on_charge(ctx: &TracePointContext, cfg: &MemcgConfig, cache: bool) -> Option<()> {
+    let layout = if cache {
+        &cfg.cache_alloc
+    } else {
+        &cfg.kmalloc
+    };
+    // Accounted is the cheap filter: most allocations are not charged.
+    let accounted = if layout.accounted != 0 {
+        read::<u8>(ctx, layout.accounted)? != 0
+    } else {
+        // gfp_flags is 4 or 8 bytes; every GFP bit is in the low 32.
+        (read::<u32>(ctx, layout.gfp_flags)? as u64) & cfg.gfp_account != 0
+    };
+    if !accounted {
+        return None;
+    }
+    let memcg_id = current_memcg(cfg);
+    if memcg_id == 0 {
+        bump(counter::MEMCG_UNKNOWN);
+        return None;
+    }
+    if memcg_id == cfg.root_memcg_id {
+        return None;
+    }
+    let ptr: u64 = read(ctx, layout.ptr)?;
+    if ptr == 0 {
+        return None;
+    }
+    let Some(mut entry) = MEMCG_EVENTS.reserve::<ChargeEvent>(0) else {
+        bump(counter::CHARGE_LOST_RINGBUF);
+        return None;
+    };
+    let ev = entry.as_mut_ptr();
+    let pid_tgid = bpf_get_current_pid_tgid();
+    unsafe {
+        (*ev).kind = EVENT_CHARGE;
+        (*ev).tgid = (pid_tgid >> 32) as u32;
+        (*ev).pid = pid_tgid as u32;
+        (*ev).ptr = ptr;
+        (*ev).memcg_id = memcg_id;
+        (*ev).ts_ns = bpf_ktime_get_ns();
+        (*ev).bytes_alloc = read(ctx, layout.bytes_alloc).unwrap_or(0);
+        (*ev).call_site = read(ctx, layout.call_site).unwrap_or(0);
+        (*ev).comm = bpf_get_current_comm().unwrap_or([0; 16]);
+        (*ev).cache[0] = 0;
+        if layout.name != 0 {
+            if let Some(loc) = read::<u32>(ctx, layout.name) {
+                let src = ctx.as_ptr().cast::<u8>().add((loc & 0xffff) as usize);
+                let dst = core::slice::from_raw_parts_mut((*ev).cache.as_mut_ptr(), CACHE_LEN);
+                if bpf_probe_read_kernel_str_bytes(src, dst).is_err() {
+                    (*ev).cache[0] = 0;
+                }
+            }
+        }
+        (*ev).kstack_bytes = 0;
+        if cfg.stacks != 0 {
+            (*ev).kstack_bytes = bpf_get_stack(
+                ctx.as_ptr(),
+                (*ev).kstack.as_mut_ptr().cast(),
+                (KSTACK * size_of::<u64>()) as u32,
+                0,
+            ) as i32;
+        }
+    }
+    // Insert before submit: once userspace sees the charge, its free must be forwarded.
+    if MEMCG_LIVE.insert(ptr, memcg_id, BPF_ANY).is_err() {
+        entry.discard(0);
+        bump(counter::CHARGE_LOST_MAP_FULL);
+        return None;
+    }
+    entry.submit(wakeup_flags(cfg));
+    Some(())
+}
+
+#[inline(always)]
+fn on_uncharge(ptr: u64) {
+    if unsafe { MEMCG_LIVE.get(ptr) }.is_none() {
+        return;
+    }
+    // Reserve before deleting: if the ring is full the object stays tracked
+    // (kernel and userspace agree it is outstanding) and the loss is counted.
+    let Some(mut entry) = MEMCG_EVENTS.reserve::<UnchargeEvent>(0) else {
+        bump(counter::UNCHARGE_LOST);
+        return;
+    };
+    if MEMCG_LIVE.remove(ptr).is_err() {
+        entry.discard(0);
+        return;
+    }
+    let ev = entry.as_mut_ptr();
+    unsafe {
+        (*ev).kind = EVENT_UNCHARGE;
+        (*ev)._pad = 0;
+        (*ev).ptr = ptr;
+    }
+    entry.submit(wakeup_flags(config()));
+}

@@ -1,0 +1,374 @@
+//! The kernel side of `leaktrace memcg`: build `MemcgConfig` from the running
+//! kernel's tracefs formats and BTF, load the embedded object, attach the
+//! `cgroup:*` tracepoints (every kernel) and, for pins, the `kmem:*` ones.
+
+use anyhow::{bail, Context, Result};
+use aya::{
+    maps::{MapData, PerCpuArray, RingBuf},
+    programs::TracePoint,
+    Ebpf, EbpfLoader,
+};
+use serde::Serialize;
+use tracer_common::memcg::{counter, CgroupLayout, KmemLayout, MemcgConfig};
+
+use super::hierarchy::Hierarchy;
+use crate::{
+    btf::Btf,
+    probes::{raise_memlock_limit, verifier_context, BPF_OBJECT},
+    tracefs::{EventFormat, Tracefs},
+};
+
+/// What was decided, for the one-line mode report and for attaching.
+pub struct Plan {
+    pub config: MemcgConfig,
+    /// (program, system, event)
+    pub attachments: Vec<(&'static str, &'static str, &'static str)>,
+    /// How a charge is attributed to a memcg, or why pins are off.
+    pub attribution: String,
+    pub notes: Vec<String>,
+}
+
+pub struct PlanOptions {
+    pub pins: bool,
+    pub stacks: bool,
+    pub all_hierarchies: bool,
+}
+
+fn cgroup_layout(f: &EventFormat) -> Result<CgroupLayout> {
+    let path = f
+        .field("path")
+        .with_context(|| format!("cgroup:{} has no path field", f.name))?;
+    if !path.data_loc || path.rel_loc {
+        bail!(
+            "cgroup:{}: path is not a __data_loc string on this kernel",
+            f.name
+        );
+    }
+    Ok(CgroupLayout {
+        root: f.offset_of("root", 4)?,
+        level: f.offset_of("level", 4)?,
+        id: f.offset_of("id", 8)?,
+        path: path.offset,
+    })
+}
+
+fn kmem_layout(f: &EventFormat) -> Result<KmemLayout> {
+    let opt = |name: &str, size: u16| f.field(name).filter(|x| x.size == size).map(|x| x.offset);
+    let gfp = f
+        .field("gfp_flags")
+        .with_context(|| format!("kmem:{} has no gfp_flags", f.name))?;
+    Ok(KmemLayout {
+        ptr: f.offset_of("ptr", 8)?,
+        bytes_alloc: f.offset_of("bytes_alloc", 8)?,
+        gfp_flags: gfp.offset,
+        call_site: opt("call_site", 8).unwrap_or(0),
+        name: f
+            .field("name")
+            .filter(|x| x.data_loc && !x.rel_loc)
+            .map_or(0, |x| x.offset),
+        accounted: opt("accounted", 1).unwrap_or(0),
+        _pad: [0; 2],
+    })
+}
+
+pub fn build(
+    tracefs: &Tracefs,
+    btf: Option<&Btf>,
+    hierarchy: &Hierarchy,
+    opts: &PlanOptions,
+) -> Result<Plan> {
+    let mut cfg = MemcgConfig::zeroed();
+    let mut notes = Vec::new();
+    let mut layouts = Vec::new();
+    for event in ["cgroup_mkdir", "cgroup_rmdir", "cgroup_release"] {
+        let f = tracefs
+            .event_format("cgroup", event)?
+            .with_context(|| format!("this kernel has no cgroup:{event} tracepoint"))?;
+        layouts.push(cgroup_layout(&f).with_context(|| format!("reading cgroup:{event}"))?);
+    }
+    if layouts.windows(2).any(|w| w[0] != w[1]) {
+        bail!("cgroup_mkdir/rmdir/release records differ in layout on this kernel; one program cannot read all three");
+    }
+    cfg.cgroup = layouts[0];
+    cfg.hierarchy = hierarchy.id;
+    cfg.filter_hierarchy = u32::from(!opts.all_hierarchies);
+    cfg.root_memcg_id = hierarchy.root_id();
+    let mut attachments = vec![
+        ("memcg_mkdir", "cgroup", "cgroup_mkdir"),
+        ("memcg_rmdir", "cgroup", "cgroup_rmdir"),
+        ("memcg_release", "cgroup", "cgroup_release"),
+    ];
+
+    // Parent of the acting task: optional, only improves the ancestry.
+    if let Some(b) = btf {
+        if let (Some(p), Some(t)) = (
+            b.member_offset("task_struct", "real_parent"),
+            b.member_offset("task_struct", "tgid"),
+        ) {
+            cfg.task_real_parent = u16::try_from(p).unwrap_or(0);
+            cfg.task_tgid = u16::try_from(t).unwrap_or(0);
+        }
+    }
+
+    let attribution = if !opts.pins {
+        "pins off (--no-pins)".to_string()
+    } else {
+        match memcg_walk(btf) {
+            Some((walk, mem_id)) => {
+                cfg.task_cgroups = walk[0];
+                cfg.css_set_subsys = walk[1];
+                cfg.css_cgroup = walk[2];
+                cfg.cgroup_kn = walk[3];
+                cfg.kn_id = walk[4];
+                cfg.memory_subsys = mem_id;
+                format!(
+                    "charges attributed to task->cgroups->subsys[memory_cgrp_id={mem_id}]->cgroup (BTF offsets)"
+                )
+            }
+            None if hierarchy.version == 2 => {
+                cfg.memcg_from_cgroup2 = 1;
+                "charges attributed to the task's cgroup2 id (no BTF for the css walk: \
+                 a task in a cgroup without its own memcg is attributed to that cgroup)"
+                    .to_string()
+            }
+            None => {
+                notes.push(
+                    "pins off: without BTF the task's v1 memory cgroup cannot be read in the kernel"
+                        .into(),
+                );
+                "pins off (no BTF)".to_string()
+            }
+        }
+    };
+    let pins = opts.pins && (cfg.task_cgroups != 0 || cfg.memcg_from_cgroup2 != 0);
+    if pins {
+        cfg.pins = 1;
+        cfg.stacks = u32::from(opts.stacks);
+        let fmt = |e: &str| -> Result<Option<EventFormat>> { Ok(tracefs.event_format("kmem", e)?) };
+        let kmalloc = fmt("kmalloc")?.context("this kernel has no kmem:kmalloc tracepoint")?;
+        let cache = fmt("kmem_cache_alloc")?
+            .context("this kernel has no kmem:kmem_cache_alloc tracepoint")?;
+        cfg.kmalloc = kmem_layout(&kmalloc)?;
+        cfg.cache_alloc = kmem_layout(&cache)?;
+        cfg.gfp_account = kmalloc.print_flag("__GFP_ACCOUNT").unwrap_or(0);
+        if cfg.gfp_account == 0 {
+            notes.push(
+                "__GFP_ACCOUNT not found in kmem:kmalloc's format: kmalloc charges are not seen"
+                    .into(),
+            );
+        }
+        if cfg.cache_alloc.accounted == 0 {
+            notes.push(
+                "kmem:kmem_cache_alloc has no 'accounted' field (before 6.0): objects of SLAB_ACCOUNT \
+                 caches (dentry, inode, filp...) are not seen, only __GFP_ACCOUNT allocations"
+                    .into(),
+            );
+        }
+        cfg.kfree_ptr = fmt("kfree")?
+            .context("no kmem:kfree")?
+            .offset_of("ptr", 8)?;
+        cfg.cache_free_ptr = fmt("kmem_cache_free")?
+            .context("no kmem:kmem_cache_free")?
+            .offset_of("ptr", 8)?;
+        attachments.push(("memcg_kmalloc", "kmem", "kmalloc"));
+        attachments.push(("memcg_cache_alloc", "kmem", "kmem_cache_alloc"));
+        // Kernels before 6.1 have separate *_node events; the programs read
+        // them with the base event's offsets, so attach only where they agree.
+        for (prog, base, node, layout) in [
+            ("memcg_kmalloc", "kmalloc", "kmalloc_node", cfg.kmalloc),
+            (
+                "memcg_cache_alloc",
+                "kmem_cache_alloc",
+                "kmem_cache_alloc_node",
+                cfg.cache_alloc,
+            ),
+        ] {
+            if let Some(f) = fmt(node)? {
+                if kmem_layout(&f).ok() == Some(layout) {
+                    attachments.push((prog, "kmem", node));
+                } else {
+                    notes.push(format!(
+                        "kmem:{node} differs from kmem:{base}: not attached"
+                    ));
+                }
+            }
+        }
+        attachments.push(("memcg_kfree", "kmem", "kfree"));
+        attachments.push(("memcg_cache_free", "kmem", "kmem_cache_free"));
+    }
+    Ok(Plan {
+        config: cfg,
+        attachments,
+        attribution,
+        notes,
+    })
+}
+
+/// Offsets for task->cgroups->subsys[memory_cgrp_id]->cgroup->kn->id.
+fn memcg_walk(btf: Option<&Btf>) -> Option<([u16; 5], u32)> {
+    let b = btf?;
+    let off = |s: &str, m: &str| b.member_offset(s, m).and_then(|o| u16::try_from(o).ok());
+    let walk = [
+        off("task_struct", "cgroups")?,
+        off("css_set", "subsys")?,
+        off("cgroup_subsys_state", "cgroup")?,
+        off("cgroup", "kn")?,
+        off("kernfs_node", "id")?,
+    ];
+    let mem = b.enum_value("cgroup_subsys_id", "memory_cgrp_id")?;
+    Some((walk, mem))
+}
+
+pub struct Hooks {
+    /// Dropping it detaches every program.
+    _ebpf: Ebpf,
+    counters: PerCpuArray<MapData, u64>,
+    pub prog_ids: Vec<u32>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Counters {
+    pub cgroup_events_lost: u64,
+    pub charges_lost_ringbuf: u64,
+    pub charges_lost_map_full: u64,
+    pub uncharges_lost: u64,
+    pub memcg_unknown: u64,
+}
+
+impl Hooks {
+    pub fn attach(
+        plan: &Plan,
+        max_objects: u32,
+        ringbuf_bytes: u32,
+    ) -> Result<(Hooks, RingBuf<MapData>)> {
+        raise_memlock_limit();
+        let mut config = plan.config;
+        config.wakeup_bytes = u64::from(ringbuf_bytes / 4);
+        // The slab tracer's maps are created with the object too; keep them tiny.
+        let mut ebpf = EbpfLoader::new()
+            .override_global("MEMCG_CONFIG", &config, true)
+            .map_max_entries("MEMCG_LIVE", max_objects)
+            .map_max_entries("MEMCG_EVENTS", ringbuf_bytes)
+            .map_max_entries("LIVE", 1)
+            .map_max_entries("EVENTS", 4096)
+            .map_max_entries("SITES", 1)
+            .load(BPF_OBJECT)
+            .context("loading leaktrace's eBPF object (BPF ring buffers need Linux 5.8+)")?;
+        let mut loaded: Vec<&'static str> = Vec::new();
+        for &(name, system, event) in &plan.attachments {
+            let prog: &mut TracePoint = ebpf
+                .program_mut(name)
+                .with_context(|| format!("eBPF object has no program {name}"))?
+                .try_into()
+                .with_context(|| format!("{name} is not a tracepoint program"))?;
+            if !loaded.contains(&name) {
+                prog.load()
+                    .map_err(verifier_context)
+                    .with_context(|| format!("loading program {name} into the kernel"))?;
+                loaded.push(name);
+            }
+            prog.attach(system, event)
+                .with_context(|| format!("attaching to tracepoint {system}:{event}"))?;
+        }
+        let ring = RingBuf::try_from(
+            ebpf.take_map("MEMCG_EVENTS")
+                .context("eBPF object has no MEMCG_EVENTS map")?,
+        )
+        .context("MEMCG_EVENTS is not a ring buffer")?;
+        let counters = PerCpuArray::try_from(
+            ebpf.take_map("MEMCG_COUNTERS")
+                .context("eBPF object has no MEMCG_COUNTERS map")?,
+        )
+        .context("MEMCG_COUNTERS is not a per-CPU array")?;
+        let prog_ids = loaded
+            .iter()
+            .filter_map(|n| Some(ebpf.program(n)?.info().ok()?.id()))
+            .collect();
+        Ok((
+            Hooks {
+                _ebpf: ebpf,
+                counters,
+                prog_ids,
+            },
+            ring,
+        ))
+    }
+
+    pub fn counters(&self) -> Counters {
+        let sum = |i: u32| {
+            self.counters
+                .get(&i, 0)
+                .map(|v| v.iter().copied().fold(0u64, u64::wrapping_add))
+                .unwrap_or(0)
+        };
+        Counters {
+            cgroup_events_lost: sum(counter::CGROUP_LOST),
+            charges_lost_ringbuf: sum(counter::CHARGE_LOST_RINGBUF),
+            charges_lost_map_full: sum(counter::CHARGE_LOST_MAP_FULL),
+            uncharges_lost: sum(counter::UNCHARGE_LOST),
+            memcg_unknown: sum(counter::MEMCG_UNKNOWN),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn fixture(kernel: &str) -> Tracefs {
+        Tracefs::at(
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("testdata/formats/{kernel}")),
+        )
+    }
+
+    #[test]
+    fn plans_on_every_fixture_kernel() {
+        let h = Hierarchy {
+            version: 1,
+            id: 4,
+            mount: PathBuf::from("/nonexistent"),
+        };
+        for kernel in ["5.10", "6.1", "6.12", "6.18"] {
+            let opts = PlanOptions {
+                pins: false,
+                stacks: false,
+                all_hierarchies: false,
+            };
+            let plan = build(&fixture(kernel), None, &h, &opts).expect(kernel);
+            assert_eq!(
+                plan.config.cgroup,
+                CgroupLayout {
+                    root: 8,
+                    level: 12,
+                    id: 16,
+                    path: 24
+                },
+                "{kernel}"
+            );
+            assert_eq!(plan.config.hierarchy, 4);
+            assert_eq!(plan.config.filter_hierarchy, 1);
+            assert_eq!(plan.attachments.len(), 3, "{kernel}");
+        }
+    }
+
+    #[test]
+    fn kmem_layouts_know_accounted_where_it_exists() {
+        for (kernel, accounted) in [
+            ("5.10", false),
+            ("6.1", true),
+            ("6.12", true),
+            ("6.18", true),
+        ] {
+            let t = fixture(kernel);
+            let f = t
+                .event_format("kmem", "kmem_cache_alloc")
+                .expect("readable")
+                .expect("present");
+            let l = kmem_layout(&f).expect(kernel);
+            assert_eq!(l.accounted != 0, accounted, "{kernel}");
+            assert_eq!(l.name != 0, kernel == "6.18", "{kernel}");
+            assert_ne!(l.ptr, 0);
+        }
+    }
+}

@@ -1,0 +1,502 @@
+//! `leaktrace memcg`: who creates memory cgroups, which never die, and what
+//! pins them. cgroup tracepoints -> ring buffer -> [`state::Tracker`] ->
+//! [`Report`] -> [`view`] / JSON, with the same conventions as the slab tracer.
+
+mod ancestry;
+mod hierarchy;
+mod hooks;
+pub mod paths;
+mod state;
+mod view;
+
+use std::{
+    io::{IsTerminal, Write},
+    path::Path,
+    time::Duration,
+};
+
+use anyhow::{Context, Result};
+use aya::maps::{MapData, RingBuf};
+use clap::Args;
+use serde::Serialize;
+use tokio::{
+    io::unix::AsyncFd,
+    signal::unix::{signal, SignalKind},
+};
+use tracer_common::memcg::{
+    CgroupEvent, ChargeEvent, UnchargeEvent, EVENT_CHARGE, EVENT_MKDIR, EVENT_RELEASE, EVENT_RMDIR,
+    EVENT_UNCHARGE,
+};
+
+use self::{
+    hierarchy::{Dying, Hierarchy},
+    hooks::{Counters, Hooks},
+    state::{ChargeInput, Snapshot, SnapshotOptions, Tracker},
+};
+use crate::{
+    btf::Btf,
+    cli::parse_duration,
+    features::{self, Features},
+    symbolize::Symbolizer,
+    trace::monotonic_ns,
+    tracefs::Tracefs,
+};
+
+#[derive(Debug, Args)]
+pub struct MemcgArgs {
+    /// Live view, refreshed every --interval (plain periodic text when stdout is not a terminal).
+    #[arg(long, conflicts_with = "list")]
+    pub top: bool,
+
+    /// One-shot list of memory cgroups (with --duration: after tracing that long).
+    #[arg(long)]
+    pub list: bool,
+
+    /// Stop after this long (e.g. 30s, 5m); default: until Ctrl-C or SIGTERM.
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    pub duration: Option<Duration>,
+
+    /// Refresh period of the live view and JSON snapshots.
+    #[arg(long, value_parser = parse_duration, default_value = "1s", value_name = "DURATION")]
+    pub interval: Duration,
+
+    /// A removed memcg still not released after this long is a zombie.
+    #[arg(long, value_parser = parse_duration, default_value = "30s", value_name = "DURATION")]
+    pub zombie_after: Duration,
+
+    /// Window over which creation and release rates are computed.
+    #[arg(long, value_parser = parse_duration, default_value = "10s", value_name = "DURATION")]
+    pub rate_window: Duration,
+
+    /// Memory cgroups shown in the text views.
+    #[arg(long, default_value_t = 20)]
+    pub limit: usize,
+
+    /// Pinning stacks shown per dying memcg.
+    #[arg(long, default_value_t = 3)]
+    pub stacks: usize,
+
+    /// Which memory controller to watch when both are mounted: 1 (a v1 'memory'
+    /// hierarchy) or 2 (cgroup2); default: wherever the memory controller is bound.
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=2), value_name = "1|2")]
+    pub cgroup_version: Option<u8>,
+
+    /// Do not track charged slab objects (lifetimes only; no kmem tracepoints).
+    #[arg(long)]
+    pub no_pins: bool,
+
+    /// Do not capture a kernel stack per charged allocation.
+    #[arg(long)]
+    pub no_kernel_stacks: bool,
+
+    /// Charged objects the kernel can track at once; more are counted as lost.
+    #[arg(long, default_value_t = 1 << 20, value_name = "N")]
+    pub max_objects: u32,
+
+    /// Ring buffer size in MiB (rounded up to a power of two).
+    #[arg(long, default_value_t = 8, value_name = "MIB")]
+    pub ringbuf_mib: u32,
+
+    /// Machine output: one JSON object per interval (with --top) and a final report, one per line.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub const SCHEMA_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub schema_version: u32,
+    pub report: &'static str,
+    /// "snapshot", "final", or "list".
+    pub kind: &'static str,
+    pub elapsed_s: f64,
+    /// The one line saying which hooks are active.
+    pub mode: String,
+    pub attribution: String,
+    pub hierarchy: Hierarchy,
+    pub zombie_after_s: f64,
+    pub preexisting_dying: Preexisting,
+    #[serde(flatten)]
+    pub snapshot: Snapshot,
+    pub kernel: Counters,
+    /// Events the decoder could not read (should be 0).
+    pub decode_errors: u64,
+}
+
+/// Dying memcgs that predate tracing: unattributable, counted separately.
+#[derive(Debug, Clone, Serialize)]
+pub struct Preexisting {
+    pub at_start: u64,
+    /// The kernel's dying count now minus the dying memcgs we saw removed.
+    pub now: u64,
+    pub kernel_dying_now: u64,
+    pub source: String,
+}
+
+struct Run {
+    hierarchy: Hierarchy,
+    tracker: Tracker,
+    symbols: Symbolizer,
+    mode: String,
+    attribution: String,
+    dying_at_start: Dying,
+    started_ns: u64,
+    opts: SnapshotOptions,
+    decode_errors: u64,
+    kmalloc_cg: bool,
+}
+
+pub fn run(args: MemcgArgs) -> Result<()> {
+    // One thread: bound by the kernel's event rate; small footprint on a sick node.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(run_async(args))
+}
+
+async fn run_async(args: MemcgArgs) -> Result<()> {
+    let root = Path::new("/");
+    let hierarchy = Hierarchy::detect(root, args.cgroup_version)?;
+    let dying_at_start = hierarchy.dying_now(root)?;
+    let mut run = Run {
+        tracker: Tracker::new(hierarchy.walk()),
+        hierarchy,
+        symbols: Symbolizer::new(),
+        mode: String::new(),
+        attribution: String::new(),
+        dying_at_start,
+        started_ns: monotonic_ns(),
+        opts: SnapshotOptions {
+            zombie_after_ns: args.zombie_after.as_nanos() as u64,
+            rate_window_ns: args.rate_window.as_nanos() as u64,
+            include_preexisting_live: args.list,
+            stacks: args.stacks,
+        },
+        decode_errors: 0,
+        kmalloc_cg: root.join("sys/kernel/slab/kmalloc-cg-8").exists(),
+    };
+    // A plain --list is a look at cgroupfs and /proc/cgroups: no BPF, no root.
+    if args.list && args.duration.is_none() {
+        run.mode = "none (one-shot list from cgroupfs; --duration traces first)".into();
+        let report = run.report("list", Counters::default());
+        return emit_final(&args, &report);
+    }
+
+    features::require_root()?;
+    let tracefs = Tracefs::locate_or_mount()?;
+    let features = Features::detect(root, Some(tracefs.root()));
+    let btf = Btf::from_sys_fs().ok();
+    let plan = hooks::build(
+        &tracefs,
+        btf.as_ref(),
+        &run.hierarchy,
+        &hooks::PlanOptions {
+            pins: !args.no_pins,
+            stacks: !args.no_kernel_stacks,
+            all_hierarchies: false,
+        },
+    )?;
+    let ringbuf_bytes = args
+        .ringbuf_mib
+        .checked_mul(1 << 20)
+        .and_then(u32::checked_next_power_of_two)
+        .context("--ringbuf-mib is too large")?;
+    let (hooks, ring) = Hooks::attach(&plan, args.max_objects, ringbuf_bytes)?;
+    run.mode = mode_line(&plan, &features);
+    run.attribution = plan.attribution.clone();
+    // Take the walk again now that the hooks see every change: a memcg made
+    // between the first walk and attach would otherwise be unknown.
+    for (id, (path, level)) in run.hierarchy.walk() {
+        run.tracker.seed_live(id, path, level);
+    }
+    for note in &plan.notes {
+        eprintln!("leaktrace: {note}");
+    }
+    eprintln!("leaktrace: {}", run.mode);
+    eprintln!("leaktrace: {}", run.attribution);
+    eprintln!(
+        "leaktrace: memory controller: cgroup v{} (hierarchy {}) at {}; {} dying memcgs before tracing ({})",
+        run.hierarchy.version,
+        run.hierarchy.id,
+        run.hierarchy.mount.display(),
+        run.dying_at_start.count,
+        run.dying_at_start.source
+    );
+    eprintln!(
+        "leaktrace: attached to memcg lifetimes (bpf prog ids {:?}); Ctrl-C to stop",
+        hooks.prog_ids
+    );
+
+    let outcome = event_loop(&args, ring, &hooks, &mut run).await;
+    let counters = hooks.counters();
+    drop(hooks);
+    let mut ring = outcome?;
+    drain(&mut run, &mut ring);
+    let kind = if args.list { "list" } else { "final" };
+    let report = run.report(kind, counters);
+    emit_final(&args, &report)
+}
+
+fn mode_line(plan: &hooks::Plan, features: &Features) -> String {
+    let events: Vec<String> = plan
+        .attachments
+        .iter()
+        .map(|(_, s, e)| format!("{s}:{e}"))
+        .collect();
+    let kprobes = if features.kprobes {
+        "kprobes available but not used: the cgroup tracepoints give the same lifetime on every kernel"
+    } else {
+        "no kprobes on this kernel: memcg lifetime = cgroup lifetime from tracepoints"
+    };
+    format!(
+        "memcg hooks: tracepoints {} ({kprobes}; kernel {})",
+        events.join(","),
+        features.kernel_release
+    )
+}
+
+const POLL: Duration = Duration::from_millis(20);
+
+async fn event_loop(
+    args: &MemcgArgs,
+    ring: RingBuf<MapData>,
+    hooks: &Hooks,
+    run: &mut Run,
+) -> Result<RingBuf<MapData>> {
+    // SAFETY: the ring buffer owns its fd while the AsyncFd holds it; into_inner
+    // deregisters it before the RingBuf is used elsewhere.
+    let mut ring = unsafe { AsyncFd::register(ring) }
+        .map_err(|e| e.into_parts().1)
+        .context("registering the ring buffer with the event loop")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut ticker = tokio::time::interval(args.interval);
+    // Charge events wake the reader in batches; the poll timer drains the rest.
+    let mut poll = tokio::time::interval(POLL);
+    let deadline = tokio::time::sleep(args.duration.unwrap_or(Duration::from_secs(u64::MAX / 4)));
+    tokio::pin!(deadline);
+    let tty = std::io::stdout().is_terminal();
+    loop {
+        tokio::select! {
+            guard = ring.readable_mut() => {
+                let mut guard = guard.context("waiting for ring buffer events")?;
+                drain(run, guard.get_inner_mut());
+                guard.clear_ready();
+            }
+            _ = poll.tick() => drain(run, ring.get_mut()),
+            _ = ticker.tick() => {
+                drain(run, ring.get_mut());
+                if args.top {
+                    let report = run.report("snapshot", hooks.counters());
+                    emit_snapshot(args, &report, tty)?;
+                }
+            }
+            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break,
+            _ = &mut deadline => break,
+        }
+    }
+    Ok(ring.into_inner())
+}
+
+fn read_event<T: Copy>(bytes: &[u8]) -> Option<T> {
+    (bytes.len() >= std::mem::size_of::<T>())
+        // SAFETY: length checked; T is a repr(C) POD type from tracer-common.
+        .then(|| unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
+}
+
+fn cstr(bytes: &[u8]) -> String {
+    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    String::from_utf8_lossy(&bytes[..end]).into_owned()
+}
+
+fn drain(run: &mut Run, ring: &mut RingBuf<MapData>) {
+    let root = Path::new("/");
+    while let Some(item) = ring.next() {
+        let kind = item
+            .get(..4)
+            .map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
+        match kind {
+            Some(EVENT_MKDIR | EVENT_RMDIR | EVENT_RELEASE) => {
+                let Some(ev) = read_event::<CgroupEvent>(&item) else {
+                    run.decode_errors += 1;
+                    continue;
+                };
+                let path = cstr(&ev.path);
+                match ev.kind {
+                    EVENT_MKDIR => {
+                        let who = ancestry::actor(root, ev.pid, ev.tgid, &cstr(&ev.comm), ev.ppid);
+                        run.tracker.mkdir(ev.id, &path, ev.level, ev.ts_ns, who);
+                    }
+                    EVENT_RMDIR => {
+                        let who = ancestry::actor(root, ev.pid, ev.tgid, &cstr(&ev.comm), ev.ppid);
+                        run.tracker.rmdir(ev.id, &path, ev.level, ev.ts_ns, who);
+                    }
+                    _ => run.tracker.release(ev.id, ev.ts_ns),
+                }
+            }
+            Some(EVENT_CHARGE) => {
+                let Some(ev) = read_event::<ChargeEvent>(&item) else {
+                    run.decode_errors += 1;
+                    continue;
+                };
+                let frames = usize::try_from(ev.kstack_bytes).unwrap_or(0) / 8;
+                let kstack = &ev.kstack[..frames.min(ev.kstack.len())];
+                let named = cstr(&ev.cache);
+                let cache = if !named.is_empty() {
+                    named
+                } else {
+                    kmalloc_name(ev.bytes_alloc, run.kmalloc_cg)
+                };
+                run.tracker.charge(ChargeInput {
+                    ptr: ev.ptr,
+                    memcg_id: ev.memcg_id,
+                    bytes: ev.bytes_alloc,
+                    cache,
+                    tgid: ev.tgid,
+                    comm: &cstr(&ev.comm),
+                    kstack,
+                });
+            }
+            Some(EVENT_UNCHARGE) => match read_event::<UnchargeEvent>(&item) {
+                Some(ev) => {
+                    run.tracker.uncharge(ev.ptr);
+                }
+                None => run.decode_errors += 1,
+            },
+            _ => run.decode_errors += 1,
+        }
+    }
+}
+
+/// kmalloc records carry no cache name; the size class and the kernel's
+/// separate charged caches (5.14+) name it.
+fn kmalloc_name(bytes: u64, kmalloc_cg: bool) -> String {
+    match (bytes, kmalloc_cg) {
+        (0, _) => "kmalloc-?".into(),
+        (b, _) if b > 8192 => "kmalloc-large (pages)".into(),
+        (b, true) => format!("kmalloc-cg-{}", kmalloc_class(b)),
+        (b, false) => format!("kmalloc-{}", kmalloc_class(b)),
+    }
+}
+
+fn kmalloc_class(bytes: u64) -> String {
+    if bytes >= 1024 && bytes.is_multiple_of(1024) {
+        format!("{}k", bytes / 1024)
+    } else {
+        bytes.to_string()
+    }
+}
+
+impl Run {
+    fn report(&mut self, kind: &'static str, kernel: Counters) -> Report {
+        let now = monotonic_ns();
+        let mut snapshot = self.tracker.snapshot(now, &self.opts);
+        for m in &mut snapshot.memcgs {
+            for s in &mut m.pinned_stacks {
+                let frames = self.tracker.stacks.frames(s.stack);
+                s.kernel = strip_tracing(self.symbols.kernel_frames(frames));
+            }
+        }
+        self.symbols.trim();
+        let kernel_dying = self
+            .hierarchy
+            .dying_now(Path::new("/"))
+            .map_or(self.dying_at_start.count, |d| d.count);
+        Report {
+            schema_version: SCHEMA_VERSION,
+            report: "memcg",
+            kind,
+            elapsed_s: now.saturating_sub(self.started_ns) as f64 / 1e9,
+            mode: self.mode.clone(),
+            attribution: self.attribution.clone(),
+            hierarchy: self.hierarchy.clone(),
+            zombie_after_s: self.opts.zombie_after_ns as f64 / 1e9,
+            preexisting_dying: Preexisting {
+                at_start: self.dying_at_start.count,
+                now: kernel_dying.saturating_sub(self.tracker.tracked_dying()),
+                kernel_dying_now: kernel_dying,
+                source: self.dying_at_start.source.clone(),
+            },
+            snapshot,
+            kernel,
+            decode_errors: self.decode_errors,
+        }
+    }
+}
+
+/// Our own program and the tracepoint machinery sit on top of every stack.
+fn strip_tracing(mut frames: Vec<String>) -> Vec<String> {
+    const TRACING: [&str; 7] = [
+        "bpf_prog_",
+        "bpf_trace_run",
+        "__bpf_trace_",
+        "__traceiter_",
+        "perf_trace_",
+        "trace_event_raw_event_",
+        "trace_call_bpf",
+    ];
+    let keep = frames
+        .iter()
+        .position(|f| !TRACING.iter().any(|t| f.starts_with(t)))
+        .unwrap_or(frames.len());
+    frames.drain(..keep);
+    frames
+}
+
+fn emit_snapshot(args: &MemcgArgs, report: &Report, tty: bool) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        let line = serde_json::to_string(report).context("encoding JSON snapshot")?;
+        writeln!(out, "{line}")?;
+    } else {
+        let text = view::render(report, args, false);
+        if tty {
+            // Home + clear, cut to the window so the header never scrolls away.
+            let rows = view::terminal_rows()
+                .unwrap_or(usize::MAX)
+                .saturating_sub(1)
+                .max(1);
+            let screen: Vec<&str> = text.lines().take(rows).collect();
+            write!(out, "\x1b[H\x1b[2J{}", screen.join("\n"))?;
+        } else {
+            writeln!(out, "{text}---")?;
+        }
+    }
+    out.flush()?;
+    Ok(())
+}
+
+fn emit_final(args: &MemcgArgs, report: &Report) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        let line = serde_json::to_string(report).context("encoding JSON report")?;
+        writeln!(out, "{line}")?;
+    } else {
+        writeln!(out, "{}", view::render(report, args, true))?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kmalloc_names() {
+        assert_eq!(kmalloc_name(512, true), "kmalloc-cg-512");
+        assert_eq!(kmalloc_name(2048, true), "kmalloc-cg-2k");
+        assert_eq!(kmalloc_name(96, false), "kmalloc-96");
+        assert_eq!(kmalloc_name(16384, true), "kmalloc-large (pages)");
+    }
+
+    #[test]
+    fn short_events_are_refused() {
+        assert!(read_event::<UnchargeEvent>(&[0u8; 8]).is_none());
+        assert!(read_event::<UnchargeEvent>(&[0u8; 16]).is_some());
+        assert_eq!(cstr(b"abc\0def"), "abc");
+    }
+}
