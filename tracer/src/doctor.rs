@@ -322,12 +322,8 @@ pub fn slab_finding(
         details.push("  (none)".to_string());
     }
     for r in &growth {
-        details.push(format!(
-            "  {:<24} {:>12}  {}",
-            r.name,
-            rate(r),
-            alias_note(r)
-        ));
+        let line = format!("  {:<24} {:>12}  {}", r.name, rate(r), alias_note(r));
+        details.push(line.trim_end().to_string());
     }
     details.push("largest caches:".to_string());
     for r in &size {
@@ -335,14 +331,15 @@ pub fn slab_finding(
             .pct_of_ram
             .map(|p| format!("{p:5.1}%"))
             .unwrap_or_default();
-        details.push(format!(
+        let line = format!(
             "  {:<24} {:>8} {share}  {} objs of {}B  {}",
             r.name,
             human_bytes(r.total_bytes),
             r.active_objs,
             r.objsize,
             alias_note(r)
-        ));
+        );
+        details.push(line.trim_end().to_string());
     }
     Ok(Finding {
         check: "slab",
@@ -435,6 +432,17 @@ pub fn memcg_severity(counts: &MemcgCounts, timings: &[StatTiming]) -> Severity 
     }
 }
 
+/// Read times span microseconds (healthy) to seconds (the seed's 9 s).
+fn seconds(s: f64) -> String {
+    if s < 0.001 {
+        format!("{:.0}µs", s * 1e6)
+    } else if s < 1.0 {
+        format!("{:.1}ms", s * 1000.0)
+    } else {
+        format!("{s:.1}s")
+    }
+}
+
 fn memcg_finding(
     h: &cgroups::MemoryHierarchy,
     counts: MemcgCounts,
@@ -466,8 +474,9 @@ fn memcg_finding(
             .map(|u| format!(", usage {}", human_bytes(u)))
             .unwrap_or_default();
         details.push(format!(
-            "memory.stat of {}{usage}: read in {:.3}s",
-            t.cgroup, t.seconds
+            "memory.stat of {}{usage}: read in {}",
+            t.cgroup,
+            seconds(t.seconds)
         ));
     }
     if let Some(why) = &memory_stat_unknown {

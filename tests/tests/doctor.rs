@@ -1,0 +1,330 @@
+//! `leaktrace doctor` on the running kernel: the memcg check must see zombie memcgs this
+//! test makes, and the slab-growth check must name the cache a generator grows.
+
+use std::{
+    fs,
+    io::{BufRead, BufReader},
+    os::unix::process::CommandExt,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use leaktrace_tests::*;
+use serde_json::Value;
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// `leaktrace doctor --json ARGS`, parsed; panics with stderr when it does not exit 0.
+fn doctor(args: &[&str]) -> Value {
+    let mut all = vec!["doctor", "--json"];
+    all.extend_from_slice(args);
+    let (code, stdout, stderr) = run_leaktrace(&all).expect("run leaktrace doctor");
+    assert_eq!(code, 0, "doctor failed: {stderr}");
+    assert_eq!(stdout.lines().count(), 1, "one JSON object: {stdout}");
+    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"))
+}
+
+fn finding<'a>(report: &'a Value, check: &str) -> &'a Value {
+    report["findings"]
+        .as_array()
+        .and_then(|f| f.iter().find(|f| f["check"] == check))
+        .unwrap_or_else(|| panic!("no {check} finding in {report}"))
+}
+
+fn dying(report: &Value) -> u64 {
+    let memcgs = finding(report, "memcgs");
+    memcgs["data"]["dying"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no dying count: {memcgs}"))
+}
+
+/// A cgroup this test made; removed (after its zombie children's files) on drop.
+struct TestCgroup {
+    dir: PathBuf,
+    scratch: PathBuf,
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        // Dropping the page cache lets the kernel free the zombies this test made.
+        let _ = fs::remove_dir_all(&self.scratch);
+        if let Ok(entries) = fs::read_dir(&self.dir) {
+            for e in entries.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    let _ = fs::remove_dir(e.path());
+                }
+            }
+        }
+        let _ = fs::remove_dir(&self.dir);
+    }
+}
+
+/// rmdir of a cgroup whose last task just exited can briefly fail with EBUSY.
+fn rmdir_retrying(dir: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match fs::remove_dir(dir) {
+            Ok(()) => return,
+            Err(_) if Instant::now() < deadline => thread::sleep(Duration::from_millis(20)),
+            Err(e) => panic!("rmdir {}: {e}", dir.display()),
+        }
+    }
+}
+
+/// Makes a memcg, runs a short-lived process in it that charges page cache and dentries
+/// (which keep the memcg from being freed after rmdir), waits for it, removes the memcg.
+fn make_zombie(parent: &Path, scratch: &Path, i: usize) {
+    let cg = parent.join(format!("z{i}"));
+    fs::create_dir(&cg).unwrap_or_else(|e| panic!("mkdir {}: {e}", cg.display()));
+    let procs = cg.join("cgroup.procs");
+    let file = scratch.join(format!("z{i}.data"));
+    let dir = scratch.join(format!("z{i}.d"));
+    let script = format!(
+        "echo $$ > '{}' && head -c 262144 /dev/urandom > '{}' && mkdir '{}' && touch '{}/a' '{}/b'",
+        procs.display(),
+        file.display(),
+        dir.display(),
+        dir.display(),
+        dir.display()
+    );
+    let status = Command::new("sh")
+        .args(["-c", &script])
+        .status()
+        .expect("run the charging child");
+    assert!(status.success(), "charging child failed: {script}");
+    rmdir_retrying(&cg);
+}
+
+#[test]
+fn zombie_memcgs_raise_the_dying_count() {
+    skip_unless!(is_root(), "making memory cgroups needs root");
+    let before = doctor(&["--watch", "100ms"]);
+    let memcgs = finding(&before, "memcgs");
+    let data = &memcgs["data"];
+    skip_unless!(
+        data.is_object(),
+        "no memory cgroup hierarchy here: {}",
+        memcgs["summary"]
+    );
+    let mount = PathBuf::from(data["mount"].as_str().expect("mount"));
+    let version = data["version"].as_str().expect("version");
+    if version == "v2" {
+        // Children get a memcg only when the parent delegates the controller.
+        let delegated = fs::read_to_string(mount.join("cgroup.subtree_control"))
+            .is_ok_and(|c| c.split_whitespace().any(|x| x == "memory"));
+        skip_unless!(
+            delegated,
+            "memory is not enabled in {}/cgroup.subtree_control",
+            mount.display()
+        );
+    }
+    let tag = format!("leaktrace-doctor-test-{}", std::process::id());
+    let parent = TestCgroup {
+        dir: mount.join(&tag),
+        scratch: std::env::temp_dir().join(&tag),
+    };
+    fs::create_dir(&parent.dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", parent.dir.display()));
+    if version == "v2" {
+        fs::write(parent.dir.join("cgroup.subtree_control"), "+memory").expect("delegate memory");
+    }
+    fs::create_dir_all(&parent.scratch).expect("scratch dir");
+
+    // Counted with our (live) parent in place, so only the zombies differ.
+    let baseline = dying(&doctor(&["--watch", "100ms"]));
+    const ZOMBIES: usize = 12;
+    for i in 0..ZOMBIES {
+        make_zombie(&parent.dir, &parent.scratch, i);
+    }
+    let after = doctor(&["--watch", "100ms"]);
+    let now = dying(&after);
+    println!("dying memcgs: {baseline} before, {now} after {ZOMBIES} zombies");
+    assert!(
+        now >= baseline + ZOMBIES as u64,
+        "dying memcgs went from {baseline} to {now} after making {ZOMBIES} zombies: {}",
+        finding(&after, "memcgs")
+    );
+    let live = finding(&after, "memcgs")["data"]["live"]
+        .as_u64()
+        .expect("live");
+    assert!(
+        live >= 2,
+        "our parent cgroup is live: {}",
+        finding(&after, "memcgs")
+    );
+}
+
+#[test]
+fn slab_growth_names_the_cache_a_generator_grows() {
+    skip_unless!(is_root(), "/proc/slabinfo needs root");
+    skip_unless!(slab_cache_exists("kmalloc-512"), "no kmalloc-512 cache");
+    let child = Command::new(leaktrace_bin())
+        .args(["doctor", "--json", "--watch", "2s"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn doctor");
+    let mut child = KillOnDrop(child);
+    let stderr = child.0.stderr.take().expect("stderr");
+    let mut lines = BufReader::new(stderr).lines();
+    // The generator must allocate after the first sample, inside the window.
+    let first = lines
+        .next()
+        .expect("doctor wrote nothing to stderr")
+        .expect("read stderr");
+    assert!(first.contains("sampling slab caches for 2.0s"), "{first}");
+
+    const KEYS: u64 = 2000;
+    let mut gen = Generator::start("keys", &KEYS.to_string()).expect("leakgen keys");
+    let out = child.0.wait_with_output_timeout(Duration::from_secs(30));
+    gen.release().expect("release keys");
+    gen.finish().expect("leakgen exit");
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    assert!(out.0.success(), "doctor failed: {rest:?}");
+    let report: Value = serde_json::from_str(&out.1).unwrap_or_else(|e| panic!("{e}: {}", out.1));
+
+    let slab = finding(&report, "slab");
+    let grown = slab["data"]["top_growth"]
+        .as_array()
+        .expect("top_growth")
+        .iter()
+        .find(|r| {
+            r["name"] == "kmalloc-512"
+                || r["aliases"]
+                    .as_array()
+                    .is_some_and(|a| a.iter().any(|n| n == "kmalloc-512"))
+        })
+        .unwrap_or_else(|| panic!("kmalloc-512 is not among the growing caches: {slab}"));
+    let secs = slab["data"]["elapsed_seconds"].as_f64().expect("elapsed");
+    let objs = grown["objs_per_sec"].as_f64().expect("objs/s") * secs;
+    // Other kmalloc-512 users come and go during the window; most of the keys must show.
+    assert!(
+        objs >= KEYS as f64 / 2.0,
+        "kmalloc-512 grew by {objs:.0} objects while {KEYS} keys were held: {slab}"
+    );
+    if slab["data"]["top_growth"][0]["name"] == grown["name"] {
+        let next = report["next_command"].as_str().expect("next_command");
+        assert!(next.contains("--cache kmalloc-512 --top"), "{next}");
+        assert!(
+            slab["summary"]
+                .as_str()
+                .is_some_and(|s| s.starts_with("kmalloc-512")),
+            "{slab}"
+        );
+    }
+}
+
+#[test]
+fn text_report_is_ranked_and_ends_with_the_next_command() {
+    let (code, stdout, stderr) =
+        run_leaktrace(&["doctor", "--watch", "200ms"]).expect("run leaktrace doctor");
+    assert_eq!(code, 0, "{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert!(
+        lines[0].starts_with("leaktrace doctor — kernel "),
+        "{stdout}"
+    );
+    let rank = |label: &str| {
+        ["CRIT", "WARN", "UNKNOWN", "ok"]
+            .iter()
+            .position(|l| *l == label)
+    };
+    let ranks: Vec<usize> = lines
+        .iter()
+        .filter_map(|l| l.split_whitespace().next().and_then(rank))
+        .collect();
+    assert_eq!(ranks.len(), 5, "one line per check: {stdout}");
+    assert!(
+        ranks.windows(2).all(|w| w[0] <= w[1]),
+        "not ranked: {stdout}"
+    );
+    for check in ["memory", "slab", "memcgs", "kmem", "bpf"] {
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.split_whitespace().nth(1) == Some(check)),
+            "{check} missing: {stdout}"
+        );
+    }
+    assert!(
+        lines.last().is_some_and(|l| l.starts_with("next: ")),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn works_without_root() {
+    skip_unless!(is_root(), "needs root to drop to an unprivileged user");
+    let out = Command::new(leaktrace_bin())
+        .args(["doctor", "--json", "--watch", "100ms"])
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .expect("run as nobody");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let report: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    // /proc/slabinfo is root-only: the slab check degrades, the rest still answers.
+    let slab = finding(&report, "slab");
+    assert_eq!(slab["severity"], "unknown", "{slab}");
+    assert!(
+        slab["summary"]
+            .as_str()
+            .is_some_and(|s| s.contains("/proc/slabinfo")),
+        "{slab}"
+    );
+    let memory = finding(&report, "memory");
+    assert!(
+        memory["data"]["mem_total_kb"]
+            .as_u64()
+            .is_some_and(|k| k > 0),
+        "{memory}"
+    );
+    assert_eq!(finding(&report, "bpf")["data"]["root"], false);
+    assert_eq!(report["next_command"], "sudo leaktrace doctor");
+}
+
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+trait WaitTimeout {
+    fn wait_with_output_timeout(&mut self, timeout: Duration)
+        -> (std::process::ExitStatus, String);
+}
+
+impl WaitTimeout for std::process::Child {
+    /// Waits for exit and returns stdout; stderr is read by the caller.
+    fn wait_with_output_timeout(
+        &mut self,
+        timeout: Duration,
+    ) -> (std::process::ExitStatus, String) {
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(status) = self.try_wait().expect("wait for doctor") {
+                break status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "doctor did not exit within {timeout:?}"
+            );
+            thread::sleep(Duration::from_millis(20));
+        };
+        let mut stdout = String::new();
+        if let Some(mut out) = self.stdout.take() {
+            use std::io::Read;
+            out.read_to_string(&mut stdout).expect("read doctor stdout");
+        }
+        (status, stdout)
+    }
+}
