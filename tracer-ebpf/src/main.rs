@@ -20,7 +20,7 @@ use aya_ebpf::{
         bpf_task_pt_regs,
     },
     macros::{map, raw_tracepoint, tracepoint},
-    maps::{ring_buf::RingBufEntry, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{ring_buf::RingBufEntry, HashMap, PerCpuArray, RingBuf},
     programs::{RawTracePointContext, TracePointContext},
     EbpfContext,
 };
@@ -42,17 +42,24 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(8 << 20, 0);
 #[map]
 static LIVE: HashMap<u64, u64> = HashMap::with_max_entries(1 << 20, 0);
 
-/// Allocations seen per (process, call site), for stack sampling. LRU is fine
-/// here: forgetting a site only means its next allocation captures stacks again.
+/// Stack-sampling state: a per-CPU, direct-mapped table of sites (process,
+/// kernel call site, user call site) with their allocation counts. A slot that
+/// holds another site is simply taken over, which only means that site's next
+/// allocation captures stacks again: collisions cost extra stacks, never lose
+/// objects. Cheaper than a shared hash map on the hottest path we have.
 #[map]
-static SITES: LruHashMap<SiteKey, u64> = LruHashMap::with_max_entries(16384, 0);
+static SITES: PerCpuArray<SiteSlot> = PerCpuArray::with_max_entries(SITE_SLOTS, 0);
+
+const SITE_SLOTS: u32 = 1024;
 
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct SiteKey {
+struct SiteSlot {
     call_site: u64,
-    tgid: u64,
     user_ip: u64,
+    tgid: u32,
+    _pad: u32,
+    count: u64,
 }
 
 #[map]
@@ -402,18 +409,22 @@ fn capture_stacks(call_site: u64, tgid: u32, user_ip: u64, cfg: &Config) -> bool
     if cfg.stack_sample_mask == 0 {
         return true;
     }
-    let key = SiteKey {
-        call_site,
-        tgid: tgid as u64,
-        user_ip,
+    // Fibonacci hashing of the three parts; the top bits index the table.
+    let h = (call_site ^ user_ip.rotate_left(21) ^ ((tgid as u64) << 40))
+        .wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    let index = (h >> 54) as u32 & (SITE_SLOTS - 1);
+    let Some(slot) = SITES.get_ptr_mut(index) else {
+        return true;
     };
-    match SITES.get_ptr_mut(key) {
-        Some(count) => unsafe {
-            *count += 1;
-            *count & cfg.stack_sample_mask == 0
-        },
-        None => {
-            let _ = SITES.insert(key, 0, BPF_ANY);
+    unsafe {
+        if (*slot).call_site == call_site && (*slot).user_ip == user_ip && (*slot).tgid == tgid {
+            (*slot).count += 1;
+            (*slot).count & cfg.stack_sample_mask == 0
+        } else {
+            (*slot).call_site = call_site;
+            (*slot).user_ip = user_ip;
+            (*slot).tgid = tgid;
+            (*slot).count = 0;
             true
         }
     }
@@ -425,11 +436,13 @@ fn capture_stacks(call_site: u64, tgid: u32, user_ip: u64, cfg: &Config) -> bool
 fn user_ip() -> u64 {
     // x86_64 struct pt_regs: r15 … orig_ax are 16 words, then ip.
     const PT_REGS_IP: u64 = 16 * 8;
-    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as u64;
-    if regs == 0 {
+    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as *const u64;
+    if regs.is_null() {
         return 0;
     }
-    unsafe { bpf_probe_read_kernel((regs + PT_REGS_IP) as *const u64) }.unwrap_or(0)
+    // A BTF-typed pointer: the verifier turns this load into a fault-safe one,
+    // no helper call needed.
+    unsafe { core::ptr::read_volatile(regs.add((PT_REGS_IP / 8) as usize)) }
 }
 
 #[inline(always)]
