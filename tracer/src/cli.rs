@@ -130,6 +130,28 @@ pub struct TraceArgs {
     #[arg(long)]
     pub json: bool,
 
+    /// At exit, write a gzipped pprof profile (open with `go tool pprof FILE`): sample
+    /// types outstanding_objects/space and alloc_objects/space; labels pid, comm, cgroup, cache.
+    #[arg(long, value_name = "FILE")]
+    pub pprof: Option<std::path::PathBuf>,
+
+    /// At exit, write FlameGraph folded stacks (process;user frames;kernel frames WEIGHT).
+    #[arg(long, value_name = "FILE")]
+    pub folded: Option<std::path::PathBuf>,
+
+    /// At exit, write a flame graph SVG of the same stacks (drawn by inferno).
+    #[arg(long, value_name = "FILE.svg")]
+    pub flamegraph: Option<std::path::PathBuf>,
+
+    /// Weight of --folded and --flamegraph.
+    #[arg(long, value_enum, default_value_t = crate::output::folded::Weight::Bytes)]
+    pub weight: crate::output::folded::Weight,
+
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464), refreshed
+    /// every --interval: outstanding objects/bytes, top processes (at most --limit), losses.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
+
     /// Kernel hooks: auto uses raw tracepoints where the kernel's BTF proves their
     /// argument layout (cheapest) and classic kmem tracepoints elsewhere.
     #[arg(long, value_enum, default_value_t = HookMode::Auto)]

@@ -12,6 +12,7 @@ mod doctor;
 mod features;
 mod memcg;
 mod meminfo;
+mod output;
 mod plan;
 mod probes;
 mod procinfo;
@@ -21,6 +22,7 @@ mod stacks;
 mod symbolize;
 mod trace;
 mod tracefs;
+mod tui;
 mod view;
 
 use std::{path::Path, process::ExitCode};

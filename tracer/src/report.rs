@@ -66,6 +66,20 @@ pub struct StackReport {
     pub counts: Counts,
     pub kernel: Vec<String>,
     pub user: Vec<String>,
+    /// The same stacks by return address, for outputs that carry addresses
+    /// (pprof). Kept out of JSON so schema_version 1 stays as documented.
+    #[serde(skip)]
+    pub kernel_locations: Vec<Location>,
+    #[serde(skip)]
+    pub user_locations: Vec<Location>,
+}
+
+/// One return address and the frames it names: several for inlined Go calls,
+/// which pprof represents as one location with several lines.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Location {
+    pub addr: u64,
+    pub frames: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -111,14 +125,38 @@ pub fn build(kind: &'static str, header: Header, snap: Snapshot, names: &mut Nam
                 stacks: p
                     .sites
                     .into_iter()
-                    .map(|s| StackReport {
-                        counts: s.counts,
-                        kernel: strip_tracing_frames(
-                            names.symbols.kernel_frames(names.stacks.frames(s.kstack)),
-                        ),
-                        user: names
-                            .symbols
-                            .user_frames(p.tgid, names.stacks.frames(s.ustack)),
+                    .map(|s| {
+                        let kaddrs = names.stacks.frames(s.kstack);
+                        let kall = names.symbols.kernel_frames(kaddrs);
+                        let kernel = strip_tracing_frames(kall.clone());
+                        let dropped = kall.len() - kernel.len();
+                        let kernel_locations = kaddrs
+                            .iter()
+                            .zip(kall)
+                            .skip(dropped)
+                            .map(|(&addr, name)| Location {
+                                addr,
+                                frames: vec![name],
+                            })
+                            .collect();
+                        let uaddrs = names.stacks.frames(s.ustack);
+                        let user = names.symbols.user_frames(p.tgid, uaddrs);
+                        // Per address after the whole stack: every lookup is now a
+                        // cache hit, and an address's inlined frames stay together.
+                        let user_locations = uaddrs
+                            .iter()
+                            .map(|&addr| Location {
+                                addr,
+                                frames: names.symbols.user_frames(p.tgid, &[addr]),
+                            })
+                            .collect();
+                        StackReport {
+                            counts: s.counts,
+                            kernel,
+                            user,
+                            kernel_locations,
+                            user_locations,
+                        }
                     })
                     .collect(),
             }

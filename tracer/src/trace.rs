@@ -6,6 +6,7 @@ use std::{
     collections::HashMap,
     io::{IsTerminal, Write},
     path::Path,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -23,13 +24,14 @@ use crate::{
     cli::{SortKey, TraceArgs},
     decoder::decode,
     features::{self, Features},
-    meminfo, plan,
+    meminfo, output, plan,
     probes::Probes,
     procinfo::{self, CgroupPaths, ProcMeta},
     report::{self, Header, Naming, Report, SlabPicture},
     slabinfo::{self, SlabLine},
     symbolize::Symbolizer,
     tracefs::Tracefs,
+    tui::{self, Tui},
     view::{self, TextOptions},
 };
 
@@ -188,6 +190,28 @@ async fn event_loop(
     tokio::pin!(deadline);
     let tty = std::io::stdout().is_terminal();
     let text_opts = text_options(args, Some(args.frames));
+    // The interactive view only where a person watches; JSON and pipes get lines.
+    let mut tui = if args.top && tty && !args.json {
+        Some(Tui::start(tui_column(args.sort), args.frames)?)
+    } else {
+        None
+    };
+    let metrics = match &args.metrics {
+        Some(addr) => {
+            let listener = output::metrics::bind(addr).await?;
+            let local = listener
+                .local_addr()
+                .map_or_else(|_| addr.clone(), |a| a.to_string());
+            // Under the TUI stderr would scribble over the screen; the flag says where.
+            if tui.is_none() {
+                eprintln!("leaktrace: serving Prometheus metrics at http://{local}/metrics");
+            }
+            Some(listener)
+        }
+        None => None,
+    };
+    // Rendered once per refresh and shared with every scrape until the next.
+    let mut metrics_body: Arc<str> = Arc::from("");
 
     loop {
         tokio::select! {
@@ -204,8 +228,26 @@ async fn event_loop(
                 // symbols of the top processes while they are still alive.
                 let counters = probes.counters().unwrap_or_default();
                 let report = state.report("snapshot", counters);
+                if metrics.is_some() {
+                    metrics_body = Arc::from(output::metrics::render(&report, None));
+                }
                 if args.top {
-                    emit_snapshot(args, &report, tty, &text_opts)?;
+                    emit_snapshot(args, &report, tui.as_mut(), &text_opts)?;
+                }
+            }
+            action = next_action(tui.as_mut()) => match action {
+                tui::Action::Quit => break,
+                tui::Action::Redraw => {
+                    if let Some(t) = tui.as_mut() {
+                        t.redraw()?;
+                    }
+                }
+                tui::Action::None => {}
+            },
+            conn = accept(metrics.as_ref()) => {
+                // A failed accept (e.g. out of fds) costs one scrape, not the run.
+                if let Ok((conn, _)) = conn {
+                    tokio::spawn(output::metrics::serve(conn, metrics_body.clone()));
                 }
             }
             _ = sigint.recv() => break,
@@ -213,7 +255,34 @@ async fn event_loop(
             _ = &mut deadline => break,
         }
     }
+    // Leave the alternate screen before the final report prints.
+    drop(tui);
     Ok(ring.into_inner())
+}
+
+/// Keys from the TUI; never ready without one, so select! ignores the branch.
+async fn next_action(tui: Option<&mut Tui>) -> tui::Action {
+    match tui {
+        Some(t) => t.next_action().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn accept(
+    listener: Option<&tokio::net::TcpListener>,
+) -> std::io::Result<(tokio::net::TcpStream, std::net::SocketAddr)> {
+    match listener {
+        Some(l) => l.accept().await,
+        None => std::future::pending().await,
+    }
+}
+
+fn tui_column(sort: SortKey) -> tui::Column {
+    match sort {
+        SortKey::Outstanding => tui::Column::Outstanding,
+        SortKey::Rate => tui::Column::AllocRate,
+        SortKey::Allocs => tui::Column::Allocs,
+    }
 }
 
 fn drain(state: &mut State, ring: &mut RingBuf<MapData>) {
@@ -239,31 +308,29 @@ fn drain(state: &mut State, ring: &mut RingBuf<MapData>) {
     }
 }
 
-fn emit_snapshot(args: &TraceArgs, report: &Report, tty: bool, opts: &TextOptions) -> Result<()> {
+fn emit_snapshot(
+    args: &TraceArgs,
+    report: &Report,
+    tui: Option<&mut Tui>,
+    opts: &TextOptions,
+) -> Result<()> {
+    if let Some(tui) = tui {
+        return tui.show(report);
+    }
     let mut out = std::io::stdout().lock();
     if args.json {
         let line = serde_json::to_string(report).context("encoding JSON snapshot")?;
         writeln!(out, "{line}")?;
     } else {
-        let text = view::render(report, opts);
-        if tty {
-            // Home + clear: redraw in place like top(1), cut to the window so the
-            // header never scrolls away.
-            let rows = terminal_rows()
-                .unwrap_or(usize::MAX)
-                .saturating_sub(1)
-                .max(1);
-            let screen: Vec<&str> = text.lines().take(rows).collect();
-            write!(out, "\x1b[H\x1b[2J{}", screen.join("\n"))?;
-        } else {
-            writeln!(out, "{text}---")?;
-        }
+        writeln!(out, "{}---", view::render(report, opts))?;
     }
     out.flush()?;
     Ok(())
 }
 
 fn emit_final(args: &TraceArgs, report: &Report) -> Result<()> {
+    // Files first: a closed stdout (e.g. `| head`) must not cost the profile.
+    output::write_files(args, report)?;
     let mut out = std::io::stdout().lock();
     if args.json {
         let line = serde_json::to_string(report).context("encoding JSON report")?;
@@ -314,18 +381,6 @@ fn slab_picture(now: &SlabLine, baseline: Option<&(SlabLine, Instant)>) -> SlabP
         active_objs_delta: growth.as_ref().map_or(0, |g| g.objs_delta),
         active_objs_per_sec: growth.as_ref().map_or(0.0, |g| g.objs_per_sec),
     }
-}
-
-fn terminal_rows() -> Option<usize> {
-    let mut size = libc::winsize {
-        ws_row: 0,
-        ws_col: 0,
-        ws_xpixel: 0,
-        ws_ypixel: 0,
-    };
-    // SAFETY: TIOCGWINSZ writes one winsize into the struct we own.
-    let rc = unsafe { libc::ioctl(libc::STDOUT_FILENO, libc::TIOCGWINSZ, &mut size) };
-    (rc == 0 && size.ws_row > 0).then_some(usize::from(size.ws_row))
 }
 
 fn kernel_has_symbol(name: &str) -> bool {

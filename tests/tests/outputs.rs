@@ -1,0 +1,652 @@
+//! leaktrace's outputs opened by the tools people use in an incident: `go tool
+//! pprof`, inferno (FlameGraph), `promtool`, a terminal (tmux), and the
+//! DaemonSet manifest. Each test needs root (it traces the real kernel) and
+//! installs a missing tool with apt, or fails saying why.
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::TcpStream,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::mpsc,
+    thread,
+    time::{Duration, Instant},
+};
+
+use leaktrace_tests::*;
+use serde_json::Value;
+
+const WAIT: Duration = Duration::from_secs(30);
+const N: u64 = 300;
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/tmp/outputs")
+        .join(format!("{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    dir
+}
+
+fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// The tool, installed from Debian's package when missing.
+fn ensure_tool(tool: &str, package: &str) {
+    if have(tool) {
+        return;
+    }
+    let apt = |args: &[&str]| {
+        Command::new("apt-get")
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !apt(&["install", "-y", "-qq", package]) {
+        apt(&["update", "-qq"]);
+        apt(&["install", "-y", "-qq", package]);
+    }
+    assert!(
+        have(tool),
+        "`{tool}` is needed for this test and `apt-get install {package}` did not provide it"
+    );
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Outstanding objects/bytes on `pid`'s stacks through `user_preparse`, as the
+/// final JSON report states them: what every other output must repeat.
+fn keys_in_report(report: &Value, pid: u32) -> (u64, u64) {
+    stacks_matching(report, pid, "user_preparse", "leak_keys").fold((0, 0), |(o, b), s| {
+        (
+            o + count(s, "outstanding"),
+            b + count(s, "outstanding_bytes"),
+        )
+    })
+}
+
+/// One run of `leakgen keys N` under leaktrace writing every file output;
+/// returns the final report, the generator's pid and the directory.
+fn held_keys_with_files(name: &str) -> (Value, u32, PathBuf) {
+    let dir = scratch(name);
+    let path = |f: &str| dir.join(f).to_string_lossy().into_owned();
+    let (pprof, folded, svg) = (path("keys.pb.gz"), path("keys.folded"), path("keys.svg"));
+    let args = [
+        "--cache",
+        "kmalloc-512",
+        "--top",
+        "--interval",
+        "250ms",
+        "--frames",
+        "64",
+        "--pprof",
+        &pprof,
+        "--folded",
+        &folded,
+        "--flamegraph",
+        &svg,
+    ];
+    let mut tracer = Tracer::start(&args).expect("start leaktrace");
+    let gen = Generator::start("keys", &N.to_string()).expect("leakgen keys");
+    let pid = gen.pid;
+    tracer
+        .wait_for("the held keys on their stack", WAIT, |r| {
+            outstanding_on(r, pid, "user_preparse", "leak_keys") >= N
+        })
+        .expect("attribution");
+    // Stop while the keys are still held: the files describe a live leak.
+    let (code, report) = tracer.stop(libc::SIGINT).expect("stop");
+    assert_eq!(code, 0);
+    assert_eq!(report["kind"], "final");
+    drop(gen);
+    (report, pid, dir)
+}
+
+#[test]
+fn pprof_opens_in_go_tool_pprof_with_the_held_object_count() {
+    ensure_tool("go", "golang-go");
+    let (report, pid, dir) = held_keys_with_files("pprof");
+    let (objects, bytes) = keys_in_report(&report, pid);
+    assert!(
+        objects >= N,
+        "report: {objects} outstanding on user_preparse"
+    );
+    let profile = dir.join("keys.pb.gz");
+    let pprof = |extra: &[&str]| {
+        let mut cmd = Command::new("go");
+        cmd.args(["tool", "pprof"])
+            .args(extra)
+            .arg(&profile)
+            .env("HOME", &dir)
+            .env("PPROF_TMPDIR", &dir);
+        run(&mut cmd)
+    };
+    // Only the generator's samples, by its pid label; then user_preparse's
+    // cumulative value is exactly what the report holds for it.
+    let focus = format!("-tagfocus=pid={pid}");
+    for (index, want) in [
+        ("outstanding_objects", objects),
+        ("outstanding_space", bytes),
+    ] {
+        let top = pprof(&[
+            "-top",
+            "-cum",
+            "-nodecount=100",
+            "-unit=B",
+            &format!("-sample_index={index}"),
+            &focus,
+        ]);
+        let line = top
+            .lines()
+            .find(|l| l.split_whitespace().last() == Some("user_preparse"))
+            .unwrap_or_else(|| panic!("no user_preparse row in go tool pprof -top:\n{top}"));
+        let cum = line.split_whitespace().nth(3).expect("cum column");
+        assert_eq!(
+            parse_pprof_value(cum),
+            want,
+            "{index}: go tool pprof says {cum} for user_preparse, the report {want}:\n{top}"
+        );
+    }
+    let traces = pprof(&["-traces", "-sample_index=outstanding_objects", &focus]);
+    for want in [
+        "user_preparse",
+        "__do_sys_add_key",
+        "leak_keys",
+        "leakgen",
+        &pid.to_string(),
+        "kmalloc-512",
+    ] {
+        assert!(traces.contains(want), "-traces lacks {want:?}:\n{traces}");
+    }
+}
+
+/// `-top` prints counts plainly and bytes scaled ("150kB", "1.46MB").
+fn parse_pprof_value(text: &str) -> u64 {
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (num, unit) = text.split_at(split);
+    let num: f64 = num
+        .parse()
+        .unwrap_or_else(|_| panic!("pprof value {text:?}"));
+    let scale = match unit {
+        "" | "B" => 1.0,
+        "kB" => 1024.0,
+        "MB" => 1024.0 * 1024.0,
+        "GB" => 1024.0 * 1024.0 * 1024.0,
+        other => panic!("unknown pprof unit {other:?} in {text:?}"),
+    };
+    (num * scale).round() as u64
+}
+
+/// Every field of a real report is described in docs/json-schema.md.
+fn assert_documented(report: &Value) {
+    fn keys(v: &Value, out: &mut Vec<String>) {
+        match v {
+            Value::Object(m) => {
+                for (k, v) in m {
+                    out.push(k.clone());
+                    keys(v, out);
+                }
+            }
+            Value::Array(a) => a.iter().for_each(|v| keys(v, out)),
+            _ => {}
+        }
+    }
+    let doc = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/json-schema.md"),
+    )
+    .expect("docs/json-schema.md");
+    let mut all = Vec::new();
+    keys(report, &mut all);
+    for k in all {
+        assert!(
+            doc.contains(&format!("`{k}`")),
+            "field {k:?} is not documented in docs/json-schema.md"
+        );
+    }
+    assert_eq!(report["schema_version"], 1);
+}
+
+#[test]
+fn folded_stacks_round_trip_through_inferno_and_the_svg_has_the_frames() {
+    let (report, pid, dir) = held_keys_with_files("folded");
+    assert_documented(&report);
+    let (_, bytes) = keys_in_report(&report, pid);
+    let folded = std::fs::read_to_string(dir.join("keys.folded")).expect("folded file");
+    // Default weight: outstanding bytes. The generator's keys, summed over its
+    // lines through user_preparse, are what the report says they hold.
+    let prefix = format!("leakgen [{pid}];");
+    let mut weight = 0;
+    for line in folded.lines() {
+        let (stack, w) = line.rsplit_once(' ').expect("folded line has a weight");
+        let w: u64 = w.parse().expect("numeric weight");
+        assert!(w > 0, "zero-weight line {line:?}");
+        if stack.starts_with(&prefix) && stack.contains(";user_preparse;") {
+            let frames: Vec<&str> = stack.split(';').collect();
+            let main = frames
+                .iter()
+                .position(|f| f.ends_with("main"))
+                .expect("main");
+            let syscall = frames
+                .iter()
+                .position(|f| *f == "__do_sys_add_key")
+                .expect("syscall frame");
+            assert!(main < syscall, "root-first order: {line}");
+            // Leaf last: the allocator itself.
+            assert!(
+                frames.last().is_some_and(|f| f.contains("kmalloc")),
+                "leaf is not the allocator: {line}"
+            );
+            weight += w;
+        }
+    }
+    assert_eq!(weight, bytes, "folded bytes vs report:\n{folded}");
+
+    // inferno reads the file back (the library inferno-flamegraph runs).
+    let mut opts = inferno::flamegraph::Options::default();
+    opts.count_name = "bytes".to_string();
+    let mut svg = Vec::new();
+    inferno::flamegraph::from_lines(&mut opts, folded.lines(), &mut svg).expect("inferno");
+    let svg = String::from_utf8(svg).expect("utf-8 svg");
+    let ours = std::fs::read_to_string(dir.join("keys.svg")).expect("flame graph file");
+    for svg in [&svg, &ours] {
+        assert!(svg.starts_with("<?xml"), "not an SVG");
+        for frame in [
+            "user_preparse",
+            "__do_sys_add_key",
+            "leak_keys",
+            &prefix[..prefix.len() - 1],
+        ] {
+            assert!(svg.contains(frame), "flame graph lacks {frame:?}");
+        }
+    }
+    // Same input, same renderer: the in-process graph and the round trip agree
+    // on the frames (titles differ by design).
+    let titles = |s: &str| {
+        let mut t: Vec<String> = s
+            .match_indices("<title>")
+            .map(|(i, _)| {
+                s[i + 7..]
+                    .split("</title>")
+                    .next()
+                    .unwrap_or("")
+                    .to_string()
+            })
+            .collect();
+        t.sort();
+        t
+    };
+    assert_eq!(titles(&svg), titles(&ours));
+}
+
+/// A running `leaktrace --metrics 127.0.0.1:0`; the port is read from stderr.
+struct Scraped {
+    child: std::process::Child,
+    addr: String,
+}
+
+impl Scraped {
+    fn start() -> Scraped {
+        let child = Command::new(leaktrace_bin())
+            .args([
+                "--cache",
+                "kmalloc-512",
+                "--interval",
+                "250ms",
+                "--metrics",
+                "127.0.0.1:0",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn leaktrace");
+        // Owned by the guard at once, so a failed wait below still reaps it.
+        let mut scraped = Scraped {
+            child,
+            addr: String::new(),
+        };
+        let err = scraped.child.stderr.take().expect("stderr");
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut seen = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = rx
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("no metrics address on stderr: {seen:?}"));
+            if let Some(rest) = line.split_once("metrics at http://") {
+                scraped.addr = rest.1.trim_end_matches("/metrics").to_string();
+                return scraped;
+            }
+            seen.push(line);
+        }
+    }
+
+    fn scrape(&self) -> String {
+        let mut conn = TcpStream::connect(&self.addr).expect("connect to /metrics");
+        conn.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        write!(conn, "GET /metrics HTTP/1.1\r\nHost: {}\r\n\r\n", self.addr).expect("request");
+        let mut resp = String::new();
+        conn.read_to_string(&mut resp).expect("response");
+        let (head, body) = resp.split_once("\r\n\r\n").expect("HTTP response");
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert!(head.contains("text/plain; version=0.0.4"), "{head}");
+        body.to_string()
+    }
+}
+
+impl Drop for Scraped {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn sample(body: &str, metric: &str, labels: &str) -> Option<f64> {
+    body.lines()
+        .find(|l| l.starts_with(&format!("{metric}{{")) && l.contains(labels))
+        .and_then(|l| l.rsplit_once(' '))
+        .and_then(|(_, v)| v.parse().ok())
+}
+
+#[test]
+fn prometheus_scrape_shows_the_held_keys_and_passes_promtool() {
+    ensure_tool("promtool", "prometheus");
+    let tracer = Scraped::start();
+    let mut gen = Generator::start("keys", &N.to_string()).expect("leakgen keys");
+    let pid = gen.pid;
+    let labels = format!("pid=\"{pid}\",comm=\"leakgen\"");
+    let wait = |pred: &dyn Fn(f64) -> bool, what: &str| {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let body = tracer.scrape();
+            let v = sample(&body, "leaktrace_process_outstanding_objects", &labels);
+            if v.is_some_and(pred) {
+                return body;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no scrape showed {what}; last:\n{body}"
+            );
+            thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let body = wait(&|v| v >= N as f64, "the held keys");
+    assert!(
+        sample(
+            &body,
+            "leaktrace_outstanding_objects",
+            "cache=\"kmalloc-512\""
+        )
+        .is_some_and(|v| v >= N as f64),
+        "{body}"
+    );
+    let dir = scratch("metrics");
+    std::fs::write(dir.join("scrape.txt"), &body).expect("save scrape");
+    let scrape = std::fs::File::open(dir.join("scrape.txt")).expect("open scrape");
+    let out = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(scrape)
+        .output()
+        .expect("promtool");
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}\n{body}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Live, not a snapshot of the start: freeing shows up in the next scrapes.
+    gen.release().expect("release");
+    wait(&|v| v < N as f64, "the keys freed");
+    let mut conn = TcpStream::connect(&tracer.addr).expect("connect");
+    write!(conn, "GET /nope HTTP/1.0\r\n\r\n").expect("request");
+    let mut resp = String::new();
+    conn.read_to_string(&mut resp).expect("response");
+    assert!(resp.starts_with("HTTP/1.1 404"), "{resp}");
+}
+
+fn tmux(args: &[&str]) -> String {
+    run(Command::new("tmux").args(args))
+}
+
+fn pane(session: &str) -> String {
+    tmux(&["capture-pane", "-p", "-t", session])
+}
+
+fn wait_pane(session: &str, what: &str, pred: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let text = pane(session);
+        if pred(&text) {
+            return text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "pane never showed {what}:\n{text}"
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
+}
+
+struct Session(String);
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        let _ = Command::new("tmux")
+            .args(["kill-session", "-t", &self.0])
+            .status();
+    }
+}
+
+#[test]
+fn tui_under_tmux_sorts_expands_pauses_and_restores_the_terminal() {
+    ensure_tool("tmux", "tmux");
+    let session = Session(format!("leaktrace-tui-{}", std::process::id()));
+    let s = session.0.as_str();
+    let bin = leaktrace_bin();
+    let script = format!(
+        "{} --cache kmalloc-512 --top --interval 250ms --frames 4; echo EXIT=$?; stty -a | tr ' ;' '\\n\\n' | grep -x -e -icanon -e icanon; sleep 600",
+        bin.display()
+    );
+    tmux(&[
+        "new-session",
+        "-d",
+        "-s",
+        s,
+        "-x",
+        "180",
+        "-y",
+        "50",
+        "sh",
+        "-c",
+        &script,
+    ]);
+    let alt = || {
+        tmux(&["display-message", "-p", "-t", s, "#{alternate_on}"])
+            .trim()
+            .to_string()
+    };
+    wait_pane(s, "the table header", |t| t.contains("OUTSTANDING▼"));
+    assert_eq!(alt(), "1", "the TUI should draw on the alternate screen");
+
+    // More keys than the other tests of this file hold at once, so the
+    // generator is the top row even when they run in parallel.
+    const N: u64 = 700;
+    let gen = Generator::start("keys", &N.to_string()).expect("leakgen keys");
+    let pid = gen.pid.to_string();
+    let row = |t: &str| {
+        t.lines()
+            .find(|l| l.split_whitespace().next() == Some(pid.as_str()))
+            .map(str::to_string)
+    };
+    // The OUTSTANDING column: the keys' payloads plus the keyring's own
+    // kmalloc-512 objects (links), so at least N while held.
+    let held = |r: &str| {
+        r.split_whitespace()
+            .nth(2)
+            .and_then(|n| n.replace(',', "").parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let text = wait_pane(s, "the generator's row with its keys", |t| {
+        row(t).is_some_and(|r| r.contains("leakgen") && held(&r) >= N)
+    });
+    // Most outstanding first: the generator holds more kmalloc-512 than anyone.
+    let first = text
+        .lines()
+        .skip_while(|l| !l.contains("OUTSTANDING"))
+        .nth(1)
+        .unwrap_or_default();
+    assert!(first.contains(&pid), "generator not on top:\n{text}");
+
+    // Enter expands the selected (top) row to its stacks.
+    tmux(&["send-keys", "-t", s, "Enter"]);
+    wait_pane(s, "the expanded stack", |t| {
+        t.contains("stack #1")
+            && t.contains("k user_preparse")
+            && row(t).is_some_and(|r| r.contains("[-]"))
+    });
+    // Sort by PID ascending: the arrow moves to the PID column.
+    tmux(&["send-keys", "-t", s, "n"]);
+    tmux(&["send-keys", "-t", s, "r"]);
+    wait_pane(s, "sort by pid ascending", |t| t.contains("PID▲"));
+    // Pause freezes the rows while the keys are released; resume shows it.
+    tmux(&["send-keys", "-t", s, "p"]);
+    wait_pane(s, "the pause banner", |t| t.contains("PAUSED"));
+    let mut gen = gen;
+    gen.release().expect("release");
+    thread::sleep(Duration::from_millis(1000));
+    let paused = pane(s);
+    assert!(
+        row(&paused).is_some_and(|r| held(&r) >= N),
+        "paused screen changed:\n{paused}"
+    );
+    tmux(&["send-keys", "-t", s, "p"]);
+    wait_pane(s, "the freed keys after resume", |t| {
+        !t.contains("PAUSED") && row(t).is_some_and(|r| held(&r) < N)
+    });
+    tmux(&["send-keys", "-t", s, "?"]);
+    wait_pane(s, "the long help", |t| t.contains("close help"));
+
+    tmux(&["send-keys", "-t", s, "q"]);
+    wait_pane(s, "leaktrace's exit", |t| t.contains("EXIT="));
+    // With the scrollback: the final report is longer than the window.
+    let done = tmux(&["capture-pane", "-p", "-S", "-", "-t", s]);
+    assert!(done.contains("EXIT=0"), "{done}");
+    assert!(
+        done.contains("leaktrace final report"),
+        "no final report after quit:\n{done}"
+    );
+    // Restored: main screen, canonical mode back on.
+    assert_eq!(alt(), "0", "still on the alternate screen:\n{done}");
+    let mode = done
+        .lines()
+        .find(|l| l.trim() == "icanon" || l.trim() == "-icanon")
+        .unwrap_or_else(|| panic!("no stty output:\n{done}"));
+    assert_eq!(mode.trim(), "icanon", "terminal left in raw mode:\n{done}");
+}
+
+#[test]
+fn daemonset_manifest_is_a_privileged_hostpid_daemonset_with_its_mounts() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/daemonset.yaml");
+    let text = std::fs::read_to_string(&path).expect("deploy/daemonset.yaml");
+    let doc: serde_norway::Value = serde_norway::from_str(&text).expect("valid YAML");
+    let doc: Value = serde_json::to_value(doc).expect("YAML as JSON");
+    assert_eq!(doc["apiVersion"], "apps/v1");
+    assert_eq!(doc["kind"], "DaemonSet");
+    let spec = &doc["spec"];
+    assert_eq!(
+        spec["selector"]["matchLabels"], spec["template"]["metadata"]["labels"],
+        "selector must match the pod labels"
+    );
+    let pod = &spec["template"]["spec"];
+    assert_eq!(pod["hostPID"], true);
+    let c = &pod["containers"][0];
+    assert_eq!(c["securityContext"]["privileged"], true);
+    for r in ["cpu", "memory"] {
+        assert!(c["resources"]["limits"][r].is_string(), "no {r} limit");
+        assert!(c["resources"]["requests"][r].is_string(), "no {r} request");
+    }
+    let args: Vec<&str> = c["args"]
+        .as_array()
+        .expect("args")
+        .iter()
+        .map(|a| a.as_str().expect("string arg"))
+        .collect();
+    let metrics = args
+        .windows(2)
+        .find(|w| w[0] == "--metrics")
+        .map(|w| w[1])
+        .expect("--metrics in args");
+    let port = metrics.rsplit_once(':').expect("ADDR:PORT").1;
+    assert_eq!(c["ports"][0]["containerPort"].to_string(), port);
+    assert_eq!(
+        spec["template"]["metadata"]["annotations"]["prometheus.io/port"],
+        port
+    );
+    // The args parse as leaktrace's own command line.
+    let (code, _, stderr) = run_leaktrace(&[&args[..], &["--help"]].concat()).expect("run");
+    assert_eq!(code, 0, "{stderr}");
+
+    let volumes = pod["volumes"].as_array().expect("volumes");
+    let host_path = |name: &str| {
+        volumes
+            .iter()
+            .find(|v| v["name"] == name)
+            .and_then(|v| v["hostPath"]["path"].as_str())
+            .map(str::to_string)
+    };
+    let mounts: Vec<(String, String)> = c["volumeMounts"]
+        .as_array()
+        .expect("volumeMounts")
+        .iter()
+        .map(|m| {
+            let name = m["name"].as_str().expect("mount name");
+            let host =
+                host_path(name).unwrap_or_else(|| panic!("mount {name} has no hostPath volume"));
+            (
+                host,
+                m["mountPath"].as_str().expect("mountPath").to_string(),
+            )
+        })
+        .collect();
+    for need in [
+        "/sys/kernel/tracing",
+        "/sys/kernel/btf",
+        "/sys/fs/cgroup",
+        "/proc",
+    ] {
+        assert!(
+            mounts.iter().any(|(host, _)| host == need),
+            "no hostPath mount of {need}: {mounts:?}"
+        );
+    }
+    for (host, at) in &mounts {
+        if host.starts_with("/sys") {
+            assert_eq!(host, at, "{host} must appear where leaktrace looks for it");
+        }
+    }
+}

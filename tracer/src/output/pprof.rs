@@ -1,0 +1,404 @@
+//! `--pprof FILE`: the report as a gzipped pprof profile, so `go tool pprof`
+//! (and every UI that reads its format) opens a leak without glue.
+//!
+//! The messages are profile.proto (github.com/google/pprof/proto/profile.proto)
+//! written down with prost's derive: no protoc at build time, and only the
+//! fields leaktrace fills. Field numbers are the wire format; they must not change.
+
+use std::collections::HashMap;
+
+use anyhow::{Context, Result};
+use flate2::{write::GzEncoder, Compression};
+use prost::Message;
+
+use crate::report::{Location as Frames, ProcessReport, Report};
+
+#[derive(Clone, PartialEq, Message)]
+pub struct Profile {
+    #[prost(message, repeated, tag = "1")]
+    pub sample_type: Vec<ValueType>,
+    #[prost(message, repeated, tag = "2")]
+    pub sample: Vec<Sample>,
+    #[prost(message, repeated, tag = "3")]
+    pub mapping: Vec<Mapping>,
+    #[prost(message, repeated, tag = "4")]
+    pub location: Vec<Location>,
+    #[prost(message, repeated, tag = "5")]
+    pub function: Vec<Function>,
+    #[prost(string, repeated, tag = "6")]
+    pub string_table: Vec<String>,
+    #[prost(int64, tag = "9")]
+    pub time_nanos: i64,
+    #[prost(int64, tag = "10")]
+    pub duration_nanos: i64,
+    #[prost(message, optional, tag = "11")]
+    pub period_type: Option<ValueType>,
+    #[prost(int64, tag = "12")]
+    pub period: i64,
+    #[prost(int64, repeated, tag = "13")]
+    pub comment: Vec<i64>,
+    #[prost(int64, tag = "14")]
+    pub default_sample_type: i64,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct ValueType {
+    #[prost(int64, tag = "1")]
+    pub r#type: i64,
+    #[prost(int64, tag = "2")]
+    pub unit: i64,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct Sample {
+    /// Leaf first.
+    #[prost(uint64, repeated, tag = "1")]
+    pub location_id: Vec<u64>,
+    #[prost(int64, repeated, tag = "2")]
+    pub value: Vec<i64>,
+    #[prost(message, repeated, tag = "3")]
+    pub label: Vec<Label>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct Label {
+    #[prost(int64, tag = "1")]
+    pub key: i64,
+    #[prost(int64, tag = "2")]
+    pub str: i64,
+    #[prost(int64, tag = "3")]
+    pub num: i64,
+    #[prost(int64, tag = "4")]
+    pub num_unit: i64,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct Mapping {
+    #[prost(uint64, tag = "1")]
+    pub id: u64,
+    #[prost(uint64, tag = "2")]
+    pub memory_start: u64,
+    #[prost(uint64, tag = "3")]
+    pub memory_limit: u64,
+    #[prost(uint64, tag = "4")]
+    pub file_offset: u64,
+    #[prost(int64, tag = "5")]
+    pub filename: i64,
+    #[prost(int64, tag = "6")]
+    pub build_id: i64,
+    #[prost(bool, tag = "7")]
+    pub has_functions: bool,
+    #[prost(bool, tag = "8")]
+    pub has_filenames: bool,
+    #[prost(bool, tag = "9")]
+    pub has_line_numbers: bool,
+    #[prost(bool, tag = "10")]
+    pub has_inline_frames: bool,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct Location {
+    #[prost(uint64, tag = "1")]
+    pub id: u64,
+    #[prost(uint64, tag = "2")]
+    pub mapping_id: u64,
+    #[prost(uint64, tag = "3")]
+    pub address: u64,
+    /// Innermost (inlined) first.
+    #[prost(message, repeated, tag = "4")]
+    pub line: Vec<Line>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct Line {
+    #[prost(uint64, tag = "1")]
+    pub function_id: u64,
+    #[prost(int64, tag = "2")]
+    pub line: i64,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct Function {
+    #[prost(uint64, tag = "1")]
+    pub id: u64,
+    #[prost(int64, tag = "2")]
+    pub name: i64,
+    #[prost(int64, tag = "3")]
+    pub system_name: i64,
+    #[prost(int64, tag = "4")]
+    pub filename: i64,
+}
+
+/// Sample value order; `go tool pprof -sample_index=NAME` picks one.
+pub const SAMPLE_TYPES: [(&str, &str); 4] = [
+    ("outstanding_objects", "count"),
+    ("outstanding_space", "bytes"),
+    ("alloc_objects", "count"),
+    ("alloc_space", "bytes"),
+];
+
+/// Interns strings, functions, locations and mappings: pprof refers to each
+/// by index or id, and a leak's thousands of samples share a few stacks.
+#[derive(Default)]
+struct Builder {
+    profile: Profile,
+    strings: HashMap<String, i64>,
+    functions: HashMap<String, u64>,
+    /// (mapping, address, frames): user addresses are per address space, so
+    /// the mapping (one per process) is part of the key.
+    locations: HashMap<(u64, u64, Vec<String>), u64>,
+    mappings: HashMap<String, u64>,
+}
+
+impl Builder {
+    fn new() -> Builder {
+        let mut b = Builder::default();
+        // pprof requires string_table[0] == "".
+        b.string("");
+        b
+    }
+
+    fn string(&mut self, s: &str) -> i64 {
+        if let Some(&i) = self.strings.get(s) {
+            return i;
+        }
+        let i = self.profile.string_table.len() as i64;
+        self.profile.string_table.push(s.to_string());
+        self.strings.insert(s.to_string(), i);
+        i
+    }
+
+    fn mapping(&mut self, file: &str) -> u64 {
+        if let Some(&id) = self.mappings.get(file) {
+            return id;
+        }
+        let id = self.profile.mapping.len() as u64 + 1;
+        let filename = self.string(file);
+        self.profile.mapping.push(Mapping {
+            id,
+            filename,
+            // Names come from leaktrace's symbolizer; pprof must not try again.
+            has_functions: true,
+            ..Mapping::default()
+        });
+        self.mappings.insert(file.to_string(), id);
+        id
+    }
+
+    fn function(&mut self, frame: &str) -> u64 {
+        let name = function_name(frame);
+        if let Some(&id) = self.functions.get(name) {
+            return id;
+        }
+        let id = self.profile.function.len() as u64 + 1;
+        let name_ix = self.string(name);
+        self.profile.function.push(Function {
+            id,
+            name: name_ix,
+            system_name: name_ix,
+            filename: 0,
+        });
+        self.functions.insert(name.to_string(), id);
+        id
+    }
+
+    fn location(&mut self, mapping_id: u64, loc: &Frames) -> u64 {
+        let key = (mapping_id, loc.addr, loc.frames.clone());
+        if let Some(&id) = self.locations.get(&key) {
+            return id;
+        }
+        let id = self.profile.location.len() as u64 + 1;
+        let line = loc
+            .frames
+            .iter()
+            .map(|f| Line {
+                function_id: self.function(f),
+                line: 0,
+            })
+            .collect();
+        self.profile.location.push(Location {
+            id,
+            mapping_id,
+            address: loc.addr,
+            line,
+        });
+        self.locations.insert(key, id);
+        id
+    }
+}
+
+/// "user_preparse+0x2f" -> "user_preparse": pprof aggregates by function, and
+/// the address already says where in it. Unnamed frames keep their text.
+pub fn function_name(frame: &str) -> &str {
+    match frame.rsplit_once("+0x") {
+        Some((name, off)) if !name.is_empty() && off.chars().all(|c| c.is_ascii_hexdigit()) => name,
+        _ => frame,
+    }
+}
+
+/// The file a process runs, for its mapping's name: argv[0] as /proc showed
+/// it, else the command name.
+fn process_image(p: &ProcessReport) -> String {
+    p.cmdline
+        .as_deref()
+        .and_then(|c| c.split_whitespace().next())
+        .map_or_else(|| p.comm.clone(), str::to_string)
+}
+
+/// Bytes per object: every object of a slab cache (and of the caches merged
+/// into it) has the cache's size, so allocated bytes are allocations times it.
+fn object_size(report: &Report) -> u64 {
+    report
+        .slab
+        .as_ref()
+        .map(|s| s.objsize)
+        .filter(|&s| s > 0)
+        .unwrap_or_else(|| report.totals.outstanding_bytes / report.totals.outstanding.max(1))
+}
+
+pub fn build(report: &Report, wall_clock_ns: i64) -> Profile {
+    let mut b = Builder::new();
+    for (name, unit) in SAMPLE_TYPES {
+        let vt = ValueType {
+            r#type: b.string(name),
+            unit: b.string(unit),
+        };
+        b.profile.sample_type.push(vt);
+    }
+    // Outstanding bytes is what the question "who holds the memory" is about.
+    b.profile.default_sample_type = b.string("outstanding_space");
+    b.profile.period_type = Some(ValueType {
+        r#type: b.string("alloc_objects"),
+        unit: b.string("count"),
+    });
+    b.profile.period = 1;
+    b.profile.time_nanos = wall_clock_ns;
+    b.profile.duration_nanos = (report.elapsed_s * 1e9) as i64;
+    let comment = b.string(&format!(
+        "leaktrace {} report, cache {}; only objects allocated after attach are counted",
+        report.kind, report.cache
+    ));
+    b.profile.comment.push(comment);
+
+    let objsize = object_size(report);
+    let kernel_mapping = b.mapping("[kernel.kallsyms]");
+    let keys = [
+        b.string("pid"),
+        b.string("comm"),
+        b.string("cgroup"),
+        b.string("cache"),
+    ];
+    let cache = b.string(&report.cache);
+    for p in &report.processes {
+        let user_mapping = b.mapping(&process_image(p));
+        let comm = b.string(&p.comm);
+        let cgroup = b.string(
+            &p.cgroup
+                .clone()
+                .unwrap_or_else(|| format!("id {}", p.cgroup_id)),
+        );
+        for s in &p.stacks {
+            let mut location_id: Vec<u64> = s
+                .kernel_locations
+                .iter()
+                .map(|l| b.location(kernel_mapping, l))
+                .collect();
+            location_id.extend(s.user_locations.iter().map(|l| b.location(user_mapping, l)));
+            let c = &s.counts;
+            let value = [
+                c.outstanding,
+                c.outstanding_bytes,
+                c.allocs,
+                c.allocs.saturating_mul(objsize),
+            ]
+            .map(|v| i64::try_from(v).unwrap_or(i64::MAX))
+            .to_vec();
+            b.profile.sample.push(Sample {
+                location_id,
+                value,
+                label: vec![
+                    Label {
+                        key: keys[0],
+                        num: i64::from(p.tgid),
+                        ..Label::default()
+                    },
+                    Label {
+                        key: keys[1],
+                        str: comm,
+                        ..Label::default()
+                    },
+                    Label {
+                        key: keys[2],
+                        str: cgroup,
+                        ..Label::default()
+                    },
+                    Label {
+                        key: keys[3],
+                        str: cache,
+                        ..Label::default()
+                    },
+                ],
+            });
+        }
+    }
+    b.profile
+}
+
+/// Gzipped, as `go tool pprof` and pprof's other readers expect.
+pub fn encode(profile: &Profile) -> Result<Vec<u8>> {
+    use std::io::Write;
+    let mut gz = GzEncoder::new(Vec::new(), Compression::default());
+    gz.write_all(&profile.encode_to_vec())
+        .context("compressing the pprof profile")?;
+    gz.finish().context("compressing the pprof profile")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn function_names_lose_only_a_hex_offset() {
+        assert_eq!(function_name("user_preparse+0x2f"), "user_preparse");
+        assert_eq!(
+            function_name("leakgen::sys_add_key+0x25"),
+            "leakgen::sys_add_key"
+        );
+        assert_eq!(function_name("[kernel] 0xffff1234"), "[kernel] 0xffff1234");
+        assert_eq!(function_name("libc.so.6+0x1234"), "libc.so.6");
+        assert_eq!(function_name("a+b+0xzz"), "a+b+0xzz");
+    }
+
+    #[test]
+    fn interning_shares_functions_and_keeps_string_zero_empty() {
+        let mut b = Builder::new();
+        assert_eq!(b.profile.string_table[0], "");
+        let m = b.mapping("[kernel.kallsyms]");
+        let l1 = b.location(
+            m,
+            &Frames {
+                addr: 0x10,
+                frames: vec!["f+0x1".into()],
+            },
+        );
+        let l2 = b.location(
+            m,
+            &Frames {
+                addr: 0x20,
+                frames: vec!["f+0x2".into()],
+            },
+        );
+        let l3 = b.location(
+            m,
+            &Frames {
+                addr: 0x10,
+                frames: vec!["f+0x1".into()],
+            },
+        );
+        assert_ne!(l1, l2);
+        assert_eq!(l1, l3);
+        assert_eq!(b.profile.function.len(), 1);
+        let decoded = Profile::decode(b.profile.encode_to_vec().as_slice()).expect("round trip");
+        assert_eq!(decoded, b.profile);
+    }
+}
