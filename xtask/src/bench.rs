@@ -643,3 +643,65 @@ fn json_u64(v: &Value, path: &str) -> Option<u64> {
         .try_fold(v, |v, k| v.get(k))
         .and_then(Value::as_u64)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_done_line() {
+        let s = parse_done("DONE 12 ops=100 secs=2.000 ops_per_sec=50 cpu=0.950").unwrap();
+        assert_eq!((s.ops_per_sec, s.secs, s.cpu), (50.0, 2.0, 0.95));
+        assert!(parse_done("DONE 12 ops=100 secs=2.000 ops_per_sec=50").is_err());
+    }
+
+    #[test]
+    fn dates_and_medians() {
+        assert_eq!(utc_date(UNIX_EPOCH), "1970-01-01");
+        let t = UNIX_EPOCH + Duration::from_secs(1_709_210_096); // 2024-02-29 12:34:56
+        assert_eq!(utc_date(t), "2024-02-29");
+        assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&mut [4.0, 1.0, 2.0, 3.0]), 2.5);
+    }
+
+    #[test]
+    fn ratios_use_the_same_round() {
+        let opts = Options {
+            rounds: 2,
+            secs: 1.0,
+        };
+        let cell = |config: &str, round, ops_per_sec, cpu| Cell {
+            workload: Workload::Writev,
+            config: config.into(),
+            round,
+            sample: Sample {
+                ops_per_sec,
+                secs: 1.0,
+                cpu,
+            },
+        };
+        let r = Report {
+            command: String::new(),
+            date: String::new(),
+            hooks: String::new(),
+            load_before: String::new(),
+            load_after: String::new(),
+            foreign_progs: 0,
+            opts: &opts,
+            configs: vec!["x".into()],
+            cells: vec![
+                cell("untraced", 0, 100.0, 1.0),
+                cell("x", 0, 50.0, 1.0),
+                cell("untraced", 1, 200.0, 0.5),
+                cell("x", 1, 50.0, 0.5),
+            ],
+            skipped: vec![],
+            extras: extras::Extras::empty(),
+            tree: String::new(),
+        };
+        let x = r.ratios(Workload::Writev, "x").unwrap();
+        assert_eq!((x.min, x.max, x.low_cpu), (0.25, 0.5, 1));
+        assert_eq!(x.cpu_med, 0.375);
+        assert!(r.ratios(Workload::Inotify, "x").is_none());
+    }
+}

@@ -360,6 +360,22 @@ fn min(v: &[f64]) -> f64 {
 }
 
 impl Extras {
+    /// Nothing measured, for tests of the report.
+    #[cfg(test)]
+    pub fn empty() -> Self {
+        fn none<T>() -> Result<T> {
+            Err(anyhow::anyhow!("not measured"))
+        }
+        Extras {
+            cpu_paced: none(),
+            cpu_max: none(),
+            rss: none(),
+            leak: none(),
+            loss: vec![],
+            attach: none(),
+        }
+    }
+
     pub fn render(&self, s: &mut String) {
         let _ = writeln!(s, "## leaktrace's own costs\n");
         let cpu = |r: &Result<CpuAt>| match r {
