@@ -464,34 +464,8 @@ impl Drop for Session {
 
 #[test]
 fn tui_under_tmux_sorts_expands_pauses_and_restores_the_terminal() {
-    ensure_tool("tmux", "tmux");
-    let session = Session(format!("leaktrace-tui-{}", std::process::id()));
+    let session = start_tui("keys");
     let s = session.0.as_str();
-    let bin = leaktrace_bin();
-    let script = format!(
-        "{} --cache kmalloc-512 --top --interval 250ms --frames 4; echo EXIT=$?; stty -a | tr ' ;' '\\n\\n' | grep -x -e -icanon -e icanon; sleep 600",
-        bin.display()
-    );
-    tmux(&[
-        "new-session",
-        "-d",
-        "-s",
-        s,
-        "-x",
-        "180",
-        "-y",
-        "50",
-        "sh",
-        "-c",
-        &script,
-    ]);
-    let alt = || {
-        tmux(&["display-message", "-p", "-t", s, "#{alternate_on}"])
-            .trim()
-            .to_string()
-    };
-    wait_pane(s, "the table header", |t| t.contains("OUTSTANDING▼"));
-    assert_eq!(alt(), "1", "the TUI should draw on the alternate screen");
 
     // More keys than the other tests of this file hold at once, so the
     // generator is the top row even when they run in parallel.
@@ -552,6 +526,51 @@ fn tui_under_tmux_sorts_expands_pauses_and_restores_the_terminal() {
     wait_pane(s, "the long help", |t| t.contains("close help"));
 
     tmux(&["send-keys", "-t", s, "q"]);
+    assert_restored(s);
+}
+
+/// A tmux session running the live view on a terminal of its own; the shell
+/// reports leaktrace's exit status and the terminal mode after it.
+fn start_tui(name: &str) -> Session {
+    ensure_tool("tmux", "tmux");
+    let session = Session(format!("leaktrace-tui-{name}-{}", std::process::id()));
+    let script = format!(
+        "{} --cache kmalloc-512 --top --interval 250ms --frames 4; echo EXIT=$?; stty -a | tr ' ;' '\\n\\n' | grep -x -e -icanon -e icanon; sleep 600",
+        leaktrace_bin().display()
+    );
+    tmux(&[
+        "new-session",
+        "-d",
+        "-s",
+        &session.0,
+        "-x",
+        "180",
+        "-y",
+        "50",
+        "sh",
+        "-c",
+        &script,
+    ]);
+    wait_pane(&session.0, "the table header", |t| {
+        t.contains("OUTSTANDING▼")
+    });
+    assert_eq!(
+        alt_screen(&session.0),
+        "1",
+        "the TUI should draw on the alternate screen"
+    );
+    session
+}
+
+fn alt_screen(s: &str) -> String {
+    tmux(&["display-message", "-p", "-t", s, "#{alternate_on}"])
+        .trim()
+        .to_string()
+}
+
+/// leaktrace has exited 0 after printing its final report, the pane is back on
+/// the main screen and the tty is in canonical mode again.
+fn assert_restored(s: &str) {
     wait_pane(s, "leaktrace's exit", |t| t.contains("EXIT="));
     // With the scrollback: the final report is longer than the window.
     let done = tmux(&["capture-pane", "-p", "-S", "-", "-t", s]);
@@ -560,13 +579,34 @@ fn tui_under_tmux_sorts_expands_pauses_and_restores_the_terminal() {
         done.contains("leaktrace final report"),
         "no final report after quit:\n{done}"
     );
-    // Restored: main screen, canonical mode back on.
-    assert_eq!(alt(), "0", "still on the alternate screen:\n{done}");
+    assert_eq!(alt_screen(s), "0", "still on the alternate screen:\n{done}");
     let mode = done
         .lines()
         .find(|l| l.trim() == "icanon" || l.trim() == "-icanon")
         .unwrap_or_else(|| panic!("no stty output:\n{done}"));
     assert_eq!(mode.trim(), "icanon", "terminal left in raw mode:\n{done}");
+}
+
+#[test]
+fn tui_restores_the_terminal_on_sigterm() {
+    let session = start_tui("sigterm");
+    let s = session.0.as_str();
+    let shell: u32 = tmux(&["display-message", "-p", "-t", s, "#{pane_pid}"])
+        .trim()
+        .parse()
+        .expect("pane pid");
+    let children = std::fs::read_to_string(format!("/proc/{shell}/task/{shell}/children"))
+        .expect("the pane shell's children");
+    let pid: i32 = children
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no leaktrace under the pane's shell: {children:?}"));
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    assert_eq!(comm.trim(), "leaktrace");
+    // SAFETY: plain kill(2) of the leaktrace this test started.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    assert_restored(s);
 }
 
 #[test]
