@@ -140,15 +140,16 @@ fn pprof_opens_in_go_tool_pprof_with_the_held_object_count() {
     // Only the generator's samples, by its pid label; then user_preparse's
     // cumulative value is exactly what the report holds for it.
     let focus = format!("-tagfocus=pid={pid}");
-    for (index, want) in [
-        ("outstanding_objects", objects),
-        ("outstanding_space", bytes),
+    // Bytes unscaled (-unit=B), so the comparison is exact.
+    for (index, unit, want) in [
+        ("outstanding_objects", "-unit=minimum", objects),
+        ("outstanding_space", "-unit=B", bytes),
     ] {
         let top = pprof(&[
             "-top",
             "-cum",
             "-nodecount=100",
-            "-unit=B",
+            unit,
             &format!("-sample_index={index}"),
             &focus,
         ]);
