@@ -784,7 +784,13 @@ pub fn diagnose(
         Ok(m) => memory_finding(m),
         Err(e) => Finding::unknown("memory", e),
     }];
-    let features = Features::detect(root, None);
+    let tracefs = probe_tracefs(root);
+    // tracefs' kprobe_events answers for kprobes where the PMU directory is absent.
+    let tracefs_dir = match &tracefs {
+        TracefsState::Found { path, .. } => Some(root.join(path.trim_start_matches('/'))),
+        _ => None,
+    };
+    let features = Features::detect(root, tracefs_dir.as_deref());
     let hierarchy = cgroups::locate(root);
     let walked = hierarchy
         .as_ref()
@@ -830,7 +836,7 @@ pub fn diagnose(
         _ => None,
     };
     findings.push(slab);
-    let bpf = bpf_finding(root_user, &features, &probe_tracefs(root), cache.as_deref());
+    let bpf = bpf_finding(root_user, &features, &tracefs, cache.as_deref());
     let mut next_command = match &bpf.data {
         Some(Data::Bpf(b)) => Some(b.next_command.clone()),
         _ => None,

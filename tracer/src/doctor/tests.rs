@@ -627,3 +627,24 @@ fn json_carries_the_same_findings() {
         .expect("memory");
     assert_eq!(memory["data"]["sunreclaim_kb"], 58u64 * 1024 * 1024);
 }
+
+#[test]
+fn kprobes_are_seen_through_tracefs_too() {
+    let t = TempCopy::of("v1-host", "kprobes");
+    let r = diagnose(&t.0, Duration::from_millis(1), true, || {});
+    let Data::Bpf(b) = data(&r, "bpf") else {
+        panic!()
+    };
+    assert!(
+        !b.kprobes,
+        "the captured host has neither kprobe PMU nor kprobe_events"
+    );
+    fs::write(t.0.join("sys/kernel/tracing/kprobe_events"), "").expect("write");
+    let r = diagnose(&t.0, Duration::from_millis(1), true, || {});
+    let Data::Bpf(b) = data(&r, "bpf") else {
+        panic!()
+    };
+    assert!(b.kprobes);
+    let bpf = r.finding("bpf").expect("bpf");
+    assert!(bpf.summary.contains("kprobes yes"), "{}", bpf.summary);
+}
