@@ -263,13 +263,20 @@ pub struct Generator {
 impl Generator {
     /// Start and wait for `READY <pid>`: the allocations are made and held.
     pub fn start(mode: &str, arg: &str) -> Result<Generator> {
-        let mut child = Command::new(leakgen_bin())
-            .args([mode, arg])
+        let mut cmd = Command::new(leakgen_bin());
+        cmd.args([mode, arg]);
+        Generator::start_command(cmd)
+    }
+
+    /// Start any program that speaks leakgen's protocol (READY, a line on
+    /// stdin, RELEASED, EOF), e.g. the Go programs of tests/go.
+    pub fn start_command(mut cmd: Command) -> Result<Generator> {
+        let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
-            .context("spawning leakgen")?;
+            .with_context(|| format!("spawning {cmd:?}"))?;
         let stdin = child.stdin.take();
         let out = child.stdout.take().context("leakgen stdout")?;
         let (tx, stdout) = mpsc::channel();

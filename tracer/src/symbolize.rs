@@ -2,8 +2,23 @@
 //! through the process's own mappings (`/proc/PID/map_files`, so binaries inside
 //! containers resolve). Results are cached per address. A frame we cannot name is
 //! shown as `module+0xoffset` or a bare address, never as a guess.
+//!
+//! Go binaries are named from their own function table (`gosym`): stripped
+//! ones have no ELF symbols for blazesym, and a nearby `.dynsym` entry would
+//! be a wrong name.
 
-use std::{collections::HashMap, path::Path};
+pub mod gosym;
+
+use std::{
+    collections::HashMap,
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use tracer_common::MAX_USTACK;
+
+use self::gosym::GoBinary;
 
 use blazesym::{
     symbolize::{
@@ -16,9 +31,76 @@ use blazesym::{
 pub struct Symbolizer {
     blaze: Blaze,
     kernel: HashMap<u64, String>,
-    user: HashMap<(u32, u64), String>,
+    /// One address can be several frames (Go's inlined calls).
+    user: HashMap<(u32, u64), Vec<String>>,
     /// User lookups since blazesym's caches were last dropped.
     user_lookups: usize,
+    go: GoCache,
+}
+
+/// The mapped file as the kernel sees it: a binary replaced on disk (a new
+/// inode, or new contents) is a new key, so it never shares an old table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct FileKey {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: i64,
+    mtime_nsec: i64,
+}
+
+/// Parsed Go tables per mapped file; `None` marks a file that is not Go (or
+/// whose table we could not read), so it is inspected once.
+#[derive(Default)]
+struct GoCache {
+    by_file: HashMap<FileKey, Option<Arc<GoBinary>>>,
+    /// The same build in another container or path is parsed once.
+    by_build_id: HashMap<Vec<u8>, Arc<GoBinary>>,
+}
+
+/// Files remembered before the cache starts over (each Go entry keeps its
+/// file mapped; the names already given out stay in the name cache).
+const GO_CACHE_FILES: usize = 256;
+
+impl GoCache {
+    fn binary(&mut self, path: &Path) -> Option<Arc<GoBinary>> {
+        let meta = std::fs::metadata(path).ok()?;
+        let key = FileKey {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.size(),
+            mtime: meta.mtime(),
+            mtime_nsec: meta.mtime_nsec(),
+        };
+        if let Some(hit) = self.by_file.get(&key) {
+            return hit.clone();
+        }
+        if self.by_file.len() >= GO_CACHE_FILES {
+            self.by_file.clear();
+            self.by_build_id.clear();
+        }
+        let bin = match GoBinary::open(path) {
+            Ok(Some(bin)) => {
+                let shared = bin
+                    .build_id
+                    .as_ref()
+                    .and_then(|id| self.by_build_id.get(id))
+                    .cloned();
+                Some(shared.unwrap_or_else(|| {
+                    let bin = Arc::new(bin);
+                    if let Some(id) = &bin.build_id {
+                        self.by_build_id.insert(id.clone(), bin.clone());
+                    }
+                    bin
+                }))
+            }
+            // Not Go, or a table we cannot read: blazesym's names (or
+            // module+offset) serve.
+            Ok(None) | Err(_) => None,
+        };
+        self.by_file.insert(key, bin.clone());
+        bin
+    }
 }
 
 impl Default for Symbolizer {
@@ -34,6 +116,7 @@ impl Symbolizer {
             kernel: HashMap::new(),
             user: HashMap::new(),
             user_lookups: 0,
+            go: GoCache::default(),
         }
     }
 
@@ -59,6 +142,9 @@ impl Symbolizer {
     }
 
     /// Call while the process is alive; afterwards only cached frames resolve.
+    /// One address may give several frames (inlined Go calls); a stack that
+    /// filled the kernel's buffer without reaching a thread's first frame ends
+    /// with a `[truncated …]` marker.
     pub fn user_frames(&mut self, tgid: u32, addrs: &[u64]) -> Vec<String> {
         let missing: Vec<u64> = addrs
             .iter()
@@ -67,22 +153,75 @@ impl Symbolizer {
             .collect();
         if !missing.is_empty() {
             self.user_lookups += 1;
-            // ELF symbols name every function; DWARF would add inlined frames
-            // at the price of parsing debug info per binary, per process.
-            let src = Source::Process(Process {
-                debug_syms: false,
-                perf_map: false,
-                ..Process::new(Pid::from(tgid))
-            });
             let maps = read_maps(tgid);
-            let names = self.resolve(&src, &missing, |addr| module_offset(&maps, addr));
-            self.user
-                .extend(missing.into_iter().map(|a| (tgid, a)).zip(names));
+            let mut rest = Vec::new();
+            for addr in missing {
+                match self.go_frames(tgid, &maps, addr) {
+                    Some(frames) => {
+                        self.user.insert((tgid, addr), frames);
+                    }
+                    None => rest.push(addr),
+                }
+            }
+            if !rest.is_empty() {
+                // ELF symbols name every function; DWARF would add inlined frames
+                // at the price of parsing debug info per binary, per process.
+                let src = Source::Process(Process {
+                    debug_syms: false,
+                    perf_map: false,
+                    ..Process::new(Pid::from(tgid))
+                });
+                let names = self.resolve(&src, &rest, |addr| module_offset(&maps, addr));
+                self.user.extend(
+                    rest.into_iter()
+                        .map(|a| (tgid, a))
+                        .zip(names.into_iter().map(|n| vec![n])),
+                );
+            }
         }
-        addrs
+        let mut out: Vec<String> = addrs
             .iter()
-            .map(|a| self.user[&(tgid, *a)].clone())
-            .collect()
+            .flat_map(|a| {
+                self.user
+                    .get(&(tgid, *a))
+                    .cloned()
+                    .unwrap_or_else(|| vec![format!("[unknown] {a:#x}")])
+            })
+            .collect();
+        if addrs.len() >= MAX_USTACK && !out.last().is_some_and(|f| is_stack_root(f)) {
+            out.push(format!("[truncated at {MAX_USTACK} frames]"));
+        }
+        out
+    }
+
+    /// Frames of `addr` from the Go table of the binary mapped there, or None
+    /// when that is not a Go binary or the address is outside its Go code
+    /// (cgo's C code: blazesym names that).
+    fn go_frames(&mut self, tgid: u32, maps: &[Mapping], addr: u64) -> Option<Vec<String>> {
+        let m = maps
+            .iter()
+            .find(|m| m.start <= addr && addr < m.end && m.path.starts_with('/'))?;
+        // map_files pins the inode the process mapped: a binary replaced on
+        // disk since the process started is still read as the one it runs.
+        let path = PathBuf::from(format!("/proc/{tgid}/map_files/{:x}-{:x}", m.start, m.end));
+        let bin = self.go.binary(&path)?;
+        let vaddr = bin.vaddr_of_offset(addr - m.start + m.offset)?;
+        // Stack entries are return addresses (the first one is the
+        // instruction after `syscall`): the call is one byte earlier.
+        match bin.frames(vaddr.saturating_sub(1)) {
+            Ok(Some(frames)) => Some(
+                frames
+                    .into_iter()
+                    .map(|mut f| {
+                        f.offset = f.offset.map(|o| o + 1);
+                        gosym::format_frame(&f)
+                    })
+                    .collect(),
+            ),
+            Ok(None) => None,
+            // Inside Go code but the table does not add up: no guess.
+            Err(_) => Some(vec![module_offset(maps, addr)]),
+        }
     }
 
     /// blazesym caches every binary it parsed, keyed by path; through
@@ -158,6 +297,27 @@ pub fn parse_maps(text: &str) -> Vec<Mapping> {
         .collect()
 }
 
+/// Frames where a thread's stack begins: a stack ending elsewhere at the
+/// frame limit was cut.
+fn is_stack_root(frame: &str) -> bool {
+    const ROOTS: [&str; 9] = [
+        "runtime.goexit",
+        "runtime.mstart",
+        "runtime.rt0_go",
+        "_start",
+        "__libc_start_main",
+        "__libc_start_call_main",
+        "start_thread",
+        "clone",
+        "__clone",
+    ];
+    ROOTS.iter().any(|r| {
+        frame
+            .strip_prefix(r)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with(['+', ' ']))
+    })
+}
+
 pub fn module_offset(maps: &[Mapping], addr: u64) -> String {
     match maps.iter().find(|m| m.start <= addr && addr < m.end) {
         Some(m) if !m.path.is_empty() => {
@@ -192,5 +352,54 @@ mod tests {
         );
         assert_eq!(module_offset(&maps, 0x1), "[unknown] 0x1");
         assert_eq!(module_offset(&maps, 0x7ffc00000008), "[stack]+0x8");
+    }
+
+    #[test]
+    fn stack_roots() {
+        assert!(is_stack_root("runtime.goexit+0x1 asm_amd64.s:1594"));
+        assert!(is_stack_root("_start+0x25"));
+        assert!(!is_stack_root("runtime.goexit1+0x4"));
+        assert!(!is_stack_root("main.main+0x4"));
+    }
+
+    /// A running Go program whose binary is replaced on disk keeps its own
+    /// names: the table is read through /proc/PID/map_files, which is the
+    /// mapped inode, not the path's new file.
+    #[test]
+    fn replaced_go_binary_keeps_its_own_names() {
+        use std::process::{Command, Stdio};
+        let built = gosym::real::build(true);
+        let dir = built.with_file_name(format!("replaced-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let exe = dir.join("leakkeys");
+        std::fs::copy(&built, &exe).expect("copy");
+        let bin = GoBinary::open(&exe).expect("parse").expect("Go");
+        let (entry, _) = bin
+            .functions()
+            .expect("functions")
+            .into_iter()
+            .find(|(_, n)| n == "main.leakKeys")
+            .expect("main.leakKeys in the table");
+        // With 0 keys it only prints READY and waits on stdin.
+        let mut child = Command::new(&exe)
+            .arg("0")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        // spawn returns after exec, so the old file is mapped now. Replace the file at the path with another program entirely.
+        let other = dir.join("other");
+        std::fs::copy("/bin/true", &other).expect("copy /bin/true");
+        std::fs::rename(&other, &exe).expect("replace");
+        let mut sym = Symbolizer::new();
+        let frames = sym.user_frames(child.id(), &[entry + 0x10]);
+        let _ = child.kill();
+        let _ = child.wait();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(frames.len(), 1, "{frames:?}");
+        assert!(
+            frames[0].starts_with("main.leakKeys+0x10 main.go:"),
+            "{frames:?}"
+        );
     }
 }

@@ -1,0 +1,3 @@
+module leakkeys
+
+go 1.16

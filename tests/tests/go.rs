@@ -1,0 +1,162 @@
+//! Go programs, default and stripped (`-ldflags '-s -w'`), hold kmalloc-512
+//! objects from `main.leakKeys` called by `main.retryConnect`: leaktrace names
+//! both (from Go's own `.gopclntab`) in the user stack. Needs root and a Go
+//! toolchain (Debian's `golang-go`, installed here when missing).
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    sync::Mutex,
+    time::Duration,
+};
+
+use leaktrace_tests::*;
+use serde_json::Value;
+
+const WAIT: Duration = Duration::from_secs(30);
+const N: u64 = 64;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn go() -> PathBuf {
+    let find = || {
+        std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+            .chain([PathBuf::from("/usr/lib/go/bin")])
+            .map(|d| d.join("go"))
+            .find(|p| p.exists())
+    };
+    if let Some(go) = find() {
+        return go;
+    }
+    // Never skip for want of a toolchain: install Debian's.
+    let st = Command::new("apt-get")
+        .args(["install", "-y", "golang-go"])
+        .status();
+    find().unwrap_or_else(|| {
+        panic!("no `go` on PATH and `apt-get install -y golang-go` did not provide one ({st:?})")
+    })
+}
+
+/// tests/go/leakkeys built under target/ (Go's build cache in
+/// target/go-cache, so a rerun only links).
+fn build(stripped: bool) -> PathBuf {
+    static LOCK: Mutex<()> = Mutex::new(());
+    let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let out = root().join("target/go-test");
+    std::fs::create_dir_all(&out).expect("creating target/go-test");
+    let bin = out.join(if stripped {
+        "leakkeys-stripped"
+    } else {
+        "leakkeys"
+    });
+    let mut cmd = Command::new(go());
+    cmd.current_dir(root().join("tests/go/leakkeys"))
+        .env("GOCACHE", root().join("target/go-cache"))
+        .args(["build", "-o"])
+        .arg(&bin);
+    if stripped {
+        cmd.args(["-ldflags", "-s -w"]);
+    }
+    let st = cmd.arg(".").status().expect("running go build");
+    assert!(st.success(), "go build of tests/go/leakkeys failed: {st}");
+    bin
+}
+
+fn has_symtab(bin: &Path) -> bool {
+    let out = Command::new(go())
+        .args(["tool", "nm"])
+        .arg(bin)
+        .output()
+        .expect("go tool nm");
+    out.status.success() && !out.stdout.is_empty()
+}
+
+fn user_frames(stack: &Value) -> Vec<&str> {
+    stack["user"]
+        .as_array()
+        .map(|f| f.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default()
+}
+
+fn held_keys_named(stripped: bool) {
+    let bin = build(stripped);
+    assert_eq!(
+        has_symtab(&bin),
+        !stripped,
+        "{} should {}have a symbol table",
+        bin.display(),
+        if stripped { "not " } else { "" }
+    );
+    let mut tracer = Tracer::start(&["--cache", "kmalloc-512", "--top", "--interval", "250ms"])
+        .expect("start leaktrace");
+    let mut cmd = Command::new(&bin);
+    cmd.arg(N.to_string());
+    let mut gen = Generator::start_command(cmd).expect("go leakkeys");
+    let pid = gen.pid;
+
+    let held = tracer
+        .wait_for("N outstanding keys under main.leakKeys", WAIT, |r| {
+            outstanding_on(r, pid, "user_preparse", "main.leakKeys") >= N
+        })
+        .expect("attribution to main.leakKeys");
+    let stack = stacks_matching(&held, pid, "user_preparse", "main.leakKeys")
+        .max_by_key(|s| count(s, "outstanding"))
+        .expect("a stack");
+    let frames = user_frames(stack);
+    let pos = |name: &str| {
+        frames
+            .iter()
+            .position(|f| f.starts_with(&format!("{name}+")))
+            .unwrap_or_else(|| panic!("no {name} frame in {frames:#?}"))
+    };
+    // Caller below callee, each named with its source position.
+    assert!(
+        pos("main.leakKeys") < pos("main.retryConnect"),
+        "{frames:#?}"
+    );
+    assert!(pos("main.retryConnect") < pos("main.main"), "{frames:#?}");
+    assert!(pos("main.main") < pos("runtime.main"), "{frames:#?}");
+    assert!(
+        frames[pos("main.leakKeys")].contains("main.go:"),
+        "no file:line in {frames:#?}"
+    );
+    // Fully named: no bare module offsets or unknown addresses, and the walk
+    // reached the goroutine's first frame.
+    let file = bin.file_name().and_then(|f| f.to_str()).unwrap_or("?");
+    for f in &frames {
+        assert!(
+            !f.starts_with("[unknown]")
+                && !f.starts_with(&format!("{file}+"))
+                && !f.starts_with('['),
+            "unnamed frame {f:?} in {frames:#?}"
+        );
+    }
+    assert!(
+        frames
+            .last()
+            .is_some_and(|f| f.starts_with("runtime.goexit")),
+        "stack does not end at runtime.goexit: {frames:#?}"
+    );
+
+    gen.release().expect("release");
+    tracer
+        .wait_for("the keys seen freed", WAIT, |r| {
+            outstanding_on(r, pid, "user_preparse", "main.leakKeys") == 0
+        })
+        .expect("frees");
+    gen.finish().expect("leakkeys exit");
+    let (code, _) = tracer.stop(libc::SIGINT).expect("stop");
+    assert_eq!(code, 0);
+}
+
+#[test]
+fn go_user_stack_is_named() {
+    held_keys_named(false);
+}
+
+#[test]
+fn stripped_go_user_stack_is_named_from_gopclntab() {
+    held_keys_named(true);
+}
