@@ -3,7 +3,7 @@
 //! or --duration; then detach and print the final report.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     io::{IsTerminal, Write},
     path::Path,
     sync::Arc,
@@ -29,6 +29,7 @@ use crate::{
     procinfo::{self, CgroupPaths, ProcMeta},
     report::{self, Header, Naming, Report, SlabPicture},
     slabinfo::{self, SlabLine},
+    stacks::StackId,
     symbolize::Symbolizer,
     tracefs::Tracefs,
     tui::{self, Tui},
@@ -93,7 +94,12 @@ pub async fn run(args: TraceArgs, cache: &str) -> Result<()> {
     );
 
     let mut state = State {
-        agg: Aggregator::new(args.rate_window.as_nanos() as u64),
+        pending_stacks: VecDeque::new(),
+        // The kernel map cannot hold more than --max-objects, so neither can we.
+        agg: Aggregator::with_capacity(
+            args.rate_window.as_nanos() as u64,
+            args.max_objects as usize,
+        ),
         symbols: Symbolizer::new(),
         procs: HashMap::new(),
         cgroups: CgroupPaths::new(root),
@@ -116,18 +122,22 @@ pub async fn run(args: TraceArgs, cache: &str) -> Result<()> {
     // kernel side saw up to the moment it stopped.
     let counters = probes.counters().unwrap_or_default();
     drop(probes);
-    let ring = outcome?;
-    let mut ring = ring;
+    let mut ring = outcome?;
     drain(&mut state, &mut ring);
+    symbolize_pending(&mut state, Duration::MAX);
     let final_report = state.report("final", counters);
     emit_final(&args, &final_report)?;
     Ok(())
 }
 
 const POLL: Duration = Duration::from_millis(20);
+/// Share of each poll period that may go to symbolization.
+const SYMBOLIZE_BUDGET: Duration = Duration::from_millis(5);
 
 struct State {
     agg: Aggregator,
+    /// New user stacks (tgid, stack) not yet symbolized.
+    pending_stacks: VecDeque<(u32, StackId)>,
     symbols: Symbolizer,
     procs: HashMap<u32, ProcMeta>,
     cgroups: CgroupPaths,
@@ -220,7 +230,10 @@ async fn event_loop(
                 drain(state, guard.get_inner_mut());
                 guard.clear_ready();
             }
-            _ = poll.tick() => drain(state, ring.get_mut()),
+            _ = poll.tick() => {
+                drain(state, ring.get_mut());
+                symbolize_pending(state, SYMBOLIZE_BUDGET);
+            }
             _ = ticker.tick() => {
                 drain(state, ring.get_mut());
                 state.agg.tick(monotonic_ns());
@@ -285,6 +298,21 @@ fn tui_column(sort: SortKey) -> tui::Column {
     }
 }
 
+/// Symbolize new user stacks while their processes are likely alive, but never
+/// for long at a time: parsing a binary takes milliseconds, and a burst of new
+/// processes must not keep the ring buffer from being drained.
+fn symbolize_pending(state: &mut State, budget: Duration) {
+    let start = Instant::now();
+    while let Some((tgid, ustack)) = state.pending_stacks.pop_front() {
+        state
+            .symbols
+            .user_frames(tgid, state.agg.stacks.frames(ustack));
+        if start.elapsed() >= budget {
+            break;
+        }
+    }
+}
+
 fn drain(state: &mut State, ring: &mut RingBuf<MapData>) {
     while let Some(item) = ring.next() {
         match decode(&item) {
@@ -295,12 +323,10 @@ fn drain(state: &mut State, ring: &mut RingBuf<MapData>) {
                         .procs
                         .insert(tgid, procinfo::read_proc(Path::new("/"), tgid));
                 }
-                // Resolve now (and cache): a short-lived process's mappings are
-                // gone by the next refresh. Bounded by distinct stacks, not events.
-                if let Some((tgid, ustack)) = new.user_stack {
-                    state
-                        .symbols
-                        .user_frames(tgid, state.agg.stacks.frames(ustack));
+                // Resolved soon after (symbolize_pending): a short-lived
+                // process's mappings are gone by the next refresh.
+                if let Some(stack) = new.user_stack {
+                    state.pending_stacks.push_back(stack);
                 }
             }
             Err(_) => state.agg.decode_error(),
