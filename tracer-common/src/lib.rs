@@ -228,6 +228,10 @@ pub mod memcg {
     pub const EVENT_RELEASE: u32 = 3;
     pub const EVENT_CHARGE: u32 = 4;
     pub const EVENT_UNCHARGE: u32 = 5;
+    /// kprobe `mem_cgroup_css_offline`: the memcg css went offline (after rmdir).
+    pub const EVENT_CSS_OFFLINE: u32 = 6;
+    /// kprobe `mem_cgroup_css_free`: the memcg itself is freed.
+    pub const EVENT_CSS_FREE: u32 = 7;
 
     /// Indexes into `MEMCG_COUNTERS`.
     pub mod counter {
@@ -393,6 +397,17 @@ pub mod memcg {
         /// Cache name for kmem_cache_alloc where the record has one; empty for kmalloc.
         pub cache: [u8; CACHE_LEN],
         pub kstack: [u64; KSTACK],
+    }
+
+    /// A memcg css lifetime step seen by a kprobe (kernels that have kprobes).
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug)]
+    pub struct CssEvent {
+        pub kind: u32,
+        pub _pad: u32,
+        /// Id of the css's cgroup (kernfs id, as in the cgroup tracepoints).
+        pub id: u64,
+        pub ts_ns: u64,
     }
 
     /// The free of a tracked charged object.

@@ -11,14 +11,15 @@ use aya_ebpf::{
         bpf_get_current_task, bpf_get_stack, bpf_ktime_get_ns, bpf_probe_read_kernel,
         bpf_probe_read_kernel_str_bytes,
     },
-    macros::{map, tracepoint},
+    macros::{kprobe, map, tracepoint},
     maps::{HashMap, PerCpuArray, RingBuf},
-    programs::TracePointContext,
+    programs::{ProbeContext, TracePointContext},
     EbpfContext,
 };
 use tracer_common::memcg::{
-    counter, CgroupEvent, ChargeEvent, MemcgConfig, UnchargeEvent, CACHE_LEN, EVENT_CHARGE,
-    EVENT_MKDIR, EVENT_RELEASE, EVENT_RMDIR, EVENT_UNCHARGE, KSTACK, PATH_LEN,
+    counter, CgroupEvent, ChargeEvent, CssEvent, MemcgConfig, UnchargeEvent, CACHE_LEN,
+    EVENT_CHARGE, EVENT_CSS_FREE, EVENT_CSS_OFFLINE, EVENT_MKDIR, EVENT_RELEASE, EVENT_RMDIR,
+    EVENT_UNCHARGE, KSTACK, PATH_LEN,
 };
 
 #[no_mangle]
@@ -130,6 +131,67 @@ fn on_cgroup(ctx: &TracePointContext, kind: u32) -> Option<()> {
     Some(())
 }
 
+// Where the kernel has kprobes: the memcg css itself going offline and being
+// freed. cgroup_release says when the cgroup goes; these say when the memcg
+// (what holds the memory and the per-cpu stats) does.
+
+#[kprobe]
+pub fn memcg_css_offline(ctx: ProbeContext) -> u32 {
+    let _ = on_css(&ctx, EVENT_CSS_OFFLINE);
+    0
+}
+
+#[kprobe]
+pub fn memcg_css_free(ctx: ProbeContext) -> u32 {
+    let _ = on_css(&ctx, EVENT_CSS_FREE);
+    0
+}
+
+#[inline(always)]
+fn on_css(ctx: &ProbeContext, kind: u32) -> Option<()> {
+    let cfg = config();
+    let css: u64 = ctx.arg(0)?;
+    let id = css_cgroup_id(cfg, css);
+    let Some(mut entry) = MEMCG_EVENTS.reserve::<CssEvent>(0) else {
+        bump(counter::CGROUP_LOST);
+        return None;
+    };
+    let ev = entry.as_mut_ptr();
+    unsafe {
+        (*ev).kind = kind;
+        (*ev)._pad = 0;
+        (*ev).id = id;
+        (*ev).ts_ns = bpf_ktime_get_ns();
+    }
+    entry.submit(0);
+    Some(())
+}
+
+#[inline(always)]
+fn read_ptr(addr: u64) -> u64 {
+    if addr == 0 {
+        return 0;
+    }
+    unsafe { bpf_probe_read_kernel(addr as *const u64) }.unwrap_or(0)
+}
+
+/// css -> cgroup -> kernfs_node -> id, the id the cgroup tracepoints report.
+#[inline(always)]
+fn css_cgroup_id(cfg: &MemcgConfig, css: u64) -> u64 {
+    if css == 0 || cfg.cgroup_kn == 0 {
+        return 0;
+    }
+    let cgrp = read_ptr(css + cfg.css_cgroup as u64);
+    if cgrp == 0 {
+        return 0;
+    }
+    let kn = read_ptr(cgrp + cfg.cgroup_kn as u64);
+    if kn == 0 {
+        return 0;
+    }
+    read_ptr(kn + cfg.kn_id as u64)
+}
+
 /// The creator often exits at once (`mkdir`, runc): its parent, read now, is
 /// what lets userspace walk up to kubelet or containerd-shim later.
 #[inline(always)]
@@ -159,31 +221,13 @@ fn current_memcg(cfg: &MemcgConfig) -> u64 {
             0
         };
     }
-    let read_ptr = |addr: u64| -> u64 {
-        if addr == 0 {
-            return 0;
-        }
-        unsafe { bpf_probe_read_kernel(addr as *const u64) }.unwrap_or(0)
-    };
     let task = unsafe { bpf_get_current_task() };
     let cset = read_ptr(task + cfg.task_cgroups as u64);
     if cset == 0 {
         return 0;
     }
     let slot = cset + cfg.css_set_subsys as u64 + 8 * (cfg.memory_subsys as u64 & 0x3f);
-    let css = read_ptr(slot);
-    if css == 0 {
-        return 0;
-    }
-    let cgrp = read_ptr(css + cfg.css_cgroup as u64);
-    if cgrp == 0 {
-        return 0;
-    }
-    let kn = read_ptr(cgrp + cfg.cgroup_kn as u64);
-    if kn == 0 {
-        return 0;
-    }
-    read_ptr(kn + cfg.kn_id as u64)
+    css_cgroup_id(cfg, read_ptr(slot))
 }
 
 #[tracepoint]

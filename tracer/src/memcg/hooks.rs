@@ -5,7 +5,7 @@
 use anyhow::{bail, Context, Result};
 use aya::{
     maps::{MapData, PerCpuArray, RingBuf},
-    programs::TracePoint,
+    programs::{KProbe, TracePoint},
     Ebpf, EbpfLoader,
 };
 use serde::Serialize;
@@ -23,6 +23,8 @@ pub struct Plan {
     pub config: MemcgConfig,
     /// (program, system, event)
     pub attachments: Vec<(&'static str, &'static str, &'static str)>,
+    /// (program, kernel function) kprobes, where the kernel has them.
+    pub kprobes: Vec<(&'static str, &'static str)>,
     /// How a charge is attributed to a memcg, or why pins are off.
     pub attribution: String,
     pub notes: Vec<String>,
@@ -32,6 +34,8 @@ pub struct PlanOptions {
     pub pins: bool,
     pub stacks: bool,
     pub all_hierarchies: bool,
+    /// The kernel has kprobes and the mem_cgroup_css_* functions in kallsyms.
+    pub kprobes: bool,
 }
 
 fn cgroup_layout(f: &EventFormat) -> Result<CgroupLayout> {
@@ -110,10 +114,22 @@ pub fn build(
         }
     }
 
+    // css -> cgroup id: used by the kprobes and by the charge attribution walk.
+    let walk = memcg_walk(btf);
+    if let Some((w, _)) = walk {
+        cfg.css_cgroup = w[2];
+        cfg.cgroup_kn = w[3];
+        cfg.kn_id = w[4];
+    }
+    let mut kprobes = Vec::new();
+    if opts.kprobes && walk.is_some() {
+        kprobes.push(("memcg_css_offline", "mem_cgroup_css_offline"));
+        kprobes.push(("memcg_css_free", "mem_cgroup_css_free"));
+    }
     let attribution = if !opts.pins {
         "pins off (--no-pins)".to_string()
     } else {
-        match memcg_walk(btf) {
+        match walk {
             Some((walk, mem_id)) => {
                 cfg.task_cgroups = walk[0];
                 cfg.css_set_subsys = walk[1];
@@ -199,6 +215,7 @@ pub fn build(
     Ok(Plan {
         config: cfg,
         attachments,
+        kprobes,
         attribution,
         notes,
     })
@@ -270,6 +287,19 @@ impl Hooks {
             prog.attach(system, event)
                 .with_context(|| format!("attaching to tracepoint {system}:{event}"))?;
         }
+        for &(name, function) in &plan.kprobes {
+            let prog: &mut KProbe = ebpf
+                .program_mut(name)
+                .with_context(|| format!("eBPF object has no program {name}"))?
+                .try_into()
+                .with_context(|| format!("{name} is not a kprobe program"))?;
+            prog.load()
+                .map_err(verifier_context)
+                .with_context(|| format!("loading program {name} into the kernel"))?;
+            prog.attach(function, 0)
+                .with_context(|| format!("attaching kprobe to {function}"))?;
+            loaded.push(name);
+        }
         let ring = RingBuf::try_from(
             ebpf.take_map("MEMCG_EVENTS")
                 .context("eBPF object has no MEMCG_EVENTS map")?,
@@ -334,6 +364,7 @@ mod tests {
                 pins: false,
                 stacks: false,
                 all_hierarchies: false,
+                kprobes: true,
             };
             let plan = build(&fixture(kernel), None, &h, &opts).expect(kernel);
             assert_eq!(
@@ -349,6 +380,7 @@ mod tests {
             assert_eq!(plan.config.hierarchy, 4);
             assert_eq!(plan.config.filter_hierarchy, 1);
             assert_eq!(plan.attachments.len(), 3, "{kernel}");
+            assert!(plan.kprobes.is_empty(), "no BTF, no css -> cgroup id walk");
         }
     }
 

@@ -24,8 +24,8 @@ use tokio::{
     signal::unix::{signal, SignalKind},
 };
 use tracer_common::memcg::{
-    CgroupEvent, ChargeEvent, UnchargeEvent, EVENT_CHARGE, EVENT_MKDIR, EVENT_RELEASE, EVENT_RMDIR,
-    EVENT_UNCHARGE,
+    CgroupEvent, ChargeEvent, CssEvent, UnchargeEvent, EVENT_CHARGE, EVENT_CSS_FREE,
+    EVENT_CSS_OFFLINE, EVENT_MKDIR, EVENT_RELEASE, EVENT_RMDIR, EVENT_UNCHARGE,
 };
 
 use self::{
@@ -196,6 +196,10 @@ async fn run_async(args: MemcgArgs) -> Result<()> {
             pins: !args.no_pins,
             stacks: !args.no_kernel_stacks,
             all_hierarchies: false,
+            kprobes: features.kprobes
+                && ["mem_cgroup_css_offline", "mem_cgroup_css_free"]
+                    .iter()
+                    .all(|f| kernel_has_symbol(f)),
         },
     )?;
     let ringbuf_bytes = args
@@ -245,16 +249,26 @@ fn mode_line(plan: &hooks::Plan, features: &Features) -> String {
         .iter()
         .map(|(_, s, e)| format!("{s}:{e}"))
         .collect();
-    let kprobes = if features.kprobes {
-        "kprobes available but not used: the cgroup tracepoints give the same lifetime on every kernel"
+    let kprobes = if !plan.kprobes.is_empty() {
+        let f: Vec<&str> = plan.kprobes.iter().map(|(_, f)| *f).collect();
+        format!("+ kprobes {}: memcg css offline/free exact", f.join(","))
+    } else if features.kprobes {
+        "(kprobes present but mem_cgroup_css_* not usable: memcg lifetime = cgroup lifetime)".into()
     } else {
-        "no kprobes on this kernel: memcg lifetime = cgroup lifetime from tracepoints"
+        "(no kprobes on this kernel: memcg lifetime = cgroup lifetime from tracepoints)".into()
     };
     format!(
-        "memcg hooks: tracepoints {} ({kprobes}; kernel {})",
+        "memcg hooks: tracepoints {} {kprobes}; kernel {}",
         events.join(","),
         features.kernel_release
     )
+}
+
+fn kernel_has_symbol(name: &str) -> bool {
+    std::fs::read_to_string("/proc/kallsyms").is_ok_and(|text| {
+        text.lines()
+            .any(|l| l.split_whitespace().nth(2) == Some(name))
+    })
 }
 
 const POLL: Duration = Duration::from_millis(20);
@@ -360,6 +374,13 @@ fn drain(run: &mut Run, ring: &mut RingBuf<MapData>) {
                     kstack,
                 });
             }
+            Some(EVENT_CSS_OFFLINE | EVENT_CSS_FREE) => match read_event::<CssEvent>(&item) {
+                Some(ev) if ev.kind == EVENT_CSS_OFFLINE => {
+                    run.tracker.css_offline(ev.id, ev.ts_ns)
+                }
+                Some(ev) => run.tracker.css_free(ev.id, ev.ts_ns),
+                None => run.decode_errors += 1,
+            },
             Some(EVENT_UNCHARGE) => match read_event::<UnchargeEvent>(&item) {
                 Some(ev) => {
                     run.tracker.uncharge(ev.ptr);

@@ -44,6 +44,9 @@ pub struct Memcg {
     pub created_ns: Option<u64>,
     pub removed_ns: Option<u64>,
     pub released_ns: Option<u64>,
+    /// kprobes only: the memcg css went offline / was freed.
+    pub css_offline_ns: Option<u64>,
+    pub css_freed_ns: Option<u64>,
     pub creator: Option<Actor>,
     pub remover: Option<Actor>,
     /// Existed when tracing started (its creator is unknown).
@@ -154,6 +157,8 @@ impl Tracker {
                         created_ns: None,
                         removed_ns: None,
                         released_ns: None,
+                        css_offline_ns: None,
+                        css_freed_ns: None,
                         creator: None,
                         remover: None,
                         preexisting: true,
@@ -186,6 +191,8 @@ impl Tracker {
             created_ns: None,
             removed_ns: None,
             released_ns: None,
+            css_offline_ns: None,
+            css_freed_ns: None,
             creator: None,
             remover: None,
             preexisting: true,
@@ -206,6 +213,8 @@ impl Tracker {
                 created_ns: Some(ts),
                 removed_ns: None,
                 released_ns: None,
+                css_offline_ns: None,
+                css_freed_ns: None,
                 creator: Some(creator),
                 remover: None,
                 preexisting: false,
@@ -224,6 +233,8 @@ impl Tracker {
             created_ns: None,
             removed_ns: None,
             released_ns: None,
+            css_offline_ns: None,
+            css_freed_ns: None,
             creator: None,
             remover: None,
             preexisting: true,
@@ -247,6 +258,20 @@ impl Tracker {
                 }
             }
             None => self.released_preexisting_dying += 1,
+        }
+    }
+
+    /// kprobe mem_cgroup_css_offline: only recorded on memcgs we know.
+    pub fn css_offline(&mut self, id: u64, ts: u64) {
+        if let Some(m) = self.memcgs.get_mut(&id) {
+            m.css_offline_ns = Some(ts);
+        }
+    }
+
+    /// kprobe mem_cgroup_css_free: the memcg is gone, whatever cgroup_release says.
+    pub fn css_free(&mut self, id: u64, ts: u64) {
+        if let Some(m) = self.memcgs.get_mut(&id) {
+            m.css_freed_ns = Some(ts);
         }
     }
 
@@ -407,6 +432,7 @@ impl Tracker {
         opts: &SnapshotOptions,
     ) -> MemcgReport {
         let secs = |from: Option<u64>, to: u64| from.map(|t| to.saturating_sub(t) as f64 / 1e9);
+        let after_rmdir = |t: Option<u64>| Some(t?.saturating_sub(m.removed_ns?) as f64 / 1e9);
         let end = m.released_ns.unwrap_or(now_ns);
         let pinned = self.pins.per_memcg.get(&m.id);
         let total = pinned.map_or_else(PinCount::default, |s| {
@@ -478,6 +504,8 @@ impl Tracker {
                 (Some(r), Some(f)) => Some(f.saturating_sub(r) as f64 / 1e9),
                 _ => None,
             },
+            css_offline_after_rmdir_s: after_rmdir(m.css_offline_ns),
+            css_freed_after_rmdir_s: after_rmdir(m.css_freed_ns),
             creator: m.creator.clone(),
             remover: m.remover.clone(),
             container: m.container.clone(),
@@ -573,6 +601,9 @@ pub struct MemcgReport {
     /// Since rmdir, until release if released.
     pub dying_s: Option<f64>,
     pub released_after_rmdir_s: Option<f64>,
+    /// kprobes only: when the memcg css went offline and was freed, after rmdir.
+    pub css_offline_after_rmdir_s: Option<f64>,
+    pub css_freed_after_rmdir_s: Option<f64>,
     pub creator: Option<Actor>,
     pub remover: Option<Actor>,
     pub container: ContainerInfo,
