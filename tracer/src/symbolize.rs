@@ -65,6 +65,11 @@ const GO_CACHE_FILES: usize = 256;
 impl GoCache {
     fn binary(&mut self, path: &Path) -> Option<Arc<GoBinary>> {
         let meta = std::fs::metadata(path).ok()?;
+        // Device mappings (/dev/zero, GPU memory) are not programs, and
+        // mapping them again could have side effects.
+        if !meta.is_file() {
+            return None;
+        }
         let key = FileKey {
             dev: meta.dev(),
             ino: meta.ino(),
