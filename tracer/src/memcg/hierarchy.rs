@@ -55,15 +55,13 @@ impl Hierarchy {
     /// `--cgroup-version auto` prefers where the memory controller is bound:
     /// a v1 hierarchy if it has one, else cgroup2 if it enables memory.
     pub fn detect(root: &Path, want: Option<u8>) -> Result<Hierarchy> {
-        let cgroups =
-            std::fs::read_to_string(root.join("proc/cgroups")).context("reading /proc/cgroups")?;
+        // Newer kernels list only v1-capable controllers in /proc/cgroups (none
+        // without CONFIG_MEMCG_V1): no memory line means "not on a v1 hierarchy".
+        let cgroups = std::fs::read_to_string(root.join("proc/cgroups")).unwrap_or_default();
         let mountinfo = std::fs::read_to_string(root.join("proc/self/mountinfo"))
             .context("reading /proc/self/mountinfo")?;
-        let Some((hid, _, enabled)) = parse_proc_cgroups(&cgroups, "memory") else {
-            bail!(
-                "this kernel has no memory cgroup controller (no 'memory' line in /proc/cgroups)"
-            );
-        };
+        let (hid, enabled) = parse_proc_cgroups(&cgroups, "memory")
+            .map_or((0, true), |(hid, _, enabled)| (hid, enabled));
         if !enabled {
             bail!("the memory cgroup controller is disabled (cgroup_disable=memory?)");
         }
