@@ -192,14 +192,15 @@ pub fn build(kind: &'static str, header: Header, snap: Snapshot, names: &mut Nam
 /// Frames of the tracing machinery itself (our BPF program, the raw tracepoint
 /// trampoline) sit on top of a raw tracepoint's kernel stack; they say nothing
 /// about who allocated and differ by hook, so they are dropped from the top.
-fn strip_tracing_frames(mut frames: Vec<String>) -> Vec<String> {
-    const TRACING: [&str; 6] = [
+pub(crate) fn strip_tracing_frames(mut frames: Vec<String>) -> Vec<String> {
+    const TRACING: [&str; 7] = [
         "bpf_prog_",
         "bpf_trace_run",
         "__bpf_trace_",
         "__traceiter_",
         "perf_trace_",
         "trace_event_raw_event_",
+        "trace_call_bpf",
     ];
     let keep = frames
         .iter()

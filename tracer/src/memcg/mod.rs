@@ -418,7 +418,7 @@ impl Run {
         for m in &mut snapshot.memcgs {
             for s in &mut m.pinned_stacks {
                 let frames = self.tracker.stacks.frames(s.stack);
-                s.kernel = strip_tracing(self.symbols.kernel_frames(frames));
+                s.kernel = crate::report::strip_tracing_frames(self.symbols.kernel_frames(frames));
             }
         }
         self.symbols.trim();
@@ -446,25 +446,6 @@ impl Run {
             decode_errors: self.decode_errors,
         }
     }
-}
-
-/// Our own program and the tracepoint machinery sit on top of every stack.
-fn strip_tracing(mut frames: Vec<String>) -> Vec<String> {
-    const TRACING: [&str; 7] = [
-        "bpf_prog_",
-        "bpf_trace_run",
-        "__bpf_trace_",
-        "__traceiter_",
-        "perf_trace_",
-        "trace_event_raw_event_",
-        "trace_call_bpf",
-    ];
-    let keep = frames
-        .iter()
-        .position(|f| !TRACING.iter().any(|t| f.starts_with(t)))
-        .unwrap_or(frames.len());
-    frames.drain(..keep);
-    frames
 }
 
 fn emit_snapshot(args: &MemcgArgs, report: &Report, tty: bool) -> Result<()> {
