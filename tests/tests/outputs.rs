@@ -468,46 +468,56 @@ fn tui_under_tmux_sorts_expands_pauses_and_restores_the_terminal() {
     let session = start_tui("keys");
     let s = session.0.as_str();
 
-    // More keys than the other tests of this file hold at once, so the
-    // generator is the top row even when they run in parallel.
     const N: u64 = 700;
     let gen = Generator::start("keys", &N.to_string()).expect("leakgen keys");
     let pid = gen.pid.to_string();
     let row = |t: &str| {
-        t.lines()
+        table(t)
+            .into_iter()
             .find(|l| l.split_whitespace().next() == Some(pid.as_str()))
-            .map(str::to_string)
     };
     // The OUTSTANDING column: the keys' payloads plus the keyring's own
     // kmalloc-512 objects (links), so at least N while held.
-    let held = |r: &str| {
-        r.split_whitespace()
-            .nth(2)
-            .and_then(|n| n.replace(',', "").parse::<u64>().ok())
-            .unwrap_or(0)
-    };
+    let held = |r: &str| column(r, 2);
     let text = wait_pane(s, "the generator's row with its keys", |t| {
         row(t).is_some_and(|r| r.contains("leakgen") && held(&r) >= N)
     });
-    // Most outstanding first: the generator holds more kmalloc-512 than anyone.
-    let first = text
-        .lines()
-        .skip_while(|l| !l.contains("OUTSTANDING"))
-        .nth(1)
-        .unwrap_or_default();
-    assert!(first.contains(&pid), "generator not on top:\n{text}");
+    // Default order: most outstanding first.
+    let outstanding: Vec<u64> = table(&text).iter().map(|r| column(r, 2)).collect();
+    assert!(
+        outstanding.windows(2).all(|w| w[0] >= w[1]),
+        "not sorted by outstanding:\n{text}"
+    );
 
-    // Enter expands the selected (top) row to its stacks.
+    // Move the cursor (the row marked '>') to the generator; Enter expands it.
+    let selected = || {
+        pane(s)
+            .lines()
+            .any(|l| l.starts_with('>') && column(&l[1..], 0).to_string() == pid)
+    };
+    for _ in 0..40 {
+        if selected() {
+            break;
+        }
+        tmux(&["send-keys", "-t", s, "Down"]);
+        thread::sleep(Duration::from_millis(150));
+    }
+    assert!(selected(), "could not select the generator:\n{}", pane(s));
     tmux(&["send-keys", "-t", s, "Enter"]);
     wait_pane(s, "the expanded stack", |t| {
         t.contains("stack #1")
             && t.contains("k user_preparse")
             && row(t).is_some_and(|r| r.contains("[-]"))
     });
-    // Sort by PID ascending: the arrow moves to the PID column.
+    // Sort by PID ascending: the arrow moves to the PID column and the rows follow.
     tmux(&["send-keys", "-t", s, "n"]);
     tmux(&["send-keys", "-t", s, "r"]);
-    wait_pane(s, "sort by pid ascending", |t| t.contains("PID▲"));
+    let text = wait_pane(s, "sort by pid ascending", |t| t.contains("PID▲"));
+    let pids: Vec<u64> = table(&text).iter().map(|r| column(r, 0)).collect();
+    assert!(
+        pids.len() > 1 && pids.windows(2).all(|w| w[0] < w[1]),
+        "not sorted by pid:\n{text}"
+    );
     // Pause freezes the rows while the keys are released; resume shows it.
     tmux(&["send-keys", "-t", s, "p"]);
     wait_pane(s, "the pause banner", |t| t.contains("PAUSED"));
@@ -528,6 +538,31 @@ fn tui_under_tmux_sorts_expands_pauses_and_restores_the_terminal() {
 
     tmux(&["send-keys", "-t", s, "q"]);
     assert_restored(s);
+}
+
+/// Process rows of the live view: lines under the header starting with a pid
+/// (the selected row's '>' marker removed).
+fn table(screen: &str) -> Vec<String> {
+    screen
+        .lines()
+        .skip_while(|l| !l.contains("OUTSTANDING"))
+        .skip(1)
+        .map(|l| l.strip_prefix('>').unwrap_or(l))
+        .filter(|l| {
+            l.split_whitespace()
+                .next()
+                .is_some_and(|t| t.parse::<u32>().is_ok())
+        })
+        .map(str::to_string)
+        .collect()
+}
+
+/// A numeric column of a process row ("1,000" -> 1000); 0 when not a number.
+fn column(row: &str, index: usize) -> u64 {
+    row.split_whitespace()
+        .nth(index)
+        .and_then(|n| n.replace(',', "").parse().ok())
+        .unwrap_or(0)
 }
 
 /// A tmux session running the live view on a terminal of its own; the shell
@@ -572,19 +607,25 @@ fn alt_screen(s: &str) -> String {
 /// leaktrace has exited 0 after printing its final report, the pane is back on
 /// the main screen and the tty is in canonical mode again.
 fn assert_restored(s: &str) {
-    wait_pane(s, "leaktrace's exit", |t| t.contains("EXIT="));
-    // With the scrollback: the final report is longer than the window.
-    let done = tmux(&["capture-pane", "-p", "-S", "-", "-t", s]);
+    let is_mode = |l: &str| l.trim() == "icanon" || l.trim() == "-icanon";
+    // Until stty has printed (it runs after the EXIT line); with the
+    // scrollback, as the final report is longer than the window.
+    let deadline = Instant::now() + WAIT;
+    let done = loop {
+        let text = tmux(&["capture-pane", "-p", "-S", "-", "-t", s]);
+        if text.contains("EXIT=") && text.lines().any(is_mode) {
+            break text;
+        }
+        assert!(Instant::now() < deadline, "leaktrace did not exit:\n{text}");
+        thread::sleep(Duration::from_millis(200));
+    };
     assert!(done.contains("EXIT=0"), "{done}");
     assert!(
         done.contains("leaktrace final report"),
         "no final report after quit:\n{done}"
     );
     assert_eq!(alt_screen(s), "0", "still on the alternate screen:\n{done}");
-    let mode = done
-        .lines()
-        .find(|l| l.trim() == "icanon" || l.trim() == "-icanon")
-        .unwrap_or_else(|| panic!("no stty output:\n{done}"));
+    let mode = done.lines().find(|l| is_mode(l)).unwrap_or_default();
     assert_eq!(mode.trim(), "icanon", "terminal left in raw mode:\n{done}");
 }
 

@@ -330,6 +330,11 @@ impl ViewState {
                     "[+]"
                 }
             ));
+            // A visible marker as well as reverse video: the cursor must show on
+            // a terminal without attributes, and in a captured pane.
+            if is_sel {
+                text.replace_range(0..1, ">");
+            }
             let style = if is_sel {
                 Style::default().add_modifier(Modifier::REVERSED)
             } else {

@@ -104,6 +104,27 @@ mod tests {
     use super::*;
 
     #[test]
+    fn lines_are_root_first_and_weighted() {
+        let r = crate::output::test_report();
+        assert_eq!(
+            lines(&r, Weight::Bytes),
+            ["leak:er [42];main;outer;inlined;user_preparse;__kmalloc 2048"]
+        );
+        assert!(lines(&r, Weight::Objects)[0].ends_with(" 4"));
+        assert!(lines(&r, Weight::Allocs)[0].ends_with(" 10"));
+        let svg =
+            String::from_utf8(flamegraph_svg(&r, Weight::Bytes).expect("svg")).expect("utf-8");
+        assert!(
+            svg.contains("user_preparse") && svg.contains("2,048 bytes"),
+            "{svg}"
+        );
+        let mut empty = r.clone();
+        empty.processes.clear();
+        let svg = flamegraph_svg(&empty, Weight::Bytes).expect("an empty graph is still a file");
+        assert!(String::from_utf8_lossy(&svg).contains("<svg"));
+    }
+
+    #[test]
     fn separators_cannot_split_a_frame() {
         assert_eq!(frame("a;b\nc"), "a:b c");
     }

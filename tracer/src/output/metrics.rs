@@ -168,6 +168,26 @@ pub fn render(report: &Report, memcg: Option<&MemcgCounts>) -> String {
         );
     }
 
+    f.head(
+        "leaktrace_cgroup_outstanding_bytes",
+        "gauge",
+        "Outstanding bytes by the allocating task's cgroup (top --limit cgroups).",
+    );
+    for cg in report.cgroups.iter().take(MAX_PROCESSES) {
+        let id = cg.cgroup_id.to_string();
+        let path = cg.path.as_deref().unwrap_or("");
+        let labels = [
+            ("cache", cache),
+            ("cgroup", path),
+            ("cgroup_id", id.as_str()),
+        ];
+        f.sample(
+            "leaktrace_cgroup_outstanding_bytes",
+            &labels,
+            cg.counts.outstanding_bytes,
+        );
+    }
+
     let k = &report.kernel;
     f.head(
         "leaktrace_lost_events_total",
@@ -288,5 +308,76 @@ mod tests {
     #[test]
     fn label_values_are_escaped() {
         assert_eq!(escape("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+
+    fn report(processes: usize) -> Report {
+        let p = |i: usize| crate::report::ProcessReport {
+            tgid: 1000 + i as u32,
+            comm: format!("w\"{i}"),
+            cmdline: None,
+            cgroup_id: 7,
+            cgroup: Some("/kubepods/pod1".to_string()),
+            counts: crate::aggregator::Counts {
+                outstanding: i as u64,
+                outstanding_bytes: 512 * i as u64,
+                allocs: i as u64,
+                frees: 0,
+            },
+            alloc_rate: 1.5,
+            growth_rate: 0.0,
+            stacks: Vec::new(),
+        };
+        Report {
+            schema_version: crate::report::SCHEMA_VERSION,
+            kind: "snapshot",
+            cache: "kmalloc-512".to_string(),
+            aliases: Vec::new(),
+            elapsed_s: 2.0,
+            meminfo: None,
+            slab: None,
+            totals: crate::aggregator::Counts {
+                outstanding: 3,
+                outstanding_bytes: 1536,
+                allocs: 9,
+                frees: 6,
+            },
+            kernel: Default::default(),
+            anomalies: Default::default(),
+            stacks: Default::default(),
+            age: Default::default(),
+            processes: (0..processes).map(p).collect(),
+            cgroups: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn per_process_series_are_capped_and_every_family_is_typed() {
+        let text = render(&report(MAX_PROCESSES + 20), None);
+        let series = text
+            .lines()
+            .filter(|l| l.starts_with("leaktrace_process_outstanding_objects{"))
+            .count();
+        assert_eq!(series, MAX_PROCESSES);
+        assert!(text.contains("leaktrace_outstanding_objects{cache=\"kmalloc-512\"} 3\n"));
+        assert!(text.contains("comm=\"w\\\"1\""), "{text}");
+        // Every sample belongs to a family announced with HELP and TYPE.
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let name = line.split(['{', ' ']).next().unwrap_or_default();
+            assert!(text.contains(&format!("# TYPE {name} ")), "{name} untyped");
+            assert!(
+                text.contains(&format!("# HELP {name} ")),
+                "{name} without help"
+            );
+        }
+        assert!(!text.contains("leaktrace_memcg_cgroups"));
+        let with = render(
+            &report(0),
+            Some(&MemcgCounts {
+                live: 4,
+                dying: 2,
+                zombie: 1,
+            }),
+        );
+        assert!(with.contains("leaktrace_memcg_cgroups{state=\"zombie\"} 1\n"));
     }
 }

@@ -42,3 +42,69 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", path.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
 }
+
+/// A small report with one leaking process and one stack, for the renderers' tests.
+#[cfg(test)]
+pub(crate) fn test_report() -> Report {
+    use crate::{
+        aggregator::Counts,
+        report::{Location, ProcessReport, StackReport},
+    };
+    let loc = |addr: u64, f: &[&str]| Location {
+        addr,
+        frames: f.iter().map(|s| s.to_string()).collect(),
+    };
+    Report {
+        schema_version: crate::report::SCHEMA_VERSION,
+        kind: "final",
+        cache: "kmalloc-512".to_string(),
+        aliases: Vec::new(),
+        elapsed_s: 2.5,
+        meminfo: None,
+        slab: None,
+        totals: Counts {
+            outstanding: 4,
+            outstanding_bytes: 2048,
+            allocs: 10,
+            frees: 6,
+        },
+        kernel: Default::default(),
+        anomalies: Default::default(),
+        stacks: Default::default(),
+        age: Default::default(),
+        processes: vec![ProcessReport {
+            tgid: 42,
+            comm: "leak;er".to_string(),
+            cmdline: Some("/usr/bin/leaker --fast".to_string()),
+            cgroup_id: 9,
+            cgroup: Some("/pods/a".to_string()),
+            counts: Counts {
+                outstanding: 4,
+                outstanding_bytes: 2048,
+                allocs: 10,
+                frees: 6,
+            },
+            alloc_rate: 0.0,
+            growth_rate: 0.0,
+            stacks: vec![StackReport {
+                counts: Counts {
+                    outstanding: 4,
+                    outstanding_bytes: 2048,
+                    allocs: 10,
+                    frees: 6,
+                },
+                kernel: vec!["__kmalloc+0x10".into(), "user_preparse+0x2f".into()],
+                user: vec!["inlined+0x1".into(), "outer+0x5".into(), "main+0x9".into()],
+                kernel_locations: vec![
+                    loc(0xffff_0010, &["__kmalloc+0x10"]),
+                    loc(0xffff_0020, &["user_preparse+0x2f"]),
+                ],
+                user_locations: vec![
+                    loc(0x1000, &["inlined+0x1", "outer+0x5"]),
+                    loc(0x2000, &["main+0x9"]),
+                ],
+            }],
+        }],
+        cgroups: Vec::new(),
+    }
+}

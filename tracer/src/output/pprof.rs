@@ -370,6 +370,56 @@ mod tests {
     }
 
     #[test]
+    fn a_report_becomes_samples_with_addresses_inlined_lines_and_labels() {
+        let report = crate::output::test_report();
+        let bytes = encode(&build(&report, 7)).expect("encode");
+        let mut raw = Vec::new();
+        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&bytes[..]), &mut raw)
+            .expect("gzip");
+        let p = Profile::decode(raw.as_slice()).expect("decode");
+        let s = |i: i64| p.string_table[i as usize].as_str();
+        let types: Vec<&str> = p.sample_type.iter().map(|t| s(t.r#type)).collect();
+        assert_eq!(
+            types,
+            [
+                "outstanding_objects",
+                "outstanding_space",
+                "alloc_objects",
+                "alloc_space"
+            ]
+        );
+        assert_eq!(s(p.default_sample_type), "outstanding_space");
+        assert_eq!(p.sample.len(), 1);
+        let sample = &p.sample[0];
+        // No slabinfo in the fixture: object size from the totals (2048 / 4).
+        assert_eq!(sample.value, [4, 2048, 10, 5120]);
+        let loc = |id: u64| &p.location[id as usize - 1];
+        let names = |id: u64| -> Vec<&str> {
+            loc(id)
+                .line
+                .iter()
+                .map(|l| s(p.function[l.function_id as usize - 1].name))
+                .collect()
+        };
+        // Leaf first: kernel allocator, then up to user main; inlined frames
+        // share their address's location, innermost first.
+        let ids = &sample.location_id;
+        assert_eq!(ids.len(), 4);
+        assert_eq!(names(ids[0]), ["__kmalloc"]);
+        assert_eq!(loc(ids[0]).address, 0xffff_0010);
+        assert_eq!(names(ids[2]), ["inlined", "outer"]);
+        assert_eq!(loc(ids[2]).address, 0x1000);
+        let mapping = |id: u64| s(p.mapping[loc(id).mapping_id as usize - 1].filename);
+        assert_eq!(mapping(ids[0]), "[kernel.kallsyms]");
+        assert_eq!(mapping(ids[3]), "/usr/bin/leaker");
+        let label = |k: &str| sample.label.iter().find(|l| s(l.key) == k).expect(k);
+        assert_eq!(label("pid").num, 42);
+        assert_eq!(s(label("comm").str), "leak;er");
+        assert_eq!(s(label("cgroup").str), "/pods/a");
+        assert_eq!(s(label("cache").str), "kmalloc-512");
+    }
+
+    #[test]
     fn interning_shares_functions_and_keeps_string_zero_empty() {
         let mut b = Builder::new();
         assert_eq!(b.profile.string_table[0], "");
