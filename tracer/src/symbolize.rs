@@ -367,6 +367,65 @@ mod tests {
         assert!(!is_stack_root("main.main+0x4"));
     }
 
+    /// Wait for the program's READY line: spawn returns as soon as exec has
+    /// replaced the address space, before the binary's segments are mapped.
+    fn wait_ready(child: &mut std::process::Child) {
+        use std::io::BufRead;
+        let out = child.stdout.take().expect("piped stdout");
+        let mut line = String::new();
+        std::io::BufReader::new(out)
+            .read_line(&mut line)
+            .expect("reading READY");
+        assert!(line.starts_with("READY"), "{line:?}");
+    }
+
+    /// A position-independent Go program, loaded at a random base, resolves
+    /// through its mapping's file offset.
+    #[test]
+    fn pie_go_binary_resolves_at_its_load_address() {
+        use std::process::{Command, Stdio};
+        // Its own file: other tests rebuild theirs while this one runs it.
+        let exe = gosym::real::build_as("unit-pie-run", &["-buildmode=pie", "-ldflags", "-s -w"]);
+        let bin = GoBinary::open(&exe).expect("parse").expect("Go");
+        let (entry, _) = bin
+            .functions()
+            .expect("functions")
+            .into_iter()
+            .find(|(_, n)| n == "main.retryConnect")
+            .expect("main.retryConnect in the table");
+        let off = bin.offset_of_vaddr(entry + 0x10).expect("mapped");
+        let mut child = Command::new(&exe)
+            .arg("0")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        wait_ready(&mut child);
+        let canonical = exe.canonicalize().ok();
+        let maps = read_maps(child.id());
+        let m = maps
+            .iter()
+            .find(|m| {
+                Some(Path::new(&m.path)) == canonical.as_deref()
+                    && m.offset <= off
+                    && off < m.offset + (m.end - m.start)
+            })
+            .cloned();
+        let frames = m.map(|m| {
+            let mut sym = Symbolizer::new();
+            sym.user_frames(child.id(), &[m.start + off - m.offset])
+        });
+        let _ = child.kill();
+        let _ = child.wait();
+        let frames = frames.unwrap_or_else(|| {
+            panic!("no mapping of {canonical:?} at offset {off:#x} in {maps:#?}")
+        });
+        assert!(
+            frames.len() == 1 && frames[0].starts_with("main.retryConnect+0x10 main.go:"),
+            "{frames:?}"
+        );
+    }
+
     /// A running Go program whose binary is replaced on disk keeps its own
     /// names: the table is read through /proc/PID/map_files, which is the
     /// mapped inode, not the path's new file.
@@ -392,7 +451,9 @@ mod tests {
             .stdout(Stdio::piped())
             .spawn()
             .expect("spawn");
-        // spawn returns after exec, so the old file is mapped now. Replace the file at the path with another program entirely.
+        wait_ready(&mut child);
+        // The old file is mapped now. Replace the file at the path with
+        // another program entirely.
         let other = dir.join("other");
         std::fs::copy("/bin/true", &other).expect("copy /bin/true");
         std::fs::rename(&other, &exe).expect("replace");
