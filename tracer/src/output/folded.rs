@@ -71,16 +71,14 @@ pub fn folded_text(report: &Report, weight: Weight) -> String {
 pub fn flamegraph_svg(report: &Report, weight: Weight) -> Result<Vec<u8>> {
     let lines = lines(report, weight);
     let mut opts = inferno::flamegraph::Options::default();
-    opts.title = format!(
-        "leaktrace: {} {} in {}",
-        if weight == Weight::Allocs {
-            "allocations"
-        } else {
-            "outstanding"
-        },
-        weight.unit(),
-        report.cache
-    );
+    opts.title = match weight {
+        Weight::Allocs => format!("leaktrace: allocations in {}", report.cache),
+        _ => format!(
+            "leaktrace: outstanding {} in {}",
+            weight.unit(),
+            report.cache
+        ),
+    };
     opts.count_name = weight.unit().to_string();
     let mut svg = Vec::new();
     let drawn =
@@ -118,6 +116,9 @@ mod tests {
             svg.contains("user_preparse") && svg.contains("2,048 bytes"),
             "{svg}"
         );
+        assert!(svg.contains("leaktrace: outstanding bytes in kmalloc-512<"));
+        let allocs = flamegraph_svg(&r, Weight::Allocs).expect("svg");
+        assert!(String::from_utf8_lossy(&allocs).contains("leaktrace: allocations in kmalloc-512<"));
         let mut empty = r.clone();
         empty.processes.clear();
         let svg = flamegraph_svg(&empty, Weight::Bytes).expect("an empty graph is still a file");
