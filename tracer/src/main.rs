@@ -9,6 +9,7 @@ mod caches;
 mod cli;
 mod decoder;
 mod doctor;
+mod event_loop;
 mod features;
 mod memcg;
 mod meminfo;

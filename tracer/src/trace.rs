@@ -12,10 +12,6 @@ use std::{
 
 use anyhow::{Context, Result};
 use aya::maps::{MapData, RingBuf};
-use tokio::{
-    io::unix::AsyncFd,
-    signal::unix::{signal, SignalKind},
-};
 
 use crate::{
     aggregator::{Aggregator, SnapshotOptions},
@@ -23,6 +19,7 @@ use crate::{
     caches::{self, Catalogue},
     cli::{SortKey, TraceArgs},
     decoder::decode,
+    event_loop::Sources,
     features::{self, Features},
     meminfo, output, plan,
     probes::Probes,
@@ -69,7 +66,7 @@ pub async fn run(args: TraceArgs, cache: &str) -> Result<()> {
     plan.config.wakeup_bytes = u64::from(ringbuf_bytes / 4);
     // Sampling sites include the user call site where the kernel has
     // bpf_task_pt_regs (5.15+); kallsyms names every BPF helper it has.
-    plan.config.user_ip_key = u32::from(kernel_has_symbol("bpf_task_pt_regs"));
+    plan.config.user_ip_key = u32::from(features::kernel_has_symbol("bpf_task_pt_regs"));
     let (probes, ring) = Probes::attach(&plan, args.max_objects, ringbuf_bytes, args.floor)?;
 
     if !(args.exact || args.no_kernel_stacks && args.no_user_stacks) {
@@ -130,7 +127,6 @@ pub async fn run(args: TraceArgs, cache: &str) -> Result<()> {
     Ok(())
 }
 
-const POLL: Duration = Duration::from_millis(20);
 /// Share of each poll period that may go to symbolization.
 const SYMBOLIZE_BUDGET: Duration = Duration::from_millis(5);
 
@@ -183,21 +179,7 @@ async fn event_loop(
     probes: &Probes,
     state: &mut State,
 ) -> Result<RingBuf<MapData>> {
-    // SAFETY: the ring buffer owns its fd for as long as the AsyncFd holds it, and
-    // the fd is deregistered (into_inner) before the RingBuf is used elsewhere.
-    let mut ring = unsafe { AsyncFd::register(ring) }
-        .map_err(|e| e.into_parts().1)
-        .context("registering the ring buffer with the event loop")?;
-    let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-    let mut ticker = tokio::time::interval(args.interval);
-    // The kernel batches wake-ups, so read on a short timer too: events reach
-    // the aggregator within POLL even when few arrive.
-    let mut poll = tokio::time::interval(POLL);
-    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let deadline = tokio::time::sleep(args.duration.unwrap_or(Duration::from_secs(u64::MAX / 4)));
-    tokio::pin!(deadline);
+    let mut src = Sources::new(ring, args.interval, args.duration)?;
     let tty = std::io::stdout().is_terminal();
     let text_opts = text_options(args, Some(args.frames));
     // The interactive view only where a person watches; JSON and pipes get lines.
@@ -225,17 +207,17 @@ async fn event_loop(
 
     loop {
         tokio::select! {
-            guard = ring.readable_mut() => {
+            guard = src.ring.readable_mut() => {
                 let mut guard = guard.context("waiting for ring buffer events")?;
                 drain(state, guard.get_inner_mut());
                 guard.clear_ready();
             }
-            _ = poll.tick() => {
-                drain(state, ring.get_mut());
+            _ = src.poll.tick() => {
+                drain(state, src.ring.get_mut());
                 symbolize_pending(state, SYMBOLIZE_BUDGET);
             }
-            _ = ticker.tick() => {
-                drain(state, ring.get_mut());
+            _ = src.ticker.tick() => {
+                drain(state, src.ring.get_mut());
                 state.agg.tick(monotonic_ns());
                 // Build a report every tick even when nothing is shown: it resolves
                 // symbols of the top processes while they are still alive.
@@ -263,14 +245,14 @@ async fn event_loop(
                     tokio::spawn(output::metrics::serve(conn, metrics_body.clone()));
                 }
             }
-            _ = sigint.recv() => break,
-            _ = sigterm.recv() => break,
-            _ = &mut deadline => break,
+            _ = src.sigint.recv() => break,
+            _ = src.sigterm.recv() => break,
+            _ = &mut src.deadline => break,
         }
     }
     // Leave the alternate screen before the final report prints.
     drop(tui);
-    Ok(ring.into_inner())
+    Ok(src.into_ring())
 }
 
 /// Keys from the TUI; never ready without one, so select! ignores the branch.
@@ -407,13 +389,6 @@ fn slab_picture(now: &SlabLine, baseline: Option<&(SlabLine, Instant)>) -> SlabP
         active_objs_delta: growth.as_ref().map_or(0, |g| g.objs_delta),
         active_objs_per_sec: growth.as_ref().map_or(0.0, |g| g.objs_per_sec),
     }
-}
-
-fn kernel_has_symbol(name: &str) -> bool {
-    std::fs::read_to_string("/proc/kallsyms").is_ok_and(|text| {
-        text.lines()
-            .any(|l| l.split_whitespace().nth(2) == Some(name))
-    })
 }
 
 pub fn monotonic_ns() -> u64 {

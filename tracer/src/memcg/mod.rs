@@ -19,10 +19,6 @@ use anyhow::{Context, Result};
 use aya::maps::{MapData, RingBuf};
 use clap::Args;
 use serde::Serialize;
-use tokio::{
-    io::unix::AsyncFd,
-    signal::unix::{signal, SignalKind},
-};
 use tracer_common::memcg::{
     CgroupEvent, ChargeEvent, CssEvent, UnchargeEvent, EVENT_CHARGE, EVENT_CSS_FREE,
     EVENT_CSS_OFFLINE, EVENT_MKDIR, EVENT_RELEASE, EVENT_RMDIR, EVENT_UNCHARGE,
@@ -199,7 +195,7 @@ async fn run_async(args: MemcgArgs) -> Result<()> {
             kprobes: features.kprobes
                 && ["mem_cgroup_css_offline", "mem_cgroup_css_free"]
                     .iter()
-                    .all(|f| kernel_has_symbol(f)),
+                    .all(|f| crate::features::kernel_has_symbol(f)),
         },
     )?;
     let ringbuf_bytes = args
@@ -264,55 +260,36 @@ fn mode_line(plan: &hooks::Plan, features: &Features) -> String {
     )
 }
 
-fn kernel_has_symbol(name: &str) -> bool {
-    std::fs::read_to_string("/proc/kallsyms").is_ok_and(|text| {
-        text.lines()
-            .any(|l| l.split_whitespace().nth(2) == Some(name))
-    })
-}
-
-const POLL: Duration = Duration::from_millis(20);
-
 async fn event_loop(
     args: &MemcgArgs,
     ring: RingBuf<MapData>,
     hooks: &Hooks,
     run: &mut Run,
 ) -> Result<RingBuf<MapData>> {
-    // SAFETY: the ring buffer owns its fd while the AsyncFd holds it; into_inner
-    // deregisters it before the RingBuf is used elsewhere.
-    let mut ring = unsafe { AsyncFd::register(ring) }
-        .map_err(|e| e.into_parts().1)
-        .context("registering the ring buffer with the event loop")?;
-    let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-    let mut ticker = tokio::time::interval(args.interval);
     // Charge events wake the reader in batches; the poll timer drains the rest.
-    let mut poll = tokio::time::interval(POLL);
-    let deadline = tokio::time::sleep(args.duration.unwrap_or(Duration::from_secs(u64::MAX / 4)));
-    tokio::pin!(deadline);
+    let mut src = crate::event_loop::Sources::new(ring, args.interval, args.duration)?;
     let tty = std::io::stdout().is_terminal();
     loop {
         tokio::select! {
-            guard = ring.readable_mut() => {
+            guard = src.ring.readable_mut() => {
                 let mut guard = guard.context("waiting for ring buffer events")?;
                 drain(run, guard.get_inner_mut());
                 guard.clear_ready();
             }
-            _ = poll.tick() => drain(run, ring.get_mut()),
-            _ = ticker.tick() => {
-                drain(run, ring.get_mut());
+            _ = src.poll.tick() => drain(run, src.ring.get_mut()),
+            _ = src.ticker.tick() => {
+                drain(run, src.ring.get_mut());
                 if args.top {
                     let report = run.report("snapshot", hooks.counters());
                     emit_snapshot(args, &report, tty)?;
                 }
             }
-            _ = sigint.recv() => break,
-            _ = sigterm.recv() => break,
-            _ = &mut deadline => break,
+            _ = src.sigint.recv() => break,
+            _ = src.sigterm.recv() => break,
+            _ = &mut src.deadline => break,
         }
     }
-    Ok(ring.into_inner())
+    Ok(src.into_ring())
 }
 
 fn read_event<T: Copy>(bytes: &[u8]) -> Option<T> {
