@@ -7,8 +7,9 @@ mod setup;
 mod vm;
 
 use std::{
+    io::{BufRead, BufReader},
     path::{Path, PathBuf},
-    process::Command,
+    process::{Command, Stdio},
 };
 
 use anyhow::{bail, Context, Result};
@@ -165,17 +166,82 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
         "--no-fail-fast",
     ];
     args.extend(extra.iter().map(String::as_str));
-    let status = Command::new("cargo")
+    // A test that finds its kernel feature missing prints `skipped: <reason>` and
+    // returns, which libtest counts as passed; show the output of passing tests
+    // so those can be counted as what they are.
+    if !extra.iter().any(|a| a == "--") {
+        args.push("--");
+    }
+    args.push("--show-output");
+    let mut child = Command::new("cargo")
         .current_dir(root)
         .args(&args)
         .env("LEAKTRACE_BIN", root.join("target/release/leaktrace"))
         .env("LEAKGEN_BIN", root.join("target/release/leakgen"))
-        .status()
+        .stdout(Stdio::piped())
+        .spawn()
         .context("running cargo test")?;
+    let stdout = child.stdout.take().context("cargo test stdout")?;
+    let tally = Tally::read(BufReader::new(stdout))?;
+    let status = child.wait().context("waiting for cargo test")?;
+    for (test, reason) in &tally.skipped {
+        println!("skipped {test}: {reason}");
+    }
+    println!(
+        "summary: {} passed, {} failed, {} skipped",
+        tally.passed.saturating_sub(tally.skipped.len()),
+        tally.failed,
+        tally.skipped.len()
+    );
     if !status.success() {
         bail!("tests failed ({status})");
     }
     Ok(())
+}
+
+/// Counts from libtest's output, echoed as it streams by.
+#[derive(Default)]
+struct Tally {
+    passed: usize,
+    failed: usize,
+    /// (test, reason) for tests that printed `skipped: <reason>`.
+    skipped: Vec<(String, String)>,
+}
+
+impl Tally {
+    fn read(out: impl BufRead) -> Result<Tally> {
+        let mut tally = Tally::default();
+        let mut current = String::new();
+        for line in out.lines() {
+            let line = line.context("reading cargo test output")?;
+            println!("{line}");
+            if let Some(name) = line
+                .strip_prefix("---- ")
+                .and_then(|l| l.strip_suffix(" stdout ----"))
+            {
+                current = name.to_string();
+            } else if let Some(reason) = line.strip_prefix("skipped: ") {
+                tally.skipped.push((current.clone(), reason.to_string()));
+            } else if let Some(result) = line.strip_prefix("test result: ") {
+                tally.passed += count_before(result, " passed");
+                tally.failed += count_before(result, " failed");
+            }
+        }
+        Ok(tally)
+    }
+}
+
+/// `ok. 7 passed; 0 failed; ...` -> the number before `word`.
+fn count_before(result: &str, word: &str) -> usize {
+    result
+        .split(';')
+        .find_map(|part| {
+            part.strip_suffix(word)
+                .or_else(|| part.trim().strip_suffix(word))
+        })
+        .and_then(|n| n.rsplit(' ').next())
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 fn cargo(root: &Path, args: &[&str]) -> Result<()> {
@@ -203,4 +269,41 @@ fn workspace_root() -> Result<PathBuf> {
         .parent()
         .map(Path::to_path_buf)
         .context("xtask has no parent directory")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn skipped_tests_are_not_counted_as_passed() {
+        let out = "\
+running 2 tests
+test a ... ok
+test b ... ok
+
+successes:
+
+---- b stdout ----
+skipped: no kmalloc-cg caches before 5.14
+
+successes:
+    a
+    b
+
+test result: ok. 2 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.01s
+test result: FAILED. 3 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out; finished in 1.00s
+";
+        let t = Tally::read(out.as_bytes()).expect("parses");
+        assert_eq!((t.passed, t.failed), (5, 1));
+        assert_eq!(
+            t.skipped,
+            vec![(
+                "b".to_string(),
+                "no kmalloc-cg caches before 5.14".to_string()
+            )]
+        );
+        assert_eq!(count_before("ok. 12 passed; 0 failed", " passed"), 12);
+        assert_eq!(count_before("garbage", " passed"), 0);
+    }
 }
