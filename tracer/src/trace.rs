@@ -296,6 +296,10 @@ fn symbolize_pending(state: &mut State, budget: Duration) {
 }
 
 fn drain(state: &mut State, ring: &mut RingBuf<MapData>) {
+    // New stacks are symbolized on the spot while this drain has spent little
+    // time (the process may exit any moment, and a slow guest may not reach the
+    // next poll in time); past the budget they wait in the queue.
+    let start = Instant::now();
     while let Some(item) = ring.next() {
         match decode(&item) {
             Ok(event) => {
@@ -305,10 +309,14 @@ fn drain(state: &mut State, ring: &mut RingBuf<MapData>) {
                         .procs
                         .insert(tgid, procinfo::read_proc(Path::new("/"), tgid));
                 }
-                // Resolved soon after (symbolize_pending): a short-lived
-                // process's mappings are gone by the next refresh.
-                if let Some(stack) = new.user_stack {
-                    state.pending_stacks.push_back(stack);
+                if let Some((tgid, ustack)) = new.user_stack {
+                    if start.elapsed() < SYMBOLIZE_BUDGET {
+                        state
+                            .symbols
+                            .user_frames(tgid, state.agg.stacks.frames(ustack));
+                    } else {
+                        state.pending_stacks.push_back((tgid, ustack));
+                    }
                 }
             }
             Err(_) => state.agg.decode_error(),

@@ -310,7 +310,7 @@ fn init_script(tests: &[TestCase]) -> String {
         r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
 export PATH=/bin HOME=/tmp
-export LEAKTRACE_BIN=/bin/leaktrace LEAKGEN_BIN=/bin/leakgen
+export LEAKTRACE_BIN=/bin/leaktrace LEAKGEN_BIN=/bin/leakgen LEAKTRACE_VM_GUEST=1
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs dev /dev
