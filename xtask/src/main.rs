@@ -7,7 +7,7 @@ mod setup;
 mod vm;
 
 use std::{
-    io::{BufRead, BufReader},
+    io::{BufRead, BufReader, Write},
     path::{Path, PathBuf},
     process::{Command, Stdio},
 };
@@ -182,7 +182,7 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
         .spawn()
         .context("running cargo test")?;
     let stdout = child.stdout.take().context("cargo test stdout")?;
-    let tally = Tally::read(BufReader::new(stdout))?;
+    let tally = Tally::read(BufReader::new(stdout), &mut std::io::stdout())?;
     let status = child.wait().context("waiting for cargo test")?;
     for (test, reason) in &tally.skipped {
         println!("skipped {test}: {reason}");
@@ -209,12 +209,13 @@ struct Tally {
 }
 
 impl Tally {
-    fn read(out: impl BufRead) -> Result<Tally> {
+    /// Reads libtest's output, echoing every line to `echo`.
+    fn read(out: impl BufRead, echo: &mut impl Write) -> Result<Tally> {
         let mut tally = Tally::default();
         let mut current = String::new();
         for line in out.lines() {
             let line = line.context("reading cargo test output")?;
-            println!("{line}");
+            writeln!(echo, "{line}").context("echoing cargo test output")?;
             if let Some(name) = line
                 .strip_prefix("---- ")
                 .and_then(|l| l.strip_suffix(" stdout ----"))
@@ -294,7 +295,8 @@ successes:
 test result: ok. 2 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.01s
 test result: FAILED. 3 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out; finished in 1.00s
 ";
-        let t = Tally::read(out.as_bytes()).expect("parses");
+        // Not echoed: this test's own output is parsed by the outer run.
+        let t = Tally::read(out.as_bytes(), &mut std::io::sink()).expect("parses");
         assert_eq!((t.passed, t.failed), (5, 1));
         assert_eq!(
             t.skipped,
