@@ -12,7 +12,7 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 
-use crate::report::Report;
+use crate::report::{ProcessReport, Report};
 
 /// Upper bound on per-process series whatever --limit says.
 pub const MAX_PROCESSES: usize = 50;
@@ -113,59 +113,35 @@ pub fn render(report: &Report, memcg: Option<&MemcgCounts>) -> String {
     }
 
     let top: Vec<_> = report.processes.iter().take(MAX_PROCESSES).collect();
-    f.head(
-        "leaktrace_process_outstanding_objects",
-        "gauge",
-        "Outstanding objects of the top processes (bounded by --limit).",
-    );
-    for p in &top {
-        let pid = p.tgid.to_string();
-        let labels = [
-            ("cache", cache),
-            ("pid", pid.as_str()),
-            ("comm", p.comm.as_str()),
-        ];
-        f.sample(
+    type PerProcess = fn(&ProcessReport) -> f64;
+    let per_process: [(&str, &str, PerProcess); 3] = [
+        (
             "leaktrace_process_outstanding_objects",
-            &labels,
-            p.counts.outstanding,
-        );
-    }
-    f.head(
-        "leaktrace_process_outstanding_bytes",
-        "gauge",
-        "Outstanding bytes of the top processes (bounded by --limit).",
-    );
-    for p in &top {
-        let pid = p.tgid.to_string();
-        let labels = [
-            ("cache", cache),
-            ("pid", pid.as_str()),
-            ("comm", p.comm.as_str()),
-        ];
-        f.sample(
+            "Outstanding objects of the top processes (bounded by --limit).",
+            |p| p.counts.outstanding as f64,
+        ),
+        (
             "leaktrace_process_outstanding_bytes",
-            &labels,
-            p.counts.outstanding_bytes,
-        );
-    }
-    f.head(
-        "leaktrace_process_allocations_per_second",
-        "gauge",
-        "Allocation rate of the top processes over --rate-window.",
-    );
-    for p in &top {
-        let pid = p.tgid.to_string();
-        let labels = [
-            ("cache", cache),
-            ("pid", pid.as_str()),
-            ("comm", p.comm.as_str()),
-        ];
-        f.sample(
+            "Outstanding bytes of the top processes (bounded by --limit).",
+            |p| p.counts.outstanding_bytes as f64,
+        ),
+        (
             "leaktrace_process_allocations_per_second",
-            &labels,
-            p.alloc_rate,
-        );
+            "Allocation rate of the top processes over --rate-window.",
+            |p| p.alloc_rate,
+        ),
+    ];
+    for (name, help, value) in per_process {
+        f.head(name, "gauge", help);
+        for p in &top {
+            let pid = p.tgid.to_string();
+            let labels = [
+                ("cache", cache),
+                ("pid", pid.as_str()),
+                ("comm", p.comm.as_str()),
+            ];
+            f.sample(name, &labels, value(p));
+        }
     }
 
     f.head(
