@@ -15,6 +15,13 @@ use tokio::{
 /// Events reach the aggregator within this even when too few arrive to wake us.
 const POLL: Duration = Duration::from_millis(20);
 
+/// `--ringbuf-mib` in bytes: the kernel wants a power of two.
+pub fn ringbuf_bytes(mib: u32) -> Result<u32> {
+    mib.checked_mul(1 << 20)
+        .and_then(u32::checked_next_power_of_two)
+        .context("--ringbuf-mib is too large")
+}
+
 pub struct Sources {
     pub ring: AsyncFd<RingBuf<MapData>>,
     pub poll: Interval,

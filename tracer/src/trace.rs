@@ -56,11 +56,7 @@ pub async fn run(args: TraceArgs, cache: &str) -> Result<()> {
             stack_sample: if args.exact { 1 } else { args.stack_sample },
         },
     )?;
-    let ringbuf_bytes = args
-        .ringbuf_mib
-        .checked_mul(1 << 20)
-        .and_then(u32::checked_next_power_of_two)
-        .context("--ringbuf-mib is too large")?;
+    let ringbuf_bytes = crate::event_loop::ringbuf_bytes(args.ringbuf_mib)?;
     let mut plan = plan;
     // Wake the reader at a quarter full; the poll timer drains smaller batches.
     plan.config.wakeup_bytes = u64::from(ringbuf_bytes / 4);

@@ -198,11 +198,7 @@ async fn run_async(args: MemcgArgs) -> Result<()> {
                     .all(|f| crate::features::kernel_has_symbol(f)),
         },
     )?;
-    let ringbuf_bytes = args
-        .ringbuf_mib
-        .checked_mul(1 << 20)
-        .and_then(u32::checked_next_power_of_two)
-        .context("--ringbuf-mib is too large")?;
+    let ringbuf_bytes = crate::event_loop::ringbuf_bytes(args.ringbuf_mib)?;
     let (hooks, ring) = Hooks::attach(&plan, args.max_objects, ringbuf_bytes)?;
     run.mode = mode_line(&plan, &features);
     run.attribution = plan.attribution.clone();
