@@ -11,6 +11,11 @@
 pub const MAX_KSTACK: usize = 32;
 /// Deepest user stack we copy per allocation (frame-pointer walk by the kernel).
 pub const MAX_USTACK: usize = 32;
+/// User frames (the entry ip and the first return addresses) hashed into every
+/// selected allocation's user-path fingerprint. Deep enough to tell a retry loop
+/// from a busy path that share a syscall wrapper (Go: `syscall.Syscall6` ->
+/// `syscall.write` -> `os.(*File).Write` -> caller).
+pub const FINGERPRINT_FRAMES: usize = 8;
 /// Named caches (slab aliases) the kernel side compares against `kmem_cache_alloc`'s `name`.
 pub const MAX_CACHE_NAMES: usize = 8;
 /// Bytes of a cache name we compare; slab names are far shorter than this.
@@ -18,11 +23,22 @@ pub const CACHE_NAME_LEN: usize = 32;
 
 pub const EVENT_ALLOC: u32 = 1;
 pub const EVENT_FREE: u32 = 2;
-pub const EVENT_ALLOC_SAMPLED: u32 = 3;
+pub const EVENT_ALLOC_NO_STACKS: u32 = 3;
 
 /// Which tracepoint produced an allocation.
 pub const SOURCE_KMALLOC: u16 = 1;
 pub const SOURCE_CACHE_ALLOC: u16 = 2;
+
+/// [`AllocHeader::flags`]: this allocation won the random stack-sampling draw
+/// (probability `1 / (stack_sample_mask + 1)`, independent of everything else),
+/// so it may stand for its stratum in unbiased per-stack estimates.
+pub const FLAG_SAMPLED: u16 = 1;
+/// Stacks were captured because the stratum was new on this CPU, not by the
+/// random draw: they name the stratum but must not enter estimates.
+pub const FLAG_NAMING: u16 = 2;
+/// The user fingerprint walk found no frame beyond the entry ip (no frame
+/// pointers, or a kernel thread): the stratum cannot tell user paths apart.
+pub const FLAG_SHALLOW: u16 = 4;
 
 /// Indexes into the per-CPU `COUNTERS` array.
 pub mod counter {
@@ -101,15 +117,16 @@ pub struct Config {
     /// program, whose arguments carry the cache pointer instead of size and name.
     pub kmem_cache_size_off: u16,
     pub kmem_cache_name_off: u16,
-    /// Key stack sampling by the user instruction pointer too (the syscall's
-    /// call site in the program), read through `bpf_task_pt_regs` (5.15+).
-    pub user_ip_key: u32,
+    /// 1: hash the first [`FINGERPRINT_FRAMES`] user frames of every selected
+    /// allocation into its stratum key (`bpf_get_stack` with a short buffer).
+    pub user_fingerprint: u32,
     /// Submit without waking the reader until this many bytes are waiting;
     /// userspace also polls on a short timer. 0 wakes on every event.
     pub wakeup_bytes: u64,
-    /// Stack sampling per (process, call site): stacks are captured for the
-    /// first allocation and then whenever the site's count & mask == 0.
-    /// 0 captures every allocation's stacks (`--exact`).
+    /// Stack sampling within each stratum (process, kernel call site, user-path
+    /// fingerprint): an allocation captures stacks when a fresh random draw
+    /// `& mask == 0` ([`FLAG_SAMPLED`]), or when its stratum is new on this CPU
+    /// ([`FLAG_NAMING`]). 0 captures every allocation's stacks (`--exact`).
     pub stack_sample_mask: u64,
     /// Only this tgid (0 = every process).
     pub target_tgid: u32,
@@ -149,7 +166,7 @@ impl Config {
             free_align_mask: 0,
             kmem_cache_size_off: 0,
             kmem_cache_name_off: 0,
-            user_ip_key: 0,
+            user_fingerprint: 0,
             wakeup_bytes: 0,
             stack_sample_mask: 0,
             target_tgid: 0,
@@ -163,24 +180,28 @@ impl Config {
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct AllocHeader {
-    /// [`EVENT_ALLOC`] when stacks follow ([`AllocEvent`]), [`EVENT_ALLOC_SAMPLED`]
+    /// [`EVENT_ALLOC`] when stacks follow ([`AllocEvent`]), [`EVENT_ALLOC_NO_STACKS`]
     /// when they were not captured for this allocation (header only).
     pub kind: u32,
     pub tgid: u32,
     pub pid: u32,
     pub source: u16,
-    pub _pad: u16,
+    /// [`FLAG_SAMPLED`], [`FLAG_NAMING`], [`FLAG_SHALLOW`].
+    pub flags: u16,
     pub ptr: u64,
     pub ts_ns: u64,
     pub bytes_req: u64,
     pub bytes_alloc: u64,
     pub gfp_flags: u64,
     pub cgroup_id: u64,
-    /// The allocator's caller (`_RET_IP_`), which keys stack sampling.
+    /// The allocator's caller (`_RET_IP_`), part of the stratum key.
     pub call_site: u64,
-    /// The user instruction pointer that entered the kernel, when sampling is
-    /// keyed by it ([`Config::user_ip_key`]); otherwise 0.
+    /// The user instruction pointer that entered the kernel, when fingerprints
+    /// are on ([`Config::user_fingerprint`]); otherwise 0.
     pub user_ip: u64,
+    /// Hash of the first [`FINGERPRINT_FRAMES`] user frames (0: none): with
+    /// `tgid` and `call_site` it keys the stratum whose every object is counted.
+    pub user_fingerprint: u64,
 }
 
 /// A selected allocation with its stacks.

@@ -16,8 +16,7 @@ use aya_ebpf::{
     helpers::bpf_probe_read_kernel,
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_get_current_task_btf, bpf_get_stack, bpf_ktime_get_ns, bpf_probe_read_kernel_str_bytes,
-        bpf_task_pt_regs,
+        bpf_get_prandom_u32, bpf_get_stack, bpf_ktime_get_ns, bpf_probe_read_kernel_str_bytes,
     },
     macros::{map, raw_tracepoint, tracepoint},
     maps::{ring_buf::RingBufEntry, HashMap, PerCpuArray, RingBuf},
@@ -26,8 +25,9 @@ use aya_ebpf::{
 };
 use tracer_common::{
     counter, kmalloc_class, AllocEvent, AllocHeader, AllocLayout, Config, FreeEvent,
-    CACHE_NAME_LEN, EVENT_ALLOC, EVENT_ALLOC_SAMPLED, EVENT_FREE, MAX_CACHE_NAMES, MAX_KSTACK,
-    MAX_USTACK, SOURCE_CACHE_ALLOC, SOURCE_KMALLOC, STACK_KERNEL, STACK_USER,
+    CACHE_NAME_LEN, EVENT_ALLOC, EVENT_ALLOC_NO_STACKS, EVENT_FREE, FINGERPRINT_FRAMES,
+    FLAG_NAMING, FLAG_SAMPLED, FLAG_SHALLOW, MAX_CACHE_NAMES, MAX_KSTACK, MAX_USTACK,
+    SOURCE_CACHE_ALLOC, SOURCE_KMALLOC, STACK_KERNEL, STACK_USER,
 };
 
 #[no_mangle]
@@ -42,11 +42,11 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(8 << 20, 0);
 #[map]
 static LIVE: HashMap<u64, u64> = HashMap::with_max_entries(1 << 20, 0);
 
-/// Stack-sampling state: a per-CPU, direct-mapped table of sites (process,
-/// kernel call site, user call site) with their allocation counts. A slot that
-/// holds another site is simply taken over, which only means that site's next
-/// allocation captures stacks again: collisions cost extra stacks, never lose
-/// objects. Cheaper than a shared hash map on the hottest path we have.
+/// Strata seen lately: a per-CPU, direct-mapped table of (process, kernel call
+/// site, user fingerprint). A slot that holds another stratum is simply taken
+/// over, which only means that stratum's next allocation captures a naming
+/// stack again: collisions cost extra stacks, never lose objects. Cheaper than
+/// a shared hash map on the hottest path we have.
 #[map]
 static SITES: PerCpuArray<SiteSlot> = PerCpuArray::with_max_entries(SITE_SLOTS, 0);
 
@@ -56,10 +56,9 @@ const SITE_SLOTS: u32 = 1024;
 #[derive(Clone, Copy)]
 struct SiteSlot {
     call_site: u64,
-    user_ip: u64,
+    fingerprint: u64,
     tgid: u32,
     _pad: u32,
-    count: u64,
 }
 
 #[map]
@@ -183,6 +182,24 @@ pub fn kfree_raw(ctx: RawTracePointContext) -> i32 {
 
 #[raw_tracepoint]
 pub fn kmem_cache_free_raw(ctx: RawTracePointContext) -> i32 {
+    on_free(ctx.arg(1));
+    0
+}
+
+// Spares on the same free hooks. A raw tracepoint skips a program that is
+// already running on this CPU (`prog->active`, 6.1+): a kfree from a softirq
+// that interrupts our kfree program would go unseen and its object would look
+// leaked forever. The spare is a different program, so it runs exactly then;
+// in the common case it finds the object already gone and returns.
+
+#[raw_tracepoint]
+pub fn kfree_raw_spare(ctx: RawTracePointContext) -> i32 {
+    on_free(ctx.arg(1));
+    0
+}
+
+#[raw_tracepoint]
+pub fn kmem_cache_free_raw_spare(ctx: RawTracePointContext) -> i32 {
     on_free(ctx.arg(1));
     0
 }
@@ -337,19 +354,28 @@ fn record(ctx: *mut core::ffi::c_void, site: &Site) -> Option<()> {
         bump(counter::MISALIGNED);
     }
     let ts = unsafe { bpf_ktime_get_ns() };
-    let user_ip = if cfg.user_ip_key != 0 && cfg.stack_sample_mask != 0 && cfg.stack_flags != 0 {
-        user_ip()
+    let path = if cfg.user_fingerprint != 0 {
+        user_path(ctx)
     } else {
-        0
+        UserPath::NONE
     };
-    if capture_stacks(site.call_site, tgid, user_ip, cfg) {
+    let flags = stack_draw(site.call_site, tgid, &path, cfg);
+    if flags & (FLAG_SAMPLED | FLAG_NAMING) != 0 {
         let Some(mut entry) = EVENTS.reserve::<AllocEvent>(0) else {
             bump(counter::ALLOCS_LOST_RINGBUF);
             return None;
         };
         let ev = entry.as_mut_ptr();
         unsafe {
-            fill_header(&mut (*ev).hdr, EVENT_ALLOC, pid_tgid, ts, user_ip, site);
+            fill_header(
+                &mut (*ev).hdr,
+                EVENT_ALLOC,
+                pid_tgid,
+                ts,
+                &path,
+                flags,
+                site,
+            );
             (*ev).comm = bpf_get_current_comm().unwrap_or([0; 16]);
             (*ev).kstack_bytes = 0;
             (*ev).ustack_bytes = 0;
@@ -387,10 +413,11 @@ fn record(ctx: *mut core::ffi::c_void, site: &Site) -> Option<()> {
         unsafe {
             fill_header(
                 &mut *entry.as_mut_ptr(),
-                EVENT_ALLOC_SAMPLED,
+                EVENT_ALLOC_NO_STACKS,
                 pid_tgid,
                 ts,
-                user_ip,
+                &path,
+                flags,
                 site,
             )
         };
@@ -398,51 +425,98 @@ fn record(ctx: *mut core::ffi::c_void, site: &Site) -> Option<()> {
     }
 }
 
-/// Stack capture costs most of a matched event, so by default it is sampled per
-/// (process, call site): the first allocation and then one in mask+1. Userspace
-/// attributes the others to their site's last captured stack and says so.
-#[inline(always)]
-fn capture_stacks(call_site: u64, tgid: u32, user_ip: u64, cfg: &Config) -> bool {
-    if cfg.stack_flags == 0 {
-        return false;
-    }
-    if cfg.stack_sample_mask == 0 {
-        return true;
-    }
-    // Fibonacci hashing of the three parts; the top bits index the table.
-    let h = (call_site ^ user_ip.rotate_left(21) ^ ((tgid as u64) << 40))
-        .wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    let index = (h >> 54) as u32 & (SITE_SLOTS - 1);
-    let Some(slot) = SITES.get_ptr_mut(index) else {
-        return true;
+/// Where user space entered the kernel and a hash of the frames that led there.
+struct UserPath {
+    ip: u64,
+    fingerprint: u64,
+    shallow: bool,
+}
+
+impl UserPath {
+    const NONE: UserPath = UserPath {
+        ip: 0,
+        fingerprint: 0,
+        shallow: false,
     };
-    unsafe {
-        if (*slot).call_site == call_site && (*slot).user_ip == user_ip && (*slot).tgid == tgid {
-            (*slot).count += 1;
-            (*slot).count & cfg.stack_sample_mask == 0
-        } else {
-            (*slot).call_site = call_site;
-            (*slot).user_ip = user_ip;
-            (*slot).tgid = tgid;
-            (*slot).count = 0;
-            true
-        }
+}
+
+/// The first [`FINGERPRINT_FRAMES`] user frames, by the kernel's own
+/// frame-pointer walk (`bpf_get_stack` stops after as many frames as the buffer
+/// holds), hashed. Two paths through one syscall wrapper differ in a return
+/// address here, so they land in different strata and each is counted exactly.
+#[inline(always)]
+fn user_path(ctx: *mut core::ffi::c_void) -> UserPath {
+    let mut frames = [0u64; FINGERPRINT_FRAMES];
+    let n = unsafe {
+        bpf_get_stack(
+            ctx,
+            frames.as_mut_ptr().cast(),
+            (FINGERPRINT_FRAMES * size_of::<u64>()) as u32,
+            BPF_F_USER_STACK as u64,
+        )
+    };
+    if n <= 0 {
+        return UserPath {
+            ip: 0,
+            fingerprint: 0,
+            shallow: true,
+        };
+    }
+    let mut h: u64 = 0;
+    let mut i = 0;
+    while i < FINGERPRINT_FRAMES {
+        h = (h ^ frames[i]).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        h ^= h >> 29;
+        i += 1;
+    }
+    UserPath {
+        ip: frames[0],
+        // 0 means "no fingerprint" to userspace.
+        fingerprint: h | 1,
+        shallow: n as usize <= size_of::<u64>(),
     }
 }
 
-/// Where user space entered the kernel: one program calling the same kernel
-/// path from two places (ld.so's open vs. the program's own) gets two sites.
+/// Stack capture costs most of a matched event, so by default it is sampled:
+/// each allocation draws independently with probability 1/(mask+1), which makes
+/// the sampled objects of a stratum a simple random sample of it (unbiased
+/// per-stack estimates in userspace). An allocation whose stratum is new on
+/// this CPU also captures, flagged as naming only, so every stratum has a name.
 #[inline(always)]
-fn user_ip() -> u64 {
-    // x86_64 struct pt_regs: r15 … orig_ax are 16 words, then ip.
-    const PT_REGS_IP: u64 = 16 * 8;
-    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as *const u64;
-    if regs.is_null() {
-        return 0;
+fn stack_draw(call_site: u64, tgid: u32, path: &UserPath, cfg: &Config) -> u16 {
+    let shallow = if path.shallow { FLAG_SHALLOW } else { 0 };
+    if cfg.stack_flags == 0 {
+        return shallow;
     }
-    // A BTF-typed pointer: the verifier turns this load into a fault-safe one,
-    // no helper call needed.
-    unsafe { core::ptr::read_volatile(regs.add((PT_REGS_IP / 8) as usize)) }
+    if cfg.stack_sample_mask == 0 {
+        return FLAG_SAMPLED | shallow;
+    }
+    let drawn = u64::from(unsafe { bpf_get_prandom_u32() }) & cfg.stack_sample_mask == 0;
+    let h = (call_site ^ path.fingerprint.rotate_left(21) ^ ((tgid as u64) << 40))
+        .wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    let index = (h >> 54) as u32 & (SITE_SLOTS - 1);
+    let mut new = true;
+    if let Some(slot) = SITES.get_ptr_mut(index) {
+        unsafe {
+            if (*slot).call_site == call_site
+                && (*slot).fingerprint == path.fingerprint
+                && (*slot).tgid == tgid
+            {
+                new = false;
+            } else {
+                (*slot).call_site = call_site;
+                (*slot).fingerprint = path.fingerprint;
+                (*slot).tgid = tgid;
+            }
+        }
+    }
+    if drawn {
+        FLAG_SAMPLED | shallow
+    } else if new {
+        FLAG_NAMING | shallow
+    } else {
+        shallow
+    }
 }
 
 #[inline(always)]
@@ -451,14 +525,15 @@ fn fill_header(
     kind: u32,
     pid_tgid: u64,
     ts: u64,
-    user_ip: u64,
+    path: &UserPath,
+    flags: u16,
     site: &Site,
 ) {
     hdr.kind = kind;
     hdr.tgid = (pid_tgid >> 32) as u32;
     hdr.pid = pid_tgid as u32;
     hdr.source = site.source;
-    hdr._pad = 0;
+    hdr.flags = flags;
     hdr.ptr = site.ptr;
     hdr.ts_ns = ts;
     hdr.bytes_req = site.bytes_req;
@@ -466,7 +541,8 @@ fn fill_header(
     hdr.gfp_flags = site.gfp;
     hdr.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
     hdr.call_site = site.call_site;
-    hdr.user_ip = user_ip;
+    hdr.user_ip = path.ip;
+    hdr.user_fingerprint = path.fingerprint;
 }
 
 /// Insert before submit: once userspace can see the alloc, the kernel must

@@ -1,33 +1,60 @@
-//! Outstanding objects, by process, by allocation site (kernel+user stack) and by
-//! cgroup. Fed decoded events in ring-buffer order; asked for snapshots by views.
+//! Outstanding objects, by process, by stratum and stack, and by cgroup. Fed
+//! decoded events in ring-buffer order; asked for snapshots by views.
+//!
+//! Attribution model. Every selected allocation is counted exactly in its
+//! *stratum*: (process, kernel call site, user-path fingerprint), the last being
+//! a hash of the first user frames the kernel walked for that very allocation.
+//! Full stacks are captured for a random draw of allocations (each with the same
+//! probability, independent of the object's fate, see `stack_draw` in the eBPF
+//! object), so the drawn objects still outstanding in a stratum are a simple
+//! random sample of its outstanding objects. A stack's share of the stratum is
+//! estimated by its share of that sample, which is unbiased given at least one
+//! drawn object, and comes with a 95% interval ([`interval`]). Where every
+//! object was drawn (`--exact`) the estimate is the count. A stratum with no
+//! drawn objects keeps its exact count under the frames all of its objects
+//! share (call site and fingerprinted user frames), marked partial: never
+//! under a stack its objects did not come from.
 
 use std::collections::{HashMap, VecDeque};
 
 use hdrhistogram::Histogram;
 use serde::Serialize;
+use tracer_common::FINGERPRINT_FRAMES;
 
 use crate::{
-    cli::SortKey,
     decoder::{Alloc, Event, Free},
     stacks::{StackId, StackTable},
 };
 
-/// One allocation the kernel reported and we have not seen freed.
+/// How rows are ordered; the CLI maps its sort flag onto this.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SortKey {
+    #[default]
+    Outstanding,
+    Rate,
+    Allocs,
+}
+
+/// One allocation the kernel reported and we have not seen freed. 20 bytes,
+/// so a million outstanding objects cost ~28 MB of table: the time is kept in
+/// ms since the first event and the cgroup as an index.
 #[derive(Debug, Clone, Copy)]
-/// 16 bytes, so a million outstanding objects cost ~24 MB of table: the time is
-/// kept in ms since the first event and the cgroup as an index.
 struct Live {
     ts_ms: u32,
+    stratum: u32,
+    /// The site (full stacks) of a drawn object; [`NOT_DRAWN`] otherwise.
     site: u32,
     bytes: u32,
     cgroup: u32,
 }
 
+const NOT_DRAWN: u32 = u32::MAX;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-struct SiteKey {
+struct StratumKey {
     tgid: u32,
-    kstack: StackId,
-    ustack: StackId,
+    call_site: u64,
+    fingerprint: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -53,9 +80,24 @@ impl Counts {
 }
 
 #[derive(Debug)]
-struct Site {
-    key: SiteKey,
+struct Stratum {
+    key: StratumKey,
+    user_ip: u64,
+    /// Every object, exactly.
     counts: Counts,
+    /// The drawn objects only: the sample the per-stack split comes from.
+    drawn: Counts,
+    sites: Vec<u32>,
+    /// Stacks of the first capture (drawn or naming): names the partial row.
+    name: Option<(StackId, StackId)>,
+}
+
+/// Full kernel and user stacks within one stratum, counted over drawn objects.
+#[derive(Debug)]
+struct Site {
+    kstack: StackId,
+    ustack: StackId,
+    drawn: Counts,
 }
 
 #[derive(Debug)]
@@ -65,7 +107,9 @@ pub struct Process {
     pub comm: String,
     pub last_cgroup_id: u64,
     pub counts: Counts,
-    sites: Vec<u32>,
+    strata: Vec<u32>,
+    /// Allocations whose fingerprint walk found no frame past the entry ip.
+    shallow_allocs: u64,
     /// (time, allocs, outstanding) at each tick inside the rate window.
     history: VecDeque<(u64, u64, u64)>,
     first_seen_ns: u64,
@@ -92,12 +136,16 @@ pub struct Anomalies {
     pub decode_errors: u64,
 }
 
-/// How many allocations carried their own stacks and how many were attributed to
-/// their (process, call site)'s last captured stack because stacks are sampled.
+/// How stacks were captured: `drawn` allocations won the random draw (1 in
+/// `sample_every`) and enter estimates; `naming` ones captured stacks only to
+/// name a new stratum; the rest carried no stacks.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct StackSampling {
-    pub captured: u64,
-    pub shared: u64,
+    pub sample_every: u64,
+    pub drawn: u64,
+    pub naming: u64,
+    pub without_stacks: u64,
+    pub strata: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -108,14 +156,25 @@ pub struct AgeSummary {
     pub max_ms: u64,
 }
 
+/// One stack's share of a stratum.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SiteRow {
     #[serde(skip)]
     pub kstack: StackId,
     #[serde(skip)]
     pub ustack: StackId,
+    /// Exact when `estimated` is false; otherwise unbiased estimates, rounded.
     #[serde(flatten)]
     pub counts: Counts,
+    pub estimated: bool,
+    /// 95% interval for `outstanding` (equal to it when exact).
+    pub outstanding_low: u64,
+    pub outstanding_high: u64,
+    /// Only the frames every object of the stratum shares are known (kernel
+    /// call site, fingerprinted user frames): no object of it was drawn.
+    pub partial: bool,
+    /// The exact count of the stratum this stack belongs to.
+    pub stratum_outstanding: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -129,6 +188,12 @@ pub struct ProcRow {
     pub alloc_rate: f64,
     /// Change of outstanding objects per second over the rate window.
     pub growth_rate: f64,
+    /// False when most allocations' user paths could not be fingerprinted (no
+    /// frame pointers past the entry ip): its stacks are split by sampling only.
+    pub fingerprinted: bool,
+    /// Allocations whose fingerprint walk found no frame past the entry ip
+    /// (e.g. a libc path without frame pointers at exit).
+    pub unfingerprinted_allocs: u64,
     pub sites: Vec<SiteRow>,
 }
 
@@ -161,10 +226,10 @@ pub struct SnapshotOptions {
 #[derive(Debug)]
 pub struct Aggregator {
     objects: HashMap<u64, Live>,
+    strata: Vec<Stratum>,
+    stratum_ids: HashMap<StratumKey, u32>,
     sites: Vec<Site>,
-    site_ids: HashMap<SiteKey, u32>,
-    /// (tgid, kernel call site, user ip) -> the site of its last allocation with stacks.
-    last_site: HashMap<(u32, u64, u64), u32>,
+    site_ids: HashMap<(u32, StackId, StackId), u32>,
     sampling: StackSampling,
     procs: HashMap<u32, Process>,
     cgroups: HashMap<u64, Counts>,
@@ -184,19 +249,25 @@ impl Aggregator {
     /// a million entries briefly holds the old and the new one, a 1.5x peak in
     /// resident memory on a node that is already short of it. Untouched buckets
     /// cost address space, not RSS.
-    pub fn with_capacity(rate_window_ns: u64, capacity: usize) -> Self {
-        let mut agg = Self::new(rate_window_ns);
+    pub fn with_capacity(rate_window_ns: u64, capacity: usize, sample_every: u64) -> Self {
+        let mut agg = Self::new(rate_window_ns, sample_every);
         agg.objects.reserve(capacity);
         agg
     }
 
-    pub fn new(rate_window_ns: u64) -> Self {
+    /// `sample_every`: the kernel draws 1 in this many allocations for stacks
+    /// (1: every allocation), reported so readers can judge the estimates.
+    pub fn new(rate_window_ns: u64, sample_every: u64) -> Self {
         Aggregator {
             objects: HashMap::new(),
+            strata: Vec::new(),
+            stratum_ids: HashMap::new(),
             sites: Vec::new(),
             site_ids: HashMap::new(),
-            last_site: HashMap::new(),
-            sampling: StackSampling::default(),
+            sampling: StackSampling {
+                sample_every,
+                ..StackSampling::default()
+            },
             procs: HashMap::new(),
             cgroups: HashMap::new(),
             cgroup_ids: Vec::new(),
@@ -237,13 +308,33 @@ impl Aggregator {
             self.anomalies.freed_unseen += 1;
             self.release(old);
         }
-        let (site, new_site) = self.site_of(a);
-        let cgroup = self.cgroup_slot(a.cgroup_id);
-        let ts_ms = self.ms_since_base(a.ts_ns);
-        let bytes = a.bytes_alloc;
-        self.sites[site as usize].counts.alloc(bytes);
-        self.totals.alloc(bytes);
-        self.cgroups.entry(a.cgroup_id).or_default().alloc(bytes);
+        match (a.has_stacks, a.drawn) {
+            (true, true) => self.sampling.drawn += 1,
+            (true, false) => self.sampling.naming += 1,
+            (false, _) => self.sampling.without_stacks += 1,
+        }
+        let (stratum, new_stratum) = self.stratum_of(a);
+        let mut new_stacks = None;
+        if a.has_stacks {
+            let kstack = self.stacks.intern(a.kstack);
+            let ustack = self.stacks.intern(a.ustack);
+            let s = &mut self.strata[stratum as usize];
+            if s.name.is_none() {
+                s.name = Some((kstack, ustack));
+                new_stacks = Some(ustack);
+            }
+            if a.drawn {
+                let (site, new_site) = self.site_of(stratum, kstack, ustack);
+                if new_site {
+                    new_stacks = Some(ustack);
+                }
+                self.record_live(a, stratum, site);
+            } else {
+                self.record_live(a, stratum, NOT_DRAWN);
+            }
+        } else {
+            self.record_live(a, stratum, NOT_DRAWN);
+        }
 
         let mut new_proc = None;
         let proc = self.procs.entry(a.tgid).or_insert_with(|| {
@@ -253,78 +344,95 @@ impl Aggregator {
                 comm: String::from_utf8_lossy(a.comm).into_owned(),
                 last_cgroup_id: a.cgroup_id,
                 counts: Counts::default(),
-                sites: Vec::new(),
+                strata: Vec::new(),
+                shallow_allocs: 0,
                 history: VecDeque::new(),
                 first_seen_ns: a.ts_ns,
             }
         });
         // Only the main thread's name tracks exec; other threads may carry their
         // own names and must not make us re-read /proc on every event.
-        if a.pid == a.tgid && !a.sampled && proc.comm.as_bytes() != a.comm {
+        if a.pid == a.tgid && a.has_stacks && proc.comm.as_bytes() != a.comm {
             proc.comm = String::from_utf8_lossy(a.comm).into_owned();
             new_proc = Some(a.tgid);
         }
-        proc.counts.alloc(bytes);
+        proc.counts.alloc(a.bytes_alloc);
         proc.last_cgroup_id = a.cgroup_id;
-        if new_site {
-            proc.sites.push(site);
+        if a.shallow {
+            proc.shallow_allocs += 1;
         }
+        if new_stratum {
+            proc.strata.push(stratum);
+        }
+        Novelty {
+            process: new_proc,
+            user_stack: new_stacks
+                .filter(|&u| u != StackId::EMPTY)
+                .map(|u| (a.tgid, u)),
+        }
+    }
+
+    fn record_live(&mut self, a: &Alloc<'_>, stratum: u32, site: u32) {
+        let bytes = a.bytes_alloc;
+        let cgroup = self.cgroup_slot(a.cgroup_id);
+        let ts_ms = self.ms_since_base(a.ts_ns);
+        let s = &mut self.strata[stratum as usize];
+        s.counts.alloc(bytes);
+        if let Some(site) = self.sites.get_mut(site as usize) {
+            site.drawn.alloc(bytes);
+            s.drawn.alloc(bytes);
+        }
+        self.totals.alloc(bytes);
+        self.cgroups.entry(a.cgroup_id).or_default().alloc(bytes);
         self.objects.insert(
             a.ptr,
             Live {
                 ts_ms,
+                stratum,
                 site,
                 bytes: u32::try_from(bytes).unwrap_or(u32::MAX),
                 cgroup,
             },
         );
-        let new_user_stack = self
-            .sites
-            .get(site as usize)
-            .filter(|s| new_site && s.key.ustack != StackId::EMPTY)
-            .map(|s| (s.key.tgid, s.key.ustack));
-        Novelty {
-            process: new_proc,
-            user_stack: new_user_stack,
-        }
     }
 
-    /// The site an allocation belongs to, and whether it is new. A sampled
-    /// allocation joins its call site's last captured stack; if none was seen
-    /// (its stack event was lost) it gets a site whose kernel stack is just the
-    /// call site, which is still exact about the allocating function.
-    fn site_of(&mut self, a: &Alloc<'_>) -> (u32, bool) {
-        let site_key = (a.tgid, a.call_site, a.user_ip);
-        if a.sampled {
-            self.sampling.shared += 1;
-            if let Some(&site) = self.last_site.get(&site_key) {
-                return (site, false);
-            }
-        } else {
-            self.sampling.captured += 1;
-        }
-        let kstack = if a.sampled {
-            std::slice::from_ref(&a.call_site)
-        } else {
-            a.kstack
-        };
-        let key = SiteKey {
+    fn stratum_of(&mut self, a: &Alloc<'_>) -> (u32, bool) {
+        let key = StratumKey {
             tgid: a.tgid,
-            kstack: self.stacks.intern(kstack),
-            ustack: self.stacks.intern(a.ustack),
+            call_site: a.call_site,
+            fingerprint: a.user_fingerprint,
         };
-        let next_id = self.sites.len() as u32;
-        let site = *self.site_ids.entry(key).or_insert(next_id);
-        if site == next_id {
-            self.sites.push(Site {
+        let next = self.strata.len() as u32;
+        let id = *self.stratum_ids.entry(key).or_insert(next);
+        if id == next {
+            self.strata.push(Stratum {
                 key,
+                user_ip: a.user_ip,
                 counts: Counts::default(),
+                drawn: Counts::default(),
+                sites: Vec::new(),
+                name: None,
             });
+            self.sampling.strata += 1;
         }
-        if !a.sampled {
-            self.last_site.insert(site_key, site);
+        (id, id == next)
+    }
+
+    fn site_of(&mut self, stratum: u32, kstack: StackId, ustack: StackId) -> (u32, bool) {
+        let next = self.sites.len() as u32;
+        let id = *self
+            .site_ids
+            .entry((stratum, kstack, ustack))
+            .or_insert(next);
+        if id == next {
+            self.sites.push(Site {
+                kstack,
+                ustack,
+                drawn: Counts::default(),
+            });
+            self.strata[stratum as usize].sites.push(id);
         }
-        (site, site == next_id)
+        (id, id == next)
     }
 
     fn free(&mut self, f: &Free) {
@@ -336,11 +444,15 @@ impl Aggregator {
 
     fn release(&mut self, live: Live) {
         let bytes = u64::from(live.bytes);
-        let Some(site) = self.sites.get_mut(live.site as usize) else {
+        let Some(stratum) = self.strata.get_mut(live.stratum as usize) else {
             return;
         };
-        site.counts.free(bytes);
-        let tgid = site.key.tgid;
+        stratum.counts.free(bytes);
+        if let Some(site) = self.sites.get_mut(live.site as usize) {
+            site.drawn.free(bytes);
+            stratum.drawn.free(bytes);
+        }
+        let tgid = stratum.key.tgid;
         self.totals.free(bytes);
         let cgroup_id = self.cgroup_ids.get(live.cgroup as usize).copied();
         if let Some(c) = cgroup_id.and_then(|id| self.cgroups.get_mut(&id)) {
@@ -413,7 +525,90 @@ impl Aggregator {
         }
     }
 
-    pub fn snapshot(&self, now_ns: u64, opts: &SnapshotOptions) -> Snapshot {
+    /// Every stack row of one stratum: the drawn sites with their estimated
+    /// shares, plus a partial row for whatever the sample cannot split.
+    fn stratum_rows(&mut self, stratum: u32) -> Vec<SiteRow> {
+        let Some(h) = self.strata.get(stratum as usize) else {
+            return Vec::new();
+        };
+        let (total, drawn) = (h.counts.clone(), h.drawn.clone());
+        let exact = drawn == total;
+        let mut rows: Vec<SiteRow> = h
+            .sites
+            .iter()
+            .filter_map(|&s| self.sites.get(s as usize))
+            .map(|site| {
+                let d = &site.drawn;
+                let outstanding = share(total.outstanding, d.outstanding, drawn.outstanding);
+                let (outstanding_low, outstanding_high) = if exact {
+                    (outstanding, outstanding)
+                } else {
+                    interval(d.outstanding, drawn.outstanding, total.outstanding)
+                };
+                SiteRow {
+                    kstack: site.kstack,
+                    ustack: site.ustack,
+                    counts: Counts {
+                        outstanding,
+                        outstanding_bytes: share(
+                            total.outstanding_bytes,
+                            d.outstanding_bytes,
+                            drawn.outstanding_bytes,
+                        ),
+                        allocs: share(total.allocs, d.allocs, drawn.allocs),
+                        frees: share(total.frees, d.frees, drawn.frees),
+                    },
+                    estimated: !exact,
+                    outstanding_low,
+                    outstanding_high,
+                    partial: false,
+                    stratum_outstanding: total.outstanding,
+                }
+            })
+            .collect();
+        // What no drawn object can speak for stays exact under the shared frames.
+        let rest = Counts {
+            outstanding: if drawn.outstanding == 0 {
+                total.outstanding
+            } else {
+                0
+            },
+            outstanding_bytes: if drawn.outstanding_bytes == 0 {
+                total.outstanding_bytes
+            } else {
+                0
+            },
+            allocs: if drawn.allocs == 0 { total.allocs } else { 0 },
+            frees: if drawn.frees == 0 { total.frees } else { 0 },
+        };
+        if rest != Counts::default() {
+            let (call_site, user_ip, name) = (h.key.call_site, h.user_ip, h.name);
+            let fingerprinted = h.key.fingerprint != 0;
+            let kstack = self.stacks.intern(&[call_site]);
+            let ustack = match name {
+                Some((_, u)) if fingerprinted => {
+                    let frames = self.stacks.frames(u);
+                    let shared: Vec<u64> = frames[..frames.len().min(FINGERPRINT_FRAMES)].to_vec();
+                    self.stacks.intern(&shared)
+                }
+                _ if user_ip != 0 => self.stacks.intern(&[user_ip]),
+                _ => StackId::EMPTY,
+            };
+            rows.push(SiteRow {
+                kstack,
+                ustack,
+                outstanding_low: rest.outstanding,
+                outstanding_high: rest.outstanding,
+                counts: rest,
+                estimated: false,
+                partial: true,
+                stratum_outstanding: total.outstanding,
+            });
+        }
+        rows
+    }
+
+    pub fn snapshot(&mut self, now_ns: u64, opts: &SnapshotOptions) -> Snapshot {
         let mut rows: Vec<ProcRow> = self
             .procs
             .values()
@@ -428,6 +623,8 @@ impl Aggregator {
                     counts: p.counts.clone(),
                     alloc_rate,
                     growth_rate,
+                    fingerprinted: p.shallow_allocs.saturating_mul(2) <= p.counts.allocs,
+                    unfingerprinted_allocs: p.shallow_allocs,
                     sites: Vec::new(),
                 }
             })
@@ -435,28 +632,22 @@ impl Aggregator {
         rows.sort_by(|a, b| compare(opts.sort, b, a).then(a.tgid.cmp(&b.tgid)));
         rows.truncate(opts.limit);
         for row in &mut rows {
-            let Some(p) = self.procs.get(&row.tgid) else {
-                continue;
-            };
-            let mut sites: Vec<&Site> = p
-                .sites
-                .iter()
-                .filter_map(|&s| self.sites.get(s as usize))
+            let strata = self
+                .procs
+                .get(&row.tgid)
+                .map(|p| p.strata.clone())
+                .unwrap_or_default();
+            let mut sites: Vec<SiteRow> = strata
+                .into_iter()
+                .flat_map(|h| self.stratum_rows(h))
                 .collect();
             sites.sort_by(|a, b| match opts.sort {
                 SortKey::Outstanding => (b.counts.outstanding_bytes, b.counts.allocs)
                     .cmp(&(a.counts.outstanding_bytes, a.counts.allocs)),
                 SortKey::Rate | SortKey::Allocs => b.counts.allocs.cmp(&a.counts.allocs),
             });
-            row.sites = sites
-                .into_iter()
-                .take(opts.stacks)
-                .map(|s| SiteRow {
-                    kstack: s.key.kstack,
-                    ustack: s.key.ustack,
-                    counts: s.counts.clone(),
-                })
-                .collect();
+            sites.truncate(opts.stacks);
+            row.sites = sites;
         }
         let mut cgroups: Vec<CgroupRow> = self
             .cgroups
@@ -485,6 +676,54 @@ impl Aggregator {
     }
 }
 
+/// `total * part / sample`, rounded: the stack's estimated share of an exact
+/// total, from its share of the drawn sample. 0 when nothing was drawn.
+fn share(total: u64, part: u64, sample: u64) -> u64 {
+    if sample == 0 {
+        return 0;
+    }
+    ((total as u128 * part as u128 + sample as u128 / 2) / sample as u128) as u64
+}
+
+/// 95% interval for the number of a stratum's `population` outstanding objects
+/// that came from one stack, given that `hits` of the `sample` drawn ones did.
+///
+/// The drawn objects are a simple random sample without replacement of the
+/// stratum (each allocation drew independently with one probability, whatever
+/// its fate). The proportion's interval is Clopper-Pearson's exact binomial one,
+/// which covers at least 95% (conservative: sampling without replacement only
+/// narrows the truth), then clamped by what is certain: the `hits` drawn objects
+/// are from this stack and the other `sample - hits` drawn ones are not.
+pub fn interval(hits: u64, sample: u64, population: u64) -> (u64, u64) {
+    use statrs::function::beta::inv_beta_reg;
+    if sample == 0 {
+        return (0, population);
+    }
+    if sample >= population {
+        return (hits, hits);
+    }
+    const ALPHA: f64 = 0.05;
+    let (k, n) = (hits as f64, sample as f64);
+    let low = if hits == 0 {
+        0.0
+    } else {
+        inv_beta_reg(k, n - k + 1.0, ALPHA / 2.0)
+    };
+    let high = if hits == sample {
+        1.0
+    } else {
+        inv_beta_reg(k + 1.0, n - k, 1.0 - ALPHA / 2.0)
+    };
+    let big_n = population as f64;
+    let low = (low * big_n).floor() as u64;
+    let high = (high * big_n).ceil() as u64;
+    let certain_high = population - (sample - hits);
+    (
+        low.max(hits).min(certain_high),
+        high.min(certain_high).max(hits),
+    )
+}
+
 fn compare(key: SortKey, a: &ProcRow, b: &ProcRow) -> std::cmp::Ordering {
     match key {
         SortKey::Outstanding => (a.counts.outstanding_bytes, a.counts.allocs)
@@ -498,6 +737,7 @@ fn compare(key: SortKey, a: &ProcRow, b: &ProcRow) -> std::cmp::Ordering {
 mod tests {
     use super::*;
 
+    /// A drawn allocation with full stacks (what `--exact` sends for every one).
     fn alloc<'a>(
         tgid: u32,
         ptr: u64,
@@ -516,8 +756,11 @@ mod tests {
             gfp_flags: 0,
             cgroup_id: 100 + u64::from(tgid),
             call_site: kstack.first().copied().unwrap_or(0),
-            user_ip: 0,
-            sampled: false,
+            user_ip: ustack.first().copied().unwrap_or(0),
+            user_fingerprint: 0,
+            drawn: true,
+            shallow: false,
+            has_stacks: true,
             comm: b"gen",
             kstack,
             ustack,
@@ -526,7 +769,8 @@ mod tests {
         })
     }
 
-    fn sampled(tgid: u32, ptr: u64, call_site: u64) -> Event<'static> {
+    /// An allocation of stratum (tgid, call_site, fingerprint) that did not draw.
+    fn undrawn(tgid: u32, ptr: u64, call_site: u64, fingerprint: u64) -> Event<'static> {
         Event::Alloc(Alloc {
             tgid,
             pid: tgid,
@@ -538,8 +782,11 @@ mod tests {
             gfp_flags: 0,
             cgroup_id: 100,
             call_site,
-            user_ip: 0,
-            sampled: true,
+            user_ip: 0x40,
+            user_fingerprint: fingerprint,
+            drawn: false,
+            shallow: false,
+            has_stacks: false,
             comm: b"",
             kstack: &[],
             ustack: &[],
@@ -548,34 +795,11 @@ mod tests {
         })
     }
 
-    #[test]
-    fn sampled_allocations_join_their_call_sites_last_stack() {
-        let mut agg = Aggregator::new(10_000_000_000);
-        agg.apply(&alloc(1, 0x10, 0, &[7, 8, 9], &[42]));
-        agg.apply(&sampled(1, 0x20, 7));
-        agg.apply(&sampled(1, 0x30, 7));
-        // Never-captured call site: a site of its own with the call site as its kernel stack.
-        agg.apply(&sampled(1, 0x40, 99));
-        agg.apply(&free(0x20));
-        let snap = agg.snapshot(0, &opts(SortKey::Outstanding));
-        assert_eq!(
-            snap.stacks,
-            StackSampling {
-                captured: 1,
-                shared: 3
-            }
-        );
-        let p = &snap.processes[0];
-        assert_eq!(p.counts.outstanding, 3);
-        assert_eq!(p.sites.len(), 2);
-        assert_eq!(agg.stacks.frames(p.sites[0].kstack), &[7, 8, 9]);
-        assert_eq!(
-            (p.sites[0].counts.allocs, p.sites[0].counts.outstanding),
-            (3, 2)
-        );
-        assert_eq!(agg.stacks.frames(p.sites[1].kstack), &[99]);
-        // The process keeps the name from its captured event.
-        assert_eq!(p.comm, "gen");
+    fn in_stratum(ev: Event<'_>, fingerprint: u64, drawn: bool) -> Event<'_> {
+        let Event::Alloc(mut a) = ev else { return ev };
+        a.user_fingerprint = fingerprint;
+        a.drawn = drawn;
+        Event::Alloc(a)
     }
 
     fn free(ptr: u64) -> Event<'static> {
@@ -593,8 +817,209 @@ mod tests {
     }
 
     #[test]
+    fn strata_are_counted_exactly_and_split_only_by_drawn_objects() {
+        let mut agg = Aggregator::new(10_000_000_000, 4);
+        // Stratum A (fingerprint 0xa): one drawn object on stack [7,8,9]/[42],
+        // two undrawn: all three estimated under that stack (exact count 3).
+        agg.apply(&in_stratum(
+            alloc(1, 0x10, 0, &[7, 8, 9], &[42, 43]),
+            0xa,
+            true,
+        ));
+        agg.apply(&undrawn(1, 0x20, 7, 0xa));
+        agg.apply(&undrawn(1, 0x30, 7, 0xa));
+        // Stratum B: same call site, another user path, named but never drawn:
+        // its objects stay under the shared frames only, marked partial.
+        agg.apply(&in_stratum(
+            alloc(1, 0x40, 0, &[7, 5], &[44, 45]),
+            0xb,
+            false,
+        ));
+        agg.apply(&undrawn(1, 0x50, 7, 0xb));
+        let snap = agg.snapshot(0, &opts(SortKey::Outstanding));
+        assert_eq!(
+            snap.stacks,
+            StackSampling {
+                sample_every: 4,
+                drawn: 1,
+                naming: 1,
+                without_stacks: 3,
+                strata: 2,
+            }
+        );
+        let p = &snap.processes[0];
+        assert_eq!(p.counts.outstanding, 5);
+        assert_eq!(p.sites.len(), 2);
+        let a = &p.sites[0];
+        assert_eq!(agg.stacks.frames(a.kstack), &[7, 8, 9]);
+        assert_eq!(
+            (a.counts.outstanding, a.estimated, a.partial),
+            (3, true, false)
+        );
+        assert_eq!(a.stratum_outstanding, 3);
+        // One drawn of three, and it is this stack: at least 1, at most 3.
+        assert_eq!((a.outstanding_low, a.outstanding_high), (1, 3));
+        let b = &p.sites[1];
+        assert!(b.partial && !b.estimated);
+        assert_eq!(b.counts.outstanding, 2);
+        assert_eq!(agg.stacks.frames(b.kstack), &[7]);
+        assert_eq!(agg.stacks.frames(b.ustack), &[44, 45]);
+        // Freeing the drawn object leaves stratum A with nothing to split by.
+        agg.apply(&free(0x10));
+        let snap = agg.snapshot(0, &opts(SortKey::Outstanding));
+        let rows = &snap.processes[0].sites;
+        let partial_a = rows
+            .iter()
+            .find(|r| r.partial && agg.stacks.frames(r.ustack) == [42, 43])
+            .expect("stratum A's partial row");
+        assert_eq!(partial_a.counts.outstanding, 2);
+        let estimated_a = rows
+            .iter()
+            .find(|r| !r.partial && r.stratum_outstanding == 2);
+        assert!(estimated_a.is_some_and(|r| r.counts.outstanding == 0 && r.counts.frees == 1));
+    }
+
+    #[test]
+    fn exact_mode_is_not_an_estimate() {
+        let mut agg = Aggregator::new(10_000_000_000, 1);
+        for i in 0..10u64 {
+            agg.apply(&alloc(1, 0x100 + i, 0, &[1, 2], &[9, 10]));
+        }
+        for i in 0..30u64 {
+            agg.apply(&alloc(1, 0x1000 + i, 0, &[1, 3], &[9, 10]));
+        }
+        let snap = agg.snapshot(0, &opts(SortKey::Outstanding));
+        let sites = &snap.processes[0].sites;
+        assert_eq!(sites.len(), 2);
+        assert!(sites.iter().all(|s| !s.estimated && !s.partial));
+        assert_eq!(
+            (
+                sites[0].counts.outstanding,
+                sites[0].outstanding_low,
+                sites[0].outstanding_high
+            ),
+            (30, 30, 30)
+        );
+        assert_eq!(sites[1].counts.outstanding, 10);
+    }
+
+    /// xorshift64*: a seeded, reproducible stand-in for the kernel's draw.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+    }
+
+    /// One stratum, two deeper stacks: `rare` of `total` live objects from
+    /// stack A, and 50 churned (freed) allocations per live one. Returns
+    /// stack A's (estimate, low, high).
+    fn simulate(seed: u64, total: u64, rare: u64, every: u64) -> (u64, u64, u64) {
+        let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+        let mut agg = Aggregator::new(10_000_000_000, every);
+        let mut ptr = 0x1000u64;
+        for i in 0..total {
+            let stack: &[u64] = if i % (total / rare) == 0 {
+                &[7, 1]
+            } else {
+                &[7, 2]
+            };
+            for _ in 0..50 {
+                ptr += 0x200;
+                let drawn = rng.next().is_multiple_of(every);
+                let ev = if drawn {
+                    in_stratum(alloc(1, ptr, 0, &[7, 2], &[40]), 0xf, true)
+                } else {
+                    undrawn(1, ptr, 7, 0xf)
+                };
+                agg.apply(&ev);
+                agg.apply(&free(ptr));
+            }
+            ptr += 0x200;
+            let drawn = rng.next().is_multiple_of(every);
+            let ev = if drawn {
+                in_stratum(alloc(1, ptr, 0, stack, &[40]), 0xf, true)
+            } else {
+                undrawn(1, ptr, 7, 0xf)
+            };
+            agg.apply(&ev);
+        }
+        let snap = agg.snapshot(
+            0,
+            &SnapshotOptions {
+                stacks: 10,
+                ..opts(SortKey::Outstanding)
+            },
+        );
+        let rows = &snap.processes[0].sites;
+        let a = rows.iter().find(|r| agg.stacks.frames(r.kstack) == [7, 1]);
+        match a {
+            Some(r) => (r.counts.outstanding, r.outstanding_low, r.outstanding_high),
+            None => {
+                // Never drawn: A is whatever B is not.
+                let b = rows
+                    .iter()
+                    .find(|r| agg.stacks.frames(r.kstack) == [7, 2])
+                    .expect("the common stack is drawn");
+                (0, total - b.outstanding_high, total - b.outstanding_low)
+            }
+        }
+    }
+
+    #[test]
+    fn estimates_are_unbiased_and_the_95_interval_covers_the_truth() {
+        // 1 object in 20 from the rare stack, stacks drawn for 1 in 16: 200 seeds.
+        let (total, rare, every, seeds) = (2_000, 100, 16, 200u64);
+        let mut sum = 0u64;
+        let mut covered = 0;
+        for seed in 0..seeds {
+            let (est, low, high) = simulate(seed, total, rare, every);
+            sum += est;
+            if (low..=high).contains(&rare) {
+                covered += 1;
+            }
+        }
+        let mean = sum as f64 / seeds as f64;
+        // Unbiased: the mean of 200 estimates is within 3 standard errors
+        // (sd of one estimate ~ sqrt(2000·16·0.05·0.95) / ... ≈ 37 objects).
+        assert!(
+            (mean - rare as f64).abs() < 3.0 * 37.0 / (seeds as f64).sqrt(),
+            "mean {mean}"
+        );
+        // The interval is a 95% one: at least 90% of 200 seeds cover the truth.
+        assert!(covered >= 180, "covered {covered} of {seeds}");
+    }
+
+    #[test]
+    fn a_rare_path_1_in_500_is_covered_by_its_interval() {
+        let mut covered = 0;
+        for seed in 0..40 {
+            let (_, low, high) = simulate(seed, 5_000, 10, 64);
+            if (low..=high).contains(&10) {
+                covered += 1;
+            }
+        }
+        assert!(covered >= 36, "covered {covered} of 40");
+    }
+
+    #[test]
+    fn interval_edges() {
+        assert_eq!(interval(0, 0, 10), (0, 10));
+        assert_eq!(interval(4, 10, 10), (4, 4));
+        let (low, high) = interval(12, 12, 200);
+        assert!((12..200).contains(&low) && high == 200, "{low}..{high}");
+        let (low, high) = interval(0, 12, 200);
+        assert!(low == 0 && high > 0 && high <= 188, "{low}..{high}");
+        assert_eq!(share(200, 3, 12), 50);
+        assert_eq!(share(200, 0, 0), 0);
+    }
+
+    #[test]
     fn outstanding_by_process_and_site() {
-        let mut agg = Aggregator::new(10_000_000_000);
+        let mut agg = Aggregator::new(10_000_000_000, 1);
         let first = agg.apply(&alloc(10, 0x1000, 0, &[1, 2], &[9]));
         assert_eq!(first.process, Some(10));
         assert!(first.user_stack.is_some_and(|(tgid, _)| tgid == 10));
@@ -630,7 +1055,7 @@ mod tests {
 
     #[test]
     fn unmatched_free_and_pointer_reuse_are_counted_not_hidden() {
-        let mut agg = Aggregator::new(10_000_000_000);
+        let mut agg = Aggregator::new(10_000_000_000, 1);
         agg.apply(&free(0x99));
         agg.apply(&alloc(1, 0x10, 0, &[], &[]));
         agg.apply(&alloc(2, 0x10, 5, &[], &[]));
@@ -644,7 +1069,7 @@ mod tests {
 
     #[test]
     fn rates_over_window_and_sorting() {
-        let mut agg = Aggregator::new(2_000_000_000);
+        let mut agg = Aggregator::new(2_000_000_000, 1);
         agg.apply(&alloc(1, 0x1, 0, &[], &[]));
         agg.tick(0);
         // Process 2 churns: 100 allocs, all freed.

@@ -108,13 +108,14 @@ pub struct TraceArgs {
     #[arg(long, default_value_t = 16, value_name = "MIB")]
     pub ringbuf_mib: u32,
 
-    /// Capture stacks for every allocation. By default stacks are captured for the
-    /// first allocation of each (process, call site) and then 1 in --stack-sample;
-    /// the others are counted under that site's last captured stack.
+    /// Capture stacks for every allocation. By default every object is counted
+    /// exactly per (process, kernel call site, first user frames), and full stacks
+    /// of a random 1 in --stack-sample allocations split those counts into
+    /// unbiased per-stack estimates with a 95% interval.
     #[arg(long)]
     pub exact: bool,
 
-    /// Stack sampling rate per (process, call site) without --exact (power of two).
+    /// Without --exact: capture full stacks for a random 1 in N allocations (power of two).
     #[arg(long, default_value_t = 64, value_parser = parse_power_of_two, value_name = "N")]
     pub stack_sample: u64,
 

@@ -6,8 +6,8 @@ use std::mem::size_of;
 
 use thiserror::Error;
 use tracer_common::{
-    AllocEvent, AllocHeader, FreeEvent, EVENT_ALLOC, EVENT_ALLOC_SAMPLED, EVENT_FREE, MAX_KSTACK,
-    MAX_USTACK,
+    AllocEvent, AllocHeader, FreeEvent, EVENT_ALLOC, EVENT_ALLOC_NO_STACKS, EVENT_FREE,
+    FLAG_SAMPLED, FLAG_SHALLOW, MAX_KSTACK, MAX_USTACK,
 };
 
 /// An allocation with its stacks trimmed to the frames the kernel wrote.
@@ -23,11 +23,17 @@ pub struct Alloc<'a> {
     pub gfp_flags: u64,
     pub cgroup_id: u64,
     pub call_site: u64,
-    /// User instruction pointer that entered the kernel (0 when not keyed by it).
+    /// User instruction pointer that entered the kernel (0 without fingerprints).
     pub user_ip: u64,
-    /// Stacks were not captured for this allocation (sampling): it belongs to
-    /// its (process, call site)'s last captured stack. Stacks and comm are empty.
-    pub sampled: bool,
+    /// Hash of the first user frames (0: none); keys the stratum with tgid and call site.
+    pub user_fingerprint: u64,
+    /// Won the random stack draw: may stand for its stratum in estimates.
+    pub drawn: bool,
+    /// The fingerprint walk saw no frame beyond the entry ip.
+    pub shallow: bool,
+    /// Stacks and comm were captured (drawn, or naming a new stratum); when
+    /// false they are empty.
+    pub has_stacks: bool,
     pub comm: &'a [u8],
     pub kstack: &'a [u64],
     pub ustack: &'a [u64],
@@ -73,12 +79,12 @@ pub fn decode(record: &[u8]) -> Result<Event<'_>, DecodeError> {
                 ustack: frames(&ev.ustack, ev.ustack_bytes, MAX_USTACK),
                 kstack_err: (ev.kstack_bytes < 0).then_some(ev.kstack_bytes),
                 ustack_err: (ev.ustack_bytes < 0).then_some(ev.ustack_bytes),
-                ..header(&ev.hdr, false)
+                ..header(&ev.hdr, true)
             }))
         }
-        EVENT_ALLOC_SAMPLED => {
+        EVENT_ALLOC_NO_STACKS => {
             let hdr: &AllocHeader = view(record, kind)?;
-            Ok(Event::Alloc(header(hdr, true)))
+            Ok(Event::Alloc(header(hdr, false)))
         }
         EVENT_FREE => {
             let ev: &FreeEvent = view(record, kind)?;
@@ -94,7 +100,7 @@ pub fn decode(record: &[u8]) -> Result<Event<'_>, DecodeError> {
     }
 }
 
-fn header(h: &AllocHeader, sampled: bool) -> Alloc<'_> {
+fn header(h: &AllocHeader, has_stacks: bool) -> Alloc<'_> {
     Alloc {
         tgid: h.tgid,
         pid: h.pid,
@@ -107,7 +113,10 @@ fn header(h: &AllocHeader, sampled: bool) -> Alloc<'_> {
         cgroup_id: h.cgroup_id,
         call_site: h.call_site,
         user_ip: h.user_ip,
-        sampled,
+        user_fingerprint: h.user_fingerprint,
+        drawn: h.flags & FLAG_SAMPLED != 0,
+        shallow: h.flags & FLAG_SHALLOW != 0,
+        has_stacks,
         comm: &[],
         kstack: &[],
         ustack: &[],
@@ -195,7 +204,7 @@ pub(crate) mod tests {
             tgid,
             pid: tgid + 1,
             source: tracer_common::SOURCE_KMALLOC,
-            _pad: 0,
+            flags: FLAG_SAMPLED,
             ptr,
             ts_ns: 1_000,
             bytes_req: 424,
@@ -204,17 +213,20 @@ pub(crate) mod tests {
             cgroup_id: 7,
             call_site: 0xffff_ffff_8123_4567,
             user_ip: 0x401000,
+            user_fingerprint: 0x51,
         }
     }
 
     #[test]
     fn decodes_sampled_alloc_without_stacks() {
-        let hdr = header_of(EVENT_ALLOC_SAMPLED, 5, 0x400);
+        let mut hdr = header_of(EVENT_ALLOC_NO_STACKS, 5, 0x400);
+        hdr.flags = FLAG_SHALLOW;
         let buf = record_of(&hdr);
         let Ok(Event::Alloc(a)) = decode(bytes(&buf, size_of::<AllocHeader>())) else {
             panic!("decode failed")
         };
-        assert!(a.sampled);
+        assert!(!a.has_stacks && !a.drawn && a.shallow);
+        assert_eq!(a.user_fingerprint, 0x51);
         assert_eq!(
             (a.tgid, a.ptr, a.call_site),
             (5, 0x400, 0xffff_ffff_8123_4567)
@@ -241,6 +253,7 @@ pub(crate) mod tests {
             panic!("not an alloc")
         };
         assert_eq!(a.tgid, 42);
+        assert!(a.has_stacks && a.drawn && !a.shallow);
         assert_eq!(a.comm, b"leakgen");
         assert_eq!(a.kstack.len(), 2);
         assert_eq!(a.ustack, &[0x401000]);

@@ -32,12 +32,14 @@ impl Features {
     /// The one line users see about hooks: what we use and what we fell back from.
     pub fn hooks_note(&self, attachments: &[Attachment], btf: bool) -> String {
         let list = |hook| {
-            attachments
-                .iter()
-                .filter(|a| a.hook == hook)
-                .map(|a| a.event)
-                .collect::<Vec<_>>()
-                .join(",")
+            let mut events: Vec<&str> = Vec::new();
+            // A free hook carries a spare program too; name the event once.
+            for a in attachments.iter().filter(|a| a.hook == hook) {
+                if !events.contains(&a.event) {
+                    events.push(a.event);
+                }
+            }
+            events.join(",")
         };
         let mut used = Vec::new();
         let raw = list(Hook::Raw);
@@ -75,6 +77,24 @@ pub fn kernel_has_symbol(name: &str) -> bool {
     })
 }
 
+/// Whether the running kernel's release (`uname -r`) is at least major.minor.
+/// An unreadable release counts as new enough: newer kernels are the common case.
+pub fn kernel_at_least(major: u32, minor: u32) -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    release_at_least(&release, major, minor)
+}
+
+fn release_at_least(release: &str, major: u32, minor: u32) -> bool {
+    let mut parts = release
+        .trim()
+        .split(['.', '-'])
+        .map(|p| p.parse::<u32>().ok());
+    match (parts.next().flatten(), parts.next().flatten()) {
+        (Some(ma), Some(mi)) => (ma, mi) >= (major, minor),
+        _ => true,
+    }
+}
+
 /// BPF programs and perf events need root (or CAP_BPF + CAP_PERFMON, which a
 /// plain user does not have either); say so before anything fails obscurely.
 pub fn require_root() -> Result<()> {
@@ -91,6 +111,16 @@ pub fn require_root() -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn release_versions_compare_numerically() {
+        assert!(release_at_least("5.12.0-1-amd64", 5, 12));
+        assert!(!release_at_least("5.10.0-35-cloud-amd64", 5, 12));
+        assert!(release_at_least("6.1.0", 5, 12));
+        assert!(release_at_least("7.3.4-cloud", 6, 18));
+        assert!(!release_at_least("6.9.0", 6, 10));
+        assert!(release_at_least("garbage", 5, 12));
+    }
 
     #[test]
     fn detects_from_a_fake_root() {

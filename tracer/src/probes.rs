@@ -44,6 +44,12 @@ pub struct KernelCounters {
     /// on that CPU (e.g. a kfree from an interrupt that hit our handler). None
     /// when the kernel does not report it (before 5.12).
     pub recursion_misses: Option<u64>,
+    /// Frees that no program of ours ran for (recursion): up to this many of the
+    /// outstanding objects may already be freed. On a raw free hook a free is
+    /// lost only if both its program and the spare skipped it, so the bound is
+    /// the smaller of their two miss counts; on a classic hook, every miss.
+    /// None before 5.12 (unknown).
+    pub frees_maybe_missed: Option<u64>,
 }
 
 impl Probes {
@@ -128,6 +134,7 @@ impl Probes {
     }
 
     pub fn counters(&self) -> Result<KernelCounters> {
+        let misses = self.recursion_misses();
         let sum = |index: u32| -> Result<u64> {
             let values = self
                 .counters
@@ -144,7 +151,8 @@ impl Probes {
             kstack_failed: sum(counter::KSTACK_FAILED)?,
             ustack_failed: sum(counter::USTACK_FAILED)?,
             misaligned: sum(counter::MISALIGNED)?,
-            recursion_misses: self.recursion_misses(),
+            recursion_misses: misses.as_ref().map(|m| m.iter().map(|(_, n)| n).sum()),
+            frees_maybe_missed: misses.as_ref().map(|m| frees_maybe_missed(m)),
         })
     }
 
@@ -156,14 +164,34 @@ impl Probes {
             .collect()
     }
 
-    fn recursion_misses(&self) -> Option<u64> {
-        let mut total = 0;
+    /// Per program: runs the kernel skipped for recursion. None before 5.12,
+    /// whose bpf_prog_info has no such field (zero would read as "none missed").
+    fn recursion_misses(&self) -> Option<Vec<(&'static str, u64)>> {
+        if !crate::features::kernel_at_least(5, 12) {
+            return None;
+        }
+        let mut out = Vec::new();
         for name in &self.programs {
             let fd = self.ebpf.program(name)?.fd().ok()?;
-            total += prog_info(fd.as_fd().as_raw_fd())?.recursion_misses;
+            out.push((*name, prog_info(fd.as_fd().as_raw_fd())?.recursion_misses));
         }
-        Some(total)
+        Some(out)
     }
+}
+
+/// See [`KernelCounters::frees_maybe_missed`].
+fn frees_maybe_missed(misses: &[(&'static str, u64)]) -> u64 {
+    let of = |name: &str| misses.iter().find(|(n, _)| *n == name).map(|(_, m)| *m);
+    misses
+        .iter()
+        .filter(|(name, _)| name.contains("free") && !name.ends_with("_spare"))
+        .map(
+            |&(name, m)| match crate::plan::spare_program(name).and_then(of) {
+                Some(spare) => m.min(spare),
+                None => m,
+            },
+        )
+        .sum()
 }
 
 /// aya's ProgramInfo does not expose recursion_misses, so ask BPF_OBJ_GET_INFO_BY_FD.

@@ -13,7 +13,7 @@ use crate::{
     symbolize::Symbolizer,
 };
 
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
@@ -57,13 +57,28 @@ pub struct ProcessReport {
     pub counts: Counts,
     pub alloc_rate: f64,
     pub growth_rate: f64,
+    /// False when some allocation's user path could not be fingerprinted (no
+    /// frame pointers past the syscall's entry): its stacks are split by random
+    /// sampling only, still unbiased but with wider intervals.
+    pub fingerprinted: bool,
+    pub unfingerprinted_allocs: u64,
     pub stacks: Vec<StackReport>,
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct StackReport {
+    /// Exact, or unbiased estimates when `estimated` (see the aggregator).
     #[serde(flatten)]
     pub counts: Counts,
+    pub estimated: bool,
+    /// 95% interval for `outstanding`; equal to it when exact.
+    pub outstanding_low: u64,
+    pub outstanding_high: u64,
+    /// Only the frames all of this stratum's objects share are known.
+    pub partial: bool,
+    /// Exact outstanding count of the stratum (process, call site, user path)
+    /// this stack's estimate is a share of.
+    pub stratum_outstanding: u64,
     pub kernel: Vec<String>,
     pub user: Vec<String>,
     /// The same stacks by return address, for outputs that carry addresses
@@ -72,6 +87,22 @@ pub struct StackReport {
     pub kernel_locations: Vec<Location>,
     #[serde(skip)]
     pub user_locations: Vec<Location>,
+}
+
+impl StackReport {
+    /// `1,234` when exact, `~1,234 (95%: 1,100-1,300)` when estimated.
+    pub fn outstanding_label(&self, group: impl Fn(u64) -> String) -> String {
+        if self.estimated && self.stratum_outstanding > 0 {
+            format!(
+                "~{} (95%: {}-{})",
+                group(self.counts.outstanding),
+                group(self.outstanding_low),
+                group(self.outstanding_high)
+            )
+        } else {
+            group(self.counts.outstanding)
+        }
+    }
 }
 
 /// One return address and the frames it names: several for inlined Go calls,
@@ -122,6 +153,8 @@ pub fn build(kind: &'static str, header: Header, snap: Snapshot, names: &mut Nam
                 counts: p.counts,
                 alloc_rate: p.alloc_rate,
                 growth_rate: p.growth_rate,
+                fingerprinted: p.fingerprinted,
+                unfingerprinted_allocs: p.unfingerprinted_allocs,
                 stacks: p
                     .sites
                     .into_iter()
@@ -152,6 +185,11 @@ pub fn build(kind: &'static str, header: Header, snap: Snapshot, names: &mut Nam
                             .collect();
                         StackReport {
                             counts: s.counts,
+                            estimated: s.estimated,
+                            outstanding_low: s.outstanding_low,
+                            outstanding_high: s.outstanding_high,
+                            partial: s.partial,
+                            stratum_outstanding: s.stratum_outstanding,
                             kernel,
                             user,
                             kernel_locations,

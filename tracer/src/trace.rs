@@ -14,7 +14,7 @@ use anyhow::{Context, Result};
 use aya::maps::{MapData, RingBuf};
 
 use crate::{
-    aggregator::{Aggregator, SnapshotOptions},
+    aggregator::{self, Aggregator, SnapshotOptions},
     btf::Btf,
     caches::{self, Catalogue},
     cli::{SortKey, TraceArgs},
@@ -60,17 +60,21 @@ pub async fn run(args: TraceArgs, cache: &str) -> Result<()> {
     let mut plan = plan;
     // Wake the reader at a quarter full; the poll timer drains smaller batches.
     plan.config.wakeup_bytes = u64::from(ringbuf_bytes / 4);
-    // Sampling sites include the user call site where the kernel has
-    // bpf_task_pt_regs (5.15+); kallsyms names every BPF helper it has.
-    plan.config.user_ip_key = u32::from(features::kernel_has_symbol("bpf_task_pt_regs"));
+    // Strata are keyed by the user path whenever user stacks are wanted.
+    plan.config.user_fingerprint = u32::from(!args.no_user_stacks);
     let (probes, ring) = Probes::attach(&plan, args.max_objects, ringbuf_bytes, args.floor)?;
 
     if !(args.exact || args.no_kernel_stacks && args.no_user_stacks) {
         plan.notes.push(format!(
-            "stacks sampled per (process, kernel call site{}): the first allocation, then 1 in {}; \
-             every object is counted (--exact captures every stack)",
-            if plan.config.user_ip_key != 0 { ", user call site" } else { "" },
-            args.stack_sample
+            "every object is counted exactly per (process, kernel call site{}); full stacks are \
+             captured for a random 1 in {} allocations and split each of those counts into \
+             unbiased per-stack estimates, shown with a 95% interval (--exact captures every stack)",
+            if plan.config.user_fingerprint != 0 {
+                ", first user frames"
+            } else {
+                ""
+            },
+            args.stack_sample.max(1).next_power_of_two()
         ));
     }
     for note in &plan.notes {
@@ -92,6 +96,7 @@ pub async fn run(args: TraceArgs, cache: &str) -> Result<()> {
         agg: Aggregator::with_capacity(
             args.rate_window.as_nanos() as u64,
             args.max_objects as usize,
+            plan.config.stack_sample_mask + 1,
         ),
         symbols: Symbolizer::new(),
         procs: HashMap::new(),
@@ -102,7 +107,11 @@ pub async fn run(args: TraceArgs, cache: &str) -> Result<()> {
         aliases: selection.aliases_included.clone(),
         started_ns: monotonic_ns(),
         snapshot_opts: SnapshotOptions {
-            sort: args.sort,
+            sort: match args.sort {
+                SortKey::Outstanding => aggregator::SortKey::Outstanding,
+                SortKey::Rate => aggregator::SortKey::Rate,
+                SortKey::Allocs => aggregator::SortKey::Allocs,
+            },
             limit: args.limit,
             stacks: args.stacks,
             comm: args.comm.clone(),

@@ -345,15 +345,22 @@ impl ViewState {
                 if let Some(cmd) = &p.cmdline {
                     body.push(Line::from(format!("          cmd: {cmd}")));
                 }
+                if !p.fingerprinted {
+                    body.push(Line::from(
+                        "          user paths not fingerprintable (no frame pointers): stacks split by sampling only",
+                    ));
+                }
                 for (i, s) in p.stacks.iter().enumerate() {
+                    let tilde = if s.estimated { "~" } else { "" };
                     body.push(Line::styled(
                         format!(
-                            "          stack #{}: {} outstanding ({}), {} allocs, {} frees",
+                            "          stack #{}: {} outstanding ({tilde}{}), {tilde}{} allocs, {tilde}{} frees{}",
                             i + 1,
-                            group(s.counts.outstanding),
+                            s.outstanding_label(group),
                             human_bytes(s.counts.outstanding_bytes),
                             group(s.counts.allocs),
-                            group(s.counts.frees)
+                            group(s.counts.frees),
+                            if s.partial { " [shared frames only]" } else { "" }
                         ),
                         bold,
                     ));
@@ -484,8 +491,15 @@ mod tests {
             },
             alloc_rate: 0.0,
             growth_rate: 0.0,
+            fingerprinted: true,
+            unfingerprinted_allocs: 0,
             stacks: vec![StackReport {
                 counts: Default::default(),
+                estimated: false,
+                outstanding_low: 0,
+                outstanding_high: 0,
+                partial: false,
+                stratum_outstanding: 0,
                 kernel: vec!["user_preparse+0x2f".to_string()],
                 user: vec!["main+0x1".to_string()],
                 kernel_locations: Vec::new(),

@@ -74,7 +74,9 @@ fn header(out: &mut String, r: &Report, opts: &TextOptions) {
     );
     let k = &r.kernel;
     let a = &r.anomalies;
-    let recursion = k.recursion_misses.map_or_else(|| "n/a".to_string(), group);
+    let recursion = k
+        .recursion_misses
+        .map_or_else(|| "unknown".to_string(), group);
     let _ = writeln!(
         out,
         "lost: ringbuf {} map-full {} frees {}   stack-fail k{}/u{}   freed-unseen {}   unmatched-frees {}   bpf-recursion-misses {}",
@@ -87,12 +89,31 @@ fn header(out: &mut String, r: &Report, opts: &TextOptions) {
         group(a.unmatched_frees),
         recursion,
     );
-    if r.stacks.shared > 0 {
+    match k.frees_maybe_missed {
+        Some(0) => {}
+        Some(n) => {
+            let _ = writeln!(
+                out,
+                "uncertain: up to {} of the outstanding objects may already be freed (free hooks skipped {} times by BPF recursion)",
+                group(n.min(t.outstanding)),
+                group(n)
+            );
+        }
+        None => {
+            let _ = writeln!(
+                out,
+                "uncertain: frees skipped by BPF recursion are not reported before Linux 5.12"
+            );
+        }
+    }
+    let st = &r.stacks;
+    if st.sample_every > 1 && st.drawn + st.naming + st.without_stacks > 0 {
         let _ = writeln!(
             out,
-            "stacks: {} allocations captured their own, {} counted under their call site's last captured stack (sampled; --exact for all)",
-            group(r.stacks.captured),
-            group(r.stacks.shared),
+            "stacks: full stacks of a random 1 in {} allocations ({} drawn, {} naming); every count per process and per call site + user path is exact, per-stack counts marked ~ are unbiased estimates with a 95% interval",
+            st.sample_every,
+            group(st.drawn),
+            group(st.naming),
         );
     }
     if r.age.count > 0 {
@@ -138,17 +159,38 @@ fn process(out: &mut String, p: &ProcessReport, opts: &TextOptions) {
     if let Some(cmd) = &p.cmdline {
         let _ = writeln!(out, "{:>8} cmd: {}", "", truncate(cmd, 100));
     }
-    for (i, s) in p.stacks.iter().enumerate() {
+    if !p.fingerprinted {
         let _ = writeln!(
             out,
-            "{:>8} stack #{}: {} outstanding ({}), {} allocs, {} frees",
+            "{:>8} user paths not fingerprintable (no frame pointers past the syscall): stacks split by sampling only",
+            ""
+        );
+    }
+    for (i, s) in p.stacks.iter().enumerate() {
+        let tilde = if s.estimated { "~" } else { "" };
+        let _ = writeln!(
+            out,
+            "{:>8} stack #{}: {} outstanding ({tilde}{}), {tilde}{} allocs, {tilde}{} frees{}",
             "",
             i + 1,
-            group(s.counts.outstanding),
+            s.outstanding_label(group),
             human_bytes(s.counts.outstanding_bytes),
             group(s.counts.allocs),
             group(s.counts.frees),
+            if s.partial {
+                "; exact, but only the frames all share (no allocation of this path drew a full stack)"
+            } else {
+                ""
+            },
         );
+        if s.estimated {
+            let _ = writeln!(
+                out,
+                "{:>12} of {} outstanding from this call site and user path (exact)",
+                "",
+                group(s.stratum_outstanding)
+            );
+        }
         frames(out, "k", &s.kernel, opts.frames);
         frames(out, "u", &s.user, opts.frames);
     }

@@ -6,6 +6,9 @@
 //! leakgen inotify N    N inotify instances -> N held kmalloc-cg-512 (accounted)
 //! leakgen files N      N open fds on /dev/null -> N held `filp` cache objects
 //! leakgen other N      N eventfds -> N held kmalloc-64, nothing in kmalloc-512
+//! leakgen twopath N [RATIO]  N held kmalloc-512 keys from `hold_key`, and RATIO
+//!                      (default 50) transient ones per held key from `busy_add_key`,
+//!                      both through `sys_add_key` and `user_preparse`
 //! leakgen writev    (SECONDS | --ops N) [--wait]   one transient kmalloc-512 per op
 //! leakgen writev256 (SECONDS | --ops N) [--wait]   one transient kmalloc-256 per op
 //! leakgen inotify-churn (SECONDS | --ops N) [--wait]   inotify_init1 + close per op:
@@ -48,6 +51,8 @@
 //! `-C force-frame-pointers=yes`):
 //!
 //! * keys:      `main -> run_keys -> leak_keys -> sys_add_key`
+//! * twopath:   `main -> run_twopath -> hold_key -> sys_add_key` (held) and
+//!   `main -> run_twopath -> busy_add_key -> sys_add_key` (freed at once)
 //! * inotify:   `main -> run_inotify -> leak_inotify -> sys_inotify_init1`
 //! * files:     `main -> run_files -> leak_files -> sys_openat`
 //! * other:     `main -> run_other -> leak_eventfd -> sys_eventfd2`
@@ -92,7 +97,7 @@ const KEY_GC_POLL: Duration = Duration::from_millis(2);
 const KEY_GC_NKEYS_CAP: Duration = Duration::from_millis(500);
 
 const USAGE: &str = "\
-usage: leakgen keys N | inotify N | files N | other N
+usage: leakgen keys N | inotify N | files N | other N | twopath N [RATIO]
        leakgen writev (SECONDS | --ops N) [--wait] [--rate OPS_PER_SEC]
        leakgen writev256 (SECONDS | --ops N) [--wait] [--rate OPS_PER_SEC]
        leakgen inotify-churn (SECONDS | --ops N) [--wait] [--rate OPS_PER_SEC]
@@ -125,6 +130,8 @@ enum Churn {
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Command {
     Hold(Mode, usize),
+    /// N held keys, RATIO busy add_key calls per held one.
+    TwoPath(usize, usize),
     Churn {
         op: Churn,
         limit: Limit,
@@ -138,6 +145,23 @@ fn parse_args(args: &[String]) -> Result<Command, String> {
     let (mode, rest) = args
         .split_first()
         .ok_or_else(|| "missing mode".to_string())?;
+    if mode == "twopath" {
+        let (n, ratio) = match rest {
+            [n] => (n.as_str(), "50"),
+            [n, r] => (n.as_str(), r.as_str()),
+            _ => return Err("twopath takes N [RATIO]".to_string()),
+        };
+        let n: usize = n
+            .parse()
+            .map_err(|_| format!("N must be a non-negative integer, got {n:?}"))?;
+        let ratio: usize = ratio
+            .parse()
+            .map_err(|_| format!("RATIO must be a non-negative integer, got {ratio:?}"))?;
+        if n > MAX_KEYS {
+            return Err(format!("twopath N must be at most {MAX_KEYS} (see keys)"));
+        }
+        return Ok(Command::TwoPath(n, ratio));
+    }
     let hold = match mode.as_str() {
         "keys" => Some(Mode::Keys),
         "inotify" => Some(Mode::Inotify),
@@ -221,6 +245,7 @@ fn main() -> ExitCode {
     };
     let res = match cmd {
         Command::Hold(Mode::Keys, n) => run_keys(n),
+        Command::TwoPath(n, ratio) => run_twopath(n, ratio),
         Command::Hold(Mode::Other, n) => run_other(n),
         Command::Hold(Mode::Inotify, n) => run_inotify(n),
         Command::Hold(Mode::Files, n) => run_files(n),
@@ -671,6 +696,44 @@ fn run_keys(n: usize) -> Result<()> {
     hold_protocol(|| release_keys(&serials))
 }
 
+/// The retry loop of the kubelet incident in miniature: one path holds what it
+/// allocates, a busier one frees at once, and both reach the same kernel call
+/// site (`user_preparse`) through the same syscall wrapper.
+#[inline(never)]
+fn run_twopath(n: usize, ratio: usize) -> Result<()> {
+    check_key_quota(n, desc_len_bound("leakgen-", n), KEY_PAYLOAD_LEN)?;
+    let pid = std::process::id();
+    let payload = [b'K'; KEY_PAYLOAD_LEN];
+    let mut serials = Vec::with_capacity(n);
+    for i in 0..n {
+        for _ in 0..ratio {
+            busy_add_key(&payload)?;
+        }
+        serials.push(hold_key(pid, i, n, &payload)?);
+    }
+    rcu_barrier();
+    hold_protocol(|| release_keys(&serials))
+}
+
+#[inline(never)]
+fn hold_key(pid: u32, i: usize, n: usize, payload: &[u8]) -> Result<i32> {
+    let desc = CString::new(format!("leakgen-{pid}-{i}")).context("key description")?;
+    sys_add_key(c"user", &desc, payload, KEY_SPEC_PROCESS_KEYRING)
+        .map_err(|e| add_key_error(e, i, n))
+}
+
+/// add_key with an empty description: the kernel runs the type's preparse
+/// (user_preparse kmallocs the payload) before it refuses the missing
+/// description with EINVAL and frees the payload in this same call.
+#[inline(never)]
+fn busy_add_key(payload: &[u8]) -> Result<()> {
+    match sys_add_key(c"user", c"", payload, KEY_SPEC_PROCESS_KEYRING) {
+        Err(Errno(libc::EINVAL)) => Ok(()),
+        Err(e) => bail!("add_key(\"user\", \"\") failed with {e}, expected EINVAL"),
+        Ok(serial) => bail!("add_key(\"user\", \"\") made key {serial}, expected EINVAL"),
+    }
+}
+
 /// Blocks until every call_rcu callback queued so far has run (rcu_barrier).
 /// Best effort: the knob needs root and a kernel that has it (6.x); without
 /// it we sleep a few grace periods instead.
@@ -1037,6 +1100,9 @@ mod tests {
     #[test]
     fn parses() {
         assert_eq!(p(&["keys", "10"]), Ok(Command::Hold(Mode::Keys, 10)));
+        assert_eq!(p(&["twopath", "10"]), Ok(Command::TwoPath(10, 50)));
+        assert_eq!(p(&["twopath", "10", "500"]), Ok(Command::TwoPath(10, 500)));
+        assert!(p(&["twopath"]).is_err());
         assert_eq!(
             p(&["writev", "--ops", "5", "--wait"]),
             Ok(Command::Churn {

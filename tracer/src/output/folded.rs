@@ -79,6 +79,16 @@ pub fn flamegraph_svg(report: &Report, weight: Weight) -> Result<Vec<u8>> {
             report.cache
         ),
     };
+    if report
+        .processes
+        .iter()
+        .any(|p| p.stacks.iter().any(|s| s.estimated))
+    {
+        opts.subtitle = Some(format!(
+            "per-stack widths are unbiased estimates from 1 in {} sampled stacks; process totals exact",
+            report.stacks.sample_every
+        ));
+    }
     opts.count_name = weight.unit().to_string();
     let mut svg = Vec::new();
     let drawn =

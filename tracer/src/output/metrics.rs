@@ -301,6 +301,8 @@ mod tests {
             },
             alloc_rate: 1.5,
             growth_rate: 0.0,
+            fingerprinted: true,
+            unfingerprinted_allocs: 0,
             stacks: Vec::new(),
         };
         Report {

@@ -86,6 +86,8 @@ pub(crate) fn test_report() -> Report {
             },
             alloc_rate: 0.0,
             growth_rate: 0.0,
+            fingerprinted: true,
+            unfingerprinted_allocs: 0,
             stacks: vec![StackReport {
                 counts: Counts {
                     outstanding: 4,
@@ -93,6 +95,11 @@ pub(crate) fn test_report() -> Report {
                     allocs: 10,
                     frees: 6,
                 },
+                estimated: false,
+                outstanding_low: 4,
+                outstanding_high: 4,
+                partial: false,
+                stratum_outstanding: 4,
                 kernel: vec!["__kmalloc+0x10".into(), "user_preparse+0x2f".into()],
                 user: vec!["inlined+0x1".into(), "outer+0x5".into(), "main+0x9".into()],
                 kernel_locations: vec![

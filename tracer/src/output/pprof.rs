@@ -279,6 +279,15 @@ pub fn build(report: &Report, wall_clock_ns: i64) -> Profile {
         report.kind, report.cache
     ));
     b.profile.comment.push(comment);
+    let sample_every = report.stacks.sample_every;
+    if sample_every > 1 {
+        let comment = b.string(&format!(
+            "per-stack values with label attribution=estimate are unbiased estimates from full \
+             stacks of a random 1 in {sample_every} allocations (label outstanding_95 gives the \
+             interval); per-process totals are exact"
+        ));
+        b.profile.comment.push(comment);
+    }
 
     let objsize = object_size(report);
     let kernel_mapping = b.mapping("[kernel.kallsyms]");
@@ -287,7 +296,11 @@ pub fn build(report: &Report, wall_clock_ns: i64) -> Profile {
         b.string("comm"),
         b.string("cgroup"),
         b.string("cache"),
+        b.string("attribution"),
+        b.string("outstanding_95"),
     ];
+    let [exact, estimate, partial] =
+        ["exact", "estimate", "exact, shared frames only"].map(|v| b.string(v));
     let cache = b.string(&report.cache);
     for p in &report.processes {
         let user_mapping = b.mapping(&process_image(p));
@@ -313,6 +326,14 @@ pub fn build(report: &Report, wall_clock_ns: i64) -> Profile {
             ]
             .map(|v| i64::try_from(v).unwrap_or(i64::MAX))
             .to_vec();
+            let attribution = if s.partial {
+                partial
+            } else if s.estimated {
+                estimate
+            } else {
+                exact
+            };
+            let range = b.string(&format!("{}-{}", s.outstanding_low, s.outstanding_high));
             b.profile.sample.push(Sample {
                 location_id,
                 value,
@@ -335,6 +356,16 @@ pub fn build(report: &Report, wall_clock_ns: i64) -> Profile {
                     Label {
                         key: keys[3],
                         str: cache,
+                        ..Label::default()
+                    },
+                    Label {
+                        key: keys[4],
+                        str: attribution,
+                        ..Label::default()
+                    },
+                    Label {
+                        key: keys[5],
+                        str: range,
                         ..Label::default()
                     },
                 ],

@@ -1,0 +1,169 @@
+//! Attribution truth: the default (sampled) mode names the code path that really
+//! holds the objects, where a busier path reaches the same kernel call site
+//! through the same syscall wrapper (the kubelet retry-loop shape), and where
+//! only the kernel path differs below one call site. Needs root; CI is root.
+
+use std::{process::Command, time::Duration};
+
+use leaktrace_tests::*;
+use serde_json::Value;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn twopath(n: u64, ratio: u64) -> Generator {
+    let mut cmd = Command::new(leakgen_bin());
+    cmd.args(["twopath", &n.to_string(), &ratio.to_string()]);
+    Generator::start_command(cmd).expect("leakgen twopath")
+}
+
+/// Outstanding (and the 95% interval) on user_preparse stacks under `frame`.
+fn held_under(report: &Value, pid: u32, frame: &str) -> (u64, u64, u64) {
+    stacks_matching(report, pid, "user_preparse", frame).fold((0, 0, 0), |acc, s| {
+        (
+            acc.0 + count(s, "outstanding"),
+            acc.1 + count(s, "outstanding_low"),
+            acc.2 + count(s, "outstanding_high"),
+        )
+    })
+}
+
+/// 200 held keys from `hold_key`, 50 transient ones per held key from
+/// `busy_add_key`; both through `sys_add_key` into `user_preparse`.
+fn holding_path_is_named(exact: bool) {
+    const N: u64 = 200;
+    let mut args = vec![
+        "--cache",
+        "kmalloc-512",
+        "--top",
+        "--interval",
+        "250ms",
+        "--stacks",
+        "20",
+    ];
+    if exact {
+        args.push("--exact");
+    }
+    let mut tracer = Tracer::start(&args).expect("start");
+    let mut gen = twopath(N, 50);
+    let pid = gen.pid;
+    let report = tracer
+        .wait_for("the held keys under some user_preparse stack", WAIT, |r| {
+            process(r, pid).is_some_and(|p| count(p, "outstanding") >= N)
+                && held_under(r, pid, "").0 >= N
+        })
+        .expect("held keys");
+    let (hold, low, high) = held_under(&report, pid, "hold_key");
+    let (busy, ..) = held_under(&report, pid, "busy_add_key");
+    let p = process(&report, pid).expect("generator listed");
+    assert!(
+        hold * 100 >= N * 95,
+        "≥95% of the {N} held keys must be under hold_key, got {hold} (busy_add_key: {busy}): {p:#}"
+    );
+    assert!(
+        busy <= N / 50,
+        "busy_add_key frees what it allocates, got {busy}: {p:#}"
+    );
+    assert!(
+        low <= N && N <= high.max(hold),
+        "interval {low}-{high} must cover {N}"
+    );
+    assert!(p["fingerprinted"].as_bool().unwrap_or(false), "{p:#}");
+    let busy_allocs: u64 = stacks_matching(&report, pid, "user_preparse", "busy_add_key")
+        .map(|s| count(s, "allocs"))
+        .sum();
+    if exact {
+        assert_eq!(hold, N, "--exact counts every object: {p:#}");
+        assert_eq!(busy_allocs, 50 * N, "{p:#}");
+        assert!(stacks_matching(&report, pid, "", "")
+            .all(|s| s["estimated"] == false && s["partial"] == false));
+    } else {
+        // Allocation counts are estimated too, from the same draw: 10,000 true.
+        assert!(
+            (busy_allocs as f64 - 50.0 * N as f64).abs() < 0.2 * 50.0 * N as f64,
+            "busy allocs estimate {busy_allocs}: {p:#}"
+        );
+    }
+    gen.release().expect("release");
+    gen.finish().expect("leakgen exits");
+    let ids = tracer.prog_ids.clone();
+    let (code, _) = tracer.stop(libc::SIGINT).expect("stop");
+    assert_eq!(code, 0);
+    assert_detached(&ids);
+}
+
+#[test]
+fn default_mode_names_the_holding_path_not_the_busy_one() {
+    holding_path_is_named(false);
+}
+
+#[test]
+fn exact_mode_agrees_with_the_default_on_the_holding_path() {
+    holding_path_is_named(true);
+}
+
+/// One `mkdir` of a v1 memory cgroup makes one kernfs directory node and many
+/// file nodes through one kernel call site (`__kernfs_new_node`) from one user
+/// path: the user fingerprint cannot tell them apart, so only the random draw
+/// can, and it must put the file nodes under `__kernfs_create_file` in their
+/// true proportion.
+#[test]
+fn kernel_paths_below_one_call_site_are_split_in_true_proportion() {
+    let root = std::path::Path::new("/sys/fs/cgroup/memory");
+    skip_unless!(
+        root.join("cgroup.procs").exists(),
+        "no cgroup v1 memory hierarchy at /sys/fs/cgroup/memory"
+    );
+    let base = root.join(format!("leaktrace-kernfs-{}", std::process::id()));
+    std::fs::create_dir(&base).expect("mkdir base memcg");
+    let mut tracer = Tracer::start(&[
+        "--cache",
+        "kernfs_node_cache",
+        "--top",
+        "--interval",
+        "250ms",
+        "--stack-sample",
+        "16",
+        "--pid",
+        &std::process::id().to_string(),
+        "--stacks",
+        "20",
+    ])
+    .expect("start");
+    const DIRS: usize = 60;
+    let dirs: Vec<_> = (0..DIRS).map(|i| base.join(format!("c{i}"))).collect();
+    for d in &dirs {
+        std::fs::create_dir(d).expect("mkdir memcg");
+    }
+    let files_per_dir = std::fs::read_dir(&dirs[0]).expect("ls memcg").count() as u64;
+    let pid = std::process::id();
+    let want_files = DIRS as u64 * files_per_dir;
+    let report = tracer
+        .wait_for("every kernfs node of the new memcgs", WAIT, |r| {
+            process(r, pid).is_some_and(|p| count(p, "outstanding") >= want_files + DIRS as u64)
+        })
+        .expect("kernfs nodes");
+    for d in dirs.iter().rev() {
+        let _ = std::fs::remove_dir(d);
+    }
+    let _ = std::fs::remove_dir(&base);
+    let file_nodes: u64 = stacks_matching(&report, pid, "__kernfs_create_file", "")
+        .map(|s| count(s, "outstanding"))
+        .sum();
+    let dir_nodes: u64 = stacks_matching(&report, pid, "kernfs_create_dir", "")
+        .map(|s| count(s, "outstanding"))
+        .sum();
+    let p = process(&report, pid).expect("listed");
+    assert!(
+        file_nodes * 10 >= want_files * 9,
+        "≥90% of the {want_files} file nodes must be under __kernfs_create_file, got {file_nodes} \
+         (directory path: {dir_nodes}): {p:#}"
+    );
+    assert!(
+        dir_nodes <= (DIRS as u64) * 3,
+        "the directory path holds {DIRS} nodes, not {dir_nodes}: {p:#}"
+    );
+    let ids = tracer.prog_ids.clone();
+    let (code, _) = tracer.stop(libc::SIGINT).expect("stop");
+    assert_eq!(code, 0);
+    assert_detached(&ids);
+}
