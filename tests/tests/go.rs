@@ -43,11 +43,11 @@ fn go() -> Option<PathBuf> {
     }))
 }
 
-fn name(stripped: bool) -> &'static str {
+fn name(program: &str, stripped: bool) -> String {
     if stripped {
-        "leakkeys-stripped"
+        format!("{program}-stripped")
     } else {
-        "leakkeys"
+        program.to_string()
     }
 }
 
@@ -55,8 +55,13 @@ fn name(stripped: bool) -> &'static str {
 /// toolchain) or built under target/ with Go's build cache in
 /// target/go-cache, so a rerun only links.
 fn binary(stripped: bool) -> Option<PathBuf> {
+    go_binary("leakkeys", stripped)
+}
+
+/// tests/go/PROGRAM, built like [`binary`].
+fn go_binary(program: &str, stripped: bool) -> Option<PathBuf> {
     if let Some(dir) = std::env::var_os("LEAKKEYS_GO_DIR") {
-        let bin = PathBuf::from(dir).join(name(stripped));
+        let bin = PathBuf::from(dir).join(name(program, stripped));
         assert!(bin.exists(), "LEAKKEYS_GO_DIR has no {}", bin.display());
         return Some(bin);
     }
@@ -65,9 +70,9 @@ fn binary(stripped: bool) -> Option<PathBuf> {
     let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let out = root().join("target/go-test");
     std::fs::create_dir_all(&out).expect("creating target/go-test");
-    let bin = out.join(name(stripped));
+    let bin = out.join(name(program, stripped));
     let mut cmd = Command::new(go);
-    cmd.current_dir(root().join("tests/go/leakkeys"))
+    cmd.current_dir(root().join("tests/go").join(program))
         .env("GOCACHE", root().join("target/go-cache"))
         .args(["build", "-o"])
         .arg(&bin);
@@ -75,7 +80,7 @@ fn binary(stripped: bool) -> Option<PathBuf> {
         cmd.args(["-ldflags", "-s -w"]);
     }
     let st = cmd.arg(".").status().expect("running go build");
-    assert!(st.success(), "go build of tests/go/leakkeys failed: {st}");
+    assert!(st.success(), "go build of tests/go/{program} failed: {st}");
     Some(bin)
 }
 
@@ -178,4 +183,53 @@ fn go_user_stack_is_named() {
 #[test]
 fn stripped_go_user_stack_is_named_from_gopclntab() {
     held_keys_named(true);
+}
+
+/// The kubelet shape: a stripped Go program whose retry-loop goroutine holds
+/// N keys while another goroutine makes 50 times as many that are freed at
+/// once, both through syscall.Syscall6 into user_preparse. The default
+/// (sampled) mode must put the held objects under main.retryConnect.
+#[test]
+fn stripped_go_retry_loop_is_named_beside_a_busier_goroutine() {
+    const N: u64 = 200;
+    let bin = go_binary("twopath", true);
+    skip_unless!(
+        bin.is_some(),
+        "no Go toolchain; set LEAKKEYS_GO_DIR to prebuilt tests/go binaries (twopath-stripped)"
+    );
+    let Some(bin) = bin else { return };
+    let mut tracer = Tracer::start(&[
+        "--cache",
+        "kmalloc-512",
+        "--top",
+        "--interval",
+        "250ms",
+        "--stacks",
+        "20",
+    ])
+    .expect("start leaktrace");
+    let mut cmd = Command::new(&bin);
+    cmd.arg(N.to_string());
+    let mut gen = Generator::start_command(cmd).expect("go twopath");
+    let pid = gen.pid;
+    let held = tracer
+        .wait_for("N outstanding keys on user_preparse", WAIT, |r| {
+            outstanding_on(r, pid, "user_preparse", "") >= N
+        })
+        .expect("held keys");
+    let retry = outstanding_on(&held, pid, "user_preparse", "main.retryConnect");
+    let busy = outstanding_on(&held, pid, "user_preparse", "main.busyTraffic");
+    let p = process(&held, pid).expect("listed");
+    assert!(
+        retry * 100 >= N * 95,
+        "≥95% of {N} held keys must be under main.retryConnect, got {retry} (busyTraffic {busy}): {p:#}"
+    );
+    assert!(
+        busy <= N / 50,
+        "busyTraffic holds nothing, got {busy}: {p:#}"
+    );
+    gen.release().expect("release");
+    gen.finish().expect("twopath exits");
+    let (code, _) = tracer.stop(libc::SIGINT).expect("stop");
+    assert_eq!(code, 0);
 }

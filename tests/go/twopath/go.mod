@@ -1,0 +1,3 @@
+module twopath
+
+go 1.19
