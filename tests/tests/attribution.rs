@@ -167,3 +167,83 @@ fn kernel_paths_below_one_call_site_are_split_in_true_proportion() {
     assert_eq!(code, 0);
     assert_detached(&ids);
 }
+
+/// tests/c/twopath_nofp.c built the way Debian builds C (-O2, no frame
+/// pointers), under target/c-test. None where no C compiler exists (vm-test
+/// guests).
+fn c_twopath_binary() -> Option<std::path::PathBuf> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = root.join("target/c-test");
+    std::fs::create_dir_all(&out).ok()?;
+    let bin = out.join("twopath_nofp");
+    let status = Command::new("cc")
+        .args(["-O2", "-fomit-frame-pointer", "-o"])
+        .arg(&bin)
+        .arg(root.join("tests/c/twopath_nofp.c"))
+        .status()
+        .ok()?;
+    assert!(
+        status.success(),
+        "cc of tests/c/twopath_nofp.c failed: {status}"
+    );
+    Some(bin)
+}
+
+/// Without frame pointers the user path cannot be fingerprinted: the report
+/// must say so for the process, keep its total exact, and put the held
+/// objects only under estimates whose interval is stated (never a stack
+/// chosen by "last seen").
+#[test]
+fn without_frame_pointers_the_split_is_an_estimate_and_says_so() {
+    const N: u64 = 200;
+    let bin = c_twopath_binary();
+    skip_unless!(bin.is_some(), "no C compiler (cc) on this machine");
+    let Some(bin) = bin else { return };
+    let mut tracer = Tracer::start(&[
+        "--cache",
+        "kmalloc-512",
+        "--top",
+        "--interval",
+        "250ms",
+        "--stacks",
+        "50",
+    ])
+    .expect("start");
+    let mut cmd = Command::new(&bin);
+    cmd.args([N.to_string(), "50".to_string()]);
+    let mut gen = Generator::start_command(cmd).expect("twopath_nofp");
+    let pid = gen.pid;
+    let report = tracer
+        .wait_for("the held keys", WAIT, |r| {
+            process(r, pid).is_some_and(|p| count(p, "outstanding") >= N)
+        })
+        .expect("held keys");
+    let p = process(&report, pid).expect("listed");
+    assert_eq!(
+        count(p, "outstanding"),
+        N,
+        "the process total is exact: {p:#}"
+    );
+    assert_eq!(p["fingerprinted"], false, "{p:#}");
+    let rows: Vec<&Value> = stacks_matching(&report, pid, "user_preparse", "").collect();
+    let held: u64 = rows.iter().map(|s| count(s, "outstanding")).sum();
+    assert!(
+        held.abs_diff(N) <= rows.len() as u64,
+        "user_preparse rows hold {held}, truth {N} (rounding at most 1 a row): {p:#}"
+    );
+    for s in rows.iter().filter(|s| count(s, "outstanding") > 0) {
+        let (est, low, high) = (
+            count(s, "outstanding"),
+            count(s, "outstanding_low"),
+            count(s, "outstanding_high"),
+        );
+        assert!(
+            s["partial"] == true || (low <= est && est <= high && high <= N),
+            "every held row is an estimate with its interval, or partial: {s:#}"
+        );
+    }
+    gen.release().expect("release");
+    gen.finish().expect("exits");
+    let (code, _) = tracer.stop(libc::SIGINT).expect("stop");
+    assert_eq!(code, 0);
+}
