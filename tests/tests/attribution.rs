@@ -247,3 +247,45 @@ fn without_frame_pointers_the_split_is_an_estimate_and_says_so() {
     let (code, _) = tracer.stop(libc::SIGINT).expect("stop");
     assert_eq!(code, 0);
 }
+
+/// Frees from RCU callbacks in softirq, while another process churns the same
+/// cache on the same CPUs: a softirq kfree that interrupts our own kfree
+/// program is skipped by the kernel's recursion guard, and the spare program
+/// must see it. After the frees nothing may stay "outstanding" beyond the
+/// uncertain count the report states.
+#[test]
+fn rcu_softirq_frees_under_churn_leave_no_phantom_leak() {
+    const N: u64 = 2000;
+    let mut tracer =
+        Tracer::start(&["--cache", "kmalloc-512", "--top", "--interval", "250ms"]).expect("start");
+    let mut churn = Command::new(leakgen_bin())
+        .args(["writev", "20"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("writev churn");
+    let mut gen = Generator::start("keys-rcu", &N.to_string()).expect("leakgen keys-rcu");
+    let pid = gen.pid;
+    tracer
+        .wait_for("the held keys", WAIT, |r| {
+            outstanding_on(r, pid, "user_preparse", "leak_keys") >= N
+        })
+        .expect("held");
+    gen.release().expect("revoke");
+    let report = tracer
+        .wait_for("the RCU-freed payloads seen freed", WAIT, |r| {
+            let left = outstanding_on(r, pid, "user_preparse", "leak_keys");
+            let uncertain = r["kernel"]["frees_maybe_missed"].as_u64().unwrap_or(0);
+            left <= uncertain && process(r, pid).is_some_and(|p| count(p, "frees") >= N)
+        })
+        .expect("no phantom leak");
+    let left = outstanding_on(&report, pid, "user_preparse", "leak_keys");
+    let _ = churn.kill();
+    let _ = churn.wait();
+    gen.finish().expect("exits");
+    let (code, fin) = tracer.stop(libc::SIGINT).expect("stop");
+    assert_eq!(code, 0);
+    println!(
+        "after the RCU frees: {left} left, recursion misses {}, frees_maybe_missed {}",
+        fin["kernel"]["recursion_misses"], fin["kernel"]["frees_maybe_missed"]
+    );
+}

@@ -6,6 +6,8 @@
 //! leakgen inotify N    N inotify instances -> N held kmalloc-cg-512 (accounted)
 //! leakgen files N      N open fds on /dev/null -> N held `filp` cache objects
 //! leakgen other N      N eventfds -> N held kmalloc-64, nothing in kmalloc-512
+//! leakgen keys-rcu N   as keys, but released with KEYCTL_REVOKE: the payloads are
+//!                      freed from an RCU callback (softirq), not by the key GC
 //! leakgen twopath N [RATIO]  N held kmalloc-512 keys from `hold_key`, and RATIO
 //!                      (default 50) transient ones per held key from `busy_add_key`,
 //!                      both through `sys_add_key` and `user_preparse`
@@ -86,6 +88,7 @@ const KEYRING_LINK_BYTES: usize = 4;
 /// bytes) plus 4 bytes a link must stay <= 65535.
 const MAX_KEYS: usize = (65535 - 5) / KEYRING_LINK_BYTES;
 const KEYCTL_INVALIDATE: usize = 21;
+const KEYCTL_REVOKE: usize = 3;
 /// Writing 1 runs rcu_barrier() (kernel/rcu/tree.c, root only).
 const RCU_BARRIER_KNOB: &str = "/sys/module/rcutree/parameters/do_rcu_barrier";
 /// Grace periods take 10-30 ms on the reference VM.
@@ -107,6 +110,8 @@ print `RELEASED <pid>`, wait for another line (or EOF) and exit";
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Mode {
     Keys,
+    /// Keys released by revocation: payloads freed in RCU callbacks.
+    KeysRcu,
     Inotify,
     Files,
     Other,
@@ -164,6 +169,7 @@ fn parse_args(args: &[String]) -> Result<Command, String> {
     }
     let hold = match mode.as_str() {
         "keys" => Some(Mode::Keys),
+        "keys-rcu" => Some(Mode::KeysRcu),
         "inotify" => Some(Mode::Inotify),
         "files" => Some(Mode::Files),
         "other" => Some(Mode::Other),
@@ -176,7 +182,7 @@ fn parse_args(args: &[String]) -> Result<Command, String> {
         let n: usize = n
             .parse()
             .map_err(|_| format!("N must be a non-negative integer, got {n:?}"))?;
-        if m == Mode::Keys && n > MAX_KEYS {
+        if matches!(m, Mode::Keys | Mode::KeysRcu) && n > MAX_KEYS {
             return Err(format!(
                 "keys N must be at most {MAX_KEYS}: the process keyring's quota charge is a \
                  16-bit field (4 bytes a link), and past that it wraps and the uid's key byte \
@@ -245,6 +251,7 @@ fn main() -> ExitCode {
     };
     let res = match cmd {
         Command::Hold(Mode::Keys, n) => run_keys(n),
+        Command::Hold(Mode::KeysRcu, n) => run_keys_rcu(n),
         Command::TwoPath(n, ratio) => run_twopath(n, ratio),
         Command::Hold(Mode::Other, n) => run_other(n),
         Command::Hold(Mode::Inotify, n) => run_inotify(n),
@@ -696,6 +703,26 @@ fn run_keys(n: usize) -> Result<()> {
     hold_protocol(|| release_keys(&serials))
 }
 
+/// Keys whose payloads are freed from RCU callbacks: KEYCTL_REVOKE makes
+/// user_revoke hand the payload to call_rcu, whose kfree runs in softirq on
+/// whichever CPU, possibly interrupting a tracer's own kfree program.
+#[inline(never)]
+fn run_keys_rcu(n: usize) -> Result<()> {
+    check_key_quota(n, desc_len_bound("leakgen-", n), KEY_PAYLOAD_LEN)?;
+    let serials = leak_keys(n)?;
+    rcu_barrier();
+    hold_protocol(|| {
+        for &serial in &serials {
+            sys_keyctl(KEYCTL_REVOKE, serial as usize, 0)
+                .map_err(|e| anyhow!("keyctl(KEYCTL_REVOKE, {serial}) failed: {e}"))?;
+        }
+        // Every payload's RCU callback has run once this returns. The revoked
+        // keys themselves (key_jar) linger until the key GC's delay passes.
+        rcu_barrier();
+        Ok(())
+    })
+}
+
 /// The retry loop of the kubelet incident in miniature: one path holds what it
 /// allocates, a busier one frees at once, and both reach the same kernel call
 /// site (`user_preparse`) through the same syscall wrapper.
@@ -1100,6 +1127,7 @@ mod tests {
     #[test]
     fn parses() {
         assert_eq!(p(&["keys", "10"]), Ok(Command::Hold(Mode::Keys, 10)));
+        assert_eq!(p(&["keys-rcu", "10"]), Ok(Command::Hold(Mode::KeysRcu, 10)));
         assert_eq!(p(&["twopath", "10"]), Ok(Command::TwoPath(10, 50)));
         assert_eq!(p(&["twopath", "10", "500"]), Ok(Command::TwoPath(10, 500)));
         assert!(p(&["twopath"]).is_err());
