@@ -2,7 +2,7 @@
 //! outstanding objects, a known leak found, loss at the highest rate two
 //! generators drive, and attach latency.
 
-use std::{fmt::Write as _, process::Command, time::Duration};
+use std::{collections::BTreeSet, fmt::Write as _, process::Command, time::Duration};
 
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
@@ -48,7 +48,20 @@ pub struct Attach {
     first_screen_ms: Vec<f64>,
 }
 
+/// BPF run time per program run (kernel.bpf_stats_enabled on only while
+/// measuring), and the kernel memory of leaktrace's maps while it runs.
+pub struct BpfCost {
+    label: &'static str,
+    /// (program name, runs, ns per run)
+    programs: Vec<(String, u64, f64)>,
+    allocs_matched: Option<u64>,
+    /// Total ns of every program / matched allocations.
+    ns_per_matched_alloc: Option<f64>,
+    map_bytes: u64,
+}
+
 pub struct Extras {
+    bpf_cost: Vec<Result<BpfCost>>,
     cpu_paced: Result<CpuAt>,
     cpu_max: Result<CpuAt>,
     rss: Result<Rss>,
@@ -74,7 +87,13 @@ pub fn measure(bins: &Bins) -> Result<Extras> {
     ];
     step("attach latency");
     let attach = attach(bins);
+    step("BPF run time per event and map memory");
+    let bpf_cost = vec![
+        bpf_cost(bins, "default", &[]),
+        bpf_cost(bins, "--exact", &["--exact"]),
+    ];
     Ok(Extras {
+        bpf_cost,
         cpu_paced,
         cpu_max,
         rss,
@@ -107,6 +126,72 @@ fn cpu_at(bins: &Bins, rate: Option<&str>) -> Result<CpuAt> {
         events_per_sec: 2.0 * gen.ops_per_sec,
         pct: 100.0 * (cpu1? - cpu0) / gen.secs,
     })
+}
+
+const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+/// One writev generator under leaktrace with BPF run-time stats on: ns per
+/// program run and per matched allocation, and the bytes of its maps
+/// (bpftool's bytes_memlock, which is what the kernel charges).
+fn bpf_cost(bins: &Bins, label: &'static str, args: &[&str]) -> Result<BpfCost> {
+    let before = prog_ids()?;
+    let old = std::fs::read_to_string(BPF_STATS).unwrap_or_else(|_| "0".into());
+    std::fs::write(BPF_STATS, "1").with_context(|| format!("enabling {BPF_STATS}"))?;
+    let result = (|| {
+        let mut all = vec!["--cache", "kmalloc-512", "--json"];
+        all.extend_from_slice(args);
+        let t = leaktrace(bins, &all)?;
+        let gen = generate(bins, "writev", RATE_SECS, &[]);
+        let ids: Vec<u32> = prog_ids()?.difference(&before).copied().collect();
+        let mut programs = Vec::new();
+        let mut map_ids = BTreeSet::new();
+        for id in &ids {
+            let v = bpftool(&["prog", "show", "id", &id.to_string()])?;
+            let name = v["name"].as_str().unwrap_or("?").to_string();
+            let runs = v["run_cnt"].as_u64().unwrap_or(0);
+            let ns = v["run_time_ns"].as_u64().unwrap_or(0);
+            programs.push((name, runs, if runs > 0 { ns as f64 / runs as f64 } else { 0.0 }));
+            for m in v["map_ids"].as_array().into_iter().flatten() {
+                map_ids.extend(m.as_u64());
+            }
+        }
+        let mut map_bytes = 0;
+        for id in &map_ids {
+            let v = bpftool(&["map", "show", "id", &id.to_string()])?;
+            map_bytes += v["bytes_memlock"].as_u64().unwrap_or(0);
+        }
+        let total_ns: f64 = programs.iter().map(|(_, r, ns)| *r as f64 * ns).sum();
+        let lines = t.stop()?;
+        gen?;
+        let allocs_matched = lines
+            .iter()
+            .filter(|l| l.stream == Stream::Out && l.text.starts_with('{'))
+            .filter_map(|l| serde_json::from_str::<Value>(&l.text).ok())
+            .last()
+            .and_then(|v| json_u64(&v, "kernel.allocs_matched"));
+        Ok(BpfCost {
+            label,
+            programs,
+            ns_per_matched_alloc: allocs_matched.filter(|&n| n > 0).map(|n| total_ns / n as f64),
+            allocs_matched,
+            map_bytes,
+        })
+    })();
+    let _ = std::fs::write(BPF_STATS, old.trim());
+    wait_progs_gone(&before);
+    result
+}
+
+fn bpftool(args: &[&str]) -> Result<Value> {
+    let out = Command::new("bpftool")
+        .arg("-j")
+        .args(args)
+        .output()
+        .context("running bpftool (cargo xtask setup installs it)")?;
+    if !out.status.success() {
+        bail!("bpftool {args:?}: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    serde_json::from_slice(&out.stdout).context("parsing bpftool's JSON")
 }
 
 /// JSON lines on stdout so far, parsed.
@@ -367,6 +452,7 @@ impl Extras {
             Err(anyhow::anyhow!("not measured"))
         }
         Extras {
+            bpf_cost: vec![],
             cpu_paced: none(),
             cpu_max: none(),
             rss: none(),
@@ -378,6 +464,32 @@ impl Extras {
 
     pub fn render(&self, s: &mut String) {
         let _ = writeln!(s, "## leaktrace's own costs\n");
+        for c in &self.bpf_cost {
+            match c {
+                Ok(c) => {
+                    let progs: Vec<String> = c
+                        .programs
+                        .iter()
+                        .map(|(n, r, ns)| format!("{n} {ns:.0} ns x {r}"))
+                        .collect();
+                    let _ = writeln!(
+                        s,
+                        "- BPF run time, {} (`kernel.bpf_stats_enabled=1` only for this run, one writev \
+                         generator for {RATE_SECS} s): {} ns of BPF per matched allocation ({} matched); \
+                         per program run: {}; leaktrace's BPF maps: {:.1} MiB (bytes_memlock)",
+                        c.label,
+                        c.ns_per_matched_alloc
+                            .map_or_else(|| "?".to_string(), |n| format!("{n:.0}")),
+                        c.allocs_matched.map_or_else(|| "?".to_string(), |n| n.to_string()),
+                        progs.join(", "),
+                        c.map_bytes as f64 / (1024.0 * 1024.0)
+                    );
+                }
+                Err(e) => {
+                    let _ = writeln!(s, "- BPF run time: failed: {e:#}");
+                }
+            }
+        }
         let cpu = |r: &Result<CpuAt>| match r {
             Ok(c) => format!(
                 "{:.1}% of one core at {:.0} events/s",
