@@ -53,6 +53,7 @@ impl Attachment {
 pub struct Plan {
     pub config: Config,
     pub attachments: Vec<Attachment>,
+    pub live_map: LiveMap,
     /// One-line facts the user should see at start (aliases included, fallbacks taken).
     pub notes: Vec<String>,
     pub cache: String,
@@ -64,10 +65,28 @@ pub struct PlanOptions {
     pub kernel_stacks: bool,
     pub user_stacks: bool,
     pub hooks: HookMode,
-    /// Capture stacks for one allocation in this many per (process, call site)
-    /// after the first; 1 captures every allocation.
+    /// Capture full stacks for a random one allocation in this many; 1
+    /// captures every allocation.
     pub stack_sample: u64,
+    /// The kernel lets tracing programs use hash maps that are not
+    /// preallocated (bpf_mem_alloc, Linux 6.1+).
+    pub on_demand_maps: bool,
 }
+
+/// How the live-object map gets its memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LiveMap {
+    /// Every entry allocated at load: `--max-objects` × ~80 bytes up front.
+    Preallocated,
+    /// Entries allocated as objects are tracked (BPF_F_NO_PREALLOC).
+    OnDemand,
+}
+
+/// bpf_mem_alloc refills its per-CPU caches with kmalloc of the element size
+/// (a 64-byte htab element here, charged: kmalloc-cg-64) from irq_work. If the
+/// traced cache could receive those refills, every tracked object would make
+/// room for more: only caches of larger objects get an on-demand map.
+const ON_DEMAND_MIN_OBJECT: u64 = 256;
 
 /// The raw tracepoint argument names each raw program was written for, checked
 /// against the running kernel's BTF before the program is used.
@@ -302,9 +321,23 @@ pub fn build(
     cfg.target_tgid = opts.pid.unwrap_or(0);
     cfg.stack_flags = if opts.kernel_stacks { STACK_KERNEL } else { 0 }
         | if opts.user_stacks { STACK_USER } else { 0 };
+    let live_map = if opts.on_demand_maps && slab_size > ON_DEMAND_MIN_OBJECT {
+        LiveMap::OnDemand
+    } else {
+        notes.push(format!(
+            "live-object map preallocated ({}); --max-objects sizes it",
+            if opts.on_demand_maps {
+                "objects of 256 bytes or less could receive the map's own on-demand elements"
+            } else {
+                "tracing programs get on-demand hash maps from Linux 6.1"
+            }
+        ));
+        LiveMap::Preallocated
+    };
     Ok(Plan {
         config: cfg,
         attachments: hooks.attachments,
+        live_map,
         notes,
         cache: sel.cache.clone(),
     })
@@ -433,6 +466,7 @@ mod tests {
             user_stacks: false,
             hooks: HookMode::Classic,
             stack_sample: 64,
+            on_demand_maps: false,
         };
         build(&tracefs, None, &catalogue, &sel, &opts)
     }

@@ -15,7 +15,7 @@ use aya::{
 use serde::Serialize;
 use tracer_common::counter;
 
-use crate::plan::{Hook, Plan};
+use crate::plan::{Hook, LiveMap, Plan};
 
 pub(crate) static BPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/leaktrace.bpf.o"));
@@ -25,6 +25,9 @@ pub struct Probes {
     ebpf: Ebpf,
     counters: PerCpuArray<MapData, u64>,
     programs: Vec<&'static str>,
+    /// Every map's fd, for its kernel memory; valid while the maps live (the
+    /// ring buffer is handed out but lives as long as the run).
+    map_fds: Vec<i32>,
 }
 
 /// The kernel side's own account of what it saw and could not deliver.
@@ -50,6 +53,9 @@ pub struct KernelCounters {
     /// the smaller of their two miss counts; on a classic hook, every miss.
     /// None before 5.12 (unknown).
     pub frees_maybe_missed: Option<u64>,
+    /// Kernel memory of leaktrace's BPF maps (fdinfo `memlock`; on 6.4+ the
+    /// memory in use, before that the maps' full size).
+    pub map_bytes: u64,
 }
 
 impl Probes {
@@ -62,11 +68,19 @@ impl Probes {
         floor: bool,
     ) -> Result<(Probes, RingBuf<MapData>)> {
         raise_memlock_limit();
+        let object = match plan.live_map {
+            LiveMap::Preallocated => AlignedObject::from(BPF_OBJECT),
+            LiveMap::OnDemand => with_map_flags(BPF_OBJECT, "LIVE", BPF_F_NO_PREALLOC)?,
+        };
         let mut ebpf = EbpfLoader::new()
             .override_global("CONFIG", &plan.config, true)
             .map_max_entries("LIVE", max_objects)
             .map_max_entries("EVENTS", ringbuf_bytes)
-            .load(BPF_OBJECT)
+            // The object also carries `leaktrace memcg`'s maps; a slab run never
+            // touches them, so they get the smallest sizes the kernel accepts.
+            .map_max_entries("MEMCG_LIVE", 1)
+            .map_max_entries("MEMCG_EVENTS", page_size())
+            .load(object.bytes())
             .context("loading leaktrace's eBPF programs (is this kernel built with BPF ring buffers, Linux 5.8+?)")?;
 
         let mut programs: Vec<&'static str> = Vec::new();
@@ -113,6 +127,10 @@ impl Probes {
             }
         }
 
+        let map_fds = ebpf
+            .maps()
+            .filter_map(|(_, m)| map_fd(m))
+            .collect::<Vec<_>>();
         let ring = RingBuf::try_from(
             ebpf.take_map("EVENTS")
                 .context("eBPF object has no EVENTS map")?,
@@ -128,6 +146,7 @@ impl Probes {
                 ebpf,
                 counters,
                 programs,
+                map_fds,
             },
             ring,
         ))
@@ -153,6 +172,7 @@ impl Probes {
             misaligned: sum(counter::MISALIGNED)?,
             recursion_misses: misses.as_ref().map(|m| m.iter().map(|(_, n)| n).sum()),
             frees_maybe_missed: misses.as_ref().map(|m| frees_maybe_missed(m)),
+            map_bytes: map_memory(self.map_fds.iter().copied()),
         })
     }
 
@@ -221,6 +241,95 @@ fn prog_info(fd: i32) -> Option<aya_obj::generated::bpf_prog_info> {
         )
     };
     (rc == 0).then_some(info)
+}
+
+const BPF_F_NO_PREALLOC: u32 = 1;
+
+fn map_fd(map: &aya::maps::Map) -> Option<i32> {
+    use aya::maps::Map;
+    let data = match map {
+        Map::HashMap(d) | Map::PerCpuArray(d) | Map::RingBuf(d) | Map::Array(d) => d,
+        _ => return None,
+    };
+    Some(data.fd().as_fd().as_raw_fd())
+}
+
+/// An ELF image in 8-byte-aligned memory, as the object parser requires.
+pub(crate) struct AlignedObject {
+    words: Vec<u64>,
+    len: usize,
+}
+
+impl AlignedObject {
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: the u64 buffer holds at least `len` initialized bytes.
+        unsafe { std::slice::from_raw_parts(self.words.as_ptr().cast::<u8>(), self.len) }
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as above, and we hold the only reference.
+        unsafe { std::slice::from_raw_parts_mut(self.words.as_mut_ptr().cast::<u8>(), self.len) }
+    }
+}
+
+impl From<&[u8]> for AlignedObject {
+    fn from(data: &[u8]) -> Self {
+        let mut obj = AlignedObject {
+            words: vec![0u64; data.len().div_ceil(8)],
+            len: data.len(),
+        };
+        obj.bytes_mut().copy_from_slice(data);
+        obj
+    }
+}
+
+/// The object with map `name`'s flags set to `flags`: aya takes map flags
+/// from the object only. Legacy `maps`-section definitions (what aya-ebpf's
+/// `#[map]` emits) are `struct bpf_map_def { type, key_size, value_size,
+/// max_entries, map_flags, ... }` of u32s, so the flags sit 16 bytes in.
+pub(crate) fn with_map_flags(elf: &[u8], name: &str, flags: u32) -> Result<AlignedObject> {
+    use object::{Object, ObjectSection, ObjectSymbol};
+    const MAP_FLAGS_OFFSET: u64 = 16;
+    let mut obj = AlignedObject::from(elf);
+    let file = object::File::parse(elf).context("parsing the embedded eBPF object")?;
+    let sym = file
+        .symbols()
+        .find(|s| s.name() == Ok(name))
+        .with_context(|| format!("the eBPF object has no map symbol {name}"))?;
+    let section = sym
+        .section_index()
+        .and_then(|i| file.section_by_index(i).ok())
+        .with_context(|| format!("map {name} has no section"))?;
+    if section.name() != Ok("maps") {
+        anyhow::bail!("map {name} is not a legacy `maps` definition; cannot set its flags");
+    }
+    let (start, size) = section
+        .file_range()
+        .with_context(|| format!("map {name}'s section has no file data"))?;
+    let at = sym.address() + MAP_FLAGS_OFFSET;
+    if at + 4 > size {
+        anyhow::bail!("map {name}'s definition is shorter than struct bpf_map_def");
+    }
+    let off = usize::try_from(start + at).context("map definition offset")?;
+    obj.bytes_mut()[off..off + 4].copy_from_slice(&flags.to_le_bytes());
+    Ok(obj)
+}
+
+fn page_size() -> u32 {
+    // SAFETY: sysconf has no preconditions.
+    u32::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096)
+}
+
+/// Bytes the kernel charges for the maps behind `fds` (`memlock:` in each
+/// fd's /proc/self/fdinfo), the figure bpftool shows as bytes_memlock.
+pub(crate) fn map_memory(fds: impl Iterator<Item = i32>) -> u64 {
+    fds.filter_map(|fd| std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok())
+        .filter_map(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("memlock:"))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        })
+        .sum()
 }
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK (64 KiB by default), far

@@ -105,6 +105,20 @@ pub fn parse_cgroup2_mount(mountinfo: &str) -> Option<String> {
     })
 }
 
+/// This process's resident memory (VmRSS of /proc/self/status), in bytes.
+pub fn own_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

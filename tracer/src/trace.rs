@@ -54,6 +54,7 @@ pub async fn run(args: TraceArgs, cache: &str) -> Result<()> {
             user_stacks: !args.no_user_stacks,
             hooks: args.hooks,
             stack_sample: if args.exact { 1 } else { args.stack_sample },
+            on_demand_maps: features::kernel_at_least(6, 1),
         },
     )?;
     let ringbuf_bytes = crate::event_loop::ringbuf_bytes(args.ringbuf_mib)?;
@@ -159,6 +160,7 @@ impl State {
             cache: self.cache.clone(),
             aliases: self.aliases.clone(),
             elapsed_s: now.saturating_sub(self.started_ns) as f64 / 1e9,
+            rss_bytes: procinfo::own_rss_bytes(),
             meminfo: meminfo::read(root).ok(),
             slab,
             kernel,

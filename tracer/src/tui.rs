@@ -512,6 +512,7 @@ mod tests {
             cache: "kmalloc-512".to_string(),
             aliases: Vec::new(),
             elapsed_s: 1.0,
+            rss_bytes: None,
             meminfo: None,
             slab: None,
             totals: Default::default(),

@@ -31,8 +31,13 @@ fn header(out: &mut String, r: &Report, opts: &TextOptions) {
     };
     let _ = writeln!(
         out,
-        "leaktrace {title} — cache {}   up {:.0}s   refresh {:.1}s   sort {}",
-        r.cache, r.elapsed_s, opts.interval_s, opts.sort_label
+        "leaktrace {title} — cache {}   up {:.0}s   refresh {:.1}s   sort {}   own memory: BPF maps {} + RSS {}",
+        r.cache,
+        r.elapsed_s,
+        opts.interval_s,
+        opts.sort_label,
+        human_bytes(r.kernel.map_bytes),
+        r.rss_bytes.map_or_else(|| "?".to_string(), human_bytes),
     );
     if !r.aliases.is_empty() {
         let _ = writeln!(out, "also covers merged caches: {}", r.aliases.join(", "));

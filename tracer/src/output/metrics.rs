@@ -311,6 +311,7 @@ mod tests {
             cache: "kmalloc-512".to_string(),
             aliases: Vec::new(),
             elapsed_s: 2.0,
+            rss_bytes: None,
             meminfo: None,
             slab: None,
             totals: crate::aggregator::Counts {

@@ -60,6 +60,7 @@ pub(crate) fn test_report() -> Report {
         cache: "kmalloc-512".to_string(),
         aliases: Vec::new(),
         elapsed_s: 2.5,
+        rss_bytes: None,
         meminfo: None,
         slab: None,
         totals: Counts {

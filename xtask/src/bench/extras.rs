@@ -150,7 +150,15 @@ fn bpf_cost(bins: &Bins, label: &'static str, args: &[&str]) -> Result<BpfCost> 
             let name = v["name"].as_str().unwrap_or("?").to_string();
             let runs = v["run_cnt"].as_u64().unwrap_or(0);
             let ns = v["run_time_ns"].as_u64().unwrap_or(0);
-            programs.push((name, runs, if runs > 0 { ns as f64 / runs as f64 } else { 0.0 }));
+            programs.push((
+                name,
+                runs,
+                if runs > 0 {
+                    ns as f64 / runs as f64
+                } else {
+                    0.0
+                },
+            ));
             for m in v["map_ids"].as_array().into_iter().flatten() {
                 map_ids.extend(m.as_u64());
             }
@@ -172,7 +180,9 @@ fn bpf_cost(bins: &Bins, label: &'static str, args: &[&str]) -> Result<BpfCost> 
         Ok(BpfCost {
             label,
             programs,
-            ns_per_matched_alloc: allocs_matched.filter(|&n| n > 0).map(|n| total_ns / n as f64),
+            ns_per_matched_alloc: allocs_matched
+                .filter(|&n| n > 0)
+                .map(|n| total_ns / n as f64),
             allocs_matched,
             map_bytes,
         })
@@ -189,7 +199,10 @@ fn bpftool(args: &[&str]) -> Result<Value> {
         .output()
         .context("running bpftool (cargo xtask setup installs it)")?;
     if !out.status.success() {
-        bail!("bpftool {args:?}: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "bpftool {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     serde_json::from_slice(&out.stdout).context("parsing bpftool's JSON")
 }
