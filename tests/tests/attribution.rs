@@ -10,6 +10,14 @@ use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(60);
 
+/// These tests measure attribution under controlled load: one at a time, so
+/// one test's generators are not another's noise.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn twopath(n: u64, ratio: u64) -> Generator {
     let mut cmd = Command::new(leakgen_bin());
     cmd.args(["twopath", &n.to_string(), &ratio.to_string()]);
@@ -93,11 +101,13 @@ fn holding_path_is_named(exact: bool) {
 
 #[test]
 fn default_mode_names_the_holding_path_not_the_busy_one() {
+    let _serial = serial();
     holding_path_is_named(false);
 }
 
 #[test]
 fn exact_mode_agrees_with_the_default_on_the_holding_path() {
+    let _serial = serial();
     holding_path_is_named(true);
 }
 
@@ -108,6 +118,7 @@ fn exact_mode_agrees_with_the_default_on_the_holding_path() {
 /// true proportion.
 #[test]
 fn kernel_paths_below_one_call_site_are_split_in_true_proportion() {
+    let _serial = serial();
     let root = std::path::Path::new("/sys/fs/cgroup/memory");
     skip_unless!(
         root.join("cgroup.procs").exists(),
@@ -195,6 +206,7 @@ fn c_twopath_binary() -> Option<std::path::PathBuf> {
 /// chosen by "last seen").
 #[test]
 fn without_frame_pointers_the_split_is_an_estimate_and_says_so() {
+    let _serial = serial();
     const N: u64 = 200;
     let bin = c_twopath_binary();
     skip_unless!(bin.is_some(), "no C compiler (cc) on this machine");
@@ -255,6 +267,7 @@ fn without_frame_pointers_the_split_is_an_estimate_and_says_so() {
 /// uncertain count the report states.
 #[test]
 fn rcu_softirq_frees_under_churn_leave_no_phantom_leak() {
+    let _serial = serial();
     const N: u64 = 2000;
     let mut tracer =
         Tracer::start(&["--cache", "kmalloc-512", "--top", "--interval", "250ms"]).expect("start");
@@ -271,11 +284,16 @@ fn rcu_softirq_frees_under_churn_leave_no_phantom_leak() {
         })
         .expect("held");
     gen.release().expect("revoke");
+    // RELEASED comes after rcu_barrier(): every payload's kfree has run.
     let report = tracer
         .wait_for("the RCU-freed payloads seen freed", WAIT, |r| {
             let left = outstanding_on(r, pid, "user_preparse", "leak_keys");
-            let uncertain = r["kernel"]["frees_maybe_missed"].as_u64().unwrap_or(0);
-            left <= uncertain && process(r, pid).is_some_and(|p| count(p, "frees") >= N)
+            match r["kernel"]["frees_maybe_missed"].as_u64() {
+                Some(uncertain) => left <= uncertain,
+                // Before 5.12 the kernel does not count skipped runs: wait
+                // for the frees to drain, then report what could not be known.
+                None => process(r, pid).is_some_and(|p| count(p, "frees") + left >= N),
+            }
         })
         .expect("no phantom leak");
     let left = outstanding_on(&report, pid, "user_preparse", "leak_keys");
@@ -287,5 +305,74 @@ fn rcu_softirq_frees_under_churn_leave_no_phantom_leak() {
     println!(
         "after the RCU frees: {left} left, recursion misses {}, frees_maybe_missed {}",
         fin["kernel"]["recursion_misses"], fin["kernel"]["frees_maybe_missed"]
+    );
+    skip_unless!(
+        !fin["kernel"]["frees_maybe_missed"].is_null(),
+        "before Linux 5.12 the kernel counts no skipped program runs, and classic tracepoints \
+         share one guard per CPU: {left} of {N} RCU-freed objects stayed outstanding, and the \
+         report says the uncertainty is unknown rather than bounding it"
+    );
+    assert!(
+        left <= fin["kernel"]["frees_maybe_missed"].as_u64().unwrap_or(0),
+        "phantom leak: {left} left"
+    );
+}
+
+/// Processes that allocate and exit within about ten milliseconds: the
+/// report must still name their user frames. leaktrace wakes up for the first
+/// event of a new stratum and takes the process's mappings (holding the mapped
+/// files open) at once, so names survive the exit; a process gone before that
+/// wake-up is handled (bare addresses) but is a race the host wins nearly
+/// always: 8 of 10 must be named here (10 of 10 on an idle host). A 1-vCPU TCG guest shares its only CPU
+/// with the generator, which then usually finishes first: host only.
+#[test]
+fn short_lived_processes_keep_their_names() {
+    let _serial = serial();
+    skip_unless!(
+        std::env::var_os("LEAKTRACE_VM_GUEST").is_none(),
+        "a 1-vCPU guest runs the generator to its exit before the tracer wakes"
+    );
+    let tracer = Tracer::start(&[
+        "--cache",
+        "kmalloc-512",
+        "--comm",
+        "leakgen",
+        "--limit",
+        "50",
+    ])
+    .expect("start");
+    let mut pids = Vec::new();
+    for _ in 0..10 {
+        let mut child = Command::new(leakgen_bin())
+            .args(["writev", "0.01"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("leakgen writev");
+        pids.push(child.id());
+        assert!(child.wait().expect("wait").success());
+    }
+    let (code, report) = tracer.stop(libc::SIGINT).expect("stop");
+    assert_eq!(code, 0);
+    let named = pids
+        .iter()
+        .filter(|&&pid| {
+            let p = process(&report, pid).unwrap_or_else(|| panic!("pid {pid} not in {report:#}"));
+            assert!(count(p, "allocs") >= 1, "{p:#}");
+            stacks_matching(&report, pid, "iovec_from_user", "churn_writev").count() > 0
+        })
+        .count();
+    let unnamed: Vec<&Value> = pids
+        .iter()
+        .filter_map(|&pid| process(&report, pid))
+        .filter(|p| {
+            p["stacks"].as_array().is_none_or(|s| {
+                !s.iter()
+                    .any(|s| s["user"].to_string().contains("churn_writev"))
+            })
+        })
+        .collect();
+    assert!(
+        named >= 8,
+        "only {named} of 10 exited processes had their user frames named (churn_writev): {unnamed:#?}"
     );
 }

@@ -140,15 +140,45 @@ pub fn kmem_cache_free(ctx: TracePointContext) -> u32 {
 
 #[raw_tracepoint]
 pub fn kmalloc_raw(ctx: RawTracePointContext) -> i32 {
+    raw_kmalloc(&ctx, false);
+    0
+}
+
+#[raw_tracepoint]
+pub fn kmem_cache_alloc_raw(ctx: RawTracePointContext) -> i32 {
+    let _ = raw_cache_alloc(&ctx, config(), false);
+    0
+}
+
+// Spares on the allocation hooks, for the same reason as on the free hooks
+// below: they record an allocation only if the main program did not (its
+// pointer is not in LIVE), i.e. when the kernel skipped the main program
+// because it was already running on this CPU (interrupted or, where
+// tracepoint programs run preemptibly, preempted by another task).
+
+#[raw_tracepoint]
+pub fn kmalloc_raw_spare(ctx: RawTracePointContext) -> i32 {
+    raw_kmalloc(&ctx, true);
+    0
+}
+
+#[raw_tracepoint]
+pub fn kmem_cache_alloc_raw_spare(ctx: RawTracePointContext) -> i32 {
+    let _ = raw_cache_alloc(&ctx, config(), true);
+    0
+}
+
+#[inline(always)]
+fn raw_kmalloc(ctx: &RawTracePointContext, spare: bool) {
     // (call_site, ptr, bytes_req, bytes_alloc, gfp_flags[, node])
     let cfg = config();
     let bytes_alloc: u64 = ctx.arg(3);
     if cfg.kmalloc_size == 0 || bytes_alloc != cfg.kmalloc_size {
-        return 0;
+        return;
     }
     let gfp = ctx.arg::<u64>(4) & 0xffff_ffff;
     if (cfg.kmalloc_classes >> kmalloc_class(gfp, cfg)) & 1 == 0 {
-        return 0;
+        return;
     }
     let site = Site {
         call_site: ctx.arg(0),
@@ -158,20 +188,7 @@ pub fn kmalloc_raw(ctx: RawTracePointContext) -> i32 {
         gfp,
         source: SOURCE_KMALLOC,
     };
-    let _ = record(ctx.as_ptr(), &site);
-    0
-}
-
-#[raw_tracepoint]
-pub fn kmem_cache_alloc_raw(ctx: RawTracePointContext) -> i32 {
-    let cfg = config();
-    if cfg.cache_size == 0 {
-        return 0;
-    }
-    // (call_site, ptr, struct kmem_cache *s, gfp_flags, node): userspace uses the
-    // classic tracepoint instead on kernels whose arguments differ.
-    let _ = raw_cache_alloc(&ctx, cfg);
-    0
+    let _ = record(ctx.as_ptr(), &site, spare);
 }
 
 #[raw_tracepoint]
@@ -235,7 +252,7 @@ fn tp_kmalloc(ctx: &TracePointContext) -> Option<()> {
         return None;
     }
     let site = classic_site(ctx, &cfg.kmalloc, bytes_alloc, gfp, SOURCE_KMALLOC)?;
-    record(ctx.as_ptr(), &site)
+    record(ctx.as_ptr(), &site, false)
 }
 
 #[inline(always)]
@@ -256,7 +273,7 @@ fn tp_cache_alloc(ctx: &TracePointContext) -> Option<()> {
     }
     let gfp = read::<u32>(ctx, cfg.cache_alloc.gfp_flags)? as u64;
     let site = classic_site(ctx, &cfg.cache_alloc, bytes_alloc, gfp, SOURCE_CACHE_ALLOC)?;
-    record(ctx.as_ptr(), &site)
+    record(ctx.as_ptr(), &site, false)
 }
 
 /// The rest of a selected classic record, read once selection has passed.
@@ -279,7 +296,12 @@ fn classic_site(
 }
 
 #[inline(always)]
-fn raw_cache_alloc(ctx: &RawTracePointContext, cfg: &Config) -> Option<()> {
+fn raw_cache_alloc(ctx: &RawTracePointContext, cfg: &Config, spare: bool) -> Option<()> {
+    if cfg.cache_size == 0 {
+        return None;
+    }
+    // (call_site, ptr, struct kmem_cache *s, gfp_flags, node): userspace uses the
+    // classic tracepoint instead on kernels whose arguments differ.
     let cache: u64 = ctx.arg(2);
     let size_ptr = (cache + cfg.kmem_cache_size_off as u64) as *const u32;
     let bytes_alloc = unsafe { bpf_probe_read_kernel(size_ptr) }.ok()? as u64;
@@ -301,7 +323,7 @@ fn raw_cache_alloc(ctx: &RawTracePointContext, cfg: &Config) -> Option<()> {
         gfp,
         source: SOURCE_CACHE_ALLOC,
     };
-    record(ctx.as_ptr(), &site)
+    record(ctx.as_ptr(), &site, spare)
 }
 
 #[inline(always)]
@@ -340,7 +362,7 @@ struct Site {
 }
 
 #[inline(always)]
-fn record(ctx: *mut core::ffi::c_void, site: &Site) -> Option<()> {
+fn record(ctx: *mut core::ffi::c_void, site: &Site, spare: bool) -> Option<()> {
     let cfg = config();
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
@@ -348,6 +370,10 @@ fn record(ctx: *mut core::ffi::c_void, site: &Site) -> Option<()> {
         return None;
     }
     if site.ptr == 0 {
+        return None;
+    }
+    // The main program ran for this event and recorded it.
+    if spare && unsafe { LIVE.get(site.ptr) }.is_some() {
         return None;
     }
     if site.ptr & cfg.free_align_mask != 0 {
@@ -404,7 +430,7 @@ fn record(ctx: *mut core::ffi::c_void, site: &Site) -> Option<()> {
                 }
             }
         }
-        commit(entry, site.ptr, ts)
+        commit(entry, site.ptr, ts, flags)
     } else {
         let Some(mut entry) = EVENTS.reserve::<AllocHeader>(0) else {
             bump(counter::ALLOCS_LOST_RINGBUF);
@@ -421,7 +447,7 @@ fn record(ctx: *mut core::ffi::c_void, site: &Site) -> Option<()> {
                 site,
             )
         };
-        commit(entry, site.ptr, ts)
+        commit(entry, site.ptr, ts, flags)
     }
 }
 
@@ -548,13 +574,20 @@ fn fill_header(
 /// Insert before submit: once userspace can see the alloc, the kernel must
 /// already forward its free.
 #[inline(always)]
-fn commit<T>(entry: RingBufEntry<T>, ptr: u64, ts: u64) -> Option<()> {
+fn commit<T>(entry: RingBufEntry<T>, ptr: u64, ts: u64, flags: u16) -> Option<()> {
     if LIVE.insert(ptr, ts, BPF_ANY).is_err() {
         entry.discard(0);
         bump(counter::ALLOCS_LOST_MAP_FULL);
         return None;
     }
-    entry.submit(wakeup_flags());
+    // A stratum new on this CPU is often a new process: wake the reader now,
+    // so it takes the process's mappings before a short-lived one exits.
+    let wake = if flags & FLAG_NAMING != 0 {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        wakeup_flags()
+    };
+    entry.submit(wake);
     bump(counter::ALLOCS_MATCHED);
     Some(())
 }

@@ -94,13 +94,15 @@ const RAW_KMALLOC: &[&str] = &["call_site", "ptr", "bytes_req", "bytes_alloc", "
 const RAW_FREE: &[&str] = &["call_site", "ptr"];
 const RAW_CACHE_ALLOC: &[&str] = &["call_site", "ptr", "s", "gfp_flags"];
 
-/// The second program on a raw free hook, run when the first is skipped for
-/// recursion (see `kfree_raw_spare` in the eBPF object). Classic tracepoints
+/// The second program on a raw hook, run when the first is skipped for
+/// recursion (see `kfree_raw_spare` and `kmalloc_raw_spare` in the eBPF object). Classic tracepoints
 /// share one CPU-wide guard across all programs, so a spare cannot help there.
 pub fn spare_program(raw: &str) -> Option<&'static str> {
     match raw {
         "kfree_raw" => Some("kfree_raw_spare"),
         "kmem_cache_free_raw" => Some("kmem_cache_free_raw_spare"),
+        "kmalloc_raw" => Some("kmalloc_raw_spare"),
+        "kmem_cache_alloc_raw" => Some("kmem_cache_alloc_raw_spare"),
         _ => None,
     }
 }

@@ -53,6 +53,9 @@ pub struct KernelCounters {
     /// the smaller of their two miss counts; on a classic hook, every miss.
     /// None before 5.12 (unknown).
     pub frees_maybe_missed: Option<u64>,
+    /// Allocations no program of ours ran for (recursion), counted the same
+    /// way: at most this many selected allocations are missing from the counts.
+    pub allocs_maybe_missed: Option<u64>,
     /// Kernel memory of leaktrace's BPF maps (fdinfo `memlock`; on 6.4+ the
     /// memory in use, before that the maps' full size).
     pub map_bytes: u64,
@@ -171,7 +174,8 @@ impl Probes {
             ustack_failed: sum(counter::USTACK_FAILED)?,
             misaligned: sum(counter::MISALIGNED)?,
             recursion_misses: misses.as_ref().map(|m| m.iter().map(|(_, n)| n).sum()),
-            frees_maybe_missed: misses.as_ref().map(|m| frees_maybe_missed(m)),
+            frees_maybe_missed: misses.as_ref().map(|m| missed_by_both(m, "free")),
+            allocs_maybe_missed: misses.as_ref().map(|m| missed_by_both(m, "alloc")),
             map_bytes: map_memory(self.map_fds.iter().copied()),
         })
     }
@@ -199,12 +203,21 @@ impl Probes {
     }
 }
 
-/// See [`KernelCounters::frees_maybe_missed`].
-fn frees_maybe_missed(misses: &[(&'static str, u64)]) -> u64 {
+/// Events of the hooks whose program names contain `kind` that neither the
+/// program nor its spare ran for; see [`KernelCounters::frees_maybe_missed`].
+fn missed_by_both(misses: &[(&'static str, u64)], kind: &str) -> u64 {
     let of = |name: &str| misses.iter().find(|(n, _)| *n == name).map(|(_, m)| *m);
     misses
         .iter()
-        .filter(|(name, _)| name.contains("free") && !name.ends_with("_spare"))
+        .filter(|(name, _)| {
+            let alloc = name.contains("alloc") || name.starts_with("kmalloc");
+            let matches = if kind == "free" {
+                name.contains("free")
+            } else {
+                alloc
+            };
+            matches && !name.ends_with("_spare")
+        })
         .map(
             |&(name, m)| match crate::plan::spare_program(name).and_then(of) {
                 Some(spare) => m.min(spare),

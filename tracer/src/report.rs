@@ -244,10 +244,19 @@ pub(crate) fn strip_tracing_frames(mut frames: Vec<String>) -> Vec<String> {
         "trace_event_raw_event_",
         "trace_call_bpf",
     ];
-    let keep = frames
-        .iter()
-        .position(|f| !TRACING.iter().any(|t| f.starts_with(t)))
-        .unwrap_or(frames.len());
+    // Our program's own frame may be named after whatever kernel symbol
+    // precedes it when kallsyms was read before the program was loaded (it is,
+    // to keep that parse out of the event loop): drop everything above the
+    // last tracing-machinery frame near the top, named or not.
+    const TOP: usize = 6;
+    let mut keep = 0;
+    for (i, f) in frames.iter().take(TOP).enumerate() {
+        if TRACING.iter().any(|t| f.starts_with(t)) {
+            keep = i + 1;
+        } else if keep > 0 {
+            break;
+        }
+    }
     frames.drain(..keep);
     frames
 }
@@ -275,5 +284,17 @@ mod tests {
             ])
         );
         assert!(strip_tracing_frames(frames(&["bpf_prog_x+0x1"])).is_empty());
+        // A program loaded after kallsyms was read carries a neighbour's name.
+        let misnamed = frames(&[
+            "__stop_runtime_ptr_USER_PTR_MAX+0x1234",
+            "bpf_trace_run6+0x10b",
+            "__traceiter_kmalloc+0x4a",
+            "__kmalloc_noprof+0x244",
+            "user_preparse+0x2f",
+        ]);
+        assert_eq!(
+            strip_tracing_frames(misnamed),
+            frames(&["__kmalloc_noprof+0x244", "user_preparse+0x2f"])
+        );
     }
 }

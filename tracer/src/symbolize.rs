@@ -22,7 +22,7 @@ use self::gosym::GoBinary;
 
 use blazesym::{
     symbolize::{
-        source::{Kernel, Process, Source},
+        source::{Elf, Kernel, Process, Source},
         Input, Symbolized, Symbolizer as Blaze,
     },
     MaybeDefault, Pid,
@@ -36,7 +36,22 @@ pub struct Symbolizer {
     /// User lookups since blazesym's caches were last dropped.
     user_lookups: usize,
     go: GoCache,
+    /// Mappings of processes taken when first seen, for those that exit
+    /// before their stacks are named; oldest dropped first.
+    images: HashMap<u32, ProcessImage>,
+    image_order: std::collections::VecDeque<u32>,
 }
+
+/// What naming a process's user frames needs once it is gone: its file
+/// mappings and an open handle on each mapped executable file (held open,
+/// so the file stays readable after the process and its /proc entry vanish).
+struct ProcessImage {
+    maps: Vec<Mapping>,
+    files: Vec<(u64, std::fs::File)>,
+}
+
+/// Process images kept at once: each holds a few open files.
+const PROCESS_IMAGES: usize = 128;
 
 /// The mapped file as the kernel sees it: a binary replaced on disk (a new
 /// inode, or new contents) is a new key, so it never shares an old table.
@@ -122,7 +137,124 @@ impl Symbolizer {
             user: HashMap::new(),
             user_lookups: 0,
             go: GoCache::default(),
+            images: HashMap::new(),
+            image_order: std::collections::VecDeque::new(),
         }
+    }
+
+    /// Remember what naming `tgid`'s frames needs, while it is alive: a process
+    /// that allocates and exits within milliseconds is gone before a refresh,
+    /// and its /proc/PID/maps with it. Cheap: one read and an open per
+    /// executable mapping.
+    /// Called again after an exec (a new comm): the old image is replaced, so
+    /// no frame is ever named from the program the process ran before.
+    pub fn snapshot(&mut self, tgid: u32) {
+        self.images.remove(&tgid);
+        self.image_order.retain(|&t| t != tgid);
+        let maps = read_maps(tgid);
+        if maps.is_empty() {
+            return;
+        }
+        let files = maps
+            .iter()
+            .filter(|m| m.exec && m.path.starts_with('/'))
+            .filter_map(|m| {
+                let link = format!("/proc/{tgid}/map_files/{:x}-{:x}", m.start, m.end);
+                Some((m.start, std::fs::File::open(link).ok()?))
+            })
+            .collect();
+        while self.image_order.len() >= PROCESS_IMAGES {
+            if let Some(old) = self.image_order.pop_front() {
+                self.images.remove(&old);
+            }
+        }
+        self.image_order.push_back(tgid);
+        self.images.insert(tgid, ProcessImage { maps, files });
+    }
+
+    /// Take a new snapshot when `addrs` fall outside the executable mappings of
+    /// the one we hold: it was taken before an exec finished mapping the new
+    /// program (or before a library was loaded).
+    pub fn snapshot_covering(&mut self, tgid: u32, addrs: &[u64]) {
+        let covered = self.images.get(&tgid).is_some_and(|image| {
+            addrs.iter().all(|&a| {
+                image
+                    .maps
+                    .iter()
+                    .any(|m| m.exec && m.start <= a && a < m.end)
+            })
+        });
+        if !covered {
+            self.snapshot(tgid);
+        }
+    }
+
+    /// Frames from the process's snapshot (alive or gone): each address as a
+    /// file offset in the mapped file it fell in, read through our own handle.
+    /// None for an address it cannot name.
+    fn frames_from_image(&mut self, tgid: u32, addrs: &[u64]) -> Vec<Option<Vec<String>>> {
+        let Some(image) = self.images.get(&tgid) else {
+            return vec![None; addrs.len()];
+        };
+        let mut jobs: Vec<(usize, PathBuf, u64, u64)> = Vec::new();
+        for (i, &addr) in addrs.iter().enumerate() {
+            let Some(m) = image
+                .maps
+                .iter()
+                .find(|m| m.start <= addr && addr < m.end && m.exec)
+            else {
+                continue;
+            };
+            let Some((_, file)) = image.files.iter().find(|(start, _)| *start == m.start) else {
+                continue;
+            };
+            let fd = std::os::fd::AsRawFd::as_raw_fd(file);
+            let path = PathBuf::from(format!("/proc/self/fd/{fd}"));
+            jobs.push((i, path, addr - m.start + m.offset, addr));
+        }
+        let mut out: Vec<Option<Vec<String>>> = vec![None; addrs.len()];
+        for (i, path, offset, _addr) in jobs {
+            if let Some(bin) = self.go.binary(&path) {
+                if let Some(vaddr) = bin.vaddr_of_offset(offset) {
+                    match bin.frames(vaddr.saturating_sub(1)) {
+                        Ok(Some(frames)) => {
+                            out[i] = Some(
+                                frames
+                                    .into_iter()
+                                    .map(|mut f| {
+                                        f.offset = f.offset.map(|o| o + 1);
+                                        gosym::format_frame(&f)
+                                    })
+                                    .collect(),
+                            );
+                            continue;
+                        }
+                        Ok(None) => {}
+                        Err(_) => continue,
+                    }
+                }
+            }
+            let src = Source::Elf(Elf {
+                debug_syms: false,
+                ..Elf::new(path)
+            });
+            // A return address's call is one byte earlier.
+            let lookup = [offset.saturating_sub(1)];
+            if let Ok(results) = self.blaze.symbolize(&src, Input::FileOffset(&lookup)) {
+                if let Some(Symbolized::Sym(sym)) = results.first() {
+                    out[i] = Some(vec![format!("{}+{:#x}", sym.name, sym.offset + 1)]);
+                }
+            }
+        }
+        out
+    }
+
+    /// Parse kallsyms now (a lookup of any kernel address loads it): done at
+    /// the first report it stalls the event loop for ~100 ms, long enough
+    /// for short-lived processes to exit before their mappings are taken.
+    pub fn warm_kernel(&mut self) {
+        let _ = self.kernel_frames(&[0xffff_ffff_8100_0000]);
+        self.kernel.clear();
     }
 
     pub fn kernel_frames(&mut self, addrs: &[u64]) -> Vec<String> {
@@ -158,7 +290,19 @@ impl Symbolizer {
             .collect();
         if !missing.is_empty() {
             self.user_lookups += 1;
+            // The snapshot first: it names frames of a process that exited
+            // between our reading its maps and blazesym reading them.
+            let named = self.frames_from_image(tgid, &missing);
+            for (&a, frames) in missing.iter().zip(named) {
+                if let Some(frames) = frames {
+                    self.user.insert((tgid, a), frames);
+                }
+            }
             let maps = read_maps(tgid);
+            let missing: Vec<u64> = missing
+                .into_iter()
+                .filter(|a| !self.user.contains_key(&(tgid, *a)))
+                .collect();
             let mut rest = Vec::new();
             for addr in missing {
                 match self.go_frames(tgid, &maps, addr) {
@@ -272,6 +416,8 @@ pub struct Mapping {
     pub start: u64,
     pub end: u64,
     pub offset: u64,
+    /// Mapped executable (`x` in the permissions).
+    pub exec: bool,
     pub path: String,
 }
 
@@ -286,7 +432,7 @@ pub fn parse_maps(text: &str) -> Vec<Mapping> {
         .filter_map(|line| {
             let mut parts = line.split_whitespace();
             let range = parts.next()?;
-            let _perms = parts.next()?;
+            let perms = parts.next()?;
             let offset = u64::from_str_radix(parts.next()?, 16).ok()?;
             let _dev = parts.next()?;
             let _inode = parts.next()?;
@@ -296,6 +442,7 @@ pub fn parse_maps(text: &str) -> Vec<Mapping> {
                 start: u64::from_str_radix(start, 16).ok()?,
                 end: u64::from_str_radix(end, 16).ok()?,
                 offset,
+                exec: perms.contains('x'),
                 path,
             })
         })

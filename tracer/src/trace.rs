@@ -63,6 +63,9 @@ pub async fn run(args: TraceArgs, cache: &str) -> Result<()> {
     plan.config.wakeup_bytes = u64::from(ringbuf_bytes / 4);
     // Strata are keyed by the user path whenever user stacks are wanted.
     plan.config.user_fingerprint = u32::from(!args.no_user_stacks);
+    // Before attaching: parsing kallsyms later would stall the first drains.
+    let mut symbols = Symbolizer::new();
+    symbols.warm_kernel();
     let (probes, ring) = Probes::attach(&plan, args.max_objects, ringbuf_bytes, args.floor)?;
 
     if !(args.exact || args.no_kernel_stacks && args.no_user_stacks) {
@@ -99,7 +102,7 @@ pub async fn run(args: TraceArgs, cache: &str) -> Result<()> {
             args.max_objects as usize,
             plan.config.stack_sample_mask + 1,
         ),
-        symbols: Symbolizer::new(),
+        symbols,
         procs: HashMap::new(),
         cgroups: CgroupPaths::new(root),
         slab_baseline: slab_line(root, &plan.cache, &selection.aliases_included)
@@ -312,11 +315,17 @@ fn drain(state: &mut State, ring: &mut RingBuf<MapData>) {
             Ok(event) => {
                 let new = state.agg.apply(&event);
                 if let Some(tgid) = new.process {
+                    // Mappings first: of all a short-lived process leaves, they
+                    // are what naming its frames cannot do without.
+                    state.symbols.snapshot(tgid);
                     state
                         .procs
                         .insert(tgid, procinfo::read_proc(Path::new("/"), tgid));
                 }
                 if let Some((tgid, ustack)) = new.user_stack {
+                    state
+                        .symbols
+                        .snapshot_covering(tgid, state.agg.stacks.frames(ustack));
                     if start.elapsed() < SYMBOLIZE_BUDGET {
                         state
                             .symbols

@@ -94,20 +94,20 @@ fn header(out: &mut String, r: &Report, opts: &TextOptions) {
         group(a.unmatched_frees),
         recursion,
     );
-    match k.frees_maybe_missed {
-        Some(0) => {}
-        Some(n) => {
+    match (k.frees_maybe_missed, k.allocs_maybe_missed) {
+        (Some(0), Some(0)) => {}
+        (Some(frees), Some(allocs)) => {
             let _ = writeln!(
                 out,
-                "uncertain: up to {} of the outstanding objects may already be freed (free hooks skipped {} times by BPF recursion)",
-                group(n.min(t.outstanding)),
-                group(n)
+                "uncertain: up to {} of the outstanding objects may already be freed, and up to {} allocations were not seen (hooks skipped by BPF recursion; --exact does not change this)",
+                group(frees.min(t.outstanding)),
+                group(allocs)
             );
         }
-        None => {
+        _ => {
             let _ = writeln!(
                 out,
-                "uncertain: frees skipped by BPF recursion are not reported before Linux 5.12"
+                "uncertain: events skipped by BPF recursion are not reported before Linux 5.12"
             );
         }
     }

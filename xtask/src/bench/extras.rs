@@ -175,7 +175,7 @@ fn bpf_cost(bins: &Bins, label: &'static str, args: &[&str]) -> Result<BpfCost> 
             .iter()
             .filter(|l| l.stream == Stream::Out && l.text.starts_with('{'))
             .filter_map(|l| serde_json::from_str::<Value>(&l.text).ok())
-            .last()
+            .next_back()
             .and_then(|v| json_u64(&v, "kernel.allocs_matched"));
         Ok(BpfCost {
             label,
