@@ -107,6 +107,10 @@ pub fn spare_program(raw: &str) -> Option<&'static str> {
     }
 }
 
+pub fn is_spare(program: &str) -> bool {
+    program.ends_with("_spare")
+}
+
 struct Hooks<'a> {
     tracefs: &'a Tracefs,
     btf: Option<&'a Btf>,

@@ -88,6 +88,11 @@ impl Probes {
 
         let mut programs: Vec<&'static str> = Vec::new();
         for a in &plan.attachments {
+            // The floor is what observing these hooks at all costs: one empty
+            // program per hook, so the spares count as leaktrace's overhead.
+            if floor && crate::plan::is_spare(a.program) {
+                continue;
+            }
             // The floor runs empty programs on exactly the planned hooks.
             let name = match (floor, a.hook) {
                 (false, _) => a.program,
@@ -216,7 +221,7 @@ fn missed_by_both(misses: &[(&'static str, u64)], kind: &str) -> u64 {
             } else {
                 alloc
             };
-            matches && !name.ends_with("_spare")
+            matches && !crate::plan::is_spare(name)
         })
         .map(
             |&(name, m)| match crate::plan::spare_program(name).and_then(of) {
