@@ -24,7 +24,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install the eBPF toolchain (nightly rust-src, bpf-linker built against nightly's LLVM). Idempotent.
+    /// Install the eBPF toolchain (nightly rust-src, bpf-linker built against nightly's LLVM)
+    /// and every Debian package the tests, vm-test and bench run. Idempotent.
     Setup,
     /// Build leaktrace (release) with its embedded eBPF object.
     Build,
@@ -67,13 +68,13 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     let root = workspace_root()?;
     match cli.task {
-        Task::Setup => setup::ensure(),
+        Task::Setup => setup::ensure(setup::Needs::Everything),
         Task::Build => {
-            setup::ensure()?;
+            setup::ensure(setup::Needs::Build)?;
             build(&root)
         }
         Task::Run { args } => {
-            setup::ensure()?;
+            setup::ensure(setup::Needs::Build)?;
             build(&root)?;
             let status = Command::new(root.join("target/release/leaktrace"))
                 .args(args)
@@ -82,11 +83,11 @@ fn main() -> Result<()> {
             std::process::exit(status.code().unwrap_or(1));
         }
         Task::Test { args } => {
-            setup::ensure()?;
+            setup::ensure(setup::Needs::Test)?;
             test(&root, &args)
         }
         Task::Bench { rounds, secs } => {
-            setup::ensure()?;
+            setup::ensure(setup::Needs::Everything)?;
             bench::run(&root, &bench::Options { rounds, secs })
         }
         Task::VmTest {
@@ -94,7 +95,7 @@ fn main() -> Result<()> {
             refresh,
             test,
         } => {
-            setup::ensure()?;
+            setup::ensure(setup::Needs::Test)?;
             vm::run(
                 &root,
                 vm::Options {
