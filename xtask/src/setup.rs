@@ -108,7 +108,9 @@ fn ensure_packages(needs: Needs) -> Result<()> {
     );
     let apt = |args: &[&str]| {
         let mut cmd = Command::new("apt-get");
-        cmd.args(args)
+        // Wait for another apt or unattended-upgrades instead of failing at once.
+        cmd.args(["-o", "DPkg::Lock::Timeout=300"])
+            .args(args)
             .env("DEBIAN_FRONTEND", "noninteractive")
             .stdout(Stdio::null());
         run(&mut cmd)
