@@ -262,6 +262,28 @@ mod tests {
     }
 
     #[test]
+    fn a_fifo_is_written_once_in_place() {
+        let dir = scratch("fifo");
+        let fifo = dir.join("pipe");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).expect("path");
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+        // The check must not open it: with no reader that would block.
+        let dest = Destination::check("--folded", &fifo).expect("a FIFO is writable");
+        let reader = {
+            let fifo = fifo.clone();
+            std::thread::spawn(move || std::fs::read(&fifo).expect("read the FIFO"))
+        };
+        dest.write(b"a;b 1\n").expect("written");
+        assert_eq!(reader.join().expect("reader"), b"a;b 1\n");
+        assert!(std::fs::metadata(&fifo)
+            .expect("still there")
+            .file_type()
+            .is_fifo());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn two_flags_on_one_file_are_refused() {
         let a = Destination::check("--pprof", Path::new("/tmp/same")).expect("ok");
         let b = Destination::check("--folded", Path::new("/tmp/same")).expect("ok");
