@@ -4,6 +4,7 @@
 
 mod bench;
 mod setup;
+mod soak;
 mod vm;
 
 use std::{
@@ -50,6 +51,17 @@ enum Task {
         #[arg(long, default_value_t = 2.0)]
         secs: f64,
     },
+    /// Run leaktrace for --secs under churn, process churn (short-lived allocating
+    /// processes) and a slowly growing holder; checks RSS, loss and the held count and
+    /// writes bench/results/soak-<date>.md (needs root).
+    Soak {
+        /// Length of the soak in seconds (at least 120: warm-up is 60).
+        #[arg(long, default_value_t = 600)]
+        secs: u64,
+        /// Short-lived allocating processes started per second.
+        #[arg(long, default_value_t = 100)]
+        execs: u32,
+    },
     /// Run the integration tests inside Debian kernels under QEMU (default: 5.10, 6.1, 6.12, newest 7.x).
     VmTest {
         /// Kernel series to boot, repeatable: 5.10, 6.1, 6.12, 7 (newest 7.x), …
@@ -89,6 +101,10 @@ fn main() -> Result<()> {
         Task::Bench { rounds, secs } => {
             setup::ensure(setup::Needs::Everything)?;
             bench::run(&root, &bench::Options { rounds, secs })
+        }
+        Task::Soak { secs, execs } => {
+            setup::ensure(setup::Needs::Build)?;
+            soak::run(&root, &soak::Options { secs, execs })
         }
         Task::VmTest {
             kernels,
