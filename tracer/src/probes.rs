@@ -74,8 +74,10 @@ impl Probes {
             .map_max_entries("EVENTS", ringbuf_bytes)
             .load(BPF_OBJECT)
             .map_err(|e| {
-                let hint = load_hint(&e.to_string());
-                anyhow::Error::new(e).context(format!("loading leaktrace's eBPF programs{hint}"))
+                let e = anyhow::Error::new(e);
+                // The cause (map name, errno) is in the source chain, not the top message.
+                let hint = load_hint(&format!("{e:#}"));
+                e.context(format!("loading leaktrace's eBPF programs{hint}"))
             })?;
 
         let mut programs: Vec<&'static str> = Vec::new();
