@@ -593,3 +593,42 @@ fn two_instances_on_one_cache_are_independent_and_both_right() {
     );
     assert_detached(&b_ids);
 }
+
+#[test]
+fn a_closed_stdout_still_gets_the_files_written() {
+    use std::io::{BufRead, BufReader};
+    let dir = std::env::temp_dir().join(format!("leaktrace-head-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let pprof = dir.join("p.pb.gz");
+    // `leaktrace --top --pprof p.pb.gz | head -1`
+    let mut child = Command::new(leaktrace_bin())
+        .args([
+            "--cache",
+            "kmalloc-512",
+            "--top",
+            "--json",
+            "--interval",
+            "250ms",
+            "--pprof",
+        ])
+        .arg(&pprof)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut first)
+        .expect("one line");
+    assert!(first.contains("\"kind\":\"snapshot\""), "{first}");
+    let out = child.wait_with_output().expect("exits once stdout is gone");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("wrote pprof profile"), "{stderr}");
+    assert!(
+        std::fs::metadata(&pprof).is_ok_and(|m| m.len() > 0),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -125,11 +125,23 @@ pub async fn run(args: TraceArgs, cache: &str) -> Result<()> {
     // kernel side saw up to the moment it stopped.
     let counters = probes.counters().unwrap_or_default();
     drop(probes);
-    let mut ring = outcome?;
-    drain(&mut state, &mut ring);
+    // A loop that failed (a closed stdout, a terminal error) still leaves
+    // everything counted so far: the files and the report get it, then the
+    // loop's error is what the run exits with.
+    let failed = match outcome {
+        Ok(mut ring) => {
+            drain(&mut state, &mut ring);
+            None
+        }
+        Err(e) => Some(e),
+    };
     symbolize_pending(&mut state, Duration::MAX);
     let final_report = state.report("final", counters);
-    emit_final(&args, &checked.outputs, &final_report)
+    let emitted = emit_final(&args, &checked.outputs, &final_report);
+    match failed {
+        Some(e) => Err(e),
+        None => emitted,
+    }
 }
 
 /// What the command line names outside the kernel, checked before anything is
