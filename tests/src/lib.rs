@@ -155,7 +155,18 @@ impl Tracer {
     }
 
     /// Send a signal, wait for exit, and return (exit code, final report).
-    pub fn stop(mut self, signal: i32) -> Result<(i32, Value)> {
+    pub fn stop(self, signal: i32) -> Result<(i32, Value)> {
+        self.stop_with_stderr(signal)
+            .map(|(code, report, _)| (code, report))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Send a signal, wait for exit, and return (exit code, last JSON line,
+    /// every stderr line).
+    pub fn stop_with_stderr(mut self, signal: i32) -> Result<(i32, Value, Vec<String>)> {
         // SAFETY: plain kill(2) on our own child.
         unsafe { libc::kill(self.child.id() as i32, signal) };
         let status = wait_timeout(&mut self.child, Duration::from_secs(20))?;
@@ -166,7 +177,14 @@ impl Tracer {
         self.drain_stderr();
         let report =
             last.ok_or_else(|| anyhow!("no final report; stderr: {:?}", self.stderr_seen))?;
-        Ok((status, report))
+        Ok((status, report, std::mem::take(&mut self.stderr_seen)))
+    }
+
+    /// SIGKILL: no report, no cleanup of its own; returns once it is reaped.
+    pub fn kill(mut self) -> Result<()> {
+        self.child.kill().context("SIGKILL")?;
+        self.child.wait().context("reaping leaktrace")?;
+        Ok(())
     }
 
     fn drain_stderr(&mut self) {
@@ -449,4 +467,190 @@ pub fn kernel_has_symbol(symbol: &str) -> bool {
 /// event) has none.
 pub fn raw_tracepoint_described(event: &str) -> bool {
     kernel_has_btf() && kernel_has_symbol(&format!("__bpf_trace_{event}"))
+}
+
+/// Runs leaktrace to completion with bpf(2) refused (EPERM) by a seccomp
+/// filter. An input refused with its own message under this filter was
+/// refused before any BPF program or map existed: a run that got as far as
+/// loading one fails on bpf() with a different message.
+pub fn run_leaktrace_without_bpf(args: &[&str]) -> Result<(i32, String, String)> {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(leaktrace_bin());
+    cmd.args(args).stdin(Stdio::null());
+    // SAFETY: the closure runs in the forked child before exec and only makes
+    // async-signal-safe syscalls (prctl, seccomp) on data it owns.
+    unsafe {
+        cmd.pre_exec(deny_bpf_syscall);
+    }
+    let out = cmd.output().context("running leaktrace without bpf()")?;
+    Ok((
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+/// A classic-BPF seccomp filter: x86-64 `bpf` -> EPERM, everything else runs.
+fn deny_bpf_syscall() -> std::io::Result<()> {
+    #[repr(C)]
+    struct SockFilter {
+        code: u16,
+        jt: u8,
+        jf: u8,
+        k: u32,
+    }
+    #[repr(C)]
+    struct SockFprog {
+        len: u16,
+        filter: *const SockFilter,
+    }
+    const LD_W_ABS: u16 = 0x20;
+    const JEQ_K: u16 = 0x15;
+    const RET_K: u16 = 0x06;
+    const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
+    const SECCOMP_RET_ALLOW: u32 = 0x7fff_0000;
+    const SECCOMP_RET_ERRNO: u32 = 0x0005_0000;
+    let op = |code, jt, jf, k| SockFilter { code, jt, jf, k };
+    let filter = [
+        op(LD_W_ABS, 0, 0, 4), // seccomp_data.arch
+        op(JEQ_K, 0, 3, AUDIT_ARCH_X86_64),
+        op(LD_W_ABS, 0, 0, 0), // seccomp_data.nr
+        op(JEQ_K, 0, 1, libc::SYS_bpf as u32),
+        op(RET_K, 0, 0, SECCOMP_RET_ERRNO | libc::EPERM as u32),
+        op(RET_K, 0, 0, SECCOMP_RET_ALLOW),
+    ];
+    let prog = SockFprog {
+        len: filter.len() as u16,
+        filter: filter.as_ptr(),
+    };
+    // SAFETY: prctl/seccomp with a filter that outlives the calls.
+    unsafe {
+        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if libc::syscall(
+            libc::SYS_seccomp,
+            1, /* SECCOMP_SET_MODE_FILTER */
+            0,
+            &prog,
+        ) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// The ids of the maps a loaded program uses (its `bpf_prog_info.map_ids`):
+/// with the program ids, everything of leaktrace's the kernel must free.
+pub fn prog_map_ids(prog_id: u32) -> Result<Vec<u32>> {
+    const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    let fd = bpf_get_fd_by_id(BPF_PROG_GET_FD_BY_ID, prog_id)
+        .with_context(|| format!("program {prog_id}"))?;
+    // bpf_prog_info up to map_ids: nr_map_ids at byte 52, map_ids at 56.
+    let mut info = [0u64; 8];
+    let mut ids = [0u32; 64];
+    info[6] = u64::from(ids.len() as u32) << 32;
+    info[7] = ids.as_mut_ptr() as u64;
+    #[repr(C)]
+    struct InfoAttr {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    let attr = InfoAttr {
+        bpf_fd: fd as u32,
+        info_len: std::mem::size_of_val(&info) as u32,
+        info: info.as_mut_ptr() as u64,
+    };
+    // SAFETY: attr, info and ids outlive the call; the kernel writes at most
+    // info_len bytes of info and nr_map_ids ids.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            &attr as *const InfoAttr,
+            std::mem::size_of::<InfoAttr>(),
+        )
+    };
+    let err = std::io::Error::last_os_error();
+    // SAFETY: our own fd.
+    unsafe { libc::close(fd) };
+    if rc != 0 {
+        bail!("bpf_prog_info of {prog_id}: {err}");
+    }
+    let n = (info[6] >> 32) as usize;
+    Ok(ids[..n.min(ids.len())].to_vec())
+}
+
+/// True while the kernel still has a BPF map with this id.
+pub fn map_exists(id: u32) -> bool {
+    const BPF_MAP_GET_FD_BY_ID: libc::c_long = 14;
+    match bpf_get_fd_by_id(BPF_MAP_GET_FD_BY_ID, id) {
+        Ok(fd) => {
+            // SAFETY: our own fd.
+            unsafe { libc::close(fd) };
+            true
+        }
+        Err(e) => e.raw_os_error() != Some(libc::ENOENT),
+    }
+}
+
+fn bpf_get_fd_by_id(cmd: libc::c_long, id: u32) -> std::io::Result<i32> {
+    #[repr(C)]
+    struct Attr {
+        id: u32,
+        next_id: u32,
+        open_flags: u32,
+    }
+    let attr = Attr {
+        id,
+        next_id: 0,
+        open_flags: 0,
+    };
+    // SAFETY: attr outlives the call and matches the kernel's union prefix for this command.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            &attr as *const Attr,
+            std::mem::size_of::<Attr>(),
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(fd as i32)
+}
+
+/// Waits for the kernel to free every listed program and map (after an RCU
+/// grace period, so this polls).
+pub fn assert_freed(prog_ids: &[u32], map_ids: &[u32]) {
+    assert!(
+        !prog_ids.is_empty(),
+        "leaktrace did not report its program ids"
+    );
+    assert!(!map_ids.is_empty(), "no map ids were collected");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let progs: Vec<u32> = prog_ids
+            .iter()
+            .copied()
+            .filter(|&id| prog_exists(id))
+            .collect();
+        let maps: Vec<u32> = map_ids
+            .iter()
+            .copied()
+            .filter(|&id| map_exists(id))
+            .collect();
+        if progs.is_empty() && maps.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still loaded 10s after leaktrace exited: programs {progs:?}, maps {maps:?}"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
 }

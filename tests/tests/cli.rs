@@ -126,3 +126,509 @@ fn caches_lists_sizes_and_aliases() {
         "{stdout}"
     );
 }
+
+/// Exit 1, the message, one line, nothing attached, and no bpf() needed to
+/// get there (see `run_leaktrace_without_bpf`).
+fn refused_before_loading(args: &[&str], wants: &[&str]) {
+    let (code, stdout, stderr) = run_leaktrace_without_bpf(args).expect("run");
+    assert_eq!(code, 1, "{args:?}: {stderr}");
+    for want in wants {
+        assert!(
+            stderr.contains(want),
+            "{args:?}: missing {want:?} in {stderr}"
+        );
+    }
+    assert_eq!(stderr.lines().count(), 1, "one clear line: {stderr}");
+    assert!(!stderr.contains("attached"), "{stderr}");
+    assert!(stdout.is_empty(), "{stdout}");
+}
+
+#[test]
+fn unwritable_outputs_are_refused_before_anything_is_loaded() {
+    for flag in ["--pprof", "--folded", "--flamegraph"] {
+        refused_before_loading(
+            &[
+                "--cache",
+                "kmalloc-512",
+                "--duration",
+                "2s",
+                flag,
+                "/nonexistent/x.out",
+            ],
+            &[
+                flag,
+                "/nonexistent/x.out",
+                "cannot create files in /nonexistent",
+            ],
+        );
+    }
+    refused_before_loading(
+        &["--cache", "kmalloc-512", "--json", "--folded", "/proc/x"],
+        &["--folded /proc/x", "cannot create files in /proc"],
+    );
+    refused_before_loading(
+        &["--cache", "kmalloc-512", "--pprof", "/tmp"],
+        &["--pprof /tmp", "is a directory"],
+    );
+    let same = std::env::temp_dir().join(format!("leaktrace-same-{}", std::process::id()));
+    let same = same.to_str().expect("utf-8");
+    refused_before_loading(
+        &["--cache", "kmalloc-512", "--pprof", same, "--folded", same],
+        &["--pprof and --folded both name"],
+    );
+    // The control: with outputs that are fine, the same filter stops the run at
+    // its first bpf() call, so the refusals above happened before any.
+    let (code, _, stderr) =
+        run_leaktrace_without_bpf(&["--cache", "kmalloc-512", "--duration", "1s"]).expect("run");
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("failed to create map") && stderr.contains("bpf() was refused"),
+        "the filter should stop a valid run at its first map: {stderr}"
+    );
+}
+
+#[test]
+fn metrics_address_is_checked_and_bound_before_anything_is_loaded() {
+    let (code, _, stderr) =
+        run_leaktrace(&["--cache", "kmalloc-512", "--metrics", "999.1.1.1:80"]).expect("run");
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("--metrics") && stderr.contains("IP:PORT"),
+        "{stderr}"
+    );
+    let busy = std::net::TcpListener::bind("127.0.0.1:0");
+    // vm-test guests boot without bringing the loopback interface up.
+    skip_unless!(
+        busy.is_ok() || std::env::var_os("LEAKTRACE_VM_GUEST").is_none(),
+        "no loopback interface in this vm-test guest to hold a port busy"
+    );
+    let busy = busy.expect("a port on loopback");
+    let addr = busy.local_addr().expect("addr").to_string();
+    refused_before_loading(
+        &["--cache", "kmalloc-512", "--metrics", &addr],
+        &["--metrics", &addr, "in use"],
+    );
+}
+
+#[test]
+fn numeric_options_have_ranges_with_clear_messages() {
+    let cases: &[(&[&str], &str)] = &[
+        (&["--max-objects", "0"], "1..=67108864"),
+        (&["--max-objects", "99999999999"], "--max-objects"),
+        (&["--ringbuf-mib", "0"], "1..=1024"),
+        (&["--ringbuf-mib", "4096"], "1..=1024"),
+        (&["--interval", "1ms"], "use 50ms to 1h"),
+        (&["--interval", "2h"], "use 50ms to 1h"),
+        (&["--stack-sample", "3"], "not a power of two"),
+        (&["--stack-sample", "1048576"], "more than 65536"),
+        (&["--pid", "0"], "--pid"),
+    ];
+    for (bad, want) in cases {
+        let args = [&["--cache", "kmalloc-512"][..], bad].concat();
+        let (code, _, stderr) = run_leaktrace(&args).expect("run");
+        assert_eq!(code, 2, "{bad:?}: {stderr}");
+        assert!(stderr.contains(bad[0]), "{bad:?}: {stderr}");
+        assert!(
+            stderr.contains(want),
+            "{bad:?}: missing {want:?} in {stderr}"
+        );
+    }
+    let memcg: &[(&[&str], &str)] = &[
+        (&["--zombie-after", "10ms"], "use 100ms to 168h"),
+        (&["--max-objects", "0"], "1..=67108864"),
+        (&["--ringbuf-mib", "0"], "1..=1024"),
+        (&["--interval", "1ms"], "use 50ms to 1h"),
+    ];
+    for (bad, want) in memcg {
+        let args = [&["memcg"][..], bad].concat();
+        let (code, _, stderr) = run_leaktrace(&args).expect("run");
+        assert_eq!(code, 2, "memcg {bad:?}: {stderr}");
+        assert!(
+            stderr.contains(want),
+            "memcg {bad:?}: missing {want:?} in {stderr}"
+        );
+    }
+}
+
+/// A PID no process has now: above every live one and below pid_max.
+fn unused_pid() -> u32 {
+    let max: u32 = std::fs::read_to_string("/proc/sys/kernel/pid_max")
+        .expect("pid_max")
+        .trim()
+        .parse()
+        .expect("pid_max number");
+    (2..max)
+        .rev()
+        .find(|p| !std::path::Path::new(&format!("/proc/{p}")).exists())
+        .expect("a free pid")
+}
+
+#[test]
+fn pid_of_no_process_is_refused_saying_pids_are_the_hosts() {
+    let pid = unused_pid().to_string();
+    refused_before_loading(
+        &["--cache", "kmalloc-512", "--pid", &pid],
+        &[&format!("--pid {pid}: no such process"), "host"],
+    );
+}
+
+#[test]
+fn pid_in_a_pid_namespace_of_its_own_is_said_not_guessed() {
+    let have_unshare = Command::new("unshare").arg("--help").output().is_ok();
+    skip_unless!(
+        have_unshare || std::env::var_os("LEAKTRACE_VM_GUEST").is_none(),
+        "this vm-test guest's busybox has no unshare"
+    );
+    // A container without hostPID: its /proc has no host PIDs to check.
+    let out = Command::new("unshare")
+        .args(["--pid", "--fork", "--mount-proc"])
+        .arg(leaktrace_bin())
+        .args([
+            "--cache",
+            "kmalloc-512",
+            "--duration",
+            "1s",
+            "--json",
+            "--pid",
+            "1",
+        ])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("unshare (util-linux)");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("cannot check --pid 1") && stderr.contains("PID namespace of its own"),
+        "{stderr}"
+    );
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+}
+
+#[test]
+fn traced_process_that_exits_is_said_in_the_header_and_its_counts_kept() {
+    use std::io::{BufRead, BufReader, Write};
+    const N: u64 = 200;
+    // --pid needs the process before leaktrace starts, and its allocations
+    // after: a shell waits for a gate file, then execs leakgen (same PID).
+    let gate = std::env::temp_dir().join(format!("leaktrace-gate-{}", std::process::id()));
+    let _ = std::fs::remove_file(&gate);
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "while [ ! -e '{}' ]; do sleep 0.05 || sleep 1; done; exec '{}' keys {N}",
+            gate.display(),
+            leakgen_bin().display()
+        ))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("sh");
+    let pid = child.id();
+    let mut tracer = Tracer::start(&[
+        "--cache",
+        "kmalloc-512",
+        "--top",
+        "--interval",
+        "250ms",
+        "--pid",
+        &pid.to_string(),
+    ])
+    .expect("start");
+    std::fs::write(&gate, "").expect("gate");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let mut stdin = child.stdin.take().expect("stdin");
+    assert_eq!(
+        lines.next().expect("READY").expect("line"),
+        format!("READY {pid}")
+    );
+    let running = tracer
+        .wait_for("the held keys", Duration::from_secs(20), |r| {
+            outstanding_on(r, pid, "user_preparse", "leak_keys") >= N
+        })
+        .expect("attribution");
+    assert_eq!(running["traced"]["pid"], pid, "{running}");
+    assert!(running["traced"]["exited_after_s"].is_null(), "{running}");
+    writeln!(stdin, "release").expect("release");
+    assert_eq!(
+        lines.next().expect("RELEASED").expect("line"),
+        format!("RELEASED {pid}")
+    );
+    drop(stdin);
+    assert!(child.wait().expect("leakgen exits").success());
+    let _ = std::fs::remove_file(&gate);
+    let exited = tracer
+        .wait_for("the exit in the header", Duration::from_secs(10), |r| {
+            r["traced"]["exited_after_s"].as_f64().is_some()
+        })
+        .expect("exit noticed");
+    assert_eq!(exited["traced"]["pid"], pid);
+    let (code, report) = tracer.stop(libc::SIGINT).expect("stop");
+    assert_eq!(code, 0);
+    assert!(
+        report["traced"]["exited_after_s"].as_f64().is_some(),
+        "{report}"
+    );
+    // What it did while traced is still the report's: N allocated, N freed.
+    assert!(count(&report["totals"], "allocs") >= N, "{report}");
+    assert!(count(&report["totals"], "frees") >= N, "{report}");
+    let (code, stdout, stderr) = run_leaktrace(&[
+        "--cache",
+        "kmalloc-512",
+        "--duration",
+        "1s",
+        "--pid",
+        &std::process::id().to_string(),
+    ])
+    .expect("text run");
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        !stdout.contains("exited"),
+        "a live process is not said to exit: {stdout}"
+    );
+}
+
+#[test]
+fn an_output_directory_removed_mid_run_still_gets_the_report_and_a_fallback() {
+    let dir = std::env::temp_dir().join(format!("leaktrace-gone-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let pprof = dir.join("keys.pb.gz");
+    let tracer = Tracer::start(&[
+        "--cache",
+        "kmalloc-512",
+        "--pprof",
+        pprof.to_str().expect("utf-8"),
+    ])
+    .expect("start");
+    let ids = tracer.prog_ids.clone();
+    let gen = Generator::start("keys", "50").expect("leakgen keys");
+    std::fs::remove_dir_all(&dir).expect("removing the output directory");
+    std::thread::sleep(Duration::from_millis(300));
+    let (code, report, stderr) = tracer.stop_with_stderr(libc::SIGTERM).expect("stop");
+    drop(gen);
+    assert_eq!(code, 1, "a lost output is a failed run: {stderr:?}");
+    assert_eq!(report["kind"], "final", "the report is printed anyway");
+    let line = stderr
+        .iter()
+        .find(|l| l.contains("saved to "))
+        .unwrap_or_else(|| panic!("no fallback named: {stderr:?}"));
+    assert!(
+        line.contains("--pprof") && line.contains("keys.pb.gz"),
+        "{line}"
+    );
+    let fallback = line
+        .split("saved to ")
+        .nth(1)
+        .and_then(|r| r.split(" instead").next())
+        .expect("fallback path");
+    let bytes = std::fs::read(fallback).expect("the fallback file exists");
+    let _ = std::fs::remove_file(fallback);
+    let mut profile = Vec::new();
+    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&bytes[..]), &mut profile)
+        .expect("the fallback is gzip");
+    let text = String::from_utf8_lossy(&profile);
+    assert!(
+        text.contains("outstanding_objects") && text.contains("[kernel.kallsyms]"),
+        "not a leaktrace pprof profile"
+    );
+    assert_detached(&ids);
+}
+
+/// Program ids from the attach line, and the maps those programs use.
+fn loaded_objects(tracer: &Tracer) -> (Vec<u32>, Vec<u32>) {
+    let progs = tracer.prog_ids.clone();
+    let mut maps: Vec<u32> = progs
+        .iter()
+        .flat_map(|&p| prog_map_ids(p).expect("map ids of a running program"))
+        .collect();
+    maps.sort_unstable();
+    maps.dedup();
+    (progs, maps)
+}
+
+#[test]
+fn sigint_sigterm_and_sighup_end_with_one_report_one_write_and_nothing_loaded() {
+    for (name, sig) in [
+        ("SIGINT", libc::SIGINT),
+        ("SIGTERM", libc::SIGTERM),
+        ("SIGHUP", libc::SIGHUP),
+    ] {
+        let dir = std::env::temp_dir().join(format!("leaktrace-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let folded = dir.join("out.folded");
+        // An existing profile is replaced whole, never truncated first.
+        std::fs::write(&folded, "old 1\n").expect("old profile");
+        let tracer = Tracer::start(&[
+            "--cache",
+            "kmalloc-512",
+            "--folded",
+            folded.to_str().expect("utf-8"),
+        ])
+        .expect("start");
+        let (progs, maps) = loaded_objects(&tracer);
+        let (code, report, stderr) = tracer.stop_with_stderr(sig).expect("stop");
+        assert_eq!(code, 0, "{name}: {stderr:?}");
+        assert_eq!(report["kind"], "final", "{name}");
+        let writes = stderr
+            .iter()
+            .filter(|l| l.contains("wrote folded stacks"))
+            .count();
+        assert_eq!(writes, 1, "{name}: written once: {stderr:?}");
+        let text = std::fs::read_to_string(&folded).expect("the profile");
+        assert!(!text.contains("old 1"), "{name}: not replaced: {text}");
+        let left: Vec<_> = std::fs::read_dir(&dir)
+            .expect("list")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(left.len(), 1, "{name}: temp files left: {left:?}");
+        assert_freed(&progs, &maps);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+#[test]
+fn sigkill_leaves_no_program_map_or_temp_file() {
+    let dir = std::env::temp_dir().join(format!("leaktrace-kill-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let tracer = Tracer::start(&[
+        "--cache",
+        "kmalloc-512",
+        "--pprof",
+        dir.join("p.pb.gz").to_str().expect("utf-8"),
+    ])
+    .expect("start");
+    let (progs, maps) = loaded_objects(&tracer);
+    assert!(
+        progs.iter().all(|&p| prog_exists(p)) && maps.iter().all(|&m| map_exists(m)),
+        "the objects are there while it runs"
+    );
+    tracer.kill().expect("SIGKILL");
+    assert_freed(&progs, &maps);
+    let left: Vec<_> = std::fs::read_dir(&dir)
+        .expect("list")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    assert!(left.is_empty(), "a killed run left {left:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// (fd, flags) of every open descriptor of `pid`, from /proc/PID/fdinfo.
+fn fd_flags(pid: u32) -> Vec<(u32, u32)> {
+    std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
+        .expect("fdinfo")
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let fd = e.file_name().to_string_lossy().parse().ok()?;
+            let info = std::fs::read_to_string(e.path()).ok()?;
+            let flags = info
+                .lines()
+                .find_map(|l| l.strip_prefix("flags:"))
+                .and_then(|f| u32::from_str_radix(f.trim(), 8).ok())?;
+            Some((fd, flags))
+        })
+        .collect()
+}
+
+#[test]
+fn no_descriptor_would_leak_into_a_child() {
+    // Descriptors this test process would pass to any child (a shell or CI
+    // runner may hand some down) are leaktrace's inheritance, not its making.
+    let inherited: Vec<u32> = fd_flags(std::process::id())
+        .into_iter()
+        .filter(|&(_, flags)| flags & libc::O_CLOEXEC as u32 == 0)
+        .map(|(fd, _)| fd)
+        .collect();
+    let tracer = Tracer::start(&["--cache", "kmalloc-512"]).expect("start");
+    let pid = tracer.pid();
+    let mut seen = 0;
+    for (fd, flags) in fd_flags(pid) {
+        if fd <= 2 || inherited.contains(&fd) {
+            continue;
+        }
+        let target = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).unwrap_or_default();
+        assert!(
+            flags & libc::O_CLOEXEC as u32 != 0,
+            "fd {fd} ({}) has no O_CLOEXEC: a child would inherit it",
+            target.display()
+        );
+        seen += 1;
+    }
+    // Programs, maps, perf events or links, the ring buffer's epoll.
+    assert!(
+        seen >= 5,
+        "only {seen} descriptors: not the running tracer?"
+    );
+    tracer.stop(libc::SIGINT).expect("stop");
+}
+
+#[test]
+fn two_instances_on_one_cache_are_independent_and_both_right() {
+    const N: u64 = 150;
+    let mut a =
+        Tracer::start(&["--cache", "kmalloc-512", "--top", "--interval", "250ms"]).expect("first");
+    let mut b =
+        Tracer::start(&["--cache", "kmalloc-512", "--top", "--interval", "250ms"]).expect("second");
+    let mut gen = Generator::start("keys", &N.to_string()).expect("leakgen keys");
+    let pid = gen.pid;
+    let held = |r: &serde_json::Value| outstanding_on(r, pid, "user_preparse", "leak_keys");
+    for t in [&mut a, &mut b] {
+        t.wait_for("the held keys", Duration::from_secs(20), |r| held(r) >= N)
+            .expect("both see them");
+    }
+    // Stopping one leaves the other attached and counting.
+    let a_ids = a.prog_ids.clone();
+    let (code, report) = a.stop(libc::SIGINT).expect("stop first");
+    assert_eq!(code, 0);
+    assert!(held(&report) >= N, "{report}");
+    assert_detached(&a_ids);
+    gen.release().expect("release");
+    b.wait_for("the keys freed", Duration::from_secs(20), |r| held(r) == 0)
+        .expect("the second sees the frees");
+    gen.finish().expect("leakgen");
+    let b_ids = b.prog_ids.clone();
+    let (code, report) = b.stop(libc::SIGTERM).expect("stop second");
+    assert_eq!(code, 0);
+    assert_eq!(
+        count(&report["anomalies"], "unmatched_frees"),
+        0,
+        "{report}"
+    );
+    assert_detached(&b_ids);
+}
+
+#[test]
+fn a_closed_stdout_still_gets_the_files_written() {
+    use std::io::{BufRead, BufReader};
+    let dir = std::env::temp_dir().join(format!("leaktrace-head-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let pprof = dir.join("p.pb.gz");
+    // `leaktrace --top --pprof p.pb.gz | head -1`
+    let mut child = Command::new(leaktrace_bin())
+        .args([
+            "--cache",
+            "kmalloc-512",
+            "--top",
+            "--json",
+            "--interval",
+            "250ms",
+            "--pprof",
+        ])
+        .arg(&pprof)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut first)
+        .expect("one line");
+    assert!(first.contains("\"kind\":\"snapshot\""), "{first}");
+    let out = child.wait_with_output().expect("exits once stdout is gone");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("wrote pprof profile"), "{stderr}");
+    assert!(
+        std::fs::metadata(&pprof).is_ok_and(|m| m.len() > 0),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,7 +1,7 @@
 //! Go programs, default and stripped (`-ldflags '-s -w'`), hold kmalloc-512
 //! objects from `main.leakKeys` called by `main.retryConnect`: leaktrace names
 //! both (from Go's own `.gopclntab`) in the user stack. Needs root and a Go
-//! toolchain (Debian's `golang-go`, installed here when missing), or the
+//! toolchain (Debian's `golang-go`, installed by `cargo xtask setup`), or the
 //! binaries prebuilt in `$LEAKKEYS_GO_DIR`.
 
 use std::{
@@ -28,19 +28,17 @@ fn which(name: &str) -> Option<PathBuf> {
         .find(|p| p.exists())
 }
 
-/// The Go toolchain: Debian's, installed when missing. None only where
-/// nothing can be installed (no apt-get: the vm-test guest).
+/// The Go toolchain. None only in a vm-test guest, which has no toolchain;
+/// on the host a missing one fails the test (installing it is setup's job).
 fn go() -> Option<PathBuf> {
     if let Some(go) = which("go") {
         return Some(go);
     }
-    which("apt-get")?;
-    let st = Command::new("apt-get")
-        .args(["install", "-y", "golang-go"])
-        .status();
-    Some(which("go").unwrap_or_else(|| {
-        panic!("no `go` on PATH and `apt-get install -y golang-go` did not provide one ({st:?})")
-    }))
+    assert!(
+        std::env::var_os("LEAKTRACE_VM_GUEST").is_some(),
+        "no `go` on PATH (Debian package golang-go); run `cargo xtask setup` as root"
+    );
+    None
 }
 
 fn name(program: &str, stripped: bool) -> String {
@@ -102,7 +100,7 @@ fn held_keys_named(stripped: bool) {
     let bin = binary(stripped);
     skip_unless!(
         bin.is_some(),
-        "no Go toolchain and no apt-get to install one; set LEAKKEYS_GO_DIR to prebuilt \
+        "no Go toolchain in this vm-test guest; set LEAKKEYS_GO_DIR to prebuilt \
          tests/go/leakkeys binaries (leakkeys, leakkeys-stripped)"
     );
     let Some(bin) = bin else { return };

@@ -1,7 +1,7 @@
 //! leaktrace's outputs opened by the tools people use in an incident: `go tool
 //! pprof`, inferno (FlameGraph), `promtool`, a terminal (tmux), and the
-//! DaemonSet manifest. Each test needs root (it traces the real kernel) and
-//! installs a missing tool with apt, or fails saying why.
+//! DaemonSet manifest. Each test needs root (it traces the real kernel) and the
+//! tools `cargo xtask setup` installs; a missing one fails the test saying so.
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
@@ -47,25 +47,12 @@ fn have(tool: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-/// The tool, installed from Debian's package when missing.
-fn ensure_tool(tool: &str, package: &str) {
-    if have(tool) {
-        return;
-    }
-    let apt = |args: &[&str]| {
-        Command::new("apt-get")
-            .args(args)
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if !apt(&["install", "-y", "-qq", package]) {
-        apt(&["update", "-qq"]);
-        apt(&["install", "-y", "-qq", package]);
-    }
+/// Fails the test when a host tool is missing: installing it is setup's job,
+/// not a test's, and a skip would hide a CI machine that lacks it.
+fn require_tool(tool: &str, package: &str) {
     assert!(
         have(tool),
-        "`{tool}` is needed for this test and `apt-get install {package}` did not provide it"
+        "`{tool}` (Debian package {package}) is not on PATH; run `cargo xtask setup` as root"
     );
 }
 
@@ -133,7 +120,7 @@ fn held_keys_with_files(name: &str) -> (Value, u32, PathBuf) {
 #[test]
 fn pprof_opens_in_go_tool_pprof_with_the_held_object_count() {
     skip_in_vm_guest!();
-    ensure_tool("go", "golang-go");
+    require_tool("go", "golang-go");
     let (report, pid, dir) = held_keys_with_files("pprof");
     let (objects, bytes) = keys_in_report(&report, pid);
     assert!(
@@ -391,7 +378,7 @@ fn sample(body: &str, metric: &str, labels: &str) -> Option<f64> {
 #[test]
 fn prometheus_scrape_shows_the_held_keys_and_passes_promtool() {
     skip_in_vm_guest!();
-    ensure_tool("promtool", "prometheus");
+    require_tool("promtool", "prometheus");
     let tracer = Scraped::start();
     let mut gen = Generator::start("keys", &N.to_string()).expect("leakgen keys");
     let pid = gen.pid;
@@ -584,7 +571,7 @@ fn column(row: &str, index: usize) -> u64 {
 /// A tmux session running the live view on a terminal of its own; the shell
 /// reports leaktrace's exit status and the terminal mode after it.
 fn start_tui(name: &str) -> Session {
-    ensure_tool("tmux", "tmux");
+    require_tool("tmux", "tmux");
     let session = Session(format!("leaktrace-tui-{name}-{}", std::process::id()));
     let script = format!(
         "{} --cache kmalloc-512 --top --interval 250ms --frames 4; echo EXIT=$?; stty -a | tr ' ;' '\\n\\n' | grep -x -e -icanon -e icanon; sleep 600",

@@ -68,12 +68,12 @@ pub struct TraceArgs {
     #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
     pub duration: Option<Duration>,
 
-    /// Refresh period of the live view and JSON snapshots.
-    #[arg(long, value_parser = parse_duration, default_value = "1s", value_name = "DURATION")]
+    /// Refresh period of the live view and JSON snapshots (50ms to 1h).
+    #[arg(long, value_parser = parse_interval, default_value = "1s", value_name = "DURATION")]
     pub interval: Duration,
 
-    /// Only this process (thread group id); filtered in the kernel.
-    #[arg(long)]
+    /// Only this process (thread group id, as the host sees it); filtered in the kernel.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=PID_MAX_LIMIT))]
     pub pid: Option<u32>,
 
     /// Only processes whose command name contains this text.
@@ -100,13 +100,14 @@ pub struct TraceArgs {
     #[arg(long, value_parser = parse_duration, default_value = "10s", value_name = "DURATION")]
     pub rate_window: Duration,
 
-    /// Objects the kernel can track at once; allocations beyond it are counted as lost.
-    #[arg(long, default_value_t = 1 << 20, value_name = "N")]
+    /// Objects the kernel can track at once (1 to 67108864); allocations beyond it are
+    /// counted as lost.
+    #[arg(long, default_value_t = 1 << 20, value_name = "N", value_parser = max_objects_range())]
     pub max_objects: u32,
 
-    /// Ring buffer size in MiB (rounded up to a power of two). Kernel memory for
-    /// the whole run (`cargo xtask bench` measures loss at the highest rate).
-    #[arg(long, default_value_t = 8, value_name = "MIB")]
+    /// Ring buffer size in MiB (1 to 1024, rounded up to a power of two). Kernel
+    /// memory for the whole run (`cargo xtask bench` measures loss at the highest rate).
+    #[arg(long, default_value_t = 8, value_name = "MIB", value_parser = ringbuf_mib_range())]
     pub ringbuf_mib: u32,
 
     /// Capture stacks for every allocation. By default every object is counted
@@ -116,8 +117,9 @@ pub struct TraceArgs {
     #[arg(long)]
     pub exact: bool,
 
-    /// Without --exact: capture full stacks for a random 1 in N allocations (power of two).
-    #[arg(long, default_value_t = 64, value_parser = parse_power_of_two, value_name = "N")]
+    /// Without --exact: capture full stacks for a random 1 in N allocations (a power
+    /// of two, 1 to 65536).
+    #[arg(long, default_value_t = 64, value_parser = parse_stack_sample, value_name = "N")]
     pub stack_sample: u64,
 
     /// Do not capture kernel stacks.
@@ -149,10 +151,11 @@ pub struct TraceArgs {
     #[arg(long, value_enum, default_value_t = crate::output::folded::Weight::Bytes)]
     pub weight: crate::output::folded::Weight,
 
-    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464), refreshed
-    /// every --interval: outstanding objects/bytes, top processes (at most --limit), losses.
-    #[arg(long, value_name = "ADDR")]
-    pub metrics: Option<String>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (IP:PORT, e.g. 127.0.0.1:9464 or
+    /// 0.0.0.0:9464), refreshed every --interval: outstanding objects/bytes, top processes
+    /// (at most --limit), losses. The port is bound before anything is attached.
+    #[arg(long, value_name = "ADDR", value_parser = parse_listen_addr)]
+    pub metrics: Option<std::net::SocketAddr>,
 
     /// Kernel hooks: auto uses raw tracepoints where the kernel's BTF proves their
     /// argument layout (cheapest) and classic kmem tracepoints elsewhere.
@@ -174,13 +177,66 @@ pub enum SortKey {
     Allocs,
 }
 
-fn parse_power_of_two(text: &str) -> Result<u64, String> {
+/// The kernel's PID_MAX_LIMIT on 64-bit: no PID is larger.
+const PID_MAX_LIMIT: i64 = 1 << 22;
+
+/// Far above any slab's live object count, and the LIVE map's memory
+/// (about 100 bytes an entry) stays in the gigabytes at most.
+pub fn max_objects_range() -> clap::builder::RangedI64ValueParser<u32> {
+    clap::value_parser!(u32).range(1..=1 << 26)
+}
+
+/// The ring buffer's size is a u32 in bytes, and a GiB already holds minutes of
+/// events at the highest rates measured.
+pub fn ringbuf_mib_range() -> clap::builder::RangedI64ValueParser<u32> {
+    clap::value_parser!(u32).range(1..=1024)
+}
+
+fn parse_stack_sample(text: &str) -> Result<u64, String> {
     match text.parse::<u64>() {
-        Ok(n) if n.is_power_of_two() => Ok(n),
+        Ok(n) if n.is_power_of_two() && n <= 1 << 16 => Ok(n),
+        Ok(n) if n.is_power_of_two() => Err(format!(
+            "{n} is more than 65536; sampling that rarely would leave most sites on their first stack"
+        )),
         _ => Err(format!(
-            "'{text}' is not a power of two (1, 2, 4, ... 64 ...)"
+            "'{text}' is not a power of two (1, 2, 4, ... 64 ... 65536)"
         )),
     }
+}
+
+/// Below 50ms a refresh costs more than the events it shows; above an hour the
+/// live view and metrics are stale.
+pub fn parse_interval(text: &str) -> Result<Duration, String> {
+    parse_duration_in(text, Duration::from_millis(50), Duration::from_secs(3600))
+}
+
+pub fn parse_duration_in(text: &str, min: Duration, max: Duration) -> Result<Duration, String> {
+    let d = parse_duration(text)?;
+    if d < min || d > max {
+        return Err(format!(
+            "'{text}' is out of range: use {} to {}",
+            show_duration(min),
+            show_duration(max)
+        ));
+    }
+    Ok(d)
+}
+
+fn show_duration(d: Duration) -> String {
+    match d.as_millis() {
+        ms if ms % 3_600_000 == 0 => format!("{}h", ms / 3_600_000),
+        ms if ms % 60_000 == 0 => format!("{}m", ms / 60_000),
+        ms if ms % 1000 == 0 => format!("{}s", ms / 1000),
+        ms => format!("{ms}ms"),
+    }
+}
+
+/// `IP:PORT` only: a host name would need a resolver, which on a sick node (or
+/// for a typo like 999.1.1.1) can hang before anything is reported.
+fn parse_listen_addr(text: &str) -> Result<std::net::SocketAddr, String> {
+    text.parse().map_err(|_| {
+        format!("'{text}' is not IP:PORT; use e.g. 127.0.0.1:9464, 0.0.0.0:9464 or [::1]:9464")
+    })
 }
 
 /// `500ms`, `10s`, `5m`, `1h`, or bare seconds. Zero is refused: a zero interval
@@ -227,6 +283,34 @@ mod tests {
         assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
         for bad in ["", "s", "10x", "-1s", "0s", "0", "abc", "1e400s", "10 s"] {
             assert!(parse_duration(bad).is_err(), "{bad:?} should be refused");
+        }
+        assert_eq!(parse_interval("50ms"), Ok(Duration::from_millis(50)));
+        assert_eq!(
+            parse_interval("10ms"),
+            Err("'10ms' is out of range: use 50ms to 1h".to_string())
+        );
+        assert!(parse_interval("2h").is_err());
+    }
+
+    #[test]
+    fn ranges() {
+        assert_eq!(parse_stack_sample("65536"), Ok(65536));
+        assert!(parse_stack_sample("131072").is_err());
+        assert!(parse_stack_sample("0").is_err());
+        assert!(parse_stack_sample("3").is_err());
+        assert!(parse_listen_addr("999.1.1.1:80").is_err());
+        assert!(parse_listen_addr("localhost:9464").is_err());
+        assert!(parse_listen_addr("[::1]:9464").is_ok());
+        for bad in [
+            ["--max-objects", "0"],
+            ["--max-objects", "100000000"],
+            ["--ringbuf-mib", "0"],
+            ["--ringbuf-mib", "4096"],
+            ["--pid", "0"],
+        ] {
+            let err = Cli::try_parse_from(["leaktrace", "--cache", "x", bad[0], bad[1]])
+                .expect_err("out of range");
+            assert!(err.to_string().contains(bad[0]), "{err}");
         }
     }
 

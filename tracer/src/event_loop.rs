@@ -1,6 +1,6 @@
 //! What every leaktrace run loop waits on, set up once for the slab tracer and
 //! `memcg` alike: the ring buffer, a short poll timer (the kernel batches
-//! wake-ups), the refresh ticker, Ctrl-C / SIGTERM, and `--duration`.
+//! wake-ups), the refresh ticker, Ctrl-C / SIGTERM / SIGHUP, and `--duration`.
 
 use std::{pin::Pin, time::Duration};
 
@@ -28,7 +28,29 @@ pub struct Sources {
     pub ticker: Interval,
     pub sigint: Signal,
     pub sigterm: Signal,
+    /// The terminal went away: end with the files written, like SIGTERM,
+    /// rather than die with them unwritten.
+    pub sighup: Signal,
     pub deadline: Pin<Box<Sleep>>,
+}
+
+/// The signals that end a run. Installed before anything is attached: one
+/// that arrives between attach and the loop is then held for the loop (which
+/// ends at once, with its report) instead of killing the process unreported.
+pub struct Signals {
+    sigint: Signal,
+    sigterm: Signal,
+    sighup: Signal,
+}
+
+impl Signals {
+    pub fn install() -> Result<Signals> {
+        Ok(Signals {
+            sigint: signal(SignalKind::interrupt()).context("installing SIGINT handler")?,
+            sigterm: signal(SignalKind::terminate()).context("installing SIGTERM handler")?,
+            sighup: signal(SignalKind::hangup()).context("installing SIGHUP handler")?,
+        })
+    }
 }
 
 impl Sources {
@@ -36,6 +58,15 @@ impl Sources {
         ring: RingBuf<MapData>,
         interval: Duration,
         duration: Option<Duration>,
+    ) -> Result<Sources> {
+        Sources::with_signals(ring, interval, duration, Signals::install()?)
+    }
+
+    pub fn with_signals(
+        ring: RingBuf<MapData>,
+        interval: Duration,
+        duration: Option<Duration>,
+        signals: Signals,
     ) -> Result<Sources> {
         // SAFETY: the ring buffer owns its fd for as long as the AsyncFd holds it,
         // and the fd is deregistered (into_ring) before the RingBuf is used elsewhere.
@@ -50,8 +81,9 @@ impl Sources {
             ring,
             poll,
             ticker,
-            sigint: signal(SignalKind::interrupt()).context("installing SIGINT handler")?,
-            sigterm: signal(SignalKind::terminate()).context("installing SIGTERM handler")?,
+            sigint: signals.sigint,
+            sigterm: signals.sigterm,
+            sighup: signals.sighup,
             deadline: Box::pin(tokio::time::sleep(
                 duration.unwrap_or(Duration::from_secs(u64::MAX / 4)),
             )),

@@ -560,6 +560,69 @@ mod tests {
         let _ = std::fs::remove_dir_all(&empty);
     }
 
+    /// A copy of a fixture kernel's tracefs with one field line taken out of one
+    /// event's format.
+    fn tracefs_without(kernel: &str, event: &str, field: &str) -> std::path::PathBuf {
+        let src = Path::new(TESTDATA).join("formats").join(kernel);
+        let dst = std::env::temp_dir().join(format!(
+            "leaktrace-no-{event}-{field}-{}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&dst);
+        for system in ["kmem", "cgroup"] {
+            let dir = src.join("events").join(system);
+            for e in std::fs::read_dir(&dir).expect("fixture dir") {
+                let e = e.expect("entry");
+                let name = e.file_name().to_string_lossy().into_owned();
+                let text = std::fs::read_to_string(e.path().join("format")).expect("format");
+                let text = if name == event {
+                    let pattern = format!(" {field};");
+                    let kept: Vec<&str> = text.lines().filter(|l| !l.contains(&pattern)).collect();
+                    assert_ne!(kept.len(), text.lines().count(), "{event} has no {field}");
+                    kept.join("\n") + "\n"
+                } else {
+                    text
+                };
+                let out = dst.join("events").join(system).join(&name);
+                std::fs::create_dir_all(&out).expect("mkdir");
+                std::fs::write(out.join("format"), text).expect("write");
+            }
+        }
+        dst
+    }
+
+    /// A kernel whose format lacks a field a hook reads is refused in one line
+    /// that names the event and the field, not attached with a guessed offset.
+    #[test]
+    fn a_missing_hook_field_is_one_line_naming_it() {
+        let catalogue =
+            Catalogue::read(&Path::new(TESTDATA).join("proc/host-6.18")).expect("catalogue");
+        let opts = PlanOptions {
+            hooks: HookMode::Classic,
+            ..PlanOptions::default()
+        };
+        for (cache, event, field) in [
+            ("kmalloc-512", "kmalloc", "bytes_alloc"),
+            ("kmalloc-512", "kmalloc", "call_site"),
+            ("kmalloc-512", "kfree", "ptr"),
+            ("kmalloc-512", "kmem_cache_free", "ptr"),
+            ("kmalloc-512", "kmalloc", "gfp_flags"),
+            ("filp", "kmem_cache_alloc", "ptr"),
+        ] {
+            let sel = caches::select(&catalogue, cache).expect("selection");
+            let dir = tracefs_without("6.18", event, field);
+            let err = build(&Tracefs::at(&dir), None, &catalogue, &sel, &opts)
+                .expect_err("a field is missing");
+            let msg = format!("{err:#}");
+            assert!(
+                msg.contains(event) && msg.contains(field),
+                "{event}.{field}: {msg}"
+            );
+            assert_eq!(msg.lines().count(), 1, "{msg}");
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+
     #[test]
     fn class_bitmap_follows_kmalloc_type() {
         let all = |_| true;

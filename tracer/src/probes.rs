@@ -61,6 +61,18 @@ pub struct KernelCounters {
     pub map_bytes: u64,
 }
 
+/// A hint only where the failure points at one cause: a guess (say, "no ring
+/// buffers" for an EPERM from a seccomp profile) sends the user the wrong way.
+fn load_hint(error: &str) -> &'static str {
+    if error.contains("Operation not permitted") {
+        " (bpf() was refused: a container's seccomp profile or an LSM, or missing CAP_BPF)"
+    } else if error.contains("`EVENTS`") {
+        " (the ring buffer map: this kernel needs BPF ring buffers, Linux 5.8+)"
+    } else {
+        ""
+    }
+}
+
 impl Probes {
     /// Load with the plan's configuration and attach every planned tracepoint.
     /// Returns the ring buffer separately so the event loop can own it.
@@ -84,7 +96,12 @@ impl Probes {
             .map_max_entries("MEMCG_LIVE", 1)
             .map_max_entries("MEMCG_EVENTS", page_size())
             .load(object.bytes())
-            .context("loading leaktrace's eBPF programs (is this kernel built with BPF ring buffers, Linux 5.8+?)")?;
+            .map_err(|e| {
+                let e = anyhow::Error::new(e);
+                // The cause (map name, errno) is in the source chain, not the top message.
+                let hint = load_hint(&format!("{e:#}"));
+                e.context(format!("loading leaktrace's eBPF programs{hint}"))
+            })?;
 
         let mut programs: Vec<&'static str> = Vec::new();
         for a in &plan.attachments {
@@ -373,5 +390,18 @@ pub(crate) fn verifier_context(err: ProgramError) -> anyhow::Error {
             )
         }
         other => other.into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn load_hints_only_where_the_cause_is_known() {
+        let eperm = "map error: failed to create map `LIVE`: Operation not permitted (os error 1)";
+        assert!(super::load_hint(eperm).contains("seccomp"));
+        let ringbuf = "map error: failed to create map `EVENTS`: Invalid argument (os error 22)";
+        assert!(super::load_hint(ringbuf).contains("ring buffers"));
+        let live = "map error: failed to create map `LIVE`: Invalid argument (os error 22)";
+        assert_eq!(super::load_hint(live), "");
     }
 }

@@ -30,6 +30,78 @@ pub fn read_proc(root: &Path, tgid: u32) -> ProcMeta {
     ProcMeta { comm, cmdline }
 }
 
+/// The process named by `--pid`: checked to exist before attaching, and
+/// watched so the report can say when it exited (its objects stay counted).
+#[derive(Debug)]
+pub struct TracedProcess {
+    pub pid: u32,
+    /// /proc/PID/stat's start time: a PID reused by a new process is not the one we trace.
+    start_ticks: Option<u64>,
+    /// Seconds since attach when it was first seen gone.
+    pub exited_after_s: Option<f64>,
+}
+
+impl TracedProcess {
+    /// Refuses a PID that names no process. PIDs are the host's (the kernel
+    /// filters on them), so inside a PID namespace of its own (a container
+    /// without hostPID) /proc cannot check it: that is said, not guessed.
+    pub fn check(root: &Path, pid: u32) -> anyhow::Result<TracedProcess> {
+        let unchecked = TracedProcess {
+            pid,
+            start_ticks: None,
+            exited_after_s: None,
+        };
+        if let Some(ns) = own_pid_namespace(root) {
+            eprintln!(
+                "leaktrace: cannot check --pid {pid}: leaktrace runs in a PID namespace of its own \
+                 ({ns}, a container without hostPID?), where PID {pid} is not the host's; the \
+                 kernel filters on the host's PID {pid} (run in the host's PID namespace to have \
+                 it checked)"
+            );
+            return Ok(unchecked);
+        }
+        let start_ticks = start_ticks(root, pid);
+        if start_ticks.is_none() {
+            anyhow::bail!(
+                "--pid {pid}: no such process (PIDs are the host's, as `ps -e` on the node shows \
+                 them); check it with `ps -p {pid}`"
+            );
+        }
+        Ok(TracedProcess {
+            start_ticks,
+            ..unchecked
+        })
+    }
+
+    /// Notes the first time the process is found gone (or its PID reused).
+    pub fn watch(&mut self, root: &Path, elapsed_s: f64) {
+        if self.exited_after_s.is_none()
+            && self.start_ticks.is_some()
+            && start_ticks(root, self.pid) != self.start_ticks
+        {
+            self.exited_after_s = Some(elapsed_s);
+        }
+    }
+}
+
+/// Field 22 of /proc/PID/stat; None when there is no such process (a zombie
+/// still has its entry: its objects and its exit are the same either way).
+fn start_ticks(root: &Path, pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(root.join(format!("proc/{pid}/stat"))).ok()?;
+    // comm may hold spaces and parentheses; the fields after the last ')' don't.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Some(our namespace) when this process's PID namespace is not the host's:
+/// the kernel gives the initial one the fixed inode PROC_PID_INIT_INO.
+fn own_pid_namespace(root: &Path) -> Option<String> {
+    const INITIAL: &str = "pid:[4026531836]";
+    let ns = std::fs::read_link(root.join("proc/self/ns/pid")).ok()?;
+    let ns = ns.to_string_lossy().into_owned();
+    (ns != INITIAL).then_some(ns)
+}
+
 /// Maps cgroup v2 ids (what `bpf_get_current_cgroup_id` returns: the cgroup
 /// directory's inode number on cgroup2) to paths.
 #[derive(Debug, Default)]

@@ -34,6 +34,18 @@ pub struct Report {
     pub age: AgeSummary,
     pub processes: Vec<ProcessReport>,
     pub cgroups: Vec<CgroupReport>,
+    /// The `--pid` process; absent without --pid.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub traced: Option<TracedPid>,
+}
+
+/// `--pid`'s process and whether it is still there: objects it allocated stay
+/// counted after it exits, and the header says why they no longer grow.
+#[derive(Debug, Clone, Serialize)]
+pub struct TracedPid {
+    pub pid: u32,
+    /// Seconds after attach at which it was found gone; null while it runs.
+    pub exited_after_s: Option<f64>,
 }
 
 /// The cache as /proc/slabinfo sees it: every object, not only those allocated
@@ -228,6 +240,7 @@ pub fn build(kind: &'static str, header: Header, snap: Snapshot, names: &mut Nam
         age: snap.age,
         processes,
         cgroups,
+        traced: None,
     }
 }
 

@@ -19,12 +19,12 @@ use crate::{
     caches::{self, Catalogue},
     cli::{SortKey, TraceArgs},
     decoder::decode,
-    event_loop::Sources,
+    event_loop::{Signals, Sources},
     features::{self, Features},
     meminfo, output, plan,
     probes::Probes,
-    procinfo::{self, CgroupPaths, ProcMeta},
-    report::{self, Header, Naming, Report, SlabPicture},
+    procinfo::{self, CgroupPaths, ProcMeta, TracedProcess},
+    report::{self, Header, Naming, Report, SlabPicture, TracedPid},
     slabinfo::{self, SlabLine},
     stacks::StackId,
     symbolize::Symbolizer,
@@ -36,6 +36,7 @@ use crate::{
 pub async fn run(args: TraceArgs, cache: &str) -> Result<()> {
     let root = Path::new("/");
     features::require_root()?;
+    let checked = preflight(&args, root).await?;
     let tracefs = Tracefs::locate_or_mount()?;
     let features = Features::detect(root, Some(tracefs.root()));
     let catalogue = Catalogue::read(root).context("reading the slab cache catalogue")?;
@@ -121,19 +122,66 @@ pub async fn run(args: TraceArgs, cache: &str) -> Result<()> {
             comm: args.comm.clone(),
             pid: args.pid,
         },
+        traced: checked.traced,
     };
 
-    let outcome = event_loop(&args, ring, &probes, &mut state).await;
+    let outcome = event_loop(
+        &args,
+        ring,
+        &probes,
+        &mut state,
+        checked.metrics,
+        checked.signals,
+    )
+    .await;
     // Counters first, then detach, then render: the report states what the
     // kernel side saw up to the moment it stopped.
     let counters = probes.counters().unwrap_or_default();
     drop(probes);
-    let mut ring = outcome?;
-    drain(&mut state, &mut ring);
+    // A loop that failed (a closed stdout, a terminal error) still leaves
+    // everything counted so far: the files and the report get it, then the
+    // loop's error is what the run exits with.
+    let failed = match outcome {
+        Ok(mut ring) => {
+            drain(&mut state, &mut ring);
+            None
+        }
+        Err(e) => Some(e),
+    };
     symbolize_pending(&mut state, Duration::MAX);
     let final_report = state.report("final", counters);
-    emit_final(&args, &final_report)?;
-    Ok(())
+    let emitted = emit_final(&args, &checked.outputs, &final_report);
+    match failed {
+        Some(e) => Err(e),
+        None => emitted,
+    }
+}
+
+/// What the command line names outside the kernel, checked before anything is
+/// attached: an hour of tracing must not end in "no such directory".
+struct Preflight {
+    outputs: output::Outputs,
+    metrics: Option<tokio::net::TcpListener>,
+    traced: Option<TracedProcess>,
+    signals: Signals,
+}
+
+async fn preflight(args: &TraceArgs, root: &Path) -> Result<Preflight> {
+    let traced = args
+        .pid
+        .map(|pid| TracedProcess::check(root, pid))
+        .transpose()?;
+    let outputs = output::Outputs::check(args)?;
+    let metrics = match args.metrics {
+        Some(addr) => Some(output::metrics::bind(addr).await?),
+        None => None,
+    };
+    Ok(Preflight {
+        outputs,
+        metrics,
+        traced,
+        signals: Signals::install()?,
+    })
 }
 
 /// Share of each poll period that may go to symbolization.
@@ -151,6 +199,7 @@ struct State {
     aliases: Vec<String>,
     started_ns: u64,
     snapshot_opts: SnapshotOptions,
+    traced: Option<TracedProcess>,
 }
 
 impl State {
@@ -175,11 +224,25 @@ impl State {
             procs: &self.procs,
             cgroups: &mut self.cgroups,
         };
-        let report = report::build(kind, header, snap, &mut names);
+        let mut report = report::build(kind, header, snap, &mut names);
+        report.traced = self.watch_traced(root, now);
         self.symbols.trim();
         // Next refresh re-walks cgroupfs on a miss: new containers appear mid-incident.
         self.cgroups.invalidate();
         report
+    }
+}
+
+impl State {
+    fn watch_traced(&mut self, root: &Path, now: u64) -> Option<TracedPid> {
+        let elapsed_s = now.saturating_sub(self.started_ns) as f64 / 1e9;
+        self.traced.as_mut().map(|t| {
+            t.watch(root, elapsed_s);
+            TracedPid {
+                pid: t.pid,
+                exited_after_s: t.exited_after_s,
+            }
+        })
     }
 }
 
@@ -188,8 +251,10 @@ async fn event_loop(
     ring: RingBuf<MapData>,
     probes: &Probes,
     state: &mut State,
+    metrics: Option<tokio::net::TcpListener>,
+    signals: Signals,
 ) -> Result<RingBuf<MapData>> {
-    let mut src = Sources::new(ring, args.interval, args.duration)?;
+    let mut src = Sources::with_signals(ring, args.interval, args.duration, signals)?;
     let tty = std::io::stdout().is_terminal();
     let text_opts = text_options(args, Some(args.frames));
     // The interactive view only where a person watches; JSON and pipes get lines.
@@ -198,20 +263,15 @@ async fn event_loop(
     } else {
         None
     };
-    let metrics = match &args.metrics {
-        Some(addr) => {
-            let listener = output::metrics::bind(addr).await?;
+    if let Some(listener) = &metrics {
+        // Under the TUI stderr would scribble over the screen; the flag says where.
+        if tui.is_none() {
             let local = listener
                 .local_addr()
-                .map_or_else(|_| addr.clone(), |a| a.to_string());
-            // Under the TUI stderr would scribble over the screen; the flag says where.
-            if tui.is_none() {
-                eprintln!("leaktrace: serving Prometheus metrics at http://{local}/metrics");
-            }
-            Some(listener)
+                .map_or_else(|_| "?".to_string(), |a| a.to_string());
+            eprintln!("leaktrace: serving Prometheus metrics at http://{local}/metrics");
         }
-        None => None,
-    };
+    }
     // Rendered once per refresh and shared with every scrape until the next.
     let mut metrics_body: Arc<str> = Arc::from("");
 
@@ -257,6 +317,7 @@ async fn event_loop(
             }
             _ = src.sigint.recv() => break,
             _ = src.sigterm.recv() => break,
+            _ = src.sighup.recv() => break,
             _ = &mut src.deadline => break,
         }
     }
@@ -360,9 +421,16 @@ fn emit_snapshot(
     Ok(())
 }
 
-fn emit_final(args: &TraceArgs, report: &Report) -> Result<()> {
-    // Files first: a closed stdout (e.g. `| head`) must not cost the profile.
-    output::write_files(args, report)?;
+/// Files first, so a closed stdout (e.g. `| head`) cannot cost the profile;
+/// then the report, even when a file failed: it is the one output that
+/// always reaches the user, and the run still exits non-zero.
+fn emit_final(args: &TraceArgs, outputs: &output::Outputs, report: &Report) -> Result<()> {
+    let files = outputs.write(args, report);
+    let printed = print_final(args, report);
+    files.and(printed)
+}
+
+fn print_final(args: &TraceArgs, report: &Report) -> Result<()> {
     let mut out = std::io::stdout().lock();
     if args.json {
         let line = serde_json::to_string(report).context("encoding JSON report")?;

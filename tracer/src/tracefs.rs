@@ -1717,4 +1717,209 @@ mod tests {
             .unwrap()
             .is_none());
     }
+
+    /// xorshift: deterministic, so a failure reproduces from its round number.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n.max(1) as u64) as usize
+        }
+    }
+
+    /// What a garbled format file tends to contain: C punctuation, digits,
+    /// the keys the parser looks for, and bytes that are not text at all.
+    const PIECES: [&str; 24] = [
+        "(",
+        ")",
+        "{",
+        "}",
+        ",",
+        "\"",
+        ";",
+        "<<",
+        ">>",
+        "|",
+        "&",
+        "~",
+        "-",
+        "0x",
+        "9",
+        "18446744073709551615",
+        "(unsigned long)",
+        "offset:",
+        "size:",
+        "signed:",
+        "field:",
+        "\u{0}",
+        "\u{fffd}",
+        "\n",
+    ];
+
+    fn corrupt(rng: &mut Rng, text: &str) -> String {
+        let mut bytes = text.as_bytes().to_vec();
+        // Aim half of the edits at print fmt, where the expression evaluator runs.
+        let fmt_at = text.find("print fmt:").unwrap_or(0);
+        for _ in 0..1 + rng.below(6) {
+            let at = if rng.below(2) == 0 {
+                fmt_at + rng.below(bytes.len().saturating_sub(fmt_at))
+            } else {
+                rng.below(bytes.len())
+            }
+            .min(bytes.len());
+            match rng.below(5) {
+                0 if at < bytes.len() => bytes[at] = rng.next() as u8,
+                1 => {
+                    let piece = PIECES[rng.below(PIECES.len())];
+                    bytes.splice(at..at, piece.bytes());
+                }
+                2 => {
+                    let end = (at + 1 + rng.below(40)).min(bytes.len());
+                    bytes.drain(at..end);
+                }
+                3 => {
+                    let end = (at + rng.below(200)).min(bytes.len());
+                    let copy = bytes[at..end].to_vec();
+                    let to = rng.below(bytes.len());
+                    bytes.splice(to..to, copy);
+                }
+                _ => bytes.truncate(at),
+            }
+        }
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    fn field_lines(text: &str) -> Vec<&str> {
+        text.lines()
+            .map(str::trim)
+            .filter(|l| strip_field_prefix(l).is_some())
+            .collect()
+    }
+
+    /// Randomly corrupted and truncated copies of every real format file:
+    /// parsing, field lookups and the flag tables give errors or answers, never
+    /// a panic; and a layout comes only from the field lines, so where those
+    /// survived intact the fields are exactly the real ones.
+    #[test]
+    fn corrupted_formats_error_and_never_panic_or_misplace_a_field() {
+        let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+        let (mut parsed, mut intact) = (0, 0);
+        for (kernel, system, event, text) in all_fixtures() {
+            let good = EventFormat::parse(&system, &event, &text).expect("real fixture");
+            for round in 0..300 {
+                let bad = corrupt(&mut rng, &text);
+                let Ok(fmt) = EventFormat::parse(&system, &event, &bad) else {
+                    continue;
+                };
+                parsed += 1;
+                for f in &good.fields {
+                    let _ = fmt.offset_of(&f.name, f.size);
+                }
+                let flags = fmt.print_flags();
+                for (name, _) in flags.iter().take(8) {
+                    let _ = fmt.print_flag(name);
+                }
+                if field_lines(&bad) == field_lines(&text) {
+                    intact += 1;
+                    assert_eq!(
+                        fmt.fields, good.fields,
+                        "{kernel} {system}/{event} round {round}: a layout not from its field lines"
+                    );
+                }
+            }
+        }
+        assert!(
+            parsed > 1000,
+            "too few corrupted formats parsed ({parsed}) to exercise lookups"
+        );
+        assert!(
+            intact > 500,
+            "too few with intact field lines ({intact}) to check layouts"
+        );
+    }
+
+    /// The evaluator on garbage: random token soup, real table entries with
+    /// bytes changed, absurd shifts and nesting: a value or None, never a panic.
+    #[test]
+    fn the_expression_evaluator_survives_garbage() {
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        let tokens = [
+            "(",
+            ")",
+            "(unsigned long)",
+            "(int)",
+            "(unsigned int)",
+            "(long)",
+            "(gfp_t)",
+            "~",
+            "-",
+            "<<",
+            ">>",
+            "|",
+            "&",
+            "^",
+            "*",
+            "+",
+            "0",
+            "1",
+            "63",
+            "64",
+            "4294967295",
+            "0xffffffffffffffff",
+            "99999999999999999999999",
+            "(( gfp_t)",
+            "1u",
+            "1ul",
+            "x",
+        ];
+        let mut real = Vec::new();
+        for (_, _, _, text) in all_fixtures() {
+            let fmt = text
+                .split("print fmt:")
+                .nth(1)
+                .unwrap_or_default()
+                .to_string();
+            for args in print_flag_calls(&fmt) {
+                real.extend(
+                    split_top_level(args)
+                        .unwrap_or_default()
+                        .iter()
+                        .map(|a| a.to_string()),
+                );
+            }
+        }
+        assert!(!real.is_empty(), "no flag tables in the fixtures");
+        for _ in 0..20_000 {
+            let n = 1 + rng.below(12);
+            let soup: Vec<&str> = (0..n).map(|_| tokens[rng.below(tokens.len())]).collect();
+            let _ = cexpr::eval(&soup.join(" "));
+            let mut entry = real[rng.below(real.len())].clone().into_bytes();
+            for _ in 0..1 + rng.below(3) {
+                let at = rng.below(entry.len());
+                if at < entry.len() {
+                    entry[at] = tokens[rng.below(tokens.len())].as_bytes()[0];
+                }
+            }
+            let entry = String::from_utf8_lossy(&entry);
+            let _ = flag_entry(&entry);
+            let _ = cexpr::eval(&entry);
+        }
+        for expr in [
+            "1 << 64",
+            "1 << 18446744073709551615",
+            "-9223372036854775808 * -1",
+            "~0 >> 999",
+        ] {
+            let _ = cexpr::eval(expr);
+        }
+        let deep = format!("{}1{}", "(".repeat(100_000), ")".repeat(100_000));
+        assert_eq!(cexpr::eval(&deep), None, "nesting is bounded");
+        let casts = format!("{}1", "(unsigned long)".repeat(100_000));
+        let _ = cexpr::eval(&casts);
+    }
 }

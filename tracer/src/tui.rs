@@ -522,6 +522,7 @@ mod tests {
             age: Default::default(),
             processes: vec![proc_(10, "small", 5, 100), proc_(20, "big", 50, 60)],
             cgroups: Vec::new(),
+            traced: None,
         }
     }
 

@@ -23,6 +23,20 @@ pub fn render(report: &Report, opts: &TextOptions) -> String {
     out
 }
 
+/// Says when --pid's process is gone: its numbers stop moving for that reason,
+/// not because the leak stopped, and what it still holds stays listed.
+fn traced_line(out: &mut String, r: &Report) {
+    if let Some(t) = &r.traced {
+        if let Some(after) = t.exited_after_s {
+            let _ = writeln!(
+                out,
+                "traced process {} exited {after:.1}s after attach; its objects stay counted",
+                t.pid
+            );
+        }
+    }
+}
+
 fn header(out: &mut String, r: &Report, opts: &TextOptions) {
     let title = if r.kind == "final" {
         "final report"
@@ -42,6 +56,7 @@ fn header(out: &mut String, r: &Report, opts: &TextOptions) {
     if !r.aliases.is_empty() {
         let _ = writeln!(out, "also covers merged caches: {}", r.aliases.join(", "));
     }
+    traced_line(out, r);
     if let Some(m) = &r.meminfo {
         let pct = |kb: u64| 100.0 * kb as f64 / m.mem_total_kb.max(1) as f64;
         let _ = writeln!(
@@ -269,6 +284,30 @@ fn human_ms(ms: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_header_says_when_the_traced_process_exited() {
+        let opts = TextOptions {
+            frames: None,
+            sort_label: "outstanding",
+            interval_s: 1.0,
+        };
+        let mut r = crate::output::test_report();
+        r.traced = Some(crate::report::TracedPid {
+            pid: 42,
+            exited_after_s: None,
+        });
+        assert!(!render(&r, &opts).contains("exited"));
+        r.traced = Some(crate::report::TracedPid {
+            pid: 42,
+            exited_after_s: Some(3.25),
+        });
+        let text = render(&r, &opts);
+        assert!(
+            text.contains("traced process 42 exited 3.2s after attach; its objects stay counted"),
+            "{text}"
+        );
+    }
 
     #[test]
     fn numbers_read_like_slabtop() {

@@ -10,7 +10,7 @@
 
 mod extras;
 mod peers;
-mod proc;
+pub(crate) mod proc;
 
 use std::{
     collections::BTreeSet,
@@ -382,13 +382,13 @@ fn wait_progs_gone(before: &BTreeSet<u32>) {
     }
 }
 
-fn loadavg() -> String {
+pub(crate) fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_else(|e| format!("unreadable ({e})"))
 }
 
-fn git_state(root: &Path) -> String {
+pub(crate) fn git_state(root: &Path) -> String {
     let out = |args: &[&str]| {
         std::process::Command::new("git")
             .current_dir(root)
@@ -410,7 +410,7 @@ fn git_state(root: &Path) -> String {
 }
 
 /// YYYY-MM-DD in UTC (Howard Hinnant's civil_from_days).
-fn utc_date(t: SystemTime) -> String {
+pub(crate) fn utc_date(t: SystemTime) -> String {
     let days = t
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs() / 86_400)

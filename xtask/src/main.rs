@@ -4,6 +4,7 @@
 
 mod bench;
 mod setup;
+mod soak;
 mod vm;
 
 use std::{
@@ -24,7 +25,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install the eBPF toolchain (nightly rust-src, bpf-linker built against nightly's LLVM). Idempotent.
+    /// Install the eBPF toolchain (nightly rust-src, bpf-linker built against nightly's LLVM)
+    /// and every Debian package the tests, vm-test and bench run. Idempotent.
     Setup,
     /// Build leaktrace (release) with its embedded eBPF object.
     Build,
@@ -49,6 +51,17 @@ enum Task {
         #[arg(long, default_value_t = 2.0)]
         secs: f64,
     },
+    /// Run leaktrace for --secs under churn, process churn (short-lived allocating
+    /// processes) and a slowly growing holder; checks RSS, loss and the held count and
+    /// writes bench/results/soak-<date>.md (needs root).
+    Soak {
+        /// Length of the soak in seconds (at least 120: warm-up is 60).
+        #[arg(long, default_value_t = 600)]
+        secs: u64,
+        /// Short-lived allocating processes started per second.
+        #[arg(long, default_value_t = 100)]
+        execs: u32,
+    },
     /// Run the integration tests inside Debian kernels under QEMU (default: 5.10, 6.1, 6.12, newest 7.x).
     VmTest {
         /// Kernel series to boot, repeatable: 5.10, 6.1, 6.12, 7 (newest 7.x), …
@@ -67,13 +80,13 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     let root = workspace_root()?;
     match cli.task {
-        Task::Setup => setup::ensure(),
+        Task::Setup => setup::ensure(setup::Needs::Everything),
         Task::Build => {
-            setup::ensure()?;
+            setup::ensure(setup::Needs::Build)?;
             build(&root)
         }
         Task::Run { args } => {
-            setup::ensure()?;
+            setup::ensure(setup::Needs::Build)?;
             build(&root)?;
             let status = Command::new(root.join("target/release/leaktrace"))
                 .args(args)
@@ -82,19 +95,23 @@ fn main() -> Result<()> {
             std::process::exit(status.code().unwrap_or(1));
         }
         Task::Test { args } => {
-            setup::ensure()?;
+            setup::ensure(setup::Needs::Test)?;
             test(&root, &args)
         }
         Task::Bench { rounds, secs } => {
-            setup::ensure()?;
+            setup::ensure(setup::Needs::Everything)?;
             bench::run(&root, &bench::Options { rounds, secs })
+        }
+        Task::Soak { secs, execs } => {
+            setup::ensure(setup::Needs::Build)?;
+            soak::run(&root, &soak::Options { secs, execs })
         }
         Task::VmTest {
             kernels,
             refresh,
             test,
         } => {
-            setup::ensure()?;
+            setup::ensure(setup::Needs::Test)?;
             vm::run(
                 &root,
                 vm::Options {

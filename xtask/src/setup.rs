@@ -1,6 +1,9 @@
-//! The eBPF toolchain, installed idempotently: nightly with rust-src (for
-//! `-Z build-std=core`) and bpf-linker linked against the nightly toolchain's own
-//! libLLVM, so the linker and rustc always agree on the LLVM version.
+//! Everything the build, the tests, vm-test and bench run, installed
+//! idempotently: nightly with rust-src (for `-Z build-std=core`), bpf-linker
+//! linked against the nightly toolchain's own libLLVM (so the linker and rustc
+//! always agree on the LLVM version), and the Debian packages whose commands the
+//! tests and xtask call. A fresh machine needs no manual step; a prepared one
+//! pays a PATH lookup per command.
 
 use std::{
     path::{Path, PathBuf},
@@ -11,9 +14,142 @@ use anyhow::{bail, Context, Result};
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
-pub fn ensure() -> Result<()> {
+/// What a task is about to run, and so which host commands it needs.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Needs {
+    /// `build`, `run`: the eBPF toolchain only.
+    Build,
+    /// `test` and `vm-test` (`.ci/run` runs both): the tools the tests drive and
+    /// the ones that unpack and boot the guest kernels.
+    Test,
+    /// `bench` and `setup`: also the peers leaktrace is measured against.
+    Everything,
+}
+
+/// A command run by a test or an xtask, and the Debian package that has it.
+struct Tool {
+    command: &'static str,
+    package: &'static str,
+    needed_by: Needs,
+}
+
+const fn tool(command: &'static str, package: &'static str, needed_by: Needs) -> Tool {
+    Tool {
+        command,
+        package,
+        needed_by,
+    }
+}
+
+const TOOLS: &[Tool] = &[
+    // tests/tests/outputs.rs, go.rs and the gosym unit tests.
+    tool("go", "golang-go", Needs::Test),
+    tool("promtool", "prometheus", Needs::Test),
+    tool("tmux", "tmux", Needs::Test),
+    tool("sh", "dash", Needs::Test),
+    // vm-test: boot, unpack kernel .debs, decompress bzImage payloads, fetch
+    // kernels through a private apt configuration.
+    tool("qemu-system-x86_64", "qemu-system-x86", Needs::Test),
+    tool("dpkg-deb", "dpkg", Needs::Test),
+    tool("tar", "tar", Needs::Test),
+    tool("xz", "xz-utils", Needs::Test),
+    tool("zstd", "zstd", Needs::Test),
+    tool("lz4", "lz4", Needs::Test),
+    tool("gzip", "gzip", Needs::Test),
+    tool("apt-get", "apt", Needs::Test),
+    // bench: the peers (bench/peers.rs), bcc's headers, the commit it records.
+    tool("bpftrace", "bpftrace", Needs::Everything),
+    tool("memleak-bpfcc", "bpfcc-tools", Needs::Everything),
+    tool("perf", "linux-perf", Needs::Everything),
+    tool("bpftool", "bpftool", Needs::Everything),
+    tool("git", "git", Needs::Everything),
+];
+
+pub fn ensure(needs: Needs) -> Result<()> {
     ensure_nightly()?;
-    ensure_bpf_linker()
+    ensure_bpf_linker()?;
+    ensure_packages(needs)
+}
+
+/// Installs the packages of missing commands in one apt-get call, refreshing the
+/// package lists first only then: a prepared machine never touches the network.
+fn ensure_packages(needs: Needs) -> Result<()> {
+    let mut missing: Vec<&Tool> = TOOLS
+        .iter()
+        .filter(|t| t.needed_by <= needs && find_command(t.command).is_none())
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    missing.dedup_by_key(|t| t.package);
+    let packages: Vec<&str> = missing.iter().map(|t| t.package).collect();
+    let commands: Vec<&str> = missing.iter().map(|t| t.command).collect();
+    let by_hand = format!(
+        "apt-get install --no-install-recommends {}",
+        packages.join(" ")
+    );
+    if find_command("apt-get").is_none() {
+        bail!(
+            "missing {}; this is not a Debian-like system (no apt-get): install their equivalents of `{by_hand}`",
+            commands.join(", ")
+        );
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!(
+            "missing {}; run `sudo {by_hand}` or run `cargo xtask setup` as root",
+            commands.join(", ")
+        );
+    }
+    eprintln!(
+        "xtask: installing {} (for {})",
+        packages.join(" "),
+        commands.join(", ")
+    );
+    let apt = |args: &[&str]| {
+        let mut cmd = Command::new("apt-get");
+        // Wait for another apt or unattended-upgrades instead of failing at once.
+        cmd.args(["-o", "DPkg::Lock::Timeout=300"])
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdout(Stdio::null());
+        run(&mut cmd)
+    };
+    apt(&["-q", "update"]).context("refreshing apt's package lists")?;
+    apt(&[
+        &["-q", "-y", "install", "--no-install-recommends"][..],
+        &packages[..],
+    ]
+    .concat())
+    .with_context(|| format!("installing {}", packages.join(" ")))?;
+    let still: Vec<&str> = commands
+        .iter()
+        .copied()
+        .filter(|c| find_command(c).is_none())
+        .collect();
+    if !still.is_empty() {
+        bail!(
+            "apt-get installed {} but {} is still not on PATH",
+            packages.join(" "),
+            still.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// `command -v`, plus the sbin directories a non-login root shell may lack
+/// (bpftool lives in /usr/sbin).
+fn find_command(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin".into(), "/sbin".into()])
+        .map(|d| d.join(name))
+        .find(|p| is_executable(p))
+}
+
+fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
 fn ensure_nightly() -> Result<()> {

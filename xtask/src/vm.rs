@@ -88,7 +88,7 @@ pub fn run(root: &Path, opts: Options) -> Result<()> {
     fs::create_dir_all(&vm_dir).with_context(|| format!("creating {}", vm_dir.display()))?;
     for tool in ["qemu-system-x86_64", "dpkg-deb", "tar"] {
         which(tool).with_context(|| {
-            format!("vm-test needs {tool} (Debian: apt-get install qemu-system-x86 dpkg tar)")
+            format!("vm-test needs {tool}; run `cargo xtask setup` as root (it installs qemu-system-x86, dpkg, tar and the decompressors)")
         })?;
     }
     let series: Vec<String> = if opts.kernels.is_empty() {

@@ -38,6 +38,17 @@ use crate::{
     tracefs::Tracefs,
 };
 
+/// A memcg is released within milliseconds of its last reference going away,
+/// so below 100ms every removal would flash as a zombie; past a week the
+/// question is answered by `dying` alone.
+fn parse_zombie_after(text: &str) -> Result<Duration, String> {
+    crate::cli::parse_duration_in(
+        text,
+        Duration::from_millis(100),
+        Duration::from_secs(7 * 86400),
+    )
+}
+
 #[derive(Debug, Args)]
 pub struct MemcgArgs {
     /// Live view, refreshed every --interval (plain periodic text when stdout is not a terminal).
@@ -52,12 +63,12 @@ pub struct MemcgArgs {
     #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
     pub duration: Option<Duration>,
 
-    /// Refresh period of the live view and JSON snapshots.
-    #[arg(long, value_parser = parse_duration, default_value = "1s", value_name = "DURATION")]
+    /// Refresh period of the live view and JSON snapshots (50ms to 1h).
+    #[arg(long, value_parser = crate::cli::parse_interval, default_value = "1s", value_name = "DURATION")]
     pub interval: Duration,
 
-    /// A removed memcg still not released after this long is a zombie.
-    #[arg(long, value_parser = parse_duration, default_value = "30s", value_name = "DURATION")]
+    /// A removed memcg still not released after this long is a zombie (100ms to 168h).
+    #[arg(long, value_parser = parse_zombie_after, default_value = "30s", value_name = "DURATION")]
     pub zombie_after: Duration,
 
     /// Window over which creation and release rates are computed.
@@ -85,12 +96,12 @@ pub struct MemcgArgs {
     #[arg(long)]
     pub no_kernel_stacks: bool,
 
-    /// Charged objects the kernel can track at once; more are counted as lost.
-    #[arg(long, default_value_t = 1 << 20, value_name = "N")]
+    /// Charged objects the kernel can track at once (1 to 67108864); more are counted as lost.
+    #[arg(long, default_value_t = 1 << 20, value_name = "N", value_parser = crate::cli::max_objects_range())]
     pub max_objects: u32,
 
-    /// Ring buffer size in MiB (rounded up to a power of two).
-    #[arg(long, default_value_t = 8, value_name = "MIB")]
+    /// Ring buffer size in MiB (1 to 1024, rounded up to a power of two).
+    #[arg(long, default_value_t = 8, value_name = "MIB", value_parser = crate::cli::ringbuf_mib_range())]
     pub ringbuf_mib: u32,
 
     /// Machine output: one JSON object per interval (with --top) and a final report, one per line.
@@ -282,6 +293,7 @@ async fn event_loop(
             }
             _ = src.sigint.recv() => break,
             _ = src.sigterm.recv() => break,
+            _ = src.sighup.recv() => break,
             _ = &mut src.deadline => break,
         }
     }

@@ -238,7 +238,7 @@ pub fn render(report: &Report, memcg: Option<&MemcgCounts>) -> String {
     out
 }
 
-pub async fn bind(addr: &str) -> Result<TcpListener> {
+pub async fn bind(addr: std::net::SocketAddr) -> Result<TcpListener> {
     TcpListener::bind(addr)
         .await
         .with_context(|| format!("--metrics: listening on {addr}"))
@@ -326,6 +326,7 @@ mod tests {
             age: Default::default(),
             processes: (0..processes).map(p).collect(),
             cgroups: Vec::new(),
+            traced: None,
         }
     }
 

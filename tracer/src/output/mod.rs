@@ -1,46 +1,78 @@
 //! Files and endpoints rendered from the one [`Report`](crate::report::Report)
 //! model, like the text and JSON views, so every output states the same numbers.
 
+pub mod files;
 pub mod folded;
 pub mod metrics;
 pub mod pprof;
 
-use std::{
-    path::Path,
-    time::{SystemTime, UNIX_EPOCH},
-};
+use std::time::{SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Result};
 
+use self::files::Destination;
 use crate::{cli::TraceArgs, report::Report};
 
-/// Writes the files asked for with --pprof, --folded and --flamegraph. Each is
-/// written to a temporary name and renamed, so a reader never sees half a file.
-pub fn write_files(args: &TraceArgs, report: &Report) -> Result<()> {
-    if let Some(path) = &args.pprof {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
-        let bytes = pprof::encode(&pprof::build(report, now))?;
-        write_atomic(path, &bytes)?;
-        eprintln!("leaktrace: wrote pprof profile {}", path.display());
-    }
-    if let Some(path) = &args.folded {
-        write_atomic(path, folded::folded_text(report, args.weight).as_bytes())?;
-        eprintln!("leaktrace: wrote folded stacks {}", path.display());
-    }
-    if let Some(path) = &args.flamegraph {
-        write_atomic(path, &folded::flamegraph_svg(report, args.weight)?)?;
-        eprintln!("leaktrace: wrote flame graph {}", path.display());
-    }
-    Ok(())
+/// The files asked for with --pprof, --folded and --flamegraph, checked
+/// before anything is attached.
+pub struct Outputs {
+    pprof: Option<Destination>,
+    folded: Option<Destination>,
+    flamegraph: Option<Destination>,
 }
 
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", path.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+impl Outputs {
+    pub fn check(args: &TraceArgs) -> Result<Outputs> {
+        let check = |flag, path: &Option<std::path::PathBuf>| {
+            path.as_deref()
+                .map(|p| Destination::check(flag, p))
+                .transpose()
+        };
+        let outputs = Outputs {
+            pprof: check("--pprof", &args.pprof)?,
+            folded: check("--folded", &args.folded)?,
+            flamegraph: check("--flamegraph", &args.flamegraph)?,
+        };
+        let all: Vec<&Destination> = [&outputs.pprof, &outputs.folded, &outputs.flamegraph]
+            .into_iter()
+            .flatten()
+            .collect();
+        files::check_distinct(&all)?;
+        Ok(outputs)
+    }
+
+    /// Writes every file once. One that fails does not stop the others; each
+    /// failure is on stderr with its fallback, and the result is an error.
+    pub fn write(&self, args: &TraceArgs, report: &Report) -> Result<()> {
+        let mut failed = 0;
+        let mut one =
+            |dest: &Option<Destination>, what: &str, render: &dyn Fn() -> Result<Vec<u8>>| {
+                let Some(dest) = dest else { return };
+                match render().and_then(|bytes| dest.write(&bytes)) {
+                    Ok(()) => eprintln!("leaktrace: wrote {what} {}", dest.path.display()),
+                    Err(e) => {
+                        eprintln!("leaktrace: error: {e:#}");
+                        failed += 1;
+                    }
+                }
+            };
+        one(&self.pprof, "pprof profile", &|| {
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
+            pprof::encode(&pprof::build(report, now))
+        });
+        one(&self.folded, "folded stacks", &|| {
+            Ok(folded::folded_text(report, args.weight).into_bytes())
+        });
+        one(&self.flamegraph, "flame graph", &|| {
+            folded::flamegraph_svg(report, args.weight)
+        });
+        if failed > 0 {
+            bail!("{failed} output file(s) could not be written where asked (see above)");
+        }
+        Ok(())
+    }
 }
 
 /// A small report with one leaking process and one stack, for the renderers' tests.
@@ -114,5 +146,6 @@ pub(crate) fn test_report() -> Report {
             }],
         }],
         cgroups: Vec::new(),
+        traced: None,
     }
 }

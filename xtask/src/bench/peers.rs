@@ -1,9 +1,9 @@
-//! The peers leaktrace is compared with, installed idempotently; a peer that
-//! cannot run is skipped with the reason.
+//! The peers leaktrace is compared with (installed by `cargo xtask setup`,
+//! which `bench` runs first); a peer that cannot run is skipped with the reason.
 
 use std::{
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Command,
     time::Duration,
 };
 
@@ -83,22 +83,11 @@ fn perf() -> Result<Tracer> {
     })
 }
 
-/// The path of `cmd`, installing `package` with apt-get if it is missing.
+/// The path of `cmd`; `bench` ran setup, so a missing one is a broken install.
 fn ensure_tool(cmd: &str, package: &str) -> Result<PathBuf> {
-    if let Some(p) = which(cmd) {
-        return Ok(p);
-    }
-    eprintln!("xtask bench: installing {package} (for {cmd})");
-    let status = Command::new("apt-get")
-        .args(["install", "-y", "-q", package])
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .stdout(Stdio::null())
-        .status()
-        .context("running apt-get")?;
-    if !status.success() {
-        bail!("apt-get install {package} failed ({status})");
-    }
-    which(cmd).with_context(|| format!("{package} is installed but has no {cmd}"))
+    which(cmd).with_context(|| {
+        format!("no {cmd} on PATH (Debian package {package}); run `cargo xtask setup` as root")
+    })
 }
 
 fn which(cmd: &str) -> Option<PathBuf> {
