@@ -111,7 +111,7 @@ fn exact_mode_agrees_with_the_default_on_the_holding_path() {
     holding_path_is_named(true);
 }
 
-/// One `mkdir` of a v1 memory cgroup makes one kernfs directory node and many
+/// One `mkdir` of a cgroup (v1 memory, or v2) makes one kernfs directory node and many
 /// file nodes through one kernel call site (`__kernfs_new_node`) from one user
 /// path: the user fingerprint cannot tell them apart, so only the random draw
 /// can, and it must put the file nodes under `__kernfs_create_file` in their
@@ -119,11 +119,22 @@ fn exact_mode_agrees_with_the_default_on_the_holding_path() {
 #[test]
 fn kernel_paths_below_one_call_site_are_split_in_true_proportion() {
     let _serial = serial();
-    let root = std::path::Path::new("/sys/fs/cgroup/memory");
+    // The v1 memory hierarchy where it is mounted (this host), else cgroup2
+    // (the vm-test guests): either way one mkdir makes a directory node and
+    // its interface files' nodes from the same call site.
+    let root = [
+        "/sys/fs/cgroup/memory",
+        "/sys/fs/cgroup/unified",
+        "/sys/fs/cgroup",
+    ]
+    .into_iter()
+    .map(std::path::Path::new)
+    .find(|p| p.join("cgroup.procs").exists());
     skip_unless!(
-        root.join("cgroup.procs").exists(),
-        "no cgroup v1 memory hierarchy at /sys/fs/cgroup/memory"
+        root.is_some(),
+        "no cgroup hierarchy mounted under /sys/fs/cgroup"
     );
+    let Some(root) = root else { return };
     let base = root.join(format!("leaktrace-kernfs-{}", std::process::id()));
     std::fs::create_dir(&base).expect("mkdir base memcg");
     let mut tracer = Tracer::start(&[
