@@ -737,3 +737,83 @@ fn daemonset_manifest_is_a_privileged_hostpid_daemonset_with_its_mounts() {
         }
     }
 }
+
+/// A profile is evidence: with 20 one-key processes and a view cut to 5
+/// processes and 1 stack each, pprof, the folded file and the JSON final
+/// report still hold every tracked object, and their totals equal the
+/// report's header totals.
+#[test]
+fn exports_hold_everything_tracked_not_the_screen_cut() {
+    skip_in_vm_guest!();
+    require_tool("go", "golang-go");
+    let dir = scratch("complete");
+    let (pprof_path, folded_path) = (dir.join("all.pb.gz"), dir.join("all.folded"));
+    let tracer = Tracer::start(&[
+        "--cache",
+        "kmalloc-512",
+        "--limit",
+        "5",
+        "--stacks",
+        "1",
+        "--weight",
+        "objects",
+        "--pprof",
+        pprof_path.to_str().expect("utf-8 path"),
+        "--folded",
+        folded_path.to_str().expect("utf-8 path"),
+    ])
+    .expect("start");
+    let gens: Vec<Generator> = (0..20)
+        .map(|_| Generator::start("keys", "1").expect("leakgen keys 1"))
+        .collect();
+    let pids: Vec<u32> = gens.iter().map(|g| g.pid).collect();
+    let (code, report) = tracer.stop(libc::SIGINT).expect("stop");
+    assert_eq!(code, 0);
+    drop(gens);
+    let total = count(&report["totals"], "outstanding");
+    let procs = report["processes"].as_array().expect("processes");
+    assert!(
+        procs.len() > 5,
+        "the JSON final report is not cut to --limit"
+    );
+    for pid in &pids {
+        assert!(
+            process(&report, *pid).is_some(),
+            "pid {pid} missing from JSON"
+        );
+    }
+    let in_json: u64 = procs.iter().map(|p| count(p, "outstanding")).sum();
+    let in_stacks: u64 = procs
+        .iter()
+        .flat_map(|p| p["stacks"].as_array().into_iter().flatten())
+        .map(|s| count(s, "outstanding"))
+        .sum();
+    assert_eq!(in_json, total, "processes add up to the header total");
+    assert_eq!(in_stacks, total, "stacks add up to the header total");
+    let folded = std::fs::read_to_string(&folded_path).expect("folded file");
+    let folded_sum: u64 = folded
+        .lines()
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert_eq!(folded_sum, total, "folded sum vs header total:\n{folded}");
+    let mut cmd = Command::new("go");
+    cmd.args([
+        "tool",
+        "pprof",
+        "-top",
+        "-unit=minimum",
+        "-sample_index=outstanding_objects",
+    ])
+    .arg(&pprof_path)
+    .env("HOME", &dir)
+    .env("PPROF_TMPDIR", &dir);
+    let top = run(&mut cmd);
+    let pprof_total: u64 = top
+        .lines()
+        .find(|l| l.starts_with("Showing nodes accounting for"))
+        .and_then(|l| l.split(" of ").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no 'of N total' in go tool pprof -top:\n{top}"));
+    assert_eq!(pprof_total, total, "pprof total vs header total:\n{top}");
+}

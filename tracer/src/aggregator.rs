@@ -533,15 +533,35 @@ impl Aggregator {
         };
         let (total, drawn) = (h.counts.clone(), h.drawn.clone());
         let exact = drawn == total;
-        let mut rows: Vec<SiteRow> = h
+        let sites: Vec<&Site> = h
             .sites
             .iter()
             .filter_map(|&s| self.sites.get(s as usize))
-            .map(|site| {
+            .collect();
+        // Shares apportioned so the stratum's rows add up to its exact counts
+        // (largest remainders): every export's total equals the header's.
+        let split = |total: u64, part: fn(&Counts) -> u64, sample: u64| {
+            apportion(
+                total,
+                &sites.iter().map(|s| part(&s.drawn)).collect::<Vec<_>>(),
+                sample,
+            )
+        };
+        let outstanding = split(total.outstanding, |c| c.outstanding, drawn.outstanding);
+        let bytes = split(
+            total.outstanding_bytes,
+            |c| c.outstanding_bytes,
+            drawn.outstanding_bytes,
+        );
+        let allocs = split(total.allocs, |c| c.allocs, drawn.allocs);
+        let frees = split(total.frees, |c| c.frees, drawn.frees);
+        let mut rows: Vec<SiteRow> = sites
+            .iter()
+            .enumerate()
+            .map(|(i, site)| {
                 let d = &site.drawn;
-                let outstanding = share(total.outstanding, d.outstanding, drawn.outstanding);
                 let (outstanding_low, outstanding_high) = if exact {
-                    (outstanding, outstanding)
+                    (outstanding[i], outstanding[i])
                 } else {
                     interval(d.outstanding, drawn.outstanding, total.outstanding)
                 };
@@ -549,14 +569,10 @@ impl Aggregator {
                     kstack: site.kstack,
                     ustack: site.ustack,
                     counts: Counts {
-                        outstanding,
-                        outstanding_bytes: share(
-                            total.outstanding_bytes,
-                            d.outstanding_bytes,
-                            drawn.outstanding_bytes,
-                        ),
-                        allocs: share(total.allocs, d.allocs, drawn.allocs),
-                        frees: share(total.frees, d.frees, drawn.frees),
+                        outstanding: outstanding[i],
+                        outstanding_bytes: bytes[i],
+                        allocs: allocs[i],
+                        frees: frees[i],
                     },
                     estimated: !exact,
                     outstanding_low,
@@ -676,13 +692,28 @@ impl Aggregator {
     }
 }
 
-/// `total * part / sample`, rounded: the stack's estimated share of an exact
-/// total, from its share of the drawn sample. 0 when nothing was drawn.
-fn share(total: u64, part: u64, sample: u64) -> u64 {
+/// Each part's estimated share of an exact `total`, `total * part / sample`,
+/// in whole objects that add up to `total` (largest remainders get the
+/// rounding). All zeros when nothing was drawn.
+fn apportion(total: u64, parts: &[u64], sample: u64) -> Vec<u64> {
     if sample == 0 {
-        return 0;
+        return vec![0; parts.len()];
     }
-    ((total as u128 * part as u128 + sample as u128 / 2) / sample as u128) as u64
+    let exact: Vec<(u64, u128)> = parts
+        .iter()
+        .map(|&p| {
+            let num = total as u128 * p as u128;
+            ((num / sample as u128) as u64, num % sample as u128)
+        })
+        .collect();
+    let mut out: Vec<u64> = exact.iter().map(|(q, _)| *q).collect();
+    let given: u64 = out.iter().sum();
+    let mut order: Vec<usize> = (0..parts.len()).collect();
+    order.sort_by(|&a, &b| exact[b].1.cmp(&exact[a].1).then(a.cmp(&b)));
+    for &i in order.iter().take(total.saturating_sub(given) as usize) {
+        out[i] += 1;
+    }
+    out
 }
 
 /// 95% interval for the number of a stratum's `population` outstanding objects
@@ -1013,8 +1044,10 @@ mod tests {
         assert!((12..200).contains(&low) && high == 200, "{low}..{high}");
         let (low, high) = interval(0, 12, 200);
         assert!(low == 0 && high > 0 && high <= 188, "{low}..{high}");
-        assert_eq!(share(200, 3, 12), 50);
-        assert_eq!(share(200, 0, 0), 0);
+        assert_eq!(apportion(200, &[3, 9], 12), vec![50, 150]);
+        assert_eq!(apportion(200, &[0], 0), vec![0]);
+        // 10 objects over three equal shares: the rounding still adds up.
+        assert_eq!(apportion(10, &[1, 1, 1], 3).iter().sum::<u64>(), 10);
     }
 
     #[test]

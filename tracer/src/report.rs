@@ -103,6 +103,28 @@ pub struct StackReport {
     pub user_locations: Vec<Location>,
 }
 
+impl Report {
+    /// What a view shows of a complete report: the first `limit` processes
+    /// whose comm contains `comm`, each with its first `stacks` stacks (both
+    /// lists are already in `--sort` order).
+    pub fn cut(&self, limit: usize, stacks: usize, comm: Option<&str>) -> Report {
+        let mut cut = self.clone();
+        cut.processes = self
+            .processes
+            .iter()
+            .filter(|p| comm.is_none_or(|c| p.comm.contains(c)))
+            .take(limit)
+            .cloned()
+            .map(|mut p| {
+                p.stacks.truncate(stacks);
+                p
+            })
+            .collect();
+        cut.cgroups.truncate(limit);
+        cut
+    }
+}
+
 impl StackReport {
     /// `1,234` when exact, `~1,234 (95%: 1,100-1,300)` when estimated.
     pub fn outstanding_label(&self, group: impl Fn(u64) -> String) -> String {

@@ -149,6 +149,13 @@ pub async fn run(args: TraceArgs, cache: &str) -> Result<()> {
         Err(e) => Some(e),
     };
     symbolize_pending(&mut state, Duration::MAX);
+    // Files and JSON hold everything tracked; --limit/--stacks/--comm cut the text view only.
+    state.snapshot_opts = SnapshotOptions {
+        limit: usize::MAX,
+        stacks: usize::MAX,
+        comm: None,
+        ..state.snapshot_opts.clone()
+    };
     let final_report = state.report("final", counters);
     let emitted = emit_final(&args, &checked.outputs, &final_report);
     match failed {
@@ -436,7 +443,8 @@ fn print_final(args: &TraceArgs, report: &Report) -> Result<()> {
         let line = serde_json::to_string(report).context("encoding JSON report")?;
         writeln!(out, "{line}")?;
     } else {
-        writeln!(out, "{}", view::render(report, &text_options(args, None)))?;
+        let cut = report.cut(args.limit, args.stacks, args.comm.as_deref());
+        writeln!(out, "{}", view::render(&cut, &text_options(args, None)))?;
     }
     out.flush()?;
     Ok(())

@@ -117,12 +117,12 @@ pub fn render(report: &Report, memcg: Option<&MemcgCounts>) -> String {
     let per_process: [(&str, &str, PerProcess); 3] = [
         (
             "leaktrace_process_outstanding_objects",
-            "Outstanding objects of the top processes (bounded by --limit).",
+            "Outstanding objects of the top processes (bounded by --limit; pid=\"other\" is the rest).",
             |p| p.counts.outstanding as f64,
         ),
         (
             "leaktrace_process_outstanding_bytes",
-            "Outstanding bytes of the top processes (bounded by --limit).",
+            "Outstanding bytes of the top processes (bounded by --limit; pid=\"other\" is the rest).",
             |p| p.counts.outstanding_bytes as f64,
         ),
         (
@@ -131,7 +131,21 @@ pub fn render(report: &Report, memcg: Option<&MemcgCounts>) -> String {
             |p| p.alloc_rate,
         ),
     ];
-    for (name, help, value) in per_process {
+    // Every process beyond the top ones, as one series, so the per-process
+    // series add up to the tracked totals.
+    let shown = |v: fn(&ProcessReport) -> f64| top.iter().map(|p| v(p)).sum::<f64>();
+    let totals = &report.totals;
+    let other: [f64; 3] = [
+        (totals.outstanding as f64 - shown(|p| p.counts.outstanding as f64)).max(0.0),
+        (totals.outstanding_bytes as f64 - shown(|p| p.counts.outstanding_bytes as f64)).max(0.0),
+        report
+            .processes
+            .iter()
+            .skip(top.len())
+            .map(|p| p.alloc_rate)
+            .sum(),
+    ];
+    for ((name, help, value), other) in per_process.into_iter().zip(other) {
         f.head(name, "gauge", help);
         for p in &top {
             let pid = p.tgid.to_string();
@@ -142,6 +156,11 @@ pub fn render(report: &Report, memcg: Option<&MemcgCounts>) -> String {
             ];
             f.sample(name, &labels, value(p));
         }
+        f.sample(
+            name,
+            &[("cache", cache), ("pid", "other"), ("comm", "other")],
+            other,
+        );
     }
 
     f.head(
@@ -331,14 +350,29 @@ mod tests {
     }
 
     #[test]
+    fn per_process_series_add_up_to_the_totals() {
+        let mut r = report(MAX_PROCESSES + 20);
+        r.totals.outstanding = r.processes.iter().map(|p| p.counts.outstanding).sum();
+        let text = render(&r, None);
+        let sum: f64 = text
+            .lines()
+            .filter(|l| l.starts_with("leaktrace_process_outstanding_objects{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        assert_eq!(sum, r.totals.outstanding as f64, "{text}");
+    }
+
+    #[test]
     fn per_process_series_are_capped_and_every_family_is_typed() {
         let text = render(&report(MAX_PROCESSES + 20), None);
         let series = text
             .lines()
             .filter(|l| l.starts_with("leaktrace_process_outstanding_objects{"))
             .count();
-        assert_eq!(series, MAX_PROCESSES);
+        // The top ones and one "other" series for the rest.
+        assert_eq!(series, MAX_PROCESSES + 1);
         assert!(text.contains("leaktrace_outstanding_objects{cache=\"kmalloc-512\"} 3\n"));
+        assert!(text.contains("pid=\"other\",comm=\"other\"}"), "{text}");
         assert!(text.contains("comm=\"w\\\"1\""), "{text}");
         // Every sample belongs to a family announced with HELP and TYPE.
         for line in text.lines().filter(|l| !l.starts_with('#')) {
