@@ -547,3 +547,229 @@ fn preexisting_dying_count_matches_proc_cgroups_or_cgroup_stat() {
     skip_unless!(h.is_some(), "no memory controller mounted");
     preexisting_dying_matches_arithmetic(h.expect("checked"));
 }
+
+// ---- Every memcg the kernel holds, read from kernel memory (`kernel_memcgs`).
+
+/// `leaktrace memcg --list --json`: the one report.
+fn list() -> Value {
+    let out = Command::new(leaktrace_bin())
+        .args(["memcg", "--list", "--json"])
+        .output()
+        .expect("run leaktrace memcg --list");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("one JSON report")
+}
+
+fn walked(v: &Value) -> &Vec<Value> {
+    v["kernel_memcgs"]["walk"]["memcgs"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no kernel walk: {}", v["kernel_memcgs"]))
+}
+
+fn walked_at<'a>(v: &'a Value, path: &str) -> Option<&'a Value> {
+    walked(v).iter().find(|m| m["path"].as_str() == Some(path))
+}
+
+/// A tmpfs of our own, unmounted (lazily) however the test ends.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(tag: &str) -> Tmpfs {
+        let dir = std::env::temp_dir().join(format!("leaktrace-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("tmpfs dir");
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=64m", "leaktrace-test"])
+            .arg(&dir)
+            .status()
+            .expect("mount");
+        assert!(st.success(), "mount -t tmpfs {}", dir.display());
+        Tmpfs(dir)
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// `memory.stat` key of a live memcg, in pages.
+fn stat_pages(dir: &Path, key: &str) -> u64 {
+    let text = std::fs::read_to_string(dir.join("memory.stat")).expect("memory.stat");
+    let bytes = text
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(' ')?.parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no {key} in memory.stat"));
+    bytes / 4096
+}
+
+fn wait_until(what: &str, mut f: impl FnMut() -> Option<String>) -> String {
+    let deadline = Instant::now() + WAIT;
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        match f() {
+            None => return last,
+            Some(state) => last = state,
+        }
+        thread::sleep(Duration::from_millis(500));
+    }
+    panic!("timed out waiting for {what}; last: {last}");
+}
+
+fn shmem_pins_dying_memcg_until_file_deleted(h: Hier) {
+    h.enable_children();
+    let fs = Tmpfs::mount("shmem");
+    let file = fs.0.join("pinned.dat");
+    let dir = h.child("shmem");
+    std::fs::create_dir(&dir).expect("mkdir memcg");
+    let _cleanup = Cleanup(dir.clone());
+    // The writer joins the memcg itself ("0" = the writing task), writes 4 MiB
+    // of tmpfs page cache and exits: the pages stay charged to the memcg.
+    let script = format!(
+        "echo 0 > {}/cgroup.procs && head -c 4194304 /dev/zero > {}",
+        dir.display(),
+        file.display()
+    );
+    let st = Command::new("sh")
+        .args(["-c", &script])
+        .status()
+        .expect("sh");
+    assert!(st.success(), "{script}");
+    let path = rel(&h, &dir);
+
+    // Live: the walk's per-item pages agree with the kernel's memory.stat.
+    let expect_shmem = stat_pages(&dir, "shmem");
+    assert!(
+        expect_shmem >= 1000,
+        "memory.stat shmem {expect_shmem} pages"
+    );
+    let v = list();
+    let m = walked_at(&v, &path).unwrap_or_else(|| panic!("{path} not walked"));
+    assert_eq!(m["online"], true, "{m}");
+    let got = m["shmem"].as_i64().expect("shmem readable") as u64;
+    assert!(
+        got.abs_diff(expect_shmem) <= 64,
+        "walk shmem {got} vs memory.stat {expect_shmem}: {m}"
+    );
+
+    // Removed: dying, holding the shmem pages.
+    std::fs::remove_dir(&dir).expect("rmdir memcg");
+    let v = list();
+    let Some(m) = walked_at(&v, &path) else {
+        // 7.1+ reparents a dying memcg's LRU folios to its parent, so page
+        // cache stops pinning it; before that, a release here is a bug.
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+        let mut it = release.trim().split(|c: char| !c.is_ascii_digit());
+        let kv: (u32, u32) = (
+            it.next().and_then(|x| x.parse().ok()).unwrap_or(0),
+            it.next().and_then(|x| x.parse().ok()).unwrap_or(0),
+        );
+        assert!(
+            kv >= (7, 1),
+            "{path} released after rmdir on {release}: its tmpfs pages should pin it"
+        );
+        eprintln!("kernel {release}: page cache reparented at offline, memcg released");
+        return;
+    };
+    eprintln!("page cache pins the dying memcg on this kernel");
+    assert_eq!(m["dying"], true, "{m}");
+    assert!(m["shmem"].as_i64().unwrap_or(0) >= 1000, "{m}");
+    assert!(m["usage_pages"].as_u64().unwrap_or(0) >= 1000, "{m}");
+    let agg = &v["kernel_memcgs"]["aggregate"];
+    assert!(agg["shmem_bytes"].as_u64().unwrap_or(0) >= 4 << 20, "{agg}");
+    eprintln!("dying with its shmem: {m}");
+
+    // File deleted: the pages are freed, nothing holds the memcg, it is released.
+    std::fs::remove_file(&file).expect("rm file");
+    wait_until("the memcg to be released", || {
+        walked_at(&list(), &path).map(|m| m.to_string())
+    });
+}
+
+fn empty_memcg_released_without_pins(h: Hier) {
+    h.enable_children();
+    let dir = h.child("empty-walk");
+    std::fs::create_dir(&dir).expect("mkdir");
+    let _cleanup = Cleanup(dir.clone());
+    let path = rel(&h, &dir);
+    let v = list();
+    let m = walked_at(&v, &path).unwrap_or_else(|| panic!("{path} not walked"));
+    assert_eq!(m["online"], true);
+    assert_eq!(m["usage_pages"].as_u64(), Some(0), "{m}");
+    std::fs::remove_dir(&dir).expect("rmdir");
+    wait_until("the empty memcg to be released", || {
+        walked_at(&list(), &path).map(|m| m.to_string())
+    });
+}
+
+fn preexisting_dying_listed_with_pages(h: Hier) {
+    let before = h.dying();
+    let v = list();
+    let after = h.dying();
+    let agg = &v["kernel_memcgs"]["aggregate"];
+    let dying = agg["dying"].as_u64().expect("aggregate dying");
+    let listed: Vec<&Value> = walked(&v).iter().filter(|m| m["dying"] == true).collect();
+    assert_eq!(listed.len() as u64, dying);
+    // Races with other tenants' memcgs (and a css released just before its
+    // cgroup is freed) allow a small difference.
+    let (lo, hi) = (before.min(after), before.max(after));
+    assert!(
+        dying + 2 >= lo && dying <= hi + 2,
+        "walk says {dying} dying; {} arithmetic says {before}..{after}",
+        if h.version == 1 {
+            "/proc/cgroups"
+        } else {
+            "cgroup.stat"
+        }
+    );
+    for m in &listed {
+        assert!(m["usage_pages"].is_u64(), "no page counter: {m}");
+        assert!(m["file"].is_i64() && m["kernel"].is_i64(), "no stats: {m}");
+        assert!(
+            m["path"].as_str().is_some_and(|p| p.starts_with('/')),
+            "{m}"
+        );
+    }
+    let with_pages = listed
+        .iter()
+        .filter(|m| m["usage_pages"].as_u64().unwrap_or(0) > 0)
+        .count() as u64;
+    assert_eq!(agg["holding_pages"].as_u64(), Some(with_pages));
+    eprintln!(
+        "{dying} dying memcgs before this test ({with_pages} holding pages); walk took {} ms",
+        v["kernel_memcgs"]["walk"]["walk_ms"]
+    );
+}
+
+#[test]
+fn v1_tmpfs_pages_pin_a_dying_memcg_until_the_file_is_deleted() {
+    let h = v1_memory();
+    skip_unless!(h.is_some(), "no cgroup v1 memory hierarchy mounted");
+    shmem_pins_dying_memcg_until_file_deleted(h.expect("checked"));
+}
+
+#[test]
+fn v2_tmpfs_pages_pin_a_dying_memcg_until_the_file_is_deleted() {
+    let h = v2_memory();
+    skip_unless!(h.is_some(), "the memory controller is not on cgroup2 here");
+    shmem_pins_dying_memcg_until_file_deleted(h.expect("checked"));
+}
+
+#[test]
+fn empty_memcg_removed_is_released_by_the_kernel_walk() {
+    let h = v1_memory().or_else(v2_memory);
+    skip_unless!(h.is_some(), "no memory controller mounted");
+    empty_memcg_released_without_pins(h.expect("checked"));
+}
+
+#[test]
+fn preexisting_dying_memcgs_are_listed_with_their_pages() {
+    let h = v1_memory().or_else(v2_memory);
+    skip_unless!(h.is_some(), "no memory controller mounted");
+    preexisting_dying_listed_with_pages(h.expect("checked"));
+}

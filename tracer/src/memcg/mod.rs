@@ -5,9 +5,12 @@
 mod ancestry;
 mod hierarchy;
 mod hooks;
+mod kmem;
+mod kread;
 pub mod paths;
 mod state;
 mod view;
+mod walk;
 
 use std::{
     io::{IsTerminal, Write},
@@ -118,6 +121,91 @@ pub struct Report {
     pub kernel: Counters,
     /// Events the decoder could not read (should be 0).
     pub decode_errors: u64,
+    /// Every memcg the kernel still holds, read from kernel memory (list and
+    /// final reports; None in snapshots).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kernel_memcgs: Option<KernelMemcgs>,
+    /// Whether kernel memory is charged to memcgs here, as the kernel defines it.
+    pub kmem_accounting: kmem::Accounting,
+}
+
+/// The kernel walk's result, or why there is none.
+#[derive(Debug, Clone, Serialize)]
+pub struct KernelMemcgs {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub walk: Option<walk::KernelWalk>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unknown: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub aggregate: Option<DyingAggregate>,
+}
+
+/// "N dying: M hold file pages, X GiB".
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DyingAggregate {
+    pub dying: u64,
+    pub holding_file_pages: u64,
+    pub holding_pages: u64,
+    /// Sum of the dying memcgs' memory page counters, in bytes.
+    pub charged_bytes: u64,
+    pub file_bytes: u64,
+    pub shmem_bytes: u64,
+    pub anon_bytes: u64,
+    pub swap_bytes: u64,
+    pub kernel_bytes: u64,
+}
+
+fn page_size() -> u64 {
+    // SAFETY: sysconf has no memory effects.
+    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u64::try_from(p).ok().filter(|&p| p > 0).unwrap_or(4096)
+}
+
+impl KernelMemcgs {
+    fn read() -> KernelMemcgs {
+        match Self::try_read() {
+            Ok(w) => {
+                let page = page_size();
+                let mut a = DyingAggregate::default();
+                let b = |v: Option<i64>| u64::try_from(v.unwrap_or(0)).unwrap_or(0) * page;
+                for m in w.dying() {
+                    a.dying += 1;
+                    if m.file.unwrap_or(0) > 0 {
+                        a.holding_file_pages += 1;
+                    }
+                    if m.usage_pages.unwrap_or(0) > 0 {
+                        a.holding_pages += 1;
+                    }
+                    a.charged_bytes += m.usage_pages.unwrap_or(0) * page;
+                    a.file_bytes += b(m.file);
+                    a.shmem_bytes += b(m.shmem);
+                    a.anon_bytes += b(m.anon);
+                    a.swap_bytes += b(m.swap);
+                    a.kernel_bytes += b(m.kernel);
+                }
+                KernelMemcgs {
+                    walk: Some(w),
+                    unknown: None,
+                    aggregate: Some(a),
+                }
+            }
+            Err(e) => KernelMemcgs {
+                walk: None,
+                unknown: Some(format!("{e:#}")),
+                aggregate: None,
+            },
+        }
+    }
+
+    fn try_read() -> Result<walk::KernelWalk> {
+        // SAFETY: geteuid has no memory effects.
+        if unsafe { libc::geteuid() } != 0 {
+            anyhow::bail!("reading kernel memory (BPF) needs root");
+        }
+        let btf = Btf::from_sys_fs().context("reading /sys/kernel/btf/vmlinux")?;
+        let mut k = kread::Kread::open()?;
+        walk::walk(&btf, &mut k)
+    }
 }
 
 /// Dying memcgs that predate tracing: unattributable, counted separately.
@@ -417,6 +505,8 @@ impl Run {
             snapshot,
             kernel,
             decode_errors: self.decode_errors,
+            kernel_memcgs: matches!(kind, "list" | "final").then(KernelMemcgs::read),
+            kmem_accounting: kmem::Accounting::detect(Path::new("/"), &self.hierarchy),
         }
     }
 }

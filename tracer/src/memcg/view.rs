@@ -19,7 +19,97 @@ pub fn render(r: &Report, args: &MemcgArgs, last: bool) -> String {
     );
     groups(&mut out, "zombies by pod", &r.snapshot.zombies_by_pod);
     memcgs(&mut out, r, args, last);
+    kernel_memcgs(&mut out, r, args);
     out
+}
+
+fn pages(v: Option<i64>) -> String {
+    v.map_or_else(|| "?".into(), |p| group(u64::try_from(p).unwrap_or(0)))
+}
+
+/// Every dying memcg the kernel holds, pre-existing ones included.
+fn kernel_memcgs(out: &mut String, r: &Report, args: &MemcgArgs) {
+    let _ = writeln!(
+        out,
+        "\nkernel memory accounting: {} ({})",
+        r.kmem_accounting.charged, r.kmem_accounting.rule
+    );
+    let Some(k) = &r.kernel_memcgs else {
+        return;
+    };
+    let (Some(w), Some(a)) = (&k.walk, &k.aggregate) else {
+        let _ = writeln!(
+            out,
+            "dying memcgs in the kernel: unknown on this kernel: {}",
+            k.unknown.as_deref().unwrap_or("no walk")
+        );
+        return;
+    };
+    let _ = writeln!(
+        out,
+        "dying memcgs in the kernel: {} dying: {} hold file pages, {} charged ({} file, {} shmem, {} anon, {} swap, {} kernel)",
+        group(a.dying),
+        group(a.holding_file_pages),
+        human_bytes(a.charged_bytes),
+        human_bytes(a.file_bytes),
+        human_bytes(a.shmem_bytes),
+        human_bytes(a.anon_bytes),
+        human_bytes(a.swap_bytes),
+        human_bytes(a.kernel_bytes),
+    );
+    let _ = writeln!(
+        out,
+        "  walked {} memcgs ({} online) from the root memcg's css lists in {:.1} ms ({} BPF reads in {} runs{}); pages per memcg from {}; offline time: unknown on this kernel: the kernel keeps no timestamp",
+        group(w.memcgs.len() as u64),
+        group(w.memcgs.iter().filter(|m| m.online).count() as u64),
+        w.walk_ms,
+        group(w.reads),
+        group(w.runs),
+        if w.dropped > 0 {
+            format!(", {} entries freed during the walk dropped", w.dropped)
+        } else {
+            String::new()
+        },
+        w.stats_source,
+    );
+    if a.dying == 0 {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "{:>8} {:>6} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}  PATH   (pages; dying = offline, not released)",
+        "ID", "MEMCG", "CHARGED", "FILE", "SHMEM", "ANON", "SWAP", "KERNEL"
+    );
+    let mut dying: Vec<_> = w.dying().collect();
+    dying.sort_by_key(|m| std::cmp::Reverse(m.usage_pages.unwrap_or(0)));
+    let limit = if r.kind == "list" {
+        usize::MAX
+    } else {
+        args.limit
+    };
+    for m in dying.iter().take(limit) {
+        let _ = writeln!(
+            out,
+            "{:>8} {:>6} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}  {}{}",
+            m.id,
+            m.memcg_id.map_or_else(|| "?".into(), |i| i.to_string()),
+            m.usage_pages.map_or_else(|| "?".into(), group),
+            pages(m.file),
+            pages(m.shmem),
+            pages(m.anon),
+            pages(m.swap),
+            pages(m.kernel),
+            m.path,
+            if m.released {
+                "  (released, being freed)"
+            } else {
+                ""
+            }
+        );
+    }
+    if dying.len() > limit {
+        let _ = writeln!(out, "... {} more dying (--limit)", dying.len() - limit);
+    }
 }
 
 fn header(out: &mut String, r: &Report, args: &MemcgArgs) {
@@ -88,7 +178,7 @@ fn groups(out: &mut String, title: &str, groups: &[Group]) {
     for g in groups.iter().take(8) {
         let _ = write!(
             out,
-            "  {} {} (oldest {}, pins {})",
+            "  {} {} (oldest {}, charged while live {})",
             g.key,
             g.zombies,
             secs(g.oldest_dying_s),
@@ -107,7 +197,7 @@ fn memcgs(out: &mut String, r: &Report, args: &MemcgArgs, last: bool) {
     let _ = writeln!(
         out,
         "\n{:>8} {:<8} {:>8} {:>8} {:>8}  {:<26} {:<18} PATH",
-        "ID", "STATE", "AGE", "DYING", "PINS", "CREATOR", "REMOVER"
+        "ID", "STATE", "AGE", "DYING", "CHARGED", "CREATOR", "REMOVER"
     );
     let limit = if last && r.kind != "list" {
         usize::MAX
@@ -196,8 +286,16 @@ fn memcg_line(out: &mut String, m: &MemcgReport) {
         .take(5)
         .map(|p| format!("{}/{} {}", p.comm, p.tgid, group(p.count.objects)))
         .collect();
-    let _ = writeln!(out, "         pinned by caches: {}", caches.join(", "));
-    let _ = writeln!(out, "         pinned by processes: {}", procs.join(", "));
+    let _ = writeln!(
+        out,
+        "         objects charged while live (slab; reparented to the parent when the memcg went offline on >= 5.9, so they do not pin it there): {}",
+        caches.join(", ")
+    );
+    let _ = writeln!(
+        out,
+        "         charged while live by processes: {}",
+        procs.join(", ")
+    );
     for (i, s) in m.pinned_stacks.iter().enumerate() {
         let _ = writeln!(
             out,
