@@ -682,7 +682,27 @@ fn shmem_pins_dying_memcg_until_file_deleted(h: Hier) {
     assert!(m["usage_pages"].as_u64().unwrap_or(0) >= 1000, "{m}");
     let agg = &v["kernel_memcgs"]["aggregate"];
     assert!(agg["shmem_bytes"].as_u64().unwrap_or(0) >= 4 << 20, "{agg}");
-    eprintln!("dying with its shmem: {m}");
+    // Named by file: the LRU walk finds the tmpfs file's pages.
+    let files = m["page_pins"]["files"].as_array().expect("page_pins.files");
+    let want = file.display().to_string();
+    let pin = files
+        .iter()
+        .find(|f| f["path"].as_str() == Some(want.as_str()))
+        .unwrap_or_else(|| panic!("no pin on {want}: {m}"));
+    assert!(pin["pages"].as_u64().unwrap_or(0) >= 1000, "{pin}");
+    assert_eq!(pin["fs"], "tmpfs", "{pin}");
+    let id = m["id"].as_u64().expect("id");
+    eprintln!("dying with its shmem: {pin}");
+    // The human view of the same memcg.
+    let out = Command::new(leaktrace_bin())
+        .args(["memcg", "--why", &id.to_string()])
+        .output()
+        .expect("run --why");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("state: dying"), "{text}");
+    assert!(text.contains(&want), "{text}");
+    assert!(text.contains("release: delete or truncate the file"), "{text}");
 
     // File deleted: the pages are freed, nothing holds the memcg, it is released.
     std::fs::remove_file(&file).expect("rm file");

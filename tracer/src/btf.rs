@@ -306,32 +306,8 @@ impl Btf {
     }
 
     fn find_member(&self, t: &Type, member: &str, base_bits: u32, depth: u32) -> Option<Member> {
-        if depth > 8 {
-            return None;
-        }
-        for &(n, ty, bits) in &t.members {
-            let bits = if t.kind_flag { bits & 0xff_ffff } else { bits };
-            let name = self.string(n);
-            if name == member {
-                let total = base_bits + bits;
-                return total.is_multiple_of(8).then(|| Member {
-                    offset: total / 8,
-                    shape: self.shape(ty),
-                });
-            }
-            if name.is_empty() {
-                if let Some((_, inner)) = self.resolve(ty) {
-                    if matches!(inner.kind, KIND_STRUCT | KIND_UNION) {
-                        if let Some(m) =
-                            self.find_member(inner, member, base_bits + bits, depth + 1)
-                        {
-                            return Some(m);
-                        }
-                    }
-                }
-            }
-        }
-        None
+        self.find_member_typed(t, member, base_bits, depth)
+            .map(|(m, _)| m)
     }
 
     /// Member `member` of `struct name`, looking through anonymous unions and
@@ -340,6 +316,70 @@ impl Btf {
         let id = *self.by_name.get(&(KIND_STRUCT, name.to_string()))?;
         let t = self.types.get(id as usize)?;
         self.find_member(t, member, 0, 0)
+    }
+
+    /// A member reached through named inner members, e.g. `dentry` `d_u.d_alias`
+    /// (`d_u` is a named union of an anonymous type) or `inode` `i_sb`.
+    pub fn member_path(&self, name: &str, path: &[&str]) -> Option<Member> {
+        let id = *self.by_name.get(&(KIND_STRUCT, name.to_string()))?;
+        let mut t = self.types.get(id as usize)?;
+        let mut offset = 0u32;
+        let mut last = None;
+        for (i, step) in path.iter().enumerate() {
+            let (m, ty) = self.find_member_typed(t, step, 0, 0)?;
+            offset += m.offset;
+            if i + 1 < path.len() {
+                t = self.resolve(ty)?.1;
+                if !matches!(t.kind, KIND_STRUCT | KIND_UNION) {
+                    return None;
+                }
+            }
+            last = Some(Member {
+                offset,
+                shape: m.shape,
+            });
+        }
+        last
+    }
+
+    fn find_member_typed(
+        &self,
+        t: &Type,
+        member: &str,
+        base_bits: u32,
+        depth: u32,
+    ) -> Option<(Member, u32)> {
+        if depth > 8 {
+            return None;
+        }
+        for &(n, ty, bits) in &t.members {
+            let bits = if t.kind_flag { bits & 0xff_ffff } else { bits };
+            let name = self.string(n);
+            if name == member {
+                let total = base_bits + bits;
+                return total.is_multiple_of(8).then(|| {
+                    (
+                        Member {
+                            offset: total / 8,
+                            shape: self.shape(ty),
+                        },
+                        ty,
+                    )
+                });
+            }
+            if name.is_empty() {
+                if let Some((_, inner)) = self.resolve(ty) {
+                    if matches!(inner.kind, KIND_STRUCT | KIND_UNION) {
+                        if let Some(m) =
+                            self.find_member_typed(inner, member, base_bits + bits, depth + 1)
+                        {
+                            return Some(m);
+                        }
+                    }
+                }
+            }
+        }
+        None
     }
 
     /// Value of enumerator `variant` in whichever enum defines it, named or
@@ -465,6 +505,16 @@ mod tests {
             Some(Shape::Pointer)
         );
         assert!(btf.enumerator("CSS_ONLINE").is_some());
+        let alias = btf
+            .member_path("dentry", &["d_u", "d_alias"])
+            .expect("d_u.d_alias");
+        let d_u = btf.member("dentry", "d_u").expect("d_u");
+        assert_eq!(alias.offset, d_u.offset);
+        assert_eq!(
+            btf.member_path("dentry", &["d_name", "name"])
+                .map(|m| m.shape),
+            Some(Shape::Pointer)
+        );
         for (s, m) in [
             ("task_struct", "cgroups"),
             ("css_set", "subsys"),

@@ -8,6 +8,7 @@ mod hooks;
 mod kmem;
 mod kread;
 pub mod paths;
+mod pins;
 mod state;
 mod view;
 mod walk;
@@ -95,6 +96,12 @@ pub struct MemcgArgs {
     /// Ring buffer size in MiB (rounded up to a power of two).
     #[arg(long, default_value_t = 8, value_name = "MIB")]
     pub ringbuf_mib: u32,
+
+    /// One memcg's full story by id (the ID column): state, page counters,
+    /// every file whose pages it holds and what releases them, creator and
+    /// remover where traced. Implies a one-shot list unless --duration is given.
+    #[arg(long, value_name = "ID", conflicts_with = "top")]
+    pub why: Option<u64>,
 
     /// Machine output: one JSON object per interval (with --top) and a final report, one per line.
     #[arg(long)]
@@ -204,7 +211,20 @@ impl KernelMemcgs {
         }
         let btf = Btf::from_sys_fs().context("reading /sys/kernel/btf/vmlinux")?;
         let mut k = kread::Kread::open()?;
-        walk::walk(&btf, &mut k)
+        let mut w = walk::walk(&btf, &mut k)?;
+        let t = std::time::Instant::now();
+        let dying: Vec<usize> = (0..w.memcgs.len()).filter(|&i| w.memcgs[i].dying).collect();
+        let addrs: Vec<u64> = dying.iter().map(|&i| w.memcgs[i].addr).collect();
+        match pins::page_pins(&btf, &mut k, &addrs)? {
+            Ok(pins) => {
+                for (i, p) in dying.into_iter().zip(pins) {
+                    w.memcgs[i].page_pins = Some(p);
+                }
+            }
+            Err(e) => w.page_pins_unknown = Some(format!("unknown on this kernel: {e}")),
+        }
+        w.page_pins_ms = walk::duration_ms(t.elapsed());
+        Ok(w)
     }
 }
 
@@ -262,7 +282,7 @@ async fn run_async(args: MemcgArgs) -> Result<()> {
         kmalloc_cg: root.join("sys/kernel/slab/kmalloc-cg-8").exists(),
     };
     // A plain --list is a look at cgroupfs and /proc/cgroups: no BPF, no root.
-    if args.list && args.duration.is_none() {
+    if (args.list || args.why.is_some()) && args.duration.is_none() {
         run.mode = "none (one-shot list from cgroupfs; --duration traces first)".into();
         let report = run.report("list", Counters::default());
         return emit_final(&args, &report);
@@ -318,7 +338,11 @@ async fn run_async(args: MemcgArgs) -> Result<()> {
     drop(hooks);
     let mut ring = outcome?;
     drain(&mut run, &mut ring);
-    let kind = if args.list { "list" } else { "final" };
+    let kind = if args.list || args.why.is_some() {
+        "list"
+    } else {
+        "final"
+    };
     let report = run.report(kind, counters);
     emit_final(&args, &report)
 }
@@ -539,6 +563,8 @@ fn emit_final(args: &MemcgArgs, report: &Report) -> Result<()> {
     if args.json {
         let line = serde_json::to_string(report).context("encoding JSON report")?;
         writeln!(out, "{line}")?;
+    } else if let Some(id) = args.why {
+        writeln!(out, "{}", view::why(report, id))?;
     } else {
         writeln!(out, "{}", view::render(report, args, true))?;
     }

@@ -92,7 +92,10 @@ fn kernel_memcgs(out: &mut String, r: &Report, args: &MemcgArgs) {
             out,
             "{:>8} {:>6} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}  {}{}",
             m.id,
-            m.memcg_id.map_or_else(|| "?".into(), |i| i.to_string()),
+            // The memcg id is given back at offline (0 from then on).
+            m.memcg_id
+                .filter(|&i| i != 0)
+                .map_or_else(|| "-".into(), |i| i.to_string()),
             m.usage_pages.map_or_else(|| "?".into(), group),
             pages(m.file),
             pages(m.shmem),
@@ -106,9 +109,57 @@ fn kernel_memcgs(out: &mut String, r: &Report, args: &MemcgArgs) {
                 ""
             }
         );
+        file_pins(out, m, 3, "           ");
     }
     if dying.len() > limit {
         let _ = writeln!(out, "... {} more dying (--limit)", dying.len() - limit);
+    }
+    if let Some(why) = &w.page_pins_unknown {
+        let _ = writeln!(out, "page cache by file: {why}");
+    } else {
+        let _ = writeln!(
+            out,
+            "(files: each dying memcg's LRU pages by file, read in {:.0} ms; `--why ID` shows every file and what releases it)",
+            w.page_pins_ms
+        );
+    }
+}
+
+/// A dying memcg's LRU pages by file, `n` files at most.
+pub(super) fn file_pins(out: &mut String, m: &super::walk::KMemcg, n: usize, indent: &str) {
+    let Some(p) = &m.page_pins else {
+        return;
+    };
+    for f in p.files.iter().take(n) {
+        let _ = writeln!(
+            out,
+            "{indent}{:>7} pages  {}",
+            group(f.pages),
+            f.path.clone().unwrap_or_else(|| match f.fs.as_deref() {
+                Some("bdev") => format!(
+                    "block device page cache (bdev inode {}; filesystem metadata / buffer heads)",
+                    f.ino
+                ),
+                fs => format!(
+                    "{} dev {} inode {} (no path: the inode has no dentry)",
+                    fs.unwrap_or("?"),
+                    f.dev,
+                    f.ino
+                ),
+            })
+        );
+    }
+    if p.files.len() > n {
+        let rest: u64 = p.files[n..].iter().map(|f| f.pages).sum();
+        let _ = writeln!(
+            out,
+            "{indent}{:>7} pages  in {} more files",
+            group(rest),
+            p.files.len() - n
+        );
+    }
+    if p.anon_pages > 0 {
+        let _ = writeln!(out, "{indent}{:>7} pages  anonymous", group(p.anon_pages));
     }
 }
 
@@ -344,4 +395,216 @@ mod tests {
         assert_eq!(secs(75.0), "1m15s");
         assert_eq!(secs(7260.0), "2h01m");
     }
+}
+
+/// `--why ID`: one memcg's whole story.
+pub fn why(r: &Report, id: u64) -> String {
+    let mut out = String::new();
+    let kernel = r
+        .kernel_memcgs
+        .as_ref()
+        .and_then(|k| k.walk.as_ref())
+        .and_then(|w| w.memcgs.iter().find(|m| m.id == id));
+    let traced = r.snapshot.memcgs.iter().find(|m| m.id == id);
+    let path = kernel
+        .map(|m| m.path.clone())
+        .or_else(|| traced.map(|m| m.path.clone()));
+    let _ = writeln!(
+        out,
+        "memcg {id}: {}",
+        path.as_deref().unwrap_or("(not found)")
+    );
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let kv = super::kmem::kernel_version(release.trim()).unwrap_or((0, 0));
+    match (kernel, &r.kernel_memcgs) {
+        (Some(m), _) => {
+            let state = if m.dying {
+                "dying: offline (rmdir'd) but not released; something still holds it"
+            } else if m.online {
+                "live (online)"
+            } else {
+                "root"
+            };
+            let _ = writeln!(out, "  state: {state}");
+        }
+        (None, Some(k)) if k.walk.is_some() => {
+            let _ = writeln!(
+                out,
+                "  state: not in the kernel: released (or never a memcg in hierarchy {})",
+                r.hierarchy.id
+            );
+        }
+        (None, Some(k)) => {
+            let _ = writeln!(
+                out,
+                "  state: unknown on this kernel: {}",
+                k.unknown.as_deref().unwrap_or("no walk")
+            );
+        }
+        (None, None) => {}
+    }
+    let container = path
+        .as_deref()
+        .map(super::paths::decode)
+        .unwrap_or_default();
+    if !container.is_empty() {
+        let _ = writeln!(
+            out,
+            "  container: runtime {}  pod {}  id {}",
+            container.runtime.unwrap_or("?"),
+            container.pod_uid.as_deref().unwrap_or("-"),
+            container.container_id.as_deref().unwrap_or("-")
+        );
+    }
+    let actor = |a: &Option<Actor>| {
+        a.as_ref().map(|a| {
+            let chain: Vec<String> = a
+                .ancestry
+                .iter()
+                .map(|p| format!("{}/{}", p.comm, p.pid))
+                .collect();
+            format!(
+                "{}/{} {}{}",
+                a.comm,
+                a.tgid,
+                a.cmdline.as_deref().unwrap_or(""),
+                if chain.is_empty() {
+                    String::new()
+                } else {
+                    format!("  <- {}", chain.join(" <- "))
+                }
+            )
+        })
+    };
+    match traced {
+        Some(t) => {
+            let _ = writeln!(
+                out,
+                "  created by: {}",
+                actor(&t.creator)
+                    .unwrap_or_else(|| "unknown: created before tracing started".into())
+            );
+            let _ = writeln!(
+                out,
+                "  removed by: {}{}",
+                actor(&t.remover).unwrap_or_else(|| "-".into()),
+                t.dying_s
+                    .map(|d| format!(", {} ago", secs(d)))
+                    .unwrap_or_default()
+            );
+        }
+        None => {
+            let _ = writeln!(
+                out,
+                "  created / removed by: unknown on this kernel: before leaktrace traced it (the kernel keeps no creator, and no offline time); run with --duration to attribute new ones"
+            );
+        }
+    }
+    let Some(m) = kernel else {
+        return out;
+    };
+    let p = |v: Option<u64>| v.map_or_else(|| "?".into(), group);
+    let _ = writeln!(
+        out,
+        "  page counters: memory {} pages, {} {} pages, kmem {} pages{}",
+        p(m.usage_pages),
+        if r.hierarchy.version == 1 {
+            "memsw (memory+swap)"
+        } else {
+            "swap"
+        },
+        p(m.swap_counter_pages),
+        p(m.kmem_counter_pages),
+        if m.kmem_counter_pages.is_none() {
+            " (no v1 kmem counter)"
+        } else {
+            ""
+        }
+    );
+    let _ = writeln!(
+        out,
+        "  pages by kind: file {}  shmem {}  anon {}  swap {}  kernel {}  dirty {}  writeback {}",
+        pages(m.file),
+        pages(m.shmem),
+        pages(m.anon),
+        pages(m.swap),
+        pages(m.kernel),
+        pages(m.dirty),
+        pages(m.writeback)
+    );
+    let _ = writeln!(out, "  what holds it, on kernel {}:", release.trim());
+    match &m.page_pins {
+        Some(pp) => {
+            let files: u64 = pp.files.iter().map(|f| f.pages).sum();
+            let _ = writeln!(
+                out,
+                "    page cache: {} pages in {} files (its LRU lists walked now: every folio still charged to it, however old){}",
+                group(files),
+                pp.files.len(),
+                if pp.truncated { "; walk stopped early" } else { "" }
+            );
+            file_pins(&mut out, m, usize::MAX, "      ");
+            if files > 0 {
+                let _ = writeln!(
+                    out,
+                    "      release: delete or truncate the file (once no process has it open or mapped); fadvise(DONTNEED) does not free shmem, dirty or mapped pages{}",
+                    if r.hierarchy.version == 2 && kv >= (5, 19) {
+                        "; or write to the parent's memory.reclaim (clean file pages)"
+                    } else {
+                        ""
+                    }
+                );
+            }
+        }
+        None if m.dying => {
+            let _ = writeln!(
+                out,
+                "    page cache by file: unknown on this kernel: the LRU walk was not possible"
+            );
+        }
+        None => {
+            let _ = writeln!(
+                out,
+                "    (live: page cache by file is walked for dying memcgs only)"
+            );
+        }
+    }
+    if m.swap.unwrap_or(0) > 0 {
+        let _ = writeln!(
+            out,
+            "    swap: {} pages swapped out while charged here; each swap entry records this memcg and holds it until freed",
+            pages(m.swap)
+        );
+    }
+    let kernel_note = if kv >= (5, 14) {
+        "charged through obj_cgroup and reparented to the parent at offline: not a pin on this kernel (their later frees are uncharged from the parent, so this count can stay above what is really left)"
+    } else if kv >= (5, 9) {
+        "slab objects reparented at offline (not a pin); other accounted kernel pages (pipe buffers, kernel stacks) still pin until 5.14"
+    } else {
+        "every charged kernel object pins the memcg on kernels before 5.9"
+    };
+    let _ = writeln!(
+        out,
+        "    kernel memory: {} pages, {kernel_note}",
+        pages(m.kernel)
+    );
+    let _ = writeln!(
+        out,
+        "    other references (sockets' sk_memcg, fsnotify groups, cgroup-v2 writeback, BPF maps on 5.11-6.0): unknown on this kernel: leaktrace does not read css reference holders"
+    );
+    if let Some(t) = traced {
+        if t.pinned.objects > 0 {
+            let _ = writeln!(
+                out,
+                "  objects charged while live (since tracing started; reparented on >= 5.9): {}",
+                group(t.pinned.objects)
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "  kernel memory accounting: {} ({})",
+        r.kmem_accounting.charged, r.kmem_accounting.rule
+    );
+    out
 }

@@ -295,6 +295,12 @@ pub struct KMemcg {
     pub kernel: Option<i64>,
     pub dirty: Option<i64>,
     pub writeback: Option<i64>,
+    /// What its LRU pages are, by file (dying memcgs only; see `pins.rs`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub page_pins: Option<super::pins::PagePins>,
+    /// The `mem_cgroup` address, for further reads.
+    #[serde(skip)]
+    pub addr: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -308,6 +314,10 @@ pub struct KernelWalk {
     pub dropped: u64,
     /// Which stats array the per-item pages come from, or why there are none.
     pub stats_source: String,
+    /// Why dying memcgs have no `page_pins`, where they have none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub page_pins_unknown: Option<String>,
+    pub page_pins_ms: f64,
 }
 
 impl KernelWalk {
@@ -505,6 +515,8 @@ pub fn walk(btf: &Btf, kread: &mut Kread) -> Result<KernelWalk> {
             kernel: item(s.and_then(|s| s.kernel)),
             dirty: item(s.and_then(|s| s.dirty)),
             writeback: item(s.and_then(|s| s.writeback)),
+            page_pins: None,
+            addr: memcg_of(n),
         });
     }
     let stats_source = match &lay.stats {
@@ -531,16 +543,18 @@ pub fn walk(btf: &Btf, kread: &mut Kread) -> Result<KernelWalk> {
         reads: kread.slots - slots0,
         dropped,
         stats_source,
+        page_pins_unknown: None,
+        page_pins_ms: 0.0,
     })
 }
 
-fn duration_ms(d: Duration) -> f64 {
+pub(super) fn duration_ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
 /// NUL-terminated kernel strings (kernfs names are at most 255 bytes); a
 /// read that crosses into an unmapped page is retried shorter.
-fn read_strings(kread: &mut Kread, addrs: &[u64]) -> Result<Vec<Option<String>>> {
+pub(super) fn read_strings(kread: &mut Kread, addrs: &[u64]) -> Result<Vec<Option<String>>> {
     let mut out: Vec<Option<String>> = vec![None; addrs.len()];
     for len in [256usize, 64, 16] {
         let todo: Vec<usize> = (0..addrs.len())
