@@ -702,7 +702,10 @@ fn shmem_pins_dying_memcg_until_file_deleted(h: Hier) {
     assert!(out.status.success(), "{text}");
     assert!(text.contains("state: dying"), "{text}");
     assert!(text.contains(&want), "{text}");
-    assert!(text.contains("release: delete or truncate the file"), "{text}");
+    assert!(
+        text.contains("release: delete or truncate the file"),
+        "{text}"
+    );
 
     // File deleted: the pages are freed, nothing holds the memcg, it is released.
     std::fs::remove_file(&file).expect("rm file");

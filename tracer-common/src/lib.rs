@@ -425,6 +425,9 @@ pub mod memcg {
     pub const KREAD_SLOTS: usize = 64;
     /// Bytes one slot reads at most (a power of two: the program masks lengths).
     pub const KREAD_SLOT_BYTES: usize = 256;
+    /// Pointers a "follow" slot collects: it reads the u64 at `addr`, then at
+    /// that value, and so on (a list's `next` chain), stopping at `stop`.
+    pub const KREAD_FOLLOW: usize = KREAD_SLOT_BYTES / 8;
 
     #[repr(C)]
     #[derive(Clone, Copy)]
@@ -437,8 +440,13 @@ pub mod memcg {
         pub addr: [u64; KREAD_SLOTS],
         /// 1..=KREAD_SLOT_BYTES.
         pub len: [u32; KREAD_SLOTS],
-        /// Out: `bpf_probe_read_kernel` result per slot (0 or a negative errno).
+        /// Out: `bpf_probe_read_kernel` result per slot (0 or a negative errno);
+        /// for a follow slot, the number of pointers collected.
         pub status: [i32; KREAD_SLOTS],
+        /// 1: follow a `next` chain from `addr` instead of reading `len` bytes.
+        pub follow: [u32; KREAD_SLOTS],
+        /// Follow slots end when they read this value (the list head).
+        pub stop: [u64; KREAD_SLOTS],
         pub data: [[u8; KREAD_SLOT_BYTES]; KREAD_SLOTS],
     }
 
@@ -451,6 +459,8 @@ pub mod memcg {
                 addr: [0; KREAD_SLOTS],
                 len: [0; KREAD_SLOTS],
                 status: [0; KREAD_SLOTS],
+                follow: [0; KREAD_SLOTS],
+                stop: [0; KREAD_SLOTS],
                 data: [[0; KREAD_SLOT_BYTES]; KREAD_SLOTS],
             }
         }

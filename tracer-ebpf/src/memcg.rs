@@ -19,7 +19,7 @@ use aya_ebpf::{
 use tracer_common::memcg::{
     counter, CgroupEvent, ChargeEvent, CssEvent, KreadBatch, MemcgConfig, UnchargeEvent, CACHE_LEN,
     EVENT_CHARGE, EVENT_CSS_FREE, EVENT_CSS_OFFLINE, EVENT_MKDIR, EVENT_RELEASE, EVENT_RMDIR,
-    EVENT_UNCHARGE, KREAD_SLOTS, KREAD_SLOT_BYTES, KSTACK, PATH_LEN,
+    EVENT_UNCHARGE, KREAD_FOLLOW, KREAD_SLOTS, KREAD_SLOT_BYTES, KSTACK, PATH_LEN,
 };
 
 #[no_mangle]
@@ -384,6 +384,38 @@ pub fn memcg_kread(_ctx: RawTracePointContext) -> i32 {
     for i in 0..KREAD_SLOTS {
         if i >= n {
             break;
+        }
+        if batch.follow[i] != 0 {
+            // A list's next chain: up to KREAD_FOLLOW pointers, ending at the
+            // head (`stop`), a failed read, or a value that is no kernel address.
+            let stop = batch.stop[i];
+            let mut p = batch.addr[i];
+            let mut got: i32 = 0;
+            for j in 0..KREAD_FOLLOW {
+                let mut v: u64 = 0;
+                let r = unsafe {
+                    aya_ebpf::helpers::generated::bpf_probe_read_kernel(
+                        (&mut v as *mut u64).cast(),
+                        8,
+                        p as *const core::ffi::c_void,
+                    )
+                };
+                if r != 0 {
+                    break;
+                }
+                // j < KREAD_FOLLOW: inside the slot.
+                unsafe {
+                    let dst = batch.data[i].as_mut_ptr().add(j * 8).cast::<u64>();
+                    core::ptr::write_unaligned(dst, v);
+                }
+                got += 1;
+                if v == stop || v >> 56 != 0xff {
+                    break;
+                }
+                p = v;
+            }
+            batch.status[i] = got;
+            continue;
         }
         // 1..=KREAD_SLOT_BYTES whatever userspace wrote: a range the verifier can prove.
         let len = (batch.len[i].wrapping_sub(1) & (KREAD_SLOT_BYTES as u32 - 1)) + 1;

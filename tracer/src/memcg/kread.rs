@@ -18,7 +18,7 @@ use aya::{
     programs::{RawTracePoint, RawTracePointRunOptions, TestRun},
     Ebpf, EbpfLoader,
 };
-use tracer_common::memcg::{KreadBatch, KREAD_SLOTS, KREAD_SLOT_BYTES};
+use tracer_common::memcg::{KreadBatch, KREAD_FOLLOW, KREAD_SLOTS, KREAD_SLOT_BYTES};
 
 use crate::probes::{raise_memlock_limit, verifier_context, BPF_OBJECT};
 
@@ -129,6 +129,7 @@ impl Kread {
                 self.batch.addr[slot] = addr;
                 self.batch.len[slot] = len as u32;
                 self.batch.status[slot] = 0;
+                self.batch.follow[slot] = 0;
             }
             self.run_batch(chunk.len())?;
             for (slot, &(i, _, len)) in chunk.iter().enumerate() {
@@ -142,6 +143,65 @@ impl Kread {
         Ok(out)
     }
 
+    /// Whole `next` chains of linked lists, read in the kernel up to
+    /// KREAD_FOLLOW steps per slot per run: for each (first `next` field
+    /// address, head), every node address after it up to (not including) the
+    /// head. A chain that breaks (failed read, a value that is no kernel
+    /// address, or longer than `max`) is returned as far as read, with false.
+    pub fn follow(&mut self, starts: &[(u64, u64)], max: usize) -> Result<Vec<(Vec<u64>, bool)>> {
+        let mut out: Vec<(Vec<u64>, bool)> = vec![(Vec::new(), true); starts.len()];
+        // (index, address to read next)
+        let mut todo: Vec<(usize, u64)> = starts.iter().map(|&(a, _)| a).enumerate().collect();
+        while !todo.is_empty() {
+            let mut next = Vec::new();
+            for chunk in todo.chunks(KREAD_SLOTS) {
+                for (slot, &(i, addr)) in chunk.iter().enumerate() {
+                    self.batch.addr[slot] = addr;
+                    self.batch.len[slot] = 8;
+                    self.batch.status[slot] = 0;
+                    self.batch.follow[slot] = 1;
+                    self.batch.stop[slot] = starts[i].1;
+                }
+                self.run_batch(chunk.len())?;
+                for (slot, &(i, _)) in chunk.iter().enumerate() {
+                    let got = usize::try_from(self.batch.status[slot]).unwrap_or(0);
+                    let (nodes, ok) = &mut out[i];
+                    let mut last = None;
+                    let mut ended = false;
+                    for j in 0..got.min(KREAD_FOLLOW) {
+                        let v = u64_at(&self.batch.data[slot], j * 8).unwrap_or(0);
+                        if v == starts[i].1 {
+                            ended = true;
+                            break;
+                        }
+                        if v >> 56 != 0xff {
+                            // A poisoned or NULL head (a list never used, e.g.
+                            // the unevictable one on 6.x) is an empty list;
+                            // anywhere later the chain broke under us.
+                            if !(nodes.is_empty() && j == 0 && is_poison_or_null(v)) {
+                                *ok = false;
+                            }
+                            ended = true;
+                            break;
+                        }
+                        nodes.push(v);
+                        last = Some(v);
+                    }
+                    if ended {
+                        continue;
+                    }
+                    match last {
+                        // A full slot: go on from the last node read.
+                        Some(v) if got == KREAD_FOLLOW && nodes.len() < max => next.push((i, v)),
+                        _ => *ok = false,
+                    }
+                }
+            }
+            todo = next;
+        }
+        Ok(out)
+    }
+
     /// One u64 per address (pointers, counters).
     pub fn read_u64s(&mut self, addrs: &[u64]) -> Result<Vec<Option<u64>>> {
         let reqs: Vec<(u64, usize)> = addrs.iter().map(|&a| (a, 8)).collect();
@@ -151,6 +211,14 @@ impl Kread {
             .map(|b| b.and_then(|b| u64_at(&b, 0)))
             .collect())
     }
+}
+
+/// NULL or a list poison value (`LIST_POISON1/2` = POISON_POINTER_DELTA +
+/// 0x100/0x122; the delta is 0xdead000000000000 on x86-64 and 0 or
+/// 0xdead000000000000 on arm64).
+fn is_poison_or_null(v: u64) -> bool {
+    let low = v & 0xffff_ffff;
+    v == 0 || ((v >> 32 == 0xdead_0000 || v >> 32 == 0) && (low == 0x100 || low == 0x122))
 }
 
 pub fn u64_at(b: &[u8], off: usize) -> Option<u64> {

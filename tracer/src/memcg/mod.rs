@@ -213,6 +213,7 @@ impl KernelMemcgs {
         let mut k = kread::Kread::open()?;
         let mut w = walk::walk(&btf, &mut k)?;
         let t = std::time::Instant::now();
+        let (runs, reads) = (k.runs, k.slots);
         let dying: Vec<usize> = (0..w.memcgs.len()).filter(|&i| w.memcgs[i].dying).collect();
         let addrs: Vec<u64> = dying.iter().map(|&i| w.memcgs[i].addr).collect();
         match pins::page_pins(&btf, &mut k, &addrs)? {
@@ -224,6 +225,8 @@ impl KernelMemcgs {
             Err(e) => w.page_pins_unknown = Some(format!("unknown on this kernel: {e}")),
         }
         w.page_pins_ms = walk::duration_ms(t.elapsed());
+        w.page_pins_runs = k.runs - runs;
+        w.page_pins_reads = k.slots - reads;
         Ok(w)
     }
 }

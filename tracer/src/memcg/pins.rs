@@ -46,7 +46,7 @@ pub struct PagePins {
     pub folios_walked: u64,
     /// Folios met on the lists whose memcg was not this one (lists moved under us).
     pub unverified: u64,
-    /// The walk stopped at MAX_FOLIOS.
+    /// A list was cut short: over MAX_FOLIOS, or it changed under the walk.
     pub truncated: bool,
 }
 
@@ -183,12 +183,6 @@ fn possible_nodes() -> u64 {
         .map_or(1, |last| last + 1)
 }
 
-struct Chain {
-    memcg: usize,
-    head: u64,
-    cur: u64,
-}
-
 /// Page pins for each memcg address in `memcgs` (same order), or why there are none.
 pub fn page_pins(
     btf: &Btf,
@@ -209,54 +203,38 @@ pub fn page_pins(
         }
     }
     let per_node = kread.read_u64s(&reqs)?;
-    let mut chains: Vec<Chain> = Vec::new();
+    // Every LRU list followed in the kernel, then every folio read in batches.
+    let mut starts: Vec<(u64, u64)> = Vec::new();
+    let mut owner_of: Vec<usize> = Vec::new();
     for (i, pn) in per_node.iter().enumerate() {
         let Some(pn) = pn.filter(|&p| p != 0) else {
             continue;
         };
         for &h in &lay.heads {
-            chains.push(Chain {
-                memcg: i / nodes as usize,
-                head: pn + h,
-                cur: pn + h,
-            });
+            starts.push((pn + h, pn + h));
+            owner_of.push(i / nodes as usize);
         }
     }
-    // Advance every list one step per round: read `next` of the current
-    // node, then the folio it belongs to.
-    let mut folios: Vec<(usize, u64, u64)> = Vec::new(); // (memcg, mapping, pages)
-    while !chains.is_empty() {
-        let nexts = kread.read_u64s(&chains.iter().map(|c| c.cur).collect::<Vec<_>>())?;
-        let mut live: Vec<Chain> = Vec::new();
-        let mut at: Vec<(usize, u64)> = Vec::new();
-        for (c, next) in chains.into_iter().zip(nexts) {
-            match next {
-                // Kernel addresses have the top byte 0xff (x86-64, arm64);
-                // anything else (LIST_POISON1 0xdead..., NULL) ends the list.
-                Some(n) if n != c.head && n >> 56 == 0xff => {
-                    at.push((c.memcg, n - lay.lru));
-                    live.push(Chain { cur: n, ..c });
-                }
-                _ => {}
-            }
+    let lists = kread.follow(&starts, MAX_FOLIOS as usize)?;
+    let mut at: Vec<(usize, u64)> = Vec::new();
+    for (&m, (list, complete)) in owner_of.iter().zip(lists) {
+        if !complete {
+            out[m].truncated = true;
         }
-        let reqs: Vec<(u64, usize)> = at.iter().map(|&(_, f)| (f, lay.span)).collect();
+        at.extend(list.into_iter().map(|n| (m, n - lay.lru)));
+    }
+    let mut folios: Vec<(usize, u64, u64)> = Vec::new(); // (memcg, mapping, pages)
+    for batch in at.chunks(64 * 256) {
+        let reqs: Vec<(u64, usize)> = batch.iter().map(|&(_, f)| (f, lay.span)).collect();
         let bodies = kread.read(&reqs)?;
-        let mut keep = vec![true; live.len()];
-        for (k, (&(m, _), body)) in at.iter().zip(bodies).enumerate() {
+        for (&(m, _), body) in batch.iter().zip(bodies) {
             let p = &mut out[m];
             p.folios_walked += 1;
-            if p.folios_walked > MAX_FOLIOS {
-                p.truncated = true;
-                keep[k] = false;
-                continue;
-            }
             let field = |o: u64| body.as_ref().and_then(|b| u64_at(b, o as usize));
             let owner = field(lay.memcg_data).map(|d| d & !lay.memcg_mask);
             if owner != Some(memcgs[m]) {
-                // Moved to another list or freed while we walked: stop this list.
+                // Moved to another list or freed while we walked.
                 p.unverified += 1;
-                keep[k] = false;
                 continue;
             }
             let mut pages = 1;
@@ -273,11 +251,6 @@ pub fn page_pins(
                 _ => p.anon_pages += pages,
             }
         }
-        chains = live
-            .into_iter()
-            .zip(keep)
-            .filter_map(|(c, k)| k.then_some(c))
-            .collect();
     }
 
     // Files: mapping -> inode -> (dev, ino, nlink, first dentry) -> path.

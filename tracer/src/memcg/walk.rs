@@ -318,6 +318,9 @@ pub struct KernelWalk {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub page_pins_unknown: Option<String>,
     pub page_pins_ms: f64,
+    /// BPF program runs and reads the page-cache walk took.
+    pub page_pins_runs: u64,
+    pub page_pins_reads: u64,
 }
 
 impl KernelWalk {
@@ -359,47 +362,50 @@ pub fn walk(btf: &Btf, kread: &mut Kread) -> Result<KernelWalk> {
     let mut nodes: Vec<Node> = Vec::new();
     let mut seen: HashSet<u64> = HashSet::new();
     let mut dropped = 0u64;
-    let mut frontier: Vec<(u64, Option<usize>)> = vec![(root, None)];
-    while !frontier.is_empty() {
-        let reqs: Vec<(u64, usize)> = frontier.iter().map(|&(c, _)| (c, lay.css_span)).collect();
+    // Level by level: each parent's whole children list is followed in the
+    // kernel (`Kread::follow`), then the children's css fields read in batches.
+    let mut level: Vec<(u64, Option<usize>)> = vec![(root, None)];
+    while !level.is_empty() {
+        let reqs: Vec<(u64, usize)> = level.iter().map(|&(c, _)| (c, lay.css_span)).collect();
         let chunks = kread.read(&reqs)?;
-        let mut next = Vec::new();
-        for (&(c, parent), chunk) in frontier.iter().zip(chunks) {
-            let field = |b: &[u8], o: u64| u64_at(b, o as usize);
+        let mut parents: Vec<usize> = Vec::new();
+        for (&(c, parent), chunk) in level.iter().zip(chunks) {
             let Some(b) = chunk else {
                 dropped += 1;
                 continue;
             };
-            if field(&b, lay.css_ss) != Some(ss) || !seen.insert(c) {
+            if u64_at(&b, lay.css_ss as usize) != Some(ss) || !seen.insert(c) {
                 dropped += 1;
                 continue;
             }
             if nodes.len() >= MAX_MEMCGS {
                 bail!("more than {MAX_MEMCGS} memcgs walked: the walk is reading garbage");
             }
-            let idx = nodes.len();
+            parents.push(nodes.len());
             nodes.push(Node {
                 css: c,
                 parent,
                 level: parent.map_or(0, |p| nodes[p].level + 1),
                 flags: u32_at(&b, lay.css_flags as usize).unwrap_or(0),
-                cgroup: field(&b, lay.css_cgroup).unwrap_or(0),
+                cgroup: u64_at(&b, lay.css_cgroup as usize).unwrap_or(0),
             });
-            if let Some(first) = field(&b, lay.css_children) {
-                if first != c + lay.css_children && first != 0 {
-                    next.push((first - lay.css_sibling, Some(idx)));
-                }
-            }
-            if let Some(p) = parent {
-                let head = nodes[p].css + lay.css_children;
-                if let Some(sib) = field(&b, lay.css_sibling) {
-                    if sib != head && sib != 0 {
-                        next.push((sib - lay.css_sibling, Some(p)));
-                    }
-                }
-            }
         }
-        frontier = next;
+        let starts: Vec<(u64, u64)> = parents
+            .iter()
+            .map(|&p| {
+                let head = nodes[p].css + lay.css_children;
+                (head, head)
+            })
+            .collect();
+        let lists = kread.follow(&starts, MAX_MEMCGS)?;
+        level = Vec::new();
+        for (&p, (children, complete)) in parents.iter().zip(lists) {
+            if !complete {
+                // A list that changed under us: what was read is kept.
+                dropped += 1;
+            }
+            level.extend(children.into_iter().map(|n| (n - lay.css_sibling, Some(p))));
+        }
     }
 
     // Counters and stats, then names: a few batched rounds for all memcgs.
@@ -545,6 +551,8 @@ pub fn walk(btf: &Btf, kread: &mut Kread) -> Result<KernelWalk> {
         stats_source,
         page_pins_unknown: None,
         page_pins_ms: 0.0,
+        page_pins_runs: 0,
+        page_pins_reads: 0,
     })
 }
 
