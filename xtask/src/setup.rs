@@ -13,7 +13,44 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 
 pub fn ensure() -> Result<()> {
     ensure_nightly()?;
-    ensure_bpf_linker()
+    ensure_bpf_linker()?;
+    ensure_memcg_container_packages()
+}
+
+/// Debian packages the memcg container test runs real containers with
+/// (podman + runc from a local busybox rootfs: no image pull, no network).
+const MEMCG_CONTAINER_PACKAGES: &[&str] = &["podman", "runc", "conmon", "busybox-static"];
+
+fn ensure_memcg_container_packages() -> Result<()> {
+    let missing: Vec<&str> = MEMCG_CONTAINER_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            !output(Command::new("dpkg-query").args(["-W", "-f", "${Status}", p]))
+                .is_ok_and(|s| s.contains("install ok installed"))
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    // SAFETY: geteuid has no memory effects.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root || !quiet(Command::new("apt-get").arg("--version")) {
+        eprintln!(
+            "xtask: not installing {} (needs root and apt-get): the memcg container test will fail",
+            missing.join(" ")
+        );
+        return Ok(());
+    }
+    eprintln!(
+        "xtask: installing {} (memcg container test)",
+        missing.join(" ")
+    );
+    run(Command::new("apt-get").args(["update", "-qq"]))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
 fn ensure_nightly() -> Result<()> {
