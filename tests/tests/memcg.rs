@@ -621,6 +621,42 @@ fn wait_until(what: &str, mut f: impl FnMut() -> Option<String>) -> String {
     panic!("timed out waiting for {what}; last: {last}");
 }
 
+/// After `want` was deleted: the memcg at `path` is released, or (where
+/// `others_may_hold`: a disk filesystem's metadata blocks, a container
+/// image's files first read by it) still dying without `want` and with every
+/// page it still holds named.
+fn released_or_held_by_other_pages(path: &str, want: &str, kind: &str, others_may_hold: bool) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let v = list();
+        let Some(m) = walked_at(&v, path) else {
+            eprintln!("released once {want} was deleted");
+            return;
+        };
+        let files = m["page_pins"]["files"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let has_file = files.iter().any(|f| f["path"].as_str() == Some(want));
+        if others_may_hold && !has_file && m[kind].as_i64() < Some(1000) {
+            assert!(
+                !files.is_empty() || m["page_pins"]["anon_pages"].as_u64() > Some(0),
+                "still dying but no page named: {m}"
+            );
+            eprintln!(
+                "still dying after {want} was deleted, held by: {}",
+                m["page_pins"]
+            );
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not released after {want} was deleted: {m}"
+        );
+        thread::sleep(Duration::from_millis(500));
+    }
+}
+
 /// Filesystem type of the mount holding `path`, from /proc/self/mountinfo.
 fn fs_type_of(path: &Path) -> String {
     let path = path.to_string_lossy();
@@ -787,37 +823,7 @@ fn page_cache_pins_dying_memcg_until_file_deleted(h: Hier, backing: Backing) {
     // to it), which keep holding it: then it must still be dying, without the
     // file, and the walk must name what is left.
     std::fs::remove_file(&file).expect("rm file");
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let v = list();
-        let Some(m) = walked_at(&v, &path) else {
-            eprintln!("released once {want} was deleted");
-            break;
-        };
-        let files = m["page_pins"]["files"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default();
-        let has_file = files
-            .iter()
-            .any(|f| f["path"].as_str() == Some(want.as_str()));
-        if !tmpfs && !has_file && m[kind].as_i64() < Some(1000) {
-            assert!(
-                !files.is_empty() || m["page_pins"]["anon_pages"].as_u64() > Some(0),
-                "still dying but no page named: {m}"
-            );
-            eprintln!(
-                "still dying after {want} was deleted, held by: {}",
-                m["page_pins"]
-            );
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "not released after {want} was deleted: {m}"
-        );
-        thread::sleep(Duration::from_millis(500));
-    }
+    released_or_held_by_other_pages(&path, &want, kind, !tmpfs);
 }
 
 fn empty_memcg_released_without_pins(h: Hier) {
@@ -915,4 +921,184 @@ fn v2_regular_file_pages_pin_a_dying_memcg_until_the_file_is_deleted() {
     let h = v2_memory();
     skip_unless!(h.is_some(), "the memory controller is not on cgroup2 here");
     page_cache_pins_dying_memcg_until_file_deleted(h.expect("checked"), Backing::RootFs);
+}
+
+// ---- A real container: podman + runc from a local busybox rootfs.
+
+fn have(tool: &str) -> bool {
+    ["/usr/bin", "/usr/sbin", "/bin", "/sbin", "/usr/local/bin"]
+        .iter()
+        .any(|d| Path::new(d).join(tool).exists())
+}
+
+/// A private podman: its own storage, run root and containers.conf (this
+/// machine refuses rlimit changes: `default_ulimits = []`), no network.
+struct Podman {
+    dir: PathBuf,
+}
+
+impl Podman {
+    fn new() -> Podman {
+        let dir = std::env::temp_dir().join(format!("leaktrace-podman-{}", std::process::id()));
+        let rootfs = dir.join("rootfs");
+        std::fs::create_dir_all(rootfs.join("bin")).expect("rootfs");
+        let busybox = ["/usr/bin/busybox", "/bin/busybox"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .expect("busybox");
+        std::fs::copy(busybox, rootfs.join("bin/busybox")).expect("copy busybox");
+        for tool in ["sh", "head", "cat", "grep"] {
+            std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(tool)).expect("symlink");
+        }
+        std::fs::write(
+            dir.join("containers.conf"),
+            "[containers]\ndefault_ulimits = []\nnetns = \"none\"\n[engine]\ncgroup_manager = \"cgroupfs\"\nevents_logger = \"file\"\nruntime = \"runc\"\n",
+        )
+        .expect("containers.conf");
+        let st = Command::new("tar")
+            .arg("-C")
+            .arg(&rootfs)
+            .arg("-cf")
+            .arg(dir.join("rootfs.tar"))
+            .arg(".")
+            .status()
+            .expect("tar");
+        assert!(st.success(), "tar rootfs");
+        let p = Podman { dir };
+        let out = p
+            .cmd()
+            .arg("import")
+            .arg(p.dir.join("rootfs.tar"))
+            .arg("localhost/leaktrace-busybox")
+            .output()
+            .expect("podman import");
+        assert!(
+            out.status.success(),
+            "podman import: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        p
+    }
+
+    fn cmd(&self) -> Command {
+        let mut c = Command::new("podman");
+        c.env("CONTAINERS_CONF", self.dir.join("containers.conf"))
+            .arg("--root")
+            .arg(self.dir.join("storage"))
+            .arg("--runroot")
+            .arg(self.dir.join("run"))
+            .args(["--storage-driver", "vfs"]);
+        c
+    }
+}
+
+impl Drop for Podman {
+    fn drop(&mut self) {
+        let _ = self.cmd().args(["rm", "-a", "-f"]).output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn container_pins_its_volume_file(h: Hier) {
+    let podman = Podman::new();
+    let vol = Tmpfs::mount("volume");
+    let file = vol.0.join("written-by-the-container.dat");
+    let want = file.display().to_string();
+    let mut tracer = Memcg::start(&[
+        "--duration",
+        "12s",
+        "--zombie-after",
+        "1s",
+        "--interval",
+        "1s",
+    ])
+    .expect("leaktrace memcg attaches");
+    // The container writes 4 MiB into the host tmpfs volume and exits; --rm
+    // removes it and runc/podman remove its memcg.
+    let out = podman
+        .cmd()
+        .args(["run", "--rm", "--network", "none", "-v"])
+        .arg(format!("{}:/data", vol.0.display()))
+        .args([
+            "localhost/leaktrace-busybox",
+            "/bin/sh",
+            "-c",
+            "head -c 4194304 /dev/zero > /data/written-by-the-container.dat && cat /proc/self/cgroup",
+        ])
+        .output()
+        .expect("podman run");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "podman run: {stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The container's own view of its memory cgroup: v1 "N:memory:/path", v2 "0::/path".
+    let path = stdout
+        .lines()
+        .find_map(|l| {
+            let mut f = l.splitn(3, ':');
+            let (_, ctrl, p) = (f.next()?, f.next()?, f.next()?);
+            let hit = if h.version == 1 {
+                ctrl.split(',').any(|c| c == "memory")
+            } else {
+                ctrl.is_empty()
+            };
+            hit.then(|| p.to_string())
+        })
+        .unwrap_or_else(|| panic!("no memory cgroup in {stdout}"));
+    let id = path
+        .rsplit('/')
+        .next()
+        .and_then(|c| c.strip_prefix("libpod-"))
+        .map(|c| c.trim_end_matches(".scope").to_string())
+        .unwrap_or_else(|| panic!("not a libpod cgroup: {path}"));
+
+    let fin = tracer
+        .wait_for("the final report", |v| v["kind"] == "final")
+        .expect("final report");
+    let traced = find(&fin, &path).unwrap_or_else(|| panic!("{path} not traced: {fin}"));
+    let creator = traced["creator"]["comm"].as_str().unwrap_or("");
+    let chain: Vec<&str> = traced["creator"]["ancestry"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|p| p["comm"].as_str()).collect())
+        .unwrap_or_default();
+    assert!(
+        creator.starts_with("runc") || chain.iter().any(|c| c.starts_with("runc")),
+        "creator {creator} <- {chain:?}: {traced}"
+    );
+    assert_eq!(traced["container"]["runtime"], "podman", "{traced}");
+    assert_eq!(
+        traced["container"]["container_id"].as_str(),
+        Some(id.as_str()),
+        "{traced}"
+    );
+    let m = fin["kernel_memcgs"]["walk"]["memcgs"]
+        .as_array()
+        .and_then(|a| a.iter().find(|m| m["path"].as_str() == Some(path.as_str())))
+        .unwrap_or_else(|| panic!("{path} not in the kernel walk: {}", fin["kernel_memcgs"]));
+    assert_eq!(m["dying"], true, "{m}");
+    let pin = m["page_pins"]["files"]
+        .as_array()
+        .and_then(|f| f.iter().find(|f| f["path"].as_str() == Some(want.as_str())))
+        .unwrap_or_else(|| panic!("no pin on {want}: {m}"));
+    assert!(pin["pages"].as_u64().unwrap_or(0) >= 1000, "{pin}");
+    eprintln!(
+        "container {} created by {creator} <- {chain:?}, dying, pinned by {pin}",
+        &id[..12]
+    );
+
+    std::fs::remove_file(&file).expect("rm volume file");
+    released_or_held_by_other_pages(&path, &want, "shmem", true);
+}
+
+#[test]
+fn podman_container_memcg_is_pinned_by_its_volume_file() {
+    let h = v1_memory().or_else(v2_memory);
+    skip_unless!(h.is_some(), "no memory controller mounted");
+    skip_unless!(
+        have("podman") && have("runc") && have("busybox"),
+        "podman, runc or busybox not installed (cargo xtask setup installs them)"
+    );
+    container_pins_its_volume_file(h.expect("checked"));
 }
