@@ -207,7 +207,7 @@ impl KernelMemcgs {
     fn try_read() -> Result<walk::KernelWalk> {
         // SAFETY: geteuid has no memory effects.
         if unsafe { libc::geteuid() } != 0 {
-            anyhow::bail!("reading kernel memory (BPF) needs root");
+            anyhow::bail!("not root: reading kernel memory (BPF) needs root");
         }
         let btf = Btf::from_sys_fs().context("reading /sys/kernel/btf/vmlinux")?;
         let mut k = kread::Kread::open()?;

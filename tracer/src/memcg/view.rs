@@ -40,7 +40,15 @@ fn kernel_memcgs(out: &mut String, r: &Report, args: &MemcgArgs) {
     let (Some(w), Some(a)) = (&k.walk, &k.aggregate) else {
         let _ = writeln!(
             out,
-            "dying memcgs in the kernel: unknown on this kernel: {}",
+            "dying memcgs in the kernel: unknown {}: {}",
+            if k.unknown
+                .as_deref()
+                .is_some_and(|u| u.starts_with("not root"))
+            {
+                "here"
+            } else {
+                "on this kernel"
+            },
             k.unknown.as_deref().unwrap_or("no walk")
         );
         return;
