@@ -796,6 +796,8 @@ fn page_cache_pins_dying_memcg_until_file_deleted(h: Hier, backing: Backing) {
         .find(|f| f["path"].as_str() == Some(want.as_str()))
         .unwrap_or_else(|| panic!("no pin on {want}: {m}"));
     assert!(pin["pages"].as_u64().unwrap_or(0) >= 1000, "{pin}");
+    // Each charged folio holds a css reference: a removed memcg's count is readable.
+    assert!(m["css_refs"].as_i64().unwrap_or(0) >= 1000, "{m}");
     assert_eq!(
         pin["fs"].as_str(),
         Some(fs_type.as_deref().unwrap_or("tmpfs")),

@@ -85,8 +85,8 @@ fn kernel_memcgs(out: &mut String, r: &Report, args: &MemcgArgs) {
     }
     let _ = writeln!(
         out,
-        "{:>8} {:>6} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}  PATH   (pages; dying = offline, not released)",
-        "ID", "MEMCG", "CHARGED", "FILE", "SHMEM", "ANON", "SWAP", "KERNEL"
+        "{:>8} {:>6} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7}  PATH   (pages; REFS = css references; dying = offline, not released)",
+        "ID", "MEMCG", "CHARGED", "FILE", "SHMEM", "ANON", "SWAP", "KERNEL", "REFS"
     );
     let mut dying: Vec<_> = w.dying().collect();
     dying.sort_by_key(|m| std::cmp::Reverse(m.usage_pages.unwrap_or(0)));
@@ -98,7 +98,7 @@ fn kernel_memcgs(out: &mut String, r: &Report, args: &MemcgArgs) {
     for m in dying.iter().take(limit) {
         let _ = writeln!(
             out,
-            "{:>8} {:>6} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}  {}{}",
+            "{:>8} {:>6} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7}  {}{}",
             m.id,
             // The memcg id is given back at offline (0 from then on).
             m.memcg_id
@@ -110,6 +110,7 @@ fn kernel_memcgs(out: &mut String, r: &Report, args: &MemcgArgs) {
             pages(m.anon),
             pages(m.swap),
             pages(m.kernel),
+            pages(m.css_refs),
             m.path,
             if m.released {
                 "  (released, being freed)"
@@ -577,6 +578,23 @@ pub fn why(r: &Report, id: u64) -> String {
             );
         }
     }
+    if let Some(refs) = m.css_refs {
+        let folios = m.page_pins.as_ref().map(|p| p.folios_walked);
+        let _ = writeln!(
+            out,
+            "    css references: {}{}",
+            group(u64::try_from(refs).unwrap_or(0)),
+            match folios {
+                Some(f) => format!(
+                    "; its LRU folios hold {} (one each on this kernel's charge path), so {} other reference{} (swap records, sockets' sk_memcg, fsnotify groups, writeback, BPF maps, ...; not identified)",
+                    group(f),
+                    refs - f as i64,
+                    if refs - f as i64 == 1 { "" } else { "s" }
+                ),
+                None => String::new(),
+            }
+        );
+    }
     if m.swap.unwrap_or(0) > 0 {
         let _ = writeln!(
             out,
@@ -598,7 +616,8 @@ pub fn why(r: &Report, id: u64) -> String {
     );
     let _ = writeln!(
         out,
-        "    other references (sockets' sk_memcg, fsnotify groups, cgroup-v2 writeback, BPF maps on 5.11-6.0): unknown on this kernel: leaktrace does not read css reference holders"
+        "    holders of other references (sockets' sk_memcg, fsnotify groups, swap records, cgroup-v2 writeback, BPF maps on 5.11-6.0): unknown on this kernel: leaktrace {} but does not identify their holders",
+        if m.css_refs.is_some() { "counts them (above)" } else { "cannot read the css refcount here" }
     );
     if let Some(t) = traced {
         if t.pinned.objects > 0 {

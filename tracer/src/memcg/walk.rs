@@ -80,6 +80,13 @@ struct StatLayout {
 }
 
 #[derive(Debug, Clone)]
+enum RefCount {
+    Behind { data: u64, count: u64 },
+    Inline { count: u64 },
+    Unknown,
+}
+
+#[derive(Debug, Clone)]
 struct Layout {
     task_cgroups: u64,
     css_set_subsys: u64,
@@ -92,6 +99,11 @@ struct Layout {
     css_parent: u64,
     /// Bytes of a css we read at once (covers every field above).
     css_span: usize,
+    /// `css.refcnt.percpu_count_ptr` (bit 0: atomic mode, as after kill) and
+    /// where the atomic count is: `css.refcnt.data->count` (5.9+) or
+    /// `css.refcnt.count` (inline, before).
+    css_ref_mode: u64,
+    css_ref_count: RefCount,
     memcg_css: u64,
     memcg_id: Option<u64>,
     memory_usage: u64,
@@ -135,7 +147,34 @@ impl Layout {
         for (i, (m, _)) in fields.iter().enumerate() {
             css[i] = off(btf, "cgroup_subsys_state", m)?;
         }
-        let css_span = (css.iter().max().copied().unwrap_or(0) + 8) as usize;
+        let refcnt = off(btf, "cgroup_subsys_state", "refcnt")?;
+        let css_ref_mode = refcnt + off(btf, "percpu_ref", "percpu_count_ptr")?;
+        let css_ref_count = match (
+            btf.member("percpu_ref", "data"),
+            btf.member("percpu_ref_data", "count"),
+            btf.member("percpu_ref", "count"),
+        ) {
+            (Some(d), Some(c), _) => RefCount::Behind {
+                data: refcnt + u64::from(d.offset),
+                count: u64::from(c.offset),
+            },
+            (None, _, Some(c)) => RefCount::Inline {
+                count: refcnt + u64::from(c.offset),
+            },
+            _ => RefCount::Unknown,
+        };
+        let css_span = (css
+            .iter()
+            .copied()
+            .chain([css_ref_mode])
+            .chain(match css_ref_count {
+                RefCount::Behind { data, .. } => Some(data),
+                RefCount::Inline { count } => Some(count),
+                RefCount::Unknown => None,
+            })
+            .max()
+            .unwrap_or(0)
+            + 8) as usize;
         let kn_name = off(btf, "kernfs_node", "name")?;
         let kn_id = off(btf, "kernfs_node", "id")?;
         Ok(Layout {
@@ -152,6 +191,8 @@ impl Layout {
             css_flags: css[4],
             css_parent: css[5],
             css_span,
+            css_ref_mode,
+            css_ref_count,
             memcg_css: off(btf, "mem_cgroup", "css")?,
             memcg_id: btf.member("mem_cgroup", "id").and_then(|m| {
                 Some(u64::from(m.offset) + u64::from(btf.member("mem_cgroup_id", "id")?.offset))
@@ -295,6 +336,10 @@ pub struct KMemcg {
     pub kernel: Option<i64>,
     pub dirty: Option<i64>,
     pub writeback: Option<i64>,
+    /// References on its css (`css.refcnt`), readable once the ref is in atomic
+    /// mode, as it is for a removed memcg. On 5.x-6.x each charged folio holds
+    /// one; the rest are other holders (swap records, sockets, fsnotify, ...).
+    pub css_refs: Option<i64>,
     /// What its LRU pages are, by file (dying memcgs only; see `pins.rs`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub page_pins: Option<super::pins::PagePins>,
@@ -331,6 +376,8 @@ impl KernelWalk {
 
 struct Node {
     css: u64,
+    /// Address of the atomic count, when the css ref is in atomic mode.
+    ref_count_at: Option<u64>,
     parent: Option<usize>,
     level: u32,
     flags: u32,
@@ -381,9 +428,19 @@ pub fn walk(btf: &Btf, kread: &mut Kread) -> Result<KernelWalk> {
             if nodes.len() >= MAX_MEMCGS {
                 bail!("more than {MAX_MEMCGS} memcgs walked: the walk is reading garbage");
             }
+            let atomic = u64_at(&b, lay.css_ref_mode as usize).is_some_and(|p| p & 1 != 0);
+            let ref_count_at = match lay.css_ref_count {
+                RefCount::Behind { data, count } => u64_at(&b, data as usize)
+                    .filter(|&d| d >> 56 == 0xff)
+                    .map(|d| d + count),
+                RefCount::Inline { count } => Some(c + count),
+                RefCount::Unknown => None,
+            }
+            .filter(|_| atomic);
             parents.push(nodes.len());
             nodes.push(Node {
                 css: c,
+                ref_count_at,
                 parent,
                 level: parent.map_or(0, |p| nodes[p].level + 1),
                 flags: u32_at(&b, lay.css_flags as usize).unwrap_or(0),
@@ -464,6 +521,12 @@ pub fn walk(btf: &Btf, kread: &mut Kread) -> Result<KernelWalk> {
         })
         .collect();
     let names = read_strings(kread, &names_at)?;
+    let refs = kread.read_u64s(
+        &nodes
+            .iter()
+            .map(|n| n.ref_count_at.unwrap_or(0))
+            .collect::<Vec<_>>(),
+    )?;
 
     let mut out: Vec<KMemcg> = Vec::with_capacity(nodes.len());
     for (i, n) in nodes.iter().enumerate() {
@@ -521,6 +584,7 @@ pub fn walk(btf: &Btf, kread: &mut Kread) -> Result<KernelWalk> {
             kernel: item(s.and_then(|s| s.kernel)),
             dirty: item(s.and_then(|s| s.dirty)),
             writeback: item(s.and_then(|s| s.writeback)),
+            css_refs: n.ref_count_at.and(refs[i]).map(|v| v as i64),
             page_pins: None,
             addr: memcg_of(n),
         });
