@@ -657,6 +657,16 @@ fn released_or_held_by_other_pages(path: &str, want: &str, kind: &str, others_ma
     }
 }
 
+fn kernel_at_least(major: u32, minor: u32) -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut it = release.trim().split(|c: char| !c.is_ascii_digit());
+    let kv: (u32, u32) = (
+        it.next().and_then(|x| x.parse().ok()).unwrap_or(0),
+        it.next().and_then(|x| x.parse().ok()).unwrap_or(0),
+    );
+    kv >= (major, minor)
+}
+
 /// Filesystem type of the mount holding `path`, from /proc/self/mountinfo.
 fn fs_type_of(path: &Path) -> String {
     let path = path.to_string_lossy();
@@ -763,14 +773,10 @@ fn page_cache_pins_dying_memcg_until_file_deleted(h: Hier, backing: Backing) {
         // 7.1+ reparents a dying memcg's LRU folios to its parent, so page
         // cache stops pinning it; before that, a release here is a bug.
         let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-        let mut it = release.trim().split(|c: char| !c.is_ascii_digit());
-        let kv: (u32, u32) = (
-            it.next().and_then(|x| x.parse().ok()).unwrap_or(0),
-            it.next().and_then(|x| x.parse().ok()).unwrap_or(0),
-        );
         assert!(
-            kv >= (7, 1),
-            "{path} released after rmdir on {release}: its tmpfs pages should pin it"
+            kernel_at_least(7, 1),
+            "{path} released after rmdir on {}: its page cache should pin it",
+            release.trim()
         );
         eprintln!(
             "kernel {}: page cache reparented at offline, memcg released",
@@ -796,8 +802,14 @@ fn page_cache_pins_dying_memcg_until_file_deleted(h: Hier, backing: Backing) {
         .find(|f| f["path"].as_str() == Some(want.as_str()))
         .unwrap_or_else(|| panic!("no pin on {want}: {m}"));
     assert!(pin["pages"].as_u64().unwrap_or(0) >= 1000, "{pin}");
-    // Each charged folio holds a css reference: a removed memcg's count is readable.
-    assert!(m["css_refs"].as_i64().unwrap_or(0) >= 1000, "{m}");
+    // A removed memcg's css refcount is readable (atomic mode) and not zero.
+    // Each charged folio holds one: measured on 6.18; other kernels print theirs.
+    let refs = m["css_refs"].as_i64().unwrap_or(0);
+    assert!(refs >= 1, "{m}");
+    if kernel_at_least(6, 18) {
+        assert!(refs >= 1000, "{m}");
+    }
+    eprintln!("css references of the dying memcg: {refs}");
     assert_eq!(
         pin["fs"].as_str(),
         Some(fs_type.as_deref().unwrap_or("tmpfs")),
