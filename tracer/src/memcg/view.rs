@@ -515,7 +515,7 @@ pub fn why(r: &Report, id: u64) -> String {
     let p = |v: Option<u64>| v.map_or_else(|| "?".into(), group);
     let _ = writeln!(
         out,
-        "  page counters: memory {} pages, {} {} pages, kmem {} pages{}",
+        "  page counters: memory {} pages, {} {} pages, {}",
         p(m.usage_pages),
         if r.hierarchy.version == 1 {
             "memsw (memory+swap)"
@@ -523,12 +523,11 @@ pub fn why(r: &Report, id: u64) -> String {
             "swap"
         },
         p(m.swap_counter_pages),
-        p(m.kmem_counter_pages),
-        if m.kmem_counter_pages.is_none() {
-            " (no v1 kmem counter)"
-        } else {
-            ""
-        }
+        match (r.hierarchy.version, m.kmem_counter_pages) {
+            (1, Some(k)) => format!("kmem {} pages", group(k)),
+            (1, None) => "kmem: no v1 kmem counter in this kernel".to_string(),
+            _ => "kmem: no separate counter on cgroup v2 (kernel pages are in memory)".to_string(),
+        },
     );
     let _ = writeln!(
         out,
