@@ -394,18 +394,6 @@ pub fn terminal_rows() -> Option<usize> {
     (rc == 0 && size.ws_row > 0).then_some(usize::from(size.ws_row))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn durations_read_like_top() {
-        assert_eq!(secs(1.25), "1.2s");
-        assert_eq!(secs(75.0), "1m15s");
-        assert_eq!(secs(7260.0), "2h01m");
-    }
-}
-
 /// `--why ID`: one memcg's whole story.
 pub fn why(r: &Report, id: u64) -> String {
     let mut out = String::new();
@@ -633,4 +621,16 @@ pub fn why(r: &Report, id: u64) -> String {
         r.kmem_accounting.charged, r.kmem_accounting.rule
     );
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_like_top() {
+        assert_eq!(secs(1.25), "1.2s");
+        assert_eq!(secs(75.0), "1m15s");
+        assert_eq!(secs(7260.0), "2h01m");
+    }
 }
