@@ -541,9 +541,18 @@ pub fn why(r: &Report, id: u64) -> String {
             );
             file_pins(&mut out, m, usize::MAX, "      ");
             if files > 0 {
+                let shmem_only = pp
+                    .files
+                    .iter()
+                    .all(|f| matches!(f.fs.as_deref(), Some("tmpfs" | "shmem")));
                 let _ = writeln!(
                     out,
-                    "      release: delete or truncate the file (once no process has it open or mapped); fadvise(DONTNEED) does not free shmem, dirty or mapped pages{}",
+                    "      release: a file that is garbage (a dead container's log or volume): delete or truncate it, once no process has it open or mapped{}{}",
+                    if shmem_only {
+                        "; tmpfs pages go no other way (fadvise(DONTNEED) does not free shmem)"
+                    } else {
+                        "; a file still in use (a library, an image layer): evict its clean, unmapped pages with posix_fadvise(DONTNEED), e.g. `dd if=FILE iflag=nocache count=0` (does not free shmem, dirty or mapped pages)"
+                    },
                     if r.hierarchy.version == 2 && kv >= (5, 19) {
                         "; or write to the parent's memory.reclaim (clean file pages)"
                     } else {
