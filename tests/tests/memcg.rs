@@ -547,3 +547,569 @@ fn preexisting_dying_count_matches_proc_cgroups_or_cgroup_stat() {
     skip_unless!(h.is_some(), "no memory controller mounted");
     preexisting_dying_matches_arithmetic(h.expect("checked"));
 }
+
+// ---- Every memcg the kernel holds, read from kernel memory (`kernel_memcgs`).
+
+/// `leaktrace memcg --list --json`: the one report.
+fn list() -> Value {
+    let out = Command::new(leaktrace_bin())
+        .args(["memcg", "--list", "--json"])
+        .output()
+        .expect("run leaktrace memcg --list");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("one JSON report")
+}
+
+fn walked(v: &Value) -> &Vec<Value> {
+    v["kernel_memcgs"]["walk"]["memcgs"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no kernel walk: {}", v["kernel_memcgs"]))
+}
+
+fn walked_at<'a>(v: &'a Value, path: &str) -> Option<&'a Value> {
+    walked(v).iter().find(|m| m["path"].as_str() == Some(path))
+}
+
+/// A tmpfs of our own, unmounted (lazily) however the test ends.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(tag: &str) -> Tmpfs {
+        let dir = std::env::temp_dir().join(format!("leaktrace-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("tmpfs dir");
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=64m", "leaktrace-test"])
+            .arg(&dir)
+            .status()
+            .expect("mount");
+        assert!(st.success(), "mount -t tmpfs {}", dir.display());
+        Tmpfs(dir)
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// `memory.stat` key of a live memcg, in pages.
+fn stat_pages(dir: &Path, key: &str) -> u64 {
+    let text = std::fs::read_to_string(dir.join("memory.stat")).expect("memory.stat");
+    let bytes = text
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(' ')?.parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no {key} in memory.stat"));
+    bytes / 4096
+}
+
+fn wait_until(what: &str, mut f: impl FnMut() -> Option<String>) -> String {
+    let deadline = Instant::now() + WAIT;
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        match f() {
+            None => return last,
+            Some(state) => last = state,
+        }
+        thread::sleep(Duration::from_millis(500));
+    }
+    panic!("timed out waiting for {what}; last: {last}");
+}
+
+/// After `want` was deleted: the memcg at `path` is released, or (where
+/// `others_may_hold`: a disk filesystem's metadata blocks, a container
+/// image's files first read by it) still dying without `want` and with every
+/// page it still holds named.
+fn released_or_held_by_other_pages(path: &str, want: &str, kind: &str, others_may_hold: bool) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let v = list();
+        let Some(m) = walked_at(&v, path) else {
+            eprintln!("released once {want} was deleted");
+            return;
+        };
+        let files = m["page_pins"]["files"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let has_file = files.iter().any(|f| f["path"].as_str() == Some(want));
+        if others_may_hold && !has_file && m[kind].as_i64() < Some(1000) {
+            assert!(
+                !files.is_empty() || m["page_pins"]["anon_pages"].as_u64() > Some(0),
+                "still dying but no page named: {m}"
+            );
+            eprintln!(
+                "still dying after {want} was deleted, held by: {}",
+                m["page_pins"]
+            );
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not released after {want} was deleted: {m}"
+        );
+        thread::sleep(Duration::from_millis(500));
+    }
+}
+
+fn kernel_at_least(major: u32, minor: u32) -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut it = release.trim().split(|c: char| !c.is_ascii_digit());
+    let kv: (u32, u32) = (
+        it.next().and_then(|x| x.parse().ok()).unwrap_or(0),
+        it.next().and_then(|x| x.parse().ok()).unwrap_or(0),
+    );
+    kv >= (major, minor)
+}
+
+/// Filesystem type of the mount holding `path`, from /proc/self/mountinfo.
+fn fs_type_of(path: &Path) -> String {
+    let path = path.to_string_lossy();
+    mountinfo()
+        .lines()
+        .filter_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            let point = left.split_whitespace().nth(4)?;
+            let inside = point == "/" || path == point || path.starts_with(&format!("{point}/"));
+            let fs = right.split_whitespace().next()?.to_string();
+            inside.then_some((point.len(), fs))
+        })
+        .max_by_key(|(len, _)| *len)
+        .map(|(_, fs)| fs)
+        .unwrap_or_default()
+}
+
+/// Where the pinning file lives: our own tmpfs (shmem pages) or the root
+/// filesystem (regular file pages).
+enum Backing {
+    Tmpfs,
+    RootFs,
+}
+
+/// Removes a test file however the test ends.
+struct RmFile(PathBuf);
+
+impl Drop for RmFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn shmem_pins_dying_memcg_until_file_deleted(h: Hier) {
+    page_cache_pins_dying_memcg_until_file_deleted(h, Backing::Tmpfs);
+}
+
+fn page_cache_pins_dying_memcg_until_file_deleted(h: Hier, backing: Backing) {
+    let tmpfs = matches!(backing, Backing::Tmpfs);
+    h.enable_children();
+    let (_fs, file, kind, fs_type) = match backing {
+        Backing::Tmpfs => {
+            let fs = Tmpfs::mount("shmem");
+            let file = fs.0.join("pinned.dat");
+            (Some(fs), file, "shmem", None)
+        }
+        Backing::RootFs => {
+            let dir = ["/var/tmp", "/tmp", "/"]
+                .into_iter()
+                .map(PathBuf::from)
+                .find(|d| d.is_dir())
+                .expect("a directory");
+            let fs_type = fs_type_of(&dir);
+            skip_unless!(
+                !matches!(fs_type.as_str(), "tmpfs" | "ramfs" | "rootfs" | "devtmpfs"),
+                "{} is on {fs_type} here: no disk-backed file pages",
+                dir.display()
+            );
+            let file = dir.join(format!("leaktrace-pinned-{}.dat", std::process::id()));
+            (None, file, "file", Some(fs_type))
+        }
+    };
+    let _rm = RmFile(file.clone());
+    let dir = h.child(kind);
+    std::fs::create_dir(&dir).expect("mkdir memcg");
+    let _cleanup = Cleanup(dir.clone());
+    // The writer joins the memcg itself ("0" = the writing task), writes 4 MiB
+    // of tmpfs page cache and exits: the pages stay charged to the memcg.
+    let script = format!(
+        "echo 0 > {}/cgroup.procs && head -c 4194304 /dev/zero > {}",
+        dir.display(),
+        file.display()
+    );
+    let st = Command::new("sh")
+        .args(["-c", &script])
+        .status()
+        .expect("sh");
+    assert!(st.success(), "{script}");
+    let path = rel(&h, &dir);
+
+    // Live: the walk's per-item pages agree with the kernel's memory.stat
+    // (v1 "cache" / v2 "file" is NR_FILE_PAGES, shmem included).
+    let file_key = if h.version == 1 { "cache" } else { "file" };
+    for (key, field) in [("shmem", "shmem"), (file_key, "file")] {
+        let expect = stat_pages(&dir, key);
+        assert!(
+            expect >= 1000 || key == "shmem" && kind == "file",
+            "memory.stat {key} {expect} pages"
+        );
+        let v = list();
+        let m = walked_at(&v, &path).unwrap_or_else(|| panic!("{path} not walked"));
+        assert_eq!(m["online"], true, "{m}");
+        let got = m[field].as_i64().expect("stat readable") as u64;
+        assert!(
+            got.abs_diff(expect) <= 64,
+            "walk {field} {got} vs memory.stat {key} {expect}: {m}"
+        );
+    }
+
+    // Removed: dying, holding the shmem pages.
+    std::fs::remove_dir(&dir).expect("rmdir memcg");
+    let v = list();
+    let Some(m) = walked_at(&v, &path) else {
+        // 7.1+ reparents a dying memcg's LRU folios to its parent, so page
+        // cache stops pinning it; before that, a release here is a bug.
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+        assert!(
+            kernel_at_least(7, 1),
+            "{path} released after rmdir on {}: its page cache should pin it",
+            release.trim()
+        );
+        eprintln!(
+            "kernel {}: page cache reparented at offline, memcg released",
+            release.trim()
+        );
+        return;
+    };
+    eprintln!("page cache pins the dying memcg on this kernel");
+    assert_eq!(m["dying"], true, "{m}");
+    assert!(m[kind].as_i64().unwrap_or(0) >= 1000, "{m}");
+    assert!(m["usage_pages"].as_u64().unwrap_or(0) >= 1000, "{m}");
+    let agg = &v["kernel_memcgs"]["aggregate"];
+    // Flushed stats: a page or so may still be in a per-CPU delta.
+    assert!(
+        agg[format!("{kind}_bytes")].as_u64().unwrap_or(0) >= 1000 * 4096,
+        "{agg}"
+    );
+    // Named by file: the LRU walk finds the tmpfs file's pages.
+    let files = m["page_pins"]["files"].as_array().expect("page_pins.files");
+    let want = file.display().to_string();
+    let pin = files
+        .iter()
+        .find(|f| f["path"].as_str() == Some(want.as_str()))
+        .unwrap_or_else(|| panic!("no pin on {want}: {m}"));
+    assert!(pin["pages"].as_u64().unwrap_or(0) >= 1000, "{pin}");
+    // A removed memcg's css refcount is readable (atomic mode) and not zero.
+    // Each charged folio holds one: measured on 6.18; other kernels print theirs.
+    let refs = m["css_refs"].as_i64().unwrap_or(0);
+    assert!(refs >= 1, "{m}");
+    if kernel_at_least(6, 18) {
+        assert!(refs >= 1000, "{m}");
+    }
+    eprintln!("css references of the dying memcg: {refs}");
+    assert_eq!(
+        pin["fs"].as_str(),
+        Some(fs_type.as_deref().unwrap_or("tmpfs")),
+        "{pin}"
+    );
+    let id = m["id"].as_u64().expect("id");
+    eprintln!("dying with its {kind} pages: {pin}");
+    // The human view of the same memcg.
+    let out = Command::new(leaktrace_bin())
+        .args(["memcg", "--why", &id.to_string()])
+        .output()
+        .expect("run --why");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("state: dying"), "{text}");
+    assert!(text.contains(&want), "{text}");
+    assert!(text.contains("delete or truncate it"), "{text}");
+
+    // File deleted: its pages are freed. On tmpfs nothing else holds the
+    // memcg and it is released. On a disk filesystem the writer may also have
+    // been the first to read metadata blocks (block-device page cache charged
+    // to it), which keep holding it: then it must still be dying, without the
+    // file, and the walk must name what is left.
+    std::fs::remove_file(&file).expect("rm file");
+    released_or_held_by_other_pages(&path, &want, kind, !tmpfs);
+}
+
+fn empty_memcg_released_without_pins(h: Hier) {
+    h.enable_children();
+    let dir = h.child("empty-walk");
+    std::fs::create_dir(&dir).expect("mkdir");
+    let _cleanup = Cleanup(dir.clone());
+    let path = rel(&h, &dir);
+    let v = list();
+    let m = walked_at(&v, &path).unwrap_or_else(|| panic!("{path} not walked"));
+    assert_eq!(m["online"], true);
+    assert_eq!(m["usage_pages"].as_u64(), Some(0), "{m}");
+    std::fs::remove_dir(&dir).expect("rmdir");
+    wait_until("the empty memcg to be released", || {
+        walked_at(&list(), &path).map(|m| m.to_string())
+    });
+}
+
+fn preexisting_dying_listed_with_pages(h: Hier) {
+    let before = h.dying();
+    let v = list();
+    let after = h.dying();
+    let agg = &v["kernel_memcgs"]["aggregate"];
+    let dying = agg["dying"].as_u64().expect("aggregate dying");
+    let listed: Vec<&Value> = walked(&v).iter().filter(|m| m["dying"] == true).collect();
+    assert_eq!(listed.len() as u64, dying);
+    // Races with other tenants' memcgs (and a css released just before its
+    // cgroup is freed) allow a small difference.
+    let (lo, hi) = (before.min(after), before.max(after));
+    assert!(
+        dying + 2 >= lo && dying <= hi + 2,
+        "walk says {dying} dying; {} arithmetic says {before}..{after}",
+        if h.version == 1 {
+            "/proc/cgroups"
+        } else {
+            "cgroup.stat"
+        }
+    );
+    for m in &listed {
+        assert!(m["usage_pages"].is_u64(), "no page counter: {m}");
+        assert!(m["file"].is_i64() && m["kernel"].is_i64(), "no stats: {m}");
+        assert!(
+            m["path"].as_str().is_some_and(|p| p.starts_with('/')),
+            "{m}"
+        );
+    }
+    let with_pages = listed
+        .iter()
+        .filter(|m| m["usage_pages"].as_u64().unwrap_or(0) > 0)
+        .count() as u64;
+    assert_eq!(agg["holding_pages"].as_u64(), Some(with_pages));
+    eprintln!(
+        "{dying} dying memcgs before this test ({with_pages} holding pages); walk took {} ms",
+        v["kernel_memcgs"]["walk"]["walk_ms"]
+    );
+}
+
+#[test]
+fn v1_tmpfs_pages_pin_a_dying_memcg_until_the_file_is_deleted() {
+    let h = v1_memory();
+    skip_unless!(h.is_some(), "no cgroup v1 memory hierarchy mounted");
+    shmem_pins_dying_memcg_until_file_deleted(h.expect("checked"));
+}
+
+#[test]
+fn v2_tmpfs_pages_pin_a_dying_memcg_until_the_file_is_deleted() {
+    let h = v2_memory();
+    skip_unless!(h.is_some(), "the memory controller is not on cgroup2 here");
+    shmem_pins_dying_memcg_until_file_deleted(h.expect("checked"));
+}
+
+#[test]
+fn empty_memcg_removed_is_released_by_the_kernel_walk() {
+    let h = v1_memory().or_else(v2_memory);
+    skip_unless!(h.is_some(), "no memory controller mounted");
+    empty_memcg_released_without_pins(h.expect("checked"));
+}
+
+#[test]
+fn preexisting_dying_memcgs_are_listed_with_their_pages() {
+    let h = v1_memory().or_else(v2_memory);
+    skip_unless!(h.is_some(), "no memory controller mounted");
+    preexisting_dying_listed_with_pages(h.expect("checked"));
+}
+
+#[test]
+fn v1_regular_file_pages_pin_a_dying_memcg_until_the_file_is_deleted() {
+    let h = v1_memory();
+    skip_unless!(h.is_some(), "no cgroup v1 memory hierarchy mounted");
+    page_cache_pins_dying_memcg_until_file_deleted(h.expect("checked"), Backing::RootFs);
+}
+
+#[test]
+fn v2_regular_file_pages_pin_a_dying_memcg_until_the_file_is_deleted() {
+    let h = v2_memory();
+    skip_unless!(h.is_some(), "the memory controller is not on cgroup2 here");
+    page_cache_pins_dying_memcg_until_file_deleted(h.expect("checked"), Backing::RootFs);
+}
+
+// ---- A real container: podman + runc from a local busybox rootfs.
+
+fn have(tool: &str) -> bool {
+    ["/usr/bin", "/usr/sbin", "/bin", "/sbin", "/usr/local/bin"]
+        .iter()
+        .any(|d| Path::new(d).join(tool).exists())
+}
+
+/// A private podman: its own storage, run root and containers.conf (this
+/// machine refuses rlimit changes: `default_ulimits = []`), no network.
+struct Podman {
+    dir: PathBuf,
+}
+
+impl Podman {
+    fn new() -> Podman {
+        let dir = std::env::temp_dir().join(format!("leaktrace-podman-{}", std::process::id()));
+        let rootfs = dir.join("rootfs");
+        std::fs::create_dir_all(rootfs.join("bin")).expect("rootfs");
+        let busybox = ["/usr/bin/busybox", "/bin/busybox"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .expect("busybox");
+        std::fs::copy(busybox, rootfs.join("bin/busybox")).expect("copy busybox");
+        for tool in ["sh", "head", "cat", "grep"] {
+            std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(tool)).expect("symlink");
+        }
+        std::fs::write(
+            dir.join("containers.conf"),
+            "[containers]\ndefault_ulimits = []\nnetns = \"none\"\n[engine]\ncgroup_manager = \"cgroupfs\"\nevents_logger = \"file\"\nruntime = \"runc\"\n",
+        )
+        .expect("containers.conf");
+        let st = Command::new("tar")
+            .arg("-C")
+            .arg(&rootfs)
+            .arg("-cf")
+            .arg(dir.join("rootfs.tar"))
+            .arg(".")
+            .status()
+            .expect("tar");
+        assert!(st.success(), "tar rootfs");
+        let p = Podman { dir };
+        let out = p
+            .cmd()
+            .arg("import")
+            .arg(p.dir.join("rootfs.tar"))
+            .arg("localhost/leaktrace-busybox")
+            .output()
+            .expect("podman import");
+        assert!(
+            out.status.success(),
+            "podman import: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        p
+    }
+
+    fn cmd(&self) -> Command {
+        let mut c = Command::new("podman");
+        c.env("CONTAINERS_CONF", self.dir.join("containers.conf"))
+            .arg("--root")
+            .arg(self.dir.join("storage"))
+            .arg("--runroot")
+            .arg(self.dir.join("run"))
+            .args(["--storage-driver", "vfs"]);
+        c
+    }
+}
+
+impl Drop for Podman {
+    fn drop(&mut self) {
+        let _ = self.cmd().args(["rm", "-a", "-f"]).output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn container_pins_its_volume_file(h: Hier) {
+    let podman = Podman::new();
+    let vol = Tmpfs::mount("volume");
+    let file = vol.0.join("written-by-the-container.dat");
+    let want = file.display().to_string();
+    let mut tracer = Memcg::start(&[
+        "--duration",
+        "12s",
+        "--zombie-after",
+        "1s",
+        "--interval",
+        "1s",
+    ])
+    .expect("leaktrace memcg attaches");
+    // The container writes 4 MiB into the host tmpfs volume and exits; --rm
+    // removes it and runc/podman remove its memcg.
+    let out = podman
+        .cmd()
+        .args(["run", "--rm", "--network", "none", "-v"])
+        .arg(format!("{}:/data", vol.0.display()))
+        .args([
+            "localhost/leaktrace-busybox",
+            "/bin/sh",
+            "-c",
+            "head -c 4194304 /dev/zero > /data/written-by-the-container.dat && cat /proc/self/cgroup",
+        ])
+        .output()
+        .expect("podman run");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "podman run: {stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The container's own view of its memory cgroup: v1 "N:memory:/path", v2 "0::/path".
+    let path = stdout
+        .lines()
+        .find_map(|l| {
+            let mut f = l.splitn(3, ':');
+            let (_, ctrl, p) = (f.next()?, f.next()?, f.next()?);
+            let hit = if h.version == 1 {
+                ctrl.split(',').any(|c| c == "memory")
+            } else {
+                ctrl.is_empty()
+            };
+            hit.then(|| p.to_string())
+        })
+        .unwrap_or_else(|| panic!("no memory cgroup in {stdout}"));
+    let id = path
+        .rsplit('/')
+        .next()
+        .and_then(|c| c.strip_prefix("libpod-"))
+        .map(|c| c.trim_end_matches(".scope").to_string())
+        .unwrap_or_else(|| panic!("not a libpod cgroup: {path}"));
+
+    let fin = tracer
+        .wait_for("the final report", |v| v["kind"] == "final")
+        .expect("final report");
+    let traced = find(&fin, &path).unwrap_or_else(|| panic!("{path} not traced: {fin}"));
+    let creator = traced["creator"]["comm"].as_str().unwrap_or("");
+    let chain: Vec<&str> = traced["creator"]["ancestry"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|p| p["comm"].as_str()).collect())
+        .unwrap_or_default();
+    assert!(
+        creator.starts_with("runc") || chain.iter().any(|c| c.starts_with("runc")),
+        "creator {creator} <- {chain:?}: {traced}"
+    );
+    assert_eq!(traced["container"]["runtime"], "podman", "{traced}");
+    assert_eq!(
+        traced["container"]["container_id"].as_str(),
+        Some(id.as_str()),
+        "{traced}"
+    );
+    let m = fin["kernel_memcgs"]["walk"]["memcgs"]
+        .as_array()
+        .and_then(|a| a.iter().find(|m| m["path"].as_str() == Some(path.as_str())))
+        .unwrap_or_else(|| panic!("{path} not in the kernel walk: {}", fin["kernel_memcgs"]));
+    assert_eq!(m["dying"], true, "{m}");
+    let pin = m["page_pins"]["files"]
+        .as_array()
+        .and_then(|f| f.iter().find(|f| f["path"].as_str() == Some(want.as_str())))
+        .unwrap_or_else(|| panic!("no pin on {want}: {m}"));
+    assert!(pin["pages"].as_u64().unwrap_or(0) >= 1000, "{pin}");
+    eprintln!(
+        "container {} created by {creator} <- {chain:?}, dying, pinned by {pin}",
+        &id[..12]
+    );
+
+    std::fs::remove_file(&file).expect("rm volume file");
+    released_or_held_by_other_pages(&path, &want, "shmem", true);
+}
+
+#[test]
+fn podman_container_memcg_is_pinned_by_its_volume_file() {
+    let h = v1_memory().or_else(v2_memory);
+    skip_unless!(h.is_some(), "no memory controller mounted");
+    skip_unless!(
+        have("podman") && have("runc") && have("busybox"),
+        "podman, runc or busybox not installed (cargo xtask setup installs them)"
+    );
+    container_pins_its_volume_file(h.expect("checked"));
+}

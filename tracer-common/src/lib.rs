@@ -440,9 +440,58 @@ pub mod memcg {
         pub ptr: u64,
     }
 
+    /// Reads of kernel memory asked for by userspace, run by `memcg_kread`
+    /// through `BPF_PROG_TEST_RUN` (the memcg walk: dying memcgs are on no
+    /// iterator, and this kernel may have no /proc/kcore).
+    pub const KREAD_SLOTS: usize = 64;
+    /// Bytes one slot reads at most (a power of two: the program masks lengths).
+    pub const KREAD_SLOT_BYTES: usize = 256;
+    /// Pointers a "follow" slot collects: it reads the u64 at `addr`, then at
+    /// that value, and so on (a list's `next` chain), stopping at `stop`.
+    pub const KREAD_FOLLOW: usize = KREAD_SLOT_BYTES / 8;
+
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    pub struct KreadBatch {
+        /// Requests in use (<= KREAD_SLOTS).
+        pub n: u32,
+        pub _pad: u32,
+        /// Out: the running task (`bpf_get_current_task`): the reader itself.
+        pub task: u64,
+        pub addr: [u64; KREAD_SLOTS],
+        /// 1..=KREAD_SLOT_BYTES.
+        pub len: [u32; KREAD_SLOTS],
+        /// Out: `bpf_probe_read_kernel` result per slot (0 or a negative errno);
+        /// for a follow slot, the number of pointers collected.
+        pub status: [i32; KREAD_SLOTS],
+        /// 1: follow a `next` chain from `addr` instead of reading `len` bytes.
+        pub follow: [u32; KREAD_SLOTS],
+        /// Follow slots end when they read this value (the list head).
+        pub stop: [u64; KREAD_SLOTS],
+        pub data: [[u8; KREAD_SLOT_BYTES]; KREAD_SLOTS],
+    }
+
+    impl KreadBatch {
+        pub const fn zeroed() -> Self {
+            KreadBatch {
+                n: 0,
+                _pad: 0,
+                task: 0,
+                addr: [0; KREAD_SLOTS],
+                len: [0; KREAD_SLOTS],
+                status: [0; KREAD_SLOTS],
+                follow: [0; KREAD_SLOTS],
+                stop: [0; KREAD_SLOTS],
+                data: [[0; KREAD_SLOT_BYTES]; KREAD_SLOTS],
+            }
+        }
+    }
+
     #[cfg(feature = "user")]
     mod pod {
         // SAFETY: plain-old-data, repr(C), every bit pattern valid.
         unsafe impl aya::Pod for super::MemcgConfig {}
+        // SAFETY: as above; no padding (sizes are multiples of 8).
+        unsafe impl aya::Pod for super::KreadBatch {}
     }
 }

@@ -11,15 +11,15 @@ use aya_ebpf::{
         bpf_get_current_task, bpf_get_stack, bpf_ktime_get_ns, bpf_probe_read_kernel,
         bpf_probe_read_kernel_str_bytes,
     },
-    macros::{kprobe, map, tracepoint},
-    maps::{HashMap, PerCpuArray, RingBuf},
-    programs::{ProbeContext, TracePointContext},
+    macros::{kprobe, map, raw_tracepoint, tracepoint},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
+    programs::{ProbeContext, RawTracePointContext, TracePointContext},
     EbpfContext,
 };
 use tracer_common::memcg::{
-    counter, CgroupEvent, ChargeEvent, CssEvent, MemcgConfig, UnchargeEvent, CACHE_LEN,
+    counter, CgroupEvent, ChargeEvent, CssEvent, KreadBatch, MemcgConfig, UnchargeEvent, CACHE_LEN,
     EVENT_CHARGE, EVENT_CSS_FREE, EVENT_CSS_OFFLINE, EVENT_MKDIR, EVENT_RELEASE, EVENT_RMDIR,
-    EVENT_UNCHARGE, KSTACK, PATH_LEN,
+    EVENT_UNCHARGE, KREAD_FOLLOW, KREAD_SLOTS, KREAD_SLOT_BYTES, KSTACK, PATH_LEN,
 };
 
 #[no_mangle]
@@ -363,4 +363,67 @@ fn on_uncharge(ptr: u64) {
         (*ev).ptr = ptr;
     }
     entry.submit(wakeup_flags(config()));
+}
+
+/// One batch of kernel reads asked for by userspace (the memcg walk).
+#[map]
+static MEMCG_KREAD: Array<KreadBatch> = Array::with_max_entries(1, 0);
+
+/// Never attached: userspace fills `MEMCG_KREAD` and runs this once with
+/// `BPF_PROG_TEST_RUN` (raw_tp test runs exist since 5.10), then reads the
+/// bytes back. This is how the walk reaches dying memcgs, which no BPF
+/// iterator visits, on kernels built without /proc/kcore.
+#[raw_tracepoint]
+pub fn memcg_kread(_ctx: RawTracePointContext) -> i32 {
+    let Some(batch) = MEMCG_KREAD.get_ptr_mut(0) else {
+        return 0;
+    };
+    let batch = unsafe { &mut *batch };
+    batch.task = unsafe { bpf_get_current_task() };
+    let n = batch.n as usize;
+    for i in 0..KREAD_SLOTS {
+        if i >= n {
+            break;
+        }
+        if batch.follow[i] != 0 {
+            // A list's next chain: up to KREAD_FOLLOW pointers, ending at the
+            // head (`stop`), a failed read, or a value that is no kernel address.
+            let stop = batch.stop[i];
+            let mut p = batch.addr[i];
+            let mut got: i32 = 0;
+            for j in 0..KREAD_FOLLOW {
+                let mut v: u64 = 0;
+                let r = unsafe {
+                    aya_ebpf::helpers::generated::bpf_probe_read_kernel(
+                        (&mut v as *mut u64).cast(),
+                        8,
+                        p as *const core::ffi::c_void,
+                    )
+                };
+                if r != 0 {
+                    break;
+                }
+                // j < KREAD_FOLLOW: inside the slot.
+                unsafe {
+                    let dst = batch.data[i].as_mut_ptr().add(j * 8).cast::<u64>();
+                    core::ptr::write_unaligned(dst, v);
+                }
+                got += 1;
+                if v == stop || v >> 56 != 0xff {
+                    break;
+                }
+                p = v;
+            }
+            batch.status[i] = got;
+            continue;
+        }
+        // 1..=KREAD_SLOT_BYTES whatever userspace wrote: a range the verifier can prove.
+        let len = (batch.len[i].wrapping_sub(1) & (KREAD_SLOT_BYTES as u32 - 1)) + 1;
+        let dst = batch.data[i].as_mut_ptr();
+        let src = batch.addr[i] as *const core::ffi::c_void;
+        let r =
+            unsafe { aya_ebpf::helpers::generated::bpf_probe_read_kernel(dst.cast(), len, src) };
+        batch.status[i] = r as i32;
+    }
+    0
 }

@@ -94,7 +94,15 @@ impl Btf {
             let mut members = Vec::new();
             let extra = match kind {
                 1 | 14 | 17 => 4, // int, var, decl_tag
-                3 => 12,          // array
+                3 => {
+                    // (element type, index type, number of elements)
+                    let triple = (u32_at(o), u32_at(o + 4), u32_at(o + 8));
+                    let (Some(elem), Some(index), Some(n)) = triple else {
+                        return Err(BtfError::Malformed("truncated array"));
+                    };
+                    members.push((elem, index, n));
+                    12
+                }
                 KIND_STRUCT | KIND_UNION => {
                     for m in 0..vlen {
                         let base = o + 12 * m;
@@ -213,6 +221,182 @@ impl Btf {
     }
 }
 
+/// What a struct member is, as far as reading kernel memory needs to know.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Shape {
+    Pointer,
+    /// `len` elements of `elem_size` bytes.
+    Array {
+        elem_size: u32,
+        len: u32,
+    },
+    /// A named (or anonymous) struct or union of `size` bytes.
+    Struct {
+        name: String,
+        size: u32,
+    },
+    /// An integer or enum of `size` bytes.
+    Scalar {
+        size: u32,
+    },
+    Other,
+}
+
+/// A member found by [`Btf::member`]: byte offset from the start of the
+/// outer struct (anonymous unions and structs looked through) and its shape.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    pub offset: u32,
+    pub shape: Shape,
+}
+
+const KIND_INT: u32 = 1;
+const KIND_PTR: u32 = 2;
+const KIND_ARRAY: u32 = 3;
+const KIND_ENUM64: u32 = 19;
+
+impl Btf {
+    /// Type id behind typedefs and const/volatile/restrict/type-tag qualifiers.
+    fn resolve(&self, mut id: u32) -> Option<(u32, &Type)> {
+        for _ in 0..32 {
+            let t = self.types.get(id as usize)?;
+            match t.kind {
+                KIND_TYPEDEF | 9..=11 | 18 => id = t.size_or_type,
+                _ => return Some((id, t)),
+            }
+        }
+        None
+    }
+
+    fn size_of(&self, id: u32) -> Option<u32> {
+        let (_, t) = self.resolve(id)?;
+        match t.kind {
+            KIND_INT | KIND_STRUCT | KIND_UNION | KIND_ENUM | KIND_ENUM64 => Some(t.size_or_type),
+            KIND_PTR => Some(8),
+            KIND_ARRAY => {
+                let &(elem, _, n) = t.members.first()?;
+                self.size_of(elem)?.checked_mul(n)
+            }
+            _ => None,
+        }
+    }
+
+    fn shape(&self, id: u32) -> Shape {
+        let Some((_, t)) = self.resolve(id) else {
+            return Shape::Other;
+        };
+        match t.kind {
+            KIND_PTR => Shape::Pointer,
+            KIND_ARRAY => match t.members.first() {
+                Some(&(elem, _, len)) => match self.size_of(elem) {
+                    Some(elem_size) => Shape::Array { elem_size, len },
+                    None => Shape::Other,
+                },
+                None => Shape::Other,
+            },
+            KIND_STRUCT | KIND_UNION => Shape::Struct {
+                name: self.string(t.name_off).to_string(),
+                size: t.size_or_type,
+            },
+            KIND_INT | KIND_ENUM | KIND_ENUM64 => Shape::Scalar {
+                size: t.size_or_type,
+            },
+            _ => Shape::Other,
+        }
+    }
+
+    fn find_member(&self, t: &Type, member: &str, base_bits: u32, depth: u32) -> Option<Member> {
+        self.find_member_typed(t, member, base_bits, depth)
+            .map(|(m, _)| m)
+    }
+
+    /// Member `member` of `struct name`, looking through anonymous unions and
+    /// structs (e.g. `mem_cgroup.memsw`, which shares a union with `swap`).
+    pub fn member(&self, name: &str, member: &str) -> Option<Member> {
+        let id = *self.by_name.get(&(KIND_STRUCT, name.to_string()))?;
+        let t = self.types.get(id as usize)?;
+        self.find_member(t, member, 0, 0)
+    }
+
+    /// A member reached through named inner members, e.g. `dentry` `d_u.d_alias`
+    /// (`d_u` is a named union of an anonymous type) or `inode` `i_sb`.
+    pub fn member_path(&self, name: &str, path: &[&str]) -> Option<Member> {
+        let id = *self.by_name.get(&(KIND_STRUCT, name.to_string()))?;
+        let mut t = self.types.get(id as usize)?;
+        let mut offset = 0u32;
+        let mut last = None;
+        for (i, step) in path.iter().enumerate() {
+            let (m, ty) = self.find_member_typed(t, step, 0, 0)?;
+            offset += m.offset;
+            if i + 1 < path.len() {
+                t = self.resolve(ty)?.1;
+                if !matches!(t.kind, KIND_STRUCT | KIND_UNION) {
+                    return None;
+                }
+            }
+            last = Some(Member {
+                offset,
+                shape: m.shape,
+            });
+        }
+        last
+    }
+
+    fn find_member_typed(
+        &self,
+        t: &Type,
+        member: &str,
+        base_bits: u32,
+        depth: u32,
+    ) -> Option<(Member, u32)> {
+        if depth > 8 {
+            return None;
+        }
+        for &(n, ty, bits) in &t.members {
+            let bits = if t.kind_flag { bits & 0xff_ffff } else { bits };
+            let name = self.string(n);
+            if name == member {
+                let total = base_bits + bits;
+                return total.is_multiple_of(8).then(|| {
+                    (
+                        Member {
+                            offset: total / 8,
+                            shape: self.shape(ty),
+                        },
+                        ty,
+                    )
+                });
+            }
+            if name.is_empty() {
+                if let Some((_, inner)) = self.resolve(ty) {
+                    if matches!(inner.kind, KIND_STRUCT | KIND_UNION) {
+                        if let Some(m) =
+                            self.find_member_typed(inner, member, base_bits + bits, depth + 1)
+                        {
+                            return Some(m);
+                        }
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    /// Value of enumerator `variant` in whichever enum defines it, named or
+    /// anonymous (e.g. `CSS_ONLINE`, which lives in an anonymous enum).
+    pub fn enumerator(&self, variant: &str) -> Option<u32> {
+        self.types.iter().find_map(|t| {
+            if t.kind != KIND_ENUM {
+                return None;
+            }
+            t.members
+                .iter()
+                .find(|&&(n, _, _)| self.string(n) == variant)
+                .map(|&(_, v, _)| v)
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -308,6 +492,29 @@ mod tests {
         assert!(btf
             .enum_value("cgroup_subsys_id", "memory_cgrp_id")
             .is_some());
+        // What the dying-memcg walk reads (memcg/walk.rs).
+        let memsw = btf.member("mem_cgroup", "memsw").expect("mem_cgroup.memsw");
+        let swap = btf.member("mem_cgroup", "swap").expect("mem_cgroup.swap");
+        assert_eq!(memsw.offset, swap.offset, "one union");
+        assert!(matches!(
+            btf.member("mem_cgroup", "memory").map(|m| m.shape),
+            Some(Shape::Struct { ref name, .. }) if name == "page_counter"
+        ));
+        assert_eq!(
+            btf.member("cgroup_subsys_state", "parent").map(|m| m.shape),
+            Some(Shape::Pointer)
+        );
+        assert!(btf.enumerator("CSS_ONLINE").is_some());
+        let alias = btf
+            .member_path("dentry", &["d_u", "d_alias"])
+            .expect("d_u.d_alias");
+        let d_u = btf.member("dentry", "d_u").expect("d_u");
+        assert_eq!(alias.offset, d_u.offset);
+        assert_eq!(
+            btf.member_path("dentry", &["d_name", "name"])
+                .map(|m| m.shape),
+            Some(Shape::Pointer)
+        );
         for (s, m) in [
             ("task_struct", "cgroups"),
             ("css_set", "subsys"),

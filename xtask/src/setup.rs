@@ -57,6 +57,14 @@ const TOOLS: &[Tool] = &[
     tool("lz4", "lz4", Needs::Test),
     tool("gzip", "gzip", Needs::Test),
     tool("apt-get", "apt", Needs::Test),
+    // tests/tests/attribution.rs builds a C generator without frame pointers.
+    tool("cc", "gcc", Needs::Test),
+    // tests/tests/memcg.rs runs real containers: podman + runc from a local
+    // busybox rootfs (no image pull, no network).
+    tool("podman", "podman", Needs::Test),
+    tool("runc", "runc", Needs::Test),
+    tool("conmon", "conmon", Needs::Test),
+    tool("busybox", "busybox-static", Needs::Test),
     // bench: the peers (bench/peers.rs), bcc's headers, the commit it records.
     tool("bpftrace", "bpftrace", Needs::Everything),
     tool("memleak-bpfcc", "bpfcc-tools", Needs::Everything),

@@ -5,9 +5,13 @@
 mod ancestry;
 mod hierarchy;
 mod hooks;
+mod kmem;
+mod kread;
 pub mod paths;
+mod pins;
 mod state;
 mod view;
+mod walk;
 
 use std::{
     io::{IsTerminal, Write},
@@ -104,6 +108,12 @@ pub struct MemcgArgs {
     #[arg(long, default_value_t = 8, value_name = "MIB", value_parser = crate::cli::ringbuf_mib_range())]
     pub ringbuf_mib: u32,
 
+    /// One memcg's full story by id (the ID column): state, page counters,
+    /// every file whose pages it holds and what releases them, creator and
+    /// remover where traced. Implies a one-shot list unless --duration is given.
+    #[arg(long, value_name = "ID", conflicts_with = "top")]
+    pub why: Option<u64>,
+
     /// Machine output: one JSON object per interval (with --top) and a final report, one per line.
     #[arg(long)]
     pub json: bool,
@@ -129,6 +139,107 @@ pub struct Report {
     pub kernel: Counters,
     /// Events the decoder could not read (should be 0).
     pub decode_errors: u64,
+    /// Every memcg the kernel still holds, read from kernel memory (list and
+    /// final reports; None in snapshots).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kernel_memcgs: Option<KernelMemcgs>,
+    /// Whether kernel memory is charged to memcgs here, as the kernel defines it.
+    pub kmem_accounting: kmem::Accounting,
+}
+
+/// The kernel walk's result, or why there is none.
+#[derive(Debug, Clone, Serialize)]
+pub struct KernelMemcgs {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub walk: Option<walk::KernelWalk>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unknown: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub aggregate: Option<DyingAggregate>,
+}
+
+/// "N dying: M hold file pages, X GiB".
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DyingAggregate {
+    pub dying: u64,
+    pub holding_file_pages: u64,
+    pub holding_pages: u64,
+    /// Sum of the dying memcgs' memory page counters, in bytes.
+    pub charged_bytes: u64,
+    pub file_bytes: u64,
+    pub shmem_bytes: u64,
+    pub anon_bytes: u64,
+    pub swap_bytes: u64,
+    pub kernel_bytes: u64,
+}
+
+fn page_size() -> u64 {
+    // SAFETY: sysconf has no memory effects.
+    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u64::try_from(p).ok().filter(|&p| p > 0).unwrap_or(4096)
+}
+
+impl KernelMemcgs {
+    fn read() -> KernelMemcgs {
+        match Self::try_read() {
+            Ok(w) => {
+                let page = page_size();
+                let mut a = DyingAggregate::default();
+                let b = |v: Option<i64>| u64::try_from(v.unwrap_or(0)).unwrap_or(0) * page;
+                for m in w.dying() {
+                    a.dying += 1;
+                    if m.file.unwrap_or(0) > 0 {
+                        a.holding_file_pages += 1;
+                    }
+                    if m.usage_pages.unwrap_or(0) > 0 {
+                        a.holding_pages += 1;
+                    }
+                    a.charged_bytes += m.usage_pages.unwrap_or(0) * page;
+                    a.file_bytes += b(m.file);
+                    a.shmem_bytes += b(m.shmem);
+                    a.anon_bytes += b(m.anon);
+                    a.swap_bytes += b(m.swap);
+                    a.kernel_bytes += b(m.kernel);
+                }
+                KernelMemcgs {
+                    walk: Some(w),
+                    unknown: None,
+                    aggregate: Some(a),
+                }
+            }
+            Err(e) => KernelMemcgs {
+                walk: None,
+                unknown: Some(format!("{e:#}")),
+                aggregate: None,
+            },
+        }
+    }
+
+    fn try_read() -> Result<walk::KernelWalk> {
+        // SAFETY: geteuid has no memory effects.
+        if unsafe { libc::geteuid() } != 0 {
+            anyhow::bail!("not root: reading kernel memory (BPF) needs root");
+        }
+        let btf = Btf::from_sys_fs().context("reading /sys/kernel/btf/vmlinux")?;
+        let mut k = kread::Kread::open()?;
+        let mut w = walk::walk(&btf, &mut k)?;
+        let t = std::time::Instant::now();
+        let (runs, reads) = (k.runs, k.slots);
+        let dying: Vec<usize> = (0..w.memcgs.len()).filter(|&i| w.memcgs[i].dying).collect();
+        let addrs: Vec<u64> = dying.iter().map(|&i| w.memcgs[i].addr).collect();
+        match pins::page_pins(&btf, &mut k, &addrs)? {
+            Ok(pins) => {
+                for (i, p) in dying.into_iter().zip(pins) {
+                    w.memcgs[i].page_pins = Some(p);
+                }
+            }
+            Err(e) => w.page_pins_unknown = Some(format!("unknown on this kernel: {e}")),
+        }
+        w.page_pins_ms = walk::duration_ms(t.elapsed());
+        w.page_pins_runs = k.runs - runs;
+        w.page_pins_reads = k.slots - reads;
+        Ok(w)
+    }
 }
 
 /// Dying memcgs that predate tracing: unattributable, counted separately.
@@ -185,7 +296,7 @@ async fn run_async(args: MemcgArgs) -> Result<()> {
         kmalloc_cg: root.join("sys/kernel/slab/kmalloc-cg-8").exists(),
     };
     // A plain --list is a look at cgroupfs and /proc/cgroups: no BPF, no root.
-    if args.list && args.duration.is_none() {
+    if (args.list || args.why.is_some()) && args.duration.is_none() {
         run.mode = "none (one-shot list from cgroupfs; --duration traces first)".into();
         let report = run.report("list", Counters::default());
         return emit_final(&args, &report);
@@ -241,7 +352,11 @@ async fn run_async(args: MemcgArgs) -> Result<()> {
     drop(hooks);
     let mut ring = outcome?;
     drain(&mut run, &mut ring);
-    let kind = if args.list { "list" } else { "final" };
+    let kind = if args.list || args.why.is_some() {
+        "list"
+    } else {
+        "final"
+    };
     let report = run.report(kind, counters);
     emit_final(&args, &report)
 }
@@ -429,6 +544,8 @@ impl Run {
             snapshot,
             kernel,
             decode_errors: self.decode_errors,
+            kernel_memcgs: matches!(kind, "list" | "final").then(KernelMemcgs::read),
+            kmem_accounting: kmem::Accounting::detect(Path::new("/"), &self.hierarchy),
         }
     }
 }
@@ -461,6 +578,8 @@ fn emit_final(args: &MemcgArgs, report: &Report) -> Result<()> {
     if args.json {
         let line = serde_json::to_string(report).context("encoding JSON report")?;
         writeln!(out, "{line}")?;
+    } else if let Some(id) = args.why {
+        writeln!(out, "{}", view::why(report, id))?;
     } else {
         writeln!(out, "{}", view::render(report, args, true))?;
     }
