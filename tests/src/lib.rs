@@ -376,6 +376,18 @@ pub fn outstanding_on(report: &Value, tgid: u32, kframe: &str, uframe: &str) -> 
         .sum()
 }
 
+/// Outstanding objects of `tgid` allocated directly by `caller` (the kernel
+/// frame right below the allocator), under user frames naming `uframe`. Unlike
+/// [`outstanding_on`], not counting allocations made on the way, such as a new
+/// slab page's obj_exts vector, which lives as long as the slab page.
+pub fn allocated_by(report: &Value, tgid: u32, caller: &str, uframe: &str) -> u64 {
+    let prefix = format!("{caller}+");
+    stacks_matching(report, tgid, caller, uframe)
+        .filter(|s| s["kernel"][1].as_str().is_some_and(|f| f.starts_with(&prefix)))
+        .map(|s| count(s, "outstanding"))
+        .sum()
+}
+
 pub fn stacks_matching<'a>(
     report: &'a Value,
     tgid: u32,

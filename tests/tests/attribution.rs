@@ -24,9 +24,24 @@ fn twopath(n: u64, ratio: u64) -> Generator {
     Generator::start_command(cmd).expect("leakgen twopath")
 }
 
+/// Stacks of user_preparse's own kmalloc (the payload), not of allocations
+/// made on its way (a new slab page's obj_exts vector under user_preparse is
+/// another kmalloc-512 object, held as long as the slab page lives).
+fn payload_stacks<'a>(
+    report: &'a Value,
+    pid: u32,
+    frame: &'a str,
+) -> impl Iterator<Item = &'a Value> + 'a {
+    stacks_matching(report, pid, "user_preparse", frame).filter(|s| {
+        s["kernel"][1]
+            .as_str()
+            .is_some_and(|f| f.starts_with("user_preparse+"))
+    })
+}
+
 /// Outstanding (and the 95% interval) on user_preparse stacks under `frame`.
 fn held_under(report: &Value, pid: u32, frame: &str) -> (u64, u64, u64) {
-    stacks_matching(report, pid, "user_preparse", frame).fold((0, 0, 0), |acc, s| {
+    payload_stacks(report, pid, frame).fold((0, 0, 0), |acc, s| {
         (
             acc.0 + count(s, "outstanding"),
             acc.1 + count(s, "outstanding_low"),
@@ -76,7 +91,14 @@ fn holding_path_is_named(exact: bool) {
         "interval {low}-{high} must cover {N}"
     );
     assert!(p["fingerprinted"].as_bool().unwrap_or(false), "{p:#}");
+    // user_preparse's own kmalloc: a slab page allocated on the way
+    // (alloc_slab_obj_exts under user_preparse) is another allocation.
     let busy_allocs: u64 = stacks_matching(&report, pid, "user_preparse", "busy_add_key")
+        .filter(|s| {
+            s["kernel"][1]
+                .as_str()
+                .is_some_and(|f| f.starts_with("user_preparse+"))
+        })
         .map(|s| count(s, "allocs"))
         .sum();
     if exact {
@@ -237,18 +259,12 @@ fn without_frame_pointers_the_split_is_an_estimate_and_says_so() {
     let mut gen = Generator::start_command(cmd).expect("twopath_nofp");
     let pid = gen.pid;
     let report = tracer
-        .wait_for("the held keys", WAIT, |r| {
-            process(r, pid).is_some_and(|p| count(p, "outstanding") >= N)
-        })
+        .wait_for("the held keys", WAIT, |r| held_under(r, pid, "").0 >= N)
         .expect("held keys");
     let p = process(&report, pid).expect("listed");
-    assert_eq!(
-        count(p, "outstanding"),
-        N,
-        "the process total is exact: {p:#}"
-    );
+    assert!(count(p, "outstanding") >= N, "the process total: {p:#}");
     assert_eq!(p["fingerprinted"], false, "{p:#}");
-    let rows: Vec<&Value> = stacks_matching(&report, pid, "user_preparse", "").collect();
+    let rows: Vec<&Value> = payload_stacks(&report, pid, "").collect();
     let held: u64 = rows.iter().map(|s| count(s, "outstanding")).sum();
     assert!(
         held.abs_diff(N) <= rows.len() as u64,
@@ -291,14 +307,14 @@ fn rcu_softirq_frees_under_churn_leave_no_phantom_leak() {
     let pid = gen.pid;
     tracer
         .wait_for("the held keys", WAIT, |r| {
-            outstanding_on(r, pid, "user_preparse", "leak_keys") >= N
+            held_under(r, pid, "leak_keys").0 >= N
         })
         .expect("held");
     gen.release().expect("revoke");
     // RELEASED comes after rcu_barrier(): every payload's kfree has run.
     let report = tracer
         .wait_for("the RCU-freed payloads seen freed", WAIT, |r| {
-            let left = outstanding_on(r, pid, "user_preparse", "leak_keys");
+            let left = held_under(r, pid, "leak_keys").0;
             match r["kernel"]["frees_maybe_missed"].as_u64() {
                 Some(uncertain) => left <= uncertain,
                 // Before 5.12 the kernel does not count skipped runs: wait
@@ -307,7 +323,7 @@ fn rcu_softirq_frees_under_churn_leave_no_phantom_leak() {
             }
         })
         .expect("no phantom leak");
-    let left = outstanding_on(&report, pid, "user_preparse", "leak_keys");
+    let left = held_under(&report, pid, "leak_keys").0;
     let _ = churn.kill();
     let _ = churn.wait();
     gen.finish().expect("exits");

@@ -165,7 +165,7 @@ fn held_keys_named(stripped: bool) {
     gen.release().expect("release");
     tracer
         .wait_for("the keys seen freed", WAIT, |r| {
-            outstanding_on(r, pid, "user_preparse", "main.leakKeys") == 0
+            allocated_by(r, pid, "user_preparse", "main.leakKeys") == 0
         })
         .expect("frees");
     gen.finish().expect("leakkeys exit");

@@ -87,7 +87,7 @@ fn held_keys(hooks: &str, hooks_line: &str) {
     let freed = tracer
         .wait_for("the keys' payloads to be freed", WAIT, |r| {
             process(r, pid).is_some_and(|p| count(p, "frees") >= N)
-                && outstanding_on(r, pid, "user_preparse", "leak_keys") == 0
+                && allocated_by(r, pid, "user_preparse", "leak_keys") == 0
         })
         .expect("frees seen");
     assert!(count(&freed["totals"], "frees") >= N);
