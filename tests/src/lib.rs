@@ -383,7 +383,11 @@ pub fn outstanding_on(report: &Value, tgid: u32, kframe: &str, uframe: &str) -> 
 pub fn allocated_by(report: &Value, tgid: u32, caller: &str, uframe: &str) -> u64 {
     let prefix = format!("{caller}+");
     stacks_matching(report, tgid, caller, uframe)
-        .filter(|s| s["kernel"][1].as_str().is_some_and(|f| f.starts_with(&prefix)))
+        .filter(|s| {
+            s["kernel"][1]
+                .as_str()
+                .is_some_and(|f| f.starts_with(&prefix))
+        })
         .map(|s| count(s, "outstanding"))
         .sum()
 }
