@@ -478,6 +478,40 @@ impl Aggregator {
         slot
     }
 
+    /// Forget processes that hold nothing and are gone (`alive` says no): a
+    /// node running exec probes or cron jobs starts thousands of them an hour,
+    /// and their rows would grow the table without end. A process that still
+    /// holds objects stays, exited or not. Returns the tgids forgotten, so
+    /// callers can drop what they keep per process.
+    pub fn forget_exited(&mut self, alive: impl Fn(u32) -> bool) -> Vec<u32> {
+        let gone: Vec<u32> = self
+            .procs
+            .values()
+            .filter(|p| p.counts.outstanding == 0 && !alive(p.tgid))
+            .map(|p| p.tgid)
+            .collect();
+        for tgid in &gone {
+            let Some(p) = self.procs.remove(tgid) else {
+                continue;
+            };
+            for h in p.strata {
+                let Some(stratum) = self.strata.get_mut(h as usize) else {
+                    continue;
+                };
+                // Its slot stays (indexes are positions) but holds nothing:
+                // a new allocation of that key gets a new stratum.
+                self.stratum_ids.remove(&stratum.key);
+                for site in std::mem::take(&mut stratum.sites) {
+                    if let Some(s) = self.sites.get(site as usize) {
+                        self.site_ids.remove(&(h, s.kstack, s.ustack));
+                    }
+                }
+                stratum.name = None;
+            }
+        }
+        gone
+    }
+
     /// Record the per-process history that rates are computed from.
     pub fn tick(&mut self, now_ns: u64) {
         let horizon = now_ns.saturating_sub(self.rate_window_ns);
@@ -908,6 +942,33 @@ mod tests {
             .iter()
             .find(|r| !r.partial && r.stratum_outstanding == 2);
         assert!(estimated_a.is_some_and(|r| r.counts.outstanding == 0 && r.counts.frees == 1));
+    }
+
+    #[test]
+    fn exited_processes_that_hold_nothing_are_forgotten() {
+        let mut agg = Aggregator::new(10_000_000_000, 1);
+        agg.apply(&alloc(1, 0x10, 0, &[1, 2], &[9]));
+        agg.apply(&alloc(2, 0x20, 0, &[1, 2], &[9]));
+        agg.apply(&alloc(3, 0x30, 0, &[1, 2], &[9]));
+        agg.apply(&free(0x10));
+        agg.apply(&free(0x30));
+        // 1 exited holding nothing; 2 exited but holds an object; 3 is alive.
+        let gone = agg.forget_exited(|tgid| tgid == 3);
+        assert_eq!(gone, vec![1]);
+        let snap = agg.snapshot(0, &opts(SortKey::Outstanding));
+        let tgids: Vec<u32> = snap.processes.iter().map(|p| p.tgid).collect();
+        assert!(!tgids.contains(&1) && tgids.contains(&2) && tgids.contains(&3));
+        assert_eq!(snap.totals.allocs, 3, "totals keep what was seen");
+        // The same pid again is a new process with a new stratum.
+        agg.apply(&alloc(1, 0x40, 0, &[1, 2], &[9]));
+        let snap = agg.snapshot(0, &opts(SortKey::Outstanding));
+        let p1 = snap
+            .processes
+            .iter()
+            .find(|p| p.tgid == 1)
+            .expect("new pid 1");
+        assert_eq!((p1.counts.allocs, p1.counts.outstanding), (1, 1));
+        assert_eq!(p1.sites[0].counts.outstanding, 1);
     }
 
     #[test]

@@ -377,6 +377,19 @@ impl Symbolizer {
     /// /proc/PID/map_files each process is a new path, so with many processes
     /// the parsed copies pile up. Our own name cache keeps every result, so
     /// dropping blazesym's after a burst of lookups costs only re-parsing.
+    /// Drop everything kept for processes that are gone and forgotten.
+    pub fn forget(&mut self, tgids: &[u32]) {
+        if tgids.is_empty() {
+            return;
+        }
+        let gone: std::collections::HashSet<u32> = tgids.iter().copied().collect();
+        self.user.retain(|(t, _), _| !gone.contains(t));
+        for t in tgids {
+            self.images.remove(t);
+        }
+        self.image_order.retain(|t| !gone.contains(t));
+    }
+
     pub fn trim(&mut self) {
         if self.user_lookups >= 8 {
             self.blaze = Blaze::builder().enable_code_info(false).build();

@@ -296,6 +296,14 @@ async fn event_loop(
             _ = src.ticker.tick() => {
                 drain(state, src.ring.get_mut());
                 state.agg.tick(monotonic_ns());
+                // The --pid process keeps its row after exit: the header says it exited.
+                let gone = state.agg.forget_exited(|tgid| {
+                    Some(tgid) == args.pid || Path::new("/proc").join(tgid.to_string()).exists()
+                });
+                for tgid in &gone {
+                    state.procs.remove(tgid);
+                }
+                state.symbols.forget(&gone);
                 // Build a report every tick even when nothing is shown: it resolves
                 // symbols of the top processes while they are still alive.
                 let counters = probes.counters().unwrap_or_default();
