@@ -50,6 +50,10 @@ struct Live {
 
 const NOT_DRAWN: u32 = u32::MAX;
 
+/// Exited processes that hold nothing kept for the report; see
+/// [`Aggregator::forget_exited`].
+pub const EXITED_KEPT: usize = 256;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct StratumKey {
     tgid: u32,
@@ -478,18 +482,26 @@ impl Aggregator {
         slot
     }
 
-    /// Forget processes that hold nothing and are gone (`alive` says no): a
-    /// node running exec probes or cron jobs starts thousands of them an hour,
-    /// and their rows would grow the table without end. A process that still
-    /// holds objects stays, exited or not. Returns the tgids forgotten, so
-    /// callers can drop what they keep per process.
+    /// Forget processes that hold nothing and are gone (`alive` says no),
+    /// beyond the [`EXITED_KEPT`] with the most allocations: a node running
+    /// exec probes or cron jobs starts thousands of them an hour, and their rows
+    /// would grow the table without end, while a busy one that exited is still
+    /// worth its row in the report. A process that holds objects always stays.
+    /// Returns the tgids forgotten, so callers can drop what they keep per
+    /// process.
     pub fn forget_exited(&mut self, alive: impl Fn(u32) -> bool) -> Vec<u32> {
-        let gone: Vec<u32> = self
+        let mut empty_exited: Vec<(u64, u32)> = self
             .procs
             .values()
             .filter(|p| p.counts.outstanding == 0 && !alive(p.tgid))
-            .map(|p| p.tgid)
+            .map(|p| (p.counts.allocs, p.tgid))
             .collect();
+        if empty_exited.len() <= EXITED_KEPT {
+            return Vec::new();
+        }
+        empty_exited.sort_unstable();
+        let excess = empty_exited.len() - EXITED_KEPT;
+        let gone: Vec<u32> = empty_exited[..excess].iter().map(|&(_, t)| t).collect();
         for tgid in &gone {
             let Some(p) = self.procs.remove(tgid) else {
                 continue;
@@ -952,16 +964,33 @@ mod tests {
         agg.apply(&alloc(3, 0x30, 0, &[1, 2], &[9]));
         agg.apply(&free(0x10));
         agg.apply(&free(0x30));
-        // 1 exited holding nothing; 2 exited but holds an object; 3 is alive.
+        // Up to EXITED_KEPT exited, empty processes stay, the busiest first.
+        for i in 0..EXITED_KEPT as u64 {
+            let tgid = 1000 + i as u32;
+            agg.apply(&alloc(tgid, 0x1000 + i * 0x10, 0, &[1, 2], &[9]));
+            agg.apply(&alloc(tgid, 0x9000 + i * 0x10, 0, &[1, 2], &[9]));
+            agg.apply(&free(0x1000 + i * 0x10));
+            agg.apply(&free(0x9000 + i * 0x10));
+        }
+        // 1 exited holding nothing with the fewest allocations; 2 exited but
+        // holds an object; 3 is alive.
         let gone = agg.forget_exited(|tgid| tgid == 3);
         assert_eq!(gone, vec![1]);
-        let snap = agg.snapshot(0, &opts(SortKey::Outstanding));
+        let all = SnapshotOptions {
+            limit: usize::MAX,
+            ..opts(SortKey::Outstanding)
+        };
+        let snap = agg.snapshot(0, &all);
         let tgids: Vec<u32> = snap.processes.iter().map(|p| p.tgid).collect();
         assert!(!tgids.contains(&1) && tgids.contains(&2) && tgids.contains(&3));
-        assert_eq!(snap.totals.allocs, 3, "totals keep what was seen");
+        assert_eq!(
+            snap.totals.allocs,
+            3 + 2 * EXITED_KEPT as u64,
+            "totals keep what was seen"
+        );
         // The same pid again is a new process with a new stratum.
         agg.apply(&alloc(1, 0x40, 0, &[1, 2], &[9]));
-        let snap = agg.snapshot(0, &opts(SortKey::Outstanding));
+        let snap = agg.snapshot(0, &all);
         let p1 = snap
             .processes
             .iter()
