@@ -251,6 +251,9 @@ impl ViewState {
                 Span::raw("")
             },
         ]));
+        if let Some(note) = crate::view::traced_exit_note(r) {
+            head.push(Line::from(note));
+        }
         if let Some(s) = &r.slab {
             head.push(Line::from(format!(
                 "slabinfo: {} active / {} objs of {} B   since attach {:+} objs ({:+.1}/s)",

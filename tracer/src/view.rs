@@ -25,15 +25,18 @@ pub fn render(report: &Report, opts: &TextOptions) -> String {
 
 /// Says when --pid's process is gone: its numbers stop moving for that reason,
 /// not because the leak stopped, and what it still holds stays listed.
+pub fn traced_exit_note(r: &Report) -> Option<String> {
+    let t = r.traced.as_ref()?;
+    let after = t.exited_after_s?;
+    Some(format!(
+        "traced process {} exited {after:.1}s after attach; its objects stay counted",
+        t.pid
+    ))
+}
+
 fn traced_line(out: &mut String, r: &Report) {
-    if let Some(t) = &r.traced {
-        if let Some(after) = t.exited_after_s {
-            let _ = writeln!(
-                out,
-                "traced process {} exited {after:.1}s after attach; its objects stay counted",
-                t.pid
-            );
-        }
+    if let Some(note) = traced_exit_note(r) {
+        let _ = writeln!(out, "{note}");
     }
 }
 
