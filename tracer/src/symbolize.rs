@@ -213,26 +213,21 @@ impl Symbolizer {
             jobs.push((i, path, addr - m.start + m.offset, addr));
         }
         let mut out: Vec<Option<Vec<String>>> = vec![None; addrs.len()];
-        for (i, path, offset, _addr) in jobs {
-            if let Some(bin) = self.go.binary(&path) {
-                if let Some(vaddr) = bin.vaddr_of_offset(offset) {
-                    match bin.frames(vaddr.saturating_sub(1)) {
-                        Ok(Some(frames)) => {
-                            out[i] = Some(
-                                frames
-                                    .into_iter()
-                                    .map(|mut f| {
-                                        f.offset = f.offset.map(|o| o + 1);
-                                        gosym::format_frame(&f)
-                                    })
-                                    .collect(),
-                            );
-                            continue;
-                        }
-                        Ok(None) => {}
-                        Err(_) => continue,
-                    }
+        for (i, path, offset, addr) in jobs {
+            match self.go_file_frames(&path, offset) {
+                Some(Ok(frames)) => {
+                    out[i] = Some(frames);
+                    continue;
                 }
+                // Inside Go code but the table does not add up: no guess.
+                Some(Err(())) => {
+                    out[i] = self
+                        .images
+                        .get(&tgid)
+                        .map(|image| vec![module_offset(&image.maps, addr)]);
+                    continue;
+                }
+                None => {}
             }
             let src = Source::Elf(Elf {
                 debug_syms: false,
@@ -353,23 +348,31 @@ impl Symbolizer {
         // map_files pins the inode the process mapped: a binary replaced on
         // disk since the process started is still read as the one it runs.
         let path = PathBuf::from(format!("/proc/{tgid}/map_files/{:x}-{:x}", m.start, m.end));
-        let bin = self.go.binary(&path)?;
-        let vaddr = bin.vaddr_of_offset(addr - m.start + m.offset)?;
+        match self.go_file_frames(&path, addr - m.start + m.offset)? {
+            Ok(frames) => Some(frames),
+            // Inside Go code but the table does not add up: no guess.
+            Err(()) => Some(vec![module_offset(maps, addr)]),
+        }
+    }
+
+    /// Frames of the return address at `offset` in the file at `path` from
+    /// its Go table; None when it is not Go (or outside its Go code), an error
+    /// when the table does not add up there.
+    fn go_file_frames(&mut self, path: &Path, offset: u64) -> Option<Result<Vec<String>, ()>> {
+        let bin = self.go.binary(path)?;
+        let vaddr = bin.vaddr_of_offset(offset)?;
         // Stack entries are return addresses (the first one is the
         // instruction after `syscall`): the call is one byte earlier.
         match bin.frames(vaddr.saturating_sub(1)) {
-            Ok(Some(frames)) => Some(
-                frames
-                    .into_iter()
-                    .map(|mut f| {
-                        f.offset = f.offset.map(|o| o + 1);
-                        gosym::format_frame(&f)
-                    })
-                    .collect(),
-            ),
+            Ok(Some(frames)) => Some(Ok(frames
+                .into_iter()
+                .map(|mut f| {
+                    f.offset = f.offset.map(|o| o + 1);
+                    gosym::format_frame(&f)
+                })
+                .collect())),
             Ok(None) => None,
-            // Inside Go code but the table does not add up: no guess.
-            Err(_) => Some(vec![module_offset(maps, addr)]),
+            Err(_) => Some(Err(())),
         }
     }
 
