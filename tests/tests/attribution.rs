@@ -157,6 +157,14 @@ fn kernel_paths_below_one_call_site_are_split_in_true_proportion() {
         "no cgroup hierarchy mounted under /sys/fs/cgroup"
     );
     let Some(root) = root else { return };
+    // A named cache needs kmem_cache_alloc's name (6.2+ format, or the raw
+    // tracepoint's cache pointer); slab.rs checks the refusal elsewhere.
+    skip_unless!(
+        tracepoint_has_field("kmem", "kmem_cache_alloc", "name")
+            || raw_tracepoint_described("kmem_cache_alloc"),
+        "kmem:kmem_cache_alloc names no cache on this kernel, so --cache kernfs_node_cache is \
+         refused (checked in slab::named_cache_filp_follows_open_files)"
+    );
     let base = root.join(format!("leaktrace-kernfs-{}", std::process::id()));
     std::fs::create_dir(&base).expect("mkdir base memcg");
     let mut tracer = Tracer::start(&[
@@ -307,7 +315,11 @@ fn rcu_softirq_frees_under_churn_leave_no_phantom_leak() {
     let pid = gen.pid;
     tracer
         .wait_for("the held keys", WAIT, |r| {
-            held_under(r, pid, "leak_keys").0 >= N
+            // Allocations both hook programs missed are stated, not hidden
+            // (seen in 1-vCPU 7.x guests, where tracepoint programs run
+            // preemptibly); they are never counted as held.
+            let missed = r["kernel"]["allocs_maybe_missed"].as_u64().unwrap_or(0);
+            held_under(r, pid, "leak_keys").0 + missed >= N
         })
         .expect("held");
     gen.release().expect("revoke");
