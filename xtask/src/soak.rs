@@ -300,14 +300,25 @@ fn last_report(path: &Path) -> Result<Option<Value>> {
         .find_map(|l| serde_json::from_str::<Value>(l).ok()))
 }
 
+/// The key payloads `pid` holds: user_preparse's own kmallocs, not what was
+/// allocated on the way (a new slab page's obj_exts vector, RCU-pending
+/// keyring edits), which the process total also counts.
 fn outstanding_of(report: &Value, pid: u32) -> u64 {
     report["processes"]
         .as_array()
         .into_iter()
         .flatten()
         .find(|p| p["tgid"].as_u64() == Some(u64::from(pid)))
-        .and_then(|p| p["outstanding"].as_u64())
-        .unwrap_or(0)
+        .and_then(|p| p["stacks"].as_array())
+        .into_iter()
+        .flatten()
+        .filter(|s| {
+            s["kernel"][1]
+                .as_str()
+                .is_some_and(|f| f.starts_with("user_preparse+"))
+        })
+        .filter_map(|s| s["outstanding"].as_u64())
+        .sum()
 }
 
 fn lost_events(r: &Value) -> u64 {
