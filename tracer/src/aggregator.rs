@@ -1024,16 +1024,7 @@ mod tests {
         assert_eq!(sites[1].counts.outstanding, 10);
     }
 
-    /// xorshift64*: a seeded, reproducible stand-in for the kernel's draw.
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-        }
-    }
+    use crate::test_rng::Rng;
 
     /// One stratum, two deeper stacks: `rare` of `total` live objects from
     /// stack A, and 50 churned (freed) allocations per live one. Returns

@@ -21,6 +21,8 @@ mod report;
 mod slabinfo;
 mod stacks;
 mod symbolize;
+#[cfg(test)]
+mod test_rng;
 mod trace;
 mod tracefs;
 mod tui;

@@ -1718,19 +1718,7 @@ mod tests {
             .is_none());
     }
 
-    /// xorshift: deterministic, so a failure reproduces from its round number.
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-        fn below(&mut self, n: usize) -> usize {
-            (self.next() % n.max(1) as u64) as usize
-        }
-    }
+    use crate::test_rng::Rng;
 
     /// What a garbled format file tends to contain: C punctuation, digits,
     /// the keys the parser looks for, and bytes that are not text at all.

@@ -1031,19 +1031,7 @@ pub(crate) mod real {
         }
     }
 
-    /// xorshift: deterministic, so a failure reproduces.
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-        fn below(&mut self, n: usize) -> usize {
-            (self.next() % n.max(1) as u64) as usize
-        }
-    }
+    use crate::test_rng::Rng;
 
     /// Randomly corrupted and truncated copies of a real table: parsing and
     /// lookups give errors, never panics, and while the name table itself is
