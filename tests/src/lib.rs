@@ -51,9 +51,15 @@ pub struct Tracer {
 impl Tracer {
     /// Start `leaktrace --json ARGS` and wait until it reports it is attached.
     pub fn start(args: &[&str]) -> Result<Tracer> {
+        Tracer::start_with_env(args, &[])
+    }
+
+    /// [`Tracer::start`] with extra environment variables.
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Result<Tracer> {
         let mut child = Command::new(leaktrace_bin())
             .arg("--json")
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -178,6 +184,14 @@ impl Tracer {
         let report =
             last.ok_or_else(|| anyhow!("no final report; stderr: {:?}", self.stderr_seen))?;
         Ok((status, report, std::mem::take(&mut self.stderr_seen)))
+    }
+
+    /// Wait for it to end by itself; returns (exit code, every stderr line).
+    pub fn wait_exit(mut self, timeout: Duration) -> Result<(i32, Vec<String>)> {
+        let status = wait_timeout(&mut self.child, timeout)?;
+        thread::sleep(Duration::from_millis(200));
+        self.drain_stderr();
+        Ok((status, std::mem::take(&mut self.stderr_seen)))
     }
 
     /// SIGKILL: no report, no cleanup of its own; returns once it is reaped.

@@ -632,3 +632,116 @@ fn a_closed_stdout_still_gets_the_files_written() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Ids of the BPF programs `pid` holds, from its descriptors' fdinfo (program
+/// and link fds both carry `prog_id`).
+fn prog_ids_held_by(pid: u32) -> Vec<u32> {
+    let mut ids: Vec<u32> = std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
+        .map(|dir| {
+            dir.filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok())
+                .flat_map(|info| {
+                    info.lines()
+                        .filter_map(|l| l.strip_prefix("prog_id:")?.trim().parse().ok())
+                        .collect::<Vec<u32>>()
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
+#[test]
+fn a_panic_mid_run_exits_non_zero_with_nothing_left_loaded() {
+    let tracer = Tracer::start_with_env(
+        &["--cache", "kmalloc-512", "--top", "--interval", "1s"],
+        &[("LEAKTRACE_FAULT", "panic-on-second-refresh")],
+    )
+    .expect("start");
+    let (progs, maps) = loaded_objects(&tracer);
+    assert!(!progs.is_empty() && !maps.is_empty());
+    let (code, stderr) = tracer.wait_exit(Duration::from_secs(20)).expect("exit");
+    assert_eq!(code, 101, "a panic's exit code: {stderr:?}");
+    assert!(
+        stderr.iter().any(|l| l.contains("an injected panic")),
+        "{stderr:?}"
+    );
+    assert_freed(&progs, &maps);
+}
+
+/// `--top` in a real terminal (a tmux pane): a panic leaves the terminal as it
+/// found it (main screen, cursor shown, cooked mode) and nothing loaded.
+#[test]
+fn a_panic_under_top_restores_the_terminal() {
+    let dir = std::env::temp_dir().join(format!("leaktrace-panic-tty-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let socket = format!("leaktrace-test-{}", std::process::id());
+    let tmux = |args: &[&str]| {
+        Command::new("tmux")
+            .args(["-L", &socket])
+            .args(args)
+            .output()
+            .expect("tmux (installed by cargo xtask setup)")
+    };
+    let d = dir.to_str().expect("utf-8");
+    let script = format!(
+        "stty -g > {d}/before; \
+         LEAKTRACE_FAULT=panic-on-second-refresh {bin} --cache kmalloc-512 --top --interval 2s \
+           --folded {d}/marker.folded 2> {d}/stderr; \
+         echo $? > {d}/code.tmp; stty -g > {d}/after; \
+         tmux display -p '#{{alternate_on}} #{{cursor_flag}}' > {d}/screen; \
+         mv {d}/code.tmp {d}/code; sleep 60",
+        bin = leaktrace_bin().display()
+    );
+    let out = tmux(&[
+        "new-session",
+        "-d",
+        "-x",
+        "120",
+        "-y",
+        "40",
+        "sh",
+        "-c",
+        &script,
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    // Its programs, read from its descriptors while the screen is up.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let (mut pid, mut progs) = (None, Vec::new());
+    while std::time::Instant::now() < deadline && !dir.join("code").exists() {
+        pid = pid.or_else(|| {
+            std::fs::read_dir("/proc").ok()?.find_map(|e| {
+                let e = e.ok()?;
+                let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+                // leaktrace's own argv, not the shell's script that names it.
+                let marker = format!("{d}/marker.folded");
+                let argv0 = cmd.split(|&b| b == 0).next().unwrap_or_default();
+                let has = argv0.ends_with(b"leaktrace")
+                    && String::from_utf8_lossy(&cmd).contains(&marker);
+                (has && e.file_name().to_str()?.parse::<u32>().is_ok())
+                    .then(|| e.file_name().to_str()?.parse().ok())?
+            })
+        });
+        if let Some(p) = pid {
+            let now = prog_ids_held_by(p);
+            if now.len() > progs.len() {
+                progs = now;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
+    let _ = tmux(&["kill-server"]);
+    assert_eq!(read("code").trim(), "101", "stderr: {}", read("stderr"));
+    assert!(
+        read("stderr").contains("an injected panic"),
+        "{}",
+        read("stderr")
+    );
+    assert!(!progs.is_empty(), "its programs were seen while it ran");
+    assert_eq!(read("before"), read("after"), "terminal modes restored");
+    assert_eq!(read("screen").trim(), "0 1", "main screen, cursor shown");
+    assert_detached(&progs);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -15,7 +15,7 @@
 //! share (call site and fingerprinted user frames), marked partial: never
 //! under a stack its objects did not come from.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 
 use hdrhistogram::Histogram;
 use serde::Serialize;
@@ -227,6 +227,18 @@ pub struct SnapshotOptions {
     pub pid: Option<u32>,
 }
 
+/// Puts `item` in a freed slot if there is one, else at the end; returns its index.
+fn reuse_or_push<T>(slots: &mut Vec<T>, free: &mut Vec<u32>, item: T) -> u32 {
+    if let Some(i) = free.pop() {
+        if let Some(slot) = slots.get_mut(i as usize) {
+            *slot = item;
+            return i;
+        }
+    }
+    slots.push(item);
+    slots.len() as u32 - 1
+}
+
 #[derive(Debug)]
 pub struct Aggregator {
     objects: HashMap<u64, Live>,
@@ -234,6 +246,9 @@ pub struct Aggregator {
     stratum_ids: HashMap<StratumKey, u32>,
     sites: Vec<Site>,
     site_ids: HashMap<(u32, StackId, StackId), u32>,
+    /// Slots of forgotten processes' strata and sites, reused before new ones.
+    free_strata: Vec<u32>,
+    free_sites: Vec<u32>,
     sampling: StackSampling,
     procs: HashMap<u32, Process>,
     cgroups: HashMap<u64, Counts>,
@@ -268,6 +283,8 @@ impl Aggregator {
             stratum_ids: HashMap::new(),
             sites: Vec::new(),
             site_ids: HashMap::new(),
+            free_strata: Vec::new(),
+            free_sites: Vec::new(),
             sampling: StackSampling {
                 sample_every,
                 ..StackSampling::default()
@@ -406,37 +423,38 @@ impl Aggregator {
             call_site: a.call_site,
             fingerprint: a.user_fingerprint,
         };
-        let next = self.strata.len() as u32;
-        let id = *self.stratum_ids.entry(key).or_insert(next);
-        if id == next {
-            self.strata.push(Stratum {
-                key,
-                user_ip: a.user_ip,
-                counts: Counts::default(),
-                drawn: Counts::default(),
-                sites: Vec::new(),
-                name: None,
-            });
-            self.sampling.strata += 1;
+        if let Some(&id) = self.stratum_ids.get(&key) {
+            return (id, false);
         }
-        (id, id == next)
+        let stratum = Stratum {
+            key,
+            user_ip: a.user_ip,
+            counts: Counts::default(),
+            drawn: Counts::default(),
+            sites: Vec::new(),
+            name: None,
+        };
+        let id = reuse_or_push(&mut self.strata, &mut self.free_strata, stratum);
+        self.stratum_ids.insert(key, id);
+        self.sampling.strata += 1;
+        (id, true)
     }
 
     fn site_of(&mut self, stratum: u32, kstack: StackId, ustack: StackId) -> (u32, bool) {
-        let next = self.sites.len() as u32;
-        let id = *self
-            .site_ids
-            .entry((stratum, kstack, ustack))
-            .or_insert(next);
-        if id == next {
-            self.sites.push(Site {
-                kstack,
-                ustack,
-                drawn: Counts::default(),
-            });
-            self.strata[stratum as usize].sites.push(id);
+        if let Some(&id) = self.site_ids.get(&(stratum, kstack, ustack)) {
+            return (id, false);
         }
-        (id, id == next)
+        let site = Site {
+            kstack,
+            ustack,
+            drawn: Counts::default(),
+        };
+        let id = reuse_or_push(&mut self.sites, &mut self.free_sites, site);
+        self.site_ids.insert((stratum, kstack, ustack), id);
+        if let Some(s) = self.strata.get_mut(stratum as usize) {
+            s.sites.push(id);
+        }
+        (id, true)
     }
 
     fn free(&mut self, f: &Free) {
@@ -506,22 +524,46 @@ impl Aggregator {
             let Some(p) = self.procs.remove(tgid) else {
                 continue;
             };
+            // Nothing outstanding refers to the slots of a process that holds
+            // nothing, so they are free for the next new stratum or site.
             for h in p.strata {
                 let Some(stratum) = self.strata.get_mut(h as usize) else {
                     continue;
                 };
-                // Its slot stays (indexes are positions) but holds nothing:
-                // a new allocation of that key gets a new stratum.
                 self.stratum_ids.remove(&stratum.key);
                 for site in std::mem::take(&mut stratum.sites) {
                     if let Some(s) = self.sites.get(site as usize) {
                         self.site_ids.remove(&(h, s.kstack, s.ustack));
+                        self.free_sites.push(site);
                     }
                 }
                 stratum.name = None;
+                self.free_strata.push(h);
             }
         }
+        if !gone.is_empty() {
+            self.stacks.retain(&self.stacks_in_use());
+        }
         gone
+    }
+
+    /// Every stack a process still known refers to.
+    fn stacks_in_use(&self) -> HashSet<StackId> {
+        let mut used = HashSet::new();
+        for h in self.procs.values().flat_map(|p| &p.strata) {
+            let Some(stratum) = self.strata.get(*h as usize) else {
+                continue;
+            };
+            if let Some((k, u)) = stratum.name {
+                used.extend([k, u]);
+            }
+            for site in &stratum.sites {
+                if let Some(s) = self.sites.get(*site as usize) {
+                    used.extend([s.kstack, s.ustack]);
+                }
+            }
+        }
+        used
     }
 
     /// Record the per-process history that rates are computed from.
@@ -998,6 +1040,45 @@ mod tests {
             .expect("new pid 1");
         assert_eq!((p1.counts.allocs, p1.counts.outstanding), (1, 1));
         assert_eq!(p1.sites[0].counts.outstanding, 1);
+    }
+
+    #[test]
+    fn forgotten_processes_give_back_their_strata_sites_and_stacks() {
+        let mut agg = Aggregator::new(10_000_000_000, 1);
+        // A daemon that holds one object under a stack it shares with the churn.
+        agg.apply(&alloc(2, 0x20, 0, &[1, 2], &[9]));
+        let mut peak = (0, 0, 0);
+        for round in 0..20u64 {
+            // Short-lived processes, each with stacks of its own, all exited.
+            for i in 0..(2 * EXITED_KEPT as u64) {
+                let tgid = 10_000 + (round * 1000 + i) as u32;
+                let ptr = 0x100_000 + i * 0x10;
+                let own = 1_000_000 + round * 10_000 + i;
+                agg.apply(&alloc(tgid, ptr, 0, &[1, 2], &[9]));
+                agg.apply(&free(ptr));
+                agg.apply(&alloc(tgid, ptr, 0, &[1, own], &[own]));
+                agg.apply(&free(ptr));
+            }
+            agg.forget_exited(|tgid| tgid == 2);
+            peak = (
+                peak.0.max(agg.strata.len()),
+                peak.1.max(agg.sites.len()),
+                peak.2.max(agg.stacks.len()),
+            );
+        }
+        // Bounded by what is kept, not by the 20 rounds seen.
+        let kept = 2 * EXITED_KEPT + 1;
+        assert!(peak.0 <= 2 * kept + 2 * EXITED_KEPT, "strata {peak:?}");
+        assert!(peak.1 <= 2 * kept + 2 * EXITED_KEPT, "sites {peak:?}");
+        assert!(peak.2 <= 2 * kept + 2 * EXITED_KEPT + 4, "stacks {peak:?}");
+        // The daemon's object and the stacks it shares are intact.
+        let snap = agg.snapshot(0, &opts(SortKey::Outstanding));
+        let daemon = snap.processes.iter().find(|p| p.tgid == 2).expect("daemon");
+        assert_eq!(daemon.counts.outstanding, 1);
+        let site = daemon.sites.iter().find(|s| s.counts.outstanding == 1);
+        let site = site.expect("its site");
+        assert_eq!(agg.stacks.frames(site.kstack), &[1, 2]);
+        assert_eq!(agg.stacks.frames(site.ustack), &[9]);
     }
 
     #[test]

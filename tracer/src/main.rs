@@ -10,6 +10,7 @@ mod cli;
 mod decoder;
 mod doctor;
 mod event_loop;
+mod fault;
 mod features;
 mod memcg;
 mod meminfo;

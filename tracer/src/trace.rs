@@ -281,6 +281,7 @@ async fn event_loop(
     }
     // Rendered once per refresh and shared with every scrape until the next.
     let mut metrics_body: Arc<str> = Arc::from("");
+    let mut refreshes = 0u64;
 
     loop {
         tokio::select! {
@@ -303,6 +304,8 @@ async fn event_loop(
                 for tgid in &gone {
                     state.procs.remove(tgid);
                 }
+                // Their stack ids may be reused from now on.
+                state.pending_stacks.retain(|(t, _)| !gone.contains(t));
                 state.symbols.forget(&gone);
                 // Build a report every tick even when nothing is shown: it resolves
                 // symbols of the top processes while they are still alive.
@@ -313,6 +316,10 @@ async fn event_loop(
                 }
                 if args.top {
                     emit_snapshot(args, &report, tui.as_mut(), &text_opts)?;
+                }
+                refreshes += 1;
+                if refreshes == 2 {
+                    crate::fault::panic_if_asked("panic-on-second-refresh");
                 }
             }
             action = next_action(tui.as_mut()) => match action {
