@@ -101,9 +101,10 @@ pub struct TraceArgs {
     pub rate_window: Duration,
 
     /// Objects the kernel can track at once (1 to 67108864); allocations beyond it are
-    /// counted as lost.
-    #[arg(long, default_value_t = 1 << 20, value_name = "N", value_parser = max_objects_range())]
-    pub max_objects: u32,
+    /// counted as lost. Default: room for twice the selected cache's active objects in
+    /// /proc/slabinfo, 65536 to 1048576 (its kernel memory is paid for the whole run).
+    #[arg(long, value_name = "N", value_parser = max_objects_range())]
+    pub max_objects: Option<u32>,
 
     /// Ring buffer size in MiB (1 to 1024, rounded up to a power of two). Kernel
     /// memory for the whole run (`cargo xtask bench` measures loss at the highest rate).

@@ -452,6 +452,19 @@ fn name_words(name: &str) -> Result<[u64; CACHE_NAME_LEN / 8]> {
     Ok(words)
 }
 
+/// Default size of the live-object map: room for the selected cache's
+/// `active_objs` (from /proc/slabinfo) to double while we trace, as a power of
+/// two from 65,536 to 1,048,576 (all of it when slabinfo could not be read).
+/// The map's buckets are allocated up front (16 B each, plus 80 B an entry when
+/// preallocated), so a 1 M-entry map on an idle cache would pin 16-84 MB of
+/// kernel memory on a node that is already short of it.
+pub fn live_map_entries(active_objs: Option<u64>) -> u32 {
+    const MIN: u64 = 1 << 16;
+    const MAX: u64 = 1 << 20;
+    let want = active_objs.map_or(MAX, |n| n.saturating_mul(2).next_power_of_two());
+    want.clamp(MIN, MAX) as u32
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::Path;
@@ -656,5 +669,15 @@ mod tests {
         assert_eq!(&w[1..], &[0, 0, 0]);
         assert!(name_words(&"x".repeat(32)).is_err());
         assert!(name_words(&"x".repeat(31)).is_ok());
+    }
+
+    #[test]
+    fn live_map_is_sized_to_the_cache() {
+        assert_eq!(live_map_entries(None), 1 << 20);
+        assert_eq!(live_map_entries(Some(0)), 1 << 16);
+        assert_eq!(live_map_entries(Some(11_621)), 1 << 16);
+        assert_eq!(live_map_entries(Some(100_000)), 1 << 18);
+        assert_eq!(live_map_entries(Some(262_842)), 1 << 20);
+        assert_eq!(live_map_entries(Some(u64::MAX)), 1 << 20);
     }
 }

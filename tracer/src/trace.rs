@@ -58,6 +58,10 @@ pub async fn run(args: TraceArgs, cache: &str) -> Result<()> {
             on_demand_maps: features::kernel_at_least(6, 1),
         },
     )?;
+    // The parsed BTF (~17 MB on 6.18) has done its work: freed before kallsyms
+    // is loaded, its pages are reused instead of pinned under it in the heap.
+    let have_btf = btf.is_some();
+    drop(btf);
     let ringbuf_bytes = crate::event_loop::ringbuf_bytes(args.ringbuf_mib)?;
     let mut plan = plan;
     // Wake the reader at a quarter full; the poll timer drains smaller batches.
@@ -67,7 +71,23 @@ pub async fn run(args: TraceArgs, cache: &str) -> Result<()> {
     // Before attaching: parsing kallsyms later would stall the first drains.
     let mut symbols = Symbolizer::new();
     symbols.warm_kernel();
-    let (probes, ring) = Probes::attach(&plan, args.max_objects, ringbuf_bytes, args.floor)?;
+    procinfo::return_freed_memory();
+    let slab_baseline = slab_line(root, &plan.cache, &selection.aliases_included);
+    let max_objects = match args.max_objects {
+        Some(n) => n,
+        None => {
+            let active = slab_baseline.as_ref().map(|l| l.active_objs);
+            let n = plan::live_map_entries(active);
+            plan.notes.push(format!(
+                "tracks up to {n} objects at once ({}; --max-objects sets it)",
+                active.map_or("/proc/slabinfo unreadable".to_string(), |a| format!(
+                    "twice the cache's {a} active objects, 65536 at least"
+                ))
+            ));
+            n
+        }
+    };
+    let (probes, ring) = Probes::attach(&plan, max_objects, ringbuf_bytes, args.floor)?;
 
     if !(args.exact || args.no_kernel_stacks && args.no_user_stacks) {
         plan.notes.push(format!(
@@ -87,7 +107,7 @@ pub async fn run(args: TraceArgs, cache: &str) -> Result<()> {
     }
     eprintln!(
         "leaktrace: {}",
-        features.hooks_note(&plan.attachments, btf.is_some())
+        features.hooks_note(&plan.attachments, have_btf)
     );
     eprintln!(
         "leaktrace: attached to {} (bpf prog ids {:?}); Ctrl-C to stop",
@@ -100,14 +120,13 @@ pub async fn run(args: TraceArgs, cache: &str) -> Result<()> {
         // The kernel map cannot hold more than --max-objects, so neither can we.
         agg: Aggregator::with_capacity(
             args.rate_window.as_nanos() as u64,
-            args.max_objects as usize,
+            max_objects as usize,
             plan.config.stack_sample_mask + 1,
         ),
         symbols,
         procs: HashMap::new(),
         cgroups: CgroupPaths::new(root),
-        slab_baseline: slab_line(root, &plan.cache, &selection.aliases_included)
-            .map(|l| (l, Instant::now())),
+        slab_baseline: slab_baseline.map(|l| (l, Instant::now())),
         cache: plan.cache.clone(),
         aliases: selection.aliases_included.clone(),
         started_ns: monotonic_ns(),

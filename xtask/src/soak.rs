@@ -160,25 +160,25 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
         .map_err(|_| anyhow::anyhow!("exec churn thread panicked"))?;
     churn.wait().context("the churn generator")?;
 
-    // Held keys, as leaktrace saw them while they were still held.
+    // Held keys, as leaktrace's final report (every process, not the
+    // `--limit` cut of the live snapshots) saw them while they were still held.
     std::thread::sleep(Duration::from_secs(3));
     let held_expected = KEYS_PER_HOLDER * holders.len() as u64;
-    let report = last_report(&top)?.context("no report from leaktrace")?;
-    let held_seen: u64 = holders
-        .iter()
-        .map(|h| outstanding_of(&report, h.pid()))
-        .sum();
     // SAFETY: kill(2) on our own child's pid.
     unsafe { libc::kill(tracer_pid as i32, libc::SIGINT) };
     let tracer_exit = copier
         .join()
         .map_err(|_| anyhow::anyhow!("output copier panicked"))??;
+    let final_report = last_report(&top)?.context("no final report")?;
+    let held_seen: u64 = holders
+        .iter()
+        .map(|h| outstanding_of(&final_report, h.pid()))
+        .sum();
     for mut h in holders {
         h.send_line()?;
         h.wait_for(|l| l.text.starts_with("RELEASED"), Duration::from_secs(60))?;
         h.wait()?;
     }
-    let final_report = last_report(&top)?.context("no final report")?;
 
     let verdict = judge(&samples, &final_report, held_expected, held_seen);
     let md = render(

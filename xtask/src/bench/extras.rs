@@ -271,6 +271,9 @@ fn rss_at_million(bins: &Bins) -> Result<Rss> {
             "500ms",
             "--limit",
             &limit,
+            // Sized for the million held (the default follows the cache's size).
+            "--max-objects",
+            "1048576",
         ],
     )?;
     let mut gens = Vec::new();
