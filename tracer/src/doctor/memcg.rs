@@ -1,0 +1,103 @@
+//! Memory cgroups: live and dying counts and how long a `memory.stat` read takes.
+
+use super::*;
+
+/// Dying memcgs are normal in small numbers (page cache keeps a removed memcg around until
+/// it is reclaimed); many times more dying than live means something pins them.
+pub(super) const DYING_WARN_RATIO: u64 = 2;
+pub(super) const DYING_WARN_MIN: u64 = 50;
+pub(super) const DYING_CRIT_RATIO: u64 = 10;
+pub(super) const DYING_CRIT_MIN: u64 = 1000;
+/// memory.stat read time; the seed node took 9 s.
+pub(super) const STAT_WARN: Duration = Duration::from_secs(1);
+pub(super) const STAT_CRIT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone, Serialize)]
+pub struct MemcgData {
+    pub version: CgroupVersion,
+    pub mount: String,
+    #[serde(flatten)]
+    pub counts: MemcgCounts,
+    pub memory_stat: Vec<StatTiming>,
+    /// Why memory.stat could not be timed.
+    pub memory_stat_unknown: Option<String>,
+}
+
+pub fn memcg_severity(counts: &MemcgCounts, timings: &[StatTiming]) -> Severity {
+    let slowest = timings.iter().map(|t| t.seconds).fold(0.0, f64::max);
+    let many = |ratio: u64, min: u64| {
+        counts.dying >= min && counts.dying >= counts.live.saturating_mul(ratio)
+    };
+    if many(DYING_CRIT_RATIO, DYING_CRIT_MIN) || slowest >= STAT_CRIT.as_secs_f64() {
+        Severity::Critical
+    } else if many(DYING_WARN_RATIO, DYING_WARN_MIN) || slowest >= STAT_WARN.as_secs_f64() {
+        Severity::Warning
+    } else {
+        Severity::Ok
+    }
+}
+
+/// Read times span microseconds (healthy) to seconds (the seed's 9 s).
+pub(super) fn seconds(s: f64) -> String {
+    if s < 0.001 {
+        format!("{:.0}µs", s * 1e6)
+    } else if s < 1.0 {
+        format!("{:.1}ms", s * 1000.0)
+    } else {
+        format!("{s:.1}s")
+    }
+}
+
+pub(super) fn memcg_finding(
+    h: &cgroups::MemoryHierarchy,
+    counts: MemcgCounts,
+    timings: Result<Vec<StatTiming>>,
+) -> Finding {
+    let (memory_stat, memory_stat_unknown) = match timings {
+        Ok(t) => (t, None),
+        Err(e) => (Vec::new(), Some(format!("{e:#}"))),
+    };
+    let severity = memcg_severity(&counts, &memory_stat);
+    let mut summary = format!(
+        "{} live, {} dying memcgs (cgroup {})",
+        counts.live,
+        counts.dying,
+        match h.version {
+            CgroupVersion::V1 => "v1",
+            CgroupVersion::V2 => "v2",
+        }
+    );
+    if counts.dying >= DYING_WARN_MIN
+        && counts.dying >= counts.live.saturating_mul(DYING_WARN_RATIO)
+    {
+        summary.push_str(": dying >> live, removed cgroups are pinned by charged memory");
+    }
+    let mut details = vec![format!("counted from {}", counts.method)];
+    for t in &memory_stat {
+        let usage = t
+            .usage_bytes
+            .map(|u| format!(", usage {}", human_bytes(u)))
+            .unwrap_or_default();
+        details.push(format!(
+            "memory.stat of {}{usage}: read in {}",
+            t.cgroup,
+            seconds(t.seconds)
+        ));
+    }
+    if let Some(why) = &memory_stat_unknown {
+        details.push(format!("memory.stat read time: unknown: {why}"));
+    }
+    Finding {
+        check: "memcgs",
+        severity,
+        summary,
+        details,
+        data: Some(Data::Memcgs(MemcgData {
+            version: h.version,
+            mount: h.mount.clone(),
+            counts,
+            memory_stat,
+            memory_stat_unknown,
+        })),
+    }
+}
