@@ -23,7 +23,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use serde::Serialize;
 
-use crate::slabinfo::{self, SlabLine};
+use crate::kernel::slabinfo::{self, SlabLine};
 
 /// Upper bound of names the eBPF program compares `kmem_cache_alloc`'s `name` against.
 pub const MAX_NAMED: usize = 8;

@@ -24,9 +24,9 @@ use clap::Args;
 use serde::Serialize;
 
 use crate::caches::{self, human_bytes, Catalogue, SelectError};
-use crate::features::Features;
-use crate::meminfo::{self, MemInfo};
-use crate::slabinfo::{self, SlabLine};
+use crate::kernel::features::Features;
+use crate::kernel::meminfo::{self, MemInfo};
+use crate::kernel::slabinfo::{self, SlabLine};
 
 use cgroups::{CgroupVersion, KmemState, MemcgCounts, StatTiming};
 use kernel::KnownIssue;

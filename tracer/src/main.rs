@@ -11,21 +11,18 @@ mod decoder;
 mod doctor;
 mod event_loop;
 mod fault;
-mod features;
+mod kernel;
 mod memcg;
-mod meminfo;
 mod output;
 mod plan;
 mod probes;
 mod procinfo;
 mod report;
-mod slabinfo;
 mod stacks;
 mod symbolize;
 #[cfg(test)]
 mod test_rng;
 mod trace;
-mod tracefs;
 mod tui;
 mod view;
 
@@ -52,7 +49,8 @@ fn run(cli: Cli) -> Result<()> {
         Some(Command::Caches) => {
             let root = Path::new("/");
             let catalogue = caches::Catalogue::read(root).context("reading slab caches")?;
-            let slab = slabinfo::read(root).context("reading /proc/slabinfo (needs root)")?;
+            let slab =
+                kernel::slabinfo::read(root).context("reading /proc/slabinfo (needs root)")?;
             print!("{}", caches::render_table(&catalogue, &slab));
             Ok(())
         }

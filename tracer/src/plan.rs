@@ -10,7 +10,7 @@ use tracer_common::{
 use crate::{
     btf::Btf,
     caches::{Catalogue, KmallocKind, Selection},
-    tracefs::{EventFormat, Tracefs},
+    kernel::tracefs::{EventFormat, Tracefs},
 };
 
 /// How a program hooks its event.
@@ -461,7 +461,11 @@ fn name_words(name: &str) -> Result<[u64; CACHE_NAME_LEN / 8]> {
 pub fn live_map_entries(active_objs: Option<u64>) -> u32 {
     const MIN: u64 = 1 << 16;
     const MAX: u64 = 1 << 20;
-    let want = active_objs.map_or(MAX, |n| n.saturating_mul(2).next_power_of_two());
+    let want = active_objs.map_or(MAX, |n| {
+        n.saturating_mul(2)
+            .checked_next_power_of_two()
+            .unwrap_or(MAX)
+    });
     want.clamp(MIN, MAX) as u32
 }
 

@@ -213,7 +213,7 @@ impl Probes {
     /// Per program: runs the kernel skipped for recursion. None before 5.12,
     /// whose bpf_prog_info has no such field (zero would read as "none missed").
     fn recursion_misses(&self) -> Option<Vec<(&'static str, u64)>> {
-        if !crate::features::kernel_at_least(5, 12) {
+        if !crate::kernel::features::kernel_at_least(5, 12) {
             return None;
         }
         let mut out = Vec::new();

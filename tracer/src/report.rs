@@ -6,7 +6,7 @@ use serde::Serialize;
 
 use crate::{
     aggregator::{AgeSummary, Anomalies, Counts, Snapshot, StackSampling},
-    meminfo::MemInfo,
+    kernel::meminfo::MemInfo,
     probes::KernelCounters,
     procinfo::{CgroupPaths, ProcMeta},
     stacks::StackTable,

@@ -14,8 +14,8 @@ use tracer_common::memcg::{counter, CgroupLayout, KmemLayout, MemcgConfig};
 use super::hierarchy::Hierarchy;
 use crate::{
     btf::Btf,
+    kernel::tracefs::{EventFormat, Tracefs},
     probes::{raise_memlock_limit, verifier_context, BPF_OBJECT},
-    tracefs::{EventFormat, Tracefs},
 };
 
 /// What was decided, for the one-line mode report and for attaching.

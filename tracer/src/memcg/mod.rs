@@ -36,10 +36,10 @@ use self::{
 use crate::{
     btf::Btf,
     cli::parse_duration,
-    features::{self, Features},
+    kernel::features::{self, Features},
+    kernel::tracefs::Tracefs,
     symbolize::Symbolizer,
     trace::monotonic_ns,
-    tracefs::Tracefs,
 };
 
 /// A memcg is released within milliseconds of its last reference going away,
@@ -317,7 +317,7 @@ async fn run_async(args: MemcgArgs) -> Result<()> {
             kprobes: features.kprobes
                 && ["mem_cgroup_css_offline", "mem_cgroup_css_free"]
                     .iter()
-                    .all(|f| crate::features::kernel_has_symbol(f)),
+                    .all(|f| crate::kernel::features::kernel_has_symbol(f)),
         },
     )?;
     let ringbuf_bytes = crate::event_loop::ringbuf_bytes(args.ringbuf_mib)?;
