@@ -23,10 +23,11 @@ use anyhow::{Context, Result};
 use clap::Args;
 use serde::Serialize;
 
-use crate::caches::{self, human_bytes, Catalogue, SelectError};
 use crate::kernel::features::Features;
 use crate::kernel::meminfo::{self, MemInfo};
 use crate::kernel::slabinfo::{self, SlabLine};
+use crate::present::units::human_bytes;
+use crate::slab::caches::{self, Catalogue, SelectError};
 
 use cgroups::{CgroupVersion, KmemState, MemcgCounts, StatTiming};
 use kernel::KnownIssue;

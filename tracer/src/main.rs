@@ -5,7 +5,6 @@
 
 mod aggregator;
 mod btf;
-mod caches;
 mod cli;
 mod decoder;
 mod doctor;
@@ -15,9 +14,11 @@ mod kernel;
 mod memcg;
 mod output;
 mod plan;
+mod present;
 mod probes;
 mod procinfo;
 mod report;
+mod slab;
 mod stacks;
 mod symbolize;
 #[cfg(test)]
@@ -48,10 +49,10 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Some(Command::Caches) => {
             let root = Path::new("/");
-            let catalogue = caches::Catalogue::read(root).context("reading slab caches")?;
+            let catalogue = slab::caches::Catalogue::read(root).context("reading slab caches")?;
             let slab =
                 kernel::slabinfo::read(root).context("reading /proc/slabinfo (needs root)")?;
-            print!("{}", caches::render_table(&catalogue, &slab));
+            print!("{}", slab::caches::render_table(&catalogue, &slab));
             Ok(())
         }
         Some(Command::Doctor(args)) => doctor::run(&args),

@@ -9,8 +9,8 @@ use tracer_common::{
 
 use crate::{
     btf::Btf,
-    caches::{Catalogue, KmallocKind, Selection},
     kernel::tracefs::{EventFormat, Tracefs},
+    slab::caches::{Catalogue, KmallocKind, Selection},
 };
 
 /// How a program hooks its event.
@@ -474,7 +474,7 @@ mod tests {
     use std::path::Path;
 
     use super::*;
-    use crate::caches;
+    use crate::slab::caches;
 
     const TESTDATA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/testdata");
 

@@ -16,7 +16,6 @@ use aya::maps::{MapData, RingBuf};
 use crate::{
     aggregator::{self, Aggregator, SnapshotOptions},
     btf::Btf,
-    caches::{self, Catalogue},
     cli::{SortKey, TraceArgs},
     decoder::decode,
     event_loop::{Signals, Sources},
@@ -28,6 +27,7 @@ use crate::{
     probes::Probes,
     procinfo::{self, CgroupPaths, ProcMeta, TracedProcess},
     report::{self, Header, Naming, Report, SlabPicture, TracedPid},
+    slab::caches::{self, Catalogue},
     stacks::StackId,
     symbolize::Symbolizer,
     tui::{self, Tui},

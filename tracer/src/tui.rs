@@ -19,7 +19,7 @@ use ratatui::{
 };
 
 use crate::{
-    caches::human_bytes,
+    present::units::human_bytes,
     report::{ProcessReport, Report},
     view::group,
 };

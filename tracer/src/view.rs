@@ -4,7 +4,7 @@
 use std::fmt::Write;
 
 use crate::{
-    caches::human_bytes,
+    present::units::human_bytes,
     report::{ProcessReport, Report},
 };
 

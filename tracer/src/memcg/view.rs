@@ -7,7 +7,7 @@ use super::{
     state::{Actor, Group, MemcgReport, Phase},
     MemcgArgs, Report,
 };
-use crate::{caches::human_bytes, view::group};
+use crate::{present::units::human_bytes, view::group};
 
 pub fn render(r: &Report, args: &MemcgArgs, last: bool) -> String {
     let mut out = String::new();

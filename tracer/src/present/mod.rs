@@ -1,0 +1,3 @@
+//! What every view shares: units as people read them.
+
+pub mod units;

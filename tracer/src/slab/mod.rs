@@ -1,0 +1,3 @@
+//! The slab tracer: from `--cache NAME` to what the kernel side must match.
+
+pub mod caches;
