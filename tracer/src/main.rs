@@ -11,6 +11,8 @@ mod doctor;
 mod event_loop;
 mod fault;
 mod kernel;
+#[cfg(test)]
+mod layout_tests;
 mod memcg;
 mod output;
 mod plan;

@@ -9,6 +9,7 @@ use tracer_common::{
 
 use crate::{
     btf::Btf,
+    kernel::features::Features,
     kernel::tracefs::{EventFormat, Tracefs},
     slab::caches::{Catalogue, KmallocKind, Selection},
 };
@@ -452,6 +453,44 @@ fn name_words(name: &str) -> Result<[u64; CACHE_NAME_LEN / 8]> {
     Ok(words)
 }
 
+/// The one line users see about hooks: what we use and what we fell back from.
+pub fn hooks_note(features: &Features, attachments: &[Attachment], btf: bool) -> String {
+    let list = |hook| {
+        let mut events: Vec<&str> = Vec::new();
+        // A free hook carries a spare program too; name the event once.
+        for a in attachments.iter().filter(|a| a.hook == hook) {
+            if !events.contains(&a.event) {
+                events.push(a.event);
+            }
+        }
+        events.join(",")
+    };
+    let mut used = Vec::new();
+    let raw = list(Hook::Raw);
+    if !raw.is_empty() {
+        used.push(format!("raw tracepoints {raw}"));
+    }
+    let classic = list(Hook::Classic);
+    if !classic.is_empty() {
+        let why = if btf {
+            ""
+        } else {
+            " (no BTF: raw tracepoint layouts unverifiable)"
+        };
+        used.push(format!("tracepoints kmem:{classic}{why}"));
+    }
+    let kprobes = if features.kprobes {
+        "kprobes available, not needed for slab tracing"
+    } else {
+        "no kprobes on this kernel"
+    };
+    format!(
+        "hooks: {} ({kprobes}; kernel {})",
+        used.join(" + "),
+        features.kernel_release
+    )
+}
+
 /// Default size of the live-object map: room for the selected cache's
 /// `active_objs` (from /proc/slabinfo) to double while we trace, as a power of
 /// two from 65,536 to 1,048,576 (all of it when slabinfo could not be read).
@@ -683,5 +722,23 @@ mod tests {
         assert_eq!(live_map_entries(Some(100_000)), 1 << 18);
         assert_eq!(live_map_entries(Some(262_842)), 1 << 20);
         assert_eq!(live_map_entries(Some(u64::MAX)), 1 << 20);
+    }
+
+    #[test]
+    fn hooks_note_names_hooks_and_fallbacks() {
+        let features = Features {
+            kernel_release: "5.10.0-test".into(),
+            btf: true,
+            kprobes: false,
+        };
+        let kmalloc = Attachment {
+            program: "kmalloc",
+            hook: Hook::Classic,
+            event: "kmalloc",
+        };
+        let note = hooks_note(&features, &[kmalloc], false);
+        assert!(note.contains("no kprobes"), "{note}");
+        assert!(note.contains("tracepoints kmem:kmalloc (no BTF"), "{note}");
+        assert!(note.contains("kernel 5.10.0-test"), "{note}");
     }
 }

@@ -108,7 +108,7 @@ pub async fn run(args: TraceArgs, cache: &str) -> Result<()> {
     }
     eprintln!(
         "leaktrace: {}",
-        features.hooks_note(&plan.attachments, have_btf)
+        plan::hooks_note(&features, &plan.attachments, have_btf)
     );
     eprintln!(
         "leaktrace: attached to {} (bpf prog ids {:?}); Ctrl-C to stop",

@@ -5,8 +5,6 @@ use std::path::Path;
 
 use anyhow::{bail, Result};
 
-use crate::plan::{Attachment, Hook};
-
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Features {
     pub kernel_release: String,
@@ -27,44 +25,6 @@ impl Features {
             btf: root.join("sys/kernel/btf/vmlinux").exists(),
             kprobes,
         }
-    }
-
-    /// The one line users see about hooks: what we use and what we fell back from.
-    pub fn hooks_note(&self, attachments: &[Attachment], btf: bool) -> String {
-        let list = |hook| {
-            let mut events: Vec<&str> = Vec::new();
-            // A free hook carries a spare program too; name the event once.
-            for a in attachments.iter().filter(|a| a.hook == hook) {
-                if !events.contains(&a.event) {
-                    events.push(a.event);
-                }
-            }
-            events.join(",")
-        };
-        let mut used = Vec::new();
-        let raw = list(Hook::Raw);
-        if !raw.is_empty() {
-            used.push(format!("raw tracepoints {raw}"));
-        }
-        let classic = list(Hook::Classic);
-        if !classic.is_empty() {
-            let why = if btf {
-                ""
-            } else {
-                " (no BTF: raw tracepoint layouts unverifiable)"
-            };
-            used.push(format!("tracepoints kmem:{classic}{why}"));
-        }
-        let kprobes = if self.kprobes {
-            "kprobes available, not needed for slab tracing"
-        } else {
-            "no kprobes on this kernel"
-        };
-        format!(
-            "hooks: {} ({kprobes}; kernel {})",
-            used.join(" + "),
-            self.kernel_release
-        )
     }
 }
 
@@ -133,14 +93,6 @@ mod tests {
         assert_eq!(f.kernel_release, "5.10.0-test");
         assert!(f.btf);
         assert!(!f.kprobes);
-        let kmalloc = Attachment {
-            program: "kmalloc",
-            hook: Hook::Classic,
-            event: "kmalloc",
-        };
-        let note = f.hooks_note(&[kmalloc], false);
-        assert!(note.contains("no kprobes"), "{note}");
-        assert!(note.contains("tracepoints kmem:kmalloc (no BTF"), "{note}");
         std::fs::create_dir_all(dir.join("sys/bus/event_source/devices/kprobe")).expect("mkdir");
         assert!(Features::detect(&dir, None).kprobes);
         let _ = std::fs::remove_dir_all(&dir);
