@@ -19,6 +19,7 @@ use crate::{
     cli::{SortKey, TraceArgs},
     decoder::decode,
     event_loop::{Signals, Sources},
+    kernel::clock::monotonic_ns,
     kernel::features::{self, Features},
     kernel::meminfo,
     kernel::slabinfo::{self, SlabLine},
@@ -524,14 +525,4 @@ fn slab_picture(now: &SlabLine, baseline: Option<&(SlabLine, Instant)>) -> SlabP
         active_objs_delta: growth.as_ref().map_or(0, |g| g.objs_delta),
         active_objs_per_sec: growth.as_ref().map_or(0.0, |g| g.objs_per_sec),
     }
-}
-
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid pointer to a timespec; CLOCK_MONOTONIC matches bpf_ktime_get_ns.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }

@@ -2,6 +2,7 @@
 //! /proc, /sys) at run time rather than assumed from a version: nothing here knows
 //! about the tools that use it.
 
+pub mod clock;
 pub mod features;
 pub mod meminfo;
 pub mod slabinfo;

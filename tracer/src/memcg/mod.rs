@@ -36,10 +36,10 @@ use self::{
 use crate::{
     btf::Btf,
     cli::parse_duration,
+    kernel::clock::monotonic_ns,
     kernel::features::{self, Features},
     kernel::tracefs::Tracefs,
     symbolize::Symbolizer,
-    trace::monotonic_ns,
 };
 
 /// A memcg is released within milliseconds of its last reference going away,
