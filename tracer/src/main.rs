@@ -15,6 +15,7 @@ mod kernel;
 mod layout_tests;
 mod memcg;
 mod output;
+mod own_memory;
 mod plan;
 mod present;
 mod probes;

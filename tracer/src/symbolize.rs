@@ -397,6 +397,9 @@ impl Symbolizer {
         if self.user_lookups >= 8 {
             self.blaze = Blaze::builder().enable_code_info(false).build();
             self.user_lookups = 0;
+            // A big binary's symbol table (a compiler's, a Go daemon's) can be
+            // tens of MB: give those pages back now, not at exit.
+            crate::own_memory::return_freed_memory();
         }
     }
 

@@ -24,7 +24,7 @@ use crate::{
     kernel::meminfo,
     kernel::slabinfo::{self, SlabLine},
     kernel::tracefs::Tracefs,
-    output, plan,
+    output, own_memory, plan,
     probes::Probes,
     procinfo::{self, CgroupPaths, ProcMeta, TracedProcess},
     report::{self, Header, Naming, Report, SlabPicture, TracedPid},
@@ -73,7 +73,7 @@ pub async fn run(args: TraceArgs, cache: &str) -> Result<()> {
     // Before attaching: parsing kallsyms later would stall the first drains.
     let mut symbols = Symbolizer::new();
     symbols.warm_kernel();
-    procinfo::return_freed_memory();
+    own_memory::return_freed_memory();
     let slab_baseline = slab_line(root, &plan.cache, &selection.aliases_included);
     let max_objects = match args.max_objects {
         Some(n) => n,
@@ -240,7 +240,7 @@ impl State {
             cache: self.cache.clone(),
             aliases: self.aliases.clone(),
             elapsed_s: now.saturating_sub(self.started_ns) as f64 / 1e9,
-            rss_bytes: procinfo::own_rss_bytes(),
+            rss_bytes: own_memory::own_rss_bytes(),
             meminfo: meminfo::read(root).ok(),
             slab,
             kernel,

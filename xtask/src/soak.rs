@@ -312,10 +312,14 @@ fn outstanding_of(report: &Value, pid: u32) -> u64 {
         .and_then(|p| p["stacks"].as_array())
         .into_iter()
         .flatten()
+        // A stratum none of whose objects drew a full stack is a partial row
+        // whose kernel stack is its call site alone: user_preparse first.
         .filter(|s| {
-            s["kernel"][1]
-                .as_str()
-                .is_some_and(|f| f.starts_with("user_preparse+"))
+            (0..2).any(|i| {
+                s["kernel"][i]
+                    .as_str()
+                    .is_some_and(|f| f.starts_with("user_preparse+"))
+            })
         })
         .filter_map(|s| s["outstanding"].as_u64())
         .sum()
