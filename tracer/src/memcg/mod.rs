@@ -3,7 +3,7 @@
 //! [`Report`] -> [`view`] / JSON, with the same conventions as the slab tracer.
 
 mod ancestry;
-mod hierarchy;
+pub mod hierarchy;
 mod hooks;
 mod kmem;
 mod kread;
@@ -36,9 +36,9 @@ use self::{
 use crate::{
     btf::Btf,
     cli::parse_duration,
+    clock::monotonic_ns,
     features::{self, Features},
     symbolize::Symbolizer,
-    trace::monotonic_ns,
     tracefs::Tracefs,
 };
 
