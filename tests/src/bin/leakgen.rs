@@ -6,6 +6,13 @@
 //! leakgen inotify N    N inotify instances -> N held kmalloc-cg-512 (accounted)
 //! leakgen files N      N open fds on /dev/null -> N held `filp` cache objects
 //! leakgen other N      N eventfds -> N held kmalloc-64, nothing in kmalloc-512
+//! leakgen zombies N    N exec-probe-style children: each forks a grandchild and
+//!                      exits at once; the grandchild exits and stays a zombie
+//!                      under leakgen (a child subreaper that reaps only on
+//!                      release) -> N held `task_struct`s, each allocated by a
+//!                      different exited process whose parent was leakgen
+//! leakgen pipes N      N pipes -> N held pipe_buffer arrays (16 x 40 bytes,
+//!                      accounted: kmalloc-cg-1k where the kernel has cg caches)
 //! leakgen keys-rcu N   as keys, but released with KEYCTL_REVOKE: the payloads are
 //!                      freed from an RCU callback (softirq), not by the key GC
 //! leakgen twopath N [RATIO]  N held kmalloc-512 keys from `hold_key`, and RATIO
@@ -100,7 +107,7 @@ const KEY_GC_POLL: Duration = Duration::from_millis(2);
 const KEY_GC_NKEYS_CAP: Duration = Duration::from_millis(500);
 
 const USAGE: &str = "\
-usage: leakgen keys N | inotify N | files N | other N | twopath N [RATIO]
+usage: leakgen keys N | inotify N | files N | other N | zombies N | pipes N | twopath N [RATIO]
        leakgen writev (SECONDS | --ops N) [--wait] [--rate OPS_PER_SEC]
        leakgen writev256 (SECONDS | --ops N) [--wait] [--rate OPS_PER_SEC]
        leakgen inotify-churn (SECONDS | --ops N) [--wait] [--rate OPS_PER_SEC]
@@ -115,6 +122,8 @@ enum Mode {
     Inotify,
     Files,
     Other,
+    Zombies,
+    Pipes,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -173,6 +182,8 @@ fn parse_args(args: &[String]) -> Result<Command, String> {
         "inotify" => Some(Mode::Inotify),
         "files" => Some(Mode::Files),
         "other" => Some(Mode::Other),
+        "zombies" => Some(Mode::Zombies),
+        "pipes" => Some(Mode::Pipes),
         _ => None,
     };
     if let Some(m) = hold {
@@ -256,6 +267,8 @@ fn main() -> ExitCode {
         Command::Hold(Mode::Other, n) => run_other(n),
         Command::Hold(Mode::Inotify, n) => run_inotify(n),
         Command::Hold(Mode::Files, n) => run_files(n),
+        Command::Hold(Mode::Zombies, n) => run_zombies(n),
+        Command::Hold(Mode::Pipes, n) => run_pipes(n),
         Command::Churn {
             op,
             limit,
@@ -795,6 +808,102 @@ fn leak_eventfd(n: usize) -> Result<Vec<i32>> {
 fn run_other(n: usize) -> Result<()> {
     ensure_fd_room(n)?;
     let fds = leak_eventfd(n)?;
+    hold_protocol(|| close_all(&fds))
+}
+
+// ---------------------------------------------------------------------------
+// zombies / pipes
+
+#[inline(never)]
+fn run_zombies(n: usize) -> Result<()> {
+    // SAFETY: prctl with integer arguments only.
+    if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
+        let e = Errno(io::Error::last_os_error().raw_os_error().unwrap_or(0));
+        bail!("prctl(PR_SET_CHILD_SUBREAPER) failed: {e}");
+    }
+    for i in 0..n {
+        spawn_probe().with_context(|| format!("probe {i} of {n}"))?;
+    }
+    // Every grandchild has exited once it can be reaped; wait for all of them
+    // to be zombies so READY means N task_structs are held.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while zombie_children() < n {
+        if Instant::now() > deadline {
+            bail!(
+                "only {} of {n} grandchildren became zombies in 10 s",
+                zombie_children()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    hold_protocol(reap_all)
+}
+
+/// A child that forks a grandchild and exits: the grandchild's task_struct is
+/// allocated by the child, which is gone by the time anyone looks.
+#[inline(never)]
+fn spawn_probe() -> Result<()> {
+    // SAFETY: single-threaded; both children only call fork and _exit.
+    let child = unsafe { libc::fork() };
+    if child < 0 {
+        let e = Errno(io::Error::last_os_error().raw_os_error().unwrap_or(0));
+        bail!("fork failed: {e}");
+    }
+    if child == 0 {
+        // SAFETY: async-signal-safe calls only, in the forked child.
+        unsafe {
+            let grandchild = libc::fork();
+            if grandchild == 0 {
+                libc::_exit(0);
+            }
+            libc::_exit(i32::from(grandchild < 0));
+        }
+    }
+    let mut status = 0;
+    // SAFETY: status is a valid out-pointer.
+    if unsafe { libc::waitpid(child, &mut status, 0) } != child || status != 0 {
+        bail!("probe child {child} failed (wait status {status}): its fork failed?");
+    }
+    Ok(())
+}
+
+/// Our children in state Z (the reparented grandchildren).
+fn zombie_children() -> usize {
+    let me = std::process::id().to_string();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    dir.flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
+        .filter(|stat| {
+            // Fields after the last ')': state, ppid, ...
+            let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+            let mut f = rest.split_whitespace();
+            f.next() == Some("Z") && f.next() == Some(me.as_str())
+        })
+        .count()
+}
+
+fn reap_all() -> Result<()> {
+    let mut status = 0;
+    // SAFETY: status is a valid out-pointer; -1 waits for any child.
+    while unsafe { libc::waitpid(-1, &mut status, 0) } > 0 {}
+    Ok(())
+}
+
+#[inline(never)]
+fn run_pipes(n: usize) -> Result<()> {
+    ensure_fd_room(2 * n)?;
+    let mut fds = Vec::with_capacity(2 * n);
+    for i in 0..n {
+        let mut pair = [0i32; 2];
+        // SAFETY: pair is a valid 2-int out-array.
+        if unsafe { libc::pipe2(pair.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            let e = Errno(io::Error::last_os_error().raw_os_error().unwrap_or(0));
+            return Err(fd_error("pipe2(O_CLOEXEC)", e, i, n, ""));
+        }
+        fds.extend(pair);
+    }
     hold_protocol(|| close_all(&fds))
 }
 
