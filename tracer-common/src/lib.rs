@@ -135,6 +135,38 @@ impl TaskOffsets {
     }
 }
 
+/// [`AllocHeader::context`]: the preempt count could be read ([`IrqContext`]);
+/// without it the other bits mean nothing.
+pub const CONTEXT_KNOWN: u32 = 1;
+/// Serving a hardirq (`HARDIRQ_MASK`, bits 16-19 of the preempt count).
+pub const CONTEXT_HARDIRQ: u32 = 2;
+/// Serving a softirq (`SOFTIRQ_OFFSET`, bit 8): not merely bottom halves
+/// disabled, which adds `2 * SOFTIRQ_OFFSET` in process context.
+pub const CONTEXT_SOFTIRQ: u32 = 4;
+/// In an NMI (`NMI_MASK`, bit 20; bits 20-23 since 5.12).
+pub const CONTEXT_NMI: u32 = 8;
+
+/// How the kernel side finds this CPU's preempt count without typed ksyms or
+/// data symbols in kallsyms: the running task's runqueue is the per-CPU
+/// `runqueues` of this CPU (`current->se.cfs_rq->rq`), so the preempt count is
+/// at that address plus `preempt_delta`, the distance between the two per-CPU
+/// variables (`.data..percpu` offsets from BTF: `__preempt_count`, or
+/// `pcpu_hot.preempt_count` on 6.2-6.14). `rq->cpu` is checked against the
+/// CPU the program runs on. `task_cfs_rq == 0` disables it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IrqContext {
+    /// `task_struct.se` + `sched_entity.cfs_rq` (CONFIG_FAIR_GROUP_SCHED).
+    pub task_cfs_rq: u32,
+    /// `cfs_rq.rq`.
+    pub cfs_rq_rq: u32,
+    /// `rq.cpu`.
+    pub rq_cpu: u32,
+    pub _pad: u32,
+    /// Preempt count's per-CPU offset minus `runqueues`'.
+    pub preempt_delta: i64,
+}
+
 /// What the kernel side selects and how it reads records. Filled by userspace.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -188,6 +220,8 @@ pub struct Config {
     /// `task_cgroups == 0` and `memcg_from_cgroup2 == 1` the cgroup is the
     /// cgroup2 id; with the walk it is the memory cgroup's kernfs id (v1).
     pub task: TaskOffsets,
+    /// How the interrupt context of an allocation is read ([`AllocHeader::context`]).
+    pub irq: IrqContext,
 }
 
 pub const STACK_KERNEL: u32 = 1;
@@ -227,6 +261,13 @@ impl Config {
             stack_flags: 0,
             cache_names: [[0; CACHE_NAME_LEN / 8]; MAX_CACHE_NAMES],
             task: TaskOffsets::zeroed(),
+            irq: IrqContext {
+                task_cfs_rq: 0,
+                cfs_rq_rq: 0,
+                rq_cpu: 0,
+                _pad: 0,
+                preempt_delta: 0,
+            },
         }
     }
 }
@@ -263,7 +304,9 @@ pub struct AllocHeader {
     /// The allocating task's parent process at this moment
     /// (`real_parent->tgid`); 0 when unknown.
     pub ppid: u32,
-    pub _pad: u32,
+    /// [`CONTEXT_KNOWN`] with [`CONTEXT_HARDIRQ`], [`CONTEXT_SOFTIRQ`],
+    /// [`CONTEXT_NMI`]; 0 when the preempt count could not be read.
+    pub context: u32,
 }
 
 /// A selected allocation with its stacks.

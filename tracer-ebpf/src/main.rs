@@ -573,7 +573,7 @@ fn fill_header(
     hdr.user_fingerprint = path.fingerprint;
     hdr.start_ns = task::process_start_ns(task);
     hdr.ppid = task::parent_tgid(task);
-    hdr._pad = 0;
+    hdr.context = task::interrupt_context(&config().irq);
 }
 
 /// Insert before submit: once userspace can see the alloc, the kernel must

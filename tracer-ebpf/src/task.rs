@@ -1,9 +1,15 @@
 //! Reads of the current task through BTF offsets ([`TaskOffsets`]), shared by
 //! the slab tracer and `leaktrace memcg`: one walk, so both name the same
-//! memory cgroup and the same parent for a task.
+//! memory cgroup and the same parent for a task. Also the interrupt context
+//! the current allocation runs in ([`IrqContext`]).
 
-use aya_ebpf::helpers::{bpf_get_current_cgroup_id, bpf_get_current_task, bpf_probe_read_kernel};
-use tracer_common::TaskOffsets;
+use aya_ebpf::helpers::{
+    bpf_get_current_cgroup_id, bpf_get_current_task, bpf_probe_read_kernel,
+    generated::bpf_get_smp_processor_id,
+};
+use tracer_common::{
+    IrqContext, TaskOffsets, CONTEXT_HARDIRQ, CONTEXT_KNOWN, CONTEXT_NMI, CONTEXT_SOFTIRQ,
+};
 
 /// The u64 at `addr`, 0 when `addr` is 0 or unreadable.
 #[inline(always)]
@@ -81,4 +87,42 @@ pub fn current_memcg(off: &TaskOffsets) -> u64 {
     }
     let slot = cset + off.css_set_subsys as u64 + 8 * (off.memory_subsys as u64 & 0x3f);
     css_cgroup_id(off, read_ptr(slot))
+}
+
+/// Whether the current allocation serves an interrupt: [`CONTEXT_KNOWN`] and
+/// the context bits, from this CPU's preempt count (found through the
+/// runqueue, see [`IrqContext`]); 0 when it cannot be read.
+#[inline(always)]
+pub fn interrupt_context(irq: &IrqContext) -> u32 {
+    if irq.task_cfs_rq == 0 {
+        return 0;
+    }
+    let task = unsafe { bpf_get_current_task() };
+    let cfs_rq = read_ptr(task + irq.task_cfs_rq as u64);
+    if cfs_rq == 0 {
+        return 0;
+    }
+    let rq = read_ptr(cfs_rq + irq.cfs_rq_rq as u64);
+    if rq == 0 {
+        return 0;
+    }
+    let cpu = unsafe { bpf_probe_read_kernel((rq + irq.rq_cpu as u64) as *const u32) };
+    if cpu != Ok(unsafe { bpf_get_smp_processor_id() }) {
+        return 0;
+    }
+    let at = rq.wrapping_add(irq.preempt_delta as u64);
+    let Ok(count) = (unsafe { bpf_probe_read_kernel(at as *const u32) }) else {
+        return 0;
+    };
+    let mut context = CONTEXT_KNOWN;
+    if count & 0x0000_0100 != 0 {
+        context |= CONTEXT_SOFTIRQ;
+    }
+    if count & 0x000f_0000 != 0 {
+        context |= CONTEXT_HARDIRQ;
+    }
+    if count & 0x00f0_0000 != 0 {
+        context |= CONTEXT_NMI;
+    }
+    context
 }

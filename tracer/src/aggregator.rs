@@ -54,6 +54,62 @@ const NOT_DRAWN: u32 = u32::MAX;
 /// [`Aggregator::forget_exited`].
 pub const EXITED_KEPT: usize = 256;
 
+/// What an allocation served, where the kernel side could read it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Interrupt {
+    Softirq,
+    Irq,
+    Nmi,
+}
+
+impl Interrupt {
+    /// From `tracer_common::CONTEXT_*` bits; None in process context or when
+    /// unknown. The innermost context wins (an NMI can interrupt a hardirq).
+    pub fn of(context: u32) -> Option<Interrupt> {
+        use tracer_common::{CONTEXT_HARDIRQ, CONTEXT_KNOWN, CONTEXT_NMI, CONTEXT_SOFTIRQ};
+        if context & CONTEXT_KNOWN == 0 {
+            None
+        } else if context & CONTEXT_NMI != 0 {
+            Some(Interrupt::Nmi)
+        } else if context & CONTEXT_HARDIRQ != 0 {
+            Some(Interrupt::Irq)
+        } else if context & CONTEXT_SOFTIRQ != 0 {
+            Some(Interrupt::Softirq)
+        } else {
+            None
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Interrupt::Softirq => "softirq",
+            Interrupt::Irq => "irq",
+            Interrupt::Nmi => "nmi",
+        }
+    }
+
+    /// The pseudo-process its allocations are counted under: tgid 0 and a
+    /// start no task has.
+    fn key(self) -> ProcKey {
+        let n = match self {
+            Interrupt::Softirq => 1,
+            Interrupt::Irq => 2,
+            Interrupt::Nmi => 3,
+        };
+        ProcKey {
+            tgid: 0,
+            start_ns: u64::MAX - n,
+        }
+    }
+
+    /// The key's interrupt, if it is a pseudo-process's.
+    pub fn of_key(key: ProcKey) -> Option<Interrupt> {
+        [Interrupt::Softirq, Interrupt::Irq, Interrupt::Nmi]
+            .into_iter()
+            .find(|i| i.key() == key)
+    }
+}
+
 /// One process: its tgid and its start (`group_leader->start_time`, ns; 0
 /// where the kernel side could not read it). A reused PID is another key, so
 /// two processes are never merged into one row.
@@ -203,6 +259,8 @@ pub struct ProcRow {
     pub start_ns: u64,
     pub ppid: u32,
     pub exited: bool,
+    /// `softirq`, `irq` or `nmi` for an interrupt's pseudo-process.
+    pub context: Option<&'static str>,
     pub comm: String,
     pub cgroup_id: u64,
     #[serde(flatten)]
@@ -320,7 +378,38 @@ impl Aggregator {
         self.anomalies.decode_errors += 1;
     }
 
+    /// An allocation made while serving an interrupt belongs to no process:
+    /// it is counted under its interrupt's pseudo-process, without the
+    /// interrupted task's user stack, comm or cgroup.
     fn alloc(&mut self, a: &Alloc<'_>) -> Novelty {
+        match Interrupt::of(a.context) {
+            Some(irq) => {
+                let key = irq.key();
+                let comm = match irq {
+                    Interrupt::Softirq => b"[softirq]".as_slice(),
+                    Interrupt::Irq => b"[irq]".as_slice(),
+                    Interrupt::Nmi => b"[nmi]".as_slice(),
+                };
+                self.alloc_of(&Alloc {
+                    tgid: key.tgid,
+                    pid: key.tgid,
+                    start_ns: key.start_ns,
+                    ppid: 0,
+                    cgroup_id: 0,
+                    user_ip: 0,
+                    user_fingerprint: 0,
+                    shallow: false,
+                    comm,
+                    ustack: &[],
+                    ustack_err: None,
+                    ..a.clone()
+                })
+            }
+            None => self.alloc_of(a),
+        }
+    }
+
+    fn alloc_of(&mut self, a: &Alloc<'_>) -> Novelty {
         if a.kstack_err.is_some() {
             self.anomalies.kstack_failed += 1;
         }
@@ -513,7 +602,7 @@ impl Aggregator {
     /// forgotten, so callers can drop what they keep per process.
     pub fn forget_exited(&mut self, alive: impl Fn(u32) -> bool) -> Vec<ProcKey> {
         for p in self.procs.values_mut() {
-            p.exited = !alive(p.key.tgid);
+            p.exited = Interrupt::of_key(p.key).is_none() && !alive(p.key.tgid);
         }
         let mut empty_exited: Vec<(u64, ProcKey)> = self
             .procs
@@ -708,6 +797,7 @@ impl Aggregator {
                     start_ns: p.key.start_ns,
                     ppid: p.ppid,
                     exited: p.exited,
+                    context: Interrupt::of_key(p.key).map(Interrupt::name),
                     comm: p.comm.clone(),
                     cgroup_id: p.last_cgroup_id,
                     counts: p.counts.clone(),
@@ -879,6 +969,7 @@ mod tests {
             user_fingerprint: 0,
             start_ns: 7,
             ppid: 1,
+            context: 0,
             drawn: true,
             shallow: false,
             has_stacks: true,
@@ -907,6 +998,7 @@ mod tests {
             user_fingerprint: fingerprint,
             start_ns: 7,
             ppid: 1,
+            context: 0,
             drawn: false,
             shallow: false,
             has_stacks: false,
@@ -1175,6 +1267,46 @@ mod tests {
         assert_eq!(apportion(200, &[0], 0), vec![0]);
         // 10 objects over three equal shares: the rounding still adds up.
         assert_eq!(apportion(10, &[1, 1, 1], 3).iter().sum::<u64>(), 10);
+    }
+
+    #[test]
+    fn interrupt_allocations_go_to_a_pseudo_process_not_the_interrupted_one() {
+        use tracer_common::{CONTEXT_KNOWN, CONTEXT_SOFTIRQ};
+        let mut agg = Aggregator::new(10_000_000_000, 1);
+        let in_softirq = |ptr: u64, context: u32| {
+            let Event::Alloc(mut a) = alloc(42, ptr, 0, &[1, 2], &[9]) else {
+                unreachable!()
+            };
+            a.context = context;
+            Event::Alloc(a)
+        };
+        for i in 0..3 {
+            agg.apply(&in_softirq(
+                0x1000 + i * 0x10,
+                CONTEXT_KNOWN | CONTEXT_SOFTIRQ,
+            ));
+        }
+        // Bottom halves disabled is process context; unknown is too.
+        agg.apply(&in_softirq(0x2000, CONTEXT_KNOWN));
+        agg.apply(&in_softirq(0x3000, CONTEXT_SOFTIRQ));
+        let all = SnapshotOptions {
+            limit: usize::MAX,
+            ..opts(SortKey::Outstanding)
+        };
+        let snap = agg.snapshot(0, &all);
+        let softirq = snap
+            .processes
+            .iter()
+            .find(|p| p.context == Some("softirq"))
+            .expect("pseudo-process");
+        assert_eq!((softirq.tgid, softirq.comm.as_str()), (0, "[softirq]"));
+        assert_eq!((softirq.counts.outstanding, softirq.cgroup_id), (3, 0));
+        assert!(softirq
+            .sites
+            .iter()
+            .all(|s| agg.stacks.frames(s.ustack).is_empty()));
+        let task = snap.processes.iter().find(|p| p.tgid == 42).expect("task");
+        assert_eq!((task.counts.outstanding, task.context), (2, None));
     }
 
     #[test]

@@ -31,6 +31,8 @@ pub struct Alloc<'a> {
     pub start_ns: u64,
     /// Parent process at allocation time; 0: unknown.
     pub ppid: u32,
+    /// `tracer_common::CONTEXT_*` bits; 0: unknown.
+    pub context: u32,
     /// Won the random stack draw: may stand for its stratum in estimates.
     pub drawn: bool,
     /// The fingerprint walk saw no frame beyond the entry ip.
@@ -120,6 +122,7 @@ fn header(h: &AllocHeader, has_stacks: bool) -> Alloc<'_> {
         user_fingerprint: h.user_fingerprint,
         start_ns: h.start_ns,
         ppid: h.ppid,
+        context: h.context,
         drawn: h.flags & FLAG_SAMPLED != 0,
         shallow: h.flags & FLAG_SHALLOW != 0,
         has_stacks,
@@ -222,7 +225,7 @@ pub(crate) mod tests {
             user_fingerprint: 0x51,
             start_ns: 99,
             ppid: 3,
-            _pad: 0,
+            context: 5,
         }
     }
 
@@ -236,7 +239,7 @@ pub(crate) mod tests {
         };
         assert!(!a.has_stacks && !a.drawn && a.shallow);
         assert_eq!(a.user_fingerprint, 0x51);
-        assert_eq!((a.start_ns, a.ppid), (99, 3));
+        assert_eq!((a.start_ns, a.ppid, a.context), (99, 3, 5));
         assert_eq!(
             (a.tgid, a.ptr, a.call_site),
             (5, 0x400, 0xffff_ffff_8123_4567)

@@ -348,6 +348,7 @@ mod tests {
             ppid,
             parent_comm: (ppid == 7).then(|| "reaper".to_string()),
             exited: tgid != 7,
+            context: None,
             comm: comm.to_string(),
             cmdline: None,
             cgroup_id: 1,

@@ -13,6 +13,7 @@ mod doctor;
 mod event_loop;
 mod features;
 mod grouping;
+mod irq_context;
 mod memcg;
 mod meminfo;
 mod output;

@@ -83,6 +83,10 @@ pub struct ProcessReport {
     pub parent_comm: Option<String>,
     /// Gone (it still holds the objects counted here).
     pub exited: bool,
+    /// `softirq`, `irq` or `nmi`: not a process but the allocations made
+    /// while serving that kind of interrupt, whoever was interrupted (`tgid` 0).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub context: Option<&'static str>,
     pub comm: String,
     pub cmdline: Option<String>,
     pub cgroup_id: u64,
@@ -215,6 +219,7 @@ pub fn build(kind: &'static str, header: Header, snap: Snapshot, names: &mut Nam
                 ppid: p.ppid,
                 parent_comm: meta.and_then(|m| m.parent_comm.clone()),
                 exited: p.exited,
+                context: p.context,
                 comm: meta.and_then(|m| m.comm.clone()).unwrap_or(p.comm),
                 cmdline: meta.and_then(|m| m.cmdline.clone()),
                 cgroup_id: p.cgroup_id,

@@ -15,7 +15,7 @@ use aya::maps::{MapData, RingBuf};
 use tracer_common::TaskOffsets;
 
 use crate::{
-    aggregator::{self, Aggregator, ProcKey, SnapshotOptions},
+    aggregator::{self, Aggregator, Interrupt, ProcKey, SnapshotOptions},
     btf::Btf,
     caches::{self, Catalogue},
     cli::{self, SortKey, TraceArgs},
@@ -24,6 +24,7 @@ use crate::{
     event_loop::{Signals, Sources},
     features::{self, Features},
     grouping::{self, GroupBy},
+    irq_context,
     memcg::hierarchy::Hierarchy,
     meminfo, output, plan,
     probes::Probes,
@@ -72,6 +73,13 @@ pub async fn run(args: TraceArgs, cache: &str) -> Result<()> {
     let cgroup_source = cgroup_source(root, btf.as_ref());
     plan.config.task = cgroup_source.task;
     plan.notes.push(cgroup_source.note);
+    match irq_context::resolve(btf.as_ref()) {
+        Ok(irq) => plan.config.irq = irq,
+        Err(why) => plan.notes.push(format!(
+            "interrupt context unknown on this kernel ({why}): allocations made in softirq or \
+             irq are charged to the interrupted process"
+        )),
+    }
     // Before attaching: parsing kallsyms later would stall the first drains.
     let mut symbols = Symbolizer::new();
     symbols.warm_kernel();
@@ -435,7 +443,7 @@ fn drain(state: &mut State, ring: &mut RingBuf<MapData>) {
         match decode(&item) {
             Ok(event) => {
                 let new = state.agg.apply(&event);
-                if let Some(key) = new.process {
+                if let Some(key) = new.process.filter(|k| Interrupt::of_key(*k).is_none()) {
                     // Mappings first: of all a short-lived process leaves, they
                     // are what naming its frames cannot do without.
                     state.symbols.snapshot(key.tgid);

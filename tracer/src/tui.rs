@@ -502,6 +502,7 @@ mod tests {
             ppid: 0,
             parent_comm: None,
             exited: false,
+            context: None,
             comm: comm.to_string(),
             cmdline: Some(format!("/bin/{comm}")),
             cgroup_id: 1,

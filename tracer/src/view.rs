@@ -176,7 +176,11 @@ fn process(out: &mut String, p: &ProcessReport, opts: &TextOptions) {
     let _ = writeln!(
         out,
         "{:>8} {:<16} {:>11} {:>10} {:>+9.1} {:>10.1} {:>10} {:>10}  {}{}",
-        p.tgid,
+        if p.context.is_some() {
+            "-".to_string()
+        } else {
+            p.tgid.to_string()
+        },
         truncate(&p.comm, 16),
         group(p.counts.outstanding),
         human_bytes(p.counts.outstanding_bytes),
@@ -184,7 +188,11 @@ fn process(out: &mut String, p: &ProcessReport, opts: &TextOptions) {
         p.alloc_rate,
         group(p.counts.allocs),
         group(p.counts.frees),
-        p.cgroup.as_deref().unwrap_or("?"),
+        match (p.context, p.cgroup.as_deref()) {
+            (Some(_), _) => "-",
+            (None, Some(path)) => path,
+            (None, None) => "?",
+        },
         if p.exited { "  [exited]" } else { "" },
     );
     if let Some(cmd) = &p.cmdline {
@@ -334,9 +342,11 @@ fn cgroups(out: &mut String, r: &Report) {
             "{:>11} {:>10}  {}",
             group(c.counts.outstanding),
             human_bytes(c.counts.outstanding_bytes),
-            c.path
-                .as_deref()
-                .map_or_else(|| format!("id {}", c.cgroup_id), str::to_string),
+            match (c.cgroup_id, c.path.as_deref()) {
+                (_, Some(path)) => path.to_string(),
+                (0, None) => "id 0 (interrupt context, or unreadable)".to_string(),
+                (id, None) => format!("id {id}"),
+            },
         );
     }
 }

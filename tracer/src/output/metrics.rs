@@ -312,6 +312,7 @@ mod tests {
             ppid: 0,
             parent_comm: None,
             exited: false,
+            context: None,
             comm: format!("w\"{i}"),
             cmdline: None,
             cgroup_id: 7,

@@ -111,6 +111,7 @@ pub(crate) fn test_report() -> Report {
             ppid: 0,
             parent_comm: None,
             exited: false,
+            context: None,
             comm: "leak;er".to_string(),
             cmdline: Some("/usr/bin/leaker --fast".to_string()),
             cgroup_id: 9,
