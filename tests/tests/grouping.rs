@@ -101,6 +101,66 @@ fn zombie_probes_sum_under_their_parent_and_one_stack() {
     gen.finish().expect("leakgen exits");
 }
 
+/// Short-lived `mount` helpers in a private mount namespace, each leaving one
+/// `struct mount` (mnt_cache) that the namespace holds after the helper
+/// exits: by command name one row of N.
+#[test]
+fn mount_helpers_sum_under_their_comm() {
+    const N: u64 = 20;
+    skip_unless!(
+        named_caches_work(),
+        "kmem:kmem_cache_alloc names no cache on this kernel, so --cache mnt_cache is refused"
+    );
+    let tools = ["unshare", "mount", "umount"]
+        .iter()
+        .all(|t| Command::new(t).arg("--version").output().is_ok());
+    skip_unless!(tools, "util-linux unshare/mount/umount not installed");
+    let mut tracer = Tracer::start(&[
+        "--cache",
+        "mnt_cache",
+        "--group-by",
+        "comm",
+        "--top",
+        "--interval",
+        "250ms",
+    ])
+    .expect("start");
+    // Speaks leakgen's hold protocol; the mounts go with the namespace.
+    let script = format!(
+        r#"d=$(mktemp -d /tmp/leaktrace-mnt.XXXXXX) || exit 1
+for i in $(seq 1 {N}); do mkdir "$d/$i" && mount -t tmpfs lt "$d/$i" || exit 1; done
+echo "READY $$"
+read x
+for i in $(seq 1 {N}); do umount "$d/$i"; rmdir "$d/$i"; done
+rmdir "$d"
+echo "RELEASED $$"
+read x
+exit 0"#
+    );
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--mount", "--propagation", "private", "sh", "-c", &script]);
+    let gen = Generator::start_command(cmd).expect("mount helpers");
+    let seen = tracer
+        .wait_for("the helpers' mounts under one comm row", WAIT, |r| {
+            group(r, "mount").is_some_and(|g| g["key"] == "mount" && count(g, "outstanding") >= N)
+        })
+        .expect("grouped by comm");
+    let g = group(&seen, "mount").expect("row");
+    assert!(count(g, "processes") >= N, "{g}");
+    // No single helper holds more than its own mount.
+    let most = seen["processes"]
+        .as_array()
+        .expect("processes")
+        .iter()
+        .filter(|p| p["comm"] == "mount")
+        .map(|p| count(p, "outstanding"))
+        .max()
+        .unwrap_or(0);
+    assert!(most < N, "one mount process holds {most}");
+    gen.finish().expect("helpers' shell exits");
+    let _ = tracer.stop(libc::SIGINT);
+}
+
 /// Where the memory controller is: (v1 hierarchy mount) or the cgroup2 mount.
 fn memory_hierarchy() -> Option<(u8, PathBuf)> {
     let cgroups = std::fs::read_to_string("/proc/cgroups").unwrap_or_default();
