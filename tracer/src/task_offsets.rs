@@ -48,3 +48,14 @@ pub fn set_identity(btf: Option<&Btf>, t: &mut TaskOffsets) {
         t.task_start_time = s;
     }
 }
+
+/// `walk`'s memcg walk with `identity`'s parent and process-start offsets.
+pub fn combined(walk: TaskOffsets, identity: &TaskOffsets) -> TaskOffsets {
+    TaskOffsets {
+        task_real_parent: identity.task_real_parent,
+        task_tgid: identity.task_tgid,
+        task_group_leader: identity.task_group_leader,
+        task_start_time: identity.task_start_time,
+        ..walk
+    }
+}

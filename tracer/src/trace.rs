@@ -224,7 +224,7 @@ struct State {
     started_ns: u64,
     snapshot_opts: SnapshotOptions,
     traced: Option<TracedProcess>,
-    /// The live view may change it (key `g`).
+    /// The live view may change it (key `G`).
     group_by: GroupBy,
 }
 
@@ -587,13 +587,7 @@ fn cgroup_source(root: &Path, btf: Option<&Btf>) -> CgroupSource {
     };
     match task_offsets::memcg_walk(btf) {
         Some(w) => CgroupSource {
-            task: TaskOffsets {
-                task_real_parent: task.task_real_parent,
-                task_tgid: task.task_tgid,
-                task_group_leader: task.task_group_leader,
-                task_start_time: task.task_start_time,
-                ..w
-            },
+            task: task_offsets::combined(w, &task),
             note: format!(
                 "CGROUP is the allocating task's memory cgroup on the v1 hierarchy at {} \
                  (task->cgroups->subsys[memory], BTF offsets)",

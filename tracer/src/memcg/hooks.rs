@@ -9,10 +9,7 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use serde::Serialize;
-use tracer_common::{
-    memcg::{counter, CgroupLayout, KmemLayout, MemcgConfig},
-    TaskOffsets,
-};
+use tracer_common::memcg::{counter, CgroupLayout, KmemLayout, MemcgConfig};
 
 use super::hierarchy::Hierarchy;
 use crate::{
@@ -127,11 +124,7 @@ pub fn build(
         match walk {
             Some(w) => {
                 let mem_id = w.memory_subsys;
-                cfg.task = TaskOffsets {
-                    task_real_parent: cfg.task.task_real_parent,
-                    task_tgid: cfg.task.task_tgid,
-                    ..w
-                };
+                cfg.task = crate::task_offsets::combined(w, &cfg.task);
                 format!(
                     "charges attributed to task->cgroups->subsys[memory_cgrp_id={mem_id}]->cgroup (BTF offsets)"
                 )
