@@ -589,4 +589,24 @@ mod tests {
             Action::Quit
         );
     }
+
+    #[test]
+    fn grouped_reports_show_group_rows() {
+        let mut s = ViewState::new(Column::Outstanding, 8);
+        assert_eq!(press(&mut s, KeyCode::Char('G')), Action::Regroup);
+        let mut r = report();
+        r.group_by = GroupBy::Comm;
+        r.groups = crate::grouping::group(
+            &r.processes,
+            GroupBy::Comm,
+            crate::aggregator::SortKey::Outstanding,
+        );
+        s.update(&r);
+        let lines = text(&s);
+        assert!(
+            lines[0].contains("PROCESSES") && lines[0].contains("COMM"),
+            "{lines:?}"
+        );
+        assert!(lines[1].ends_with("big"), "{lines:?}");
+    }
 }
