@@ -85,6 +85,88 @@ pub fn kmalloc_class(gfp: u64, cfg: &Config) -> u64 {
         | (((gfp & cfg.gfp_account != 0) as u64) << 2)
 }
 
+/// Offsets (from BTF) for reading the current task in the kernel: its memory
+/// cgroup (`task->cgroups->subsys[memory_cgrp_id]->cgroup->kn->id`, what cgroup
+/// v1 needs: `bpf_get_current_cgroup_id` is the cgroup2 id), its parent at this
+/// moment (`real_parent->tgid`) and its process's start
+/// (`group_leader->start_time`, ns of CLOCK_MONOTONIC since 5.5). Shared by the
+/// slab tracer and `leaktrace memcg`; 0 in a field disables what needs it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TaskOffsets {
+    /// task_struct -> css_set -> subsys[memory] -> cgroup -> kernfs_node -> id.
+    /// `task_cgroups == 0` disables the walk.
+    pub task_cgroups: u16,
+    pub css_set_subsys: u16,
+    pub css_cgroup: u16,
+    pub cgroup_kn: u16,
+    pub kn_id: u16,
+    /// task_struct.real_parent and .tgid, for the parent.
+    pub task_real_parent: u16,
+    pub task_tgid: u16,
+    /// task_struct.group_leader and .start_time, for the process's identity
+    /// (a tgid alone is reused). 0: not read.
+    pub task_group_leader: u16,
+    pub task_start_time: u16,
+    pub _pad: [u16; 3],
+    /// `memory_cgrp_id` in `enum cgroup_subsys_id`.
+    pub memory_subsys: u32,
+    /// 1: no BTF walk; memory is on cgroup2, so the task's cgroup2 id
+    /// (`bpf_get_current_cgroup_id`) stands in for its memcg.
+    pub memcg_from_cgroup2: u32,
+}
+
+impl TaskOffsets {
+    pub const fn zeroed() -> Self {
+        TaskOffsets {
+            task_cgroups: 0,
+            css_set_subsys: 0,
+            css_cgroup: 0,
+            cgroup_kn: 0,
+            kn_id: 0,
+            task_real_parent: 0,
+            task_tgid: 0,
+            task_group_leader: 0,
+            task_start_time: 0,
+            _pad: [0; 3],
+            memory_subsys: 0,
+            memcg_from_cgroup2: 0,
+        }
+    }
+}
+
+/// [`AllocHeader::context`]: the preempt count could be read ([`IrqContext`]);
+/// without it the other bits mean nothing.
+pub const CONTEXT_KNOWN: u32 = 1;
+/// Serving a hardirq (`HARDIRQ_MASK`, bits 16-19 of the preempt count).
+pub const CONTEXT_HARDIRQ: u32 = 2;
+/// Serving a softirq (`SOFTIRQ_OFFSET`, bit 8): not merely bottom halves
+/// disabled, which adds `2 * SOFTIRQ_OFFSET` in process context.
+pub const CONTEXT_SOFTIRQ: u32 = 4;
+/// In an NMI (`NMI_MASK`, bit 20; bits 20-23 since 5.12).
+pub const CONTEXT_NMI: u32 = 8;
+
+/// How the kernel side finds this CPU's preempt count without typed ksyms or
+/// data symbols in kallsyms: the running task's runqueue is the per-CPU
+/// `runqueues` of this CPU (`current->se.cfs_rq->rq`), so the preempt count is
+/// at that address plus `preempt_delta`, the distance between the two per-CPU
+/// variables (`.data..percpu` offsets from BTF: `__preempt_count`, or
+/// `pcpu_hot.preempt_count` on 6.2-6.14). `rq->cpu` is checked against the
+/// CPU the program runs on. `task_cfs_rq == 0` disables it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IrqContext {
+    /// `task_struct.se` + `sched_entity.cfs_rq` (CONFIG_FAIR_GROUP_SCHED).
+    pub task_cfs_rq: u32,
+    /// `cfs_rq.rq`.
+    pub cfs_rq_rq: u32,
+    /// `rq.cpu`.
+    pub rq_cpu: u32,
+    pub _pad: u32,
+    /// Preempt count's per-CPU offset minus `runqueues`'.
+    pub preempt_delta: i64,
+}
+
 /// What the kernel side selects and how it reads records. Filled by userspace.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -134,6 +216,12 @@ pub struct Config {
     pub stack_flags: u32,
     /// NUL-padded names, as little-endian words so the kernel compares 8 bytes at a time.
     pub cache_names: [[u64; CACHE_NAME_LEN / 8]; MAX_CACHE_NAMES],
+    /// How [`AllocHeader::cgroup_id`], `ppid` and `start_ns` are read. With
+    /// `task_cgroups == 0` and `memcg_from_cgroup2 == 1` the cgroup is the
+    /// cgroup2 id; with the walk it is the memory cgroup's kernfs id (v1).
+    pub task: TaskOffsets,
+    /// How the interrupt context of an allocation is read ([`AllocHeader::context`]).
+    pub irq: IrqContext,
 }
 
 pub const STACK_KERNEL: u32 = 1;
@@ -172,6 +260,14 @@ impl Config {
             target_tgid: 0,
             stack_flags: 0,
             cache_names: [[0; CACHE_NAME_LEN / 8]; MAX_CACHE_NAMES],
+            task: TaskOffsets::zeroed(),
+            irq: IrqContext {
+                task_cfs_rq: 0,
+                cfs_rq_rq: 0,
+                rq_cpu: 0,
+                _pad: 0,
+                preempt_delta: 0,
+            },
         }
     }
 }
@@ -202,6 +298,15 @@ pub struct AllocHeader {
     /// Hash of the first [`FINGERPRINT_FRAMES`] user frames (0: none): with
     /// `tgid` and `call_site` it keys the stratum whose every object is counted.
     pub user_fingerprint: u64,
+    /// The allocating process's start (`group_leader->start_time`, ns): with
+    /// `tgid` it names one process even when its PID is reused. 0: unknown.
+    pub start_ns: u64,
+    /// The allocating task's parent process at this moment
+    /// (`real_parent->tgid`); 0 when unknown.
+    pub ppid: u32,
+    /// [`CONTEXT_KNOWN`] with [`CONTEXT_HARDIRQ`], [`CONTEXT_SOFTIRQ`],
+    /// [`CONTEXT_NMI`]; 0 when the preempt count could not be read.
+    pub context: u32,
 }
 
 /// A selected allocation with its stacks.
@@ -306,22 +411,8 @@ pub mod memcg {
         pub hierarchy: u32,
         /// 1: filter on `hierarchy`; 0: keep every hierarchy.
         pub filter_hierarchy: u32,
-        /// task_struct -> css_set -> subsys[memory] -> cgroup -> kernfs_node -> id,
-        /// offsets from BTF. `task_cgroups == 0` disables the walk.
-        pub task_cgroups: u16,
-        pub css_set_subsys: u16,
-        pub css_cgroup: u16,
-        pub cgroup_kn: u16,
-        pub kn_id: u16,
-        /// task_struct.real_parent and .tgid, for the creator's parent.
-        pub task_real_parent: u16,
-        pub task_tgid: u16,
-        pub _pad0: u16,
-        /// `memory_cgrp_id` in `enum cgroup_subsys_id`.
-        pub memory_subsys: u32,
-        /// 1: no BTF walk; memory is on cgroup2, so the task's cgroup2 id
-        /// (`bpf_get_current_cgroup_id`) stands in for its memcg.
-        pub memcg_from_cgroup2: u32,
+        /// The charging task's memcg and the acting task's parent.
+        pub task: super::TaskOffsets,
         /// Charges to this memcg (the root: never charged) are ignored.
         pub root_memcg_id: u64,
         /// 1: track charged slab allocations.
@@ -359,16 +450,7 @@ pub mod memcg {
                 },
                 hierarchy: 0,
                 filter_hierarchy: 0,
-                task_cgroups: 0,
-                css_set_subsys: 0,
-                css_cgroup: 0,
-                cgroup_kn: 0,
-                kn_id: 0,
-                task_real_parent: 0,
-                task_tgid: 0,
-                _pad0: 0,
-                memory_subsys: 0,
-                memcg_from_cgroup2: 0,
+                task: super::TaskOffsets::zeroed(),
                 root_memcg_id: 0,
                 pins: 0,
                 stacks: 0,

@@ -8,6 +8,7 @@
 #![no_main]
 
 mod memcg;
+mod task;
 
 use core::mem::size_of;
 
@@ -15,8 +16,8 @@ use aya_ebpf::{
     bindings::BPF_F_USER_STACK,
     helpers::bpf_probe_read_kernel,
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_get_prandom_u32, bpf_get_stack, bpf_ktime_get_ns, bpf_probe_read_kernel_str_bytes,
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_get_stack,
+        bpf_ktime_get_ns, bpf_probe_read_kernel_str_bytes,
     },
     macros::{map, raw_tracepoint, tracepoint},
     maps::{ring_buf::RingBufEntry, HashMap, PerCpuArray, RingBuf},
@@ -565,10 +566,14 @@ fn fill_header(
     hdr.bytes_req = site.bytes_req;
     hdr.bytes_alloc = site.bytes_alloc;
     hdr.gfp_flags = site.gfp;
-    hdr.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    let task = &config().task;
+    hdr.cgroup_id = task::current_memcg(task);
     hdr.call_site = site.call_site;
     hdr.user_ip = path.ip;
     hdr.user_fingerprint = path.fingerprint;
+    hdr.start_ns = task::process_start_ns(task);
+    hdr.ppid = task::parent_tgid(task);
+    hdr.context = task::interrupt_context(&config().irq);
 }
 
 /// Insert before submit: once userspace can see the alloc, the kernel must

@@ -5,11 +5,11 @@
 
 use core::mem::size_of;
 
+use crate::task::{css_cgroup_id, current_memcg, parent_tgid};
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_get_current_task, bpf_get_stack, bpf_ktime_get_ns, bpf_probe_read_kernel,
-        bpf_probe_read_kernel_str_bytes,
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task, bpf_get_stack,
+        bpf_ktime_get_ns, bpf_probe_read_kernel_str_bytes,
     },
     macros::{kprobe, map, raw_tracepoint, tracepoint},
     maps::{Array, HashMap, PerCpuArray, RingBuf},
@@ -113,7 +113,7 @@ fn on_cgroup(ctx: &TracePointContext, kind: u32) -> Option<()> {
         (*ev).id = read(ctx, cfg.cgroup.id).unwrap_or(0);
         (*ev).tgid = (pid_tgid >> 32) as u32;
         (*ev).pid = pid_tgid as u32;
-        (*ev).ppid = parent_tgid(cfg);
+        (*ev).ppid = parent_tgid(&cfg.task);
         (*ev).ts_ns = bpf_ktime_get_ns();
         (*ev).comm = bpf_get_current_comm().unwrap_or([0; 16]);
         (*ev).path[0] = 0;
@@ -151,7 +151,7 @@ pub fn memcg_css_free(ctx: ProbeContext) -> u32 {
 fn on_css(ctx: &ProbeContext, kind: u32) -> Option<()> {
     let cfg = config();
     let css: u64 = ctx.arg(0)?;
-    let id = css_cgroup_id(cfg, css);
+    let id = css_cgroup_id(&cfg.task, css);
     let Some(mut entry) = MEMCG_EVENTS.reserve::<CssEvent>(0) else {
         bump(counter::CGROUP_LOST);
         return None;
@@ -165,69 +165,6 @@ fn on_css(ctx: &ProbeContext, kind: u32) -> Option<()> {
     }
     entry.submit(0);
     Some(())
-}
-
-#[inline(always)]
-fn read_ptr(addr: u64) -> u64 {
-    if addr == 0 {
-        return 0;
-    }
-    unsafe { bpf_probe_read_kernel(addr as *const u64) }.unwrap_or(0)
-}
-
-/// css -> cgroup -> kernfs_node -> id, the id the cgroup tracepoints report.
-#[inline(always)]
-fn css_cgroup_id(cfg: &MemcgConfig, css: u64) -> u64 {
-    if css == 0 || cfg.cgroup_kn == 0 {
-        return 0;
-    }
-    let cgrp = read_ptr(css + cfg.css_cgroup as u64);
-    if cgrp == 0 {
-        return 0;
-    }
-    let kn = read_ptr(cgrp + cfg.cgroup_kn as u64);
-    if kn == 0 {
-        return 0;
-    }
-    read_ptr(kn + cfg.kn_id as u64)
-}
-
-/// The creator often exits at once (`mkdir`, runc): its parent, read now, is
-/// what lets userspace walk up to kubelet or containerd-shim later.
-#[inline(always)]
-fn parent_tgid(cfg: &MemcgConfig) -> u32 {
-    if cfg.task_real_parent == 0 || cfg.task_tgid == 0 {
-        return 0;
-    }
-    let task = unsafe { bpf_get_current_task() };
-    let parent: u64 =
-        unsafe { bpf_probe_read_kernel((task + cfg.task_real_parent as u64) as *const u64) }
-            .unwrap_or(0);
-    if parent == 0 {
-        return 0;
-    }
-    unsafe { bpf_probe_read_kernel((parent + cfg.task_tgid as u64) as *const u32) }.unwrap_or(0)
-}
-
-/// The memcg a charge by the current task goes to: the cgroup owning the
-/// task's memory css. On cgroup v1 this is NOT `bpf_get_current_cgroup_id`
-/// (that is the cgroup2 id), hence the BTF-described pointer walk.
-#[inline(always)]
-fn current_memcg(cfg: &MemcgConfig) -> u64 {
-    if cfg.task_cgroups == 0 {
-        return if cfg.memcg_from_cgroup2 != 0 {
-            unsafe { bpf_get_current_cgroup_id() }
-        } else {
-            0
-        };
-    }
-    let task = unsafe { bpf_get_current_task() };
-    let cset = read_ptr(task + cfg.task_cgroups as u64);
-    if cset == 0 {
-        return 0;
-    }
-    let slot = cset + cfg.css_set_subsys as u64 + 8 * (cfg.memory_subsys as u64 & 0x3f);
-    css_cgroup_id(cfg, read_ptr(slot))
 }
 
 #[tracepoint]
@@ -283,7 +220,7 @@ fn on_charge(ctx: &TracePointContext, cfg: &MemcgConfig, cache: bool) -> Option<
     if !accounted {
         return None;
     }
-    let memcg_id = current_memcg(cfg);
+    let memcg_id = current_memcg(&cfg.task);
     if memcg_id == 0 {
         bump(counter::MEMCG_UNKNOWN);
         return None;

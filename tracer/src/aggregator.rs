@@ -54,9 +54,74 @@ const NOT_DRAWN: u32 = u32::MAX;
 /// [`Aggregator::forget_exited`].
 pub const EXITED_KEPT: usize = 256;
 
+/// What an allocation served, where the kernel side could read it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Interrupt {
+    Softirq,
+    Irq,
+    Nmi,
+}
+
+impl Interrupt {
+    /// From `tracer_common::CONTEXT_*` bits; None in process context or when
+    /// unknown. The innermost context wins (an NMI can interrupt a hardirq).
+    pub fn of(context: u32) -> Option<Interrupt> {
+        use tracer_common::{CONTEXT_HARDIRQ, CONTEXT_KNOWN, CONTEXT_NMI, CONTEXT_SOFTIRQ};
+        if context & CONTEXT_KNOWN == 0 {
+            None
+        } else if context & CONTEXT_NMI != 0 {
+            Some(Interrupt::Nmi)
+        } else if context & CONTEXT_HARDIRQ != 0 {
+            Some(Interrupt::Irq)
+        } else if context & CONTEXT_SOFTIRQ != 0 {
+            Some(Interrupt::Softirq)
+        } else {
+            None
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Interrupt::Softirq => "softirq",
+            Interrupt::Irq => "irq",
+            Interrupt::Nmi => "nmi",
+        }
+    }
+
+    /// The pseudo-process its allocations are counted under: tgid 0 and a
+    /// start no task has.
+    fn key(self) -> ProcKey {
+        let n = match self {
+            Interrupt::Softirq => 1,
+            Interrupt::Irq => 2,
+            Interrupt::Nmi => 3,
+        };
+        ProcKey {
+            tgid: 0,
+            start_ns: u64::MAX - n,
+        }
+    }
+
+    /// The key's interrupt, if it is a pseudo-process's.
+    pub fn of_key(key: ProcKey) -> Option<Interrupt> {
+        [Interrupt::Softirq, Interrupt::Irq, Interrupt::Nmi]
+            .into_iter()
+            .find(|i| i.key() == key)
+    }
+}
+
+/// One process: its tgid and its start (`group_leader->start_time`, ns; 0
+/// where the kernel side could not read it). A reused PID is another key, so
+/// two processes are never merged into one row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct ProcKey {
+    pub tgid: u32,
+    pub start_ns: u64,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct StratumKey {
-    tgid: u32,
+    proc: ProcKey,
     call_site: u64,
     fingerprint: u64,
 }
@@ -106,7 +171,13 @@ struct Site {
 
 #[derive(Debug)]
 pub struct Process {
-    pub tgid: u32,
+    pub key: ProcKey,
+    /// Parent process when it first allocated (the kernel's `real_parent`
+    /// then); 0 when unknown.
+    pub ppid: u32,
+    /// Found gone at the last [`Aggregator::forget_exited`]; kept while it
+    /// holds objects.
+    pub exited: bool,
     /// Thread name of the first allocating thread; views prefer /proc's.
     pub comm: String,
     pub last_cgroup_id: u64,
@@ -122,7 +193,7 @@ pub struct Process {
 /// What an event introduced; see [`Aggregator::apply`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Novelty {
-    pub process: Option<u32>,
+    pub process: Option<ProcKey>,
     pub user_stack: Option<(u32, StackId)>,
 }
 
@@ -184,6 +255,12 @@ pub struct SiteRow {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ProcRow {
     pub tgid: u32,
+    /// With `tgid`, names the process (see [`ProcKey`]).
+    pub start_ns: u64,
+    pub ppid: u32,
+    pub exited: bool,
+    /// `softirq`, `irq` or `nmi` for an interrupt's pseudo-process.
+    pub context: Option<&'static str>,
     pub comm: String,
     pub cgroup_id: u64,
     #[serde(flatten)]
@@ -250,7 +327,7 @@ pub struct Aggregator {
     free_strata: Vec<u32>,
     free_sites: Vec<u32>,
     sampling: StackSampling,
-    procs: HashMap<u32, Process>,
+    procs: HashMap<ProcKey, Process>,
     cgroups: HashMap<u64, Counts>,
     /// cgroup id by the index `Live` stores, and the reverse.
     cgroup_ids: Vec<u64>,
@@ -318,7 +395,38 @@ impl Aggregator {
         self.anomalies.decode_errors += 1;
     }
 
+    /// An allocation made while serving an interrupt belongs to no process:
+    /// it is counted under its interrupt's pseudo-process, without the
+    /// interrupted task's user stack, comm or cgroup.
     fn alloc(&mut self, a: &Alloc<'_>) -> Novelty {
+        match Interrupt::of(a.context) {
+            Some(irq) => {
+                let key = irq.key();
+                let comm = match irq {
+                    Interrupt::Softirq => b"[softirq]".as_slice(),
+                    Interrupt::Irq => b"[irq]".as_slice(),
+                    Interrupt::Nmi => b"[nmi]".as_slice(),
+                };
+                self.alloc_of(&Alloc {
+                    tgid: key.tgid,
+                    pid: key.tgid,
+                    start_ns: key.start_ns,
+                    ppid: 0,
+                    cgroup_id: 0,
+                    user_ip: 0,
+                    user_fingerprint: 0,
+                    shallow: false,
+                    comm,
+                    ustack: &[],
+                    ustack_err: None,
+                    ..a.clone()
+                })
+            }
+            None => self.alloc_of(a),
+        }
+    }
+
+    fn alloc_of(&mut self, a: &Alloc<'_>) -> Novelty {
         if a.kstack_err.is_some() {
             self.anomalies.kstack_failed += 1;
         }
@@ -358,10 +466,13 @@ impl Aggregator {
         }
 
         let mut new_proc = None;
-        let proc = self.procs.entry(a.tgid).or_insert_with(|| {
-            new_proc = Some(a.tgid);
+        let key = proc_key(a);
+        let proc = self.procs.entry(key).or_insert_with(|| {
+            new_proc = Some(key);
             Process {
-                tgid: a.tgid,
+                key,
+                ppid: a.ppid,
+                exited: false,
                 comm: String::from_utf8_lossy(a.comm).into_owned(),
                 last_cgroup_id: a.cgroup_id,
                 counts: Counts::default(),
@@ -375,7 +486,7 @@ impl Aggregator {
         // own names and must not make us re-read /proc on every event.
         if a.pid == a.tgid && a.has_stacks && proc.comm.as_bytes() != a.comm {
             proc.comm = String::from_utf8_lossy(a.comm).into_owned();
-            new_proc = Some(a.tgid);
+            new_proc = Some(key);
         }
         proc.counts.alloc(a.bytes_alloc);
         proc.last_cgroup_id = a.cgroup_id;
@@ -419,7 +530,7 @@ impl Aggregator {
 
     fn stratum_of(&mut self, a: &Alloc<'_>) -> (u32, bool) {
         let key = StratumKey {
-            tgid: a.tgid,
+            proc: proc_key(a),
             call_site: a.call_site,
             fingerprint: a.user_fingerprint,
         };
@@ -474,13 +585,13 @@ impl Aggregator {
             site.drawn.free(bytes);
             stratum.drawn.free(bytes);
         }
-        let tgid = stratum.key.tgid;
+        let proc = stratum.key.proc;
         self.totals.free(bytes);
         let cgroup_id = self.cgroup_ids.get(live.cgroup as usize).copied();
         if let Some(c) = cgroup_id.and_then(|id| self.cgroups.get_mut(&id)) {
             c.free(bytes);
         }
-        if let Some(p) = self.procs.get_mut(&tgid) {
+        if let Some(p) = self.procs.get_mut(&proc) {
             p.counts.free(bytes);
         }
     }
@@ -505,23 +616,26 @@ impl Aggregator {
     /// exec probes or cron jobs starts thousands of them an hour, and their rows
     /// would grow the table without end, while a busy one that exited is still
     /// worth its row in the report. A process that holds objects always stays.
-    /// Returns the tgids forgotten, so callers can drop what they keep per
-    /// process.
-    pub fn forget_exited(&mut self, alive: impl Fn(u32) -> bool) -> Vec<u32> {
-        let mut empty_exited: Vec<(u64, u32)> = self
+    /// Every other gone process is marked exited. Returns the processes
+    /// forgotten, so callers can drop what they keep per process.
+    pub fn forget_exited(&mut self, alive: impl Fn(u32) -> bool) -> Vec<ProcKey> {
+        for p in self.procs.values_mut() {
+            p.exited = Interrupt::of_key(p.key).is_none() && !alive(p.key.tgid);
+        }
+        let mut empty_exited: Vec<(u64, ProcKey)> = self
             .procs
             .values()
-            .filter(|p| p.counts.outstanding == 0 && !alive(p.tgid))
-            .map(|p| (p.counts.allocs, p.tgid))
+            .filter(|p| p.counts.outstanding == 0 && p.exited)
+            .map(|p| (p.counts.allocs, p.key))
             .collect();
         if empty_exited.len() <= EXITED_KEPT {
             return Vec::new();
         }
         empty_exited.sort_unstable();
         let excess = empty_exited.len() - EXITED_KEPT;
-        let gone: Vec<u32> = empty_exited[..excess].iter().map(|&(_, t)| t).collect();
-        for tgid in &gone {
-            let Some(p) = self.procs.remove(tgid) else {
+        let gone: Vec<ProcKey> = empty_exited[..excess].iter().map(|&(_, k)| k).collect();
+        for key in &gone {
+            let Some(p) = self.procs.remove(key) else {
                 continue;
             };
             // Nothing outstanding refers to the slots of a process that holds
@@ -716,12 +830,16 @@ impl Aggregator {
         let mut rows: Vec<ProcRow> = self
             .procs
             .values()
-            .filter(|p| opts.pid.is_none_or(|pid| pid == p.tgid))
+            .filter(|p| opts.pid.is_none_or(|pid| pid == p.key.tgid))
             .filter(|p| opts.comm.as_deref().is_none_or(|c| p.comm.contains(c)))
             .map(|p| {
                 let (alloc_rate, growth_rate) = self.rates(p, now_ns);
                 ProcRow {
-                    tgid: p.tgid,
+                    tgid: p.key.tgid,
+                    start_ns: p.key.start_ns,
+                    ppid: p.ppid,
+                    exited: p.exited,
+                    context: Interrupt::of_key(p.key).map(Interrupt::name),
                     comm: p.comm.clone(),
                     cgroup_id: p.last_cgroup_id,
                     counts: p.counts.clone(),
@@ -733,12 +851,19 @@ impl Aggregator {
                 }
             })
             .collect();
-        rows.sort_by(|a, b| compare(opts.sort, b, a).then(a.tgid.cmp(&b.tgid)));
+        rows.sort_by(|a, b| {
+            compare(opts.sort, b, a)
+                .then(a.tgid.cmp(&b.tgid))
+                .then(a.start_ns.cmp(&b.start_ns))
+        });
         rows.truncate(opts.limit);
         for row in &mut rows {
             let strata = self
                 .procs
-                .get(&row.tgid)
+                .get(&ProcKey {
+                    tgid: row.tgid,
+                    start_ns: row.start_ns,
+                })
                 .map(|p| p.strata.clone())
                 .unwrap_or_default();
             let mut sites: Vec<SiteRow> = strata
@@ -777,6 +902,13 @@ impl Aggregator {
             processes: rows,
             cgroups,
         }
+    }
+}
+
+fn proc_key(a: &Alloc<'_>) -> ProcKey {
+    ProcKey {
+        tgid: a.tgid,
+        start_ns: a.start_ns,
     }
 }
 
@@ -877,6 +1009,9 @@ mod tests {
             call_site: kstack.first().copied().unwrap_or(0),
             user_ip: ustack.first().copied().unwrap_or(0),
             user_fingerprint: 0,
+            start_ns: 7,
+            ppid: 1,
+            context: 0,
             drawn: true,
             shallow: false,
             has_stacks: true,
@@ -903,6 +1038,9 @@ mod tests {
             call_site,
             user_ip: 0x40,
             user_fingerprint: fingerprint,
+            start_ns: 7,
+            ppid: 1,
+            context: 0,
             drawn: false,
             shallow: false,
             has_stacks: false,
@@ -1017,7 +1155,7 @@ mod tests {
         // 1 exited holding nothing with the fewest allocations; 2 exited but
         // holds an object; 3 is alive.
         let gone = agg.forget_exited(|tgid| tgid == 3);
-        assert_eq!(gone, vec![1]);
+        assert_eq!(gone.iter().map(|k| k.tgid).collect::<Vec<_>>(), vec![1]);
         let all = SnapshotOptions {
             limit: usize::MAX,
             ..opts(SortKey::Outstanding)
@@ -1213,10 +1351,50 @@ mod tests {
     }
 
     #[test]
+    fn interrupt_allocations_go_to_a_pseudo_process_not_the_interrupted_one() {
+        use tracer_common::{CONTEXT_KNOWN, CONTEXT_SOFTIRQ};
+        let mut agg = Aggregator::new(10_000_000_000, 1);
+        let in_softirq = |ptr: u64, context: u32| {
+            let Event::Alloc(mut a) = alloc(42, ptr, 0, &[1, 2], &[9]) else {
+                unreachable!()
+            };
+            a.context = context;
+            Event::Alloc(a)
+        };
+        for i in 0..3 {
+            agg.apply(&in_softirq(
+                0x1000 + i * 0x10,
+                CONTEXT_KNOWN | CONTEXT_SOFTIRQ,
+            ));
+        }
+        // Bottom halves disabled is process context; unknown is too.
+        agg.apply(&in_softirq(0x2000, CONTEXT_KNOWN));
+        agg.apply(&in_softirq(0x3000, CONTEXT_SOFTIRQ));
+        let all = SnapshotOptions {
+            limit: usize::MAX,
+            ..opts(SortKey::Outstanding)
+        };
+        let snap = agg.snapshot(0, &all);
+        let softirq = snap
+            .processes
+            .iter()
+            .find(|p| p.context == Some("softirq"))
+            .expect("pseudo-process");
+        assert_eq!((softirq.tgid, softirq.comm.as_str()), (0, "[softirq]"));
+        assert_eq!((softirq.counts.outstanding, softirq.cgroup_id), (3, 0));
+        assert!(softirq
+            .sites
+            .iter()
+            .all(|s| agg.stacks.frames(s.ustack).is_empty()));
+        let task = snap.processes.iter().find(|p| p.tgid == 42).expect("task");
+        assert_eq!((task.counts.outstanding, task.context), (2, None));
+    }
+
+    #[test]
     fn outstanding_by_process_and_site() {
         let mut agg = Aggregator::new(10_000_000_000, 1);
         let first = agg.apply(&alloc(10, 0x1000, 0, &[1, 2], &[9]));
-        assert_eq!(first.process, Some(10));
+        assert_eq!(first.process.map(|k| (k.tgid, k.start_ns)), Some((10, 7)));
         assert!(first.user_stack.is_some_and(|(tgid, _)| tgid == 10));
         assert_eq!(
             agg.apply(&alloc(10, 0x2000, 0, &[1, 2], &[9])),

@@ -21,6 +21,8 @@ const KIND_UNION: u32 = 5;
 const KIND_TYPEDEF: u32 = 8;
 const KIND_FUNC: u32 = 12;
 const KIND_FUNC_PROTO: u32 = 13;
+const KIND_VAR: u32 = 14;
+const KIND_DATASEC: u32 = 15;
 
 #[derive(Debug, Clone)]
 struct Type {
@@ -134,7 +136,19 @@ impl Btf {
                     }
                     8 * vlen
                 }
-                15 | 19 => 12 * vlen, // datasec, enum64
+                KIND_DATASEC => {
+                    // (variable type id, offset in the section, size)
+                    for v in 0..vlen {
+                        let base = o + 12 * v;
+                        let triple = (u32_at(base), u32_at(base + 4), u32_at(base + 8));
+                        let (Some(t), Some(off), Some(size)) = triple else {
+                            return Err(BtfError::Malformed("truncated datasec"));
+                        };
+                        members.push((t, off, size));
+                    }
+                    12 * vlen
+                }
+                19 => 12 * vlen, // enum64
                 0 | 2 | 7..=13 | 16 | 18 => 0,
                 _ => return Err(BtfError::Malformed("unknown type kind")),
             };
@@ -154,7 +168,10 @@ impl Btf {
         };
         for (id, t) in btf.types.iter().enumerate().skip(1) {
             if t.name_off != 0
-                && matches!(t.kind, KIND_STRUCT | KIND_TYPEDEF | KIND_FUNC | KIND_ENUM)
+                && matches!(
+                    t.kind,
+                    KIND_STRUCT | KIND_TYPEDEF | KIND_FUNC | KIND_ENUM | KIND_DATASEC
+                )
             {
                 let name = btf.string(t.name_off).to_string();
                 btf.by_name.entry((t.kind, name)).or_insert(id as u32);
@@ -209,6 +226,19 @@ impl Btf {
 }
 
 impl Btf {
+    /// Offset of per-CPU variable `var` in the kernel's `.data..percpu`
+    /// section (pahole describes per-CPU variables only); None when absent.
+    pub fn percpu_var_offset(&self, var: &str) -> Option<u32> {
+        let id = *self
+            .by_name
+            .get(&(KIND_DATASEC, ".data..percpu".to_string()))?;
+        let sec = self.types.get(id as usize)?;
+        sec.members.iter().find_map(|&(t, off, _)| {
+            let v = self.types.get(t as usize)?;
+            (v.kind == KIND_VAR && self.string(v.name_off) == var).then_some(off)
+        })
+    }
+
     /// Value of enumerator `variant` in `enum name` (e.g. `memory_cgrp_id` in
     /// `cgroup_subsys_id`, which depends on the kernel's config).
     pub fn enum_value(&self, name: &str, variant: &str) -> Option<u32> {

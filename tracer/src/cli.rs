@@ -96,6 +96,12 @@ pub struct TraceArgs {
     #[arg(long, value_enum, default_value_t = SortKey::Outstanding)]
     pub sort: SortKey,
 
+    /// Rows aggregate processes by this (the live view cycles it with `g`): a leak
+    /// spread over many short-lived processes is one row under its comm, parent
+    /// (at allocation time), cgroup, container, pod or stack.
+    #[arg(long, value_enum, default_value_t = GroupBy::Process)]
+    pub group_by: GroupBy,
+
     /// Window over which growth and allocation rates are computed.
     #[arg(long, value_parser = parse_duration, default_value = "10s", value_name = "DURATION")]
     pub rate_window: Duration,
@@ -176,6 +182,24 @@ pub enum SortKey {
     Rate,
     /// Allocations since attach.
     Allocs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum GroupBy {
+    /// One row per process (tgid and start time: a reused PID is another row).
+    Process,
+    /// Processes with the same command name.
+    Comm,
+    /// Processes with the same parent when they allocated.
+    Parent,
+    /// Processes in the same cgroup (the memory cgroup on cgroup v1).
+    Cgroup,
+    /// Processes in the same container (id decoded from the cgroup path).
+    Container,
+    /// Processes in the same Kubernetes pod (UID decoded from the cgroup path).
+    Pod,
+    /// Identical kernel and user stacks, across processes.
+    Stack,
 }
 
 /// The kernel's PID_MAX_LIMIT on 64-bit: no PID is larger.
@@ -308,6 +332,7 @@ mod tests {
             ["--ringbuf-mib", "0"],
             ["--ringbuf-mib", "4096"],
             ["--pid", "0"],
+            ["--group-by", "bogus"],
         ] {
             let err = Cli::try_parse_from(["leaktrace", "--cache", "x", bad[0], bad[1]])
                 .expect_err("out of range");

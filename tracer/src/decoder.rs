@@ -27,6 +27,12 @@ pub struct Alloc<'a> {
     pub user_ip: u64,
     /// Hash of the first user frames (0: none); keys the stratum with tgid and call site.
     pub user_fingerprint: u64,
+    /// The process's start (ns, `group_leader->start_time`); 0: unknown.
+    pub start_ns: u64,
+    /// Parent process at allocation time; 0: unknown.
+    pub ppid: u32,
+    /// `tracer_common::CONTEXT_*` bits; 0: unknown.
+    pub context: u32,
     /// Won the random stack draw: may stand for its stratum in estimates.
     pub drawn: bool,
     /// The fingerprint walk saw no frame beyond the entry ip.
@@ -114,6 +120,9 @@ fn header(h: &AllocHeader, has_stacks: bool) -> Alloc<'_> {
         call_site: h.call_site,
         user_ip: h.user_ip,
         user_fingerprint: h.user_fingerprint,
+        start_ns: h.start_ns,
+        ppid: h.ppid,
+        context: h.context,
         drawn: h.flags & FLAG_SAMPLED != 0,
         shallow: h.flags & FLAG_SHALLOW != 0,
         has_stacks,
@@ -214,6 +223,9 @@ pub(crate) mod tests {
             call_site: 0xffff_ffff_8123_4567,
             user_ip: 0x401000,
             user_fingerprint: 0x51,
+            start_ns: 99,
+            ppid: 3,
+            context: 5,
         }
     }
 
@@ -227,6 +239,7 @@ pub(crate) mod tests {
         };
         assert!(!a.has_stacks && !a.drawn && a.shallow);
         assert_eq!(a.user_fingerprint, 0x51);
+        assert_eq!((a.start_ns, a.ppid, a.context), (99, 3, 5));
         assert_eq!(
             (a.tgid, a.ptr, a.call_site),
             (5, 0x400, 0xffff_ffff_8123_4567)

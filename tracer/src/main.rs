@@ -10,6 +10,8 @@ mod decoder;
 mod doctor;
 mod event_loop;
 mod fault;
+mod grouping;
+mod irq_context;
 mod kernel;
 #[cfg(test)]
 mod layout_tests;
@@ -24,6 +26,7 @@ mod report;
 mod slab;
 mod stacks;
 mod symbolize;
+mod task_offsets;
 #[cfg(test)]
 mod test_rng;
 mod trace;

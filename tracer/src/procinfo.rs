@@ -12,13 +12,15 @@ use std::{
 pub struct ProcMeta {
     pub comm: Option<String>,
     pub cmdline: Option<String>,
+    /// The parent's comm, read when the child was first seen (the parent of
+    /// an exec probe may be gone by the report).
+    pub parent_comm: Option<String>,
 }
 
-pub fn read_proc(root: &Path, tgid: u32) -> ProcMeta {
+/// `ppid`: the parent the kernel side read at allocation time (0: unknown).
+pub fn read_proc(root: &Path, tgid: u32, ppid: u32) -> ProcMeta {
     let dir = root.join(format!("proc/{tgid}"));
-    let comm = std::fs::read_to_string(dir.join("comm"))
-        .ok()
-        .map(|s| s.trim_end().to_string());
+    let comm = read_comm(root, tgid);
     let cmdline = std::fs::read(dir.join("cmdline")).ok().and_then(|raw| {
         let args: Vec<String> = raw
             .split(|&b| b == 0)
@@ -27,7 +29,17 @@ pub fn read_proc(root: &Path, tgid: u32) -> ProcMeta {
             .collect();
         (!args.is_empty()).then(|| args.join(" "))
     });
-    ProcMeta { comm, cmdline }
+    ProcMeta {
+        comm,
+        cmdline,
+        parent_comm: (ppid != 0).then(|| read_comm(root, ppid)).flatten(),
+    }
+}
+
+fn read_comm(root: &Path, tgid: u32) -> Option<String> {
+    std::fs::read_to_string(root.join(format!("proc/{tgid}/comm")))
+        .ok()
+        .map(|s| s.trim_end().to_string())
 }
 
 /// The process named by `--pid`: checked to exist before attaching, and
@@ -102,8 +114,9 @@ fn own_pid_namespace(root: &Path) -> Option<String> {
     (ns != INITIAL).then_some(ns)
 }
 
-/// Maps cgroup v2 ids (what `bpf_get_current_cgroup_id` returns: the cgroup
-/// directory's inode number on cgroup2) to paths.
+/// Maps cgroup ids to paths: cgroup2 ids (what `bpf_get_current_cgroup_id`
+/// returns) or, with [`CgroupPaths::at`], a v1 hierarchy's kernfs ids; both
+/// are the cgroup directory's inode number.
 #[derive(Debug, Default)]
 pub struct CgroupPaths {
     mount: Option<PathBuf>,
@@ -112,15 +125,16 @@ pub struct CgroupPaths {
 }
 
 impl CgroupPaths {
-    pub fn new(root: &Path) -> Self {
+    /// Paths relative to the hierarchy mounted at `mount`.
+    pub fn at(mount: Option<PathBuf>) -> Self {
         CgroupPaths {
-            mount: cgroup2_mount(root),
+            mount,
             paths: HashMap::new(),
             scanned: false,
         }
     }
 
-    /// Path relative to the cgroup2 root, or None if unknown (removed, or no cgroup2).
+    /// Path relative to the hierarchy's root, or None if unknown (removed, or no hierarchy).
     pub fn path(&mut self, id: u64) -> Option<&str> {
         if !self.paths.contains_key(&id) {
             self.rescan();
@@ -163,7 +177,7 @@ impl CgroupPaths {
     }
 }
 
-fn cgroup2_mount(root: &Path) -> Option<PathBuf> {
+pub fn cgroup2_mount(root: &Path) -> Option<PathBuf> {
     let text = std::fs::read_to_string(root.join("proc/self/mountinfo")).ok()?;
     parse_cgroup2_mount(&text).map(|m| root.join(m.trim_start_matches('/')))
 }
@@ -197,9 +211,10 @@ mod tests {
 
     #[test]
     fn reads_own_process() {
-        let meta = read_proc(Path::new("/"), std::process::id());
+        let meta = read_proc(Path::new("/"), std::process::id(), 1);
         assert!(meta.comm.is_some());
         assert!(meta.cmdline.is_some_and(|c| !c.is_empty()));
+        assert!(meta.parent_comm.is_some());
     }
 
     #[test]
@@ -217,7 +232,7 @@ mod tests {
         let ino = std::fs::metadata(mount.join(rel.trim_start_matches('/')))
             .expect("own cgroup dir")
             .ino();
-        let mut paths = CgroupPaths::new(root);
+        let mut paths = CgroupPaths::at(cgroup2_mount(root));
         assert_eq!(paths.path(ino), Some(rel));
     }
 }

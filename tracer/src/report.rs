@@ -5,7 +5,8 @@
 use serde::Serialize;
 
 use crate::{
-    aggregator::{AgeSummary, Anomalies, Counts, Snapshot, StackSampling},
+    aggregator::{AgeSummary, Anomalies, Counts, ProcKey, Snapshot, StackSampling},
+    grouping::{GroupBy, GroupReport, MergedStack},
     kernel::meminfo::MemInfo,
     probes::KernelCounters,
     procinfo::{CgroupPaths, ProcMeta},
@@ -34,6 +35,15 @@ pub struct Report {
     pub age: AgeSummary,
     pub processes: Vec<ProcessReport>,
     pub cgroups: Vec<CgroupReport>,
+    /// What `groups` aggregates processes by (`--group-by`).
+    pub group_by: GroupBy,
+    /// Processes aggregated by `group_by`; absent when grouping by process.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<GroupReport>,
+    /// The final report's stacks merged across all processes (same kernel and
+    /// user frames), largest first; absent from snapshots.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub top_stacks: Vec<MergedStack>,
     /// The `--pid` process; absent without --pid.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub traced: Option<TracedPid>,
@@ -63,6 +73,20 @@ pub struct SlabPicture {
 #[derive(Debug, Clone, Serialize)]
 pub struct ProcessReport {
     pub tgid: u32,
+    /// The process's start (ns, CLOCK_MONOTONIC, `group_leader->start_time`):
+    /// with `tgid` it names one process; 0 where the kernel could not read it.
+    pub start_ns: u64,
+    /// Parent process at its first allocation (`real_parent->tgid` read by
+    /// the kernel then); 0 when unknown.
+    pub ppid: u32,
+    /// The parent's comm as /proc showed it when the process was first seen.
+    pub parent_comm: Option<String>,
+    /// Gone (it still holds the objects counted here).
+    pub exited: bool,
+    /// `softirq`, `irq` or `nmi`: not a process but the allocations made
+    /// while serving that kind of interrupt, whoever was interrupted (`tgid` 0).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub context: Option<&'static str>,
     pub comm: String,
     pub cmdline: Option<String>,
     pub cgroup_id: u64,
@@ -121,6 +145,11 @@ impl Report {
             })
             .collect();
         cut.cgroups.truncate(limit);
+        cut.groups.truncate(limit);
+        for g in &mut cut.groups {
+            g.stacks.truncate(stacks);
+        }
+        cut.top_stacks.truncate(limit);
         cut
     }
 }
@@ -161,7 +190,7 @@ pub struct CgroupReport {
 pub struct Naming<'a> {
     pub symbols: &'a mut Symbolizer,
     pub stacks: &'a StackTable,
-    pub procs: &'a std::collections::HashMap<u32, ProcMeta>,
+    pub procs: &'a std::collections::HashMap<ProcKey, ProcMeta>,
     pub cgroups: &'a mut CgroupPaths,
 }
 
@@ -180,9 +209,17 @@ pub fn build(kind: &'static str, header: Header, snap: Snapshot, names: &mut Nam
         .processes
         .into_iter()
         .map(|p| {
-            let meta = names.procs.get(&p.tgid);
+            let meta = names.procs.get(&ProcKey {
+                tgid: p.tgid,
+                start_ns: p.start_ns,
+            });
             ProcessReport {
                 tgid: p.tgid,
+                start_ns: p.start_ns,
+                ppid: p.ppid,
+                parent_comm: meta.and_then(|m| m.parent_comm.clone()),
+                exited: p.exited,
+                context: p.context,
                 comm: meta.and_then(|m| m.comm.clone()).unwrap_or(p.comm),
                 cmdline: meta.and_then(|m| m.cmdline.clone()),
                 cgroup_id: p.cgroup_id,
@@ -262,6 +299,9 @@ pub fn build(kind: &'static str, header: Header, snap: Snapshot, names: &mut Nam
         age: snap.age,
         processes,
         cgroups,
+        group_by: GroupBy::Process,
+        groups: Vec::new(),
+        top_stacks: Vec::new(),
         traced: None,
     }
 }

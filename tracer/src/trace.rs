@@ -12,18 +12,22 @@ use std::{
 
 use anyhow::{Context, Result};
 use aya::maps::{MapData, RingBuf};
+use tracer_common::TaskOffsets;
 
 use crate::{
-    aggregator::{self, Aggregator, SnapshotOptions},
+    aggregator::{self, Aggregator, Interrupt, ProcKey, SnapshotOptions},
     btf::Btf,
-    cli::{SortKey, TraceArgs},
+    cli::{self, SortKey, TraceArgs},
     decoder::decode,
     event_loop::{Signals, Sources},
+    grouping::{self, GroupBy},
+    irq_context,
     kernel::clock::monotonic_ns,
     kernel::features::{self, Features},
     kernel::meminfo,
     kernel::slabinfo::{self, SlabLine},
     kernel::tracefs::Tracefs,
+    memcg::hierarchy::Hierarchy,
     output, own_memory, plan,
     probes::Probes,
     procinfo::{self, CgroupPaths, ProcMeta, TracedProcess},
@@ -31,6 +35,7 @@ use crate::{
     slab::caches::{self, Catalogue},
     stacks::StackId,
     symbolize::Symbolizer,
+    task_offsets,
     tui::{self, Tui},
     view::{self, TextOptions},
 };
@@ -60,16 +65,26 @@ pub async fn run(args: TraceArgs, cache: &str) -> Result<()> {
             on_demand_maps: features::kernel_at_least(6, 1),
         },
     )?;
-    // The parsed BTF (~17 MB on 6.18) has done its work: freed before kallsyms
-    // is loaded, its pages are reused instead of pinned under it in the heap.
-    let have_btf = btf.is_some();
-    drop(btf);
     let ringbuf_bytes = crate::event_loop::ringbuf_bytes(args.ringbuf_mib)?;
     let mut plan = plan;
     // Wake the reader at a quarter full; the poll timer drains smaller batches.
     plan.config.wakeup_bytes = u64::from(ringbuf_bytes / 4);
     // Strata are keyed by the user path whenever user stacks are wanted.
     plan.config.user_fingerprint = u32::from(!args.no_user_stacks);
+    let cgroup_source = cgroup_source(root, btf.as_ref());
+    plan.config.task = cgroup_source.task;
+    plan.notes.push(cgroup_source.note);
+    match irq_context::resolve(btf.as_ref()) {
+        Ok(irq) => plan.config.irq = irq,
+        Err(why) => plan.notes.push(format!(
+            "interrupt context unknown on this kernel ({why}): allocations made in softirq or \
+             irq are charged to the interrupted process"
+        )),
+    }
+    // The parsed BTF (~17 MB on 6.18) has done its work: freed before kallsyms
+    // is loaded, its pages are reused instead of pinned under it in the heap.
+    let have_btf = btf.is_some();
+    drop(btf);
     // Before attaching: parsing kallsyms later would stall the first drains.
     let mut symbols = Symbolizer::new();
     symbols.warm_kernel();
@@ -127,7 +142,7 @@ pub async fn run(args: TraceArgs, cache: &str) -> Result<()> {
         ),
         symbols,
         procs: HashMap::new(),
-        cgroups: CgroupPaths::new(root),
+        cgroups: CgroupPaths::at(cgroup_source.mount),
         slab_baseline: slab_baseline.map(|l| (l, Instant::now())),
         cache: plan.cache.clone(),
         aliases: selection.aliases_included.clone(),
@@ -144,6 +159,7 @@ pub async fn run(args: TraceArgs, cache: &str) -> Result<()> {
             pid: args.pid,
         },
         traced: checked.traced,
+        group_by: group_by(args.group_by),
     };
 
     let outcome = event_loop(
@@ -220,7 +236,7 @@ struct State {
     /// New user stacks (tgid, stack) not yet symbolized.
     pending_stacks: VecDeque<(u32, StackId)>,
     symbols: Symbolizer,
-    procs: HashMap<u32, ProcMeta>,
+    procs: HashMap<ProcKey, ProcMeta>,
     cgroups: CgroupPaths,
     slab_baseline: Option<(SlabLine, Instant)>,
     cache: String,
@@ -228,6 +244,8 @@ struct State {
     started_ns: u64,
     snapshot_opts: SnapshotOptions,
     traced: Option<TracedProcess>,
+    /// The live view may change it (key `G`).
+    group_by: GroupBy,
 }
 
 impl State {
@@ -245,7 +263,17 @@ impl State {
             slab,
             kernel,
         };
-        let snap = self.agg.snapshot(now, &self.snapshot_opts);
+        // Groups and stacks across processes sum every process, not the top ones.
+        let opts = if self.group_by == GroupBy::Process && kind != "final" {
+            self.snapshot_opts.clone()
+        } else {
+            SnapshotOptions {
+                limit: usize::MAX,
+                stacks: usize::MAX,
+                ..self.snapshot_opts.clone()
+            }
+        };
+        let snap = self.agg.snapshot(now, &opts);
         let mut names = Naming {
             symbols: &mut self.symbols,
             stacks: &self.agg.stacks,
@@ -253,6 +281,11 @@ impl State {
             cgroups: &mut self.cgroups,
         };
         let mut report = report::build(kind, header, snap, &mut names);
+        report.group_by = self.group_by;
+        report.groups = grouping::group(&report.processes, self.group_by, opts.sort);
+        if kind == "final" {
+            report.top_stacks = grouping::top_stacks(&report.processes);
+        }
         report.traced = self.watch_traced(root, now);
         self.symbols.trim();
         // Next refresh re-walks cgroupfs on a miss: new containers appear mid-incident.
@@ -322,12 +355,20 @@ async fn event_loop(
                 let gone = state.agg.forget_exited(|tgid| {
                     Some(tgid) == args.pid || Path::new("/proc").join(tgid.to_string()).exists()
                 });
-                for tgid in &gone {
-                    state.procs.remove(tgid);
+                for key in &gone {
+                    state.procs.remove(key);
                 }
+                // A reused PID's live process keeps the mappings read for it.
+                let gone_tgids: Vec<u32> = gone
+                    .iter()
+                    .map(|k| k.tgid)
+                    .filter(|&t| !state.procs.keys().any(|k| k.tgid == t))
+                    .collect();
+                state.symbols.forget(&gone_tgids);
                 // Their stack ids may be reused from now on.
-                state.pending_stacks.retain(|(t, _)| !gone.contains(t));
-                state.symbols.forget(&gone);
+                state
+                    .pending_stacks
+                    .retain(|(t, _)| !gone.iter().any(|k| k.tgid == *t));
                 // Build a report every tick even when nothing is shown: it resolves
                 // symbols of the top processes while they are still alive.
                 let counters = probes.counters().unwrap_or_default();
@@ -350,6 +391,7 @@ async fn event_loop(
                         t.redraw()?;
                     }
                 }
+                tui::Action::Regroup => state.group_by = state.group_by.next(),
                 tui::Action::None => {}
             },
             conn = accept(metrics.as_ref()) => {
@@ -386,6 +428,18 @@ async fn accept(
     }
 }
 
+fn group_by(g: cli::GroupBy) -> GroupBy {
+    match g {
+        cli::GroupBy::Process => GroupBy::Process,
+        cli::GroupBy::Comm => GroupBy::Comm,
+        cli::GroupBy::Parent => GroupBy::Parent,
+        cli::GroupBy::Cgroup => GroupBy::Cgroup,
+        cli::GroupBy::Container => GroupBy::Container,
+        cli::GroupBy::Pod => GroupBy::Pod,
+        cli::GroupBy::Stack => GroupBy::Stack,
+    }
+}
+
 fn tui_column(sort: SortKey) -> tui::Column {
     match sort {
         SortKey::Outstanding => tui::Column::Outstanding,
@@ -418,13 +472,17 @@ fn drain(state: &mut State, ring: &mut RingBuf<MapData>) {
         match decode(&item) {
             Ok(event) => {
                 let new = state.agg.apply(&event);
-                if let Some(tgid) = new.process {
+                if let Some(key) = new.process.filter(|k| Interrupt::of_key(*k).is_none()) {
                     // Mappings first: of all a short-lived process leaves, they
                     // are what naming its frames cannot do without.
-                    state.symbols.snapshot(tgid);
+                    state.symbols.snapshot(key.tgid);
+                    let ppid = match &event {
+                        crate::decoder::Event::Alloc(a) => a.ppid,
+                        crate::decoder::Event::Free(_) => 0,
+                    };
                     state
                         .procs
-                        .insert(tgid, procinfo::read_proc(Path::new("/"), tgid));
+                        .insert(key, procinfo::read_proc(Path::new("/"), key.tgid, ppid));
                 }
                 if let Some((tgid, ustack)) = new.user_stack {
                     state
@@ -458,7 +516,8 @@ fn emit_snapshot(
         let line = serde_json::to_string(report).context("encoding JSON snapshot")?;
         writeln!(out, "{line}")?;
     } else {
-        writeln!(out, "{}---", view::render(report, opts))?;
+        let cut = report.cut(args.limit, args.stacks, args.comm.as_deref());
+        writeln!(out, "{}---", view::render(&cut, opts))?;
     }
     out.flush()?;
     Ok(())
@@ -524,5 +583,54 @@ fn slab_picture(now: &SlabLine, baseline: Option<&(SlabLine, Instant)>) -> SlabP
         objsize: now.objsize,
         active_objs_delta: growth.as_ref().map_or(0, |g| g.objs_delta),
         active_objs_per_sec: growth.as_ref().map_or(0.0, |g| g.objs_per_sec),
+    }
+}
+
+/// Where the CGROUP column's ids come from and how they are named.
+struct CgroupSource {
+    task: TaskOffsets,
+    /// The hierarchy the ids are directories of.
+    mount: Option<std::path::PathBuf>,
+    note: String,
+}
+
+/// The memory cgroup where the memory controller is on a v1 hierarchy (the
+/// kernel walks `task->cgroups` for it), else the task's cgroup2 cgroup. The
+/// parent and process start are read wherever BTF has their offsets.
+fn cgroup_source(root: &Path, btf: Option<&Btf>) -> CgroupSource {
+    let mut task = TaskOffsets {
+        memcg_from_cgroup2: 1,
+        ..TaskOffsets::zeroed()
+    };
+    task_offsets::set_identity(btf, &mut task);
+    let v1 = Hierarchy::detect(root, None)
+        .ok()
+        .filter(|h| h.version == 1);
+    let cgroup2 = CgroupSource {
+        task,
+        mount: procinfo::cgroup2_mount(root),
+        note: "CGROUP is the allocating task's cgroup2 cgroup".to_string(),
+    };
+    let Some(h) = v1 else {
+        return cgroup2;
+    };
+    match task_offsets::memcg_walk(btf) {
+        Some(w) => CgroupSource {
+            task: task_offsets::combined(w, &task),
+            note: format!(
+                "CGROUP is the allocating task's memory cgroup on the v1 hierarchy at {} \
+                 (task->cgroups->subsys[memory], BTF offsets)",
+                h.mount.display()
+            ),
+            mount: Some(h.mount),
+        },
+        None => CgroupSource {
+            note: format!(
+                "CGROUP shows cgroup2 paths although memory is on the v1 hierarchy at {}: \
+                 without BTF the kernel side cannot read the task's v1 memory cgroup",
+                h.mount.display()
+            ),
+            ..cgroup2
+        },
     }
 }

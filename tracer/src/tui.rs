@@ -19,6 +19,7 @@ use ratatui::{
 };
 
 use crate::{
+    grouping::GroupBy,
     present::units::human_bytes,
     report::{ProcessReport, Report},
     view::group,
@@ -106,6 +107,8 @@ pub enum Action {
     None,
     Redraw,
     Quit,
+    /// Aggregate rows by the next `--group-by` (shown from the next refresh).
+    Regroup,
 }
 
 /// Everything the screen shows besides the report; kept apart from the
@@ -215,6 +218,7 @@ impl ViewState {
             KeyCode::Char('g') => self.sort = Column::Growth,
             KeyCode::Char('a') => self.sort = Column::AllocRate,
             KeyCode::Char('n') => self.sort = Column::Pid,
+            KeyCode::Char('G') => return Action::Regroup,
             _ => return Action::None,
         }
         Action::Redraw
@@ -238,9 +242,10 @@ impl ViewState {
         head.push(Line::from(vec![
             Span::styled(format!("leaktrace live — cache {}", r.cache), bold),
             Span::raw(format!(
-                "   up {:.0}s   {} processes",
+                "   up {:.0}s   {} processes   by {}",
                 r.elapsed_s,
-                r.processes.len()
+                r.processes.len(),
+                r.group_by.name()
             )),
             if self.paused {
                 Span::styled(
@@ -301,6 +306,16 @@ impl ViewState {
             Style::default().add_modifier(Modifier::REVERSED),
         ));
 
+        if r.group_by != GroupBy::Process {
+            // Groups are summed in the run loop and come in --sort order.
+            let text = crate::view::groups_text(r, self.frames);
+            let body = text
+                .lines()
+                .map(|l| Line::from(l.to_string()))
+                .take(height)
+                .collect();
+            return (head, body);
+        }
         let mut body: Vec<Line<'static>> = Vec::new();
         let mut selected_at = 0;
         let rows = self.rows();
@@ -390,9 +405,10 @@ impl ViewState {
     fn help_line(&self) -> Line<'static> {
         let text = if self.help {
             "q/Esc/^C quit (prints the final report)  p/space pause  ↑↓/j k select  Enter/e expand stacks  \
-             ←→ sort column  r reverse  o b g a n sort by outstanding/bytes/growth/alloc-rate/pid  ? close help"
+             ←→ sort column  r reverse  o b g a n sort by outstanding/bytes/growth/alloc-rate/pid  \
+             G group by process/comm/parent/cgroup/container/pod/stack  ? close help"
         } else {
-            "q quit  p pause  ↑↓ select  Enter expand  ←→ sort  r reverse  ? help"
+            "q quit  p pause  ↑↓ select  Enter expand  ←→ sort  r reverse  G group  ? help"
         };
         Line::styled(text, Style::default().add_modifier(Modifier::REVERSED))
     }
@@ -482,6 +498,11 @@ mod tests {
     fn report() -> Report {
         let proc_ = |tgid: u32, comm: &str, outstanding: u64, allocs: u64| ProcessReport {
             tgid,
+            start_ns: 0,
+            ppid: 0,
+            parent_comm: None,
+            exited: false,
+            context: None,
             comm: comm.to_string(),
             cmdline: Some(format!("/bin/{comm}")),
             cgroup_id: 1,
@@ -525,6 +546,9 @@ mod tests {
             age: Default::default(),
             processes: vec![proc_(10, "small", 5, 100), proc_(20, "big", 50, 60)],
             cgroups: Vec::new(),
+            group_by: Default::default(),
+            groups: Vec::new(),
+            top_stacks: Vec::new(),
             traced: None,
         }
     }
@@ -564,5 +588,25 @@ mod tests {
             s.key(KeyEvent::new(KeyCode::Char('c'), KeyModifiers::CONTROL)),
             Action::Quit
         );
+    }
+
+    #[test]
+    fn grouped_reports_show_group_rows() {
+        let mut s = ViewState::new(Column::Outstanding, 8);
+        assert_eq!(press(&mut s, KeyCode::Char('G')), Action::Regroup);
+        let mut r = report();
+        r.group_by = GroupBy::Comm;
+        r.groups = crate::grouping::group(
+            &r.processes,
+            GroupBy::Comm,
+            crate::aggregator::SortKey::Outstanding,
+        );
+        s.update(&r);
+        let lines = text(&s);
+        assert!(
+            lines[0].contains("PROCESSES") && lines[0].contains("COMM"),
+            "{lines:?}"
+        );
+        assert!(lines[1].ends_with("big"), "{lines:?}");
     }
 }

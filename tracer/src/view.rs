@@ -4,8 +4,9 @@
 use std::fmt::Write;
 
 use crate::{
+    grouping::{GroupBy, GroupReport, MergedStack},
     present::units::human_bytes,
-    report::{ProcessReport, Report},
+    report::{ProcessReport, Report, StackReport},
 };
 
 pub struct TextOptions {
@@ -18,7 +19,12 @@ pub struct TextOptions {
 pub fn render(report: &Report, opts: &TextOptions) -> String {
     let mut out = String::new();
     header(&mut out, report, opts);
-    processes(&mut out, report, opts);
+    if report.group_by == GroupBy::Process {
+        processes(&mut out, report, opts);
+    } else {
+        groups(&mut out, report, opts);
+    }
+    top_stacks(&mut out, &report.top_stacks, opts);
     cgroups(&mut out, report);
     out
 }
@@ -48,11 +54,12 @@ fn header(out: &mut String, r: &Report, opts: &TextOptions) {
     };
     let _ = writeln!(
         out,
-        "leaktrace {title} — cache {}   up {:.0}s   refresh {:.1}s   sort {}   own memory: BPF maps {} + RSS {}",
+        "leaktrace {title} — cache {}   up {:.0}s   refresh {:.1}s   sort {}   by {}   own memory: BPF maps {} + RSS {}",
         r.cache,
         r.elapsed_s,
         opts.interval_s,
         opts.sort_label,
+        r.group_by.name(),
         human_bytes(r.kernel.map_bytes),
         r.rss_bytes.map_or_else(|| "?".to_string(), human_bytes),
     );
@@ -168,8 +175,12 @@ fn processes(out: &mut String, r: &Report, opts: &TextOptions) {
 fn process(out: &mut String, p: &ProcessReport, opts: &TextOptions) {
     let _ = writeln!(
         out,
-        "{:>8} {:<16} {:>11} {:>10} {:>+9.1} {:>10.1} {:>10} {:>10}  {}",
-        p.tgid,
+        "{:>8} {:<16} {:>11} {:>10} {:>+9.1} {:>10.1} {:>10} {:>10}  {}{}",
+        if p.context.is_some() {
+            "-".to_string()
+        } else {
+            p.tgid.to_string()
+        },
         truncate(&p.comm, 16),
         group(p.counts.outstanding),
         human_bytes(p.counts.outstanding_bytes),
@@ -177,10 +188,26 @@ fn process(out: &mut String, p: &ProcessReport, opts: &TextOptions) {
         p.alloc_rate,
         group(p.counts.allocs),
         group(p.counts.frees),
-        p.cgroup.as_deref().unwrap_or("?"),
+        match (p.context, p.cgroup.as_deref()) {
+            (Some(_), _) => "-",
+            (None, Some(path)) => path,
+            (None, None) => "?",
+        },
+        if p.exited { "  [exited]" } else { "" },
     );
     if let Some(cmd) = &p.cmdline {
         let _ = writeln!(out, "{:>8} cmd: {}", "", truncate(cmd, 100));
+    }
+    if p.ppid != 0 {
+        let _ = writeln!(
+            out,
+            "{:>8} parent at allocation: {}{}",
+            "",
+            p.ppid,
+            p.parent_comm
+                .as_deref()
+                .map_or_else(String::new, |c| format!(" ({c})"))
+        );
     }
     if !p.fingerprinted {
         let _ = writeln!(
@@ -190,32 +217,103 @@ fn process(out: &mut String, p: &ProcessReport, opts: &TextOptions) {
         );
     }
     for (i, s) in p.stacks.iter().enumerate() {
-        let tilde = if s.estimated { "~" } else { "" };
+        stack(out, i, s, None, opts);
+    }
+}
+
+/// One stack row and its frames; `processes` when it sums several processes' rows.
+fn stack(out: &mut String, i: usize, s: &StackReport, processes: Option<u64>, opts: &TextOptions) {
+    let tilde = if s.estimated { "~" } else { "" };
+    let _ = writeln!(
+        out,
+        "{:>8} stack #{}: {} outstanding ({tilde}{}), {tilde}{} allocs, {tilde}{} frees{}{}",
+        "",
+        i + 1,
+        s.outstanding_label(group),
+        human_bytes(s.counts.outstanding_bytes),
+        group(s.counts.allocs),
+        group(s.counts.frees),
+        processes.map_or_else(String::new, |n| format!(" in {} processes", group(n))),
+        if s.partial {
+            "; exact, but only the frames all share (no allocation of this path drew a full stack)"
+        } else {
+            ""
+        },
+    );
+    if s.estimated {
         let _ = writeln!(
             out,
-            "{:>8} stack #{}: {} outstanding ({tilde}{}), {tilde}{} allocs, {tilde}{} frees{}",
+            "{:>12} of {} outstanding from this call site and user path (exact)",
             "",
-            i + 1,
-            s.outstanding_label(group),
-            human_bytes(s.counts.outstanding_bytes),
-            group(s.counts.allocs),
-            group(s.counts.frees),
-            if s.partial {
-                "; exact, but only the frames all share (no allocation of this path drew a full stack)"
-            } else {
-                ""
-            },
+            group(s.stratum_outstanding)
         );
-        if s.estimated {
-            let _ = writeln!(
-                out,
-                "{:>12} of {} outstanding from this call site and user path (exact)",
-                "",
-                group(s.stratum_outstanding)
-            );
-        }
-        frames(out, "k", &s.kernel, opts.frames);
-        frames(out, "u", &s.user, opts.frames);
+    }
+    frames(out, "k", &s.kernel, opts.frames);
+    frames(out, "u", &s.user, opts.frames);
+}
+
+/// The group rows of `r` with `frames` frames per stack (the live view's body).
+pub fn groups_text(r: &Report, frames: usize) -> String {
+    let mut out = String::new();
+    let opts = TextOptions {
+        frames: Some(frames),
+        sort_label: "",
+        interval_s: 0.0,
+    };
+    groups(&mut out, r, &opts);
+    out
+}
+
+fn groups(out: &mut String, r: &Report, opts: &TextOptions) {
+    let _ = writeln!(
+        out,
+        "{:>9} {:>7} {:>11} {:>10} {:>9} {:>10} {:>10} {:>10}  {}",
+        "PROCESSES",
+        "EXITED",
+        "OUTSTANDING",
+        "BYTES",
+        "GROWTH/s",
+        "ALLOCS/s",
+        "ALLOCS",
+        "FREES",
+        r.group_by.name().to_uppercase()
+    );
+    if r.groups.is_empty() {
+        let _ = writeln!(out, "{:>9} (no matching allocations yet)", "");
+    }
+    for g in &r.groups {
+        group_row(out, g, opts);
+    }
+}
+
+fn group_row(out: &mut String, g: &GroupReport, opts: &TextOptions) {
+    let _ = writeln!(
+        out,
+        "{:>9} {:>7} {:>11} {:>10} {:>+9.1} {:>10.1} {:>10} {:>10}  {}",
+        group(g.processes),
+        group(g.exited),
+        group(g.counts.outstanding),
+        human_bytes(g.counts.outstanding_bytes),
+        g.growth_rate,
+        g.alloc_rate,
+        group(g.counts.allocs),
+        group(g.counts.frees),
+        truncate(&g.key, 100),
+    );
+    for (i, m) in g.stacks.iter().enumerate() {
+        stack(out, i, &m.stack, Some(m.processes), opts);
+    }
+}
+
+/// Stacks summed across processes: one leak spread over many short-lived
+/// processes is one large row here.
+fn top_stacks(out: &mut String, stacks: &[MergedStack], opts: &TextOptions) {
+    if stacks.is_empty() {
+        return;
+    }
+    let _ = writeln!(out, "\ntop stacks across all processes:");
+    for (i, m) in stacks.iter().enumerate() {
+        stack(out, i, &m.stack, Some(m.processes), opts);
     }
 }
 
@@ -244,9 +342,11 @@ fn cgroups(out: &mut String, r: &Report) {
             "{:>11} {:>10}  {}",
             group(c.counts.outstanding),
             human_bytes(c.counts.outstanding_bytes),
-            c.path
-                .as_deref()
-                .map_or_else(|| format!("id {}", c.cgroup_id), str::to_string),
+            match (c.cgroup_id, c.path.as_deref()) {
+                (_, Some(path)) => path.to_string(),
+                (0, None) => "id 0 (interrupt context, or unreadable)".to_string(),
+                (id, None) => format!("id {id}"),
+            },
         );
     }
 }

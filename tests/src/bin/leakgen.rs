@@ -6,6 +6,18 @@
 //! leakgen inotify N    N inotify instances -> N held kmalloc-cg-512 (accounted)
 //! leakgen files N      N open fds on /dev/null -> N held `filp` cache objects
 //! leakgen other N      N eventfds -> N held kmalloc-64, nothing in kmalloc-512
+//! leakgen zombies N    N exec-probe-style children: each forks a grandchild and
+//!                      exits at once; the grandchild exits and stays a zombie
+//!                      under leakgen (a child subreaper that reaps only on
+//!                      release) -> N held `task_struct`s, each allocated by a
+//!                      different exited process whose parent was leakgen
+//! leakgen pipes N      N pipes -> N held pipe_buffer arrays (16 x 40 bytes,
+//!                      accounted: kmalloc-cg-1k where the kernel has cg caches)
+//! leakgen backlog N    in a network namespace of its own (lo up, syncookies
+//!                      off) a loopback listener that never accepts, and a child
+//!                      that connects to it N times: N queued connections, their
+//!                      request and child sockets made in softirq (loopback
+//!                      delivers in the sender's bottom half) while the child runs
 //! leakgen keys-rcu N   as keys, but released with KEYCTL_REVOKE: the payloads are
 //!                      freed from an RCU callback (softirq), not by the key GC
 //! leakgen twopath N [RATIO]  N held kmalloc-512 keys from `hold_key`, and RATIO
@@ -100,7 +112,8 @@ const KEY_GC_POLL: Duration = Duration::from_millis(2);
 const KEY_GC_NKEYS_CAP: Duration = Duration::from_millis(500);
 
 const USAGE: &str = "\
-usage: leakgen keys N | inotify N | files N | other N | twopath N [RATIO]
+usage: leakgen keys N | inotify N | files N | other N | zombies N | pipes N | backlog N
+       leakgen twopath N [RATIO]
        leakgen writev (SECONDS | --ops N) [--wait] [--rate OPS_PER_SEC]
        leakgen writev256 (SECONDS | --ops N) [--wait] [--rate OPS_PER_SEC]
        leakgen inotify-churn (SECONDS | --ops N) [--wait] [--rate OPS_PER_SEC]
@@ -115,6 +128,9 @@ enum Mode {
     Inotify,
     Files,
     Other,
+    Zombies,
+    Pipes,
+    Backlog,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -173,6 +189,9 @@ fn parse_args(args: &[String]) -> Result<Command, String> {
         "inotify" => Some(Mode::Inotify),
         "files" => Some(Mode::Files),
         "other" => Some(Mode::Other),
+        "zombies" => Some(Mode::Zombies),
+        "pipes" => Some(Mode::Pipes),
+        "backlog" => Some(Mode::Backlog),
         _ => None,
     };
     if let Some(m) = hold {
@@ -256,6 +275,9 @@ fn main() -> ExitCode {
         Command::Hold(Mode::Other, n) => run_other(n),
         Command::Hold(Mode::Inotify, n) => run_inotify(n),
         Command::Hold(Mode::Files, n) => run_files(n),
+        Command::Hold(Mode::Zombies, n) => run_zombies(n),
+        Command::Hold(Mode::Pipes, n) => run_pipes(n),
+        Command::Hold(Mode::Backlog, n) => run_backlog(n),
         Command::Churn {
             op,
             limit,
@@ -796,6 +818,245 @@ fn run_other(n: usize) -> Result<()> {
     ensure_fd_room(n)?;
     let fds = leak_eventfd(n)?;
     hold_protocol(|| close_all(&fds))
+}
+
+// ---------------------------------------------------------------------------
+// zombies / pipes
+
+#[inline(never)]
+fn run_zombies(n: usize) -> Result<()> {
+    // SAFETY: prctl with integer arguments only.
+    if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
+        let e = Errno(io::Error::last_os_error().raw_os_error().unwrap_or(0));
+        bail!("prctl(PR_SET_CHILD_SUBREAPER) failed: {e}");
+    }
+    for i in 0..n {
+        spawn_probe().with_context(|| format!("probe {i} of {n}"))?;
+    }
+    // Every grandchild has exited once it can be reaped; wait for all of them
+    // to be zombies so READY means N task_structs are held.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while zombie_children() < n {
+        if Instant::now() > deadline {
+            bail!(
+                "only {} of {n} grandchildren became zombies in 10 s",
+                zombie_children()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    hold_protocol(reap_all)
+}
+
+/// A child that forks a grandchild and exits: the grandchild's task_struct is
+/// allocated by the child, which is gone by the time anyone looks.
+#[inline(never)]
+fn spawn_probe() -> Result<()> {
+    // SAFETY: single-threaded; both children only call fork and _exit.
+    let child = unsafe { libc::fork() };
+    if child < 0 {
+        let e = Errno(io::Error::last_os_error().raw_os_error().unwrap_or(0));
+        bail!("fork failed: {e}");
+    }
+    if child == 0 {
+        // SAFETY: async-signal-safe calls only, in the forked child.
+        unsafe {
+            let grandchild = libc::fork();
+            if grandchild == 0 {
+                libc::_exit(0);
+            }
+            libc::_exit(i32::from(grandchild < 0));
+        }
+    }
+    let mut status = 0;
+    // SAFETY: status is a valid out-pointer.
+    if unsafe { libc::waitpid(child, &mut status, 0) } != child || status != 0 {
+        bail!("probe child {child} failed (wait status {status}): its fork failed?");
+    }
+    Ok(())
+}
+
+/// Our children in state Z (the reparented grandchildren).
+fn zombie_children() -> usize {
+    let me = std::process::id().to_string();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    dir.flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
+        .filter(|stat| {
+            // Fields after the last ')': state, ppid, ...
+            let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+            let mut f = rest.split_whitespace();
+            f.next() == Some("Z") && f.next() == Some(me.as_str())
+        })
+        .count()
+}
+
+fn reap_all() -> Result<()> {
+    let mut status = 0;
+    // SAFETY: status is a valid out-pointer; -1 waits for any child.
+    while unsafe { libc::waitpid(-1, &mut status, 0) } > 0 {}
+    Ok(())
+}
+
+#[inline(never)]
+fn run_pipes(n: usize) -> Result<()> {
+    ensure_fd_room(2 * n)?;
+    let mut fds = Vec::with_capacity(2 * n);
+    for i in 0..n {
+        let mut pair = [0i32; 2];
+        // SAFETY: pair is a valid 2-int out-array.
+        if unsafe { libc::pipe2(pair.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            let e = Errno(io::Error::last_os_error().raw_os_error().unwrap_or(0));
+            return Err(fd_error("pipe2(O_CLOEXEC)", e, i, n, ""));
+        }
+        fds.extend(pair);
+    }
+    hold_protocol(|| close_all(&fds))
+}
+
+// ---------------------------------------------------------------------------
+// backlog
+
+fn os_error(what: &str) -> anyhow::Error {
+    let e = Errno(io::Error::last_os_error().raw_os_error().unwrap_or(0));
+    anyhow!("{what} failed: {e}")
+}
+
+#[inline(never)]
+fn run_backlog(n: usize) -> Result<()> {
+    ensure_fd_room(n + 8)?;
+    // SAFETY: plain syscall; leakgen is single-threaded.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        return Err(os_error("unshare(CLONE_NEWNET) (needs root)"));
+    }
+    loopback_up()?;
+    // Per network namespace: a full queue must not turn into cookies.
+    std::fs::write("/proc/sys/net/ipv4/tcp_syncookies", "0")
+        .context("writing /proc/sys/net/ipv4/tcp_syncookies in the new netns")?;
+    let (listener, addr) = listen_loopback(n + 16)?;
+    let mut ready = [0i32; 2];
+    // SAFETY: ready is a valid 2-int out-array.
+    if unsafe { libc::pipe2(ready.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(os_error("pipe2"));
+    }
+    // SAFETY: single-threaded; the child only makes syscalls and exits.
+    let client = unsafe { libc::fork() };
+    if client < 0 {
+        return Err(os_error("fork"));
+    }
+    if client == 0 {
+        let code = match connect_all(&addr, n) {
+            Ok(()) => {
+                let _ = sys_write(ready[1], b"1");
+                // Hold the connections until killed.
+                loop {
+                    // SAFETY: pause has no arguments.
+                    unsafe { libc::pause() };
+                }
+            }
+            Err(e) => {
+                eprintln!("leakgen backlog client: {e:#}");
+                1
+            }
+        };
+        // SAFETY: leaving the forked child without running parent destructors.
+        unsafe { libc::_exit(code) };
+    }
+    let mut byte = [0u8; 1];
+    // SAFETY: byte is a valid 1-byte buffer.
+    let got = unsafe { libc::read(ready[0], byte.as_mut_ptr().cast(), 1) };
+    if got != 1 {
+        bail!("the client (pid {client}) exited before making {n} connections");
+    }
+    hold_protocol(|| {
+        // SAFETY: signalling and reaping our own child.
+        unsafe {
+            libc::kill(client, libc::SIGKILL);
+            libc::waitpid(client, std::ptr::null_mut(), 0);
+        }
+        sys_close(listener).map_err(|e| anyhow!("close(listener) failed: {e}"))
+    })
+}
+
+fn sys_write(fd: i32, buf: &[u8]) -> isize {
+    // SAFETY: buf is valid for buf.len() bytes.
+    unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) }
+}
+
+/// `ip link set lo up`, by ioctl: a fresh network namespace has lo down.
+fn loopback_up() -> Result<()> {
+    // SAFETY: a socket for the interface ioctls, closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(os_error("socket(AF_INET, SOCK_DGRAM)"));
+    }
+    // SAFETY: ifreq is plain data; all-zero is a valid value.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, &src) in ifr.ifr_name.iter_mut().zip(b"lo\0") {
+        *dst = src as libc::c_char;
+    }
+    // SAFETY: ifr is a valid ifreq naming lo.
+    let result = unsafe {
+        if libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut ifr) != 0 {
+            Err(os_error("ioctl(SIOCGIFFLAGS, lo)"))
+        } else {
+            ifr.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+            if libc::ioctl(fd, libc::SIOCSIFFLAGS, &ifr) != 0 {
+                Err(os_error("ioctl(SIOCSIFFLAGS, lo up)"))
+            } else {
+                Ok(())
+            }
+        }
+    };
+    let _ = sys_close(fd);
+    result
+}
+
+/// A TCP listener on 127.0.0.1 (kernel-chosen port) with room for `backlog`.
+fn listen_loopback(backlog: usize) -> Result<(i32, libc::sockaddr_in)> {
+    // SAFETY: plain syscalls on a socket we own; addr is a valid sockaddr_in.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(os_error("socket(AF_INET, SOCK_STREAM)"));
+        }
+        let mut addr: libc::sockaddr_in = std::mem::zeroed();
+        addr.sin_family = libc::AF_INET as libc::sa_family_t;
+        addr.sin_addr.s_addr = u32::from_ne_bytes([127, 0, 0, 1]);
+        let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        if libc::bind(fd, (&addr as *const libc::sockaddr_in).cast(), len) != 0 {
+            return Err(os_error("bind(127.0.0.1:0)"));
+        }
+        if libc::listen(fd, backlog as i32) != 0 {
+            return Err(os_error("listen"));
+        }
+        let mut got = len;
+        if libc::getsockname(fd, (&mut addr as *mut libc::sockaddr_in).cast(), &mut got) != 0 {
+            return Err(os_error("getsockname"));
+        }
+        Ok((fd, addr))
+    }
+}
+
+#[inline(never)]
+fn connect_all(addr: &libc::sockaddr_in, n: usize) -> Result<()> {
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    for i in 0..n {
+        // SAFETY: plain syscalls; addr is a valid sockaddr_in. The fds stay
+        // open: the connections are what is held.
+        unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+            if fd < 0 {
+                return Err(os_error("socket")).with_context(|| format!("connection {i} of {n}"));
+            }
+            if libc::connect(fd, (addr as *const libc::sockaddr_in).cast(), len) != 0 {
+                return Err(os_error("connect")).with_context(|| format!("connection {i} of {n}"));
+            }
+        }
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------

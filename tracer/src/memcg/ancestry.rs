@@ -51,7 +51,7 @@ pub fn recognized(comm: &str) -> bool {
 /// The acting task as the kernel reported it, completed from /proc while it
 /// may still exist. `ppid` comes from the kernel (the task may be gone already).
 pub fn actor(root: &Path, pid: u32, tgid: u32, comm: &str, ppid: u32) -> Actor {
-    let meta = procinfo::read_proc(root, tgid);
+    let meta = procinfo::read_proc(root, tgid, 0);
     let mut ancestry = Vec::new();
     let mut next = if ppid != 0 {
         Some(ppid)

@@ -104,22 +104,14 @@ pub fn build(
     ];
 
     // Parent of the acting task: optional, only improves the ancestry.
-    if let Some(b) = btf {
-        if let (Some(p), Some(t)) = (
-            b.member_offset("task_struct", "real_parent"),
-            b.member_offset("task_struct", "tgid"),
-        ) {
-            cfg.task_real_parent = u16::try_from(p).unwrap_or(0);
-            cfg.task_tgid = u16::try_from(t).unwrap_or(0);
-        }
-    }
+    crate::task_offsets::set_identity(btf, &mut cfg.task);
 
     // css -> cgroup id: used by the kprobes and by the charge attribution walk.
-    let walk = memcg_walk(btf);
-    if let Some((w, _)) = walk {
-        cfg.css_cgroup = w[2];
-        cfg.cgroup_kn = w[3];
-        cfg.kn_id = w[4];
+    let walk = crate::task_offsets::memcg_walk(btf);
+    if let Some(w) = walk {
+        cfg.task.css_cgroup = w.css_cgroup;
+        cfg.task.cgroup_kn = w.cgroup_kn;
+        cfg.task.kn_id = w.kn_id;
     }
     let mut kprobes = Vec::new();
     if opts.kprobes && walk.is_some() {
@@ -130,19 +122,15 @@ pub fn build(
         "pins off (--no-pins)".to_string()
     } else {
         match walk {
-            Some((walk, mem_id)) => {
-                cfg.task_cgroups = walk[0];
-                cfg.css_set_subsys = walk[1];
-                cfg.css_cgroup = walk[2];
-                cfg.cgroup_kn = walk[3];
-                cfg.kn_id = walk[4];
-                cfg.memory_subsys = mem_id;
+            Some(w) => {
+                let mem_id = w.memory_subsys;
+                cfg.task = crate::task_offsets::combined(w, &cfg.task);
                 format!(
                     "charges attributed to task->cgroups->subsys[memory_cgrp_id={mem_id}]->cgroup (BTF offsets)"
                 )
             }
             None if hierarchy.version == 2 => {
-                cfg.memcg_from_cgroup2 = 1;
+                cfg.task.memcg_from_cgroup2 = 1;
                 "charges attributed to the task's cgroup2 id (no BTF for the css walk: \
                  a task in a cgroup without its own memcg is attributed to that cgroup)"
                     .to_string()
@@ -156,7 +144,7 @@ pub fn build(
             }
         }
     };
-    let pins = opts.pins && (cfg.task_cgroups != 0 || cfg.memcg_from_cgroup2 != 0);
+    let pins = opts.pins && (cfg.task.task_cgroups != 0 || cfg.task.memcg_from_cgroup2 != 0);
     if pins {
         cfg.pins = 1;
         cfg.stacks = u32::from(opts.stacks);
@@ -222,20 +210,6 @@ pub fn build(
 }
 
 /// Offsets for task->cgroups->subsys[memory_cgrp_id]->cgroup->kn->id.
-fn memcg_walk(btf: Option<&Btf>) -> Option<([u16; 5], u32)> {
-    let b = btf?;
-    let off = |s: &str, m: &str| b.member_offset(s, m).and_then(|o| u16::try_from(o).ok());
-    let walk = [
-        off("task_struct", "cgroups")?,
-        off("css_set", "subsys")?,
-        off("cgroup_subsys_state", "cgroup")?,
-        off("cgroup", "kn")?,
-        off("kernfs_node", "id")?,
-    ];
-    let mem = b.enum_value("cgroup_subsys_id", "memory_cgrp_id")?;
-    Some((walk, mem))
-}
-
 pub struct Hooks {
     /// Dropping it detaches every program.
     _ebpf: Ebpf,

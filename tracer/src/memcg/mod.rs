@@ -3,7 +3,7 @@
 //! [`Report`] -> [`view`] / JSON, with the same conventions as the slab tracer.
 
 mod ancestry;
-mod hierarchy;
+pub mod hierarchy;
 mod hooks;
 mod kmem;
 mod kread;

@@ -308,6 +308,11 @@ mod tests {
     fn report(processes: usize) -> Report {
         let p = |i: usize| crate::report::ProcessReport {
             tgid: 1000 + i as u32,
+            start_ns: 0,
+            ppid: 0,
+            parent_comm: None,
+            exited: false,
+            context: None,
             comm: format!("w\"{i}"),
             cmdline: None,
             cgroup_id: 7,
@@ -345,6 +350,9 @@ mod tests {
             age: Default::default(),
             processes: (0..processes).map(p).collect(),
             cgroups: Vec::new(),
+            group_by: Default::default(),
+            groups: Vec::new(),
+            top_stacks: Vec::new(),
             traced: None,
         }
     }

@@ -107,6 +107,11 @@ pub(crate) fn test_report() -> Report {
         age: Default::default(),
         processes: vec![ProcessReport {
             tgid: 42,
+            start_ns: 0,
+            ppid: 0,
+            parent_comm: None,
+            exited: false,
+            context: None,
             comm: "leak;er".to_string(),
             cmdline: Some("/usr/bin/leaker --fast".to_string()),
             cgroup_id: 9,
@@ -146,6 +151,9 @@ pub(crate) fn test_report() -> Report {
             }],
         }],
         cgroups: Vec::new(),
+        group_by: Default::default(),
+        groups: Vec::new(),
+        top_stacks: Vec::new(),
         traced: None,
     }
 }

@@ -1,0 +1,274 @@
+//! Leaks as incidents look: objects spread over many short-lived processes,
+//! grouped by what those processes share; and the cgroup column of a process
+//! in a memory cgroup, on cgroup v1 and v2. Every test here needs root.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use leaktrace_tests::*;
+use serde_json::Value;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn named_caches_work() -> bool {
+    tracepoint_has_field("kmem", "kmem_cache_alloc", "name")
+        || raw_tracepoint_described("kmem_cache_alloc")
+}
+
+/// The group whose key starts with `prefix`.
+fn group<'a>(report: &'a Value, prefix: &str) -> Option<&'a Value> {
+    report["groups"]
+        .as_array()?
+        .iter()
+        .find(|g| g["key"].as_str().is_some_and(|k| k.starts_with(prefix)))
+}
+
+/// 50 exec-probe-style children each leave one zombie `task_struct`,
+/// allocated by the child (which exits at once) and held under leakgen, a
+/// subreaper that never reaps. By process they are 50 rows of 1; by parent one
+/// row of 50; and the final report's top stacks hold them as one stack.
+#[test]
+fn zombie_probes_sum_under_their_parent_and_one_stack() {
+    const N: u64 = 50;
+    skip_unless!(
+        named_caches_work(),
+        "kmem:kmem_cache_alloc names no cache on this kernel, so --cache task_struct is refused"
+    );
+    let mut tracer = Tracer::start(&[
+        "--cache",
+        "task_struct",
+        "--group-by",
+        "parent",
+        // Every allocation's own full stack: with 1-in-64 draws a drawn child's
+        // full stack is a row apart from the others' shared-frames row.
+        "--exact",
+        "--top",
+        "--interval",
+        "250ms",
+    ])
+    .expect("start");
+    let gen = Generator::start("zombies", &N.to_string()).expect("leakgen zombies");
+    let key = format!("{} ", gen.pid);
+    let seen = tracer
+        .wait_for("one parent row holding the zombies", WAIT, |r| {
+            group(r, &key).is_some_and(|g| count(g, "outstanding") >= N)
+        })
+        .expect("grouped by parent");
+    assert_eq!(seen["group_by"], "parent");
+    let g = group(&seen, &key).expect("row");
+    assert_eq!(g["key"], format!("{} (leakgen)", gen.pid), "{g}");
+    assert!(count(g, "processes") >= N, "{g}");
+    // The children exited right after forking: their rows are kept, marked.
+    assert!(count(g, "exited") >= N, "{g}");
+    // Each child holds one: the processes never merge into one row.
+    let children: Vec<&Value> = seen["processes"]
+        .as_array()
+        .expect("processes")
+        .iter()
+        .filter(|p| p["ppid"] == gen.pid && count(p, "outstanding") > 0)
+        .collect();
+    assert!(children.len() as u64 >= N, "{} children", children.len());
+    assert!(children.iter().all(|p| count(p, "outstanding") == 1));
+
+    // Stop while the zombies are held: the final report's top stacks.
+    let (code, report) = tracer.stop(libc::SIGINT).expect("stop");
+    assert_eq!(code, 0);
+    let top = report["top_stacks"].as_array().expect("top_stacks");
+    let biggest = top.first().expect("a top stack");
+    assert!(
+        count(biggest, "outstanding") >= N && count(biggest, "processes") >= N,
+        "top stack: {biggest}"
+    );
+    assert!(
+        biggest["kernel"].as_array().is_some_and(|k| k
+            .iter()
+            .any(|f| f.as_str().is_some_and(|f| f.starts_with("copy_process")))),
+        "{biggest}"
+    );
+    // Groups and top stacks add up to the tracked total, like every export.
+    let total = count(&report["totals"], "outstanding");
+    let grouped: u64 = report["groups"]
+        .as_array()
+        .expect("groups")
+        .iter()
+        .map(|g| count(g, "outstanding"))
+        .sum();
+    let stacked: u64 = top.iter().map(|s| count(s, "outstanding")).sum();
+    assert_eq!((grouped, stacked), (total, total));
+    gen.finish().expect("leakgen exits");
+}
+
+/// Short-lived `mount` helpers in a private mount namespace, each leaving one
+/// `struct mount` (mnt_cache) that the namespace holds after the helper
+/// exits: by command name one row of N.
+#[test]
+fn mount_helpers_sum_under_their_comm() {
+    const N: u64 = 20;
+    skip_unless!(
+        named_caches_work(),
+        "kmem:kmem_cache_alloc names no cache on this kernel, so --cache mnt_cache is refused"
+    );
+    let tools = ["unshare", "mount", "umount"]
+        .iter()
+        .all(|t| Command::new(t).arg("--version").output().is_ok());
+    skip_unless!(tools, "util-linux unshare/mount/umount not installed");
+    let mut tracer = Tracer::start(&[
+        "--cache",
+        "mnt_cache",
+        "--group-by",
+        "comm",
+        "--top",
+        "--interval",
+        "250ms",
+    ])
+    .expect("start");
+    // Speaks leakgen's hold protocol; the mounts go with the namespace.
+    let script = format!(
+        r#"d=$(mktemp -d /tmp/leaktrace-mnt.XXXXXX) || exit 1
+for i in $(seq 1 {N}); do mkdir "$d/$i" && mount -t tmpfs lt "$d/$i" || exit 1; done
+echo "READY $$"
+read x
+for i in $(seq 1 {N}); do umount "$d/$i"; rmdir "$d/$i"; done
+rmdir "$d"
+echo "RELEASED $$"
+read x
+exit 0"#
+    );
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--mount", "--propagation", "private", "sh", "-c", &script]);
+    let gen = Generator::start_command(cmd).expect("mount helpers");
+    let seen = tracer
+        .wait_for("the helpers' mounts under one comm row", WAIT, |r| {
+            group(r, "mount").is_some_and(|g| g["key"] == "mount" && count(g, "outstanding") >= N)
+        })
+        .expect("grouped by comm");
+    let g = group(&seen, "mount").expect("row");
+    assert!(count(g, "processes") >= N, "{g}");
+    // No single helper holds more than its own mount.
+    let most = seen["processes"]
+        .as_array()
+        .expect("processes")
+        .iter()
+        .filter(|p| p["comm"] == "mount")
+        .map(|p| count(p, "outstanding"))
+        .max()
+        .unwrap_or(0);
+    assert!(most < N, "one mount process holds {most}");
+    gen.finish().expect("helpers' shell exits");
+    let _ = tracer.stop(libc::SIGINT);
+}
+
+/// Where the memory controller is: (v1 hierarchy mount) or the cgroup2 mount.
+fn memory_hierarchy() -> Option<(u8, PathBuf)> {
+    let cgroups = std::fs::read_to_string("/proc/cgroups").unwrap_or_default();
+    let v1_id = cgroups.lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.first() == Some(&"memory")).then(|| f.get(1)?.parse::<u32>().ok())?
+    });
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let mount = |want: &dyn Fn(&str, &str) -> bool| {
+        mountinfo.lines().find_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            let mut r = right.split_whitespace();
+            let (fstype, _, opts) = (r.next()?, r.next()?, r.next()?);
+            let point = left.split_whitespace().nth(4)?;
+            want(fstype, opts).then(|| PathBuf::from(point))
+        })
+    };
+    if v1_id.is_some_and(|id| id != 0) {
+        if let Some(m) = mount(&|t, o| t == "cgroup" && o.split(',').any(|o| o == "memory")) {
+            return Some((1, m));
+        }
+    }
+    mount(&|t, _| t == "cgroup2").map(|m| (2, m))
+}
+
+/// Pipes from a process in its own memory cgroup (its cgroup2 cgroup where
+/// memory is on cgroup2): the CGROUP column names that cgroup, not `/`.
+#[test]
+fn pipes_in_a_memory_cgroup_show_its_path() {
+    const N: u64 = 50;
+    let hierarchy = memory_hierarchy();
+    skip_unless!(hierarchy.is_some(), "no memory cgroup hierarchy mounted");
+    let Some((version, mount)) = hierarchy else {
+        return;
+    };
+    // pipe_buffer arrays (16 x 40 bytes, GFP_KERNEL_ACCOUNT): kmalloc-cg-1k
+    // from 5.14, kmalloc-1k before.
+    let cache = if slab_cache_exists("kmalloc-cg-1k") {
+        "kmalloc-cg-1k"
+    } else {
+        "kmalloc-1k"
+    };
+    let name = format!("leaktrace-pipes-{}", std::process::id());
+    let dir = mount.join(&name);
+    std::fs::create_dir(&dir).expect("mkdir memory cgroup");
+    let _cleanup = RemoveOnDrop(dir.clone());
+    let mut tracer =
+        Tracer::start(&["--cache", cache, "--top", "--interval", "250ms"]).expect("start");
+    assert!(
+        tracer
+            .stderr_seen
+            .iter()
+            .any(|l| l.contains(if version == 1 {
+                "memory cgroup on the v1 hierarchy"
+            } else {
+                "cgroup2 cgroup"
+            })),
+        "{:?}",
+        tracer.stderr_seen
+    );
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c").arg(format!(
+        "echo $$ > {}/cgroup.procs && exec {} pipes {N}",
+        dir.display(),
+        leakgen_bin().display()
+    ));
+    let mut gen = Generator::start_command(cmd).expect("leakgen pipes in the cgroup");
+    let pid = gen.pid;
+    let want = format!("/{name}");
+    let seen = tracer
+        .wait_for("the pipes under the generator", WAIT, |r| {
+            process(r, pid).is_some_and(|p| count(p, "outstanding") >= N)
+        })
+        .expect("pipes attributed");
+    let p = process(&seen, pid).expect("listed");
+    assert_eq!(
+        p["cgroup"],
+        want.as_str(),
+        "v{version} hierarchy at {}: {p}",
+        mount.display()
+    );
+    let c = seen["cgroups"]
+        .as_array()
+        .expect("cgroups")
+        .iter()
+        .find(|c| c["path"] == want.as_str())
+        .expect("the cgroup listed");
+    assert!(count(c, "outstanding") >= N, "{c}");
+    gen.release().expect("release");
+    gen.finish().expect("leakgen exits");
+    let _ = tracer.stop(libc::SIGINT);
+}
+
+/// Removes a cgroup directory once its processes are gone (rmdir may need a
+/// moment after the last one exits).
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        remove_cgroup(&self.0);
+    }
+}
+
+fn remove_cgroup(dir: &Path) {
+    for _ in 0..50 {
+        if std::fs::remove_dir(dir).is_ok() || !dir.exists() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

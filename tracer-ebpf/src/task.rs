@@ -1,0 +1,128 @@
+//! Reads of the current task through BTF offsets ([`TaskOffsets`]), shared by
+//! the slab tracer and `leaktrace memcg`: one walk, so both name the same
+//! memory cgroup and the same parent for a task. Also the interrupt context
+//! the current allocation runs in ([`IrqContext`]).
+
+use aya_ebpf::helpers::{
+    bpf_get_current_cgroup_id, bpf_get_current_task, bpf_probe_read_kernel,
+    generated::bpf_get_smp_processor_id,
+};
+use tracer_common::{
+    IrqContext, TaskOffsets, CONTEXT_HARDIRQ, CONTEXT_KNOWN, CONTEXT_NMI, CONTEXT_SOFTIRQ,
+};
+
+/// The u64 at `addr`, 0 when `addr` is 0 or unreadable.
+#[inline(always)]
+pub fn read_ptr(addr: u64) -> u64 {
+    if addr == 0 {
+        return 0;
+    }
+    unsafe { bpf_probe_read_kernel(addr as *const u64) }.unwrap_or(0)
+}
+
+/// css -> cgroup -> kernfs_node -> id, the id the cgroup tracepoints report
+/// and the cgroup directory's inode number.
+#[inline(always)]
+pub fn css_cgroup_id(off: &TaskOffsets, css: u64) -> u64 {
+    if css == 0 || off.cgroup_kn == 0 {
+        return 0;
+    }
+    let cgrp = read_ptr(css + off.css_cgroup as u64);
+    if cgrp == 0 {
+        return 0;
+    }
+    let kn = read_ptr(cgrp + off.cgroup_kn as u64);
+    if kn == 0 {
+        return 0;
+    }
+    read_ptr(kn + off.kn_id as u64)
+}
+
+/// The current task's parent process now (`real_parent->tgid`); 0 when unknown.
+/// A short-lived allocator is gone before /proc can be asked.
+#[inline(always)]
+pub fn parent_tgid(off: &TaskOffsets) -> u32 {
+    if off.task_real_parent == 0 || off.task_tgid == 0 {
+        return 0;
+    }
+    let task = unsafe { bpf_get_current_task() };
+    let parent = read_ptr(task + off.task_real_parent as u64);
+    if parent == 0 {
+        return 0;
+    }
+    unsafe { bpf_probe_read_kernel((parent + off.task_tgid as u64) as *const u32) }.unwrap_or(0)
+}
+
+/// `group_leader->start_time` of the current task (ns, CLOCK_MONOTONIC): the
+/// process's start, which tells a reused tgid from the one before. 0: unknown.
+#[inline(always)]
+pub fn process_start_ns(off: &TaskOffsets) -> u64 {
+    if off.task_group_leader == 0 || off.task_start_time == 0 {
+        return 0;
+    }
+    let task = unsafe { bpf_get_current_task() };
+    let leader = read_ptr(task + off.task_group_leader as u64);
+    if leader == 0 {
+        return 0;
+    }
+    read_ptr(leader + off.task_start_time as u64)
+}
+
+/// The memcg a charge by the current task goes to: the cgroup owning the
+/// task's memory css. On cgroup v1 this is NOT `bpf_get_current_cgroup_id`
+/// (that is the cgroup2 id), hence the BTF-described pointer walk.
+#[inline(always)]
+pub fn current_memcg(off: &TaskOffsets) -> u64 {
+    if off.task_cgroups == 0 {
+        return if off.memcg_from_cgroup2 != 0 {
+            unsafe { bpf_get_current_cgroup_id() }
+        } else {
+            0
+        };
+    }
+    let task = unsafe { bpf_get_current_task() };
+    let cset = read_ptr(task + off.task_cgroups as u64);
+    if cset == 0 {
+        return 0;
+    }
+    let slot = cset + off.css_set_subsys as u64 + 8 * (off.memory_subsys as u64 & 0x3f);
+    css_cgroup_id(off, read_ptr(slot))
+}
+
+/// Whether the current allocation serves an interrupt: [`CONTEXT_KNOWN`] and
+/// the context bits, from this CPU's preempt count (found through the
+/// runqueue, see [`IrqContext`]); 0 when it cannot be read.
+#[inline(always)]
+pub fn interrupt_context(irq: &IrqContext) -> u32 {
+    if irq.task_cfs_rq == 0 {
+        return 0;
+    }
+    let task = unsafe { bpf_get_current_task() };
+    let cfs_rq = read_ptr(task + irq.task_cfs_rq as u64);
+    if cfs_rq == 0 {
+        return 0;
+    }
+    let rq = read_ptr(cfs_rq + irq.cfs_rq_rq as u64);
+    if rq == 0 {
+        return 0;
+    }
+    let cpu = unsafe { bpf_probe_read_kernel((rq + irq.rq_cpu as u64) as *const u32) };
+    if cpu != Ok(unsafe { bpf_get_smp_processor_id() }) {
+        return 0;
+    }
+    let at = rq.wrapping_add(irq.preempt_delta as u64);
+    let Ok(count) = (unsafe { bpf_probe_read_kernel(at as *const u32) }) else {
+        return 0;
+    };
+    let mut context = CONTEXT_KNOWN;
+    if count & 0x0000_0100 != 0 {
+        context |= CONTEXT_SOFTIRQ;
+    }
+    if count & 0x000f_0000 != 0 {
+        context |= CONTEXT_HARDIRQ;
+    }
+    if count & 0x00f0_0000 != 0 {
+        context |= CONTEXT_NMI;
+    }
+    context
+}

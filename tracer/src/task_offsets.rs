@@ -1,0 +1,61 @@
+//! BTF offsets for the kernel side's reads of the current task
+//! ([`TaskOffsets`]): its memory cgroup, its parent, its process's start.
+//! Filled here once for both the slab tracer and `leaktrace memcg`.
+
+use tracer_common::TaskOffsets;
+
+use crate::btf::Btf;
+
+fn off(b: &Btf, s: &str, m: &str) -> Option<u16> {
+    b.member_offset(s, m).and_then(|o| u16::try_from(o).ok())
+}
+
+/// `task->cgroups->subsys[memory_cgrp_id]->cgroup->kn->id`: the walk
+/// fields and `memory_subsys` set, the rest zero; None without BTF or when a
+/// member is missing.
+pub fn memcg_walk(btf: Option<&Btf>) -> Option<TaskOffsets> {
+    let b = btf?;
+    Some(TaskOffsets {
+        task_cgroups: off(b, "task_struct", "cgroups")?,
+        css_set_subsys: off(b, "css_set", "subsys")?,
+        css_cgroup: off(b, "cgroup_subsys_state", "cgroup")?,
+        cgroup_kn: off(b, "cgroup", "kn")?,
+        kn_id: off(b, "kernfs_node", "id")?,
+        memory_subsys: b.enum_value("cgroup_subsys_id", "memory_cgrp_id")?,
+        ..TaskOffsets::zeroed()
+    })
+}
+
+/// Sets the parent (`real_parent->tgid`) and process start
+/// (`group_leader->start_time`) offsets where BTF has them; leaves them 0
+/// (not read) otherwise.
+pub fn set_identity(btf: Option<&Btf>, t: &mut TaskOffsets) {
+    let Some(b) = btf else {
+        return;
+    };
+    if let (Some(p), Some(g)) = (
+        off(b, "task_struct", "real_parent"),
+        off(b, "task_struct", "tgid"),
+    ) {
+        t.task_real_parent = p;
+        t.task_tgid = g;
+    }
+    if let (Some(l), Some(s)) = (
+        off(b, "task_struct", "group_leader"),
+        off(b, "task_struct", "start_time"),
+    ) {
+        t.task_group_leader = l;
+        t.task_start_time = s;
+    }
+}
+
+/// `walk`'s memcg walk with `identity`'s parent and process-start offsets.
+pub fn combined(walk: TaskOffsets, identity: &TaskOffsets) -> TaskOffsets {
+    TaskOffsets {
+        task_real_parent: identity.task_real_parent,
+        task_tgid: identity.task_tgid,
+        task_group_leader: identity.task_group_leader,
+        task_start_time: identity.task_start_time,
+        ..walk
+    }
+}
