@@ -395,15 +395,23 @@ pub fn outstanding_on(report: &Value, tgid: u32, kframe: &str, uframe: &str) -> 
 /// [`outstanding_on`], not counting allocations made on the way, such as a new
 /// slab page's obj_exts vector, which lives as long as the slab page.
 pub fn allocated_by(report: &Value, tgid: u32, caller: &str, uframe: &str) -> u64 {
-    let prefix = format!("{caller}+");
     stacks_matching(report, tgid, caller, uframe)
-        .filter(|s| {
-            s["kernel"][1]
-                .as_str()
-                .is_some_and(|f| f.starts_with(&prefix))
-        })
+        .filter(|s| called_the_allocator(s, caller))
         .map(|s| count(s, "outstanding"))
         .sum()
+}
+
+/// Whether `caller` is the kernel frame right below the allocator in this
+/// stack row: frame 1 of a full stack, or frame 0 of a partial row (a stratum
+/// none of whose objects drew a full stack is named by its call site alone).
+pub fn called_the_allocator(row: &Value, caller: &str) -> bool {
+    let prefix = format!("{caller}+");
+    let at = |i: usize| {
+        row["kernel"][i]
+            .as_str()
+            .is_some_and(|f| f.starts_with(&prefix))
+    };
+    at(1) || (row["partial"] == true && at(0))
 }
 
 pub fn stacks_matching<'a>(

@@ -32,11 +32,8 @@ fn payload_stacks<'a>(
     pid: u32,
     frame: &'a str,
 ) -> impl Iterator<Item = &'a Value> + 'a {
-    stacks_matching(report, pid, "user_preparse", frame).filter(|s| {
-        s["kernel"][1]
-            .as_str()
-            .is_some_and(|f| f.starts_with("user_preparse+"))
-    })
+    stacks_matching(report, pid, "user_preparse", frame)
+        .filter(|s| called_the_allocator(s, "user_preparse"))
 }
 
 /// Outstanding (and the 95% interval) on user_preparse stacks under `frame`.
@@ -94,11 +91,7 @@ fn holding_path_is_named(exact: bool) {
     // user_preparse's own kmalloc: a slab page allocated on the way
     // (alloc_slab_obj_exts under user_preparse) is another allocation.
     let busy_allocs: u64 = stacks_matching(&report, pid, "user_preparse", "busy_add_key")
-        .filter(|s| {
-            s["kernel"][1]
-                .as_str()
-                .is_some_and(|f| f.starts_with("user_preparse+"))
-        })
+        .filter(|s| called_the_allocator(s, "user_preparse"))
         .map(|s| count(s, "allocs"))
         .sum();
     if exact {
