@@ -4,14 +4,12 @@
 //! [`decoder`] -> [`aggregator`] -> [`report`] -> [`view`] / JSON.
 
 mod aggregator;
-mod btf;
 mod cli;
 mod decoder;
 mod doctor;
 mod event_loop;
 mod fault;
 mod grouping;
-mod irq_context;
 mod kernel;
 #[cfg(test)]
 mod layout_tests;
@@ -21,12 +19,10 @@ mod own_memory;
 mod plan;
 mod present;
 mod probes;
-mod procinfo;
 mod report;
 mod slab;
 mod stacks;
 mod symbolize;
-mod task_offsets;
 #[cfg(test)]
 mod test_rng;
 mod trace;

@@ -8,7 +8,7 @@ use tracer_common::{
 };
 
 use crate::{
-    btf::Btf,
+    kernel::btf::Btf,
     kernel::features::Features,
     kernel::tracefs::{EventFormat, Tracefs},
     slab::caches::{Catalogue, KmallocKind, Selection},

@@ -8,8 +8,8 @@ use crate::{
     aggregator::{AgeSummary, Anomalies, Counts, ProcKey, Snapshot, StackSampling},
     grouping::{GroupBy, GroupReport, MergedStack},
     kernel::meminfo::MemInfo,
+    kernel::procinfo::{CgroupPaths, ProcMeta},
     probes::KernelCounters,
-    procinfo::{CgroupPaths, ProcMeta},
     stacks::StackTable,
     symbolize::Symbolizer,
 };

@@ -2,8 +2,12 @@
 //! /proc, /sys) at run time rather than assumed from a version: nothing here knows
 //! about the tools that use it.
 
+pub mod btf;
 pub mod clock;
 pub mod features;
+pub mod irq_context;
 pub mod meminfo;
+pub mod procinfo;
 pub mod slabinfo;
+pub mod task_offsets;
 pub mod tracefs;

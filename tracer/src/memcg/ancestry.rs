@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use super::state::{Actor, Ancestor};
-use crate::procinfo;
+use crate::kernel::procinfo;
 
 /// Processes that explain a memcg's origin; the walk stops after the first.
 const RECOGNIZED: [&str; 14] = [

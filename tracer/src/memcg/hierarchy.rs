@@ -73,7 +73,7 @@ impl Hierarchy {
                 id: hid,
                 mount: root.join(m.trim_start_matches('/')),
             });
-        let v2 = crate::procinfo::parse_cgroup2_mount(&mountinfo)
+        let v2 = crate::kernel::procinfo::parse_cgroup2_mount(&mountinfo)
             .map(|m| root.join(m.trim_start_matches('/')))
             .filter(|m| {
                 std::fs::read_to_string(m.join("cgroup.controllers"))

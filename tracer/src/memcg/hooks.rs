@@ -13,7 +13,7 @@ use tracer_common::memcg::{counter, CgroupLayout, KmemLayout, MemcgConfig};
 
 use super::hierarchy::Hierarchy;
 use crate::{
-    btf::Btf,
+    kernel::btf::Btf,
     kernel::tracefs::{EventFormat, Tracefs},
     probes::{raise_memlock_limit, verifier_context, BPF_OBJECT},
 };
@@ -104,10 +104,10 @@ pub fn build(
     ];
 
     // Parent of the acting task: optional, only improves the ancestry.
-    crate::task_offsets::set_identity(btf, &mut cfg.task);
+    crate::kernel::task_offsets::set_identity(btf, &mut cfg.task);
 
     // css -> cgroup id: used by the kprobes and by the charge attribution walk.
-    let walk = crate::task_offsets::memcg_walk(btf);
+    let walk = crate::kernel::task_offsets::memcg_walk(btf);
     if let Some(w) = walk {
         cfg.task.css_cgroup = w.css_cgroup;
         cfg.task.cgroup_kn = w.cgroup_kn;
@@ -124,7 +124,7 @@ pub fn build(
         match walk {
             Some(w) => {
                 let mem_id = w.memory_subsys;
-                cfg.task = crate::task_offsets::combined(w, &cfg.task);
+                cfg.task = crate::kernel::task_offsets::combined(w, &cfg.task);
                 format!(
                     "charges attributed to task->cgroups->subsys[memory_cgrp_id={mem_id}]->cgroup (BTF offsets)"
                 )

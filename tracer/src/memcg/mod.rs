@@ -34,8 +34,8 @@ use self::{
     state::{ChargeInput, Snapshot, SnapshotOptions, Tracker},
 };
 use crate::{
-    btf::Btf,
     cli::parse_duration,
+    kernel::btf::Btf,
     kernel::clock::monotonic_ns,
     kernel::features::{self, Features},
     kernel::tracefs::Tracefs,

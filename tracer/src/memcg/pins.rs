@@ -18,7 +18,7 @@ use anyhow::Result;
 use serde::Serialize;
 
 use super::kread::{u32_at, u64_at, Kread};
-use crate::btf::{Btf, Shape};
+use crate::kernel::btf::{Btf, Shape};
 
 /// Per memcg, the walk stops after this many folios (and says so).
 const MAX_FOLIOS: u64 = 1 << 20;

@@ -21,7 +21,7 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
 use super::kread::{u32_at, u64_at, Kread};
-use crate::btf::{Btf, Shape};
+use crate::kernel::btf::{Btf, Shape};
 
 /// The first entries of `memcg_node_stat_items[]` (mm/memcontrol.c), the
 /// order of the compacted `memcg_vmstats.state[]` on kernels from 6.11 (where

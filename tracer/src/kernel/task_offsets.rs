@@ -4,7 +4,7 @@
 
 use tracer_common::TaskOffsets;
 
-use crate::btf::Btf;
+use crate::kernel::btf::Btf;
 
 fn off(b: &Btf, s: &str, m: &str) -> Option<u16> {
     b.member_offset(s, m).and_then(|o| u16::try_from(o).ok())

@@ -7,7 +7,7 @@
 
 use tracer_common::IrqContext;
 
-use crate::btf::Btf;
+use crate::kernel::btf::Btf;
 
 /// The offsets, and the one-line note the run prints; None (with the reason)
 /// where this kernel's BTF lacks any of them: interrupt context is "unknown".
