@@ -35,6 +35,19 @@ pub enum SortKey {
     Allocs,
 }
 
+impl SortKey {
+    /// Ascending order of two rows, each given as (counts, allocations per second).
+    pub fn compare(self, a: (&Counts, f64), b: (&Counts, f64)) -> std::cmp::Ordering {
+        match self {
+            SortKey::Outstanding => {
+                (a.0.outstanding_bytes, a.0.allocs).cmp(&(b.0.outstanding_bytes, b.0.allocs))
+            }
+            SortKey::Rate => a.1.total_cmp(&b.1),
+            SortKey::Allocs => a.0.allocs.cmp(&b.0.allocs),
+        }
+    }
+}
+
 /// One allocation the kernel reported and we have not seen freed. 20 bytes,
 /// so a million outstanding objects cost ~28 MB of table: the time is kept in
 /// ms since the first event and the cgroup as an index.
@@ -852,7 +865,8 @@ impl Aggregator {
             })
             .collect();
         rows.sort_by(|a, b| {
-            compare(opts.sort, b, a)
+            opts.sort
+                .compare((&b.counts, b.alloc_rate), (&a.counts, a.alloc_rate))
                 .then(a.tgid.cmp(&b.tgid))
                 .then(a.start_ns.cmp(&b.start_ns))
         });
@@ -973,15 +987,6 @@ pub fn interval(hits: u64, sample: u64, population: u64) -> (u64, u64) {
         low.max(hits).min(certain_high),
         high.min(certain_high).max(hits),
     )
-}
-
-fn compare(key: SortKey, a: &ProcRow, b: &ProcRow) -> std::cmp::Ordering {
-    match key {
-        SortKey::Outstanding => (a.counts.outstanding_bytes, a.counts.allocs)
-            .cmp(&(b.counts.outstanding_bytes, b.counts.allocs)),
-        SortKey::Rate => a.alloc_rate.total_cmp(&b.alloc_rate),
-        SortKey::Allocs => a.counts.allocs.cmp(&b.counts.allocs),
-    }
 }
 
 #[cfg(test)]

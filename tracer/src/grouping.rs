@@ -136,7 +136,10 @@ pub fn group(processes: &[ProcessReport], by: GroupBy, sort: SortKey) -> Vec<Gro
             })
         })
         .collect();
-    groups.sort_by(|a, b| compare(sort, b, a).then(a.key.cmp(&b.key)));
+    groups.sort_by(|a, b| {
+        sort.compare((&b.counts, b.alloc_rate), (&a.counts, a.alloc_rate))
+            .then(a.key.cmp(&b.key))
+    });
     groups
 }
 
@@ -302,15 +305,6 @@ fn add(sum: &mut Counts, c: &Counts) {
     sum.outstanding_bytes += c.outstanding_bytes;
     sum.allocs += c.allocs;
     sum.frees += c.frees;
-}
-
-fn compare(key: SortKey, a: &GroupReport, b: &GroupReport) -> std::cmp::Ordering {
-    match key {
-        SortKey::Outstanding => (a.counts.outstanding_bytes, a.counts.allocs)
-            .cmp(&(b.counts.outstanding_bytes, b.counts.allocs)),
-        SortKey::Rate => a.alloc_rate.total_cmp(&b.alloc_rate),
-        SortKey::Allocs => a.counts.allocs.cmp(&b.counts.allocs),
-    }
 }
 
 #[cfg(test)]
