@@ -272,3 +272,62 @@ fn remove_cgroup(dir: &Path) {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// Remote charging: inotify events are kmalloc'ed by the process that touched
+/// the file but charged to the watcher's memory cgroup (`set_active_memcg`).
+/// The allocating process's row says which memcg paid, and the cgroup table
+/// counts the objects under the payer.
+#[test]
+fn remote_charges_name_the_memcg_that_pays() {
+    const N: u64 = 200;
+    let hierarchy = memory_hierarchy();
+    skip_unless!(hierarchy.is_some(), "no memory cgroup hierarchy mounted");
+    skip_unless!(
+        slab_cache_exists("kmalloc-cg-96"),
+        "no kmalloc-cg-96 (accounted kmalloc caches are 5.14+)"
+    );
+    let Some((version, mount)) = hierarchy else {
+        return;
+    };
+    let name = format!("leaktrace-charged-{}", std::process::id());
+    let dir = mount.join(&name);
+    std::fs::create_dir(&dir).expect("mkdir memory cgroup");
+    let _cleanup = RemoveOnDrop(dir.clone());
+    let mut tracer = Tracer::start(&["--cache", "kmalloc-cg-96", "--top", "--interval", "250ms"])
+        .expect("start");
+    let mut cmd = Command::new(leakgen_bin());
+    cmd.args(["charged", &N.to_string()])
+        .env("LEAKGEN_MEMCG", &dir);
+    let mut gen = Generator::start_command(cmd).expect("leakgen charged");
+    let pid = gen.pid;
+    let want = format!("/{name}");
+    let seen = tracer
+        .wait_for("the events charged to the watcher", WAIT, |r| {
+            process(r, pid).is_some_and(|p| {
+                count(p, "outstanding") >= N && count(&p["charged_elsewhere"], "allocs") >= N
+            })
+        })
+        .expect("remote charges seen");
+    let p = process(&seen, pid).expect("listed");
+    assert_eq!(
+        p["charged_elsewhere"]["cgroup"],
+        want.as_str(),
+        "v{version} hierarchy at {}: {p}",
+        mount.display()
+    );
+    assert_ne!(
+        p["cgroup"],
+        want.as_str(),
+        "the allocator is not in it: {p}"
+    );
+    let payer = seen["cgroups"]
+        .as_array()
+        .expect("cgroups")
+        .iter()
+        .find(|c| c["path"] == want.as_str())
+        .expect("the paying cgroup listed");
+    assert!(count(payer, "outstanding") >= N, "{payer}");
+    gen.release().expect("release");
+    gen.finish().expect("leakgen exits");
+    let _ = tracer.stop(libc::SIGINT);
+}

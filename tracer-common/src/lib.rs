@@ -108,7 +108,10 @@ pub struct TaskOffsets {
     /// (a tgid alone is reused). 0: not read.
     pub task_group_leader: u16,
     pub task_start_time: u16,
-    pub _pad: [u16; 3],
+    /// task_struct.active_memcg (remote charging: `set_active_memcg()`), read
+    /// as a css because `struct mem_cgroup` begins with its css. 0: not read.
+    pub task_active_memcg: u16,
+    pub _pad: [u16; 2],
     /// `memory_cgrp_id` in `enum cgroup_subsys_id`.
     pub memory_subsys: u32,
     /// 1: no BTF walk; memory is on cgroup2, so the task's cgroup2 id
@@ -128,7 +131,8 @@ impl TaskOffsets {
             task_tgid: 0,
             task_group_leader: 0,
             task_start_time: 0,
-            _pad: [0; 3],
+            task_active_memcg: 0,
+            _pad: [0; 2],
             memory_subsys: 0,
             memcg_from_cgroup2: 0,
         }
@@ -145,6 +149,8 @@ pub const CONTEXT_HARDIRQ: u32 = 2;
 pub const CONTEXT_SOFTIRQ: u32 = 4;
 /// In an NMI (`NMI_MASK`, bit 20; bits 20-23 since 5.12).
 pub const CONTEXT_NMI: u32 = 8;
+/// Any of the interrupt bits.
+pub const CONTEXT_INTERRUPT: u32 = CONTEXT_HARDIRQ | CONTEXT_SOFTIRQ | CONTEXT_NMI;
 
 /// How the kernel side finds this CPU's preempt count without typed ksyms or
 /// data symbols in kallsyms: the running task's runqueue is the per-CPU
@@ -307,6 +313,10 @@ pub struct AllocHeader {
     /// [`CONTEXT_KNOWN`] with [`CONTEXT_HARDIRQ`], [`CONTEXT_SOFTIRQ`],
     /// [`CONTEXT_NMI`]; 0 when the preempt count could not be read.
     pub context: u32,
+    /// The memcg the task had set to be charged instead of its own
+    /// (`current->active_memcg`, e.g. inotify charging an event to the
+    /// watcher's group), as a cgroup id; 0 when none was set or unknown.
+    pub charged_cgroup_id: u64,
 }
 
 /// A selected allocation with its stacks.

@@ -26,9 +26,9 @@ use aya_ebpf::{
 };
 use tracer_common::{
     counter, kmalloc_class, AllocEvent, AllocHeader, AllocLayout, Config, FreeEvent,
-    CACHE_NAME_LEN, EVENT_ALLOC, EVENT_ALLOC_NO_STACKS, EVENT_FREE, FINGERPRINT_FRAMES,
-    FLAG_NAMING, FLAG_SAMPLED, FLAG_SHALLOW, MAX_CACHE_NAMES, MAX_KSTACK, MAX_USTACK,
-    SOURCE_CACHE_ALLOC, SOURCE_KMALLOC, STACK_KERNEL, STACK_USER,
+    CACHE_NAME_LEN, CONTEXT_INTERRUPT, EVENT_ALLOC, EVENT_ALLOC_NO_STACKS, EVENT_FREE,
+    FINGERPRINT_FRAMES, FLAG_NAMING, FLAG_SAMPLED, FLAG_SHALLOW, MAX_CACHE_NAMES, MAX_KSTACK,
+    MAX_USTACK, SOURCE_CACHE_ALLOC, SOURCE_KMALLOC, STACK_KERNEL, STACK_USER,
 };
 
 #[no_mangle]
@@ -574,6 +574,16 @@ fn fill_header(
     hdr.start_ns = task::process_start_ns(task);
     hdr.ppid = task::parent_tgid(task);
     hdr.context = task::interrupt_context(&config().irq);
+    // In an interrupt the kernel charges `int_active_memcg`, not the
+    // interrupted task's: say nothing rather than the wrong one.
+    // Only an accounted allocation is charged at all. (Caches created with
+    // SLAB_ACCOUNT carry no __GFP_ACCOUNT and are left out here.)
+    let accounted = site.gfp & config().gfp_account != 0;
+    hdr.charged_cgroup_id = if accounted && hdr.context & CONTEXT_INTERRUPT == 0 {
+        task::active_memcg(task)
+    } else {
+        0
+    };
 }
 
 /// Insert before submit: once userspace can see the alloc, the kernel must

@@ -89,6 +89,19 @@ pub fn current_memcg(off: &TaskOffsets) -> u64 {
     css_cgroup_id(off, read_ptr(slot))
 }
 
+/// The memcg the current task had set to charge instead of its own
+/// (`current->active_memcg`, set by `set_active_memcg()`), as a cgroup id; 0
+/// when none is set or the offset is unknown. Userspace checked from BTF that
+/// `struct mem_cgroup` begins with its css, so the pointer is a css.
+#[inline(always)]
+pub fn active_memcg(off: &TaskOffsets) -> u64 {
+    if off.task_active_memcg == 0 {
+        return 0;
+    }
+    let task = unsafe { bpf_get_current_task() };
+    css_cgroup_id(off, read_ptr(task + off.task_active_memcg as u64))
+}
+
 /// Whether the current allocation serves an interrupt: [`CONTEXT_KNOWN`] and
 /// the context bits, from this CPU's preempt count (found through the
 /// runqueue, see [`IrqContext`]); 0 when it cannot be read.

@@ -194,6 +194,9 @@ pub struct Process {
     /// Thread name of the first allocating thread; views prefer /proc's.
     pub comm: String,
     pub last_cgroup_id: u64,
+    /// Allocations charged to another memcg than the task's (remote charging,
+    /// `active_memcg`), and the last such memcg.
+    charged_elsewhere: Option<(u64, u64)>,
     pub counts: Counts,
     strata: Vec<u32>,
     /// Allocations whose fingerprint walk found no frame past the entry ip.
@@ -276,6 +279,9 @@ pub struct ProcRow {
     pub context: Option<&'static str>,
     pub comm: String,
     pub cgroup_id: u64,
+    /// Allocations charged to another memcg than the task's (`active_memcg`):
+    /// (the last such memcg's id, how many).
+    pub charged_elsewhere: Option<(u64, u64)>,
     #[serde(flatten)]
     pub counts: Counts,
     /// Allocations per second over the rate window.
@@ -488,6 +494,7 @@ impl Aggregator {
                 exited: false,
                 comm: String::from_utf8_lossy(a.comm).into_owned(),
                 last_cgroup_id: a.cgroup_id,
+                charged_elsewhere: None,
                 counts: Counts::default(),
                 strata: Vec::new(),
                 shallow_allocs: 0,
@@ -503,6 +510,10 @@ impl Aggregator {
         }
         proc.counts.alloc(a.bytes_alloc);
         proc.last_cgroup_id = a.cgroup_id;
+        if a.charged_cgroup_id != 0 && a.charged_cgroup_id != a.cgroup_id {
+            let n = proc.charged_elsewhere.map_or(0, |(_, n)| n);
+            proc.charged_elsewhere = Some((a.charged_cgroup_id, n + 1));
+        }
         if a.shallow {
             proc.shallow_allocs += 1;
         }
@@ -519,7 +530,12 @@ impl Aggregator {
 
     fn record_live(&mut self, a: &Alloc<'_>, stratum: u32, site: u32) {
         let bytes = a.bytes_alloc;
-        let cgroup = self.cgroup_slot(a.cgroup_id);
+        // The memcg that pays: a remote charge's, else the task's.
+        let payer = match a.charged_cgroup_id {
+            0 => a.cgroup_id,
+            id => id,
+        };
+        let cgroup = self.cgroup_slot(payer);
         let ts_ms = self.ms_since_base(a.ts_ns);
         let s = &mut self.strata[stratum as usize];
         s.counts.alloc(bytes);
@@ -528,7 +544,7 @@ impl Aggregator {
             s.drawn.alloc(bytes);
         }
         self.totals.alloc(bytes);
-        self.cgroups.entry(a.cgroup_id).or_default().alloc(bytes);
+        self.cgroups.entry(payer).or_default().alloc(bytes);
         self.objects.insert(
             a.ptr,
             Live {
@@ -855,6 +871,7 @@ impl Aggregator {
                     context: Interrupt::of_key(p.key).map(Interrupt::name),
                     comm: p.comm.clone(),
                     cgroup_id: p.last_cgroup_id,
+                    charged_elsewhere: p.charged_elsewhere,
                     counts: p.counts.clone(),
                     alloc_rate,
                     growth_rate,
@@ -1017,6 +1034,7 @@ mod tests {
             start_ns: 7,
             ppid: 1,
             context: 0,
+            charged_cgroup_id: 0,
             drawn: true,
             shallow: false,
             has_stacks: true,
@@ -1046,6 +1064,7 @@ mod tests {
             start_ns: 7,
             ppid: 1,
             context: 0,
+            charged_cgroup_id: 0,
             drawn: false,
             shallow: false,
             has_stacks: false,

@@ -33,6 +33,8 @@ pub struct Alloc<'a> {
     pub ppid: u32,
     /// `tracer_common::CONTEXT_*` bits; 0: unknown.
     pub context: u32,
+    /// The memcg the task set to charge instead of its own; 0: none/unknown.
+    pub charged_cgroup_id: u64,
     /// Won the random stack draw: may stand for its stratum in estimates.
     pub drawn: bool,
     /// The fingerprint walk saw no frame beyond the entry ip.
@@ -123,6 +125,7 @@ fn header(h: &AllocHeader, has_stacks: bool) -> Alloc<'_> {
         start_ns: h.start_ns,
         ppid: h.ppid,
         context: h.context,
+        charged_cgroup_id: h.charged_cgroup_id,
         drawn: h.flags & FLAG_SAMPLED != 0,
         shallow: h.flags & FLAG_SHALLOW != 0,
         has_stacks,
@@ -226,6 +229,7 @@ pub(crate) mod tests {
             start_ns: 99,
             ppid: 3,
             context: 5,
+            charged_cgroup_id: 77,
         }
     }
 
@@ -240,6 +244,7 @@ pub(crate) mod tests {
         assert!(!a.has_stacks && !a.drawn && a.shallow);
         assert_eq!(a.user_fingerprint, 0x51);
         assert_eq!((a.start_ns, a.ppid, a.context), (99, 3, 5));
+        assert_eq!(a.charged_cgroup_id, 77);
         assert_eq!(
             (a.tgid, a.ptr, a.call_site),
             (5, 0x400, 0xffff_ffff_8123_4567)

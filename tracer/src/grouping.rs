@@ -350,6 +350,7 @@ mod tests {
                 "/kubepods/burstable/pod{}/0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
                 "1b4e28ba-2fa1-11d2-883f-0016d3cca427"
             )),
+            charged_elsewhere: None,
             counts,
             alloc_rate: 1.0,
             growth_rate: 1.0,

@@ -16,6 +16,14 @@ use crate::{
 
 pub const SCHEMA_VERSION: u32 = 2;
 
+/// The memcg that paid for allocations the task made on another's behalf.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChargedElsewhere {
+    pub cgroup_id: u64,
+    pub cgroup: Option<String>,
+    pub allocs: u64,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
     pub schema_version: u32,
@@ -91,6 +99,11 @@ pub struct ProcessReport {
     pub cmdline: Option<String>,
     pub cgroup_id: u64,
     pub cgroup: Option<String>,
+    /// Remote charging: allocations of this process that another memcg paid
+    /// for (`current->active_memcg`, e.g. inotify events charged to the
+    /// watcher), and that memcg (the last one seen).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub charged_elsewhere: Option<ChargedElsewhere>,
     #[serde(flatten)]
     pub counts: Counts,
     pub alloc_rate: f64,
@@ -224,6 +237,11 @@ pub fn build(kind: &'static str, header: Header, snap: Snapshot, names: &mut Nam
                 cmdline: meta.and_then(|m| m.cmdline.clone()),
                 cgroup_id: p.cgroup_id,
                 cgroup: names.cgroups.path(p.cgroup_id).map(str::to_string),
+                charged_elsewhere: p.charged_elsewhere.map(|(id, allocs)| ChargedElsewhere {
+                    cgroup_id: id,
+                    cgroup: names.cgroups.path(id).map(str::to_string),
+                    allocs,
+                }),
                 counts: p.counts,
                 alloc_rate: p.alloc_rate,
                 growth_rate: p.growth_rate,

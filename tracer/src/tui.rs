@@ -507,6 +507,7 @@ mod tests {
             cmdline: Some(format!("/bin/{comm}")),
             cgroup_id: 1,
             cgroup: Some("/".to_string()),
+            charged_elsewhere: None,
             counts: crate::aggregator::Counts {
                 outstanding,
                 outstanding_bytes: outstanding * 512,

@@ -209,6 +209,17 @@ fn process(out: &mut String, p: &ProcessReport, opts: &TextOptions) {
                 .map_or_else(String::new, |c| format!(" ({c})"))
         );
     }
+    if let Some(c) = &p.charged_elsewhere {
+        let _ = writeln!(
+            out,
+            "{:>8} charged to another memcg: {} allocations paid by {} (remote charging, active_memcg)",
+            "",
+            group(c.allocs),
+            c.cgroup
+                .as_deref()
+                .map_or_else(|| format!("cgroup id {}", c.cgroup_id), str::to_string),
+        );
+    }
     if !p.fingerprinted {
         let _ = writeln!(
             out,

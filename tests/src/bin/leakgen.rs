@@ -113,6 +113,7 @@ const KEY_GC_NKEYS_CAP: Duration = Duration::from_millis(500);
 
 const USAGE: &str = "\
 usage: leakgen keys N | inotify N | files N | other N | zombies N | pipes N | backlog N
+       LEAKGEN_MEMCG=DIR leakgen charged N
        leakgen twopath N [RATIO]
        leakgen writev (SECONDS | --ops N) [--wait] [--rate OPS_PER_SEC]
        leakgen writev256 (SECONDS | --ops N) [--wait] [--rate OPS_PER_SEC]
@@ -131,6 +132,8 @@ enum Mode {
     Zombies,
     Pipes,
     Backlog,
+    /// N inotify events this process causes, charged to a watcher's memcg.
+    Charged,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -192,6 +195,7 @@ fn parse_args(args: &[String]) -> Result<Command, String> {
         "zombies" => Some(Mode::Zombies),
         "pipes" => Some(Mode::Pipes),
         "backlog" => Some(Mode::Backlog),
+        "charged" => Some(Mode::Charged),
         _ => None,
     };
     if let Some(m) = hold {
@@ -278,6 +282,7 @@ fn main() -> ExitCode {
         Command::Hold(Mode::Zombies, n) => run_zombies(n),
         Command::Hold(Mode::Pipes, n) => run_pipes(n),
         Command::Hold(Mode::Backlog, n) => run_backlog(n),
+        Command::Hold(Mode::Charged, n) => run_charged(n),
         Command::Churn {
             op,
             limit,
@@ -1228,6 +1233,74 @@ fn run_inotify(n: usize) -> Result<()> {
     ensure_fd_room(n)?;
     let fds = leak_inotify(n)?;
     hold_protocol(|| close_all(&fds))
+}
+
+/// Remote charging (`set_active_memcg`): a child moves into the memory cgroup
+/// `$LEAKGEN_MEMCG` and watches a fresh directory with inotify; this process
+/// (in its own memcg) then creates N files there. Each IN_CREATE event is
+/// kmalloc'ed here, with __GFP_ACCOUNT, but charged to the watcher's group
+/// memcg (fs/notify/inotify/inotify_fsnotify.c), and stays queued until the
+/// watcher goes: 32-40 bytes of event plus a 41-byte name, kmalloc-cg-96.
+#[inline(never)]
+fn run_charged(n: usize) -> Result<()> {
+    let memcg = std::env::var("LEAKGEN_MEMCG").context("charged needs LEAKGEN_MEMCG=DIR")?;
+    let dir = std::env::temp_dir().join(format!("leakgen-charged-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).context("creating the watched directory")?;
+    let cdir = CString::new(dir.as_os_str().as_encoded_bytes()).context("directory name")?;
+    let mut ready = [0i32; 2];
+    // SAFETY: ready is a valid 2-int out-array.
+    if unsafe { libc::pipe2(ready.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(os_error("pipe2"));
+    }
+    let procs = CString::new(format!("{memcg}/cgroup.procs")).context("memcg path")?;
+    // SAFETY: single-threaded; the child only makes syscalls until it is killed.
+    let watcher = unsafe { libc::fork() };
+    if watcher < 0 {
+        return Err(os_error("fork"));
+    }
+    if watcher == 0 {
+        // SAFETY: plain syscalls on buffers that live until _exit.
+        unsafe {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+            let ok = fd >= 0 && libc::write(fd, b"0\n".as_ptr().cast(), 2) == 2;
+            let ino = libc::inotify_init1(libc::IN_CLOEXEC);
+            let ok =
+                ok && ino >= 0 && libc::inotify_add_watch(ino, cdir.as_ptr(), libc::IN_CREATE) >= 0;
+            let byte = [u8::from(ok)];
+            libc::write(ready[1], byte.as_ptr().cast(), 1);
+            loop {
+                libc::pause();
+            }
+        }
+    }
+    // SAFETY: our end of the pipe; one byte into a live buffer.
+    let mut byte = [0u8; 1];
+    let got = unsafe {
+        libc::close(ready[1]);
+        libc::read(ready[0], byte.as_mut_ptr().cast(), 1)
+    };
+    let stop_watcher = || {
+        // SAFETY: our own child.
+        unsafe {
+            libc::kill(watcher, libc::SIGKILL);
+            libc::waitpid(watcher, std::ptr::null_mut(), 0);
+        }
+    };
+    if got != 1 || byte[0] != 1 {
+        stop_watcher();
+        bail!(
+            "the watcher could not join {memcg} or watch {}",
+            dir.display()
+        );
+    }
+    for i in 0..n {
+        let name = dir.join(format!("{i:0>41}"));
+        std::fs::File::create(&name).with_context(|| format!("creating {}", name.display()))?;
+    }
+    hold_protocol(|| {
+        stop_watcher();
+        std::fs::remove_dir_all(&dir).context("removing the watched directory")
+    })
 }
 
 #[inline(never)]

@@ -47,15 +47,35 @@ pub fn set_identity(btf: Option<&Btf>, t: &mut TaskOffsets) {
         t.task_group_leader = l;
         t.task_start_time = s;
     }
+    // Remote charging: `active_memcg` points at a `struct mem_cgroup`, read as
+    // its css, which only works while the css is its first member.
+    if let (Some(a), Some(0), Some(c), Some(k), Some(i)) = (
+        off(b, "task_struct", "active_memcg"),
+        off(b, "mem_cgroup", "css"),
+        off(b, "cgroup_subsys_state", "cgroup"),
+        off(b, "cgroup", "kn"),
+        off(b, "kernfs_node", "id"),
+    ) {
+        t.task_active_memcg = a;
+        t.css_cgroup = c;
+        t.cgroup_kn = k;
+        t.kn_id = i;
+    }
 }
 
 /// `walk`'s memcg walk with `identity`'s parent and process-start offsets.
 pub fn combined(walk: TaskOffsets, identity: &TaskOffsets) -> TaskOffsets {
+    // On cgroup2 there is no walk; the css -> id reads still name a remote charge.
+    let css = if walk.cgroup_kn == 0 { identity } else { &walk };
     TaskOffsets {
+        css_cgroup: css.css_cgroup,
+        cgroup_kn: css.cgroup_kn,
+        kn_id: css.kn_id,
         task_real_parent: identity.task_real_parent,
         task_tgid: identity.task_tgid,
         task_group_leader: identity.task_group_leader,
         task_start_time: identity.task_start_time,
+        task_active_memcg: identity.task_active_memcg,
         ..walk
     }
 }

@@ -317,6 +317,7 @@ mod tests {
             cmdline: None,
             cgroup_id: 7,
             cgroup: Some("/kubepods/pod1".to_string()),
+            charged_elsewhere: None,
             counts: crate::aggregator::Counts {
                 outstanding: i as u64,
                 outstanding_bytes: 512 * i as u64,

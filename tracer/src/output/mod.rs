@@ -116,6 +116,7 @@ pub(crate) fn test_report() -> Report {
             cmdline: Some("/usr/bin/leaker --fast".to_string()),
             cgroup_id: 9,
             cgroup: Some("/pods/a".to_string()),
+            charged_elsewhere: None,
             counts: Counts {
                 outstanding: 4,
                 outstanding_bytes: 2048,
