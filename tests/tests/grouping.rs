@@ -289,10 +289,25 @@ fn remote_charges_name_the_memcg_that_pays() {
     let Some((version, mount)) = hierarchy else {
         return;
     };
+    if version == 2 {
+        // The watcher's cgroup gets a memcg of its own only with the memory
+        // controller enabled below the root (the root may hold processes).
+        let _ = std::fs::write(mount.join("cgroup.subtree_control"), "+memory");
+    }
     let name = format!("leaktrace-charged-{}", std::process::id());
     let dir = mount.join(&name);
     std::fs::create_dir(&dir).expect("mkdir memory cgroup");
     let _cleanup = RemoveOnDrop(dir.clone());
+    let own_memcg = dir.join(if version == 1 {
+        "memory.usage_in_bytes"
+    } else {
+        "memory.current"
+    });
+    skip_unless!(
+        own_memcg.exists(),
+        "{} has no memcg of its own (memory controller not enabled there)",
+        dir.display()
+    );
     let mut tracer = Tracer::start(&["--cache", "kmalloc-cg-96", "--top", "--interval", "250ms"])
         .expect("start");
     let mut cmd = Command::new(leakgen_bin());
