@@ -112,3 +112,9 @@ fn presentation_units_stand_alone() {
 fn slab_caches_use_only_kernel_facts_and_units() {
     assert_uses_only("slab", &["kernel", "present"]);
 }
+
+#[test]
+fn outputs_read_reports_only() {
+    // The aggregator's Counts are part of the report model.
+    assert_uses_only("output", &["report", "aggregator", "grouping", "present"]);
+}

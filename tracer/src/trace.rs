@@ -215,7 +215,12 @@ async fn preflight(args: &TraceArgs, root: &Path) -> Result<Preflight> {
         .pid
         .map(|pid| TracedProcess::check(root, pid))
         .transpose()?;
-    let outputs = output::Outputs::check(args)?;
+    let outputs = output::Outputs::check(&output::OutputFiles {
+        pprof: args.pprof.as_deref(),
+        folded: args.folded.as_deref(),
+        flamegraph: args.flamegraph.as_deref(),
+        weight: args.weight,
+    })?;
     let metrics = match args.metrics {
         Some(addr) => Some(output::metrics::bind(addr).await?),
         None => None,
@@ -527,7 +532,7 @@ fn emit_snapshot(
 /// then the report, even when a file failed: it is the one output that
 /// always reaches the user, and the run still exits non-zero.
 fn emit_final(args: &TraceArgs, outputs: &output::Outputs, report: &Report) -> Result<()> {
-    let files = outputs.write(args, report);
+    let files = outputs.write(report);
     let printed = print_final(args, report);
     files.and(printed)
 }

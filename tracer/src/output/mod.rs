@@ -11,7 +11,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Result};
 
 use self::files::Destination;
-use crate::{cli::TraceArgs, report::Report};
+use self::folded::Weight;
+use crate::report::Report;
 
 /// The files asked for with --pprof, --folded and --flamegraph, checked
 /// before anything is attached.
@@ -19,19 +20,28 @@ pub struct Outputs {
     pprof: Option<Destination>,
     folded: Option<Destination>,
     flamegraph: Option<Destination>,
+    weight: Weight,
+}
+
+/// The output files asked for, as plain options (the CLI's flags map onto it).
+pub struct OutputFiles<'a> {
+    pub pprof: Option<&'a std::path::Path>,
+    pub folded: Option<&'a std::path::Path>,
+    pub flamegraph: Option<&'a std::path::Path>,
+    /// What the folded stacks and the flame graph weigh.
+    pub weight: Weight,
 }
 
 impl Outputs {
-    pub fn check(args: &TraceArgs) -> Result<Outputs> {
-        let check = |flag, path: &Option<std::path::PathBuf>| {
-            path.as_deref()
-                .map(|p| Destination::check(flag, p))
-                .transpose()
+    pub fn check(files: &OutputFiles<'_>) -> Result<Outputs> {
+        let check = |flag, path: Option<&std::path::Path>| {
+            path.map(|p| Destination::check(flag, p)).transpose()
         };
         let outputs = Outputs {
-            pprof: check("--pprof", &args.pprof)?,
-            folded: check("--folded", &args.folded)?,
-            flamegraph: check("--flamegraph", &args.flamegraph)?,
+            pprof: check("--pprof", files.pprof)?,
+            folded: check("--folded", files.folded)?,
+            flamegraph: check("--flamegraph", files.flamegraph)?,
+            weight: files.weight,
         };
         let all: Vec<&Destination> = [&outputs.pprof, &outputs.folded, &outputs.flamegraph]
             .into_iter()
@@ -43,7 +53,7 @@ impl Outputs {
 
     /// Writes every file once. One that fails does not stop the others; each
     /// failure is on stderr with its fallback, and the result is an error.
-    pub fn write(&self, args: &TraceArgs, report: &Report) -> Result<()> {
+    pub fn write(&self, report: &Report) -> Result<()> {
         let mut failed = 0;
         let mut one =
             |dest: &Option<Destination>, what: &str, render: &dyn Fn() -> Result<Vec<u8>>| {
@@ -63,10 +73,10 @@ impl Outputs {
             pprof::encode(&pprof::build(report, now))
         });
         one(&self.folded, "folded stacks", &|| {
-            Ok(folded::folded_text(report, args.weight).into_bytes())
+            Ok(folded::folded_text(report, self.weight).into_bytes())
         });
         one(&self.flamegraph, "flame graph", &|| {
-            folded::flamegraph_svg(report, args.weight)
+            folded::flamegraph_svg(report, self.weight)
         });
         if failed > 0 {
             bail!("{failed} output file(s) could not be written where asked (see above)");
