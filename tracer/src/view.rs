@@ -344,7 +344,7 @@ fn cgroups(out: &mut String, r: &Report) {
     }
     let _ = writeln!(
         out,
-        "\n{:>11} {:>10}  CGROUP (outstanding by allocating task's cgroup)",
+        "\n{:>11} {:>10}  CGROUP (outstanding by the memcg that pays: the allocating task's, or a remote charge's)",
         "OUTSTANDING", "BYTES"
     );
     for c in &r.cgroups {

@@ -166,7 +166,7 @@ pub fn render(report: &Report, memcg: Option<&MemcgCounts>) -> String {
     f.head(
         "leaktrace_cgroup_outstanding_bytes",
         "gauge",
-        "Outstanding bytes by the allocating task's cgroup (top --limit cgroups).",
+        "Outstanding bytes by the cgroup that pays: the allocating task's, or the memcg a remote charge went to (top --limit cgroups).",
     );
     for cg in report.cgroups.iter().take(MAX_PROCESSES) {
         let id = cg.cgroup_id.to_string();
