@@ -242,16 +242,21 @@ fn pipes_in_a_memory_cgroup_show_its_path() {
         "v{version} hierarchy at {}: {p}",
         mount.display()
     );
-    let c = seen["cgroups"]
-        .as_array()
-        .expect("cgroups")
-        .iter()
-        .find(|c| c["path"] == want.as_str())
-        .expect("the cgroup listed");
+    let c = cgroup_row(&seen, &want);
     assert!(count(c, "outstanding") >= N, "{c}");
     gen.release().expect("release");
     gen.finish().expect("leakgen exits");
     let _ = tracer.stop(libc::SIGINT);
+}
+
+/// The report's cgroup-table row for `path`; panics (failing the test) when absent.
+fn cgroup_row<'a>(report: &'a Value, path: &str) -> &'a Value {
+    report["cgroups"]
+        .as_array()
+        .expect("cgroups")
+        .iter()
+        .find(|c| c["path"] == path)
+        .unwrap_or_else(|| panic!("cgroup {path} not in the cgroup table: {report}"))
 }
 
 /// Removes a cgroup directory once its processes are gone (rmdir may need a
@@ -335,12 +340,7 @@ fn remote_charges_name_the_memcg_that_pays() {
         want.as_str(),
         "the allocator is not in it: {p}"
     );
-    let payer = seen["cgroups"]
-        .as_array()
-        .expect("cgroups")
-        .iter()
-        .find(|c| c["path"] == want.as_str())
-        .expect("the paying cgroup listed");
+    let payer = cgroup_row(&seen, &want);
     assert!(count(payer, "outstanding") >= N, "{payer}");
     gen.release().expect("release");
     gen.finish().expect("leakgen exits");

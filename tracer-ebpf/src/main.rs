@@ -574,10 +574,10 @@ fn fill_header(
     hdr.start_ns = task::process_start_ns(task);
     hdr.ppid = task::parent_tgid(task);
     hdr.context = task::interrupt_context(&config().irq);
-    // In an interrupt the kernel charges `int_active_memcg`, not the
-    // interrupted task's: say nothing rather than the wrong one.
-    // Only an accounted allocation is charged at all. (Caches created with
-    // SLAB_ACCOUNT carry no __GFP_ACCOUNT and are left out here.)
+    // Only an accounted allocation is charged at all (caches created with
+    // SLAB_ACCOUNT carry no __GFP_ACCOUNT and are left out here). In an
+    // interrupt the kernel charges `int_active_memcg`, not the interrupted
+    // task's: say nothing rather than the wrong one.
     let accounted = site.gfp & config().gfp_account != 0;
     hdr.charged_cgroup_id = if accounted && hdr.context & CONTEXT_INTERRUPT == 0 {
         task::active_memcg(task)

@@ -70,10 +70,10 @@ impl StackTable {
         let empty = self.frames[StackId::EMPTY.0 as usize].clone();
         self.ids
             .retain(|_, id| *id == StackId::EMPTY || keep.contains(id));
-        let freed: HashSet<StackId> = self.free.iter().copied().collect();
+        // Slot 0 is the one empty stack, so an empty slot past it is a free one.
         for (i, slot) in self.frames.iter_mut().enumerate().skip(1) {
             let id = StackId(i as u32);
-            if !keep.contains(&id) && !freed.contains(&id) {
+            if !slot.is_empty() && !keep.contains(&id) {
                 *slot = empty.clone();
                 self.free.push(id);
             }

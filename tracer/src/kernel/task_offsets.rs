@@ -15,15 +15,25 @@ fn off(b: &Btf, s: &str, m: &str) -> Option<u16> {
 /// member is missing.
 pub fn memcg_walk(btf: Option<&Btf>) -> Option<TaskOffsets> {
     let b = btf?;
+    let (css_cgroup, cgroup_kn, kn_id) = css_id(b)?;
     Some(TaskOffsets {
         task_cgroups: off(b, "task_struct", "cgroups")?,
         css_set_subsys: off(b, "css_set", "subsys")?,
-        css_cgroup: off(b, "cgroup_subsys_state", "cgroup")?,
-        cgroup_kn: off(b, "cgroup", "kn")?,
-        kn_id: off(b, "kernfs_node", "id")?,
+        css_cgroup,
+        cgroup_kn,
+        kn_id,
         memory_subsys: b.enum_value("cgroup_subsys_id", "memory_cgrp_id")?,
         ..TaskOffsets::zeroed()
     })
+}
+
+/// `css->cgroup->kn->id`: a css's cgroup id (its directory's inode number).
+fn css_id(b: &Btf) -> Option<(u16, u16, u16)> {
+    Some((
+        off(b, "cgroup_subsys_state", "cgroup")?,
+        off(b, "cgroup", "kn")?,
+        off(b, "kernfs_node", "id")?,
+    ))
 }
 
 /// Sets the parent (`real_parent->tgid`) and process start
@@ -49,12 +59,10 @@ pub fn set_identity(btf: Option<&Btf>, t: &mut TaskOffsets) {
     }
     // Remote charging: `active_memcg` points at a `struct mem_cgroup`, read as
     // its css, which only works while the css is its first member.
-    if let (Some(a), Some(0), Some(c), Some(k), Some(i)) = (
+    if let (Some(a), Some(0), Some((c, k, i))) = (
         off(b, "task_struct", "active_memcg"),
         off(b, "mem_cgroup", "css"),
-        off(b, "cgroup_subsys_state", "cgroup"),
-        off(b, "cgroup", "kn"),
-        off(b, "kernfs_node", "id"),
+        css_id(b),
     ) {
         t.task_active_memcg = a;
         t.css_cgroup = c;
