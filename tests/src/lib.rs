@@ -340,6 +340,17 @@ impl Generator {
         Ok(())
     }
 
+    /// Send a line and wait for `word` (e.g. `MORE` of `leakgen keys-twice`).
+    pub fn advance(&mut self, word: &str) -> Result<()> {
+        let stdin = self
+            .stdin
+            .as_mut()
+            .context("leakgen stdin already closed")?;
+        writeln!(stdin, "go on")?;
+        stdin.flush()?;
+        self.expect(word, Duration::from_secs(30))
+    }
+
     /// Free what was held and wait for `RELEASED`.
     pub fn release(&mut self) -> Result<()> {
         let stdin = self

@@ -249,6 +249,61 @@ fn pipes_in_a_memory_cgroup_show_its_path() {
     let _ = tracer.stop(libc::SIGINT);
 }
 
+/// A task that moves to another memory cgroup between two batches of
+/// allocations: each batch counts under the cgroup it was made in. The kernel
+/// side reuses a task's memcg between its allocations only while
+/// `task->cgroups` is unchanged; a stale memcg would put both batches in the
+/// first cgroup.
+#[test]
+fn a_task_moved_to_another_memory_cgroup_counts_in_each() {
+    const N: u64 = 100;
+    let hierarchy = memory_hierarchy();
+    skip_unless!(hierarchy.is_some(), "no memory cgroup hierarchy mounted");
+    let Some((version, mount)) = hierarchy else {
+        return;
+    };
+    let names = ["a", "b"].map(|x| format!("leaktrace-move-{x}-{}", std::process::id()));
+    let dirs = names.clone().map(|n| mount.join(n));
+    for d in &dirs {
+        std::fs::create_dir(d).expect("mkdir memory cgroup");
+    }
+    let _cleanup = dirs.clone().map(RemoveOnDrop);
+    let mut tracer =
+        Tracer::start(&["--cache", "kmalloc-512", "--top", "--interval", "250ms"]).expect("start");
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c").arg(format!(
+        "echo $$ > {}/cgroup.procs && exec {} keys-twice {N}",
+        dirs[0].display(),
+        leakgen_bin().display()
+    ));
+    let mut gen = Generator::start_command(cmd).expect("leakgen keys-twice in cgroup a");
+    let [a, b] = names.map(|n| format!("/{n}"));
+    let outstanding = |r: &Value, path: &str| {
+        r["cgroups"]
+            .as_array()
+            .and_then(|rows| rows.iter().find(|c| c["path"] == path))
+            .map_or(0, |c| count(c, "outstanding"))
+    };
+    tracer
+        .wait_for("the first batch in a", WAIT, |r| outstanding(r, &a) >= N)
+        .expect("first batch attributed");
+    std::fs::write(dirs[1].join("cgroup.procs"), gen.pid.to_string()).expect("move to b");
+    gen.advance("MORE").expect("second batch");
+    let seen = tracer
+        .wait_for("the second batch in b", WAIT, |r| outstanding(r, &b) >= N)
+        .unwrap_or_else(|e| panic!("v{version}: second batch not under {b}: {e:#}"));
+    let in_a = outstanding(&seen, &a);
+    assert!(
+        (N..N + N / 2).contains(&in_a),
+        "v{version}: {in_a} outstanding in {a}, {} in {b}: the second batch must not count \
+         in the cgroup the task left",
+        outstanding(&seen, &b)
+    );
+    gen.release().expect("release");
+    gen.finish().expect("leakgen exits");
+    let _ = tracer.stop(libc::SIGINT);
+}
+
 /// The report's cgroup-table row for `path`; panics (failing the test) when absent.
 fn cgroup_row<'a>(report: &'a Value, path: &str) -> &'a Value {
     report["cgroups"]

@@ -38,6 +38,77 @@ pub fn css_cgroup_id(off: &TaskOffsets, css: u64) -> u64 {
     read_ptr(kn + off.kn_id as u64)
 }
 
+/// What an allocation header says of its task, as last read on this CPU by one
+/// program (`TASK_FACTS` in main.rs has a slot per program, so a nested run
+/// never tears another's). Reading them costs a dozen dependent kernel reads
+/// (~500 ns); a loop allocating on one CPU pays two instead: `task->cgroups`
+/// and `task->real_parent` are re-read every time and the rest is reused only
+/// while both, the task and its pid/tgid are unchanged. A migration to another
+/// cgroup replaces `task->cgroups` (a new css_set), a dead parent replaces
+/// `real_parent`, and a process's start time never changes, so a reused fact
+/// is the one a fresh walk would return.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct TaskFacts {
+    pub task: u64,
+    pub pid_tgid: u64,
+    pub cset: u64,
+    pub parent: u64,
+    pub memcg: u64,
+    pub start_ns: u64,
+    pub ppid: u32,
+    pub _pad: u32,
+    /// This CPU's preempt count (a per-CPU address, so it never changes for
+    /// the slot's CPU); 0 until found through the runqueue.
+    pub preempt_at: u64,
+}
+
+/// Brings `facts` up to date for the current task (see [`TaskFacts`]).
+#[inline(always)]
+pub fn refresh_facts(off: &TaskOffsets, facts: &mut TaskFacts, pid_tgid: u64) {
+    let task = unsafe { bpf_get_current_task() };
+    let cset = if off.task_cgroups != 0 {
+        read_ptr(task + off.task_cgroups as u64)
+    } else {
+        0
+    };
+    let parent = if off.task_real_parent != 0 {
+        read_ptr(task + off.task_real_parent as u64)
+    } else {
+        0
+    };
+    if facts.task == task
+        && facts.pid_tgid == pid_tgid
+        && facts.cset == cset
+        && facts.parent == parent
+        && task != 0
+    {
+        if off.task_cgroups == 0 && off.memcg_from_cgroup2 != 0 {
+            // No css_set read tells a cgroup2 migration: ask every time (a
+            // helper without pointer walks).
+            facts.memcg = unsafe { bpf_get_current_cgroup_id() };
+        }
+        return;
+    }
+    facts.task = task;
+    facts.pid_tgid = pid_tgid;
+    facts.cset = cset;
+    facts.parent = parent;
+    facts.memcg = if off.task_cgroups != 0 {
+        memcg_of_cset(off, cset)
+    } else if off.memcg_from_cgroup2 != 0 {
+        unsafe { bpf_get_current_cgroup_id() }
+    } else {
+        0
+    };
+    facts.ppid = if parent != 0 && off.task_tgid != 0 {
+        unsafe { bpf_probe_read_kernel((parent + off.task_tgid as u64) as *const u32) }.unwrap_or(0)
+    } else {
+        0
+    };
+    facts.start_ns = process_start_ns(off);
+}
+
 /// The current task's parent process now (`real_parent->tgid`); 0 when unknown.
 /// A short-lived allocator is gone before /proc can be asked.
 #[inline(always)]
@@ -81,7 +152,12 @@ pub fn current_memcg(off: &TaskOffsets) -> u64 {
         };
     }
     let task = unsafe { bpf_get_current_task() };
-    let cset = read_ptr(task + off.task_cgroups as u64);
+    memcg_of_cset(off, read_ptr(task + off.task_cgroups as u64))
+}
+
+/// css_set -> subsys[memory] -> its cgroup's id; 0 when `cset` is 0.
+#[inline(always)]
+fn memcg_of_cset(off: &TaskOffsets, cset: u64) -> u64 {
     if cset == 0 {
         return 0;
     }
@@ -104,9 +180,38 @@ pub fn active_memcg(off: &TaskOffsets) -> u64 {
 
 /// Whether the current allocation serves an interrupt: [`CONTEXT_KNOWN`] and
 /// the context bits, from this CPU's preempt count (found through the
-/// runqueue, see [`IrqContext`]); 0 when it cannot be read.
+/// runqueue, see [`IrqContext`]); 0 when it cannot be read. `preempt_at`
+/// caches this CPU's preempt count address (0: not found yet).
 #[inline(always)]
-pub fn interrupt_context(irq: &IrqContext) -> u32 {
+pub fn interrupt_context(irq: &IrqContext, preempt_at: &mut u64) -> u32 {
+    if *preempt_at == 0 {
+        *preempt_at = find_preempt_count(irq);
+    }
+    let at = *preempt_at;
+    if at == 0 {
+        return 0;
+    }
+    let Ok(count) = (unsafe { bpf_probe_read_kernel(at as *const u32) }) else {
+        return 0;
+    };
+    let mut context = CONTEXT_KNOWN;
+    if count & 0x0000_0100 != 0 {
+        context |= CONTEXT_SOFTIRQ;
+    }
+    if count & 0x000f_0000 != 0 {
+        context |= CONTEXT_HARDIRQ;
+    }
+    if count & 0x00f0_0000 != 0 {
+        context |= CONTEXT_NMI;
+    }
+    context
+}
+
+/// This CPU's preempt count address: the runqueue the current task runs on
+/// (checked to be this CPU's) plus the per-CPU distance userspace found in
+/// kallsyms; 0 when it cannot be read.
+#[inline(always)]
+fn find_preempt_count(irq: &IrqContext) -> u64 {
     if irq.task_cfs_rq == 0 {
         return 0;
     }
@@ -123,19 +228,5 @@ pub fn interrupt_context(irq: &IrqContext) -> u32 {
     if cpu != Ok(unsafe { bpf_get_smp_processor_id() }) {
         return 0;
     }
-    let at = rq.wrapping_add(irq.preempt_delta as u64);
-    let Ok(count) = (unsafe { bpf_probe_read_kernel(at as *const u32) }) else {
-        return 0;
-    };
-    let mut context = CONTEXT_KNOWN;
-    if count & 0x0000_0100 != 0 {
-        context |= CONTEXT_SOFTIRQ;
-    }
-    if count & 0x000f_0000 != 0 {
-        context |= CONTEXT_HARDIRQ;
-    }
-    if count & 0x00f0_0000 != 0 {
-        context |= CONTEXT_NMI;
-    }
-    context
+    rq.wrapping_add(irq.preempt_delta as u64)
 }

@@ -20,6 +20,9 @@
 //!                      delivers in the sender's bottom half) while the child runs
 //! leakgen keys-rcu N   as keys, but released with KEYCTL_REVOKE: the payloads are
 //!                      freed from an RCU callback (softirq), not by the key GC
+//! leakgen keys-twice N  as keys, then at a stdin line N more keys (printing
+//!                      `MORE <pid>`) before the usual release: the same task
+//!                      allocates before and after a test moves it elsewhere
 //! leakgen twopath N [RATIO]  N held kmalloc-512 keys from `hold_key`, and RATIO
 //!                      (default 50) transient ones per held key from `busy_add_key`,
 //!                      both through `sys_add_key` and `user_preparse`
@@ -112,7 +115,7 @@ const KEY_GC_POLL: Duration = Duration::from_millis(2);
 const KEY_GC_NKEYS_CAP: Duration = Duration::from_millis(500);
 
 const USAGE: &str = "\
-usage: leakgen keys N | inotify N | files N | other N | zombies N | pipes N | backlog N
+usage: leakgen keys N | keys-twice N | inotify N | files N | other N | zombies N | pipes N | backlog N
        LEAKGEN_MEMCG=DIR leakgen charged N
        leakgen twopath N [RATIO]
        leakgen writev (SECONDS | --ops N) [--wait] [--rate OPS_PER_SEC]
@@ -124,6 +127,8 @@ print `RELEASED <pid>`, wait for another line (or EOF) and exit";
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Mode {
     Keys,
+    /// N keys, a stdin line, N more keys (`MORE <pid>`), then as Keys.
+    KeysTwice,
     /// Keys released by revocation: payloads freed in RCU callbacks.
     KeysRcu,
     Inotify,
@@ -189,6 +194,7 @@ fn parse_args(args: &[String]) -> Result<Command, String> {
     let hold = match mode.as_str() {
         "keys" => Some(Mode::Keys),
         "keys-rcu" => Some(Mode::KeysRcu),
+        "keys-twice" => Some(Mode::KeysTwice),
         "inotify" => Some(Mode::Inotify),
         "files" => Some(Mode::Files),
         "other" => Some(Mode::Other),
@@ -205,6 +211,9 @@ fn parse_args(args: &[String]) -> Result<Command, String> {
         let n: usize = n
             .parse()
             .map_err(|_| format!("N must be a non-negative integer, got {n:?}"))?;
+        if matches!(m, Mode::KeysTwice) && 2 * n > MAX_KEYS {
+            return Err(format!("keys-twice N must be at most {}", MAX_KEYS / 2));
+        }
         if matches!(m, Mode::Keys | Mode::KeysRcu) && n > MAX_KEYS {
             return Err(format!(
                 "keys N must be at most {MAX_KEYS}: the process keyring's quota charge is a \
@@ -275,6 +284,7 @@ fn main() -> ExitCode {
     let res = match cmd {
         Command::Hold(Mode::Keys, n) => run_keys(n),
         Command::Hold(Mode::KeysRcu, n) => run_keys_rcu(n),
+        Command::Hold(Mode::KeysTwice, n) => run_keys_twice(n),
         Command::TwoPath(n, ratio) => run_twopath(n, ratio),
         Command::Hold(Mode::Other, n) => run_other(n),
         Command::Hold(Mode::Inotify, n) => run_inotify(n),
@@ -728,6 +738,27 @@ fn run_keys(n: usize) -> Result<()> {
     // outstanding.
     rcu_barrier();
     hold_protocol(|| release_keys(&serials))
+}
+
+/// Two batches of keys from one task, the second only when told: a test moves
+/// the task to another cgroup in between.
+fn run_keys_twice(n: usize) -> Result<()> {
+    check_key_quota(2 * n, desc_len_bound("leakgen-", 2 * n), KEY_PAYLOAD_LEN)?;
+    let pid = std::process::id();
+    let payload = [b'K'; KEY_PAYLOAD_LEN];
+    let mut serials = leak_keys(n)?;
+    rcu_barrier();
+    say(&format!("READY {pid}"))?;
+    wait_for_line()?;
+    for i in n..2 * n {
+        serials.push(hold_key(pid, i, 2 * n, &payload)?);
+    }
+    rcu_barrier();
+    say(&format!("MORE {pid}"))?;
+    wait_for_line()?;
+    release_keys(&serials)?;
+    say(&format!("RELEASED {pid}"))?;
+    wait_for_line()
 }
 
 /// Keys whose payloads are freed from RCU callbacks: KEYCTL_REVOKE makes
@@ -1462,6 +1493,11 @@ mod tests {
     fn parses() {
         assert_eq!(p(&["keys", "10"]), Ok(Command::Hold(Mode::Keys, 10)));
         assert_eq!(p(&["keys-rcu", "10"]), Ok(Command::Hold(Mode::KeysRcu, 10)));
+        assert_eq!(
+            p(&["keys-twice", "10"]),
+            Ok(Command::Hold(Mode::KeysTwice, 10))
+        );
+        assert!(p(&["keys-twice", "8192"]).is_err());
         assert_eq!(p(&["twopath", "10"]), Ok(Command::TwoPath(10, 50)));
         assert_eq!(p(&["twopath", "10", "500"]), Ok(Command::TwoPath(10, 500)));
         assert!(p(&["twopath"]).is_err());
