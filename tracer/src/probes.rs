@@ -1,4 +1,6 @@
-//! Loading the embedded eBPF object, attaching it, and reading its counters.
+//! Loading the slab tracer's embedded eBPF object, attaching it, and reading
+//! its counters. The object holds the slab tracer's maps and programs only
+//! (`leaktrace memcg` has its own), so nothing here sizes another tool's maps.
 //!
 //! Every attachment is a perf-event file descriptor owned by this process, and
 //! nothing is pinned, so the kernel detaches everything when we exit, however we
@@ -17,8 +19,8 @@ use tracer_common::counter;
 
 use crate::plan::{Hook, LiveMap, Plan};
 
-pub(crate) static BPF_OBJECT: &[u8] =
-    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/leaktrace.bpf.o"));
+pub(crate) static SLAB_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/leaktrace-slab.bpf.o"));
 
 pub struct Probes {
     /// Keeps programs and links alive; dropping it detaches.
@@ -84,17 +86,13 @@ impl Probes {
     ) -> Result<(Probes, RingBuf<MapData>)> {
         raise_memlock_limit();
         let object = match plan.live_map {
-            LiveMap::Preallocated => AlignedObject::from(BPF_OBJECT),
-            LiveMap::OnDemand => with_map_flags(BPF_OBJECT, "LIVE", BPF_F_NO_PREALLOC)?,
+            LiveMap::Preallocated => AlignedObject::from(SLAB_OBJECT),
+            LiveMap::OnDemand => with_map_flags(SLAB_OBJECT, "LIVE", BPF_F_NO_PREALLOC)?,
         };
         let mut ebpf = EbpfLoader::new()
             .override_global("CONFIG", &plan.config, true)
             .map_max_entries("LIVE", max_objects)
             .map_max_entries("EVENTS", ringbuf_bytes)
-            // The object also carries `leaktrace memcg`'s maps; a slab run never
-            // touches them, so they get the smallest sizes the kernel accepts.
-            .map_max_entries("MEMCG_LIVE", 1)
-            .map_max_entries("MEMCG_EVENTS", page_size())
             .load(object.bytes())
             .map_err(|e| {
                 let e = anyhow::Error::new(e);
@@ -348,11 +346,6 @@ pub(crate) fn with_map_flags(elf: &[u8], name: &str, flags: u32) -> Result<Align
     let off = usize::try_from(start + at).context("map definition offset")?;
     obj.bytes_mut()[off..off + 4].copy_from_slice(&flags.to_le_bytes());
     Ok(obj)
-}
-
-fn page_size() -> u32 {
-    // SAFETY: sysconf has no preconditions.
-    u32::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096)
 }
 
 /// Bytes the kernel charges for the maps behind `fds` (`memlock:` in each

@@ -15,7 +15,7 @@ use super::hierarchy::Hierarchy;
 use crate::{
     kernel::btf::Btf,
     kernel::tracefs::{EventFormat, Tracefs},
-    probes::{raise_memlock_limit, verifier_context, BPF_OBJECT},
+    probes::{raise_memlock_limit, verifier_context},
 };
 
 /// What was decided, for the one-line mode report and for attaching.
@@ -209,6 +209,11 @@ pub fn build(
     })
 }
 
+/// `leaktrace memcg`'s own eBPF object: its maps and programs only, none of
+/// the slab tracer's.
+pub(crate) static MEMCG_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/leaktrace-memcg.bpf.o"));
+
 /// Offsets for task->cgroups->subsys[memory_cgrp_id]->cgroup->kn->id.
 pub struct Hooks {
     /// Dropping it detaches every program.
@@ -235,15 +240,11 @@ impl Hooks {
         raise_memlock_limit();
         let mut config = plan.config;
         config.wakeup_bytes = u64::from(ringbuf_bytes / 4);
-        // The slab tracer's maps are created with the object too; keep them tiny.
         let mut ebpf = EbpfLoader::new()
             .override_global("MEMCG_CONFIG", &config, true)
             .map_max_entries("MEMCG_LIVE", max_objects)
             .map_max_entries("MEMCG_EVENTS", ringbuf_bytes)
-            .map_max_entries("LIVE", 1)
-            .map_max_entries("EVENTS", 4096)
-            .map_max_entries("SITES", 1)
-            .load(BPF_OBJECT)
+            .load(MEMCG_OBJECT)
             .context("loading leaktrace's eBPF object (BPF ring buffers need Linux 5.8+)")?;
         let mut loaded: Vec<&'static str> = Vec::new();
         for &(name, system, event) in &plan.attachments {

@@ -20,7 +20,8 @@ use aya::{
 };
 use tracer_common::memcg::{KreadBatch, KREAD_FOLLOW, KREAD_SLOTS, KREAD_SLOT_BYTES};
 
-use crate::probes::{raise_memlock_limit, verifier_context, BPF_OBJECT};
+use super::hooks::MEMCG_OBJECT;
+use crate::probes::{raise_memlock_limit, verifier_context};
 
 const PROGRAM: &str = "memcg_kread";
 
@@ -39,14 +40,11 @@ pub struct Kread {
 impl Kread {
     pub fn open() -> Result<Kread> {
         raise_memlock_limit();
-        // The object carries every program's maps: keep the others tiny.
+        // Only the kread program and its map are used: keep the tracking maps tiny.
         let mut ebpf = EbpfLoader::new()
-            .map_max_entries("LIVE", 1)
-            .map_max_entries("EVENTS", 4096)
-            .map_max_entries("SITES", 1)
             .map_max_entries("MEMCG_LIVE", 1)
             .map_max_entries("MEMCG_EVENTS", 4096)
-            .load(BPF_OBJECT)
+            .load(MEMCG_OBJECT)
             .context("loading leaktrace's eBPF object for kernel reads")?;
         let prog: &mut RawTracePoint = ebpf
             .program_mut(PROGRAM)
