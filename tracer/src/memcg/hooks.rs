@@ -11,11 +11,11 @@ use aya::{
 use serde::Serialize;
 use tracer_common::memcg::{counter, CgroupLayout, KmemLayout, MemcgConfig};
 
-use super::hierarchy::Hierarchy;
+use crate::kernel::cgroupfs::Hierarchy;
 use crate::{
+    bpf::load::{raise_memlock_limit, verifier_context},
     kernel::btf::Btf,
     kernel::tracefs::{EventFormat, Tracefs},
-    probes::{raise_memlock_limit, verifier_context},
 };
 
 /// What was decided, for the one-line mode report and for attaching.

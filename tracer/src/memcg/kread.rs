@@ -21,7 +21,7 @@ use aya::{
 use tracer_common::memcg::{KreadBatch, KREAD_FOLLOW, KREAD_SLOTS, KREAD_SLOT_BYTES};
 
 use super::hooks::MEMCG_OBJECT;
-use crate::probes::{raise_memlock_limit, verifier_context};
+use crate::bpf::load::{raise_memlock_limit, verifier_context};
 
 const PROGRAM: &str = "memcg_kread";
 
