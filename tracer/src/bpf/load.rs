@@ -8,7 +8,11 @@ use std::os::fd::AsFd;
 use std::os::fd::AsRawFd;
 
 use anyhow::{Context, Result};
-use aya::programs::ProgramError;
+use aya::{
+    maps::{MapData, PerCpuArray, RingBuf},
+    programs::{Program, ProgramError},
+    Ebpf,
+};
 
 /// aya's ProgramInfo does not expose recursion_misses, so ask BPF_OBJ_GET_INFO_BY_FD.
 /// A kernel older than the field leaves it zero; callers that care check the version.
@@ -147,4 +151,57 @@ pub(crate) fn verifier_context(err: ProgramError) -> anyhow::Error {
         }
         other => other.into(),
     }
+}
+
+/// Program `name` of a loaded object as the kind the caller attaches (`kind`
+/// says which in the error: "tracepoint", "raw tracepoint", "kprobe").
+pub(crate) fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str, kind: &str) -> Result<&'a mut T>
+where
+    &'a mut T: TryFrom<&'a mut Program, Error = ProgramError>,
+{
+    ebpf.program_mut(name)
+        .with_context(|| format!("eBPF object has no program {name}"))?
+        .try_into()
+        .with_context(|| format!("{name} is not a {kind} program"))
+}
+
+/// A program's `load()` result, with the verifier's log where it refused.
+pub(crate) fn loaded(name: &str, result: Result<(), ProgramError>) -> Result<()> {
+    result
+        .map_err(verifier_context)
+        .with_context(|| format!("loading program {name} into the kernel"))
+}
+
+/// The ring buffer map `name`, taken out of the object so the event loop can own it.
+pub(crate) fn take_ring(ebpf: &mut Ebpf, name: &str) -> Result<RingBuf<MapData>> {
+    RingBuf::try_from(
+        ebpf.take_map(name)
+            .with_context(|| format!("eBPF object has no {name} map"))?,
+    )
+    .with_context(|| format!("{name} is not a ring buffer"))
+}
+
+/// The per-CPU counter array `name`, taken out of the object.
+pub(crate) fn take_counters(ebpf: &mut Ebpf, name: &str) -> Result<PerCpuArray<MapData, u64>> {
+    PerCpuArray::try_from(
+        ebpf.take_map(name)
+            .with_context(|| format!("eBPF object has no {name} map"))?,
+    )
+    .with_context(|| format!("{name} is not a per-CPU array"))
+}
+
+/// Counter `index` summed over the CPUs (each CPU's slot wraps on its own).
+pub(crate) fn counter_sum(counters: &PerCpuArray<MapData, u64>, index: u32) -> Result<u64> {
+    let values = counters
+        .get(&index, 0)
+        .with_context(|| format!("reading kernel counter {index}"))?;
+    Ok(values.iter().copied().fold(0u64, u64::wrapping_add))
+}
+
+/// Kernel ids of the named programs, so tests and users can check nothing outlives us.
+pub(crate) fn program_ids(ebpf: &Ebpf, names: &[&str]) -> Vec<u32> {
+    names
+        .iter()
+        .filter_map(|name| Some(ebpf.program(name)?.info().ok()?.id()))
+        .collect()
 }

@@ -15,8 +15,8 @@ use aya::{
 use tracer_common::counter;
 
 use crate::bpf::load::{
-    map_fd, map_memory, prog_info, raise_memlock_limit, verifier_context, with_map_flags,
-    AlignedObject, BPF_F_NO_PREALLOC,
+    counter_sum, loaded, map_fd, map_memory, prog_info, program, program_ids, raise_memlock_limit,
+    take_counters, take_ring, with_map_flags, AlignedObject, BPF_F_NO_PREALLOC,
 };
 use crate::slab::plan::{Hook, LiveMap, Plan};
 use crate::slab::report::KernelCounters;
@@ -86,31 +86,20 @@ impl Probes {
                 (true, Hook::Raw) => "floor_raw",
             };
             let first = !programs.contains(&name);
-            let prog = ebpf
-                .program_mut(name)
-                .with_context(|| format!("eBPF object has no program {name}"))?;
             let what = a.describe();
             match a.hook {
                 Hook::Classic => {
-                    let prog: &mut TracePoint = prog
-                        .try_into()
-                        .with_context(|| format!("{name} is not a tracepoint program"))?;
+                    let prog: &mut TracePoint = program(&mut ebpf, name, "tracepoint")?;
                     if first {
-                        prog.load()
-                            .map_err(verifier_context)
-                            .with_context(|| format!("loading program {name} into the kernel"))?;
+                        loaded(name, prog.load())?;
                     }
                     prog.attach("kmem", a.event)
                         .with_context(|| format!("attaching to tracepoint {what}"))?;
                 }
                 Hook::Raw => {
-                    let prog: &mut RawTracePoint = prog
-                        .try_into()
-                        .with_context(|| format!("{name} is not a raw tracepoint program"))?;
+                    let prog: &mut RawTracePoint = program(&mut ebpf, name, "raw tracepoint")?;
                     if first {
-                        prog.load()
-                            .map_err(verifier_context)
-                            .with_context(|| format!("loading program {name} into the kernel"))?;
+                        loaded(name, prog.load())?;
                     }
                     prog.attach(a.event)
                         .with_context(|| format!("attaching to raw tracepoint {what}"))?;
@@ -125,16 +114,8 @@ impl Probes {
             .maps()
             .filter_map(|(_, m)| map_fd(m))
             .collect::<Vec<_>>();
-        let ring = RingBuf::try_from(
-            ebpf.take_map("EVENTS")
-                .context("eBPF object has no EVENTS map")?,
-        )
-        .context("EVENTS is not a ring buffer")?;
-        let counters = PerCpuArray::try_from(
-            ebpf.take_map("COUNTERS")
-                .context("eBPF object has no COUNTERS map")?,
-        )
-        .context("COUNTERS is not a per-CPU array")?;
+        let ring = take_ring(&mut ebpf, "EVENTS")?;
+        let counters = take_counters(&mut ebpf, "COUNTERS")?;
         Ok((
             Probes {
                 ebpf,
@@ -148,13 +129,7 @@ impl Probes {
 
     pub fn counters(&self) -> Result<KernelCounters> {
         let misses = self.recursion_misses();
-        let sum = |index: u32| -> Result<u64> {
-            let values = self
-                .counters
-                .get(&index, 0)
-                .with_context(|| format!("reading kernel counter {index}"))?;
-            Ok(values.iter().copied().fold(0u64, u64::wrapping_add))
-        };
+        let sum = |index: u32| counter_sum(&self.counters, index);
         Ok(KernelCounters {
             allocs_matched: sum(counter::ALLOCS_MATCHED)?,
             allocs_lost_ringbuf: sum(counter::ALLOCS_LOST_RINGBUF)?,
@@ -173,10 +148,7 @@ impl Probes {
 
     /// Kernel program ids, so tests and users can check nothing outlives us.
     pub fn program_ids(&self) -> Vec<u32> {
-        self.programs
-            .iter()
-            .filter_map(|name| Some(self.ebpf.program(name)?.info().ok()?.id()))
-            .collect()
+        program_ids(&self.ebpf, &self.programs)
     }
 
     /// Per program: runs the kernel skipped for recursion. None before 5.12,
