@@ -30,7 +30,9 @@ pub(crate) fn prog_info(fd: i32) -> Option<aya_obj::generated::bpf_prog_info> {
         info_len: std::mem::size_of_val(&info) as u32,
         info: std::ptr::addr_of_mut!(info) as u64,
     };
-    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    // The UAPI's numbers, as aya's own bindings carry them.
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long =
+        aya_obj::generated::bpf_cmd::BPF_OBJ_GET_INFO_BY_FD as libc::c_long;
     // SAFETY: attr and info outlive the call; the kernel writes at most info_len bytes.
     let rc = unsafe {
         libc::syscall(
@@ -43,7 +45,7 @@ pub(crate) fn prog_info(fd: i32) -> Option<aya_obj::generated::bpf_prog_info> {
     (rc == 0).then_some(info)
 }
 
-pub(crate) const BPF_F_NO_PREALLOC: u32 = 1;
+pub(crate) const BPF_F_NO_PREALLOC: u32 = aya_obj::generated::BPF_F_NO_PREALLOC;
 
 pub(crate) fn map_fd(map: &aya::maps::Map) -> Option<i32> {
     use aya::maps::Map;
