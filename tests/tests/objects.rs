@@ -17,8 +17,7 @@ fn map_names(pid: u32) -> BTreeSet<String> {
 
 #[test]
 fn a_slab_run_creates_no_memcg_map() {
-    let mut tracer =
-        Tracer::start(&["--cache", "kmalloc-512", "--duration", "30s"]).expect("start");
+    let tracer = Tracer::start(&["--cache", "kmalloc-512", "--duration", "30s"]).expect("start");
     let names = map_names(tracer.pid());
     tracer.kill().expect("stop the tracer");
     for slab in ["LIVE", "EVENTS", "COUNTERS"] {
