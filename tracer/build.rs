@@ -1,5 +1,6 @@
-//! Builds the eBPF object from `tracer-ebpf/` so `leaktrace` can embed it: one file
-//! to copy to a node. The eBPF build needs nightly (`-Z build-std=core`) and
+//! Builds the eBPF objects from `tracer-ebpf/` so `leaktrace` can embed them: one file
+//! to copy to a node. One object per tool (`leaktrace-slab`, `leaktrace-memcg`), so
+//! each run creates only its own tool's maps. The eBPF build needs nightly (`-Z build-std=core`) and
 //! bpf-linker; `cargo xtask setup` installs both and every xtask command runs it.
 
 use std::{
@@ -31,15 +32,18 @@ fn build() -> Result<(), String> {
     ] {
         println!("cargo:rerun-if-changed={}", path.display());
     }
-    println!("cargo:rerun-if-env-changed=LEAKTRACE_BPF_OBJ");
+    println!("cargo:rerun-if-env-changed=LEAKTRACE_BPF_DIR");
 
     let out_dir = PathBuf::from(env::var("OUT_DIR").map_err(|e| e.to_string())?);
-    let dest = out_dir.join("leaktrace.bpf.o");
 
-    // A prebuilt object (e.g. from a CI artifact) skips the nightly toolchain.
-    if let Some(prebuilt) = env::var_os("LEAKTRACE_BPF_OBJ") {
-        std::fs::copy(&prebuilt, &dest)
-            .map_err(|e| format!("copying LEAKTRACE_BPF_OBJ={prebuilt:?}: {e}"))?;
+    // Prebuilt objects (e.g. a CI artifact: the nightly build's
+    // `bpfel-unknown-none/release/` directory) skip the nightly toolchain.
+    if let Some(prebuilt) = env::var_os("LEAKTRACE_BPF_DIR") {
+        for object in OBJECTS {
+            let from = Path::new(&prebuilt).join(object);
+            std::fs::copy(&from, out_dir.join(format!("{object}.bpf.o")))
+                .map_err(|e| format!("copying {} (LEAKTRACE_BPF_DIR): {e}", from.display()))?;
+        }
         return Ok(());
     }
 
@@ -62,9 +66,15 @@ fn build() -> Result<(), String> {
     if !status.success() {
         return Err(format!("nightly cargo exited with {status}"));
     }
-    let built = target_dir.join("bpfel-unknown-none/release/leaktrace");
-    copy_if_changed(&built, &dest)
+    for object in OBJECTS {
+        let built = target_dir.join("bpfel-unknown-none/release").join(object);
+        copy_if_changed(&built, &out_dir.join(format!("{object}.bpf.o")))?;
+    }
+    Ok(())
 }
+
+/// The `[[bin]]` targets of `tracer-ebpf`: one eBPF object per tool.
+const OBJECTS: [&str; 2] = ["leaktrace-slab", "leaktrace-memcg"];
 
 /// `rustup run nightly cargo`, with the outer build's toolchain and flags removed
 /// so they do not leak into the BPF target build.

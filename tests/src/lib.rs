@@ -703,3 +703,67 @@ pub fn assert_freed(prog_ids: &[u32], map_ids: &[u32]) {
         thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// The ids of the BPF maps process `pid` holds open (`map_id:` in its
+/// /proc/PID/fdinfo entries): what a run of it has created in the kernel.
+pub fn process_map_ids(pid: u32) -> Result<Vec<u32>> {
+    let dir = format!("/proc/{pid}/fdinfo");
+    let mut ids = Vec::new();
+    for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {dir}"))? {
+        let Ok(entry) = entry else { continue };
+        // An fd closed since the listing is simply not one of the maps.
+        let Ok(info) = std::fs::read_to_string(entry.path()) else {
+            continue;
+        };
+        if let Some(id) = info
+            .lines()
+            .find_map(|l| l.strip_prefix("map_id:"))
+            .and_then(|v| v.trim().parse::<u32>().ok())
+        {
+            ids.push(id);
+        }
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    Ok(ids)
+}
+
+/// A BPF map's name as the kernel holds it (`bpf_map_info.name`, at most 15
+/// bytes), from the bpf syscall itself so no bpftool is needed in test guests.
+pub fn map_name(id: u32) -> Result<String> {
+    const BPF_MAP_GET_FD_BY_ID: libc::c_long = 14;
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    let fd = bpf_get_fd_by_id(BPF_MAP_GET_FD_BY_ID, id).with_context(|| format!("map {id}"))?;
+    // bpf_map_info: type, id, key_size, value_size, max_entries, map_flags
+    // (six u32s), then char name[16] at byte 24.
+    let mut info = [0u8; 40];
+    #[repr(C)]
+    struct InfoAttr {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    let attr = InfoAttr {
+        bpf_fd: fd as u32,
+        info_len: info.len() as u32,
+        info: info.as_mut_ptr() as u64,
+    };
+    // SAFETY: attr and info outlive the call; the kernel writes at most info_len bytes.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            &attr as *const InfoAttr,
+            std::mem::size_of::<InfoAttr>(),
+        )
+    };
+    let err = std::io::Error::last_os_error();
+    // SAFETY: our own fd.
+    unsafe { libc::close(fd) };
+    if rc != 0 {
+        bail!("bpf_map_info of {id}: {err}");
+    }
+    let name = &info[24..40];
+    let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
+    Ok(String::from_utf8_lossy(&name[..end]).into_owned())
+}

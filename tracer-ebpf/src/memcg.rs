@@ -1,11 +1,14 @@
 //! `leaktrace memcg`: memory-cgroup lifetimes from the `cgroup:*` tracepoints
 //! (they exist on every kernel, unlike kprobes on `mem_cgroup_css_*`), and the
 //! charged slab objects allocated inside each memcg, keyed by pointer so their
-//! frees are seen. Own maps and config: nothing here touches the slab tracer's.
+//! frees are seen. Its own object (`leaktrace-memcg`) with its own maps and
+//! config: a memcg run creates none of the slab tracer's maps, and the slab
+//! object holds none of these. The helpers both share are in `lib.rs`.
+#![no_std]
+#![no_main]
 
 use core::mem::size_of;
 
-use crate::task::{css_cgroup_id, current_memcg, parent_tgid};
 use aya_ebpf::{
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task, bpf_get_stack,
@@ -20,6 +23,11 @@ use tracer_common::memcg::{
     counter, CgroupEvent, ChargeEvent, CssEvent, KreadBatch, MemcgConfig, UnchargeEvent, CACHE_LEN,
     EVENT_CHARGE, EVENT_CSS_FREE, EVENT_CSS_OFFLINE, EVENT_MKDIR, EVENT_RELEASE, EVENT_RMDIR,
     EVENT_UNCHARGE, KREAD_FOLLOW, KREAD_SLOTS, KREAD_SLOT_BYTES, KSTACK, PATH_LEN,
+};
+use tracer_ebpf::{
+    data_loc,
+    task::{css_cgroup_id, current_memcg, parent_tgid},
+    BPF_ANY,
 };
 
 #[no_mangle]
@@ -37,40 +45,27 @@ static MEMCG_LIVE: HashMap<u64, u64> = HashMap::with_max_entries(1 << 18, 0);
 #[map]
 static MEMCG_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
 
-const BPF_ANY: u64 = 0;
-const BPF_RB_NO_WAKEUP: u64 = 1;
-const BPF_RB_FORCE_WAKEUP: u64 = 2;
-const BPF_RB_AVAIL_DATA: u64 = 0;
+// This object's maps under the shared helpers (`lib.rs`).
 
 /// Charges can come by the thousand per second: wake the reader in batches.
 #[inline(always)]
 fn wakeup_flags(cfg: &MemcgConfig) -> u64 {
-    if cfg.wakeup_bytes == 0 {
-        0
-    } else if MEMCG_EVENTS.query(BPF_RB_AVAIL_DATA) >= cfg.wakeup_bytes {
-        BPF_RB_FORCE_WAKEUP
-    } else {
-        BPF_RB_NO_WAKEUP
-    }
+    tracer_ebpf::wakeup_flags(&MEMCG_EVENTS, cfg.wakeup_bytes)
 }
 
 #[inline(always)]
 fn config() -> &'static MemcgConfig {
-    // Volatile so rustc cannot fold the zeroed initializer; the verifier sees
-    // the frozen values userspace wrote.
-    unsafe { core::ptr::read_volatile(&&MEMCG_CONFIG) }
+    tracer_ebpf::frozen(&MEMCG_CONFIG)
 }
 
 #[inline(always)]
 fn bump(index: u32) {
-    if let Some(slot) = MEMCG_COUNTERS.get_ptr_mut(index) {
-        unsafe { *slot += 1 };
-    }
+    tracer_ebpf::bump(&MEMCG_COUNTERS, index)
 }
 
 #[inline(always)]
 fn read<T>(ctx: &TracePointContext, offset: u16) -> Option<T> {
-    unsafe { ctx.read_at::<T>(offset as usize).ok() }
+    tracer_ebpf::read(ctx, offset)
 }
 
 #[tracepoint]
@@ -117,9 +112,8 @@ fn on_cgroup(ctx: &TracePointContext, kind: u32) -> Option<()> {
         (*ev).ts_ns = bpf_ktime_get_ns();
         (*ev).comm = bpf_get_current_comm().unwrap_or([0; 16]);
         (*ev).path[0] = 0;
-        // __data_loc: low 16 bits are the string's offset in the record.
         if let Some(loc) = read::<u32>(ctx, cfg.cgroup.path) {
-            let src = ctx.as_ptr().cast::<u8>().add((loc & 0xffff) as usize);
+            let src = data_loc(ctx, loc);
             let dst = core::slice::from_raw_parts_mut((*ev).path.as_mut_ptr(), PATH_LEN);
             if bpf_probe_read_kernel_str_bytes(src, dst).is_err() {
                 (*ev).path[0] = 0;
@@ -251,7 +245,7 @@ fn on_charge(ctx: &TracePointContext, cfg: &MemcgConfig, cache: bool) -> Option<
         (*ev).cache[0] = 0;
         if layout.name != 0 {
             if let Some(loc) = read::<u32>(ctx, layout.name) {
-                let src = ctx.as_ptr().cast::<u8>().add((loc & 0xffff) as usize);
+                let src = data_loc(ctx, loc);
                 let dst = core::slice::from_raw_parts_mut((*ev).cache.as_mut_ptr(), CACHE_LEN);
                 if bpf_probe_read_kernel_str_bytes(src, dst).is_err() {
                     (*ev).cache[0] = 0;

@@ -1,11 +1,11 @@
 //! Command line: what a user can ask for, parsed and validated before anything
 //! touches the kernel.
 
-use std::time::Duration;
+use std::{path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::plan::HookMode;
+use crate::slab::plan::HookMode;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -48,10 +48,10 @@ pub enum Command {
     /// Diagnose a node whose kernel memory grows: meminfo, slab growth, dying memcgs, kmem
     /// accounting, kernel version, whether leaktrace can attach, and the next command.
     /// Works without root and where BPF cannot load.
-    Doctor(crate::doctor::DoctorArgs),
+    Doctor(DoctorArgs),
     /// Memory-cgroup lifetimes: who creates memcgs, which are removed but never
     /// freed (dying, zombie), and which charged kernel objects pin them.
-    Memcg(crate::memcg::MemcgArgs),
+    Memcg(MemcgArgs),
 }
 
 #[derive(Debug, Args)]
@@ -345,4 +345,99 @@ mod tests {
         use clap::CommandFactory;
         Cli::command().debug_assert();
     }
+}
+
+/// `leaktrace doctor`'s arguments.
+#[derive(Debug, Args)]
+pub struct DoctorArgs {
+    /// Window between the two /proc/slabinfo samples that measure cache growth.
+    #[arg(long, value_parser = parse_duration, default_value = "10s", value_name = "DURATION")]
+    pub watch: Duration,
+
+    /// Print the diagnosis as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Read /proc and /sys under this directory instead of / (fixture trees in tests).
+    #[arg(long, hide = true, default_value = "/")]
+    pub root: PathBuf,
+}
+
+// `leaktrace memcg`'s arguments.
+
+/// A memcg is released within milliseconds of its last reference going away,
+/// so below 100ms every removal would flash as a zombie; past a week the
+/// question is answered by `dying` alone.
+fn parse_zombie_after(text: &str) -> Result<Duration, String> {
+    parse_duration_in(
+        text,
+        Duration::from_millis(100),
+        Duration::from_secs(7 * 86400),
+    )
+}
+
+#[derive(Debug, Args)]
+pub struct MemcgArgs {
+    /// Live view, refreshed every --interval (plain periodic text when stdout is not a terminal).
+    #[arg(long, conflicts_with = "list")]
+    pub top: bool,
+
+    /// One-shot list of memory cgroups (with --duration: after tracing that long).
+    #[arg(long)]
+    pub list: bool,
+
+    /// Stop after this long (e.g. 30s, 5m); default: until Ctrl-C or SIGTERM.
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    pub duration: Option<Duration>,
+
+    /// Refresh period of the live view and JSON snapshots (50ms to 1h).
+    #[arg(long, value_parser = parse_interval, default_value = "1s", value_name = "DURATION")]
+    pub interval: Duration,
+
+    /// A removed memcg still not released after this long is a zombie (100ms to 168h).
+    #[arg(long, value_parser = parse_zombie_after, default_value = "30s", value_name = "DURATION")]
+    pub zombie_after: Duration,
+
+    /// Window over which creation and release rates are computed.
+    #[arg(long, value_parser = parse_duration, default_value = "10s", value_name = "DURATION")]
+    pub rate_window: Duration,
+
+    /// Memory cgroups shown in the text views.
+    #[arg(long, default_value_t = 20)]
+    pub limit: usize,
+
+    /// Pinning stacks shown per dying memcg.
+    #[arg(long, default_value_t = 3)]
+    pub stacks: usize,
+
+    /// Which memory controller to watch when both are mounted: 1 (a v1 'memory'
+    /// hierarchy) or 2 (cgroup2); default: wherever the memory controller is bound.
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=2), value_name = "1|2")]
+    pub cgroup_version: Option<u8>,
+
+    /// Do not track charged slab objects (lifetimes only; no kmem tracepoints).
+    #[arg(long)]
+    pub no_pins: bool,
+
+    /// Do not capture a kernel stack per charged allocation.
+    #[arg(long)]
+    pub no_kernel_stacks: bool,
+
+    /// Charged objects the kernel can track at once (1 to 67108864); more are counted as lost.
+    #[arg(long, default_value_t = 1 << 20, value_name = "N", value_parser = max_objects_range())]
+    pub max_objects: u32,
+
+    /// Ring buffer size in MiB (1 to 1024, rounded up to a power of two).
+    #[arg(long, default_value_t = 8, value_name = "MIB", value_parser = ringbuf_mib_range())]
+    pub ringbuf_mib: u32,
+
+    /// One memcg's full story by id (the ID column): state, page counters,
+    /// every file whose pages it holds and what releases them, creator and
+    /// remover where traced. Implies a one-shot list unless --duration is given.
+    #[arg(long, value_name = "ID", conflicts_with = "top")]
+    pub why: Option<u64>,
+
+    /// Machine output: one JSON object per interval (with --top) and a final report, one per line.
+    #[arg(long)]
+    pub json: bool,
 }

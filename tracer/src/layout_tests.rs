@@ -1,12 +1,22 @@
 //! The layout's rules, checked on the source tree: which top-level modules may
 //! use which. Folders hold one stage of the data path each; a stage may use the
-//! stages below it, never one above (kernel facts know nothing of the tools).
+//! stages below it, never one above (kernel facts know nothing of the tools),
+//! and no two folders use each other, however indirectly.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 /// Top-level module -> the top-level modules its files name as `crate::X`.
 fn uses() -> BTreeMap<String, BTreeSet<String>> {
+    uses_with(crate_paths)
+}
+
+/// Top-level module -> the `X::Y` its files name as `crate::X::Y` (or `X` alone).
+fn uses_deep() -> BTreeMap<String, BTreeSet<String>> {
+    uses_with(crate_paths_deep)
+}
+
+fn uses_with(paths: fn(&str) -> BTreeSet<String>) -> BTreeMap<String, BTreeSet<String>> {
     let src = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/src"));
     let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     let mut stack = vec![src.to_path_buf()];
@@ -28,9 +38,11 @@ fn uses() -> BTreeMap<String, BTreeSet<String>> {
                 .map(|s| s.trim_end_matches(".rs").to_string())
                 .expect("a name");
             let text = std::fs::read_to_string(&path).expect("read");
-            out.entry(top.clone())
-                .or_default()
-                .extend(crate_paths(&text).into_iter().filter(|m| *m != top));
+            out.entry(top.clone()).or_default().extend(
+                paths(&text)
+                    .into_iter()
+                    .filter(|m| m.split("::").next() != Some(top.as_str())),
+            );
         }
     }
     out
@@ -38,45 +50,101 @@ fn uses() -> BTreeMap<String, BTreeSet<String>> {
 
 /// First segments after every `crate::`, including those of `crate::{a, b::c}`.
 fn crate_paths(text: &str) -> BTreeSet<String> {
-    let mut found = BTreeSet::new();
+    crate_paths_deep(text)
+        .into_iter()
+        .filter_map(|p| p.split("::").next().map(str::to_string))
+        .collect()
+}
+
+/// The first two segments after every `crate::` (`a::b`, or `a` alone),
+/// including those of `crate::{a, b::c}`; a group one level down
+/// (`crate::{a::{b, c}}`) gives `a::b` and `a::c`.
+fn crate_paths_deep(text: &str) -> BTreeSet<String> {
+    let bytes = text.as_bytes();
+    let mut paths = Vec::new();
     for (i, _) in text.match_indices("crate::") {
-        let rest = &text[i + "crate::".len()..];
-        if let Some(group) = rest.strip_prefix('{') {
-            let mut depth = 0;
-            let mut item = String::new();
-            let mut at_start = true;
-            for c in group.chars() {
-                match c {
-                    '{' => depth += 1,
-                    '}' if depth == 0 => break,
-                    '}' => depth -= 1,
-                    ',' if depth == 0 => at_start = true,
-                    c if at_start && (c.is_alphanumeric() || c == '_') => item.push(c),
-                    _ if at_start && !item.is_empty() => {
-                        found.insert(std::mem::take(&mut item));
-                        at_start = false;
+        let mut at = i + "crate::".len();
+        use_tree(bytes, &mut at, &[], &mut paths);
+    }
+    paths
+        .into_iter()
+        .filter(|p| !p.is_empty())
+        .map(|p| p.iter().take(2).cloned().collect::<Vec<_>>().join("::"))
+        .collect()
+}
+
+/// The paths a use tree (or a plain path in code) names, from `b[*at..]`.
+fn use_tree(b: &[u8], at: &mut usize, prefix: &[String], out: &mut Vec<Vec<String>>) {
+    while *at < b.len() && b[*at].is_ascii_whitespace() {
+        *at += 1;
+    }
+    if b.get(*at) == Some(&b'{') {
+        *at += 1;
+        while *at < b.len() {
+            match b[*at] {
+                b'}' => {
+                    *at += 1;
+                    return;
+                }
+                b',' => *at += 1,
+                c if c.is_ascii_whitespace() => *at += 1,
+                _ => {
+                    let before = *at;
+                    use_tree(b, at, prefix, out);
+                    // `as name` and the like, up to the next item.
+                    while *at < b.len() && b[*at] != b',' && b[*at] != b'}' {
+                        *at += 1;
                     }
-                    _ => {}
+                    if *at == before {
+                        *at += 1;
+                    }
                 }
             }
-            if !item.is_empty() {
-                found.insert(item);
-            }
-        } else {
-            let name: String = rest
-                .chars()
-                .take_while(|c| c.is_alphanumeric() || *c == '_')
-                .collect();
-            if !name.is_empty() {
-                found.insert(name);
-            }
         }
+        return;
     }
-    found
+    let start = *at;
+    while *at < b.len() && (b[*at].is_ascii_alphanumeric() || b[*at] == b'_') {
+        *at += 1;
+    }
+    if *at == start {
+        out.push(prefix.to_vec());
+        return;
+    }
+    let mut path = prefix.to_vec();
+    path.push(String::from_utf8_lossy(&b[start..*at]).into_owned());
+    if b[*at..].starts_with(b"::") {
+        *at += 2;
+        use_tree(b, at, &path, out);
+    } else {
+        out.push(path);
+    }
 }
 
 fn assert_uses_only(module: &str, allowed: &[&str]) {
-    let all = uses();
+    assert_uses_only_in(&uses(), module, allowed);
+}
+
+/// Like [`assert_uses_only`], by `folder::module` where `allowed` names one.
+fn assert_uses_only_deep(module: &str, allowed: &[&str]) {
+    let all = uses_deep();
+    let used = all
+        .get(module)
+        .unwrap_or_else(|| panic!("no module {module}"));
+    let extra: Vec<&String> = used
+        .iter()
+        .filter(|m| {
+            let top = m.split("::").next().unwrap_or_default();
+            top != "test_rng" && !allowed.contains(&m.as_str()) && !allowed.contains(&top)
+        })
+        .collect();
+    assert!(
+        extra.is_empty(),
+        "{module}/ may use only {allowed:?}, but uses {extra:?}"
+    );
+}
+
+fn assert_uses_only_in(all: &BTreeMap<String, BTreeSet<String>>, module: &str, allowed: &[&str]) {
     let used = all
         .get(module)
         .unwrap_or_else(|| panic!("no module {module}"));
@@ -90,12 +158,70 @@ fn assert_uses_only(module: &str, allowed: &[&str]) {
     );
 }
 
+/// A chain of folders that leads from `from` back to itself, if any.
+fn cycle_through(all: &BTreeMap<String, BTreeSet<String>>, from: &str) -> Option<Vec<String>> {
+    let mut stack = vec![vec![from.to_string()]];
+    let mut seen = BTreeSet::new();
+    while let Some(path) = stack.pop() {
+        let last = path.last().cloned().unwrap_or_default();
+        for next in all.get(&last).into_iter().flatten() {
+            if next == from {
+                let mut cycle = path.clone();
+                cycle.push(next.clone());
+                return Some(cycle);
+            }
+            if seen.insert(next.clone()) {
+                let mut longer = path.clone();
+                longer.push(next.clone());
+                stack.push(longer);
+            }
+        }
+    }
+    None
+}
+
 #[test]
 fn crate_paths_are_found_in_groups_too() {
     let text =
         "use crate::{kernel::tracefs::{A, B}, present::units::x, slab};\nlet y = crate::plan::f();";
     let got: Vec<String> = crate_paths(text).into_iter().collect();
     assert_eq!(got, ["kernel", "plan", "present", "slab"]);
+    let text = "use crate::{slab::{report::{self, R}, grouping as g}, kernel::btf::Btf};\n\
+                let c = crate::slab::aggregator::Counts { x };";
+    let got: Vec<String> = crate_paths_deep(text).into_iter().collect();
+    assert_eq!(
+        got,
+        [
+            "kernel::btf",
+            "slab::aggregator",
+            "slab::grouping",
+            "slab::report"
+        ]
+    );
+}
+
+#[test]
+fn no_folder_uses_itself_through_others() {
+    let all = uses();
+    for module in all.keys() {
+        if let Some(cycle) = cycle_through(&all, module) {
+            panic!("import cycle between folders: {}", cycle.join(" -> "));
+        }
+    }
+}
+
+#[test]
+fn a_cycle_is_found() {
+    let mut all: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    all.entry("a".into()).or_default().insert("b".into());
+    all.entry("b".into()).or_default().insert("c".into());
+    all.entry("c".into()).or_default().insert("a".into());
+    assert_eq!(
+        cycle_through(&all, "b"),
+        Some(vec!["b".into(), "c".into(), "a".into(), "b".into()])
+    );
+    all.entry("c".into()).or_default().remove("a");
+    assert_eq!(cycle_through(&all, "a"), None);
 }
 
 #[test]
@@ -104,17 +230,53 @@ fn kernel_facts_know_nothing_of_the_tools() {
 }
 
 #[test]
-fn presentation_units_stand_alone() {
-    assert_uses_only("present", &[]);
+fn bpf_loading_is_shared_and_knows_no_tool() {
+    assert_uses_only("bpf", &["kernel"]);
 }
 
 #[test]
-fn slab_caches_use_only_kernel_facts_and_units() {
-    assert_uses_only("slab", &["kernel", "present"]);
+fn symbolization_uses_only_kernel_facts() {
+    assert_uses_only("symbolize", &["kernel"]);
+}
+
+#[test]
+fn the_slab_model_uses_no_view_loop_or_cli() {
+    assert_uses_only("slab", &["kernel", "bpf", "symbolize"]);
 }
 
 #[test]
 fn outputs_read_reports_only() {
-    // The aggregator's Counts are part of the report model.
-    assert_uses_only("output", &["report", "aggregator", "grouping", "present"]);
+    // The aggregator's Counts and the grouping's rows are part of the report model.
+    assert_uses_only_deep(
+        "output",
+        &[
+            "slab::report",
+            "slab::aggregator",
+            "slab::grouping",
+            "present",
+        ],
+    );
+}
+
+#[test]
+fn presentation_reads_reports_only() {
+    // `caches.rs` renders `leaktrace caches`: the catalogue and slabinfo are its report.
+    assert_uses_only_deep(
+        "present",
+        &[
+            "slab::report",
+            "slab::aggregator",
+            "slab::grouping",
+            "slab::caches",
+            "kernel::slabinfo",
+        ],
+    );
+}
+
+#[test]
+fn memcg_shares_the_machinery_and_copies_no_slab_code() {
+    assert_uses_only(
+        "memcg",
+        &["kernel", "bpf", "symbolize", "pipeline", "present", "cli"],
+    );
 }

@@ -1,33 +1,24 @@
 //! leaktrace: who is growing kernel memory.
 //!
-//! Data path, top to bottom: kernel tracepoints (`tracer-ebpf`) -> ring buffer ->
-//! [`decoder`] -> [`aggregator`] -> [`report`] -> [`view`] / JSON.
+//! Data path, top to bottom: kernel tracepoints (`tracer-ebpf`) -> [`bpf`] (load,
+//! attach, ring buffer) -> [`pipeline`] (the event loop) -> [`slab`] (decode,
+//! aggregate, report) -> [`present`] / [`output`]. See README.md, "How the code is
+//! laid out".
 
-mod aggregator;
+mod bpf;
 mod cli;
-mod decoder;
 mod doctor;
-mod event_loop;
-mod fault;
-mod grouping;
 mod kernel;
 #[cfg(test)]
 mod layout_tests;
 mod memcg;
 mod output;
-mod own_memory;
-mod plan;
+mod pipeline;
 mod present;
-mod probes;
-mod report;
 mod slab;
-mod stacks;
 mod symbolize;
 #[cfg(test)]
 mod test_rng;
-mod trace;
-mod tui;
-mod view;
 
 use std::{path::Path, process::ExitCode};
 
@@ -54,7 +45,7 @@ fn run(cli: Cli) -> Result<()> {
             let catalogue = slab::caches::Catalogue::read(root).context("reading slab caches")?;
             let slab =
                 kernel::slabinfo::read(root).context("reading /proc/slabinfo (needs root)")?;
-            print!("{}", slab::caches::render_table(&catalogue, &slab));
+            print!("{}", present::caches::render_table(&catalogue, &slab));
             Ok(())
         }
         Some(Command::Doctor(args)) => doctor::run(&args),
@@ -71,7 +62,7 @@ fn run(cli: Cli) -> Result<()> {
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;
-            runtime.block_on(trace::run(cli.trace, &cache))
+            runtime.block_on(pipeline::trace::run(cli.trace, &cache))
         }
     }
 }

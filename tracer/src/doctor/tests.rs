@@ -5,6 +5,7 @@
 //! * v2: a unified-hierarchy node (Debian 6.1) captured without root: no slabinfo, no tracefs.
 
 use super::*;
+use std::path::PathBuf;
 
 use std::fs;
 

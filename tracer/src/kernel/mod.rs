@@ -3,10 +3,13 @@
 //! about the tools that use it.
 
 pub mod btf;
+pub mod cgroup_paths;
+pub mod cgroupfs;
 pub mod clock;
 pub mod features;
 pub mod irq_context;
 pub mod meminfo;
+pub mod own_memory;
 pub mod procinfo;
 pub mod slabinfo;
 pub mod task_offsets;

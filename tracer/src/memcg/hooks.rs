@@ -11,11 +11,13 @@ use aya::{
 use serde::Serialize;
 use tracer_common::memcg::{counter, CgroupLayout, KmemLayout, MemcgConfig};
 
-use super::hierarchy::Hierarchy;
+use crate::kernel::cgroupfs::Hierarchy;
 use crate::{
+    bpf::load::{
+        counter_sum, loaded, program, program_ids, raise_memlock_limit, take_counters, take_ring,
+    },
     kernel::btf::Btf,
     kernel::tracefs::{EventFormat, Tracefs},
-    probes::{raise_memlock_limit, verifier_context, BPF_OBJECT},
 };
 
 /// What was decided, for the one-line mode report and for attaching.
@@ -209,6 +211,11 @@ pub fn build(
     })
 }
 
+/// `leaktrace memcg`'s own eBPF object: its maps and programs only, none of
+/// the slab tracer's.
+pub(crate) static MEMCG_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/leaktrace-memcg.bpf.o"));
+
 /// Offsets for task->cgroups->subsys[memory_cgrp_id]->cgroup->kn->id.
 pub struct Hooks {
     /// Dropping it detaches every program.
@@ -235,59 +242,32 @@ impl Hooks {
         raise_memlock_limit();
         let mut config = plan.config;
         config.wakeup_bytes = u64::from(ringbuf_bytes / 4);
-        // The slab tracer's maps are created with the object too; keep them tiny.
         let mut ebpf = EbpfLoader::new()
             .override_global("MEMCG_CONFIG", &config, true)
             .map_max_entries("MEMCG_LIVE", max_objects)
             .map_max_entries("MEMCG_EVENTS", ringbuf_bytes)
-            .map_max_entries("LIVE", 1)
-            .map_max_entries("EVENTS", 4096)
-            .map_max_entries("SITES", 1)
-            .load(BPF_OBJECT)
+            .load(MEMCG_OBJECT)
             .context("loading leaktrace's eBPF object (BPF ring buffers need Linux 5.8+)")?;
-        let mut loaded: Vec<&'static str> = Vec::new();
+        let mut names: Vec<&'static str> = Vec::new();
         for &(name, system, event) in &plan.attachments {
-            let prog: &mut TracePoint = ebpf
-                .program_mut(name)
-                .with_context(|| format!("eBPF object has no program {name}"))?
-                .try_into()
-                .with_context(|| format!("{name} is not a tracepoint program"))?;
-            if !loaded.contains(&name) {
-                prog.load()
-                    .map_err(verifier_context)
-                    .with_context(|| format!("loading program {name} into the kernel"))?;
-                loaded.push(name);
+            let prog: &mut TracePoint = program(&mut ebpf, name, "tracepoint")?;
+            if !names.contains(&name) {
+                loaded(name, prog.load())?;
+                names.push(name);
             }
             prog.attach(system, event)
                 .with_context(|| format!("attaching to tracepoint {system}:{event}"))?;
         }
         for &(name, function) in &plan.kprobes {
-            let prog: &mut KProbe = ebpf
-                .program_mut(name)
-                .with_context(|| format!("eBPF object has no program {name}"))?
-                .try_into()
-                .with_context(|| format!("{name} is not a kprobe program"))?;
-            prog.load()
-                .map_err(verifier_context)
-                .with_context(|| format!("loading program {name} into the kernel"))?;
+            let prog: &mut KProbe = program(&mut ebpf, name, "kprobe")?;
+            loaded(name, prog.load())?;
             prog.attach(function, 0)
                 .with_context(|| format!("attaching kprobe to {function}"))?;
-            loaded.push(name);
+            names.push(name);
         }
-        let ring = RingBuf::try_from(
-            ebpf.take_map("MEMCG_EVENTS")
-                .context("eBPF object has no MEMCG_EVENTS map")?,
-        )
-        .context("MEMCG_EVENTS is not a ring buffer")?;
-        let counters = PerCpuArray::try_from(
-            ebpf.take_map("MEMCG_COUNTERS")
-                .context("eBPF object has no MEMCG_COUNTERS map")?,
-        )
-        .context("MEMCG_COUNTERS is not a per-CPU array")?;
-        let prog_ids = loaded
-            .iter()
-            .filter_map(|n| Some(ebpf.program(n)?.info().ok()?.id()))
-            .collect();
+        let ring = take_ring(&mut ebpf, "MEMCG_EVENTS")?;
+        let counters = take_counters(&mut ebpf, "MEMCG_COUNTERS")?;
+        let prog_ids = program_ids(&ebpf, &names);
         Ok((
             Hooks {
                 _ebpf: ebpf,
@@ -299,12 +279,8 @@ impl Hooks {
     }
 
     pub fn counters(&self) -> Counters {
-        let sum = |i: u32| {
-            self.counters
-                .get(&i, 0)
-                .map(|v| v.iter().copied().fold(0u64, u64::wrapping_add))
-                .unwrap_or(0)
-        };
+        // A counter that cannot be read counts as 0: these only annotate the report.
+        let sum = |i: u32| counter_sum(&self.counters, i).unwrap_or(0);
         Counters {
             cgroup_events_lost: sum(counter::CGROUP_LOST),
             charges_lost_ringbuf: sum(counter::CHARGE_LOST_RINGBUF),

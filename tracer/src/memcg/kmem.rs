@@ -14,7 +14,7 @@ use std::{fs, path::Path};
 
 use serde::Serialize;
 
-use super::hierarchy::Hierarchy;
+use crate::kernel::cgroupfs::Hierarchy;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Accounting {

@@ -20,7 +20,8 @@ use aya::{
 };
 use tracer_common::memcg::{KreadBatch, KREAD_FOLLOW, KREAD_SLOTS, KREAD_SLOT_BYTES};
 
-use crate::probes::{raise_memlock_limit, verifier_context, BPF_OBJECT};
+use super::hooks::MEMCG_OBJECT;
+use crate::bpf::load::{loaded, program, raise_memlock_limit};
 
 const PROGRAM: &str = "memcg_kread";
 
@@ -39,23 +40,14 @@ pub struct Kread {
 impl Kread {
     pub fn open() -> Result<Kread> {
         raise_memlock_limit();
-        // The object carries every program's maps: keep the others tiny.
+        // Only the kread program and its map are used: keep the tracking maps tiny.
         let mut ebpf = EbpfLoader::new()
-            .map_max_entries("LIVE", 1)
-            .map_max_entries("EVENTS", 4096)
-            .map_max_entries("SITES", 1)
             .map_max_entries("MEMCG_LIVE", 1)
             .map_max_entries("MEMCG_EVENTS", 4096)
-            .load(BPF_OBJECT)
+            .load(MEMCG_OBJECT)
             .context("loading leaktrace's eBPF object for kernel reads")?;
-        let prog: &mut RawTracePoint = ebpf
-            .program_mut(PROGRAM)
-            .with_context(|| format!("eBPF object has no program {PROGRAM}"))?
-            .try_into()
-            .with_context(|| format!("{PROGRAM} is not a raw tracepoint program"))?;
-        prog.load()
-            .map_err(verifier_context)
-            .with_context(|| format!("loading program {PROGRAM} into the kernel"))?;
+        let prog: &mut RawTracePoint = program(&mut ebpf, PROGRAM, "raw tracepoint")?;
+        loaded(PROGRAM, prog.load())?;
         let map = Array::try_from(
             ebpf.take_map("MEMCG_KREAD")
                 .context("eBPF object has no MEMCG_KREAD map")?,

@@ -3,11 +3,9 @@
 //! [`Report`] -> [`view`] / JSON, with the same conventions as the slab tracer.
 
 mod ancestry;
-pub mod hierarchy;
 mod hooks;
 mod kmem;
 mod kread;
-pub mod paths;
 mod pins;
 mod state;
 mod view;
@@ -16,12 +14,10 @@ mod walk;
 use std::{
     io::{IsTerminal, Write},
     path::Path,
-    time::Duration,
 };
 
 use anyhow::{Context, Result};
 use aya::maps::{MapData, RingBuf};
-use clap::Args;
 use serde::Serialize;
 use tracer_common::memcg::{
     CgroupEvent, ChargeEvent, CssEvent, UnchargeEvent, EVENT_CHARGE, EVENT_CSS_FREE,
@@ -29,95 +25,18 @@ use tracer_common::memcg::{
 };
 
 use self::{
-    hierarchy::{Dying, Hierarchy},
     hooks::{Counters, Hooks},
     state::{ChargeInput, Snapshot, SnapshotOptions, Tracker},
 };
 use crate::{
-    cli::parse_duration,
+    cli::MemcgArgs,
     kernel::btf::Btf,
+    kernel::cgroupfs::{Dying, Hierarchy},
     kernel::clock::monotonic_ns,
     kernel::features::{self, Features},
     kernel::tracefs::Tracefs,
     symbolize::Symbolizer,
 };
-
-/// A memcg is released within milliseconds of its last reference going away,
-/// so below 100ms every removal would flash as a zombie; past a week the
-/// question is answered by `dying` alone.
-fn parse_zombie_after(text: &str) -> Result<Duration, String> {
-    crate::cli::parse_duration_in(
-        text,
-        Duration::from_millis(100),
-        Duration::from_secs(7 * 86400),
-    )
-}
-
-#[derive(Debug, Args)]
-pub struct MemcgArgs {
-    /// Live view, refreshed every --interval (plain periodic text when stdout is not a terminal).
-    #[arg(long, conflicts_with = "list")]
-    pub top: bool,
-
-    /// One-shot list of memory cgroups (with --duration: after tracing that long).
-    #[arg(long)]
-    pub list: bool,
-
-    /// Stop after this long (e.g. 30s, 5m); default: until Ctrl-C or SIGTERM.
-    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
-    pub duration: Option<Duration>,
-
-    /// Refresh period of the live view and JSON snapshots (50ms to 1h).
-    #[arg(long, value_parser = crate::cli::parse_interval, default_value = "1s", value_name = "DURATION")]
-    pub interval: Duration,
-
-    /// A removed memcg still not released after this long is a zombie (100ms to 168h).
-    #[arg(long, value_parser = parse_zombie_after, default_value = "30s", value_name = "DURATION")]
-    pub zombie_after: Duration,
-
-    /// Window over which creation and release rates are computed.
-    #[arg(long, value_parser = parse_duration, default_value = "10s", value_name = "DURATION")]
-    pub rate_window: Duration,
-
-    /// Memory cgroups shown in the text views.
-    #[arg(long, default_value_t = 20)]
-    pub limit: usize,
-
-    /// Pinning stacks shown per dying memcg.
-    #[arg(long, default_value_t = 3)]
-    pub stacks: usize,
-
-    /// Which memory controller to watch when both are mounted: 1 (a v1 'memory'
-    /// hierarchy) or 2 (cgroup2); default: wherever the memory controller is bound.
-    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=2), value_name = "1|2")]
-    pub cgroup_version: Option<u8>,
-
-    /// Do not track charged slab objects (lifetimes only; no kmem tracepoints).
-    #[arg(long)]
-    pub no_pins: bool,
-
-    /// Do not capture a kernel stack per charged allocation.
-    #[arg(long)]
-    pub no_kernel_stacks: bool,
-
-    /// Charged objects the kernel can track at once (1 to 67108864); more are counted as lost.
-    #[arg(long, default_value_t = 1 << 20, value_name = "N", value_parser = crate::cli::max_objects_range())]
-    pub max_objects: u32,
-
-    /// Ring buffer size in MiB (1 to 1024, rounded up to a power of two).
-    #[arg(long, default_value_t = 8, value_name = "MIB", value_parser = crate::cli::ringbuf_mib_range())]
-    pub ringbuf_mib: u32,
-
-    /// One memcg's full story by id (the ID column): state, page counters,
-    /// every file whose pages it holds and what releases them, creator and
-    /// remover where traced. Implies a one-shot list unless --duration is given.
-    #[arg(long, value_name = "ID", conflicts_with = "top")]
-    pub why: Option<u64>,
-
-    /// Machine output: one JSON object per interval (with --top) and a final report, one per line.
-    #[arg(long)]
-    pub json: bool,
-}
 
 pub const SCHEMA_VERSION: u32 = 1;
 
@@ -320,7 +239,7 @@ async fn run_async(args: MemcgArgs) -> Result<()> {
                     .all(|f| crate::kernel::features::kernel_has_symbol(f)),
         },
     )?;
-    let ringbuf_bytes = crate::event_loop::ringbuf_bytes(args.ringbuf_mib)?;
+    let ringbuf_bytes = crate::pipeline::event_loop::ringbuf_bytes(args.ringbuf_mib)?;
     let (hooks, ring) = Hooks::attach(&plan, args.max_objects, ringbuf_bytes)?;
     run.mode = mode_line(&plan, &features);
     run.attribution = plan.attribution.clone();
@@ -389,7 +308,7 @@ async fn event_loop(
     run: &mut Run,
 ) -> Result<RingBuf<MapData>> {
     // Charge events wake the reader in batches; the poll timer drains the rest.
-    let mut src = crate::event_loop::Sources::new(ring, args.interval, args.duration)?;
+    let mut src = crate::pipeline::event_loop::Sources::new(ring, args.interval, args.duration)?;
     let tty = std::io::stdout().is_terminal();
     loop {
         tokio::select! {
@@ -518,7 +437,9 @@ impl Run {
         for m in &mut snapshot.memcgs {
             for s in &mut m.pinned_stacks {
                 let frames = self.tracker.stacks.frames(s.stack);
-                s.kernel = crate::report::strip_tracing_frames(self.symbols.kernel_frames(frames));
+                s.kernel = crate::symbolize::tracing::strip_tracing_frames(
+                    self.symbols.kernel_frames(frames),
+                );
             }
         }
         self.symbols.trim();

@@ -6,8 +6,8 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use serde::Serialize;
 
-use super::paths::{self, ContainerInfo};
-use crate::stacks::{StackId, StackTable};
+use crate::bpf::stacks::{StackId, StackTable};
+use crate::kernel::cgroup_paths::{self as paths, ContainerInfo};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]

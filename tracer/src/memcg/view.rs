@@ -5,9 +5,10 @@ use std::fmt::Write;
 
 use super::{
     state::{Actor, Group, MemcgReport, Phase},
-    MemcgArgs, Report,
+    Report,
 };
-use crate::{present::units::human_bytes, view::group};
+use crate::cli::MemcgArgs;
+use crate::{present::units::human_bytes, present::view::group};
 
 pub fn render(r: &Report, args: &MemcgArgs, last: bool) -> String {
     let mut out = String::new();
@@ -442,7 +443,7 @@ pub fn why(r: &Report, id: u64) -> String {
     }
     let container = path
         .as_deref()
-        .map(super::paths::decode)
+        .map(crate::kernel::cgroup_paths::decode)
         .unwrap_or_default();
     if !container.is_empty() {
         let _ = writeln!(

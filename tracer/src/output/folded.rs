@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 use anyhow::{Context, Result};
 use clap::ValueEnum;
 
-use crate::{output::pprof::function_name, report::Report};
+use crate::{output::pprof::function_name, slab::report::Report};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Weight {
@@ -113,7 +113,7 @@ mod tests {
 
     #[test]
     fn lines_are_root_first_and_weighted() {
-        let r = crate::output::test_report();
+        let r = crate::slab::report::test_report();
         assert_eq!(
             lines(&r, Weight::Bytes),
             ["leak:er [42];main;outer;inlined;user_preparse;__kmalloc 2048"]

@@ -12,19 +12,10 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 
-use crate::report::{ProcessReport, Report};
+use crate::slab::report::{ProcessReport, Report};
 
 /// Upper bound on per-process series whatever --limit says.
 pub const MAX_PROCESSES: usize = 50;
-
-/// Memory-cgroup lifetimes, filled by the memcg tracker when it runs in the
-/// same process; until then the series are omitted rather than reported as 0.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct MemcgCounts {
-    pub live: u64,
-    pub dying: u64,
-    pub zombie: u64,
-}
 
 struct Family<'a> {
     out: &'a mut String,
@@ -59,7 +50,7 @@ fn escape(v: &str) -> String {
         .replace('\n', "\\n")
 }
 
-pub fn render(report: &Report, memcg: Option<&MemcgCounts>) -> String {
+pub fn render(report: &Report) -> String {
     let mut out = String::new();
     let mut f = Family { out: &mut out };
     let cache = report.cache.as_str();
@@ -238,16 +229,6 @@ pub fn render(report: &Report, memcg: Option<&MemcgCounts>) -> String {
         );
         f.sample("leaktrace_bpf_recursion_misses_total", &c, misses);
     }
-    if let Some(m) = memcg {
-        f.head(
-            "leaktrace_memcg_cgroups",
-            "gauge",
-            "Memory cgroups by state: live, dying (removed, not yet freed), zombie (dying for long).",
-        );
-        for (state, v) in [("live", m.live), ("dying", m.dying), ("zombie", m.zombie)] {
-            f.sample("leaktrace_memcg_cgroups", &[("state", state)], v);
-        }
-    }
     f.head(
         "leaktrace_uptime_seconds",
         "gauge",
@@ -306,7 +287,7 @@ mod tests {
     }
 
     fn report(processes: usize) -> Report {
-        let p = |i: usize| crate::report::ProcessReport {
+        let p = |i: usize| crate::slab::report::ProcessReport {
             tgid: 1000 + i as u32,
             start_ns: 0,
             ppid: 0,
@@ -318,7 +299,7 @@ mod tests {
             cgroup_id: 7,
             cgroup: Some("/kubepods/pod1".to_string()),
             charged_elsewhere: None,
-            counts: crate::aggregator::Counts {
+            counts: crate::slab::aggregator::Counts {
                 outstanding: i as u64,
                 outstanding_bytes: 512 * i as u64,
                 allocs: i as u64,
@@ -331,7 +312,7 @@ mod tests {
             stacks: Vec::new(),
         };
         Report {
-            schema_version: crate::report::SCHEMA_VERSION,
+            schema_version: crate::slab::report::SCHEMA_VERSION,
             kind: "snapshot",
             cache: "kmalloc-512".to_string(),
             aliases: Vec::new(),
@@ -339,7 +320,7 @@ mod tests {
             rss_bytes: None,
             meminfo: None,
             slab: None,
-            totals: crate::aggregator::Counts {
+            totals: crate::slab::aggregator::Counts {
                 outstanding: 3,
                 outstanding_bytes: 1536,
                 allocs: 9,
@@ -362,7 +343,7 @@ mod tests {
     fn per_process_series_add_up_to_the_totals() {
         let mut r = report(MAX_PROCESSES + 20);
         r.totals.outstanding = r.processes.iter().map(|p| p.counts.outstanding).sum();
-        let text = render(&r, None);
+        let text = render(&r);
         let sum: f64 = text
             .lines()
             .filter(|l| l.starts_with("leaktrace_process_outstanding_objects{"))
@@ -373,7 +354,7 @@ mod tests {
 
     #[test]
     fn per_process_series_are_capped_and_every_family_is_typed() {
-        let text = render(&report(MAX_PROCESSES + 20), None);
+        let text = render(&report(MAX_PROCESSES + 20));
         let series = text
             .lines()
             .filter(|l| l.starts_with("leaktrace_process_outstanding_objects{"))
@@ -393,14 +374,5 @@ mod tests {
             );
         }
         assert!(!text.contains("leaktrace_memcg_cgroups"));
-        let with = render(
-            &report(0),
-            Some(&MemcgCounts {
-                live: 4,
-                dying: 2,
-                zombie: 1,
-            }),
-        );
-        assert!(with.contains("leaktrace_memcg_cgroups{state=\"zombie\"} 1\n"));
     }
 }

@@ -1,4 +1,4 @@
-//! Files and endpoints rendered from the one [`Report`](crate::report::Report)
+//! Files and endpoints rendered from the one [`Report`](crate::slab::report::Report)
 //! model, like the text and JSON views, so every output states the same numbers.
 
 pub mod files;
@@ -12,7 +12,7 @@ use anyhow::{bail, Result};
 
 use self::files::Destination;
 use self::folded::Weight;
-use crate::report::Report;
+use crate::slab::report::Report;
 
 /// The files asked for with --pprof, --folded and --flamegraph, checked
 /// before anything is attached.
@@ -82,89 +82,5 @@ impl Outputs {
             bail!("{failed} output file(s) could not be written where asked (see above)");
         }
         Ok(())
-    }
-}
-
-/// A small report with one leaking process and one stack, for the renderers' tests.
-#[cfg(test)]
-pub(crate) fn test_report() -> Report {
-    use crate::{
-        aggregator::Counts,
-        report::{Location, ProcessReport, StackReport},
-    };
-    let loc = |addr: u64, f: &[&str]| Location {
-        addr,
-        frames: f.iter().map(|s| s.to_string()).collect(),
-    };
-    Report {
-        schema_version: crate::report::SCHEMA_VERSION,
-        kind: "final",
-        cache: "kmalloc-512".to_string(),
-        aliases: Vec::new(),
-        elapsed_s: 2.5,
-        rss_bytes: None,
-        meminfo: None,
-        slab: None,
-        totals: Counts {
-            outstanding: 4,
-            outstanding_bytes: 2048,
-            allocs: 10,
-            frees: 6,
-        },
-        kernel: Default::default(),
-        anomalies: Default::default(),
-        stacks: Default::default(),
-        age: Default::default(),
-        processes: vec![ProcessReport {
-            tgid: 42,
-            start_ns: 0,
-            ppid: 0,
-            parent_comm: None,
-            exited: false,
-            context: None,
-            comm: "leak;er".to_string(),
-            cmdline: Some("/usr/bin/leaker --fast".to_string()),
-            cgroup_id: 9,
-            cgroup: Some("/pods/a".to_string()),
-            charged_elsewhere: None,
-            counts: Counts {
-                outstanding: 4,
-                outstanding_bytes: 2048,
-                allocs: 10,
-                frees: 6,
-            },
-            alloc_rate: 0.0,
-            growth_rate: 0.0,
-            fingerprinted: true,
-            unfingerprinted_allocs: 0,
-            stacks: vec![StackReport {
-                counts: Counts {
-                    outstanding: 4,
-                    outstanding_bytes: 2048,
-                    allocs: 10,
-                    frees: 6,
-                },
-                estimated: false,
-                outstanding_low: 4,
-                outstanding_high: 4,
-                partial: false,
-                stratum_outstanding: 4,
-                kernel: vec!["__kmalloc+0x10".into(), "user_preparse+0x2f".into()],
-                user: vec!["inlined+0x1".into(), "outer+0x5".into(), "main+0x9".into()],
-                kernel_locations: vec![
-                    loc(0xffff_0010, &["__kmalloc+0x10"]),
-                    loc(0xffff_0020, &["user_preparse+0x2f"]),
-                ],
-                user_locations: vec![
-                    loc(0x1000, &["inlined+0x1", "outer+0x5"]),
-                    loc(0x2000, &["main+0x9"]),
-                ],
-            }],
-        }],
-        cgroups: Vec::new(),
-        group_by: Default::default(),
-        groups: Vec::new(),
-        top_stacks: Vec::new(),
-        traced: None,
     }
 }

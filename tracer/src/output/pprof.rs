@@ -11,7 +11,7 @@ use anyhow::{Context, Result};
 use flate2::{write::GzEncoder, Compression};
 use prost::Message;
 
-use crate::report::{Location as Frames, ProcessReport, Report};
+use crate::slab::report::{Location as Frames, ProcessReport, Report};
 
 #[derive(Clone, PartialEq, Message)]
 pub struct Profile {
@@ -402,7 +402,7 @@ mod tests {
 
     #[test]
     fn a_report_becomes_samples_with_addresses_inlined_lines_and_labels() {
-        let report = crate::output::test_report();
+        let report = crate::slab::report::test_report();
         let bytes = encode(&build(&report, 7)).expect("encode");
         let mut raw = Vec::new();
         std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&bytes[..]), &mut raw)

@@ -1,3 +1,7 @@
-//! What every view shares: units as people read them.
+//! What people read: units (`units.rs`), the slab tracer's text report
+//! (`view.rs`) and its live terminal view (`tui.rs`), all fed by reports.
 
+pub mod caches;
+pub mod tui;
 pub mod units;
+pub mod view;

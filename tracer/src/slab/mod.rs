@@ -1,3 +1,12 @@
-//! The slab tracer: from `--cache NAME` to what the kernel side must match.
+//! The slab tracer: from `--cache NAME` to what the kernel side must match
+//! (`caches/`, `plan.rs`), loading its object (`probes.rs`), then each record
+//! decoded (`decoder.rs`), counted (`aggregator.rs`, `grouping.rs`) and turned
+//! into the one report model (`report.rs`) that views and outputs read.
 
+pub mod aggregator;
 pub mod caches;
+pub mod decoder;
+pub mod grouping;
+pub mod plan;
+pub mod probes;
+pub mod report;

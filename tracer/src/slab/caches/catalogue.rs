@@ -220,6 +220,11 @@ impl Catalogue {
         &self.all_notes
     }
 
+    /// Why /proc/slabinfo gave no figures, when it did not.
+    pub fn slabinfo_note(&self) -> Option<&str> {
+        self.slabinfo_note.as_deref()
+    }
+
     /// Names close to a mistyped `name`, best first. A different number in the name counts
     /// extra, because `kmalloc-cg-512` is a likelier intent for `kmallok-512` than
     /// `kmalloc-192` is.

@@ -18,7 +18,6 @@
 mod catalogue;
 mod kmalloc;
 mod select;
-mod table;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -37,7 +36,6 @@ const MAX_SUGGESTIONS: usize = 5;
 pub use catalogue::*;
 pub use kmalloc::*;
 pub use select::*;
-pub use table::*;
 
 #[cfg(test)]
 mod tests;

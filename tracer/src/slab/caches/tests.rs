@@ -506,61 +506,6 @@ fn dangling_alias_is_noted_not_fatal() {
     );
 }
 
-// ---- caches table ----
-
-#[test]
-fn table_sorted_by_total_bytes() {
-    let root = fixture("incident");
-    let cat = Catalogue::read(&root).unwrap();
-    let lines = slabinfo::read(&root).unwrap();
-    let table = render_table(&cat, &lines);
-    let rows: Vec<&str> = table.lines().collect();
-    assert!(rows[0].starts_with("NAME") && rows[0].ends_with("ALIASES"));
-    let first: Vec<&str> = rows[1].split_whitespace().collect();
-    assert_eq!(first, ["kmalloc-512", "512", "115300000", "55.0G", "-"]);
-    assert!(rows[2].starts_with("dentry"));
-    assert!(rows
-        .last()
-        .unwrap()
-        .starts_with("note: /sys/kernel/slab is absent"));
-}
-
-#[test]
-fn table_lists_aliases() {
-    let root = fixture("host-6.18");
-    let cat = Catalogue::read(&root).unwrap();
-    let lines = slabinfo::read(&root).unwrap();
-    let table = render_table(&cat, &lines);
-    let key_jar = table.lines().find(|l| l.starts_with("key_jar ")).unwrap();
-    assert!(key_jar.ends_with("  biovec-16, sgpool-8"), "{key_jar}");
-    assert_eq!(table.lines().count(), lines.len() + 1);
-    let mut expected: Vec<&SlabLine> = lines.iter().collect();
-    expected.sort_by(|a, b| {
-        b.total_bytes()
-            .cmp(&a.total_bytes())
-            .then(a.name.cmp(&b.name))
-    });
-    let order: Vec<&str> = table
-        .lines()
-        .skip(1)
-        .filter_map(|l| l.split_whitespace().next())
-        .collect();
-    let expected: Vec<&str> = expected.iter().map(|l| l.name.as_str()).collect();
-    assert_eq!(order, expected);
-}
-
-#[test]
-fn table_without_slabinfo_lists_each_kmem_cache_once() {
-    let cat = catalogue("nokmem");
-    let table = render_table(&cat, &[]);
-    assert!(table.lines().any(|l| l.starts_with("anon_vma_chain ")));
-    assert!(!table.lines().any(|l| l.starts_with("vmap_area ")));
-    assert!(table.contains("note: could not read"));
-    assert_eq!(table.matches("note:").count(), 1, "{table}");
-    let table = render_table(&catalogue("merged"), &[]);
-    assert!(table.ends_with("note: no /proc/slabinfo figures (reading it needs root)\n"));
-}
-
 #[test]
 fn edit_distance_basics() {
     assert_eq!(edit_distance("", "abc"), 3);

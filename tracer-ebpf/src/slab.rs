@@ -4,16 +4,16 @@
 //! Policy (which cache, which offsets) arrives in the read-only `CONFIG` global that
 //! userspace fills from the running kernel's tracefs `format` files. The verifier
 //! sees those values as constants, so disabled branches are pruned at load time.
+//!
+//! This object holds the slab tracer's maps and programs only (`memcg.rs` is
+//! the other tool's object); the helpers both share are in `lib.rs`.
 #![no_std]
 #![no_main]
-
-mod memcg;
-mod task;
 
 use core::mem::size_of;
 
 use aya_ebpf::{
-    bindings::BPF_F_USER_STACK,
+    bindings::{BPF_F_USER_STACK, BPF_RB_FORCE_WAKEUP},
     helpers::bpf_probe_read_kernel,
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_get_stack,
@@ -30,6 +30,7 @@ use tracer_common::{
     FINGERPRINT_FRAMES, FLAG_NAMING, FLAG_SAMPLED, FLAG_SHALLOW, MAX_CACHE_NAMES, MAX_KSTACK,
     MAX_USTACK, SOURCE_CACHE_ALLOC, SOURCE_KMALLOC, STACK_KERNEL, STACK_USER,
 };
+use tracer_ebpf::{data_loc, task, BPF_ANY};
 
 #[no_mangle]
 static CONFIG: Config = Config::zeroed();
@@ -113,42 +114,27 @@ fn seen_by_main(index: u32, ptr: u64, spare: bool) -> bool {
     }
 }
 
-const BPF_ANY: u64 = 0;
-const BPF_RB_NO_WAKEUP: u64 = 1;
-const BPF_RB_FORCE_WAKEUP: u64 = 2;
-const BPF_RB_AVAIL_DATA: u64 = 0;
 
-/// A wake-up per event costs an irq_work and a context switch on a busy path;
-/// batch them: wake only when enough data waits (userspace polls meanwhile).
+// This object's maps under the shared helpers (`lib.rs`).
+
 #[inline(always)]
 fn wakeup_flags() -> u64 {
-    let threshold = config().wakeup_bytes;
-    if threshold == 0 {
-        0
-    } else if EVENTS.query(BPF_RB_AVAIL_DATA) >= threshold {
-        BPF_RB_FORCE_WAKEUP
-    } else {
-        BPF_RB_NO_WAKEUP
-    }
+    tracer_ebpf::wakeup_flags(&EVENTS, config().wakeup_bytes)
 }
 
 #[inline(always)]
 fn config() -> &'static Config {
-    // The volatile read keeps rustc from folding the zeroed initializer into the code;
-    // the verifier then sees the real, frozen values.
-    unsafe { core::ptr::read_volatile(&&CONFIG) }
+    tracer_ebpf::frozen(&CONFIG)
 }
 
 #[inline(always)]
 fn bump(index: u32) {
-    if let Some(slot) = COUNTERS.get_ptr_mut(index) {
-        unsafe { *slot += 1 };
-    }
+    tracer_ebpf::bump(&COUNTERS, index)
 }
 
 #[inline(always)]
 fn read<T>(ctx: &TracePointContext, offset: u16) -> Option<T> {
-    unsafe { ctx.read_at::<T>(offset as usize).ok() }
+    tracer_ebpf::read(ctx, offset)
 }
 
 // Classic tracepoints: fields read from the perf record at offsets taken from
@@ -324,9 +310,7 @@ fn tp_cache_alloc(ctx: &TracePointContext) -> Option<()> {
     if bytes_alloc != cfg.cache_size {
         return None;
     }
-    // __data_loc: low 16 bits are the string's offset in the record, high 16 its length.
-    let loc = read::<u32>(ctx, cfg.cache_alloc.name)?;
-    let name = unsafe { ctx.as_ptr().add((loc & 0xffff) as usize) } as *const u8;
+    let name = data_loc(ctx, read::<u32>(ctx, cfg.cache_alloc.name)?);
     if !name_selected(name, cfg) {
         return None;
     }
@@ -671,7 +655,7 @@ fn commit<T>(entry: RingBufEntry<T>, ptr: u64, ts: u64, flags: u16) -> Option<()
     // A stratum new on this CPU is often a new process: wake the reader now,
     // so it takes the process's mappings before a short-lived one exits.
     let wake = if flags & FLAG_NAMING != 0 {
-        BPF_RB_FORCE_WAKEUP
+        BPF_RB_FORCE_WAKEUP.into()
     } else {
         wakeup_flags()
     };
@@ -707,10 +691,4 @@ fn on_free(ptr: u64) {
     }
     entry.submit(wakeup_flags());
     bump(counter::FREES_MATCHED);
-}
-
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
 }

@@ -8,9 +8,9 @@ use std::collections::HashMap;
 use serde::Serialize;
 
 use crate::{
-    aggregator::{Counts, SortKey},
-    memcg::paths,
-    report::{ProcessReport, StackReport},
+    kernel::cgroup_paths as paths,
+    slab::aggregator::{Counts, SortKey},
+    slab::report::{ProcessReport, StackReport},
 };
 
 /// What rows aggregate processes by; the CLI maps `--group-by` onto this.
@@ -431,7 +431,7 @@ mod tests {
     fn an_exited_process_unresolved_frames_join_the_resolved_same_addresses() {
         let with_addr = |user: &str| {
             let mut s = stack(&["copy_process"], &[user], 1);
-            s.user_locations = vec![crate::report::Location {
+            s.user_locations = vec![crate::slab::report::Location {
                 addr: 0x7f00_0000_1353,
                 frames: vec![user.to_string()],
             }];

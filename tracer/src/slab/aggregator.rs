@@ -22,8 +22,8 @@ use serde::Serialize;
 use tracer_common::FINGERPRINT_FRAMES;
 
 use crate::{
-    decoder::{Alloc, Event, Free},
-    stacks::{StackId, StackTable},
+    bpf::stacks::{StackId, StackTable},
+    slab::decoder::{Alloc, Event, Free},
 };
 
 /// How rows are ordered; the CLI maps its sort flag onto this.

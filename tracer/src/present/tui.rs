@@ -19,10 +19,10 @@ use ratatui::{
 };
 
 use crate::{
-    grouping::GroupBy,
     present::units::human_bytes,
-    report::{ProcessReport, Report},
-    view::group,
+    present::view::group,
+    slab::grouping::GroupBy,
+    slab::report::{ProcessReport, Report},
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -256,7 +256,7 @@ impl ViewState {
                 Span::raw("")
             },
         ]));
-        if let Some(note) = crate::view::traced_exit_note(r) {
+        if let Some(note) = crate::present::view::traced_exit_note(r) {
             head.push(Line::from(note));
         }
         if let Some(s) = &r.slab {
@@ -308,7 +308,7 @@ impl ViewState {
 
         if r.group_by != GroupBy::Process {
             // Groups are summed in the run loop and come in --sort order.
-            let text = crate::view::groups_text(r, self.frames);
+            let text = crate::present::view::groups_text(r, self.frames);
             let body = text
                 .lines()
                 .map(|l| Line::from(l.to_string()))
@@ -493,7 +493,7 @@ fn restore() {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::report::StackReport;
+    use crate::slab::report::StackReport;
 
     fn report() -> Report {
         let proc_ = |tgid: u32, comm: &str, outstanding: u64, allocs: u64| ProcessReport {
@@ -508,7 +508,7 @@ mod tests {
             cgroup_id: 1,
             cgroup: Some("/".to_string()),
             charged_elsewhere: None,
-            counts: crate::aggregator::Counts {
+            counts: crate::slab::aggregator::Counts {
                 outstanding,
                 outstanding_bytes: outstanding * 512,
                 allocs,
@@ -532,7 +532,7 @@ mod tests {
             }],
         };
         Report {
-            schema_version: crate::report::SCHEMA_VERSION,
+            schema_version: crate::slab::report::SCHEMA_VERSION,
             kind: "snapshot",
             cache: "kmalloc-512".to_string(),
             aliases: Vec::new(),
@@ -597,10 +597,10 @@ mod tests {
         assert_eq!(press(&mut s, KeyCode::Char('G')), Action::Regroup);
         let mut r = report();
         r.group_by = GroupBy::Comm;
-        r.groups = crate::grouping::group(
+        r.groups = crate::slab::grouping::group(
             &r.processes,
             GroupBy::Comm,
-            crate::aggregator::SortKey::Outstanding,
+            crate::slab::aggregator::SortKey::Outstanding,
         );
         s.update(&r);
         let lines = text(&s);

@@ -15,29 +15,31 @@ use aya::maps::{MapData, RingBuf};
 use tracer_common::TaskOffsets;
 
 use crate::{
-    aggregator::{self, Aggregator, Interrupt, ProcKey, SnapshotOptions},
+    bpf::stacks::StackId,
     cli::{self, SortKey, TraceArgs},
-    decoder::decode,
-    event_loop::{Signals, Sources},
-    grouping::{self, GroupBy},
     kernel::btf::Btf,
+    kernel::cgroupfs::Hierarchy,
     kernel::clock::monotonic_ns,
     kernel::features::{self, Features},
     kernel::irq_context,
     kernel::meminfo,
+    kernel::own_memory,
     kernel::procinfo::{self, CgroupPaths, ProcMeta, TracedProcess},
     kernel::slabinfo::{self, SlabLine},
     kernel::task_offsets,
     kernel::tracefs::Tracefs,
-    memcg::hierarchy::Hierarchy,
-    output, own_memory, plan,
-    probes::Probes,
-    report::{self, Header, Naming, Report, SlabPicture, TracedPid},
+    output,
+    pipeline::event_loop::{Signals, Sources},
+    present::tui::{self, Tui},
+    present::view::{self, TextOptions},
+    slab::aggregator::{self, Aggregator, Interrupt, ProcKey, SnapshotOptions},
     slab::caches::{self, Catalogue},
-    stacks::StackId,
+    slab::decoder::decode,
+    slab::grouping::{self, GroupBy},
+    slab::plan,
+    slab::probes::Probes,
+    slab::report::{self, Header, Naming, Report, SlabPicture, TracedPid},
     symbolize::Symbolizer,
-    tui::{self, Tui},
-    view::{self, TextOptions},
 };
 
 pub async fn run(args: TraceArgs, cache: &str) -> Result<()> {
@@ -65,7 +67,7 @@ pub async fn run(args: TraceArgs, cache: &str) -> Result<()> {
             on_demand_maps: features::kernel_at_least(6, 1),
         },
     )?;
-    let ringbuf_bytes = crate::event_loop::ringbuf_bytes(args.ringbuf_mib)?;
+    let ringbuf_bytes = crate::pipeline::event_loop::ringbuf_bytes(args.ringbuf_mib)?;
     let mut plan = plan;
     // Wake the reader at a quarter full; the poll timer drains smaller batches.
     plan.config.wakeup_bytes = u64::from(ringbuf_bytes / 4);
@@ -254,7 +256,11 @@ struct State {
 }
 
 impl State {
-    fn report(&mut self, kind: &'static str, kernel: crate::probes::KernelCounters) -> Report {
+    fn report(
+        &mut self,
+        kind: &'static str,
+        kernel: crate::slab::report::KernelCounters,
+    ) -> Report {
         let root = Path::new("/");
         let now = monotonic_ns();
         let slab = slab_line(root, &self.cache, &self.aliases)
@@ -379,14 +385,14 @@ async fn event_loop(
                 let counters = probes.counters().unwrap_or_default();
                 let report = state.report("snapshot", counters);
                 if metrics.is_some() {
-                    metrics_body = Arc::from(output::metrics::render(&report, None));
+                    metrics_body = Arc::from(output::metrics::render(&report));
                 }
                 if args.top {
                     emit_snapshot(args, &report, tui.as_mut(), &text_opts)?;
                 }
                 refreshes += 1;
                 if refreshes == 2 {
-                    crate::fault::panic_if_asked("panic-on-second-refresh");
+                    crate::pipeline::fault::panic_if_asked("panic-on-second-refresh");
                 }
             }
             action = next_action(tui.as_mut()) => match action {
@@ -482,8 +488,8 @@ fn drain(state: &mut State, ring: &mut RingBuf<MapData>) {
                     // are what naming its frames cannot do without.
                     state.symbols.snapshot(key.tgid);
                     let ppid = match &event {
-                        crate::decoder::Event::Alloc(a) => a.ppid,
-                        crate::decoder::Event::Free(_) => 0,
+                        crate::slab::decoder::Event::Alloc(a) => a.ppid,
+                        crate::slab::decoder::Event::Free(_) => 0,
                     };
                     state
                         .procs

@@ -4,9 +4,9 @@
 use std::fmt::Write;
 
 use crate::{
-    grouping::{GroupBy, GroupReport, MergedStack},
     present::units::human_bytes,
-    report::{ProcessReport, Report, StackReport},
+    slab::grouping::{GroupBy, GroupReport, MergedStack},
+    slab::report::{ProcessReport, Report, StackReport},
 };
 
 pub struct TextOptions {
@@ -406,13 +406,13 @@ mod tests {
             sort_label: "outstanding",
             interval_s: 1.0,
         };
-        let mut r = crate::output::test_report();
-        r.traced = Some(crate::report::TracedPid {
+        let mut r = crate::slab::report::test_report();
+        r.traced = Some(crate::slab::report::TracedPid {
             pid: 42,
             exited_after_s: None,
         });
         assert!(!render(&r, &opts).contains("exited"));
-        r.traced = Some(crate::report::TracedPid {
+        r.traced = Some(crate::slab::report::TracedPid {
             pid: 42,
             exited_after_s: Some(3.25),
         });

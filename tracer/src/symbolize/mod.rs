@@ -8,6 +8,7 @@
 //! be a wrong name.
 
 pub mod gosym;
+pub mod tracing;
 
 use std::{
     collections::HashMap,
@@ -399,7 +400,7 @@ impl Symbolizer {
             self.user_lookups = 0;
             // A big binary's symbol table (a compiler's, a Go daemon's) can be
             // tens of MB: give those pages back now, not at exit.
-            crate::own_memory::return_freed_memory();
+            crate::kernel::own_memory::return_freed_memory();
         }
     }
 

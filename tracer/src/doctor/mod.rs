@@ -16,11 +16,11 @@ mod render;
 mod slab;
 
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
+use crate::cli::DoctorArgs;
 use anyhow::{Context, Result};
-use clap::Args;
 use serde::Serialize;
 
 use crate::kernel::features::Features;
@@ -38,21 +38,6 @@ use memcg::*;
 use memory::*;
 use render::*;
 use slab::*;
-
-#[derive(Debug, Args)]
-pub struct DoctorArgs {
-    /// Window between the two /proc/slabinfo samples that measure cache growth.
-    #[arg(long, value_parser = crate::cli::parse_duration, default_value = "10s", value_name = "DURATION")]
-    pub watch: Duration,
-
-    /// Print the diagnosis as one JSON object.
-    #[arg(long)]
-    pub json: bool,
-
-    /// Read /proc and /sys under this directory instead of / (fixture trees in tests).
-    #[arg(long, hide = true, default_value = "/")]
-    pub root: PathBuf,
-}
 
 /// Most severe first; the report is sorted by this order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]

@@ -5,16 +5,47 @@
 use serde::Serialize;
 
 use crate::{
-    aggregator::{AgeSummary, Anomalies, Counts, ProcKey, Snapshot, StackSampling},
-    grouping::{GroupBy, GroupReport, MergedStack},
+    bpf::stacks::StackTable,
     kernel::meminfo::MemInfo,
     kernel::procinfo::{CgroupPaths, ProcMeta},
-    probes::KernelCounters,
-    stacks::StackTable,
-    symbolize::Symbolizer,
+    slab::aggregator::{AgeSummary, Anomalies, Counts, ProcKey, Snapshot, StackSampling},
+    slab::grouping::{GroupBy, GroupReport, MergedStack},
+    symbolize::{tracing::strip_tracing_frames, Symbolizer},
 };
 
 pub const SCHEMA_VERSION: u32 = 2;
+
+/// The kernel side's own account of what it saw and could not deliver. Plain
+/// data owned by the report: the loader (`probes.rs`) fills it, views read it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct KernelCounters {
+    pub allocs_matched: u64,
+    pub allocs_lost_ringbuf: u64,
+    pub allocs_lost_map_full: u64,
+    pub frees_matched: u64,
+    pub frees_lost_ringbuf: u64,
+    pub kstack_failed: u64,
+    pub ustack_failed: u64,
+    /// Selected objects whose pointer broke the free filter's alignment
+    /// assumption (their frees would go unseen). Should be 0.
+    pub misaligned: u64,
+    /// Program runs the kernel skipped because a BPF program was already running
+    /// on that CPU (e.g. a kfree from an interrupt that hit our handler). None
+    /// when the kernel does not report it (before 5.12).
+    pub recursion_misses: Option<u64>,
+    /// Frees that no program of ours ran for (recursion): up to this many of the
+    /// outstanding objects may already be freed. On a raw free hook a free is
+    /// lost only if both its program and the spare skipped it, so the bound is
+    /// the smaller of their two miss counts; on a classic hook, every miss.
+    /// None before 5.12 (unknown).
+    pub frees_maybe_missed: Option<u64>,
+    /// Allocations no program of ours ran for (recursion), counted the same
+    /// way: at most this many selected allocations are missing from the counts.
+    pub allocs_maybe_missed: Option<u64>,
+    /// Kernel memory of leaktrace's BPF maps (fdinfo `memlock`; on 6.4+ the
+    /// memory in use, before that the maps' full size).
+    pub map_bytes: u64,
+}
 
 /// The memcg that paid for allocations the task made on another's behalf.
 #[derive(Debug, Clone, Serialize)]
@@ -324,70 +355,86 @@ pub fn build(kind: &'static str, header: Header, snap: Snapshot, names: &mut Nam
     }
 }
 
-/// Frames of the tracing machinery itself (our BPF program, the raw tracepoint
-/// trampoline) sit on top of a raw tracepoint's kernel stack; they say nothing
-/// about who allocated and differ by hook, so they are dropped from the top.
-pub(crate) fn strip_tracing_frames(mut frames: Vec<String>) -> Vec<String> {
-    const TRACING: [&str; 7] = [
-        "bpf_prog_",
-        "bpf_trace_run",
-        "__bpf_trace_",
-        "__traceiter_",
-        "perf_trace_",
-        "trace_event_raw_event_",
-        "trace_call_bpf",
-    ];
-    // Our program's own frame may be named after whatever kernel symbol
-    // precedes it when kallsyms was read before the program was loaded (it is,
-    // to keep that parse out of the event loop): drop everything above the
-    // last tracing-machinery frame near the top, named or not.
-    const TOP: usize = 6;
-    let mut keep = 0;
-    for (i, f) in frames.iter().take(TOP).enumerate() {
-        if TRACING.iter().any(|t| f.starts_with(t)) {
-            keep = i + 1;
-        } else if keep > 0 {
-            break;
-        }
-    }
-    frames.drain(..keep);
-    frames
-}
-
+/// A small report with one leaking process and one stack, for the renderers' tests.
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tracing_frames_are_dropped_only_from_the_top() {
-        let frames = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        let raw = frames(&[
-            "bpf_prog_ac3eadf3fccf7f8c_kmalloc_raw+0x499",
-            "bpf_trace_run6+0x10b",
-            "__kmalloc_noprof+0x244",
-            "user_preparse+0x2f",
-            "bpf_trace_run6+0x10b",
-        ]);
-        assert_eq!(
-            strip_tracing_frames(raw),
-            frames(&[
-                "__kmalloc_noprof+0x244",
-                "user_preparse+0x2f",
-                "bpf_trace_run6+0x10b"
-            ])
-        );
-        assert!(strip_tracing_frames(frames(&["bpf_prog_x+0x1"])).is_empty());
-        // A program loaded after kallsyms was read carries a neighbour's name.
-        let misnamed = frames(&[
-            "__stop_runtime_ptr_USER_PTR_MAX+0x1234",
-            "bpf_trace_run6+0x10b",
-            "__traceiter_kmalloc+0x4a",
-            "__kmalloc_noprof+0x244",
-            "user_preparse+0x2f",
-        ]);
-        assert_eq!(
-            strip_tracing_frames(misnamed),
-            frames(&["__kmalloc_noprof+0x244", "user_preparse+0x2f"])
-        );
+pub(crate) fn test_report() -> Report {
+    use crate::{
+        slab::aggregator::Counts,
+        slab::report::{Location, ProcessReport, StackReport},
+    };
+    let loc = |addr: u64, f: &[&str]| Location {
+        addr,
+        frames: f.iter().map(|s| s.to_string()).collect(),
+    };
+    Report {
+        schema_version: crate::slab::report::SCHEMA_VERSION,
+        kind: "final",
+        cache: "kmalloc-512".to_string(),
+        aliases: Vec::new(),
+        elapsed_s: 2.5,
+        rss_bytes: None,
+        meminfo: None,
+        slab: None,
+        totals: Counts {
+            outstanding: 4,
+            outstanding_bytes: 2048,
+            allocs: 10,
+            frees: 6,
+        },
+        kernel: Default::default(),
+        anomalies: Default::default(),
+        stacks: Default::default(),
+        age: Default::default(),
+        processes: vec![ProcessReport {
+            tgid: 42,
+            start_ns: 0,
+            ppid: 0,
+            parent_comm: None,
+            exited: false,
+            context: None,
+            comm: "leak;er".to_string(),
+            cmdline: Some("/usr/bin/leaker --fast".to_string()),
+            cgroup_id: 9,
+            cgroup: Some("/pods/a".to_string()),
+            charged_elsewhere: None,
+            counts: Counts {
+                outstanding: 4,
+                outstanding_bytes: 2048,
+                allocs: 10,
+                frees: 6,
+            },
+            alloc_rate: 0.0,
+            growth_rate: 0.0,
+            fingerprinted: true,
+            unfingerprinted_allocs: 0,
+            stacks: vec![StackReport {
+                counts: Counts {
+                    outstanding: 4,
+                    outstanding_bytes: 2048,
+                    allocs: 10,
+                    frees: 6,
+                },
+                estimated: false,
+                outstanding_low: 4,
+                outstanding_high: 4,
+                partial: false,
+                stratum_outstanding: 4,
+                kernel: vec!["__kmalloc+0x10".into(), "user_preparse+0x2f".into()],
+                user: vec!["inlined+0x1".into(), "outer+0x5".into(), "main+0x9".into()],
+                kernel_locations: vec![
+                    loc(0xffff_0010, &["__kmalloc+0x10"]),
+                    loc(0xffff_0020, &["user_preparse+0x2f"]),
+                ],
+                user_locations: vec![
+                    loc(0x1000, &["inlined+0x1", "outer+0x5"]),
+                    loc(0x2000, &["main+0x9"]),
+                ],
+            }],
+        }],
+        cgroups: Vec::new(),
+        group_by: Default::default(),
+        groups: Vec::new(),
+        top_stacks: Vec::new(),
+        traced: None,
     }
 }

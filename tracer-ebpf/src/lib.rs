@@ -1,0 +1,70 @@
+//! What leaktrace's two eBPF objects share: reading the frozen config global,
+//! bumping a counter, batching ring-buffer wake-ups, reading a classic
+//! tracepoint's record, and the task walk ([`task`]). Each object
+//! (`slab.rs`, `memcg.rs`, one `[[bin]]` each) declares only its own maps and
+//! programs and wraps these in three-line functions over them, so a slab run
+//! never creates memcg's maps and the reverse.
+#![no_std]
+
+pub mod task;
+
+use aya_ebpf::{
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    maps::{PerCpuArray, RingBuf},
+    programs::TracePointContext,
+    EbpfContext,
+};
+
+/// `bpf_map_update_elem`'s "create or replace", as the helpers take it.
+pub const BPF_ANY: u64 = aya_ebpf::bindings::BPF_ANY as u64;
+
+/// The values userspace wrote into a read-only global before load. The
+/// volatile read keeps rustc from folding the zeroed initializer into the
+/// code; the verifier then sees the real, frozen values and prunes disabled
+/// branches.
+#[inline(always)]
+pub fn frozen<T>(global: &'static T) -> &'static T {
+    unsafe { core::ptr::read_volatile(&global) }
+}
+
+/// One more at `index` of a per-CPU counter array (summed by userspace).
+#[inline(always)]
+pub fn bump(counters: &PerCpuArray<u64>, index: u32) {
+    if let Some(slot) = counters.get_ptr_mut(index) {
+        unsafe { *slot += 1 };
+    }
+}
+
+/// A wake-up per event costs an irq_work and a context switch on a busy path;
+/// batch them: wake only when `threshold` bytes wait (userspace polls
+/// meanwhile). 0 leaves the choice to the kernel (a wake-up per event).
+#[inline(always)]
+pub fn wakeup_flags(ring: &RingBuf, threshold: u64) -> u64 {
+    if threshold == 0 {
+        0
+    } else if ring.query(BPF_RB_AVAIL_DATA.into()) >= threshold {
+        BPF_RB_FORCE_WAKEUP.into()
+    } else {
+        BPF_RB_NO_WAKEUP.into()
+    }
+}
+
+/// A field of a classic tracepoint's record, at an offset taken from the
+/// running kernel's tracefs `format` file.
+#[inline(always)]
+pub fn read<T>(ctx: &TracePointContext, offset: u16) -> Option<T> {
+    unsafe { ctx.read_at::<T>(offset as usize).ok() }
+}
+
+/// The start of a `__data_loc` string field: the low 16 bits of its u32 are
+/// the string's offset in the record (the high 16 its length).
+#[inline(always)]
+pub fn data_loc(ctx: &TracePointContext, loc: u32) -> *const u8 {
+    unsafe { ctx.as_ptr().cast::<u8>().add((loc & 0xffff) as usize) }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}

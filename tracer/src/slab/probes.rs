@@ -1,0 +1,204 @@
+//! Loading the slab tracer's embedded eBPF object, attaching it, and reading
+//! its counters. The object holds the slab tracer's maps and programs only
+//! (`leaktrace memcg` has its own), so nothing here sizes another tool's maps.
+//! Loading itself (memlock, map flags, verifier logs) is `bpf::load`, shared
+//! with `leaktrace memcg`.
+
+use std::os::fd::{AsFd, AsRawFd};
+
+use anyhow::{Context, Result};
+use aya::{
+    maps::{MapData, PerCpuArray, RingBuf},
+    programs::{RawTracePoint, TracePoint},
+    Ebpf, EbpfLoader,
+};
+use tracer_common::counter;
+
+use crate::bpf::load::{
+    counter_sum, loaded, map_fd, map_memory, prog_info, program, program_ids, raise_memlock_limit,
+    take_counters, take_ring, with_map_flags, AlignedObject, BPF_F_NO_PREALLOC,
+};
+use crate::slab::plan::{Hook, LiveMap, Plan};
+use crate::slab::report::KernelCounters;
+
+pub(crate) static SLAB_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/leaktrace-slab.bpf.o"));
+
+pub struct Probes {
+    /// Keeps programs and links alive; dropping it detaches.
+    ebpf: Ebpf,
+    counters: PerCpuArray<MapData, u64>,
+    programs: Vec<&'static str>,
+    /// Every map's fd, for its kernel memory; valid while the maps live (the
+    /// ring buffer is handed out but lives as long as the run).
+    map_fds: Vec<i32>,
+}
+
+/// A hint only where the failure points at one cause: a guess (say, "no ring
+/// buffers" for an EPERM from a seccomp profile) sends the user the wrong way.
+fn load_hint(error: &str) -> &'static str {
+    if error.contains("Operation not permitted") {
+        " (bpf() was refused: a container's seccomp profile or an LSM, or missing CAP_BPF)"
+    } else if error.contains("`EVENTS`") {
+        " (the ring buffer map: this kernel needs BPF ring buffers, Linux 5.8+)"
+    } else {
+        ""
+    }
+}
+
+impl Probes {
+    /// Load with the plan's configuration and attach every planned tracepoint.
+    /// Returns the ring buffer separately so the event loop can own it.
+    pub fn attach(
+        plan: &Plan,
+        max_objects: u32,
+        ringbuf_bytes: u32,
+        floor: bool,
+    ) -> Result<(Probes, RingBuf<MapData>)> {
+        raise_memlock_limit();
+        let object = match plan.live_map {
+            LiveMap::Preallocated => AlignedObject::from(SLAB_OBJECT),
+            LiveMap::OnDemand => with_map_flags(SLAB_OBJECT, "LIVE", BPF_F_NO_PREALLOC)?,
+        };
+        let mut ebpf = EbpfLoader::new()
+            .override_global("CONFIG", &plan.config, true)
+            .map_max_entries("LIVE", max_objects)
+            .map_max_entries("EVENTS", ringbuf_bytes)
+            .load(object.bytes())
+            .map_err(|e| {
+                let e = anyhow::Error::new(e);
+                // The cause (map name, errno) is in the source chain, not the top message.
+                let hint = load_hint(&format!("{e:#}"));
+                e.context(format!("loading leaktrace's eBPF programs{hint}"))
+            })?;
+
+        let mut programs: Vec<&'static str> = Vec::new();
+        for a in &plan.attachments {
+            // The floor is what observing these hooks at all costs: one empty
+            // program per hook, so the spares count as leaktrace's overhead.
+            if floor && crate::slab::plan::is_spare(a.program) {
+                continue;
+            }
+            // The floor runs empty programs on exactly the planned hooks.
+            let name = match (floor, a.hook) {
+                (false, _) => a.program,
+                (true, Hook::Classic) => "floor_tp",
+                (true, Hook::Raw) => "floor_raw",
+            };
+            let first = !programs.contains(&name);
+            let what = a.describe();
+            match a.hook {
+                Hook::Classic => {
+                    let prog: &mut TracePoint = program(&mut ebpf, name, "tracepoint")?;
+                    if first {
+                        loaded(name, prog.load())?;
+                    }
+                    prog.attach("kmem", a.event)
+                        .with_context(|| format!("attaching to tracepoint {what}"))?;
+                }
+                Hook::Raw => {
+                    let prog: &mut RawTracePoint = program(&mut ebpf, name, "raw tracepoint")?;
+                    if first {
+                        loaded(name, prog.load())?;
+                    }
+                    prog.attach(a.event)
+                        .with_context(|| format!("attaching to raw tracepoint {what}"))?;
+                }
+            }
+            if first {
+                programs.push(name);
+            }
+        }
+
+        let map_fds = ebpf
+            .maps()
+            .filter_map(|(_, m)| map_fd(m))
+            .collect::<Vec<_>>();
+        let ring = take_ring(&mut ebpf, "EVENTS")?;
+        let counters = take_counters(&mut ebpf, "COUNTERS")?;
+        Ok((
+            Probes {
+                ebpf,
+                counters,
+                programs,
+                map_fds,
+            },
+            ring,
+        ))
+    }
+
+    pub fn counters(&self) -> Result<KernelCounters> {
+        let misses = self.recursion_misses();
+        let sum = |index: u32| counter_sum(&self.counters, index);
+        Ok(KernelCounters {
+            allocs_matched: sum(counter::ALLOCS_MATCHED)?,
+            allocs_lost_ringbuf: sum(counter::ALLOCS_LOST_RINGBUF)?,
+            allocs_lost_map_full: sum(counter::ALLOCS_LOST_MAP_FULL)?,
+            frees_matched: sum(counter::FREES_MATCHED)?,
+            frees_lost_ringbuf: sum(counter::FREES_LOST_RINGBUF)?,
+            kstack_failed: sum(counter::KSTACK_FAILED)?,
+            ustack_failed: sum(counter::USTACK_FAILED)?,
+            misaligned: sum(counter::MISALIGNED)?,
+            recursion_misses: misses.as_ref().map(|m| m.iter().map(|(_, n)| n).sum()),
+            frees_maybe_missed: misses.as_ref().map(|m| missed_by_both(m, "free")),
+            allocs_maybe_missed: misses.as_ref().map(|m| missed_by_both(m, "alloc")),
+            map_bytes: map_memory(self.map_fds.iter().copied()),
+        })
+    }
+
+    /// Kernel program ids, so tests and users can check nothing outlives us.
+    pub fn program_ids(&self) -> Vec<u32> {
+        program_ids(&self.ebpf, &self.programs)
+    }
+
+    /// Per program: runs the kernel skipped for recursion. None before 5.12,
+    /// whose bpf_prog_info has no such field (zero would read as "none missed").
+    fn recursion_misses(&self) -> Option<Vec<(&'static str, u64)>> {
+        if !crate::kernel::features::kernel_at_least(5, 12) {
+            return None;
+        }
+        let mut out = Vec::new();
+        for name in &self.programs {
+            let fd = self.ebpf.program(name)?.fd().ok()?;
+            out.push((*name, prog_info(fd.as_fd().as_raw_fd())?.recursion_misses));
+        }
+        Some(out)
+    }
+}
+
+/// Events of the hooks whose program names contain `kind` that neither the
+/// program nor its spare ran for; see [`KernelCounters::frees_maybe_missed`].
+fn missed_by_both(misses: &[(&'static str, u64)], kind: &str) -> u64 {
+    let of = |name: &str| misses.iter().find(|(n, _)| *n == name).map(|(_, m)| *m);
+    misses
+        .iter()
+        .filter(|(name, _)| {
+            let alloc = name.contains("alloc") || name.starts_with("kmalloc");
+            let matches = if kind == "free" {
+                name.contains("free")
+            } else {
+                alloc
+            };
+            matches && !crate::slab::plan::is_spare(name)
+        })
+        .map(
+            |&(name, m)| match crate::slab::plan::spare_program(name).and_then(of) {
+                Some(spare) => m.min(spare),
+                None => m,
+            },
+        )
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn load_hints_only_where_the_cause_is_known() {
+        let eperm = "map error: failed to create map `LIVE`: Operation not permitted (os error 1)";
+        assert!(super::load_hint(eperm).contains("seccomp"));
+        let ringbuf = "map error: failed to create map `EVENTS`: Invalid argument (os error 22)";
+        assert!(super::load_hint(ringbuf).contains("ring buffers"));
+        let live = "map error: failed to create map `LIVE`: Invalid argument (os error 22)";
+        assert_eq!(super::load_hint(live), "");
+    }
+}
