@@ -175,6 +175,31 @@ fn pprof_opens_in_go_tool_pprof_with_the_held_object_count() {
     ] {
         assert!(traces.contains(want), "-traces lacks {want:?}:\n{traces}");
     }
+    // Frames leaktrace cannot name (libc.so.6 has no symbol for the frame
+    // that calls main) sit in their file's Mapping, with its build id, so
+    // pprof shows the library instead of a fake function.
+    let raw = pprof(&["-raw", "-symbolize=none"]);
+    let libc = raw
+        .lines()
+        .find(|l| l.contains("/libc.so.6 "))
+        .unwrap_or_else(|| panic!("no libc.so.6 Mapping in go tool pprof -raw:\n{raw}"));
+    let build_id = libc.split_whitespace().nth(3).unwrap_or("");
+    assert!(
+        build_id.len() == 40 && build_id.chars().all(|c| c.is_ascii_hexdigit()),
+        "libc's Mapping has no GNU build id: {libc}"
+    );
+    let by_address = pprof(&[
+        "-top",
+        "-addresses",
+        "-symbolize=none",
+        "-sample_index=alloc_objects",
+        "-nodecount=1000",
+        &focus,
+    ]);
+    assert!(
+        by_address.contains("[libc.so.6]") && !by_address.contains("[unknown]"),
+        "go tool pprof -top -addresses:\n{by_address}"
+    );
 }
 
 /// `-top` prints counts plainly and bytes scaled ("150kB", "1.46MB").

@@ -114,7 +114,6 @@ fn seen_by_main(index: u32, ptr: u64, spare: bool) -> bool {
     }
 }
 
-
 // This object's maps under the shared helpers (`lib.rs`).
 
 #[inline(always)]

@@ -616,9 +616,8 @@ impl Report<'_> {
             let (what, measured, ok) = match w.target() {
                 Target::Keeps(t) => (
                     format!("keeps >= {t:.2} (leaktrace default, median)"),
-                    r.as_ref().map(|r| {
-                        format!("{:.2} (per generator CPU-s: {:.2})", r.med, r.cpu_med)
-                    }),
+                    r.as_ref()
+                        .map(|r| format!("{:.2} (per generator CPU-s: {:.2})", r.med, r.cpu_med)),
                     r.as_ref().map(|r| r.med >= t),
                 ),
                 Target::FloorMultiple(m) => {

@@ -148,6 +148,9 @@ struct Builder {
     /// the mapping (one per process) is part of the key.
     locations: HashMap<(u64, u64, Vec<String>), u64>,
     mappings: HashMap<String, u64>,
+    /// Mapped user files by (path, start, end): one per library per address
+    /// space layout, which is what pprof's Mapping describes.
+    files: HashMap<(String, u64, u64), u64>,
 }
 
 impl Builder {
@@ -183,6 +186,73 @@ impl Builder {
         });
         self.mappings.insert(file.to_string(), id);
         id
+    }
+
+    /// The Mapping of a user file: addresses, file offset and build id, so
+    /// `pprof` names its unnamed frames `[libc.so.6]` and can symbolize them
+    /// from the same build (`has_functions` is cleared once a frame in it is
+    /// left unnamed).
+    fn file_mapping(
+        &mut self,
+        path: &str,
+        start: u64,
+        end: u64,
+        offset: u64,
+        build_id: &str,
+    ) -> u64 {
+        let key = (path.to_string(), start, end);
+        if let Some(&id) = self.files.get(&key) {
+            return id;
+        }
+        let id = self.profile.mapping.len() as u64 + 1;
+        let filename = self.string(path);
+        let build_id = self.string(build_id);
+        self.profile.mapping.push(Mapping {
+            id,
+            memory_start: start,
+            memory_limit: end,
+            file_offset: offset,
+            filename,
+            build_id,
+            has_functions: true,
+            ..Mapping::default()
+        });
+        self.files.insert(key, id);
+        id
+    }
+
+    /// A user location: in its file's Mapping where known, else the
+    /// process's. A frame leaktrace could not name (`libc.so.6+0x2724a`,
+    /// `[unknown] 0x…`) gets no function, so pprof shows the address and the
+    /// file instead of a made-up function named after the file.
+    fn user_location(&mut self, process_mapping: u64, loc: &Frames) -> u64 {
+        let Some(file) = &loc.module else {
+            return self.location(process_mapping, loc);
+        };
+        let mapping = self.file_mapping(
+            &file.path,
+            file.start,
+            file.end,
+            file.offset,
+            &file.build_id,
+        );
+        let base = file.path.rsplit('/').next().unwrap_or(&file.path);
+        let unnamed = loc
+            .frames
+            .iter()
+            .all(|f| f.starts_with("[unknown]") || function_name(f) == base);
+        if !unnamed {
+            return self.location(mapping, loc);
+        }
+        if let Some(m) = self.profile.mapping.get_mut(mapping as usize - 1) {
+            m.has_functions = false;
+        }
+        let bare = Frames {
+            addr: loc.addr,
+            frames: Vec::new(),
+            module: None,
+        };
+        self.location(mapping, &bare)
     }
 
     fn function(&mut self, frame: &str) -> u64 {
@@ -316,7 +386,11 @@ pub fn build(report: &Report, wall_clock_ns: i64) -> Profile {
                 .iter()
                 .map(|l| b.location(kernel_mapping, l))
                 .collect();
-            location_id.extend(s.user_locations.iter().map(|l| b.location(user_mapping, l)));
+            location_id.extend(
+                s.user_locations
+                    .iter()
+                    .map(|l| b.user_location(user_mapping, l)),
+            );
             let c = &s.counts;
             let value = [
                 c.outstanding,
@@ -451,6 +525,61 @@ mod tests {
     }
 
     #[test]
+    fn user_frames_sit_in_their_files_mapping_and_unnamed_ones_carry_no_function() {
+        let libc = std::sync::Arc::new(crate::symbolize::MappedFile {
+            path: "/usr/lib/x86_64-linux-gnu/libc.so.6".into(),
+            start: 0x7f00_0002_8000,
+            end: 0x7f00_0017_d000,
+            offset: 0x26000,
+            build_id: "c047672cae7964324658491e7dee26748ae5d2f8".into(),
+        });
+        let mut b = Builder::new();
+        let process = b.mapping("/usr/bin/leaker");
+        let unnamed = b.user_location(
+            process,
+            &Frames {
+                addr: 0x7f00_0002_924a,
+                frames: vec!["libc.so.6+0x2724a".into()],
+                module: Some(libc.clone()),
+            },
+        );
+        let named = b.user_location(
+            process,
+            &Frames {
+                addr: 0x7f00_0009_0000,
+                frames: vec!["writev+0x17".into()],
+                module: Some(libc),
+            },
+        );
+        let unknown = b.user_location(
+            process,
+            &Frames {
+                addr: 0x1234,
+                frames: vec!["[unknown] 0x1234".into()],
+                module: None,
+            },
+        );
+        let p = &b.profile;
+        let loc = |id: u64| &p.location[id as usize - 1];
+        let m = &p.mapping[loc(unnamed).mapping_id as usize - 1];
+        let s = |i: i64| p.string_table[i as usize].as_str();
+        assert_eq!(s(m.filename), "/usr/lib/x86_64-linux-gnu/libc.so.6");
+        assert_eq!(s(m.build_id), "c047672cae7964324658491e7dee26748ae5d2f8");
+        assert_eq!(
+            (m.memory_start, m.memory_limit, m.file_offset),
+            (0x7f00_0002_8000, 0x7f00_0017_d000, 0x26000)
+        );
+        // pprof may symbolize the unnamed one from the same build.
+        assert!(!m.has_functions);
+        assert!(loc(unnamed).line.is_empty());
+        assert_eq!(loc(named).mapping_id, loc(unnamed).mapping_id);
+        assert_eq!(loc(named).line.len(), 1);
+        // Without a known file it stays in the process's mapping, as text.
+        assert_eq!(loc(unknown).mapping_id, process);
+        assert_eq!(loc(unknown).line.len(), 1);
+    }
+
+    #[test]
     fn interning_shares_functions_and_keeps_string_zero_empty() {
         let mut b = Builder::new();
         assert_eq!(b.profile.string_table[0], "");
@@ -460,6 +589,7 @@ mod tests {
             &Frames {
                 addr: 0x10,
                 frames: vec!["f+0x1".into()],
+                module: None,
             },
         );
         let l2 = b.location(
@@ -467,6 +597,7 @@ mod tests {
             &Frames {
                 addr: 0x20,
                 frames: vec!["f+0x2".into()],
+                module: None,
             },
         );
         let l3 = b.location(
@@ -474,6 +605,7 @@ mod tests {
             &Frames {
                 addr: 0x10,
                 frames: vec!["f+0x1".into()],
+                module: None,
             },
         );
         assert_ne!(l1, l2);

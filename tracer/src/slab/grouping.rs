@@ -434,6 +434,7 @@ mod tests {
             s.user_locations = vec![crate::slab::report::Location {
                 addr: 0x7f00_0000_1353,
                 frames: vec![user.to_string()],
+                module: None,
             }];
             s
         };

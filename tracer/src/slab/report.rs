@@ -10,7 +10,7 @@ use crate::{
     kernel::procinfo::{CgroupPaths, ProcMeta},
     slab::aggregator::{AgeSummary, Anomalies, Counts, ProcKey, Snapshot, StackSampling},
     slab::grouping::{GroupBy, GroupReport, MergedStack},
-    symbolize::{tracing::strip_tracing_frames, Symbolizer},
+    symbolize::{tracing::strip_tracing_frames, MappedFile, Symbolizer},
 };
 
 pub const SCHEMA_VERSION: u32 = 2;
@@ -220,6 +220,10 @@ impl StackReport {
 pub struct Location {
     pub addr: u64,
     pub frames: Vec<String>,
+    /// The user file the address lies in (None for kernel frames and where
+    /// unknown): pprof's Mapping, so an unnamed frame still says which
+    /// library and build it is in.
+    pub module: Option<std::sync::Arc<MappedFile>>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -293,6 +297,7 @@ pub fn build(kind: &'static str, header: Header, snap: Snapshot, names: &mut Nam
                             .map(|(&addr, name)| Location {
                                 addr,
                                 frames: vec![name],
+                                module: None,
                             })
                             .collect();
                         let uaddrs = names.stacks.frames(s.ustack);
@@ -304,6 +309,7 @@ pub fn build(kind: &'static str, header: Header, snap: Snapshot, names: &mut Nam
                             .map(|&addr| Location {
                                 addr,
                                 frames: names.symbols.user_frames(p.tgid, &[addr]),
+                                module: names.symbols.user_file(p.tgid, addr),
                             })
                             .collect();
                         StackReport {
@@ -365,6 +371,7 @@ pub(crate) fn test_report() -> Report {
     let loc = |addr: u64, f: &[&str]| Location {
         addr,
         frames: f.iter().map(|s| s.to_string()).collect(),
+        module: None,
     };
     Report {
         schema_version: crate::slab::report::SCHEMA_VERSION,

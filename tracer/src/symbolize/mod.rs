@@ -41,7 +41,27 @@ pub struct Symbolizer {
     /// before their stacks are named; oldest dropped first.
     images: HashMap<u32, ProcessImage>,
     image_order: std::collections::VecDeque<u32>,
+    /// The file each user address lies in, per process (see [`Self::user_file`]).
+    user_files: HashMap<(u32, u64), Option<Arc<MappedFile>>>,
+    /// GNU build ids by file identity (one libc serves every process).
+    build_ids: HashMap<FileKey, String>,
 }
+
+/// The file a user address lies in, as pprof's `Mapping` describes it:
+/// `path` as /proc/PID/maps names it, mapped at `start..end` from file
+/// offset `offset`, with the file's GNU build id (hex; empty when it has
+/// none) so pprof can find and symbolize the same build elsewhere.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MappedFile {
+    pub path: String,
+    pub start: u64,
+    pub end: u64,
+    pub offset: u64,
+    pub build_id: String,
+}
+
+/// Build ids remembered before the cache starts over.
+const BUILD_IDS: usize = 1024;
 
 /// What naming a process's user frames needs once it is gone: its file
 /// mappings and an open handle on each mapped executable file (held open,
@@ -140,6 +160,8 @@ impl Symbolizer {
             go: GoCache::default(),
             images: HashMap::new(),
             image_order: std::collections::VecDeque::new(),
+            user_files: HashMap::new(),
+            build_ids: HashMap::new(),
         }
     }
 
@@ -243,6 +265,77 @@ impl Symbolizer {
             }
         }
         out
+    }
+
+    /// The executable file mapping `addr` in `tgid`: from the snapshot taken
+    /// when the process was first seen (so one that exited still answers),
+    /// else from its maps now; None for anonymous memory (JIT code) or an
+    /// address no mapping covers. Cached per address like the names.
+    pub fn user_file(&mut self, tgid: u32, addr: u64) -> Option<Arc<MappedFile>> {
+        if let Some(hit) = self.user_files.get(&(tgid, addr)) {
+            return hit.clone();
+        }
+        let found = self.find_user_file(tgid, addr).map(Arc::new);
+        self.user_files.insert((tgid, addr), found.clone());
+        found
+    }
+
+    fn find_user_file(&mut self, tgid: u32, addr: u64) -> Option<MappedFile> {
+        let covers = |m: &Mapping| m.exec && m.start <= addr && addr < m.end;
+        let (m, handle) = match self.images.get(&tgid) {
+            Some(image) if image.maps.iter().any(covers) => {
+                let m = image.maps.iter().find(|m| covers(m))?.clone();
+                let handle =
+                    image
+                        .files
+                        .iter()
+                        .find(|(start, _)| *start == m.start)
+                        .map(|(_, f)| {
+                            let fd = std::os::fd::AsRawFd::as_raw_fd(f);
+                            PathBuf::from(format!("/proc/self/fd/{fd}"))
+                        });
+                (m, handle)
+            }
+            _ => {
+                let m = read_maps(tgid).into_iter().find(|m| covers(m))?;
+                let handle =
+                    PathBuf::from(format!("/proc/{tgid}/map_files/{:x}-{:x}", m.start, m.end));
+                (m, Some(handle))
+            }
+        };
+        if !m.path.starts_with('/') {
+            return None;
+        }
+        let build_id = handle.map(|h| self.build_id(&h)).unwrap_or_default();
+        Some(MappedFile {
+            path: m.path,
+            start: m.start,
+            end: m.end,
+            offset: m.offset,
+            build_id,
+        })
+    }
+
+    fn build_id(&mut self, file: &Path) -> String {
+        let Ok(meta) = std::fs::metadata(file) else {
+            return String::new();
+        };
+        let key = FileKey {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.size(),
+            mtime: meta.mtime(),
+            mtime_nsec: meta.mtime_nsec(),
+        };
+        if let Some(id) = self.build_ids.get(&key) {
+            return id.clone();
+        }
+        if self.build_ids.len() >= BUILD_IDS {
+            self.build_ids.clear();
+        }
+        let id = gnu_build_id(file).unwrap_or_default();
+        self.build_ids.insert(key, id.clone());
+        id
     }
 
     /// Parse kallsyms now (a lookup of any kernel address loads it): done at
@@ -388,6 +481,7 @@ impl Symbolizer {
         }
         let gone: std::collections::HashSet<u32> = tgids.iter().copied().collect();
         self.user.retain(|(t, _), _| !gone.contains(t));
+        self.user_files.retain(|(t, _), _| !gone.contains(t));
         for t in tgids {
             self.images.remove(t);
         }
@@ -428,6 +522,20 @@ impl Symbolizer {
             })
             .collect()
     }
+}
+
+/// The `NT_GNU_BUILD_ID` note of an ELF file, hex: what pprof (and
+/// debuginfod) look a build up by. Go's own build id is a different string
+/// that pprof does not use.
+fn gnu_build_id(path: &Path) -> Option<String> {
+    use object::Object;
+    let file = std::fs::File::open(path).ok()?;
+    // SAFETY: read-only mapping of a file we only read; a concurrent
+    // truncation could fault, as for every ELF reader that maps files.
+    let map = unsafe { memmap2::Mmap::map(&file) }.ok()?;
+    let elf = object::File::parse(&*map).ok()?;
+    let id = elf.build_id().ok().flatten()?;
+    Some(id.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// One line of /proc/PID/maps that maps a file.
