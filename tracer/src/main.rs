@@ -10,6 +10,7 @@ mod doctor;
 mod event_loop;
 mod fault;
 mod grouping;
+mod k8s;
 mod kernel;
 #[cfg(test)]
 mod layout_tests;
@@ -20,6 +21,7 @@ mod plan;
 mod present;
 mod probes;
 mod report;
+mod serve;
 mod slab;
 mod stacks;
 mod symbolize;
@@ -59,6 +61,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Some(Command::Doctor(args)) => doctor::run(&args),
         Some(Command::Memcg(args)) => memcg::run(args),
+        Some(Command::Serve(args)) => serve::run(args),
         None => {
             let Some(cache) = cli.trace.cache.clone() else {
                 anyhow::bail!(
