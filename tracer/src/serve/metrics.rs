@@ -264,6 +264,9 @@ fn read_aliases(root: &Path) -> BTreeMap<String, Vec<String>> {
     out
 }
 
+/// How one per-cache family reads its value from the slabinfo line.
+type SlabValue = fn(&slabinfo::SlabLine) -> u64;
+
 fn render_slab(
     out: &mut String,
     lines: &mut Vec<slabinfo::SlabLine>,
@@ -278,7 +281,7 @@ fn render_slab(
     let omitted = lines.len().saturating_sub(MAX_CACHES);
     lines.truncate(MAX_CACHES);
     lines.sort_by(|a, b| a.name.cmp(&b.name));
-    let families: [(&str, &str, fn(&slabinfo::SlabLine) -> u64); 4] = [
+    let families: [(&str, &str, SlabValue); 4] = [
         (
             "leaktrace_slab_active_objects",
             "Objects in use in the slab cache (/proc/slabinfo active_objs; merged caches count under the name slabinfo shows, see leaktrace_slab_merged_cache). Growth: deriv() of this.",

@@ -1,0 +1,579 @@
+//! `leaktrace serve` as a fleet uses it: scraped by a real Prometheus, profiles
+//! fetched over HTTP(S) and opened in `go tool pprof`, and every way a request
+//! can be wrong or hostile (no token, wrong token, huge seconds, unknown cache,
+//! concurrent traces, a client that never sends) answered without attaching.
+//! Needs root (slabinfo, BPF) and the tools `cargo xtask setup` installs.
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::TcpStream,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{mpsc, Mutex, MutexGuard},
+    thread,
+    time::{Duration, Instant},
+};
+
+use leaktrace_tests::*;
+
+/// The tests here each start their own serve and deep traces; run one at a
+/// time so one test's trace or generator cannot show up in another's checks.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+macro_rules! skip_in_vm_guest {
+    () => {
+        skip_unless!(
+            std::env::var_os("LEAKTRACE_VM_GUEST").is_none(),
+            "serve is checked with host tools (go, prometheus, promtool, openssl), which a VM guest does not have"
+        )
+    };
+}
+
+const TOKEN: &str = "serve-test-token-0123456789abcdef";
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/tmp/serve")
+        .join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    dir
+}
+
+fn require_tool(tool: &str, package: &str) {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        found,
+        "`{tool}` (Debian package {package}) is not on PATH; run `cargo xtask setup` as root"
+    );
+}
+
+/// A running `leaktrace serve --listen 127.0.0.1:0`; the port is read from stderr.
+struct Serve {
+    child: Child,
+    addr: String,
+    stderr: mpsc::Receiver<String>,
+}
+
+impl Serve {
+    fn start(dir: &Path, extra: &[&str]) -> Serve {
+        let token = dir.join("token");
+        std::fs::write(&token, format!("{TOKEN}\n")).expect("token file");
+        let child = Command::new(leaktrace_bin())
+            .args(["serve", "--listen", "127.0.0.1:0", "--token-file"])
+            .arg(&token)
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn leaktrace serve");
+        let mut serve = Serve {
+            child,
+            addr: String::new(),
+            stderr: mpsc::channel().1,
+        };
+        let err = serve.child.stderr.take().expect("stderr");
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                eprintln!("{line}");
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut seen = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = rx
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("serve printed no address: {seen:?}"));
+            if let Some((_, rest)) = line.split_once("listening on ") {
+                let url = rest.split_whitespace().next().expect("url");
+                serve.addr = url
+                    .trim_start_matches("http://")
+                    .trim_start_matches("https://")
+                    .to_string();
+                serve.stderr = rx;
+                return serve;
+            }
+            seen.push(line);
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn get(&self, path: &str, token: Option<&str>) -> Response {
+        get(&self.addr, path, token)
+    }
+
+    fn metrics(&self) -> String {
+        let r = self.get("/metrics", None);
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.text()
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        while self.stderr.try_recv().is_ok() {}
+    }
+}
+
+struct Response {
+    status: u16,
+    head: String,
+    body: Vec<u8>,
+}
+
+impl Response {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    fn header(&self, name: &str) -> Option<String> {
+        self.head.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+        })
+    }
+}
+
+fn get(addr: &str, path: &str, token: Option<&str>) -> Response {
+    let mut conn = TcpStream::connect(addr).expect("connect to serve");
+    conn.set_read_timeout(Some(Duration::from_secs(120)))
+        .expect("timeout");
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    write!(
+        conn,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n"
+    )
+    .expect("request");
+    let mut resp = Vec::new();
+    conn.read_to_end(&mut resp).expect("response");
+    let split = resp
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("no HTTP head in {:?}", String::from_utf8_lossy(&resp)));
+    let head = String::from_utf8_lossy(&resp[..split]).into_owned();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {head}"));
+    Response {
+        status,
+        head,
+        body: resp[split + 4..].to_vec(),
+    }
+}
+
+fn value(body: &str, series: &str) -> Option<f64> {
+    body.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+/// BPF programs held by `pid` or any of its children, from their fdinfo: the
+/// kernel's own record of what a process has loaded, which no log can fake.
+fn programs_held(pid: u32) -> usize {
+    let mut pids = vec![pid];
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        for e in entries.flatten() {
+            let Some(child) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+                continue;
+            };
+            let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
+            // "pid (comm) state ppid ...": comm may hold spaces, so split after ')'.
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok());
+            if ppid == Some(pid) {
+                pids.push(child);
+            }
+        }
+    }
+    pids.iter()
+        .map(|p| {
+            std::fs::read_dir(format!("/proc/{p}/fdinfo"))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter(|e| {
+                    std::fs::read_to_string(e.path())
+                        .is_ok_and(|t| t.lines().any(|l| l.starts_with("prog_type:")))
+                })
+                .count()
+        })
+        .sum()
+}
+
+fn children_of(pid: u32) -> usize {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .map(|s| s.split_whitespace().count())
+        .unwrap_or(0)
+}
+
+const KMEM: &str = "/debug/pprof/kmem?cache=kmalloc-512&seconds=5";
+
+#[test]
+fn unauthenticated_invalid_and_slow_requests_attach_nothing() {
+    skip_in_vm_guest!();
+    let _serial = serial();
+    let dir = scratch("refused");
+    let serve = Serve::start(&dir, &["--max-seconds", "10", "--min-interval", "1s"]);
+    let pid = serve.pid();
+
+    // A client that connects and never sends holds one connection, nothing more.
+    let mut silent = TcpStream::connect(&serve.addr).expect("connect");
+    let mut half = TcpStream::connect(&serve.addr).expect("connect");
+    half.write_all(b"GET /metr").expect("partial request");
+
+    let started = Instant::now();
+    let body = serve.metrics();
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "/metrics took {:?} behind silent clients",
+        started.elapsed()
+    );
+    assert!(body.contains("leaktrace_slab_active_objects{cache=\"kmalloc-512\"}"));
+
+    let no_token = serve.get(KMEM, None);
+    assert_eq!(no_token.status, 401, "{}", no_token.text());
+    assert!(no_token.header("www-authenticate").is_some());
+    let wrong = serve.get(KMEM, Some("serve-test-token-0123456789abcdeX"));
+    assert_eq!(wrong.status, 401, "{}", wrong.text());
+    assert_eq!(programs_held(pid), 0, "a refused request attached programs");
+    assert_eq!(children_of(pid), 0, "a refused request started a trace");
+
+    for (query, want) in [
+        ("cache=kmalloc-512&seconds=11", "seconds must be"),
+        (
+            "cache=kmalloc-512&seconds=99999999999999999999",
+            "seconds must be",
+        ),
+        ("cache=kmalloc-512&seconds=-5", "seconds must be"),
+        ("cache=kmalloc-51&seconds=2", "did you mean: kmalloc-512"),
+        ("cache=..%2F..%2Fetc%2Fpasswd&seconds=2", "cache must be"),
+        ("cache=kmalloc-512;reboot&seconds=2", "cache must be"),
+        (
+            "cache=kmalloc-512&seconds=2&output=/tmp/x",
+            "unknown parameter",
+        ),
+    ] {
+        let r = serve.get(&format!("/debug/pprof/kmem?{query}"), Some(TOKEN));
+        assert_eq!(r.status, 400, "{query}: {}", r.text());
+        assert!(r.text().contains(want), "{query}: {}", r.text());
+    }
+    assert_eq!(
+        programs_held(pid),
+        0,
+        "an invalid request attached programs"
+    );
+    assert_eq!(children_of(pid), 0, "an invalid request started a trace");
+    let body = serve.metrics();
+    assert_eq!(
+        value(
+            &body,
+            "leaktrace_serve_trace_rejections_total{reason=\"unauthorized\"}"
+        ),
+        Some(2.0),
+        "{body}"
+    );
+    assert_eq!(
+        value(
+            &body,
+            "leaktrace_serve_trace_rejections_total{reason=\"invalid\"}"
+        ),
+        Some(7.0),
+        "{body}"
+    );
+    assert_eq!(
+        value(&body, "leaktrace_serve_traces_total{result=\"ok\"}"),
+        Some(0.0)
+    );
+
+    // The silent clients are cut off by the read timeout, not held forever.
+    for conn in [&mut silent, &mut half] {
+        conn.set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        let mut buf = [0u8; 256];
+        let started = Instant::now();
+        let n = conn.read(&mut buf).unwrap_or(0);
+        assert!(
+            started.elapsed() < Duration::from_secs(25),
+            "a silent client was held {:?}",
+            started.elapsed()
+        );
+        // hyper may answer 408 before closing; either way it does not wait.
+        let text = String::from_utf8_lossy(&buf[..n]);
+        assert!(n == 0 || text.starts_with("HTTP/1.1 408"), "{text}");
+    }
+    assert_eq!(programs_held(pid), 0);
+}
+
+/// `-top` prints counts plainly; -unit=minimum keeps them unscaled.
+fn cum_of(top: &str, func: &str) -> Option<u64> {
+    let line = top
+        .lines()
+        .find(|l| l.split_whitespace().last() == Some(func))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
+#[test]
+fn profile_over_http_holds_the_generators_keys_one_trace_at_a_time() {
+    skip_in_vm_guest!();
+    require_tool("go", "golang-go");
+    let _serial = serial();
+    let dir = scratch("profile");
+    let serve = Serve::start(&dir, &["--max-seconds", "20", "--min-interval", "30s"]);
+    let pid = serve.pid();
+    let addr = serve.addr.clone();
+    let fetch = thread::spawn(move || get(&addr, KMEM, Some(TOKEN)));
+
+    // Wait for the attach, then make the allocations the profile must hold.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let body = serve.metrics();
+        if value(&body, "leaktrace_serve_trace_attached") == Some(1.0) {
+            assert_eq!(value(&body, "leaktrace_serve_trace_active"), Some(1.0));
+            assert!(
+                value(&body, "leaktrace_serve_trace_bpf_map_bytes").is_some_and(|b| b > 0.0),
+                "no map memory shown while tracing:\n{body}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the trace never attached:\n{body}"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    assert!(programs_held(pid) > 0, "attached, yet no program in fdinfo");
+    let mut gen = Generator::start("keys", "200").expect("leakgen keys 200");
+    let gen_pid = gen.pid;
+
+    let busy = serve.get(KMEM, Some(TOKEN));
+    assert_eq!(busy.status, 429, "{}", busy.text());
+    let retry: u64 = busy
+        .header("retry-after")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("429 without Retry-After: {}", busy.head));
+    assert!((1..=40).contains(&retry), "Retry-After {retry}");
+
+    let resp = fetch.join().expect("fetch thread");
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    gen.release().expect("release");
+    gen.finish().expect("leakgen exit");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while programs_held(pid) > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "programs still attached after the trace"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    // Right after a trace, --min-interval refuses the next.
+    let soon = serve.get(KMEM, Some(TOKEN));
+    assert_eq!(soon.status, 429, "{}", soon.text());
+    assert!(soon.header("retry-after").is_some());
+    let body = serve.metrics();
+    assert_eq!(
+        value(&body, "leaktrace_serve_traces_total{result=\"ok\"}"),
+        Some(1.0)
+    );
+    assert_eq!(value(&body, "leaktrace_serve_trace_active"), Some(0.0));
+    assert!(value(&body, "leaktrace_serve_trace_attached_seconds_total").is_some_and(|s| s >= 4.0));
+
+    let profile = dir.join("kmem.pb.gz");
+    std::fs::write(&profile, &resp.body).expect("write profile");
+    let out = Command::new("go")
+        .args([
+            "tool",
+            "pprof",
+            "-top",
+            "-cum",
+            "-nodecount=200",
+            "-unit=minimum",
+        ])
+        .args(["-sample_index=outstanding_objects"])
+        .arg(format!("-tagfocus=pid={gen_pid}"))
+        .arg(&profile)
+        .env("HOME", &dir)
+        .env("PPROF_TMPDIR", &dir)
+        .output()
+        .expect("go tool pprof");
+    let top = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "go tool pprof: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let held = cum_of(&top, "user_preparse")
+        .unwrap_or_else(|| panic!("no user_preparse row in go tool pprof -top:\n{top}"));
+    assert!(
+        held >= 200,
+        "user_preparse holds {held} objects, want >= 200:\n{top}"
+    );
+}
+
+fn promtool(args: &[&str], stdin: Option<&str>) -> (bool, String) {
+    let mut child = Command::new("promtool")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool");
+    let input = stdin.unwrap_or("").to_string();
+    let mut pipe = child.stdin.take().expect("stdin");
+    let writer = thread::spawn(move || {
+        let _ = pipe.write_all(input.as_bytes());
+    });
+    let out = child.wait_with_output().expect("promtool output");
+    let _ = writer.join();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+#[test]
+fn prometheus_scrapes_serve_and_promtool_accepts_metrics_and_rules() {
+    skip_in_vm_guest!();
+    require_tool("promtool", "prometheus");
+    require_tool("prometheus", "prometheus");
+    let _serial = serial();
+    let dir = scratch("prometheus");
+    let serve = Serve::start(&dir, &["--refresh", "1s"]);
+
+    let body = serve.metrics();
+    let (ok, out) = promtool(&["check", "metrics"], Some(&body));
+    assert!(ok, "promtool check metrics: {out}\n{body}");
+    for must in [
+        "leaktrace_meminfo_sunreclaim_bytes",
+        "leaktrace_memcg_dying",
+        "leaktrace_serve_trace_active",
+    ] {
+        assert!(
+            body.contains(&format!("# HELP {must} ")),
+            "no {must}:\n{body}"
+        );
+    }
+    assert!(
+        !body.contains("cmdline"),
+        "command lines must not be labels"
+    );
+    let rules = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/prometheus-rules.yaml");
+    let (ok, out) = promtool(&["check", "rules", rules.to_str().expect("utf-8")], None);
+    assert!(ok, "promtool check rules: {out}");
+    assert!(out.contains("4 rules found"), "{out}");
+
+    let before = value(
+        &body,
+        "leaktrace_slab_active_objects{cache=\"kmalloc-512\"}",
+    )
+    .expect("kmalloc-512 series");
+    let mut gen = Generator::start("keys", "3000").expect("leakgen keys 3000");
+
+    let port = free_port();
+    std::fs::write(
+        dir.join("prometheus.yml"),
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: leaktrace\n    static_configs:\n      - targets: ['{}']\n",
+            serve.addr
+        ),
+    )
+    .expect("prometheus.yml");
+    let prometheus = Killed(
+        Command::new("prometheus")
+            .arg(format!(
+                "--config.file={}",
+                dir.join("prometheus.yml").display()
+            ))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn prometheus"),
+    );
+    let query = "/api/v1/query?query=leaktrace_slab_active_objects%7Bcache%3D%22kmalloc-512%22%7D";
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let result = loop {
+        if let Ok(mut conn) = TcpStream::connect(("127.0.0.1", port)) {
+            let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
+            let _ = write!(
+                conn,
+                "GET {query} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+            );
+            let mut resp = String::new();
+            let _ = conn.read_to_string(&mut resp);
+            if let Some((_, json)) = resp.split_once("\r\n\r\n") {
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(json) {
+                    let seen = v["data"]["result"][0]["value"][1]
+                        .as_str()
+                        .and_then(|s| s.parse::<f64>().ok());
+                    if seen.is_some_and(|n| n >= before + 2000.0) {
+                        break v;
+                    }
+                }
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Prometheus never returned kmalloc-512 >= {before} + 2000"
+        );
+        thread::sleep(Duration::from_millis(500));
+    };
+    println!("Prometheus query result: {result}");
+    assert_eq!(result["status"], "success");
+    assert_eq!(
+        result["data"]["result"][0]["metric"]["cache"],
+        "kmalloc-512"
+    );
+    assert_eq!(result["data"]["result"][0]["metric"]["job"], "leaktrace");
+    drop(prometheus);
+    gen.release().expect("release");
+    gen.finish().expect("leakgen exit");
+}
