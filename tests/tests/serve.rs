@@ -577,3 +577,236 @@ fn prometheus_scrapes_serve_and_promtool_accepts_metrics_and_rules() {
     gen.release().expect("release");
     gen.finish().expect("leakgen exit");
 }
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .output()
+        .expect("openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate, all
+/// P-256, valid for a day.
+fn make_certs(dir: &Path) {
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    openssl(
+        dir,
+        &[
+            &["req", "-x509"][..],
+            &ec,
+            &[
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=leaktrace test CA",
+            ],
+        ]
+        .concat(),
+    );
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+    )
+    .expect("server.ext");
+    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").expect("client.ext");
+    for who in ["server", "client"] {
+        let (key, csr, pem, ext) = (
+            format!("{who}.key"),
+            format!("{who}.csr"),
+            format!("{who}.pem"),
+            format!("{who}.ext"),
+        );
+        openssl(
+            dir,
+            &[
+                &["req"][..],
+                &ec,
+                &[
+                    "-keyout",
+                    &key,
+                    "-out",
+                    &csr,
+                    "-subj",
+                    &format!("/CN=leaktrace test {who}"),
+                ],
+            ]
+            .concat(),
+        );
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &pem,
+                "-days",
+                "1",
+                "-extfile",
+                &ext,
+            ],
+        );
+    }
+}
+
+fn curl(dir: &Path, args: &[&str]) -> (String, String) {
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "30",
+            "--cacert",
+            "ca.pem",
+            "-w",
+            "\n%{http_code}",
+        ])
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    (code.to_string(), body.to_string())
+}
+
+#[test]
+fn tls_client_certificate_authenticates_profile_requests() {
+    skip_in_vm_guest!();
+    require_tool("go", "golang-go");
+    require_tool("openssl", "openssl");
+    require_tool("curl", "curl");
+    let _serial = serial();
+    let dir = scratch("tls");
+    make_certs(&dir);
+    let serve = Serve::start(
+        &dir,
+        &[
+            "--tls-cert",
+            dir.join("server.pem").to_str().expect("utf-8"),
+            "--tls-key",
+            dir.join("server.key").to_str().expect("utf-8"),
+            "--client-ca",
+            dir.join("ca.pem").to_str().expect("utf-8"),
+            "--min-interval",
+            "1s",
+        ],
+    );
+    let base = format!("https://{}", serve.addr);
+    let url = format!("{base}/debug/pprof/kmem?cache=kmalloc-512");
+
+    // Metrics need no certificate; profiles do.
+    let (code, body) = curl(&dir, &[&format!("{base}/metrics")]);
+    assert_eq!(code, "200", "{body}");
+    assert!(body.contains("leaktrace_slab_active_objects{cache=\"kmalloc-512\"}"));
+    let (code, body) = curl(&dir, &[&format!("{url}&seconds=2")]);
+    assert_eq!(code, "401", "{body}");
+    assert_eq!(programs_held(serve.pid()), 0);
+    // Plain HTTP to the TLS port gets no HTTP answer.
+    let mut plain = TcpStream::connect(&serve.addr).expect("connect");
+    plain
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .expect("timeout");
+    let _ = write!(plain, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+    let mut answer = Vec::new();
+    let _ = plain.read_to_end(&mut answer);
+    assert!(
+        !answer.starts_with(b"HTTP/"),
+        "plain HTTP answered on the TLS port"
+    );
+
+    // Go's bundled `go tool pprof` fetches http(s) URLs with its own client,
+    // which ignores -tls_cert/-tls_key/-tls_ca (cmd/pprof getProfile knows only
+    // https+insecure; the standalone google/pprof honours them). So the client
+    // certificate is sent by curl here, and `go tool pprof` shows it verifying
+    // our server (SSL_CERT_FILE) and being refused without a certificate.
+    let go_pprof = |args: &[&str]| {
+        Command::new("go")
+            .args(["tool", "pprof"])
+            .args(args)
+            .current_dir(&dir)
+            .env("HOME", &dir)
+            .env("PPROF_TMPDIR", &dir)
+            .env("SSL_CERT_FILE", dir.join("ca.pem"))
+            .output()
+            .expect("go tool pprof")
+    };
+    let refused = go_pprof(&["-seconds=2", "-top", &url]);
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && said.contains("401"),
+        "go tool pprof without a client certificate: {said}"
+    );
+
+    let addr = serve.addr.clone();
+    let fetch_dir = dir.clone();
+    let fetch = thread::spawn(move || {
+        curl(
+            &fetch_dir,
+            &[
+                "--cert",
+                "client.pem",
+                "--key",
+                "client.key",
+                "-o",
+                "tls.pb.gz",
+                &format!("https://{addr}/debug/pprof/kmem?cache=kmalloc-512&seconds=5"),
+            ],
+        )
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, body) = curl(&dir, &[&format!("{base}/metrics")]);
+        if value(&body, "leaktrace_serve_trace_attached") == Some(1.0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the client-certificate trace never attached:\n{body}"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    let mut gen = Generator::start("keys", "100").expect("leakgen keys 100");
+    let (code, body) = fetch.join().expect("curl thread");
+    assert_eq!(code, "200", "{body}");
+    let out = go_pprof(&[
+        "-top",
+        "-nodecount=200",
+        "-sample_index=outstanding_objects",
+        "tls.pb.gz",
+    ]);
+    let top = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "go tool pprof: {}\n{top}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        top.contains("user_preparse"),
+        "no user_preparse in the mTLS profile:\n{top}"
+    );
+    gen.release().expect("release");
+    gen.finish().expect("leakgen exit");
+}
