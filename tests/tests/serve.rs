@@ -810,3 +810,135 @@ fn tls_client_certificate_authenticates_profile_requests() {
     gen.release().expect("release");
     gen.finish().expect("leakgen exit");
 }
+
+/// deploy/daemonset.yaml: the Secret, a hostPID DaemonSet running `serve` with
+/// capabilities instead of privileged, the mounts it reads, limits, the token
+/// mounted where --token-file points, and Service/PodMonitor on the same port.
+/// `kubectl apply --dry-run=client` is not used: without an API server it
+/// cannot even map the kinds.
+#[test]
+fn daemonset_runs_serve_unprivileged_with_its_mounts_token_and_monitors() {
+    skip_in_vm_guest!();
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/daemonset.yaml");
+    let text = std::fs::read_to_string(&path).expect("deploy/daemonset.yaml");
+    let docs: Vec<serde_json::Value> = serde_norway::Deserializer::from_str(&text)
+        .map(|d| {
+            let v: serde_norway::Value = serde::Deserialize::deserialize(d).expect("valid YAML");
+            serde_json::to_value(v).expect("YAML as JSON")
+        })
+        .collect();
+    let kind = |k: &str| {
+        docs.iter()
+            .find(|d| d["kind"] == k)
+            .unwrap_or_else(|| panic!("no {k} in the manifest"))
+    };
+    let ds = kind("DaemonSet");
+    let spec = &ds["spec"];
+    assert_eq!(
+        spec["selector"]["matchLabels"], spec["template"]["metadata"]["labels"],
+        "selector must match the pod labels"
+    );
+    let pod = &spec["template"]["spec"];
+    assert_eq!(pod["hostPID"], true);
+    let c = &pod["containers"][0];
+    let sc = &c["securityContext"];
+    assert_ne!(sc["privileged"], true, "serve must not run privileged");
+    let caps: Vec<&str> = sc["capabilities"]["add"]
+        .as_array()
+        .expect("capabilities.add")
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
+    for need in ["BPF", "PERFMON"] {
+        assert!(caps.contains(&need), "no CAP_{need}: {caps:?}");
+    }
+    assert!(
+        !caps.contains(&"SYS_ADMIN"),
+        "CAP_SYS_ADMIN is only for pre-5.8 kernels"
+    );
+    for r in ["cpu", "memory"] {
+        assert!(c["resources"]["limits"][r].is_string(), "no {r} limit");
+        assert!(c["resources"]["requests"][r].is_string(), "no {r} request");
+    }
+    let args: Vec<&str> = c["args"]
+        .as_array()
+        .expect("args")
+        .iter()
+        .map(|a| a.as_str().expect("string arg"))
+        .collect();
+    assert_eq!(args.first(), Some(&"serve"));
+    let arg = |flag: &str| {
+        args.windows(2)
+            .find(|w| w[0] == flag)
+            .map(|w| w[1])
+            .unwrap_or_else(|| panic!("no {flag} in args"))
+    };
+    let port = arg("--listen").rsplit_once(':').expect("ADDR:PORT").1;
+    assert_eq!(c["ports"][0]["containerPort"].to_string(), port);
+    assert_eq!(
+        spec["template"]["metadata"]["annotations"]["prometheus.io/port"],
+        port
+    );
+    // The args parse as leaktrace's own command line.
+    let (code, _, stderr) = run_leaktrace(&[&args[..], &["--help"]].concat()).expect("run");
+    assert_eq!(code, 0, "{stderr}");
+
+    let volumes = pod["volumes"].as_array().expect("volumes");
+    let volume = |name: &str| {
+        volumes
+            .iter()
+            .find(|v| v["name"] == name)
+            .unwrap_or_else(|| panic!("mount {name} has no volume"))
+    };
+    let mounts: Vec<(&serde_json::Value, String)> = c["volumeMounts"]
+        .as_array()
+        .expect("volumeMounts")
+        .iter()
+        .map(|m| {
+            (
+                volume(m["name"].as_str().expect("mount name")),
+                m["mountPath"].as_str().expect("mountPath").to_string(),
+            )
+        })
+        .collect();
+    for need in [
+        "/sys/kernel/tracing",
+        "/sys/kernel/btf",
+        "/sys/fs/cgroup",
+        "/var/log/pods",
+        "/var/log/containers",
+    ] {
+        assert!(
+            mounts
+                .iter()
+                .any(|(v, at)| v["hostPath"]["path"] == need && at == need),
+            "no hostPath mount of {need} at the same place: {mounts:?}"
+        );
+    }
+    // The token file is the Secret's key under its mount.
+    let secret = kind("Secret");
+    let token_file = arg("--token-file");
+    let (dir, key) = token_file.rsplit_once('/').expect("token path");
+    assert!(
+        secret["stringData"][key].is_string(),
+        "Secret has no key {key}"
+    );
+    assert!(
+        mounts
+            .iter()
+            .any(|(v, at)| at == dir && v["secret"]["secretName"] == secret["metadata"]["name"]),
+        "{dir} is not the token Secret's mount"
+    );
+    let service = kind("Service");
+    assert_eq!(service["spec"]["selector"], spec["selector"]["matchLabels"]);
+    assert_eq!(service["spec"]["ports"][0]["port"].to_string(), port);
+    let monitor = kind("PodMonitor");
+    assert_eq!(
+        monitor["spec"]["selector"]["matchLabels"],
+        spec["selector"]["matchLabels"]
+    );
+    assert_eq!(
+        monitor["spec"]["podMetricsEndpoints"][0]["path"],
+        "/metrics"
+    );
+}
