@@ -115,6 +115,10 @@ async fn route(shared: &Shared, req: Request<Incoming>, verified_cert: bool) -> 
         }
         "/" => text(StatusCode::OK, INDEX),
         "/debug/pprof/kmem" | "/debug/pprof/kmem/" => {
+            // A HEAD would run a whole trace for a body nobody reads.
+            if req.method() != Method::GET {
+                return text(StatusCode::METHOD_NOT_ALLOWED, "profiles: only GET\n");
+            }
             let authorization = req
                 .headers()
                 .get(header::AUTHORIZATION)
