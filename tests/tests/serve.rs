@@ -942,3 +942,45 @@ fn daemonset_runs_serve_unprivileged_with_its_mounts_token_and_monitors() {
         "/metrics"
     );
 }
+
+/// A client that hangs up mid-trace ends the trace: the request's future is
+/// dropped, the child is killed and the kernel detaches its programs, long
+/// before the `seconds` asked for are over.
+#[test]
+fn a_client_that_hangs_up_ends_its_trace() {
+    skip_in_vm_guest!();
+    let _serial = serial();
+    let dir = scratch("hangup");
+    let serve = Serve::start(&dir, &["--min-interval", "1s"]);
+    let pid = serve.pid();
+    let mut conn = TcpStream::connect(&serve.addr).expect("connect");
+    write!(
+        conn,
+        "GET /debug/pprof/kmem?cache=kmalloc-512&seconds=60 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n\r\n"
+    )
+    .expect("request");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while value(&serve.metrics(), "leaktrace_serve_trace_attached") != Some(1.0) {
+        assert!(Instant::now() < deadline, "the trace never attached");
+        thread::sleep(Duration::from_millis(100));
+    }
+    assert!(programs_held(pid) > 0);
+    let hung_up = Instant::now();
+    drop(conn);
+    while programs_held(pid) > 0 || children_of(pid) > 0 {
+        assert!(
+            hung_up.elapsed() < Duration::from_secs(10),
+            "the trace outlived its client by {:?}: {} programs, {} children",
+            hung_up.elapsed(),
+            programs_held(pid),
+            children_of(pid)
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    let body = serve.metrics();
+    assert_eq!(
+        value(&body, "leaktrace_serve_trace_active"),
+        Some(0.0),
+        "{body}"
+    );
+}

@@ -237,7 +237,7 @@ impl Profiles {
         use anyhow::Context;
         let dir = TempDir::create().context("creating a private directory for the profile")?;
         let file = dir.path.join("kmem.pb.gz");
-        let mut child = tokio::process::Command::new(&self.exe)
+        let child = tokio::process::Command::new(&self.exe)
             .arg("--cache")
             .arg(cache)
             .arg("--duration")
@@ -248,11 +248,12 @@ impl Profiles {
             // The final text report is not wanted; the profile holds everything tracked.
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
-            // A client that hangs up drops this future: the child dies with it and
-            // the kernel detaches its programs when its fds close.
-            .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("starting {}", self.exe.display()))?;
+        // A client that hangs up drops this future: the child dies with it (the
+        // kernel detaches its programs when its fds close) and is reaped.
+        let mut child = Reaped(Some(child));
+        let child = child.0.as_mut().context("trace child")?;
         if let Some(r) = lock(&self.slot).running.as_mut() {
             r.child_pid = child.id();
         }
@@ -295,6 +296,29 @@ impl Profiles {
             crate::k8s::label_profile(&profile, &mut pods)
         };
         Ok(labelled.unwrap_or(profile))
+    }
+}
+
+/// Kills and reaps a trace child whose request was dropped. tokio's
+/// kill_on_drop only kills: the zombie would stay until tokio next happens to
+/// reap orphans, i.e. until the next trace.
+struct Reaped(Option<tokio::process::Child>);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let Some(mut child) = self.0.take() else {
+            return;
+        };
+        // Exited already (the normal end): nothing to kill or reap.
+        if matches!(child.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        let _ = child.start_kill();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                let _ = child.wait().await;
+            });
+        }
     }
 }
 
