@@ -52,6 +52,9 @@ pub enum Command {
     /// Memory-cgroup lifetimes: who creates memcgs, which are removed but never
     /// freed (dying, zombie), and which charged kernel objects pin them.
     Memcg(MemcgArgs),
+    /// Fleet mode: always-on Prometheus metrics of every slab cache, meminfo and
+    /// memcgs, and authenticated on-demand deep traces as pprof at /debug/pprof/kmem.
+    Serve(crate::serve::ServeArgs),
 }
 
 #[derive(Debug, Args)]
@@ -258,7 +261,7 @@ fn show_duration(d: Duration) -> String {
 
 /// `IP:PORT` only: a host name would need a resolver, which on a sick node (or
 /// for a typo like 999.1.1.1) can hang before anything is reported.
-fn parse_listen_addr(text: &str) -> Result<std::net::SocketAddr, String> {
+pub fn parse_listen_addr(text: &str) -> Result<std::net::SocketAddr, String> {
     text.parse().map_err(|_| {
         format!("'{text}' is not IP:PORT; use e.g. 127.0.0.1:9464, 0.0.0.0:9464 or [::1]:9464")
     })

@@ -8,6 +8,7 @@
 mod bpf;
 mod cli;
 mod doctor;
+mod k8s;
 mod kernel;
 #[cfg(test)]
 mod layout_tests;
@@ -15,6 +16,7 @@ mod memcg;
 mod output;
 mod pipeline;
 mod present;
+mod serve;
 mod slab;
 mod symbolize;
 #[cfg(test)]
@@ -50,6 +52,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Some(Command::Doctor(args)) => doctor::run(&args),
         Some(Command::Memcg(args)) => memcg::run(args),
+        Some(Command::Serve(args)) => serve::run(args),
         None => {
             let Some(cache) = cli.trace.cache.clone() else {
                 anyhow::bail!(

@@ -46,6 +46,9 @@ const TOOLS: &[Tool] = &[
     tool("go", "golang-go", Needs::Test),
     tool("promtool", "prometheus", Needs::Test),
     tool("tmux", "tmux", Needs::Test),
+    // tests/tests/serve.rs makes its CA, server and client certificates.
+    tool("openssl", "openssl", Needs::Test),
+    tool("curl", "curl", Needs::Test),
     tool("sh", "dash", Needs::Test),
     // vm-test: boot, unpack kernel .debs, decompress bzImage payloads, fetch
     // kernels through a private apt configuration.

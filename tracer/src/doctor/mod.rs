@@ -7,7 +7,7 @@
 //! often locked down (non-root, no BPF, no tracefs).
 
 mod bpf;
-mod cgroups;
+pub(crate) mod cgroups;
 mod kernel;
 mod kmem;
 mod memcg;

@@ -1,0 +1,986 @@
+//! `leaktrace serve` as a fleet uses it: scraped by a real Prometheus, profiles
+//! fetched over HTTP(S) and opened in `go tool pprof`, and every way a request
+//! can be wrong or hostile (no token, wrong token, huge seconds, unknown cache,
+//! concurrent traces, a client that never sends) answered without attaching.
+//! Needs root (slabinfo, BPF) and the tools `cargo xtask setup` installs.
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::TcpStream,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{mpsc, Mutex, MutexGuard},
+    thread,
+    time::{Duration, Instant},
+};
+
+use leaktrace_tests::*;
+
+/// The tests here each start their own serve and deep traces; run one at a
+/// time so one test's trace or generator cannot show up in another's checks.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+macro_rules! skip_in_vm_guest {
+    () => {
+        skip_unless!(
+            std::env::var_os("LEAKTRACE_VM_GUEST").is_none(),
+            "serve is checked with host tools (go, prometheus, promtool, openssl), which a VM guest does not have"
+        )
+    };
+}
+
+const TOKEN: &str = "serve-test-token-0123456789abcdef";
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/tmp/serve")
+        .join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    dir
+}
+
+fn require_tool(tool: &str, package: &str) {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        found,
+        "`{tool}` (Debian package {package}) is not on PATH; run `cargo xtask setup` as root"
+    );
+}
+
+/// A running `leaktrace serve --listen 127.0.0.1:0`; the port is read from stderr.
+struct Serve {
+    child: Child,
+    addr: String,
+    stderr: mpsc::Receiver<String>,
+}
+
+impl Serve {
+    fn start(dir: &Path, extra: &[&str]) -> Serve {
+        let token = dir.join("token");
+        std::fs::write(&token, format!("{TOKEN}\n")).expect("token file");
+        let child = Command::new(leaktrace_bin())
+            .args(["serve", "--listen", "127.0.0.1:0", "--token-file"])
+            .arg(&token)
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn leaktrace serve");
+        let mut serve = Serve {
+            child,
+            addr: String::new(),
+            stderr: mpsc::channel().1,
+        };
+        let err = serve.child.stderr.take().expect("stderr");
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                eprintln!("{line}");
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut seen = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = rx
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("serve printed no address: {seen:?}"));
+            if let Some((_, rest)) = line.split_once("listening on ") {
+                let url = rest.split_whitespace().next().expect("url");
+                serve.addr = url
+                    .trim_start_matches("http://")
+                    .trim_start_matches("https://")
+                    .to_string();
+                serve.stderr = rx;
+                return serve;
+            }
+            seen.push(line);
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn get(&self, path: &str, token: Option<&str>) -> Response {
+        get(&self.addr, path, token)
+    }
+
+    fn metrics(&self) -> String {
+        let r = self.get("/metrics", None);
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.text()
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        while self.stderr.try_recv().is_ok() {}
+    }
+}
+
+struct Response {
+    status: u16,
+    head: String,
+    body: Vec<u8>,
+}
+
+impl Response {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    fn header(&self, name: &str) -> Option<String> {
+        self.head.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+        })
+    }
+}
+
+fn get(addr: &str, path: &str, token: Option<&str>) -> Response {
+    let mut conn = TcpStream::connect(addr).expect("connect to serve");
+    conn.set_read_timeout(Some(Duration::from_secs(120)))
+        .expect("timeout");
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    write!(
+        conn,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n"
+    )
+    .expect("request");
+    let mut resp = Vec::new();
+    conn.read_to_end(&mut resp).expect("response");
+    let split = resp
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("no HTTP head in {:?}", String::from_utf8_lossy(&resp)));
+    let head = String::from_utf8_lossy(&resp[..split]).into_owned();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {head}"));
+    Response {
+        status,
+        head,
+        body: resp[split + 4..].to_vec(),
+    }
+}
+
+fn value(body: &str, series: &str) -> Option<f64> {
+    body.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+/// BPF programs held by `pid` or any of its children, from their fdinfo: the
+/// kernel's own record of what a process has loaded, which no log can fake.
+fn programs_held(pid: u32) -> usize {
+    let mut pids = vec![pid];
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        for e in entries.flatten() {
+            let Some(child) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+                continue;
+            };
+            let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
+            // "pid (comm) state ppid ...": comm may hold spaces, so split after ')'.
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok());
+            if ppid == Some(pid) {
+                pids.push(child);
+            }
+        }
+    }
+    pids.iter()
+        .map(|p| {
+            std::fs::read_dir(format!("/proc/{p}/fdinfo"))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter(|e| {
+                    std::fs::read_to_string(e.path())
+                        .is_ok_and(|t| t.lines().any(|l| l.starts_with("prog_type:")))
+                })
+                .count()
+        })
+        .sum()
+}
+
+fn children_of(pid: u32) -> usize {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .map(|s| s.split_whitespace().count())
+        .unwrap_or(0)
+}
+
+const KMEM: &str = "/debug/pprof/kmem?cache=kmalloc-512&seconds=5";
+
+#[test]
+fn unauthenticated_invalid_and_slow_requests_attach_nothing() {
+    skip_in_vm_guest!();
+    let _serial = serial();
+    let dir = scratch("refused");
+    let serve = Serve::start(&dir, &["--max-seconds", "10", "--min-interval", "1s"]);
+    let pid = serve.pid();
+
+    // A client that connects and never sends holds one connection, nothing more.
+    let mut silent = TcpStream::connect(&serve.addr).expect("connect");
+    let mut half = TcpStream::connect(&serve.addr).expect("connect");
+    half.write_all(b"GET /metr").expect("partial request");
+
+    let started = Instant::now();
+    let body = serve.metrics();
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "/metrics took {:?} behind silent clients",
+        started.elapsed()
+    );
+    assert!(body.contains("leaktrace_slab_active_objects{cache=\"kmalloc-512\"}"));
+
+    let no_token = serve.get(KMEM, None);
+    assert_eq!(no_token.status, 401, "{}", no_token.text());
+    assert!(no_token.header("www-authenticate").is_some());
+    let wrong = serve.get(KMEM, Some("serve-test-token-0123456789abcdeX"));
+    assert_eq!(wrong.status, 401, "{}", wrong.text());
+    assert_eq!(programs_held(pid), 0, "a refused request attached programs");
+    assert_eq!(children_of(pid), 0, "a refused request started a trace");
+
+    for (query, want) in [
+        ("cache=kmalloc-512&seconds=11", "seconds must be"),
+        (
+            "cache=kmalloc-512&seconds=99999999999999999999",
+            "seconds must be",
+        ),
+        ("cache=kmalloc-512&seconds=-5", "seconds must be"),
+        ("cache=kmalloc-51&seconds=2", "did you mean: kmalloc-512"),
+        ("cache=..%2F..%2Fetc%2Fpasswd&seconds=2", "cache must be"),
+        ("cache=kmalloc-512;reboot&seconds=2", "cache must be"),
+        (
+            "cache=kmalloc-512&seconds=2&output=/tmp/x",
+            "unknown parameter",
+        ),
+    ] {
+        let r = serve.get(&format!("/debug/pprof/kmem?{query}"), Some(TOKEN));
+        assert_eq!(r.status, 400, "{query}: {}", r.text());
+        assert!(r.text().contains(want), "{query}: {}", r.text());
+    }
+    assert_eq!(
+        programs_held(pid),
+        0,
+        "an invalid request attached programs"
+    );
+    assert_eq!(children_of(pid), 0, "an invalid request started a trace");
+    let body = serve.metrics();
+    assert_eq!(
+        value(
+            &body,
+            "leaktrace_serve_trace_rejections_total{reason=\"unauthorized\"}"
+        ),
+        Some(2.0),
+        "{body}"
+    );
+    assert_eq!(
+        value(
+            &body,
+            "leaktrace_serve_trace_rejections_total{reason=\"invalid\"}"
+        ),
+        Some(7.0),
+        "{body}"
+    );
+    assert_eq!(
+        value(&body, "leaktrace_serve_traces_total{result=\"ok\"}"),
+        Some(0.0)
+    );
+
+    // The silent clients are cut off by the read timeout, not held forever.
+    for conn in [&mut silent, &mut half] {
+        conn.set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        let mut buf = [0u8; 256];
+        let started = Instant::now();
+        let n = conn.read(&mut buf).unwrap_or(0);
+        assert!(
+            started.elapsed() < Duration::from_secs(25),
+            "a silent client was held {:?}",
+            started.elapsed()
+        );
+        // hyper may answer 408 before closing; either way it does not wait.
+        let text = String::from_utf8_lossy(&buf[..n]);
+        assert!(n == 0 || text.starts_with("HTTP/1.1 408"), "{text}");
+    }
+    assert_eq!(programs_held(pid), 0);
+}
+
+/// `-top` prints counts plainly; -unit=minimum keeps them unscaled.
+fn cum_of(top: &str, func: &str) -> Option<u64> {
+    let line = top
+        .lines()
+        .find(|l| l.split_whitespace().last() == Some(func))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
+#[test]
+fn profile_over_http_holds_the_generators_keys_one_trace_at_a_time() {
+    skip_in_vm_guest!();
+    require_tool("go", "golang-go");
+    let _serial = serial();
+    let dir = scratch("profile");
+    let serve = Serve::start(&dir, &["--max-seconds", "20", "--min-interval", "30s"]);
+    let pid = serve.pid();
+    let addr = serve.addr.clone();
+    let fetch = thread::spawn(move || get(&addr, KMEM, Some(TOKEN)));
+
+    // Wait for the attach, then make the allocations the profile must hold.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let body = serve.metrics();
+        if value(&body, "leaktrace_serve_trace_attached") == Some(1.0) {
+            assert_eq!(value(&body, "leaktrace_serve_trace_active"), Some(1.0));
+            assert!(
+                value(&body, "leaktrace_serve_trace_bpf_map_bytes").is_some_and(|b| b > 0.0),
+                "no map memory shown while tracing:\n{body}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the trace never attached:\n{body}"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    assert!(programs_held(pid) > 0, "attached, yet no program in fdinfo");
+    let mut gen = Generator::start("keys", "200").expect("leakgen keys 200");
+    let gen_pid = gen.pid;
+
+    let busy = serve.get(KMEM, Some(TOKEN));
+    assert_eq!(busy.status, 429, "{}", busy.text());
+    let retry: u64 = busy
+        .header("retry-after")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("429 without Retry-After: {}", busy.head));
+    assert!((1..=40).contains(&retry), "Retry-After {retry}");
+
+    let resp = fetch.join().expect("fetch thread");
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    gen.release().expect("release");
+    gen.finish().expect("leakgen exit");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while programs_held(pid) > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "programs still attached after the trace"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    // Right after a trace, --min-interval refuses the next.
+    let soon = serve.get(KMEM, Some(TOKEN));
+    assert_eq!(soon.status, 429, "{}", soon.text());
+    assert!(soon.header("retry-after").is_some());
+    let body = serve.metrics();
+    assert_eq!(
+        value(&body, "leaktrace_serve_traces_total{result=\"ok\"}"),
+        Some(1.0)
+    );
+    assert_eq!(value(&body, "leaktrace_serve_trace_active"), Some(0.0));
+    assert!(value(&body, "leaktrace_serve_trace_attached_seconds_total").is_some_and(|s| s >= 4.0));
+
+    let profile = dir.join("kmem.pb.gz");
+    std::fs::write(&profile, &resp.body).expect("write profile");
+    let out = Command::new("go")
+        .args([
+            "tool",
+            "pprof",
+            "-top",
+            "-cum",
+            "-nodecount=200",
+            "-unit=minimum",
+        ])
+        .args(["-sample_index=outstanding_objects"])
+        .arg(format!("-tagfocus=pid={gen_pid}"))
+        .arg(&profile)
+        .env("HOME", &dir)
+        .env("PPROF_TMPDIR", &dir)
+        .output()
+        .expect("go tool pprof");
+    let top = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "go tool pprof: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let held = cum_of(&top, "user_preparse")
+        .unwrap_or_else(|| panic!("no user_preparse row in go tool pprof -top:\n{top}"));
+    assert!(
+        held >= 200,
+        "user_preparse holds {held} objects, want >= 200:\n{top}"
+    );
+}
+
+fn promtool(args: &[&str], stdin: Option<&str>) -> (bool, String) {
+    let mut child = Command::new("promtool")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool");
+    let input = stdin.unwrap_or("").to_string();
+    let mut pipe = child.stdin.take().expect("stdin");
+    let writer = thread::spawn(move || {
+        let _ = pipe.write_all(input.as_bytes());
+    });
+    let out = child.wait_with_output().expect("promtool output");
+    let _ = writer.join();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+#[test]
+fn prometheus_scrapes_serve_and_promtool_accepts_metrics_and_rules() {
+    skip_in_vm_guest!();
+    require_tool("promtool", "prometheus");
+    require_tool("prometheus", "prometheus");
+    let _serial = serial();
+    let dir = scratch("prometheus");
+    let serve = Serve::start(&dir, &["--refresh", "1s"]);
+
+    let body = serve.metrics();
+    let (ok, out) = promtool(&["check", "metrics"], Some(&body));
+    assert!(ok, "promtool check metrics: {out}\n{body}");
+    for must in [
+        "leaktrace_meminfo_sunreclaim_bytes",
+        "leaktrace_memcg_dying",
+        "leaktrace_serve_trace_active",
+    ] {
+        assert!(
+            body.contains(&format!("# HELP {must} ")),
+            "no {must}:\n{body}"
+        );
+    }
+    assert!(
+        !body.contains("cmdline"),
+        "command lines must not be labels"
+    );
+    let rules = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/prometheus-rules.yaml");
+    let (ok, out) = promtool(&["check", "rules", rules.to_str().expect("utf-8")], None);
+    assert!(ok, "promtool check rules: {out}");
+    assert!(out.contains("4 rules found"), "{out}");
+
+    let before = value(
+        &body,
+        "leaktrace_slab_active_objects{cache=\"kmalloc-512\"}",
+    )
+    .expect("kmalloc-512 series");
+    let mut gen = Generator::start("keys", "3000").expect("leakgen keys 3000");
+
+    let port = free_port();
+    std::fs::write(
+        dir.join("prometheus.yml"),
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: leaktrace\n    static_configs:\n      - targets: ['{}']\n",
+            serve.addr
+        ),
+    )
+    .expect("prometheus.yml");
+    let prometheus = Killed(
+        Command::new("prometheus")
+            .arg(format!(
+                "--config.file={}",
+                dir.join("prometheus.yml").display()
+            ))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn prometheus"),
+    );
+    let query = "/api/v1/query?query=leaktrace_slab_active_objects%7Bcache%3D%22kmalloc-512%22%7D";
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let result = loop {
+        if let Ok(mut conn) = TcpStream::connect(("127.0.0.1", port)) {
+            let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
+            let _ = write!(
+                conn,
+                "GET {query} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+            );
+            let mut resp = String::new();
+            let _ = conn.read_to_string(&mut resp);
+            if let Some((_, json)) = resp.split_once("\r\n\r\n") {
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(json) {
+                    let seen = v["data"]["result"][0]["value"][1]
+                        .as_str()
+                        .and_then(|s| s.parse::<f64>().ok());
+                    if seen.is_some_and(|n| n >= before + 2000.0) {
+                        break v;
+                    }
+                }
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Prometheus never returned kmalloc-512 >= {before} + 2000"
+        );
+        thread::sleep(Duration::from_millis(500));
+    };
+    println!("Prometheus query result: {result}");
+    assert_eq!(result["status"], "success");
+    assert_eq!(
+        result["data"]["result"][0]["metric"]["cache"],
+        "kmalloc-512"
+    );
+    assert_eq!(result["data"]["result"][0]["metric"]["job"], "leaktrace");
+    drop(prometheus);
+    gen.release().expect("release");
+    gen.finish().expect("leakgen exit");
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .output()
+        .expect("openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate, all
+/// P-256, valid for a day.
+fn make_certs(dir: &Path) {
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    openssl(
+        dir,
+        &[
+            &["req", "-x509"][..],
+            &ec,
+            &[
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=leaktrace test CA",
+            ],
+        ]
+        .concat(),
+    );
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+    )
+    .expect("server.ext");
+    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").expect("client.ext");
+    for who in ["server", "client"] {
+        let (key, csr, pem, ext) = (
+            format!("{who}.key"),
+            format!("{who}.csr"),
+            format!("{who}.pem"),
+            format!("{who}.ext"),
+        );
+        openssl(
+            dir,
+            &[
+                &["req"][..],
+                &ec,
+                &[
+                    "-keyout",
+                    &key,
+                    "-out",
+                    &csr,
+                    "-subj",
+                    &format!("/CN=leaktrace test {who}"),
+                ],
+            ]
+            .concat(),
+        );
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &pem,
+                "-days",
+                "1",
+                "-extfile",
+                &ext,
+            ],
+        );
+    }
+}
+
+fn curl(dir: &Path, args: &[&str]) -> (String, String) {
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "30",
+            "--cacert",
+            "ca.pem",
+            "-w",
+            "\n%{http_code}",
+        ])
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    (code.to_string(), body.to_string())
+}
+
+#[test]
+fn tls_client_certificate_authenticates_profile_requests() {
+    skip_in_vm_guest!();
+    require_tool("go", "golang-go");
+    require_tool("openssl", "openssl");
+    require_tool("curl", "curl");
+    let _serial = serial();
+    let dir = scratch("tls");
+    make_certs(&dir);
+    let serve = Serve::start(
+        &dir,
+        &[
+            "--tls-cert",
+            dir.join("server.pem").to_str().expect("utf-8"),
+            "--tls-key",
+            dir.join("server.key").to_str().expect("utf-8"),
+            "--client-ca",
+            dir.join("ca.pem").to_str().expect("utf-8"),
+            "--min-interval",
+            "1s",
+        ],
+    );
+    let base = format!("https://{}", serve.addr);
+    let url = format!("{base}/debug/pprof/kmem?cache=kmalloc-512");
+
+    // Metrics need no certificate; profiles do.
+    let (code, body) = curl(&dir, &[&format!("{base}/metrics")]);
+    assert_eq!(code, "200", "{body}");
+    assert!(body.contains("leaktrace_slab_active_objects{cache=\"kmalloc-512\"}"));
+    let (code, body) = curl(&dir, &[&format!("{url}&seconds=2")]);
+    assert_eq!(code, "401", "{body}");
+    assert_eq!(programs_held(serve.pid()), 0);
+    // Plain HTTP to the TLS port gets no HTTP answer.
+    let mut plain = TcpStream::connect(&serve.addr).expect("connect");
+    plain
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .expect("timeout");
+    let _ = write!(plain, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+    let mut answer = Vec::new();
+    let _ = plain.read_to_end(&mut answer);
+    assert!(
+        !answer.starts_with(b"HTTP/"),
+        "plain HTTP answered on the TLS port"
+    );
+
+    // Go's bundled `go tool pprof` fetches http(s) URLs with its own client,
+    // which ignores -tls_cert/-tls_key/-tls_ca (cmd/pprof getProfile knows only
+    // https+insecure; the standalone google/pprof honours them). So the client
+    // certificate is sent by curl here, and `go tool pprof` shows it verifying
+    // our server (SSL_CERT_FILE) and being refused without a certificate.
+    let go_pprof = |args: &[&str]| {
+        Command::new("go")
+            .args(["tool", "pprof"])
+            .args(args)
+            .current_dir(&dir)
+            .env("HOME", &dir)
+            .env("PPROF_TMPDIR", &dir)
+            .env("SSL_CERT_FILE", dir.join("ca.pem"))
+            .output()
+            .expect("go tool pprof")
+    };
+    let refused = go_pprof(&["-seconds=2", "-top", &url]);
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && said.contains("401"),
+        "go tool pprof without a client certificate: {said}"
+    );
+
+    let addr = serve.addr.clone();
+    let fetch_dir = dir.clone();
+    let fetch = thread::spawn(move || {
+        curl(
+            &fetch_dir,
+            &[
+                "--cert",
+                "client.pem",
+                "--key",
+                "client.key",
+                "-o",
+                "tls.pb.gz",
+                &format!("https://{addr}/debug/pprof/kmem?cache=kmalloc-512&seconds=5"),
+            ],
+        )
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, body) = curl(&dir, &[&format!("{base}/metrics")]);
+        if value(&body, "leaktrace_serve_trace_attached") == Some(1.0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the client-certificate trace never attached:\n{body}"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    let mut gen = Generator::start("keys", "100").expect("leakgen keys 100");
+    let (code, body) = fetch.join().expect("curl thread");
+    assert_eq!(code, "200", "{body}");
+    let out = go_pprof(&[
+        "-top",
+        "-nodecount=200",
+        "-sample_index=outstanding_objects",
+        "tls.pb.gz",
+    ]);
+    let top = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "go tool pprof: {}\n{top}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        top.contains("user_preparse"),
+        "no user_preparse in the mTLS profile:\n{top}"
+    );
+    gen.release().expect("release");
+    gen.finish().expect("leakgen exit");
+}
+
+/// deploy/daemonset.yaml: the Secret, a hostPID DaemonSet running `serve` with
+/// capabilities instead of privileged, the mounts it reads, limits, the token
+/// mounted where --token-file points, and Service/PodMonitor on the same port.
+/// `kubectl apply --dry-run=client` is not used: without an API server it
+/// cannot even map the kinds.
+#[test]
+fn daemonset_runs_serve_unprivileged_with_its_mounts_token_and_monitors() {
+    skip_in_vm_guest!();
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/daemonset.yaml");
+    let text = std::fs::read_to_string(&path).expect("deploy/daemonset.yaml");
+    let docs: Vec<serde_json::Value> = serde_norway::Deserializer::from_str(&text)
+        .map(|d| {
+            let v: serde_norway::Value = serde::Deserialize::deserialize(d).expect("valid YAML");
+            serde_json::to_value(v).expect("YAML as JSON")
+        })
+        .collect();
+    let kind = |k: &str| {
+        docs.iter()
+            .find(|d| d["kind"] == k)
+            .unwrap_or_else(|| panic!("no {k} in the manifest"))
+    };
+    let ds = kind("DaemonSet");
+    let spec = &ds["spec"];
+    assert_eq!(
+        spec["selector"]["matchLabels"], spec["template"]["metadata"]["labels"],
+        "selector must match the pod labels"
+    );
+    let pod = &spec["template"]["spec"];
+    assert_eq!(pod["hostPID"], true);
+    let c = &pod["containers"][0];
+    let sc = &c["securityContext"];
+    assert_ne!(sc["privileged"], true, "serve must not run privileged");
+    let caps: Vec<&str> = sc["capabilities"]["add"]
+        .as_array()
+        .expect("capabilities.add")
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
+    for need in ["BPF", "PERFMON"] {
+        assert!(caps.contains(&need), "no CAP_{need}: {caps:?}");
+    }
+    assert!(
+        !caps.contains(&"SYS_ADMIN"),
+        "CAP_SYS_ADMIN is only for pre-5.8 kernels"
+    );
+    for r in ["cpu", "memory"] {
+        assert!(c["resources"]["limits"][r].is_string(), "no {r} limit");
+        assert!(c["resources"]["requests"][r].is_string(), "no {r} request");
+    }
+    let args: Vec<&str> = c["args"]
+        .as_array()
+        .expect("args")
+        .iter()
+        .map(|a| a.as_str().expect("string arg"))
+        .collect();
+    assert_eq!(args.first(), Some(&"serve"));
+    let arg = |flag: &str| {
+        args.windows(2)
+            .find(|w| w[0] == flag)
+            .map(|w| w[1])
+            .unwrap_or_else(|| panic!("no {flag} in args"))
+    };
+    let port = arg("--listen").rsplit_once(':').expect("ADDR:PORT").1;
+    assert_eq!(c["ports"][0]["containerPort"].to_string(), port);
+    assert_eq!(
+        spec["template"]["metadata"]["annotations"]["prometheus.io/port"],
+        port
+    );
+    // The args parse as leaktrace's own command line.
+    let (code, _, stderr) = run_leaktrace(&[&args[..], &["--help"]].concat()).expect("run");
+    assert_eq!(code, 0, "{stderr}");
+
+    let volumes = pod["volumes"].as_array().expect("volumes");
+    let volume = |name: &str| {
+        volumes
+            .iter()
+            .find(|v| v["name"] == name)
+            .unwrap_or_else(|| panic!("mount {name} has no volume"))
+    };
+    let mounts: Vec<(&serde_json::Value, String)> = c["volumeMounts"]
+        .as_array()
+        .expect("volumeMounts")
+        .iter()
+        .map(|m| {
+            (
+                volume(m["name"].as_str().expect("mount name")),
+                m["mountPath"].as_str().expect("mountPath").to_string(),
+            )
+        })
+        .collect();
+    for need in [
+        "/sys/kernel/tracing",
+        "/sys/kernel/btf",
+        "/sys/fs/cgroup",
+        "/var/log/pods",
+        "/var/log/containers",
+    ] {
+        assert!(
+            mounts
+                .iter()
+                .any(|(v, at)| v["hostPath"]["path"] == need && at == need),
+            "no hostPath mount of {need} at the same place: {mounts:?}"
+        );
+    }
+    // The token file is the Secret's key under its mount.
+    let secret = kind("Secret");
+    let token_file = arg("--token-file");
+    let (dir, key) = token_file.rsplit_once('/').expect("token path");
+    assert!(
+        secret["stringData"][key].is_string(),
+        "Secret has no key {key}"
+    );
+    assert!(
+        mounts
+            .iter()
+            .any(|(v, at)| at == dir && v["secret"]["secretName"] == secret["metadata"]["name"]),
+        "{dir} is not the token Secret's mount"
+    );
+    let service = kind("Service");
+    assert_eq!(service["spec"]["selector"], spec["selector"]["matchLabels"]);
+    assert_eq!(service["spec"]["ports"][0]["port"].to_string(), port);
+    let monitor = kind("PodMonitor");
+    assert_eq!(
+        monitor["spec"]["selector"]["matchLabels"],
+        spec["selector"]["matchLabels"]
+    );
+    assert_eq!(
+        monitor["spec"]["podMetricsEndpoints"][0]["path"],
+        "/metrics"
+    );
+}
+
+/// A client that hangs up mid-trace ends the trace: the request's future is
+/// dropped, the child is killed and the kernel detaches its programs, long
+/// before the `seconds` asked for are over.
+#[test]
+fn a_client_that_hangs_up_ends_its_trace() {
+    skip_in_vm_guest!();
+    let _serial = serial();
+    let dir = scratch("hangup");
+    let serve = Serve::start(&dir, &["--min-interval", "1s"]);
+    let pid = serve.pid();
+    let mut conn = TcpStream::connect(&serve.addr).expect("connect");
+    write!(
+        conn,
+        "GET /debug/pprof/kmem?cache=kmalloc-512&seconds=60 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n\r\n"
+    )
+    .expect("request");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while value(&serve.metrics(), "leaktrace_serve_trace_attached") != Some(1.0) {
+        assert!(Instant::now() < deadline, "the trace never attached");
+        thread::sleep(Duration::from_millis(100));
+    }
+    assert!(programs_held(pid) > 0);
+    let hung_up = Instant::now();
+    drop(conn);
+    while programs_held(pid) > 0 || children_of(pid) > 0 {
+        assert!(
+            hung_up.elapsed() < Duration::from_secs(10),
+            "the trace outlived its client by {:?}: {} programs, {} children",
+            hung_up.elapsed(),
+            programs_held(pid),
+            children_of(pid)
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    let body = serve.metrics();
+    assert_eq!(
+        value(&body, "leaktrace_serve_trace_active"),
+        Some(0.0),
+        "{body}"
+    );
+}

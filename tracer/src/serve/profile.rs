@@ -1,0 +1,498 @@
+//! On-demand deep traces for `/debug/pprof/kmem`.
+//!
+//! Each trace is the ordinary `leaktrace --cache NAME --duration Ns --pprof FILE`
+//! run as a child process: the pipeline, its attach/detach and its profile are
+//! exactly the ones the CLI ships, and everything a trace costs (BPF maps,
+//! kallsyms, symbolizer caches) is returned to the kernel when the child exits,
+//! so the always-on process stays small. Nothing from the request reaches the
+//! child but a cache name the catalogue knows and a bounded number.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Stdio,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{header, Response, StatusCode};
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+use super::http::{owned_text, Body};
+use crate::k8s::PodNames;
+use crate::slab::caches::{self, Catalogue};
+
+/// Attach (tracefs, BTF, kallsyms) and the final symbolization on top of the
+/// traced seconds; a child still running after that is killed.
+pub const OVERHEAD: Duration = Duration::from_secs(90);
+/// `seconds` when the request gives none: pprof's own default for CPU profiles.
+const DEFAULT_SECONDS: u64 = 30;
+/// Longest cache name accepted (kernel names are far shorter).
+const MAX_CACHE_NAME: usize = 64;
+/// Lines of a failed trace's stderr returned to the (authenticated) client.
+const ERROR_LINES: usize = 12;
+
+pub struct Profiles {
+    max_seconds: u64,
+    min_interval: Duration,
+    exe: PathBuf,
+    pods: Mutex<PodNames>,
+    slot: Mutex<Slot>,
+    stats: Stats,
+}
+
+#[derive(Default)]
+struct Slot {
+    running: Option<Running>,
+    /// When the last trace ended; the next may start --min-interval later.
+    last_end: Option<Instant>,
+}
+
+struct Running {
+    started: Instant,
+    seconds: u64,
+    child_pid: Option<u32>,
+    attached_at: Option<Instant>,
+}
+
+#[derive(Default)]
+struct Stats {
+    ok: AtomicU64,
+    failed: AtomicU64,
+    unauthorized: AtomicU64,
+    invalid: AtomicU64,
+    busy: AtomicU64,
+    too_soon: AtomicU64,
+    /// Milliseconds with programs attached, over all traces.
+    attached_ms: AtomicU64,
+}
+
+/// What the metrics show about deep traces.
+pub struct TraceStatus {
+    pub active: bool,
+    pub attached: bool,
+    pub ok: u64,
+    pub failed: u64,
+    pub rejected: [(&'static str, u64); 4],
+    pub attached_seconds: f64,
+    pub child_pid: Option<u32>,
+}
+
+impl Profiles {
+    pub fn new(max_seconds: u64, min_interval: Duration, exe: PathBuf, pods: PodNames) -> Profiles {
+        Profiles {
+            max_seconds,
+            min_interval,
+            exe,
+            pods: Mutex::new(pods),
+            slot: Mutex::new(Slot::default()),
+            stats: Stats::default(),
+        }
+    }
+
+    pub fn max_seconds(&self) -> u64 {
+        self.max_seconds
+    }
+
+    pub fn count_rejection(&self, reason: &str) {
+        let counter = match reason {
+            "unauthorized" => &self.stats.unauthorized,
+            "invalid" => &self.stats.invalid,
+            "busy" => &self.stats.busy,
+            _ => &self.stats.too_soon,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn status(&self) -> TraceStatus {
+        let slot = lock(&self.slot);
+        let running = slot.running.as_ref();
+        let now_attached_ms = running
+            .and_then(|r| r.attached_at)
+            .map_or(0, |at| at.elapsed().as_millis() as u64);
+        let s = &self.stats;
+        TraceStatus {
+            active: running.is_some(),
+            attached: running.is_some_and(|r| r.attached_at.is_some()),
+            ok: s.ok.load(Ordering::Relaxed),
+            failed: s.failed.load(Ordering::Relaxed),
+            rejected: [
+                ("unauthorized", s.unauthorized.load(Ordering::Relaxed)),
+                ("invalid", s.invalid.load(Ordering::Relaxed)),
+                ("busy", s.busy.load(Ordering::Relaxed)),
+                ("too_soon", s.too_soon.load(Ordering::Relaxed)),
+            ],
+            attached_seconds: (s.attached_ms.load(Ordering::Relaxed) + now_attached_ms) as f64
+                / 1000.0,
+            child_pid: running.and_then(|r| r.child_pid),
+        }
+    }
+
+    /// `GET /debug/pprof/kmem?QUERY`, already authenticated.
+    pub async fn kmem(&self, query: &str) -> Response<Body> {
+        let request = match parse_query(query, self.max_seconds) {
+            Ok(r) => r,
+            Err(why) => {
+                self.count_rejection("invalid");
+                return owned_text(StatusCode::BAD_REQUEST, format!("{why}\n"));
+            }
+        };
+        // The catalogue names what exists now (modules come and go); its
+        // did-you-mean is the CLI's.
+        let selected = tokio::task::spawn_blocking(move || {
+            let catalogue = Catalogue::read(Path::new("/"))
+                .map_err(|e| format!("reading the slab cache catalogue: {e:#}"))?;
+            caches::select(&catalogue, &request.cache)
+                .map(|s| s.cache)
+                .map_err(|e| e.to_string())
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("cache lookup failed: {e}")));
+        let cache = match selected {
+            Ok(c) => c,
+            Err(why) => {
+                self.count_rejection("invalid");
+                return owned_text(StatusCode::BAD_REQUEST, format!("{why}\n"));
+            }
+        };
+        let guard = match self.claim(request.seconds) {
+            Ok(g) => g,
+            Err((reason, retry_after)) => {
+                self.count_rejection(reason);
+                let mut resp = owned_text(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    format!(
+                        "{}; retry in {retry_after} s\n",
+                        if reason == "busy" {
+                            "a deep trace is already running (one at a time per node)"
+                        } else {
+                            "the last deep trace ended less than --min-interval ago"
+                        }
+                    ),
+                );
+                resp.headers_mut()
+                    .insert(header::RETRY_AFTER, header::HeaderValue::from(retry_after));
+                return resp;
+            }
+        };
+        match self.trace(&cache, request.seconds, &guard).await {
+            Ok(profile) => {
+                self.stats.ok.fetch_add(1, Ordering::Relaxed);
+                let mut resp = Response::new(Full::new(Bytes::from(profile)));
+                let h = resp.headers_mut();
+                h.insert(
+                    header::CONTENT_TYPE,
+                    header::HeaderValue::from_static("application/octet-stream"),
+                );
+                h.insert(
+                    header::CONTENT_DISPOSITION,
+                    header::HeaderValue::from_static("attachment; filename=\"kmem.pb.gz\""),
+                );
+                resp
+            }
+            Err(why) => {
+                self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                owned_text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("deep trace of {cache} failed: {why:#}\n"),
+                )
+            }
+        }
+    }
+
+    /// The one trace slot, or why not and for how many seconds.
+    fn claim(&self, seconds: u64) -> Result<SlotGuard<'_>, (&'static str, u64)> {
+        let mut slot = lock(&self.slot);
+        if let Some(r) = &slot.running {
+            let left = (r.started + Duration::from_secs(r.seconds) + self.min_interval)
+                .saturating_duration_since(Instant::now());
+            return Err(("busy", left.as_secs().max(1)));
+        }
+        if let Some(end) = slot.last_end {
+            let ready = end + self.min_interval;
+            let now = Instant::now();
+            if now < ready {
+                return Err(("too_soon", (ready - now).as_secs_f64().ceil() as u64));
+            }
+        }
+        slot.running = Some(Running {
+            started: Instant::now(),
+            seconds,
+            child_pid: None,
+            attached_at: None,
+        });
+        Ok(SlotGuard { profiles: self })
+    }
+
+    async fn trace(
+        &self,
+        cache: &str,
+        seconds: u64,
+        _guard: &SlotGuard<'_>,
+    ) -> anyhow::Result<Vec<u8>> {
+        use anyhow::Context;
+        let dir = TempDir::create().context("creating a private directory for the profile")?;
+        let file = dir.path.join("kmem.pb.gz");
+        let child = tokio::process::Command::new(&self.exe)
+            .arg("--cache")
+            .arg(cache)
+            .arg("--duration")
+            .arg(format!("{seconds}s"))
+            .arg("--pprof")
+            .arg(&file)
+            .stdin(Stdio::null())
+            // The final text report is not wanted; the profile holds everything tracked.
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {}", self.exe.display()))?;
+        // A client that hangs up drops this future: the child dies with it (the
+        // kernel detaches its programs when its fds close) and is reaped.
+        let mut child = Reaped(Some(child));
+        let child = child.0.as_mut().context("trace child")?;
+        if let Some(r) = lock(&self.slot).running.as_mut() {
+            r.child_pid = child.id();
+        }
+        let stderr = child.stderr.take().context("trace stderr")?;
+        let mut lines = BufReader::new(stderr).lines();
+        let mut tail: Vec<String> = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(seconds) + OVERHEAD;
+        let read_all = async {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if line.contains("attached to ") {
+                    if let Some(r) = lock(&self.slot).running.as_mut() {
+                        r.attached_at = Some(Instant::now());
+                    }
+                }
+                eprintln!("leaktrace serve: trace {cache}: {line}");
+                tail.push(line);
+                if tail.len() > ERROR_LINES {
+                    tail.remove(0);
+                }
+            }
+            child.wait().await
+        };
+        let status = tokio::time::timeout_at(deadline, read_all)
+            .await
+            .with_context(|| {
+                format!(
+                    "the trace did not finish within {seconds} s + {} s",
+                    OVERHEAD.as_secs()
+                )
+            })?
+            .context("waiting for the trace")?;
+        if !status.success() {
+            anyhow::bail!("{status}:\n{}", tail.join("\n"));
+        }
+        // Small (kilobytes to a few MB) and local: a blocking read is fine here.
+        let profile = std::fs::read(&file)
+            .with_context(|| format!("reading the trace's profile {}", file.display()))?;
+        let labelled = {
+            let mut pods = lock(&self.pods);
+            crate::k8s::label_profile(&profile, &mut pods)
+        };
+        Ok(labelled.unwrap_or(profile))
+    }
+}
+
+/// Kills and reaps a trace child whose request was dropped. tokio's
+/// kill_on_drop only kills: the zombie would stay until tokio next happens to
+/// reap orphans, i.e. until the next trace.
+struct Reaped(Option<tokio::process::Child>);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let Some(mut child) = self.0.take() else {
+            return;
+        };
+        // Exited already (the normal end): nothing to kill or reap.
+        if matches!(child.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        let _ = child.start_kill();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                let _ = child.wait().await;
+            });
+        }
+    }
+}
+
+/// Frees the trace slot however the request ends (done, failed, client gone).
+struct SlotGuard<'a> {
+    profiles: &'a Profiles,
+}
+
+impl Drop for SlotGuard<'_> {
+    fn drop(&mut self) {
+        let mut slot = lock(&self.profiles.slot);
+        if let Some(r) = slot.running.take() {
+            if let Some(at) = r.attached_at {
+                self.profiles
+                    .stats
+                    .attached_ms
+                    .fetch_add(at.elapsed().as_millis() as u64, Ordering::Relaxed);
+            }
+        }
+        slot.last_end = Some(Instant::now());
+    }
+}
+
+/// A poisoned lock only means another request panicked mid-update; the slot's
+/// fields are still consistent enough to go on serving.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A 0700 directory of its own per trace, removed when done: the child
+/// writes the profile there, and no other user can swap the file.
+struct TempDir {
+    path: PathBuf,
+}
+
+impl TempDir {
+    fn create() -> std::io::Result<TempDir> {
+        use std::os::unix::fs::DirBuilderExt;
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "leaktrace-serve-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::DirBuilder::new().mode(0o700).create(&path)?;
+        Ok(TempDir { path })
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+struct KmemRequest {
+    cache: String,
+    seconds: u64,
+}
+
+/// `cache=NAME&seconds=N`, nothing else: unknown parameters are refused rather
+/// than ignored, so a client never believes an option took effect.
+fn parse_query(query: &str, max_seconds: u64) -> Result<KmemRequest, String> {
+    let mut cache = None;
+    let mut seconds = None;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let value = percent_decode(value)
+            .ok_or_else(|| format!("parameter {key}: malformed percent-encoding"))?;
+        match key {
+            "cache" if cache.is_none() => cache = Some(value),
+            "seconds" if seconds.is_none() => seconds = Some(value),
+            "cache" | "seconds" => return Err(format!("parameter {key} given twice")),
+            _ => {
+                return Err(format!(
+                    "unknown parameter '{}'; use cache=NAME and seconds=N",
+                    key.chars().take(32).collect::<String>()
+                ))
+            }
+        }
+    }
+    let cache = cache
+        .ok_or("missing cache=NAME (e.g. cache=kmalloc-512; `leaktrace caches` lists them)")?;
+    if cache.is_empty()
+        || cache.len() > MAX_CACHE_NAME
+        || !cache
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | ':' | '.' | '(' | ')'))
+        || cache.starts_with('-')
+        || cache.contains("..")
+    {
+        return Err(format!(
+            "cache must be a slab cache name (letters, digits, - _ : . ( ), at most {MAX_CACHE_NAME} characters)"
+        ));
+    }
+    let seconds = match seconds {
+        None => DEFAULT_SECONDS.min(max_seconds),
+        Some(text) => match text.parse::<u64>() {
+            Ok(n) if (1..=max_seconds).contains(&n) => n,
+            _ => {
+                return Err(format!(
+                    "seconds must be a whole number from 1 to {max_seconds} (--max-seconds)"
+                ))
+            }
+        },
+    };
+    Ok(KmemRequest { cache, seconds })
+}
+
+fn percent_decode(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_is_checked_before_anything_attaches() {
+        let ok = |q: &str| parse_query(q, 60);
+        assert_eq!(
+            ok("cache=kmalloc-512&seconds=5"),
+            Ok(KmemRequest {
+                cache: "kmalloc-512".into(),
+                seconds: 5
+            })
+        );
+        assert_eq!(ok("cache=kmalloc-512").map(|r| r.seconds), Ok(30));
+        assert_eq!(parse_query("cache=dentry", 10).map(|r| r.seconds), Ok(10));
+        assert_eq!(
+            ok("seconds=5&cache=kmalloc%2D512").map(|r| r.cache),
+            Ok("kmalloc-512".into())
+        );
+        for bad in [
+            "",
+            "seconds=5",
+            "cache=kmalloc-512&seconds=61",
+            "cache=kmalloc-512&seconds=0",
+            "cache=kmalloc-512&seconds=-1",
+            "cache=kmalloc-512&seconds=99999999999999999999999",
+            "cache=kmalloc-512&seconds=1e3",
+            "cache=../../etc/passwd",
+            "cache=%2Fetc%2Fpasswd",
+            "cache=a;rm%20-rf",
+            "cache=$(reboot)",
+            "cache=--help",
+            "cache=x&cache=y",
+            "cache=kmalloc-512&path=/tmp/x",
+            "cache=%zz",
+        ] {
+            assert!(ok(bad).is_err(), "{bad:?} accepted");
+        }
+        let long = format!("cache={}", "a".repeat(65));
+        assert!(ok(&long).is_err());
+    }
+}
