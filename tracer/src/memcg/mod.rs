@@ -198,7 +198,7 @@ async fn run_async(args: MemcgArgs) -> Result<()> {
     let hierarchy = Hierarchy::detect(root, args.cgroup_version)?;
     let dying_at_start = hierarchy.dying_now(root)?;
     let mut run = Run {
-        tracker: Tracker::new(hierarchy.walk()),
+        tracker: Tracker::new(hierarchy.live()?),
         hierarchy,
         symbols: Symbolizer::new(),
         mode: String::new(),
@@ -245,7 +245,7 @@ async fn run_async(args: MemcgArgs) -> Result<()> {
     run.attribution = plan.attribution.clone();
     // Take the walk again now that the hooks see every change: a memcg made
     // between the first walk and attach would otherwise be unknown.
-    for (id, (path, level)) in run.hierarchy.walk() {
+    for (id, (path, level)) in run.hierarchy.live()? {
         run.tracker.seed_live(id, path, level);
     }
     for note in &plan.notes {
