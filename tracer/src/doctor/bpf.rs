@@ -25,28 +25,21 @@ pub enum TracefsState {
     NotMounted,
 }
 
+/// The same discovery as the tracer's (`kernel/tracefs`), without its mount.
 pub fn probe_tracefs(root: &Path) -> TracefsState {
-    let mut unreadable = None;
-    for rel in ["sys/kernel/tracing", "sys/kernel/debug/tracing"] {
-        let dir = root.join(rel);
-        match std::fs::read_dir(&dir) {
-            Ok(mut entries) => {
-                // An unmounted mount point is an empty directory.
-                if entries.next().is_none() {
-                    continue;
-                }
-                return TracefsState::Found {
-                    path: format!("/{rel}"),
-                    kmem_events: dir.join("events/kmem/kmalloc").exists(),
-                };
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
-                unreadable.get_or_insert(format!("/{rel} is not readable ({e}); it needs root"));
-            }
-            Err(_) => {}
+    match crate::kernel::tracefs::find_mounted(root) {
+        Ok(Some(place)) => TracefsState::Found {
+            path: place.to_string(),
+            kmem_events: root
+                .join(place.trim_start_matches('/'))
+                .join("events/kmem/kmalloc")
+                .exists(),
+        },
+        Ok(None) => TracefsState::NotMounted,
+        Err((place, e)) => {
+            TracefsState::NotReadable(format!("{place} is not readable ({e}); it needs root"))
         }
     }
-    unreadable.map_or(TracefsState::NotMounted, TracefsState::NotReadable)
 }
 
 /// The kernel's BPF ring buffer, which leaktrace needs, arrived in 5.8. RHEL 8 backported

@@ -49,7 +49,7 @@ pub(super) fn seconds(s: f64) -> String {
 }
 
 pub(super) fn memcg_finding(
-    h: &cgroups::MemoryHierarchy,
+    h: &Hierarchy,
     counts: MemcgCounts,
     timings: Result<Vec<StatTiming>>,
 ) -> Finding {
@@ -62,7 +62,7 @@ pub(super) fn memcg_finding(
         "{} live, {} dying memcgs (cgroup {})",
         counts.live,
         counts.dying,
-        match h.version {
+        match h.cgroup_version() {
             CgroupVersion::V1 => "v1",
             CgroupVersion::V2 => "v2",
         }
@@ -93,8 +93,8 @@ pub(super) fn memcg_finding(
         summary,
         details,
         data: Some(Data::Memcgs(MemcgData {
-            version: h.version,
-            mount: h.mount.clone(),
+            version: h.cgroup_version(),
+            mount: h.seen_as.clone(),
             counts,
             memory_stat,
             memory_stat_unknown,

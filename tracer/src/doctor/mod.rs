@@ -29,7 +29,8 @@ use crate::kernel::slabinfo::{self, SlabLine};
 use crate::present::units::human_bytes;
 use crate::slab::caches::{self, Catalogue, SelectError};
 
-use cgroups::{CgroupVersion, KmemState, MemcgCounts, StatTiming};
+use crate::kernel::cgroupfs::{self, CgroupVersion, Hierarchy, MemcgCounts};
+use cgroups::{KmemState, StatTiming};
 use kernel::KnownIssue;
 
 use bpf::*;
@@ -137,13 +138,13 @@ pub fn diagnose(
         _ => None,
     };
     let features = Features::detect(root, tracefs_dir.as_deref());
-    let hierarchy = cgroups::locate(root);
+    let hierarchy = Hierarchy::bound(root);
     let walked = hierarchy
         .as_ref()
         .map_err(|e| anyhow::anyhow!("{e:#}"))
-        .and_then(|h| cgroups::walk(h).map(|dirs| (h, dirs)));
+        .and_then(|h| h.dirs(true).map(|dirs| (h, dirs)));
     findings.push(match &walked {
-        Ok((h, dirs)) => match cgroups::count(root, h, dirs) {
+        Ok((h, dirs)) => match cgroupfs::count(root, h, dirs) {
             Ok(counts) => memcg_finding(h, counts, cgroups::time_memory_stat(h, dirs)),
             Err(e) => Finding::unknown("memcgs", &e),
         },
@@ -151,8 +152,8 @@ pub fn diagnose(
     });
     let (version, kmem) = match &walked {
         Ok((h, dirs)) => (
-            Ok(h.version),
-            (h.version == CgroupVersion::V1).then(|| cgroups::kmem_state(root, h, dirs)),
+            Ok(h.cgroup_version()),
+            (h.cgroup_version() == CgroupVersion::V1).then(|| cgroups::kmem_state(root, h, dirs)),
         ),
         Err(e) => (Err(format!("{e:#}")), None),
     };

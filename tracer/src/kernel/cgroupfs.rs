@@ -1,10 +1,14 @@
-//! Where the memory controller lives (cgroup v1 hierarchy or cgroup2), which
-//! memcgs exist now, and how many dying ones the kernel holds that no directory
-//! shows: `/proc/cgroups` num_cgroups minus the directories (v1), or the root's
-//! `cgroup.stat` (v2).
+//! The memory-cgroup hierarchy as cgroupfs shows it, one probe for both tools:
+//! where the memory controller is mounted (a cgroup v1 hierarchy or cgroup2),
+//! every memcg directory, and how many dying memcgs the kernel holds that no
+//! directory shows: `/proc/cgroups` num_cgroups minus the directories (v1), or
+//! the root's `cgroup.stat` (v2). Everything is read under a root path so
+//! fixture trees can stand in for `/`.
 
 use std::{
     collections::HashMap,
+    fs,
+    io::ErrorKind,
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
 };
@@ -12,13 +16,94 @@ use std::{
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum CgroupVersion {
+    #[serde(rename = "v1")]
+    V1,
+    #[serde(rename = "v2")]
+    V2,
+}
+
+/// Where memcgs live on this node.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Hierarchy {
     /// 1 or 2.
     pub version: u8,
-    /// The hierarchy id the `cgroup:*` tracepoints report as `root` (0 = cgroup2).
+    /// The hierarchy id the `cgroup:*` tracepoints report as `root` (0 = cgroup2;
+    /// 0 for v1 too where /proc/cgroups does not say).
     pub id: u32,
+    /// The mount point under the root being read (`/` on a live node).
     pub mount: PathBuf,
+    /// The mount point as the node sees it (`/sys/fs/cgroup/memory`), for messages.
+    #[serde(skip)]
+    pub seen_as: String,
+}
+
+/// The memory controller's mounts: the v1 hierarchy that carries it and the
+/// cgroup2 mount that offers it, either or both (hybrid setups).
+#[derive(Debug, Clone, Default)]
+pub struct MemoryMounts {
+    pub v1: Option<Hierarchy>,
+    pub v2: Option<Hierarchy>,
+}
+
+/// Finds the memory controller's mounts in `<root>/proc/self/mounts`.
+pub fn memory_mounts(root: &Path) -> Result<MemoryMounts> {
+    let mounts_path = root.join("proc/self/mounts");
+    let mounts = fs::read_to_string(&mounts_path)
+        .with_context(|| format!("reading {}", mounts_path.display()))?;
+    // Newer kernels list only v1-capable controllers in /proc/cgroups (none
+    // without CONFIG_MEMCG_V1): no memory line means "not on a v1 hierarchy".
+    let hid = fs::read_to_string(root.join("proc/cgroups"))
+        .ok()
+        .and_then(|t| parse_proc_cgroups(&t, "memory"))
+        .map_or(0, |(hid, _, _)| hid);
+    let mut out = MemoryMounts::default();
+    for line in mounts.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let [_, mount, fstype, options, ..] = fields[..] else {
+            continue;
+        };
+        // Mount points escape spaces as \040; cgroup mounts never have any in practice.
+        let path = root.join(mount.trim_start_matches('/'));
+        match fstype {
+            "cgroup" if out.v1.is_none() && options.split(',').any(|o| o == "memory") => {
+                out.v1 = Some(Hierarchy {
+                    version: 1,
+                    id: hid,
+                    mount: path,
+                    seen_as: mount.to_string(),
+                });
+            }
+            "cgroup2" if out.v2.is_none() => {
+                let controllers =
+                    fs::read_to_string(path.join("cgroup.controllers")).unwrap_or_default();
+                if controllers.split_whitespace().any(|c| c == "memory") {
+                    out.v2 = Some(Hierarchy {
+                        version: 2,
+                        id: 0,
+                        mount: path,
+                        seen_as: mount.to_string(),
+                    });
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(out)
+}
+
+/// One cgroup directory under the memory hierarchy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CgroupDir {
+    /// Path relative to the mount, `/` for the root.
+    pub rel: String,
+    /// Depth below the root (0).
+    pub level: u32,
+    /// The directory's inode: the kernfs id the cgroup tracepoints report.
+    pub id: u64,
+    /// memory.usage_in_bytes (v1) or memory.current (v2), when asked for and readable.
+    pub usage: Option<u64>,
 }
 
 /// `/proc/cgroups`: `subsys_name hierarchy num_cgroups enabled`.
@@ -27,19 +112,6 @@ pub fn parse_proc_cgroups(text: &str, subsys: &str) -> Option<(u32, u64, bool)> 
         let f: Vec<&str> = l.split_whitespace().collect();
         (f.len() >= 4 && f[0] == subsys)
             .then(|| Some((f[1].parse().ok()?, f[2].parse().ok()?, f[3] == "1")))?
-    })
-}
-
-/// Mount point of the v1 hierarchy carrying `subsys`, from mountinfo.
-pub fn parse_v1_mount(mountinfo: &str, subsys: &str) -> Option<String> {
-    mountinfo.lines().find_map(|line| {
-        let (left, right) = line.split_once(" - ")?;
-        let mut r = right.split_whitespace();
-        let fstype = r.next()?;
-        let _source = r.next()?;
-        let opts = r.next()?;
-        (fstype == "cgroup" && opts.split(',').any(|o| o == subsys))
-            .then(|| left.split_whitespace().nth(4).map(str::to_string))?
     })
 }
 
@@ -52,38 +124,38 @@ pub fn parse_stat(text: &str, key: &str) -> Option<u64> {
 }
 
 impl Hierarchy {
+    /// A v1 memory mount wins over cgroup2: in hybrid setups (systemd's `unified`
+    /// mount) the memcgs that matter are the v1 ones and cgroup2 carries no
+    /// controller. `doctor`'s view.
+    pub fn bound(root: &Path) -> Result<Hierarchy> {
+        let MemoryMounts { v1, v2 } = memory_mounts(root)?;
+        v1.or(v2).with_context(|| {
+            format!(
+                "no cgroup v1 memory mount and no cgroup2 mount with the memory controller in {}",
+                root.join("proc/self/mounts").display()
+            )
+        })
+    }
+
+    pub fn cgroup_version(&self) -> CgroupVersion {
+        if self.version == 1 {
+            CgroupVersion::V1
+        } else {
+            CgroupVersion::V2
+        }
+    }
+
     /// `--cgroup-version auto` prefers where the memory controller is bound:
     /// a v1 hierarchy if it has one, else cgroup2 if it enables memory.
     pub fn detect(root: &Path, want: Option<u8>) -> Result<Hierarchy> {
-        // Newer kernels list only v1-capable controllers in /proc/cgroups (none
-        // without CONFIG_MEMCG_V1): no memory line means "not on a v1 hierarchy".
-        let cgroups = std::fs::read_to_string(root.join("proc/cgroups")).unwrap_or_default();
-        let mountinfo = std::fs::read_to_string(root.join("proc/self/mountinfo"))
-            .context("reading /proc/self/mountinfo")?;
-        let (hid, enabled) = parse_proc_cgroups(&cgroups, "memory")
-            .map_or((0, true), |(hid, _, enabled)| (hid, enabled));
+        let cgroups = fs::read_to_string(root.join("proc/cgroups")).unwrap_or_default();
+        let enabled = parse_proc_cgroups(&cgroups, "memory").is_none_or(|(_, _, enabled)| enabled);
         if !enabled {
             bail!("the memory cgroup controller is disabled (cgroup_disable=memory?)");
         }
-        let v1 = (hid != 0)
-            .then(|| parse_v1_mount(&mountinfo, "memory"))
-            .flatten()
-            .map(|m| Hierarchy {
-                version: 1,
-                id: hid,
-                mount: root.join(m.trim_start_matches('/')),
-            });
-        let v2 = crate::kernel::procinfo::parse_cgroup2_mount(&mountinfo)
-            .map(|m| root.join(m.trim_start_matches('/')))
-            .filter(|m| {
-                std::fs::read_to_string(m.join("cgroup.controllers"))
-                    .is_ok_and(|c| c.split_whitespace().any(|c| c == "memory"))
-            })
-            .map(|mount| Hierarchy {
-                version: 2,
-                id: 0,
-                mount,
-            });
+        let MemoryMounts { v1, v2 } = memory_mounts(root)?;
+        // The tracepoints' hierarchy filter needs the v1 id.
+        let v1 = v1.filter(|h| h.id != 0);
         match (want, v1, v2) {
             (None | Some(1), Some(h), _) => Ok(h),
             (None | Some(2), _, Some(h)) => Ok(h),
@@ -100,29 +172,73 @@ impl Hierarchy {
         }
     }
 
-    /// Every live cgroup directory of this hierarchy: id (the directory's inode,
-    /// which is the kernfs id the tracepoints report) -> (path, level).
-    pub fn walk(&self) -> HashMap<u64, (String, u32)> {
-        let mut out = HashMap::new();
-        let mut stack = vec![(self.mount.clone(), 0u32)];
-        while let Some((dir, level)) = stack.pop() {
-            let Ok(meta) = std::fs::metadata(&dir) else {
-                continue;
+    /// Every cgroup directory of the hierarchy, root first. A directory that
+    /// cannot be listed is an error rather than a skip: a short count would be
+    /// reported as dying memcgs. One removed while we walk is simply gone (it
+    /// is not live, and the kernel counts it as dying until it is freed).
+    /// `usage` reads each memcg's usage file too.
+    pub fn dirs(&self, usage: bool) -> Result<Vec<CgroupDir>> {
+        let usage_file = match self.version {
+            1 => "memory.usage_in_bytes",
+            _ => "memory.current",
+        };
+        let mut out = Vec::new();
+        let mut stack = vec![(self.mount.clone(), "/".to_string(), 0u32)];
+        while let Some((dir, rel, level)) = stack.pop() {
+            let vanished = |e: &std::io::Error| level > 0 && e.kind() == ErrorKind::NotFound;
+            let meta = match fs::metadata(&dir) {
+                Ok(meta) => meta,
+                Err(e) if vanished(&e) => continue,
+                Err(e) => return Err(e).with_context(|| format!("stat {}", dir.display())),
             };
-            let rel = dir
-                .strip_prefix(&self.mount)
-                .map_or_else(|_| String::new(), |r| format!("/{}", r.display()));
-            out.insert(meta.ino(), (rel, level));
-            let Ok(entries) = std::fs::read_dir(&dir) else {
-                continue;
+            let entries = match fs::read_dir(&dir) {
+                Ok(entries) => entries,
+                Err(e) if vanished(&e) => continue,
+                Err(e) => return Err(e).with_context(|| format!("listing {}", dir.display())),
             };
-            for e in entries.flatten() {
-                if e.file_type().is_ok_and(|t| t.is_dir()) {
-                    stack.push((e.path(), level + 1));
+            out.push(CgroupDir {
+                rel: rel.clone(),
+                level,
+                id: meta.ino(),
+                usage: usage
+                    .then(|| read_u64(&dir.join(usage_file)).ok())
+                    .flatten(),
+            });
+            let mut children = Vec::new();
+            for entry in entries {
+                let entry = entry.with_context(|| format!("listing {}", dir.display()))?;
+                // file_type does not follow symlinks, so a link cannot make us loop.
+                let is_dir = match entry.file_type() {
+                    Ok(t) => t.is_dir(),
+                    Err(e) if e.kind() == ErrorKind::NotFound => false,
+                    Err(e) => {
+                        return Err(e).with_context(|| format!("stat {}", entry.path().display()))
+                    }
+                };
+                if is_dir {
+                    let name = entry.file_name().to_string_lossy().into_owned();
+                    let child_rel = if rel == "/" {
+                        format!("/{name}")
+                    } else {
+                        format!("{rel}/{name}")
+                    };
+                    children.push((entry.path(), child_rel, level + 1));
                 }
             }
+            children.sort();
+            stack.extend(children.into_iter().rev());
         }
-        out
+        Ok(out)
+    }
+
+    /// Every live cgroup: id (the directory's inode, which is the kernfs id the
+    /// tracepoints report) -> (path, level).
+    pub fn live(&self) -> Result<HashMap<u64, (String, u32)>> {
+        Ok(self
+            .dirs(false)?
+            .into_iter()
+            .map(|d| (d.id, (d.rel, d.level)))
+            .collect())
     }
 
     /// Id of the hierarchy's root cgroup: charges there are never made.
@@ -154,7 +270,7 @@ impl Hierarchy {
         let mut last = None;
         for _ in 0..5 {
             let before = self.num_cgroups(root)?;
-            let live = self.walk().len() as u64;
+            let live = self.dirs(false)?.len() as u64;
             let after = self.num_cgroups(root)?;
             last = Some((after, live));
             if before == after {
@@ -183,30 +299,127 @@ pub struct Dying {
     pub source: String,
 }
 
+/// Live and dying memcgs and how they were counted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MemcgCounts {
+    pub live: u64,
+    pub dying: u64,
+    pub method: String,
+}
+
+/// v1: `/proc/cgroups` counts every memcg the kernel still holds, directories only the ones
+/// not removed; the difference are dying memcgs. v2: `cgroup.stat` counts them directly
+/// (per controller on 6.11+, all cgroups before).
+pub fn count(root: &Path, h: &Hierarchy, dirs: &[CgroupDir]) -> Result<MemcgCounts> {
+    match h.cgroup_version() {
+        CgroupVersion::V1 => {
+            let path = root.join("proc/cgroups");
+            let text =
+                fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+            let (num, enabled) = proc_cgroups_memory(&text)
+                .with_context(|| format!("parsing {}", path.display()))?;
+            if !enabled {
+                bail!("the memory controller is disabled (cgroup_disable=memory)");
+            }
+            let live = dirs.len() as u64;
+            Ok(MemcgCounts {
+                live,
+                // Directories made between the two reads would make this negative.
+                dying: num.saturating_sub(live),
+                method: format!(
+                    "/proc/cgroups num_cgroups {num} minus {live} directories under {}",
+                    h.seen_as
+                ),
+            })
+        }
+        CgroupVersion::V2 => {
+            let path = h.mount.join("cgroup.stat");
+            let text =
+                fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+            let key = |k: &str| parse_stat(&text, k);
+            if let (Some(live), Some(dying)) =
+                (key("nr_subsys_memory"), key("nr_dying_subsys_memory"))
+            {
+                return Ok(MemcgCounts {
+                    live,
+                    dying,
+                    method: format!(
+                        "{}/cgroup.stat nr_subsys_memory and nr_dying_subsys_memory",
+                        h.seen_as
+                    ),
+                });
+            }
+            let dying = key("nr_dying_descendants")
+                .with_context(|| format!("{} has no nr_dying_descendants", path.display()))?;
+            Ok(MemcgCounts {
+                live: dirs.len() as u64,
+                dying,
+                method: format!(
+                    "{}/cgroup.stat nr_dying_descendants (all controllers) and {} directories",
+                    h.seen_as,
+                    dirs.len()
+                ),
+            })
+        }
+    }
+}
+
+/// `(num_cgroups, enabled)` of the memory line of /proc/cgroups.
+fn proc_cgroups_memory(text: &str) -> Result<(u64, bool)> {
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields.first() != Some(&"memory") {
+            continue;
+        }
+        let [_, _, num, enabled, ..] = fields[..] else {
+            bail!("short memory line '{line}'");
+        };
+        let num = num
+            .parse()
+            .with_context(|| format!("num_cgroups '{num}' is not a number"))?;
+        return Ok((num, enabled == "1"));
+    }
+    bail!("no memory line (kernel without CONFIG_MEMCG)")
+}
+
+pub fn read_u64(path: &Path) -> Result<u64> {
+    let text = fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    text.trim()
+        .parse()
+        .with_context(|| format!("{}: '{}' is not a number", path.display(), text.trim()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn parses_proc_cgroups_mountinfo_and_stat() {
+    fn parses_proc_cgroups_and_stat() {
         let pc =
             "#subsys_name\thierarchy\tnum_cgroups\tenabled\ncpuset\t3\t1\t1\nmemory\t4\t17\t1\n";
         assert_eq!(parse_proc_cgroups(pc, "memory"), Some((4, 17, true)));
         assert_eq!(parse_proc_cgroups(pc, "pids"), None);
-        let mi = "\
-35 24 0:30 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
-40 35 0:35 / /sys/fs/cgroup/memory rw,relatime shared:9 - cgroup cgroup rw,memory
-41 35 0:36 / /sys/fs/cgroup/cpu rw,relatime shared:10 - cgroup cgroup rw,cpu
-46 35 0:41 / /sys/fs/cgroup/unified rw,relatime shared:15 - cgroup2 cgroup2 rw
-";
-        assert_eq!(
-            parse_v1_mount(mi, "memory").as_deref(),
-            Some("/sys/fs/cgroup/memory")
-        );
-        assert_eq!(parse_v1_mount(mi, "pids"), None);
         let stat = "nr_descendants 3\nnr_dying_descendants 7\nnr_dying_subsys_memory 5\n";
         assert_eq!(parse_stat(stat, "nr_dying_descendants"), Some(7));
         assert_eq!(parse_stat(stat, "nr_dying_subsys_memory"), Some(5));
         assert_eq!(parse_stat(stat, "nr_dying"), None);
+    }
+
+    /// Both tools' questions (where, which memcgs, how many dying) from one
+    /// probe of a fixture node: doctor's preference and memcg's agree.
+    #[test]
+    fn one_probe_answers_both_tools() {
+        let root = Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/testdata/doctor/v1-host"
+        ));
+        let bound = Hierarchy::bound(root).unwrap();
+        assert_eq!(bound.cgroup_version(), CgroupVersion::V1);
+        assert_eq!(bound.seen_as, "/sys/fs/cgroup/memory");
+        let detected = Hierarchy::detect(root, None).unwrap();
+        assert_eq!(detected, bound);
+        let dirs = bound.dirs(false).unwrap();
+        assert_eq!(dirs[0].rel, "/");
+        assert_eq!(bound.live().unwrap().len(), dirs.len());
     }
 }

@@ -308,6 +308,7 @@ mod tests {
             version: 1,
             id: 4,
             mount: PathBuf::from("/nonexistent"),
+            seen_as: "/nonexistent".into(),
         };
         for kernel in ["5.10", "6.1", "6.12", "6.18"] {
             let opts = PlanOptions {

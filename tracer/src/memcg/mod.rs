@@ -35,6 +35,8 @@ use crate::{
     kernel::clock::monotonic_ns,
     kernel::features::{self, Features},
     kernel::tracefs::Tracefs,
+    present::screen::TextScreen,
+    present::tui::Action,
     symbolize::Symbolizer,
 };
 
@@ -198,7 +200,7 @@ async fn run_async(args: MemcgArgs) -> Result<()> {
     let hierarchy = Hierarchy::detect(root, args.cgroup_version)?;
     let dying_at_start = hierarchy.dying_now(root)?;
     let mut run = Run {
-        tracker: Tracker::new(hierarchy.walk()),
+        tracker: Tracker::new(hierarchy.live()?),
         hierarchy,
         symbols: Symbolizer::new(),
         mode: String::new(),
@@ -245,7 +247,7 @@ async fn run_async(args: MemcgArgs) -> Result<()> {
     run.attribution = plan.attribution.clone();
     // Take the walk again now that the hooks see every change: a memcg made
     // between the first walk and attach would otherwise be unknown.
-    for (id, (path, level)) in run.hierarchy.walk() {
+    for (id, (path, level)) in run.hierarchy.live()? {
         run.tracker.seed_live(id, path, level);
     }
     for note in &plan.notes {
@@ -309,7 +311,15 @@ async fn event_loop(
 ) -> Result<RingBuf<MapData>> {
     // Charge events wake the reader in batches; the poll timer drains the rest.
     let mut src = crate::pipeline::event_loop::Sources::new(ring, args.interval, args.duration)?;
-    let tty = std::io::stdout().is_terminal();
+    // On a terminal the text view is a live screen (the slab tracer's ratatui
+    // machinery); piped, or as JSON, snapshots are printed one after another.
+    let mut screen = if args.top && !args.json && std::io::stdout().is_terminal() {
+        Some(TextScreen::start(
+            "q/Esc/^C quit (prints the final report)",
+        )?)
+    } else {
+        None
+    };
     loop {
         tokio::select! {
             guard = src.ring.readable_mut() => {
@@ -322,16 +332,38 @@ async fn event_loop(
                 drain(run, src.ring.get_mut());
                 if args.top {
                     let report = run.report("snapshot", hooks.counters());
-                    emit_snapshot(args, &report, tty)?;
+                    match screen.as_mut() {
+                        Some(s) => s.show(view::render(&report, args, false))?,
+                        None => emit_snapshot(args, &report)?,
+                    }
                 }
             }
+            action = screen_action(screen.as_mut()) => match action {
+                Action::Quit => break,
+                Action::Redraw => {
+                    if let Some(s) = screen.as_mut() {
+                        s.redraw()?;
+                    }
+                }
+                Action::Regroup | Action::None => {}
+            },
             _ = src.sigint.recv() => break,
             _ = src.sigterm.recv() => break,
             _ = src.sighup.recv() => break,
             _ = &mut src.deadline => break,
         }
     }
+    // Leave the alternate screen before the final report prints.
+    drop(screen);
     Ok(src.into_ring())
+}
+
+/// Keys from the live screen; never ready without one, so select! ignores the branch.
+async fn screen_action(screen: Option<&mut TextScreen>) -> Action {
+    match screen {
+        Some(s) => s.next_action().await,
+        None => std::future::pending().await,
+    }
 }
 
 fn read_event<T: Copy>(bytes: &[u8]) -> Option<T> {
@@ -471,24 +503,14 @@ impl Run {
     }
 }
 
-fn emit_snapshot(args: &MemcgArgs, report: &Report, tty: bool) -> Result<()> {
+fn emit_snapshot(args: &MemcgArgs, report: &Report) -> Result<()> {
     let mut out = std::io::stdout().lock();
     if args.json {
         let line = serde_json::to_string(report).context("encoding JSON snapshot")?;
         writeln!(out, "{line}")?;
     } else {
         let text = view::render(report, args, false);
-        if tty {
-            // Home + clear, cut to the window so the header never scrolls away.
-            let rows = view::terminal_rows()
-                .unwrap_or(usize::MAX)
-                .saturating_sub(1)
-                .max(1);
-            let screen: Vec<&str> = text.lines().take(rows).collect();
-            write!(out, "\x1b[H\x1b[2J{}", screen.join("\n"))?;
-        } else {
-            writeln!(out, "{text}---")?;
-        }
+        writeln!(out, "{text}---")?;
     }
     out.flush()?;
     Ok(())

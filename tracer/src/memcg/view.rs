@@ -383,18 +383,6 @@ fn secs(s: f64) -> String {
     }
 }
 
-pub fn terminal_rows() -> Option<usize> {
-    let mut size = libc::winsize {
-        ws_row: 0,
-        ws_col: 0,
-        ws_xpixel: 0,
-        ws_ypixel: 0,
-    };
-    // SAFETY: TIOCGWINSZ writes one winsize into the struct we own.
-    let rc = unsafe { libc::ioctl(libc::STDOUT_FILENO, libc::TIOCGWINSZ, &mut size) };
-    (rc == 0 && size.ws_row > 0).then_some(usize::from(size.ws_row))
-}
-
 /// `--why ID`: one memcg's whole story.
 pub fn why(r: &Report, id: u64) -> String {
     let mut out = String::new();

@@ -2,6 +2,7 @@
 //! (`view.rs`) and its live terminal view (`tui.rs`), all fed by reports.
 
 pub mod caches;
+pub mod screen;
 pub mod tui;
 pub mod units;
 pub mod view;

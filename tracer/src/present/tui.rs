@@ -483,7 +483,7 @@ impl Drop for Tui {
     }
 }
 
-fn restore() {
+pub(super) fn restore() {
     if let Err(err) = ratatui::try_restore() {
         let _ = io::Write::flush(&mut io::stderr());
         eprintln!("leaktrace: could not restore the terminal: {err}");

@@ -143,16 +143,44 @@ fn unescape_mount_path(path: &str) -> String {
 
 /// The first candidate that is a usable tracefs root. A root we may not read is reported
 /// rather than skipped: "not mounted" would send the user to fix the wrong thing.
+/// A tracefs already mounted at one of the usual places under `root` (`/` on
+/// a live node), found the way [`Tracefs::locate_or_mount`] finds one but
+/// never mounting: the place as the node names it, None when none is mounted,
+/// or the first place that could not be read and why (not root).
+pub fn find_mounted(root: &Path) -> Result<Option<&'static str>, (&'static str, io::Error)> {
+    let mut denied = None;
+    for place in WELL_KNOWN_ROOTS {
+        match probe(&root.join(place.trim_start_matches('/'))) {
+            Ok(true) => return Ok(Some(place)),
+            Ok(false) => {}
+            Err(e) => {
+                denied.get_or_insert((place, e));
+            }
+        }
+    }
+    denied.map_or(Ok(None), Err)
+}
+
+/// Whether `root` holds a tracefs (its `events` directory); Err when that
+/// cannot be looked at (permission denied).
+fn probe(root: &Path) -> Result<bool, io::Error> {
+    // Looking up `events` also triggers the tracefs automount under debugfs.
+    match fs::metadata(root.join("events")) {
+        Ok(meta) => Ok(meta.is_dir()),
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => Err(e),
+        Err(_) => Ok(false),
+    }
+}
+
 fn locate(candidates: &[PathBuf]) -> Result<Option<PathBuf>, FormatError> {
     let mut denied = None;
     for root in candidates {
-        // Looking up `events` also triggers the tracefs automount under debugfs.
-        match fs::metadata(root.join("events")) {
-            Ok(meta) if meta.is_dir() => return Ok(Some(root.clone())),
-            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+        match probe(root) {
+            Ok(true) => return Ok(Some(root.clone())),
+            Ok(false) => {}
+            Err(e) => {
                 denied.get_or_insert((root.clone(), e));
             }
-            _ => {}
         }
     }
     match denied {

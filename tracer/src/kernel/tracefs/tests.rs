@@ -692,6 +692,20 @@ fn locate_skips_directories_without_events() {
     fs::remove_dir_all(&dir).unwrap();
 }
 
+#[test]
+fn find_mounted_looks_where_locate_does_under_a_root() {
+    let dir = scratch_dir("find-mounted");
+    // An unmounted mount point is an empty directory.
+    fs::create_dir_all(dir.join("sys/kernel/tracing")).unwrap();
+    assert_eq!(find_mounted(&dir).unwrap(), None);
+    fs::create_dir_all(dir.join("sys/kernel/debug/tracing/events")).unwrap();
+    assert_eq!(
+        find_mounted(&dir).unwrap(),
+        Some("/sys/kernel/debug/tracing")
+    );
+    fs::remove_dir_all(&dir).unwrap();
+}
+
 /// Runs against the live kernel when it can: the point is that the real path works, but
 /// CI machines without tracefs (or without root) must not fail for it.
 #[test]
