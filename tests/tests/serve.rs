@@ -433,6 +433,72 @@ fn profile_over_http_holds_the_generators_keys_one_trace_at_a_time() {
     );
 }
 
+/// `go tool pprof` fetches the profile itself, as users fetch kubelet's: its
+/// fetcher sends no header and no client certificate, only a URL's userinfo
+/// (HTTP Basic), so the token rides there; `-seconds` sets the trace length.
+#[test]
+fn go_tool_pprof_fetches_with_the_token_in_the_url() {
+    skip_in_vm_guest!();
+    require_tool("go", "golang-go");
+    let _serial = serial();
+    let dir = scratch("pprof-url");
+    let serve = Serve::start(&dir, &["--min-interval", "1s"]);
+    let url = |token: &str| {
+        format!(
+            "http://leaktrace:{token}@{}/debug/pprof/kmem?cache=kmalloc-512",
+            serve.addr
+        )
+    };
+    let pprof = |url: String, dir: PathBuf| {
+        Command::new("go")
+            .args([
+                "tool",
+                "pprof",
+                "-seconds=6",
+                "-top",
+                "-cum",
+                "-nodecount=200",
+            ])
+            .args(["-unit=minimum", "-sample_index=outstanding_objects"])
+            .arg(url)
+            .env("HOME", &dir)
+            .env("PPROF_TMPDIR", &dir)
+            .output()
+            .expect("go tool pprof")
+    };
+    let wrong = pprof(url("not-the-token-0123456789"), dir.clone());
+    let said = String::from_utf8_lossy(&wrong.stderr);
+    assert!(
+        !wrong.status.success() && said.contains("401"),
+        "go tool pprof with a wrong token: {said}"
+    );
+    assert_eq!(programs_held(serve.pid()), 0);
+
+    let (target, home) = (url(TOKEN), dir.clone());
+    let fetch = thread::spawn(move || pprof(target, home));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while value(&serve.metrics(), "leaktrace_serve_trace_attached") != Some(1.0) {
+        assert!(Instant::now() < deadline, "the trace never attached");
+        thread::sleep(Duration::from_millis(100));
+    }
+    let mut gen = Generator::start("keys", "200").expect("leakgen keys 200");
+    let out = fetch.join().expect("go tool pprof thread");
+    gen.release().expect("release");
+    gen.finish().expect("leakgen exit");
+    let top = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "go tool pprof: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let held = cum_of(&top, "user_preparse")
+        .unwrap_or_else(|| panic!("no user_preparse row in go tool pprof -top:\n{top}"));
+    assert!(
+        held >= 200,
+        "user_preparse holds {held}, want >= 200:\n{top}"
+    );
+}
+
 fn promtool(args: &[&str], stdin: Option<&str>) -> (bool, String) {
     let mut child = Command::new("promtool")
         .args(args)

@@ -1,7 +1,7 @@
 //! Command line: what a user can ask for, parsed and validated before anything
 //! touches the kernel.
 
-use std::{path::PathBuf, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
@@ -54,7 +54,7 @@ pub enum Command {
     Memcg(MemcgArgs),
     /// Fleet mode: always-on Prometheus metrics of every slab cache, meminfo and
     /// memcgs, and authenticated on-demand deep traces as pprof at /debug/pprof/kmem.
-    Serve(crate::serve::ServeArgs),
+    Serve(ServeArgs),
 }
 
 #[derive(Debug, Args)]
@@ -443,4 +443,72 @@ pub struct MemcgArgs {
     /// Machine output: one JSON object per interval (with --top) and a final report, one per line.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = SERVE_AFTER_HELP)]
+pub struct ServeArgs {
+    /// Address to listen on (IP:PORT). Loopback by default: exposing profiles to
+    /// the network is a decision, e.g. 0.0.0.0:9464 in the DaemonSet.
+    #[arg(long, default_value = "127.0.0.1:9464", value_name = "ADDR", value_parser = parse_listen_addr)]
+    pub listen: SocketAddr,
+
+    /// File holding the bearer token that /debug/pprof/* requests must send
+    /// (`Authorization: Bearer TOKEN`), e.g. a mounted Kubernetes Secret. Without it
+    /// and without --client-ca every profile request is refused with 401.
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+
+    /// Longest deep trace a request may ask for, in seconds (1 to 3600).
+    #[arg(long, default_value_t = 60, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub max_seconds: u64,
+
+    /// Least time between the end of one deep trace and the start of the next, so a
+    /// profiler scraping every 10 s cannot turn on-demand tracing into always-on.
+    #[arg(long, default_value = "60s", value_name = "DURATION", value_parser = parse_min_interval)]
+    pub min_interval: Duration,
+
+    /// The always-on reads (/proc/slabinfo walks partial slabs with interrupts off,
+    /// memcg counts walk the cgroup tree) run at most once per this period; scrapes
+    /// in between get the cached values (1s to 1h).
+    #[arg(long, default_value = "15s", value_name = "DURATION", value_parser = parse_refresh)]
+    pub refresh: Duration,
+
+    /// Serve HTTPS with this certificate chain (PEM); needs --tls-key.
+    #[arg(long, value_name = "PEM", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// Private key of --tls-cert (PEM).
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Accept TLS client certificates signed by this CA (PEM); a verified client
+    /// certificate authenticates like the token. Needs --tls-cert.
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    pub client_ca: Option<PathBuf>,
+
+    /// Where kubelet's /var/log/pods and /var/log/containers are found, to name
+    /// pods and containers from cgroup paths ("/" on a node; a fixture tree in tests).
+    #[arg(long, default_value = "/", value_name = "DIR")]
+    pub pods_root: PathBuf,
+}
+
+const SERVE_AFTER_HELP: &str = "\
+Endpoints:
+  /metrics                          Prometheus metrics, no authentication
+  /debug/pprof/kmem?cache=NAME&seconds=N
+                                    attach, trace NAME for N seconds, detach; gzipped pprof
+                                    (token or client certificate required)
+Examples:
+  leaktrace serve --token-file /etc/leaktrace/token
+  curl -H \"Authorization: Bearer $(cat token)\" -o kmem.pb.gz \\
+      'http://127.0.0.1:9464/debug/pprof/kmem?cache=kmalloc-512&seconds=30'
+  go tool pprof -top kmem.pb.gz";
+
+fn parse_min_interval(text: &str) -> Result<Duration, String> {
+    parse_duration_in(text, Duration::from_secs(1), Duration::from_secs(86400))
+}
+
+fn parse_refresh(text: &str) -> Result<Duration, String> {
+    parse_duration_in(text, Duration::from_secs(1), Duration::from_secs(3600))
 }

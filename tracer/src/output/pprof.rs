@@ -526,7 +526,7 @@ mod tests {
 
     #[test]
     fn user_frames_sit_in_their_files_mapping_and_unnamed_ones_carry_no_function() {
-        let libc = std::sync::Arc::new(crate::symbolize::MappedFile {
+        let libc = std::sync::Arc::new(crate::slab::report::MappedFile {
             path: "/usr/lib/x86_64-linux-gnu/libc.so.6".into(),
             start: 0x7f00_0002_8000,
             end: 0x7f00_0017_d000,

@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
+use base64::{engine::general_purpose::STANDARD as BASE64, Engine};
 
 pub struct Auth {
     token: Option<Vec<u8>>,
@@ -63,10 +64,21 @@ impl Auth {
         let (Some(want), Some(header)) = (&self.token, authorization) else {
             return false;
         };
-        match header.strip_prefix(b"Bearer ") {
-            Some(given) => constant_time_eq(given.trim_ascii(), want),
-            None => false,
+        if let Some(given) = header.strip_prefix(b"Bearer ") {
+            return constant_time_eq(given.trim_ascii(), want);
         }
+        // HTTP Basic with the token as password (any user name): the only
+        // credential `go tool pprof` can send, from the URL's userinfo
+        // (`http://leaktrace:TOKEN@node:9464/...`); its fetcher takes no
+        // header and no client certificate.
+        header
+            .strip_prefix(b"Basic ")
+            .and_then(|b64| BASE64.decode(b64.trim_ascii()).ok())
+            .and_then(|pair| {
+                let colon = pair.iter().position(|&c| c == b':')?;
+                Some(constant_time_eq(&pair[colon + 1..], want))
+            })
+            .unwrap_or(false)
     }
 }
 
@@ -94,6 +106,18 @@ mod tests {
         assert!(!auth.allows(Some(b"Bearer 0123456789abcdef0124"), false));
         assert!(!auth.allows(Some(b"Bearer 0123456789abcdef012"), false));
         assert!(!auth.allows(Some(b"Basic 0123456789abcdef0123"), false));
+        let basic = |pair: &str| format!("Basic {}", BASE64.encode(pair));
+        assert!(auth.allows(
+            Some(basic("leaktrace:0123456789abcdef0123").as_bytes()),
+            false
+        ));
+        assert!(auth.allows(Some(basic(":0123456789abcdef0123").as_bytes()), false));
+        assert!(!auth.allows(
+            Some(basic("leaktrace:0123456789abcdef0124").as_bytes()),
+            false
+        ));
+        assert!(!auth.allows(Some(basic("0123456789abcdef0123").as_bytes()), false));
+        assert!(!auth.allows(Some(b"Basic !!!"), false));
         assert!(!auth.allows(None, false));
         // A certificate counts only where --client-ca made rustls verify it.
         assert!(!auth.allows(None, true));

@@ -99,6 +99,19 @@ where
 }
 
 async fn route(shared: &Shared, req: Request<Incoming>, verified_cert: bool) -> Response<Body> {
+    // pprof's symbolz protocol (what net/http/pprof serves): a fetched profile
+    // whose mappings lack function names makes pprof ask the server it came
+    // from, and treats a refusal as fatal. Profiles here are already named as
+    // far as leaktrace can; the rest are other processes' addresses, which
+    // this server cannot name: "no symbols", so pprof goes on (and may name
+    // them from local files by build id). Nothing is read from the body.
+    if req.uri().path() == "/debug/pprof/symbol" {
+        return match *req.method() {
+            Method::GET | Method::HEAD => text(StatusCode::OK, "num_symbols: 0\n"),
+            Method::POST => text(StatusCode::OK, ""),
+            _ => text(StatusCode::METHOD_NOT_ALLOWED, "symbol: GET or POST\n"),
+        };
+    }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n");
     }
@@ -127,7 +140,7 @@ async fn route(shared: &Shared, req: Request<Incoming>, verified_cert: bool) -> 
                 shared.profiles.count_rejection("unauthorized");
                 let mut resp = text(
                     StatusCode::UNAUTHORIZED,
-                    "profiles need 'Authorization: Bearer <token>' (--token-file) or a TLS client certificate (--client-ca)\n",
+                    "profiles need 'Authorization: Bearer <token>' (--token-file; or the token as HTTP Basic password, e.g. go tool pprof http://leaktrace:TOKEN@HOST/...) or a TLS client certificate (--client-ca)\n",
                 );
                 resp.headers_mut().insert(
                     header::WWW_AUTHENTICATE,

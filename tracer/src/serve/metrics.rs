@@ -16,7 +16,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::doctor::cgroups::{self, MemoryHierarchy, StatTiming};
+use crate::doctor::cgroups::{self, StatTiming};
+use crate::kernel::cgroupfs::{self, CgroupDir, Hierarchy};
 use crate::kernel::{meminfo, slabinfo};
 use crate::slab::caches::Catalogue;
 
@@ -159,9 +160,9 @@ fn read_kernel(s: &mut ReadState) -> String {
     }
 
     let start = Instant::now();
-    let memcg = cgroups::locate(&root).and_then(|h| {
-        let dirs = cgroups::walk(&h)?;
-        let counts = cgroups::count(&root, &h, &dirs)?;
+    let memcg = Hierarchy::bound(&root).and_then(|h| {
+        let dirs = h.dirs(true)?;
+        let counts = cgroupfs::count(&root, &h, &dirs)?;
         Ok((h, dirs, counts))
     });
     up.push(("memcg", memcg.is_ok(), start.elapsed().as_secs_f64()));
@@ -214,12 +215,7 @@ fn read_kernel(s: &mut ReadState) -> String {
     out
 }
 
-fn render_stat_timing(
-    out: &mut String,
-    s: &mut ReadState,
-    h: &MemoryHierarchy,
-    dirs: &[cgroups::CgroupDir],
-) {
+fn render_stat_timing(out: &mut String, s: &mut ReadState, h: &Hierarchy, dirs: &[CgroupDir]) {
     if s.stat
         .as_ref()
         .is_none_or(|(at, _)| at.elapsed() >= STAT_PERIOD)

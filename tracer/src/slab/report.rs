@@ -10,7 +10,7 @@ use crate::{
     kernel::procinfo::{CgroupPaths, ProcMeta},
     slab::aggregator::{AgeSummary, Anomalies, Counts, ProcKey, Snapshot, StackSampling},
     slab::grouping::{GroupBy, GroupReport, MergedStack},
-    symbolize::{tracing::strip_tracing_frames, MappedFile, Symbolizer},
+    symbolize::{tracing::strip_tracing_frames, Symbolizer},
 };
 
 pub const SCHEMA_VERSION: u32 = 2;
@@ -225,6 +225,9 @@ pub struct Location {
     /// library and build it is in.
     pub module: Option<std::sync::Arc<MappedFile>>,
 }
+
+/// Outputs name a user frame's file through the report (pprof's Mapping).
+pub use crate::symbolize::MappedFile;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct CgroupReport {
