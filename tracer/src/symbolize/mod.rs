@@ -85,6 +85,18 @@ struct FileKey {
     mtime_nsec: i64,
 }
 
+impl FileKey {
+    fn of(meta: &std::fs::Metadata) -> FileKey {
+        FileKey {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.size(),
+            mtime: meta.mtime(),
+            mtime_nsec: meta.mtime_nsec(),
+        }
+    }
+}
+
 /// Parsed Go tables per mapped file; `None` marks a file that is not Go (or
 /// whose table we could not read), so it is inspected once.
 #[derive(Default)]
@@ -106,13 +118,7 @@ impl GoCache {
         if !meta.is_file() {
             return None;
         }
-        let key = FileKey {
-            dev: meta.dev(),
-            ino: meta.ino(),
-            size: meta.size(),
-            mtime: meta.mtime(),
-            mtime_nsec: meta.mtime_nsec(),
-        };
+        let key = FileKey::of(&meta);
         if let Some(hit) = self.by_file.get(&key) {
             return hit.clone();
         }
@@ -320,13 +326,7 @@ impl Symbolizer {
         let Ok(meta) = std::fs::metadata(file) else {
             return String::new();
         };
-        let key = FileKey {
-            dev: meta.dev(),
-            ino: meta.ino(),
-            size: meta.size(),
-            mtime: meta.mtime(),
-            mtime_nsec: meta.mtime_nsec(),
-        };
+        let key = FileKey::of(&meta);
         if let Some(id) = self.build_ids.get(&key) {
             return id.clone();
         }
