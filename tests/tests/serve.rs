@@ -499,6 +499,86 @@ fn go_tool_pprof_fetches_with_the_token_in_the_url() {
     );
 }
 
+/// `/debug/pprof/memcg`: a memcg made and removed during the trace while
+/// leakgen's inotify groups (charged to it) still pin it is in the profile
+/// under its path, as created by this test, with the pinning fsnotify stack.
+#[test]
+fn memcg_profile_names_a_dying_memcg_and_its_pins() {
+    skip_in_vm_guest!();
+    require_tool("go", "golang-go");
+    let v1 = Path::new("/sys/fs/cgroup/memory");
+    skip_unless!(
+        v1.join("cgroup.procs").exists(),
+        "no cgroup v1 memory hierarchy here (tests/memcg.rs covers cgroup2)"
+    );
+    skip_unless!(
+        Path::new("/sys/kernel/slab/kmalloc-cg-512").exists(),
+        "no kmalloc-cg-512 (kernel before 5.14): inotify groups are not charged"
+    );
+    const N: u64 = 20;
+    let _serial = serial();
+    let dir = scratch("memcg-profile");
+    let serve = Serve::start(&dir, &["--min-interval", "1s"]);
+    let addr = serve.addr.clone();
+    let fetch = thread::spawn(move || get(&addr, "/debug/pprof/memcg?seconds=8", Some(TOKEN)));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while value(&serve.metrics(), "leaktrace_serve_trace_attached") != Some(1.0) {
+        assert!(Instant::now() < deadline, "the memcg trace never attached");
+        thread::sleep(Duration::from_millis(100));
+    }
+    let name = format!("leaktrace-serve-pinned-{}", std::process::id());
+    let memcg = v1.join(&name);
+    std::fs::create_dir(&memcg).expect("mkdir memcg");
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c").arg(format!(
+        "echo $$ > {}/cgroup.procs && exec {} inotify {N}",
+        memcg.display(),
+        leakgen_bin().display()
+    ));
+    let mut gen = Generator::start_command(cmd).expect("leakgen inotify in the memcg");
+    // Out of the memcg (rmdir needs it empty); its inotify groups stay charged.
+    std::fs::write(v1.join("cgroup.procs"), gen.pid.to_string()).expect("move leakgen out");
+    std::fs::remove_dir(&memcg).expect("rmdir memcg");
+    let resp = fetch.join().expect("fetch thread");
+    gen.release().expect("release");
+    gen.finish().expect("leakgen exit");
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    let profile = dir.join("memcg.pb.gz");
+    std::fs::write(&profile, &resp.body).expect("write profile");
+    let top = |index: &str| {
+        let out = Command::new("go")
+            .args(["tool", "pprof", "-top", "-cum", "-nodecount=200"])
+            .arg(format!("-sample_index={index}"))
+            .arg(format!("-tagfocus=cgroup=/{name}$"))
+            .arg(&profile)
+            .env("HOME", &dir)
+            .env("PPROF_TMPDIR", &dir)
+            .output()
+            .expect("go tool pprof");
+        assert!(
+            out.status.success(),
+            "go tool pprof: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let memcgs = top("dying_memcgs");
+    let frame = format!("memcg /{name}");
+    let memcg_row = memcgs
+        .lines()
+        .find(|l| l.trim_end().ends_with(&frame))
+        .and_then(|l| l.split_whitespace().nth(3)?.parse::<u64>().ok());
+    assert_eq!(memcg_row, Some(1), "{memcgs}");
+    let pins = top("pinned_objects");
+    let pinned = cum_of(&pins, "fsnotify_alloc_group")
+        .unwrap_or_else(|| panic!("no fsnotify_alloc_group pin in go tool pprof -top:\n{pins}"));
+    assert!(
+        pinned >= N,
+        "{pinned} pinned by inotify groups, want >= {N}:\n{pins}"
+    );
+    assert!(pins.contains(&frame), "{pins}");
+}
+
 fn promtool(args: &[&str], stdin: Option<&str>) -> (bool, String) {
     let mut child = Command::new("promtool")
         .args(args)

@@ -443,6 +443,12 @@ pub struct MemcgArgs {
     /// Machine output: one JSON object per interval (with --top) and a final report, one per line.
     #[arg(long)]
     pub json: bool,
+
+    /// At exit, write the dying memcgs and what pins them as a gzipped pprof profile
+    /// (`go tool pprof FILE`): sample types dying_memcgs, pinned_objects, pinned_space;
+    /// stacks `created by COMM` -> `memcg PATH` -> the pinning kernel stacks
+    #[arg(long, value_name = "FILE")]
+    pub pprof: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -499,6 +505,7 @@ Endpoints:
   /debug/pprof/kmem?cache=NAME&seconds=N
                                     attach, trace NAME for N seconds, detach; gzipped pprof
                                     (token or client certificate required)
+  /debug/pprof/memcg?seconds=N      the same for dying memcgs and what pins them
 Examples:
   leaktrace serve --token-file /etc/leaktrace/token
   curl -H \"Authorization: Bearer $(cat token)\" -o kmem.pb.gz \\

@@ -246,7 +246,8 @@ fn the_slab_model_uses_no_view_loop_or_cli() {
 
 #[test]
 fn outputs_read_reports_only() {
-    // The aggregator's Counts and the grouping's rows are part of the report model.
+    // The aggregator's Counts and the grouping's rows are part of the report model;
+    // memcg::Report and its memcg::state rows are the memcg tool's (--pprof).
     assert_uses_only_deep(
         "output",
         &[
@@ -254,6 +255,8 @@ fn outputs_read_reports_only() {
             "slab::aggregator",
             "slab::grouping",
             "present",
+            "memcg::Report",
+            "memcg::state",
         ],
     );
 }

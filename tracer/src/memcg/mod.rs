@@ -7,7 +7,7 @@ mod hooks;
 mod kmem;
 mod kread;
 mod pins;
-mod state;
+pub mod state;
 mod view;
 mod walk;
 
@@ -35,6 +35,7 @@ use crate::{
     kernel::clock::monotonic_ns,
     kernel::features::{self, Features},
     kernel::tracefs::Tracefs,
+    output::files::Destination,
     present::screen::TextScreen,
     present::tui::Action,
     symbolize::Symbolizer,
@@ -197,6 +198,13 @@ pub fn run(args: MemcgArgs) -> Result<()> {
 
 async fn run_async(args: MemcgArgs) -> Result<()> {
     let root = Path::new("/");
+    // Checked before anything is attached: a profile asked for is never lost
+    // to an unwritable path at the end.
+    let pprof = args
+        .pprof
+        .as_deref()
+        .map(|p| Destination::check("--pprof", p))
+        .transpose()?;
     let hierarchy = Hierarchy::detect(root, args.cgroup_version)?;
     let dying_at_start = hierarchy.dying_now(root)?;
     let mut run = Run {
@@ -220,7 +228,7 @@ async fn run_async(args: MemcgArgs) -> Result<()> {
     if (args.list || args.why.is_some()) && args.duration.is_none() {
         run.mode = "none (one-shot list from cgroupfs; --duration traces first)".into();
         let report = run.report("list", Counters::default());
-        return emit_final(&args, &report);
+        return emit_final(&args, &report, pprof.as_ref());
     }
 
     features::require_root()?;
@@ -279,7 +287,7 @@ async fn run_async(args: MemcgArgs) -> Result<()> {
         "final"
     };
     let report = run.report(kind, counters);
-    emit_final(&args, &report)
+    emit_final(&args, &report, pprof.as_ref())
 }
 
 fn mode_line(plan: &hooks::Plan, features: &Features) -> String {
@@ -516,7 +524,12 @@ fn emit_snapshot(args: &MemcgArgs, report: &Report) -> Result<()> {
     Ok(())
 }
 
-fn emit_final(args: &MemcgArgs, report: &Report) -> Result<()> {
+fn emit_final(args: &MemcgArgs, report: &Report, pprof: Option<&Destination>) -> Result<()> {
+    // The profile first: a closed stdout must not cost the file.
+    if let Some(dest) = pprof {
+        dest.write(&crate::output::memcg_pprof::profile(report)?)?;
+        eprintln!("leaktrace: wrote pprof profile {}", dest.path.display());
+    }
     let mut out = std::io::stdout().lock();
     if args.json {
         let line = serde_json::to_string(report).context("encoding JSON report")?;

@@ -3,6 +3,7 @@
 
 pub mod files;
 pub mod folded;
+pub mod memcg_pprof;
 pub mod metrics;
 pub mod pprof;
 

@@ -127,7 +127,10 @@ async fn route(shared: &Shared, req: Request<Incoming>, verified_cert: bool) -> 
             resp
         }
         "/" => text(StatusCode::OK, INDEX),
-        "/debug/pprof/kmem" | "/debug/pprof/kmem/" => {
+        path @ ("/debug/pprof/kmem"
+        | "/debug/pprof/kmem/"
+        | "/debug/pprof/memcg"
+        | "/debug/pprof/memcg/") => {
             // A HEAD would run a whole trace for a body nobody reads.
             if req.method() != Method::GET {
                 return text(StatusCode::METHOD_NOT_ALLOWED, "profiles: only GET\n");
@@ -148,7 +151,11 @@ async fn route(shared: &Shared, req: Request<Incoming>, verified_cert: bool) -> 
                 );
                 return resp;
             }
-            shared.profiles.kmem(query).await
+            if path.starts_with("/debug/pprof/kmem") {
+                shared.profiles.kmem(query).await
+            } else {
+                shared.profiles.memcg(query).await
+            }
         }
         _ => text(StatusCode::NOT_FOUND, "not found; see /\n"),
     }
@@ -158,6 +165,7 @@ const INDEX: &str = "\
 leaktrace serve
 /metrics                                  Prometheus metrics (slab caches, meminfo, memcgs, trace cost)
 /debug/pprof/kmem?cache=NAME&seconds=N    deep trace of one slab cache, gzipped pprof (needs auth)
+/debug/pprof/memcg?seconds=N              dying memcgs and what pins them, gzipped pprof (needs auth)
 ";
 
 pub fn text(status: StatusCode, body: &'static str) -> Response<Body> {

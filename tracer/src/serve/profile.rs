@@ -1,7 +1,7 @@
-//! On-demand deep traces for `/debug/pprof/kmem`.
+//! On-demand deep traces for `/debug/pprof/kmem` and `/debug/pprof/memcg`.
 //!
 //! Each trace is the ordinary `leaktrace --cache NAME --duration Ns --pprof FILE`
-//! run as a child process: the pipeline, its attach/detach and its profile are
+//! (or `leaktrace memcg --duration Ns --pprof FILE`) run as a child process: the pipeline, its attach/detach and its profile are
 //! exactly the ones the CLI ships, and everything a trace costs (BPF maps,
 //! kallsyms, symbolizer caches) is returned to the kernel when the child exits,
 //! so the always-on process stays small. Nothing from the request reaches the
@@ -159,7 +159,24 @@ impl Profiles {
                 return owned_text(StatusCode::BAD_REQUEST, format!("{why}\n"));
             }
         };
-        let guard = match self.claim(request.seconds) {
+        self.deep_trace(Kind::Kmem(cache), request.seconds).await
+    }
+
+    /// `GET /debug/pprof/memcg?seconds=N`, already authenticated: the dying
+    /// memcgs and what pins them, from `leaktrace memcg --duration Ns --pprof`.
+    pub async fn memcg(&self, query: &str) -> Response<Body> {
+        match parse_memcg_query(query, self.max_seconds) {
+            Ok(seconds) => self.deep_trace(Kind::Memcg, seconds).await,
+            Err(why) => {
+                self.count_rejection("invalid");
+                owned_text(StatusCode::BAD_REQUEST, format!("{why}\n"))
+            }
+        }
+    }
+
+    /// Claims the one trace slot, runs the trace, answers with its profile.
+    async fn deep_trace(&self, kind: Kind, seconds: u64) -> Response<Body> {
+        let guard = match self.claim(seconds) {
             Ok(g) => g,
             Err((reason, retry_after)) => {
                 self.count_rejection(reason);
@@ -179,7 +196,7 @@ impl Profiles {
                 return resp;
             }
         };
-        match self.trace(&cache, request.seconds, &guard).await {
+        match self.trace(&kind, seconds, &guard).await {
             Ok(profile) => {
                 self.stats.ok.fetch_add(1, Ordering::Relaxed);
                 let mut resp = Response::new(Full::new(Bytes::from(profile)));
@@ -190,7 +207,10 @@ impl Profiles {
                 );
                 h.insert(
                     header::CONTENT_DISPOSITION,
-                    header::HeaderValue::from_static("attachment; filename=\"kmem.pb.gz\""),
+                    header::HeaderValue::from_static(match kind {
+                        Kind::Kmem(_) => "attachment; filename=\"kmem.pb.gz\"",
+                        Kind::Memcg => "attachment; filename=\"memcg.pb.gz\"",
+                    }),
                 );
                 resp
             }
@@ -198,7 +218,7 @@ impl Profiles {
                 self.stats.failed.fetch_add(1, Ordering::Relaxed);
                 owned_text(
                     StatusCode::INTERNAL_SERVER_ERROR,
-                    format!("deep trace of {cache} failed: {why:#}\n"),
+                    format!("deep trace of {} failed: {why:#}\n", kind.name()),
                 )
             }
         }
@@ -230,16 +250,21 @@ impl Profiles {
 
     async fn trace(
         &self,
-        cache: &str,
+        kind: &Kind,
         seconds: u64,
         _guard: &SlotGuard<'_>,
     ) -> anyhow::Result<Vec<u8>> {
         use anyhow::Context;
         let dir = TempDir::create().context("creating a private directory for the profile")?;
-        let file = dir.path.join("kmem.pb.gz");
-        let child = tokio::process::Command::new(&self.exe)
-            .arg("--cache")
-            .arg(cache)
+        let file = dir.path.join("profile.pb.gz");
+        let mut command = tokio::process::Command::new(&self.exe);
+        match kind {
+            Kind::Kmem(cache) => command.arg("--cache").arg(cache),
+            // Every pinning stack, not the text view's few per memcg.
+            Kind::Memcg => command.args(["memcg", "--stacks", "1000"]),
+        };
+        let cache = kind.name();
+        let child = command
             .arg("--duration")
             .arg(format!("{seconds}s"))
             .arg("--pprof")
@@ -296,6 +321,21 @@ impl Profiles {
             crate::k8s::label_profile(&profile, &mut pods)
         };
         Ok(labelled.unwrap_or(profile))
+    }
+}
+
+/// What a deep trace runs: the slab tracer on one cache, or the memcg tool.
+enum Kind {
+    Kmem(String),
+    Memcg,
+}
+
+impl Kind {
+    fn name(&self) -> &str {
+        match self {
+            Kind::Kmem(cache) => cache,
+            Kind::Memcg => "memcgs",
+        }
     }
 }
 
@@ -427,6 +467,33 @@ fn parse_query(query: &str, max_seconds: u64) -> Result<KmemRequest, String> {
         },
     };
     Ok(KmemRequest { cache, seconds })
+}
+
+/// `seconds=N` or nothing; anything else is refused, as for kmem.
+fn parse_memcg_query(query: &str, max_seconds: u64) -> Result<u64, String> {
+    let mut seconds = None;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        match key {
+            "seconds" if seconds.is_none() => seconds = Some(value),
+            "seconds" => return Err("parameter seconds given twice".into()),
+            _ => {
+                return Err(format!(
+                    "unknown parameter '{}'; use seconds=N",
+                    key.chars().take(32).collect::<String>()
+                ))
+            }
+        }
+    }
+    match seconds {
+        None => Ok(DEFAULT_SECONDS.min(max_seconds)),
+        Some(text) => match text.parse::<u64>() {
+            Ok(n) if (1..=max_seconds).contains(&n) => Ok(n),
+            _ => Err(format!(
+                "seconds must be a whole number from 1 to {max_seconds} (--max-seconds)"
+            )),
+        },
+    }
 }
 
 fn percent_decode(text: &str) -> Option<String> {
