@@ -304,6 +304,86 @@ fn a_task_moved_to_another_memory_cgroup_counts_in_each() {
     let _ = tracer.stop(libc::SIGINT);
 }
 
+/// A process in a cgroup laid out as kubelet's cgroupfs driver makes them
+/// (`kubepods/burstable/pod<uid>/<container id>`), with kubelet's log
+/// directories naming that pod and container (a fixture tree given with
+/// --pods-root): the report, the cgroup table and `--group-by pod` say
+/// `namespace/pod/container`, not the UID.
+#[test]
+fn kubernetes_cgroups_are_named_by_namespace_pod_and_container() {
+    const N: u64 = 40;
+    const UID: &str = "5a0c1b2d-3e4f-4a5b-8c6d-7e8f9a0b1c2d";
+    const ID: &str = "0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f0";
+    let hierarchy = memory_hierarchy();
+    skip_unless!(hierarchy.is_some(), "no memory cgroup hierarchy mounted");
+    let Some((_, mount)) = hierarchy else {
+        return;
+    };
+    let top = mount.join(format!("kubepods-leaktrace-{}", std::process::id()));
+    let pod_dir = top.join("burstable").join(format!("pod{UID}"));
+    let container = pod_dir.join(ID);
+    std::fs::create_dir_all(&container).expect("mkdir the pod's cgroups");
+    // An array drops its elements first to last: innermost first, as a cgroup
+    // goes only once its children have.
+    let _cleanup = [
+        container.clone(),
+        pod_dir.clone(),
+        top.join("burstable"),
+        top.clone(),
+    ]
+    .map(RemoveOnDrop);
+    let pods_root = std::env::temp_dir().join(format!("leaktrace-pods-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&pods_root);
+    std::fs::create_dir_all(pods_root.join(format!("var/log/pods/payments_api-7d9f_{UID}/app")))
+        .expect("pod log dir");
+    std::fs::create_dir_all(pods_root.join("var/log/containers")).expect("containers dir");
+    std::fs::write(
+        pods_root.join(format!("var/log/containers/api-7d9f_payments_app-{ID}.log")),
+        "",
+    )
+    .expect("container log link");
+    let mut tracer = Tracer::start(&[
+        "--cache",
+        "kmalloc-512",
+        "--top",
+        "--interval",
+        "250ms",
+        "--group-by",
+        "pod",
+        "--pods-root",
+        &pods_root.display().to_string(),
+    ])
+    .expect("start");
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c").arg(format!(
+        "echo $$ > {}/cgroup.procs && exec {} keys {N}",
+        container.display(),
+        leakgen_bin().display()
+    ));
+    let mut gen = Generator::start_command(cmd).expect("leakgen keys in the pod's cgroup");
+    let pid = gen.pid;
+    let want = "payments/api-7d9f/app";
+    let seen = tracer
+        .wait_for("the keys under the named pod", WAIT, |r| {
+            process(r, pid).is_some_and(|p| count(p, "outstanding") >= N)
+        })
+        .expect("keys attributed");
+    let p = process(&seen, pid).expect("listed");
+    assert_eq!(p["pod"], want, "{p}");
+    let row = seen["cgroups"]
+        .as_array()
+        .and_then(|rows| rows.iter().find(|c| c["pod"] == want))
+        .unwrap_or_else(|| panic!("no cgroup row named {want}: {}", seen["cgroups"]));
+    assert!(count(row, "outstanding") >= N, "{row}");
+    let g =
+        group(&seen, "payments/api-7d9f").unwrap_or_else(|| panic!("groups: {}", seen["groups"]));
+    assert_eq!(g["key"], "payments/api-7d9f", "{g}");
+    gen.release().expect("release");
+    gen.finish().expect("leakgen exits");
+    let _ = tracer.stop(libc::SIGINT);
+    let _ = std::fs::remove_dir_all(&pods_root);
+}
+
 /// The report's cgroup-table row for `path`; panics (failing the test) when absent.
 fn cgroup_row<'a>(report: &'a Value, path: &str) -> &'a Value {
     report["cgroups"]

@@ -115,6 +115,11 @@ pub struct TraceArgs {
     #[arg(long, value_name = "N", value_parser = max_objects_range())]
     pub max_objects: Option<u32>,
 
+    /// Where kubelet's /var/log/pods and /var/log/containers are, to name the pod and
+    /// container of a cgroup path ("/" on a node; reports show namespace/pod/container).
+    #[arg(long, default_value = "/", value_name = "DIR")]
+    pub pods_root: PathBuf,
+
     /// Ring buffer size in MiB (1 to 1024, rounded up to a power of two). Kernel
     /// memory for the whole run (`cargo xtask bench` measures loss at the highest rate).
     #[arg(long, default_value_t = 8, value_name = "MIB", value_parser = ringbuf_mib_range())]

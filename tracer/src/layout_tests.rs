@@ -246,8 +246,7 @@ fn the_slab_model_uses_no_view_loop_or_cli() {
 
 #[test]
 fn outputs_read_reports_only() {
-    // The aggregator's Counts and the grouping's rows are part of the report model;
-    // memcg::Report and its memcg::state rows are the memcg tool's (--pprof).
+    // The aggregator's Counts and the grouping's rows are part of the report model.
     assert_uses_only_deep(
         "output",
         &[
@@ -255,8 +254,6 @@ fn outputs_read_reports_only() {
             "slab::aggregator",
             "slab::grouping",
             "present",
-            "memcg::Report",
-            "memcg::state",
         ],
     );
 }
@@ -278,8 +275,17 @@ fn presentation_reads_reports_only() {
 
 #[test]
 fn memcg_shares_the_machinery_and_copies_no_slab_code() {
+    // output/: its pprof encoder and checked file destinations (--pprof).
     assert_uses_only(
         "memcg",
-        &["kernel", "bpf", "symbolize", "pipeline", "present", "cli"],
+        &[
+            "kernel",
+            "bpf",
+            "symbolize",
+            "pipeline",
+            "present",
+            "output",
+            "cli",
+        ],
     );
 }

@@ -8,7 +8,6 @@
 mod bpf;
 mod cli;
 mod doctor;
-mod k8s;
 mod kernel;
 #[cfg(test)]
 mod layout_tests;

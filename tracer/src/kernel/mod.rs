@@ -10,6 +10,7 @@ pub mod features;
 pub mod irq_context;
 pub mod meminfo;
 pub mod own_memory;
+pub mod pods;
 pub mod procinfo;
 pub mod slabinfo;
 pub mod task_offsets;

@@ -7,6 +7,7 @@ mod hooks;
 mod kmem;
 mod kread;
 mod pins;
+mod pprof;
 pub mod state;
 mod view;
 mod walk;
@@ -527,7 +528,7 @@ fn emit_snapshot(args: &MemcgArgs, report: &Report) -> Result<()> {
 fn emit_final(args: &MemcgArgs, report: &Report, pprof: Option<&Destination>) -> Result<()> {
     // The profile first: a closed stdout must not cost the file.
     if let Some(dest) = pprof {
-        dest.write(&crate::output::memcg_pprof::profile(report)?)?;
+        dest.write(&pprof::profile(report)?)?;
         eprintln!("leaktrace: wrote pprof profile {}", dest.path.display());
     }
     let mut out = std::io::stdout().lock();

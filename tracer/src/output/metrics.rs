@@ -298,6 +298,7 @@ mod tests {
             cmdline: None,
             cgroup_id: 7,
             cgroup: Some("/kubepods/pod1".to_string()),
+            pod: None,
             charged_elsewhere: None,
             counts: crate::slab::aggregator::Counts {
                 outstanding: i as u64,

@@ -3,7 +3,6 @@
 
 pub mod files;
 pub mod folded;
-pub mod memcg_pprof;
 pub mod metrics;
 pub mod pprof;
 

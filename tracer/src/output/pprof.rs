@@ -140,8 +140,8 @@ pub const SAMPLE_TYPES: [(&str, &str); 4] = [
 /// Interns strings, functions, locations and mappings: pprof refers to each
 /// by index or id, and a leak's thousands of samples share a few stacks.
 #[derive(Default)]
-pub(super) struct Builder {
-    pub(super) profile: Profile,
+pub(crate) struct Builder {
+    pub(crate) profile: Profile,
     strings: HashMap<String, i64>,
     functions: HashMap<String, u64>,
     /// (mapping, address, frames): user addresses are per address space, so
@@ -154,14 +154,14 @@ pub(super) struct Builder {
 }
 
 impl Builder {
-    pub(super) fn new() -> Builder {
+    pub(crate) fn new() -> Builder {
         let mut b = Builder::default();
         // pprof requires string_table[0] == "".
         b.string("");
         b
     }
 
-    pub(super) fn string(&mut self, s: &str) -> i64 {
+    pub(crate) fn string(&mut self, s: &str) -> i64 {
         if let Some(&i) = self.strings.get(s) {
             return i;
         }
@@ -171,7 +171,7 @@ impl Builder {
         i
     }
 
-    pub(super) fn mapping(&mut self, file: &str) -> u64 {
+    pub(crate) fn mapping(&mut self, file: &str) -> u64 {
         if let Some(&id) = self.mappings.get(file) {
             return id;
         }
@@ -272,7 +272,18 @@ impl Builder {
         id
     }
 
-    pub(super) fn location(&mut self, mapping_id: u64, loc: &Frames) -> u64 {
+    /// A location of one named frame without an address (reports that keep
+    /// names only, as memcg's pinning stacks).
+    pub(crate) fn named_location(&mut self, mapping_id: u64, name: &str) -> u64 {
+        let loc = Frames {
+            addr: 0,
+            frames: vec![name.to_string()],
+            module: None,
+        };
+        self.location(mapping_id, &loc)
+    }
+
+    pub(crate) fn location(&mut self, mapping_id: u64, loc: &Frames) -> u64 {
         let key = (mapping_id, loc.addr, loc.frames.clone());
         if let Some(&id) = self.locations.get(&key) {
             return id;

@@ -24,6 +24,7 @@ use crate::{
     kernel::irq_context,
     kernel::meminfo,
     kernel::own_memory,
+    kernel::pods::PodNames,
     kernel::procinfo::{self, CgroupPaths, ProcMeta, TracedProcess},
     kernel::slabinfo::{self, SlabLine},
     kernel::task_offsets,
@@ -145,6 +146,7 @@ pub async fn run(args: TraceArgs, cache: &str) -> Result<()> {
         symbols,
         procs: HashMap::new(),
         cgroups: CgroupPaths::at(cgroup_source.mount),
+        pods: PodNames::new(&args.pods_root),
         slab_baseline: slab_baseline.map(|l| (l, Instant::now())),
         cache: plan.cache.clone(),
         aliases: selection.aliases_included.clone(),
@@ -245,6 +247,7 @@ struct State {
     symbols: Symbolizer,
     procs: HashMap<ProcKey, ProcMeta>,
     cgroups: CgroupPaths,
+    pods: PodNames,
     slab_baseline: Option<(SlabLine, Instant)>,
     cache: String,
     aliases: Vec<String>,
@@ -290,6 +293,7 @@ impl State {
             stacks: &self.agg.stacks,
             procs: &self.procs,
             cgroups: &mut self.cgroups,
+            pods: &mut self.pods,
         };
         let mut report = report::build(kind, header, snap, &mut names);
         report.group_by = self.group_by;

@@ -339,7 +339,7 @@ impl ViewState {
             }
             text.push_str(&format!(
                 "  {} {}",
-                p.cgroup.as_deref().unwrap_or("?"),
+                p.pod.as_deref().or(p.cgroup.as_deref()).unwrap_or("?"),
                 if p.stacks.is_empty() {
                     ""
                 } else if open {
@@ -507,6 +507,7 @@ mod tests {
             cmdline: Some(format!("/bin/{comm}")),
             cgroup_id: 1,
             cgroup: Some("/".to_string()),
+            pod: None,
             charged_elsewhere: None,
             counts: crate::slab::aggregator::Counts {
                 outstanding,

@@ -188,10 +188,11 @@ fn process(out: &mut String, p: &ProcessReport, opts: &TextOptions) {
         p.alloc_rate,
         group(p.counts.allocs),
         group(p.counts.frees),
-        match (p.context, p.cgroup.as_deref()) {
-            (Some(_), _) => "-",
-            (None, Some(path)) => path,
-            (None, None) => "?",
+        match (p.context, p.pod.as_deref(), p.cgroup.as_deref()) {
+            (Some(_), _, _) => "-",
+            (None, Some(pod), _) => pod,
+            (None, None, Some(path)) => path,
+            (None, None, None) => "?",
         },
         if p.exited { "  [exited]" } else { "" },
     );
@@ -354,7 +355,10 @@ fn cgroups(out: &mut String, r: &Report) {
             group(c.counts.outstanding),
             human_bytes(c.counts.outstanding_bytes),
             match (c.cgroup_id, c.path.as_deref()) {
-                (_, Some(path)) => path.to_string(),
+                (_, Some(path)) => match &c.pod {
+                    Some(pod) => format!("{pod}  {path}"),
+                    None => path.to_string(),
+                },
                 (0, None) => "id 0 (interrupt context, or unreadable)".to_string(),
                 (id, None) => format!("id {id}"),
             },

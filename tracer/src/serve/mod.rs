@@ -13,6 +13,7 @@
 
 mod auth;
 mod http;
+mod labels;
 mod metrics;
 mod profile;
 mod tls;
@@ -45,7 +46,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         (Some(cert), Some(key)) => Some(tls::acceptor(cert, key, args.client_ca.as_deref())?),
         _ => None,
     };
-    let pods = crate::k8s::PodNames::new(&args.pods_root);
+    let pods = crate::kernel::pods::PodNames::new(&args.pods_root);
     let shared = Arc::new(Shared {
         auth,
         metrics: metrics::Collector::new(PathBuf::from("/"), args.refresh),

@@ -23,7 +23,7 @@ use hyper::{header, Response, StatusCode};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 use super::http::{owned_text, Body};
-use crate::k8s::PodNames;
+use crate::kernel::pods::PodNames;
 use crate::slab::caches::{self, Catalogue};
 
 /// Attach (tracefs, BTF, kallsyms) and the final symbolization on top of the
@@ -318,7 +318,7 @@ impl Profiles {
             .with_context(|| format!("reading the trace's profile {}", file.display()))?;
         let labelled = {
             let mut pods = lock(&self.pods);
-            crate::k8s::label_profile(&profile, &mut pods)
+            crate::serve::labels::label_profile(&profile, &mut pods)
         };
         Ok(labelled.unwrap_or(profile))
     }

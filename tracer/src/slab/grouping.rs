@@ -285,7 +285,11 @@ fn key_of(p: &ProcessReport, by: GroupBy) -> String {
         GroupBy::Container => decoded()
             .container_id
             .unwrap_or_else(|| "(no container)".to_string()),
-        GroupBy::Pod => decoded().pod_uid.unwrap_or_else(|| "(no pod)".to_string()),
+        // The name where kubelet gives one (without the container), else the UID.
+        GroupBy::Pod => match &p.pod {
+            Some(pod) => pod.splitn(3, '/').take(2).collect::<Vec<_>>().join("/"),
+            None => decoded().pod_uid.unwrap_or_else(|| "(no pod)".to_string()),
+        },
     }
 }
 
@@ -350,6 +354,7 @@ mod tests {
                 "/kubepods/burstable/pod{}/0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
                 "1b4e28ba-2fa1-11d2-883f-0016d3cca427"
             )),
+            pod: None,
             charged_elsewhere: None,
             counts,
             alloc_rate: 1.0,

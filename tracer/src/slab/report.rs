@@ -7,6 +7,7 @@ use serde::Serialize;
 use crate::{
     bpf::stacks::StackTable,
     kernel::meminfo::MemInfo,
+    kernel::pods::PodNames,
     kernel::procinfo::{CgroupPaths, ProcMeta},
     slab::aggregator::{AgeSummary, Anomalies, Counts, ProcKey, Snapshot, StackSampling},
     slab::grouping::{GroupBy, GroupReport, MergedStack},
@@ -130,6 +131,10 @@ pub struct ProcessReport {
     pub cmdline: Option<String>,
     pub cgroup_id: u64,
     pub cgroup: Option<String>,
+    /// `namespace/pod[/container]` where the cgroup path carries a pod UID
+    /// that kubelet's /var/log/pods names (`kernel/pods.rs`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
     /// Remote charging: allocations of this process that another memcg paid
     /// for (`current->active_memcg`, e.g. inotify events charged to the
     /// watcher), and that memcg (the last one seen).
@@ -233,6 +238,9 @@ pub use crate::symbolize::MappedFile;
 pub struct CgroupReport {
     pub cgroup_id: u64,
     pub path: Option<String>,
+    /// As [`ProcessReport::pod`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
     #[serde(flatten)]
     pub counts: Counts,
 }
@@ -243,6 +251,16 @@ pub struct Naming<'a> {
     pub stacks: &'a StackTable,
     pub procs: &'a std::collections::HashMap<ProcKey, ProcMeta>,
     pub cgroups: &'a mut CgroupPaths,
+    pub pods: &'a mut PodNames,
+}
+
+/// `namespace/pod[/container]` of a cgroup path, where kubelet names it.
+fn pod_of(pods: &mut PodNames, path: Option<&str>) -> Option<String> {
+    let p = pods.resolve(path?)?;
+    Some(match p.container {
+        Some(c) => format!("{}/{}/{c}", p.namespace, p.pod),
+        None => format!("{}/{}", p.namespace, p.pod),
+    })
 }
 
 pub struct Header {
@@ -275,6 +293,10 @@ pub fn build(kind: &'static str, header: Header, snap: Snapshot, names: &mut Nam
                 cmdline: meta.and_then(|m| m.cmdline.clone()),
                 cgroup_id: p.cgroup_id,
                 cgroup: names.cgroups.path(p.cgroup_id).map(str::to_string),
+                pod: {
+                    let path = names.cgroups.path(p.cgroup_id).map(str::to_string);
+                    pod_of(names.pods, path.as_deref())
+                },
                 charged_elsewhere: p.charged_elsewhere.map(|(id, allocs)| ChargedElsewhere {
                     cgroup_id: id,
                     cgroup: names.cgroups.path(id).map(str::to_string),
@@ -335,10 +357,14 @@ pub fn build(kind: &'static str, header: Header, snap: Snapshot, names: &mut Nam
     let cgroups = snap
         .cgroups
         .into_iter()
-        .map(|c| CgroupReport {
-            cgroup_id: c.cgroup_id,
-            path: names.cgroups.path(c.cgroup_id).map(str::to_string),
-            counts: c.counts,
+        .map(|c| {
+            let path = names.cgroups.path(c.cgroup_id).map(str::to_string);
+            CgroupReport {
+                cgroup_id: c.cgroup_id,
+                pod: pod_of(names.pods, path.as_deref()),
+                path,
+                counts: c.counts,
+            }
         })
         .collect();
     Report {
@@ -406,6 +432,7 @@ pub(crate) fn test_report() -> Report {
             cmdline: Some("/usr/bin/leaker --fast".to_string()),
             cgroup_id: 9,
             cgroup: Some("/pods/a".to_string()),
+            pod: None,
             charged_elsewhere: None,
             counts: Counts {
                 outstanding: 4,

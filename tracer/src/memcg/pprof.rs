@@ -14,10 +14,9 @@ use std::collections::HashMap;
 
 use anyhow::Result;
 
-use super::pprof::{encode, Builder, Label, Sample, ValueType};
-use crate::memcg::state::{MemcgReport, Phase};
-use crate::memcg::Report;
-use crate::slab::report::Location as Frames;
+use super::state::{MemcgReport, Phase};
+use super::Report;
+use crate::output::pprof::{encode, Builder, Label, Sample, ValueType};
 
 const SAMPLE_TYPES: [(&str, &str); 3] = [
     ("dying_memcgs", "count"),
@@ -64,14 +63,7 @@ pub fn profile(report: &Report) -> Result<Vec<u8>> {
             let mut location_id: Vec<u64> = pin
                 .kernel
                 .iter()
-                .map(|f| {
-                    let frames = Frames {
-                        addr: 0,
-                        frames: vec![f.clone()],
-                        module: None,
-                    };
-                    b.location(kernel, &frames)
-                })
+                .map(|f| b.named_location(kernel, f))
                 .collect();
             location_id.extend(&own);
             let mut label = base.clone();
@@ -114,14 +106,7 @@ fn memcg_frames(b: &mut Builder, mapping: u64, m: &MemcgReport) -> Vec<u64> {
     };
     [format!("memcg {}", m.path), creator]
         .into_iter()
-        .map(|name| {
-            let frames = Frames {
-                addr: 0,
-                frames: vec![name],
-                module: None,
-            };
-            b.location(mapping, &frames)
-        })
+        .map(|name| b.named_location(mapping, &name))
         .collect()
 }
 
