@@ -255,21 +255,26 @@ impl Builder {
         self.location(mapping, &bare)
     }
 
-    fn function(&mut self, frame: &str) -> u64 {
-        let name = function_name(frame);
-        if let Some(&id) = self.functions.get(name) {
-            return id;
+    /// The function of a frame (one per name and source file) and the frame's
+    /// source line (0 when the symbolizer gave none).
+    fn function(&mut self, frame: &str) -> (u64, i64) {
+        let (name, source) = split_frame(frame);
+        let (file, line) = source.unwrap_or(("", 0));
+        let key = format!("{name}\0{file}");
+        if let Some(&id) = self.functions.get(&key) {
+            return (id, line);
         }
         let id = self.profile.function.len() as u64 + 1;
         let name_ix = self.string(name);
+        let filename = self.string(file);
         self.profile.function.push(Function {
             id,
             name: name_ix,
             system_name: name_ix,
-            filename: 0,
+            filename,
         });
-        self.functions.insert(name.to_string(), id);
-        id
+        self.functions.insert(key, id);
+        (id, line)
     }
 
     /// A location of one named frame without an address (reports that keep
@@ -292,9 +297,9 @@ impl Builder {
         let line = loc
             .frames
             .iter()
-            .map(|f| Line {
-                function_id: self.function(f),
-                line: 0,
+            .map(|f| {
+                let (function_id, line) = self.function(f);
+                Line { function_id, line }
             })
             .collect();
         self.profile.location.push(Location {
@@ -305,6 +310,22 @@ impl Builder {
         });
         self.locations.insert(key, id);
         id
+    }
+}
+
+/// A frame as the symbolizer writes it, `NAME[+0xOFF][ FILE:LINE][ (inlined)]`
+/// (Go frames carry their pclntab file and line), as (function name,
+/// (file, line)).
+fn split_frame(frame: &str) -> (&str, Option<(&str, i64)>) {
+    let text = frame.strip_suffix(" (inlined)").unwrap_or(frame);
+    let source = text.rsplit_once(' ').and_then(|(head, last)| {
+        let (file, line) = last.rsplit_once(':')?;
+        let line = line.parse::<i64>().ok()?;
+        (!file.is_empty()).then_some((head, (file, line)))
+    });
+    match source {
+        Some((head, at)) => (function_name(head), Some(at)),
+        None => (function_name(text), None),
     }
 }
 
@@ -588,6 +609,48 @@ mod tests {
         // Without a known file it stays in the process's mapping, as text.
         assert_eq!(loc(unknown).mapping_id, process);
         assert_eq!(loc(unknown).line.len(), 1);
+    }
+
+    #[test]
+    fn go_frames_keep_their_file_and_line_and_share_one_function() {
+        assert_eq!(
+            split_frame("main.leakKeys+0x25 main.go:31"),
+            ("main.leakKeys", Some(("main.go", 31)))
+        );
+        assert_eq!(
+            split_frame("main.retryConnect main.go:50 (inlined)"),
+            ("main.retryConnect", Some(("main.go", 50)))
+        );
+        assert_eq!(split_frame("user_preparse+0x2f"), ("user_preparse", None));
+        assert_eq!(
+            split_frame("[kernel] 0xffff1234"),
+            ("[kernel] 0xffff1234", None)
+        );
+        assert_eq!(
+            split_frame("(anonymous namespace)::f+0x1"),
+            ("(anonymous namespace)::f", None)
+        );
+        let mut b = Builder::new();
+        let m = b.mapping("/usr/bin/kubelet");
+        let at = |b: &mut Builder, addr: u64, frame: &str| {
+            b.location(
+                m,
+                &Frames {
+                    addr,
+                    frames: vec![frame.into()],
+                    module: None,
+                },
+            )
+        };
+        let l1 = at(&mut b, 0x10, "main.leakKeys+0x25 main.go:31");
+        let l2 = at(&mut b, 0x20, "main.leakKeys+0x41 main.go:35");
+        let p = &b.profile;
+        let line = |id: u64| &p.location[id as usize - 1].line[0];
+        assert_eq!((line(l1).line, line(l2).line), (31, 35));
+        assert_eq!(line(l1).function_id, line(l2).function_id);
+        let f = &p.function[line(l1).function_id as usize - 1];
+        assert_eq!(p.string_table[f.name as usize], "main.leakKeys");
+        assert_eq!(p.string_table[f.filename as usize], "main.go");
     }
 
     #[test]
