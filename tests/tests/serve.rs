@@ -419,18 +419,7 @@ fn profile_over_http_holds_the_generators_keys_one_trace_at_a_time() {
         .env("PPROF_TMPDIR", &dir)
         .output()
         .expect("go tool pprof");
-    let top = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "go tool pprof: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let held = cum_of(&top, "user_preparse")
-        .unwrap_or_else(|| panic!("no user_preparse row in go tool pprof -top:\n{top}"));
-    assert!(
-        held >= 200,
-        "user_preparse holds {held} objects, want >= 200:\n{top}"
-    );
+    assert_holds_the_keys(&out, 200);
 }
 
 /// `go tool pprof` fetches the profile itself, as users fetch kubelet's: its
@@ -485,6 +474,12 @@ fn go_tool_pprof_fetches_with_the_token_in_the_url() {
     let out = fetch.join().expect("go tool pprof thread");
     gen.release().expect("release");
     gen.finish().expect("leakgen exit");
+    assert_holds_the_keys(&out, 200);
+}
+
+/// `go tool pprof -top` succeeded and shows at least `want` objects under
+/// `user_preparse` (the held keys' payloads).
+fn assert_holds_the_keys(out: &std::process::Output, want: u64) {
     let top = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -494,8 +489,8 @@ fn go_tool_pprof_fetches_with_the_token_in_the_url() {
     let held = cum_of(&top, "user_preparse")
         .unwrap_or_else(|| panic!("no user_preparse row in go tool pprof -top:\n{top}"));
     assert!(
-        held >= 200,
-        "user_preparse holds {held}, want >= 200:\n{top}"
+        held >= want,
+        "user_preparse holds {held} objects, want >= {want}:\n{top}"
     );
 }
 

@@ -16,7 +16,7 @@ use anyhow::Result;
 
 use super::state::{MemcgReport, Phase};
 use super::Report;
-use crate::output::pprof::{encode, Builder, Label, Sample, ValueType};
+use crate::output::pprof::{encode, Builder, Label, Sample};
 
 const SAMPLE_TYPES: [(&str, &str); 3] = [
     ("dying_memcgs", "count"),
@@ -30,14 +30,7 @@ pub fn profile(report: &Report) -> Result<Vec<u8>> {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
     let mut b = Builder::new();
-    for (name, unit) in SAMPLE_TYPES {
-        let vt = ValueType {
-            r#type: b.string(name),
-            unit: b.string(unit),
-        };
-        b.profile.sample_type.push(vt);
-    }
-    b.profile.default_sample_type = b.string("pinned_space");
+    b.sample_types(&SAMPLE_TYPES, "pinned_space");
     b.profile.time_nanos = wall_clock_ns;
     b.profile.duration_nanos = (report.elapsed_s * 1e9) as i64;
     let comment = b.string(&format!(

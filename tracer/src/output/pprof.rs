@@ -161,6 +161,18 @@ impl Builder {
         b
     }
 
+    /// The profile's sample types, (name, unit) each, and the one pprof shows first.
+    pub(crate) fn sample_types(&mut self, types: &[(&str, &str)], default: &str) {
+        for (name, unit) in types {
+            let vt = ValueType {
+                r#type: self.string(name),
+                unit: self.string(unit),
+            };
+            self.profile.sample_type.push(vt);
+        }
+        self.profile.default_sample_type = self.string(default);
+    }
+
     pub(crate) fn string(&mut self, s: &str) -> i64 {
         if let Some(&i) = self.strings.get(s) {
             return i;
@@ -360,15 +372,8 @@ fn object_size(report: &Report) -> u64 {
 
 pub fn build(report: &Report, wall_clock_ns: i64) -> Profile {
     let mut b = Builder::new();
-    for (name, unit) in SAMPLE_TYPES {
-        let vt = ValueType {
-            r#type: b.string(name),
-            unit: b.string(unit),
-        };
-        b.profile.sample_type.push(vt);
-    }
     // Outstanding bytes is what the question "who holds the memory" is about.
-    b.profile.default_sample_type = b.string("outstanding_space");
+    b.sample_types(&SAMPLE_TYPES, "outstanding_space");
     b.profile.period_type = Some(ValueType {
         r#type: b.string("alloc_objects"),
         unit: b.string("count"),
