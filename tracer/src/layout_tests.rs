@@ -289,3 +289,44 @@ fn memcg_shares_the_machinery_and_copies_no_slab_code() {
         ],
     );
 }
+
+/// Every `.rs` file under `src/`, as (path relative to `src/`, text).
+fn sources() -> Vec<(String, String)> {
+    fn walk(dir: &Path, root: &Path, out: &mut Vec<(String, String)>) {
+        for entry in std::fs::read_dir(dir).expect("read_dir") {
+            let path = entry.expect("entry").path();
+            if path.is_dir() {
+                walk(&path, root, out);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                let rel = path.strip_prefix(root).expect("under src");
+                let text = std::fs::read_to_string(&path).expect("read");
+                out.push((rel.to_string_lossy().into_owned(), text));
+            }
+        }
+    }
+    let root = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/src"));
+    let mut out = Vec::new();
+    walk(root, root, &mut out);
+    out
+}
+
+#[test]
+fn both_tools_run_on_the_one_loop() {
+    // The ring/ticker/signal select! lives in pipeline/event_loop.rs; the
+    // tools implement its Tool trait instead of waiting on their own.
+    for (path, text) in sources() {
+        if path == "pipeline/event_loop.rs" || path == "layout_tests.rs" {
+            continue;
+        }
+        assert!(
+            !text.contains("ticker.tick()") && !text.contains("readable_mut()"),
+            "{path} waits on the ring or the ticker itself; implement pipeline::event_loop::Tool"
+        );
+        if path.starts_with("memcg/") || path.starts_with("slab/") {
+            assert!(
+                !text.contains("tokio::select!"),
+                "{path} has a select! loop of its own; implement pipeline::event_loop::Tool"
+            );
+        }
+    }
+}

@@ -37,6 +37,10 @@ use crate::{
     kernel::features::{self, Features},
     kernel::tracefs::Tracefs,
     output::files::Destination,
+    pipeline::{
+        self,
+        event_loop::{Flow, Sources, Tool},
+    },
     present::screen::TextScreen,
     present::tui::Action,
     symbolize::Symbolizer,
@@ -250,7 +254,7 @@ async fn run_async(args: MemcgArgs) -> Result<()> {
                     .all(|f| crate::kernel::features::kernel_has_symbol(f)),
         },
     )?;
-    let ringbuf_bytes = crate::pipeline::event_loop::ringbuf_bytes(args.ringbuf_mib)?;
+    let ringbuf_bytes = pipeline::event_loop::ringbuf_bytes(args.ringbuf_mib)?;
     let (hooks, ring) = Hooks::attach(&plan, args.max_objects, ringbuf_bytes)?;
     run.mode = mode_line(&plan, &features);
     run.attribution = plan.attribution.clone();
@@ -319,52 +323,70 @@ async fn event_loop(
     run: &mut Run,
 ) -> Result<RingBuf<MapData>> {
     // Charge events wake the reader in batches; the poll timer drains the rest.
-    let mut src = crate::pipeline::event_loop::Sources::new(ring, args.interval, args.duration)?;
+    let src = Sources::new(ring, args.interval, args.duration)?;
     // On a terminal the text view is a live screen (the slab tracer's ratatui
     // machinery); piped, or as JSON, snapshots are printed one after another.
-    let mut screen = if args.top && !args.json && std::io::stdout().is_terminal() {
+    let screen = if args.top && !args.json && std::io::stdout().is_terminal() {
         Some(TextScreen::start(
             "q/Esc/^C quit (prints the final report)",
         )?)
     } else {
         None
     };
-    loop {
-        tokio::select! {
-            guard = src.ring.readable_mut() => {
-                let mut guard = guard.context("waiting for ring buffer events")?;
-                drain(run, guard.get_inner_mut());
-                guard.clear_ready();
-            }
-            _ = src.poll.tick() => drain(run, src.ring.get_mut()),
-            _ = src.ticker.tick() => {
-                drain(run, src.ring.get_mut());
-                if args.top {
-                    let report = run.report("snapshot", hooks.counters());
-                    match screen.as_mut() {
-                        Some(s) => s.show(view::render(&report, args, false))?,
-                        None => emit_snapshot(args, &report)?,
-                    }
-                }
-            }
-            action = screen_action(screen.as_mut()) => match action {
-                Action::Quit => break,
-                Action::Redraw => {
-                    if let Some(s) = screen.as_mut() {
-                        s.redraw()?;
-                    }
-                }
-                Action::Regroup | Action::None => {}
-            },
-            _ = src.sigint.recv() => break,
-            _ = src.sigterm.recv() => break,
-            _ = src.sighup.recv() => break,
-            _ = &mut src.deadline => break,
-        }
-    }
+    let mut tool = MemcgTool {
+        args,
+        hooks,
+        run,
+        screen,
+    };
+    let ring = pipeline::event_loop::run(src, &mut tool).await;
     // Leave the alternate screen before the final report prints.
-    drop(screen);
-    Ok(src.into_ring())
+    drop(tool);
+    ring
+}
+
+/// `memcg` on the shared loop.
+struct MemcgTool<'a> {
+    args: &'a MemcgArgs,
+    hooks: &'a Hooks,
+    run: &'a mut Run,
+    screen: Option<TextScreen>,
+}
+
+impl Tool for MemcgTool<'_> {
+    type Input = Action;
+
+    fn drain(&mut self, ring: &mut RingBuf<MapData>) {
+        drain(self.run, ring);
+    }
+
+    fn tick(&mut self) -> Result<()> {
+        if self.args.top {
+            let report = self.run.report("snapshot", self.hooks.counters());
+            match self.screen.as_mut() {
+                Some(s) => s.show(view::render(&report, self.args, false))?,
+                None => emit_snapshot(self.args, &report)?,
+            }
+        }
+        Ok(())
+    }
+
+    async fn input(&mut self) -> Action {
+        screen_action(self.screen.as_mut()).await
+    }
+
+    fn handle(&mut self, action: Action) -> Result<Flow> {
+        match action {
+            Action::Quit => return Ok(Flow::Stop),
+            Action::Redraw => {
+                if let Some(s) = self.screen.as_mut() {
+                    s.redraw()?;
+                }
+            }
+            Action::Regroup | Action::None => {}
+        }
+        Ok(Flow::Continue)
+    }
 }
 
 /// Keys from the live screen; never ready without one, so select! ignores the branch.

@@ -94,3 +94,63 @@ impl Sources {
         self.ring.into_inner()
     }
 }
+
+/// Whether the loop goes on after a tool handled one of its own inputs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    Continue,
+    Stop,
+}
+
+/// One tool on the shared loop: the loop owns the waiting (ring, poll timer,
+/// refresh ticker, signals, `--duration`); the tool decodes and applies what
+/// the ring holds, and on each refresh builds and shows its snapshot.
+// Only used generically inside this binary, so the missing `Send` bound the
+// lint warns about cannot surprise a caller.
+#[allow(async_fn_in_trait)]
+pub trait Tool {
+    /// What the tool's own sources yield (keys of a screen, scrapes).
+    type Input;
+    /// ring -> decode -> apply, for every event the ring holds now.
+    fn drain(&mut self, ring: &mut RingBuf<MapData>);
+    /// After the poll timer's drain: cheap catch-up work between refreshes.
+    fn poll(&mut self) {}
+    /// After the refresh ticker's drain: tick, snapshot, show.
+    fn tick(&mut self) -> Result<()>;
+    /// The tool's own sources; never ready when it has none.
+    async fn input(&mut self) -> Self::Input;
+    fn handle(&mut self, input: Self::Input) -> Result<Flow>;
+}
+
+/// The loop of every tool: ring -> decode -> apply -> tick -> snapshot, until
+/// a signal, `--duration` or the tool stops it. Returns the ring so the caller
+/// can drain what arrived between the last wake-up and detaching.
+pub async fn run<T: Tool>(mut src: Sources, tool: &mut T) -> Result<RingBuf<MapData>> {
+    loop {
+        tokio::select! {
+            guard = src.ring.readable_mut() => {
+                let mut guard = guard.context("waiting for ring buffer events")?;
+                tool.drain(guard.get_inner_mut());
+                guard.clear_ready();
+            }
+            _ = src.poll.tick() => {
+                tool.drain(src.ring.get_mut());
+                tool.poll();
+            }
+            _ = src.ticker.tick() => {
+                tool.drain(src.ring.get_mut());
+                tool.tick()?;
+            }
+            input = tool.input() => {
+                if tool.handle(input)? == Flow::Stop {
+                    break;
+                }
+            }
+            _ = src.sigint.recv() => break,
+            _ = src.sigterm.recv() => break,
+            _ = src.sighup.recv() => break,
+            _ = &mut src.deadline => break,
+        }
+    }
+    Ok(src.into_ring())
+}

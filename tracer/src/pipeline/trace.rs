@@ -30,7 +30,7 @@ use crate::{
     kernel::task_offsets,
     kernel::tracefs::Tracefs,
     output,
-    pipeline::event_loop::{Signals, Sources},
+    pipeline::event_loop::{self, Flow, Signals, Sources, Tool},
     present::tui::{self, Tui},
     present::view::{self, TextOptions},
     slab::aggregator::{self, Aggregator, Interrupt, ProcKey, SnapshotOptions},
@@ -330,11 +330,10 @@ async fn event_loop(
     metrics: Option<tokio::net::TcpListener>,
     signals: Signals,
 ) -> Result<RingBuf<MapData>> {
-    let mut src = Sources::with_signals(ring, args.interval, args.duration, signals)?;
+    let src = Sources::with_signals(ring, args.interval, args.duration, signals)?;
     let tty = std::io::stdout().is_terminal();
-    let text_opts = text_options(args, Some(args.frames));
     // The interactive view only where a person watches; JSON and pipes get lines.
-    let mut tui = if args.top && tty && !args.json {
+    let tui = if args.top && tty && !args.json {
         Some(Tui::start(tui_column(args.sort), args.frames)?)
     } else {
         None
@@ -348,82 +347,116 @@ async fn event_loop(
             eprintln!("leaktrace: serving Prometheus metrics at http://{local}/metrics");
         }
     }
-    // Rendered once per refresh and shared with every scrape until the next.
-    let mut metrics_body: Arc<str> = Arc::from("");
-    let mut refreshes = 0u64;
+    let mut tool = SlabTool {
+        args,
+        probes,
+        state,
+        text_opts: text_options(args, Some(args.frames)),
+        tui,
+        metrics,
+        metrics_body: Arc::from(""),
+        refreshes: 0,
+    };
+    let ring = event_loop::run(src, &mut tool).await;
+    // Leave the alternate screen before the final report prints.
+    drop(tool);
+    ring
+}
 
-    loop {
+/// The slab tracer on the shared loop.
+struct SlabTool<'a> {
+    args: &'a TraceArgs,
+    probes: &'a Probes,
+    state: &'a mut State,
+    text_opts: TextOptions,
+    tui: Option<Tui>,
+    metrics: Option<tokio::net::TcpListener>,
+    /// Rendered once per refresh and shared with every scrape until the next.
+    metrics_body: Arc<str>,
+    refreshes: u64,
+}
+
+enum SlabInput {
+    Key(tui::Action),
+    Scrape(std::io::Result<(tokio::net::TcpStream, std::net::SocketAddr)>),
+}
+
+impl Tool for SlabTool<'_> {
+    type Input = SlabInput;
+
+    fn drain(&mut self, ring: &mut RingBuf<MapData>) {
+        drain(self.state, ring);
+    }
+
+    fn poll(&mut self) {
+        symbolize_pending(self.state, SYMBOLIZE_BUDGET);
+    }
+
+    fn tick(&mut self) -> Result<()> {
+        let (args, state) = (self.args, &mut *self.state);
+        state.agg.tick(monotonic_ns());
+        // The --pid process keeps its row after exit: the header says it exited.
+        let gone = state.agg.forget_exited(|tgid| {
+            Some(tgid) == args.pid || Path::new("/proc").join(tgid.to_string()).exists()
+        });
+        for key in &gone {
+            state.procs.remove(key);
+        }
+        // A reused PID's live process keeps the mappings read for it.
+        let gone_tgids: Vec<u32> = gone
+            .iter()
+            .map(|k| k.tgid)
+            .filter(|&t| !state.procs.keys().any(|k| k.tgid == t))
+            .collect();
+        state.symbols.forget(&gone_tgids);
+        // Their stack ids may be reused from now on.
+        state
+            .pending_stacks
+            .retain(|(t, _)| !gone.iter().any(|k| k.tgid == *t));
+        // Build a report every tick even when nothing is shown: it resolves
+        // symbols of the top processes while they are still alive.
+        let counters = self.probes.counters().unwrap_or_default();
+        let report = state.report("snapshot", counters);
+        if self.metrics.is_some() {
+            self.metrics_body = Arc::from(output::metrics::render(&report));
+        }
+        if args.top {
+            emit_snapshot(args, &report, self.tui.as_mut(), &self.text_opts)?;
+        }
+        self.refreshes += 1;
+        if self.refreshes == 2 {
+            crate::pipeline::fault::panic_if_asked("panic-on-second-refresh");
+        }
+        Ok(())
+    }
+
+    async fn input(&mut self) -> SlabInput {
         tokio::select! {
-            guard = src.ring.readable_mut() => {
-                let mut guard = guard.context("waiting for ring buffer events")?;
-                drain(state, guard.get_inner_mut());
-                guard.clear_ready();
-            }
-            _ = src.poll.tick() => {
-                drain(state, src.ring.get_mut());
-                symbolize_pending(state, SYMBOLIZE_BUDGET);
-            }
-            _ = src.ticker.tick() => {
-                drain(state, src.ring.get_mut());
-                state.agg.tick(monotonic_ns());
-                // The --pid process keeps its row after exit: the header says it exited.
-                let gone = state.agg.forget_exited(|tgid| {
-                    Some(tgid) == args.pid || Path::new("/proc").join(tgid.to_string()).exists()
-                });
-                for key in &gone {
-                    state.procs.remove(key);
-                }
-                // A reused PID's live process keeps the mappings read for it.
-                let gone_tgids: Vec<u32> = gone
-                    .iter()
-                    .map(|k| k.tgid)
-                    .filter(|&t| !state.procs.keys().any(|k| k.tgid == t))
-                    .collect();
-                state.symbols.forget(&gone_tgids);
-                // Their stack ids may be reused from now on.
-                state
-                    .pending_stacks
-                    .retain(|(t, _)| !gone.iter().any(|k| k.tgid == *t));
-                // Build a report every tick even when nothing is shown: it resolves
-                // symbols of the top processes while they are still alive.
-                let counters = probes.counters().unwrap_or_default();
-                let report = state.report("snapshot", counters);
-                if metrics.is_some() {
-                    metrics_body = Arc::from(output::metrics::render(&report));
-                }
-                if args.top {
-                    emit_snapshot(args, &report, tui.as_mut(), &text_opts)?;
-                }
-                refreshes += 1;
-                if refreshes == 2 {
-                    crate::pipeline::fault::panic_if_asked("panic-on-second-refresh");
-                }
-            }
-            action = next_action(tui.as_mut()) => match action {
-                tui::Action::Quit => break,
-                tui::Action::Redraw => {
-                    if let Some(t) = tui.as_mut() {
-                        t.redraw()?;
-                    }
-                }
-                tui::Action::Regroup => state.group_by = state.group_by.next(),
-                tui::Action::None => {}
-            },
-            conn = accept(metrics.as_ref()) => {
-                // A failed accept (e.g. out of fds) costs one scrape, not the run.
-                if let Ok((conn, _)) = conn {
-                    tokio::spawn(output::metrics::serve(conn, metrics_body.clone()));
-                }
-            }
-            _ = src.sigint.recv() => break,
-            _ = src.sigterm.recv() => break,
-            _ = src.sighup.recv() => break,
-            _ = &mut src.deadline => break,
+            action = next_action(self.tui.as_mut()) => SlabInput::Key(action),
+            conn = accept(self.metrics.as_ref()) => SlabInput::Scrape(conn),
         }
     }
-    // Leave the alternate screen before the final report prints.
-    drop(tui);
-    Ok(src.into_ring())
+
+    fn handle(&mut self, input: SlabInput) -> Result<Flow> {
+        match input {
+            SlabInput::Key(tui::Action::Quit) => return Ok(Flow::Stop),
+            SlabInput::Key(tui::Action::Redraw) => {
+                if let Some(t) = self.tui.as_mut() {
+                    t.redraw()?;
+                }
+            }
+            SlabInput::Key(tui::Action::Regroup) => {
+                self.state.group_by = self.state.group_by.next();
+            }
+            SlabInput::Key(tui::Action::None) => {}
+            // A failed accept (e.g. out of fds) costs one scrape, not the run.
+            SlabInput::Scrape(Ok((conn, _))) => {
+                tokio::spawn(output::metrics::serve(conn, self.metrics_body.clone()));
+            }
+            SlabInput::Scrape(Err(_)) => {}
+        }
+        Ok(Flow::Continue)
+    }
 }
 
 /// Keys from the TUI; never ready without one, so select! ignores the branch.
