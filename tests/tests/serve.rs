@@ -244,6 +244,11 @@ fn unauthenticated_invalid_and_slow_requests_attach_nothing() {
     let mut silent = TcpStream::connect(&serve.addr).expect("connect");
     let mut half = TcpStream::connect(&serve.addr).expect("connect");
     half.write_all(b"GET /metr").expect("partial request");
+    // One that asks for the metrics and never reads them holds its own
+    // connection only: every connection is served by a task of its own.
+    let mut deaf = TcpStream::connect(&serve.addr).expect("connect");
+    deaf.write_all(b"GET /metrics HTTP/1.1\r\nHost: serve\r\n\r\n")
+        .expect("request");
 
     let started = Instant::now();
     let body = serve.metrics();
