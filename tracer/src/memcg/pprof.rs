@@ -10,8 +10,6 @@
 //! (beyond `--stacks`, or `--no-kernel-stacks`) stay on the memcg's own
 //! frames, so the per-memcg totals are the report's exactly.
 
-use std::collections::HashMap;
-
 use anyhow::Result;
 
 use super::state::{MemcgReport, Phase};
@@ -42,10 +40,9 @@ pub fn profile(report: &Report) -> Result<Vec<u8>> {
     b.profile.comment.push(comment);
     let kernel = b.mapping("[kernel.kallsyms]");
     let synthetic = b.mapping("[memcg]");
-    let mut labels = Labels::default();
     for m in report.snapshot.memcgs.iter().filter(|m| dying(m)) {
         let own = memcg_frames(&mut b, synthetic, m);
-        let base = labels.memcg(&mut b, m);
+        let base = memcg_labels(&mut b, m);
         b.profile.sample.push(Sample {
             location_id: own.clone(),
             value: vec![1, 0, 0],
@@ -60,9 +57,9 @@ pub fn profile(report: &Report) -> Result<Vec<u8>> {
                 .collect();
             location_id.extend(&own);
             let mut label = base.clone();
-            label.push(labels.text(&mut b, "cache", &pin.cache));
-            label.push(labels.text(&mut b, "pin_comm", &pin.comm));
-            label.push(labels.number(&mut b, "pin_pid", i64::from(pin.tgid)));
+            label.push(text_label(&mut b, "cache", &pin.cache));
+            label.push(text_label(&mut b, "pin_comm", &pin.comm));
+            label.push(number_label(&mut b, "pin_pid", i64::from(pin.tgid)));
             b.profile.sample.push(Sample {
                 location_id,
                 value: vec![0, count(pin.count.objects), count(pin.count.bytes)],
@@ -103,53 +100,42 @@ fn memcg_frames(b: &mut Builder, mapping: u64, m: &MemcgReport) -> Vec<u64> {
         .collect()
 }
 
-/// Label keys interned once.
-#[derive(Default)]
-struct Labels {
-    keys: HashMap<&'static str, i64>,
+fn text_label(b: &mut Builder, key: &str, value: &str) -> Label {
+    Label {
+        key: b.string(key),
+        str: b.string(value),
+        num: 0,
+        num_unit: 0,
+    }
 }
 
-impl Labels {
-    fn key(&mut self, b: &mut Builder, key: &'static str) -> i64 {
-        *self.keys.entry(key).or_insert_with(|| b.string(key))
+fn number_label(b: &mut Builder, key: &str, value: i64) -> Label {
+    Label {
+        key: b.string(key),
+        str: 0,
+        num: value,
+        num_unit: 0,
     }
+}
 
-    fn text(&mut self, b: &mut Builder, key: &'static str, value: &str) -> Label {
-        Label {
-            key: self.key(b, key),
-            str: b.string(value),
-            num: 0,
-            num_unit: 0,
-        }
+/// The labels every sample of a memcg carries.
+fn memcg_labels(b: &mut Builder, m: &MemcgReport) -> Vec<Label> {
+    let state = if m.state == Phase::Zombie {
+        "zombie"
+    } else {
+        "dying"
+    };
+    let mut out = vec![
+        // "cgroup" as in the slab profiles (serve adds pod names by it).
+        text_label(b, "cgroup", &m.path),
+        number_label(b, "memcg_id", count(m.id)),
+        text_label(b, "state", state),
+    ];
+    if let Some(uid) = &m.container.pod_uid {
+        out.push(text_label(b, "pod_uid", uid));
     }
-
-    fn number(&mut self, b: &mut Builder, key: &'static str, value: i64) -> Label {
-        Label {
-            key: self.key(b, key),
-            str: 0,
-            num: value,
-            num_unit: 0,
-        }
+    if let Some(id) = &m.container.container_id {
+        out.push(text_label(b, "container_id", id));
     }
-
-    fn memcg(&mut self, b: &mut Builder, m: &MemcgReport) -> Vec<Label> {
-        let state = if m.state == Phase::Zombie {
-            "zombie"
-        } else {
-            "dying"
-        };
-        let mut out = vec![
-            // "cgroup" as in the slab profiles (serve adds pod names by it).
-            self.text(b, "cgroup", &m.path),
-            self.number(b, "memcg_id", count(m.id)),
-            self.text(b, "state", state),
-        ];
-        if let Some(uid) = &m.container.pod_uid {
-            out.push(self.text(b, "pod_uid", uid));
-        }
-        if let Some(id) = &m.container.container_id {
-            out.push(self.text(b, "container_id", id));
-        }
-        out
-    }
+    out
 }

@@ -282,6 +282,7 @@ pub fn build(kind: &'static str, header: Header, snap: Snapshot, names: &mut Nam
                 tgid: p.tgid,
                 start_ns: p.start_ns,
             });
+            let cgroup = names.cgroups.path(p.cgroup_id).map(str::to_string);
             ProcessReport {
                 tgid: p.tgid,
                 start_ns: p.start_ns,
@@ -292,11 +293,8 @@ pub fn build(kind: &'static str, header: Header, snap: Snapshot, names: &mut Nam
                 comm: meta.and_then(|m| m.comm.clone()).unwrap_or(p.comm),
                 cmdline: meta.and_then(|m| m.cmdline.clone()),
                 cgroup_id: p.cgroup_id,
-                cgroup: names.cgroups.path(p.cgroup_id).map(str::to_string),
-                pod: {
-                    let path = names.cgroups.path(p.cgroup_id).map(str::to_string);
-                    pod_of(names.pods, path.as_deref())
-                },
+                pod: pod_of(names.pods, cgroup.as_deref()),
+                cgroup,
                 charged_elsewhere: p.charged_elsewhere.map(|(id, allocs)| ChargedElsewhere {
                     cgroup_id: id,
                     cgroup: names.cgroups.path(id).map(str::to_string),

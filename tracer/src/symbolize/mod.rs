@@ -288,9 +288,12 @@ impl Symbolizer {
 
     fn find_user_file(&mut self, tgid: u32, addr: u64) -> Option<MappedFile> {
         let covers = |m: &Mapping| m.exec && m.start <= addr && addr < m.end;
-        let (m, handle) = match self.images.get(&tgid) {
-            Some(image) if image.maps.iter().any(covers) => {
-                let m = image.maps.iter().find(|m| covers(m))?.clone();
+        let snapshot = self
+            .images
+            .get(&tgid)
+            .and_then(|image| Some((image, image.maps.iter().find(|m| covers(m))?)));
+        let (m, handle) = match snapshot {
+            Some((image, m)) => {
                 let handle =
                     image
                         .files
@@ -300,9 +303,9 @@ impl Symbolizer {
                             let fd = std::os::fd::AsRawFd::as_raw_fd(f);
                             PathBuf::from(format!("/proc/self/fd/{fd}"))
                         });
-                (m, handle)
+                (m.clone(), handle)
             }
-            _ => {
+            None => {
                 let m = read_maps(tgid).into_iter().find(|m| covers(m))?;
                 let handle =
                     PathBuf::from(format!("/proc/{tgid}/map_files/{:x}-{:x}", m.start, m.end));
