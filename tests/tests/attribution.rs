@@ -47,10 +47,22 @@ fn held_under(report: &Value, pid: u32, frame: &str) -> (u64, u64, u64) {
     })
 }
 
-/// 200 held keys from `hold_key`, 50 transient ones per held key from
-/// `busy_add_key`; both through `sys_add_key` into `user_preparse`.
-fn holding_path_is_named(exact: bool) {
-    const N: u64 = 200;
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    /// Stacks of a random 1 in 64 allocations.
+    Sampled,
+    /// Every allocation's stacks.
+    Exact,
+    /// Sampled, with strata keyed by the first user frames.
+    UserPaths,
+}
+
+/// 1,000 held keys from `hold_key`, 50 transient ones per held key from
+/// `busy_add_key`; both through `sys_add_key` into `user_preparse`. 1,000 so
+/// that the sampled mode draws none of the held objects with probability
+/// (63/64)^1000 ≈ 1.5e-7 (at 200 it was 4%).
+fn holding_path_is_named(mode: Mode) {
+    const N: u64 = 1000;
     let mut args = vec![
         "--cache",
         "kmalloc-512",
@@ -60,8 +72,10 @@ fn holding_path_is_named(exact: bool) {
         "--stacks",
         "20",
     ];
-    if exact {
-        args.push("--exact");
+    match mode {
+        Mode::Sampled => {}
+        Mode::Exact => args.push("--exact"),
+        Mode::UserPaths => args.push("--user-paths"),
     }
     let mut tracer = Tracer::start(&args).expect("start");
     let mut gen = twopath(N, 50);
@@ -87,20 +101,25 @@ fn holding_path_is_named(exact: bool) {
         low <= N && N <= high.max(hold),
         "interval {low}-{high} must cover {N}"
     );
-    assert!(p["fingerprinted"].as_bool().unwrap_or(false), "{p:#}");
+    if mode == Mode::UserPaths {
+        assert_eq!(p["fingerprinted"], true, "{p:#}");
+    } else {
+        // Said only where the kernel fingerprints user paths.
+        assert!(p.get("fingerprinted").is_none(), "{p:#}");
+    }
     // user_preparse's own kmalloc: a slab page allocated on the way
     // (alloc_slab_obj_exts under user_preparse) is another allocation.
     let busy_allocs: u64 = stacks_matching(&report, pid, "user_preparse", "busy_add_key")
         .filter(|s| called_the_allocator(s, "user_preparse"))
         .map(|s| count(s, "allocs"))
         .sum();
-    if exact {
+    if mode == Mode::Exact {
         assert_eq!(hold, N, "--exact counts every object: {p:#}");
         assert_eq!(busy_allocs, 50 * N, "{p:#}");
         assert!(stacks_matching(&report, pid, "", "")
             .all(|s| s["estimated"] == false && s["partial"] == false));
     } else {
-        // Allocation counts are estimated too, from the same draw: 10,000 true.
+        // Allocation counts are estimated too, from the same draw: 50,000 true.
         assert!(
             (busy_allocs as f64 - 50.0 * N as f64).abs() < 0.2 * 50.0 * N as f64,
             "busy allocs estimate {busy_allocs}: {p:#}"
@@ -117,13 +136,67 @@ fn holding_path_is_named(exact: bool) {
 #[test]
 fn default_mode_names_the_holding_path_not_the_busy_one() {
     let _serial = serial();
-    holding_path_is_named(false);
+    holding_path_is_named(Mode::Sampled);
 }
 
 #[test]
 fn exact_mode_agrees_with_the_default_on_the_holding_path() {
     let _serial = serial();
-    holding_path_is_named(true);
+    holding_path_is_named(Mode::Exact);
+}
+
+#[test]
+fn user_paths_mode_counts_the_holding_path_apart() {
+    let _serial = serial();
+    holding_path_is_named(Mode::UserPaths);
+}
+
+/// 1 held key per 500 transient ones: the estimate under the holding path
+/// and its 95% interval must cover the truth, and the busy path, which frees
+/// everything, must hold at most a few (keys in flight at the snapshot).
+/// Stacks of 1 in 16: (15/16)^400 ≈ 6e-12 that no held key is drawn.
+#[test]
+fn a_rare_holding_path_is_estimated_with_an_interval_covering_the_truth() {
+    let _serial = serial();
+    const N: u64 = 400;
+    let mut tracer = Tracer::start(&[
+        "--cache",
+        "kmalloc-512",
+        "--top",
+        "--interval",
+        "250ms",
+        "--stack-sample",
+        "16",
+        "--stacks",
+        "20",
+    ])
+    .expect("start");
+    let mut gen = twopath(N, 500);
+    let pid = gen.pid;
+    let report = tracer
+        .wait_for("the held keys", Duration::from_secs(120), |r| {
+            process(r, pid).is_some_and(|p| count(p, "outstanding") >= N)
+                && held_under(r, pid, "").0 >= N
+        })
+        .expect("held keys");
+    let (hold, low, high) = held_under(&report, pid, "hold_key");
+    let (busy, ..) = held_under(&report, pid, "busy_add_key");
+    let p = process(&report, pid).expect("listed");
+    assert!(
+        low <= N && N <= high,
+        "the interval {low}-{high} (estimate {hold}) must cover the {N} held keys: {p:#}"
+    );
+    assert!(hold * 100 >= N * 95, "estimate {hold} of {N}: {p:#}");
+    assert!(
+        busy <= N / 50,
+        "busy_add_key holds nothing, got {busy}: {p:#}"
+    );
+    let drawn_note = &report["stacks"];
+    assert_eq!(drawn_note["sample_every"], 16, "{drawn_note:#}");
+    gen.release().expect("release");
+    gen.finish().expect("leakgen exits");
+    let (code, _) = tracer.stop(libc::SIGINT).expect("stop");
+    assert_eq!(code, 0);
 }
 
 /// One `mkdir` of a cgroup (v1 memory, or v2) makes one kernfs directory node and many
@@ -234,8 +307,8 @@ fn c_twopath_binary() -> Option<std::path::PathBuf> {
     Some(bin)
 }
 
-/// Without frame pointers the user path cannot be fingerprinted: the report
-/// must say so for the process, keep its total exact, and put the held
+/// Without frame pointers the user path cannot be fingerprinted: with
+/// `--user-paths` the report must say so for the process, keep its total exact, and put the held
 /// objects only under estimates whose interval is stated (never a stack
 /// chosen by "last seen").
 #[test]
@@ -253,6 +326,7 @@ fn without_frame_pointers_the_split_is_an_estimate_and_says_so() {
         "250ms",
         "--stacks",
         "50",
+        "--user-paths",
     ])
     .expect("start");
     let mut cmd = Command::new(&bin);

@@ -189,7 +189,8 @@ fn stripped_go_user_stack_is_named_from_gopclntab() {
 /// (sampled) mode must put the held objects under main.retryConnect.
 #[test]
 fn stripped_go_retry_loop_is_named_beside_a_busier_goroutine() {
-    const N: u64 = 200;
+    // Stacks of 1 in 64: (63/64)^1000 ≈ 1.5e-7 that no held key is drawn.
+    const N: u64 = 1000;
     let bin = go_binary("twopath", true);
     skip_unless!(
         bin.is_some(),

@@ -16,6 +16,9 @@ pub const MAX_USTACK: usize = 32;
 /// from a busy path that share a syscall wrapper (Go: `syscall.Syscall6` ->
 /// `syscall.write` -> `os.(*File).Write` -> caller).
 pub const FINGERPRINT_FRAMES: usize = 8;
+/// Pointer slots per bucket of the slab object's lock-free live-object table:
+/// one 32-byte bucket, so an insert or a free touches one cache line.
+pub const LIVE_WAYS: usize = 4;
 /// Named caches (slab aliases) the kernel side compares against `kmem_cache_alloc`'s `name`.
 pub const MAX_CACHE_NAMES: usize = 8;
 /// Bytes of a cache name we compare; slab names are far shorter than this.
@@ -216,6 +219,10 @@ pub struct Config {
     /// `& mask == 0` ([`FLAG_SAMPLED`]), or when its stratum is new on this CPU
     /// ([`FLAG_NAMING`]). 0 captures every allocation's stacks (`--exact`).
     pub stack_sample_mask: u64,
+    /// Buckets in the slab object's `LIVE_SLOTS` table minus one (a power of
+    /// two minus one), or 0 where the kernel lacks BPF atomics (cmpxchg, 5.12+):
+    /// then every live pointer goes to the `LIVE` hash map.
+    pub live_bucket_mask: u64,
     /// Only this tgid (0 = every process).
     pub target_tgid: u32,
     /// Bit 0: capture kernel stacks. Bit 1: capture user stacks.
@@ -263,6 +270,7 @@ impl Config {
             user_fingerprint: 0,
             wakeup_bytes: 0,
             stack_sample_mask: 0,
+            live_bucket_mask: 0,
             target_tgid: 0,
             stack_flags: 0,
             cache_names: [[0; CACHE_NAME_LEN / 8]; MAX_CACHE_NAMES],

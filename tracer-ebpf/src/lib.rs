@@ -5,8 +5,13 @@
 //! programs and wraps these in three-line functions over them, so a slab run
 //! never creates memcg's maps and the reverse.
 #![no_std]
+// BPF compare-and-swap (see `compare_exchange`).
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
 
 pub mod task;
+
+use core::intrinsics::{atomic_cxchg, atomic_xadd, AtomicOrdering};
 
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
@@ -17,6 +22,29 @@ use aya_ebpf::{
 
 /// `bpf_map_update_elem`'s "create or replace", as the helpers take it.
 pub const BPF_ANY: u64 = aya_ebpf::bindings::BPF_ANY as u64;
+
+/// `bpf_map_update_elem`'s "create only".
+pub const BPF_NOEXIST: u64 = aya_ebpf::bindings::BPF_NOEXIST as u64;
+
+/// `*p = new` if `*p == old`, atomically across CPUs (BPF `cmpxchg`, 5.12+;
+/// callers keep it behind a config value that is 0 on older kernels, so the
+/// verifier never reaches it there). Whether it swapped. An intrinsic: the
+/// BPF target's atomic types offer no compare-and-swap, as v1 BPF has none.
+#[inline(always)]
+pub fn compare_exchange(p: &mut u64, old: u64, new: u64) -> bool {
+    let p: *mut u64 = p;
+    unsafe {
+        atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(p, old, new)
+    }
+    .1
+}
+
+/// `*p += n` atomically, result unused (BPF `xadd`, every kernel we support).
+#[inline(always)]
+pub fn atomic_add(p: &mut u64, n: u64) {
+    let p: *mut u64 = p;
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(p, n) };
+}
 
 /// The values userspace wrote into a read-only global before load. The
 /// volatile read keeps rustc from folding the zeroed initializer into the

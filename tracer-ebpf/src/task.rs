@@ -39,21 +39,21 @@ pub fn css_cgroup_id(off: &TaskOffsets, css: u64) -> u64 {
 }
 
 /// What an allocation header says of its task, as last read on this CPU by one
-/// program (`TASK_FACTS` in main.rs has a slot per program, so a nested run
+/// program (`TASK_FACTS` in slab.rs has a slot per program, so a nested run
 /// never tears another's). Reading them costs a dozen dependent kernel reads
-/// (~500 ns); a loop allocating on one CPU pays two instead: `task->cgroups`
-/// and `task->real_parent` are re-read every time and the rest is reused only
-/// while both, the task and its pid/tgid are unchanged. A migration to another
-/// cgroup replaces `task->cgroups` (a new css_set), a dead parent replaces
-/// `real_parent`, and a process's start time never changes, so a reused fact
-/// is the one a fresh walk would return.
+/// (~500 ns); a loop allocating on one CPU pays one instead: `task->cgroups` is
+/// re-read every time and the rest is reused only while it, the task and its
+/// pid/tgid are unchanged. A migration to another cgroup replaces
+/// `task->cgroups` (a new css_set) and a process's start time never changes.
+/// The parent is read when the slot is refreshed, which a process's first
+/// allocation on a CPU always does, and userspace keeps a process's first
+/// parent: a later reparenting changes nothing it shows.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct TaskFacts {
     pub task: u64,
     pub pid_tgid: u64,
     pub cset: u64,
-    pub parent: u64,
     pub memcg: u64,
     pub start_ns: u64,
     pub ppid: u32,
@@ -72,28 +72,20 @@ pub fn refresh_facts(off: &TaskOffsets, facts: &mut TaskFacts, pid_tgid: u64) {
     } else {
         0
     };
+    if facts.task == task && facts.pid_tgid == pid_tgid && facts.cset == cset && task != 0 {
+        if off.task_cgroups == 0 && off.memcg_from_cgroup2 != 0 {
+            facts.memcg = unsafe { bpf_get_current_cgroup_id() };
+        }
+        return;
+    }
     let parent = if off.task_real_parent != 0 {
         read_ptr(task + off.task_real_parent as u64)
     } else {
         0
     };
-    if facts.task == task
-        && facts.pid_tgid == pid_tgid
-        && facts.cset == cset
-        && facts.parent == parent
-        && task != 0
-    {
-        if off.task_cgroups == 0 && off.memcg_from_cgroup2 != 0 {
-            // No css_set read tells a cgroup2 migration: ask every time (a
-            // helper without pointer walks).
-            facts.memcg = unsafe { bpf_get_current_cgroup_id() };
-        }
-        return;
-    }
     facts.task = task;
     facts.pid_tgid = pid_tgid;
     facts.cset = cset;
-    facts.parent = parent;
     facts.memcg = if off.task_cgroups != 0 {
         memcg_of_cset(off, cset)
     } else if off.memcg_from_cgroup2 != 0 {

@@ -308,7 +308,7 @@ mod tests {
             },
             alloc_rate: 1.5,
             growth_rate: 0.0,
-            fingerprinted: true,
+            fingerprinted: Some(true),
             unfingerprinted_allocs: 0,
             stacks: Vec::new(),
         };

@@ -73,7 +73,9 @@ pub async fn run(args: TraceArgs, cache: &str) -> Result<()> {
     // Wake the reader at a quarter full; the poll timer drains smaller batches.
     plan.config.wakeup_bytes = u64::from(ringbuf_bytes / 4);
     // Strata are keyed by the user path whenever user stacks are wanted.
-    plan.config.user_fingerprint = u32::from(!args.no_user_stacks);
+    // Only on request: the walk costs more than the rest of a matched
+    // allocation (`cargo xtask bench`), and sampling is unbiased without it.
+    plan.config.user_fingerprint = u32::from(args.user_paths && !args.no_user_stacks);
     let cgroup_source = cgroup_source(root, btf.as_ref());
     plan.config.task = cgroup_source.task;
     plan.notes.push(cgroup_source.note);
@@ -107,6 +109,8 @@ pub async fn run(args: TraceArgs, cache: &str) -> Result<()> {
             n
         }
     };
+    plan.config.live_bucket_mask =
+        plan::live_bucket_mask(max_objects, features::kernel_at_least(5, 12));
     let (probes, ring) = Probes::attach(&plan, max_objects, ringbuf_bytes, args.floor)?;
 
     if !(args.exact || args.no_kernel_stacks && args.no_user_stacks) {
@@ -142,7 +146,8 @@ pub async fn run(args: TraceArgs, cache: &str) -> Result<()> {
             args.rate_window.as_nanos() as u64,
             max_objects as usize,
             plan.config.stack_sample_mask + 1,
-        ),
+        )
+        .fingerprinting(plan.config.user_fingerprint != 0),
         symbols,
         procs: HashMap::new(),
         cgroups: CgroupPaths::at(cgroup_source.mount),

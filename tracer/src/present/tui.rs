@@ -363,7 +363,7 @@ impl ViewState {
                 if let Some(cmd) = &p.cmdline {
                     body.push(Line::from(format!("          cmd: {cmd}")));
                 }
-                if !p.fingerprinted {
+                if p.fingerprinted == Some(false) {
                     body.push(Line::from(
                         "          user paths not fingerprintable (no frame pointers): stacks split by sampling only",
                     ));
@@ -517,7 +517,7 @@ mod tests {
             },
             alloc_rate: 0.0,
             growth_rate: 0.0,
-            fingerprinted: true,
+            fingerprinted: Some(true),
             unfingerprinted_allocs: 0,
             stacks: vec![StackReport {
                 counts: Default::default(),

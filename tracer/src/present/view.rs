@@ -221,7 +221,7 @@ fn process(out: &mut String, p: &ProcessReport, opts: &TextOptions) {
                 .map_or_else(|| format!("cgroup id {}", c.cgroup_id), str::to_string),
         );
     }
-    if !p.fingerprinted {
+    if p.fingerprinted == Some(false) {
         let _ = writeln!(
             out,
             "{:>8} user paths not fingerprintable (no frame pointers past the syscall): stacks split by sampling only",

@@ -2,8 +2,10 @@
 //! decoded events in ring-buffer order; asked for snapshots by views.
 //!
 //! Attribution model. Every selected allocation is counted exactly in its
-//! *stratum*: (process, kernel call site, user-path fingerprint), the last being
-//! a hash of the first user frames the kernel walked for that very allocation.
+//! *stratum*: (process, kernel call site, user-path fingerprint). The fingerprint
+//! is 0 unless `--user-paths` asked the kernel to hash the first user frames
+//! it walked for that very allocation; sampling is unbiased either way, the
+//! fingerprint only turns estimates of paths sharing a call site into counts.
 //! Full stacks are captured for a random draw of allocations (each with the same
 //! probability, independent of the object's fate, see `stack_draw` in the eBPF
 //! object), so the drawn objects still outstanding in a stratum are a simple
@@ -233,6 +235,8 @@ pub struct Anomalies {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct StackSampling {
     pub sample_every: u64,
+    /// Strata are keyed by the first user frames too (`--user-paths`).
+    pub user_paths: bool,
     pub drawn: u64,
     pub naming: u64,
     pub without_stacks: u64,
@@ -288,9 +292,10 @@ pub struct ProcRow {
     pub alloc_rate: f64,
     /// Change of outstanding objects per second over the rate window.
     pub growth_rate: f64,
-    /// False when most allocations' user paths could not be fingerprinted (no
-    /// frame pointers past the entry ip): its stacks are split by sampling only.
-    pub fingerprinted: bool,
+    /// With `--user-paths`: false when most allocations' user paths could not
+    /// be fingerprinted (no frame pointers past the entry ip), so its stacks are
+    /// split by sampling only. None without `--user-paths`.
+    pub fingerprinted: Option<bool>,
     /// Allocations whose fingerprint walk found no frame past the entry ip
     /// (e.g. a libc path without frame pointers at exit).
     pub unfingerprinted_allocs: u64,
@@ -368,6 +373,13 @@ impl Aggregator {
         let mut agg = Self::new(rate_window_ns, sample_every);
         agg.objects.reserve(capacity);
         agg
+    }
+
+    /// Whether the kernel side fingerprints user paths (`--user-paths`): only
+    /// then does a process row say whether its paths could be fingerprinted.
+    pub fn fingerprinting(mut self, on: bool) -> Self {
+        self.sampling.user_paths = on;
+        self
     }
 
     /// `sample_every`: the kernel draws 1 in this many allocations for stacks
@@ -875,7 +887,10 @@ impl Aggregator {
                     counts: p.counts.clone(),
                     alloc_rate,
                     growth_rate,
-                    fingerprinted: p.shallow_allocs.saturating_mul(2) <= p.counts.allocs,
+                    fingerprinted: self
+                        .sampling
+                        .user_paths
+                        .then(|| p.shallow_allocs.saturating_mul(2) <= p.counts.allocs),
                     unfingerprinted_allocs: p.shallow_allocs,
                     sites: Vec::new(),
                 }
@@ -1099,7 +1114,7 @@ mod tests {
 
     #[test]
     fn strata_are_counted_exactly_and_split_only_by_drawn_objects() {
-        let mut agg = Aggregator::new(10_000_000_000, 4);
+        let mut agg = Aggregator::new(10_000_000_000, 4).fingerprinting(true);
         // Stratum A (fingerprint 0xa): one drawn object on stack [7,8,9]/[42],
         // two undrawn: all three estimated under that stack (exact count 3).
         agg.apply(&in_stratum(
@@ -1122,6 +1137,7 @@ mod tests {
             snap.stacks,
             StackSampling {
                 sample_every: 4,
+                user_paths: true,
                 drawn: 1,
                 naming: 1,
                 without_stacks: 3,

@@ -359,7 +359,7 @@ mod tests {
             counts,
             alloc_rate: 1.0,
             growth_rate: 1.0,
-            fingerprinted: true,
+            fingerprinted: Some(true),
             unfingerprinted_allocs: 0,
             stacks,
         }

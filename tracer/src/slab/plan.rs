@@ -508,6 +508,30 @@ pub fn live_map_entries(active_objs: Option<u64>) -> u32 {
     want.clamp(MIN, MAX) as u32
 }
 
+/// The lock-free live-object table for `max_objects` (see `LIVE_SLOTS` in
+/// tracer-ebpf/src/slab.rs): `LIVE_WAYS` slots a bucket, twice as many slots
+/// as objects so a full bucket stays rare, as a bucket count minus one. 0 where
+/// the kernel has no BPF compare-and-swap (`BPF_CMPXCHG`, Linux 5.12); every
+/// pointer then goes to the `LIVE` hash map.
+pub fn live_bucket_mask(max_objects: u32, have_cmpxchg: bool) -> u64 {
+    if !have_cmpxchg {
+        return 0;
+    }
+    let slots = u64::from(max_objects).max(1).next_power_of_two() * 2;
+    (slots / tracer_common::LIVE_WAYS as u64).max(1) - 1
+}
+
+/// Entries of the `LIVE` hash map: everything where there are no slots, else
+/// only the pointers whose bucket was full (a few percent at most), so an
+/// eighth, 8,192 at least.
+pub fn live_overflow_entries(max_objects: u32, bucket_mask: u64) -> u32 {
+    if bucket_mask == 0 {
+        max_objects
+    } else {
+        (max_objects / 8).max(8192)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::Path;
@@ -740,5 +764,27 @@ mod tests {
         assert!(note.contains("no kprobes"), "{note}");
         assert!(note.contains("tracepoints kmem:kmalloc (no BTF"), "{note}");
         assert!(note.contains("kernel 5.10.0-test"), "{note}");
+    }
+
+    #[test]
+    fn live_slots_hold_twice_the_objects_in_buckets_of_ways() {
+        let ways = tracer_common::LIVE_WAYS as u64;
+        // 65,536 objects: 131,072 slots in 32,768 buckets.
+        assert_eq!(live_bucket_mask(65_536, true), 131_072 / ways - 1);
+        // Not a power of two: rounded up first, so never fewer slots than 2x.
+        let mask = live_bucket_mask(100_000, true);
+        assert!((mask + 1) * ways >= 200_000, "{mask}");
+        assert!((mask + 1).is_power_of_two(), "{mask}");
+        // Degenerate sizes still give one bucket, and no slots without cmpxchg.
+        assert_eq!(live_bucket_mask(0, true), 0);
+        assert_eq!(live_bucket_mask(1, true), 0);
+        assert_eq!(live_bucket_mask(1_048_576, false), 0);
+    }
+
+    #[test]
+    fn live_overflow_holds_everything_only_without_slots() {
+        assert_eq!(live_overflow_entries(1_048_576, 0), 1_048_576);
+        assert_eq!(live_overflow_entries(1_048_576, 524_287), 131_072);
+        assert_eq!(live_overflow_entries(65_536, 32_767), 8_192);
     }
 }

@@ -18,7 +18,7 @@ use crate::bpf::load::{
     counter_sum, loaded, map_fd, map_memory, prog_info, program, program_ids, raise_memlock_limit,
     take_counters, take_ring, with_map_flags, AlignedObject, BPF_F_NO_PREALLOC,
 };
-use crate::slab::plan::{Hook, LiveMap, Plan};
+use crate::slab::plan::{live_overflow_entries, Hook, LiveMap, Plan};
 use crate::slab::report::KernelCounters;
 
 pub(crate) static SLAB_OBJECT: &[u8] =
@@ -62,7 +62,11 @@ impl Probes {
         };
         let mut ebpf = EbpfLoader::new()
             .override_global("CONFIG", &plan.config, true)
-            .map_max_entries("LIVE", max_objects)
+            .map_max_entries(
+                "LIVE",
+                live_overflow_entries(max_objects, plan.config.live_bucket_mask),
+            )
+            .map_max_entries("LIVE_SLOTS", (plan.config.live_bucket_mask + 1) as u32)
             .map_max_entries("EVENTS", ringbuf_bytes)
             .load(object.bytes())
             .map_err(|e| {

@@ -144,10 +144,12 @@ pub struct ProcessReport {
     pub counts: Counts,
     pub alloc_rate: f64,
     pub growth_rate: f64,
-    /// False when some allocation's user path could not be fingerprinted (no
-    /// frame pointers past the syscall's entry): its stacks are split by random
-    /// sampling only, still unbiased but with wider intervals.
-    pub fingerprinted: bool,
+    /// With `--user-paths` only: false when some allocation's user path could
+    /// not be fingerprinted (no frame pointers past the syscall's entry), so its
+    /// stacks are split by random sampling only, still unbiased but with wider
+    /// intervals.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fingerprinted: Option<bool>,
     pub unfingerprinted_allocs: u64,
     pub stacks: Vec<StackReport>,
 }
@@ -440,7 +442,7 @@ pub(crate) fn test_report() -> Report {
             },
             alloc_rate: 0.0,
             growth_rate: 0.0,
-            fingerprinted: true,
+            fingerprinted: Some(true),
             unfingerprinted_allocs: 0,
             stacks: vec![StackReport {
                 counts: Counts {
