@@ -28,6 +28,10 @@ macro_rules! skip_in_vm_guest {
 }
 use serde_json::Value;
 
+// Tests here that look for a held object's user frames in the default mode
+// pass `--stack-sample 4` (or hold 1,000 objects): their subject is not the
+// sampling, and at 1 in 4 the chance that none of 64 held objects is drawn
+// (leaving them under the call site only, marked partial) is (3/4)^64 ≈ 1e-8.
 const WAIT: Duration = Duration::from_secs(30);
 const N: u64 = 300;
 
@@ -94,6 +98,8 @@ fn held_keys_with_files(name: &str) -> (Value, u32, PathBuf) {
         "250ms",
         "--frames",
         "64",
+        "--stack-sample",
+        "4",
         "--pprof",
         &pprof,
         "--folded",

@@ -5,6 +5,10 @@ use std::time::Duration;
 
 use leaktrace_tests::*;
 
+// Tests here that look for a held object's user frames in the default mode
+// pass `--stack-sample 4` (or hold 1,000 objects): their subject is not the
+// sampling, and at 1 in 4 the chance that none of 64 held objects is drawn
+// (leaving them under the call site only, marked partial) is (3/4)^64 ≈ 1e-8.
 const WAIT: Duration = Duration::from_secs(30);
 const SIGINT: i32 = libc::SIGINT;
 const SIGTERM: i32 = libc::SIGTERM;
@@ -46,7 +50,9 @@ fn held_keys_are_attributed_and_seen_freed_via_classic_tracepoints() {
 }
 
 fn held_keys(hooks: &str, hooks_line: &str) {
-    const N: u64 = 200;
+    // 1,000: the default draws stacks for 1 in 64, and (63/64)^1000 ≈ 1.5e-7
+    // that none of the held keys is drawn.
+    const N: u64 = 1000;
     let mut args = vec![
         "--cache",
         "kmalloc-512",
@@ -109,7 +115,7 @@ fn held_keys(hooks: &str, hooks_line: &str) {
             "--exact captures every allocation's stacks: {st}"
         );
     } else {
-        // 200 keys, full stacks drawn for a random 1 in 64: most carry none.
+        // Full stacks drawn for a random 1 in 64: most keys carry none.
         assert_eq!(count(st, "sample_every"), 64, "{st}");
         assert!(
             count(st, "without_stacks") >= N / 2,
@@ -132,10 +138,26 @@ fn accounted_inotify_groups_land_in_kmalloc_cg_512_only() {
          that kmalloc-512 holds the inotify groups and --cache kmalloc-cg-512 is refused"
     );
     const N: u64 = 64;
-    let mut cg = Tracer::start(&["--cache", "kmalloc-cg-512", "--top", "--interval", "250ms"])
-        .expect("start cg");
-    let mut plain = Tracer::start(&["--cache", "kmalloc-512", "--top", "--interval", "250ms"])
-        .expect("start plain");
+    let mut cg = Tracer::start(&[
+        "--cache",
+        "kmalloc-cg-512",
+        "--top",
+        "--interval",
+        "250ms",
+        "--stack-sample",
+        "4",
+    ])
+    .expect("start cg");
+    let mut plain = Tracer::start(&[
+        "--cache",
+        "kmalloc-512",
+        "--top",
+        "--interval",
+        "250ms",
+        "--stack-sample",
+        "4",
+    ])
+    .expect("start plain");
     let mut gen = Generator::start("inotify", &N.to_string()).expect("leakgen inotify");
     let pid = gen.pid;
 
@@ -179,8 +201,16 @@ fn inotify_groups_land_in_kmalloc_512_without_cg_caches() {
         stderr.contains("does not exist") && stderr.contains("kmalloc-512"),
         "{stderr}"
     );
-    let mut plain = Tracer::start(&["--cache", "kmalloc-512", "--top", "--interval", "250ms"])
-        .expect("start plain");
+    let mut plain = Tracer::start(&[
+        "--cache",
+        "kmalloc-512",
+        "--top",
+        "--interval",
+        "250ms",
+        "--stack-sample",
+        "4",
+    ])
+    .expect("start plain");
     let mut gen = Generator::start("inotify", &N.to_string()).expect("leakgen inotify");
     let pid = gen.pid;
     plain
@@ -249,10 +279,26 @@ fn writev_churn_is_a_rate_not_a_leak() {
 #[test]
 fn other_sizes_do_not_show_under_kmalloc_512() {
     const N: u64 = 200;
-    let mut tracer =
-        Tracer::start(&["--cache", "kmalloc-512", "--top", "--interval", "250ms"]).expect("start");
-    let mut small = Tracer::start(&["--cache", OTHER_CACHE, "--top", "--interval", "250ms"])
-        .expect("start other");
+    let mut tracer = Tracer::start(&[
+        "--cache",
+        "kmalloc-512",
+        "--top",
+        "--interval",
+        "250ms",
+        "--stack-sample",
+        "4",
+    ])
+    .expect("start");
+    let mut small = Tracer::start(&[
+        "--cache",
+        OTHER_CACHE,
+        "--top",
+        "--interval",
+        "250ms",
+        "--stack-sample",
+        "4",
+    ])
+    .expect("start other");
     let mut gen = Generator::start("other", &N.to_string()).expect("leakgen other");
     let pid = gen.pid;
     // Positive control: the other cache does see them.
@@ -299,8 +345,16 @@ fn named_cache_filp_follows_open_files() {
          here; checked that --cache filp is refused with 'has no cache name'"
     );
     const N: u64 = 300;
-    let mut tracer =
-        Tracer::start(&["--cache", "filp", "--top", "--interval", "250ms"]).expect("start");
+    let mut tracer = Tracer::start(&[
+        "--cache",
+        "filp",
+        "--top",
+        "--interval",
+        "250ms",
+        "--stack-sample",
+        "4",
+    ])
+    .expect("start");
     let mut gen = Generator::start("files", &N.to_string()).expect("leakgen files");
     let pid = gen.pid;
     tracer

@@ -157,20 +157,20 @@ fn read<T>(ctx: &TracePointContext, offset: u16) -> Option<T> {
 
 #[tracepoint]
 pub fn kmalloc(ctx: TracePointContext) -> u32 {
-    let _ = tp_kmalloc(&ctx);
+    let _ = tp_kmalloc::<true>(&ctx);
     0
 }
 
 #[tracepoint]
 pub fn kmem_cache_alloc(ctx: TracePointContext) -> u32 {
-    let _ = tp_cache_alloc(&ctx);
+    let _ = tp_cache_alloc::<true>(&ctx);
     0
 }
 
 #[tracepoint]
 pub fn kfree(ctx: TracePointContext) -> u32 {
     if let Some(ptr) = read(&ctx, config().kfree_ptr) {
-        on_free(ptr);
+        on_free::<true>(ptr);
     }
     0
 }
@@ -178,7 +178,7 @@ pub fn kfree(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn kmem_cache_free(ctx: TracePointContext) -> u32 {
     if let Some(ptr) = read(&ctx, config().cache_free_ptr) {
-        on_free(ptr);
+        on_free::<true>(ptr);
     }
     0
 }
@@ -190,13 +190,13 @@ pub fn kmem_cache_free(ctx: TracePointContext) -> u32 {
 
 #[raw_tracepoint]
 pub fn kmalloc_raw(ctx: RawTracePointContext) -> i32 {
-    raw_kmalloc(&ctx, false);
+    raw_kmalloc::<true>(&ctx, false);
     0
 }
 
 #[raw_tracepoint]
 pub fn kmem_cache_alloc_raw(ctx: RawTracePointContext) -> i32 {
-    let _ = raw_cache_alloc(&ctx, config(), false);
+    let _ = raw_cache_alloc::<true>(&ctx, config(), false);
     0
 }
 
@@ -208,18 +208,18 @@ pub fn kmem_cache_alloc_raw(ctx: RawTracePointContext) -> i32 {
 
 #[raw_tracepoint]
 pub fn kmalloc_raw_spare(ctx: RawTracePointContext) -> i32 {
-    raw_kmalloc(&ctx, true);
+    raw_kmalloc::<true>(&ctx, true);
     0
 }
 
 #[raw_tracepoint]
 pub fn kmem_cache_alloc_raw_spare(ctx: RawTracePointContext) -> i32 {
-    let _ = raw_cache_alloc(&ctx, config(), true);
+    let _ = raw_cache_alloc::<true>(&ctx, config(), true);
     0
 }
 
 #[inline(always)]
-fn raw_kmalloc(ctx: &RawTracePointContext, spare: bool) {
+fn raw_kmalloc<const CAS: bool>(ctx: &RawTracePointContext, spare: bool) {
     // (call_site, ptr, bytes_req, bytes_alloc, gfp_flags[, node])
     if seen_by_main(program_slot(SOURCE_KMALLOC, false), ctx.arg(1), spare) {
         return;
@@ -241,18 +241,18 @@ fn raw_kmalloc(ctx: &RawTracePointContext, spare: bool) {
         gfp,
         source: SOURCE_KMALLOC,
     };
-    let _ = record(ctx.as_ptr(), &site, spare);
+    let _ = record::<CAS>(ctx.as_ptr(), &site, spare);
 }
 
 #[raw_tracepoint]
 pub fn kfree_raw(ctx: RawTracePointContext) -> i32 {
-    raw_free(ctx.arg(1), SEEN_KFREE, false);
+    raw_free::<true>(ctx.arg(1), SEEN_KFREE, false);
     0
 }
 
 #[raw_tracepoint]
 pub fn kmem_cache_free_raw(ctx: RawTracePointContext) -> i32 {
-    raw_free(ctx.arg(1), SEEN_CACHE_FREE, false);
+    raw_free::<true>(ctx.arg(1), SEEN_CACHE_FREE, false);
     0
 }
 
@@ -264,21 +264,104 @@ pub fn kmem_cache_free_raw(ctx: RawTracePointContext) -> i32 {
 
 #[raw_tracepoint]
 pub fn kfree_raw_spare(ctx: RawTracePointContext) -> i32 {
-    raw_free(ctx.arg(1), SEEN_KFREE, true);
+    raw_free::<true>(ctx.arg(1), SEEN_KFREE, true);
     0
 }
 
 #[raw_tracepoint]
 pub fn kmem_cache_free_raw_spare(ctx: RawTracePointContext) -> i32 {
-    raw_free(ctx.arg(1), SEEN_CACHE_FREE, true);
+    raw_free::<true>(ctx.arg(1), SEEN_CACHE_FREE, true);
     0
 }
 
 #[inline(always)]
-fn raw_free(ptr: u64, seen: u32, spare: bool) {
+fn raw_free<const CAS: bool>(ptr: u64, seen: u32, spare: bool) {
     if !seen_by_main(seen, ptr, spare) {
-        on_free(ptr);
+        on_free::<CAS>(ptr);
     }
+}
+
+// The same programs for kernels without BPF compare-and-swap (before 5.12,
+// `BPF_CMPXCHG`): their verifier rejects the instruction anywhere in a
+// program, even where the frozen config makes it unreachable, so these are
+// built without the live-object slots and keep every pointer in `LIVE`.
+// Userspace loads them instead (`plan::program_variant`) where
+// `live_bucket_mask` is 0.
+
+#[tracepoint]
+pub fn kmalloc_nocas(ctx: TracePointContext) -> u32 {
+    let _ = tp_kmalloc::<false>(&ctx);
+    0
+}
+
+#[tracepoint]
+pub fn kmem_cache_alloc_nocas(ctx: TracePointContext) -> u32 {
+    let _ = tp_cache_alloc::<false>(&ctx);
+    0
+}
+
+#[tracepoint]
+pub fn kfree_nocas(ctx: TracePointContext) -> u32 {
+    if let Some(ptr) = read(&ctx, config().kfree_ptr) {
+        on_free::<false>(ptr);
+    }
+    0
+}
+
+#[tracepoint]
+pub fn kmem_cache_free_nocas(ctx: TracePointContext) -> u32 {
+    if let Some(ptr) = read(&ctx, config().cache_free_ptr) {
+        on_free::<false>(ptr);
+    }
+    0
+}
+
+#[raw_tracepoint]
+pub fn kmalloc_raw_nocas(ctx: RawTracePointContext) -> i32 {
+    raw_kmalloc::<false>(&ctx, false);
+    0
+}
+
+#[raw_tracepoint]
+pub fn kmem_cache_alloc_raw_nocas(ctx: RawTracePointContext) -> i32 {
+    let _ = raw_cache_alloc::<false>(&ctx, config(), false);
+    0
+}
+
+#[raw_tracepoint]
+pub fn kmalloc_raw_spare_nocas(ctx: RawTracePointContext) -> i32 {
+    raw_kmalloc::<false>(&ctx, true);
+    0
+}
+
+#[raw_tracepoint]
+pub fn kmem_cache_alloc_raw_spare_nocas(ctx: RawTracePointContext) -> i32 {
+    let _ = raw_cache_alloc::<false>(&ctx, config(), true);
+    0
+}
+
+#[raw_tracepoint]
+pub fn kfree_raw_nocas(ctx: RawTracePointContext) -> i32 {
+    raw_free::<false>(ctx.arg(1), SEEN_KFREE, false);
+    0
+}
+
+#[raw_tracepoint]
+pub fn kmem_cache_free_raw_nocas(ctx: RawTracePointContext) -> i32 {
+    raw_free::<false>(ctx.arg(1), SEEN_CACHE_FREE, false);
+    0
+}
+
+#[raw_tracepoint]
+pub fn kfree_raw_spare_nocas(ctx: RawTracePointContext) -> i32 {
+    raw_free::<false>(ctx.arg(1), SEEN_KFREE, true);
+    0
+}
+
+#[raw_tracepoint]
+pub fn kmem_cache_free_raw_spare_nocas(ctx: RawTracePointContext) -> i32 {
+    raw_free::<false>(ctx.arg(1), SEEN_CACHE_FREE, true);
+    0
 }
 
 // Empty programs on the same hooks: the floor `cargo xtask bench` measures
@@ -295,7 +378,7 @@ pub fn floor_raw(_ctx: RawTracePointContext) -> i32 {
 }
 
 #[inline(always)]
-fn tp_kmalloc(ctx: &TracePointContext) -> Option<()> {
+fn tp_kmalloc<const CAS: bool>(ctx: &TracePointContext) -> Option<()> {
     let cfg = config();
     if cfg.kmalloc_size == 0 {
         return None;
@@ -312,11 +395,11 @@ fn tp_kmalloc(ctx: &TracePointContext) -> Option<()> {
         return None;
     }
     let site = classic_site(ctx, &cfg.kmalloc, bytes_alloc, gfp, SOURCE_KMALLOC)?;
-    record(ctx.as_ptr(), &site, false)
+    record::<CAS>(ctx.as_ptr(), &site, false)
 }
 
 #[inline(always)]
-fn tp_cache_alloc(ctx: &TracePointContext) -> Option<()> {
+fn tp_cache_alloc<const CAS: bool>(ctx: &TracePointContext) -> Option<()> {
     let cfg = config();
     if cfg.cache_size == 0 {
         return None;
@@ -331,7 +414,7 @@ fn tp_cache_alloc(ctx: &TracePointContext) -> Option<()> {
     }
     let gfp = read::<u32>(ctx, cfg.cache_alloc.gfp_flags)? as u64;
     let site = classic_site(ctx, &cfg.cache_alloc, bytes_alloc, gfp, SOURCE_CACHE_ALLOC)?;
-    record(ctx.as_ptr(), &site, false)
+    record::<CAS>(ctx.as_ptr(), &site, false)
 }
 
 /// The rest of a selected classic record, read once selection has passed.
@@ -354,7 +437,11 @@ fn classic_site(
 }
 
 #[inline(always)]
-fn raw_cache_alloc(ctx: &RawTracePointContext, cfg: &Config, spare: bool) -> Option<()> {
+fn raw_cache_alloc<const CAS: bool>(
+    ctx: &RawTracePointContext,
+    cfg: &Config,
+    spare: bool,
+) -> Option<()> {
     if seen_by_main(program_slot(SOURCE_CACHE_ALLOC, false), ctx.arg(1), spare) {
         return None;
     }
@@ -384,7 +471,7 @@ fn raw_cache_alloc(ctx: &RawTracePointContext, cfg: &Config, spare: bool) -> Opt
         gfp,
         source: SOURCE_CACHE_ALLOC,
     };
-    record(ctx.as_ptr(), &site, spare)
+    record::<CAS>(ctx.as_ptr(), &site, spare)
 }
 
 #[inline(always)]
@@ -423,7 +510,7 @@ struct Site {
 }
 
 #[inline(always)]
-fn record(ctx: *mut core::ffi::c_void, site: &Site, spare: bool) -> Option<()> {
+fn record<const CAS: bool>(ctx: *mut core::ffi::c_void, site: &Site, spare: bool) -> Option<()> {
     let cfg = config();
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
@@ -434,7 +521,7 @@ fn record(ctx: *mut core::ffi::c_void, site: &Site, spare: bool) -> Option<()> {
         return None;
     }
     // The main program ran for this event and recorded it.
-    if spare && live_find(site.ptr).is_some() {
+    if spare && live_find::<CAS>(site.ptr).is_some() {
         return None;
     }
     if site.ptr & cfg.free_align_mask != 0 {
@@ -493,7 +580,7 @@ fn record(ctx: *mut core::ffi::c_void, site: &Site, spare: bool) -> Option<()> {
                 }
             }
         }
-        commit(entry, site.ptr, ts, flags)
+        commit::<CAS, _>(entry, site.ptr, ts, flags)
     } else {
         let Some(mut entry) = EVENTS.reserve::<AllocHeader>(0) else {
             bump(counter::ALLOCS_LOST_RINGBUF);
@@ -509,7 +596,7 @@ fn record(ctx: *mut core::ffi::c_void, site: &Site, spare: bool) -> Option<()> {
                 site,
             )
         };
-        commit(entry, site.ptr, ts, flags)
+        commit::<CAS, _>(entry, site.ptr, ts, flags)
     }
 }
 
@@ -661,8 +748,8 @@ fn fill_header(
 /// Insert before submit: once userspace can see the alloc, the kernel must
 /// already forward its free.
 #[inline(always)]
-fn commit<T>(entry: RingBufEntry<T>, ptr: u64, ts: u64, flags: u16) -> Option<()> {
-    if !live_insert(ptr, ts) {
+fn commit<const CAS: bool, T>(entry: RingBufEntry<T>, ptr: u64, ts: u64, flags: u16) -> Option<()> {
+    if !live_insert::<CAS>(ptr, ts) {
         entry.discard(0);
         bump(counter::ALLOCS_LOST_MAP_FULL);
         return None;
@@ -686,9 +773,9 @@ enum Held {
 }
 
 #[inline(always)]
-fn live_bucket(ptr: u64) -> Option<*mut [u64; LIVE_WAYS]> {
+fn live_bucket<const CAS: bool>(ptr: u64) -> Option<*mut [u64; LIVE_WAYS]> {
     let mask = config().live_bucket_mask;
-    if mask == 0 {
+    if !CAS || mask == 0 {
         return None;
     }
     let index = (ptr.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32) & mask;
@@ -699,8 +786,8 @@ fn live_bucket(ptr: u64) -> Option<*mut [u64; LIVE_WAYS]> {
 /// already tracked (its free escaped us) stays tracked: userspace reads the
 /// new allocation as proof of the missed free.
 #[inline(always)]
-fn live_insert(ptr: u64, ts: u64) -> bool {
-    if let Some(bucket) = live_bucket(ptr) {
+fn live_insert<const CAS: bool>(ptr: u64, ts: u64) -> bool {
+    if let Some(bucket) = live_bucket::<CAS>(ptr) {
         let slots = unsafe { &mut *bucket };
         let mut i = 0;
         while i < LIVE_WAYS {
@@ -711,7 +798,7 @@ fn live_insert(ptr: u64, ts: u64) -> bool {
         }
         let mut i = 0;
         while i < LIVE_WAYS {
-            if slots[i] == 0 && tracer_ebpf::compare_exchange(&mut slots[i], 0, ptr) {
+            if CAS && slots[i] == 0 && tracer_ebpf::compare_exchange(&mut slots[i], 0, ptr) {
                 return true;
             }
             i += 1;
@@ -730,8 +817,8 @@ fn live_insert(ptr: u64, ts: u64) -> bool {
 }
 
 #[inline(always)]
-fn live_find(ptr: u64) -> Option<Held> {
-    if let Some(bucket) = live_bucket(ptr) {
+fn live_find<const CAS: bool>(ptr: u64) -> Option<Held> {
+    if let Some(bucket) = live_bucket::<CAS>(ptr) {
         let slots = unsafe { &mut *bucket };
         let mut i = 0;
         while i < LIVE_WAYS {
@@ -750,9 +837,9 @@ fn live_find(ptr: u64) -> Option<Held> {
 
 /// Untrack `ptr`; false if another CPU untracked it first.
 #[inline(always)]
-fn live_remove(ptr: u64, held: Held) -> bool {
+fn live_remove<const CAS: bool>(ptr: u64, held: Held) -> bool {
     match held {
-        Held::Slot(slot) => tracer_ebpf::compare_exchange(unsafe { &mut *slot }, ptr, 0),
+        Held::Slot(slot) => CAS && tracer_ebpf::compare_exchange(unsafe { &mut *slot }, ptr, 0),
         Held::Overflow => {
             if LIVE.remove(ptr).is_err() {
                 return false;
@@ -766,14 +853,15 @@ fn live_remove(ptr: u64, held: Held) -> bool {
 }
 
 #[inline(always)]
-fn on_free(ptr: u64) {
+fn on_free<const CAS: bool>(ptr: u64) {
     // Two cheap tests rule out the overwhelming majority of frees (objects we
     // never selected): the alignment of the selected cache, then the pointer's
-    // one bucket (and `LIVE` only while it holds anything).
-    if ptr & config().free_align_mask != 0 {
+    // one bucket (and `LIVE` only while it holds anything). kfree(NULL) is
+    // common and would match an empty slot.
+    if ptr & config().free_align_mask != 0 || ptr == 0 {
         return;
     }
-    let Some(held) = live_find(ptr) else {
+    let Some(held) = live_find::<CAS>(ptr) else {
         return;
     };
     // Reserve before untracking: if the ring is full the entry stays, kernel and
@@ -782,7 +870,7 @@ fn on_free(ptr: u64) {
         bump(counter::FREES_LOST_RINGBUF);
         return;
     };
-    if !live_remove(ptr, held) {
+    if !live_remove::<CAS>(ptr, held) {
         // Another CPU removed it first; nothing to report.
         entry.discard(0);
         return;

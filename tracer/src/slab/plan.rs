@@ -108,6 +108,32 @@ pub fn spare_program(raw: &str) -> Option<&'static str> {
     }
 }
 
+/// The program to load for the plan's `program`: the same program built
+/// without BPF compare-and-swap where the kernel has none (`live_slots` false:
+/// `live_bucket_mask` 0, Linux before 5.12, whose verifier rejects a
+/// `BPF_CMPXCHG` anywhere in a program; see the `_nocas` programs in
+/// tracer-ebpf/src/slab.rs).
+pub fn program_variant(program: &'static str, live_slots: bool) -> &'static str {
+    if live_slots {
+        return program;
+    }
+    match program {
+        "kmalloc" => "kmalloc_nocas",
+        "kmem_cache_alloc" => "kmem_cache_alloc_nocas",
+        "kfree" => "kfree_nocas",
+        "kmem_cache_free" => "kmem_cache_free_nocas",
+        "kmalloc_raw" => "kmalloc_raw_nocas",
+        "kmem_cache_alloc_raw" => "kmem_cache_alloc_raw_nocas",
+        "kmalloc_raw_spare" => "kmalloc_raw_spare_nocas",
+        "kmem_cache_alloc_raw_spare" => "kmem_cache_alloc_raw_spare_nocas",
+        "kfree_raw" => "kfree_raw_nocas",
+        "kmem_cache_free_raw" => "kmem_cache_free_raw_nocas",
+        "kfree_raw_spare" => "kfree_raw_spare_nocas",
+        "kmem_cache_free_raw_spare" => "kmem_cache_free_raw_spare_nocas",
+        other => other,
+    }
+}
+
 pub fn is_spare(program: &str) -> bool {
     program.ends_with("_spare")
 }
@@ -518,7 +544,8 @@ pub fn live_bucket_mask(max_objects: u32, have_cmpxchg: bool) -> u64 {
         return 0;
     }
     let slots = u64::from(max_objects).max(1).next_power_of_two() * 2;
-    (slots / tracer_common::LIVE_WAYS as u64).max(1) - 1
+    // At least two buckets: a mask of 0 means "no slots".
+    (slots / tracer_common::LIVE_WAYS as u64).max(2) - 1
 }
 
 /// Entries of the `LIVE` hash map: everything where there are no slots, else
@@ -775,9 +802,9 @@ mod tests {
         let mask = live_bucket_mask(100_000, true);
         assert!((mask + 1) * ways >= 200_000, "{mask}");
         assert!((mask + 1).is_power_of_two(), "{mask}");
-        // Degenerate sizes still give one bucket, and no slots without cmpxchg.
-        assert_eq!(live_bucket_mask(0, true), 0);
-        assert_eq!(live_bucket_mask(1, true), 0);
+        // Degenerate sizes still give two buckets, and no slots without cmpxchg.
+        assert_eq!(live_bucket_mask(0, true), 1);
+        assert_eq!(live_bucket_mask(1, true), 1);
         assert_eq!(live_bucket_mask(1_048_576, false), 0);
     }
 

@@ -18,7 +18,9 @@ use crate::bpf::load::{
     counter_sum, loaded, map_fd, map_memory, prog_info, program, program_ids, raise_memlock_limit,
     take_counters, take_ring, with_map_flags, AlignedObject, BPF_F_NO_PREALLOC,
 };
-use crate::slab::plan::{live_overflow_entries, Hook, LiveMap, Plan};
+#[cfg(test)]
+use crate::slab::plan::spare_program;
+use crate::slab::plan::{live_overflow_entries, program_variant, Hook, LiveMap, Plan};
 use crate::slab::report::KernelCounters;
 
 pub(crate) static SLAB_OBJECT: &[u8] =
@@ -85,7 +87,7 @@ impl Probes {
             }
             // The floor runs empty programs on exactly the planned hooks.
             let name = match (floor, a.hook) {
-                (false, _) => a.program,
+                (false, _) => program_variant(a.program, plan.config.live_bucket_mask != 0),
                 (true, Hook::Classic) => "floor_tp",
                 (true, Hook::Raw) => "floor_raw",
             };
@@ -196,6 +198,52 @@ fn missed_by_both(misses: &[(&'static str, u64)], kind: &str) -> u64 {
 
 #[cfg(test)]
 mod tests {
+    /// Every program the plan can name, and its build without compare-and-swap,
+    /// is in the object under that name (parsed without syscalls).
+    #[test]
+    fn every_planned_program_and_its_variant_is_in_the_object() {
+        let object = super::AlignedObject::from(super::SLAB_OBJECT);
+        let obj = aya_obj::Object::parse(object.bytes()).expect("parse the slab object");
+        let planned = [
+            "kmalloc",
+            "kmem_cache_alloc",
+            "kfree",
+            "kmem_cache_free",
+            "kmalloc_raw",
+            "kmem_cache_alloc_raw",
+            "kfree_raw",
+            "kmem_cache_free_raw",
+        ];
+        let spares = planned.iter().filter_map(|p| super::spare_program(p));
+        for name in planned.into_iter().chain(spares) {
+            for live_slots in [true, false] {
+                let loaded = super::program_variant(name, live_slots);
+                assert_eq!(loaded == name, live_slots, "{name} -> {loaded}");
+                assert!(
+                    obj.programs.contains_key(loaded),
+                    "{loaded} not in the object"
+                );
+                // What a 5.10 verifier refuses even in dead code.
+                let cmpxchg = cmpxchg_count(&obj, loaded);
+                assert_eq!(cmpxchg > 0, live_slots, "{loaded}: {cmpxchg} cmpxchg");
+            }
+        }
+    }
+
+    /// `BPF_STX | BPF_DW | BPF_ATOMIC` with `imm == BPF_CMPXCHG` in `program`'s
+    /// own instructions or any subprogram of the object.
+    fn cmpxchg_count(obj: &aya_obj::Object, program: &str) -> usize {
+        let key = obj.programs[program].function_key();
+        let program_keys: std::collections::HashSet<_> =
+            obj.programs.values().map(|p| p.function_key()).collect();
+        obj.functions
+            .iter()
+            .filter(|(k, _)| **k == key || !program_keys.contains(*k))
+            .flat_map(|(_, f)| &f.instructions)
+            .filter(|i| i.code == 0xdb && i.imm == 0xf1)
+            .count()
+    }
+
     #[test]
     fn load_hints_only_where_the_cause_is_known() {
         let eperm = "map error: failed to create map `LIVE`: Operation not permitted (os error 1)";
