@@ -50,7 +50,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Some(Command::Doctor(args)) => doctor::run(&args),
-        Some(Command::Memcg(args)) => memcg::run(args),
+        Some(Command::Memcg(args)) => pipeline::memcg::run(args),
         Some(Command::Serve(args)) => serve::run(args),
         None => {
             let Some(cache) = cli.trace.cache.clone() else {

@@ -12,8 +12,8 @@
 
 use anyhow::Result;
 
+use super::report::Report;
 use super::state::{MemcgReport, Phase};
-use super::Report;
 use crate::output::pprof::{encode, Builder, Label, Sample};
 
 const SAMPLE_TYPES: [(&str, &str); 3] = [

@@ -1,26 +1,44 @@
 //! Text rendering of a memcg [`Report`]: the live `--top` screen, the final
 //! report and `--list`. Plain text so it works in a terminal, `watch` and logs.
+//! Reads memcg's report model only; what it needs besides is passed in.
 
 use std::fmt::Write;
 
-use super::{
-    state::{Actor, Group, MemcgReport, Phase},
-    Report,
+use crate::{
+    memcg::report::{Actor, Group, KMemcg, MemcgReport, Phase, Report},
+    present::units::human_bytes,
+    present::view::group,
 };
-use crate::cli::MemcgArgs;
-use crate::{present::units::human_bytes, present::view::group};
 
-pub fn render(r: &Report, args: &MemcgArgs, last: bool) -> String {
+/// What the text view shows besides the report.
+pub struct ViewOptions {
+    /// The refresh period shown in the header, in seconds.
+    pub interval_s: f64,
+    /// Memcgs listed in live views (the final report lists every traced one).
+    pub limit: usize,
+}
+
+/// The running kernel, for `--why`'s explanations of what releases a memcg.
+pub struct KernelRelease {
+    /// As `uname -r` prints it (empty when unreadable).
+    pub release: String,
+    /// (major, minor) of `release`; (0, 0) when it cannot be parsed.
+    pub version: (u32, u32),
+}
+
+/// The whole view: header, zombie groups, traced memcgs and the kernel's
+/// dying memcgs. `last`: the final report, which lists every traced memcg.
+pub fn render(r: &Report, opts: &ViewOptions, last: bool) -> String {
     let mut out = String::new();
-    header(&mut out, r, args);
+    header(&mut out, r, opts);
     groups(
         &mut out,
         "zombies by creator",
         &r.snapshot.zombies_by_creator,
     );
     groups(&mut out, "zombies by pod", &r.snapshot.zombies_by_pod);
-    memcgs(&mut out, r, args, last);
-    kernel_memcgs(&mut out, r, args);
+    memcgs(&mut out, r, opts, last);
+    kernel_memcgs(&mut out, r, opts);
     out
 }
 
@@ -29,7 +47,7 @@ fn pages(v: Option<i64>) -> String {
 }
 
 /// Every dying memcg the kernel holds, pre-existing ones included.
-fn kernel_memcgs(out: &mut String, r: &Report, args: &MemcgArgs) {
+fn kernel_memcgs(out: &mut String, r: &Report, opts: &ViewOptions) {
     let _ = writeln!(
         out,
         "\nkernel memory accounting: {} ({})",
@@ -94,7 +112,7 @@ fn kernel_memcgs(out: &mut String, r: &Report, args: &MemcgArgs) {
     let limit = if r.kind == "list" {
         usize::MAX
     } else {
-        args.limit
+        opts.limit
     };
     for m in dying.iter().take(limit) {
         let _ = writeln!(
@@ -136,7 +154,7 @@ fn kernel_memcgs(out: &mut String, r: &Report, args: &MemcgArgs) {
 }
 
 /// A dying memcg's LRU pages by file, `n` files at most.
-pub(super) fn file_pins(out: &mut String, m: &super::walk::KMemcg, n: usize, indent: &str) {
+fn file_pins(out: &mut String, m: &KMemcg, n: usize, indent: &str) {
     let Some(p) = &m.page_pins else {
         return;
     };
@@ -173,7 +191,7 @@ pub(super) fn file_pins(out: &mut String, m: &super::walk::KMemcg, n: usize, ind
     }
 }
 
-fn header(out: &mut String, r: &Report, args: &MemcgArgs) {
+fn header(out: &mut String, r: &Report, opts: &ViewOptions) {
     let title = match r.kind {
         "final" => "final report",
         "list" => "list",
@@ -185,7 +203,7 @@ fn header(out: &mut String, r: &Report, args: &MemcgArgs) {
         r.hierarchy.version,
         r.hierarchy.mount.display(),
         r.elapsed_s,
-        args.interval.as_secs_f64(),
+        opts.interval_s,
         r.zombie_after_s,
     );
     let _ = writeln!(out, "{}", r.mode);
@@ -249,7 +267,7 @@ fn groups(out: &mut String, title: &str, groups: &[Group]) {
     out.push('\n');
 }
 
-fn memcgs(out: &mut String, r: &Report, args: &MemcgArgs, last: bool) {
+fn memcgs(out: &mut String, r: &Report, opts: &ViewOptions, last: bool) {
     let shown = &r.snapshot.memcgs;
     if shown.is_empty() {
         let _ = writeln!(out, "\nno memcg created or removed since tracing started");
@@ -263,7 +281,7 @@ fn memcgs(out: &mut String, r: &Report, args: &MemcgArgs, last: bool) {
     let limit = if last && r.kind != "list" {
         usize::MAX
     } else {
-        args.limit
+        opts.limit
     };
     for m in shown.iter().take(limit) {
         memcg_line(out, m);
@@ -383,8 +401,8 @@ fn secs(s: f64) -> String {
     }
 }
 
-/// `--why ID`: one memcg's whole story.
-pub fn why(r: &Report, id: u64) -> String {
+/// `--why ID`: one memcg's whole story, explained for `kernel_release`.
+pub fn why(r: &Report, id: u64, kernel_release: &KernelRelease) -> String {
     let mut out = String::new();
     let kernel = r
         .kernel_memcgs
@@ -400,8 +418,7 @@ pub fn why(r: &Report, id: u64) -> String {
         "memcg {id}: {}",
         path.as_deref().unwrap_or("(not found)")
     );
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let kv = super::kmem::kernel_version(release.trim()).unwrap_or((0, 0));
+    let (release, kv) = (&kernel_release.release, kernel_release.version);
     match (kernel, &r.kernel_memcgs) {
         (Some(m), _) => {
             let state = if m.dying {
@@ -517,7 +534,7 @@ pub fn why(r: &Report, id: u64) -> String {
         pages(m.dirty),
         pages(m.writeback)
     );
-    let _ = writeln!(out, "  what holds it, on kernel {}:", release.trim());
+    let _ = writeln!(out, "  what holds it, on kernel {release}:");
     match &m.page_pins {
         Some(pp) => {
             let files: u64 = pp.files.iter().map(|f| f.pages).sum();
