@@ -3,12 +3,9 @@
 //! view or JSON on the shared loop (`event_loop.rs`), until Ctrl-C, SIGTERM or
 //! --duration; then detach and print the final report (and --pprof).
 
-use std::{
-    io::{IsTerminal, Write},
-    path::Path,
-};
+use std::{io::IsTerminal, path::Path};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use aya::maps::{MapData, RingBuf};
 
 use crate::{
@@ -26,6 +23,7 @@ use crate::{
         state::{SnapshotOptions, Tracker},
     },
     output::files::Destination,
+    output::stdout::{self, Printed},
     pipeline::event_loop::{self, Flow, Sources, Tool},
     present::memcg_view::{self as view, KernelRelease, ViewOptions},
     present::screen::TextScreen,
@@ -51,16 +49,7 @@ struct Run {
 /// `--duration`, no BPF) or a traced run. Errors: not root (traced runs), no
 /// memory controller, a kernel whose cgroup tracepoints cannot be read, an
 /// unwritable `--pprof`, a closed stdout.
-pub fn run(args: MemcgArgs) -> Result<()> {
-    // One thread: bound by the kernel's event rate; small footprint on a sick node.
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    runtime.block_on(run_async(args))
-}
-
-async fn run_async(args: MemcgArgs) -> Result<()> {
+pub async fn run(args: MemcgArgs) -> Result<()> {
     let root = Path::new("/");
     // Checked before anything is attached: a profile asked for is never lost
     // to an unwritable path at the end.
@@ -306,16 +295,9 @@ impl Run {
 }
 
 fn emit_snapshot(args: &MemcgArgs, report: &Report) -> Result<()> {
-    let mut out = std::io::stdout().lock();
-    if args.json {
-        let line = serde_json::to_string(report).context("encoding JSON snapshot")?;
-        writeln!(out, "{line}")?;
-    } else {
-        let text = view::render(report, &view_options(args), false);
-        writeln!(out, "{text}---")?;
-    }
-    out.flush()?;
-    Ok(())
+    stdout::print(report, args.json, Printed::Snapshot, || {
+        view::render(report, &view_options(args), false)
+    })
 }
 
 fn emit_final(args: &MemcgArgs, report: &Report, pprof: Option<&Destination>) -> Result<()> {
@@ -324,17 +306,10 @@ fn emit_final(args: &MemcgArgs, report: &Report, pprof: Option<&Destination>) ->
         dest.write(&pprof::profile(report)?)?;
         eprintln!("leaktrace: wrote pprof profile {}", dest.path.display());
     }
-    let mut out = std::io::stdout().lock();
-    if args.json {
-        let line = serde_json::to_string(report).context("encoding JSON report")?;
-        writeln!(out, "{line}")?;
-    } else if let Some(id) = args.why {
-        writeln!(out, "{}", view::why(report, id, &running_kernel()))?;
-    } else {
-        writeln!(out, "{}", view::render(report, &view_options(args), true))?;
-    }
-    out.flush()?;
-    Ok(())
+    stdout::print(report, args.json, Printed::Final, || match args.why {
+        Some(id) => view::why(report, id, &running_kernel()),
+        None => view::render(report, &view_options(args), true),
+    })
 }
 
 fn view_options(args: &MemcgArgs) -> ViewOptions {

@@ -6,8 +6,7 @@ use std::fmt::Write;
 
 use crate::{
     memcg::report::{Actor, Group, KMemcg, MemcgReport, Phase, Report},
-    present::units::human_bytes,
-    present::view::group,
+    present::units::{group, human_bytes, human_secs, tracked},
 };
 
 /// What the text view shows besides the report.
@@ -235,10 +234,8 @@ fn header(out: &mut String, r: &Report, opts: &ViewOptions) {
     let pins = &r.snapshot.pins;
     let _ = writeln!(
         out,
-        "charged objects tracked: {} outstanding   charges {}   frees {}   lost: events {} charges {}+{} frees {}   memcg-unknown {}   decode-errors {}",
-        group(pins.outstanding),
-        group(pins.charges),
-        group(pins.uncharges),
+        "charged objects tracked: {}   lost: events {} charges {}+{} frees {}   memcg-unknown {}   decode-errors {}",
+        tracked(pins.outstanding, None, ("charges", pins.charges), pins.uncharges),
         group(k.cgroup_events_lost),
         group(k.charges_lost_ringbuf),
         group(k.charges_lost_map_full),
@@ -260,7 +257,7 @@ fn groups(out: &mut String, title: &str, groups: &[Group]) {
             "  {} {} (oldest {}, charged while live {})",
             g.key,
             g.zombies,
-            secs(g.oldest_dying_s),
+            human_secs(g.oldest_dying_s),
             group(g.pinned.objects)
         );
     }
@@ -307,8 +304,8 @@ fn memcg_line(out: &mut String, m: &MemcgReport) {
         "{:>8} {:<8} {:>8} {:>8} {:>8}  {:<26} {:<18} {}",
         m.id,
         state,
-        m.age_s.map_or_else(|| "-".into(), secs),
-        m.dying_s.map_or_else(|| "-".into(), secs),
+        m.age_s.map_or_else(|| "-".into(), human_secs),
+        m.dying_s.map_or_else(|| "-".into(), human_secs),
         group(m.pinned.objects),
         who(&m.creator),
         who(&m.remover),
@@ -388,16 +385,6 @@ fn memcg_line(out: &mut String, m: &MemcgReport) {
         for f in s.kernel.iter().take(8) {
             let _ = writeln!(out, "             k {f}");
         }
-    }
-}
-
-fn secs(s: f64) -> String {
-    if s < 60.0 {
-        format!("{s:.1}s")
-    } else if s < 3600.0 {
-        format!("{:.0}m{:02.0}s", (s / 60.0).floor(), s % 60.0)
-    } else {
-        format!("{:.0}h{:02.0}m", (s / 3600.0).floor(), (s % 3600.0) / 60.0)
     }
 }
 
@@ -492,7 +479,7 @@ pub fn why(r: &Report, id: u64, kernel_release: &KernelRelease) -> String {
                 "  removed by: {}{}",
                 actor(&t.remover).unwrap_or_else(|| "-".into()),
                 t.dying_s
-                    .map(|d| format!(", {} ago", secs(d)))
+                    .map(|d| format!(", {} ago", human_secs(d)))
                     .unwrap_or_default()
             );
         }
@@ -636,16 +623,4 @@ pub fn why(r: &Report, id: u64, kernel_release: &KernelRelease) -> String {
         r.kmem_accounting.charged, r.kmem_accounting.rule
     );
     out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn durations_read_like_top() {
-        assert_eq!(secs(1.25), "1.2s");
-        assert_eq!(secs(75.0), "1m15s");
-        assert_eq!(secs(7260.0), "2h01m");
-    }
 }

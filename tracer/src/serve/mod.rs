@@ -30,17 +30,11 @@ pub struct Shared {
     pub profiles: profile::Profiles,
 }
 
-pub fn run(args: ServeArgs) -> Result<()> {
-    // One thread: serve is idle almost always, and the blocking reads of the
-    // always-on metrics go to tokio's blocking pool, not this thread.
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    runtime.block_on(serve(args))
-}
-
-async fn serve(args: ServeArgs) -> Result<()> {
+/// `leaktrace serve`, until SIGINT or SIGTERM. The blocking reads of the
+/// always-on metrics go to tokio's blocking pool, so the one runtime thread
+/// stays free for connections. Errors: the token file or TLS material
+/// cannot be read, the address cannot be bound.
+pub async fn run(args: ServeArgs) -> Result<()> {
     let auth = auth::Auth::new(args.token_file.as_deref(), args.client_ca.is_some())?;
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => Some(tls::acceptor(cert, key, args.client_ca.as_deref())?),

@@ -365,21 +365,11 @@ fn require(tracefs: &Tracefs, event: &str) -> Result<EventFormat> {
 }
 
 fn alloc_layout(fmt: &EventFormat) -> Result<AllocLayout> {
-    let gfp = fmt
-        .field("gfp_flags")
-        .with_context(|| format!("kmem:{} has no gfp_flags field", fmt.name))?;
-    if gfp.size != 4 && gfp.size != 8 {
-        bail!(
-            "kmem:{} gfp_flags has unexpected size {}",
-            fmt.name,
-            gfp.size
-        );
-    }
     Ok(AllocLayout {
         ptr: fmt.offset_of("ptr", 8)?,
         bytes_req: fmt.offset_of("bytes_req", 8)?,
         bytes_alloc: fmt.offset_of("bytes_alloc", 8)?,
-        gfp_flags: gfp.offset,
+        gfp_flags: fmt.offset_of_any("gfp_flags", &[4, 8])?,
         name: 0,
         call_site: fmt.offset_of("call_site", 8)?,
         _pad: [0; 2],
