@@ -4,9 +4,11 @@
 
 use std::path::Path;
 
-use tracer_common::memcg::{
-    CgroupEvent, ChargeEvent, CssEvent, UnchargeEvent, EVENT_CHARGE, EVENT_CSS_FREE,
-    EVENT_CSS_OFFLINE, EVENT_MKDIR, EVENT_RELEASE, EVENT_RMDIR, EVENT_UNCHARGE,
+use tracer_common::{
+    memcg::{CgroupEvent, ChargeEvent, CssEvent, UnchargeEvent},
+    user::record_kind,
+    EVENT_CHARGE, EVENT_CSS_FREE, EVENT_CSS_OFFLINE, EVENT_MKDIR, EVENT_RELEASE, EVENT_RMDIR,
+    EVENT_UNCHARGE,
 };
 
 use super::{
@@ -24,10 +26,7 @@ pub struct Undecodable;
 /// the processes are likely still there.
 pub fn apply(tracker: &mut Tracker, record: &[u8], kmalloc_cg: bool) -> Result<(), Undecodable> {
     let root = Path::new("/");
-    let kind = record
-        .get(..4)
-        .map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
-    match kind {
+    match record_kind(record) {
         Some(EVENT_MKDIR | EVENT_RMDIR | EVENT_RELEASE) => {
             let ev = read_event::<CgroupEvent>(record).ok_or(Undecodable)?;
             let path = cstr(&ev.path);

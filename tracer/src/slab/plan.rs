@@ -3,8 +3,9 @@
 //! formats, which kmalloc classes land in the cache, and which tracepoints to attach.
 
 use anyhow::{bail, Context, Result};
-use tracer_common::{
-    AllocLayout, Config, CACHE_NAME_LEN, MAX_CACHE_NAMES, STACK_KERNEL, STACK_USER,
+use tracer_common::slab::{
+    user::cache_name_words, AllocLayout, Config, CACHE_NAME_LEN, MAX_CACHE_NAMES, STACK_KERNEL,
+    STACK_USER,
 };
 
 use crate::{
@@ -424,23 +425,12 @@ fn class_bitmap(selected: &[(u32, KmallocKind)], present: impl Fn(KmallocKind) -
 }
 
 fn name_words(name: &str) -> Result<[u64; CACHE_NAME_LEN / 8]> {
-    let bytes = name.as_bytes();
-    // The kernel compares the NUL-terminated name it read, so one byte stays zero.
-    if bytes.len() >= CACHE_NAME_LEN {
-        bail!(
+    cache_name_words(name).with_context(|| {
+        format!(
             "cache name '{name}' is longer than {} bytes",
             CACHE_NAME_LEN - 1
-        );
-    }
-    let mut buf = [0u8; CACHE_NAME_LEN];
-    buf[..bytes.len()].copy_from_slice(bytes);
-    let mut words = [0u64; CACHE_NAME_LEN / 8];
-    for (word, chunk) in words.iter_mut().zip(buf.chunks_exact(8)) {
-        let mut b = [0u8; 8];
-        b.copy_from_slice(chunk);
-        *word = u64::from_le_bytes(b);
-    }
-    Ok(words)
+        )
+    })
 }
 
 /// The one line users see about hooks: what we use and what we fell back from.
