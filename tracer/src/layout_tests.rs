@@ -245,6 +245,31 @@ fn the_slab_model_uses_no_view_loop_or_cli() {
 }
 
 #[test]
+fn only_main_reads_the_command_line() {
+    // cli.rs owns the clap Args structs; main.rs converts them into the plain
+    // options of what it runs (pipeline::trace::TraceOptions, MemcgOptions,
+    // DoctorOptions, ServeOptions), so nothing below knows how a flag is spelled.
+    for (module, used) in uses() {
+        if ["main", "cli", "layout_tests"].contains(&module.as_str()) {
+            continue;
+        }
+        assert!(
+            !used.contains("cli"),
+            "{module} uses the cli module; take a plain options struct that main.rs fills instead"
+        );
+    }
+    for (path, text) in sources() {
+        if ["main.rs", "cli.rs", "layout_tests.rs"].contains(&path.as_str()) {
+            continue;
+        }
+        assert!(
+            !text.contains("super::cli") && !text.contains("clap::Parser"),
+            "{path} reaches the command line; take a plain options struct that main.rs fills instead"
+        );
+    }
+}
+
+#[test]
 fn outputs_read_reports_only() {
     // The aggregator's Counts and the grouping's rows are part of the report model.
     assert_uses_only_deep(

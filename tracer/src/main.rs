@@ -49,16 +49,17 @@ fn run(cli: Cli) -> Result<()> {
             print!("{}", present::caches::render_table(&catalogue, &slab));
             Ok(())
         }
-        Some(Command::Doctor(args)) => doctor::run(&args),
-        Some(Command::Memcg(args)) => block_on(pipeline::memcg::run(args)),
-        Some(Command::Serve(args)) => block_on(serve::run(args)),
+        // Each tool gets plain options: nothing below main.rs reads `cli`.
+        Some(Command::Doctor(args)) => doctor::run(&args.into()),
+        Some(Command::Memcg(args)) => block_on(pipeline::memcg::run(args.into())),
+        Some(Command::Serve(args)) => block_on(serve::run(args.into())),
         None => {
             let Some(cache) = cli.trace.cache.clone() else {
                 anyhow::bail!(
                     "no cache selected: use --cache NAME (e.g. --cache kmalloc-512); 'leaktrace caches' lists them"
                 );
             };
-            block_on(pipeline::trace::run(cli.trace, &cache))
+            block_on(pipeline::trace::run(cli.trace.into(), &cache))
         }
     }
 }

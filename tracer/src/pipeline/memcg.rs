@@ -3,13 +3,16 @@
 //! view or JSON on the shared loop (`event_loop.rs`), until Ctrl-C, SIGTERM or
 //! --duration; then detach and print the final report (and --pprof).
 
-use std::{io::IsTerminal, path::Path};
+use std::{
+    io::IsTerminal,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use anyhow::Result;
 use aya::maps::{MapData, RingBuf};
 
 use crate::{
-    cli::MemcgArgs,
     kernel::btf::Btf,
     kernel::cgroupfs::{Dying, Hierarchy},
     kernel::clock::monotonic_ns,
@@ -25,6 +28,7 @@ use crate::{
     output::files::Destination,
     output::stdout::{self, Printed},
     pipeline::event_loop::{self, Flow, Sources, Tool},
+    pipeline::RunOptions,
     present::memcg_view::{self as view, KernelRelease, ViewOptions},
     present::screen::TextScreen,
     present::tui::Action,
@@ -45,11 +49,37 @@ struct Run {
     kmalloc_cg: bool,
 }
 
+/// What `leaktrace memcg` is asked for (main.rs fills it from the command line).
+#[derive(Debug, Clone)]
+pub struct MemcgOptions {
+    pub run: RunOptions,
+    /// A one-shot list (with a duration: after tracing that long).
+    pub list: bool,
+    /// A removed memcg still not released after this long is a zombie.
+    pub zombie_after: Duration,
+    /// Window of creation and release rates.
+    pub rate_window: Duration,
+    /// Memcgs shown in the text views, and pinning stacks per dying memcg.
+    pub limit: usize,
+    pub stacks: usize,
+    /// Which memory controller (1 or 2) when both are mounted; None: where it is bound.
+    pub cgroup_version: Option<u8>,
+    /// Lifetimes only: no charged slab objects tracked.
+    pub no_pins: bool,
+    pub no_kernel_stacks: bool,
+    /// Charged objects the kernel can track at once.
+    pub max_objects: u32,
+    /// One memcg's full story, by id.
+    pub why: Option<u64>,
+    /// The dying memcgs and their pins as a pprof profile, written at exit.
+    pub pprof: Option<PathBuf>,
+}
+
 /// `leaktrace memcg`, to the end: a one-shot list (`--list`/`--why` without
 /// `--duration`, no BPF) or a traced run. Errors: not root (traced runs), no
 /// memory controller, a kernel whose cgroup tracepoints cannot be read, an
 /// unwritable `--pprof`, a closed stdout.
-pub async fn run(args: MemcgArgs) -> Result<()> {
+pub async fn run(args: MemcgOptions) -> Result<()> {
     let root = Path::new("/");
     // Checked before anything is attached: a profile asked for is never lost
     // to an unwritable path at the end.
@@ -78,7 +108,7 @@ pub async fn run(args: MemcgArgs) -> Result<()> {
         kmalloc_cg: root.join("sys/kernel/slab/kmalloc-cg-8").exists(),
     };
     // A plain --list is a look at cgroupfs and /proc/cgroups: no BPF, no root.
-    if (args.list || args.why.is_some()) && args.duration.is_none() {
+    if (args.list || args.why.is_some()) && args.run.duration.is_none() {
         run.mode = "none (one-shot list from cgroupfs; --duration traces first)".into();
         let report = run.report("list", Counters::default());
         return emit_final(&args, &report, pprof.as_ref());
@@ -102,7 +132,7 @@ pub async fn run(args: MemcgArgs) -> Result<()> {
                     .all(|f| crate::kernel::features::kernel_has_symbol(f)),
         },
     )?;
-    let ringbuf_bytes = event_loop::ringbuf_bytes(args.ringbuf_mib)?;
+    let ringbuf_bytes = event_loop::ringbuf_bytes(args.run.ringbuf_mib)?;
     let (hooks, ring) = Hooks::attach(&plan, args.max_objects, ringbuf_bytes)?;
     run.mode = mode_line(&plan, &features);
     run.attribution = plan.attribution.clone();
@@ -165,16 +195,16 @@ fn mode_line(plan: &hooks::Plan, features: &Features) -> String {
 }
 
 async fn event_loop(
-    args: &MemcgArgs,
+    args: &MemcgOptions,
     ring: RingBuf<MapData>,
     hooks: &Hooks,
     run: &mut Run,
 ) -> Result<RingBuf<MapData>> {
     // Charge events wake the reader in batches; the poll timer drains the rest.
-    let src = Sources::new(ring, args.interval, args.duration)?;
+    let src = Sources::new(ring, args.run.interval, args.run.duration)?;
     // On a terminal the text view is a live screen (the slab tracer's ratatui
     // machinery); piped, or as JSON, snapshots are printed one after another.
-    let screen = if args.top && !args.json && std::io::stdout().is_terminal() {
+    let screen = if args.run.top && !args.run.json && std::io::stdout().is_terminal() {
         Some(TextScreen::start(
             "q/Esc/^C quit (prints the final report)",
         )?)
@@ -195,7 +225,7 @@ async fn event_loop(
 
 /// `memcg` on the shared loop.
 struct MemcgTool<'a> {
-    args: &'a MemcgArgs,
+    args: &'a MemcgOptions,
     hooks: &'a Hooks,
     run: &'a mut Run,
     screen: Option<TextScreen>,
@@ -209,7 +239,7 @@ impl Tool for MemcgTool<'_> {
     }
 
     fn tick(&mut self) -> Result<()> {
-        if self.args.top {
+        if self.args.run.top {
             let report = self.run.report("snapshot", self.hooks.counters());
             match self.screen.as_mut() {
                 Some(s) => s.show(view::render(&report, &view_options(self.args), false))?,
@@ -294,27 +324,27 @@ impl Run {
     }
 }
 
-fn emit_snapshot(args: &MemcgArgs, report: &Report) -> Result<()> {
-    stdout::print(report, args.json, Printed::Snapshot, || {
+fn emit_snapshot(args: &MemcgOptions, report: &Report) -> Result<()> {
+    stdout::print(report, args.run.json, Printed::Snapshot, || {
         view::render(report, &view_options(args), false)
     })
 }
 
-fn emit_final(args: &MemcgArgs, report: &Report, pprof: Option<&Destination>) -> Result<()> {
+fn emit_final(args: &MemcgOptions, report: &Report, pprof: Option<&Destination>) -> Result<()> {
     // The profile first: a closed stdout must not cost the file.
     if let Some(dest) = pprof {
         dest.write(&pprof::profile(report)?)?;
         eprintln!("leaktrace: wrote pprof profile {}", dest.path.display());
     }
-    stdout::print(report, args.json, Printed::Final, || match args.why {
+    stdout::print(report, args.run.json, Printed::Final, || match args.why {
         Some(id) => view::why(report, id, &running_kernel()),
         None => view::render(report, &view_options(args), true),
     })
 }
 
-fn view_options(args: &MemcgArgs) -> ViewOptions {
+fn view_options(args: &MemcgOptions) -> ViewOptions {
     ViewOptions {
-        interval_s: args.interval.as_secs_f64(),
+        interval_s: args.run.interval.as_secs_f64(),
         limit: args.limit,
     }
 }
