@@ -1,6 +1,12 @@
 //! `leaktrace memcg`: memory-cgroup lifetimes (cgroup tracepoints) and the
 //! charged slab objects allocated inside each memcg. Separate maps and config
-//! from the slab tracer so the two can evolve independently.
+//! from the slab tracer so the two can evolve independently; its record kinds
+//! (`EVENT_MKDIR`...) are in the crate root's one event-kind space.
+
+use crate::TaskOffsets;
+
+#[cfg(feature = "user")]
+pub mod user;
 
 /// Bytes of a cgroup path we copy (relative to its hierarchy's root).
 /// Kubernetes paths are ~150 bytes; longer ones arrive truncated.
@@ -10,29 +16,20 @@ pub const CACHE_LEN: usize = 32;
 /// Kernel frames per charged allocation.
 pub const KSTACK: usize = 24;
 
-pub const EVENT_MKDIR: u32 = 1;
-pub const EVENT_RMDIR: u32 = 2;
-pub const EVENT_RELEASE: u32 = 3;
-pub const EVENT_CHARGE: u32 = 4;
-pub const EVENT_UNCHARGE: u32 = 5;
-/// kprobe `mem_cgroup_css_offline`: the memcg css went offline (after rmdir).
-pub const EVENT_CSS_OFFLINE: u32 = 6;
-/// kprobe `mem_cgroup_css_free`: the memcg itself is freed.
-pub const EVENT_CSS_FREE: u32 = 7;
-
-/// Indexes into `MEMCG_COUNTERS`.
+/// Indexes into the memcg object's per-CPU `MEMCG_COUNTERS` array.
 pub mod counter {
-    /// Cgroup events lost because the ring buffer was full.
-    pub const CGROUP_LOST: u32 = 0;
-    /// Charged allocations not tracked: ring buffer full.
-    pub const CHARGE_LOST_RINGBUF: u32 = 1;
-    /// Charged allocations not tracked: live map full.
-    pub const CHARGE_LOST_MAP_FULL: u32 = 2;
-    /// Frees of tracked objects whose event was lost (the object stays tracked).
-    pub const UNCHARGE_LOST: u32 = 3;
-    /// Charged allocations whose memcg could not be read from the task.
-    pub const MEMCG_UNKNOWN: u32 = 4;
-    pub const COUNT: u32 = 5;
+    crate::counters! {
+        /// Cgroup events lost because the ring buffer was full.
+        CGROUP_LOST,
+        /// Charged allocations not tracked: ring buffer full.
+        CHARGE_LOST_RINGBUF,
+        /// Charged allocations not tracked: live map full.
+        CHARGE_LOST_MAP_FULL,
+        /// Frees of tracked objects whose event was lost (the object stays tracked).
+        UNCHARGE_LOST,
+        /// Charged allocations whose memcg could not be read from the task.
+        MEMCG_UNKNOWN,
+    }
 }
 
 /// Offsets in the classic `cgroup:cgroup_{mkdir,rmdir,release}` records
@@ -73,7 +70,7 @@ pub struct MemcgConfig {
     /// 1: filter on `hierarchy`; 0: keep every hierarchy.
     pub filter_hierarchy: u32,
     /// The charging task's memcg and the acting task's parent.
-    pub task: super::TaskOffsets,
+    pub task: TaskOffsets,
     /// Charges to this memcg (the root: never charged) are ignored.
     pub root_memcg_id: u64,
     /// 1: track charged slab allocations.
@@ -111,7 +108,7 @@ impl MemcgConfig {
             },
             hierarchy: 0,
             filter_hierarchy: 0,
-            task: super::TaskOffsets::zeroed(),
+            task: TaskOffsets::zeroed(),
             root_memcg_id: 0,
             pins: 0,
             stacks: 0,
@@ -228,12 +225,4 @@ impl KreadBatch {
             data: [[0; KREAD_SLOT_BYTES]; KREAD_SLOTS],
         }
     }
-}
-
-#[cfg(feature = "user")]
-mod pod {
-    // SAFETY: plain-old-data, repr(C), every bit pattern valid.
-    unsafe impl aya::Pod for super::MemcgConfig {}
-    // SAFETY: as above; no padding (sizes are multiples of 8).
-    unsafe impl aya::Pod for super::KreadBatch {}
 }

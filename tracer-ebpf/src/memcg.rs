@@ -19,10 +19,13 @@ use aya_ebpf::{
     programs::{ProbeContext, RawTracePointContext, TracePointContext},
     EbpfContext,
 };
-use tracer_common::memcg::{
-    counter, CgroupEvent, ChargeEvent, CssEvent, KreadBatch, MemcgConfig, UnchargeEvent, CACHE_LEN,
+use tracer_common::{
+    memcg::{
+        counter, CgroupEvent, ChargeEvent, CssEvent, KreadBatch, MemcgConfig, UnchargeEvent,
+        CACHE_LEN, KREAD_FOLLOW, KREAD_SLOTS, KREAD_SLOT_BYTES, KSTACK, PATH_LEN,
+    },
     EVENT_CHARGE, EVENT_CSS_FREE, EVENT_CSS_OFFLINE, EVENT_MKDIR, EVENT_RELEASE, EVENT_RMDIR,
-    EVENT_UNCHARGE, KREAD_FOLLOW, KREAD_SLOTS, KREAD_SLOT_BYTES, KSTACK, PATH_LEN,
+    EVENT_UNCHARGE,
 };
 use tracer_ebpf::{
     data_loc,

@@ -25,10 +25,13 @@ use aya_ebpf::{
     EbpfContext,
 };
 use tracer_common::{
-    counter, kmalloc_class, AllocEvent, AllocHeader, AllocLayout, Config, FreeEvent,
-    CACHE_NAME_LEN, CONTEXT_INTERRUPT, EVENT_ALLOC, EVENT_ALLOC_NO_STACKS, EVENT_FREE,
-    FINGERPRINT_FRAMES, FLAG_NAMING, FLAG_SAMPLED, FLAG_SHALLOW, LIVE_WAYS, MAX_CACHE_NAMES,
-    MAX_KSTACK, MAX_USTACK, SOURCE_CACHE_ALLOC, SOURCE_KMALLOC, STACK_KERNEL, STACK_USER,
+    slab::{
+        counter, kmalloc_class, AllocEvent, AllocHeader, AllocLayout, Config, FreeEvent,
+        CACHE_NAME_LEN, FINGERPRINT_FRAMES, FLAG_NAMING, FLAG_SAMPLED, FLAG_SHALLOW, LIVE_WAYS,
+        MAX_CACHE_NAMES, MAX_KSTACK, MAX_USTACK, SOURCE_CACHE_ALLOC, SOURCE_KMALLOC, STACK_KERNEL,
+        STACK_USER,
+    },
+    CONTEXT_INTERRUPT, EVENT_ALLOC, EVENT_ALLOC_NO_STACKS, EVENT_FREE,
 };
 use tracer_ebpf::{data_loc, task, BPF_NOEXIST};
 

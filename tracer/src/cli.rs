@@ -1,11 +1,19 @@
 //! Command line: what a user can ask for, parsed and validated before anything
-//! touches the kernel.
+//! touches the kernel. Only main.rs reads it: each Args struct converts into
+//! the plain options of the code it runs ([`TraceOptions`], [`MemcgOptions`],
+//! [`DoctorOptions`], [`ServeOptions`]), so nothing below knows how a flag is
+//! spelled.
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::slab::plan::HookMode;
+use crate::{
+    doctor::DoctorOptions,
+    pipeline::{memcg::MemcgOptions, trace::TraceOptions, RunOptions},
+    serve::ServeOptions,
+    slab::{aggregator, grouping, plan::HookMode},
+};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -530,4 +538,120 @@ fn parse_min_interval(text: &str) -> Result<Duration, String> {
 
 fn parse_refresh(text: &str) -> Result<Duration, String> {
     parse_duration_in(text, Duration::from_secs(1), Duration::from_secs(3600))
+}
+
+impl From<SortKey> for aggregator::SortKey {
+    fn from(sort: SortKey) -> Self {
+        match sort {
+            SortKey::Outstanding => aggregator::SortKey::Outstanding,
+            SortKey::Rate => aggregator::SortKey::Rate,
+            SortKey::Allocs => aggregator::SortKey::Allocs,
+        }
+    }
+}
+
+impl From<GroupBy> for grouping::GroupBy {
+    fn from(g: GroupBy) -> Self {
+        match g {
+            GroupBy::Process => grouping::GroupBy::Process,
+            GroupBy::Comm => grouping::GroupBy::Comm,
+            GroupBy::Parent => grouping::GroupBy::Parent,
+            GroupBy::Cgroup => grouping::GroupBy::Cgroup,
+            GroupBy::Container => grouping::GroupBy::Container,
+            GroupBy::Pod => grouping::GroupBy::Pod,
+            GroupBy::Stack => grouping::GroupBy::Stack,
+        }
+    }
+}
+
+/// The flags both tools spell alike, as the pipeline's [`RunOptions`].
+fn run_options(
+    top: bool,
+    json: bool,
+    duration: Option<Duration>,
+    interval: Duration,
+    ringbuf_mib: u32,
+) -> RunOptions {
+    RunOptions {
+        top,
+        json,
+        duration,
+        interval,
+        ringbuf_mib,
+    }
+}
+
+impl From<TraceArgs> for TraceOptions {
+    fn from(a: TraceArgs) -> Self {
+        TraceOptions {
+            run: run_options(a.top, a.json, a.duration, a.interval, a.ringbuf_mib),
+            pid: a.pid,
+            comm: a.comm,
+            limit: a.limit,
+            stacks: a.stacks,
+            frames: a.frames,
+            sort: a.sort.into(),
+            group_by: a.group_by.into(),
+            rate_window: a.rate_window,
+            max_objects: a.max_objects,
+            pods_root: a.pods_root,
+            exact: a.exact,
+            stack_sample: a.stack_sample,
+            user_paths: a.user_paths,
+            no_kernel_stacks: a.no_kernel_stacks,
+            no_user_stacks: a.no_user_stacks,
+            pprof: a.pprof,
+            folded: a.folded,
+            flamegraph: a.flamegraph,
+            weight: a.weight,
+            metrics: a.metrics,
+            hooks: a.hooks,
+            floor: a.floor,
+        }
+    }
+}
+
+impl From<MemcgArgs> for MemcgOptions {
+    fn from(a: MemcgArgs) -> Self {
+        MemcgOptions {
+            run: run_options(a.top, a.json, a.duration, a.interval, a.ringbuf_mib),
+            list: a.list,
+            zombie_after: a.zombie_after,
+            rate_window: a.rate_window,
+            limit: a.limit,
+            stacks: a.stacks,
+            cgroup_version: a.cgroup_version,
+            no_pins: a.no_pins,
+            no_kernel_stacks: a.no_kernel_stacks,
+            max_objects: a.max_objects,
+            why: a.why,
+            pprof: a.pprof,
+        }
+    }
+}
+
+impl From<DoctorArgs> for DoctorOptions {
+    fn from(a: DoctorArgs) -> Self {
+        DoctorOptions {
+            watch: a.watch,
+            json: a.json,
+            root: a.root,
+        }
+    }
+}
+
+impl From<ServeArgs> for ServeOptions {
+    fn from(a: ServeArgs) -> Self {
+        ServeOptions {
+            listen: a.listen,
+            token_file: a.token_file,
+            max_seconds: a.max_seconds,
+            min_interval: a.min_interval,
+            refresh: a.refresh,
+            tls_cert: a.tls_cert,
+            tls_key: a.tls_key,
+            client_ca: a.client_ca,
+            pods_root: a.pods_root,
+        }
+    }
 }

@@ -245,6 +245,31 @@ fn the_slab_model_uses_no_view_loop_or_cli() {
 }
 
 #[test]
+fn only_main_reads_the_command_line() {
+    // cli.rs owns the clap Args structs; main.rs converts them into the plain
+    // options of what it runs (pipeline::trace::TraceOptions, MemcgOptions,
+    // DoctorOptions, ServeOptions), so nothing below knows how a flag is spelled.
+    for (module, used) in uses() {
+        if ["main", "cli", "layout_tests"].contains(&module.as_str()) {
+            continue;
+        }
+        assert!(
+            !used.contains("cli"),
+            "{module} uses the cli module; take a plain options struct that main.rs fills instead"
+        );
+    }
+    for (path, text) in sources() {
+        if ["main.rs", "cli.rs", "layout_tests.rs"].contains(&path.as_str()) {
+            continue;
+        }
+        assert!(
+            !text.contains("super::cli") && !text.contains("clap::Parser"),
+            "{path} reaches the command line; take a plain options struct that main.rs fills instead"
+        );
+    }
+}
+
+#[test]
 fn outputs_read_reports_only() {
     // The aggregator's Counts and the grouping's rows are part of the report model.
     assert_uses_only_deep(
@@ -261,6 +286,9 @@ fn outputs_read_reports_only() {
 #[test]
 fn presentation_reads_reports_only() {
     // `caches.rs` renders `leaktrace caches`: the catalogue and slabinfo are its report.
+    // `memcg_view.rs` reads memcg's report, which re-exports the model types it
+    // holds; `--why` names the container of a path the report holds with the
+    // same pure decoder the reports use (`kernel::cgroup_paths`, no I/O).
     assert_uses_only_deep(
         "present",
         &[
@@ -269,25 +297,35 @@ fn presentation_reads_reports_only() {
             "slab::grouping",
             "slab::caches",
             "kernel::slabinfo",
+            "kernel::cgroup_paths",
+            "memcg::report",
         ],
     );
 }
 
 #[test]
 fn memcg_shares_the_machinery_and_copies_no_slab_code() {
-    // output/: its pprof encoder and checked file destinations (--pprof).
-    assert_uses_only(
-        "memcg",
-        &[
-            "kernel",
-            "bpf",
-            "symbolize",
-            "pipeline",
-            "present",
-            "output",
-            "cli",
-        ],
-    );
+    // output/: its pprof encoder (memcg/pprof.rs builds the profile of its report).
+    // No pipeline/ or present/: its run is pipeline/memcg.rs, its view
+    // present/memcg_view.rs.
+    assert_uses_only("memcg", &["kernel", "bpf", "symbolize", "output"]);
+}
+
+#[test]
+fn the_tools_models_run_no_loop_and_print_nothing() {
+    // memcg/ and slab/ hold plan, decode, tracker/aggregator and report; the
+    // runtime, the loop and stdout belong to pipeline/.
+    for (path, text) in sources() {
+        if !(path.starts_with("memcg/") || path.starts_with("slab/")) {
+            continue;
+        }
+        for word in ["tokio", "impl Tool", "event_loop", "stdout()", "println!"] {
+            assert!(
+                !text.contains(word),
+                "{path} mentions `{word}`: runs belong to pipeline/, printing to present/ and pipeline/"
+            );
+        }
+    }
 }
 
 /// Every `.rs` file under `src/`, as (path relative to `src/`, text).

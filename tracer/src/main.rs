@@ -49,22 +49,28 @@ fn run(cli: Cli) -> Result<()> {
             print!("{}", present::caches::render_table(&catalogue, &slab));
             Ok(())
         }
-        Some(Command::Doctor(args)) => doctor::run(&args),
-        Some(Command::Memcg(args)) => memcg::run(args),
-        Some(Command::Serve(args)) => serve::run(args),
+        // Each tool gets plain options: nothing below main.rs reads `cli`.
+        Some(Command::Doctor(args)) => doctor::run(&args.into()),
+        Some(Command::Memcg(args)) => block_on(pipeline::memcg::run(args.into())),
+        Some(Command::Serve(args)) => block_on(serve::run(args.into())),
         None => {
             let Some(cache) = cli.trace.cache.clone() else {
                 anyhow::bail!(
                     "no cache selected: use --cache NAME (e.g. --cache kmalloc-512); 'leaktrace caches' lists them"
                 );
             };
-            // One thread is plenty: the loop is bound by the kernel's event rate,
-            // and a single thread keeps leaktrace's footprint on a sick node small.
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .context("starting the async runtime")?;
-            runtime.block_on(pipeline::trace::run(cli.trace, &cache))
+            block_on(pipeline::trace::run(cli.trace.into(), &cache))
         }
     }
+}
+
+/// Runs a tool on one thread. That is plenty: the tracing loops are bound by
+/// the kernel's event rate and serve is idle almost always, and a single
+/// thread keeps leaktrace's footprint on a sick node small.
+fn block_on(run: impl std::future::Future<Output = Result<()>>) -> Result<()> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(run)
 }

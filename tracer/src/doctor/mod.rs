@@ -16,10 +16,9 @@ mod render;
 mod slab;
 
 use std::fmt::Write as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::cli::DoctorArgs;
 use anyhow::{Context, Result};
 use serde::Serialize;
 
@@ -204,7 +203,18 @@ pub fn diagnose(
     }
 }
 
-pub fn run(args: &DoctorArgs) -> Result<()> {
+/// What `leaktrace doctor` is asked for (main.rs fills it from the command line).
+#[derive(Debug, Clone)]
+pub struct DoctorOptions {
+    /// Window between the two /proc/slabinfo samples that measure cache growth.
+    pub watch: Duration,
+    /// The diagnosis as one JSON object.
+    pub json: bool,
+    /// /proc and /sys are read under this directory (fixture trees in tests).
+    pub root: PathBuf,
+}
+
+pub fn run(args: &DoctorOptions) -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     let root_user = unsafe { libc::geteuid() } == 0;
     let watch = args.watch;

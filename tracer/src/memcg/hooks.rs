@@ -41,32 +41,21 @@ pub struct PlanOptions {
 }
 
 fn cgroup_layout(f: &EventFormat) -> Result<CgroupLayout> {
-    let path = f
-        .field("path")
-        .with_context(|| format!("cgroup:{} has no path field", f.name))?;
-    if !path.data_loc || path.rel_loc {
-        bail!(
-            "cgroup:{}: path is not a __data_loc string on this kernel",
-            f.name
-        );
-    }
     Ok(CgroupLayout {
         root: f.offset_of("root", 4)?,
         level: f.offset_of("level", 4)?,
         id: f.offset_of("id", 8)?,
-        path: path.offset,
+        path: f.data_loc_offset("path")?,
     })
 }
 
 fn kmem_layout(f: &EventFormat) -> Result<KmemLayout> {
     let opt = |name: &str, size: u16| f.field(name).filter(|x| x.size == size).map(|x| x.offset);
-    let gfp = f
-        .field("gfp_flags")
-        .with_context(|| format!("kmem:{} has no gfp_flags", f.name))?;
     Ok(KmemLayout {
         ptr: f.offset_of("ptr", 8)?,
         bytes_alloc: f.offset_of("bytes_alloc", 8)?,
-        gfp_flags: gfp.offset,
+        // 4 or 8 bytes: the program reads the low 32, where every GFP bit is.
+        gfp_flags: f.required("gfp_flags")?.offset,
         call_site: opt("call_site", 8).unwrap_or(0),
         name: f
             .field("name")

@@ -118,10 +118,7 @@ impl Kread {
         }
         for chunk in pieces.chunks(KREAD_SLOTS) {
             for (slot, &(_, addr, len)) in chunk.iter().enumerate() {
-                self.batch.addr[slot] = addr;
-                self.batch.len[slot] = len as u32;
-                self.batch.status[slot] = 0;
-                self.batch.follow[slot] = 0;
+                self.batch.set_read(slot, addr, len as u32);
             }
             self.run_batch(chunk.len())?;
             for (slot, &(i, _, len)) in chunk.iter().enumerate() {
@@ -148,11 +145,7 @@ impl Kread {
             let mut next = Vec::new();
             for chunk in todo.chunks(KREAD_SLOTS) {
                 for (slot, &(i, addr)) in chunk.iter().enumerate() {
-                    self.batch.addr[slot] = addr;
-                    self.batch.len[slot] = 8;
-                    self.batch.status[slot] = 0;
-                    self.batch.follow[slot] = 1;
-                    self.batch.stop[slot] = starts[i].1;
+                    self.batch.set_follow(slot, addr, starts[i].1);
                 }
                 self.run_batch(chunk.len())?;
                 for (slot, &(i, _)) in chunk.iter().enumerate() {

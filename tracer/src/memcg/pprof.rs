@@ -12,8 +12,8 @@
 
 use anyhow::Result;
 
+use super::report::Report;
 use super::state::{MemcgReport, Phase};
-use super::Report;
 use crate::output::pprof::{encode, Builder, Label, Sample};
 
 const SAMPLE_TYPES: [(&str, &str); 3] = [
@@ -50,11 +50,7 @@ pub fn profile(report: &Report) -> Result<Vec<u8>> {
         });
         let (mut objects, mut bytes) = (m.pinned.objects, m.pinned.bytes);
         for pin in &m.pinned_stacks {
-            let mut location_id: Vec<u64> = pin
-                .kernel
-                .iter()
-                .map(|f| b.named_location(kernel, f))
-                .collect();
+            let mut location_id = b.named_locations(kernel, &pin.kernel);
             location_id.extend(&own);
             let mut label = base.clone();
             label.push(text_label(&mut b, "cache", &pin.cache));
@@ -94,10 +90,7 @@ fn memcg_frames(b: &mut Builder, mapping: u64, m: &MemcgReport) -> Vec<u64> {
         None if m.preexisting => "created before tracing".to_string(),
         None => "creator not seen".to_string(),
     };
-    [format!("memcg {}", m.path), creator]
-        .into_iter()
-        .map(|name| b.named_location(mapping, &name))
-        .collect()
+    b.named_locations(mapping, &[format!("memcg {}", m.path), creator])
 }
 
 fn text_label(b: &mut Builder, key: &str, value: &str) -> Label {

@@ -1,10 +1,12 @@
 //! Files and endpoints rendered from the one [`Report`](crate::slab::report::Report)
-//! model, like the text and JSON views, so every output states the same numbers.
+//! model, like the text and JSON views, so every output states the same numbers;
+//! `stdout.rs` prints any tool's report as a JSON line or its text view.
 
 pub mod files;
 pub mod folded;
 pub mod metrics;
 pub mod pprof;
+pub mod stdout;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 

@@ -289,15 +289,21 @@ impl Builder {
         (id, line)
     }
 
-    /// A location of one named frame without an address (reports that keep
-    /// names only, as memcg's pinning stacks).
-    pub(crate) fn named_location(&mut self, mapping_id: u64, name: &str) -> u64 {
-        let loc = Frames {
-            addr: 0,
-            frames: vec![name.to_string()],
-            module: None,
-        };
-        self.location(mapping_id, &loc)
+    /// The locations of a stack of named frames without addresses, in the
+    /// order given (leaf first), for reports that keep names only, as
+    /// memcg's pinning stacks.
+    pub(crate) fn named_locations(&mut self, mapping_id: u64, names: &[String]) -> Vec<u64> {
+        names
+            .iter()
+            .map(|name| {
+                let loc = Frames {
+                    addr: 0,
+                    frames: vec![name.clone()],
+                    module: None,
+                };
+                self.location(mapping_id, &loc)
+            })
+            .collect()
     }
 
     pub(crate) fn location(&mut self, mapping_id: u64, loc: &Frames) -> u64 {

@@ -16,7 +16,6 @@ use tracer_common::TaskOffsets;
 
 use crate::{
     bpf::stacks::StackId,
-    cli::{self, SortKey, TraceArgs},
     kernel::btf::Btf,
     kernel::cgroupfs::Hierarchy,
     kernel::clock::monotonic_ns,
@@ -30,20 +29,62 @@ use crate::{
     kernel::task_offsets,
     kernel::tracefs::Tracefs,
     output,
+    output::folded::Weight,
     pipeline::event_loop::{self, Flow, Signals, Sources, Tool},
+    pipeline::RunOptions,
     present::tui::{self, Tui},
     present::view::{self, TextOptions},
-    slab::aggregator::{self, Aggregator, Interrupt, ProcKey, SnapshotOptions},
+    slab::aggregator::{Aggregator, Interrupt, ProcKey, SnapshotOptions, SortKey},
     slab::caches::{self, Catalogue},
     slab::decoder::decode,
     slab::grouping::{self, GroupBy},
-    slab::plan,
+    slab::plan::{self, HookMode},
     slab::probes::Probes,
     slab::report::{self, Header, Naming, Report, SlabPicture, TracedPid},
     symbolize::Symbolizer,
 };
 
-pub async fn run(args: TraceArgs, cache: &str) -> Result<()> {
+/// What the slab tracer is asked for (main.rs fills it from the command line).
+#[derive(Debug, Clone)]
+pub struct TraceOptions {
+    pub run: RunOptions,
+    /// Only this process (tgid), filtered in the kernel.
+    pub pid: Option<u32>,
+    /// Only processes whose command name contains this (text views).
+    pub comm: Option<String>,
+    /// Processes, stacks under each, and frames per stack in the live view.
+    pub limit: usize,
+    pub stacks: usize,
+    pub frames: usize,
+    pub sort: SortKey,
+    /// What rows aggregate at start (the live view cycles it).
+    pub group_by: GroupBy,
+    /// Window of growth and allocation rates.
+    pub rate_window: Duration,
+    /// Objects the kernel can track at once; None: from the cache's size.
+    pub max_objects: Option<u32>,
+    /// Where kubelet's pod and container logs are, to name pods.
+    pub pods_root: std::path::PathBuf,
+    /// Stacks for every allocation instead of 1 in `stack_sample`.
+    pub exact: bool,
+    pub stack_sample: u64,
+    /// Key the exact counts by each allocation's first user frames too.
+    pub user_paths: bool,
+    pub no_kernel_stacks: bool,
+    pub no_user_stacks: bool,
+    /// Files written at exit, and their weight.
+    pub pprof: Option<std::path::PathBuf>,
+    pub folded: Option<std::path::PathBuf>,
+    pub flamegraph: Option<std::path::PathBuf>,
+    pub weight: Weight,
+    /// Prometheus metrics served at this address.
+    pub metrics: Option<std::net::SocketAddr>,
+    pub hooks: HookMode,
+    /// Benchmark floor: empty programs on the same hooks.
+    pub floor: bool,
+}
+
+pub async fn run(args: TraceOptions, cache: &str) -> Result<()> {
     let root = Path::new("/");
     features::require_root()?;
     let checked = preflight(&args, root).await?;
@@ -68,7 +109,7 @@ pub async fn run(args: TraceArgs, cache: &str) -> Result<()> {
             on_demand_maps: features::kernel_at_least(6, 1),
         },
     )?;
-    let ringbuf_bytes = crate::pipeline::event_loop::ringbuf_bytes(args.ringbuf_mib)?;
+    let ringbuf_bytes = crate::pipeline::event_loop::ringbuf_bytes(args.run.ringbuf_mib)?;
     let mut plan = plan;
     // Wake the reader at a quarter full; the poll timer drains smaller batches.
     plan.config.wakeup_bytes = u64::from(ringbuf_bytes / 4);
@@ -157,18 +198,14 @@ pub async fn run(args: TraceArgs, cache: &str) -> Result<()> {
         aliases: selection.aliases_included.clone(),
         started_ns: monotonic_ns(),
         snapshot_opts: SnapshotOptions {
-            sort: match args.sort {
-                SortKey::Outstanding => aggregator::SortKey::Outstanding,
-                SortKey::Rate => aggregator::SortKey::Rate,
-                SortKey::Allocs => aggregator::SortKey::Allocs,
-            },
+            sort: args.sort,
             limit: args.limit,
             stacks: args.stacks,
             comm: args.comm.clone(),
             pid: args.pid,
         },
         traced: checked.traced,
-        group_by: group_by(args.group_by),
+        group_by: args.group_by,
     };
 
     let outcome = event_loop(
@@ -219,7 +256,7 @@ struct Preflight {
     signals: Signals,
 }
 
-async fn preflight(args: &TraceArgs, root: &Path) -> Result<Preflight> {
+async fn preflight(args: &TraceOptions, root: &Path) -> Result<Preflight> {
     let traced = args
         .pid
         .map(|pid| TracedProcess::check(root, pid))
@@ -328,17 +365,17 @@ impl State {
 }
 
 async fn event_loop(
-    args: &TraceArgs,
+    args: &TraceOptions,
     ring: RingBuf<MapData>,
     probes: &Probes,
     state: &mut State,
     metrics: Option<tokio::net::TcpListener>,
     signals: Signals,
 ) -> Result<RingBuf<MapData>> {
-    let src = Sources::with_signals(ring, args.interval, args.duration, signals)?;
+    let src = Sources::with_signals(ring, args.run.interval, args.run.duration, signals)?;
     let tty = std::io::stdout().is_terminal();
     // The interactive view only where a person watches; JSON and pipes get lines.
-    let tui = if args.top && tty && !args.json {
+    let tui = if args.run.top && tty && !args.run.json {
         Some(Tui::start(tui_column(args.sort), args.frames)?)
     } else {
         None
@@ -370,7 +407,7 @@ async fn event_loop(
 
 /// The slab tracer on the shared loop.
 struct SlabTool<'a> {
-    args: &'a TraceArgs,
+    args: &'a TraceOptions,
     probes: &'a Probes,
     state: &'a mut State,
     text_opts: TextOptions,
@@ -425,7 +462,7 @@ impl Tool for SlabTool<'_> {
         if self.metrics.is_some() {
             self.metrics_body = Arc::from(output::metrics::render(&report));
         }
-        if args.top {
+        if args.run.top {
             emit_snapshot(args, &report, self.tui.as_mut(), &self.text_opts)?;
         }
         self.refreshes += 1;
@@ -478,18 +515,6 @@ async fn accept(
     match listener {
         Some(l) => l.accept().await,
         None => std::future::pending().await,
-    }
-}
-
-fn group_by(g: cli::GroupBy) -> GroupBy {
-    match g {
-        cli::GroupBy::Process => GroupBy::Process,
-        cli::GroupBy::Comm => GroupBy::Comm,
-        cli::GroupBy::Parent => GroupBy::Parent,
-        cli::GroupBy::Cgroup => GroupBy::Cgroup,
-        cli::GroupBy::Container => GroupBy::Container,
-        cli::GroupBy::Pod => GroupBy::Pod,
-        cli::GroupBy::Stack => GroupBy::Stack,
     }
 }
 
@@ -556,7 +581,7 @@ fn drain(state: &mut State, ring: &mut RingBuf<MapData>) {
 }
 
 fn emit_snapshot(
-    args: &TraceArgs,
+    args: &TraceOptions,
     report: &Report,
     tui: Option<&mut Tui>,
     opts: &TextOptions,
@@ -565,7 +590,7 @@ fn emit_snapshot(
         return tui.show(report);
     }
     let mut out = std::io::stdout().lock();
-    if args.json {
+    if args.run.json {
         let line = serde_json::to_string(report).context("encoding JSON snapshot")?;
         writeln!(out, "{line}")?;
     } else {
@@ -579,15 +604,15 @@ fn emit_snapshot(
 /// Files first, so a closed stdout (e.g. `| head`) cannot cost the profile;
 /// then the report, even when a file failed: it is the one output that
 /// always reaches the user, and the run still exits non-zero.
-fn emit_final(args: &TraceArgs, outputs: &output::Outputs, report: &Report) -> Result<()> {
+fn emit_final(args: &TraceOptions, outputs: &output::Outputs, report: &Report) -> Result<()> {
     let files = outputs.write(report);
     let printed = print_final(args, report);
     files.and(printed)
 }
 
-fn print_final(args: &TraceArgs, report: &Report) -> Result<()> {
+fn print_final(args: &TraceOptions, report: &Report) -> Result<()> {
     let mut out = std::io::stdout().lock();
-    if args.json {
+    if args.run.json {
         let line = serde_json::to_string(report).context("encoding JSON report")?;
         writeln!(out, "{line}")?;
     } else {
@@ -598,7 +623,7 @@ fn print_final(args: &TraceArgs, report: &Report) -> Result<()> {
     Ok(())
 }
 
-fn text_options(args: &TraceArgs, frames: Option<usize>) -> TextOptions {
+fn text_options(args: &TraceOptions, frames: Option<usize>) -> TextOptions {
     TextOptions {
         frames,
         sort_label: match args.sort {
@@ -606,7 +631,7 @@ fn text_options(args: &TraceArgs, frames: Option<usize>) -> TextOptions {
             SortKey::Rate => "rate",
             SortKey::Allocs => "allocs",
         },
-        interval_s: args.interval.as_secs_f64(),
+        interval_s: args.run.interval.as_secs_f64(),
     }
 }
 

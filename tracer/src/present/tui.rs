@@ -19,8 +19,7 @@ use ratatui::{
 };
 
 use crate::{
-    present::units::human_bytes,
-    present::view::group,
+    present::units::{group, human_bytes},
     slab::grouping::GroupBy,
     slab::report::{ProcessReport, Report},
 };

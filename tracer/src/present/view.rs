@@ -4,7 +4,7 @@
 use std::fmt::Write;
 
 use crate::{
-    present::units::human_bytes,
+    present::units::{group, human_bytes, human_ms, tracked},
     slab::grouping::{GroupBy, GroupReport, MergedStack},
     slab::report::{ProcessReport, Report, StackReport},
 };
@@ -96,11 +96,13 @@ fn header(out: &mut String, r: &Report, opts: &TextOptions) {
     let t = &r.totals;
     let _ = writeln!(
         out,
-        "tracked since attach: {} outstanding ({})   allocs {}   frees {}   (objects allocated before attach cannot be attributed)",
-        group(t.outstanding),
-        human_bytes(t.outstanding_bytes),
-        group(t.allocs),
-        group(t.frees),
+        "tracked since attach: {}   (objects allocated before attach cannot be attributed)",
+        tracked(
+            t.outstanding,
+            Some(t.outstanding_bytes),
+            ("allocs", t.allocs),
+            t.frees
+        ),
     );
     let k = &r.kernel;
     let a = &r.anomalies;
@@ -376,29 +378,6 @@ fn truncate(s: &str, max: usize) -> String {
     }
 }
 
-/// 1234567 -> "1,234,567": counts are read at a glance during an incident.
-pub fn group(n: u64) -> String {
-    let digits = n.to_string();
-    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
-}
-
-fn human_ms(ms: u64) -> String {
-    if ms < 1000 {
-        format!("{ms}ms")
-    } else if ms < 120_000 {
-        format!("{:.1}s", ms as f64 / 1000.0)
-    } else {
-        format!("{:.1}m", ms as f64 / 60_000.0)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -428,12 +407,7 @@ mod tests {
     }
 
     #[test]
-    fn numbers_read_like_slabtop() {
-        assert_eq!(group(0), "0");
-        assert_eq!(group(999), "999");
-        assert_eq!(group(1000), "1,000");
-        assert_eq!(group(1234567), "1,234,567");
-        assert_eq!(human_ms(1500), "1.5s");
+    fn long_names_are_cut() {
         assert_eq!(truncate("kubelet-with-a-long-name", 8), "kubelet…");
     }
 }

@@ -18,10 +18,31 @@ mod metrics;
 mod profile;
 mod tls;
 
-use std::{path::PathBuf, sync::Arc};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
-use crate::cli::ServeArgs;
 use anyhow::{Context, Result};
+
+/// What `leaktrace serve` is asked for (main.rs fills it from the command line).
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// File holding the token profile requests must send.
+    pub token_file: Option<PathBuf>,
+    /// Longest deep trace a request may ask for, in seconds.
+    pub max_seconds: u64,
+    /// Least time between the end of one deep trace and the start of the next.
+    pub min_interval: Duration,
+    /// The always-on reads run at most once per this period.
+    pub refresh: Duration,
+    /// HTTPS with this certificate chain and key (PEM), both or neither.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// TLS client certificates signed by this CA authenticate like the token.
+    pub client_ca: Option<PathBuf>,
+    /// Where kubelet's pod and container logs are, to name pods.
+    pub pods_root: PathBuf,
+}
 
 /// What every connection shares.
 pub struct Shared {
@@ -30,17 +51,11 @@ pub struct Shared {
     pub profiles: profile::Profiles,
 }
 
-pub fn run(args: ServeArgs) -> Result<()> {
-    // One thread: serve is idle almost always, and the blocking reads of the
-    // always-on metrics go to tokio's blocking pool, not this thread.
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    runtime.block_on(serve(args))
-}
-
-async fn serve(args: ServeArgs) -> Result<()> {
+/// `leaktrace serve`, until SIGINT or SIGTERM. The blocking reads of the
+/// always-on metrics go to tokio's blocking pool, so the one runtime thread
+/// stays free for connections. Errors: the token file or TLS material
+/// cannot be read, the address cannot be bound.
+pub async fn run(args: ServeOptions) -> Result<()> {
     let auth = auth::Auth::new(args.token_file.as_deref(), args.client_ca.is_some())?;
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => Some(tls::acceptor(cert, key, args.client_ca.as_deref())?),

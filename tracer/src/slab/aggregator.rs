@@ -21,7 +21,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 
 use hdrhistogram::Histogram;
 use serde::Serialize;
-use tracer_common::FINGERPRINT_FRAMES;
+use tracer_common::slab::FINGERPRINT_FRAMES;
 
 use crate::{
     bpf::stacks::{StackId, StackTable},

@@ -6,8 +6,11 @@ use std::mem::size_of;
 
 use thiserror::Error;
 use tracer_common::{
-    AllocEvent, AllocHeader, FreeEvent, EVENT_ALLOC, EVENT_ALLOC_NO_STACKS, EVENT_FREE,
-    FLAG_SAMPLED, FLAG_SHALLOW, MAX_KSTACK, MAX_USTACK,
+    slab::{
+        AllocEvent, AllocHeader, FreeEvent, FLAG_SAMPLED, FLAG_SHALLOW, MAX_KSTACK, MAX_USTACK,
+    },
+    user::record_kind,
+    EVENT_ALLOC, EVENT_ALLOC_NO_STACKS, EVENT_FREE,
 };
 
 /// An allocation with its stacks trimmed to the frames the kernel wrote.
@@ -73,11 +76,7 @@ pub enum DecodeError {
 }
 
 pub fn decode(record: &[u8]) -> Result<Event<'_>, DecodeError> {
-    let kind_bytes: [u8; 4] = record
-        .get(..4)
-        .and_then(|b| b.try_into().ok())
-        .ok_or(DecodeError::Short(record.len()))?;
-    let kind = u32::from_ne_bytes(kind_bytes);
+    let kind = record_kind(record).ok_or(DecodeError::Short(record.len()))?;
     match kind {
         EVENT_ALLOC => {
             let ev: &AllocEvent = view(record, kind)?;
@@ -215,7 +214,7 @@ pub(crate) mod tests {
             kind,
             tgid,
             pid: tgid + 1,
-            source: tracer_common::SOURCE_KMALLOC,
+            source: tracer_common::slab::SOURCE_KMALLOC,
             flags: FLAG_SAMPLED,
             ptr,
             ts_ns: 1_000,

@@ -3,8 +3,9 @@
 //! formats, which kmalloc classes land in the cache, and which tracepoints to attach.
 
 use anyhow::{bail, Context, Result};
-use tracer_common::{
-    AllocLayout, Config, CACHE_NAME_LEN, MAX_CACHE_NAMES, STACK_KERNEL, STACK_USER,
+use tracer_common::slab::{
+    user::cache_name_words, AllocLayout, Config, CACHE_NAME_LEN, MAX_CACHE_NAMES, STACK_KERNEL,
+    STACK_USER,
 };
 
 use crate::{
@@ -391,21 +392,11 @@ fn require(tracefs: &Tracefs, event: &str) -> Result<EventFormat> {
 }
 
 fn alloc_layout(fmt: &EventFormat) -> Result<AllocLayout> {
-    let gfp = fmt
-        .field("gfp_flags")
-        .with_context(|| format!("kmem:{} has no gfp_flags field", fmt.name))?;
-    if gfp.size != 4 && gfp.size != 8 {
-        bail!(
-            "kmem:{} gfp_flags has unexpected size {}",
-            fmt.name,
-            gfp.size
-        );
-    }
     Ok(AllocLayout {
         ptr: fmt.offset_of("ptr", 8)?,
         bytes_req: fmt.offset_of("bytes_req", 8)?,
         bytes_alloc: fmt.offset_of("bytes_alloc", 8)?,
-        gfp_flags: gfp.offset,
+        gfp_flags: fmt.offset_of_any("gfp_flags", &[4, 8])?,
         name: 0,
         call_site: fmt.offset_of("call_site", 8)?,
         _pad: [0; 2],
@@ -460,23 +451,12 @@ fn class_bitmap(selected: &[(u32, KmallocKind)], present: impl Fn(KmallocKind) -
 }
 
 fn name_words(name: &str) -> Result<[u64; CACHE_NAME_LEN / 8]> {
-    let bytes = name.as_bytes();
-    // The kernel compares the NUL-terminated name it read, so one byte stays zero.
-    if bytes.len() >= CACHE_NAME_LEN {
-        bail!(
+    cache_name_words(name).with_context(|| {
+        format!(
             "cache name '{name}' is longer than {} bytes",
             CACHE_NAME_LEN - 1
-        );
-    }
-    let mut buf = [0u8; CACHE_NAME_LEN];
-    buf[..bytes.len()].copy_from_slice(bytes);
-    let mut words = [0u64; CACHE_NAME_LEN / 8];
-    for (word, chunk) in words.iter_mut().zip(buf.chunks_exact(8)) {
-        let mut b = [0u8; 8];
-        b.copy_from_slice(chunk);
-        *word = u64::from_le_bytes(b);
-    }
-    Ok(words)
+        )
+    })
 }
 
 /// The one line users see about hooks: what we use and what we fell back from.
@@ -545,7 +525,7 @@ pub fn live_bucket_mask(max_objects: u32, have_cmpxchg: bool) -> u64 {
     }
     let slots = u64::from(max_objects).max(1).next_power_of_two() * 2;
     // At least two buckets: a mask of 0 means "no slots".
-    (slots / tracer_common::LIVE_WAYS as u64).max(2) - 1
+    (slots / tracer_common::slab::LIVE_WAYS as u64).max(2) - 1
 }
 
 /// Entries of the `LIVE` hash map: everything where there are no slots, else
@@ -795,7 +775,7 @@ mod tests {
 
     #[test]
     fn live_slots_hold_twice_the_objects_in_buckets_of_ways() {
-        let ways = tracer_common::LIVE_WAYS as u64;
+        let ways = tracer_common::slab::LIVE_WAYS as u64;
         // 65,536 objects: 131,072 slots in 32,768 buckets.
         assert_eq!(live_bucket_mask(65_536, true), 131_072 / ways - 1);
         // Not a power of two: rounded up first, so never fewer slots than 2x.

@@ -12,7 +12,7 @@ use aya::{
     programs::{RawTracePoint, TracePoint},
     Ebpf, EbpfLoader,
 };
-use tracer_common::counter;
+use tracer_common::slab::counter;
 
 use crate::bpf::load::{
     counter_sum, loaded, map_fd, map_memory, prog_info, program, program_ids, raise_memlock_limit,

@@ -17,7 +17,7 @@ use std::{
     sync::Arc,
 };
 
-use tracer_common::MAX_USTACK;
+use tracer_common::slab::MAX_USTACK;
 
 use self::gosym::GoBinary;
 

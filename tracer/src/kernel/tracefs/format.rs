@@ -74,9 +74,12 @@ pub enum FormatError {
     FieldSize {
         event: String,
         field: String,
-        expected: u16,
+        /// The sizes accepted, e.g. `8` or `4 or 8`.
+        expected: String,
         actual: u16,
     },
+    #[error("tracepoint {event}: field `{field}` is not a __data_loc string on this kernel")]
+    NotDataLoc { event: String, field: String },
     #[error("invalid tracepoint name `{system}/{name}`: system and event must be plain names")]
     InvalidName { system: String, name: String },
     #[error("no usable tracefs: {reason}; {hint}")]
@@ -139,20 +142,47 @@ impl EventFormat {
         self.fields.iter().find(|f| f.name == name)
     }
 
-    /// Offset of a required field, checking its size (e.g. 8 for a pointer); error names the
-    /// event and field.
-    pub fn offset_of(&self, name: &str, size: u16) -> Result<u16, FormatError> {
-        let field = self.field(name).ok_or_else(|| FormatError::MissingField {
+    /// A field the caller cannot do without; the error names the event and lists the fields
+    /// this kernel's record has.
+    pub fn required(&self, name: &str) -> Result<&Field, FormatError> {
+        self.field(name).ok_or_else(|| FormatError::MissingField {
             event: self.event_name(),
             field: name.to_string(),
             available: self.field_names(),
-        })?;
-        if field.size != size {
+        })
+    }
+
+    /// Offset of a required field, checking its size (e.g. 8 for a pointer); error names the
+    /// event and field.
+    pub fn offset_of(&self, name: &str, size: u16) -> Result<u16, FormatError> {
+        self.offset_of_any(name, &[size])
+    }
+
+    /// Offset of a required field whose size is one of `sizes` (a `gfp_t` is 4 bytes on most
+    /// kernels and 8 on some); error names the event, the field and the sizes accepted.
+    pub fn offset_of_any(&self, name: &str, sizes: &[u16]) -> Result<u16, FormatError> {
+        let field = self.required(name)?;
+        if !sizes.contains(&field.size) {
+            let expected: Vec<String> = sizes.iter().map(u16::to_string).collect();
             return Err(FormatError::FieldSize {
                 event: self.event_name(),
                 field: name.to_string(),
-                expected: size,
+                expected: expected.join(" or "),
                 actual: field.size,
+            });
+        }
+        Ok(field.offset)
+    }
+
+    /// Offset of a required `__data_loc` string field (its descriptor's offset in the record).
+    /// A `__rel_loc` one is refused: its string is found from the end of the descriptor, which
+    /// the eBPF programs do not do.
+    pub fn data_loc_offset(&self, name: &str) -> Result<u16, FormatError> {
+        let field = self.required(name)?;
+        if !field.data_loc || field.rel_loc {
+            return Err(FormatError::NotDataLoc {
+                event: self.event_name(),
+                field: name.to_string(),
             });
         }
         Ok(field.offset)

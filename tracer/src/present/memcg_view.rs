@@ -1,26 +1,43 @@
 //! Text rendering of a memcg [`Report`]: the live `--top` screen, the final
 //! report and `--list`. Plain text so it works in a terminal, `watch` and logs.
+//! Reads memcg's report model only; what it needs besides is passed in.
 
 use std::fmt::Write;
 
-use super::{
-    state::{Actor, Group, MemcgReport, Phase},
-    Report,
+use crate::{
+    memcg::report::{Actor, Group, KMemcg, MemcgReport, Phase, Report},
+    present::units::{group, human_bytes, human_secs, tracked},
 };
-use crate::cli::MemcgArgs;
-use crate::{present::units::human_bytes, present::view::group};
 
-pub fn render(r: &Report, args: &MemcgArgs, last: bool) -> String {
+/// What the text view shows besides the report.
+pub struct ViewOptions {
+    /// The refresh period shown in the header, in seconds.
+    pub interval_s: f64,
+    /// Memcgs listed in live views (the final report lists every traced one).
+    pub limit: usize,
+}
+
+/// The running kernel, for `--why`'s explanations of what releases a memcg.
+pub struct KernelRelease {
+    /// As `uname -r` prints it (empty when unreadable).
+    pub release: String,
+    /// (major, minor) of `release`; (0, 0) when it cannot be parsed.
+    pub version: (u32, u32),
+}
+
+/// The whole view: header, zombie groups, traced memcgs and the kernel's
+/// dying memcgs. `last`: the final report, which lists every traced memcg.
+pub fn render(r: &Report, opts: &ViewOptions, last: bool) -> String {
     let mut out = String::new();
-    header(&mut out, r, args);
+    header(&mut out, r, opts);
     groups(
         &mut out,
         "zombies by creator",
         &r.snapshot.zombies_by_creator,
     );
     groups(&mut out, "zombies by pod", &r.snapshot.zombies_by_pod);
-    memcgs(&mut out, r, args, last);
-    kernel_memcgs(&mut out, r, args);
+    memcgs(&mut out, r, opts, last);
+    kernel_memcgs(&mut out, r, opts);
     out
 }
 
@@ -29,7 +46,7 @@ fn pages(v: Option<i64>) -> String {
 }
 
 /// Every dying memcg the kernel holds, pre-existing ones included.
-fn kernel_memcgs(out: &mut String, r: &Report, args: &MemcgArgs) {
+fn kernel_memcgs(out: &mut String, r: &Report, opts: &ViewOptions) {
     let _ = writeln!(
         out,
         "\nkernel memory accounting: {} ({})",
@@ -94,7 +111,7 @@ fn kernel_memcgs(out: &mut String, r: &Report, args: &MemcgArgs) {
     let limit = if r.kind == "list" {
         usize::MAX
     } else {
-        args.limit
+        opts.limit
     };
     for m in dying.iter().take(limit) {
         let _ = writeln!(
@@ -136,7 +153,7 @@ fn kernel_memcgs(out: &mut String, r: &Report, args: &MemcgArgs) {
 }
 
 /// A dying memcg's LRU pages by file, `n` files at most.
-pub(super) fn file_pins(out: &mut String, m: &super::walk::KMemcg, n: usize, indent: &str) {
+fn file_pins(out: &mut String, m: &KMemcg, n: usize, indent: &str) {
     let Some(p) = &m.page_pins else {
         return;
     };
@@ -173,7 +190,7 @@ pub(super) fn file_pins(out: &mut String, m: &super::walk::KMemcg, n: usize, ind
     }
 }
 
-fn header(out: &mut String, r: &Report, args: &MemcgArgs) {
+fn header(out: &mut String, r: &Report, opts: &ViewOptions) {
     let title = match r.kind {
         "final" => "final report",
         "list" => "list",
@@ -185,7 +202,7 @@ fn header(out: &mut String, r: &Report, args: &MemcgArgs) {
         r.hierarchy.version,
         r.hierarchy.mount.display(),
         r.elapsed_s,
-        args.interval.as_secs_f64(),
+        opts.interval_s,
         r.zombie_after_s,
     );
     let _ = writeln!(out, "{}", r.mode);
@@ -217,10 +234,8 @@ fn header(out: &mut String, r: &Report, args: &MemcgArgs) {
     let pins = &r.snapshot.pins;
     let _ = writeln!(
         out,
-        "charged objects tracked: {} outstanding   charges {}   frees {}   lost: events {} charges {}+{} frees {}   memcg-unknown {}   decode-errors {}",
-        group(pins.outstanding),
-        group(pins.charges),
-        group(pins.uncharges),
+        "charged objects tracked: {}   lost: events {} charges {}+{} frees {}   memcg-unknown {}   decode-errors {}",
+        tracked(pins.outstanding, None, ("charges", pins.charges), pins.uncharges),
         group(k.cgroup_events_lost),
         group(k.charges_lost_ringbuf),
         group(k.charges_lost_map_full),
@@ -242,14 +257,14 @@ fn groups(out: &mut String, title: &str, groups: &[Group]) {
             "  {} {} (oldest {}, charged while live {})",
             g.key,
             g.zombies,
-            secs(g.oldest_dying_s),
+            human_secs(g.oldest_dying_s),
             group(g.pinned.objects)
         );
     }
     out.push('\n');
 }
 
-fn memcgs(out: &mut String, r: &Report, args: &MemcgArgs, last: bool) {
+fn memcgs(out: &mut String, r: &Report, opts: &ViewOptions, last: bool) {
     let shown = &r.snapshot.memcgs;
     if shown.is_empty() {
         let _ = writeln!(out, "\nno memcg created or removed since tracing started");
@@ -263,7 +278,7 @@ fn memcgs(out: &mut String, r: &Report, args: &MemcgArgs, last: bool) {
     let limit = if last && r.kind != "list" {
         usize::MAX
     } else {
-        args.limit
+        opts.limit
     };
     for m in shown.iter().take(limit) {
         memcg_line(out, m);
@@ -289,8 +304,8 @@ fn memcg_line(out: &mut String, m: &MemcgReport) {
         "{:>8} {:<8} {:>8} {:>8} {:>8}  {:<26} {:<18} {}",
         m.id,
         state,
-        m.age_s.map_or_else(|| "-".into(), secs),
-        m.dying_s.map_or_else(|| "-".into(), secs),
+        m.age_s.map_or_else(|| "-".into(), human_secs),
+        m.dying_s.map_or_else(|| "-".into(), human_secs),
         group(m.pinned.objects),
         who(&m.creator),
         who(&m.remover),
@@ -373,18 +388,8 @@ fn memcg_line(out: &mut String, m: &MemcgReport) {
     }
 }
 
-fn secs(s: f64) -> String {
-    if s < 60.0 {
-        format!("{s:.1}s")
-    } else if s < 3600.0 {
-        format!("{:.0}m{:02.0}s", (s / 60.0).floor(), s % 60.0)
-    } else {
-        format!("{:.0}h{:02.0}m", (s / 3600.0).floor(), (s % 3600.0) / 60.0)
-    }
-}
-
-/// `--why ID`: one memcg's whole story.
-pub fn why(r: &Report, id: u64) -> String {
+/// `--why ID`: one memcg's whole story, explained for `kernel_release`.
+pub fn why(r: &Report, id: u64, kernel_release: &KernelRelease) -> String {
     let mut out = String::new();
     let kernel = r
         .kernel_memcgs
@@ -400,8 +405,7 @@ pub fn why(r: &Report, id: u64) -> String {
         "memcg {id}: {}",
         path.as_deref().unwrap_or("(not found)")
     );
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let kv = super::kmem::kernel_version(release.trim()).unwrap_or((0, 0));
+    let (release, kv) = (&kernel_release.release, kernel_release.version);
     match (kernel, &r.kernel_memcgs) {
         (Some(m), _) => {
             let state = if m.dying {
@@ -475,7 +479,7 @@ pub fn why(r: &Report, id: u64) -> String {
                 "  removed by: {}{}",
                 actor(&t.remover).unwrap_or_else(|| "-".into()),
                 t.dying_s
-                    .map(|d| format!(", {} ago", secs(d)))
+                    .map(|d| format!(", {} ago", human_secs(d)))
                     .unwrap_or_default()
             );
         }
@@ -517,7 +521,7 @@ pub fn why(r: &Report, id: u64) -> String {
         pages(m.dirty),
         pages(m.writeback)
     );
-    let _ = writeln!(out, "  what holds it, on kernel {}:", release.trim());
+    let _ = writeln!(out, "  what holds it, on kernel {release}:");
     match &m.page_pins {
         Some(pp) => {
             let files: u64 = pp.files.iter().map(|f| f.pages).sum();
@@ -619,16 +623,4 @@ pub fn why(r: &Report, id: u64) -> String {
         r.kmem_accounting.charged, r.kmem_accounting.rule
     );
     out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn durations_read_like_top() {
-        assert_eq!(secs(1.25), "1.2s");
-        assert_eq!(secs(75.0), "1m15s");
-        assert_eq!(secs(7260.0), "2h01m");
-    }
 }

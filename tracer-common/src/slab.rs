@@ -1,0 +1,266 @@
+//! The slab tracer's half of the contract: what its eBPF object selects
+//! ([`Config`], filled by userspace before load) and the records it writes
+//! ([`AllocHeader`], [`AllocEvent`], [`FreeEvent`]; their kinds are in the
+//! crate root's one event-kind space).
+
+use crate::{IrqContext, TaskOffsets};
+
+#[cfg(feature = "user")]
+pub mod user;
+
+/// Deepest kernel stack we copy per allocation. 32 frames reach well past the
+/// slab entry points into the syscall layer on every kernel we test.
+pub const MAX_KSTACK: usize = 32;
+/// Deepest user stack we copy per allocation (frame-pointer walk by the kernel).
+pub const MAX_USTACK: usize = 32;
+/// User frames (the entry ip and the first return addresses) hashed into every
+/// selected allocation's user-path fingerprint. Deep enough to tell a retry loop
+/// from a busy path that share a syscall wrapper (Go: `syscall.Syscall6` ->
+/// `syscall.write` -> `os.(*File).Write` -> caller).
+pub const FINGERPRINT_FRAMES: usize = 8;
+/// Pointer slots per bucket of the slab object's lock-free live-object table:
+/// one 32-byte bucket, so an insert or a free touches one cache line.
+pub const LIVE_WAYS: usize = 4;
+/// Named caches (slab aliases) the kernel side compares against `kmem_cache_alloc`'s `name`.
+pub const MAX_CACHE_NAMES: usize = 8;
+/// Bytes of a cache name we compare; slab names are far shorter than this.
+pub const CACHE_NAME_LEN: usize = 32;
+
+/// Which tracepoint produced an allocation.
+pub const SOURCE_KMALLOC: u16 = 1;
+pub const SOURCE_CACHE_ALLOC: u16 = 2;
+
+/// [`AllocHeader::flags`]: this allocation won the random stack-sampling draw
+/// (probability `1 / (stack_sample_mask + 1)`, independent of everything else),
+/// so it may stand for its stratum in unbiased per-stack estimates.
+pub const FLAG_SAMPLED: u16 = 1;
+/// Stacks were captured because the stratum was new on this CPU, not by the
+/// random draw: they name the stratum but must not enter estimates.
+pub const FLAG_NAMING: u16 = 2;
+/// The user fingerprint walk found no frame beyond the entry ip (no frame
+/// pointers, or a kernel thread): the stratum cannot tell user paths apart.
+pub const FLAG_SHALLOW: u16 = 4;
+
+/// Indexes into the slab object's per-CPU `COUNTERS` array.
+pub mod counter {
+    crate::counters! {
+        /// Allocations that matched the selection.
+        ALLOCS_MATCHED,
+        /// Matched allocations dropped because the ring buffer was full.
+        ALLOCS_LOST_RINGBUF,
+        /// Matched allocations dropped because the live-object map was full.
+        ALLOCS_LOST_MAP_FULL,
+        /// Frees of tracked objects.
+        FREES_MATCHED,
+        /// Frees of tracked objects whose event could not be sent: userspace will
+        /// over-report outstanding objects by this many.
+        FREES_LOST_RINGBUF,
+        /// Kernel stack capture failed (event still sent, with an empty stack).
+        KSTACK_FAILED,
+        /// User stack capture failed for a task that has a user address space.
+        USTACK_FAILED,
+        /// A selected object whose pointer fails `free_align_mask`: its free would be
+        /// filtered out. Should be 0; nonzero means the alignment assumption is wrong.
+        MISALIGNED,
+    }
+}
+
+/// Tracepoint field offsets for one kernel, read from tracefs `format` files.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AllocLayout {
+    pub ptr: u16,
+    pub bytes_req: u16,
+    pub bytes_alloc: u16,
+    pub gfp_flags: u16,
+    /// `__data_loc char[] name`, or 0 when the kernel's record has no name.
+    pub name: u16,
+    pub call_site: u16,
+    pub _pad: [u16; 2],
+}
+
+/// Class index of a kmalloc from its gfp flags; see [`Config::kmalloc_classes`].
+#[inline(always)]
+pub fn kmalloc_class(gfp: u64, cfg: &Config) -> u64 {
+    ((gfp & cfg.gfp_dma != 0) as u64)
+        | (((gfp & cfg.gfp_reclaimable != 0) as u64) << 1)
+        | (((gfp & cfg.gfp_account != 0) as u64) << 2)
+}
+
+/// What the kernel side selects and how it reads records. Filled by userspace.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub kmalloc: AllocLayout,
+    pub cache_alloc: AllocLayout,
+    /// Offset of `ptr` in `kmem:kfree`.
+    pub kfree_ptr: u16,
+    /// Offset of `ptr` in `kmem:kmem_cache_free`.
+    pub cache_free_ptr: u16,
+    pub n_cache_names: u16,
+    pub _pad: u16,
+    /// kmalloc selection: `bytes_alloc == kmalloc_size` (0 disables kmalloc matching)
+    /// and the allocation's kmalloc class is set in `kmalloc_classes`. The class index
+    /// is `dma | reclaimable << 1 | account << 2`, from the gfp bits below; userspace
+    /// decides which classes land in the selected cache on this kernel.
+    pub kmalloc_size: u64,
+    pub gfp_dma: u64,
+    pub gfp_reclaimable: u64,
+    pub gfp_account: u64,
+    pub kmalloc_classes: u64,
+    /// Named-cache selection on `kmem_cache_alloc`: `bytes_alloc == cache_size`
+    /// first (cheap), then the name. 0 disables it.
+    pub cache_size: u64,
+    /// Frees whose pointer has any of these bits set cannot be a selected object
+    /// (power-of-two caches align objects to their size), so they skip the map
+    /// lookup. 0 disables the test.
+    pub free_align_mask: u64,
+    /// Offsets in `struct kmem_cache` (from BTF) for the raw `kmem_cache_alloc`
+    /// program, whose arguments carry the cache pointer instead of size and name.
+    pub kmem_cache_size_off: u16,
+    pub kmem_cache_name_off: u16,
+    /// 1: hash the first [`FINGERPRINT_FRAMES`] user frames of every selected
+    /// allocation into its stratum key (`bpf_get_stack` with a short buffer).
+    pub user_fingerprint: u32,
+    /// Submit without waking the reader until this many bytes are waiting;
+    /// userspace also polls on a short timer. 0 wakes on every event.
+    pub wakeup_bytes: u64,
+    /// Stack sampling within each stratum (process, kernel call site, user-path
+    /// fingerprint): an allocation captures stacks when a fresh random draw
+    /// `& mask == 0` ([`FLAG_SAMPLED`]), or when its stratum is new on this CPU
+    /// ([`FLAG_NAMING`]). 0 captures every allocation's stacks (`--exact`).
+    pub stack_sample_mask: u64,
+    /// Buckets in the slab object's `LIVE_SLOTS` table minus one (a power of
+    /// two minus one, at least 1), or 0 where the kernel lacks BPF
+    /// compare-and-swap (5.12+): then every live pointer goes to the `LIVE`
+    /// hash map, through the `_nocas` programs.
+    pub live_bucket_mask: u64,
+    /// Only this tgid (0 = every process).
+    pub target_tgid: u32,
+    /// Bit 0: capture kernel stacks. Bit 1: capture user stacks.
+    pub stack_flags: u32,
+    /// NUL-padded names, as little-endian words so the kernel compares 8 bytes at a time.
+    pub cache_names: [[u64; CACHE_NAME_LEN / 8]; MAX_CACHE_NAMES],
+    /// How [`AllocHeader::cgroup_id`], `ppid` and `start_ns` are read. With
+    /// `task_cgroups == 0` and `memcg_from_cgroup2 == 1` the cgroup is the
+    /// cgroup2 id; with the walk it is the memory cgroup's kernfs id (v1).
+    pub task: TaskOffsets,
+    /// How the interrupt context of an allocation is read ([`AllocHeader::context`]).
+    pub irq: IrqContext,
+}
+
+pub const STACK_KERNEL: u32 = 1;
+pub const STACK_USER: u32 = 2;
+
+impl Config {
+    pub const fn zeroed() -> Self {
+        const EMPTY: AllocLayout = AllocLayout {
+            ptr: 0,
+            bytes_req: 0,
+            bytes_alloc: 0,
+            gfp_flags: 0,
+            name: 0,
+            call_site: 0,
+            _pad: [0; 2],
+        };
+        Config {
+            kmalloc: EMPTY,
+            cache_alloc: EMPTY,
+            kfree_ptr: 0,
+            cache_free_ptr: 0,
+            n_cache_names: 0,
+            _pad: 0,
+            kmalloc_size: 0,
+            gfp_dma: 0,
+            gfp_reclaimable: 0,
+            gfp_account: 0,
+            kmalloc_classes: 0,
+            cache_size: 0,
+            free_align_mask: 0,
+            kmem_cache_size_off: 0,
+            kmem_cache_name_off: 0,
+            user_fingerprint: 0,
+            wakeup_bytes: 0,
+            stack_sample_mask: 0,
+            live_bucket_mask: 0,
+            target_tgid: 0,
+            stack_flags: 0,
+            cache_names: [[0; CACHE_NAME_LEN / 8]; MAX_CACHE_NAMES],
+            task: TaskOffsets::zeroed(),
+            irq: IrqContext {
+                task_cfs_rq: 0,
+                cfs_rq_rq: 0,
+                rq_cpu: 0,
+                _pad: 0,
+                preempt_delta: 0,
+            },
+        }
+    }
+}
+
+/// Fields every selected allocation carries across the ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct AllocHeader {
+    /// [`EVENT_ALLOC`](crate::EVENT_ALLOC) when stacks follow ([`AllocEvent`]),
+    /// [`EVENT_ALLOC_NO_STACKS`](crate::EVENT_ALLOC_NO_STACKS) when they were
+    /// not captured for this allocation (header only).
+    pub kind: u32,
+    pub tgid: u32,
+    pub pid: u32,
+    pub source: u16,
+    /// [`FLAG_SAMPLED`], [`FLAG_NAMING`], [`FLAG_SHALLOW`].
+    pub flags: u16,
+    pub ptr: u64,
+    pub ts_ns: u64,
+    pub bytes_req: u64,
+    pub bytes_alloc: u64,
+    pub gfp_flags: u64,
+    pub cgroup_id: u64,
+    /// The allocator's caller (`_RET_IP_`), part of the stratum key.
+    pub call_site: u64,
+    /// The user instruction pointer that entered the kernel, when fingerprints
+    /// are on ([`Config::user_fingerprint`]); otherwise 0.
+    pub user_ip: u64,
+    /// Hash of the first [`FINGERPRINT_FRAMES`] user frames (0: none): with
+    /// `tgid` and `call_site` it keys the stratum whose every object is counted.
+    pub user_fingerprint: u64,
+    /// The allocating process's start (`group_leader->start_time`, ns): with
+    /// `tgid` it names one process even when its PID is reused. 0: unknown.
+    pub start_ns: u64,
+    /// The allocating task's parent process at this moment
+    /// (`real_parent->tgid`); 0 when unknown.
+    pub ppid: u32,
+    /// [`CONTEXT_KNOWN`](crate::CONTEXT_KNOWN) with
+    /// [`CONTEXT_HARDIRQ`](crate::CONTEXT_HARDIRQ),
+    /// [`CONTEXT_SOFTIRQ`](crate::CONTEXT_SOFTIRQ),
+    /// [`CONTEXT_NMI`](crate::CONTEXT_NMI); 0 when the preempt count could not
+    /// be read.
+    pub context: u32,
+    /// The memcg the task had set to be charged instead of its own
+    /// (`current->active_memcg`, e.g. inotify charging an event to the
+    /// watcher's group), as a cgroup id; 0 when none was set or unknown.
+    pub charged_cgroup_id: u64,
+}
+
+/// A selected allocation with its stacks.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct AllocEvent {
+    pub hdr: AllocHeader,
+    /// `bpf_get_stack` results: bytes written, or a negative errno.
+    pub kstack_bytes: i32,
+    pub ustack_bytes: i32,
+    pub comm: [u8; 16],
+    pub kstack: [u64; MAX_KSTACK],
+    pub ustack: [u64; MAX_USTACK],
+}
+
+/// The free of a tracked object.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct FreeEvent {
+    pub kind: u32,
+    pub tgid: u32,
+    pub ptr: u64,
+}

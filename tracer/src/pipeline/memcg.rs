@@ -1,0 +1,361 @@
+//! `leaktrace memcg`'s run: preflight, plan and attach (`memcg::hooks`), then
+//! ring buffer -> `memcg::decode` -> `memcg::state::Tracker` -> report ->
+//! view or JSON on the shared loop (`event_loop.rs`), until Ctrl-C, SIGTERM or
+//! --duration; then detach and print the final report (and --pprof).
+
+use std::{
+    io::IsTerminal,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::Result;
+use aya::maps::{MapData, RingBuf};
+
+use crate::{
+    kernel::btf::Btf,
+    kernel::cgroupfs::{Dying, Hierarchy},
+    kernel::clock::monotonic_ns,
+    kernel::features::{self, Features},
+    kernel::tracefs::Tracefs,
+    memcg::{
+        decode, hooks,
+        hooks::{Counters, Hooks},
+        kmem, pprof,
+        report::{KernelMemcgs, Preexisting, Report, SCHEMA_VERSION},
+        state::{SnapshotOptions, Tracker},
+    },
+    output::files::Destination,
+    output::stdout::{self, Printed},
+    pipeline::event_loop::{self, Flow, Sources, Tool},
+    pipeline::RunOptions,
+    present::memcg_view::{self as view, KernelRelease, ViewOptions},
+    present::screen::TextScreen,
+    present::tui::Action,
+    symbolize::Symbolizer,
+};
+
+/// What a memcg run keeps from attach to the final report.
+struct Run {
+    hierarchy: Hierarchy,
+    tracker: Tracker,
+    symbols: Symbolizer,
+    mode: String,
+    attribution: String,
+    dying_at_start: Dying,
+    started_ns: u64,
+    opts: SnapshotOptions,
+    decode_errors: u64,
+    kmalloc_cg: bool,
+}
+
+/// What `leaktrace memcg` is asked for (main.rs fills it from the command line).
+#[derive(Debug, Clone)]
+pub struct MemcgOptions {
+    pub run: RunOptions,
+    /// A one-shot list (with a duration: after tracing that long).
+    pub list: bool,
+    /// A removed memcg still not released after this long is a zombie.
+    pub zombie_after: Duration,
+    /// Window of creation and release rates.
+    pub rate_window: Duration,
+    /// Memcgs shown in the text views, and pinning stacks per dying memcg.
+    pub limit: usize,
+    pub stacks: usize,
+    /// Which memory controller (1 or 2) when both are mounted; None: where it is bound.
+    pub cgroup_version: Option<u8>,
+    /// Lifetimes only: no charged slab objects tracked.
+    pub no_pins: bool,
+    pub no_kernel_stacks: bool,
+    /// Charged objects the kernel can track at once.
+    pub max_objects: u32,
+    /// One memcg's full story, by id.
+    pub why: Option<u64>,
+    /// The dying memcgs and their pins as a pprof profile, written at exit.
+    pub pprof: Option<PathBuf>,
+}
+
+/// `leaktrace memcg`, to the end: a one-shot list (`--list`/`--why` without
+/// `--duration`, no BPF) or a traced run. Errors: not root (traced runs), no
+/// memory controller, a kernel whose cgroup tracepoints cannot be read, an
+/// unwritable `--pprof`, a closed stdout.
+pub async fn run(args: MemcgOptions) -> Result<()> {
+    let root = Path::new("/");
+    // Checked before anything is attached: a profile asked for is never lost
+    // to an unwritable path at the end.
+    let pprof = args
+        .pprof
+        .as_deref()
+        .map(|p| Destination::check("--pprof", p))
+        .transpose()?;
+    let hierarchy = Hierarchy::detect(root, args.cgroup_version)?;
+    let dying_at_start = hierarchy.dying_now(root)?;
+    let mut run = Run {
+        tracker: Tracker::new(hierarchy.live()?),
+        hierarchy,
+        symbols: Symbolizer::new(),
+        mode: String::new(),
+        attribution: String::new(),
+        dying_at_start,
+        started_ns: monotonic_ns(),
+        opts: SnapshotOptions {
+            zombie_after_ns: args.zombie_after.as_nanos() as u64,
+            rate_window_ns: args.rate_window.as_nanos() as u64,
+            include_preexisting_live: args.list,
+            stacks: args.stacks,
+        },
+        decode_errors: 0,
+        kmalloc_cg: root.join("sys/kernel/slab/kmalloc-cg-8").exists(),
+    };
+    // A plain --list is a look at cgroupfs and /proc/cgroups: no BPF, no root.
+    if (args.list || args.why.is_some()) && args.run.duration.is_none() {
+        run.mode = "none (one-shot list from cgroupfs; --duration traces first)".into();
+        let report = run.report("list", Counters::default());
+        return emit_final(&args, &report, pprof.as_ref());
+    }
+
+    features::require_root()?;
+    let tracefs = Tracefs::locate_or_mount()?;
+    let features = Features::detect(root, Some(tracefs.root()));
+    let btf = Btf::from_sys_fs().ok();
+    let plan = hooks::build(
+        &tracefs,
+        btf.as_ref(),
+        &run.hierarchy,
+        &hooks::PlanOptions {
+            pins: !args.no_pins,
+            stacks: !args.no_kernel_stacks,
+            all_hierarchies: false,
+            kprobes: features.kprobes
+                && ["mem_cgroup_css_offline", "mem_cgroup_css_free"]
+                    .iter()
+                    .all(|f| crate::kernel::features::kernel_has_symbol(f)),
+        },
+    )?;
+    let ringbuf_bytes = event_loop::ringbuf_bytes(args.run.ringbuf_mib)?;
+    let (hooks, ring) = Hooks::attach(&plan, args.max_objects, ringbuf_bytes)?;
+    run.mode = mode_line(&plan, &features);
+    run.attribution = plan.attribution.clone();
+    // Take the walk again now that the hooks see every change: a memcg made
+    // between the first walk and attach would otherwise be unknown.
+    for (id, (path, level)) in run.hierarchy.live()? {
+        run.tracker.seed_live(id, path, level);
+    }
+    for note in &plan.notes {
+        eprintln!("leaktrace: {note}");
+    }
+    eprintln!("leaktrace: {}", run.mode);
+    eprintln!("leaktrace: {}", run.attribution);
+    eprintln!(
+        "leaktrace: memory controller: cgroup v{} (hierarchy {}) at {}; {} dying memcgs before tracing ({})",
+        run.hierarchy.version,
+        run.hierarchy.id,
+        run.hierarchy.mount.display(),
+        run.dying_at_start.count,
+        run.dying_at_start.source
+    );
+    eprintln!(
+        "leaktrace: attached to memcg lifetimes (bpf prog ids {:?}); Ctrl-C to stop",
+        hooks.prog_ids
+    );
+
+    let outcome = event_loop(&args, ring, &hooks, &mut run).await;
+    let counters = hooks.counters();
+    drop(hooks);
+    let mut ring = outcome?;
+    drain(&mut run, &mut ring);
+    let kind = if args.list || args.why.is_some() {
+        "list"
+    } else {
+        "final"
+    };
+    let report = run.report(kind, counters);
+    emit_final(&args, &report, pprof.as_ref())
+}
+
+fn mode_line(plan: &hooks::Plan, features: &Features) -> String {
+    let events: Vec<String> = plan
+        .attachments
+        .iter()
+        .map(|(_, s, e)| format!("{s}:{e}"))
+        .collect();
+    let kprobes = if !plan.kprobes.is_empty() {
+        let f: Vec<&str> = plan.kprobes.iter().map(|(_, f)| *f).collect();
+        format!("+ kprobes {}: memcg css offline/free exact", f.join(","))
+    } else if features.kprobes {
+        "(kprobes present but mem_cgroup_css_* not usable: memcg lifetime = cgroup lifetime)".into()
+    } else {
+        "(no kprobes on this kernel: memcg lifetime = cgroup lifetime from tracepoints)".into()
+    };
+    format!(
+        "memcg hooks: tracepoints {} {kprobes}; kernel {}",
+        events.join(","),
+        features.kernel_release
+    )
+}
+
+async fn event_loop(
+    args: &MemcgOptions,
+    ring: RingBuf<MapData>,
+    hooks: &Hooks,
+    run: &mut Run,
+) -> Result<RingBuf<MapData>> {
+    // Charge events wake the reader in batches; the poll timer drains the rest.
+    let src = Sources::new(ring, args.run.interval, args.run.duration)?;
+    // On a terminal the text view is a live screen (the slab tracer's ratatui
+    // machinery); piped, or as JSON, snapshots are printed one after another.
+    let screen = if args.run.top && !args.run.json && std::io::stdout().is_terminal() {
+        Some(TextScreen::start(
+            "q/Esc/^C quit (prints the final report)",
+        )?)
+    } else {
+        None
+    };
+    let mut tool = MemcgTool {
+        args,
+        hooks,
+        run,
+        screen,
+    };
+    let ring = event_loop::run(src, &mut tool).await;
+    // Leave the alternate screen before the final report prints.
+    drop(tool);
+    ring
+}
+
+/// `memcg` on the shared loop.
+struct MemcgTool<'a> {
+    args: &'a MemcgOptions,
+    hooks: &'a Hooks,
+    run: &'a mut Run,
+    screen: Option<TextScreen>,
+}
+
+impl Tool for MemcgTool<'_> {
+    type Input = Action;
+
+    fn drain(&mut self, ring: &mut RingBuf<MapData>) {
+        drain(self.run, ring);
+    }
+
+    fn tick(&mut self) -> Result<()> {
+        if self.args.run.top {
+            let report = self.run.report("snapshot", self.hooks.counters());
+            match self.screen.as_mut() {
+                Some(s) => s.show(view::render(&report, &view_options(self.args), false))?,
+                None => emit_snapshot(self.args, &report)?,
+            }
+        }
+        Ok(())
+    }
+
+    async fn input(&mut self) -> Action {
+        screen_action(self.screen.as_mut()).await
+    }
+
+    fn handle(&mut self, action: Action) -> Result<Flow> {
+        match action {
+            Action::Quit => return Ok(Flow::Stop),
+            Action::Redraw => {
+                if let Some(s) = self.screen.as_mut() {
+                    s.redraw()?;
+                }
+            }
+            Action::Regroup | Action::None => {}
+        }
+        Ok(Flow::Continue)
+    }
+}
+
+/// Keys from the live screen; never ready without one, so select! ignores the branch.
+async fn screen_action(screen: Option<&mut TextScreen>) -> Action {
+    match screen {
+        Some(s) => s.next_action().await,
+        None => std::future::pending().await,
+    }
+}
+
+fn drain(run: &mut Run, ring: &mut RingBuf<MapData>) {
+    while let Some(item) = ring.next() {
+        if decode::apply(&mut run.tracker, &item, run.kmalloc_cg).is_err() {
+            run.decode_errors += 1;
+        }
+    }
+}
+
+impl Run {
+    fn report(&mut self, kind: &'static str, kernel: Counters) -> Report {
+        let now = monotonic_ns();
+        let mut snapshot = self.tracker.snapshot(now, &self.opts);
+        for m in &mut snapshot.memcgs {
+            for s in &mut m.pinned_stacks {
+                let frames = self.tracker.stacks.frames(s.stack);
+                s.kernel = crate::symbolize::tracing::strip_tracing_frames(
+                    self.symbols.kernel_frames(frames),
+                );
+            }
+        }
+        self.symbols.trim();
+        let kernel_dying = self
+            .hierarchy
+            .dying_now(Path::new("/"))
+            .map_or(self.dying_at_start.count, |d| d.count);
+        Report {
+            schema_version: SCHEMA_VERSION,
+            report: "memcg",
+            kind,
+            elapsed_s: now.saturating_sub(self.started_ns) as f64 / 1e9,
+            mode: self.mode.clone(),
+            attribution: self.attribution.clone(),
+            hierarchy: self.hierarchy.clone(),
+            zombie_after_s: self.opts.zombie_after_ns as f64 / 1e9,
+            preexisting_dying: Preexisting {
+                at_start: self.dying_at_start.count,
+                now: kernel_dying.saturating_sub(self.tracker.tracked_dying()),
+                kernel_dying_now: kernel_dying,
+                source: self.dying_at_start.source.clone(),
+            },
+            snapshot,
+            kernel,
+            decode_errors: self.decode_errors,
+            kernel_memcgs: matches!(kind, "list" | "final").then(KernelMemcgs::read),
+            kmem_accounting: kmem::Accounting::detect(Path::new("/"), &self.hierarchy),
+        }
+    }
+}
+
+fn emit_snapshot(args: &MemcgOptions, report: &Report) -> Result<()> {
+    stdout::print(report, args.run.json, Printed::Snapshot, || {
+        view::render(report, &view_options(args), false)
+    })
+}
+
+fn emit_final(args: &MemcgOptions, report: &Report, pprof: Option<&Destination>) -> Result<()> {
+    // The profile first: a closed stdout must not cost the file.
+    if let Some(dest) = pprof {
+        dest.write(&pprof::profile(report)?)?;
+        eprintln!("leaktrace: wrote pprof profile {}", dest.path.display());
+    }
+    stdout::print(report, args.run.json, Printed::Final, || match args.why {
+        Some(id) => view::why(report, id, &running_kernel()),
+        None => view::render(report, &view_options(args), true),
+    })
+}
+
+fn view_options(args: &MemcgOptions) -> ViewOptions {
+    ViewOptions {
+        interval_s: args.run.interval.as_secs_f64(),
+        limit: args.limit,
+    }
+}
+
+/// `--why` explains what releases a memcg on this kernel; an unreadable
+/// release reads as 0.0, whose explanations are the oldest kernels'.
+fn running_kernel() -> KernelRelease {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let release = release.trim().to_string();
+    KernelRelease {
+        version: kmem::kernel_version(&release).unwrap_or((0, 0)),
+        release,
+    }
+}
