@@ -113,9 +113,9 @@ pub async fn run(args: TraceOptions, cache: &str) -> Result<()> {
     let mut plan = plan;
     // Wake the reader at a quarter full; the poll timer drains smaller batches.
     plan.config.wakeup_bytes = u64::from(ringbuf_bytes / 4);
-    // Strata are keyed by the user path whenever user stacks are wanted.
-    // Only on request: the walk costs more than the rest of a matched
-    // allocation (`cargo xtask bench`), and sampling is unbiased without it.
+    // Strata are keyed by the user path only on request: the walk costs more
+    // than the rest of a matched allocation (`cargo xtask bench`), and
+    // sampling is unbiased without it.
     plan.config.user_fingerprint = u32::from(args.user_paths && !args.no_user_stacks);
     let cgroup_source = cgroup_source(root, btf.as_ref());
     plan.config.task = cgroup_source.task;

@@ -142,10 +142,11 @@ fn header(out: &mut String, r: &Report, opts: &TextOptions) {
     if st.sample_every > 1 && st.drawn + st.naming + st.without_stacks > 0 {
         let _ = writeln!(
             out,
-            "stacks: full stacks of a random 1 in {} allocations ({} drawn, {} naming); every count per process and per call site + user path is exact, per-stack counts marked ~ are unbiased estimates with a 95% interval",
+            "stacks: full stacks of a random 1 in {} allocations ({} drawn, {} naming); every count per process and per stratum (call site{}) is exact, per-stack counts marked ~ are unbiased estimates with a 95% interval",
             st.sample_every,
             group(st.drawn),
             group(st.naming),
+            if st.user_paths { " + user path" } else { "" },
         );
     }
     if r.age.count > 0 {
@@ -257,7 +258,7 @@ fn stack(out: &mut String, i: usize, s: &StackReport, processes: Option<u64>, op
     if s.estimated {
         let _ = writeln!(
             out,
-            "{:>12} of {} outstanding from this call site and user path (exact)",
+            "{:>12} of {} outstanding in its stratum (exact)",
             "",
             group(s.stratum_outstanding)
         );
