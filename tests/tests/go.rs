@@ -209,6 +209,7 @@ fn stripped_go_retry_loop_is_named_beside_a_busier_goroutine() {
         "no Go toolchain; set LEAKKEYS_GO_DIR to prebuilt tests/go binaries (twopath-stripped)"
     );
     let Some(bin) = bin else { return };
+    // 64 MiB of ring: 51,000 allocations in a burst (see attribution.rs).
     let mut tracer = Tracer::start(&[
         "--cache",
         "kmalloc-512",
@@ -217,6 +218,8 @@ fn stripped_go_retry_loop_is_named_beside_a_busier_goroutine() {
         "250ms",
         "--stacks",
         "20",
+        "--ringbuf-mib",
+        "64",
     ])
     .expect("start leaktrace");
     let mut cmd = Command::new(&bin);
