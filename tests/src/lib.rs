@@ -54,6 +54,14 @@ impl Tracer {
         Tracer::start_with_env(args, &[])
     }
 
+    /// `leaktrace --json --cache CACHE --top --interval 250ms EXTRA`: the
+    /// snapshots most tests poll, four a second.
+    pub fn top(cache: &str, extra: &[&str]) -> Result<Tracer> {
+        let mut args = vec!["--cache", cache, "--top", "--interval", "250ms"];
+        args.extend_from_slice(extra);
+        Tracer::start(&args)
+    }
+
     /// [`Tracer::start`] with extra environment variables.
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Result<Tracer> {
         let mut child = Command::new(leaktrace_bin())

@@ -166,19 +166,17 @@ fn user_paths_mode_counts_the_holding_path_apart() {
 fn a_rare_holding_path_is_estimated_with_an_interval_covering_the_truth() {
     let _serial = serial();
     const N: u64 = 100;
-    let mut tracer = Tracer::start(&[
-        "--cache",
+    let mut tracer = Tracer::top(
         "kmalloc-512",
-        "--top",
-        "--interval",
-        "250ms",
-        "--stack-sample",
-        "4",
-        "--stacks",
-        "20",
-        "--ringbuf-mib",
-        "64",
-    ])
+        &[
+            "--stack-sample",
+            "4",
+            "--stacks",
+            "20",
+            "--ringbuf-mib",
+            "64",
+        ],
+    )
     .expect("start");
     let mut gen = twopath(N, 500);
     let pid = gen.pid;
@@ -242,19 +240,17 @@ fn kernel_paths_below_one_call_site_are_split_in_true_proportion() {
     );
     let base = root.join(format!("leaktrace-kernfs-{}", std::process::id()));
     std::fs::create_dir(&base).expect("mkdir base memcg");
-    let mut tracer = Tracer::start(&[
-        "--cache",
+    let mut tracer = Tracer::top(
         "kernfs_node_cache",
-        "--top",
-        "--interval",
-        "250ms",
-        "--stack-sample",
-        "16",
-        "--pid",
-        &std::process::id().to_string(),
-        "--stacks",
-        "20",
-    ])
+        &[
+            "--stack-sample",
+            "16",
+            "--pid",
+            &std::process::id().to_string(),
+            "--stacks",
+            "20",
+        ],
+    )
     .expect("start");
     const DIRS: usize = 60;
     let dirs: Vec<_> = (0..DIRS).map(|i| base.join(format!("c{i}"))).collect();
@@ -327,17 +323,8 @@ fn without_frame_pointers_the_split_is_an_estimate_and_says_so() {
     let bin = c_twopath_binary();
     skip_unless!(bin.is_some(), "no C compiler (cc) on this machine");
     let Some(bin) = bin else { return };
-    let mut tracer = Tracer::start(&[
-        "--cache",
-        "kmalloc-512",
-        "--top",
-        "--interval",
-        "250ms",
-        "--stacks",
-        "50",
-        "--user-paths",
-    ])
-    .expect("start");
+    let mut tracer =
+        Tracer::top("kmalloc-512", &["--stacks", "50", "--user-paths"]).expect("start");
     let mut cmd = Command::new(&bin);
     cmd.args([N.to_string(), "50".to_string()]);
     let mut gen = Generator::start_command(cmd).expect("twopath_nofp");
@@ -380,8 +367,7 @@ fn without_frame_pointers_the_split_is_an_estimate_and_says_so() {
 fn rcu_softirq_frees_under_churn_leave_no_phantom_leak() {
     let _serial = serial();
     const N: u64 = 2000;
-    let mut tracer =
-        Tracer::start(&["--cache", "kmalloc-512", "--top", "--interval", "250ms"]).expect("start");
+    let mut tracer = Tracer::top("kmalloc-512", &[]).expect("start");
     let mut churn = Command::new(leakgen_bin())
         .args(["writev", "20"])
         .stdout(std::process::Stdio::null())

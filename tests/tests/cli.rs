@@ -328,17 +328,10 @@ fn traced_process_that_exits_is_said_in_the_header_and_its_counts_kept() {
         .spawn()
         .expect("sh");
     let pid = child.id();
-    let mut tracer = Tracer::start(&[
-        "--cache",
+    let mut tracer = Tracer::top(
         "kmalloc-512",
-        "--top",
-        "--interval",
-        "250ms",
-        "--pid",
-        &pid.to_string(),
-        "--stack-sample",
-        "4",
-    ])
+        &["--pid", &pid.to_string(), "--stack-sample", "4"],
+    )
     .expect("start");
     std::fs::write(&gate, "").expect("gate");
     let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
@@ -569,26 +562,8 @@ fn no_descriptor_would_leak_into_a_child() {
 #[test]
 fn two_instances_on_one_cache_are_independent_and_both_right() {
     const N: u64 = 150;
-    let mut a = Tracer::start(&[
-        "--cache",
-        "kmalloc-512",
-        "--top",
-        "--interval",
-        "250ms",
-        "--stack-sample",
-        "4",
-    ])
-    .expect("first");
-    let mut b = Tracer::start(&[
-        "--cache",
-        "kmalloc-512",
-        "--top",
-        "--interval",
-        "250ms",
-        "--stack-sample",
-        "4",
-    ])
-    .expect("second");
+    let mut a = Tracer::top("kmalloc-512", &["--stack-sample", "4"]).expect("first");
+    let mut b = Tracer::top("kmalloc-512", &["--stack-sample", "4"]).expect("second");
     let mut gen = Generator::start("keys", &N.to_string()).expect("leakgen keys");
     let pid = gen.pid;
     let held = |r: &serde_json::Value| outstanding_on(r, pid, "user_preparse", "leak_keys");

@@ -115,16 +115,7 @@ fn held_keys_named(stripped: bool) {
         bin.display(),
         if stripped { "not " } else { "" }
     );
-    let mut tracer = Tracer::start(&[
-        "--cache",
-        "kmalloc-512",
-        "--top",
-        "--interval",
-        "250ms",
-        "--stack-sample",
-        "4",
-    ])
-    .expect("start leaktrace");
+    let mut tracer = Tracer::top("kmalloc-512", &["--stack-sample", "4"]).expect("start leaktrace");
     let mut cmd = Command::new(&bin);
     cmd.arg(N.to_string());
     let mut gen = Generator::start_command(cmd).expect("go leakkeys");
@@ -210,18 +201,8 @@ fn stripped_go_retry_loop_is_named_beside_a_busier_goroutine() {
     );
     let Some(bin) = bin else { return };
     // 64 MiB of ring: 51,000 allocations in a burst (see attribution.rs).
-    let mut tracer = Tracer::start(&[
-        "--cache",
-        "kmalloc-512",
-        "--top",
-        "--interval",
-        "250ms",
-        "--stacks",
-        "20",
-        "--ringbuf-mib",
-        "64",
-    ])
-    .expect("start leaktrace");
+    let mut tracer = Tracer::top("kmalloc-512", &["--stacks", "20", "--ringbuf-mib", "64"])
+        .expect("start leaktrace");
     let mut cmd = Command::new(&bin);
     cmd.arg(N.to_string());
     let mut gen = Generator::start_command(cmd).expect("go twopath");

@@ -752,8 +752,11 @@ fn page_cache_pins_dying_memcg_until_file_deleted(h: Hier, backing: Backing) {
     let file_key = if h.version == 1 { "cache" } else { "file" };
     for (key, field) in [("shmem", "shmem"), (file_key, "file")] {
         let expect = stat_pages(&dir, key);
+        // 1,024 pages written; memory.stat may lag by a per-CPU batch
+        // (MEMCG_CHARGE_BATCH, 64 pages) until its next flush (999 seen in a
+        // 7.3 guest), as the walk's 64-page tolerance below allows too.
         assert!(
-            expect >= 1000 || key == "shmem" && kind == "file",
+            expect >= 1024 - 64 || key == "shmem" && kind == "file",
             "memory.stat {key} {expect} pages"
         );
         let v = list();

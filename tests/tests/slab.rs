@@ -138,26 +138,8 @@ fn accounted_inotify_groups_land_in_kmalloc_cg_512_only() {
          that kmalloc-512 holds the inotify groups and --cache kmalloc-cg-512 is refused"
     );
     const N: u64 = 64;
-    let mut cg = Tracer::start(&[
-        "--cache",
-        "kmalloc-cg-512",
-        "--top",
-        "--interval",
-        "250ms",
-        "--stack-sample",
-        "4",
-    ])
-    .expect("start cg");
-    let mut plain = Tracer::start(&[
-        "--cache",
-        "kmalloc-512",
-        "--top",
-        "--interval",
-        "250ms",
-        "--stack-sample",
-        "4",
-    ])
-    .expect("start plain");
+    let mut cg = Tracer::top("kmalloc-cg-512", &["--stack-sample", "4"]).expect("start cg");
+    let mut plain = Tracer::top("kmalloc-512", &["--stack-sample", "4"]).expect("start plain");
     let mut gen = Generator::start("inotify", &N.to_string()).expect("leakgen inotify");
     let pid = gen.pid;
 
@@ -201,16 +183,7 @@ fn inotify_groups_land_in_kmalloc_512_without_cg_caches() {
         stderr.contains("does not exist") && stderr.contains("kmalloc-512"),
         "{stderr}"
     );
-    let mut plain = Tracer::start(&[
-        "--cache",
-        "kmalloc-512",
-        "--top",
-        "--interval",
-        "250ms",
-        "--stack-sample",
-        "4",
-    ])
-    .expect("start plain");
+    let mut plain = Tracer::top("kmalloc-512", &["--stack-sample", "4"]).expect("start plain");
     let mut gen = Generator::start("inotify", &N.to_string()).expect("leakgen inotify");
     let pid = gen.pid;
     plain
@@ -279,26 +252,8 @@ fn writev_churn_is_a_rate_not_a_leak() {
 #[test]
 fn other_sizes_do_not_show_under_kmalloc_512() {
     const N: u64 = 200;
-    let mut tracer = Tracer::start(&[
-        "--cache",
-        "kmalloc-512",
-        "--top",
-        "--interval",
-        "250ms",
-        "--stack-sample",
-        "4",
-    ])
-    .expect("start");
-    let mut small = Tracer::start(&[
-        "--cache",
-        OTHER_CACHE,
-        "--top",
-        "--interval",
-        "250ms",
-        "--stack-sample",
-        "4",
-    ])
-    .expect("start other");
+    let mut tracer = Tracer::top("kmalloc-512", &["--stack-sample", "4"]).expect("start");
+    let mut small = Tracer::top(OTHER_CACHE, &["--stack-sample", "4"]).expect("start other");
     let mut gen = Generator::start("other", &N.to_string()).expect("leakgen other");
     let pid = gen.pid;
     // Positive control: the other cache does see them.
@@ -348,8 +303,7 @@ fn named_cache_filp_follows_open_files() {
     // --exact: the generator's own executable is another filp from the same
     // call site (__alloc_file, under execve), so a sampled run estimates the
     // open files' share (~297 of 301, seen in vm-test) instead of counting it.
-    let mut tracer = Tracer::start(&["--cache", "filp", "--top", "--interval", "250ms", "--exact"])
-        .expect("start");
+    let mut tracer = Tracer::top("filp", &["--exact"]).expect("start");
     let mut gen = Generator::start("files", &N.to_string()).expect("leakgen files");
     let pid = gen.pid;
     tracer

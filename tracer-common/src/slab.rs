@@ -228,8 +228,9 @@ pub struct AllocHeader {
     /// The allocating process's start (`group_leader->start_time`, ns): with
     /// `tgid` it names one process even when its PID is reused. 0: unknown.
     pub start_ns: u64,
-    /// The allocating task's parent process at this moment
-    /// (`real_parent->tgid`); 0 when unknown.
+    /// The allocating task's parent process (`real_parent->tgid`) when this
+    /// CPU last refreshed the task's facts (a new task on the CPU, not every
+    /// allocation); 0 when unknown.
     pub ppid: u32,
     /// [`CONTEXT_KNOWN`](crate::CONTEXT_KNOWN) with
     /// [`CONTEXT_HARDIRQ`](crate::CONTEXT_HARDIRQ),

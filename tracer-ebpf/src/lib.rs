@@ -46,6 +46,29 @@ pub fn atomic_add(p: &mut u64, n: u64) {
     unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(p, n) };
 }
 
+/// Binds the shared helpers to one object's own maps, so each object's code
+/// says `config()`, `bump(i)` and `read(ctx, offset)`:
+/// `object_maps!(CONFIG: Config, COUNTERS)`.
+#[macro_export]
+macro_rules! object_maps {
+    ($config:ident: $ty:ty, $counters:ident) => {
+        #[inline(always)]
+        fn config() -> &'static $ty {
+            $crate::frozen(&$config)
+        }
+
+        #[inline(always)]
+        fn bump(index: u32) {
+            $crate::bump(&$counters, index)
+        }
+
+        #[inline(always)]
+        fn read<T>(ctx: &aya_ebpf::programs::TracePointContext, offset: u16) -> Option<T> {
+            $crate::read(ctx, offset)
+        }
+    };
+}
+
 /// The values userspace wrote into a read-only global before load. The
 /// volatile read keeps rustc from folding the zeroed initializer into the
 /// code; the verifier then sees the real, frozen values and prunes disabled

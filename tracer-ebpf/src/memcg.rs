@@ -56,20 +56,7 @@ fn wakeup_flags(cfg: &MemcgConfig) -> u64 {
     tracer_ebpf::wakeup_flags(&MEMCG_EVENTS, cfg.wakeup_bytes)
 }
 
-#[inline(always)]
-fn config() -> &'static MemcgConfig {
-    tracer_ebpf::frozen(&MEMCG_CONFIG)
-}
-
-#[inline(always)]
-fn bump(index: u32) {
-    tracer_ebpf::bump(&MEMCG_COUNTERS, index)
-}
-
-#[inline(always)]
-fn read<T>(ctx: &TracePointContext, offset: u16) -> Option<T> {
-    tracer_ebpf::read(ctx, offset)
-}
+tracer_ebpf::object_maps!(MEMCG_CONFIG: MemcgConfig, MEMCG_COUNTERS);
 
 #[tracepoint]
 pub fn memcg_mkdir(ctx: TracePointContext) -> u32 {

@@ -140,20 +140,7 @@ fn wakeup_flags() -> u64 {
     tracer_ebpf::wakeup_flags(&EVENTS, config().wakeup_bytes)
 }
 
-#[inline(always)]
-fn config() -> &'static Config {
-    tracer_ebpf::frozen(&CONFIG)
-}
-
-#[inline(always)]
-fn bump(index: u32) {
-    tracer_ebpf::bump(&COUNTERS, index)
-}
-
-#[inline(always)]
-fn read<T>(ctx: &TracePointContext, offset: u16) -> Option<T> {
-    tracer_ebpf::read(ctx, offset)
-}
+tracer_ebpf::object_maps!(CONFIG: Config, COUNTERS);
 
 // Classic tracepoints: fields read from the perf record at offsets taken from
 // the running kernel's tracefs format files. Used where BTF is missing.
@@ -785,6 +772,14 @@ fn live_bucket<const CAS: bool>(ptr: u64) -> Option<*mut [u64; LIVE_WAYS]> {
     LIVE_SLOTS.get_ptr_mut(index as u32)
 }
 
+/// Whether `LIVE` holds any pointer (slot builds only): one object that
+/// overflowed keeps every later lookup going to the hash too, which costs
+/// time, never correctness.
+#[inline(always)]
+fn overflow_in_use() -> bool {
+    LIVE_OVERFLOW.get(0).copied().unwrap_or(1) != 0
+}
+
 /// Track `ptr`; false only when both the slots and `LIVE` are full. A pointer
 /// already tracked (its free escaped us) stays tracked: userspace reads the
 /// new allocation as proof of the missed free.
@@ -799,6 +794,11 @@ fn live_insert<const CAS: bool>(ptr: u64, ts: u64) -> bool {
             }
             i += 1;
         }
+        // Tracked in `LIVE` since its bucket was full: a slot freed since must
+        // not take it a second time, or its free would clear one copy only.
+        if overflow_in_use() && unsafe { LIVE.get(ptr) }.is_some() {
+            return true;
+        }
         let mut i = 0;
         while i < LIVE_WAYS {
             if CAS && slots[i] == 0 && tracer_ebpf::compare_exchange(&mut slots[i], 0, ptr) {
@@ -809,8 +809,12 @@ fn live_insert<const CAS: bool>(ptr: u64, ts: u64) -> bool {
     }
     match LIVE.insert(ptr, ts, BPF_NOEXIST) {
         Ok(()) => {
-            if let Some(n) = LIVE_OVERFLOW.get_ptr_mut(0) {
-                tracer_ebpf::atomic_add(unsafe { &mut *n }, 1);
+            // Only the slot builds read the count (no shared line to bounce
+            // on every allocation of a `_nocas` build).
+            if CAS {
+                if let Some(n) = LIVE_OVERFLOW.get_ptr_mut(0) {
+                    tracer_ebpf::atomic_add(unsafe { &mut *n }, 1);
+                }
             }
             true
         }
@@ -830,8 +834,7 @@ fn live_find<const CAS: bool>(ptr: u64) -> Option<Held> {
             }
             i += 1;
         }
-        let overflow = LIVE_OVERFLOW.get(0).copied().unwrap_or(1);
-        if overflow == 0 {
+        if !overflow_in_use() {
             return None;
         }
     }
@@ -847,8 +850,10 @@ fn live_remove<const CAS: bool>(ptr: u64, held: Held) -> bool {
             if LIVE.remove(ptr).is_err() {
                 return false;
             }
-            if let Some(n) = LIVE_OVERFLOW.get_ptr_mut(0) {
-                tracer_ebpf::atomic_add(unsafe { &mut *n }, u64::MAX);
+            if CAS {
+                if let Some(n) = LIVE_OVERFLOW.get_ptr_mut(0) {
+                    tracer_ebpf::atomic_add(unsafe { &mut *n }, u64::MAX);
+                }
             }
             true
         }

@@ -142,7 +142,7 @@ pub async fn run(args: TraceOptions, cache: &str) -> Result<()> {
             let active = slab_baseline.as_ref().map(|l| l.active_objs);
             let n = plan::live_map_entries(active);
             plan.notes.push(format!(
-                "tracks up to {n} objects at once ({}; --max-objects sets it)",
+                "sized to track {n} objects at once ({}; --max-objects sets it)",
                 active.map_or("/proc/slabinfo unreadable".to_string(), |a| format!(
                     "twice the cache's {a} active objects, 65536 at least"
                 ))

@@ -105,6 +105,10 @@ pub fn spare_program(raw: &str) -> Option<&'static str> {
         "kmem_cache_free_raw" => Some("kmem_cache_free_raw_spare"),
         "kmalloc_raw" => Some("kmalloc_raw_spare"),
         "kmem_cache_alloc_raw" => Some("kmem_cache_alloc_raw_spare"),
+        "kfree_raw_nocas" => Some("kfree_raw_spare_nocas"),
+        "kmem_cache_free_raw_nocas" => Some("kmem_cache_free_raw_spare_nocas"),
+        "kmalloc_raw_nocas" => Some("kmalloc_raw_spare_nocas"),
+        "kmem_cache_alloc_raw_nocas" => Some("kmem_cache_alloc_raw_spare_nocas"),
         _ => None,
     }
 }
@@ -136,7 +140,7 @@ pub fn program_variant(program: &'static str, live_slots: bool) -> &'static str 
 }
 
 pub fn is_spare(program: &str) -> bool {
-    program.ends_with("_spare")
+    program.ends_with("_spare") || program.ends_with("_spare_nocas")
 }
 
 struct Hooks<'a> {

@@ -224,15 +224,31 @@ mod tests {
                     "{loaded} not in the object"
                 );
                 // What a 5.10 verifier refuses even in dead code.
-                let cmpxchg = cmpxchg_count(&obj, loaded);
+                let cmpxchg = atomic_count(&obj, loaded, |imm| imm == 0xf1);
                 assert_eq!(cmpxchg > 0, live_slots, "{loaded}: {cmpxchg} cmpxchg");
+                // The loaded name still pairs with its spare (loss accounting).
+                if let Some(spare) = super::spare_program(name) {
+                    assert_eq!(
+                        super::spare_program(loaded),
+                        Some(super::program_variant(spare, live_slots)),
+                        "{loaded}"
+                    );
+                    assert!(crate::slab::plan::is_spare(super::program_variant(
+                        spare, live_slots
+                    )));
+                }
+                // Nor any other atomic but the plain add 5.10 knows.
+                if !live_slots {
+                    assert_eq!(atomic_count(&obj, loaded, |imm| imm != 0), 0, "{loaded}");
+                }
             }
         }
     }
 
-    /// `BPF_STX | BPF_DW | BPF_ATOMIC` with `imm == BPF_CMPXCHG` in `program`'s
-    /// own instructions or any subprogram of the object.
-    fn cmpxchg_count(obj: &aya_obj::Object, program: &str) -> usize {
+    /// `BPF_STX | BPF_DW | BPF_ATOMIC` instructions whose operation (`imm`:
+    /// 0 add, 0xf1 cmpxchg, ...) passes `op`, in `program`'s own instructions
+    /// or any subprogram of the object.
+    fn atomic_count(obj: &aya_obj::Object, program: &str, op: impl Fn(i32) -> bool) -> usize {
         let key = obj.programs[program].function_key();
         let program_keys: std::collections::HashSet<_> =
             obj.programs.values().map(|p| p.function_key()).collect();
@@ -240,7 +256,7 @@ mod tests {
             .iter()
             .filter(|(k, _)| **k == key || !program_keys.contains(*k))
             .flat_map(|(_, f)| &f.instructions)
-            .filter(|i| i.code == 0xdb && i.imm == 0xf1)
+            .filter(|i| i.code == 0xdb && op(i.imm))
             .count()
     }
 
