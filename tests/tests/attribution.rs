@@ -66,23 +66,13 @@ fn holding_path_is_named(mode: Mode) {
     // 64 MiB of ring: 51,000 allocations in a burst, and a 1-vCPU emulated
     // guest runs the generator long before the reader (8 MiB lost 11,898
     // there, counted as allocs_lost_ringbuf, but then the held keys are short).
-    let mut args = vec![
-        "--cache",
-        "kmalloc-512",
-        "--top",
-        "--interval",
-        "250ms",
-        "--stacks",
-        "20",
-        "--ringbuf-mib",
-        "64",
-    ];
+    let mut args = vec!["--stacks", "20", "--ringbuf-mib", "64"];
     match mode {
         Mode::Sampled => {}
         Mode::Exact => args.push("--exact"),
         Mode::UserPaths => args.push("--user-paths"),
     }
-    let mut tracer = Tracer::start(&args).expect("start");
+    let mut tracer = Tracer::top("kmalloc-512", &args).expect("start");
     let mut gen = twopath(N, 50);
     let pid = gen.pid;
     let report = tracer

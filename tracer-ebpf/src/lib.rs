@@ -27,9 +27,10 @@ pub const BPF_ANY: u64 = aya_ebpf::bindings::BPF_ANY as u64;
 pub const BPF_NOEXIST: u64 = aya_ebpf::bindings::BPF_NOEXIST as u64;
 
 /// `*p = new` if `*p == old`, atomically across CPUs (BPF `cmpxchg`, 5.12+;
-/// callers keep it behind a config value that is 0 on older kernels, so the
-/// verifier never reaches it there). Whether it swapped. An intrinsic: the
-/// BPF target's atomic types offer no compare-and-swap, as v1 BPF has none.
+/// older verifiers reject the instruction even in dead code, so programs for
+/// them are built without it: the `_nocas` programs in slab.rs). Whether it
+/// swapped. An intrinsic: the BPF target's atomic types offer no
+/// compare-and-swap, as v1 BPF has none.
 #[inline(always)]
 pub fn compare_exchange(p: &mut u64, old: u64, new: u64) -> bool {
     let p: *mut u64 = p;

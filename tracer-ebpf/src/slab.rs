@@ -159,17 +159,13 @@ pub fn kmem_cache_alloc(ctx: TracePointContext) -> u32 {
 
 #[tracepoint]
 pub fn kfree(ctx: TracePointContext) -> u32 {
-    if let Some(ptr) = read(&ctx, config().kfree_ptr) {
-        on_free::<true>(ptr);
-    }
+    tp_free::<true>(&ctx, config().kfree_ptr);
     0
 }
 
 #[tracepoint]
 pub fn kmem_cache_free(ctx: TracePointContext) -> u32 {
-    if let Some(ptr) = read(&ctx, config().cache_free_ptr) {
-        on_free::<true>(ptr);
-    }
+    tp_free::<true>(&ctx, config().cache_free_ptr);
     0
 }
 
@@ -292,17 +288,13 @@ pub fn kmem_cache_alloc_nocas(ctx: TracePointContext) -> u32 {
 
 #[tracepoint]
 pub fn kfree_nocas(ctx: TracePointContext) -> u32 {
-    if let Some(ptr) = read(&ctx, config().kfree_ptr) {
-        on_free::<false>(ptr);
-    }
+    tp_free::<false>(&ctx, config().kfree_ptr);
     0
 }
 
 #[tracepoint]
 pub fn kmem_cache_free_nocas(ctx: TracePointContext) -> u32 {
-    if let Some(ptr) = read(&ctx, config().cache_free_ptr) {
-        on_free::<false>(ptr);
-    }
+    tp_free::<false>(&ctx, config().cache_free_ptr);
     0
 }
 
@@ -365,6 +357,13 @@ pub fn floor_tp(_ctx: TracePointContext) -> u32 {
 #[raw_tracepoint]
 pub fn floor_raw(_ctx: RawTracePointContext) -> i32 {
     0
+}
+
+#[inline(always)]
+fn tp_free<const CAS: bool>(ctx: &TracePointContext, ptr_offset: u16) {
+    if let Some(ptr) = read(ctx, ptr_offset) {
+        on_free::<CAS>(ptr);
+    }
 }
 
 #[inline(always)]
@@ -772,6 +771,30 @@ fn live_bucket<const CAS: bool>(ptr: u64) -> Option<*mut [u64; LIVE_WAYS]> {
     LIVE_SLOTS.get_ptr_mut(index as u32)
 }
 
+/// The slot of `bucket` that holds `ptr`, if any.
+#[inline(always)]
+fn slot_holding(bucket: &mut [u64; LIVE_WAYS], ptr: u64) -> Option<*mut u64> {
+    let mut i = 0;
+    while i < LIVE_WAYS {
+        if bucket[i] == ptr {
+            return Some(&mut bucket[i]);
+        }
+        i += 1;
+    }
+    None
+}
+
+/// `LIVE` gained (`delta` 1) or lost (`u64::MAX`) a pointer. Slot builds
+/// only: nothing else reads the count, and it is one shared cache line.
+#[inline(always)]
+fn count_overflow<const CAS: bool>(delta: u64) {
+    if CAS {
+        if let Some(n) = LIVE_OVERFLOW.get_ptr_mut(0) {
+            tracer_ebpf::atomic_add(unsafe { &mut *n }, delta);
+        }
+    }
+}
+
 /// Whether `LIVE` holds any pointer (slot builds only): one object that
 /// overflowed keeps every later lookup going to the hash too, which costs
 /// time, never correctness.
@@ -787,12 +810,8 @@ fn overflow_in_use() -> bool {
 fn live_insert<const CAS: bool>(ptr: u64, ts: u64) -> bool {
     if let Some(bucket) = live_bucket::<CAS>(ptr) {
         let slots = unsafe { &mut *bucket };
-        let mut i = 0;
-        while i < LIVE_WAYS {
-            if slots[i] == ptr {
-                return true;
-            }
-            i += 1;
+        if slot_holding(slots, ptr).is_some() {
+            return true;
         }
         // Tracked in `LIVE` since its bucket was full: a slot freed since must
         // not take it a second time, or its free would clear one copy only.
@@ -809,13 +828,7 @@ fn live_insert<const CAS: bool>(ptr: u64, ts: u64) -> bool {
     }
     match LIVE.insert(ptr, ts, BPF_NOEXIST) {
         Ok(()) => {
-            // Only the slot builds read the count (no shared line to bounce
-            // on every allocation of a `_nocas` build).
-            if CAS {
-                if let Some(n) = LIVE_OVERFLOW.get_ptr_mut(0) {
-                    tracer_ebpf::atomic_add(unsafe { &mut *n }, 1);
-                }
-            }
+            count_overflow::<CAS>(1);
             true
         }
         // EEXIST: already tracked there.
@@ -826,13 +839,8 @@ fn live_insert<const CAS: bool>(ptr: u64, ts: u64) -> bool {
 #[inline(always)]
 fn live_find<const CAS: bool>(ptr: u64) -> Option<Held> {
     if let Some(bucket) = live_bucket::<CAS>(ptr) {
-        let slots = unsafe { &mut *bucket };
-        let mut i = 0;
-        while i < LIVE_WAYS {
-            if slots[i] == ptr {
-                return Some(Held::Slot(&mut slots[i]));
-            }
-            i += 1;
+        if let Some(slot) = slot_holding(unsafe { &mut *bucket }, ptr) {
+            return Some(Held::Slot(slot));
         }
         if !overflow_in_use() {
             return None;
@@ -850,11 +858,7 @@ fn live_remove<const CAS: bool>(ptr: u64, held: Held) -> bool {
             if LIVE.remove(ptr).is_err() {
                 return false;
             }
-            if CAS {
-                if let Some(n) = LIVE_OVERFLOW.get_ptr_mut(0) {
-                    tracer_ebpf::atomic_add(unsafe { &mut *n }, u64::MAX);
-                }
-            }
+            count_overflow::<CAS>(u64::MAX);
             true
         }
     }

@@ -74,6 +74,8 @@ pub fn refresh_facts(off: &TaskOffsets, facts: &mut TaskFacts, pid_tgid: u64) {
     };
     if facts.task == task && facts.pid_tgid == pid_tgid && facts.cset == cset && task != 0 {
         if off.task_cgroups == 0 && off.memcg_from_cgroup2 != 0 {
+            // No css_set read tells a cgroup2 migration: ask every time (a
+            // helper without pointer walks).
             facts.memcg = unsafe { bpf_get_current_cgroup_id() };
         }
         return;

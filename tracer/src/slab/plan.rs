@@ -99,19 +99,24 @@ const RAW_CACHE_ALLOC: &[&str] = &["call_site", "ptr", "s", "gfp_flags"];
 /// The second program on a raw hook, run when the first is skipped for
 /// recursion (see `kfree_raw_spare` and `kmalloc_raw_spare` in the eBPF object). Classic tracepoints
 /// share one CPU-wide guard across all programs, so a spare cannot help there.
+/// A `_nocas` build's spare is that of its program, built the same way.
 pub fn spare_program(raw: &str) -> Option<&'static str> {
-    match raw {
-        "kfree_raw" => Some("kfree_raw_spare"),
-        "kmem_cache_free_raw" => Some("kmem_cache_free_raw_spare"),
-        "kmalloc_raw" => Some("kmalloc_raw_spare"),
-        "kmem_cache_alloc_raw" => Some("kmem_cache_alloc_raw_spare"),
-        "kfree_raw_nocas" => Some("kfree_raw_spare_nocas"),
-        "kmem_cache_free_raw_nocas" => Some("kmem_cache_free_raw_spare_nocas"),
-        "kmalloc_raw_nocas" => Some("kmalloc_raw_spare_nocas"),
-        "kmem_cache_alloc_raw_nocas" => Some("kmem_cache_alloc_raw_spare_nocas"),
-        _ => None,
-    }
+    let (program, live_slots) = match raw.strip_suffix(NOCAS) {
+        Some(program) => (program, false),
+        None => (raw, true),
+    };
+    let spare = match program {
+        "kfree_raw" => "kfree_raw_spare",
+        "kmem_cache_free_raw" => "kmem_cache_free_raw_spare",
+        "kmalloc_raw" => "kmalloc_raw_spare",
+        "kmem_cache_alloc_raw" => "kmem_cache_alloc_raw_spare",
+        _ => return None,
+    };
+    Some(program_variant(spare, live_slots))
 }
+
+/// The name suffix of the programs built without compare-and-swap.
+const NOCAS: &str = "_nocas";
 
 /// The program to load for the plan's `program`: the same program built
 /// without BPF compare-and-swap where the kernel has none (`live_slots` false:
@@ -140,7 +145,10 @@ pub fn program_variant(program: &'static str, live_slots: bool) -> &'static str 
 }
 
 pub fn is_spare(program: &str) -> bool {
-    program.ends_with("_spare") || program.ends_with("_spare_nocas")
+    program
+        .strip_suffix(NOCAS)
+        .unwrap_or(program)
+        .ends_with("_spare")
 }
 
 struct Hooks<'a> {

@@ -18,9 +18,9 @@ use crate::bpf::load::{
     counter_sum, loaded, map_fd, map_memory, prog_info, program, program_ids, raise_memlock_limit,
     take_counters, take_ring, with_map_flags, AlignedObject, BPF_F_NO_PREALLOC,
 };
-#[cfg(test)]
-use crate::slab::plan::spare_program;
-use crate::slab::plan::{live_overflow_entries, program_variant, Hook, LiveMap, Plan};
+use crate::slab::plan::{
+    is_spare, live_overflow_entries, program_variant, spare_program, Hook, LiveMap, Plan,
+};
 use crate::slab::report::KernelCounters;
 
 pub(crate) static SLAB_OBJECT: &[u8] =
@@ -82,7 +82,7 @@ impl Probes {
         for a in &plan.attachments {
             // The floor is what observing these hooks at all costs: one empty
             // program per hook, so the spares count as leaktrace's overhead.
-            if floor && crate::slab::plan::is_spare(a.program) {
+            if floor && is_spare(a.program) {
                 continue;
             }
             // The floor runs empty programs on exactly the planned hooks.
@@ -185,19 +185,19 @@ fn missed_by_both(misses: &[(&'static str, u64)], kind: &str) -> u64 {
             } else {
                 alloc
             };
-            matches && !crate::slab::plan::is_spare(name)
+            matches && !is_spare(name)
         })
-        .map(
-            |&(name, m)| match crate::slab::plan::spare_program(name).and_then(of) {
-                Some(spare) => m.min(spare),
-                None => m,
-            },
-        )
+        .map(|&(name, m)| match spare_program(name).and_then(of) {
+            Some(spare) => m.min(spare),
+            None => m,
+        })
         .sum()
 }
 
 #[cfg(test)]
 mod tests {
+    use super::{is_spare, program_variant, spare_program};
+
     /// Every program the plan can name, and its build without compare-and-swap,
     /// is in the object under that name (parsed without syscalls).
     #[test]
@@ -214,10 +214,10 @@ mod tests {
             "kfree_raw",
             "kmem_cache_free_raw",
         ];
-        let spares = planned.iter().filter_map(|p| super::spare_program(p));
+        let spares = planned.iter().filter_map(|p| spare_program(p));
         for name in planned.into_iter().chain(spares) {
             for live_slots in [true, false] {
-                let loaded = super::program_variant(name, live_slots);
+                let loaded = program_variant(name, live_slots);
                 assert_eq!(loaded == name, live_slots, "{name} -> {loaded}");
                 assert!(
                     obj.programs.contains_key(loaded),
@@ -227,15 +227,13 @@ mod tests {
                 let cmpxchg = atomic_count(&obj, loaded, |imm| imm == 0xf1);
                 assert_eq!(cmpxchg > 0, live_slots, "{loaded}: {cmpxchg} cmpxchg");
                 // The loaded name still pairs with its spare (loss accounting).
-                if let Some(spare) = super::spare_program(name) {
+                if let Some(spare) = spare_program(name) {
                     assert_eq!(
-                        super::spare_program(loaded),
-                        Some(super::program_variant(spare, live_slots)),
+                        spare_program(loaded),
+                        Some(program_variant(spare, live_slots)),
                         "{loaded}"
                     );
-                    assert!(crate::slab::plan::is_spare(super::program_variant(
-                        spare, live_slots
-                    )));
+                    assert!(is_spare(program_variant(spare, live_slots)));
                 }
                 // Nor any other atomic but the plain add 5.10 knows.
                 if !live_slots {
