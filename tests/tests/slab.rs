@@ -66,6 +66,7 @@ fn held_keys(hooks: &str, hooks_line: &str) {
     if exact {
         args.push("--exact");
     }
+    let tracing_since = std::time::Instant::now();
     let mut tracer = Tracer::start(&args).expect("start");
     assert!(
         tracer.stderr_seen.iter().any(|l| l.contains(hooks_line)),
@@ -88,6 +89,24 @@ fn held_keys(hooks: &str, hooks_line: &str) {
     );
     assert!(count(p, "outstanding") >= N);
     assert!(count(p, "outstanding_bytes") >= N * 512);
+
+    // Birth times are taken at the kernel tick's resolution: the held keys'
+    // age must grow with real time, and no age may exceed how long leaktrace
+    // has traced by more than a tick (10 ms at HZ=100), a millisecond of
+    // rounding and the histogram's 0.1%.
+    let aged = tracer
+        .wait_for("the held keys to be 1.5 s old", WAIT, |r| {
+            r["age"]["max_ms"].as_u64() >= Some(1500)
+        })
+        .expect("ages grow");
+    let traced_ms = tracing_since.elapsed().as_millis() as u64;
+    let max_ms = count(&aged["age"], "max_ms");
+    assert!(
+        max_ms <= traced_ms + 11 + traced_ms / 1000,
+        "oldest object {max_ms} ms old after {traced_ms} ms of tracing: {}",
+        aged["age"]
+    );
+    assert!(outstanding_on(&aged, pid, "user_preparse", "leak_keys") >= N);
 
     gen.release().expect("release");
     let freed = tracer

@@ -17,7 +17,7 @@ use aya_ebpf::{
     helpers::bpf_probe_read_kernel,
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_get_stack,
-        bpf_ktime_get_ns, bpf_probe_read_kernel_str_bytes,
+        bpf_probe_read_kernel_str_bytes,
     },
     macros::{map, raw_tracepoint, tracepoint},
     maps::{ring_buf::RingBufEntry, Array, HashMap, PerCpuArray, RingBuf},
@@ -90,11 +90,12 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT
 #[map]
 static TASK_FACTS: PerCpuArray<task::TaskFacts> = PerCpuArray::with_max_entries(4, 0);
 
-/// The pointer each main program took up last on this CPU, written first
-/// thing: while a main program runs for one object, a nested event on the same
-/// hook skips it (raw_tp recursion guard) and only its spare runs. So a spare
-/// that finds its event's pointer here knows the main program saw the event,
-/// and returns after one per-CPU load instead of a hash lookup. Index:
+/// The pointer each main program took up last on this CPU, written as soon
+/// as the event passes selection (the spare rejects a miss by the same test):
+/// while a main program runs for one object, a nested event on the same hook
+/// skips it (raw_tp recursion guard) and only its spare runs. So a spare that
+/// finds its event's pointer here knows the main program saw the event, and
+/// returns after one per-CPU load instead of a table lookup. Index:
 /// [`program_slot`] for the allocation hooks, `SEEN_KFREE`/`SEEN_CACHE_FREE`.
 #[map]
 static SEEN: PerCpuArray<u64> = PerCpuArray::with_max_entries(4, 0);
@@ -207,9 +208,6 @@ pub fn kmem_cache_alloc_raw_spare(ctx: RawTracePointContext) -> i32 {
 #[inline(always)]
 fn raw_kmalloc<const CAS: bool>(ctx: &RawTracePointContext, spare: bool) {
     // (call_site, ptr, bytes_req, bytes_alloc, gfp_flags[, node])
-    if seen_by_main(program_slot(SOURCE_KMALLOC, false), ctx.arg(1), spare) {
-        return;
-    }
     let cfg = config();
     let bytes_alloc: u64 = ctx.arg(3);
     if cfg.kmalloc_size == 0 || bytes_alloc != cfg.kmalloc_size {
@@ -217,6 +215,11 @@ fn raw_kmalloc<const CAS: bool>(ctx: &RawTracePointContext, spare: bool) {
     }
     let gfp = ctx.arg::<u64>(4) & 0xffff_ffff;
     if (cfg.kmalloc_classes >> kmalloc_class(gfp, cfg)) & 1 == 0 {
+        return;
+    }
+    // Only after selection: main and spare reject a miss alike, so a miss
+    // (nearly every event) costs them no per-CPU write or load.
+    if seen_by_main(program_slot(SOURCE_KMALLOC, false), ctx.arg(1), spare) {
         return;
     }
     let site = Site {
@@ -262,7 +265,7 @@ pub fn kmem_cache_free_raw_spare(ctx: RawTracePointContext) -> i32 {
 
 #[inline(always)]
 fn raw_free<const CAS: bool>(ptr: u64, seen: u32, spare: bool) {
-    if !seen_by_main(seen, ptr, spare) {
+    if free_candidate(ptr) && !seen_by_main(seen, ptr, spare) {
         on_free::<CAS>(ptr);
     }
 }
@@ -359,11 +362,28 @@ pub fn floor_raw(_ctx: RawTracePointContext) -> i32 {
     0
 }
 
+/// A second empty program where leaktrace runs a spare: its own program, as a
+/// spare is, so the kernel dispatches it separately.
+#[raw_tracepoint]
+pub fn floor_raw_spare(_ctx: RawTracePointContext) -> i32 {
+    0
+}
+
 #[inline(always)]
 fn tp_free<const CAS: bool>(ctx: &TracePointContext, ptr_offset: u16) {
     if let Some(ptr) = read(ctx, ptr_offset) {
-        on_free::<CAS>(ptr);
+        if free_candidate(ptr) {
+            on_free::<CAS>(ptr);
+        }
     }
+}
+
+/// The cheap test that rules out most frees (objects we never selected): the
+/// selected cache's alignment. kfree(NULL) is common and would match an empty
+/// slot.
+#[inline(always)]
+fn free_candidate(ptr: u64) -> bool {
+    ptr & config().free_align_mask == 0 && ptr != 0
 }
 
 #[inline(always)]
@@ -431,9 +451,6 @@ fn raw_cache_alloc<const CAS: bool>(
     cfg: &Config,
     spare: bool,
 ) -> Option<()> {
-    if seen_by_main(program_slot(SOURCE_CACHE_ALLOC, false), ctx.arg(1), spare) {
-        return None;
-    }
     if cfg.cache_size == 0 {
         return None;
     }
@@ -448,6 +465,9 @@ fn raw_cache_alloc<const CAS: bool>(
     let name_ptr = (cache + cfg.kmem_cache_name_off as u64) as *const *const u8;
     let name = unsafe { bpf_probe_read_kernel(name_ptr) }.ok()?;
     if !name_selected(name, cfg) {
+        return None;
+    }
+    if seen_by_main(program_slot(SOURCE_CACHE_ALLOC, false), ctx.arg(1), spare) {
         return None;
     }
     let gfp = ctx.arg::<u64>(3) & 0xffff_ffff;
@@ -520,13 +540,13 @@ fn record<const CAS: bool>(ctx: *mut core::ffi::c_void, site: &Site, spare: bool
     let facts = unsafe { &mut *facts };
     task::refresh_facts(&cfg.task, facts, pid_tgid);
     let context = task::interrupt_context(&cfg.irq, &mut facts.preempt_at);
+    let ts = task::tick_clock(facts);
     let who = Who {
         pid_tgid,
-        ts: unsafe { bpf_ktime_get_ns() },
+        ts,
         facts,
         context,
     };
-    let ts = who.ts;
     let path = if cfg.user_fingerprint != 0 {
         user_path(ctx)
     } else {
@@ -864,15 +884,11 @@ fn live_remove<const CAS: bool>(ptr: u64, held: Held) -> bool {
     }
 }
 
+/// The free of a [`free_candidate`]: one bucket of slots rules out nearly
+/// every object we never selected (and `LIVE` is asked only while it holds
+/// anything).
 #[inline(always)]
 fn on_free<const CAS: bool>(ptr: u64) {
-    // Two cheap tests rule out the overwhelming majority of frees (objects we
-    // never selected): the alignment of the selected cache, then the pointer's
-    // one bucket (and `LIVE` only while it holds anything). kfree(NULL) is
-    // common and would match an empty slot.
-    if ptr & config().free_align_mask != 0 || ptr == 0 {
-        return;
-    }
     let Some(held) = live_find::<CAS>(ptr) else {
         return;
     };

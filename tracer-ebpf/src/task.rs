@@ -4,8 +4,8 @@
 //! the current allocation runs in ([`IrqContext`]).
 
 use aya_ebpf::helpers::{
-    bpf_get_current_cgroup_id, bpf_get_current_task, bpf_probe_read_kernel,
-    generated::bpf_get_smp_processor_id,
+    bpf_get_current_cgroup_id, bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel,
+    generated::{bpf_get_smp_processor_id, bpf_jiffies64},
 };
 use tracer_common::{
     IrqContext, TaskOffsets, CONTEXT_HARDIRQ, CONTEXT_KNOWN, CONTEXT_NMI, CONTEXT_SOFTIRQ,
@@ -61,6 +61,10 @@ pub struct TaskFacts {
     /// This CPU's preempt count (a per-CPU address, so it never changes for
     /// the slot's CPU); 0 until found through the runqueue.
     pub preempt_at: u64,
+    /// [`tick_clock`]'s state: the jiffy it last saw and the
+    /// `bpf_ktime_get_ns` it read then.
+    pub clock_jiffies: u64,
+    pub clock_ns: u64,
 }
 
 /// Brings `facts` up to date for the current task (see [`TaskFacts`]).
@@ -223,4 +227,21 @@ fn find_preempt_count(irq: &IrqContext) -> u64 {
         return 0;
     }
     rq.wrapping_add(irq.preempt_delta as u64)
+}
+
+/// CLOCK_MONOTONIC in ns at the kernel tick's resolution, never ahead of the
+/// truth: the `bpf_ktime_get_ns` of the first event this slot saw in the
+/// current jiffy (1-10 ms, `CONFIG_HZ`). An allocation's birth time needs no
+/// better (ages are shown in ms and up), and the precise clock costs ~80 ns a
+/// call on a 6.18 KVM guest, a tenth of a matched allocation, where
+/// `bpf_jiffies64` (5.5+) is a load. `bpf_ktime_get_coarse_ns` would be the
+/// natural helper, but tracing programs may not call it (not NMI-safe).
+#[inline(always)]
+pub fn tick_clock(facts: &mut TaskFacts) -> u64 {
+    let jiffies = unsafe { bpf_jiffies64() };
+    if facts.clock_jiffies != jiffies || facts.clock_ns == 0 {
+        facts.clock_jiffies = jiffies;
+        facts.clock_ns = unsafe { bpf_ktime_get_ns() };
+    }
+    facts.clock_ns
 }

@@ -12,7 +12,7 @@ use crate::{
     doctor::DoctorOptions,
     pipeline::{memcg::MemcgOptions, trace::TraceOptions, RunOptions},
     serve::ServeOptions,
-    slab::{aggregator, grouping, plan::HookMode},
+    slab::{aggregator, grouping, plan::HookMode, probes::Floor},
 };
 
 #[derive(Debug, Parser)]
@@ -195,6 +195,11 @@ pub struct TraceArgs {
     /// Benchmark floor: attach empty programs on the same hooks and record nothing.
     #[arg(long, hide = true)]
     pub floor: bool,
+
+    /// Benchmark floor of a recursion-immune tracer: --floor plus a second empty
+    /// program wherever leaktrace runs a spare.
+    #[arg(long, hide = true, conflicts_with = "floor")]
+    pub floor_spares: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -606,7 +611,13 @@ impl From<TraceArgs> for TraceOptions {
             weight: a.weight,
             metrics: a.metrics,
             hooks: a.hooks,
-            floor: a.floor,
+            floor: if a.floor_spares {
+                Some(Floor::WithSpares)
+            } else if a.floor {
+                Some(Floor::Main)
+            } else {
+                None
+            },
         }
     }
 }

@@ -39,7 +39,7 @@ use crate::{
     slab::decoder::decode,
     slab::grouping::{self, GroupBy},
     slab::plan::{self, HookMode},
-    slab::probes::Probes,
+    slab::probes::{Floor, Probes},
     slab::report::{self, Header, Naming, Report, SlabPicture, TracedPid},
     symbolize::Symbolizer,
 };
@@ -80,8 +80,8 @@ pub struct TraceOptions {
     /// Prometheus metrics served at this address.
     pub metrics: Option<std::net::SocketAddr>,
     pub hooks: HookMode,
-    /// Benchmark floor: empty programs on the same hooks.
-    pub floor: bool,
+    /// Benchmark floor: empty programs on the same hooks instead of ours.
+    pub floor: Option<Floor>,
 }
 
 pub async fn run(args: TraceOptions, cache: &str) -> Result<()> {

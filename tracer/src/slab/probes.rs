@@ -48,6 +48,15 @@ fn load_hint(error: &str) -> &'static str {
     }
 }
 
+/// Empty programs in place of ours, for `cargo xtask bench`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Floor {
+    /// One empty program per planned hook.
+    Main,
+    /// And a second, distinct one where leaktrace runs a spare.
+    WithSpares,
+}
+
 impl Probes {
     /// Load with the plan's configuration and attach every planned tracepoint.
     /// Returns the ring buffer separately so the event loop can own it.
@@ -55,7 +64,7 @@ impl Probes {
         plan: &Plan,
         max_objects: u32,
         ringbuf_bytes: u32,
-        floor: bool,
+        floor: Option<Floor>,
     ) -> Result<(Probes, RingBuf<MapData>)> {
         raise_memlock_limit();
         let object = match plan.live_map {
@@ -81,15 +90,18 @@ impl Probes {
         let mut programs: Vec<&'static str> = Vec::new();
         for a in &plan.attachments {
             // The floor is what observing these hooks at all costs: one empty
-            // program per hook, so the spares count as leaktrace's overhead.
-            if floor && is_spare(a.program) {
+            // program per hook, so the spares count as leaktrace's overhead;
+            // `Floor::WithSpares` adds an empty program in each spare's place,
+            // what the second program on a hook costs before it does anything.
+            let spare = is_spare(a.program);
+            if floor == Some(Floor::Main) && spare {
                 continue;
             }
-            // The floor runs empty programs on exactly the planned hooks.
             let name = match (floor, a.hook) {
-                (false, _) => program_variant(a.program, plan.config.live_bucket_mask != 0),
-                (true, Hook::Classic) => "floor_tp",
-                (true, Hook::Raw) => "floor_raw",
+                (None, _) => program_variant(a.program, plan.config.live_bucket_mask != 0),
+                (Some(_), Hook::Classic) => "floor_tp",
+                (Some(_), Hook::Raw) if spare => "floor_raw_spare",
+                (Some(_), Hook::Raw) => "floor_raw",
             };
             let first = !programs.contains(&name);
             let what = a.describe();
