@@ -17,7 +17,7 @@ use aya_ebpf::{
     helpers::bpf_probe_read_kernel,
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_get_stack,
-        bpf_probe_read_kernel_str_bytes,
+        bpf_ktime_get_ns, bpf_probe_read_kernel_str_bytes,
     },
     macros::{map, raw_tracepoint, tracepoint},
     maps::{ring_buf::RingBufEntry, Array, HashMap, PerCpuArray, RingBuf},
@@ -90,12 +90,16 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT
 #[map]
 static TASK_FACTS: PerCpuArray<task::TaskFacts> = PerCpuArray::with_max_entries(4, 0);
 
-/// The pointer each main program took up last on this CPU, written as soon
-/// as the event passes selection (the spare rejects a miss by the same test):
-/// while a main program runs for one object, a nested event on the same hook
-/// skips it (raw_tp recursion guard) and only its spare runs. So a spare that
-/// finds its event's pointer here knows the main program saw the event, and
-/// returns after one per-CPU load instead of a table lookup. Index:
+/// The pointer of the event each main program took up last on this CPU,
+/// written first thing for every event, selected or not: while a main program
+/// runs for one event, a nested event on the same hook skips it (raw_tp
+/// recursion guard) and only its spare runs. So a spare that finds its event's
+/// pointer here knows the main program saw the event, and returns after one
+/// per-CPU load instead of a table lookup. (Written only for selected events,
+/// it would keep a selected pointer while main runs for a miss, and SLUB's
+/// last-in-first-out freelists hand that very address to the next nested
+/// allocation.) The spare tests selection first, and so pays nothing on a
+/// miss. Index:
 /// [`program_slot`] for the allocation hooks, `SEEN_KFREE`/`SEEN_CACHE_FREE`.
 #[map]
 static SEEN: PerCpuArray<u64> = PerCpuArray::with_max_entries(4, 0);
@@ -116,22 +120,19 @@ fn program_slot(source: u16, spare: bool) -> u32 {
     }
 }
 
-/// Main program (`spare == false`): note `ptr` as taken up, return false.
-/// Spare: whether the main program took up `ptr`, i.e. there is nothing left
-/// for the spare to do.
+/// Main programs, first thing: note the event's `ptr` as taken up.
 #[inline(always)]
-fn seen_by_main(index: u32, ptr: u64, spare: bool) -> bool {
-    let Some(slot) = SEEN.get_ptr_mut(index) else {
-        return false;
-    };
-    unsafe {
-        if spare {
-            *slot == ptr
-        } else {
-            *slot = ptr;
-            false
-        }
+fn take_up(index: u32, ptr: u64) {
+    if let Some(slot) = SEEN.get_ptr_mut(index) {
+        unsafe { *slot = ptr };
     }
+}
+
+/// Spares, once the event passed selection: whether the main program took up
+/// `ptr`, i.e. there is nothing left for the spare to do.
+#[inline(always)]
+fn taken_up_by_main(index: u32, ptr: u64) -> bool {
+    SEEN.get(index).is_some_and(|p| *p == ptr)
 }
 
 // This object's maps under the shared helpers (`lib.rs`).
@@ -208,6 +209,10 @@ pub fn kmem_cache_alloc_raw_spare(ctx: RawTracePointContext) -> i32 {
 #[inline(always)]
 fn raw_kmalloc<const CAS: bool>(ctx: &RawTracePointContext, spare: bool) {
     // (call_site, ptr, bytes_req, bytes_alloc, gfp_flags[, node])
+    let slot = program_slot(SOURCE_KMALLOC, false);
+    if !spare {
+        take_up(slot, ctx.arg(1));
+    }
     let cfg = config();
     let bytes_alloc: u64 = ctx.arg(3);
     if cfg.kmalloc_size == 0 || bytes_alloc != cfg.kmalloc_size {
@@ -217,9 +222,7 @@ fn raw_kmalloc<const CAS: bool>(ctx: &RawTracePointContext, spare: bool) {
     if (cfg.kmalloc_classes >> kmalloc_class(gfp, cfg)) & 1 == 0 {
         return;
     }
-    // Only after selection: main and spare reject a miss alike, so a miss
-    // (nearly every event) costs them no per-CPU write or load.
-    if seen_by_main(program_slot(SOURCE_KMALLOC, false), ctx.arg(1), spare) {
+    if spare && taken_up_by_main(slot, ctx.arg(1)) {
         return;
     }
     let site = Site {
@@ -265,9 +268,13 @@ pub fn kmem_cache_free_raw_spare(ctx: RawTracePointContext) -> i32 {
 
 #[inline(always)]
 fn raw_free<const CAS: bool>(ptr: u64, seen: u32, spare: bool) {
-    if free_candidate(ptr) && !seen_by_main(seen, ptr, spare) {
-        on_free::<CAS>(ptr);
+    if !spare {
+        take_up(seen, ptr);
     }
+    if !free_candidate(ptr) || spare && taken_up_by_main(seen, ptr) {
+        return;
+    }
+    on_free::<CAS>(ptr);
 }
 
 // The same programs for kernels without BPF compare-and-swap (before 5.12,
@@ -451,6 +458,10 @@ fn raw_cache_alloc<const CAS: bool>(
     cfg: &Config,
     spare: bool,
 ) -> Option<()> {
+    let slot = program_slot(SOURCE_CACHE_ALLOC, false);
+    if !spare {
+        take_up(slot, ctx.arg(1));
+    }
     if cfg.cache_size == 0 {
         return None;
     }
@@ -467,7 +478,7 @@ fn raw_cache_alloc<const CAS: bool>(
     if !name_selected(name, cfg) {
         return None;
     }
-    if seen_by_main(program_slot(SOURCE_CACHE_ALLOC, false), ctx.arg(1), spare) {
+    if spare && taken_up_by_main(slot, ctx.arg(1)) {
         return None;
     }
     let gfp = ctx.arg::<u64>(3) & 0xffff_ffff;
@@ -540,7 +551,14 @@ fn record<const CAS: bool>(ctx: *mut core::ffi::c_void, site: &Site, spare: bool
     let facts = unsafe { &mut *facts };
     task::refresh_facts(&cfg.task, facts, pid_tgid);
     let context = task::interrupt_context(&cfg.irq, &mut facts.preempt_at);
-    let ts = task::tick_clock(facts);
+    // `_nocas` builds also serve 5.8, whose tracing programs may not call
+    // bpf_jiffies64 (5.9): they keep the precise clock. Slot builds load on
+    // 5.12+ only.
+    let ts = if CAS {
+        task::tick_clock(facts)
+    } else {
+        unsafe { bpf_ktime_get_ns() }
+    };
     let who = Who {
         pid_tgid,
         ts,
@@ -869,7 +887,9 @@ fn live_find<const CAS: bool>(ptr: u64) -> Option<Held> {
     unsafe { LIVE.get(ptr) }.map(|_| Held::Overflow)
 }
 
-/// Untrack `ptr`; false if another CPU untracked it first.
+/// Untrack `ptr`; false if another CPU untracked it first. A `LIVE` entry
+/// whose removal the hash refused stays behind (see below) and true is
+/// returned: the free itself is real.
 #[inline(always)]
 fn live_remove<const CAS: bool>(ptr: u64, held: Held) -> bool {
     match held {
@@ -880,12 +900,16 @@ fn live_remove<const CAS: bool>(ptr: u64, held: Held) -> bool {
                 true
             }
             // ENOENT: another CPU untracked it first.
-            Err(e) if e == -2 => false,
-            // EBUSY (5.11+): the hash's per-CPU bucket lock is held by the
-            // program this run interrupted. The lookup just found the object and
-            // this free is real, so it is reported; the entry stays behind, and
-            // the next allocation at this address finds it tracked already.
-            // Dropping the free instead would leave a phantom leak.
+            Err(-2) => false,
+            // The bucket lock was busy on this CPU: EBUSY (5.11+; EDEADLK or
+            // ETIMEDOUT where it is an rqspinlock). Bucket locks are held with
+            // interrupts off, so only an NMI-time program or a tracepoint inside
+            // the locked section meets this, rarely. The lookup just found the
+            // object and this free is real, so it is reported; the entry stays
+            // behind, and the next allocation at this address finds it tracked
+            // already (a spare's nested allocation there is then taken as
+            // recorded and goes uncounted). Dropping the free would leave a
+            // phantom leak instead, which is worse.
             Err(_) => true,
         },
     }

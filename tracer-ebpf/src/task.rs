@@ -40,7 +40,8 @@ pub fn css_cgroup_id(off: &TaskOffsets, css: u64) -> u64 {
 
 /// What an allocation header says of its task, as last read on this CPU by one
 /// program (`TASK_FACTS` in slab.rs has a slot per program, so a nested run
-/// never tears another's). Reading them costs a dozen dependent kernel reads
+/// of another program never tears it; a raw tracepoint program nesting into
+/// itself, possible before 6.1, can). Reading them costs a dozen dependent kernel reads
 /// (~500 ns); a loop allocating on one CPU pays one instead: `task->cgroups` is
 /// re-read every time and the rest is reused only while it, the task and its
 /// pid/tgid are unchanged. A migration to another cgroup replaces
@@ -231,17 +232,24 @@ fn find_preempt_count(irq: &IrqContext) -> u64 {
 
 /// CLOCK_MONOTONIC in ns at the kernel tick's resolution, never ahead of the
 /// truth: the `bpf_ktime_get_ns` of the first event this slot saw in the
-/// current jiffy (1-10 ms, `CONFIG_HZ`). An allocation's birth time needs no
-/// better (ages are shown in ms and up), and the precise clock costs ~80 ns a
-/// call on a 6.18 KVM guest, a tenth of a matched allocation, where
-/// `bpf_jiffies64` (5.5+) is a load. `bpf_ktime_get_coarse_ns` would be the
-/// natural helper, but tracing programs may not call it (not NMI-safe).
+/// current jiffy, so normally at most a tick (1-10 ms, `CONFIG_HZ`) early, and
+/// longer only while the kernel's jiffies counter itself stalls. An
+/// allocation's birth time needs no better (ages are shown in ms and up), and
+/// the precise clock costs ~80 ns a call on a 6.18 KVM guest, a tenth of a
+/// matched allocation, where `bpf_jiffies64` is a load. Tracing programs may
+/// call it from 5.9; `bpf_ktime_get_coarse_ns` would be the natural helper,
+/// but they may not call that one at all (not NMI-safe).
 #[inline(always)]
 pub fn tick_clock(facts: &mut TaskFacts) -> u64 {
     let jiffies = unsafe { bpf_jiffies64() };
     if facts.clock_jiffies != jiffies || facts.clock_ns == 0 {
-        facts.clock_jiffies = jiffies;
-        facts.clock_ns = unsafe { bpf_ktime_get_ns() };
+        // Before 6.1 a raw tracepoint program can nest into itself and share
+        // this slot: the time goes first, so a nested run that sees the new
+        // jiffy also sees its time, never an older one.
+        unsafe {
+            core::ptr::write_volatile(&mut facts.clock_ns, bpf_ktime_get_ns());
+            core::ptr::write_volatile(&mut facts.clock_jiffies, jiffies);
+        }
     }
     facts.clock_ns
 }

@@ -601,11 +601,12 @@ impl Report<'_> {
             for c in &self.configs {
                 let Some(r) = self.ratios(w, c) else { continue };
                 let multiple = if c.starts_with("leaktrace") {
-                    format!(
-                        "{} ({} of floor + spares')",
-                        multiple_of(r.med, floor),
-                        multiple_of(r.med, floor_spares)
-                    )
+                    let (one, both) = (multiple_of(r.med, floor), multiple_of(r.med, floor_spares));
+                    if both.starts_with("n/a") {
+                        one
+                    } else {
+                        format!("{one} ({both} of floor + spares')")
+                    }
                 } else {
                     String::new()
                 };
