@@ -91,12 +91,13 @@ fn held_keys(hooks: &str, hooks_line: &str) {
     assert!(count(p, "outstanding_bytes") >= N * 512);
 
     // Birth times are taken at the kernel tick's resolution: the held keys'
-    // age must grow with real time, and no age may exceed how long leaktrace
-    // has traced by more than a tick (10 ms at HZ=100), a millisecond of
-    // rounding and the histogram's 0.1%.
+    // age must grow with real time, past the age histogram's first 2,047 ms
+    // (it once clamped every later age to 2 ms), and no age may exceed how
+    // long leaktrace has traced by more than a tick (10 ms at HZ=100), a
+    // millisecond of rounding and the histogram's 0.1%.
     let aged = tracer
-        .wait_for("the held keys to be 1.5 s old", WAIT, |r| {
-            r["age"]["max_ms"].as_u64() >= Some(1500)
+        .wait_for("the held keys to be 2.5 s old", WAIT, |r| {
+            r["age"]["max_ms"].as_u64() >= Some(2500)
         })
         .expect("ages grow");
     let traced_ms = tracing_since.elapsed().as_millis() as u64;

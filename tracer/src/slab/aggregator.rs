@@ -755,7 +755,12 @@ impl Aggregator {
         for live in self.objects.values() {
             let born_ns = self.base_ns.unwrap_or(0) + u64::from(live.ts_ms) * 1_000_000;
             let ms = now_ns.saturating_sub(born_ns) / 1_000_000;
-            h.saturating_record(ms);
+            // `record` grows the histogram; `saturating_record` never does, and
+            // clamped every age past the initial 2,047 ms to the initial
+            // highest trackable value, 2 ms.
+            if h.record(ms).is_err() {
+                h.saturating_record(ms);
+            }
         }
         if h.is_empty() {
             return AgeSummary::default();
@@ -1464,6 +1469,15 @@ mod tests {
         assert_eq!(snap.cgroups[0].cgroup_id, 110);
         assert_eq!(snap.age.count, 3);
         assert_eq!(snap.age.max_ms, 1000);
+        // An hour later: ages past the histogram's first 2,047 ms are kept.
+        let hour = 3_600_000_000_000;
+        let snap = agg.snapshot(1_000_000_000 + hour, &opts(SortKey::Outstanding));
+        let max = snap.age.max_ms;
+        assert!(
+            (3_600_000 + 1000..=3_600_000 + 1000 + 3_601).contains(&max),
+            "{max}"
+        );
+        assert!(snap.age.p50_ms >= 3_600_000, "{:?}", snap.age);
     }
 
     #[test]
