@@ -39,12 +39,12 @@ pub fn css_cgroup_id(off: &TaskOffsets, css: u64) -> u64 {
 }
 
 /// What an allocation header says of its task, as last read on this CPU by one
-/// program (`TASK_FACTS` in slab.rs has a slot per program, so a nested run
-/// of another program never tears it; a raw tracepoint program nesting into
-/// itself, possible before 6.1, can). Reading them costs a dozen dependent kernel reads
-/// (~500 ns); a loop allocating on one CPU pays one instead: `task->cgroups` is
-/// re-read every time and the rest is reused only while it, the task and its
-/// pid/tgid are unchanged. A migration to another cgroup replaces
+/// program (`TASK_FACTS` in slab.rs has a slot per program, so a nested run of
+/// another program never tears it; a raw tracepoint program nesting into
+/// itself, possible before 6.1, can). Reading them costs a dozen dependent
+/// kernel reads (~500 ns); a loop allocating on one CPU pays one instead:
+/// `task->cgroups` is re-read every time and the rest is reused only while it,
+/// the task and its pid/tgid are unchanged. A migration to another cgroup replaces
 /// `task->cgroups` (a new css_set) and a process's start time never changes.
 /// The parent is read when the slot is refreshed, which a process's first
 /// allocation on a CPU always does, and userspace keeps a process's first
