@@ -30,16 +30,59 @@ pub const CACHE_NAME_LEN: usize = 32;
 pub const SOURCE_KMALLOC: u16 = 1;
 pub const SOURCE_CACHE_ALLOC: u16 = 2;
 
-/// [`AllocHeader::flags`]: this allocation won the random stack-sampling draw
-/// (probability `1 / (stack_sample_mask + 1)`, independent of everything else),
-/// so it may stand for its stratum in unbiased per-stack estimates.
+/// [`AllocHeader::flags`]: this allocation's stacks were drawn (captured) and
+/// it may stand for its stratum in unbiased per-stack estimates. Whether or
+/// not it was drawn, the header carries the probability it was drawn with
+/// ([`draw_level`]), so userspace keeps exact counts per (stratum, level).
 pub const FLAG_SAMPLED: u16 = 1;
-/// Stacks were captured because the stratum was new on this CPU, not by the
-/// random draw: they name the stratum but must not enter estimates.
-pub const FLAG_NAMING: u16 = 2;
+/// The allocation was one of its stratum's first [`Config::census_allocs`] on
+/// this CPU and so was drawn with probability 1 (level 0): a census of new
+/// strata, so a path that allocates rarely is named by its first allocations.
+pub const FLAG_CENSUS: u16 = 2;
 /// The user fingerprint walk found no frame beyond the entry ip (no frame
 /// pointers, or a kernel thread): the stratum cannot tell user paths apart.
 pub const FLAG_SHALLOW: u16 = 4;
+/// The stratum was being zoomed ([`ZoomSlot`]): userspace had raised its draw
+/// probability, and the level in the flags is the zoomed one.
+pub const FLAG_ZOOM: u16 = 8;
+/// Bits 8..13 of [`AllocHeader::flags`]: the draw level `k`, the allocation
+/// having been drawn with probability `1 / 2^k` (0: certainly).
+pub const DRAW_LEVEL_SHIFT: u16 = 8;
+pub const DRAW_LEVEL_MASK: u16 = 0x1f;
+
+/// The draw level carried in an allocation's flags; see [`DRAW_LEVEL_SHIFT`].
+#[inline(always)]
+pub const fn draw_level(flags: u16) -> u8 {
+    ((flags >> DRAW_LEVEL_SHIFT) & DRAW_LEVEL_MASK) as u8
+}
+
+/// Slots of the per-CPU `SITES` table (strata seen lately, with their
+/// census counts) and of the `ZOOM` table, both indexed by [`stratum_slot`].
+pub const STRATUM_SLOTS: u32 = 1024;
+
+/// The slot of a stratum (process, kernel call site, user fingerprint) in the
+/// `SITES` and `ZOOM` tables: the kernel and userspace (which writes `ZOOM`)
+/// must compute the same one.
+#[inline(always)]
+pub const fn stratum_slot(call_site: u64, fingerprint: u64, tgid: u32) -> u32 {
+    let h = (call_site ^ fingerprint.rotate_left(21) ^ ((tgid as u64) << 40))
+        .wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    (h >> 54) as u32 & (STRATUM_SLOTS - 1)
+}
+
+/// One entry of the slab object's `ZOOM` array, written by userspace only: while
+/// `level_plus_one != 0`, allocations of this stratum are drawn with
+/// probability `1 / 2^(level_plus_one - 1)` instead of the base rate. The
+/// kernel records the level it used in each event, so a torn or stale entry
+/// changes how often a stratum is drawn, never what an estimate means.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ZoomSlot {
+    pub call_site: u64,
+    pub fingerprint: u64,
+    pub tgid: u32,
+    pub level_plus_one: u32,
+}
 
 /// Indexes into the slab object's per-CPU `COUNTERS` array.
 pub mod counter {
@@ -62,6 +105,10 @@ pub mod counter {
         /// A selected object whose pointer fails `free_align_mask`: its free would be
         /// filtered out. Should be 0; nonzero means the alignment assumption is wrong.
         MISALIGNED,
+        /// Drawn allocations of zoomed strata ([`super::FLAG_ZOOM`]), and the
+        /// kernel time (ns) their stack captures took: what a zoom costs.
+        ZOOM_DRAWN,
+        ZOOM_STACK_NS,
     }
 }
 
@@ -126,10 +173,15 @@ pub struct Config {
     /// userspace also polls on a short timer. 0 wakes on every event.
     pub wakeup_bytes: u64,
     /// Stack sampling within each stratum (process, kernel call site, user-path
-    /// fingerprint): an allocation captures stacks when a fresh random draw
-    /// `& mask == 0` ([`FLAG_SAMPLED`]), or when its stratum is new on this CPU
-    /// ([`FLAG_NAMING`]). 0 captures every allocation's stacks (`--exact`).
+    /// fingerprint): past its census, an allocation captures stacks when a
+    /// fresh random draw `& mask == 0` ([`FLAG_SAMPLED`]); the mask is
+    /// `2^base_level - 1`. 0 captures every allocation's stacks (`--exact`).
     pub stack_sample_mask: u64,
+    /// `log2(stack_sample_mask + 1)`: the level of an ordinary draw.
+    pub base_level: u32,
+    /// The first this many allocations of a stratum on a CPU are drawn with
+    /// probability 1 ([`FLAG_CENSUS`]); 0 turns the census off.
+    pub census_allocs: u32,
     /// Buckets in the slab object's `LIVE_SLOTS` table minus one (a power of
     /// two minus one, at least 1), or 0 where the kernel lacks BPF
     /// compare-and-swap (5.12+): then every live pointer goes to the `LIVE`
@@ -182,6 +234,8 @@ impl Config {
             user_fingerprint: 0,
             wakeup_bytes: 0,
             stack_sample_mask: 0,
+            base_level: 0,
+            census_allocs: 0,
             live_bucket_mask: 0,
             target_tgid: 0,
             stack_flags: 0,
@@ -209,7 +263,8 @@ pub struct AllocHeader {
     pub tgid: u32,
     pub pid: u32,
     pub source: u16,
-    /// [`FLAG_SAMPLED`], [`FLAG_NAMING`], [`FLAG_SHALLOW`].
+    /// [`FLAG_SAMPLED`], [`FLAG_CENSUS`], [`FLAG_ZOOM`], [`FLAG_SHALLOW`], and
+    /// the draw level in bits [`DRAW_LEVEL_SHIFT`]..
     pub flags: u16,
     pub ptr: u64,
     pub ts_ns: u64,

@@ -60,7 +60,13 @@ macro_rules! object_maps {
 
         #[inline(always)]
         fn bump(index: u32) {
-            $crate::bump(&$counters, index)
+            $crate::add(&$counters, index, 1)
+        }
+
+        #[allow(dead_code)]
+        #[inline(always)]
+        fn add(index: u32, n: u64) {
+            $crate::add(&$counters, index, n)
         }
 
         #[inline(always)]
@@ -79,11 +85,11 @@ pub fn frozen<T>(global: &'static T) -> &'static T {
     unsafe { core::ptr::read_volatile(&global) }
 }
 
-/// One more at `index` of a per-CPU counter array (summed by userspace).
+/// `n` more at `index` of a per-CPU counter array (summed by userspace).
 #[inline(always)]
-pub fn bump(counters: &PerCpuArray<u64>, index: u32) {
+pub fn add(counters: &PerCpuArray<u64>, index: u32, n: u64) {
     if let Some(slot) = counters.get_ptr_mut(index) {
-        unsafe { *slot += 1 };
+        unsafe { *slot += n };
     }
 }
 

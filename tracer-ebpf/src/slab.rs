@@ -26,10 +26,10 @@ use aya_ebpf::{
 };
 use tracer_common::{
     slab::{
-        counter, kmalloc_class, AllocEvent, AllocHeader, AllocLayout, Config, FreeEvent,
-        CACHE_NAME_LEN, FINGERPRINT_FRAMES, FLAG_NAMING, FLAG_SAMPLED, FLAG_SHALLOW, LIVE_WAYS,
-        MAX_CACHE_NAMES, MAX_KSTACK, MAX_USTACK, SOURCE_CACHE_ALLOC, SOURCE_KMALLOC, STACK_KERNEL,
-        STACK_USER,
+        counter, kmalloc_class, stratum_slot, AllocEvent, AllocHeader, AllocLayout, Config,
+        FreeEvent, ZoomSlot, CACHE_NAME_LEN, DRAW_LEVEL_SHIFT, FINGERPRINT_FRAMES, FLAG_CENSUS,
+        FLAG_SAMPLED, FLAG_SHALLOW, FLAG_ZOOM, LIVE_WAYS, MAX_CACHE_NAMES, MAX_KSTACK, MAX_USTACK,
+        SOURCE_CACHE_ALLOC, SOURCE_KMALLOC, STACK_KERNEL, STACK_USER, STRATUM_SLOTS,
     },
     CONTEXT_INTERRUPT, EVENT_ALLOC, EVENT_ALLOC_NO_STACKS, EVENT_FREE,
 };
@@ -63,15 +63,15 @@ static LIVE_SLOTS: Array<[u64; LIVE_WAYS]> = Array::with_max_entries(1, 0);
 #[map]
 static LIVE_OVERFLOW: Array<u64> = Array::with_max_entries(1, 0);
 
-/// Strata seen lately: a per-CPU, direct-mapped table of (process, kernel call
-/// site, user fingerprint). A slot that holds another stratum is simply taken
-/// over, which only means that stratum's next allocation captures a naming
-/// stack again: collisions cost extra stacks, never lose objects. Cheaper than
-/// a shared hash map on the hottest path we have.
+/// Strata seen lately, with how many allocations each made on this CPU: a
+/// per-CPU, direct-mapped table of (process, kernel call site, user
+/// fingerprint) at [`stratum_slot`]. A slot that holds another stratum is
+/// simply taken over, which only means that stratum's next allocations are
+/// taken into the census again: collisions cost extra stacks, never lose
+/// objects, and every draw's probability is recorded with its event. Cheaper
+/// than a shared hash map on the hottest path we have.
 #[map]
-static SITES: PerCpuArray<SiteSlot> = PerCpuArray::with_max_entries(SITE_SLOTS, 0);
-
-const SITE_SLOTS: u32 = 1024;
+static SITES: PerCpuArray<SiteSlot> = PerCpuArray::with_max_entries(STRATUM_SLOTS, 0);
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -79,8 +79,16 @@ struct SiteSlot {
     call_site: u64,
     fingerprint: u64,
     tgid: u32,
-    _pad: u32,
+    /// Allocations of this stratum seen here since the slot was taken (saturating).
+    allocs: u32,
 }
+
+/// Strata whose draw probability userspace raised for a while ("zoom"): where
+/// old objects of a stratum outlive their undrawn siblings, new ones are drawn
+/// more often until their stacks are known. Indexed like `SITES`; written by
+/// userspace only, read here with one array load.
+#[map]
+static ZOOM: Array<ZoomSlot> = Array::with_max_entries(STRATUM_SLOTS, 0);
 
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
@@ -570,11 +578,18 @@ fn record<const CAS: bool>(ctx: *mut core::ffi::c_void, site: &Site, spare: bool
     } else {
         UserPath::NONE
     };
-    let flags = stack_draw(site.call_site, tgid, &path, cfg);
-    if flags & (FLAG_SAMPLED | FLAG_NAMING) != 0 {
+    let draw = stack_draw(site.call_site, tgid, &path, cfg);
+    let flags = draw.flags;
+    if flags & FLAG_SAMPLED != 0 {
         let Some(mut entry) = EVENTS.reserve::<AllocEvent>(0) else {
             bump(counter::ALLOCS_LOST_RINGBUF);
             return None;
+        };
+        // A zoom's cost is measured where it is paid, on its draws only.
+        let zoom_start = if flags & FLAG_ZOOM != 0 {
+            unsafe { bpf_ktime_get_ns() }
+        } else {
+            0
         };
         let ev = entry.as_mut_ptr();
         unsafe {
@@ -607,7 +622,14 @@ fn record<const CAS: bool>(ctx: *mut core::ffi::c_void, site: &Site, spare: bool
                 }
             }
         }
-        commit::<CAS, _>(entry, site.ptr, ts, flags)
+        if zoom_start != 0 {
+            bump(counter::ZOOM_DRAWN);
+            add(
+                counter::ZOOM_STACK_NS,
+                unsafe { bpf_ktime_get_ns() }.wrapping_sub(zoom_start),
+            );
+        }
+        commit::<CAS, _>(entry, site.ptr, ts, draw.wake)
     } else {
         let Some(mut entry) = EVENTS.reserve::<AllocHeader>(0) else {
             bump(counter::ALLOCS_LOST_RINGBUF);
@@ -623,7 +645,7 @@ fn record<const CAS: bool>(ctx: *mut core::ffi::c_void, site: &Site, spare: bool
                 site,
             )
         };
-        commit::<CAS, _>(entry, site.ptr, ts, flags)
+        commit::<CAS, _>(entry, site.ptr, ts, draw.wake)
     }
 }
 
@@ -690,46 +712,84 @@ fn user_path(ctx: *mut core::ffi::c_void) -> UserPath {
     }
 }
 
-/// Stack capture costs most of a matched event, so by default it is sampled:
-/// each allocation draws independently with probability 1/(mask+1), which makes
-/// the sampled objects of a stratum a simple random sample of it (unbiased
-/// per-stack estimates in userspace). An allocation whose stratum is new on
-/// this CPU also captures, flagged as naming only, so every stratum has a name.
+/// How an allocation's stacks were drawn, and whether its event wakes the reader.
+struct Draw {
+    /// [`FLAG_SAMPLED`] when drawn, the route ([`FLAG_CENSUS`], [`FLAG_ZOOM`])
+    /// and the draw level; [`FLAG_SHALLOW`].
+    flags: u16,
+    /// The stratum is new on this CPU: often a new process, whose mappings
+    /// the reader should take before a short-lived one exits.
+    wake: bool,
+}
+
+/// Stack capture costs most of a matched event, so by default it is sampled,
+/// each allocation with a probability `1 / 2^level` fixed before its draw by
+/// past events only and recorded with it, so userspace keeps exact counts per
+/// (stratum, level) and every level's drawn objects are an independent
+/// Bernoulli sample of it (unbiased per-stack estimates):
+/// - census: a stratum's first `census_allocs` allocations on this CPU, level 0;
+/// - zoom: a stratum userspace put in `ZOOM`, at the level it chose;
+/// - otherwise `base_level`.
 #[inline(always)]
-fn stack_draw(call_site: u64, tgid: u32, path: &UserPath, cfg: &Config) -> u16 {
+fn stack_draw(call_site: u64, tgid: u32, path: &UserPath, cfg: &Config) -> Draw {
     let shallow = if path.shallow { FLAG_SHALLOW } else { 0 };
     if cfg.stack_flags == 0 {
-        return shallow;
+        return Draw {
+            flags: shallow,
+            wake: false,
+        };
     }
     if cfg.stack_sample_mask == 0 {
-        return FLAG_SAMPLED | shallow;
+        return Draw {
+            flags: FLAG_SAMPLED | shallow,
+            wake: false,
+        };
     }
-    let drawn = u64::from(unsafe { bpf_get_prandom_u32() }) & cfg.stack_sample_mask == 0;
-    let h = (call_site ^ path.fingerprint.rotate_left(21) ^ ((tgid as u64) << 40))
-        .wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    let index = (h >> 54) as u32 & (SITE_SLOTS - 1);
-    let mut new = true;
+    let index = stratum_slot(call_site, path.fingerprint, tgid);
+    // Allocations of this stratum seen on this CPU before this one.
+    let mut seen: u32 = 0;
     if let Some(slot) = SITES.get_ptr_mut(index) {
         unsafe {
             if (*slot).call_site == call_site
                 && (*slot).fingerprint == path.fingerprint
                 && (*slot).tgid == tgid
             {
-                new = false;
+                seen = (*slot).allocs;
+                (*slot).allocs = seen.saturating_add(1);
             } else {
                 (*slot).call_site = call_site;
                 (*slot).fingerprint = path.fingerprint;
                 (*slot).tgid = tgid;
+                (*slot).allocs = 1;
             }
         }
     }
-    if drawn {
-        FLAG_SAMPLED | shallow
-    } else if new {
-        FLAG_NAMING | shallow
-    } else {
-        shallow
+    let wake = seen == 0;
+    if seen < cfg.census_allocs {
+        return Draw {
+            flags: FLAG_SAMPLED | FLAG_CENSUS | shallow,
+            wake,
+        };
     }
+    let (level, route) = match ZOOM.get(index) {
+        Some(z)
+            if z.level_plus_one != 0
+                && z.call_site == call_site
+                && z.fingerprint == path.fingerprint
+                && z.tgid == tgid =>
+        {
+            (z.level_plus_one - 1, FLAG_ZOOM)
+        }
+        _ => (cfg.base_level, 0),
+    };
+    let level = level & 31;
+    let mask = (1u64 << level) - 1;
+    let drawn = u64::from(unsafe { bpf_get_prandom_u32() }) & mask == 0;
+    let flags = ((level as u16) << DRAW_LEVEL_SHIFT)
+        | route
+        | shallow
+        | if drawn { FLAG_SAMPLED } else { 0 };
+    Draw { flags, wake }
 }
 
 #[inline(always)]
@@ -775,15 +835,13 @@ fn fill_header(
 /// Insert before submit: once userspace can see the alloc, the kernel must
 /// already forward its free.
 #[inline(always)]
-fn commit<const CAS: bool, T>(entry: RingBufEntry<T>, ptr: u64, ts: u64, flags: u16) -> Option<()> {
+fn commit<const CAS: bool, T>(entry: RingBufEntry<T>, ptr: u64, ts: u64, wake: bool) -> Option<()> {
     if !live_insert::<CAS>(ptr, ts) {
         entry.discard(0);
         bump(counter::ALLOCS_LOST_MAP_FULL);
         return None;
     }
-    // A stratum new on this CPU is often a new process: wake the reader now,
-    // so it takes the process's mappings before a short-lived one exits.
-    let wake = if flags & FLAG_NAMING != 0 {
+    let wake = if wake {
         BPF_RB_FORCE_WAKEUP.into()
     } else {
         wakeup_flags()

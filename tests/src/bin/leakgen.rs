@@ -26,6 +26,12 @@
 //! leakgen twopath N [RATIO]  N held kmalloc-512 keys from `hold_key`, and RATIO
 //!                      (default 50) transient ones per held key from `busy_add_key`,
 //!                      both through `sys_add_key` and `user_preparse`
+//! leakgen rarepath SECS [BUSY_PER_SEC]  for SECS seconds, one held kmalloc-512 key
+//!                      a second from `retry_hold_key` beside BUSY_PER_SEC (default
+//!                      6000) keys a second added and unlinked by `serve_traffic_key`
+//!                      (their payloads freed later by the key GC), both through
+//!                      `sys_add_key` and `user_preparse`; then READY, holding the
+//!                      SECS rare keys
 //! leakgen writev    (SECONDS | --ops N) [--wait]   one transient kmalloc-512 per op
 //! leakgen writev256 (SECONDS | --ops N) [--wait]   one transient kmalloc-256 per op
 //! leakgen inotify-churn (SECONDS | --ops N) [--wait]   inotify_init1 + close per op:
@@ -70,6 +76,8 @@
 //! * keys:      `main -> run_keys -> leak_keys -> sys_add_key`
 //! * twopath:   `main -> run_twopath -> hold_key -> sys_add_key` (held) and
 //!   `main -> run_twopath -> busy_add_key -> sys_add_key` (freed at once)
+//! * rarepath:  `main -> run_rarepath -> retry_hold_key -> sys_add_key` (held) and
+//!   `main -> run_rarepath -> serve_traffic_key -> sys_add_key` (unlinked)
 //! * inotify:   `main -> run_inotify -> leak_inotify -> sys_inotify_init1`
 //! * files:     `main -> run_files -> leak_files -> sys_openat`
 //! * other:     `main -> run_other -> leak_eventfd -> sys_eventfd2`
@@ -103,6 +111,7 @@ const KEYRING_LINK_BYTES: usize = 4;
 /// bytes) plus 4 bytes a link must stay <= 65535.
 const MAX_KEYS: usize = (65535 - 5) / KEYRING_LINK_BYTES;
 const KEYCTL_INVALIDATE: usize = 21;
+const KEYCTL_UNLINK: usize = 9;
 const KEYCTL_REVOKE: usize = 3;
 /// Writing 1 runs rcu_barrier() (kernel/rcu/tree.c, root only).
 const RCU_BARRIER_KNOB: &str = "/sys/module/rcutree/parameters/do_rcu_barrier";
@@ -118,6 +127,7 @@ const USAGE: &str = "\
 usage: leakgen keys N | keys-twice N | inotify N | files N | other N | zombies N | pipes N | backlog N
        LEAKGEN_MEMCG=DIR leakgen charged N
        leakgen twopath N [RATIO]
+       leakgen rarepath SECS [BUSY_PER_SEC]
        leakgen writev (SECONDS | --ops N) [--wait] [--rate OPS_PER_SEC]
        leakgen writev256 (SECONDS | --ops N) [--wait] [--rate OPS_PER_SEC]
        leakgen inotify-churn (SECONDS | --ops N) [--wait] [--rate OPS_PER_SEC]
@@ -161,6 +171,8 @@ enum Command {
     Hold(Mode, usize),
     /// N held keys, RATIO busy add_key calls per held one.
     TwoPath(usize, usize),
+    /// For SECS seconds a held key a second beside BUSY_PER_SEC unlinked ones.
+    RarePath(usize, usize),
     Churn {
         op: Churn,
         limit: Limit,
@@ -174,6 +186,25 @@ fn parse_args(args: &[String]) -> Result<Command, String> {
     let (mode, rest) = args
         .split_first()
         .ok_or_else(|| "missing mode".to_string())?;
+    if mode == "rarepath" {
+        let (secs, rate) = match rest {
+            [s] => (s.as_str(), "6000"),
+            [s, r] => (s.as_str(), r.as_str()),
+            _ => return Err("rarepath takes SECS [BUSY_PER_SEC]".to_string()),
+        };
+        let secs: usize = secs
+            .parse()
+            .map_err(|_| format!("SECS must be a non-negative integer, got {secs:?}"))?;
+        let rate: usize = rate
+            .parse()
+            .map_err(|_| format!("BUSY_PER_SEC must be a non-negative integer, got {rate:?}"))?;
+        if secs > MAX_KEYS {
+            return Err(format!(
+                "rarepath SECS must be at most {MAX_KEYS} (see keys)"
+            ));
+        }
+        return Ok(Command::RarePath(secs, rate));
+    }
     if mode == "twopath" {
         let (n, ratio) = match rest {
             [n] => (n.as_str(), "50"),
@@ -286,6 +317,7 @@ fn main() -> ExitCode {
         Command::Hold(Mode::KeysRcu, n) => run_keys_rcu(n),
         Command::Hold(Mode::KeysTwice, n) => run_keys_twice(n),
         Command::TwoPath(n, ratio) => run_twopath(n, ratio),
+        Command::RarePath(secs, rate) => run_rarepath(secs, rate),
         Command::Hold(Mode::Other, n) => run_other(n),
         Command::Hold(Mode::Inotify, n) => run_inotify(n),
         Command::Hold(Mode::Files, n) => run_files(n),
@@ -798,6 +830,66 @@ fn run_twopath(n: usize, ratio: usize) -> Result<()> {
     }
     rcu_barrier();
     hold_protocol(|| release_keys(&serials))
+}
+
+/// The founding incident at a low rate: a retry loop that keeps one object a
+/// second, beside healthy traffic ~6,000 times busier through the same
+/// syscall wrapper and kernel call site. The busy keys are unlinked at once
+/// and freed by the key GC shortly after, so the stratum's outstanding count
+/// is noisy while the busy loop runs; once it stops, only the rare keys stay.
+#[inline(never)]
+fn run_rarepath(secs: usize, busy_per_sec: usize) -> Result<()> {
+    check_key_quota(secs, desc_len_bound("leakgen-rare-", secs), KEY_PAYLOAD_LEN)?;
+    let pid = std::process::id();
+    let payload = [b'R'; KEY_PAYLOAD_LEN];
+    let start = Instant::now();
+    let mut held = Vec::with_capacity(secs);
+    let mut busy = 0usize;
+    // Paced in 10 ms slices so the busy rate is steady, not a burst a second.
+    let per_slice = busy_per_sec.div_ceil(100);
+    for i in 0..secs {
+        held.push(retry_hold_key(pid, i, secs, &payload)?);
+        let second_ends = start + Duration::from_secs(i as u64 + 1);
+        let mut slice_ends = Instant::now();
+        while Instant::now() < second_ends {
+            for _ in 0..per_slice {
+                serve_traffic_key(pid, busy, &payload)?;
+                busy += 1;
+            }
+            slice_ends = (slice_ends + Duration::from_millis(10)).min(second_ends);
+            if let Some(wait) = slice_ends.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+        }
+    }
+    eprintln!(
+        "leakgen: rarepath held {secs} keys beside {busy} unlinked ones in {:.1}s",
+        start.elapsed().as_secs_f64()
+    );
+    hold_protocol(|| release_keys(&held))
+}
+
+#[inline(never)]
+fn retry_hold_key(pid: u32, i: usize, n: usize, payload: &[u8]) -> Result<i32> {
+    let desc = CString::new(format!("leakgen-rare-{pid}-{i}")).context("key description")?;
+    sys_add_key(c"user", &desc, payload, KEY_SPEC_PROCESS_KEYRING)
+        .map_err(|e| add_key_error(e, i, n))
+}
+
+/// A key added and unlinked at once: its payload stays until the key GC
+/// destroys the key (`user_destroy`, a plain kfree).
+#[inline(never)]
+fn serve_traffic_key(pid: u32, i: usize, payload: &[u8]) -> Result<()> {
+    let desc = CString::new(format!("leakgen-busy-{pid}-{i}")).context("key description")?;
+    let serial = sys_add_key(c"user", &desc, payload, KEY_SPEC_PROCESS_KEYRING)
+        .map_err(|e| anyhow!("add_key(\"user\", busy key {i}) failed: {e}"))?;
+    sys_keyctl(
+        KEYCTL_UNLINK,
+        serial as usize,
+        KEY_SPEC_PROCESS_KEYRING as isize as usize,
+    )
+    .map_err(|e| anyhow!("keyctl(KEYCTL_UNLINK, {serial}) failed: {e}"))?;
+    Ok(())
 }
 
 #[inline(never)]
@@ -1501,6 +1593,9 @@ mod tests {
         assert_eq!(p(&["twopath", "10"]), Ok(Command::TwoPath(10, 50)));
         assert_eq!(p(&["twopath", "10", "500"]), Ok(Command::TwoPath(10, 500)));
         assert!(p(&["twopath"]).is_err());
+        assert_eq!(p(&["rarepath", "20"]), Ok(Command::RarePath(20, 6000)));
+        assert_eq!(p(&["rarepath", "5", "100"]), Ok(Command::RarePath(5, 100)));
+        assert!(p(&["rarepath"]).is_err());
         assert_eq!(
             p(&["writev", "--ops", "5", "--wait"]),
             Ok(Command::Churn {

@@ -1,10 +1,13 @@
 //! The slab tracer's types on the user side: what userspace needs to fill
 //! [`Config`] the way its eBPF object reads it.
 
-use super::{Config, CACHE_NAME_LEN};
+use super::{Config, ZoomSlot, CACHE_NAME_LEN};
 
 // SAFETY: plain-old-data, repr(C), every bit pattern valid.
 unsafe impl aya::Pod for Config {}
+
+// SAFETY: plain-old-data, repr(C), no padding, every bit pattern valid.
+unsafe impl aya::Pod for ZoomSlot {}
 
 /// A cache name as the kernel side compares it ([`Config::cache_names`]):
 /// NUL-padded little-endian words. None when the name is too long to keep

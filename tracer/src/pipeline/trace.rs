@@ -41,6 +41,7 @@ use crate::{
     slab::plan::{self, HookMode},
     slab::probes::{Floor, Probes},
     slab::report::{self, Header, Naming, Report, SlabPicture, TracedPid},
+    slab::zoom::{self, Zoom},
     symbolize::Symbolizer,
 };
 
@@ -152,18 +153,22 @@ pub async fn run(args: TraceOptions, cache: &str) -> Result<()> {
     };
     plan.config.live_bucket_mask =
         plan::live_bucket_mask(max_objects, features::kernel_at_least(5, 12));
-    let (probes, ring) = Probes::attach(&plan, max_objects, ringbuf_bytes, args.floor)?;
+    let (mut probes, ring) = Probes::attach(&plan, max_objects, ringbuf_bytes, args.floor)?;
 
     if !(args.exact || args.no_kernel_stacks && args.no_user_stacks) {
         plan.notes.push(format!(
             "every object is counted exactly per (process, kernel call site{}); full stacks are \
-             captured for a random 1 in {} allocations and split each of those counts into \
-             unbiased per-stack estimates, shown with a 95% interval (--exact captures every stack)",
+             captured for each new stratum's first {} allocations per CPU, for a random 1 in {} \
+             of the rest, and more often for a while where a stratum's surviving objects drew \
+             none (zoom); each draw's probability is recorded, and the drawn objects split those \
+             counts into unbiased per-stack estimates with a 95% interval (--exact captures \
+             every stack)",
             if plan.config.user_fingerprint != 0 {
                 ", first user frames"
             } else {
                 ""
             },
+            plan.config.census_allocs,
             args.stack_sample.max(1).next_power_of_two()
         ));
     }
@@ -188,7 +193,18 @@ pub async fn run(args: TraceOptions, cache: &str) -> Result<()> {
             max_objects as usize,
             plan.config.stack_sample_mask + 1,
         )
-        .fingerprinting(plan.config.user_fingerprint != 0),
+        .fingerprinting(plan.config.user_fingerprint != 0)
+        .census(plan.config.census_allocs),
+        // No stacks at all: nothing to zoom into.
+        zoom: Zoom::new(
+            zoom::Policy::default(),
+            if plan.config.stack_flags == 0 {
+                0
+            } else {
+                plan.config.base_level as u8
+            },
+            monotonic_ns(),
+        ),
         symbols,
         procs: HashMap::new(),
         cgroups: CgroupPaths::at(cgroup_source.mount),
@@ -211,7 +227,7 @@ pub async fn run(args: TraceOptions, cache: &str) -> Result<()> {
     let outcome = event_loop(
         &args,
         ring,
-        &probes,
+        &mut probes,
         &mut state,
         checked.metrics,
         checked.signals,
@@ -284,6 +300,8 @@ const SYMBOLIZE_BUDGET: Duration = Duration::from_millis(5);
 
 struct State {
     agg: Aggregator,
+    /// Steers the kernel's draw rate per stratum (its `ZOOM` table).
+    zoom: Zoom,
     /// New user stacks (tgid, stack) not yet symbolized.
     pending_stacks: VecDeque<(u32, StackId)>,
     symbols: Symbolizer,
@@ -338,6 +356,16 @@ impl State {
             pods: &mut self.pods,
         };
         let mut report = report::build(kind, header, snap, &mut names);
+        let k = &report.kernel;
+        let ns_per_draw = if k.zoom_drawn == 0 {
+            0.0
+        } else {
+            k.zoom_stack_ns as f64 / k.zoom_drawn as f64
+        };
+        report.stacks.zoom_episodes = self.zoom.report(ns_per_draw);
+        for e in &mut report.stacks.zoom_episodes.episodes {
+            e.call_site_name = self.symbols.kernel_frames(&[e.call_site]).pop();
+        }
         report.group_by = self.group_by;
         report.groups = grouping::group(&report.processes, self.group_by, opts.sort);
         if kind == "final" {
@@ -367,7 +395,7 @@ impl State {
 async fn event_loop(
     args: &TraceOptions,
     ring: RingBuf<MapData>,
-    probes: &Probes,
+    probes: &mut Probes,
     state: &mut State,
     metrics: Option<tokio::net::TcpListener>,
     signals: Signals,
@@ -408,7 +436,7 @@ async fn event_loop(
 /// The slab tracer on the shared loop.
 struct SlabTool<'a> {
     args: &'a TraceOptions,
-    probes: &'a Probes,
+    probes: &'a mut Probes,
     state: &'a mut State,
     text_opts: TextOptions,
     tui: Option<Tui>,
@@ -436,7 +464,17 @@ impl Tool for SlabTool<'_> {
 
     fn tick(&mut self) -> Result<()> {
         let (args, state) = (self.args, &mut *self.state);
-        state.agg.tick(monotonic_ns());
+        let now = monotonic_ns();
+        state.agg.tick(now);
+        let candidates = state
+            .agg
+            .zoom_candidates(now, state.zoom.policy().min_age_s);
+        let writes = state.zoom.step(now, &candidates);
+        // A failed write leaves that stratum at its old rate, which each
+        // event records: the run and its numbers stay right.
+        if let Err(e) = self.probes.set_zoom(&writes) {
+            eprintln!("leaktrace: {e:#}");
+        }
         // The --pid process keeps its row after exit: the header says it exited.
         let gone = state.agg.forget_exited(|tgid| {
             Some(tgid) == args.pid || Path::new("/proc").join(tgid.to_string()).exists()

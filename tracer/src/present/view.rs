@@ -4,10 +4,13 @@
 use std::fmt::Write;
 
 use crate::{
-    present::units::{group, human_bytes, human_ms, tracked},
+    present::units::{group, human_bytes, human_ms, human_secs, tracked},
     slab::grouping::{GroupBy, GroupReport, MergedStack},
     slab::report::{ProcessReport, Report, StackReport},
 };
+
+/// Zoom episodes the header lists (active first; `--json` has them all).
+const ZOOM_EPISODES_SHOWN: usize = 3;
 
 pub struct TextOptions {
     /// Frames per stack; None shows every frame (final report).
@@ -139,14 +142,39 @@ fn header(out: &mut String, r: &Report, opts: &TextOptions) {
         }
     }
     let st = &r.stacks;
-    if st.sample_every > 1 && st.drawn + st.naming + st.without_stacks > 0 {
+    if st.sample_every > 1 && st.drawn + st.without_stacks > 0 {
         let _ = writeln!(
             out,
-            "stacks: full stacks of a random 1 in {} allocations ({} drawn, {} naming); every count per process and per stratum (call site{}) is exact, per-stack counts marked ~ are unbiased estimates with a 95% interval",
-            st.sample_every,
+            "stacks: drawn for {} allocations: a census of each new stratum's first {} per CPU ({}), \
+             zoom on strata whose surviving objects had none ({} in {} episodes), and 1 in {} of the \
+             rest ({}); every count per process and per stratum (call site{}) is exact, per-stack \
+             counts marked ~ are unbiased estimates with a 95% interval",
             group(st.drawn),
-            group(st.naming),
+            st.census_allocs,
+            group(st.census),
+            group(st.zoom),
+            st.zoom_episodes.episodes_started,
+            st.sample_every,
+            group(st.sampled),
             if st.user_paths { " + user path" } else { "" },
+        );
+    }
+    for e in st.zoom_episodes.episodes.iter().take(ZOOM_EPISODES_SHOWN) {
+        let _ = writeln!(
+            out,
+            "zoom: pid {} at {}: 1 in {} from {} {}, {} stacks drawn, {:.1}ms of kernel time",
+            e.pid,
+            e.call_site_name
+                .clone()
+                .unwrap_or_else(|| format!("{:#x}", e.call_site)),
+            e.sample_every,
+            human_secs(e.started_s),
+            match e.ended_s {
+                Some(end) => format!("to {}", human_secs(end)),
+                None => "on (active)".to_string(),
+            },
+            group(e.drawn),
+            e.stack_ms,
         );
     }
     if r.age.count > 0 {

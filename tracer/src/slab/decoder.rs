@@ -7,7 +7,8 @@ use std::mem::size_of;
 use thiserror::Error;
 use tracer_common::{
     slab::{
-        AllocEvent, AllocHeader, FreeEvent, FLAG_SAMPLED, FLAG_SHALLOW, MAX_KSTACK, MAX_USTACK,
+        draw_level, AllocEvent, AllocHeader, FreeEvent, FLAG_CENSUS, FLAG_SAMPLED, FLAG_SHALLOW,
+        FLAG_ZOOM, MAX_KSTACK, MAX_USTACK,
     },
     user::record_kind,
     EVENT_ALLOC, EVENT_ALLOC_NO_STACKS, EVENT_FREE,
@@ -38,11 +39,15 @@ pub struct Alloc<'a> {
     pub context: u32,
     /// The memcg the task set to charge instead of its own; 0: none/unknown.
     pub charged_cgroup_id: u64,
-    /// Won the random stack draw: may stand for its stratum in estimates.
+    /// Its stacks were drawn: it stands for its (stratum, level) in estimates.
     pub drawn: bool,
+    /// Drawn with probability `1 / 2^level`, decided before the draw.
+    pub level: u8,
+    /// Which rule set that probability.
+    pub route: Route,
     /// The fingerprint walk saw no frame beyond the entry ip.
     pub shallow: bool,
-    /// Stacks and comm were captured (drawn, or naming a new stratum); when
+    /// Stacks and comm were captured (the record carries them: drawn); when
     /// false they are empty.
     pub has_stacks: bool,
     pub comm: &'a [u8],
@@ -51,6 +56,18 @@ pub struct Alloc<'a> {
     /// Negative errno from `bpf_get_stack`, when capture failed.
     pub kstack_err: Option<i32>,
     pub ustack_err: Option<i32>,
+}
+
+/// Which rule set an allocation's draw probability (see `stack_draw` in the
+/// eBPF object).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Route {
+    /// One of its stratum's first allocations on a CPU: level 0, drawn.
+    Census,
+    /// Its stratum was zoomed by userspace.
+    Zoom,
+    /// The base rate (`--stack-sample`), or every allocation (`--exact`).
+    Sampled,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -126,6 +143,14 @@ fn header(h: &AllocHeader, has_stacks: bool) -> Alloc<'_> {
         context: h.context,
         charged_cgroup_id: h.charged_cgroup_id,
         drawn: h.flags & FLAG_SAMPLED != 0,
+        level: draw_level(h.flags),
+        route: if h.flags & FLAG_CENSUS != 0 {
+            Route::Census
+        } else if h.flags & FLAG_ZOOM != 0 {
+            Route::Zoom
+        } else {
+            Route::Sampled
+        },
         shallow: h.flags & FLAG_SHALLOW != 0,
         has_stacks,
         comm: &[],
@@ -241,6 +266,13 @@ pub(crate) mod tests {
             panic!("decode failed")
         };
         assert!(!a.has_stacks && !a.drawn && a.shallow);
+        assert_eq!((a.level, a.route), (0, Route::Sampled));
+        hdr.flags = FLAG_ZOOM | (3 << tracer_common::slab::DRAW_LEVEL_SHIFT);
+        let zoomed = record_of(&hdr);
+        let Ok(Event::Alloc(z)) = decode(bytes(&zoomed, size_of::<AllocHeader>())) else {
+            panic!("decode failed")
+        };
+        assert_eq!((z.level, z.route, z.drawn), (3, Route::Zoom, false));
         assert_eq!(a.user_fingerprint, 0x51);
         assert_eq!((a.start_ns, a.ppid, a.context), (99, 3, 5));
         assert_eq!(a.charged_cgroup_id, 77);

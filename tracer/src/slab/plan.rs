@@ -75,6 +75,12 @@ pub struct PlanOptions {
     pub on_demand_maps: bool,
 }
 
+/// A stratum's first allocations on each CPU drawn with probability 1: a path
+/// that allocates once every few seconds (a retry loop) is then named by its
+/// first allocations instead of after ~64 of them, and a burst of new
+/// short-lived processes costs at most this many stacks each per CPU.
+pub const CENSUS_ALLOCS: u32 = 32;
+
 /// How the live-object map gets its memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LiveMap {
@@ -363,7 +369,11 @@ pub fn build(
         cfg.free_align_mask = slab_size.min(4096) - 1;
     }
 
-    cfg.stack_sample_mask = opts.stack_sample.max(1).next_power_of_two() - 1;
+    let sample_every = opts.stack_sample.max(1).next_power_of_two();
+    cfg.stack_sample_mask = sample_every - 1;
+    cfg.base_level = sample_every.trailing_zeros();
+    // Where every allocation is drawn anyway, a census adds nothing.
+    cfg.census_allocs = if sample_every > 1 { CENSUS_ALLOCS } else { 0 };
     cfg.target_tgid = opts.pid.unwrap_or(0);
     cfg.stack_flags = if opts.kernel_stacks { STACK_KERNEL } else { 0 }
         | if opts.user_stacks { STACK_USER } else { 0 };

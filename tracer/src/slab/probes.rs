@@ -8,11 +8,11 @@ use std::os::fd::{AsFd, AsRawFd};
 
 use anyhow::{Context, Result};
 use aya::{
-    maps::{MapData, PerCpuArray, RingBuf},
+    maps::{Array, MapData, PerCpuArray, RingBuf},
     programs::{RawTracePoint, TracePoint},
     Ebpf, EbpfLoader,
 };
-use tracer_common::slab::counter;
+use tracer_common::slab::{counter, ZoomSlot};
 
 use crate::bpf::load::{
     counter_sum, loaded, map_fd, map_memory, prog_info, program, program_ids, raise_memlock_limit,
@@ -30,6 +30,8 @@ pub struct Probes {
     /// Keeps programs and links alive; dropping it detaches.
     ebpf: Ebpf,
     counters: PerCpuArray<MapData, u64>,
+    /// Strata whose draw probability userspace raised (see `slab::zoom`).
+    zoom: Array<MapData, ZoomSlot>,
     programs: Vec<&'static str>,
     /// Every map's fd, for its kernel memory; valid while the maps live (the
     /// ring buffer is handed out but lives as long as the run).
@@ -134,10 +136,16 @@ impl Probes {
             .collect::<Vec<_>>();
         let ring = take_ring(&mut ebpf, "EVENTS")?;
         let counters = take_counters(&mut ebpf, "COUNTERS")?;
+        let zoom = Array::try_from(
+            ebpf.take_map("ZOOM")
+                .context("eBPF object has no ZOOM map")?,
+        )
+        .context("ZOOM is not an array")?;
         Ok((
             Probes {
                 ebpf,
                 counters,
+                zoom,
                 programs,
                 map_fds,
             },
@@ -157,11 +165,25 @@ impl Probes {
             kstack_failed: sum(counter::KSTACK_FAILED)?,
             ustack_failed: sum(counter::USTACK_FAILED)?,
             misaligned: sum(counter::MISALIGNED)?,
+            zoom_drawn: sum(counter::ZOOM_DRAWN)?,
+            zoom_stack_ns: sum(counter::ZOOM_STACK_NS)?,
             recursion_misses: misses.as_ref().map(|m| m.iter().map(|(_, n)| n).sum()),
             frees_maybe_missed: misses.as_ref().map(|m| missed_by_both(m, "free")),
             allocs_maybe_missed: misses.as_ref().map(|m| missed_by_both(m, "alloc")),
             map_bytes: map_memory(self.map_fds.iter().copied()),
         })
+    }
+
+    /// Writes zoom decisions into the kernel's table; the kernel reads each
+    /// slot per allocation and records the level it used, so a write racing
+    /// an allocation changes how it was drawn, never what its record says.
+    pub fn set_zoom(&mut self, writes: &[(u32, ZoomSlot)]) -> Result<()> {
+        for &(slot, entry) in writes {
+            self.zoom
+                .set(slot, entry, 0)
+                .with_context(|| format!("writing zoom slot {slot}"))?;
+        }
+        Ok(())
     }
 
     /// Kernel program ids, so tests and users can check nothing outlives us.

@@ -30,6 +30,10 @@ pub struct KernelCounters {
     /// Selected objects whose pointer broke the free filter's alignment
     /// assumption (their frees would go unseen). Should be 0.
     pub misaligned: u64,
+    /// Allocations drawn while their stratum was zoomed, and the kernel time
+    /// (ns) capturing their stacks took, measured around the captures.
+    pub zoom_drawn: u64,
+    pub zoom_stack_ns: u64,
     /// Program runs the kernel skipped because a BPF program was already running
     /// on that CPU (e.g. a kfree from an interrupt that hit our handler). None
     /// when the kernel does not report it (before 5.12).

@@ -1,0 +1,3 @@
+module dialloop
+
+go 1.19
