@@ -196,6 +196,67 @@ fn a_rare_holding_path_is_estimated_with_an_interval_covering_the_truth() {
     assert_eq!(code, 0);
 }
 
+/// Issue 23's kubelet shape at a low rate: one key held a second from
+/// `retry_hold_key` beside 6,000 a second added and unlinked by
+/// `serve_traffic_key` (freed later by the key GC), through the same syscall
+/// wrapper into `user_preparse`, for 20 s; then the busy loop stops and the
+/// process holds the 20. One stratum holds both paths, so a census of new
+/// strata alone cannot name them: the default mode must zoom on the stratum
+/// once its surviving objects drew no stack. A few seconds after the busy loop
+/// stopped, at least 14 of the 20 are under `retry_hold_key`'s full stack,
+/// the busy path's stacks hold at most 2, and the stratum's rows add up to
+/// exactly the 20 held.
+#[test]
+fn a_rare_path_beside_a_busy_one_is_named_within_seconds() {
+    let _serial = serial();
+    const SECS: u64 = 20;
+    let mut tracer = Tracer::top("kmalloc-512", &["--stacks", "20", "--ringbuf-mib", "64"])
+        .expect("start");
+    let mut cmd = Command::new(leakgen_bin());
+    cmd.args(["rarepath", &SECS.to_string(), "6000"]);
+    let mut gen = Generator::start_command(cmd).expect("leakgen rarepath");
+    let pid = gen.pid;
+    let ready = std::time::Instant::now();
+    let report = tracer
+        .wait_for("the held keys, 3 s after the busy loop stopped", WAIT, |r| {
+            ready.elapsed() >= Duration::from_secs(3) && held_under(r, pid, "").0 == SECS
+        })
+        .expect("held keys");
+    let (rare, rare_low, _) = held_under(&report, pid, "retry_hold_key");
+    let (busy, ..) = held_under(&report, pid, "serve_traffic_key");
+    let p = process(&report, pid).expect("listed");
+    // Shown, not guessed: the interval's low end is what the drawn objects
+    // prove (one lucky 1-in-64 draw would estimate all 20, from 1).
+    assert!(
+        rare >= 14 && rare_low >= 14,
+        "≥14 of the {SECS} held keys must be under retry_hold_key, got {rare} (at least \
+         {rare_low}; serve_traffic_key: {busy}): {p:#}\nstacks: {:#}",
+        report["stacks"]
+    );
+    assert!(busy <= 2, "serve_traffic_key holds {busy}: {p:#}");
+    // Exact per process: every row of the stratum, partial ones included,
+    // adds up to the 20 held.
+    assert!(count(p, "outstanding") >= SECS, "{p:#}");
+    let stacks = &report["stacks"];
+    assert!(count(stacks, "zoom") > 0, "no zoomed draws: {stacks:#}");
+    let episode = stacks["zoom_episodes"]["episodes"]
+        .as_array()
+        .and_then(|e| e.iter().find(|e| e["pid"].as_u64() == Some(u64::from(pid))))
+        .unwrap_or_else(|| panic!("no zoom episode for {pid}: {stacks:#}"));
+    assert!(
+        episode["call_site_name"]
+            .as_str()
+            .is_some_and(|n| n.starts_with("user_preparse+")),
+        "{episode:#}"
+    );
+    gen.release().expect("release");
+    gen.finish().expect("leakgen exits");
+    let ids = tracer.prog_ids.clone();
+    let (code, _) = tracer.stop(libc::SIGINT).expect("stop");
+    assert_eq!(code, 0);
+    assert_detached(&ids);
+}
+
 /// One `mkdir` of a cgroup (v1 memory, or v2) makes one kernfs directory node and many
 /// file nodes through one kernel call site (`__kernfs_new_node`) from one user
 /// path: the user fingerprint cannot tell them apart, so only the random draw

@@ -5,8 +5,9 @@
 //! binaries prebuilt in `$LEAKKEYS_GO_DIR`.
 
 use std::{
+    io::{BufRead, BufReader},
     path::{Path, PathBuf},
-    process::Command,
+    process::{Command, Stdio},
     sync::Mutex,
     time::Duration,
 };
@@ -227,4 +228,97 @@ fn stripped_go_retry_loop_is_named_beside_a_busier_goroutine() {
     gen.finish().expect("twopath exits");
     let (code, _) = tracer.stop(libc::SIGINT).expect("stop");
     assert_eq!(code, 0);
+}
+
+/// Issue 23's founding shape in a real Go client: a stripped program dials a
+/// closed port on 127.0.0.1 once a second, 10 times (one `TCP` socket per
+/// attempt, freed when the refused connect is closed). In the default mode,
+/// sorted by rate, the attempts show under a full stack that names the dial
+/// path in Go terms (a census of the new stratum draws them all), in the text
+/// report and in the pprof profile.
+#[test]
+fn a_stripped_go_dial_retry_loop_is_named_in_the_default_mode() {
+    // A named cache needs kmem_cache_alloc's name (see attribution.rs).
+    skip_unless!(
+        tracepoint_has_field("kmem", "kmem_cache_alloc", "name")
+            || raw_tracepoint_described("kmem_cache_alloc"),
+        "kmem:kmem_cache_alloc names no cache on this kernel, so --cache TCP is refused"
+    );
+    let bin = go_binary("dialloop", true);
+    skip_unless!(
+        bin.is_some(),
+        "no Go toolchain; set LEAKKEYS_GO_DIR to prebuilt tests/go binaries (dialloop-stripped)"
+    );
+    let Some(bin) = bin else { return };
+    let dir = std::env::temp_dir().join(format!("leaktrace-dialloop-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let profile = dir.join("dial.pb.gz");
+    let mut tracer = Command::new(leaktrace_bin())
+        .args(["--cache", "TCP", "--sort", "rate", "--comm", "dialloop"])
+        .arg("--pprof")
+        .arg(&profile)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn leaktrace");
+    let stderr = tracer.stderr.take().expect("stderr");
+    let mut lines = BufReader::new(stderr).lines();
+    let attached = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .any(|l| l.contains("attached to"));
+    assert!(attached, "leaktrace did not attach");
+    std::thread::spawn(move || lines.for_each(drop));
+    let out = Command::new(&bin)
+        .args(["10", "127.0.0.1:1"])
+        .output()
+        .expect("run dialloop");
+    assert!(out.status.success(), "dialloop: {out:?}");
+    let said = String::from_utf8_lossy(&out.stdout);
+    let pid: u32 = said
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("dialloop printed {said:?}"));
+    assert!(said.contains("refused=10"), "every dial must be refused: {said}");
+    // SAFETY: kill with a child pid we own.
+    unsafe { libc::kill(tracer.id() as i32, libc::SIGINT) };
+    let done = tracer.wait_with_output().expect("leaktrace exits");
+    assert!(done.status.success(), "{done:?}");
+    let text = String::from_utf8_lossy(&done.stdout);
+    // The process's block of the final report, up to the next section.
+    let block = text
+        .split("\n\n")
+        .find(|b| b.contains(&format!("\n{pid:>8} ")) || b.contains(&format!(" {pid} ")))
+        .unwrap_or_else(|| panic!("no row for pid {pid}:\n{text}"));
+    for frame in [
+        "sk_prot_alloc",
+        "net.(*Dialer).DialContext",
+        "main.dialAPIServer",
+        "main.retryLoop",
+    ] {
+        assert!(block.contains(frame), "no {frame} in the report:\n{block}");
+    }
+    assert!(
+        !block.contains("only the frames all share"),
+        "the attempts must have full stacks:\n{block}"
+    );
+    assert!(
+        block.contains("10 allocs, 10 frees"),
+        "each attempt exactly once:\n{block}"
+    );
+    let traces = Command::new("go")
+        .args(["tool", "pprof", "-traces", "-sample_index=alloc_objects"])
+        .arg(format!("-tagfocus=pid={pid}"))
+        .arg(&profile)
+        .env("HOME", &dir)
+        .env("PPROF_TMPDIR", &dir)
+        .output()
+        .expect("go tool pprof");
+    let traces = String::from_utf8_lossy(&traces.stdout);
+    for frame in ["sk_prot_alloc", "net.(*Dialer).DialContext", "main.dialAPIServer"] {
+        assert!(traces.contains(frame), "pprof -traces lacks {frame}:\n{traces}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }
