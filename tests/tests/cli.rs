@@ -71,7 +71,7 @@ fn duration_ends_the_run_with_a_final_report_and_detaches() {
             r["kind"] == "final"
         })
         .expect("final report");
-    assert_eq!(report["schema_version"], 2);
+    assert_eq!(report["schema_version"], 3);
     assert_eq!(report["cache"], "kmalloc-512");
     assert!(report["elapsed_s"].as_f64().is_some_and(|s| s >= 0.9));
     assert!(report["meminfo"]["slab_kb"]

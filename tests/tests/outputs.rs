@@ -253,7 +253,7 @@ fn assert_documented(report: &Value) {
             "field {k:?} is not documented in docs/json-schema.md"
         );
     }
-    assert_eq!(report["schema_version"], 2);
+    assert_eq!(report["schema_version"], 3);
 }
 
 #[test]

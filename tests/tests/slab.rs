@@ -130,10 +130,11 @@ fn held_keys(hooks: &str, hooks_line: &str) {
     if exact {
         assert_eq!(count(st, "sample_every"), 1, "{st}");
         assert_eq!(
-            count(st, "naming") + count(st, "without_stacks"),
+            count(st, "census") + count(st, "zoom") + count(st, "without_stacks"),
             0,
-            "--exact captures every allocation's stacks: {st}"
+            "--exact captures every allocation's stacks, by the plain draw: {st}"
         );
+        assert_eq!(count(st, "drawn"), count(st, "sampled"), "{st}");
     } else {
         // Full stacks drawn for a random 1 in 64: most keys carry none.
         assert_eq!(count(st, "sample_every"), 64, "{st}");

@@ -35,7 +35,13 @@ const READY_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct Options {
     pub rounds: usize,
     pub secs: f64,
+    /// Another leaktrace binary (e.g. built at an issue's start) run in the
+    /// same rounds as [`BASELINE`], so a change's cost is read side by side.
+    pub baseline: Option<PathBuf>,
 }
+
+/// The configuration that runs `--baseline`'s binary in its default mode.
+const BASELINE: &str = "leaktrace (baseline)";
 
 #[derive(Clone, Copy, PartialEq)]
 pub enum Workload {
@@ -163,6 +169,18 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
     let foreign = prog_ids()?.len();
     let (peer_tracers, mut skipped) = peers::prepare(&work);
     let mut configs = leaktrace_configs(&bins);
+    if let Some(program) = &opts.baseline {
+        if !program.is_file() {
+            bail!("--baseline {}: no such file", program.display());
+        }
+        configs.push(Tracer {
+            name: BASELINE.into(),
+            program: program.clone(),
+            args: vec!["--cache".into(), "{cache}".into()],
+            env: vec![],
+            ready: Ready::Line("attached to"),
+        });
+    }
     configs.extend(peer_tracers);
 
     let hooks = hooks_line(&bins)?;
@@ -172,8 +190,12 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
 
     let report = Report {
         command: format!(
-            "cargo xtask bench --rounds {} --secs {}",
-            opts.rounds, opts.secs
+            "cargo xtask bench --rounds {} --secs {}{}",
+            opts.rounds,
+            opts.secs,
+            opts.baseline
+                .as_ref()
+                .map_or_else(String::new, |b| format!(" --baseline {}", b.display()))
         ),
         date: utc_date(started),
         hooks,
@@ -669,6 +691,23 @@ impl Report<'_> {
                     met(ok)
                 );
             }
+        }
+        // Issue 23: the default mode's ratios keep within 0.01 of the
+        // baseline's, both measured in the same rounds.
+        for w in Workload::ALL {
+            let (Some(now), Some(base)) = (self.ratios(w, "leaktrace"), self.ratios(w, BASELINE))
+            else {
+                continue;
+            };
+            let drop = base.med - now.med;
+            let _ = writeln!(
+                s,
+                "| {}: default keeps within 0.01 of the baseline's (median) | {:.2} vs {:.2} (drop {drop:+.2}) | {} |",
+                w.mode(),
+                now.med,
+                base.med,
+                met(Some(drop <= 0.01))
+            );
         }
         self.extras.render_targets(s);
         s.push('\n');

@@ -50,6 +50,10 @@ enum Task {
         /// Generator seconds per run.
         #[arg(long, default_value_t = 2.0)]
         secs: f64,
+        /// Another leaktrace binary to run in the same rounds, side by side
+        /// (e.g. one built at an issue's start).
+        #[arg(long, value_name = "PATH")]
+        baseline: Option<PathBuf>,
     },
     /// Run leaktrace for --secs under churn, process churn (short-lived allocating
     /// processes) and a slowly growing holder; checks RSS, loss and the held count and
@@ -98,9 +102,20 @@ fn main() -> Result<()> {
             setup::ensure(setup::Needs::Test)?;
             test(&root, &args)
         }
-        Task::Bench { rounds, secs } => {
+        Task::Bench {
+            rounds,
+            secs,
+            baseline,
+        } => {
             setup::ensure(setup::Needs::Everything)?;
-            bench::run(&root, &bench::Options { rounds, secs })
+            bench::run(
+                &root,
+                &bench::Options {
+                    rounds,
+                    secs,
+                    baseline,
+                },
+            )
         }
         Task::Soak { secs, execs } => {
             setup::ensure(setup::Needs::Build)?;

@@ -14,7 +14,7 @@ use crate::{
     symbolize::{tracing::strip_tracing_frames, Symbolizer},
 };
 
-pub const SCHEMA_VERSION: u32 = 2;
+pub const SCHEMA_VERSION: u32 = 3;
 
 /// The kernel side's own account of what it saw and could not deliver. Plain
 /// data owned by the report: the loader (`probes.rs`) fills it, views read it.
