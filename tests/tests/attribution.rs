@@ -210,17 +210,19 @@ fn a_rare_holding_path_is_estimated_with_an_interval_covering_the_truth() {
 fn a_rare_path_beside_a_busy_one_is_named_within_seconds() {
     let _serial = serial();
     const SECS: u64 = 20;
-    let mut tracer = Tracer::top("kmalloc-512", &["--stacks", "20", "--ringbuf-mib", "64"])
-        .expect("start");
+    let mut tracer =
+        Tracer::top("kmalloc-512", &["--stacks", "20", "--ringbuf-mib", "64"]).expect("start");
     let mut cmd = Command::new(leakgen_bin());
     cmd.args(["rarepath", &SECS.to_string(), "6000"]);
     let mut gen = Generator::start_command(cmd).expect("leakgen rarepath");
     let pid = gen.pid;
     let ready = std::time::Instant::now();
     let report = tracer
-        .wait_for("the held keys, 3 s after the busy loop stopped", WAIT, |r| {
-            ready.elapsed() >= Duration::from_secs(3) && held_under(r, pid, "").0 == SECS
-        })
+        .wait_for(
+            "the held keys, 3 s after the busy loop stopped",
+            WAIT,
+            |r| ready.elapsed() >= Duration::from_secs(3) && held_under(r, pid, "").0 == SECS,
+        )
         .expect("held keys");
     let (rare, rare_low, _) = held_under(&report, pid, "retry_hold_key");
     let (busy, ..) = held_under(&report, pid, "serve_traffic_key");

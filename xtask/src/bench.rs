@@ -764,6 +764,7 @@ mod tests {
         let opts = Options {
             rounds: 2,
             secs: 1.0,
+            baseline: None,
         };
         let cell = |config: &str, round, ops_per_sec, cpu| Cell {
             workload: Workload::Writev,
@@ -805,6 +806,7 @@ mod tests {
         let opts = Options {
             rounds: 1,
             secs: 1.0,
+            baseline: None,
         };
         let cell = |config: &str, ops_per_sec| Cell {
             workload: Workload::Writev256,

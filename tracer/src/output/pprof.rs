@@ -395,9 +395,11 @@ pub fn build(report: &Report, wall_clock_ns: i64) -> Profile {
     let sample_every = report.stacks.sample_every;
     if sample_every > 1 {
         let comment = b.string(&format!(
-            "per-stack values with label attribution=estimate are unbiased estimates from full \
-             stacks of a random 1 in {sample_every} allocations (label outstanding_95 gives the \
-             interval); per-process totals are exact"
+            "per-stack values with label attribution=estimate are unbiased estimates from the \
+             full stacks drawn (each new stratum's first {} allocations per CPU, zoomed strata \
+             more often, a random 1 in {sample_every} of the rest; every draw's probability \
+             recorded; label outstanding_95 gives the interval); per-process totals are exact",
+            report.stacks.census_allocs
         ));
         b.profile.comment.push(comment);
     }
