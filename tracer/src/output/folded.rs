@@ -85,7 +85,7 @@ pub fn flamegraph_svg(report: &Report, weight: Weight) -> Result<Vec<u8>> {
         .any(|p| p.stacks.iter().any(|s| s.estimated))
     {
         opts.subtitle = Some(format!(
-            "per-stack widths are unbiased estimates from 1 in {} sampled stacks; process totals exact",
+            "per-stack widths are unbiased estimates from drawn stacks (census, zoom, 1 in {}); process totals exact",
             report.stacks.sample_every
         ));
     }
