@@ -50,6 +50,12 @@ pub const FLAG_ZOOM: u16 = 8;
 pub const DRAW_LEVEL_SHIFT: u16 = 8;
 pub const DRAW_LEVEL_MASK: u16 = 0x1f;
 
+/// Budget windows of the census and zoom caps: `ts_ns >> BUDGET_WINDOW_SHIFT`
+/// (2^27 ns, ~134 ms).
+pub const BUDGET_WINDOW_SHIFT: u32 = 27;
+/// Fixed point of [`Config::zoom_window_cap`].
+pub const ZOOM_COST_SHIFT: u32 = 16;
+
 /// The draw level carried in an allocation's flags; see [`DRAW_LEVEL_SHIFT`].
 #[inline(always)]
 pub const fn draw_level(flags: u16) -> u8 {
@@ -182,6 +188,15 @@ pub struct Config {
     /// The first this many allocations of a stratum on a CPU are drawn with
     /// probability 1 ([`FLAG_CENSUS`]); 0 turns the census off.
     pub census_allocs: u32,
+    /// Census draws a CPU may make per budget window (`ts >> BUDGET_WINDOW_SHIFT`,
+    /// ~134 ms); past it, census candidates are drawn as any other allocation.
+    pub census_window_cap: u64,
+    /// Expected zoomed draws all CPUs may make per budget window, in units of
+    /// `2^-ZOOM_COST_SHIFT` draws (an allocation zoomed to level `k` costs
+    /// `2^(ZOOM_COST_SHIFT - k)`); past it, zoomed strata fall back to the
+    /// base level. Counted by allocation, not by draw, so which level an
+    /// allocation gets never depends on earlier draws.
+    pub zoom_window_cap: u64,
     /// Buckets in the slab object's `LIVE_SLOTS` table minus one (a power of
     /// two minus one, at least 1), or 0 where the kernel lacks BPF
     /// compare-and-swap (5.12+): then every live pointer goes to the `LIVE`
@@ -236,6 +251,8 @@ impl Config {
             stack_sample_mask: 0,
             base_level: 0,
             census_allocs: 0,
+            census_window_cap: 0,
+            zoom_window_cap: 0,
             live_bucket_mask: 0,
             target_tgid: 0,
             stack_flags: 0,

@@ -27,9 +27,10 @@ use aya_ebpf::{
 use tracer_common::{
     slab::{
         counter, kmalloc_class, stratum_slot, AllocEvent, AllocHeader, AllocLayout, Config,
-        FreeEvent, ZoomSlot, CACHE_NAME_LEN, DRAW_LEVEL_SHIFT, FINGERPRINT_FRAMES, FLAG_CENSUS,
-        FLAG_SAMPLED, FLAG_SHALLOW, FLAG_ZOOM, LIVE_WAYS, MAX_CACHE_NAMES, MAX_KSTACK, MAX_USTACK,
-        SOURCE_CACHE_ALLOC, SOURCE_KMALLOC, STACK_KERNEL, STACK_USER, STRATUM_SLOTS,
+        FreeEvent, ZoomSlot, BUDGET_WINDOW_SHIFT, CACHE_NAME_LEN, DRAW_LEVEL_SHIFT,
+        FINGERPRINT_FRAMES, FLAG_CENSUS, FLAG_SAMPLED, FLAG_SHALLOW, FLAG_ZOOM, LIVE_WAYS,
+        MAX_CACHE_NAMES, MAX_KSTACK, MAX_USTACK, SOURCE_CACHE_ALLOC, SOURCE_KMALLOC, STACK_KERNEL,
+        STACK_USER, STRATUM_SLOTS, ZOOM_COST_SHIFT,
     },
     CONTEXT_INTERRUPT, EVENT_ALLOC, EVENT_ALLOC_NO_STACKS, EVENT_FREE,
 };
@@ -89,6 +90,24 @@ struct SiteSlot {
 /// userspace only, read here with one array load.
 #[map]
 static ZOOM: Array<ZoomSlot> = Array::with_max_entries(STRATUM_SLOTS, 0);
+
+/// What the draws of the current budget window have spent: census draws per
+/// CPU ([`CENSUS_SPENT`]), expected zoomed draws of all CPUs ([`ZOOM_SPENT`]).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Spent {
+    window: u64,
+    spent: u64,
+}
+
+#[map]
+static CENSUS_SPENT: PerCpuArray<Spent> = PerCpuArray::with_max_entries(1, 0);
+
+/// Shared by every CPU: the window is restarted without a lock and the spend
+/// added atomically, so a race at a window's turn lets a few allocations more
+/// through, never fewer.
+#[map]
+static ZOOM_SPENT: Array<Spent> = Array::with_max_entries(1, 0);
 
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
@@ -573,12 +592,14 @@ fn record<const CAS: bool>(ctx: *mut core::ffi::c_void, site: &Site, spare: bool
         facts,
         context,
     };
-    let path = if cfg.user_fingerprint != 0 {
+    // In an interrupt the user frames are the interrupted task's, not the
+    // allocation's: no fingerprint (userspace counts it under the interrupt).
+    let path = if cfg.user_fingerprint != 0 && context & CONTEXT_INTERRUPT == 0 {
         user_path(ctx)
     } else {
         UserPath::NONE
     };
-    let draw = stack_draw(site.call_site, tgid, &path, cfg);
+    let draw = stack_draw(site.call_site, tgid, &path, cfg, ts);
     let flags = draw.flags;
     if flags & FLAG_SAMPLED != 0 {
         let Some(mut entry) = EVENTS.reserve::<AllocEvent>(0) else {
@@ -727,11 +748,16 @@ struct Draw {
 /// past events only and recorded with it, so userspace keeps exact counts per
 /// (stratum, level) and every level's drawn objects are an independent
 /// Bernoulli sample of it (unbiased per-stack estimates):
-/// - census: a stratum's first `census_allocs` allocations on this CPU, level 0;
-/// - zoom: a stratum userspace put in `ZOOM`, at the level it chose;
+/// - census: a stratum's first `census_allocs` allocations on this CPU, level 0,
+///   within `census_window_cap` a window on this CPU;
+/// - zoom: a stratum userspace put in `ZOOM`, at the level it chose, within
+///   `zoom_window_cap` a window for all CPUs;
 /// - otherwise `base_level`.
+///
+/// Both caps count allocations, not draws, so no allocation's level depends
+/// on how earlier draws fell.
 #[inline(always)]
-fn stack_draw(call_site: u64, tgid: u32, path: &UserPath, cfg: &Config) -> Draw {
+fn stack_draw(call_site: u64, tgid: u32, path: &UserPath, cfg: &Config, ts: u64) -> Draw {
     let shallow = if path.shallow { FLAG_SHALLOW } else { 0 };
     if cfg.stack_flags == 0 {
         return Draw {
@@ -765,7 +791,8 @@ fn stack_draw(call_site: u64, tgid: u32, path: &UserPath, cfg: &Config) -> Draw 
         }
     }
     let wake = seen == 0;
-    if seen < cfg.census_allocs {
+    let window = ts >> BUDGET_WINDOW_SHIFT;
+    if seen < cfg.census_allocs && census_budget(window, cfg.census_window_cap) {
         return Draw {
             flags: FLAG_SAMPLED | FLAG_CENSUS | shallow,
             wake,
@@ -776,7 +803,8 @@ fn stack_draw(call_site: u64, tgid: u32, path: &UserPath, cfg: &Config) -> Draw 
             if z.level_plus_one != 0
                 && z.call_site == call_site
                 && z.fingerprint == path.fingerprint
-                && z.tgid == tgid =>
+                && z.tgid == tgid
+                && zoom_budget(window, z.level_plus_one - 1, cfg.zoom_window_cap) =>
         {
             (z.level_plus_one - 1, FLAG_ZOOM)
         }
@@ -790,6 +818,44 @@ fn stack_draw(call_site: u64, tgid: u32, path: &UserPath, cfg: &Config) -> Draw 
         | shallow
         | if drawn { FLAG_SAMPLED } else { 0 };
     Draw { flags, wake }
+}
+
+/// Whether this CPU may draw one more census allocation in `window`.
+#[inline(always)]
+fn census_budget(window: u64, cap: u64) -> bool {
+    let Some(slot) = CENSUS_SPENT.get_ptr_mut(0) else {
+        return false;
+    };
+    let slot = unsafe { &mut *slot };
+    if slot.window != window {
+        slot.window = window;
+        slot.spent = 0;
+    }
+    if slot.spent >= cap {
+        return false;
+    }
+    slot.spent += 1;
+    true
+}
+
+/// Whether an allocation may be zoomed to `level` in `window`, spending its
+/// expected draws (`2^-level`) from the budget all CPUs share.
+#[inline(always)]
+fn zoom_budget(window: u64, level: u32, cap: u64) -> bool {
+    let Some(slot) = ZOOM_SPENT.get_ptr_mut(0) else {
+        return false;
+    };
+    let slot = unsafe { &mut *slot };
+    if slot.window != window {
+        slot.window = window;
+        slot.spent = 0;
+    }
+    if slot.spent >= cap {
+        return false;
+    }
+    let cost = 1u64 << (ZOOM_COST_SHIFT - (level & 15));
+    tracer_ebpf::atomic_add(&mut slot.spent, cost);
+    true
 }
 
 #[inline(always)]

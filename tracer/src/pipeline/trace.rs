@@ -153,6 +153,8 @@ pub async fn run(args: TraceOptions, cache: &str) -> Result<()> {
     };
     plan.config.live_bucket_mask =
         plan::live_bucket_mask(max_objects, features::kernel_at_least(5, 12));
+    let zoom_policy = zoom::Policy::default();
+    plan.config.zoom_window_cap = zoom_policy.kernel_window_cap();
     let (mut probes, ring) = Probes::attach(&plan, max_objects, ringbuf_bytes, args.floor)?;
 
     if !(args.exact || args.no_kernel_stacks && args.no_user_stacks) {
@@ -197,7 +199,7 @@ pub async fn run(args: TraceOptions, cache: &str) -> Result<()> {
         .census(plan.config.census_allocs),
         // No stacks at all: nothing to zoom into.
         zoom: Zoom::new(
-            zoom::Policy::default(),
+            zoom_policy,
             if plan.config.stack_flags == 0 {
                 0
             } else {
@@ -362,7 +364,7 @@ impl State {
         } else {
             k.zoom_stack_ns as f64 / k.zoom_drawn as f64
         };
-        report.stacks.zoom_episodes = self.zoom.report(ns_per_draw);
+        report.stacks.zoom_episodes = self.zoom.report(ns_per_draw, |id| self.agg.zoom_drawn(id));
         for e in &mut report.stacks.zoom_episodes.episodes {
             e.call_site_name = self.symbols.kernel_frames(&[e.call_site]).pop();
         }
@@ -460,21 +462,23 @@ impl Tool for SlabTool<'_> {
 
     fn poll(&mut self) {
         symbolize_pending(self.state, SYMBOLIZE_BUDGET);
+        // The zoom keeps its own pace, whatever the refresh interval: its
+        // budget and episodes are held to a quarter second.
+        let state = &mut *self.state;
+        let now = monotonic_ns();
+        if state.zoom.due(now) {
+            let candidates = state
+                .agg
+                .zoom_candidates(now, state.zoom.policy().min_age_s);
+            let writes = state.zoom.step(now, &candidates);
+            let failed = self.probes.set_zoom(&writes);
+            state.zoom.retry(failed);
+        }
     }
 
     fn tick(&mut self) -> Result<()> {
         let (args, state) = (self.args, &mut *self.state);
-        let now = monotonic_ns();
-        state.agg.tick(now);
-        let candidates = state
-            .agg
-            .zoom_candidates(now, state.zoom.policy().min_age_s);
-        let writes = state.zoom.step(now, &candidates);
-        // A failed write leaves that stratum at its old rate, which each
-        // event records: the run and its numbers stay right.
-        if let Err(e) = self.probes.set_zoom(&writes) {
-            eprintln!("leaktrace: {e:#}");
-        }
+        state.agg.tick(monotonic_ns());
         // The --pid process keeps its row after exit: the header says it exited.
         let gone = state.agg.forget_exited(|tgid| {
             Some(tgid) == args.pid || Path::new("/proc").join(tgid.to_string()).exists()

@@ -146,9 +146,10 @@ fn header(out: &mut String, r: &Report, opts: &TextOptions) {
         let _ = writeln!(
             out,
             "stacks: drawn for {} allocations: a census of each new stratum's first {} per CPU ({}), \
-             zoom on strata whose surviving objects had none ({} in {} episodes), and 1 in {} of the \
-             rest ({}); every count per process and per stratum (call site{}) is exact, per-stack \
-             counts marked ~ are unbiased estimates with a 95% interval",
+             zoom on strata whose surviving objects are too few for the base rate to name ({} in \
+             {} episodes), and 1 in {} of the rest ({}); every count per process and per stratum \
+             (call site{}) is exact, per-stack counts marked ~ are unbiased estimates with a 95% \
+             interval",
             group(st.drawn),
             st.census_allocs,
             group(st.census),
@@ -159,7 +160,15 @@ fn header(out: &mut String, r: &Report, opts: &TextOptions) {
             if st.user_paths { " + user path" } else { "" },
         );
     }
-    for e in st.zoom_episodes.episodes.iter().take(ZOOM_EPISODES_SHOWN) {
+    // The episodes of the processes shown, those that drew most first.
+    let mut episodes: Vec<_> = st
+        .zoom_episodes
+        .episodes
+        .iter()
+        .filter(|e| r.processes.iter().any(|p| p.tgid == e.pid))
+        .collect();
+    episodes.sort_by_key(|e| (e.ended_s.is_some(), std::cmp::Reverse(e.drawn)));
+    for e in episodes.iter().take(ZOOM_EPISODES_SHOWN) {
         let _ = writeln!(
             out,
             "zoom: pid {} at {}: 1 in {} from {} {}, {} stacks drawn, {:.1}ms of kernel time",
@@ -175,6 +184,13 @@ fn header(out: &mut String, r: &Report, opts: &TextOptions) {
             },
             group(e.drawn),
             e.stack_ms,
+        );
+    }
+    if episodes.len() > ZOOM_EPISODES_SHOWN {
+        let _ = writeln!(
+            out,
+            "zoom: {} more episodes (--json lists them)",
+            episodes.len() - ZOOM_EPISODES_SHOWN
         );
     }
     if r.age.count > 0 {

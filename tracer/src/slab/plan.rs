@@ -81,6 +81,11 @@ pub struct PlanOptions {
 /// short-lived processes costs at most this many stacks each per CPU.
 pub const CENSUS_ALLOCS: u32 = 32;
 
+/// Census draws one CPU may make per ~134 ms budget window (~1,900 a second):
+/// a storm of new strata (thousands of short-lived processes, or strata
+/// taking over each other's slot) costs at most that many stacks.
+pub const CENSUS_WINDOW_CAP: u64 = 256;
+
 /// How the live-object map gets its memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LiveMap {
@@ -374,6 +379,7 @@ pub fn build(
     cfg.base_level = sample_every.trailing_zeros();
     // Where every allocation is drawn anyway, a census adds nothing.
     cfg.census_allocs = if sample_every > 1 { CENSUS_ALLOCS } else { 0 };
+    cfg.census_window_cap = CENSUS_WINDOW_CAP;
     cfg.target_tgid = opts.pid.unwrap_or(0);
     cfg.stack_flags = if opts.kernel_stacks { STACK_KERNEL } else { 0 }
         | if opts.user_stacks { STACK_USER } else { 0 };

@@ -174,16 +174,17 @@ impl Probes {
         })
     }
 
-    /// Writes zoom decisions into the kernel's table; the kernel reads each
-    /// slot per allocation and records the level it used, so a write racing
-    /// an allocation changes how it was drawn, never what its record says.
-    pub fn set_zoom(&mut self, writes: &[(u32, ZoomSlot)]) -> Result<()> {
-        for &(slot, entry) in writes {
-            self.zoom
-                .set(slot, entry, 0)
-                .with_context(|| format!("writing zoom slot {slot}"))?;
-        }
-        Ok(())
+    /// Writes zoom decisions into the kernel's table and returns the writes
+    /// that failed (to be made again). The kernel reads each slot per
+    /// allocation and records the level it used, so a write racing an
+    /// allocation, or one that failed, changes how often a stratum is drawn,
+    /// never what its records say.
+    pub fn set_zoom(&mut self, writes: &[(u32, ZoomSlot)]) -> Vec<(u32, ZoomSlot)> {
+        writes
+            .iter()
+            .copied()
+            .filter(|&(slot, entry)| self.zoom.set(slot, entry, 0).is_err())
+            .collect()
     }
 
     /// Kernel program ids, so tests and users can check nothing outlives us.

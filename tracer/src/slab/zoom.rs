@@ -1,32 +1,44 @@
-//! Adaptive zoom: where a stratum's objects outlive their siblings while none
-//! of them drew a stack, draw that stratum's new allocations more often for a
-//! while, so a rare path that leaks (a retry loop beside a busy path through
-//! the same syscall wrapper and kernel call site) is named within seconds.
+//! Adaptive zoom: where a stratum's objects outlive their siblings while too
+//! few of them can be expected to carry a stack, draw that stratum's new
+//! allocations more often for a while, so a rare path that leaks (a retry loop
+//! beside a busy path through the same syscall wrapper and kernel call site)
+//! is named within seconds.
 //!
 //! Only the draw probability changes, and only for allocations made after the
 //! kernel reads the new level: each event records the level it was drawn at,
-//! so estimates stay unbiased (see `estimate.rs`); objects allocated before
-//! stay where they were, under their level's exact count. The trigger reads
-//! base-level objects only (a census or a zoom's own draws do not hide a
-//! later unnamed path), and an episode is bounded in time, in draws per second
-//! across every zoomed stratum, and in how many strata are zoomed at once.
+//! and objects allocated before stay under their level's exact count. Every
+//! decision here reads exact facts only (counts, ages, rates, whether the
+//! process lives), never which objects were drawn: were it to stop adding
+//! objects to a level because of how that level's draws fell, that level's
+//! share estimate would be biased (a stopping rule; measured at 5 standard
+//! errors in review). So the trigger asks how many surviving base-level
+//! objects there are, and zooms while that many would be expected to carry
+//! fewer than [`Policy::enough_expected_drawn`] stacks. Episodes are bounded in
+//! time, in strata at once, and in draws per second: userspace fits each
+//! stratum's level to its measured rate, and the kernel caps the expected
+//! zoomed draws of every ~134 ms window ([`Policy::kernel_window_cap`]).
 
 use std::collections::{HashMap, VecDeque};
 
 use serde::Serialize;
-use tracer_common::slab::{stratum_slot, ZoomSlot};
+use tracer_common::slab::{stratum_slot, ZoomSlot, BUDGET_WINDOW_SHIFT, ZOOM_COST_SHIFT};
 
 /// When and how hard to zoom.
 #[derive(Debug, Clone)]
 pub struct Policy {
+    /// How often the controller runs, whatever the refresh interval.
+    pub step_ns: u64,
     /// Objects at least this old count as surviving (a churning path frees
     /// within milliseconds; a key GC'd or an RCU-freed object within ~1 s).
     pub min_age_s: u32,
-    /// Surviving base-level objects with no stack that start an episode.
-    pub min_old_undrawn: u64,
-    /// Surviving base-level objects with stacks that make zooming pointless:
-    /// the sample already splits the stratum.
-    pub enough_old_drawn: u64,
+    /// Surviving base-level objects that start an episode.
+    pub min_old: u64,
+    /// A stratum whose surviving base-level objects would carry this many
+    /// stacks on average at the base rate is split well enough already.
+    pub enough_expected_drawn: u64,
+    /// A stratum that allocated nothing for this long is not zoomed, and its
+    /// episode ends: zooming it would draw nothing.
+    pub idle_ns: u64,
     pub episode_ns: u64,
     /// After an episode, its stratum waits this long before another.
     pub cooldown_ns: u64,
@@ -38,9 +50,11 @@ pub struct Policy {
 impl Default for Policy {
     fn default() -> Self {
         Policy {
+            step_ns: 250_000_000,
             min_age_s: 1,
-            min_old_undrawn: 2,
-            enough_old_drawn: 8,
+            min_old: 2,
+            enough_expected_drawn: 8,
+            idle_ns: 5_000_000_000,
             episode_ns: 30_000_000_000,
             cooldown_ns: 30_000_000_000,
             budget_draws_per_s: 10_000.0,
@@ -49,10 +63,22 @@ impl Default for Policy {
     }
 }
 
-/// A stratum as the kernel keys it (the process by tgid).
+impl Policy {
+    /// The kernel's cap on expected zoomed draws per budget window
+    /// ([`tracer_common::slab::Config::zoom_window_cap`]): the budget, held
+    /// even between two steps of the controller.
+    pub fn kernel_window_cap(&self) -> u64 {
+        let window_s = (1u64 << BUDGET_WINDOW_SHIFT) as f64 / 1e9;
+        (self.budget_draws_per_s * window_s * f64::from(1u32 << ZOOM_COST_SHIFT)) as u64
+    }
+}
+
+/// A stratum: the kernel keys it by tgid; the process's start tells a reused
+/// PID apart here.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct StratumId {
     pub tgid: u32,
+    pub start_ns: u64,
     pub call_site: u64,
     pub fingerprint: u64,
 }
@@ -63,17 +89,16 @@ impl StratumId {
     }
 }
 
-/// What the aggregator knows of one stratum now.
+/// What the aggregator knows of one stratum of a live process now.
 #[derive(Debug, Clone, Copy)]
 pub struct Candidate {
     pub id: StratumId,
-    /// Base-level objects outstanding for at least [`Policy::min_age_s`],
-    /// without and with stacks.
-    pub old_undrawn: u64,
-    pub old_drawn: u64,
-    /// Every allocation of the stratum so far, and when it first allocated.
+    /// Base-level objects outstanding for at least [`Policy::min_age_s`].
+    pub old: u64,
+    /// Every allocation of the stratum so far, when it first and last allocated.
     pub allocs: u64,
     pub first_ns: u64,
+    pub last_ns: u64,
     /// Its allocations drawn while zoomed, so far.
     pub zoom_drawn: u64,
 }
@@ -86,7 +111,8 @@ pub struct Episode {
     /// The kernel symbol of `call_site`, filled in by the report.
     pub call_site_name: Option<String>,
     /// Its allocations were drawn 1 in this many (the base rate is
-    /// [`super::aggregator::StackSampling::sample_every`]).
+    /// [`super::aggregator::StackSampling::sample_every`]); the kernel's
+    /// budget cap may have drawn some at the base rate (each event says).
     pub sample_every: u64,
     /// Seconds since the run started.
     pub started_s: f64,
@@ -97,10 +123,11 @@ pub struct Episode {
     /// Kernel time its stack captures took (ms): `drawn` times the mean the
     /// kernel measured over every zoomed draw of this run.
     pub stack_ms: f64,
-    /// Why it started: base-level objects older than the trigger age, without
-    /// and with stacks.
-    pub old_undrawn: u64,
-    pub old_drawn: u64,
+    /// Why it started: base-level objects of the stratum older than the
+    /// trigger age.
+    pub old: u64,
+    #[serde(skip)]
+    id: Option<StratumId>,
 }
 
 /// Zoom's part of the stacks section.
@@ -117,9 +144,7 @@ struct Active {
     slot: u32,
     level: u8,
     started_ns: u64,
-    /// Allocations and time at the last step, and the stratum's allocations
-    /// per second then: what its draws cost of the budget.
-    last: (u64, u64),
+    /// Its allocations per second at the last step: its share of the budget.
     rate: f64,
     drawn_at_start: u64,
     report: Episode,
@@ -132,10 +157,15 @@ pub struct Zoom {
     policy: Policy,
     base_level: u8,
     started_ns: u64,
+    last_step_ns: u64,
+    /// Every candidate's allocations and time at the last step, for rates.
+    last_seen: HashMap<StratumId, (u64, u64)>,
     active: Vec<Active>,
     cooling: HashMap<StratumId, u64>,
     ended: VecDeque<Episode>,
     episodes_started: u64,
+    /// Writes the kernel table refused, tried again at the next step.
+    retry: Vec<SlotWrite>,
 }
 
 /// A write to the kernel's `ZOOM` table: `slot` gets `entry` (cleared when
@@ -144,17 +174,20 @@ pub type SlotWrite = (u32, ZoomSlot);
 
 impl Zoom {
     /// `base_level`: the level of an ordinary draw (`log2` of 1 in N); a
-    /// stratum is zoomed only to a lower one. `started_ns`: the run's start,
-    /// for the episodes' times.
+    /// stratum is zoomed only to a lower one, and never when it is 0.
+    /// `started_ns`: the run's start, for the episodes' times.
     pub fn new(policy: Policy, base_level: u8, started_ns: u64) -> Zoom {
         Zoom {
             policy,
             base_level,
             started_ns,
+            last_step_ns: 0,
+            last_seen: HashMap::new(),
             active: Vec::new(),
             cooling: HashMap::new(),
             ended: VecDeque::new(),
             episodes_started: 0,
+            retry: Vec::new(),
         }
     }
 
@@ -162,24 +195,55 @@ impl Zoom {
         &self.policy
     }
 
-    /// One refresh: ends what has run its time (or whose process is gone),
-    /// re-fits the level of the rest to the budget, and starts episodes on
-    /// the strata that qualify. Returns the writes the kernel table needs.
+    /// Whether a step is due at `now_ns` (every [`Policy::step_ns`]).
+    pub fn due(&self, now_ns: u64) -> bool {
+        self.base_level > 0 && now_ns.saturating_sub(self.last_step_ns) >= self.policy.step_ns
+    }
+
+    /// Writes that failed, to be made again at the next step.
+    pub fn retry(&mut self, failed: Vec<SlotWrite>) {
+        self.retry.extend(failed);
+    }
+
+    /// One step: ends what has run its time, went idle or whose process is
+    /// gone, re-fits the level of the rest to the budget, and starts episodes
+    /// on the strata that qualify. Returns the writes the kernel table needs.
     pub fn step(&mut self, now_ns: u64, candidates: &[Candidate]) -> Vec<SlotWrite> {
-        let mut writes = Vec::new();
+        let mut writes = std::mem::take(&mut self.retry);
         if self.base_level == 0 {
             return writes;
         }
+        let since_last = now_ns.saturating_sub(self.last_step_ns) as f64 / 1e9;
+        self.last_step_ns = now_ns;
         let by_id: HashMap<StratumId, &Candidate> = candidates.iter().map(|c| (c.id, c)).collect();
+        // Allocations per second since the last step (0 for a new candidate).
+        let recent: HashMap<StratumId, f64> = candidates
+            .iter()
+            .map(|c| {
+                let rate = match self.last_seen.get(&c.id) {
+                    Some(&(allocs, at)) if now_ns > at => {
+                        c.allocs.saturating_sub(allocs) as f64 / ((now_ns - at) as f64 / 1e9)
+                    }
+                    _ => 0.0,
+                };
+                (c.id, rate)
+            })
+            .collect();
+        self.last_seen = candidates
+            .iter()
+            .map(|c| (c.id, (c.allocs, now_ns)))
+            .collect();
         self.cooling.retain(|_, until| *until > now_ns);
+        let idle = |c: &Candidate| now_ns.saturating_sub(c.last_ns) > self.policy.idle_ns;
 
         let mut kept = Vec::new();
         for mut a in std::mem::take(&mut self.active) {
-            let current = by_id.get(&a.id);
+            let current = by_id.get(&a.id).copied();
             if let Some(c) = current {
                 a.report.drawn = c.zoom_drawn.saturating_sub(a.drawn_at_start);
             }
-            if current.is_none() || now_ns.saturating_sub(a.started_ns) >= self.policy.episode_ns {
+            let over = now_ns.saturating_sub(a.started_ns) >= self.policy.episode_ns;
+            if current.is_none_or(idle) || over {
                 writes.push((a.slot, ZoomSlot::default()));
                 a.report.ended_s = Some(self.secs(now_ns));
                 self.cooling
@@ -193,12 +257,9 @@ impl Zoom {
         // Re-fit each level to its stratum's rate since the last step, so
         // together they stay within the budget.
         let mut spent = 0.0;
-        for a in &mut kept {
-            let Some(c) = by_id.get(&a.id) else { continue };
-            let (allocs, at) = a.last;
-            let secs = now_ns.saturating_sub(at) as f64 / 1e9;
-            if secs >= 0.1 {
-                a.rate = c.allocs.saturating_sub(allocs) as f64 / secs;
+        if since_last >= 0.05 {
+            for a in &mut kept {
+                a.rate = recent.get(&a.id).copied().unwrap_or(a.rate);
                 let room = self.policy.budget_draws_per_s - spent;
                 let level = level_for(a.rate, room).min(self.base_level);
                 if level != a.level {
@@ -206,22 +267,23 @@ impl Zoom {
                     a.report.sample_every = 1 << level;
                     writes.push((a.slot, slot_entry(a.id, level)));
                 }
-                a.last = (c.allocs, now_ns);
+                spent += a.rate / f64::from(1u32 << a.level);
             }
-            spent += a.rate / f64::from(1u32 << a.level);
         }
         self.active = kept;
 
+        let enough_old = self.policy.enough_expected_drawn << self.base_level;
         let mut wanted: Vec<&Candidate> = candidates
             .iter()
             .filter(|c| {
-                c.old_undrawn >= self.policy.min_old_undrawn
-                    && c.old_drawn < self.policy.enough_old_drawn
+                c.old >= self.policy.min_old
+                    && c.old < enough_old
+                    && !idle(c)
                     && !self.cooling.contains_key(&c.id)
                     && !self.active.iter().any(|a| a.id == c.id)
             })
             .collect();
-        wanted.sort_by_key(|c| std::cmp::Reverse(c.old_undrawn));
+        wanted.sort_by_key(|c| (std::cmp::Reverse(c.old), c.id.tgid, c.id.call_site));
         for c in wanted {
             if self.active.len() >= self.policy.max_active {
                 break;
@@ -231,7 +293,7 @@ impl Zoom {
             if self.active.iter().any(|a| a.slot == slot) {
                 continue;
             }
-            let rate = rate_of(c, now_ns);
+            let rate = rate_of(c, now_ns).max(recent.get(&c.id).copied().unwrap_or(0.0));
             let room = self.policy.budget_draws_per_s - spent;
             let level = level_for(rate, room);
             if level >= self.base_level {
@@ -245,7 +307,6 @@ impl Zoom {
                 slot,
                 level,
                 started_ns: now_ns,
-                last: (c.allocs, now_ns),
                 rate,
                 drawn_at_start: c.zoom_drawn,
                 report: Episode {
@@ -257,8 +318,8 @@ impl Zoom {
                     ended_s: None,
                     drawn: 0,
                     stack_ms: 0.0,
-                    old_undrawn: c.old_undrawn,
-                    old_drawn: c.old_drawn,
+                    old: c.old,
+                    id: Some(c.id),
                 },
             });
         }
@@ -266,16 +327,23 @@ impl Zoom {
     }
 
     /// The episodes so far, active first; `stack_ns_per_draw` is the kernel's
-    /// measured mean time to capture a zoomed draw's stacks.
-    pub fn report(&self, stack_ns_per_draw: f64) -> ZoomReport {
-        let episodes = self
-            .active
-            .iter()
-            .map(|a| &a.report)
-            .chain(&self.ended)
+    /// measured mean time to capture a zoomed draw's stacks, and `zoom_drawn`
+    /// gives an active stratum's zoomed draws now (the last step's count
+    /// otherwise).
+    pub fn report(
+        &self,
+        stack_ns_per_draw: f64,
+        zoom_drawn: impl Fn(&StratumId) -> Option<u64>,
+    ) -> ZoomReport {
+        let active = self.active.iter().map(|a| Episode {
+            drawn: zoom_drawn(&a.id).map_or(a.report.drawn, |d| d.saturating_sub(a.drawn_at_start)),
+            ..a.report.clone()
+        });
+        let episodes = active
+            .chain(self.ended.iter().cloned())
             .map(|e| Episode {
                 stack_ms: e.drawn as f64 * stack_ns_per_draw / 1e6,
-                ..e.clone()
+                ..e
             })
             .collect();
         ZoomReport {
@@ -324,66 +392,49 @@ fn level_for(rate: f64, room: f64) -> u8 {
 /// object. Times are whole seconds of the aggregator's clock.
 #[derive(Debug, Clone, Default)]
 pub struct AgeCohorts {
-    undrawn: u64,
-    drawn: u64,
-    /// (second, undrawn, drawn); a slot holds the second it was last used for.
-    recent: [(u32, u32, u32); COHORTS],
+    total: u64,
+    /// (second, objects); a slot holds the second it was last used for.
+    recent: [(u32, u32); COHORTS],
 }
 
 const COHORTS: usize = 4;
 
 impl AgeCohorts {
-    pub fn alloc(&mut self, sec: u32, drawn: bool) {
+    pub fn alloc(&mut self, sec: u32) {
         let slot = &mut self.recent[sec as usize % COHORTS];
         if slot.0 != sec {
-            // That second's objects are old now; they stay in the totals.
-            *slot = (sec, 0, 0);
+            // That second's objects are old now; they stay in the total.
+            *slot = (sec, 0);
         }
-        if drawn {
-            self.drawn += 1;
-            slot.2 += 1;
-        } else {
-            self.undrawn += 1;
-            slot.1 += 1;
-        }
+        self.total += 1;
+        slot.1 += 1;
     }
 
-    pub fn free(&mut self, sec: u32, drawn: bool) {
+    pub fn free(&mut self, sec: u32) {
+        self.total = self.total.saturating_sub(1);
         let slot = &mut self.recent[sec as usize % COHORTS];
-        let own = slot.0 == sec;
-        if drawn {
-            self.drawn = self.drawn.saturating_sub(1);
-            if own {
-                slot.2 = slot.2.saturating_sub(1);
-            }
-        } else {
-            self.undrawn = self.undrawn.saturating_sub(1);
-            if own {
-                slot.1 = slot.1.saturating_sub(1);
-            }
+        if slot.0 == sec {
+            slot.1 = slot.1.saturating_sub(1);
         }
     }
 
-    /// (undrawn, drawn) outstanding objects allocated at least `min_age_s`
-    /// whole seconds before `now_sec` (born in a second `s` with
-    /// `s + min_age_s < now_sec`); ages past what the cohorts tell apart
-    /// (2 s) count from there.
-    pub fn old(&self, now_sec: u32, min_age_s: u32) -> (u64, u64) {
+    /// Outstanding objects allocated at least `min_age_s` whole seconds
+    /// before `now_sec` (born in a second `s` with `s + min_age_s < now_sec`);
+    /// ages past what the cohorts tell apart (2 s) count from there.
+    pub fn old(&self, now_sec: u32, min_age_s: u32) -> u64 {
         let min_age_s = min_age_s.min(COHORTS as u32 - 2);
-        let (mut undrawn, mut drawn) = (self.undrawn, self.drawn);
-        for &(sec, u, d) in &self.recent {
-            let young = sec <= now_sec && sec.saturating_add(min_age_s) >= now_sec;
-            if young && (u, d) != (0, 0) {
-                undrawn = undrawn.saturating_sub(u64::from(u));
-                drawn = drawn.saturating_sub(u64::from(d));
-            }
-        }
-        (undrawn, drawn)
+        let young: u64 = self
+            .recent
+            .iter()
+            .filter(|(sec, _)| *sec <= now_sec && sec.saturating_add(min_age_s) >= now_sec)
+            .map(|(_, n)| u64::from(*n))
+            .sum();
+        self.total.saturating_sub(young)
     }
 
     #[cfg(test)]
     pub fn is_empty(&self) -> bool {
-        self.undrawn == 0 && self.drawn == 0
+        self.total == 0
     }
 }
 
@@ -391,17 +442,22 @@ impl AgeCohorts {
 mod tests {
     use super::*;
 
-    fn candidate(tgid: u32, old_undrawn: u64, old_drawn: u64, allocs: u64) -> Candidate {
+    const SEC: u64 = 1_000_000_000;
+
+    /// A stratum of process `tgid` with `old` surviving objects, `allocs`
+    /// allocations since 0, the last at `last_ns`.
+    fn candidate(tgid: u32, old: u64, allocs: u64, last_ns: u64) -> Candidate {
         Candidate {
             id: StratumId {
                 tgid,
+                start_ns: 7,
                 call_site: 0xffff_ffff_8100_0000 + u64::from(tgid),
                 fingerprint: 0,
             },
-            old_undrawn,
-            old_drawn,
+            old,
             allocs,
             first_ns: 0,
+            last_ns,
             zoom_drawn: 0,
         }
     }
@@ -409,47 +465,48 @@ mod tests {
     #[test]
     fn cohorts_tell_old_from_young() {
         let mut c = AgeCohorts::default();
-        c.alloc(0, false);
-        c.alloc(1, false);
-        c.alloc(2, true);
-        c.alloc(3, false);
+        for sec in 0..4 {
+            c.alloc(sec);
+        }
         // At second 3, with 1 s: seconds 0 and 1 are old.
-        assert_eq!(c.old(3, 1), (2, 0));
-        assert_eq!(c.old(4, 1), (2, 1));
-        c.free(0, false);
-        assert_eq!(c.old(4, 1), (1, 1));
+        assert_eq!(c.old(3, 1), 2);
+        assert_eq!(c.old(4, 1), 3);
+        c.free(0);
+        assert_eq!(c.old(4, 1), 2);
         // Second 4 reuses second 0's slot; 0's objects stay counted as old.
-        c.alloc(4, false);
-        c.alloc(5, false);
-        c.free(1, false);
-        assert_eq!(c.old(6, 1), (2, 1));
-        c.free(5, false);
-        c.free(4, false);
-        c.free(3, false);
-        c.free(2, true);
+        c.alloc(4);
+        c.alloc(5);
+        c.free(1);
+        assert_eq!(c.old(6, 1), 3);
+        for sec in [5, 4, 3, 2] {
+            c.free(sec);
+        }
         assert!(c.is_empty());
     }
 
     #[test]
-    fn an_unnamed_surviving_stratum_is_zoomed_within_budget_then_let_go() {
+    fn a_surviving_stratum_is_zoomed_within_budget_then_let_go() {
         let policy = Policy::default();
         let mut z = Zoom::new(policy.clone(), 6, 0);
-        let sec = 1_000_000_000;
         // 6,000 allocations a second: within the 10,000 budget at 1 in 1.
-        let busy = candidate(1, 3, 0, 6_000 * 10);
-        // Named well enough by the sample already.
-        let sampled = candidate(2, 100, 20, 1_000);
-        let writes = z.step(10 * sec, &[busy, sampled]);
+        let rare_in_busy = candidate(1, 3, 6_000 * 10, 10 * SEC);
+        // Its 600 survivors carry ~9 stacks at 1 in 64: split well enough.
+        let sampled = candidate(2, 600, 1_000, 10 * SEC);
+        let writes = z.step(10 * SEC, &[rare_in_busy, sampled]);
         assert_eq!(writes.len(), 1);
         assert_eq!(writes[0].1.tgid, 1);
         assert_eq!(writes[0].1.level_plus_one, 1);
-        // Nothing more while it lasts; then it ends and cools down.
-        assert!(z.step(11 * sec, &[busy]).is_empty());
-        let end = 10 * sec + policy.episode_ns;
-        let writes = z.step(end, &[busy]);
-        assert_eq!(writes, vec![(busy.id.slot(), ZoomSlot::default())]);
-        assert!(z.step(end + sec, &[busy]).is_empty(), "cooling down");
-        let report = z.report(1000.0);
+        // Nothing more while it lasts at that rate; then it ends and cools down.
+        let at = |s: u64, allocs| candidate(1, 3, allocs, s * SEC);
+        assert!(z.step(11 * SEC, &[at(11, 66_000)]).is_empty());
+        let end = 10 * SEC + policy.episode_ns;
+        let writes = z.step(end, &[at(40, 240_000)]);
+        assert_eq!(writes, vec![(rare_in_busy.id.slot(), ZoomSlot::default())]);
+        assert!(
+            z.step(end + SEC, &[at(41, 246_000)]).is_empty(),
+            "cooling down"
+        );
+        let report = z.report(1000.0, |_| None);
         assert_eq!(report.episodes_started, 1);
         assert!(report.episodes[0].ended_s.is_some());
     }
@@ -457,11 +514,10 @@ mod tests {
     #[test]
     fn a_busier_stratum_is_zoomed_less_and_the_budget_is_shared() {
         let mut z = Zoom::new(Policy::default(), 6, 0);
-        let sec = 1_000_000_000;
         // 100,000 a second: 1 in 16 stays within 10,000 draws a second.
-        let hot = candidate(1, 5, 0, 100_000 * 10);
-        let other = candidate(2, 4, 0, 9_000 * 10);
-        let writes = z.step(10 * sec, &[hot, other]);
+        let hot = candidate(1, 5, 100_000 * 10, 10 * SEC);
+        let other = candidate(2, 4, 9_000 * 10, 10 * SEC);
+        let writes = z.step(10 * SEC, &[hot, other]);
         let level = |tgid| {
             writes
                 .iter()
@@ -474,19 +530,59 @@ mod tests {
     }
 
     #[test]
-    fn a_stratum_that_holds_nothing_or_goes_away_ends_its_episode() {
+    fn a_rate_that_jumps_is_refitted_at_the_next_step() {
         let mut z = Zoom::new(Policy::default(), 6, 0);
-        let sec = 1_000_000_000;
-        let c = candidate(7, 2, 0, 10);
-        assert_eq!(z.step(5 * sec, &[c]).len(), 1);
-        let writes = z.step(6 * sec, &[]);
+        let slow = candidate(1, 3, 1_000, 10 * SEC);
+        assert_eq!(z.step(10 * SEC, &[slow])[0].1.level_plus_one, 1);
+        // 40,000 allocations in the next quarter second: 160,000 a second.
+        let burst = candidate(1, 3, 41_000, 10 * SEC + SEC / 4);
+        let writes = z.step(10 * SEC + SEC / 4, &[burst]);
+        assert_eq!(writes.len(), 1);
+        assert_eq!(
+            writes[0].1.level_plus_one - 1,
+            4,
+            "1 in 16: 10,000 a second"
+        );
+    }
+
+    #[test]
+    fn idle_strata_are_not_zoomed_and_an_idle_episode_ends() {
+        let mut z = Zoom::new(Policy::default(), 6, 0);
+        // Holds 200 objects but allocated last 20 s ago.
+        let holder = candidate(3, 200, 200, 0);
+        assert!(z.step(20 * SEC, &[holder]).is_empty());
+        let c = candidate(7, 2, 10, 5 * SEC);
+        assert_eq!(z.step(5 * SEC, &[c]).len(), 1);
+        // Still there, no allocation for 6 s.
+        let writes = z.step(11 * SEC, &[c]);
         assert_eq!(writes, vec![(c.id.slot(), ZoomSlot::default())]);
+        // And gone altogether ends one too.
+        let d = candidate(8, 2, 10, 100 * SEC);
+        assert_eq!(z.step(100 * SEC, &[d]).len(), 1);
+        assert_eq!(z.step(101 * SEC, &[]).len(), 1);
+    }
+
+    #[test]
+    fn failed_writes_are_made_again() {
+        let mut z = Zoom::new(Policy::default(), 6, 0);
+        let w = (5, ZoomSlot::default());
+        z.retry(vec![w]);
+        assert_eq!(z.step(SEC, &[]), vec![w]);
+        assert!(z.step(2 * SEC, &[]).is_empty());
     }
 
     #[test]
     fn exact_mode_never_zooms() {
         let mut z = Zoom::new(Policy::default(), 0, 0);
-        assert!(z.step(10, &[candidate(1, 100, 0, 10)]).is_empty());
+        assert!(!z.due(10 * SEC));
+        assert!(z.step(10, &[candidate(1, 100, 10, 10)]).is_empty());
+    }
+
+    #[test]
+    fn the_kernel_cap_is_the_budget_per_window() {
+        let cap = Policy::default().kernel_window_cap();
+        // 10,000 a second over 2^27 ns, in 2^-16 draws.
+        assert_eq!(cap >> ZOOM_COST_SHIFT, 1342);
     }
 
     #[test]
