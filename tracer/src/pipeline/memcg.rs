@@ -25,7 +25,7 @@ use crate::{
         report::{KernelMemcgs, Preexisting, Report, SCHEMA_VERSION},
         state::{SnapshotOptions, Tracker},
     },
-    output::files::Destination,
+    output::files::{Destination, Patience},
     output::stdout::{self, Printed},
     pipeline::event_loop::{self, Flow, Sources, Tool},
     pipeline::RunOptions,
@@ -330,16 +330,38 @@ fn emit_snapshot(args: &MemcgOptions, report: &Report) -> Result<()> {
     })
 }
 
+/// The profile first, so a closed stdout cannot cost the file; then the
+/// report, even when the profile failed (it went to its fallback, named on
+/// stderr); then whether `--why` found its memcg.
 fn emit_final(args: &MemcgOptions, report: &Report, pprof: Option<&Destination>) -> Result<()> {
-    // The profile first: a closed stdout must not cost the file.
-    if let Some(dest) = pprof {
-        dest.write(&pprof::profile(report)?)?;
-        eprintln!("leaktrace: wrote pprof profile {}", dest.path.display());
-    }
-    stdout::print(report, args.run.json, Printed::Final, || match args.why {
+    let file = pprof.map_or(Ok(()), |dest| {
+        // A FIFO may wait for its reader; a second Ctrl-C or SIGTERM ends the wait.
+        let mark = event_loop::EndMark::now();
+        let cancelled = || mark.passed();
+        let written =
+            pprof::profile(report).and_then(|bytes| dest.write(&bytes, &Patience::new(&cancelled)));
+        match &written {
+            Ok(()) => eprintln!("leaktrace: wrote pprof profile {}", dest.path.display()),
+            Err(e) => eprintln!("leaktrace: error: {e:#}"),
+        }
+        written.map_err(|_| {
+            anyhow::anyhow!("the pprof profile could not be written where asked (see above)")
+        })
+    });
+    let printed = stdout::print(report, args.run.json, Printed::Final, || match args.why {
         Some(id) => view::why(report, id, &running_kernel()),
         None => view::render(report, &view_options(args), true),
-    })
+    });
+    file.and(printed)?;
+    match args.why {
+        Some(id) if report.finds_memcg(id) == Some(false) => anyhow::bail!(
+            "--why {id}: no memory cgroup has this id in hierarchy {} ({}), live, dying or \
+             traced; `leaktrace memcg --list` shows the ids (the ID column)",
+            report.hierarchy.id,
+            report.hierarchy.mount.display()
+        ),
+        _ => Ok(()),
+    }
 }
 
 fn view_options(args: &MemcgOptions) -> ViewOptions {
