@@ -83,7 +83,8 @@ pub struct TraceArgs {
     #[arg(long, value_parser = parse_interval, default_value = "1s", value_name = "DURATION")]
     pub interval: Duration,
 
-    /// Only this process (thread group id, as the host sees it); filtered in the kernel.
+    /// Only this process (thread group id, as the host sees it; a thread's id is
+    /// taken as its process's); filtered in the kernel.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=PID_MAX_LIMIT))]
     pub pid: Option<u32>,
 
