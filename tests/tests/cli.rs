@@ -763,45 +763,56 @@ fn mkfifo(path: &Path) {
     assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
 }
 
-/// `--pprof FIFO` with nobody reading used to sit in the kernel's fifo_open
-/// for good, deaf to Ctrl-C and SIGTERM, with the final report unprinted.
-#[test]
-fn an_output_fifo_nobody_reads_cannot_hang_the_end_of_a_run() {
-    let dir = scratch("fifo");
+/// A FIFO no process has open for reading, in a scratch directory of its own.
+fn deaf_fifo(name: &str) -> (PathBuf, PathBuf) {
+    let dir = scratch(name);
     let fifo = dir.join("nobody-reads");
     mkfifo(&fifo);
-    let f = fifo.to_str().expect("utf-8");
+    (dir, fifo)
+}
 
-    // Ended by --duration: a bounded wait for a reader, then the report, the
-    // profile in the fallback file, exit 1.
-    let started = Instant::now();
+/// `--pprof FIFO` with nobody reading used to sit in the kernel's fifo_open
+/// for good, deaf to Ctrl-C and SIGTERM, with the final report unprinted.
+/// Ended by --duration: a bounded wait for a reader, then the report, the
+/// profile in the fallback file, exit 1.
+#[test]
+fn a_pprof_fifo_nobody_reads_is_waited_for_a_bounded_time() {
+    let (dir, fifo) = deaf_fifo("fifo-pprof");
+    let f = fifo.to_str().expect("utf-8");
     let tracer = Tracer::start(&["--cache", "kmalloc-512", "--duration", "1s", "--pprof", f])
         .expect("start");
+    let attached = Instant::now();
     let ids = tracer.prog_ids.clone();
     let (code, report, stderr) = tracer
-        .finish(Duration::from_secs(45))
+        .finish(Duration::from_secs(60))
         .expect("the run ends by itself");
     assert_eq!(code, 1, "a lost output is a failed run: {stderr:?}");
     assert_eq!(report["kind"], "final", "the report is printed anyway");
     assert!(
-        started.elapsed() < Duration::from_secs(40),
+        attached.elapsed() < Duration::from_secs(40),
         "{:?}",
-        started.elapsed()
+        attached.elapsed()
     );
     assert!(
         gunzip(&fallback_bytes(&stderr, "--pprof")).contains("outstanding_objects"),
         "not the profile"
     );
     assert_detached(&ids);
+    let _ = std::fs::remove_dir_all(&dir);
+}
 
-    // Ended by SIGTERM: while it waits for a reader, a second SIGTERM ends
-    // the wait at once.
+/// Ended by SIGTERM, a run waiting for a FIFO's reader gives up at once on
+/// a second SIGTERM.
+#[test]
+fn a_second_sigterm_ends_the_wait_for_a_fifo_reader() {
+    let (dir, fifo) = deaf_fifo("fifo-folded");
+    let f = fifo.to_str().expect("utf-8");
     let mut tracer = Tracer::start(&["--cache", "kmalloc-512", "--folded", f]).expect("start");
     tracer.signal(libc::SIGTERM);
     tracer
         .wait_stderr(
             |l| l.contains("no reader has the FIFO open"),
-            Duration::from_secs(20),
+            Duration::from_secs(30),
         )
         .expect("it says it waits for a reader");
     let asked = Instant::now();
@@ -817,11 +828,17 @@ fn an_output_fifo_nobody_reads_cannot_hang_the_end_of_a_run() {
     assert_eq!(code, 1, "{stderr:?}");
     assert_eq!(report["kind"], "final");
     fallback_bytes(&stderr, "--folded");
+    let _ = std::fs::remove_dir_all(&dir);
+}
 
-    // memcg's --pprof goes the same way.
+/// `leaktrace memcg --pprof FIFO` ends the same way.
+#[test]
+fn a_memcg_pprof_fifo_nobody_reads_is_waited_for_a_bounded_time() {
+    let (dir, fifo) = deaf_fifo("fifo-memcg");
+    let f = fifo.to_str().expect("utf-8");
     let (code, stdout, stderr) = run_leaktrace_within(
         &["memcg", "--duration", "1s", "--json", "--pprof", f],
-        Duration::from_secs(60),
+        Duration::from_secs(90),
     )
     .expect("memcg ends by itself");
     assert_eq!(code, 1, "{stderr}");
