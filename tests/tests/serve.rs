@@ -75,46 +75,13 @@ impl Serve {
         // As deploy/daemonset.yaml mounts it: readable by its owner only.
         std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o400))
             .expect("token mode");
-        let child = Command::new(leaktrace_bin())
-            .args(["serve", "--listen", "127.0.0.1:0", "--token-file"])
-            .arg(&token)
-            .args(extra)
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn leaktrace serve");
-        let mut serve = Serve {
+        let (child, stderr) = spawn_serve(&token, extra, env);
+        let (addr, seen) = wait_listening(&stderr, Duration::from_secs(20));
+        let addr = addr.unwrap_or_else(|| panic!("serve printed no address: {seen:?}"));
+        Serve {
             child,
-            addr: String::new(),
-            stderr: mpsc::channel().1,
-        };
-        let err = serve.child.stderr.take().expect("stderr");
-        let (tx, rx) = mpsc::channel();
-        thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                eprintln!("{line}");
-                let _ = tx.send(line);
-            }
-        });
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let mut seen = Vec::new();
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = rx
-                .recv_timeout(left)
-                .unwrap_or_else(|_| panic!("serve printed no address: {seen:?}"));
-            if let Some((_, rest)) = line.split_once("listening on ") {
-                let url = rest.split_whitespace().next().expect("url");
-                serve.addr = url
-                    .trim_start_matches("http://")
-                    .trim_start_matches("https://")
-                    .to_string();
-                serve.stderr = rx;
-                return serve;
-            }
-            seen.push(line);
+            addr,
+            stderr,
         }
     }
 
@@ -131,6 +98,59 @@ impl Serve {
         assert_eq!(r.status, 200, "{}", r.text());
         r.text()
     }
+}
+
+/// `leaktrace serve --listen 127.0.0.1:0 --token-file TOKEN_FILE EXTRA`, its
+/// stderr echoed and sent on the channel line by line.
+fn spawn_serve(
+    token_file: &Path,
+    extra: &[&str],
+    env: &[(&str, &Path)],
+) -> (Child, mpsc::Receiver<String>) {
+    let mut child = Command::new(leaktrace_bin())
+        .args(["serve", "--listen", "127.0.0.1:0", "--token-file"])
+        .arg(token_file)
+        .args(extra)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn leaktrace serve");
+    let err = child.stderr.take().expect("stderr");
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        for line in BufReader::new(err).lines().map_while(Result::ok) {
+            eprintln!("{line}");
+            let _ = tx.send(line);
+        }
+    });
+    (child, rx)
+}
+
+/// The address serve says it listens on (None when it exits or `within`
+/// passes first), and every line it printed up to then.
+fn wait_listening(
+    stderr: &mpsc::Receiver<String>,
+    within: Duration,
+) -> (Option<String>, Vec<String>) {
+    let deadline = Instant::now() + within;
+    let mut seen = Vec::new();
+    while let Ok(line) = stderr.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        let addr = line.split_once("listening on ").and_then(|(_, rest)| {
+            let url = rest.split_whitespace().next()?;
+            Some(
+                url.trim_start_matches("http://")
+                    .trim_start_matches("https://")
+                    .to_string(),
+            )
+        });
+        seen.push(line);
+        if addr.is_some() {
+            return (addr, seen);
+        }
+    }
+    (None, seen)
 }
 
 impl Drop for Serve {
@@ -1108,16 +1128,8 @@ fn daemonset_runs_serve_unprivileged_with_its_mounts_token_and_monitors() {
     );
 }
 
-/// A client that hangs up mid-trace ends the trace: the request's future is
-/// dropped, the child is killed and the kernel detaches its programs, long
-/// before the `seconds` asked for are over.
-#[test]
-fn a_client_that_hangs_up_ends_its_trace() {
-    skip_in_vm_guest!();
-    let _serial = serial();
-    let dir = scratch("hangup");
-    let serve = Serve::start(&dir, &["--min-interval", "1s"]);
-    let pid = serve.pid();
+/// Asks for a 60 s trace and returns its connection once the trace attached.
+fn long_trace_attached(serve: &Serve) -> TcpStream {
     let mut conn = TcpStream::connect(&serve.addr).expect("connect");
     write!(
         conn,
@@ -1129,6 +1141,20 @@ fn a_client_that_hangs_up_ends_its_trace() {
         assert!(Instant::now() < deadline, "the trace never attached");
         thread::sleep(Duration::from_millis(100));
     }
+    conn
+}
+
+/// A client that hangs up mid-trace ends the trace: the request's future is
+/// dropped, the child is killed and the kernel detaches its programs, long
+/// before the `seconds` asked for are over.
+#[test]
+fn a_client_that_hangs_up_ends_its_trace() {
+    skip_in_vm_guest!();
+    let _serial = serial();
+    let dir = scratch("hangup");
+    let serve = Serve::start(&dir, &["--min-interval", "1s"]);
+    let pid = serve.pid();
+    let conn = long_trace_attached(&serve);
     assert!(programs_held(pid) > 0);
     let hung_up = Instant::now();
     drop(conn);
@@ -1183,17 +1209,7 @@ fn serve_killed_mid_trace_takes_its_trace_with_it() {
     std::fs::create_dir_all(&tmp).expect("tmp");
     let mut serve = Serve::start_with_env(&dir, &["--min-interval", "1s"], &[("TMPDIR", &tmp)]);
     let pid = serve.pid();
-    let mut conn = TcpStream::connect(&serve.addr).expect("connect");
-    write!(
-        conn,
-        "GET /debug/pprof/kmem?cache=kmalloc-512&seconds=60 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n\r\n"
-    )
-    .expect("request");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while value(&serve.metrics(), "leaktrace_serve_trace_attached") != Some(1.0) {
-        assert!(Instant::now() < deadline, "the trace never attached");
-        thread::sleep(Duration::from_millis(100));
-    }
+    let conn = long_trace_attached(&serve);
     let children = child_pids(pid);
     assert_eq!(children.len(), 1, "one trace child: {children:?}");
     let child = children[0];
@@ -1321,45 +1337,25 @@ fn the_authorization_scheme_is_matched_in_any_case() {
 /// `serve --token-file FILE` until it exits (Some(code)) or listens (None,
 /// then it is stopped); with everything it printed on stderr.
 fn serve_with_token_file(file: &Path) -> (Option<i32>, String) {
-    let mut child = Command::new(leaktrace_bin())
-        .args(["serve", "--listen", "127.0.0.1:0", "--token-file"])
-        .arg(file)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn serve");
-    let err = child.stderr.take().expect("stderr");
-    let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
-        for line in BufReader::new(err).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let mut seen = Vec::new();
+    let (mut child, stderr) = spawn_serve(file, &[], &[]);
+    let (addr, seen) = wait_listening(&stderr, Duration::from_secs(5));
+    if addr.is_some() {
+        let _ = child.kill();
+        let _ = child.wait();
+        return (None, seen.join("\n"));
+    }
+    // Its stderr closes as it exits, a moment before it can be reaped.
+    let deadline = Instant::now() + Duration::from_secs(2);
     loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(line) => {
-                let listening = line.contains("listening on");
-                seen.push(line);
-                if listening {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    return (None, seen.join("\n"));
-                }
-            }
-            Err(mpsc::RecvTimeoutError::Disconnected) => {
-                let code = child.wait().expect("serve exits").code();
-                return (code, seen.join("\n"));
-            }
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("serve neither started nor exited in 5 s: {seen:?}");
-            }
+        if let Some(status) = child.try_wait().expect("serve's status") {
+            return (status.code(), seen.join("\n"));
         }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("serve neither started nor exited in 5 s: {seen:?}");
+        }
+        thread::sleep(Duration::from_millis(20));
     }
 }
 

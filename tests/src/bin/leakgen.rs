@@ -763,9 +763,14 @@ fn run_keys_twice(n: usize) -> Result<()> {
         serials.push(hold_key(pid, i, 2 * n, &payload)?);
     }
     rcu_barrier();
+    more_then_release(pid, &serials)
+}
+
+/// The end of the two-step modes: `MORE`, a line, release, `RELEASED`, a line.
+fn more_then_release(pid: u32, serials: &[i32]) -> Result<()> {
     say(&format!("MORE {pid}"))?;
     wait_for_line()?;
-    release_keys(&serials)?;
+    release_keys(serials)?;
     say(&format!("RELEASED {pid}"))?;
     wait_for_line()
 }
@@ -784,11 +789,7 @@ fn run_keys_thread(n: usize) -> Result<()> {
             wait.recv().context("the main thread went away")?;
             let serials = leak_keys(n)?;
             rcu_barrier();
-            say(&format!("MORE {pid}"))?;
-            wait_for_line()?;
-            release_keys(&serials)?;
-            say(&format!("RELEASED {pid}"))?;
-            wait_for_line()
+            more_then_release(pid, &serials)
         })
         .context("starting the key thread")?;
     say(&format!("READY {pid}"))?;
