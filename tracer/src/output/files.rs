@@ -65,7 +65,7 @@ pub struct Patience<'a> {
 
 /// Long enough to start `cat FIFO` in another terminal once the run ends,
 /// short enough that a forgotten FIFO does not look like a hang.
-pub const READER_WAIT: Duration = Duration::from_secs(10);
+const READER_WAIT: Duration = Duration::from_secs(10);
 /// How often a wait looks for a reader and for a request to stop.
 const WAIT_STEP: Duration = Duration::from_millis(50);
 

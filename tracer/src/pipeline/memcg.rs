@@ -111,7 +111,7 @@ pub async fn run(args: MemcgOptions) -> Result<()> {
     if (args.list || args.why.is_some()) && args.run.duration.is_none() {
         run.mode = "none (one-shot list from cgroupfs; --duration traces first)".into();
         let report = run.report("list", Counters::default());
-        return emit_final(&args, &report, pprof.as_ref());
+        return emit_final(&args, &report, pprof.as_ref(), &event_loop::EndMark::now());
     }
 
     features::require_root()?;
@@ -160,6 +160,8 @@ pub async fn run(args: MemcgOptions) -> Result<()> {
     );
 
     let outcome = event_loop(&args, ring, &hooks, &mut run).await;
+    // Any end signal from here on is a second one: it ends a wait for a FIFO's reader.
+    let ended = event_loop::EndMark::now();
     let counters = hooks.counters();
     drop(hooks);
     let mut ring = outcome?;
@@ -170,7 +172,7 @@ pub async fn run(args: MemcgOptions) -> Result<()> {
         "final"
     };
     let report = run.report(kind, counters);
-    emit_final(&args, &report, pprof.as_ref())
+    emit_final(&args, &report, pprof.as_ref(), &ended)
 }
 
 fn mode_line(plan: &hooks::Plan, features: &Features) -> String {
@@ -332,12 +334,16 @@ fn emit_snapshot(args: &MemcgOptions, report: &Report) -> Result<()> {
 
 /// The profile first, so a closed stdout cannot cost the file; then the
 /// report, even when the profile failed (it went to its fallback, named on
-/// stderr); then whether `--why` found its memcg.
-fn emit_final(args: &MemcgOptions, report: &Report, pprof: Option<&Destination>) -> Result<()> {
+/// stderr); then whether `--why` found its memcg. A FIFO waits for its
+/// reader until an end signal arrives after `ended`, or its bound.
+fn emit_final(
+    args: &MemcgOptions,
+    report: &Report,
+    pprof: Option<&Destination>,
+    ended: &event_loop::EndMark,
+) -> Result<()> {
     let file = pprof.map_or(Ok(()), |dest| {
-        // A FIFO may wait for its reader; a second Ctrl-C or SIGTERM ends the wait.
-        let mark = event_loop::EndMark::now();
-        let cancelled = || mark.passed();
+        let cancelled = || ended.passed();
         let written =
             pprof::profile(report).and_then(|bytes| dest.write(&bytes, &Patience::new(&cancelled)));
         match &written {

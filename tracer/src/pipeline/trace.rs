@@ -223,6 +223,8 @@ pub async fn run(args: TraceOptions, cache: &str) -> Result<()> {
         checked.signals,
     )
     .await;
+    // Any end signal from here on is a second one: it ends a wait for a FIFO's reader.
+    let ended = event_loop::EndMark::now();
     // Counters first, then detach, then render: the report states what the
     // kernel side saw up to the moment it stopped.
     let counters = probes.counters().unwrap_or_default();
@@ -246,9 +248,7 @@ pub async fn run(args: TraceOptions, cache: &str) -> Result<()> {
         ..state.snapshot_opts.clone()
     };
     let final_report = state.report("final", counters);
-    // A FIFO may wait for its reader; a second Ctrl-C or SIGTERM ends the wait.
-    let mark = event_loop::EndMark::now();
-    let cancelled = || mark.passed();
+    let cancelled = || ended.passed();
     let patience = output::files::Patience::new(&cancelled);
     let emitted = emit_final(&args, &checked.outputs, &final_report, &patience);
     match failed {
