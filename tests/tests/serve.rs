@@ -1114,6 +1114,20 @@ fn daemonset_runs_serve_unprivileged_with_its_mounts_token_and_monitors() {
             .any(|(v, at)| at == dir && v["secret"]["secretName"] == secret["metadata"]["name"]),
         "{dir} is not the token Secret's mount"
     );
+    // Readable by serve's user only: Kubernetes mounts a Secret 0644 unless
+    // told otherwise, and serve warns about that. kubectl reads YAML 1.1,
+    // where 0400 is octal; this parser keeps a leading-zero number as text.
+    let token_volume = mounts
+        .iter()
+        .find(|(_, at)| at == dir)
+        .map(|(v, _)| v)
+        .expect("the token's volume");
+    let mode = &token_volume["secret"]["defaultMode"];
+    let mode = mode.as_u64().or_else(|| {
+        let octal = mode.as_str()?.strip_prefix('0')?;
+        u64::from_str_radix(octal.trim_start_matches('o'), 8).ok()
+    });
+    assert_eq!(mode, Some(0o400), "{token_volume:?}");
     let service = kind("Service");
     assert_eq!(service["spec"]["selector"], spec["selector"]["matchLabels"]);
     assert_eq!(service["spec"]["ports"][0]["port"].to_string(), port);
