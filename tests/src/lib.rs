@@ -114,7 +114,13 @@ impl Tracer {
         Ok(tracer)
     }
 
-    fn wait_stderr(&mut self, want: impl Fn(&str) -> bool, timeout: Duration) -> Result<String> {
+    /// Waits for a stderr line satisfying `want` (kept in `stderr_seen` with
+    /// every line before it); returns it.
+    pub fn wait_stderr(
+        &mut self,
+        want: impl Fn(&str) -> bool,
+        timeout: Duration,
+    ) -> Result<String> {
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -127,13 +133,13 @@ impl Tracer {
                 }
                 Err(RecvTimeoutError::Timeout) => {
                     bail!(
-                        "leaktrace did not attach in {timeout:?}; stderr: {:?}",
+                        "leaktrace printed no such line in {timeout:?}; stderr: {:?}",
                         self.stderr_seen
                     )
                 }
                 Err(RecvTimeoutError::Disconnected) => {
                     bail!(
-                        "leaktrace exited before attaching; stderr: {:?}",
+                        "leaktrace exited without printing such a line; stderr: {:?}",
                         self.stderr_seen
                     )
                 }
@@ -183,10 +189,21 @@ impl Tracer {
 
     /// Send a signal, wait for exit, and return (exit code, last JSON line,
     /// every stderr line).
-    pub fn stop_with_stderr(mut self, signal: i32) -> Result<(i32, Value, Vec<String>)> {
+    pub fn stop_with_stderr(self, signal: i32) -> Result<(i32, Value, Vec<String>)> {
+        self.signal(signal);
+        self.finish(Duration::from_secs(20))
+    }
+
+    /// Sends `signal` and returns at once.
+    pub fn signal(&self, signal: i32) {
         // SAFETY: plain kill(2) on our own child.
         unsafe { libc::kill(self.child.id() as i32, signal) };
-        let status = wait_timeout(&mut self.child, Duration::from_secs(20))?;
+    }
+
+    /// Waits for exit (killing it past `timeout`, an error) and returns (exit
+    /// code, last JSON line, every stderr line).
+    pub fn finish(mut self, timeout: Duration) -> Result<(i32, Value, Vec<String>)> {
+        let status = wait_timeout(&mut self.child, timeout)?;
         let mut last = None;
         while let Ok(v) = self.lines.recv_timeout(Duration::from_millis(500)) {
             last = Some(v);
@@ -249,6 +266,25 @@ fn parse_prog_ids(line: &str) -> Vec<u32> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// Ids of the BPF programs `pid` holds, from its descriptors' fdinfo (program
+/// and link fds both carry `prog_id`).
+pub fn prog_ids_held_by(pid: u32) -> Vec<u32> {
+    let mut ids: Vec<u32> = std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
+        .map(|dir| {
+            dir.filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok())
+                .flat_map(|info| {
+                    info.lines()
+                        .filter_map(|l| l.strip_prefix("prog_id:")?.trim().parse().ok())
+                        .collect::<Vec<u32>>()
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
 }
 
 /// True while the kernel still has a BPF program with this id.
@@ -469,6 +505,38 @@ pub fn run_leaktrace(args: &[&str]) -> Result<(i32, String, String)> {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     ))
+}
+
+/// [`run_leaktrace`] for a run that may hang: past `timeout` it is killed
+/// and the result is an error naming what it printed.
+pub fn run_leaktrace_within(args: &[&str], timeout: Duration) -> Result<(i32, String, String)> {
+    let mut child = Command::new(leaktrace_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("spawning leaktrace")?;
+    let collect = |pipe: Option<Box<dyn std::io::Read + Send>>| {
+        thread::spawn(move || {
+            let mut text = Vec::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_end(&mut text);
+            }
+            String::from_utf8_lossy(&text).into_owned()
+        })
+    };
+    let stdout = collect(child.stdout.take().map(|p| Box::new(p) as _));
+    let stderr = collect(child.stderr.take().map(|p| Box::new(p) as _));
+    let status = wait_timeout(&mut child, timeout);
+    let (stdout, stderr) = (
+        stdout.join().unwrap_or_default(),
+        stderr.join().unwrap_or_default(),
+    );
+    match status {
+        Ok(code) => Ok((code, stdout, stderr)),
+        Err(e) => bail!("{args:?}: {e}; stdout: {stdout}; stderr: {stderr}"),
+    }
 }
 
 /// End the test as skipped when the running kernel lacks what it needs: prints

@@ -1,6 +1,11 @@
 //! Bad input and lifecycle: one clear line, a non-zero exit, nothing left attached.
 
-use std::{os::unix::process::CommandExt, process::Command, time::Duration};
+use std::{
+    os::unix::process::CommandExt,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
 
 use leaktrace_tests::*;
 
@@ -406,14 +411,28 @@ fn an_output_directory_removed_mid_run_still_gets_the_report_and_a_fallback() {
     drop(gen);
     assert_eq!(code, 1, "a lost output is a failed run: {stderr:?}");
     assert_eq!(report["kind"], "final", "the report is printed anyway");
+    let bytes = fallback_bytes(&stderr, "--pprof");
+    assert!(
+        stderr
+            .iter()
+            .any(|l| l.contains("saved to ") && l.contains("keys.pb.gz")),
+        "{stderr:?}"
+    );
+    let text = gunzip(&bytes);
+    assert!(
+        text.contains("outstanding_objects") && text.contains("[kernel.kallsyms]"),
+        "not a leaktrace pprof profile"
+    );
+    assert_detached(&ids);
+}
+
+/// The bytes of the fallback file stderr names for `flag` (`saved to PATH
+/// instead`); the file is removed.
+fn fallback_bytes(stderr: &[String], flag: &str) -> Vec<u8> {
     let line = stderr
         .iter()
-        .find(|l| l.contains("saved to "))
-        .unwrap_or_else(|| panic!("no fallback named: {stderr:?}"));
-    assert!(
-        line.contains("--pprof") && line.contains("keys.pb.gz"),
-        "{line}"
-    );
+        .find(|l| l.contains("saved to ") && l.contains(flag))
+        .unwrap_or_else(|| panic!("no fallback named for {flag}: {stderr:?}"));
     let fallback = line
         .split("saved to ")
         .nth(1)
@@ -421,15 +440,13 @@ fn an_output_directory_removed_mid_run_still_gets_the_report_and_a_fallback() {
         .expect("fallback path");
     let bytes = std::fs::read(fallback).expect("the fallback file exists");
     let _ = std::fs::remove_file(fallback);
-    let mut profile = Vec::new();
-    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&bytes[..]), &mut profile)
-        .expect("the fallback is gzip");
-    let text = String::from_utf8_lossy(&profile);
-    assert!(
-        text.contains("outstanding_objects") && text.contains("[kernel.kallsyms]"),
-        "not a leaktrace pprof profile"
-    );
-    assert_detached(&ids);
+    bytes
+}
+
+fn gunzip(bytes: &[u8]) -> String {
+    let mut out = Vec::new();
+    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(bytes), &mut out).expect("gzip");
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Program ids from the attach line, and the maps those programs use.
@@ -631,25 +648,6 @@ fn a_closed_stdout_still_gets_the_files_written() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Ids of the BPF programs `pid` holds, from its descriptors' fdinfo (program
-/// and link fds both carry `prog_id`).
-fn prog_ids_held_by(pid: u32) -> Vec<u32> {
-    let mut ids: Vec<u32> = std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
-        .map(|dir| {
-            dir.filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok())
-                .flat_map(|info| {
-                    info.lines()
-                        .filter_map(|l| l.strip_prefix("prog_id:")?.trim().parse().ok())
-                        .collect::<Vec<u32>>()
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    ids.sort_unstable();
-    ids.dedup();
-    ids
-}
-
 #[test]
 fn a_panic_mid_run_exits_non_zero_with_nothing_left_loaded() {
     let tracer = Tracer::start_with_env(
@@ -747,4 +745,338 @@ fn a_panic_under_top_restores_the_terminal() {
     assert_eq!(read("screen").trim(), "0 1", "main screen, cursor shown");
     assert_detached(&progs);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+// ---- Issue 24: hostile inputs and endings found by a break-it pass ----
+
+/// A scratch directory of this test process, empty.
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("leaktrace-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    dir
+}
+
+fn mkfifo(path: &Path) {
+    let c = std::ffi::CString::new(path.to_str().expect("utf-8")).expect("path");
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+}
+
+/// A FIFO no process has open for reading, in a scratch directory of its own.
+fn deaf_fifo(name: &str) -> (PathBuf, PathBuf) {
+    let dir = scratch(name);
+    let fifo = dir.join("nobody-reads");
+    mkfifo(&fifo);
+    (dir, fifo)
+}
+
+/// `--pprof FIFO` with nobody reading used to sit in the kernel's fifo_open
+/// for good, deaf to Ctrl-C and SIGTERM, with the final report unprinted.
+/// Ended by --duration: a bounded wait for a reader, then the report, the
+/// profile in the fallback file, exit 1.
+#[test]
+fn a_pprof_fifo_nobody_reads_is_waited_for_a_bounded_time() {
+    let (dir, fifo) = deaf_fifo("fifo-pprof");
+    let f = fifo.to_str().expect("utf-8");
+    let tracer = Tracer::start(&["--cache", "kmalloc-512", "--duration", "1s", "--pprof", f])
+        .expect("start");
+    let attached = Instant::now();
+    let ids = tracer.prog_ids.clone();
+    let (code, report, stderr) = tracer
+        .finish(Duration::from_secs(60))
+        .expect("the run ends by itself");
+    assert_eq!(code, 1, "a lost output is a failed run: {stderr:?}");
+    assert_eq!(report["kind"], "final", "the report is printed anyway");
+    assert!(
+        attached.elapsed() < Duration::from_secs(40),
+        "{:?}",
+        attached.elapsed()
+    );
+    assert!(
+        gunzip(&fallback_bytes(&stderr, "--pprof")).contains("outstanding_objects"),
+        "not the profile"
+    );
+    assert_detached(&ids);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Ended by SIGTERM, a run waiting for a FIFO's reader gives up at once on
+/// a second SIGTERM.
+#[test]
+fn a_second_sigterm_ends_the_wait_for_a_fifo_reader() {
+    let (dir, fifo) = deaf_fifo("fifo-folded");
+    let f = fifo.to_str().expect("utf-8");
+    let mut tracer = Tracer::start(&["--cache", "kmalloc-512", "--folded", f]).expect("start");
+    tracer.signal(libc::SIGTERM);
+    tracer
+        .wait_stderr(
+            |l| l.contains("no reader has the FIFO open"),
+            Duration::from_secs(30),
+        )
+        .expect("it says it waits for a reader");
+    let asked = Instant::now();
+    tracer.signal(libc::SIGTERM);
+    let (code, report, stderr) = tracer
+        .finish(Duration::from_secs(20))
+        .expect("the second SIGTERM ends it");
+    assert!(
+        asked.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        asked.elapsed()
+    );
+    assert_eq!(code, 1, "{stderr:?}");
+    assert_eq!(report["kind"], "final");
+    fallback_bytes(&stderr, "--folded");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `leaktrace memcg --pprof FIFO` ends the same way.
+#[test]
+fn a_memcg_pprof_fifo_nobody_reads_is_waited_for_a_bounded_time() {
+    let (dir, fifo) = deaf_fifo("fifo-memcg");
+    let f = fifo.to_str().expect("utf-8");
+    let (code, stdout, stderr) = run_leaktrace_within(
+        &["memcg", "--duration", "1s", "--json", "--pprof", f],
+        Duration::from_secs(90),
+    )
+    .expect("memcg ends by itself");
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stdout.contains("\"report\":\"memcg\""), "{stdout}");
+    let lines: Vec<String> = stderr.lines().map(str::to_string).collect();
+    assert!(
+        gunzip(&fallback_bytes(&lines, "--pprof")).contains("dying_memcgs"),
+        "not memcg's profile"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// stdout as `| true` leaves it: a pipe whose reader is gone (EPIPE).
+fn closed_pipe() -> Stdio {
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    Stdio::from(writer)
+}
+
+/// stdout as `> /dev/full` leaves it (ENOSPC).
+fn full_disk() -> Stdio {
+    Stdio::from(
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .expect("/dev/full"),
+    )
+}
+
+#[test]
+fn a_failed_stdout_is_a_clean_exit_1_in_every_subcommand() {
+    let runs: &[&[&str]] = &[
+        &["caches"],
+        &["doctor", "--watch", "100ms"],
+        &["doctor", "--watch", "100ms", "--json"],
+        &["memcg", "--list"],
+        &["--cache", "kmalloc-512", "--duration", "1s", "--json"],
+    ];
+    for args in runs {
+        for (how, stdout) in [
+            ("| true", closed_pipe as fn() -> Stdio),
+            ("> /dev/full", full_disk),
+        ] {
+            let out = Command::new(leaktrace_bin())
+                .args(*args)
+                .stdin(Stdio::null())
+                .stdout(stdout())
+                .output()
+                .expect("run");
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{args:?} {how}: {stderr}");
+            assert!(
+                !stderr.contains("panicked") && !stderr.contains("backtrace"),
+                "{args:?} {how}: {stderr}"
+            );
+            let last = stderr.lines().last().unwrap_or_default();
+            assert!(
+                last.starts_with("leaktrace: error: ") && last.contains("writing to stdout"),
+                "{args:?} {how}: {stderr}"
+            );
+        }
+    }
+}
+
+/// The ids of `pid`'s threads other than its leader.
+fn other_threads(pid: u32) -> Vec<u32> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("task dir")
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|&tid| tid != pid)
+        .collect()
+}
+
+/// `/proc/TID` exists for every thread, but the kernel filters by thread
+/// group: a thread id given as it is used to match nothing, silently.
+#[test]
+fn pid_of_a_thread_traces_its_process_and_says_so() {
+    const N: u64 = 100;
+    let mut gen = Generator::start("keys-thread", &N.to_string()).expect("leakgen keys-thread");
+    let pid = gen.pid;
+    let threads = other_threads(pid);
+    assert_eq!(threads.len(), 1, "leakgen's key thread: {threads:?}");
+    let tid = threads[0].to_string();
+    let mut tracer =
+        Tracer::top("kmalloc-512", &["--pid", &tid, "--stack-sample", "4"]).expect("start");
+    assert!(
+        tracer
+            .stderr_seen
+            .iter()
+            .any(|l| l.contains(&format!("--pid {tid} is a thread of process {pid}"))),
+        "{:?}",
+        tracer.stderr_seen
+    );
+    gen.advance("MORE").expect("the thread makes its keys");
+    let report = tracer
+        .wait_for("the thread's keys", Duration::from_secs(20), |r| {
+            outstanding_on(r, pid, "user_preparse", "leak_keys") >= N
+        })
+        .expect("the thread's allocations are the process's");
+    assert_eq!(report["traced"]["pid"], pid, "{report}");
+    gen.release().expect("release");
+    gen.finish().expect("leakgen");
+    let (code, _) = tracer.stop(libc::SIGINT).expect("stop");
+    assert_eq!(code, 0);
+}
+
+#[test]
+fn one_output_file_under_two_spellings_is_refused_before_anything_is_loaded() {
+    let dir = scratch("alias");
+    std::fs::create_dir(dir.join("sub")).expect("sub");
+    std::fs::write(dir.join("y"), "old").expect("y");
+    std::os::unix::fs::symlink(dir.join("y"), dir.join("link")).expect("symlink");
+    std::fs::hard_link(dir.join("y"), dir.join("hard")).expect("hard link");
+    let d = dir.to_str().expect("utf-8");
+    for (a, x, b, y) in [
+        // A new file: the same name in the same directory.
+        (
+            "--pprof",
+            format!("{d}/x"),
+            "--folded",
+            format!("{d}/sub/../x"),
+        ),
+        (
+            "--pprof",
+            format!("{d}/x"),
+            "--flamegraph",
+            format!("{d}/./x"),
+        ),
+        // An existing one: a symlink and a hard link are the file they name.
+        ("--pprof", format!("{d}/y"), "--folded", format!("{d}/link")),
+        (
+            "--folded",
+            format!("{d}/y"),
+            "--flamegraph",
+            format!("{d}/hard"),
+        ),
+    ] {
+        refused_before_loading(
+            &["--cache", "kmalloc-512", a, &x, b, &y],
+            &[&format!("{a} and {b} both name {x}")],
+        );
+    }
+    assert_eq!(std::fs::read(dir.join("y")).expect("y"), b"old");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_directory_name_is_refused_and_a_dangling_symlink_followed() {
+    let dir = scratch("slash");
+    let d = dir.to_str().expect("utf-8");
+    refused_before_loading(
+        &[
+            "--cache",
+            "kmalloc-512",
+            "--pprof",
+            &format!("{d}/newfile/"),
+        ],
+        &["--pprof", "names a directory"],
+    );
+    // The README promises a symlink is followed, not replaced: a dangling one too.
+    let link = dir.join("link.folded");
+    std::os::unix::fs::symlink("target.folded", &link).expect("symlink");
+    let (code, _, stderr) = run_leaktrace(&[
+        "--cache",
+        "kmalloc-512",
+        "--duration",
+        "1s",
+        "--folded",
+        link.to_str().expect("utf-8"),
+    ])
+    .expect("run");
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        std::fs::symlink_metadata(&link)
+            .expect("link")
+            .file_type()
+            .is_symlink(),
+        "the symlink was replaced by a file"
+    );
+    assert!(dir.join("target.folded").is_file(), "{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn zero_rows_or_frames_are_refused_by_the_parser() {
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["--cache", "kmalloc-512", "--duration", "1s", "--limit", "0"],
+            "--limit",
+        ),
+        (
+            &[
+                "--cache",
+                "kmalloc-512",
+                "--duration",
+                "1s",
+                "--frames",
+                "0",
+            ],
+            "--frames",
+        ),
+        (&["memcg", "--list", "--limit", "0"], "--limit"),
+    ];
+    for (args, flag) in cases {
+        let (code, stdout, stderr) = run_leaktrace(args).expect("run");
+        assert_eq!(code, 2, "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(flag) && stderr.contains("give 1 or more"),
+            "{args:?}: {stderr}"
+        );
+        assert!(stdout.is_empty(), "{stdout}");
+    }
+}
+
+#[test]
+fn memcg_why_of_an_id_no_memcg_has_exits_non_zero() {
+    let (code, stdout, stderr) = run_leaktrace(&["memcg", "--list", "--json"]).expect("list");
+    assert_eq!(code, 0, "{stderr}");
+    let list: serde_json::Value = serde_json::from_str(&stdout).expect("one JSON report");
+    let walked = list["kernel_memcgs"]["walk"]["memcgs"].as_array();
+    skip_unless!(
+        walked.is_some(),
+        "no kernel walk of memcgs here ({}), so an unknown id cannot be told from an unseen one",
+        list["kernel_memcgs"]["unknown"]
+    );
+    let known = walked
+        .and_then(|w| w.first())
+        .and_then(|m| m["id"].as_u64())
+        .expect("a walked memcg");
+    let (code, _, stderr) = run_leaktrace(&["memcg", "--why", &known.to_string()]).expect("why");
+    assert_eq!(code, 0, "a memcg that exists: {stderr}");
+    let unknown = "999999999999";
+    let (code, stdout, stderr) = run_leaktrace(&["memcg", "--why", unknown]).expect("why");
+    assert_eq!(code, 1, "{stdout}{stderr}");
+    assert!(
+        stderr.contains(&format!("--why {unknown}: no memory cgroup has this id"))
+            && stderr.contains("--list"),
+        "{stderr}"
+    );
+    assert!(stdout.contains("(not found)"), "{stdout}");
 }

@@ -765,3 +765,52 @@ fn exports_hold_everything_tracked_not_the_screen_cut() {
         .unwrap_or_else(|| panic!("no 'of N total' in go tool pprof -top:\n{top}"));
     assert_eq!(pprof_total, total, "pprof total vs header total:\n{top}");
 }
+
+/// Every `schema_version` the README and docs/json-schema.md state for a
+/// `--json` output is the one that output prints: the README said 1 while
+/// the tracer printed 2.
+#[test]
+fn the_docs_state_the_json_schema_versions_printed() {
+    skip_in_vm_guest!();
+    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let read = |f: &str| std::fs::read_to_string(repo.join(f)).expect("a repository file");
+    let printed = |args: &[&str]| -> u64 {
+        let (code, stdout, stderr) = run_leaktrace(args).expect("run");
+        assert_eq!(code, 0, "{args:?}: {stderr}");
+        let v: Value = serde_json::from_str(stdout.lines().last().unwrap_or_default())
+            .unwrap_or_else(|e| panic!("{args:?}: not JSON ({e}): {stdout}"));
+        v["schema_version"].as_u64().expect("schema_version")
+    };
+    let tracer = printed(&["--cache", "kmalloc-512", "--duration", "1s", "--json"]);
+    let memcg = printed(&["memcg", "--list", "--json"]);
+    let doctor = printed(&["doctor", "--watch", "100ms", "--json"]);
+    // The number after `schema_version` in the README line containing `anchor`.
+    let readme = read("README.md");
+    let stated = |anchor: &str| -> u64 {
+        let at = readme
+            .find(anchor)
+            .unwrap_or_else(|| panic!("README no longer says {anchor:?}"));
+        let rest = &readme[at..];
+        let after = &rest[rest.find("schema_version").expect("a schema_version")..];
+        after
+            .trim_start_matches("schema_version")
+            .trim_start_matches('`')
+            .trim_start()
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no number after {anchor:?}: {after:.60}"))
+    };
+    assert_eq!(stated("report as JSON lines"), tracer);
+    assert_eq!(stated("- `--json`: documented field by field"), tracer);
+    assert_eq!(stated("# trace, then one JSON report"), memcg);
+    assert_eq!(stated("prints the same findings as one object"), doctor);
+    let schema = read("docs/json-schema.md");
+    assert!(
+        schema
+            .lines()
+            .next()
+            .is_some_and(|l| l.contains(&format!("(schema_version {tracer})"))),
+        "docs/json-schema.md's title names another version than {tracer}"
+    );
+}

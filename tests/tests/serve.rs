@@ -65,47 +65,23 @@ struct Serve {
 
 impl Serve {
     fn start(dir: &Path, extra: &[&str]) -> Serve {
+        Serve::start_with_env(dir, extra, &[])
+    }
+
+    fn start_with_env(dir: &Path, extra: &[&str], env: &[(&str, &Path)]) -> Serve {
+        use std::os::unix::fs::PermissionsExt;
         let token = dir.join("token");
         std::fs::write(&token, format!("{TOKEN}\n")).expect("token file");
-        let child = Command::new(leaktrace_bin())
-            .args(["serve", "--listen", "127.0.0.1:0", "--token-file"])
-            .arg(&token)
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn leaktrace serve");
-        let mut serve = Serve {
+        // As deploy/daemonset.yaml mounts it: readable by its owner only.
+        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o400))
+            .expect("token mode");
+        let (child, stderr) = spawn_serve(&token, extra, env);
+        let (addr, seen) = wait_listening(&stderr, Duration::from_secs(20));
+        let addr = addr.unwrap_or_else(|| panic!("serve printed no address: {seen:?}"));
+        Serve {
             child,
-            addr: String::new(),
-            stderr: mpsc::channel().1,
-        };
-        let err = serve.child.stderr.take().expect("stderr");
-        let (tx, rx) = mpsc::channel();
-        thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                eprintln!("{line}");
-                let _ = tx.send(line);
-            }
-        });
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let mut seen = Vec::new();
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = rx
-                .recv_timeout(left)
-                .unwrap_or_else(|_| panic!("serve printed no address: {seen:?}"));
-            if let Some((_, rest)) = line.split_once("listening on ") {
-                let url = rest.split_whitespace().next().expect("url");
-                serve.addr = url
-                    .trim_start_matches("http://")
-                    .trim_start_matches("https://")
-                    .to_string();
-                serve.stderr = rx;
-                return serve;
-            }
-            seen.push(line);
+            addr,
+            stderr,
         }
     }
 
@@ -122,6 +98,59 @@ impl Serve {
         assert_eq!(r.status, 200, "{}", r.text());
         r.text()
     }
+}
+
+/// `leaktrace serve --listen 127.0.0.1:0 --token-file TOKEN_FILE EXTRA`, its
+/// stderr echoed and sent on the channel line by line.
+fn spawn_serve(
+    token_file: &Path,
+    extra: &[&str],
+    env: &[(&str, &Path)],
+) -> (Child, mpsc::Receiver<String>) {
+    let mut child = Command::new(leaktrace_bin())
+        .args(["serve", "--listen", "127.0.0.1:0", "--token-file"])
+        .arg(token_file)
+        .args(extra)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn leaktrace serve");
+    let err = child.stderr.take().expect("stderr");
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        for line in BufReader::new(err).lines().map_while(Result::ok) {
+            eprintln!("{line}");
+            let _ = tx.send(line);
+        }
+    });
+    (child, rx)
+}
+
+/// The address serve says it listens on (None when it exits or `within`
+/// passes first), and every line it printed up to then.
+fn wait_listening(
+    stderr: &mpsc::Receiver<String>,
+    within: Duration,
+) -> (Option<String>, Vec<String>) {
+    let deadline = Instant::now() + within;
+    let mut seen = Vec::new();
+    while let Ok(line) = stderr.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        let addr = line.split_once("listening on ").and_then(|(_, rest)| {
+            let url = rest.split_whitespace().next()?;
+            Some(
+                url.trim_start_matches("http://")
+                    .trim_start_matches("https://")
+                    .to_string(),
+            )
+        });
+        seen.push(line);
+        if addr.is_some() {
+            return (addr, seen);
+        }
+    }
+    (None, seen)
 }
 
 impl Drop for Serve {
@@ -152,15 +181,25 @@ impl Response {
 }
 
 fn get(addr: &str, path: &str, token: Option<&str>) -> Response {
+    let auth = token.map(|t| format!("Bearer {t}"));
+    get_authorized(addr, path, auth.as_deref())
+}
+
+/// GET with `authorization` as the Authorization header's whole value.
+fn get_authorized(addr: &str, path: &str, authorization: Option<&str>) -> Response {
     let mut conn = TcpStream::connect(addr).expect("connect to serve");
-    conn.set_read_timeout(Some(Duration::from_secs(120)))
-        .expect("timeout");
-    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    let auth = authorization.map_or(String::new(), |a| format!("Authorization: {a}\r\n"));
     write!(
         conn,
         "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n"
     )
     .expect("request");
+    read_response(conn)
+}
+
+fn read_response(mut conn: TcpStream) -> Response {
+    conn.set_read_timeout(Some(Duration::from_secs(120)))
+        .expect("timeout");
     let mut resp = Vec::new();
     conn.read_to_end(&mut resp).expect("response");
     let split = resp
@@ -1075,6 +1114,20 @@ fn daemonset_runs_serve_unprivileged_with_its_mounts_token_and_monitors() {
             .any(|(v, at)| at == dir && v["secret"]["secretName"] == secret["metadata"]["name"]),
         "{dir} is not the token Secret's mount"
     );
+    // Readable by serve's user only: Kubernetes mounts a Secret 0644 unless
+    // told otherwise, and serve warns about that. kubectl reads YAML 1.1,
+    // where 0400 is octal; this parser keeps a leading-zero number as text.
+    let token_volume = mounts
+        .iter()
+        .find(|(_, at)| at == dir)
+        .map(|(v, _)| v)
+        .expect("the token's volume");
+    let mode = &token_volume["secret"]["defaultMode"];
+    let mode = mode.as_u64().or_else(|| {
+        let octal = mode.as_str()?.strip_prefix('0')?;
+        u64::from_str_radix(octal.trim_start_matches('o'), 8).ok()
+    });
+    assert_eq!(mode, Some(0o400), "{token_volume:?}");
     let service = kind("Service");
     assert_eq!(service["spec"]["selector"], spec["selector"]["matchLabels"]);
     assert_eq!(service["spec"]["ports"][0]["port"].to_string(), port);
@@ -1089,16 +1142,8 @@ fn daemonset_runs_serve_unprivileged_with_its_mounts_token_and_monitors() {
     );
 }
 
-/// A client that hangs up mid-trace ends the trace: the request's future is
-/// dropped, the child is killed and the kernel detaches its programs, long
-/// before the `seconds` asked for are over.
-#[test]
-fn a_client_that_hangs_up_ends_its_trace() {
-    skip_in_vm_guest!();
-    let _serial = serial();
-    let dir = scratch("hangup");
-    let serve = Serve::start(&dir, &["--min-interval", "1s"]);
-    let pid = serve.pid();
+/// Asks for a 60 s trace and returns its connection once the trace attached.
+fn long_trace_attached(serve: &Serve) -> TcpStream {
     let mut conn = TcpStream::connect(&serve.addr).expect("connect");
     write!(
         conn,
@@ -1110,6 +1155,20 @@ fn a_client_that_hangs_up_ends_its_trace() {
         assert!(Instant::now() < deadline, "the trace never attached");
         thread::sleep(Duration::from_millis(100));
     }
+    conn
+}
+
+/// A client that hangs up mid-trace ends the trace: the request's future is
+/// dropped, the child is killed and the kernel detaches its programs, long
+/// before the `seconds` asked for are over.
+#[test]
+fn a_client_that_hangs_up_ends_its_trace() {
+    skip_in_vm_guest!();
+    let _serial = serial();
+    let dir = scratch("hangup");
+    let serve = Serve::start(&dir, &["--min-interval", "1s"]);
+    let pid = serve.pid();
+    let conn = long_trace_attached(&serve);
     assert!(programs_held(pid) > 0);
     let hung_up = Instant::now();
     drop(conn);
@@ -1129,4 +1188,230 @@ fn a_client_that_hangs_up_ends_its_trace() {
         Some(0.0),
         "{body}"
     );
+}
+
+// ---- Issue 24: hostile inputs and endings found by a break-it pass ----
+
+/// The pids of `pid`'s children.
+fn child_pids(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+/// Still running: there, and not a zombie (a zombie holds no descriptor,
+/// so no program either).
+fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X")
+    })
+}
+
+/// serve killed by SIGKILL (or the OOM killer) mid-trace used to leave the
+/// trace child running, reparented, its programs attached for the rest of
+/// its --duration, and its profile directory in $TMPDIR.
+#[test]
+fn serve_killed_mid_trace_takes_its_trace_with_it() {
+    skip_in_vm_guest!();
+    let _serial = serial();
+    let dir = scratch("sigkill");
+    let tmp = dir.join("tmp");
+    std::fs::create_dir_all(&tmp).expect("tmp");
+    let mut serve = Serve::start_with_env(&dir, &["--min-interval", "1s"], &[("TMPDIR", &tmp)]);
+    let pid = serve.pid();
+    let conn = long_trace_attached(&serve);
+    let children = child_pids(pid);
+    assert_eq!(children.len(), 1, "one trace child: {children:?}");
+    let child = children[0];
+    let progs = prog_ids_held_by(child);
+    assert!(!progs.is_empty(), "the trace child holds no program");
+    serve.child.kill().expect("SIGKILL serve");
+    serve.child.wait().expect("reap serve");
+    let killed = Instant::now();
+    while running(child) {
+        assert!(
+            killed.elapsed() < Duration::from_secs(3),
+            "the trace child {child} outlived serve by {:?}",
+            killed.elapsed()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert_detached(&progs);
+    let left: Vec<_> = std::fs::read_dir(&tmp)
+        .expect("tmp")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    assert!(left.is_empty(), "left in TMPDIR: {left:?}");
+    drop(conn);
+}
+
+/// A TCP connection to `to` from the loopback address `from`.
+fn connect_from(from: std::net::Ipv4Addr, to: &str) -> TcpStream {
+    use std::os::fd::FromRawFd;
+    let to: std::net::SocketAddrV4 = to.parse().expect("IPv4 address");
+    let sockaddr = |a: std::net::SocketAddrV4| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: a.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*a.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: a new socket, owned by the TcpStream at once; the addresses
+    // outlive the calls that read them.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let stream = TcpStream::from_raw_fd(fd);
+        let local = sockaddr(std::net::SocketAddrV4::new(from, 0));
+        let bound = libc::bind(fd, (&local as *const libc::sockaddr_in).cast(), len);
+        assert_eq!(bound, 0, "bind {from}: {}", std::io::Error::last_os_error());
+        let remote = sockaddr(to);
+        let connected = libc::connect(fd, (&remote as *const libc::sockaddr_in).cast(), len);
+        assert_eq!(connected, 0, "connect: {}", std::io::Error::last_os_error());
+        stream
+    }
+}
+
+/// 128 connections that never send used to hold every slot, and every new
+/// one (Prometheus' scrape too) was closed unanswered.
+#[test]
+fn silent_connections_from_one_address_cannot_lock_out_the_scrape() {
+    skip_in_vm_guest!();
+    let _serial = serial();
+    let dir = scratch("flood");
+    let serve = Serve::start(&dir, &[]);
+    let flooder = std::net::Ipv4Addr::new(127, 0, 0, 2);
+    let mut conns: Vec<TcpStream> = (0..130)
+        .map(|_| connect_from(flooder, &serve.addr))
+        .collect();
+    // Past its share, each is answered at once: 503, and when to retry.
+    let mut held = 0;
+    let mut refused = 0;
+    for (i, conn) in conns.iter_mut().enumerate().rev() {
+        // The first ones are held (silent); the rest must already be answered.
+        conn.set_read_timeout(Some(Duration::from_millis(if i < 32 { 300 } else { 5000 })))
+            .expect("timeout");
+        let mut head = [0u8; 512];
+        match conn.read(&mut head) {
+            Ok(n) if n > 0 => {
+                let text = String::from_utf8_lossy(&head[..n]);
+                assert!(
+                    text.starts_with("HTTP/1.1 503") && text.contains("Retry-After: "),
+                    "connection {i}: {text}"
+                );
+                refused += 1;
+            }
+            Ok(_) => panic!("connection {i} was closed unanswered"),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => held += 1,
+            Err(e) => panic!("connection {i}: {e}"),
+        }
+    }
+    assert!(
+        (1..=32).contains(&held) && held + refused == 130,
+        "held {held}, answered 503 {refused}"
+    );
+    // Another address scrapes as usual meanwhile.
+    let started = Instant::now();
+    let body = serve.metrics();
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert!(body.contains("leaktrace_slab_active_objects"), "{body}");
+    drop(conns);
+}
+
+/// The scheme of an Authorization header is case-insensitive (RFC 7235):
+/// `bearer TOKEN` used to get 401.
+#[test]
+fn the_authorization_scheme_is_matched_in_any_case() {
+    skip_in_vm_guest!();
+    let _serial = serial();
+    let dir = scratch("scheme");
+    let serve = Serve::start(&dir, &[]);
+    // seconds=0 is refused once the request is authenticated: 400, not 401,
+    // and no trace runs.
+    let path = "/debug/pprof/kmem?cache=kmalloc-512&seconds=0";
+    for auth in [
+        format!("bearer {TOKEN}"),
+        format!("BEARER {TOKEN}"),
+        format!("Bearer  {TOKEN}"),
+    ] {
+        let r = get_authorized(&serve.addr, path, Some(&auth));
+        assert_eq!(r.status, 400, "{auth}: {}", r.text());
+    }
+    let r = get_authorized(&serve.addr, path, Some(&format!("Token {TOKEN}")));
+    assert_eq!(r.status, 401, "{}", r.text());
+    assert_eq!(children_of(serve.pid()), 0);
+}
+
+/// `serve --token-file FILE` until it exits (Some(code)) or listens (None,
+/// then it is stopped); with everything it printed on stderr.
+fn serve_with_token_file(file: &Path) -> (Option<i32>, String) {
+    let (mut child, stderr) = spawn_serve(file, &[], &[]);
+    let (addr, seen) = wait_listening(&stderr, Duration::from_secs(5));
+    if addr.is_some() {
+        let _ = child.kill();
+        let _ = child.wait();
+        return (None, seen.join("\n"));
+    }
+    // Its stderr closes as it exits, a moment before it can be reaped.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        if let Some(status) = child.try_wait().expect("serve's status") {
+            return (status.code(), seen.join("\n"));
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("serve neither started nor exited in 5 s: {seen:?}");
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The token file used to be read whole whatever it was (a 2 MB token no
+/// request can send was accepted; /dev/zero grew serve's memory until an
+/// allocation failed) and silently when anyone could read it.
+#[test]
+fn the_token_file_is_bounded_a_regular_file_and_said_when_readable_by_others() {
+    use std::os::unix::fs::PermissionsExt;
+    skip_in_vm_guest!();
+    let dir = scratch("token-file");
+    let file = dir.join("token");
+    let refused = |path: &Path, want: &str| {
+        let (code, stderr) = serve_with_token_file(path);
+        assert_eq!(code, Some(1), "{}: {stderr}", path.display());
+        assert!(
+            stderr.contains("--token-file") && stderr.contains(want),
+            "{}: {stderr}",
+            path.display()
+        );
+    };
+    std::fs::write(&file, "a".repeat(2 << 20)).expect("write");
+    refused(&file, "larger than");
+    std::fs::write(&file, "a".repeat(5000)).expect("write");
+    refused(&file, "more than 4096");
+    refused(Path::new("/dev/zero"), "not a regular file");
+    refused(Path::new("/dev/urandom"), "not a regular file");
+    let fifo = dir.join("fifo");
+    let c = std::ffi::CString::new(fifo.to_str().expect("utf-8")).expect("path");
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+    refused(&fifo, "not a regular file");
+    // Kubernetes mounts a Secret 0644 unless told otherwise: said, not refused.
+    std::fs::write(&file, format!("{TOKEN}\n")).expect("write");
+    for (mode, warned) in [(0o644, true), (0o640, true), (0o600, false), (0o400, false)] {
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        let (code, stderr) = serve_with_token_file(&file);
+        assert_eq!(code, None, "{mode:o}: serve starts: {stderr}");
+        assert_eq!(
+            stderr.contains("warning") && stderr.contains("defaultMode: 0400"),
+            warned,
+            "{mode:o}: {stderr}"
+        );
+    }
 }

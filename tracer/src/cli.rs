@@ -83,7 +83,8 @@ pub struct TraceArgs {
     #[arg(long, value_parser = parse_interval, default_value = "1s", value_name = "DURATION")]
     pub interval: Duration,
 
-    /// Only this process (thread group id, as the host sees it); filtered in the kernel.
+    /// Only this process (thread group id, as the host sees it; a thread's id is
+    /// taken as its process's); filtered in the kernel.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=PID_MAX_LIMIT))]
     pub pid: Option<u32>,
 
@@ -91,16 +92,19 @@ pub struct TraceArgs {
     #[arg(long)]
     pub comm: Option<String>,
 
-    /// Processes shown.
-    #[arg(long, default_value_t = 10)]
+    /// Processes (or groups) shown in the text views, live snapshots and
+    /// --metrics, at least 1; the final JSON report and the files hold all.
+    #[arg(long, default_value_t = 10, value_parser = parse_at_least_one)]
     pub limit: usize,
 
-    /// Stacks shown under each process.
+    /// Stacks shown under each process in the text views (0: none); the final
+    /// JSON report and the files hold all.
     #[arg(long, default_value_t = 3)]
     pub stacks: usize,
 
-    /// Frames shown per kernel and per user stack in the live view (the final report shows all).
-    #[arg(long, default_value_t = 8)]
+    /// Frames shown per kernel and per user stack in the live view, at least 1
+    /// (the final report shows all).
+    #[arg(long, default_value_t = 8, value_parser = parse_at_least_one)]
     pub frames: usize,
 
     /// Order of processes and stacks.
@@ -239,6 +243,16 @@ pub fn max_objects_range() -> clap::builder::RangedI64ValueParser<u32> {
     clap::value_parser!(u32).range(1..=1 << 26)
 }
 
+/// A count of rows or frames to show: 0 would show an empty table while
+/// objects are outstanding, which reads as "nothing found".
+fn parse_at_least_one(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(0) => Err("0 would show an empty table however much is found; give 1 or more".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("'{text}' is not a whole number (1 or more)")),
+    }
+}
+
 /// The ring buffer's size is a u32 in bytes, and a GiB already holds minutes of
 /// events at the highest rates measured.
 pub fn ringbuf_mib_range() -> clap::builder::RangedI64ValueParser<u32> {
@@ -361,6 +375,8 @@ mod tests {
             ["--ringbuf-mib", "4096"],
             ["--pid", "0"],
             ["--group-by", "bogus"],
+            ["--limit", "0"],
+            ["--frames", "0"],
         ] {
             let err = Cli::try_parse_from(["leaktrace", "--cache", "x", bad[0], bad[1]])
                 .expect_err("out of range");
@@ -430,11 +446,11 @@ pub struct MemcgArgs {
     #[arg(long, value_parser = parse_duration, default_value = "10s", value_name = "DURATION")]
     pub rate_window: Duration,
 
-    /// Memory cgroups shown in the text views.
-    #[arg(long, default_value_t = 20)]
+    /// Memory cgroups shown in the text views, at least 1.
+    #[arg(long, default_value_t = 20, value_parser = parse_at_least_one)]
     pub limit: usize,
 
-    /// Pinning stacks shown per dying memcg.
+    /// Pinning stacks shown per dying memcg (0: none).
     #[arg(long, default_value_t = 3)]
     pub stacks: usize,
 

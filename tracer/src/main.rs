@@ -46,8 +46,8 @@ fn run(cli: Cli) -> Result<()> {
             let catalogue = slab::caches::Catalogue::read(root).context("reading slab caches")?;
             let slab =
                 kernel::slabinfo::read(root).context("reading /proc/slabinfo (needs root)")?;
-            print!("{}", present::caches::render_table(&catalogue, &slab));
-            Ok(())
+            output::stdout::write_text(&present::caches::render_table(&catalogue, &slab))
+                .context("printing the cache list")
         }
         // Each tool gets plain options: nothing below main.rs reads `cli`.
         Some(Command::Doctor(args)) => doctor::run(&args.into()),

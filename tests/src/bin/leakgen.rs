@@ -23,6 +23,10 @@
 //! leakgen keys-twice N  as keys, then at a stdin line N more keys (printing
 //!                      `MORE <pid>`) before the usual release: the same task
 //!                      allocates before and after a test moves it elsewhere
+//! leakgen keys-thread N  a second thread, waiting; READY with nothing held,
+//!                      then at a stdin line that thread makes N keys (`MORE
+//!                      <pid>`) before the usual release: a test can name the
+//!                      thread's id before it allocates
 //! leakgen twopath N [RATIO]  N held kmalloc-512 keys from `hold_key`, and RATIO
 //!                      (default 50) transient ones per held key from `busy_add_key`,
 //!                      both through `sys_add_key` and `user_preparse`
@@ -124,7 +128,7 @@ const KEY_GC_POLL: Duration = Duration::from_millis(2);
 const KEY_GC_NKEYS_CAP: Duration = Duration::from_millis(500);
 
 const USAGE: &str = "\
-usage: leakgen keys N | keys-twice N | inotify N | files N | other N | zombies N | pipes N | backlog N
+usage: leakgen keys N | keys-twice N | keys-thread N | inotify N | files N | other N | zombies N | pipes N | backlog N
        LEAKGEN_MEMCG=DIR leakgen charged N
        leakgen twopath N [RATIO]
        leakgen rarepath SECS [BUSY_PER_SEC]
@@ -139,6 +143,9 @@ enum Mode {
     Keys,
     /// N keys, a stdin line, N more keys (`MORE <pid>`), then as Keys.
     KeysTwice,
+    /// Nothing, a stdin line, N keys from a second thread (`MORE <pid>`),
+    /// then as Keys.
+    KeysThread,
     /// Keys released by revocation: payloads freed in RCU callbacks.
     KeysRcu,
     Inotify,
@@ -226,6 +233,7 @@ fn parse_args(args: &[String]) -> Result<Command, String> {
         "keys" => Some(Mode::Keys),
         "keys-rcu" => Some(Mode::KeysRcu),
         "keys-twice" => Some(Mode::KeysTwice),
+        "keys-thread" => Some(Mode::KeysThread),
         "inotify" => Some(Mode::Inotify),
         "files" => Some(Mode::Files),
         "other" => Some(Mode::Other),
@@ -245,7 +253,7 @@ fn parse_args(args: &[String]) -> Result<Command, String> {
         if matches!(m, Mode::KeysTwice) && 2 * n > MAX_KEYS {
             return Err(format!("keys-twice N must be at most {}", MAX_KEYS / 2));
         }
-        if matches!(m, Mode::Keys | Mode::KeysRcu) && n > MAX_KEYS {
+        if matches!(m, Mode::Keys | Mode::KeysRcu | Mode::KeysThread) && n > MAX_KEYS {
             return Err(format!(
                 "keys N must be at most {MAX_KEYS}: the process keyring's quota charge is a \
                  16-bit field (4 bytes a link), and past that it wraps and the uid's key byte \
@@ -316,6 +324,7 @@ fn main() -> ExitCode {
         Command::Hold(Mode::Keys, n) => run_keys(n),
         Command::Hold(Mode::KeysRcu, n) => run_keys_rcu(n),
         Command::Hold(Mode::KeysTwice, n) => run_keys_twice(n),
+        Command::Hold(Mode::KeysThread, n) => run_keys_thread(n),
         Command::TwoPath(n, ratio) => run_twopath(n, ratio),
         Command::RarePath(secs, rate) => run_rarepath(secs, rate),
         Command::Hold(Mode::Other, n) => run_other(n),
@@ -786,11 +795,41 @@ fn run_keys_twice(n: usize) -> Result<()> {
         serials.push(hold_key(pid, i, 2 * n, &payload)?);
     }
     rcu_barrier();
+    more_then_release(pid, &serials)
+}
+
+/// The end of the two-step modes: `MORE`, a line, release, `RELEASED`, a line.
+fn more_then_release(pid: u32, serials: &[i32]) -> Result<()> {
     say(&format!("MORE {pid}"))?;
     wait_for_line()?;
-    release_keys(&serials)?;
+    release_keys(serials)?;
     say(&format!("RELEASED {pid}"))?;
     wait_for_line()
+}
+
+/// Keys made by a second thread of this process, only when told: a test reads
+/// the thread's id from /proc/PID/task while it waits, and traces by it. The
+/// thread releases them too: the process keyring it installs is in its own
+/// credentials, so only it possesses the keys.
+fn run_keys_thread(n: usize) -> Result<()> {
+    check_key_quota(n, desc_len_bound("leakgen-", n), KEY_PAYLOAD_LEN)?;
+    let pid = std::process::id();
+    let (go, wait) = std::sync::mpsc::channel::<()>();
+    let worker = std::thread::Builder::new()
+        .name("leakgen-keys".into())
+        .spawn(move || -> Result<()> {
+            wait.recv().context("the main thread went away")?;
+            let serials = leak_keys(n)?;
+            rcu_barrier();
+            more_then_release(pid, &serials)
+        })
+        .context("starting the key thread")?;
+    say(&format!("READY {pid}"))?;
+    wait_for_line()?;
+    go.send(()).context("the key thread went away")?;
+    worker
+        .join()
+        .map_err(|_| anyhow!("the key thread panicked"))?
 }
 
 /// Keys whose payloads are freed from RCU callbacks: KEYCTL_REVOKE makes

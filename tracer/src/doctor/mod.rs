@@ -224,13 +224,13 @@ pub fn run(args: &DoctorOptions) -> Result<()> {
             watch.as_secs_f64()
         );
     });
-    if args.json {
+    let text = if args.json {
         let line = serde_json::to_string(&report).context("serializing the diagnosis")?;
-        println!("{line}");
+        format!("{line}\n")
     } else {
-        print!("{}", render(&report));
-    }
-    Ok(())
+        render(&report)
+    };
+    crate::output::stdout::write_text(&text).context("printing the diagnosis")
 }
 
 #[cfg(test)]

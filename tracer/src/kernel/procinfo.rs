@@ -72,14 +72,26 @@ impl TracedProcess {
             );
             return Ok(unchecked);
         }
-        let start_ticks = start_ticks(root, pid);
-        if start_ticks.is_none() {
+        let Some(tgid) = thread_group(root, pid) else {
             anyhow::bail!(
                 "--pid {pid}: no such process (PIDs are the host's, as `ps -e` on the node shows \
                  them); check it with `ps -p {pid}`"
             );
+        };
+        // /proc/TID exists for every thread, but the kernel filters on the
+        // thread group: a thread id given as it is would match nothing.
+        if tgid != pid {
+            eprintln!(
+                "leaktrace: --pid {pid} is a thread of process {tgid}; tracing process {tgid}, \
+                 all its threads (allocations are filtered by process)"
+            );
+        }
+        let start_ticks = start_ticks(root, tgid);
+        if start_ticks.is_none() {
+            anyhow::bail!("--pid {pid}: its process {tgid} exited while being checked");
         }
         Ok(TracedProcess {
+            pid: tgid,
             start_ticks,
             ..unchecked
         })
@@ -94,6 +106,16 @@ impl TracedProcess {
             self.exited_after_s = Some(elapsed_s);
         }
     }
+}
+
+/// The thread group (process) of thread `tid`, from /proc/TID/status; None
+/// when there is no such thread.
+fn thread_group(root: &Path, tid: u32) -> Option<u32> {
+    let status = std::fs::read_to_string(root.join(format!("proc/{tid}/status"))).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Tgid:"))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 /// Field 22 of /proc/PID/stat; None when there is no such process (a zombie
@@ -215,6 +237,24 @@ mod tests {
         assert!(meta.comm.is_some());
         assert!(meta.cmdline.is_some_and(|c| !c.is_empty()));
         assert!(meta.parent_comm.is_some());
+    }
+
+    #[test]
+    fn a_thread_id_resolves_to_its_process() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (done, wait) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            // SAFETY: gettid has no preconditions.
+            tx.send(unsafe { libc::gettid() } as u32).expect("send tid");
+            let _ = wait.recv();
+        });
+        let tid = rx.recv().expect("tid");
+        let pid = std::process::id();
+        assert_ne!(tid, pid);
+        assert_eq!(thread_group(Path::new("/"), tid), Some(pid));
+        assert_eq!(thread_group(Path::new("/"), pid), Some(pid));
+        drop(done);
+        thread.join().expect("thread");
     }
 
     #[test]

@@ -40,6 +40,19 @@ pub struct Report {
     pub kmem_accounting: Accounting,
 }
 
+impl Report {
+    /// Whether memcg `id` is in this report: traced, listed, or in the
+    /// kernel's walk of every memcg it still holds. None where there is no
+    /// walk (not root, no BTF) to tell "no such memcg" from "not looked at".
+    pub fn finds_memcg(&self, id: u64) -> Option<bool> {
+        if self.snapshot.memcgs.iter().any(|m| m.id == id) {
+            return Some(true);
+        }
+        let walk = self.kernel_memcgs.as_ref()?.walk.as_ref()?;
+        Some(walk.memcgs.iter().any(|m| m.id == id))
+    }
+}
+
 /// The kernel walk's result, or why there is none.
 #[derive(Debug, Clone, Serialize)]
 pub struct KernelMemcgs {

@@ -12,7 +12,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Result};
 
-use self::files::Destination;
+use self::files::{Destination, Patience};
 use self::folded::Weight;
 use crate::slab::report::Report;
 
@@ -54,13 +54,14 @@ impl Outputs {
     }
 
     /// Writes every file once. One that fails does not stop the others; each
-    /// failure is on stderr with its fallback, and the result is an error.
-    pub fn write(&self, report: &Report) -> Result<()> {
+    /// failure is on stderr with its fallback, and the result is an error. A
+    /// FIFO waits for its reader no longer than `patience` allows.
+    pub fn write(&self, report: &Report, patience: &Patience<'_>) -> Result<()> {
         let mut failed = 0;
         let mut one =
             |dest: &Option<Destination>, what: &str, render: &dyn Fn() -> Result<Vec<u8>>| {
                 let Some(dest) = dest else { return };
-                match render().and_then(|bytes| dest.write(&bytes)) {
+                match render().and_then(|bytes| dest.write(&bytes, patience)) {
                     Ok(()) => eprintln!("leaktrace: wrote {what} {}", dest.path.display()),
                     Err(e) => {
                         eprintln!("leaktrace: error: {e:#}");

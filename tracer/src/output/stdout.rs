@@ -1,6 +1,8 @@
-//! A report on stdout, as every tool prints one: a JSON object on one line
-//! (`--json`), or its text view. Snapshots are closed by a `---` line so a
-//! reader of a pipe or a log can tell one from the next.
+//! stdout, for every subcommand: a report as a JSON object on one line
+//! (`--json`) or as its text view, or any other text (`caches`, `doctor`).
+//! Snapshots are closed by a `---` line so a reader of a pipe or a log can
+//! tell one from the next. A failed stdout (a closed pipe, a full disk) is an
+//! error for the caller to return, never a panic as `println!` makes it.
 
 use std::io::Write;
 
@@ -25,23 +27,27 @@ pub fn print<R: Serialize>(
     printed: Printed,
     text: impl FnOnce() -> String,
 ) -> Result<()> {
-    let mut out = std::io::stdout().lock();
-    let written = if json {
+    let line = if json {
         let what = match printed {
             Printed::Snapshot => "snapshot",
             Printed::Final => "report",
         };
-        let line =
-            serde_json::to_string(report).with_context(|| format!("encoding JSON {what}"))?;
-        writeln!(out, "{line}")
+        serde_json::to_string(report).with_context(|| format!("encoding JSON {what}"))?
     } else {
         let end = match printed {
             Printed::Snapshot => "---",
             Printed::Final => "",
         };
-        writeln!(out, "{}{end}", text())
+        format!("{}{end}", text())
     };
-    written
+    write_text(&format!("{line}\n")).context("printing the report")
+}
+
+/// Writes `text` to stdout as it is and flushes it. Errors: stdout is closed
+/// (`| head`, `| true`) or cannot take the bytes (`> /dev/full`).
+pub fn write_text(text: &str) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())
         .and_then(|()| out.flush())
-        .context("writing the report to stdout")
+        .context("writing to stdout")
 }

@@ -2,7 +2,14 @@
 //! `memcg` alike: the ring buffer, a short poll timer (the kernel batches
 //! wake-ups), the refresh ticker, Ctrl-C / SIGTERM / SIGHUP, and `--duration`.
 
-use std::{pin::Pin, time::Duration};
+use std::{
+    pin::Pin,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        OnceLock,
+    },
+    time::Duration,
+};
 
 use anyhow::{Context, Result};
 use aya::maps::{MapData, RingBuf};
@@ -45,11 +52,53 @@ pub struct Signals {
 
 impl Signals {
     pub fn install() -> Result<Signals> {
+        count_end_requests()?;
         Ok(Signals {
             sigint: signal(SignalKind::interrupt()).context("installing SIGINT handler")?,
             sigterm: signal(SignalKind::terminate()).context("installing SIGTERM handler")?,
             sighup: signal(SignalKind::hangup()).context("installing SIGHUP handler")?,
         })
+    }
+}
+
+/// SIGINT, SIGTERM and SIGHUP received so far. The loop sees them through
+/// tokio, which only wakes a running loop; what a run does after its loop
+/// (waiting for a FIFO's reader) is plain blocking code, and asks this.
+static END_REQUESTS: AtomicU64 = AtomicU64::new(0);
+
+/// Counts the signals that end a run beside tokio's own handlers (both are
+/// actions in signal-hook-registry, which tokio uses), once per process.
+fn count_end_requests() -> Result<()> {
+    static COUNTING: OnceLock<Result<(), String>> = OnceLock::new();
+    COUNTING
+        .get_or_init(|| {
+            for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+                // SAFETY: the action only increments an atomic, which is
+                // async-signal-safe.
+                unsafe {
+                    signal_hook_registry::register(sig, || {
+                        END_REQUESTS.fetch_add(1, Ordering::Relaxed);
+                    })
+                }
+                .map_err(|e| format!("counting signal {sig}: {e}"))?;
+            }
+            Ok(())
+        })
+        .clone()
+        .map_err(anyhow::Error::msg)
+}
+
+/// A point in a run's end: whether the user asked to stop again since.
+pub struct EndMark(u64);
+
+impl EndMark {
+    pub fn now() -> EndMark {
+        EndMark(END_REQUESTS.load(Ordering::Relaxed))
+    }
+
+    /// A SIGINT, SIGTERM or SIGHUP arrived after this mark was taken.
+    pub fn passed(&self) -> bool {
+        END_REQUESTS.load(Ordering::Relaxed) > self.0
     }
 }
 

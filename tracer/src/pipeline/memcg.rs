@@ -25,7 +25,7 @@ use crate::{
         report::{KernelMemcgs, Preexisting, Report, SCHEMA_VERSION},
         state::{SnapshotOptions, Tracker},
     },
-    output::files::Destination,
+    output::files::{Destination, Patience},
     output::stdout::{self, Printed},
     pipeline::event_loop::{self, Flow, Sources, Tool},
     pipeline::RunOptions,
@@ -111,7 +111,7 @@ pub async fn run(args: MemcgOptions) -> Result<()> {
     if (args.list || args.why.is_some()) && args.run.duration.is_none() {
         run.mode = "none (one-shot list from cgroupfs; --duration traces first)".into();
         let report = run.report("list", Counters::default());
-        return emit_final(&args, &report, pprof.as_ref());
+        return emit_final(&args, &report, pprof.as_ref(), &event_loop::EndMark::now());
     }
 
     features::require_root()?;
@@ -160,6 +160,8 @@ pub async fn run(args: MemcgOptions) -> Result<()> {
     );
 
     let outcome = event_loop(&args, ring, &hooks, &mut run).await;
+    // Any end signal from here on is a second one: it ends a wait for a FIFO's reader.
+    let ended = event_loop::EndMark::now();
     let counters = hooks.counters();
     drop(hooks);
     let mut ring = outcome?;
@@ -170,7 +172,7 @@ pub async fn run(args: MemcgOptions) -> Result<()> {
         "final"
     };
     let report = run.report(kind, counters);
-    emit_final(&args, &report, pprof.as_ref())
+    emit_final(&args, &report, pprof.as_ref(), &ended)
 }
 
 fn mode_line(plan: &hooks::Plan, features: &Features) -> String {
@@ -330,16 +332,42 @@ fn emit_snapshot(args: &MemcgOptions, report: &Report) -> Result<()> {
     })
 }
 
-fn emit_final(args: &MemcgOptions, report: &Report, pprof: Option<&Destination>) -> Result<()> {
-    // The profile first: a closed stdout must not cost the file.
-    if let Some(dest) = pprof {
-        dest.write(&pprof::profile(report)?)?;
-        eprintln!("leaktrace: wrote pprof profile {}", dest.path.display());
-    }
-    stdout::print(report, args.run.json, Printed::Final, || match args.why {
+/// The profile first, so a closed stdout cannot cost the file; then the
+/// report, even when the profile failed (it went to its fallback, named on
+/// stderr); then whether `--why` found its memcg. A FIFO waits for its
+/// reader until an end signal arrives after `ended`, or its bound.
+fn emit_final(
+    args: &MemcgOptions,
+    report: &Report,
+    pprof: Option<&Destination>,
+    ended: &event_loop::EndMark,
+) -> Result<()> {
+    let file = pprof.map_or(Ok(()), |dest| {
+        let cancelled = || ended.passed();
+        let written =
+            pprof::profile(report).and_then(|bytes| dest.write(&bytes, &Patience::new(&cancelled)));
+        match &written {
+            Ok(()) => eprintln!("leaktrace: wrote pprof profile {}", dest.path.display()),
+            Err(e) => eprintln!("leaktrace: error: {e:#}"),
+        }
+        written.map_err(|_| {
+            anyhow::anyhow!("the pprof profile could not be written where asked (see above)")
+        })
+    });
+    let printed = stdout::print(report, args.run.json, Printed::Final, || match args.why {
         Some(id) => view::why(report, id, &running_kernel()),
         None => view::render(report, &view_options(args), true),
-    })
+    });
+    file.and(printed)?;
+    match args.why {
+        Some(id) if report.finds_memcg(id) == Some(false) => anyhow::bail!(
+            "--why {id}: no memory cgroup has this id in hierarchy {} ({}), live, dying or \
+             traced; `leaktrace memcg --list` shows the ids (the ID column)",
+            report.hierarchy.id,
+            report.hierarchy.mount.display()
+        ),
+        _ => Ok(()),
+    }
 }
 
 fn view_options(args: &MemcgOptions) -> ViewOptions {

@@ -4,7 +4,7 @@
 
 use std::{
     collections::{HashMap, VecDeque},
-    io::{IsTerminal, Write},
+    io::IsTerminal,
     path::Path,
     sync::Arc,
     time::{Duration, Instant},
@@ -30,6 +30,7 @@ use crate::{
     kernel::tracefs::Tracefs,
     output,
     output::folded::Weight,
+    output::stdout::{self, Printed},
     pipeline::event_loop::{self, Flow, Signals, Sources, Tool},
     pipeline::RunOptions,
     present::tui::{self, Tui},
@@ -89,6 +90,11 @@ pub async fn run(args: TraceOptions, cache: &str) -> Result<()> {
     let root = Path::new("/");
     features::require_root()?;
     let checked = preflight(&args, root).await?;
+    // What the kernel filters on: a thread id given to --pid is its process.
+    let args = TraceOptions {
+        pid: checked.traced.as_ref().map(|t| t.pid),
+        ..args
+    };
     let tracefs = Tracefs::locate_or_mount()?;
     let features = Features::detect(root, Some(tracefs.root()));
     let catalogue = Catalogue::read(root).context("reading the slab cache catalogue")?;
@@ -235,6 +241,8 @@ pub async fn run(args: TraceOptions, cache: &str) -> Result<()> {
         checked.signals,
     )
     .await;
+    // Any end signal from here on is a second one: it ends a wait for a FIFO's reader.
+    let ended = event_loop::EndMark::now();
     // Counters first, then detach, then render: the report states what the
     // kernel side saw up to the moment it stopped.
     let counters = probes.counters().unwrap_or_default();
@@ -258,7 +266,9 @@ pub async fn run(args: TraceOptions, cache: &str) -> Result<()> {
         ..state.snapshot_opts.clone()
     };
     let final_report = state.report("final", counters);
-    let emitted = emit_final(&args, &checked.outputs, &final_report);
+    let cancelled = || ended.passed();
+    let patience = output::files::Patience::new(&cancelled);
+    let emitted = emit_final(&args, &checked.outputs, &final_report, &patience);
     match failed {
         Some(e) => Err(e),
         None => emitted,
@@ -631,38 +641,27 @@ fn emit_snapshot(
     if let Some(tui) = tui {
         return tui.show(report);
     }
-    let mut out = std::io::stdout().lock();
-    if args.run.json {
-        let line = serde_json::to_string(report).context("encoding JSON snapshot")?;
-        writeln!(out, "{line}")?;
-    } else {
+    stdout::print(report, args.run.json, Printed::Snapshot, || {
         let cut = report.cut(args.limit, args.stacks, args.comm.as_deref());
-        writeln!(out, "{}---", view::render(&cut, opts))?;
-    }
-    out.flush()?;
-    Ok(())
+        view::render(&cut, opts)
+    })
 }
 
 /// Files first, so a closed stdout (e.g. `| head`) cannot cost the profile;
 /// then the report, even when a file failed: it is the one output that
 /// always reaches the user, and the run still exits non-zero.
-fn emit_final(args: &TraceOptions, outputs: &output::Outputs, report: &Report) -> Result<()> {
-    let files = outputs.write(report);
-    let printed = print_final(args, report);
-    files.and(printed)
-}
-
-fn print_final(args: &TraceOptions, report: &Report) -> Result<()> {
-    let mut out = std::io::stdout().lock();
-    if args.run.json {
-        let line = serde_json::to_string(report).context("encoding JSON report")?;
-        writeln!(out, "{line}")?;
-    } else {
+fn emit_final(
+    args: &TraceOptions,
+    outputs: &output::Outputs,
+    report: &Report,
+    patience: &output::files::Patience<'_>,
+) -> Result<()> {
+    let files = outputs.write(report, patience);
+    let printed = stdout::print(report, args.run.json, Printed::Final, || {
         let cut = report.cut(args.limit, args.stacks, args.comm.as_deref());
-        writeln!(out, "{}", view::render(&cut, &text_options(args, None)))?;
-    }
-    out.flush()?;
-    Ok(())
+        view::render(&cut, &text_options(args, None))
+    });
+    files.and(printed)
 }
 
 fn text_options(args: &TraceOptions, frames: Option<usize>) -> TextOptions {

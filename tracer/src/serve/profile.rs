@@ -8,6 +8,7 @@
 //! child but a cache name the catalogue knows and a bounded number.
 
 use std::{
+    os::fd::{AsRawFd, RawFd},
     path::{Path, PathBuf},
     process::Stdio,
     sync::{
@@ -20,7 +21,7 @@ use std::{
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{header, Response, StatusCode};
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 
 use super::http::{owned_text, Body};
 use crate::kernel::pods::PodNames;
@@ -255,8 +256,10 @@ impl Profiles {
         _guard: &SlotGuard<'_>,
     ) -> anyhow::Result<Vec<u8>> {
         use anyhow::Context;
-        let dir = TempDir::create().context("creating a private directory for the profile")?;
-        let file = dir.path.join("profile.pb.gz");
+        // The profile comes back through a pipe, never a file: nothing of it
+        // (kernel addresses, command lines) is left on disk however serve ends.
+        let (profile_rx, profile_tx) =
+            std::io::pipe().context("creating the pipe the profile comes back through")?;
         let mut command = tokio::process::Command::new(&self.exe);
         match kind {
             Kind::Kmem(cache) => command.arg("--cache").arg(cache),
@@ -264,17 +267,30 @@ impl Profiles {
             Kind::Memcg => command.args(["memcg", "--stacks", "1000"]),
         };
         let cache = kind.name();
-        let child = command
+        command
             .arg("--duration")
             .arg(format!("{seconds}s"))
             .arg("--pprof")
-            .arg(&file)
+            .arg(format!("/dev/fd/{PROFILE_FD}"))
             .stdin(Stdio::null())
             // The final text report is not wanted; the profile holds everything tracked.
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
+            .stderr(Stdio::piped());
+        let serve_pid = std::process::id();
+        let profile_fd = profile_tx.as_raw_fd();
+        // SAFETY: runs in the forked child before exec and makes only
+        // async-signal-safe calls (prctl, getppid, dup2, fcntl) on integers.
+        unsafe {
+            command.pre_exec(move || bind_to_serve(serve_pid, profile_fd));
+        }
+        // Spawned from serve's one runtime thread, its main thread: the
+        // parent-death signal follows the thread that forks, and this one
+        // lives as long as serve.
+        let child = command
             .spawn()
             .with_context(|| format!("starting {}", self.exe.display()))?;
+        // Only the child writes: the profile's end is its exit.
+        drop(profile_tx);
         // A client that hangs up drops this future: the child dies with it (the
         // kernel detaches its programs when its fds close) and is reaped.
         let mut child = Reaped(Some(child));
@@ -286,7 +302,7 @@ impl Profiles {
         let mut lines = BufReader::new(stderr).lines();
         let mut tail: Vec<String> = Vec::new();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(seconds) + OVERHEAD;
-        let read_all = async {
+        let read_stderr = async {
             while let Ok(Some(line)) = lines.next_line().await {
                 if line.contains("attached to ") {
                     if let Some(r) = lock(&self.slot).running.as_mut() {
@@ -299,29 +315,87 @@ impl Profiles {
                     tail.remove(0);
                 }
             }
-            child.wait().await
+            Ok(())
         };
-        let status = tokio::time::timeout_at(deadline, read_all)
+        let read_profile = async {
+            let mut profile = Vec::new();
+            tokio::net::unix::pipe::Receiver::from_owned_fd(profile_rx.into())
+                .context("reading the trace's profile")?
+                .take(MAX_PROFILE + 1)
+                .read_to_end(&mut profile)
+                .await
+                .context("reading the trace's profile")?;
+            anyhow::ensure!(
+                profile.len() as u64 <= MAX_PROFILE,
+                "the trace's profile is larger than {} MiB",
+                MAX_PROFILE >> 20
+            );
+            Ok(profile)
+        };
+        let finished = async {
+            let ((), profile) = tokio::try_join!(read_stderr, read_profile)?;
+            let status = child.wait().await.context("waiting for the trace")?;
+            anyhow::Ok((status, profile))
+        };
+        let (status, profile) = tokio::time::timeout_at(deadline, finished)
             .await
             .with_context(|| {
                 format!(
                     "the trace did not finish within {seconds} s + {} s",
                     OVERHEAD.as_secs()
                 )
-            })?
-            .context("waiting for the trace")?;
+            })??;
         if !status.success() {
             anyhow::bail!("{status}:\n{}", tail.join("\n"));
         }
-        // Small (kilobytes to a few MB) and local: a blocking read is fine here.
-        let profile = std::fs::read(&file)
-            .with_context(|| format!("reading the trace's profile {}", file.display()))?;
+        anyhow::ensure!(!profile.is_empty(), "the trace wrote no profile");
         let labelled = {
             let mut pods = lock(&self.pods);
             crate::serve::labels::label_profile(&profile, &mut pods)
         };
         Ok(labelled.unwrap_or(profile))
     }
+}
+
+/// The child's descriptor the profile is written to (`--pprof /dev/fd/3`).
+const PROFILE_FD: RawFd = 3;
+/// A profile of every stack of a busy cache is megabytes; past this, the
+/// trace is killed rather than held in serve's memory.
+const MAX_PROFILE: u64 = 256 << 20;
+
+/// In the trace child, between fork and exec: the child dies with serve,
+/// however serve ends (SIGKILL, the OOM killer), so its programs detach then
+/// and not at the end of its `--duration`; and the profile pipe becomes fd 3.
+fn bind_to_serve(serve_pid: u32, profile_fd: RawFd) -> std::io::Result<()> {
+    let failed = std::io::Error::last_os_error;
+    // SAFETY: plain syscalls on integers, async-signal-safe.
+    unsafe {
+        if libc::prctl(
+            libc::PR_SET_PDEATHSIG,
+            libc::SIGKILL as libc::c_ulong,
+            0,
+            0,
+            0,
+        ) != 0
+        {
+            return Err(failed());
+        }
+        // serve may have died between fork and prctl: then no signal comes,
+        // and the child was already given to another parent.
+        if u32::try_from(libc::getppid()).ok() != Some(serve_pid) {
+            return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+        }
+        // dup2 onto itself would keep FD_CLOEXEC; the pipe is created with it.
+        let moved = if profile_fd == PROFILE_FD {
+            libc::fcntl(PROFILE_FD, libc::F_SETFD, 0)
+        } else {
+            libc::dup2(profile_fd, PROFILE_FD)
+        };
+        if moved < 0 {
+            return Err(failed());
+        }
+    }
+    Ok(())
 }
 
 /// What a deep trace runs: the slab tracer on one cache, or the memcg tool.
@@ -386,32 +460,6 @@ impl Drop for SlotGuard<'_> {
 /// fields are still consistent enough to go on serving.
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// A 0700 directory of its own per trace, removed when done: the child
-/// writes the profile there, and no other user can swap the file.
-struct TempDir {
-    path: PathBuf,
-}
-
-impl TempDir {
-    fn create() -> std::io::Result<TempDir> {
-        use std::os::unix::fs::DirBuilderExt;
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "leaktrace-serve-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::DirBuilder::new().mode(0o700).create(&path)?;
-        Ok(TempDir { path })
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.path);
-    }
 }
 
 #[derive(Debug, PartialEq, Eq)]
