@@ -820,6 +820,18 @@ fn stack_draw(call_site: u64, tgid: u32, path: &UserPath, cfg: &Config, ts: u64)
     Draw { flags, wake }
 }
 
+impl Spent {
+    /// Starts `window` if it is a new one; whether `cap` is not reached yet.
+    #[inline(always)]
+    fn room(&mut self, window: u64, cap: u64) -> bool {
+        if self.window != window {
+            self.window = window;
+            self.spent = 0;
+        }
+        self.spent < cap
+    }
+}
+
 /// Whether this CPU may draw one more census allocation in `window`.
 #[inline(always)]
 fn census_budget(window: u64, cap: u64) -> bool {
@@ -827,11 +839,7 @@ fn census_budget(window: u64, cap: u64) -> bool {
         return false;
     };
     let slot = unsafe { &mut *slot };
-    if slot.window != window {
-        slot.window = window;
-        slot.spent = 0;
-    }
-    if slot.spent >= cap {
+    if !slot.room(window, cap) {
         return false;
     }
     slot.spent += 1;
@@ -846,15 +854,10 @@ fn zoom_budget(window: u64, level: u32, cap: u64) -> bool {
         return false;
     };
     let slot = unsafe { &mut *slot };
-    if slot.window != window {
-        slot.window = window;
-        slot.spent = 0;
-    }
-    if slot.spent >= cap {
+    if !slot.room(window, cap) {
         return false;
     }
-    let cost = 1u64 << (ZOOM_COST_SHIFT - (level & 15));
-    tracer_ebpf::atomic_add(&mut slot.spent, cost);
+    tracer_ebpf::atomic_add(&mut slot.spent, 1 << (ZOOM_COST_SHIFT - (level & 15)));
     true
 }
 
