@@ -6,10 +6,12 @@
 
 pub mod aggregator;
 pub mod caches;
+pub mod counters;
 pub mod decoder;
 pub mod estimate;
 pub mod grouping;
 pub mod plan;
 pub mod probes;
 pub mod report;
+pub mod session;
 pub mod zoom;
