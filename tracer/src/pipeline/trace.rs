@@ -284,7 +284,7 @@ async fn event_loop(
     let tty = std::io::stdout().is_terminal();
     // The interactive view only where a person watches; JSON and pipes get lines.
     let tui = if args.run.top && tty && !args.run.json {
-        Some(Tui::start(tui_column(args.sort), args.frames)?)
+        Some(Tui::start(args.sort, args.frames)?)
     } else {
         None
     };
@@ -395,14 +395,6 @@ impl Tool for SlabTool<'_> {
     }
 }
 
-fn tui_column(sort: SortKey) -> tui::Column {
-    match sort {
-        SortKey::Outstanding => tui::Column::Outstanding,
-        SortKey::Rate => tui::Column::AllocRate,
-        SortKey::Allocs => tui::Column::Allocs,
-    }
-}
-
 fn emit_snapshot(
     args: &TraceOptions,
     report: &Report,
@@ -438,11 +430,7 @@ fn emit_final(
 fn text_options(args: &TraceOptions, frames: Option<usize>) -> TextOptions {
     TextOptions {
         frames,
-        sort_label: match args.sort {
-            SortKey::Outstanding => "outstanding",
-            SortKey::Rate => "rate",
-            SortKey::Allocs => "allocs",
-        },
+        sort_label: args.sort.name(),
         interval_s: args.run.interval.as_secs_f64(),
     }
 }

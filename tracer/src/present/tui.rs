@@ -20,6 +20,7 @@ use ratatui::{
 
 use crate::{
     present::units::{group, human_bytes},
+    slab::aggregator::SortKey,
     slab::grouping::GroupBy,
     slab::report::{ProcessReport, Report},
 };
@@ -46,6 +47,18 @@ const COLUMNS: [Column; 8] = [
     Column::Allocs,
     Column::Frees,
 ];
+
+impl From<SortKey> for Column {
+    /// The column a `--sort` order starts the live view on; the view sorts by
+    /// any of its columns from there.
+    fn from(sort: SortKey) -> Column {
+        match sort {
+            SortKey::Outstanding => Column::Outstanding,
+            SortKey::Rate => Column::AllocRate,
+            SortKey::Allocs => Column::Allocs,
+        }
+    }
+}
 
 impl Column {
     fn title(self) -> &'static str {
@@ -439,14 +452,14 @@ pub struct Tui {
 }
 
 impl Tui {
-    pub fn start(sort: Column, frames: usize) -> Result<Tui> {
+    pub fn start(sort: SortKey, frames: usize) -> Result<Tui> {
         // Installs a panic hook that leaves raw mode and the alternate screen
         // before the panic message prints.
         let terminal = ratatui::try_init().context("setting up the terminal for --top")?;
         Ok(Tui {
             terminal,
             events: EventStream::new(),
-            state: ViewState::new(sort, frames),
+            state: ViewState::new(sort.into(), frames),
         })
     }
 

@@ -32,16 +32,29 @@ use crate::{
     slab::zoom::{AgeCohorts, Candidate, StratumId, ZoomReport},
 };
 
-/// How rows are ordered; the CLI maps its sort flag onto this.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// How rows are ordered: `--sort`'s values, the model's and the live view's
+/// starting column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum SortKey {
+    /// Objects allocated and not yet freed.
     #[default]
     Outstanding,
+    /// Allocations per second over --rate-window: a retry loop shows up here before it leaks.
     Rate,
+    /// Allocations since attach.
     Allocs,
 }
 
 impl SortKey {
+    /// The flag's spelling, as the text view's header names the order.
+    pub fn name(self) -> &'static str {
+        match self {
+            SortKey::Outstanding => "outstanding",
+            SortKey::Rate => "rate",
+            SortKey::Allocs => "allocs",
+        }
+    }
+
     /// Ascending order of two rows, each given as (counts, allocations per second).
     pub fn compare(self, a: (&Counts, f64), b: (&Counts, f64)) -> std::cmp::Ordering {
         match self {

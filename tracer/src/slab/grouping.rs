@@ -13,21 +13,25 @@ use crate::{
     slab::report::{ProcessReport, StackReport},
 };
 
-/// What rows aggregate processes by; the CLI maps `--group-by` onto this.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+/// What rows aggregate processes by: `--group-by`'s values, the report's
+/// `group_by` and the live view's key `G`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum GroupBy {
+    /// One row per process (tgid and start time: a reused PID is another row).
     #[default]
     Process,
+    /// Processes with the same command name.
     Comm,
-    /// The parent process at allocation time.
+    /// Processes with the same parent when they allocated.
     Parent,
+    /// Processes in the same cgroup (the memory cgroup on cgroup v1).
     Cgroup,
-    /// The container id decoded from the cgroup path.
+    /// Processes in the same container (id decoded from the cgroup path).
     Container,
-    /// The Kubernetes pod UID decoded from the cgroup path.
+    /// Processes in the same Kubernetes pod (UID decoded from the cgroup path).
     Pod,
-    /// The same kernel and user frames, across processes.
+    /// Identical kernel and user stacks, across processes.
     Stack,
 }
 
