@@ -12,7 +12,6 @@ pub mod hooks;
 pub mod kmem;
 mod kread;
 mod pins;
-pub mod pprof;
 pub mod report;
 pub mod session;
 pub mod state;

@@ -21,12 +21,13 @@ use crate::{
     memcg::{
         hooks,
         hooks::{Counters, Hooks},
-        kmem, pprof,
+        kmem,
         report::Report,
         session::Session,
         state::SnapshotOptions,
     },
     output::files::{Destination, Patience},
+    output::memcg_pprof,
     output::stdout::{self, Printed},
     pipeline::event_loop::{self, Flow, Sources, Tool},
     pipeline::RunOptions,
@@ -261,8 +262,8 @@ fn emit_final(
 ) -> Result<()> {
     let file = pprof.map_or(Ok(()), |dest| {
         let cancelled = || ended.passed();
-        let written =
-            pprof::profile(report).and_then(|bytes| dest.write(&bytes, &Patience::new(&cancelled)));
+        let written = memcg_pprof::profile(report)
+            .and_then(|bytes| dest.write(&bytes, &Patience::new(&cancelled)));
         match &written {
             Ok(()) => eprintln!("leaktrace: wrote pprof profile {}", dest.path.display()),
             Err(e) => eprintln!("leaktrace: error: {e:#}"),
