@@ -12,7 +12,11 @@ use crate::{
     doctor::DoctorOptions,
     pipeline::{memcg::MemcgOptions, trace::TraceOptions, RunOptions},
     serve::ServeOptions,
-    slab::{aggregator::SortKey, grouping::GroupBy, plan::HookMode, probes::Floor},
+    slab::{
+        plan::HookMode,
+        probes::Floor,
+        report::{GroupBy, SortKey},
+    },
 };
 
 #[derive(Debug, Parser)]

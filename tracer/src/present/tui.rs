@@ -20,9 +20,7 @@ use ratatui::{
 
 use crate::{
     present::units::{group, human_bytes},
-    slab::aggregator::SortKey,
-    slab::grouping::GroupBy,
-    slab::report::{ProcessReport, Report},
+    slab::report::{GroupBy, ProcessReport, Report, SortKey},
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -521,7 +519,7 @@ mod tests {
             cgroup: Some("/".to_string()),
             pod: None,
             charged_elsewhere: None,
-            counts: crate::slab::aggregator::Counts {
+            counts: crate::slab::report::Counts {
                 outstanding,
                 outstanding_bytes: outstanding * 512,
                 allocs,
@@ -613,7 +611,7 @@ mod tests {
         r.groups = crate::slab::grouping::group(
             &r.processes,
             GroupBy::Comm,
-            crate::slab::aggregator::SortKey::Outstanding,
+            crate::slab::report::SortKey::Outstanding,
         );
         s.update(&r);
         let lines = text(&s);

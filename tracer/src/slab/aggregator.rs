@@ -29,43 +29,9 @@ use crate::{
     bpf::stacks::{StackId, StackTable},
     slab::decoder::{Alloc, Event, Free, Route},
     slab::estimate::{self, Level},
-    slab::zoom::{AgeCohorts, Candidate, StratumId, ZoomReport},
+    slab::report::{AgeSummary, Anomalies, Counts, ProcKey, SortKey, StackSampling},
+    slab::zoom::{AgeCohorts, Candidate, StratumId},
 };
-
-/// How rows are ordered: `--sort`'s values, the model's and the live view's
-/// starting column.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
-pub enum SortKey {
-    /// Objects allocated and not yet freed.
-    #[default]
-    Outstanding,
-    /// Allocations per second over --rate-window: a retry loop shows up here before it leaks.
-    Rate,
-    /// Allocations since attach.
-    Allocs,
-}
-
-impl SortKey {
-    /// The flag's spelling, as the text view's header names the order.
-    pub fn name(self) -> &'static str {
-        match self {
-            SortKey::Outstanding => "outstanding",
-            SortKey::Rate => "rate",
-            SortKey::Allocs => "allocs",
-        }
-    }
-
-    /// Ascending order of two rows, each given as (counts, allocations per second).
-    pub fn compare(self, a: (&Counts, f64), b: (&Counts, f64)) -> std::cmp::Ordering {
-        match self {
-            SortKey::Outstanding => {
-                (a.0.outstanding_bytes, a.0.allocs).cmp(&(b.0.outstanding_bytes, b.0.allocs))
-            }
-            SortKey::Rate => a.1.total_cmp(&b.1),
-            SortKey::Allocs => a.0.allocs.cmp(&b.0.allocs),
-        }
-    }
-}
 
 /// One allocation the kernel reported and we have not seen freed. 21 bytes,
 /// within the 24 a (pointer, Live) entry pads this to anyway, so a million
@@ -145,42 +111,11 @@ impl Interrupt {
     }
 }
 
-/// One process: its tgid and its start (`group_leader->start_time`, ns; 0
-/// where the kernel side could not read it). A reused PID is another key, so
-/// two processes are never merged into one row.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
-pub struct ProcKey {
-    pub tgid: u32,
-    pub start_ns: u64,
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct StratumKey {
     proc: ProcKey,
     call_site: u64,
     fingerprint: u64,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct Counts {
-    pub outstanding: u64,
-    pub outstanding_bytes: u64,
-    pub allocs: u64,
-    pub frees: u64,
-}
-
-impl Counts {
-    fn alloc(&mut self, bytes: u64) {
-        self.outstanding += 1;
-        self.outstanding_bytes += bytes;
-        self.allocs += 1;
-    }
-
-    fn free(&mut self, bytes: u64) {
-        self.outstanding = self.outstanding.saturating_sub(1);
-        self.outstanding_bytes = self.outstanding_bytes.saturating_sub(bytes);
-        self.frees += 1;
-    }
 }
 
 /// Exact counts of one draw level of a stratum, and of its drawn objects.
@@ -281,48 +216,6 @@ pub struct Process {
 pub struct Novelty {
     pub process: Option<ProcKey>,
     pub user_stack: Option<(u32, StackId)>,
-}
-
-/// Everything userspace noticed that makes a number less than exact.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct Anomalies {
-    /// A free for a pointer we do not hold: an alloc event was lost or arrived
-    /// before we attached to the ring. Should be 0.
-    pub unmatched_frees: u64,
-    /// A new allocation at a pointer we still held: its free was never reported
-    /// (bulk/RCU free paths without a tracepoint). Counted as freed.
-    pub freed_unseen: u64,
-    pub kstack_failed: u64,
-    pub ustack_failed: u64,
-    pub decode_errors: u64,
-}
-
-/// How stacks were drawn, by route: `census` (a stratum's first
-/// `census_allocs` allocations on a CPU, all drawn), `zoom` (strata whose
-/// draw probability was raised for a while) and `sampled` (1 in
-/// `sample_every`); `drawn` is their sum. The rest carried no stacks.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
-pub struct StackSampling {
-    pub sample_every: u64,
-    pub census_allocs: u32,
-    /// Strata are keyed by the first user frames too (`--user-paths`).
-    pub user_paths: bool,
-    pub drawn: u64,
-    pub census: u64,
-    pub zoom: u64,
-    pub sampled: u64,
-    pub without_stacks: u64,
-    pub strata: u64,
-    /// Zoom episodes (filled by the run, which steers them).
-    pub zoom_episodes: ZoomReport,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct AgeSummary {
-    pub count: u64,
-    pub p50_ms: u64,
-    pub p99_ms: u64,
-    pub max_ms: u64,
 }
 
 /// One stack's share of a stratum.

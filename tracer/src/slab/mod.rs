@@ -10,6 +10,7 @@ pub mod counters;
 pub mod decoder;
 pub mod estimate;
 pub mod grouping;
+pub mod naming;
 pub mod plan;
 pub mod probes;
 pub mod report;

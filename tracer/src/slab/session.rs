@@ -23,12 +23,13 @@ use crate::{
     kernel::procinfo::{self, CgroupPaths, ProcMeta, TracedProcess},
     kernel::slabinfo::{self, SlabLine},
     kernel::task_offsets,
-    slab::aggregator::{Aggregator, Interrupt, ProcKey, SnapshotOptions},
+    slab::aggregator::{Aggregator, Interrupt, SnapshotOptions},
     slab::counters::KernelCounters,
     slab::decoder::{decode, Event},
-    slab::grouping::{self, GroupBy},
+    slab::grouping,
+    slab::naming::{self, Header, Naming},
     slab::probes::Probes,
-    slab::report::{self, Header, Naming, Report, SlabPicture, TracedPid},
+    slab::report::{GroupBy, ProcKey, Report, SlabPicture, TracedPid},
     slab::zoom::{self, Zoom},
     symbolize::Symbolizer,
 };
@@ -161,7 +162,7 @@ impl Session {
             cgroups: &mut self.cgroups,
             pods: &mut self.pods,
         };
-        let mut report = report::build(kind, header, snap, &mut names);
+        let mut report = naming::build(kind, header, snap, &mut names);
         let k = &report.kernel;
         let ns_per_draw = if k.zoom_drawn == 0 {
             0.0
