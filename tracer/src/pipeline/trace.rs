@@ -23,7 +23,7 @@ use crate::{
     pipeline::RunOptions,
     present::tui::{self, Tui},
     present::view::{self, TextOptions},
-    slab::aggregator::SnapshotOptions,
+    slab::aggregator::rows::SnapshotOptions,
     slab::caches::{self, Catalogue},
     slab::plan::{self, HookMode},
     slab::probes::{Floor, Probes},

@@ -530,6 +530,8 @@ mod tests {
             fingerprinted: Some(true),
             unfingerprinted_allocs: 0,
             stacks: vec![StackReport {
+                kstack: crate::slab::report::StackId::EMPTY,
+                ustack: crate::slab::report::StackId::EMPTY,
                 counts: Default::default(),
                 estimated: false,
                 outstanding_low: 0,

@@ -237,6 +237,8 @@ mod tests {
 
     fn stack(kernel: &[&str], user: &[&str], outstanding: u64) -> StackReport {
         StackReport {
+            kstack: crate::slab::report::StackId::EMPTY,
+            ustack: crate::slab::report::StackId::EMPTY,
             counts: Counts {
                 outstanding,
                 outstanding_bytes: outstanding * 64,

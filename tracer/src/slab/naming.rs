@@ -7,10 +7,10 @@ use crate::{
     kernel::meminfo::MemInfo,
     kernel::pods::PodNames,
     kernel::procinfo::{CgroupPaths, ProcMeta},
-    slab::aggregator::Snapshot,
+    slab::aggregator::rows::Snapshot,
     slab::report::{
-        CgroupReport, ChargedElsewhere, GroupBy, KernelCounters, Location, ProcKey, ProcessReport,
-        Report, SlabPicture, StackReport, SCHEMA_VERSION,
+        GroupBy, KernelCounters, Location, ProcKey, Report, SlabPicture, StackReport,
+        SCHEMA_VERSION,
     },
     symbolize::{tracing::strip_tracing_frames, Symbolizer},
 };
@@ -43,98 +43,36 @@ pub struct Header {
     pub kernel: KernelCounters,
 }
 
+/// The report of `snap`: its rows named in place (symbolized stacks,
+/// process command lines and parents, cgroup paths and pods) under `header`.
 pub fn build(kind: &'static str, header: Header, snap: Snapshot, names: &mut Naming<'_>) -> Report {
-    let processes = snap
-        .processes
-        .into_iter()
-        .map(|p| {
-            let meta = names.procs.get(&ProcKey {
-                tgid: p.tgid,
-                start_ns: p.start_ns,
-            });
-            let cgroup = names.cgroups.path(p.cgroup_id).map(str::to_string);
-            ProcessReport {
-                tgid: p.tgid,
-                start_ns: p.start_ns,
-                ppid: p.ppid,
-                parent_comm: meta.and_then(|m| m.parent_comm.clone()),
-                exited: p.exited,
-                context: p.context,
-                comm: meta.and_then(|m| m.comm.clone()).unwrap_or(p.comm),
-                cmdline: meta.and_then(|m| m.cmdline.clone()),
-                cgroup_id: p.cgroup_id,
-                pod: pod_of(names.pods, cgroup.as_deref()),
-                cgroup,
-                charged_elsewhere: p.charged_elsewhere.map(|(id, allocs)| ChargedElsewhere {
-                    cgroup_id: id,
-                    cgroup: names.cgroups.path(id).map(str::to_string),
-                    allocs,
-                }),
-                counts: p.counts,
-                alloc_rate: p.alloc_rate,
-                growth_rate: p.growth_rate,
-                fingerprinted: p.fingerprinted,
-                unfingerprinted_allocs: p.unfingerprinted_allocs,
-                stacks: p
-                    .sites
-                    .into_iter()
-                    .map(|s| {
-                        let kaddrs = names.stacks.frames(s.kstack);
-                        let kall = names.symbols.kernel_frames(kaddrs);
-                        let kernel = strip_tracing_frames(kall.clone());
-                        let dropped = kall.len() - kernel.len();
-                        let kernel_locations = kaddrs
-                            .iter()
-                            .zip(kall)
-                            .skip(dropped)
-                            .map(|(&addr, name)| Location {
-                                addr,
-                                frames: vec![name],
-                                module: None,
-                            })
-                            .collect();
-                        let uaddrs = names.stacks.frames(s.ustack);
-                        let user = names.symbols.user_frames(p.tgid, uaddrs);
-                        // Per address after the whole stack: every lookup is now a
-                        // cache hit, and an address's inlined frames stay together.
-                        let user_locations = uaddrs
-                            .iter()
-                            .map(|&addr| Location {
-                                addr,
-                                frames: names.symbols.user_frames(p.tgid, &[addr]),
-                                module: names.symbols.user_file(p.tgid, addr),
-                            })
-                            .collect();
-                        StackReport {
-                            counts: s.counts,
-                            estimated: s.estimated,
-                            outstanding_low: s.outstanding_low,
-                            outstanding_high: s.outstanding_high,
-                            partial: s.partial,
-                            stratum_outstanding: s.stratum_outstanding,
-                            kernel,
-                            user,
-                            kernel_locations,
-                            user_locations,
-                        }
-                    })
-                    .collect(),
+    let mut processes = snap.processes;
+    for p in &mut processes {
+        let meta = names.procs.get(&ProcKey {
+            tgid: p.tgid,
+            start_ns: p.start_ns,
+        });
+        if let Some(m) = meta {
+            p.parent_comm = m.parent_comm.clone();
+            if let Some(comm) = &m.comm {
+                p.comm = comm.clone();
             }
-        })
-        .collect();
-    let cgroups = snap
-        .cgroups
-        .into_iter()
-        .map(|c| {
-            let path = names.cgroups.path(c.cgroup_id).map(str::to_string);
-            CgroupReport {
-                cgroup_id: c.cgroup_id,
-                pod: pod_of(names.pods, path.as_deref()),
-                path,
-                counts: c.counts,
-            }
-        })
-        .collect();
+            p.cmdline = m.cmdline.clone();
+        }
+        p.cgroup = names.cgroups.path(p.cgroup_id).map(str::to_string);
+        p.pod = pod_of(names.pods, p.cgroup.as_deref());
+        if let Some(c) = &mut p.charged_elsewhere {
+            c.cgroup = names.cgroups.path(c.cgroup_id).map(str::to_string);
+        }
+        for s in &mut p.stacks {
+            name_stack(s, p.tgid, names);
+        }
+    }
+    let mut cgroups = snap.cgroups;
+    for c in &mut cgroups {
+        c.path = names.cgroups.path(c.cgroup_id).map(str::to_string);
+        c.pod = pod_of(names.pods, c.path.as_deref());
+    }
     Report {
         schema_version: SCHEMA_VERSION,
         kind,
@@ -156,4 +94,35 @@ pub fn build(kind: &'static str, header: Header, snap: Snapshot, names: &mut Nam
         top_stacks: Vec::new(),
         traced: None,
     }
+}
+
+/// Names `s`'s frames: the kernel stack without the tracing frames above the
+/// allocator, the user stack of process `tgid`, and both by address.
+fn name_stack(s: &mut StackReport, tgid: u32, names: &mut Naming<'_>) {
+    let kaddrs = names.stacks.frames(s.kstack);
+    let kall = names.symbols.kernel_frames(kaddrs);
+    s.kernel = strip_tracing_frames(kall.clone());
+    let dropped = kall.len() - s.kernel.len();
+    s.kernel_locations = kaddrs
+        .iter()
+        .zip(kall)
+        .skip(dropped)
+        .map(|(&addr, name)| Location {
+            addr,
+            frames: vec![name],
+            module: None,
+        })
+        .collect();
+    let uaddrs = names.stacks.frames(s.ustack);
+    s.user = names.symbols.user_frames(tgid, uaddrs);
+    // Per address after the whole stack: every lookup is now a
+    // cache hit, and an address's inlined frames stay together.
+    s.user_locations = uaddrs
+        .iter()
+        .map(|&addr| Location {
+            addr,
+            frames: names.symbols.user_frames(tgid, &[addr]),
+            module: names.symbols.user_file(tgid, addr),
+        })
+        .collect();
 }

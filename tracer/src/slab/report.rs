@@ -9,6 +9,9 @@ use serde::Serialize;
 
 use crate::{kernel::meminfo::MemInfo, slab::zoom::ZoomReport};
 
+/// Rows name their stacks by id in the run's stack table (see [`StackReport`]).
+pub use crate::bpf::stacks::StackId;
+
 pub use crate::slab::counters::KernelCounters;
 
 pub const SCHEMA_VERSION: u32 = 3;
@@ -121,6 +124,12 @@ pub struct ProcessReport {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct StackReport {
+    /// The stacks in the run's stack table, for `naming.rs` to symbolize;
+    /// meaningless outside the run that built the row.
+    #[serde(skip)]
+    pub kstack: StackId,
+    #[serde(skip)]
+    pub ustack: StackId,
     /// Exact, or unbiased estimates when `estimated` (see the aggregator).
     #[serde(flatten)]
     pub counts: Counts,
@@ -460,6 +469,8 @@ pub(crate) fn test_report() -> Report {
             fingerprinted: Some(true),
             unfingerprinted_allocs: 0,
             stacks: vec![StackReport {
+                kstack: StackId::EMPTY,
+                ustack: StackId::EMPTY,
                 counts: Counts {
                     outstanding: 4,
                     outstanding_bytes: 2048,

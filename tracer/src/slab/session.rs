@@ -23,7 +23,7 @@ use crate::{
     kernel::procinfo::{self, CgroupPaths, ProcMeta, TracedProcess},
     kernel::slabinfo::{self, SlabLine},
     kernel::task_offsets,
-    slab::aggregator::{Aggregator, Interrupt, SnapshotOptions},
+    slab::aggregator::{rows::SnapshotOptions, Aggregator, Interrupt},
     slab::counters::KernelCounters,
     slab::decoder::{decode, Event},
     slab::grouping,
