@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::{
     doctor::DoctorOptions,
-    pipeline::{memcg::MemcgOptions, trace::TraceOptions, RunOptions},
+    pipeline::{memcg::MemcgOptions, trace_options::TraceOptions, RunOptions},
     serve::ServeOptions,
     slab::{
         plan::HookMode,

@@ -117,15 +117,26 @@ impl Session {
         }
     }
 
-    /// Files and JSON hold everything tracked; --limit/--stacks/--comm cut
-    /// the text view only: the final report is built uncut.
-    pub fn uncut(&mut self) {
+    /// The final report, once detached: what is left in `ring` (None when
+    /// the loop failed and took it), every queued stack symbolized, and
+    /// nothing cut: files and JSON hold everything tracked, --limit,
+    /// --stacks and --comm cut the text view only.
+    pub fn finish(
+        &mut self,
+        ring: Option<&mut RingBuf<MapData>>,
+        kernel: KernelCounters,
+    ) -> Report {
+        if let Some(ring) = ring {
+            self.drain(ring);
+        }
+        self.symbolize_pending(Duration::MAX);
         self.snapshot_opts = SnapshotOptions {
             limit: usize::MAX,
             stacks: usize::MAX,
             comm: None,
             ..self.snapshot_opts.clone()
         };
+        self.report("final", kernel)
     }
 
     /// The report of everything counted so far: `kind` is "snapshot" or
@@ -236,7 +247,7 @@ impl Session {
     /// Symbolize new user stacks while their processes are likely alive, but never
     /// for long at a time: parsing a binary takes milliseconds, and a burst of new
     /// processes must not keep the ring buffer from being drained.
-    pub fn symbolize_pending(&mut self, budget: Duration) {
+    fn symbolize_pending(&mut self, budget: Duration) {
         let start = Instant::now();
         while let Some((tgid, ustack)) = self.pending_stacks.pop_front() {
             self.symbols
@@ -284,6 +295,26 @@ impl Session {
             }
         }
     }
+}
+
+/// What the counts and per-stack estimates mean under `config` (its census
+/// and fingerprinting), with `stack_sample` the base rate asked for.
+pub fn sampling_note(config: &Config, stack_sample: u64) -> String {
+    format!(
+        "every object is counted exactly per (process, kernel call site{}); full stacks are \
+         captured for each new stratum's first {} allocations per CPU, for a random 1 in {} \
+         of the rest, and more often for a while where a stratum's surviving objects drew \
+         none (zoom); each draw's probability is recorded, and the drawn objects split those \
+         counts into unbiased per-stack estimates with a 95% interval (--exact captures \
+         every stack)",
+        if config.user_fingerprint != 0 {
+            ", first user frames"
+        } else {
+            ""
+        },
+        config.census_allocs,
+        stack_sample.max(1).next_power_of_two()
+    )
 }
 
 /// The cache and everything merged into it as one /proc/slabinfo line: slabinfo
