@@ -60,8 +60,9 @@ pub struct Setup<'a> {
     pub group_by: GroupBy,
 }
 
+/// The slab tracer's model during one run; see the module's docs.
 pub struct Session {
-    pub agg: Aggregator,
+    agg: Aggregator,
     /// Steers the kernel's draw rate per stratum (its `ZOOM` table).
     zoom: Zoom,
     /// New user stacks (tgid, stack) not yet symbolized.
