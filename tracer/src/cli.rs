@@ -6,13 +6,17 @@
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 
 use crate::{
     doctor::DoctorOptions,
-    pipeline::{memcg::MemcgOptions, trace::TraceOptions, RunOptions},
+    pipeline::{memcg::MemcgOptions, trace_options::TraceOptions, RunOptions},
     serve::ServeOptions,
-    slab::{aggregator, grouping, plan::HookMode, probes::Floor},
+    slab::{
+        plan::HookMode,
+        probes::Floor,
+        report::{GroupBy, SortKey},
+    },
 };
 
 #[derive(Debug, Parser)]
@@ -204,34 +208,6 @@ pub struct TraceArgs {
     /// program wherever leaktrace runs a spare.
     #[arg(long, hide = true, conflicts_with = "floor")]
     pub floor_spares: bool,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum SortKey {
-    /// Objects allocated and not yet freed.
-    Outstanding,
-    /// Allocations per second over --rate-window: a retry loop shows up here before it leaks.
-    Rate,
-    /// Allocations since attach.
-    Allocs,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum GroupBy {
-    /// One row per process (tgid and start time: a reused PID is another row).
-    Process,
-    /// Processes with the same command name.
-    Comm,
-    /// Processes with the same parent when they allocated.
-    Parent,
-    /// Processes in the same cgroup (the memory cgroup on cgroup v1).
-    Cgroup,
-    /// Processes in the same container (id decoded from the cgroup path).
-    Container,
-    /// Processes in the same Kubernetes pod (UID decoded from the cgroup path).
-    Pod,
-    /// Identical kernel and user stacks, across processes.
-    Stack,
 }
 
 /// The kernel's PID_MAX_LIMIT on 64-bit: no PID is larger.
@@ -561,30 +537,6 @@ fn parse_refresh(text: &str) -> Result<Duration, String> {
     parse_duration_in(text, Duration::from_secs(1), Duration::from_secs(3600))
 }
 
-impl From<SortKey> for aggregator::SortKey {
-    fn from(sort: SortKey) -> Self {
-        match sort {
-            SortKey::Outstanding => aggregator::SortKey::Outstanding,
-            SortKey::Rate => aggregator::SortKey::Rate,
-            SortKey::Allocs => aggregator::SortKey::Allocs,
-        }
-    }
-}
-
-impl From<GroupBy> for grouping::GroupBy {
-    fn from(g: GroupBy) -> Self {
-        match g {
-            GroupBy::Process => grouping::GroupBy::Process,
-            GroupBy::Comm => grouping::GroupBy::Comm,
-            GroupBy::Parent => grouping::GroupBy::Parent,
-            GroupBy::Cgroup => grouping::GroupBy::Cgroup,
-            GroupBy::Container => grouping::GroupBy::Container,
-            GroupBy::Pod => grouping::GroupBy::Pod,
-            GroupBy::Stack => grouping::GroupBy::Stack,
-        }
-    }
-}
-
 /// The flags both tools spell alike, as the pipeline's [`RunOptions`].
 fn run_options(
     top: bool,
@@ -611,8 +563,8 @@ impl From<TraceArgs> for TraceOptions {
             limit: a.limit,
             stacks: a.stacks,
             frames: a.frames,
-            sort: a.sort.into(),
-            group_by: a.group_by.into(),
+            sort: a.sort,
+            group_by: a.group_by,
             rate_window: a.rate_window,
             max_objects: a.max_objects,
             pods_root: a.pods_root,

@@ -1,7 +1,8 @@
 //! The layout's rules, checked on the source tree: which top-level modules may
 //! use which. Folders hold one stage of the data path each; a stage may use the
 //! stages below it, never one above (kernel facts know nothing of the tools),
-//! and no two folders use each other, however indirectly.
+//! and no two folders use each other, however indirectly; no two files do
+//! either, and only main.rs turns the command line into options.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -271,16 +272,8 @@ fn only_main_reads_the_command_line() {
 
 #[test]
 fn outputs_read_reports_only() {
-    // The aggregator's Counts and the grouping's rows are part of the report model.
-    assert_uses_only_deep(
-        "output",
-        &[
-            "slab::report",
-            "slab::aggregator",
-            "slab::grouping",
-            "present",
-        ],
-    );
+    // Each tool's report model: rows, counts and groups are all in it.
+    assert_uses_only_deep("output", &["slab::report", "memcg::report", "present"]);
 }
 
 #[test]
@@ -293,7 +286,6 @@ fn presentation_reads_reports_only() {
         "present",
         &[
             "slab::report",
-            "slab::aggregator",
             "slab::grouping",
             "slab::caches",
             "kernel::slabinfo",
@@ -305,10 +297,9 @@ fn presentation_reads_reports_only() {
 
 #[test]
 fn memcg_shares_the_machinery_and_copies_no_slab_code() {
-    // output/: its pprof encoder (memcg/pprof.rs builds the profile of its report).
-    // No pipeline/ or present/: its run is pipeline/memcg.rs, its view
-    // present/memcg_view.rs.
-    assert_uses_only("memcg", &["kernel", "bpf", "symbolize", "output"]);
+    // No pipeline/, present/ or output/: its run is pipeline/memcg.rs, its
+    // view present/memcg_view.rs, its profile output/memcg_pprof.rs.
+    assert_uses_only("memcg", &["kernel", "bpf", "symbolize"]);
 }
 
 #[test]
@@ -365,6 +356,92 @@ fn both_tools_run_on_the_one_loop() {
                 !text.contains("tokio::select!"),
                 "{path} has a select! loop of its own; implement pipeline::event_loop::Tool"
             );
+        }
+    }
+}
+
+/// The module path of a file under `src/` (`slab/aggregator/rows.rs` ->
+/// `slab::aggregator::rows`, `slab/mod.rs` -> `slab`, `main.rs` -> the root).
+fn module_of(path: &str) -> Vec<String> {
+    let mut parts: Vec<String> = path
+        .trim_end_matches(".rs")
+        .split('/')
+        .map(str::to_string)
+        .collect();
+    if parts.last().is_some_and(|p| p == "mod" || p == "main") {
+        parts.pop();
+    }
+    parts
+}
+
+/// File -> the other files its code names through `crate::` and `super::`
+/// paths (comments and `mod tests` left out). A folder's `mod.rs` declares
+/// its files and may name them; only what a file names outside its own
+/// subtree counts.
+fn file_uses() -> BTreeMap<String, BTreeSet<String>> {
+    let sources = sources();
+    let modules: BTreeMap<Vec<String>, String> = sources
+        .iter()
+        .map(|(path, _)| (module_of(path), path.clone()))
+        .collect();
+    let mut out = BTreeMap::new();
+    for (path, text) in &sources {
+        let here = module_of(path);
+        let code: String = text
+            .split("#[cfg(test)]\nmod tests")
+            .next()
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| !l.trim_start().starts_with("//"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let bytes = code.as_bytes();
+        let mut named = BTreeSet::new();
+        for (kw, base) in [("crate::", Vec::new()), ("super::", here.clone())] {
+            for (i, _) in code.match_indices(kw) {
+                let before = i.checked_sub(1).map(|j| bytes[j]);
+                if before.is_some_and(|c| c == b':' || c.is_ascii_alphanumeric() || c == b'_') {
+                    continue;
+                }
+                let mut base = base.clone();
+                let mut at = i + kw.len();
+                if kw == "super::" {
+                    base.pop();
+                    while code[at..].starts_with("super::") {
+                        base.pop();
+                        at += "super::".len();
+                    }
+                }
+                let mut paths = Vec::new();
+                use_tree(bytes, &mut at, &base, &mut paths);
+                for p in paths {
+                    // The longest prefix that is a file of src/.
+                    let file = (1..=p.len())
+                        .rev()
+                        .find_map(|n| modules.get(&p[..n]))
+                        .cloned();
+                    if let Some(file) = file {
+                        let target = module_of(&file);
+                        if !target.starts_with(&here) {
+                            named.insert(file);
+                        }
+                    }
+                }
+            }
+        }
+        out.insert(path.clone(), named);
+    }
+    out
+}
+
+#[test]
+fn no_file_uses_itself_through_others() {
+    let all = file_uses();
+    assert!(all["slab/session.rs"].contains("slab/aggregator.rs"));
+    assert!(all["slab/aggregator/rows.rs"].contains("slab/aggregator.rs"));
+    for file in all.keys() {
+        if let Some(cycle) = cycle_through(&all, file) {
+            panic!("import circle between files: {}", cycle.join(" -> "));
         }
     }
 }

@@ -1,52 +1,14 @@
 //! What `doctor` reads of the memory-cgroup hierarchy beyond where it is and
-//! how many memcgs it holds (`kernel/cgroupfs.rs`): how long `memory.stat`
-//! takes to read, and the cgroup v1 kmem accounting state of container cgroups.
+//! how many memcgs it holds (`kernel/cgroupfs.rs`) and how long `memory.stat`
+//! takes to read (`kernel/memory_stat.rs`): the cgroup v1 kmem accounting
+//! state of container cgroups.
 
 use std::fs;
 use std::path::Path;
-use std::time::Instant;
 
-use anyhow::{Context, Result};
 use serde::Serialize;
 
 use crate::kernel::cgroupfs::{read_u64, CgroupDir, Hierarchy};
-
-/// How long one read of a memory.stat took.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct StatTiming {
-    pub cgroup: String,
-    pub usage_bytes: Option<u64>,
-    pub seconds: f64,
-}
-
-/// Times `memory.stat` of the root and of the cgroup using the most memory: on a node full
-/// of dying memcgs these reads take seconds, and every monitoring agent pays that.
-pub fn time_memory_stat(h: &Hierarchy, dirs: &[CgroupDir]) -> Result<Vec<StatTiming>> {
-    let mut targets = vec![dirs.first().context("no cgroup directories")?];
-    if let Some(largest) = dirs
-        .iter()
-        .skip(1)
-        .filter(|d| d.usage.is_some())
-        .max_by_key(|d| d.usage)
-    {
-        targets.push(largest);
-    }
-    let mut out = Vec::new();
-    for dir in targets {
-        let path = h
-            .mount
-            .join(dir.rel.trim_start_matches('/'))
-            .join("memory.stat");
-        let start = Instant::now();
-        fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-        out.push(StatTiming {
-            cgroup: dir.rel.clone(),
-            usage_bytes: dir.usage,
-            seconds: start.elapsed().as_secs_f64(),
-        });
-    }
-    Ok(out)
-}
 
 /// Limits at or above this are the kernel's "unlimited" (PAGE_COUNTER_MAX pages).
 const UNLIMITED: u64 = 1 << 60;

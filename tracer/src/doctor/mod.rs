@@ -29,7 +29,8 @@ use crate::present::units::human_bytes;
 use crate::slab::caches::{self, Catalogue, SelectError};
 
 use crate::kernel::cgroupfs::{self, CgroupVersion, Hierarchy, MemcgCounts};
-use cgroups::{KmemState, StatTiming};
+use crate::kernel::memory_stat::{self, StatTiming};
+use cgroups::KmemState;
 use kernel::KnownIssue;
 
 use bpf::*;
@@ -144,7 +145,7 @@ pub fn diagnose(
         .and_then(|h| h.dirs(true).map(|dirs| (h, dirs)));
     findings.push(match &walked {
         Ok((h, dirs)) => match cgroupfs::count(root, h, dirs) {
-            Ok(counts) => memcg_finding(h, counts, cgroups::time_memory_stat(h, dirs)),
+            Ok(counts) => memcg_finding(h, counts, memory_stat::time_memory_stat(h, dirs)),
             Err(e) => Finding::unknown("memcgs", &e),
         },
         Err(e) => Finding::unknown("memcgs", e),

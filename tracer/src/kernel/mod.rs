@@ -9,6 +9,7 @@ pub mod clock;
 pub mod features;
 pub mod irq_context;
 pub mod meminfo;
+pub mod memory_stat;
 pub mod own_memory;
 pub mod pods;
 pub mod procinfo;

@@ -216,6 +216,29 @@ pub fn u32_at(b: &[u8], off: usize) -> Option<u32> {
     Some(u32::from_le_bytes(s.try_into().ok()?))
 }
 
+/// NUL-terminated kernel strings (kernfs names are at most 255 bytes); a
+/// read that crosses into an unmapped page is retried shorter.
+pub(super) fn read_strings(kread: &mut Kread, addrs: &[u64]) -> Result<Vec<Option<String>>> {
+    let mut out: Vec<Option<String>> = vec![None; addrs.len()];
+    for len in [256usize, 64, 16] {
+        let todo: Vec<usize> = (0..addrs.len())
+            .filter(|&i| out[i].is_none() && addrs[i] != 0)
+            .collect();
+        if todo.is_empty() {
+            break;
+        }
+        let reqs: Vec<(u64, usize)> = todo.iter().map(|&i| (addrs[i], len)).collect();
+        for (&i, b) in todo.iter().zip(kread.read(&reqs)?) {
+            if let Some(b) = b {
+                if let Some(end) = b.iter().position(|&c| c == 0) {
+                    out[i] = Some(String::from_utf8_lossy(&b[..end]).into_owned());
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

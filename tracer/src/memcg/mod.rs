@@ -2,8 +2,9 @@
 //! what pins them. The plan and attach (`hooks`), the record decoder
 //! (`decode`), the tracker of memcg lifetimes and charged objects (`state`),
 //! the kernel-memory walk of every memcg the kernel holds (`walk`, `pins`,
-//! `kread`) and the [`report::Report`] they add up to. The run loop is
-//! `pipeline/memcg.rs`, the text view `present/memcg_view.rs`.
+//! `kread`) and the [`report::Report`] they add up to, assembled by the
+//! run's `session`. The run loop is `pipeline/memcg.rs`, the text view
+//! `present/memcg_view.rs`.
 
 mod ancestry;
 pub mod decode;
@@ -11,7 +12,7 @@ pub mod hooks;
 pub mod kmem;
 mod kread;
 mod pins;
-pub mod pprof;
 pub mod report;
+pub mod session;
 pub mod state;
 mod walk;

@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use anyhow::Result;
 use serde::Serialize;
 
-use super::kread::{u32_at, u64_at, Kread};
+use super::kread::{read_strings, u32_at, u64_at, Kread};
 use crate::kernel::btf::{Btf, Shape};
 
 /// Per memcg, the walk stops after this many folios (and says so).
@@ -295,7 +295,7 @@ pub fn page_pins(
             .map(|t| t.filter(|&t| t != 0).map_or(0, |t| t + lay.fs_name))
             .collect::<Vec<_>>(),
     )?;
-    let fs_names = super::walk::read_strings(
+    let fs_names = read_strings(
         kread,
         &type_names
             .iter()
@@ -381,7 +381,7 @@ fn dentry_paths(kread: &mut Kread, lay: &Layout, dentries: &[u64]) -> Result<Vec
                     .unwrap_or(0)
             })
             .collect();
-        let names = super::walk::read_strings(kread, &names_at)?;
+        let names = read_strings(kread, &names_at)?;
         for (k, &i) in todo.iter().enumerate() {
             let parent = r[2 * k].as_ref().and_then(|b| u64_at(b, 0));
             match (parent, &names[k]) {

@@ -20,7 +20,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
-use super::kread::{u32_at, u64_at, Kread};
+use super::kread::{read_strings, u32_at, u64_at, Kread};
 use crate::kernel::btf::{Btf, Shape};
 
 /// The first entries of `memcg_node_stat_items[]` (mm/memcontrol.c), the
@@ -622,29 +622,6 @@ pub fn walk(btf: &Btf, kread: &mut Kread) -> Result<KernelWalk> {
 
 pub(super) fn duration_ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
-}
-
-/// NUL-terminated kernel strings (kernfs names are at most 255 bytes); a
-/// read that crosses into an unmapped page is retried shorter.
-pub(super) fn read_strings(kread: &mut Kread, addrs: &[u64]) -> Result<Vec<Option<String>>> {
-    let mut out: Vec<Option<String>> = vec![None; addrs.len()];
-    for len in [256usize, 64, 16] {
-        let todo: Vec<usize> = (0..addrs.len())
-            .filter(|&i| out[i].is_none() && addrs[i] != 0)
-            .collect();
-        if todo.is_empty() {
-            break;
-        }
-        let reqs: Vec<(u64, usize)> = todo.iter().map(|&i| (addrs[i], len)).collect();
-        for (&i, b) in todo.iter().zip(kread.read(&reqs)?) {
-            if let Some(b) = b {
-                if let Some(end) = b.iter().position(|&c| c == 0) {
-                    out[i] = Some(String::from_utf8_lossy(&b[..end]).into_owned());
-                }
-            }
-        }
-    }
-    Ok(out)
 }
 
 #[cfg(test)]

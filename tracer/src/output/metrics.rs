@@ -300,7 +300,7 @@ mod tests {
             cgroup: Some("/kubepods/pod1".to_string()),
             pod: None,
             charged_elsewhere: None,
-            counts: crate::slab::aggregator::Counts {
+            counts: crate::slab::report::Counts {
                 outstanding: i as u64,
                 outstanding_bytes: 512 * i as u64,
                 allocs: i as u64,
@@ -321,7 +321,7 @@ mod tests {
             rss_bytes: None,
             meminfo: None,
             slab: None,
-            totals: crate::slab::aggregator::Counts {
+            totals: crate::slab::report::Counts {
                 outstanding: 3,
                 outstanding_bytes: 1536,
                 allocs: 9,

@@ -1,9 +1,12 @@
-//! Files and endpoints rendered from the one [`Report`](crate::slab::report::Report)
-//! model, like the text and JSON views, so every output states the same numbers;
+//! Files and endpoints rendered from each tool's one report model, like the
+//! text and JSON views, so every output states the same numbers: the slab
+//! tracer's [`Report`](crate::slab::report::Report) as pprof, folded stacks,
+//! a flame graph and metrics, memcg's as pprof (`memcg_pprof.rs`);
 //! `stdout.rs` prints any tool's report as a JSON line or its text view.
 
 pub mod files;
 pub mod folded;
+pub mod memcg_pprof;
 pub mod metrics;
 pub mod pprof;
 pub mod stdout;

@@ -171,6 +171,15 @@ pub trait Tool {
     fn handle(&mut self, input: Self::Input) -> Result<Flow>;
 }
 
+/// `source`'s next item, or never when the tool lacks that source (no
+/// screen, no metrics listener), so a `select!` branch on it stays idle.
+pub async fn unless_absent<F: std::future::Future>(source: Option<F>) -> F::Output {
+    match source {
+        Some(next) => next.await,
+        None => std::future::pending().await,
+    }
+}
+
 /// The loop of every tool: ring -> decode -> apply -> tick -> snapshot, until
 /// a signal, `--duration` or the tool stops it. Returns the ring so the caller
 /// can drain what arrived between the last wake-up and detaching.

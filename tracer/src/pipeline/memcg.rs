@@ -1,5 +1,6 @@
 //! `leaktrace memcg`'s run: preflight, plan and attach (`memcg::hooks`), then
-//! ring buffer -> `memcg::decode` -> `memcg::state::Tracker` -> report ->
+//! the session (`memcg::session`: ring buffer -> `memcg::decode` ->
+//! `memcg::state::Tracker` -> report) ->
 //! view or JSON on the shared loop (`event_loop.rs`), until Ctrl-C, SIGTERM or
 //! --duration; then detach and print the final report (and --pprof).
 
@@ -14,40 +15,26 @@ use aya::maps::{MapData, RingBuf};
 
 use crate::{
     kernel::btf::Btf,
-    kernel::cgroupfs::{Dying, Hierarchy},
-    kernel::clock::monotonic_ns,
+    kernel::cgroupfs::Hierarchy,
     kernel::features::{self, Features},
     kernel::tracefs::Tracefs,
     memcg::{
-        decode, hooks,
+        hooks,
         hooks::{Counters, Hooks},
-        kmem, pprof,
-        report::{KernelMemcgs, Preexisting, Report, SCHEMA_VERSION},
-        state::{SnapshotOptions, Tracker},
+        kmem,
+        report::Report,
+        session::Session,
+        state::SnapshotOptions,
     },
     output::files::{Destination, Patience},
+    output::memcg_pprof,
     output::stdout::{self, Printed},
     pipeline::event_loop::{self, Flow, Sources, Tool},
     pipeline::RunOptions,
     present::memcg_view::{self as view, KernelRelease, ViewOptions},
     present::screen::TextScreen,
     present::tui::Action,
-    symbolize::Symbolizer,
 };
-
-/// What a memcg run keeps from attach to the final report.
-struct Run {
-    hierarchy: Hierarchy,
-    tracker: Tracker,
-    symbols: Symbolizer,
-    mode: String,
-    attribution: String,
-    dying_at_start: Dying,
-    started_ns: u64,
-    opts: SnapshotOptions,
-    decode_errors: u64,
-    kmalloc_cg: bool,
-}
 
 /// What `leaktrace memcg` is asked for (main.rs fills it from the command line).
 #[derive(Debug, Clone)]
@@ -89,24 +76,16 @@ pub async fn run(args: MemcgOptions) -> Result<()> {
         .map(|p| Destination::check("--pprof", p))
         .transpose()?;
     let hierarchy = Hierarchy::detect(root, args.cgroup_version)?;
-    let dying_at_start = hierarchy.dying_now(root)?;
-    let mut run = Run {
-        tracker: Tracker::new(hierarchy.live()?),
+    let mut run = Session::start(
+        root,
         hierarchy,
-        symbols: Symbolizer::new(),
-        mode: String::new(),
-        attribution: String::new(),
-        dying_at_start,
-        started_ns: monotonic_ns(),
-        opts: SnapshotOptions {
+        SnapshotOptions {
             zombie_after_ns: args.zombie_after.as_nanos() as u64,
             rate_window_ns: args.rate_window.as_nanos() as u64,
             include_preexisting_live: args.list,
             stacks: args.stacks,
         },
-        decode_errors: 0,
-        kmalloc_cg: root.join("sys/kernel/slab/kmalloc-cg-8").exists(),
-    };
+    )?;
     // A plain --list is a look at cgroupfs and /proc/cgroups: no BPF, no root.
     if (args.list || args.why.is_some()) && args.run.duration.is_none() {
         run.mode = "none (one-shot list from cgroupfs; --duration traces first)".into();
@@ -136,11 +115,7 @@ pub async fn run(args: MemcgOptions) -> Result<()> {
     let (hooks, ring) = Hooks::attach(&plan, args.max_objects, ringbuf_bytes)?;
     run.mode = mode_line(&plan, &features);
     run.attribution = plan.attribution.clone();
-    // Take the walk again now that the hooks see every change: a memcg made
-    // between the first walk and attach would otherwise be unknown.
-    for (id, (path, level)) in run.hierarchy.live()? {
-        run.tracker.seed_live(id, path, level);
-    }
+    run.reseed()?;
     for note in &plan.notes {
         eprintln!("leaktrace: {note}");
     }
@@ -165,7 +140,7 @@ pub async fn run(args: MemcgOptions) -> Result<()> {
     let counters = hooks.counters();
     drop(hooks);
     let mut ring = outcome?;
-    drain(&mut run, &mut ring);
+    run.drain(&mut ring);
     let kind = if args.list || args.why.is_some() {
         "list"
     } else {
@@ -200,7 +175,7 @@ async fn event_loop(
     args: &MemcgOptions,
     ring: RingBuf<MapData>,
     hooks: &Hooks,
-    run: &mut Run,
+    run: &mut Session,
 ) -> Result<RingBuf<MapData>> {
     // Charge events wake the reader in batches; the poll timer drains the rest.
     let src = Sources::new(ring, args.run.interval, args.run.duration)?;
@@ -229,7 +204,7 @@ async fn event_loop(
 struct MemcgTool<'a> {
     args: &'a MemcgOptions,
     hooks: &'a Hooks,
-    run: &'a mut Run,
+    run: &'a mut Session,
     screen: Option<TextScreen>,
 }
 
@@ -237,7 +212,7 @@ impl Tool for MemcgTool<'_> {
     type Input = Action;
 
     fn drain(&mut self, ring: &mut RingBuf<MapData>) {
-        drain(self.run, ring);
+        self.run.drain(ring);
     }
 
     fn tick(&mut self) -> Result<()> {
@@ -252,7 +227,7 @@ impl Tool for MemcgTool<'_> {
     }
 
     async fn input(&mut self) -> Action {
-        screen_action(self.screen.as_mut()).await
+        event_loop::unless_absent(self.screen.as_mut().map(|s| s.next_action())).await
     }
 
     fn handle(&mut self, action: Action) -> Result<Flow> {
@@ -266,63 +241,6 @@ impl Tool for MemcgTool<'_> {
             Action::Regroup | Action::None => {}
         }
         Ok(Flow::Continue)
-    }
-}
-
-/// Keys from the live screen; never ready without one, so select! ignores the branch.
-async fn screen_action(screen: Option<&mut TextScreen>) -> Action {
-    match screen {
-        Some(s) => s.next_action().await,
-        None => std::future::pending().await,
-    }
-}
-
-fn drain(run: &mut Run, ring: &mut RingBuf<MapData>) {
-    while let Some(item) = ring.next() {
-        if decode::apply(&mut run.tracker, &item, run.kmalloc_cg).is_err() {
-            run.decode_errors += 1;
-        }
-    }
-}
-
-impl Run {
-    fn report(&mut self, kind: &'static str, kernel: Counters) -> Report {
-        let now = monotonic_ns();
-        let mut snapshot = self.tracker.snapshot(now, &self.opts);
-        for m in &mut snapshot.memcgs {
-            for s in &mut m.pinned_stacks {
-                let frames = self.tracker.stacks.frames(s.stack);
-                s.kernel = crate::symbolize::tracing::strip_tracing_frames(
-                    self.symbols.kernel_frames(frames),
-                );
-            }
-        }
-        self.symbols.trim();
-        let kernel_dying = self
-            .hierarchy
-            .dying_now(Path::new("/"))
-            .map_or(self.dying_at_start.count, |d| d.count);
-        Report {
-            schema_version: SCHEMA_VERSION,
-            report: "memcg",
-            kind,
-            elapsed_s: now.saturating_sub(self.started_ns) as f64 / 1e9,
-            mode: self.mode.clone(),
-            attribution: self.attribution.clone(),
-            hierarchy: self.hierarchy.clone(),
-            zombie_after_s: self.opts.zombie_after_ns as f64 / 1e9,
-            preexisting_dying: Preexisting {
-                at_start: self.dying_at_start.count,
-                now: kernel_dying.saturating_sub(self.tracker.tracked_dying()),
-                kernel_dying_now: kernel_dying,
-                source: self.dying_at_start.source.clone(),
-            },
-            snapshot,
-            kernel,
-            decode_errors: self.decode_errors,
-            kernel_memcgs: matches!(kind, "list" | "final").then(KernelMemcgs::read),
-            kmem_accounting: kmem::Accounting::detect(Path::new("/"), &self.hierarchy),
-        }
     }
 }
 
@@ -344,8 +262,8 @@ fn emit_final(
 ) -> Result<()> {
     let file = pprof.map_or(Ok(()), |dest| {
         let cancelled = || ended.passed();
-        let written =
-            pprof::profile(report).and_then(|bytes| dest.write(&bytes, &Patience::new(&cancelled)));
+        let written = memcg_pprof::profile(report)
+            .and_then(|bytes| dest.write(&bytes, &Patience::new(&cancelled)));
         match &written {
             Ok(()) => eprintln!("leaktrace: wrote pprof profile {}", dest.path.display()),
             Err(e) => eprintln!("leaktrace: error: {e:#}"),

@@ -1,11 +1,14 @@
 //! The run of a tool: signals, ticks and the ring buffer (`event_loop.rs`)
-//! driving each tool's loop, the slab tracer's (`trace.rs`) and memcg's
-//! (`memcg.rs`): ring -> decode -> apply -> tick -> snapshot -> view/outputs.
+//! driving each tool's session, the slab tracer's (`trace.rs`, on the loop
+//! `trace_tool.rs`) and memcg's (`memcg.rs`): ring -> decode -> apply ->
+//! tick -> snapshot -> view/outputs.
 
 pub mod event_loop;
 pub mod fault;
 pub mod memcg;
 pub mod trace;
+pub mod trace_options;
+pub mod trace_tool;
 
 use std::time::Duration;
 

@@ -20,8 +20,7 @@ use ratatui::{
 
 use crate::{
     present::units::{group, human_bytes},
-    slab::grouping::GroupBy,
-    slab::report::{ProcessReport, Report},
+    slab::report::{GroupBy, ProcessReport, Report, SortKey},
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,6 +45,18 @@ const COLUMNS: [Column; 8] = [
     Column::Allocs,
     Column::Frees,
 ];
+
+impl From<SortKey> for Column {
+    /// The column a `--sort` order starts the live view on; the view sorts by
+    /// any of its columns from there.
+    fn from(sort: SortKey) -> Column {
+        match sort {
+            SortKey::Outstanding => Column::Outstanding,
+            SortKey::Rate => Column::AllocRate,
+            SortKey::Allocs => Column::Allocs,
+        }
+    }
+}
 
 impl Column {
     fn title(self) -> &'static str {
@@ -439,14 +450,14 @@ pub struct Tui {
 }
 
 impl Tui {
-    pub fn start(sort: Column, frames: usize) -> Result<Tui> {
+    pub fn start(sort: SortKey, frames: usize) -> Result<Tui> {
         // Installs a panic hook that leaves raw mode and the alternate screen
         // before the panic message prints.
         let terminal = ratatui::try_init().context("setting up the terminal for --top")?;
         Ok(Tui {
             terminal,
             events: EventStream::new(),
-            state: ViewState::new(sort, frames),
+            state: ViewState::new(sort.into(), frames),
         })
     }
 
@@ -508,7 +519,7 @@ mod tests {
             cgroup: Some("/".to_string()),
             pod: None,
             charged_elsewhere: None,
-            counts: crate::slab::aggregator::Counts {
+            counts: crate::slab::report::Counts {
                 outstanding,
                 outstanding_bytes: outstanding * 512,
                 allocs,
@@ -519,6 +530,8 @@ mod tests {
             fingerprinted: Some(true),
             unfingerprinted_allocs: 0,
             stacks: vec![StackReport {
+                kstack: crate::slab::report::StackId::EMPTY,
+                ustack: crate::slab::report::StackId::EMPTY,
                 counts: Default::default(),
                 estimated: false,
                 outstanding_low: 0,
@@ -600,7 +613,7 @@ mod tests {
         r.groups = crate::slab::grouping::group(
             &r.processes,
             GroupBy::Comm,
-            crate::slab::aggregator::SortKey::Outstanding,
+            crate::slab::report::SortKey::Outstanding,
         );
         s.update(&r);
         let lines = text(&s);

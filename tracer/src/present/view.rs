@@ -5,8 +5,7 @@ use std::fmt::Write;
 
 use crate::{
     present::units::{group, human_bytes, human_ms, human_secs, tracked},
-    slab::grouping::{GroupBy, GroupReport, MergedStack},
-    slab::report::{ProcessReport, Report, StackReport},
+    slab::report::{GroupBy, GroupReport, MergedStack, ProcessReport, Report, StackReport},
 };
 
 /// Zoom episodes the header lists (active first; `--json` has them all).

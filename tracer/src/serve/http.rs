@@ -26,6 +26,7 @@ use tokio::{
 };
 use tokio_rustls::TlsAcceptor;
 
+use super::response::{text, Body};
 use super::Shared;
 
 /// Open connections at once, so a flood of idle sockets cannot exhaust
@@ -44,8 +45,6 @@ const REFUSE_TIME: Duration = Duration::from_secs(2);
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Besides the trace itself, the most a response may take to be written.
 const WRITE_SLACK: Duration = Duration::from_secs(60);
-
-pub type Body = Full<Bytes>;
 
 pub async fn accept_loop(
     listener: TcpListener,
@@ -300,17 +299,3 @@ leaktrace serve
 /debug/pprof/kmem?cache=NAME&seconds=N    deep trace of one slab cache, gzipped pprof (needs auth)
 /debug/pprof/memcg?seconds=N              dying memcgs and what pins them, gzipped pprof (needs auth)
 ";
-
-pub fn text(status: StatusCode, body: &'static str) -> Response<Body> {
-    owned_text(status, body.to_string())
-}
-
-pub fn owned_text(status: StatusCode, body: String) -> Response<Body> {
-    let mut resp = Response::new(Full::new(Bytes::from(body)));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    resp
-}

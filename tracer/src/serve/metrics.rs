@@ -16,8 +16,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::doctor::cgroups::{self, StatTiming};
 use crate::kernel::cgroupfs::{self, CgroupDir, Hierarchy};
+use crate::kernel::memory_stat::{self, StatTiming};
 use crate::kernel::{meminfo, slabinfo};
 use crate::slab::caches::Catalogue;
 
@@ -220,7 +220,7 @@ fn render_stat_timing(out: &mut String, s: &mut ReadState, h: &Hierarchy, dirs: 
         .as_ref()
         .is_none_or(|(at, _)| at.elapsed() >= STAT_PERIOD)
     {
-        let timing = cgroups::time_memory_stat(h, dirs).map_err(|e| format!("{e:#}"));
+        let timing = memory_stat::time_memory_stat(h, dirs).map_err(|e| format!("{e:#}"));
         s.stat = Some((Instant::now(), timing));
     }
     let Some((_, Ok(timings))) = &s.stat else {

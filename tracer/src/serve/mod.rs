@@ -16,6 +16,7 @@ mod http;
 mod labels;
 mod metrics;
 mod profile;
+mod response;
 mod tls;
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};

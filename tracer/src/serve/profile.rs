@@ -23,7 +23,7 @@ use http_body_util::Full;
 use hyper::{header, Response, StatusCode};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 
-use super::http::{owned_text, Body};
+use super::response::{owned_text, Body};
 use crate::kernel::pods::PodNames;
 use crate::slab::caches::{self, Catalogue};
 

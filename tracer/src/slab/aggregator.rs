@@ -19,40 +19,16 @@
 //! fingerprinted user frames), marked partial: never under a stack its objects
 //! did not come from.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+pub mod rows;
 
-use hdrhistogram::Histogram;
-use serde::Serialize;
-use tracer_common::slab::FINGERPRINT_FRAMES;
+use std::collections::{HashMap, HashSet, VecDeque};
 
 use crate::{
     bpf::stacks::{StackId, StackTable},
     slab::decoder::{Alloc, Event, Free, Route},
-    slab::estimate::{self, Level},
-    slab::zoom::{AgeCohorts, Candidate, StratumId, ZoomReport},
+    slab::report::{Anomalies, Counts, ProcKey, StackSampling},
+    slab::zoom::{AgeCohorts, Candidate, StratumId},
 };
-
-/// How rows are ordered; the CLI maps its sort flag onto this.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum SortKey {
-    #[default]
-    Outstanding,
-    Rate,
-    Allocs,
-}
-
-impl SortKey {
-    /// Ascending order of two rows, each given as (counts, allocations per second).
-    pub fn compare(self, a: (&Counts, f64), b: (&Counts, f64)) -> std::cmp::Ordering {
-        match self {
-            SortKey::Outstanding => {
-                (a.0.outstanding_bytes, a.0.allocs).cmp(&(b.0.outstanding_bytes, b.0.allocs))
-            }
-            SortKey::Rate => a.1.total_cmp(&b.1),
-            SortKey::Allocs => a.0.allocs.cmp(&b.0.allocs),
-        }
-    }
-}
 
 /// One allocation the kernel reported and we have not seen freed. 21 bytes,
 /// within the 24 a (pointer, Live) entry pads this to anyway, so a million
@@ -132,42 +108,11 @@ impl Interrupt {
     }
 }
 
-/// One process: its tgid and its start (`group_leader->start_time`, ns; 0
-/// where the kernel side could not read it). A reused PID is another key, so
-/// two processes are never merged into one row.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
-pub struct ProcKey {
-    pub tgid: u32,
-    pub start_ns: u64,
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct StratumKey {
     proc: ProcKey,
     call_site: u64,
     fingerprint: u64,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct Counts {
-    pub outstanding: u64,
-    pub outstanding_bytes: u64,
-    pub allocs: u64,
-    pub frees: u64,
-}
-
-impl Counts {
-    fn alloc(&mut self, bytes: u64) {
-        self.outstanding += 1;
-        self.outstanding_bytes += bytes;
-        self.allocs += 1;
-    }
-
-    fn free(&mut self, bytes: u64) {
-        self.outstanding = self.outstanding.saturating_sub(1);
-        self.outstanding_bytes = self.outstanding_bytes.saturating_sub(bytes);
-        self.frees += 1;
-    }
 }
 
 /// Exact counts of one draw level of a stratum, and of its drawn objects.
@@ -268,125 +213,6 @@ pub struct Process {
 pub struct Novelty {
     pub process: Option<ProcKey>,
     pub user_stack: Option<(u32, StackId)>,
-}
-
-/// Everything userspace noticed that makes a number less than exact.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct Anomalies {
-    /// A free for a pointer we do not hold: an alloc event was lost or arrived
-    /// before we attached to the ring. Should be 0.
-    pub unmatched_frees: u64,
-    /// A new allocation at a pointer we still held: its free was never reported
-    /// (bulk/RCU free paths without a tracepoint). Counted as freed.
-    pub freed_unseen: u64,
-    pub kstack_failed: u64,
-    pub ustack_failed: u64,
-    pub decode_errors: u64,
-}
-
-/// How stacks were drawn, by route: `census` (a stratum's first
-/// `census_allocs` allocations on a CPU, all drawn), `zoom` (strata whose
-/// draw probability was raised for a while) and `sampled` (1 in
-/// `sample_every`); `drawn` is their sum. The rest carried no stacks.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
-pub struct StackSampling {
-    pub sample_every: u64,
-    pub census_allocs: u32,
-    /// Strata are keyed by the first user frames too (`--user-paths`).
-    pub user_paths: bool,
-    pub drawn: u64,
-    pub census: u64,
-    pub zoom: u64,
-    pub sampled: u64,
-    pub without_stacks: u64,
-    pub strata: u64,
-    /// Zoom episodes (filled by the run, which steers them).
-    pub zoom_episodes: ZoomReport,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct AgeSummary {
-    pub count: u64,
-    pub p50_ms: u64,
-    pub p99_ms: u64,
-    pub max_ms: u64,
-}
-
-/// One stack's share of a stratum.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct SiteRow {
-    #[serde(skip)]
-    pub kstack: StackId,
-    #[serde(skip)]
-    pub ustack: StackId,
-    /// Exact when `estimated` is false; otherwise unbiased estimates, rounded.
-    #[serde(flatten)]
-    pub counts: Counts,
-    pub estimated: bool,
-    /// 95% interval for `outstanding` (equal to it when exact).
-    pub outstanding_low: u64,
-    pub outstanding_high: u64,
-    /// Only the frames every object of the stratum shares are known (kernel
-    /// call site, fingerprinted user frames): no object of it was drawn.
-    pub partial: bool,
-    /// The exact count of the stratum this stack belongs to.
-    pub stratum_outstanding: u64,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct ProcRow {
-    pub tgid: u32,
-    /// With `tgid`, names the process (see [`ProcKey`]).
-    pub start_ns: u64,
-    pub ppid: u32,
-    pub exited: bool,
-    /// `softirq`, `irq` or `nmi` for an interrupt's pseudo-process.
-    pub context: Option<&'static str>,
-    pub comm: String,
-    pub cgroup_id: u64,
-    /// Allocations charged to another memcg than the task's (`active_memcg`):
-    /// (the last such memcg's id, how many).
-    pub charged_elsewhere: Option<(u64, u64)>,
-    #[serde(flatten)]
-    pub counts: Counts,
-    /// Allocations per second over the rate window.
-    pub alloc_rate: f64,
-    /// Change of outstanding objects per second over the rate window.
-    pub growth_rate: f64,
-    /// With `--user-paths`: false when most allocations' user paths could not
-    /// be fingerprinted (no frame pointers past the entry ip), so its stacks are
-    /// split by sampling only. None without `--user-paths`.
-    pub fingerprinted: Option<bool>,
-    /// Allocations whose fingerprint walk found no frame past the entry ip
-    /// (e.g. a libc path without frame pointers at exit).
-    pub unfingerprinted_allocs: u64,
-    pub sites: Vec<SiteRow>,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct CgroupRow {
-    pub cgroup_id: u64,
-    #[serde(flatten)]
-    pub counts: Counts,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Snapshot {
-    pub totals: Counts,
-    pub anomalies: Anomalies,
-    pub stacks: StackSampling,
-    pub age: AgeSummary,
-    pub processes: Vec<ProcRow>,
-    pub cgroups: Vec<CgroupRow>,
-}
-
-#[derive(Debug, Clone)]
-pub struct SnapshotOptions {
-    pub sort: SortKey,
-    pub limit: usize,
-    pub stacks: usize,
-    pub comm: Option<String>,
-    pub pid: Option<u32>,
 }
 
 /// Puts `item` in a freed slot if there is one, else at the end; returns its index.
@@ -827,147 +653,6 @@ impl Aggregator {
         }
     }
 
-    fn rates(&self, p: &Process, now_ns: u64) -> (f64, f64) {
-        let (t0, allocs0, out0) = p
-            .history
-            .front()
-            .copied()
-            .unwrap_or((p.first_seen_ns, 0, 0));
-        let dt = now_ns.saturating_sub(t0) as f64 / 1e9;
-        if dt < 0.05 {
-            return (0.0, 0.0);
-        }
-        let alloc_rate = p.counts.allocs.saturating_sub(allocs0) as f64 / dt;
-        let growth = (p.counts.outstanding as f64 - out0 as f64) / dt;
-        (alloc_rate, growth)
-    }
-
-    fn age(&self, now_ns: u64) -> AgeSummary {
-        let Ok(mut h) = Histogram::<u64>::new(3) else {
-            return AgeSummary::default();
-        };
-        for live in self.objects.values() {
-            let born_ns = self.base_ns.unwrap_or(0) + u64::from(live.ts_ms) * 1_000_000;
-            let ms = now_ns.saturating_sub(born_ns) / 1_000_000;
-            // `record` grows the histogram; `saturating_record` never does, and
-            // clamped every age past the initial 2,047 ms to the initial
-            // highest trackable value, 2 ms.
-            if h.record(ms).is_err() {
-                h.saturating_record(ms);
-            }
-        }
-        if h.is_empty() {
-            return AgeSummary::default();
-        }
-        AgeSummary {
-            count: h.len(),
-            p50_ms: h.value_at_quantile(0.50),
-            p99_ms: h.value_at_quantile(0.99),
-            max_ms: h.max(),
-        }
-    }
-
-    /// Every stack row of one stratum: the drawn sites with their shares,
-    /// exact or estimated level by level, plus a partial row for whatever no
-    /// drawn object can speak for.
-    fn stratum_rows(&mut self, stratum: u32) -> Vec<SiteRow> {
-        let Some(h) = self.strata.get(stratum as usize) else {
-            return Vec::new();
-        };
-        let sites: Vec<&Site> = h
-            .sites
-            .iter()
-            .filter_map(|&s| self.sites.get(s as usize))
-            .collect();
-        // Each quantity split level by level; shares are apportioned so a
-        // stratum's rows add up to its exact counts (every export's total
-        // equals the header's).
-        let split = |part: fn(&Counts) -> u64| {
-            let hits: Vec<Vec<u64>> = h
-                .levels
-                .iter()
-                .map(|l| {
-                    sites
-                        .iter()
-                        .map(|s| site_level(s, l.level).map_or(0, part))
-                        .collect()
-                })
-                .collect();
-            let levels: Vec<Level<'_>> = h
-                .levels
-                .iter()
-                .zip(&hits)
-                .map(|(l, hits)| Level {
-                    total: part(&l.counts),
-                    drawn: part(&l.drawn),
-                    hits,
-                })
-                .collect();
-            estimate::split(&levels, sites.len())
-        };
-        let outstanding = split(|c| c.outstanding);
-        let bytes = split(|c| c.outstanding_bytes);
-        let allocs = split(|c| c.allocs);
-        let frees = split(|c| c.frees);
-        let estimated =
-            outstanding.estimated || bytes.estimated || allocs.estimated || frees.estimated;
-        let total = h.counts.outstanding;
-        let mut rows: Vec<SiteRow> = sites
-            .iter()
-            .enumerate()
-            .map(|(i, site)| {
-                let (low, high) = (outstanding.low[i], outstanding.high[i]);
-                SiteRow {
-                    kstack: site.kstack,
-                    ustack: site.ustack,
-                    counts: Counts {
-                        outstanding: outstanding.per_stack[i],
-                        outstanding_bytes: bytes.per_stack[i],
-                        allocs: allocs.per_stack[i],
-                        frees: frees.per_stack[i],
-                    },
-                    // Unsplit objects widen an exact part's interval too.
-                    estimated: estimated || low != high,
-                    outstanding_low: low,
-                    outstanding_high: high,
-                    partial: false,
-                    stratum_outstanding: total,
-                }
-            })
-            .collect();
-        let rest = Counts {
-            outstanding: outstanding.undrawn,
-            outstanding_bytes: bytes.undrawn,
-            allocs: allocs.undrawn,
-            frees: frees.undrawn,
-        };
-        if rest != Counts::default() {
-            let (call_site, user_ip, name) = (h.key.call_site, h.user_ip, h.name);
-            let fingerprinted = h.key.fingerprint != 0;
-            let kstack = self.stacks.intern(&[call_site]);
-            let ustack = match name {
-                Some((_, u)) if fingerprinted => {
-                    let frames = self.stacks.frames(u);
-                    let shared: Vec<u64> = frames[..frames.len().min(FINGERPRINT_FRAMES)].to_vec();
-                    self.stacks.intern(&shared)
-                }
-                _ if user_ip != 0 => self.stacks.intern(&[user_ip]),
-                _ => StackId::EMPTY,
-            };
-            rows.push(SiteRow {
-                kstack,
-                ustack,
-                outstanding_low: rest.outstanding,
-                outstanding_high: rest.outstanding,
-                counts: rest,
-                estimated: false,
-                partial: true,
-                stratum_outstanding: total,
-            });
-        }
-        rows
-    }
-
     /// Every stratum holding objects of a live process, with what the zoom
     /// trigger reads: its base-level objects older than `min_age_s` seconds
     /// at `now_ns`, and its allocations. Exited processes allocate no more,
@@ -1010,89 +695,6 @@ impl Aggregator {
         let h = *self.stratum_ids.get(&key)?;
         self.strata.get(h as usize).map(|s| s.zoom_drawn)
     }
-
-    pub fn snapshot(&mut self, now_ns: u64, opts: &SnapshotOptions) -> Snapshot {
-        let mut rows: Vec<ProcRow> = self
-            .procs
-            .values()
-            .filter(|p| opts.pid.is_none_or(|pid| pid == p.key.tgid))
-            .filter(|p| opts.comm.as_deref().is_none_or(|c| p.comm.contains(c)))
-            .map(|p| {
-                let (alloc_rate, growth_rate) = self.rates(p, now_ns);
-                ProcRow {
-                    tgid: p.key.tgid,
-                    start_ns: p.key.start_ns,
-                    ppid: p.ppid,
-                    exited: p.exited,
-                    context: Interrupt::of_key(p.key).map(Interrupt::name),
-                    comm: p.comm.clone(),
-                    cgroup_id: p.last_cgroup_id,
-                    charged_elsewhere: p.charged_elsewhere,
-                    counts: p.counts.clone(),
-                    alloc_rate,
-                    growth_rate,
-                    fingerprinted: self
-                        .sampling
-                        .user_paths
-                        .then(|| p.shallow_allocs.saturating_mul(2) <= p.counts.allocs),
-                    unfingerprinted_allocs: p.shallow_allocs,
-                    sites: Vec::new(),
-                }
-            })
-            .collect();
-        rows.sort_by(|a, b| {
-            opts.sort
-                .compare((&b.counts, b.alloc_rate), (&a.counts, a.alloc_rate))
-                .then(a.tgid.cmp(&b.tgid))
-                .then(a.start_ns.cmp(&b.start_ns))
-        });
-        rows.truncate(opts.limit);
-        for row in &mut rows {
-            let strata = self
-                .procs
-                .get(&ProcKey {
-                    tgid: row.tgid,
-                    start_ns: row.start_ns,
-                })
-                .map(|p| p.strata.clone())
-                .unwrap_or_default();
-            let mut sites: Vec<SiteRow> = strata
-                .into_iter()
-                .flat_map(|h| self.stratum_rows(h))
-                .collect();
-            sites.sort_by(|a, b| match opts.sort {
-                SortKey::Outstanding => (b.counts.outstanding_bytes, b.counts.allocs)
-                    .cmp(&(a.counts.outstanding_bytes, a.counts.allocs)),
-                SortKey::Rate | SortKey::Allocs => b.counts.allocs.cmp(&a.counts.allocs),
-            });
-            sites.truncate(opts.stacks);
-            row.sites = sites;
-        }
-        let mut cgroups: Vec<CgroupRow> = self
-            .cgroups
-            .iter()
-            .filter(|(_, c)| c.outstanding > 0)
-            .map(|(&cgroup_id, c)| CgroupRow {
-                cgroup_id,
-                counts: c.clone(),
-            })
-            .collect();
-        cgroups.sort_by(|a, b| {
-            b.counts
-                .outstanding_bytes
-                .cmp(&a.counts.outstanding_bytes)
-                .then(a.cgroup_id.cmp(&b.cgroup_id))
-        });
-        cgroups.truncate(opts.limit);
-        Snapshot {
-            totals: self.totals.clone(),
-            anomalies: self.anomalies.clone(),
-            stacks: self.sampling.clone(),
-            age: self.age(now_ns),
-            processes: rows,
-            cgroups,
-        }
-    }
 }
 
 fn proc_key(a: &Alloc<'_>) -> ProcKey {
@@ -1104,7 +706,9 @@ fn proc_key(a: &Alloc<'_>) -> ProcKey {
 
 #[cfg(test)]
 mod tests {
+    use super::rows::SnapshotOptions;
     use super::*;
+    use crate::slab::report::SortKey;
 
     /// A drawn allocation with full stacks (what `--exact` sends for every one).
     fn alloc<'a>(
@@ -1233,8 +837,8 @@ mod tests {
         );
         let p = &snap.processes[0];
         assert_eq!(p.counts.outstanding, 5);
-        assert_eq!(p.sites.len(), 2);
-        let a = &p.sites[0];
+        assert_eq!(p.stacks.len(), 2);
+        let a = &p.stacks[0];
         assert_eq!(agg.stacks.frames(a.kstack), &[7, 8, 9]);
         assert_eq!(
             (a.counts.outstanding, a.estimated, a.partial),
@@ -1243,7 +847,7 @@ mod tests {
         assert_eq!(a.stratum_outstanding, 3);
         // One drawn of three, and it is this stack: at least 1, at most 3.
         assert_eq!((a.outstanding_low, a.outstanding_high), (1, 3));
-        let b = &p.sites[1];
+        let b = &p.stacks[1];
         assert!(b.partial && !b.estimated);
         assert_eq!(b.counts.outstanding, 2);
         assert_eq!(agg.stacks.frames(b.kstack), &[7]);
@@ -1252,7 +856,7 @@ mod tests {
         // Freeing the drawn object leaves stratum A with nothing to split by.
         agg.apply(&free(0x10));
         let snap = agg.snapshot(0, &opts(SortKey::Outstanding));
-        let rows = &snap.processes[0].sites;
+        let rows = &snap.processes[0].stacks;
         let partial_a = rows
             .iter()
             .find(|r| r.partial && agg.stacks.frames(r.ustack) == [42, 43])
@@ -1305,7 +909,7 @@ mod tests {
             .find(|p| p.tgid == 1)
             .expect("new pid 1");
         assert_eq!((p1.counts.allocs, p1.counts.outstanding), (1, 1));
-        assert_eq!(p1.sites[0].counts.outstanding, 1);
+        assert_eq!(p1.stacks[0].counts.outstanding, 1);
     }
 
     #[test]
@@ -1341,7 +945,7 @@ mod tests {
         let snap = agg.snapshot(0, &opts(SortKey::Outstanding));
         let daemon = snap.processes.iter().find(|p| p.tgid == 2).expect("daemon");
         assert_eq!(daemon.counts.outstanding, 1);
-        let site = daemon.sites.iter().find(|s| s.counts.outstanding == 1);
+        let site = daemon.stacks.iter().find(|s| s.counts.outstanding == 1);
         let site = site.expect("its site");
         assert_eq!(agg.stacks.frames(site.kstack), &[1, 2]);
         assert_eq!(agg.stacks.frames(site.ustack), &[9]);
@@ -1357,7 +961,7 @@ mod tests {
             agg.apply(&alloc(1, 0x1000 + i, 0, &[1, 3], &[9, 10]));
         }
         let snap = agg.snapshot(0, &opts(SortKey::Outstanding));
-        let sites = &snap.processes[0].sites;
+        let sites = &snap.processes[0].stacks;
         assert_eq!(sites.len(), 2);
         assert!(sites.iter().all(|s| !s.estimated && !s.partial));
         assert_eq!(
@@ -1414,7 +1018,7 @@ mod tests {
                 ..opts(SortKey::Outstanding)
             },
         );
-        let rows = &snap.processes[0].sites;
+        let rows = &snap.processes[0].stacks;
         let a = rows.iter().find(|r| agg.stacks.frames(r.kstack) == [7, 1]);
         match a {
             Some(r) => (r.counts.outstanding, r.outstanding_low, r.outstanding_high),
@@ -1639,7 +1243,7 @@ mod tests {
                 .values()
                 .filter(|(p, l)| *p == path && drawn_levels.contains(l))
                 .count() as u64;
-            let rows = &snap.processes[0].sites;
+            let rows = &snap.processes[0].stacks;
             match rows
                 .iter()
                 .find(|r| !r.partial && agg.stacks.frames(r.kstack) == stacks[path])
@@ -1791,7 +1395,7 @@ mod tests {
         assert_eq!((softirq.tgid, softirq.comm.as_str()), (0, "[softirq]"));
         assert_eq!((softirq.counts.outstanding, softirq.cgroup_id), (3, 0));
         assert!(softirq
-            .sites
+            .stacks
             .iter()
             .all(|s| agg.stacks.frames(s.ustack).is_empty()));
         let task = snap.processes.iter().find(|p| p.tgid == 42).expect("task");
@@ -1823,10 +1427,10 @@ mod tests {
             ),
             (10, 2, 1024)
         );
-        assert_eq!(p10.sites.len(), 2);
-        assert_eq!(p10.sites[0].counts.outstanding, 2);
-        assert_eq!(agg.stacks.frames(p10.sites[0].kstack), &[1, 2]);
-        assert_eq!(p10.sites[1].counts.outstanding, 0);
+        assert_eq!(p10.stacks.len(), 2);
+        assert_eq!(p10.stacks[0].counts.outstanding, 2);
+        assert_eq!(agg.stacks.frames(p10.stacks[0].kstack), &[1, 2]);
+        assert_eq!(p10.stacks[1].counts.outstanding, 0);
         // Same frames in another process are another site: user addresses are per-process.
         assert_eq!(snap.processes[1].tgid, 20);
         assert_eq!(snap.cgroups[0].cgroup_id, 110);

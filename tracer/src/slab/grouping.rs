@@ -5,92 +5,12 @@
 
 use std::collections::HashMap;
 
-use serde::Serialize;
-
 use crate::{
     kernel::cgroup_paths as paths,
-    slab::aggregator::{Counts, SortKey},
-    slab::report::{ProcessReport, StackReport},
+    slab::report::{
+        Counts, GroupBy, GroupReport, MergedStack, ProcessReport, SortKey, StackReport,
+    },
 };
-
-/// What rows aggregate processes by; the CLI maps `--group-by` onto this.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum GroupBy {
-    #[default]
-    Process,
-    Comm,
-    /// The parent process at allocation time.
-    Parent,
-    Cgroup,
-    /// The container id decoded from the cgroup path.
-    Container,
-    /// The Kubernetes pod UID decoded from the cgroup path.
-    Pod,
-    /// The same kernel and user frames, across processes.
-    Stack,
-}
-
-impl GroupBy {
-    const CYCLE: [GroupBy; 7] = [
-        GroupBy::Process,
-        GroupBy::Comm,
-        GroupBy::Parent,
-        GroupBy::Cgroup,
-        GroupBy::Container,
-        GroupBy::Pod,
-        GroupBy::Stack,
-    ];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            GroupBy::Process => "process",
-            GroupBy::Comm => "comm",
-            GroupBy::Parent => "parent",
-            GroupBy::Cgroup => "cgroup",
-            GroupBy::Container => "container",
-            GroupBy::Pod => "pod",
-            GroupBy::Stack => "stack",
-        }
-    }
-
-    /// The next grouping, for the live view's key.
-    pub fn next(self) -> GroupBy {
-        let i = Self::CYCLE.iter().position(|&g| g == self).unwrap_or(0);
-        Self::CYCLE[(i + 1) % Self::CYCLE.len()]
-    }
-}
-
-/// One stack summed over the processes that allocated through it.
-#[derive(Debug, Clone, Serialize)]
-pub struct MergedStack {
-    /// Sums of the processes' rows: counts, and the 95% bounds summed (each
-    /// process's interval holds with 95%; the sum is a looser bound).
-    #[serde(flatten)]
-    pub stack: StackReport,
-    /// Processes whose rows were summed.
-    pub processes: u64,
-    /// Of `processes`, those gone (their objects are still counted).
-    pub exited: u64,
-}
-
-/// Processes that share one key.
-#[derive(Debug, Clone, Serialize)]
-pub struct GroupReport {
-    /// The shared value: a comm, `PPID (parent comm)`, a cgroup path, a
-    /// container id, a pod UID, or a stack's innermost frames.
-    pub key: String,
-    pub processes: u64,
-    /// Of `processes`, those gone that still hold objects here.
-    pub exited: u64,
-    #[serde(flatten)]
-    pub counts: Counts,
-    /// Sums of the processes' rates (per second, over --rate-window).
-    pub alloc_rate: f64,
-    pub growth_rate: f64,
-    /// The group's stacks merged across its processes, in `--sort` order.
-    pub stacks: Vec<MergedStack>,
-}
 
 /// `processes` aggregated by `by` (nothing for [`GroupBy::Process`]), largest
 /// first by `sort`. Every process lands in exactly one group, so the groups'
@@ -317,6 +237,8 @@ mod tests {
 
     fn stack(kernel: &[&str], user: &[&str], outstanding: u64) -> StackReport {
         StackReport {
+            kstack: crate::slab::report::StackId::EMPTY,
+            ustack: crate::slab::report::StackId::EMPTY,
             counts: Counts {
                 outstanding,
                 outstanding_bytes: outstanding * 64,

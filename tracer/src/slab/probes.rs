@@ -18,10 +18,10 @@ use crate::bpf::load::{
     counter_sum, loaded, map_fd, map_memory, prog_info, program, program_ids, raise_memlock_limit,
     take_counters, take_ring, with_map_flags, AlignedObject, BPF_F_NO_PREALLOC,
 };
+use crate::slab::counters::KernelCounters;
 use crate::slab::plan::{
     is_spare, live_overflow_entries, program_variant, spare_program, Hook, LiveMap, Plan,
 };
-use crate::slab::report::KernelCounters;
 
 pub(crate) static SLAB_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/leaktrace-slab.bpf.o"));

@@ -1,56 +1,20 @@
-//! A snapshot made presentable: symbolized stacks, process and cgroup names, the
-//! node's memory picture and the cache's slabinfo line. Both the text views and
-//! `--json` render this one model, so they can never disagree.
+//! The slab tracer's report model, which is the JSON schema
+//! (docs/json-schema.md): the report, its rows (processes, stacks, cgroups,
+//! groups) and their counts, sort and grouping keys. The live table builds
+//! the rows (`aggregator.rs`), `naming.rs` names them, `grouping.rs` sums
+//! them; the text views, `--json` and every output render this one model,
+//! so they can never disagree.
 
 use serde::Serialize;
 
-use crate::{
-    bpf::stacks::StackTable,
-    kernel::meminfo::MemInfo,
-    kernel::pods::PodNames,
-    kernel::procinfo::{CgroupPaths, ProcMeta},
-    slab::aggregator::{AgeSummary, Anomalies, Counts, ProcKey, Snapshot, StackSampling},
-    slab::grouping::{GroupBy, GroupReport, MergedStack},
-    symbolize::{tracing::strip_tracing_frames, Symbolizer},
-};
+use crate::{kernel::meminfo::MemInfo, slab::zoom::ZoomReport};
+
+/// Rows name their stacks by id in the run's stack table (see [`StackReport`]).
+pub use crate::bpf::stacks::StackId;
+
+pub use crate::slab::counters::KernelCounters;
 
 pub const SCHEMA_VERSION: u32 = 3;
-
-/// The kernel side's own account of what it saw and could not deliver. Plain
-/// data owned by the report: the loader (`probes.rs`) fills it, views read it.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct KernelCounters {
-    pub allocs_matched: u64,
-    pub allocs_lost_ringbuf: u64,
-    pub allocs_lost_map_full: u64,
-    pub frees_matched: u64,
-    pub frees_lost_ringbuf: u64,
-    pub kstack_failed: u64,
-    pub ustack_failed: u64,
-    /// Selected objects whose pointer broke the free filter's alignment
-    /// assumption (their frees would go unseen). Should be 0.
-    pub misaligned: u64,
-    /// Allocations drawn while their stratum was zoomed, and the kernel time
-    /// (ns) capturing their stacks took, measured around the captures.
-    pub zoom_drawn: u64,
-    pub zoom_stack_ns: u64,
-    /// Program runs the kernel skipped because a BPF program was already running
-    /// on that CPU (e.g. a kfree from an interrupt that hit our handler). None
-    /// when the kernel does not report it (before 5.12).
-    pub recursion_misses: Option<u64>,
-    /// Frees that no program of ours ran for (recursion): up to this many of the
-    /// outstanding objects may already be freed. On a raw free hook a free is
-    /// lost only if both its program and the spare skipped it, so the bound is
-    /// the smaller of their two miss counts; on a classic hook, every miss.
-    /// None before 5.12 (unknown).
-    pub frees_maybe_missed: Option<u64>,
-    /// Allocations no program of ours ran for (recursion), counted the same
-    /// way: at most this many selected allocations are missing from the counts.
-    pub allocs_maybe_missed: Option<u64>,
-    /// Kernel memory of leaktrace's BPF maps (fdinfo `memlock`; on 6.4+ the
-    /// memory in use, before that the maps' full size).
-    pub map_bytes: u64,
-}
 
 /// The memcg that paid for allocations the task made on another's behalf.
 #[derive(Debug, Clone, Serialize)]
@@ -160,6 +124,12 @@ pub struct ProcessReport {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct StackReport {
+    /// The stacks in the run's stack table, for `naming.rs` to symbolize;
+    /// meaningless outside the run that built the row.
+    #[serde(skip)]
+    pub kstack: StackId,
+    #[serde(skip)]
+    pub ustack: StackId,
     /// Exact, or unbiased estimates when `estimated` (see the aggregator).
     #[serde(flatten)]
     pub counts: Counts,
@@ -251,156 +221,206 @@ pub struct CgroupReport {
     pub counts: Counts,
 }
 
-/// Where names come from; borrowed from the run loop's caches.
-pub struct Naming<'a> {
-    pub symbols: &'a mut Symbolizer,
-    pub stacks: &'a StackTable,
-    pub procs: &'a std::collections::HashMap<ProcKey, ProcMeta>,
-    pub cgroups: &'a mut CgroupPaths,
-    pub pods: &'a mut PodNames,
+/// How rows are ordered: `--sort`'s values, the model's and the live view's
+/// starting column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum SortKey {
+    /// Objects allocated and not yet freed.
+    #[default]
+    Outstanding,
+    /// Allocations per second over --rate-window: a retry loop shows up here before it leaks.
+    Rate,
+    /// Allocations since attach.
+    Allocs,
 }
 
-/// `namespace/pod[/container]` of a cgroup path, where kubelet names it.
-fn pod_of(pods: &mut PodNames, path: Option<&str>) -> Option<String> {
-    let p = pods.resolve(path?)?;
-    Some(match p.container {
-        Some(c) => format!("{}/{}/{c}", p.namespace, p.pod),
-        None => format!("{}/{}", p.namespace, p.pod),
-    })
-}
-
-pub struct Header {
-    pub cache: String,
-    pub aliases: Vec<String>,
-    pub elapsed_s: f64,
-    pub rss_bytes: Option<u64>,
-    pub meminfo: Option<MemInfo>,
-    pub slab: Option<SlabPicture>,
-    pub kernel: KernelCounters,
-}
-
-pub fn build(kind: &'static str, header: Header, snap: Snapshot, names: &mut Naming<'_>) -> Report {
-    let processes = snap
-        .processes
-        .into_iter()
-        .map(|p| {
-            let meta = names.procs.get(&ProcKey {
-                tgid: p.tgid,
-                start_ns: p.start_ns,
-            });
-            let cgroup = names.cgroups.path(p.cgroup_id).map(str::to_string);
-            ProcessReport {
-                tgid: p.tgid,
-                start_ns: p.start_ns,
-                ppid: p.ppid,
-                parent_comm: meta.and_then(|m| m.parent_comm.clone()),
-                exited: p.exited,
-                context: p.context,
-                comm: meta.and_then(|m| m.comm.clone()).unwrap_or(p.comm),
-                cmdline: meta.and_then(|m| m.cmdline.clone()),
-                cgroup_id: p.cgroup_id,
-                pod: pod_of(names.pods, cgroup.as_deref()),
-                cgroup,
-                charged_elsewhere: p.charged_elsewhere.map(|(id, allocs)| ChargedElsewhere {
-                    cgroup_id: id,
-                    cgroup: names.cgroups.path(id).map(str::to_string),
-                    allocs,
-                }),
-                counts: p.counts,
-                alloc_rate: p.alloc_rate,
-                growth_rate: p.growth_rate,
-                fingerprinted: p.fingerprinted,
-                unfingerprinted_allocs: p.unfingerprinted_allocs,
-                stacks: p
-                    .sites
-                    .into_iter()
-                    .map(|s| {
-                        let kaddrs = names.stacks.frames(s.kstack);
-                        let kall = names.symbols.kernel_frames(kaddrs);
-                        let kernel = strip_tracing_frames(kall.clone());
-                        let dropped = kall.len() - kernel.len();
-                        let kernel_locations = kaddrs
-                            .iter()
-                            .zip(kall)
-                            .skip(dropped)
-                            .map(|(&addr, name)| Location {
-                                addr,
-                                frames: vec![name],
-                                module: None,
-                            })
-                            .collect();
-                        let uaddrs = names.stacks.frames(s.ustack);
-                        let user = names.symbols.user_frames(p.tgid, uaddrs);
-                        // Per address after the whole stack: every lookup is now a
-                        // cache hit, and an address's inlined frames stay together.
-                        let user_locations = uaddrs
-                            .iter()
-                            .map(|&addr| Location {
-                                addr,
-                                frames: names.symbols.user_frames(p.tgid, &[addr]),
-                                module: names.symbols.user_file(p.tgid, addr),
-                            })
-                            .collect();
-                        StackReport {
-                            counts: s.counts,
-                            estimated: s.estimated,
-                            outstanding_low: s.outstanding_low,
-                            outstanding_high: s.outstanding_high,
-                            partial: s.partial,
-                            stratum_outstanding: s.stratum_outstanding,
-                            kernel,
-                            user,
-                            kernel_locations,
-                            user_locations,
-                        }
-                    })
-                    .collect(),
-            }
-        })
-        .collect();
-    let cgroups = snap
-        .cgroups
-        .into_iter()
-        .map(|c| {
-            let path = names.cgroups.path(c.cgroup_id).map(str::to_string);
-            CgroupReport {
-                cgroup_id: c.cgroup_id,
-                pod: pod_of(names.pods, path.as_deref()),
-                path,
-                counts: c.counts,
-            }
-        })
-        .collect();
-    Report {
-        schema_version: SCHEMA_VERSION,
-        kind,
-        cache: header.cache,
-        aliases: header.aliases,
-        elapsed_s: header.elapsed_s,
-        rss_bytes: header.rss_bytes,
-        meminfo: header.meminfo,
-        slab: header.slab,
-        totals: snap.totals,
-        kernel: header.kernel,
-        anomalies: snap.anomalies,
-        stacks: snap.stacks,
-        age: snap.age,
-        processes,
-        cgroups,
-        group_by: GroupBy::Process,
-        groups: Vec::new(),
-        top_stacks: Vec::new(),
-        traced: None,
+impl SortKey {
+    /// The flag's spelling, as the text view's header names the order.
+    pub fn name(self) -> &'static str {
+        match self {
+            SortKey::Outstanding => "outstanding",
+            SortKey::Rate => "rate",
+            SortKey::Allocs => "allocs",
+        }
     }
+
+    /// Ascending order of two rows, each given as (counts, allocations per second).
+    pub fn compare(self, a: (&Counts, f64), b: (&Counts, f64)) -> std::cmp::Ordering {
+        match self {
+            SortKey::Outstanding => {
+                (a.0.outstanding_bytes, a.0.allocs).cmp(&(b.0.outstanding_bytes, b.0.allocs))
+            }
+            SortKey::Rate => a.1.total_cmp(&b.1),
+            SortKey::Allocs => a.0.allocs.cmp(&b.0.allocs),
+        }
+    }
+}
+
+/// One process: its tgid and its start (`group_leader->start_time`, ns; 0
+/// where the kernel side could not read it). A reused PID is another key, so
+/// two processes are never merged into one row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct ProcKey {
+    pub tgid: u32,
+    pub start_ns: u64,
+}
+
+/// Objects and bytes outstanding (allocated since attach, not yet freed),
+/// and the allocations and frees counted since attach.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Counts {
+    pub outstanding: u64,
+    pub outstanding_bytes: u64,
+    pub allocs: u64,
+    pub frees: u64,
+}
+
+impl Counts {
+    /// One more allocation of `bytes`, outstanding.
+    pub(super) fn alloc(&mut self, bytes: u64) {
+        self.outstanding += 1;
+        self.outstanding_bytes += bytes;
+        self.allocs += 1;
+    }
+
+    /// One of them freed.
+    pub(super) fn free(&mut self, bytes: u64) {
+        self.outstanding = self.outstanding.saturating_sub(1);
+        self.outstanding_bytes = self.outstanding_bytes.saturating_sub(bytes);
+        self.frees += 1;
+    }
+}
+
+/// Everything userspace noticed that makes a number less than exact.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Anomalies {
+    /// A free for a pointer we do not hold: an alloc event was lost or arrived
+    /// before we attached to the ring. Should be 0.
+    pub unmatched_frees: u64,
+    /// A new allocation at a pointer we still held: its free was never reported
+    /// (bulk/RCU free paths without a tracepoint). Counted as freed.
+    pub freed_unseen: u64,
+    pub kstack_failed: u64,
+    pub ustack_failed: u64,
+    pub decode_errors: u64,
+}
+
+/// How stacks were drawn, by route: `census` (a stratum's first
+/// `census_allocs` allocations on a CPU, all drawn), `zoom` (strata whose
+/// draw probability was raised for a while) and `sampled` (1 in
+/// `sample_every`); `drawn` is their sum. The rest carried no stacks.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct StackSampling {
+    pub sample_every: u64,
+    pub census_allocs: u32,
+    /// Strata are keyed by the first user frames too (`--user-paths`).
+    pub user_paths: bool,
+    pub drawn: u64,
+    pub census: u64,
+    pub zoom: u64,
+    pub sampled: u64,
+    pub without_stacks: u64,
+    pub strata: u64,
+    /// Zoom episodes (filled by the run, which steers them).
+    pub zoom_episodes: ZoomReport,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct AgeSummary {
+    pub count: u64,
+    pub p50_ms: u64,
+    pub p99_ms: u64,
+    pub max_ms: u64,
+}
+
+/// What rows aggregate processes by: `--group-by`'s values, the report's
+/// `group_by` and the live view's key `G`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum GroupBy {
+    /// One row per process (tgid and start time: a reused PID is another row).
+    #[default]
+    Process,
+    /// Processes with the same command name.
+    Comm,
+    /// Processes with the same parent when they allocated.
+    Parent,
+    /// Processes in the same cgroup (the memory cgroup on cgroup v1).
+    Cgroup,
+    /// Processes in the same container (id decoded from the cgroup path).
+    Container,
+    /// Processes in the same Kubernetes pod (UID decoded from the cgroup path).
+    Pod,
+    /// Identical kernel and user stacks, across processes.
+    Stack,
+}
+
+impl GroupBy {
+    /// Every grouping, in the order the live view's key `G` steps through them.
+    pub const CYCLE: [GroupBy; 7] = [
+        GroupBy::Process,
+        GroupBy::Comm,
+        GroupBy::Parent,
+        GroupBy::Cgroup,
+        GroupBy::Container,
+        GroupBy::Pod,
+        GroupBy::Stack,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            GroupBy::Process => "process",
+            GroupBy::Comm => "comm",
+            GroupBy::Parent => "parent",
+            GroupBy::Cgroup => "cgroup",
+            GroupBy::Container => "container",
+            GroupBy::Pod => "pod",
+            GroupBy::Stack => "stack",
+        }
+    }
+
+    /// The next grouping, for the live view's key.
+    pub fn next(self) -> GroupBy {
+        let i = Self::CYCLE.iter().position(|&g| g == self).unwrap_or(0);
+        Self::CYCLE[(i + 1) % Self::CYCLE.len()]
+    }
+}
+
+/// One stack summed over the processes that allocated through it.
+#[derive(Debug, Clone, Serialize)]
+pub struct MergedStack {
+    /// Sums of the processes' rows: counts, and the 95% bounds summed (each
+    /// process's interval holds with 95%; the sum is a looser bound).
+    #[serde(flatten)]
+    pub stack: StackReport,
+    /// Processes whose rows were summed.
+    pub processes: u64,
+    /// Of `processes`, those gone (their objects are still counted).
+    pub exited: u64,
+}
+
+/// Processes that share one key.
+#[derive(Debug, Clone, Serialize)]
+pub struct GroupReport {
+    /// The shared value: a comm, `PPID (parent comm)`, a cgroup path, a
+    /// container id, a pod UID, or a stack's innermost frames.
+    pub key: String,
+    pub processes: u64,
+    /// Of `processes`, those gone that still hold objects here.
+    pub exited: u64,
+    #[serde(flatten)]
+    pub counts: Counts,
+    /// Sums of the processes' rates (per second, over --rate-window).
+    pub alloc_rate: f64,
+    pub growth_rate: f64,
+    /// The group's stacks merged across its processes, in `--sort` order.
+    pub stacks: Vec<MergedStack>,
 }
 
 /// A small report with one leaking process and one stack, for the renderers' tests.
 #[cfg(test)]
 pub(crate) fn test_report() -> Report {
-    use crate::{
-        slab::aggregator::Counts,
-        slab::report::{Location, ProcessReport, StackReport},
-    };
+    use crate::slab::report::{Location, ProcessReport, StackReport};
     let loc = |addr: u64, f: &[&str]| Location {
         addr,
         frames: f.iter().map(|s| s.to_string()).collect(),
@@ -449,6 +469,8 @@ pub(crate) fn test_report() -> Report {
             fingerprinted: Some(true),
             unfingerprinted_allocs: 0,
             stacks: vec![StackReport {
+                kstack: StackId::EMPTY,
+                ustack: StackId::EMPTY,
                 counts: Counts {
                     outstanding: 4,
                     outstanding_bytes: 2048,

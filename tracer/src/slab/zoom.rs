@@ -111,7 +111,7 @@ pub struct Episode {
     /// The kernel symbol of `call_site`, filled in by the report.
     pub call_site_name: Option<String>,
     /// Its allocations were drawn 1 in this many (the base rate is
-    /// [`super::aggregator::StackSampling::sample_every`]); the kernel's
+    /// [`super::report::StackSampling::sample_every`]); the kernel's
     /// budget cap may have drawn some at the base rate (each event says).
     pub sample_every: u64,
     /// Seconds since the run started.

@@ -12,9 +12,8 @@
 
 use anyhow::Result;
 
-use super::report::Report;
-use super::state::{MemcgReport, Phase};
-use crate::output::pprof::{encode, Builder, Label, Sample};
+use super::pprof::{encode, Builder, Label, Sample};
+use crate::memcg::report::{MemcgReport, Phase, Report};
 
 const SAMPLE_TYPES: [(&str, &str); 3] = [
     ("dying_memcgs", "count"),

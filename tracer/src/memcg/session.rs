@@ -1,0 +1,118 @@
+//! One `leaktrace memcg` run's state from the first walk to the final report:
+//! the hierarchy, the tracker fed by the ring buffer, the dying memcgs the
+//! kernel held before tracing, and the report they add up to. The pipeline
+//! drives it (drain, report) and shows what it returns.
+
+use std::path::Path;
+
+use anyhow::Result;
+use aya::maps::{MapData, RingBuf};
+
+use crate::{
+    kernel::cgroupfs::{Dying, Hierarchy},
+    kernel::clock::monotonic_ns,
+    memcg::{
+        decode,
+        hooks::Counters,
+        kmem,
+        report::{KernelMemcgs, Preexisting, Report, SCHEMA_VERSION},
+        state::{SnapshotOptions, Tracker},
+    },
+    symbolize::{tracing::strip_tracing_frames, Symbolizer},
+};
+
+/// What a memcg run keeps from attach to the final report.
+pub struct Session {
+    pub hierarchy: Hierarchy,
+    tracker: Tracker,
+    symbols: Symbolizer,
+    /// How the run follows memcgs (its hooks), and how charges are
+    /// attributed: lines of the report's header, set once attached.
+    pub mode: String,
+    pub attribution: String,
+    pub dying_at_start: Dying,
+    started_ns: u64,
+    opts: SnapshotOptions,
+    decode_errors: u64,
+    /// The kernel keeps charged kmalloc objects in their own caches
+    /// (`kmalloc-cg-*`, 5.14+): the decoder names the cache by it.
+    kmalloc_cg: bool,
+}
+
+impl Session {
+    /// A session over the memcgs `hierarchy` holds now. Errors: its live
+    /// memcgs or the dying count cannot be read from cgroupfs.
+    pub fn start(root: &Path, hierarchy: Hierarchy, opts: SnapshotOptions) -> Result<Session> {
+        let dying_at_start = hierarchy.dying_now(root)?;
+        Ok(Session {
+            tracker: Tracker::new(hierarchy.live()?),
+            hierarchy,
+            symbols: Symbolizer::new(),
+            mode: String::new(),
+            attribution: String::new(),
+            dying_at_start,
+            started_ns: monotonic_ns(),
+            opts,
+            decode_errors: 0,
+            kmalloc_cg: root.join("sys/kernel/slab/kmalloc-cg-8").exists(),
+        })
+    }
+
+    /// Takes the walk again once the hooks see every change: a memcg made
+    /// between the first walk and attach would otherwise be unknown.
+    /// Errors: cgroupfs cannot be walked.
+    pub fn reseed(&mut self) -> Result<()> {
+        for (id, (path, level)) in self.hierarchy.live()? {
+            self.tracker.seed_live(id, path, level);
+        }
+        Ok(())
+    }
+
+    /// Applies every record in `ring`; an undecodable one is counted.
+    pub fn drain(&mut self, ring: &mut RingBuf<MapData>) {
+        while let Some(item) = ring.next() {
+            if decode::apply(&mut self.tracker, &item, self.kmalloc_cg).is_err() {
+                self.decode_errors += 1;
+            }
+        }
+    }
+
+    /// The report of everything seen so far: `kind` is "snapshot", "list"
+    /// or "final" (the last two also walk the kernel's own memcgs).
+    pub fn report(&mut self, kind: &'static str, kernel: Counters) -> Report {
+        let now = monotonic_ns();
+        let mut snapshot = self.tracker.snapshot(now, &self.opts);
+        for m in &mut snapshot.memcgs {
+            for s in &mut m.pinned_stacks {
+                let frames = self.tracker.stacks.frames(s.stack);
+                s.kernel = strip_tracing_frames(self.symbols.kernel_frames(frames));
+            }
+        }
+        self.symbols.trim();
+        let kernel_dying = self
+            .hierarchy
+            .dying_now(Path::new("/"))
+            .map_or(self.dying_at_start.count, |d| d.count);
+        Report {
+            schema_version: SCHEMA_VERSION,
+            report: "memcg",
+            kind,
+            elapsed_s: now.saturating_sub(self.started_ns) as f64 / 1e9,
+            mode: self.mode.clone(),
+            attribution: self.attribution.clone(),
+            hierarchy: self.hierarchy.clone(),
+            zombie_after_s: self.opts.zombie_after_ns as f64 / 1e9,
+            preexisting_dying: Preexisting {
+                at_start: self.dying_at_start.count,
+                now: kernel_dying.saturating_sub(self.tracker.tracked_dying()),
+                kernel_dying_now: kernel_dying,
+                source: self.dying_at_start.source.clone(),
+            },
+            snapshot,
+            kernel,
+            decode_errors: self.decode_errors,
+            kernel_memcgs: matches!(kind, "list" | "final").then(KernelMemcgs::read),
+            kmem_accounting: kmem::Accounting::detect(Path::new("/"), &self.hierarchy),
+        }
+    }
+}

@@ -1,0 +1,187 @@
+//! The slab tracer on the shared loop (`event_loop.rs`): what each drain,
+//! poll, refresh and key or scrape does to the session, and how each report
+//! is shown: the TUI, text or JSON lines through `output/stdout.rs`, the
+//! Prometheus endpoint, and the files at the end.
+
+use std::{io::IsTerminal, sync::Arc};
+
+use anyhow::Result;
+use aya::maps::{MapData, RingBuf};
+
+use crate::{
+    output,
+    output::stdout::{self, Printed},
+    pipeline::event_loop::{self, Flow, Signals, Sources, Tool},
+    pipeline::trace_options::TraceOptions,
+    present::tui::{self, Tui},
+    present::view::{self, TextOptions},
+    slab::probes::Probes,
+    slab::report::Report,
+    slab::session::Session,
+};
+
+/// The slab tracer on the shared loop until it ends; returns the ring so
+/// the run can drain what arrived before detaching. Errors: the terminal
+/// cannot be set up for --top, a snapshot cannot be printed.
+pub async fn run_loop(
+    args: &TraceOptions,
+    ring: RingBuf<MapData>,
+    probes: &mut Probes,
+    state: &mut Session,
+    metrics: Option<tokio::net::TcpListener>,
+    signals: Signals,
+) -> Result<RingBuf<MapData>> {
+    let src = Sources::with_signals(ring, args.run.interval, args.run.duration, signals)?;
+    let tty = std::io::stdout().is_terminal();
+    // The interactive view only where a person watches; JSON and pipes get lines.
+    let tui = if args.run.top && tty && !args.run.json {
+        Some(Tui::start(args.sort, args.frames)?)
+    } else {
+        None
+    };
+    if let Some(listener) = &metrics {
+        // Under the TUI stderr would scribble over the screen; the flag says where.
+        if tui.is_none() {
+            let local = listener
+                .local_addr()
+                .map_or_else(|_| "?".to_string(), |a| a.to_string());
+            eprintln!("leaktrace: serving Prometheus metrics at http://{local}/metrics");
+        }
+    }
+    let mut tool = SlabTool {
+        args,
+        probes,
+        state,
+        text_opts: text_options(args, Some(args.frames)),
+        tui,
+        metrics,
+        metrics_body: Arc::from(""),
+        refreshes: 0,
+    };
+    let ring = event_loop::run(src, &mut tool).await;
+    // Leave the alternate screen before the final report prints.
+    drop(tool);
+    ring
+}
+
+/// The slab tracer on the shared loop.
+struct SlabTool<'a> {
+    args: &'a TraceOptions,
+    probes: &'a mut Probes,
+    state: &'a mut Session,
+    text_opts: TextOptions,
+    tui: Option<Tui>,
+    metrics: Option<tokio::net::TcpListener>,
+    /// Rendered once per refresh and shared with every scrape until the next.
+    metrics_body: Arc<str>,
+    refreshes: u64,
+}
+
+enum SlabInput {
+    Key(tui::Action),
+    Scrape(std::io::Result<(tokio::net::TcpStream, std::net::SocketAddr)>),
+}
+
+impl Tool for SlabTool<'_> {
+    type Input = SlabInput;
+
+    fn drain(&mut self, ring: &mut RingBuf<MapData>) {
+        self.state.drain(ring);
+    }
+
+    fn poll(&mut self) {
+        self.state.poll(self.probes);
+    }
+
+    fn tick(&mut self) -> Result<()> {
+        let (args, state) = (self.args, &mut *self.state);
+        state.tick(args.pid);
+        // Build a report every tick even when nothing is shown: it resolves
+        // symbols of the top processes while they are still alive.
+        let counters = self.probes.counters().unwrap_or_default();
+        let report = state.report("snapshot", counters);
+        if self.metrics.is_some() {
+            self.metrics_body = Arc::from(output::metrics::render(&report));
+        }
+        if args.run.top {
+            emit_snapshot(args, &report, self.tui.as_mut(), &self.text_opts)?;
+        }
+        self.refreshes += 1;
+        if self.refreshes == 2 {
+            crate::pipeline::fault::panic_if_asked("panic-on-second-refresh");
+        }
+        Ok(())
+    }
+
+    async fn input(&mut self) -> SlabInput {
+        tokio::select! {
+            action = event_loop::unless_absent(self.tui.as_mut().map(|t| t.next_action())) => {
+                SlabInput::Key(action)
+            }
+            conn = event_loop::unless_absent(self.metrics.as_ref().map(|l| l.accept())) => {
+                SlabInput::Scrape(conn)
+            }
+        }
+    }
+
+    fn handle(&mut self, input: SlabInput) -> Result<Flow> {
+        match input {
+            SlabInput::Key(tui::Action::Quit) => return Ok(Flow::Stop),
+            SlabInput::Key(tui::Action::Redraw) => {
+                if let Some(t) = self.tui.as_mut() {
+                    t.redraw()?;
+                }
+            }
+            SlabInput::Key(tui::Action::Regroup) => {
+                self.state.group_by = self.state.group_by.next();
+            }
+            SlabInput::Key(tui::Action::None) => {}
+            // A failed accept (e.g. out of fds) costs one scrape, not the run.
+            SlabInput::Scrape(Ok((conn, _))) => {
+                tokio::spawn(output::metrics::serve(conn, self.metrics_body.clone()));
+            }
+            SlabInput::Scrape(Err(_)) => {}
+        }
+        Ok(Flow::Continue)
+    }
+}
+
+fn emit_snapshot(
+    args: &TraceOptions,
+    report: &Report,
+    tui: Option<&mut Tui>,
+    opts: &TextOptions,
+) -> Result<()> {
+    if let Some(tui) = tui {
+        return tui.show(report);
+    }
+    stdout::print(report, args.run.json, Printed::Snapshot, || {
+        let cut = report.cut(args.limit, args.stacks, args.comm.as_deref());
+        view::render(&cut, opts)
+    })
+}
+
+/// Files first, so a closed stdout (e.g. `| head`) cannot cost the profile;
+/// then the report, even when a file failed: it is the one output that
+/// always reaches the user, and the run still exits non-zero.
+pub fn emit_final(
+    args: &TraceOptions,
+    outputs: &output::Outputs,
+    report: &Report,
+    patience: &output::files::Patience<'_>,
+) -> Result<()> {
+    let files = outputs.write(report, patience);
+    let printed = stdout::print(report, args.run.json, Printed::Final, || {
+        let cut = report.cut(args.limit, args.stacks, args.comm.as_deref());
+        view::render(&cut, &text_options(args, None))
+    });
+    files.and(printed)
+}
+
+fn text_options(args: &TraceOptions, frames: Option<usize>) -> TextOptions {
+    TextOptions {
+        frames,
+        sort_label: args.sort.name(),
+        interval_s: args.run.interval.as_secs_f64(),
+    }
+}
