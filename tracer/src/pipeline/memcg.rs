@@ -16,7 +16,8 @@ use crate::{
     kernel::btf::Btf,
     kernel::cgroupfs::{Dying, Hierarchy},
     kernel::clock::monotonic_ns,
-    kernel::features::{self, Features},
+    kernel::facts::{self, KernelFacts},
+    kernel::features,
     kernel::tracefs::Tracefs,
     memcg::{
         decode, hooks,
@@ -47,6 +48,8 @@ struct Run {
     opts: SnapshotOptions,
     decode_errors: u64,
     kmalloc_cg: bool,
+    /// The running kernel, read once at start (`kernel::facts`).
+    kernel: KernelRelease,
 }
 
 /// What `leaktrace memcg` is asked for (main.rs fills it from the command line).
@@ -106,18 +109,25 @@ pub async fn run(args: MemcgOptions) -> Result<()> {
         },
         decode_errors: 0,
         kmalloc_cg: root.join("sys/kernel/slab/kmalloc-cg-8").exists(),
+        kernel: running_kernel(root),
     };
     // A plain --list is a look at cgroupfs and /proc/cgroups: no BPF, no root.
     if (args.list || args.why.is_some()) && args.run.duration.is_none() {
         run.mode = "none (one-shot list from cgroupfs; --duration traces first)".into();
         let report = run.report("list", Counters::default());
-        return emit_final(&args, &report, pprof.as_ref(), &event_loop::EndMark::now());
+        return emit_final(
+            &args,
+            &report,
+            pprof.as_ref(),
+            &event_loop::EndMark::now(),
+            &run.kernel,
+        );
     }
 
     features::require_root()?;
     let tracefs = Tracefs::locate_or_mount()?;
-    let features = Features::detect(root, Some(tracefs.root()));
     let btf = Btf::from_sys_fs().ok();
+    let facts = KernelFacts::probe(root, Some(tracefs.root()), btf.as_ref());
     let plan = hooks::build(
         &tracefs,
         btf.as_ref(),
@@ -126,7 +136,7 @@ pub async fn run(args: MemcgOptions) -> Result<()> {
             pins: !args.no_pins,
             stacks: !args.no_kernel_stacks,
             all_hierarchies: false,
-            kprobes: features.kprobes
+            kprobes: facts.features.kprobes
                 && ["mem_cgroup_css_offline", "mem_cgroup_css_free"]
                     .iter()
                     .all(|f| crate::kernel::features::kernel_has_symbol(f)),
@@ -134,7 +144,7 @@ pub async fn run(args: MemcgOptions) -> Result<()> {
     )?;
     let ringbuf_bytes = event_loop::ringbuf_bytes(args.run.ringbuf_mib)?;
     let (hooks, ring) = Hooks::attach(&plan, args.max_objects, ringbuf_bytes)?;
-    run.mode = mode_line(&plan, &features);
+    run.mode = mode_line(&plan, &facts.features);
     run.attribution = plan.attribution.clone();
     // Take the walk again now that the hooks see every change: a memcg made
     // between the first walk and attach would otherwise be unknown.
@@ -172,10 +182,10 @@ pub async fn run(args: MemcgOptions) -> Result<()> {
         "final"
     };
     let report = run.report(kind, counters);
-    emit_final(&args, &report, pprof.as_ref(), &ended)
+    emit_final(&args, &report, pprof.as_ref(), &ended, &run.kernel)
 }
 
-fn mode_line(plan: &hooks::Plan, features: &Features) -> String {
+fn mode_line(plan: &hooks::Plan, features: &facts::Features) -> String {
     let events: Vec<String> = plan
         .attachments
         .iter()
@@ -321,7 +331,11 @@ impl Run {
             kernel,
             decode_errors: self.decode_errors,
             kernel_memcgs: matches!(kind, "list" | "final").then(KernelMemcgs::read),
-            kmem_accounting: kmem::Accounting::detect(Path::new("/"), &self.hierarchy),
+            kmem_accounting: kmem::Accounting::detect(
+                Path::new("/"),
+                &self.hierarchy,
+                &self.kernel.release,
+            ),
         }
     }
 }
@@ -341,6 +355,7 @@ fn emit_final(
     report: &Report,
     pprof: Option<&Destination>,
     ended: &event_loop::EndMark,
+    kernel: &KernelRelease,
 ) -> Result<()> {
     let file = pprof.map_or(Ok(()), |dest| {
         let cancelled = || ended.passed();
@@ -355,7 +370,7 @@ fn emit_final(
         })
     });
     let printed = stdout::print(report, args.run.json, Printed::Final, || match args.why {
-        Some(id) => view::why(report, id, &running_kernel()),
+        Some(id) => view::why(report, id, kernel),
         None => view::render(report, &view_options(args), true),
     });
     file.and(printed)?;
@@ -379,9 +394,8 @@ fn view_options(args: &MemcgOptions) -> ViewOptions {
 
 /// `--why` explains what releases a memcg on this kernel; an unreadable
 /// release reads as 0.0, whose explanations are the oldest kernels'.
-fn running_kernel() -> KernelRelease {
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let release = release.trim().to_string();
+fn running_kernel(root: &Path) -> KernelRelease {
+    let release = facts::read_release(root).unwrap_or_default();
     KernelRelease {
         version: kmem::kernel_version(&release).unwrap_or((0, 0)),
         release,

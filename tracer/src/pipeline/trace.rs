@@ -12,21 +12,18 @@ use std::{
 
 use anyhow::{Context, Result};
 use aya::maps::{MapData, RingBuf};
-use tracer_common::TaskOffsets;
 
 use crate::{
     bpf::stacks::StackId,
     kernel::btf::Btf,
-    kernel::cgroupfs::Hierarchy,
     kernel::clock::monotonic_ns,
-    kernel::features::{self, Features},
-    kernel::irq_context,
+    kernel::facts::KernelFacts,
+    kernel::features,
     kernel::meminfo,
     kernel::own_memory,
     kernel::pods::PodNames,
     kernel::procinfo::{self, CgroupPaths, ProcMeta, TracedProcess},
     kernel::slabinfo::{self, SlabLine},
-    kernel::task_offsets,
     kernel::tracefs::Tracefs,
     output,
     output::folded::Weight,
@@ -96,13 +93,13 @@ pub async fn run(args: TraceOptions, cache: &str) -> Result<()> {
         ..args
     };
     let tracefs = Tracefs::locate_or_mount()?;
-    let features = Features::detect(root, Some(tracefs.root()));
-    let catalogue = Catalogue::read(root).context("reading the slab cache catalogue")?;
-    let selection = caches::select(&catalogue, cache)?;
     // Without BTF the raw tracepoints' argument layout cannot be checked; the
     // classic tracepoints still work.
     let btf = Btf::from_sys_fs().ok();
-    let plan = plan::build(
+    let facts = KernelFacts::probe(root, Some(tracefs.root()), btf.as_ref());
+    let catalogue = Catalogue::read(root).context("reading the slab cache catalogue")?;
+    let selection = caches::select(&catalogue, cache)?;
+    let mut plan = plan::build(
         &tracefs,
         btf.as_ref(),
         &catalogue,
@@ -113,27 +110,23 @@ pub async fn run(args: TraceOptions, cache: &str) -> Result<()> {
             user_stacks: !args.no_user_stacks,
             hooks: args.hooks,
             stack_sample: if args.exact { 1 } else { args.stack_sample },
-            on_demand_maps: features::kernel_at_least(6, 1),
+            on_demand_maps: facts.on_demand_maps,
         },
     )?;
     let ringbuf_bytes = crate::pipeline::event_loop::ringbuf_bytes(args.run.ringbuf_mib)?;
-    let mut plan = plan;
-    // Wake the reader at a quarter full; the poll timer drains smaller batches.
-    plan.config.wakeup_bytes = u64::from(ringbuf_bytes / 4);
-    // Strata are keyed by the user path only on request: the walk costs more
-    // than the rest of a matched allocation (`cargo xtask bench`), and
-    // sampling is unbiased without it.
-    plan.config.user_fingerprint = u32::from(args.user_paths && !args.no_user_stacks);
-    let cgroup_source = cgroup_source(root, btf.as_ref());
-    plan.config.task = cgroup_source.task;
-    plan.notes.push(cgroup_source.note);
-    match irq_context::resolve(btf.as_ref()) {
-        Ok(irq) => plan.config.irq = irq,
-        Err(why) => plan.notes.push(format!(
-            "interrupt context unknown on this kernel ({why}): allocations made in softirq or \
-             irq are charged to the interrupted process"
-        )),
-    }
+    let slab_baseline = slab_line(root, &plan.cache, &selection.aliases_included);
+    let zoom_policy = zoom::Policy::default();
+    let finished = plan.finish(&plan::Finish {
+        facts: &facts,
+        btf: btf.as_ref(),
+        root,
+        ringbuf_bytes,
+        user_paths: args.user_paths && !args.no_user_stacks,
+        max_objects: args.max_objects,
+        active_objs: slab_baseline.as_ref().map(|l| l.active_objs),
+        zoom_window_cap: zoom_policy.kernel_window_cap(),
+    });
+    let max_objects = finished.max_objects;
     // The parsed BTF (~17 MB on 6.18) has done its work: freed before kallsyms
     // is loaded, its pages are reused instead of pinned under it in the heap.
     let have_btf = btf.is_some();
@@ -142,25 +135,6 @@ pub async fn run(args: TraceOptions, cache: &str) -> Result<()> {
     let mut symbols = Symbolizer::new();
     symbols.warm_kernel();
     own_memory::return_freed_memory();
-    let slab_baseline = slab_line(root, &plan.cache, &selection.aliases_included);
-    let max_objects = match args.max_objects {
-        Some(n) => n,
-        None => {
-            let active = slab_baseline.as_ref().map(|l| l.active_objs);
-            let n = plan::live_map_entries(active);
-            plan.notes.push(format!(
-                "sized to track {n} objects at once ({}; --max-objects sets it)",
-                active.map_or("/proc/slabinfo unreadable".to_string(), |a| format!(
-                    "twice the cache's {a} active objects, 65536 at least"
-                ))
-            ));
-            n
-        }
-    };
-    plan.config.live_bucket_mask =
-        plan::live_bucket_mask(max_objects, features::kernel_at_least(5, 12));
-    let zoom_policy = zoom::Policy::default();
-    plan.config.zoom_window_cap = zoom_policy.kernel_window_cap();
     let (mut probes, ring) = Probes::attach(&plan, max_objects, ringbuf_bytes, args.floor)?;
 
     if !(args.exact || args.no_kernel_stacks && args.no_user_stacks) {
@@ -185,7 +159,7 @@ pub async fn run(args: TraceOptions, cache: &str) -> Result<()> {
     }
     eprintln!(
         "leaktrace: {}",
-        plan::hooks_note(&features, &plan.attachments, have_btf)
+        plan::hooks_note(&facts.features, &plan.attachments, have_btf)
     );
     eprintln!(
         "leaktrace: attached to {} (bpf prog ids {:?}); Ctrl-C to stop",
@@ -215,7 +189,7 @@ pub async fn run(args: TraceOptions, cache: &str) -> Result<()> {
         ),
         symbols,
         procs: HashMap::new(),
-        cgroups: CgroupPaths::at(cgroup_source.mount),
+        cgroups: CgroupPaths::at(finished.cgroup_mount),
         pods: PodNames::new(&args.pods_root),
         slab_baseline: slab_baseline.map(|l| (l, Instant::now())),
         cache: plan.cache.clone(),
@@ -702,54 +676,5 @@ fn slab_picture(now: &SlabLine, baseline: Option<&(SlabLine, Instant)>) -> SlabP
         objsize: now.objsize,
         active_objs_delta: growth.as_ref().map_or(0, |g| g.objs_delta),
         active_objs_per_sec: growth.as_ref().map_or(0.0, |g| g.objs_per_sec),
-    }
-}
-
-/// Where the CGROUP column's ids come from and how they are named.
-struct CgroupSource {
-    task: TaskOffsets,
-    /// The hierarchy the ids are directories of.
-    mount: Option<std::path::PathBuf>,
-    note: String,
-}
-
-/// The memory cgroup where the memory controller is on a v1 hierarchy (the
-/// kernel walks `task->cgroups` for it), else the task's cgroup2 cgroup. The
-/// parent and process start are read wherever BTF has their offsets.
-fn cgroup_source(root: &Path, btf: Option<&Btf>) -> CgroupSource {
-    let mut task = TaskOffsets {
-        memcg_from_cgroup2: 1,
-        ..TaskOffsets::zeroed()
-    };
-    task_offsets::set_identity(btf, &mut task);
-    let v1 = Hierarchy::detect(root, None)
-        .ok()
-        .filter(|h| h.version == 1);
-    let cgroup2 = CgroupSource {
-        task,
-        mount: procinfo::cgroup2_mount(root),
-        note: "CGROUP is the allocating task's cgroup2 cgroup".to_string(),
-    };
-    let Some(h) = v1 else {
-        return cgroup2;
-    };
-    match task_offsets::memcg_walk(btf) {
-        Some(w) => CgroupSource {
-            task: task_offsets::combined(w, &task),
-            note: format!(
-                "CGROUP is the allocating task's memory cgroup on the v1 hierarchy at {} \
-                 (task->cgroups->subsys[memory], BTF offsets)",
-                h.mount.display()
-            ),
-            mount: Some(h.mount),
-        },
-        None => CgroupSource {
-            note: format!(
-                "CGROUP shows cgroup2 paths although memory is on the v1 hierarchy at {}: \
-                 without BTF the kernel side cannot read the task's v1 memory cgroup",
-                h.mount.display()
-            ),
-            ..cgroup2
-        },
     }
 }

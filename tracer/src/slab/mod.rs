@@ -6,6 +6,7 @@
 
 pub mod aggregator;
 pub mod caches;
+pub mod cgroup_source;
 pub mod decoder;
 pub mod estimate;
 pub mod grouping;

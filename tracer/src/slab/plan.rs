@@ -2,6 +2,8 @@
 //! field offsets from tracefs `format` files, gfp bit values from their print
 //! formats, which kmalloc classes land in the cache, and which tracepoints to attach.
 
+use std::path::{Path, PathBuf};
+
 use anyhow::{bail, Context, Result};
 use tracer_common::slab::{
     user::cache_name_words, AllocLayout, Config, CACHE_NAME_LEN, MAX_CACHE_NAMES, STACK_KERNEL,
@@ -10,9 +12,11 @@ use tracer_common::slab::{
 
 use crate::{
     kernel::btf::Btf,
-    kernel::features::Features,
+    kernel::facts::{Features, KernelFacts},
+    kernel::irq_context,
     kernel::tracefs::{EventFormat, Tracefs},
     slab::caches::{Catalogue, KmallocKind, Selection},
+    slab::cgroup_source::cgroup_source,
 };
 
 /// How a program hooks its event.
@@ -59,6 +63,9 @@ pub struct Plan {
     /// One-line facts the user should see at start (aliases included, fallbacks taken).
     pub notes: Vec<String>,
     pub cache: String,
+    /// The kernel reports runs it skipped for recursion in each program's
+    /// info (`KernelFacts::recursion_misses`); set by [`Plan::finish`].
+    pub recursion_misses: bool,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -71,7 +78,7 @@ pub struct PlanOptions {
     /// captures every allocation.
     pub stack_sample: u64,
     /// The kernel lets tracing programs use hash maps that are not
-    /// preallocated (bpf_mem_alloc, Linux 6.1+).
+    /// preallocated (`KernelFacts::on_demand_maps`).
     pub on_demand_maps: bool,
 }
 
@@ -402,7 +409,78 @@ pub fn build(
         live_map,
         notes,
         cache: sel.cache.clone(),
+        recursion_misses: false,
     })
+}
+
+/// What [`Plan::finish`] settles from the kernel's facts and the run's choices.
+pub struct Finish<'a> {
+    pub facts: &'a KernelFacts,
+    pub btf: Option<&'a Btf>,
+    pub root: &'a Path,
+    pub ringbuf_bytes: u32,
+    /// Key the exact counts by each allocation's first user frames too.
+    pub user_paths: bool,
+    /// `--max-objects`; None: sized from the cache's active objects.
+    pub max_objects: Option<u32>,
+    /// The cache's active objects at start (/proc/slabinfo), if readable.
+    pub active_objs: Option<u64>,
+    /// Expected zoomed draws the kernel allows per budget window.
+    pub zoom_window_cap: u64,
+}
+
+/// What the run keeps from finishing its plan.
+pub struct Finished {
+    /// Objects the kernel can track at once.
+    pub max_objects: u32,
+    /// The hierarchy the CGROUP column's ids are directories of.
+    pub cgroup_mount: Option<PathBuf>,
+}
+
+impl Plan {
+    /// The rest of the kernel side's configuration, decided once the cache's
+    /// hooks are known: how the ring buffer wakes the reader, what keys the
+    /// strata, where the task's cgroup and interrupt context are read, and how
+    /// the live-object map is sized and probed.
+    pub fn finish(&mut self, f: &Finish) -> Finished {
+        // Wake the reader at a quarter full; the poll timer drains smaller batches.
+        self.config.wakeup_bytes = u64::from(f.ringbuf_bytes / 4);
+        // Strata are keyed by the user path only on request: the walk costs more
+        // than the rest of a matched allocation (`cargo xtask bench`), and
+        // sampling is unbiased without it.
+        self.config.user_fingerprint = u32::from(f.user_paths);
+        let cgroup_source = cgroup_source(f.root, f.btf);
+        self.config.task = cgroup_source.task;
+        self.notes.push(cgroup_source.note);
+        match irq_context::resolve(f.btf) {
+            Ok(irq) => self.config.irq = irq,
+            Err(why) => self.notes.push(format!(
+                "interrupt context unknown on this kernel ({why}): allocations made in softirq \
+                 or irq are charged to the interrupted process"
+            )),
+        }
+        let max_objects = match f.max_objects {
+            Some(n) => n,
+            None => {
+                let n = live_map_entries(f.active_objs);
+                self.notes.push(format!(
+                    "sized to track {n} objects at once ({}; --max-objects sets it)",
+                    f.active_objs
+                        .map_or("/proc/slabinfo unreadable".to_string(), |a| format!(
+                            "twice the cache's {a} active objects, 65536 at least"
+                        ))
+                ));
+                n
+            }
+        };
+        self.config.live_bucket_mask = live_bucket_mask(max_objects, f.facts.bpf_cmpxchg);
+        self.config.zoom_window_cap = f.zoom_window_cap;
+        self.recursion_misses = f.facts.recursion_misses;
+        Finished {
+            max_objects,
+            cgroup_mount: cgroup_source.mount,
+        }
+    }
 }
 
 fn missing(tracefs: &Tracefs, event: &str) -> anyhow::Error {
