@@ -5,6 +5,7 @@
 
 use crate::{IrqContext, TaskOffsets};
 
+pub mod programs;
 #[cfg(feature = "user")]
 pub mod user;
 

@@ -6,8 +6,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use tracer_common::slab::{
-    user::cache_name_words, AllocLayout, Config, CACHE_NAME_LEN, MAX_CACHE_NAMES, STACK_KERNEL,
-    STACK_USER,
+    programs::{name as program, PROGRAMS},
+    user::cache_name_words,
+    AllocLayout, Config, CACHE_NAME_LEN, MAX_CACHE_NAMES, STACK_KERNEL, STACK_USER,
 };
 
 use crate::{
@@ -123,14 +124,11 @@ pub fn spare_program(raw: &str) -> Option<&'static str> {
         Some(program) => (program, false),
         None => (raw, true),
     };
-    let spare = match program {
-        "kfree_raw" => "kfree_raw_spare",
-        "kmem_cache_free_raw" => "kmem_cache_free_raw_spare",
-        "kmalloc_raw" => "kmalloc_raw_spare",
-        "kmem_cache_alloc_raw" => "kmem_cache_alloc_raw_spare",
-        _ => return None,
-    };
-    Some(program_variant(spare, live_slots))
+    // Only raw hooks have spares, and each is named after its program.
+    let spare = PROGRAMS
+        .iter()
+        .find(|p| p.spare && p.name.strip_suffix("_spare") == Some(program))?;
+    Some(program_variant(spare.name, live_slots))
 }
 
 /// The name suffix of the programs built without compare-and-swap.
@@ -138,28 +136,17 @@ const NOCAS: &str = "_nocas";
 
 /// The program to load for the plan's `program`: the same program built
 /// without BPF compare-and-swap where the kernel has none (`live_slots` false:
-/// `live_bucket_mask` 0, Linux before 5.12, whose verifier rejects a
-/// `BPF_CMPXCHG` anywhere in a program; see the `_nocas` programs in
-/// tracer-ebpf/src/slab.rs).
+/// `live_bucket_mask` 0, `KernelFacts::bpf_cmpxchg` false, Linux before 5.12,
+/// whose verifier rejects a `BPF_CMPXCHG` anywhere in a program; see the
+/// `_nocas` programs in tracer-ebpf/src/slab.rs).
 pub fn program_variant(program: &'static str, live_slots: bool) -> &'static str {
     if live_slots {
         return program;
     }
-    match program {
-        "kmalloc" => "kmalloc_nocas",
-        "kmem_cache_alloc" => "kmem_cache_alloc_nocas",
-        "kfree" => "kfree_nocas",
-        "kmem_cache_free" => "kmem_cache_free_nocas",
-        "kmalloc_raw" => "kmalloc_raw_nocas",
-        "kmem_cache_alloc_raw" => "kmem_cache_alloc_raw_nocas",
-        "kmalloc_raw_spare" => "kmalloc_raw_spare_nocas",
-        "kmem_cache_alloc_raw_spare" => "kmem_cache_alloc_raw_spare_nocas",
-        "kfree_raw" => "kfree_raw_nocas",
-        "kmem_cache_free_raw" => "kmem_cache_free_raw_nocas",
-        "kfree_raw_spare" => "kfree_raw_spare_nocas",
-        "kmem_cache_free_raw_spare" => "kmem_cache_free_raw_spare_nocas",
-        other => other,
-    }
+    PROGRAMS
+        .iter()
+        .find(|p| p.name == program)
+        .map_or(program, |p| p.nocas)
 }
 
 pub fn is_spare(program: &str) -> bool {
@@ -253,15 +240,15 @@ pub fn build(
 
     // Frees are matched against the kernel's live map, so both free paths are always needed:
     // kmalloc'd memory may be freed by kmem_cache_free and cache objects by kfree.
-    match hooks.add("kfree", "kfree", "kfree_raw", RAW_FREE, true)? {
+    match hooks.add("kfree", program::kfree, program::kfree_raw, RAW_FREE, true)? {
         None => return Err(missing(tracefs, "kfree")),
         Some(Some(fmt)) => cfg.kfree_ptr = fmt.offset_of("ptr", 8)?,
         Some(None) => {}
     }
     match hooks.add(
         "kmem_cache_free",
-        "kmem_cache_free",
-        "kmem_cache_free_raw",
+        program::kmem_cache_free,
+        program::kmem_cache_free_raw,
         RAW_FREE,
         true,
     )? {
@@ -294,7 +281,13 @@ pub fn build(
         cfg.kmalloc_classes = class_bitmap(&kinds, present);
         // Before 6.1 NUMA-node kmallocs had their own tracepoint with the same leading fields.
         for event in ["kmalloc", "kmalloc_node"] {
-            if let Some(Some(f)) = hooks.add(event, "kmalloc", "kmalloc_raw", RAW_KMALLOC, true)? {
+            if let Some(Some(f)) = hooks.add(
+                event,
+                program::kmalloc,
+                program::kmalloc_raw,
+                RAW_KMALLOC,
+                true,
+            )? {
                 let layout = alloc_layout(&f)?;
                 if cfg.kmalloc != AllocLayout::default() && cfg.kmalloc != layout {
                     bail!("kmem:kmalloc and kmem:{event} lay out their fields differently; not supported");
@@ -319,8 +312,8 @@ pub fn build(
             let raw_ok = kmem_cache.is_some();
             let Some(Some(fmt)) = hooks.add(
                 event,
-                "kmem_cache_alloc",
-                "kmem_cache_alloc_raw",
+                program::kmem_cache_alloc,
+                program::kmem_cache_alloc_raw,
                 RAW_CACHE_ALLOC,
                 raw_ok,
             )?
@@ -343,7 +336,7 @@ pub fn build(
         if !hooks
             .attachments
             .iter()
-            .any(|a| a.program.starts_with("kmem_cache_alloc"))
+            .any(|a| a.program.starts_with(program::kmem_cache_alloc))
         {
             return Err(missing(tracefs, "kmem_cache_alloc"));
         }
