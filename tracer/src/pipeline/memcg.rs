@@ -1,4 +1,4 @@
-//! `leaktrace memcg`'s run: preflight, plan and attach (`memcg::hooks`), then
+//! `leaktrace memcg`'s run: preflight, plan and attach (`memcg::plan`, `memcg::hooks`), then
 //! ring buffer -> `memcg::decode` -> `memcg::state::Tracker` -> report ->
 //! view or JSON on the shared loop (`event_loop.rs`), until Ctrl-C, SIGTERM or
 //! --duration; then detach and print the final report (and --pprof).
@@ -20,9 +20,9 @@ use crate::{
     kernel::features,
     kernel::tracefs::Tracefs,
     memcg::{
-        decode, hooks,
+        decode,
         hooks::{Counters, Hooks},
-        kmem, pprof,
+        kmem, plan, pprof,
         report::{KernelMemcgs, Preexisting, Report, SCHEMA_VERSION},
         state::{SnapshotOptions, Tracker},
     },
@@ -128,18 +128,15 @@ pub async fn run(args: MemcgOptions) -> Result<()> {
     let tracefs = Tracefs::locate_or_mount()?;
     let btf = Btf::from_sys_fs().ok();
     let facts = KernelFacts::probe(root, Some(tracefs.root()), btf.as_ref());
-    let plan = hooks::build(
+    let plan = plan::build(
         &tracefs,
         btf.as_ref(),
         &run.hierarchy,
-        &hooks::PlanOptions {
+        &plan::PlanOptions {
             pins: !args.no_pins,
             stacks: !args.no_kernel_stacks,
             all_hierarchies: false,
-            kprobes: facts.features.kprobes
-                && ["mem_cgroup_css_offline", "mem_cgroup_css_free"]
-                    .iter()
-                    .all(|f| crate::kernel::features::kernel_has_symbol(f)),
+            kprobes: plan::kprobes_usable(&facts),
         },
     )?;
     let ringbuf_bytes = event_loop::ringbuf_bytes(args.run.ringbuf_mib)?;
@@ -185,7 +182,7 @@ pub async fn run(args: MemcgOptions) -> Result<()> {
     emit_final(&args, &report, pprof.as_ref(), &ended, &run.kernel)
 }
 
-fn mode_line(plan: &hooks::Plan, features: &facts::Features) -> String {
+fn mode_line(plan: &plan::Plan, features: &facts::Features) -> String {
     let events: Vec<String> = plan
         .attachments
         .iter()
