@@ -34,11 +34,11 @@ use crate::{
     present::view::{self, TextOptions},
     slab::aggregator::{Aggregator, Interrupt, ProcKey, SnapshotOptions, SortKey},
     slab::caches::{self, Catalogue},
-    slab::decoder::decode,
     slab::grouping::{self, GroupBy},
     slab::plan::{self, HookMode},
     slab::probes::{Floor, Probes},
     slab::report::{self, Header, Naming, Report, SlabPicture, TracedPid},
+    slab::source::{AllocSource, SlabCaches},
     slab::zoom::{self, Zoom},
     symbolize::Symbolizer,
 };
@@ -99,12 +99,17 @@ pub async fn run(args: TraceOptions, cache: &str) -> Result<()> {
     let facts = KernelFacts::probe(root, Some(tracefs.root()), btf.as_ref());
     let catalogue = Catalogue::read(root).context("reading the slab cache catalogue")?;
     let selection = caches::select(&catalogue, cache)?;
-    let mut plan = plan::build(
-        &tracefs,
-        btf.as_ref(),
-        &catalogue,
-        &selection,
-        &plan::PlanOptions {
+    // What slabinfo said before attaching, and how the tracked objects are sized.
+    let slab_baseline = slab_line(root, &selection.cache, &selection.aliases_included);
+    let ringbuf_bytes = crate::pipeline::event_loop::ringbuf_bytes(args.run.ringbuf_mib)?;
+    let zoom_policy = zoom::Policy::default();
+    let mut plan = SlabCaches {
+        tracefs: &tracefs,
+        btf: btf.as_ref(),
+        root,
+        catalogue: &catalogue,
+        selection: &selection,
+        options: plan::PlanOptions {
             pid: args.pid,
             kernel_stacks: !args.no_kernel_stacks,
             user_stacks: !args.no_user_stacks,
@@ -112,21 +117,16 @@ pub async fn run(args: TraceOptions, cache: &str) -> Result<()> {
             stack_sample: if args.exact { 1 } else { args.stack_sample },
             on_demand_maps: facts.on_demand_maps,
         },
-    )?;
-    let ringbuf_bytes = crate::pipeline::event_loop::ringbuf_bytes(args.run.ringbuf_mib)?;
-    let slab_baseline = slab_line(root, &plan.cache, &selection.aliases_included);
-    let zoom_policy = zoom::Policy::default();
-    let finished = plan.finish(&plan::Finish {
-        facts: &facts,
-        btf: btf.as_ref(),
-        root,
-        ringbuf_bytes,
-        user_paths: args.user_paths && !args.no_user_stacks,
-        max_objects: args.max_objects,
-        active_objs: slab_baseline.as_ref().map(|l| l.active_objs),
-        zoom_window_cap: zoom_policy.kernel_window_cap(),
-    });
-    let max_objects = finished.max_objects;
+        finish: plan::Finish {
+            ringbuf_bytes,
+            user_paths: args.user_paths && !args.no_user_stacks,
+            max_objects: args.max_objects,
+            active_objs: slab_baseline.as_ref().map(|l| l.active_objs),
+            zoom_window_cap: zoom_policy.kernel_window_cap(),
+        },
+    }
+    .plan(&facts)?;
+    let max_objects = plan.max_objects;
     // The parsed BTF (~17 MB on 6.18) has done its work: freed before kallsyms
     // is loaded, its pages are reused instead of pinned under it in the heap.
     let have_btf = btf.is_some();
@@ -189,10 +189,10 @@ pub async fn run(args: TraceOptions, cache: &str) -> Result<()> {
         ),
         symbols,
         procs: HashMap::new(),
-        cgroups: CgroupPaths::at(finished.cgroup_mount),
+        cgroups: CgroupPaths::at(plan.cgroup_mount.clone()),
         pods: PodNames::new(&args.pods_root),
         slab_baseline: slab_baseline.map(|l| (l, Instant::now())),
-        cache: plan.cache.clone(),
+        cache: SlabCaches::name(&plan).to_string(),
         aliases: selection.aliases_included.clone(),
         started_ns: monotonic_ns(),
         snapshot_opts: SnapshotOptions {
@@ -573,7 +573,7 @@ fn drain(state: &mut State, ring: &mut RingBuf<MapData>) {
     // next poll in time); past the budget they wait in the queue.
     let start = Instant::now();
     while let Some(item) = ring.next() {
-        match decode(&item) {
+        match SlabCaches::decode(&item) {
             Ok(event) => {
                 let new = state.agg.apply(&event);
                 if let Some(key) = new.process.filter(|k| Interrupt::of_key(*k).is_none()) {

@@ -13,4 +13,5 @@ pub mod grouping;
 pub mod plan;
 pub mod probes;
 pub mod report;
+pub mod source;
 pub mod zoom;

@@ -67,6 +67,11 @@ pub struct Plan {
     /// The kernel reports runs it skipped for recursion in each program's
     /// info (`KernelFacts::recursion_misses`); set by [`Plan::finish`].
     pub recursion_misses: bool,
+    /// Objects the kernel can track at once; set by [`Plan::finish`].
+    pub max_objects: u32,
+    /// The hierarchy the CGROUP column's ids are directories of; set by
+    /// [`Plan::finish`].
+    pub cgroup_mount: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -403,14 +408,14 @@ pub fn build(
         notes,
         cache: sel.cache.clone(),
         recursion_misses: false,
+        max_objects: 0,
+        cgroup_mount: None,
     })
 }
 
-/// What [`Plan::finish`] settles from the kernel's facts and the run's choices.
-pub struct Finish<'a> {
-    pub facts: &'a KernelFacts,
-    pub btf: Option<&'a Btf>,
-    pub root: &'a Path,
+/// The run's choices [`Plan::finish`] settles with the kernel's facts.
+#[derive(Debug, Clone, Default)]
+pub struct Finish {
     pub ringbuf_bytes: u32,
     /// Key the exact counts by each allocation's first user frames too.
     pub user_paths: bool,
@@ -422,30 +427,22 @@ pub struct Finish<'a> {
     pub zoom_window_cap: u64,
 }
 
-/// What the run keeps from finishing its plan.
-pub struct Finished {
-    /// Objects the kernel can track at once.
-    pub max_objects: u32,
-    /// The hierarchy the CGROUP column's ids are directories of.
-    pub cgroup_mount: Option<PathBuf>,
-}
-
 impl Plan {
     /// The rest of the kernel side's configuration, decided once the cache's
     /// hooks are known: how the ring buffer wakes the reader, what keys the
     /// strata, where the task's cgroup and interrupt context are read, and how
     /// the live-object map is sized and probed.
-    pub fn finish(&mut self, f: &Finish) -> Finished {
+    pub fn finish(&mut self, facts: &KernelFacts, btf: Option<&Btf>, root: &Path, f: &Finish) {
         // Wake the reader at a quarter full; the poll timer drains smaller batches.
         self.config.wakeup_bytes = u64::from(f.ringbuf_bytes / 4);
         // Strata are keyed by the user path only on request: the walk costs more
         // than the rest of a matched allocation (`cargo xtask bench`), and
         // sampling is unbiased without it.
         self.config.user_fingerprint = u32::from(f.user_paths);
-        let cgroup_source = cgroup_source(f.root, f.btf);
+        let cgroup_source = cgroup_source(root, btf);
         self.config.task = cgroup_source.task;
         self.notes.push(cgroup_source.note);
-        match irq_context::resolve(f.btf) {
+        match irq_context::resolve(btf) {
             Ok(irq) => self.config.irq = irq,
             Err(why) => self.notes.push(format!(
                 "interrupt context unknown on this kernel ({why}): allocations made in softirq \
@@ -466,13 +463,11 @@ impl Plan {
                 n
             }
         };
-        self.config.live_bucket_mask = live_bucket_mask(max_objects, f.facts.bpf_cmpxchg);
+        self.config.live_bucket_mask = live_bucket_mask(max_objects, facts.bpf_cmpxchg);
         self.config.zoom_window_cap = f.zoom_window_cap;
-        self.recursion_misses = f.facts.recursion_misses;
-        Finished {
-            max_objects,
-            cgroup_mount: cgroup_source.mount,
-        }
+        self.recursion_misses = facts.recursion_misses;
+        self.max_objects = max_objects;
+        self.cgroup_mount = cgroup_source.mount;
     }
 }
 
