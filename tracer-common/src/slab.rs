@@ -5,6 +5,7 @@
 
 use crate::{IrqContext, TaskOffsets};
 
+pub mod programs;
 #[cfg(feature = "user")]
 pub mod user;
 
@@ -271,7 +272,7 @@ impl Config {
 
 /// Fields every selected allocation carries across the ring buffer.
 #[repr(C)]
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AllocHeader {
     /// [`EVENT_ALLOC`](crate::EVENT_ALLOC) when stacks follow ([`AllocEvent`]),
     /// [`EVENT_ALLOC_NO_STACKS`](crate::EVENT_ALLOC_NO_STACKS) when they were

@@ -171,67 +171,101 @@ fn wakeup_flags() -> u64 {
 
 tracer_ebpf::object_maps!(CONFIG: Config, COUNTERS);
 
+// The entry points, generated from the slab object's one program table
+// (`tracer_common::slab_programs!`, whose names userspace loads), each calling
+// its handler built with compare-and-swap and, under the `_nocas` name,
+// without it.
+//
 // Classic tracepoints: fields read from the perf record at offsets taken from
 // the running kernel's tracefs format files. Used where BTF is missing.
-
-#[tracepoint]
-pub fn kmalloc(ctx: TracePointContext) -> u32 {
-    let _ = tp_kmalloc::<true>(&ctx);
-    0
-}
-
-#[tracepoint]
-pub fn kmem_cache_alloc(ctx: TracePointContext) -> u32 {
-    let _ = tp_cache_alloc::<true>(&ctx);
-    0
-}
-
-#[tracepoint]
-pub fn kfree(ctx: TracePointContext) -> u32 {
-    tp_free::<true>(&ctx, config().kfree_ptr);
-    0
-}
-
-#[tracepoint]
-pub fn kmem_cache_free(ctx: TracePointContext) -> u32 {
-    tp_free::<true>(&ctx, config().cache_free_ptr);
-    0
-}
-
+//
 // Raw tracepoints: the TP_PROTO arguments themselves, no perf record is built,
 // which is most of a classic tracepoint's cost on a filter miss. Argument
 // positions are constants here; userspace attaches these only after checking
 // them against the running kernel's BTF (`__bpf_trace_<event>` parameters).
+//
+// Spares on the raw free hooks: a raw tracepoint skips a program that is
+// already running on this CPU (`prog->active`, 6.1+): a kfree from a softirq
+// that interrupts our kfree program would go unseen and its object would look
+// leaked forever. The spare is a different program, so it runs exactly then;
+// in the common case it finds the object already gone and returns. Spares on
+// the allocation hooks, for the same reason: they record an allocation only
+// if the main program did not (its pointer is not in LIVE), i.e. when the
+// kernel skipped the main program because it was already running on this CPU
+// (interrupted or, where tracepoint programs run preemptibly, preempted by
+// another task).
+//
+// The `_nocas` builds are for kernels without BPF compare-and-swap (before
+// 5.12, `BPF_CMPXCHG`): their verifier rejects the instruction anywhere in a
+// program, even where the frozen config makes it unreachable, so these are
+// built without the live-object slots and keep every pointer in `LIVE`.
+// Userspace loads them instead (`plan::program_variant`) where
+// `live_bucket_mask` is 0.
 
-#[raw_tracepoint]
-pub fn kmalloc_raw(ctx: RawTracePointContext) -> i32 {
-    raw_kmalloc::<true>(&ctx, false);
-    0
+macro_rules! entry_points {
+    ($($hook:ident $what:ident $role:ident: $name:ident, $nocas:ident;)*) => {
+        $(
+            entry_point!($hook $what $role $name true);
+            entry_point!($hook $what $role $nocas false);
+        )*
+    };
 }
 
-#[raw_tracepoint]
-pub fn kmem_cache_alloc_raw(ctx: RawTracePointContext) -> i32 {
-    let _ = raw_cache_alloc::<true>(&ctx, config(), false);
-    0
+macro_rules! entry_point {
+    (tracepoint $what:ident $role:ident $name:ident $cas:literal) => {
+        #[tracepoint]
+        pub fn $name(ctx: TracePointContext) -> u32 {
+            handle!(tracepoint $what $role ctx $cas);
+            0
+        }
+    };
+    (raw_tracepoint $what:ident $role:ident $name:ident $cas:literal) => {
+        #[raw_tracepoint]
+        pub fn $name(ctx: RawTracePointContext) -> i32 {
+            handle!(raw_tracepoint $what $role ctx $cas);
+            0
+        }
+    };
 }
 
-// Spares on the allocation hooks, for the same reason as on the free hooks
-// below: they record an allocation only if the main program did not (its
-// pointer is not in LIVE), i.e. when the kernel skipped the main program
-// because it was already running on this CPU (interrupted or, where
-// tracepoint programs run preemptibly, preempted by another task).
-
-#[raw_tracepoint]
-pub fn kmalloc_raw_spare(ctx: RawTracePointContext) -> i32 {
-    raw_kmalloc::<true>(&ctx, true);
-    0
+macro_rules! spare {
+    (main) => {
+        false
+    };
+    (spare) => {
+        true
+    };
 }
 
-#[raw_tracepoint]
-pub fn kmem_cache_alloc_raw_spare(ctx: RawTracePointContext) -> i32 {
-    let _ = raw_cache_alloc::<true>(&ctx, config(), true);
-    0
+/// What each row of the table does with its event.
+macro_rules! handle {
+    (tracepoint kmalloc main $ctx:ident $cas:literal) => {
+        let _ = tp_kmalloc::<$cas>(&$ctx);
+    };
+    (tracepoint cache_alloc main $ctx:ident $cas:literal) => {
+        let _ = tp_cache_alloc::<$cas>(&$ctx);
+    };
+    (tracepoint kfree main $ctx:ident $cas:literal) => {
+        tp_free::<$cas>(&$ctx, config().kfree_ptr)
+    };
+    (tracepoint cache_free main $ctx:ident $cas:literal) => {
+        tp_free::<$cas>(&$ctx, config().cache_free_ptr)
+    };
+    (raw_tracepoint kmalloc $role:ident $ctx:ident $cas:literal) => {
+        raw_kmalloc::<$cas>(&$ctx, spare!($role))
+    };
+    (raw_tracepoint cache_alloc $role:ident $ctx:ident $cas:literal) => {
+        let _ = raw_cache_alloc::<$cas>(&$ctx, config(), spare!($role));
+    };
+    (raw_tracepoint kfree $role:ident $ctx:ident $cas:literal) => {
+        raw_free::<$cas>($ctx.arg(1), SEEN_KFREE, spare!($role))
+    };
+    (raw_tracepoint cache_free $role:ident $ctx:ident $cas:literal) => {
+        raw_free::<$cas>($ctx.arg(1), SEEN_CACHE_FREE, spare!($role))
+    };
 }
+
+tracer_common::slab_programs!(entry_points);
 
 #[inline(always)]
 fn raw_kmalloc<const CAS: bool>(ctx: &RawTracePointContext, spare: bool) {
@@ -263,36 +297,6 @@ fn raw_kmalloc<const CAS: bool>(ctx: &RawTracePointContext, spare: bool) {
     let _ = record::<CAS>(ctx.as_ptr(), &site, spare);
 }
 
-#[raw_tracepoint]
-pub fn kfree_raw(ctx: RawTracePointContext) -> i32 {
-    raw_free::<true>(ctx.arg(1), SEEN_KFREE, false);
-    0
-}
-
-#[raw_tracepoint]
-pub fn kmem_cache_free_raw(ctx: RawTracePointContext) -> i32 {
-    raw_free::<true>(ctx.arg(1), SEEN_CACHE_FREE, false);
-    0
-}
-
-// Spares on the same free hooks. A raw tracepoint skips a program that is
-// already running on this CPU (`prog->active`, 6.1+): a kfree from a softirq
-// that interrupts our kfree program would go unseen and its object would look
-// leaked forever. The spare is a different program, so it runs exactly then;
-// in the common case it finds the object already gone and returns.
-
-#[raw_tracepoint]
-pub fn kfree_raw_spare(ctx: RawTracePointContext) -> i32 {
-    raw_free::<true>(ctx.arg(1), SEEN_KFREE, true);
-    0
-}
-
-#[raw_tracepoint]
-pub fn kmem_cache_free_raw_spare(ctx: RawTracePointContext) -> i32 {
-    raw_free::<true>(ctx.arg(1), SEEN_CACHE_FREE, true);
-    0
-}
-
 #[inline(always)]
 fn raw_free<const CAS: bool>(ptr: u64, seen: u32, spare: bool) {
     if !spare {
@@ -302,85 +306,6 @@ fn raw_free<const CAS: bool>(ptr: u64, seen: u32, spare: bool) {
         return;
     }
     on_free::<CAS>(ptr);
-}
-
-// The same programs for kernels without BPF compare-and-swap (before 5.12,
-// `BPF_CMPXCHG`): their verifier rejects the instruction anywhere in a
-// program, even where the frozen config makes it unreachable, so these are
-// built without the live-object slots and keep every pointer in `LIVE`.
-// Userspace loads them instead (`plan::program_variant`) where
-// `live_bucket_mask` is 0.
-
-#[tracepoint]
-pub fn kmalloc_nocas(ctx: TracePointContext) -> u32 {
-    let _ = tp_kmalloc::<false>(&ctx);
-    0
-}
-
-#[tracepoint]
-pub fn kmem_cache_alloc_nocas(ctx: TracePointContext) -> u32 {
-    let _ = tp_cache_alloc::<false>(&ctx);
-    0
-}
-
-#[tracepoint]
-pub fn kfree_nocas(ctx: TracePointContext) -> u32 {
-    tp_free::<false>(&ctx, config().kfree_ptr);
-    0
-}
-
-#[tracepoint]
-pub fn kmem_cache_free_nocas(ctx: TracePointContext) -> u32 {
-    tp_free::<false>(&ctx, config().cache_free_ptr);
-    0
-}
-
-#[raw_tracepoint]
-pub fn kmalloc_raw_nocas(ctx: RawTracePointContext) -> i32 {
-    raw_kmalloc::<false>(&ctx, false);
-    0
-}
-
-#[raw_tracepoint]
-pub fn kmem_cache_alloc_raw_nocas(ctx: RawTracePointContext) -> i32 {
-    let _ = raw_cache_alloc::<false>(&ctx, config(), false);
-    0
-}
-
-#[raw_tracepoint]
-pub fn kmalloc_raw_spare_nocas(ctx: RawTracePointContext) -> i32 {
-    raw_kmalloc::<false>(&ctx, true);
-    0
-}
-
-#[raw_tracepoint]
-pub fn kmem_cache_alloc_raw_spare_nocas(ctx: RawTracePointContext) -> i32 {
-    let _ = raw_cache_alloc::<false>(&ctx, config(), true);
-    0
-}
-
-#[raw_tracepoint]
-pub fn kfree_raw_nocas(ctx: RawTracePointContext) -> i32 {
-    raw_free::<false>(ctx.arg(1), SEEN_KFREE, false);
-    0
-}
-
-#[raw_tracepoint]
-pub fn kmem_cache_free_raw_nocas(ctx: RawTracePointContext) -> i32 {
-    raw_free::<false>(ctx.arg(1), SEEN_CACHE_FREE, false);
-    0
-}
-
-#[raw_tracepoint]
-pub fn kfree_raw_spare_nocas(ctx: RawTracePointContext) -> i32 {
-    raw_free::<false>(ctx.arg(1), SEEN_KFREE, true);
-    0
-}
-
-#[raw_tracepoint]
-pub fn kmem_cache_free_raw_spare_nocas(ctx: RawTracePointContext) -> i32 {
-    raw_free::<false>(ctx.arg(1), SEEN_CACHE_FREE, true);
-    0
 }
 
 // Empty programs on the same hooks: the floor `cargo xtask bench` measures

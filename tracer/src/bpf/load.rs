@@ -15,34 +15,10 @@ use aya::{
 };
 
 /// aya's ProgramInfo does not expose recursion_misses, so ask BPF_OBJ_GET_INFO_BY_FD.
-/// A kernel older than the field leaves it zero; callers that care check the version.
+/// A kernel older than the field leaves it zero; callers that care check
+/// `KernelFacts::recursion_misses`.
 pub(crate) fn prog_info(fd: i32) -> Option<aya_obj::generated::bpf_prog_info> {
-    #[repr(C)]
-    struct InfoAttr {
-        bpf_fd: u32,
-        info_len: u32,
-        info: u64,
-    }
-    // SAFETY: bpf_prog_info is plain data; zero is a valid value for every field.
-    let mut info: aya_obj::generated::bpf_prog_info = unsafe { std::mem::zeroed() };
-    let mut attr = InfoAttr {
-        bpf_fd: fd as u32,
-        info_len: std::mem::size_of_val(&info) as u32,
-        info: std::ptr::addr_of_mut!(info) as u64,
-    };
-    // The UAPI's numbers, as aya's own bindings carry them.
-    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long =
-        aya_obj::generated::bpf_cmd::BPF_OBJ_GET_INFO_BY_FD as libc::c_long;
-    // SAFETY: attr and info outlive the call; the kernel writes at most info_len bytes.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET_INFO_BY_FD,
-            std::ptr::addr_of_mut!(attr),
-            std::mem::size_of::<InfoAttr>(),
-        )
-    };
-    (rc == 0).then_some(info)
+    crate::kernel::bpf_probe::prog_info_len(fd).map(|(info, _)| info)
 }
 
 pub(crate) const BPF_F_NO_PREALLOC: u32 = aya_obj::generated::BPF_F_NO_PREALLOC;

@@ -4,31 +4,7 @@
 
 use serde::Serialize;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
-pub struct Version {
-    pub major: u32,
-    pub minor: u32,
-    pub patch: u32,
-}
-
-/// `6.18.44-fc-v669` -> 6.18.44; `3.10.0-1160.el7.x86_64` -> 3.10.0. None when the release
-/// does not start with a dotted version (then no range is claimed).
-pub fn parse_version(release: &str) -> Option<Version> {
-    let head = release.split(['-', '+', '_', ' ']).next()?;
-    let mut parts = head.split('.');
-    let mut num = |required: bool| -> Option<u32> {
-        match parts.next() {
-            Some(p) => p.parse().ok(),
-            None if required => None,
-            None => Some(0),
-        }
-    };
-    Some(Version {
-        major: num(true)?,
-        minor: num(true)?,
-        patch: num(false)?,
-    })
-}
+pub use crate::kernel::facts::parse_version;
 
 /// The build number of a RHEL/CentOS kernel (`4.18.0-176.el8` -> 176): backports make
 /// the upstream version alone misleading there.

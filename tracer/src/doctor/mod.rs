@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use serde::Serialize;
 
-use crate::kernel::features::Features;
+use crate::kernel::facts::Features;
 use crate::kernel::meminfo::{self, MemInfo};
 use crate::kernel::slabinfo::{self, SlabLine};
 use crate::present::units::human_bytes;

@@ -211,6 +211,12 @@ impl Btf {
         )
     }
 
+    /// Whether this kernel's BTF describes `struct name` at all: a kernel
+    /// facility that comes with its own struct is there exactly when it is.
+    pub fn has_struct(&self, name: &str) -> bool {
+        self.by_name.contains_key(&(KIND_STRUCT, name.to_string()))
+    }
+
     /// Byte offset of `member` in `struct name` (top-level members only).
     pub fn member_offset(&self, name: &str, member: &str) -> Option<u32> {
         let id = *self.by_name.get(&(KIND_STRUCT, name.to_string()))?;

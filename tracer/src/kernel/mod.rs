@@ -2,10 +2,12 @@
 //! /proc, /sys) at run time rather than assumed from a version: nothing here knows
 //! about the tools that use it.
 
+pub mod bpf_probe;
 pub mod btf;
 pub mod cgroup_paths;
 pub mod cgroupfs;
 pub mod clock;
+pub mod facts;
 pub mod features;
 pub mod irq_context;
 pub mod meminfo;

@@ -1,204 +1,22 @@
-//! The kernel side of `leaktrace memcg`: build `MemcgConfig` from the running
-//! kernel's tracefs formats and BTF, load the embedded object, attach the
-//! `cgroup:*` tracepoints (every kernel) and, for pins, the `kmem:*` ones.
+//! The kernel side of `leaktrace memcg`: load the embedded object with the
+//! plan's config (`plan.rs`), attach its tracepoints and kprobes, and read
+//! its counters.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use aya::{
     maps::{MapData, PerCpuArray, RingBuf},
     programs::{KProbe, TracePoint},
     Ebpf, EbpfLoader,
 };
 use serde::Serialize;
-use tracer_common::memcg::{counter, CgroupLayout, KmemLayout, MemcgConfig};
+use tracer_common::memcg::counter;
 
-use crate::kernel::cgroupfs::Hierarchy;
 use crate::{
     bpf::load::{
         counter_sum, loaded, program, program_ids, raise_memlock_limit, take_counters, take_ring,
     },
-    kernel::btf::Btf,
-    kernel::tracefs::{EventFormat, Tracefs},
+    memcg::plan::Plan,
 };
-
-/// What was decided, for the one-line mode report and for attaching.
-pub struct Plan {
-    pub config: MemcgConfig,
-    /// (program, system, event)
-    pub attachments: Vec<(&'static str, &'static str, &'static str)>,
-    /// (program, kernel function) kprobes, where the kernel has them.
-    pub kprobes: Vec<(&'static str, &'static str)>,
-    /// How a charge is attributed to a memcg, or why pins are off.
-    pub attribution: String,
-    pub notes: Vec<String>,
-}
-
-pub struct PlanOptions {
-    pub pins: bool,
-    pub stacks: bool,
-    pub all_hierarchies: bool,
-    /// The kernel has kprobes and the mem_cgroup_css_* functions in kallsyms.
-    pub kprobes: bool,
-}
-
-fn cgroup_layout(f: &EventFormat) -> Result<CgroupLayout> {
-    Ok(CgroupLayout {
-        root: f.offset_of("root", 4)?,
-        level: f.offset_of("level", 4)?,
-        id: f.offset_of("id", 8)?,
-        path: f.data_loc_offset("path")?,
-    })
-}
-
-fn kmem_layout(f: &EventFormat) -> Result<KmemLayout> {
-    let opt = |name: &str, size: u16| f.field(name).filter(|x| x.size == size).map(|x| x.offset);
-    Ok(KmemLayout {
-        ptr: f.offset_of("ptr", 8)?,
-        bytes_alloc: f.offset_of("bytes_alloc", 8)?,
-        // 4 or 8 bytes: the program reads the low 32, where every GFP bit is.
-        gfp_flags: f.required("gfp_flags")?.offset,
-        call_site: opt("call_site", 8).unwrap_or(0),
-        name: f
-            .field("name")
-            .filter(|x| x.data_loc && !x.rel_loc)
-            .map_or(0, |x| x.offset),
-        accounted: opt("accounted", 1).unwrap_or(0),
-        _pad: [0; 2],
-    })
-}
-
-pub fn build(
-    tracefs: &Tracefs,
-    btf: Option<&Btf>,
-    hierarchy: &Hierarchy,
-    opts: &PlanOptions,
-) -> Result<Plan> {
-    let mut cfg = MemcgConfig::zeroed();
-    let mut notes = Vec::new();
-    let mut layouts = Vec::new();
-    for event in ["cgroup_mkdir", "cgroup_rmdir", "cgroup_release"] {
-        let f = tracefs
-            .event_format("cgroup", event)?
-            .with_context(|| format!("this kernel has no cgroup:{event} tracepoint"))?;
-        layouts.push(cgroup_layout(&f).with_context(|| format!("reading cgroup:{event}"))?);
-    }
-    if layouts.windows(2).any(|w| w[0] != w[1]) {
-        bail!("cgroup_mkdir/rmdir/release records differ in layout on this kernel; one program cannot read all three");
-    }
-    cfg.cgroup = layouts[0];
-    cfg.hierarchy = hierarchy.id;
-    cfg.filter_hierarchy = u32::from(!opts.all_hierarchies);
-    cfg.root_memcg_id = hierarchy.root_id();
-    let mut attachments = vec![
-        ("memcg_mkdir", "cgroup", "cgroup_mkdir"),
-        ("memcg_rmdir", "cgroup", "cgroup_rmdir"),
-        ("memcg_release", "cgroup", "cgroup_release"),
-    ];
-
-    // Parent of the acting task: optional, only improves the ancestry.
-    crate::kernel::task_offsets::set_identity(btf, &mut cfg.task);
-
-    // css -> cgroup id: used by the kprobes and by the charge attribution walk.
-    let walk = crate::kernel::task_offsets::memcg_walk(btf);
-    if let Some(w) = walk {
-        cfg.task.css_cgroup = w.css_cgroup;
-        cfg.task.cgroup_kn = w.cgroup_kn;
-        cfg.task.kn_id = w.kn_id;
-    }
-    let mut kprobes = Vec::new();
-    if opts.kprobes && walk.is_some() {
-        kprobes.push(("memcg_css_offline", "mem_cgroup_css_offline"));
-        kprobes.push(("memcg_css_free", "mem_cgroup_css_free"));
-    }
-    let attribution = if !opts.pins {
-        "pins off (--no-pins)".to_string()
-    } else {
-        match walk {
-            Some(w) => {
-                let mem_id = w.memory_subsys;
-                cfg.task = crate::kernel::task_offsets::combined(w, &cfg.task);
-                format!(
-                    "charges attributed to task->cgroups->subsys[memory_cgrp_id={mem_id}]->cgroup (BTF offsets)"
-                )
-            }
-            None if hierarchy.version == 2 => {
-                cfg.task.memcg_from_cgroup2 = 1;
-                "charges attributed to the task's cgroup2 id (no BTF for the css walk: \
-                 a task in a cgroup without its own memcg is attributed to that cgroup)"
-                    .to_string()
-            }
-            None => {
-                notes.push(
-                    "pins off: without BTF the task's v1 memory cgroup cannot be read in the kernel"
-                        .into(),
-                );
-                "pins off (no BTF)".to_string()
-            }
-        }
-    };
-    let pins = opts.pins && (cfg.task.task_cgroups != 0 || cfg.task.memcg_from_cgroup2 != 0);
-    if pins {
-        cfg.pins = 1;
-        cfg.stacks = u32::from(opts.stacks);
-        let fmt = |e: &str| -> Result<Option<EventFormat>> { Ok(tracefs.event_format("kmem", e)?) };
-        let kmalloc = fmt("kmalloc")?.context("this kernel has no kmem:kmalloc tracepoint")?;
-        let cache = fmt("kmem_cache_alloc")?
-            .context("this kernel has no kmem:kmem_cache_alloc tracepoint")?;
-        cfg.kmalloc = kmem_layout(&kmalloc)?;
-        cfg.cache_alloc = kmem_layout(&cache)?;
-        cfg.gfp_account = kmalloc.print_flag("__GFP_ACCOUNT").unwrap_or(0);
-        if cfg.gfp_account == 0 {
-            notes.push(
-                "__GFP_ACCOUNT not found in kmem:kmalloc's format: kmalloc charges are not seen"
-                    .into(),
-            );
-        }
-        if cfg.cache_alloc.accounted == 0 {
-            notes.push(
-                "kmem:kmem_cache_alloc has no 'accounted' field (before 6.0): objects of SLAB_ACCOUNT \
-                 caches (dentry, inode, filp...) are not seen, only __GFP_ACCOUNT allocations"
-                    .into(),
-            );
-        }
-        cfg.kfree_ptr = fmt("kfree")?
-            .context("no kmem:kfree")?
-            .offset_of("ptr", 8)?;
-        cfg.cache_free_ptr = fmt("kmem_cache_free")?
-            .context("no kmem:kmem_cache_free")?
-            .offset_of("ptr", 8)?;
-        attachments.push(("memcg_kmalloc", "kmem", "kmalloc"));
-        attachments.push(("memcg_cache_alloc", "kmem", "kmem_cache_alloc"));
-        // Kernels before 6.1 have separate *_node events; the programs read
-        // them with the base event's offsets, so attach only where they agree.
-        for (prog, base, node, layout) in [
-            ("memcg_kmalloc", "kmalloc", "kmalloc_node", cfg.kmalloc),
-            (
-                "memcg_cache_alloc",
-                "kmem_cache_alloc",
-                "kmem_cache_alloc_node",
-                cfg.cache_alloc,
-            ),
-        ] {
-            if let Some(f) = fmt(node)? {
-                if kmem_layout(&f).ok() == Some(layout) {
-                    attachments.push((prog, "kmem", node));
-                } else {
-                    notes.push(format!(
-                        "kmem:{node} differs from kmem:{base}: not attached"
-                    ));
-                }
-            }
-        }
-        attachments.push(("memcg_kfree", "kmem", "kfree"));
-        attachments.push(("memcg_cache_free", "kmem", "kmem_cache_free"));
-    }
-    Ok(Plan {
-        config: cfg,
-        attachments,
-        kprobes,
-        attribution,
-        notes,
-    })
-}
 
 /// `leaktrace memcg`'s own eBPF object: its maps and programs only, none of
 /// the slab tracer's.
@@ -276,71 +94,6 @@ impl Hooks {
             charges_lost_map_full: sum(counter::CHARGE_LOST_MAP_FULL),
             uncharges_lost: sum(counter::UNCHARGE_LOST),
             memcg_unknown: sum(counter::MEMCG_UNKNOWN),
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::path::PathBuf;
-
-    fn fixture(kernel: &str) -> Tracefs {
-        Tracefs::at(
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("testdata/formats/{kernel}")),
-        )
-    }
-
-    #[test]
-    fn plans_on_every_fixture_kernel() {
-        let h = Hierarchy {
-            version: 1,
-            id: 4,
-            mount: PathBuf::from("/nonexistent"),
-            seen_as: "/nonexistent".into(),
-        };
-        for kernel in ["5.10", "6.1", "6.12", "6.18"] {
-            let opts = PlanOptions {
-                pins: false,
-                stacks: false,
-                all_hierarchies: false,
-                kprobes: true,
-            };
-            let plan = build(&fixture(kernel), None, &h, &opts).expect(kernel);
-            assert_eq!(
-                plan.config.cgroup,
-                CgroupLayout {
-                    root: 8,
-                    level: 12,
-                    id: 16,
-                    path: 24
-                },
-                "{kernel}"
-            );
-            assert_eq!(plan.config.hierarchy, 4);
-            assert_eq!(plan.config.filter_hierarchy, 1);
-            assert_eq!(plan.attachments.len(), 3, "{kernel}");
-            assert!(plan.kprobes.is_empty(), "no BTF, no css -> cgroup id walk");
-        }
-    }
-
-    #[test]
-    fn kmem_layouts_know_accounted_where_it_exists() {
-        for (kernel, accounted) in [
-            ("5.10", false),
-            ("6.1", true),
-            ("6.12", true),
-            ("6.18", true),
-        ] {
-            let t = fixture(kernel);
-            let f = t
-                .event_format("kmem", "kmem_cache_alloc")
-                .expect("readable")
-                .expect("present");
-            let l = kmem_layout(&f).expect(kernel);
-            assert_eq!(l.accounted != 0, accounted, "{kernel}");
-            assert_eq!(l.name != 0, kernel == "6.18", "{kernel}");
-            assert_ne!(l.ptr, 0);
         }
     }
 }

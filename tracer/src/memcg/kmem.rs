@@ -14,7 +14,7 @@ use std::{fs, path::Path};
 
 use serde::Serialize;
 
-use crate::kernel::cgroupfs::Hierarchy;
+use crate::kernel::{cgroupfs::Hierarchy, facts::parse_version};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Accounting {
@@ -24,19 +24,16 @@ pub struct Accounting {
     pub rule: String,
 }
 
+/// (major, minor) of `release`, as `kernel::facts` parses it.
 pub fn kernel_version(release: &str) -> Option<(u32, u32)> {
-    let mut it = release.split(|c: char| !c.is_ascii_digit());
-    let major = it.next()?.parse().ok()?;
-    let minor = it.next()?.parse().ok()?;
-    Some((major, minor))
+    parse_version(release).map(|v| (v.major, v.minor))
 }
 
 impl Accounting {
-    pub fn detect(root: &Path, h: &Hierarchy) -> Accounting {
+    /// `release`: the running kernel's (`kernel::facts`), empty when unreadable.
+    pub fn detect(root: &Path, h: &Hierarchy, release: &str) -> Accounting {
         let cmdline = fs::read_to_string(root.join("proc/cmdline")).unwrap_or_default();
-        let release =
-            fs::read_to_string(root.join("proc/sys/kernel/osrelease")).unwrap_or_default();
-        Self::decide(h.version, release.trim(), &cmdline)
+        Self::decide(h.version, release, &cmdline)
     }
 
     pub fn decide(version: u8, release: &str, cmdline: &str) -> Accounting {

@@ -1,5 +1,5 @@
 //! `leaktrace memcg`'s model: who creates memory cgroups, which never die, and
-//! what pins them. The plan and attach (`hooks`), the record decoder
+//! what pins them. The plan (`plan`) and its attach (`hooks`), the record decoder
 //! (`decode`), the tracker of memcg lifetimes and charged objects (`state`),
 //! the kernel-memory walk of every memcg the kernel holds (`walk`, `pins`,
 //! `kread`) and the [`report::Report`] they add up to, assembled by the
@@ -12,6 +12,7 @@ pub mod hooks;
 pub mod kmem;
 mod kread;
 mod pins;
+pub mod plan;
 pub mod report;
 pub mod session;
 pub mod state;

@@ -11,6 +11,7 @@ use aya::maps::{MapData, RingBuf};
 use crate::{
     kernel::cgroupfs::{Dying, Hierarchy},
     kernel::clock::monotonic_ns,
+    kernel::facts,
     memcg::{
         decode,
         hooks::Counters,
@@ -37,6 +38,8 @@ pub struct Session {
     /// The kernel keeps charged kmalloc objects in their own caches
     /// (`kmalloc-cg-*`, 5.14+): the decoder names the cache by it.
     kmalloc_cg: bool,
+    /// The running kernel's release, read once at start (`kernel::facts`).
+    release: String,
 }
 
 impl Session {
@@ -55,6 +58,7 @@ impl Session {
             opts,
             decode_errors: 0,
             kmalloc_cg: root.join("sys/kernel/slab/kmalloc-cg-8").exists(),
+            release: facts::read_release(root).unwrap_or_default(),
         })
     }
 
@@ -112,7 +116,11 @@ impl Session {
             kernel,
             decode_errors: self.decode_errors,
             kernel_memcgs: matches!(kind, "list" | "final").then(KernelMemcgs::read),
-            kmem_accounting: kmem::Accounting::detect(Path::new("/"), &self.hierarchy),
+            kmem_accounting: kmem::Accounting::detect(
+                Path::new("/"),
+                &self.hierarchy,
+                &self.release,
+            ),
         }
     }
 }

@@ -1,4 +1,4 @@
-//! `leaktrace memcg`'s run: preflight, plan and attach (`memcg::hooks`), then
+//! `leaktrace memcg`'s run: preflight, plan and attach (`memcg::plan`, `memcg::hooks`), then
 //! the session (`memcg::session`: ring buffer -> `memcg::decode` ->
 //! `memcg::state::Tracker` -> report) ->
 //! view or JSON on the shared loop (`event_loop.rs`), until Ctrl-C, SIGTERM or
@@ -16,12 +16,12 @@ use aya::maps::{MapData, RingBuf};
 use crate::{
     kernel::btf::Btf,
     kernel::cgroupfs::Hierarchy,
-    kernel::features::{self, Features},
+    kernel::facts::{self, KernelFacts},
+    kernel::features,
     kernel::tracefs::Tracefs,
     memcg::{
-        hooks,
         hooks::{Counters, Hooks},
-        kmem,
+        kmem, plan,
         report::Report,
         session::Session,
         state::SnapshotOptions,
@@ -90,30 +90,33 @@ pub async fn run(args: MemcgOptions) -> Result<()> {
     if (args.list || args.why.is_some()) && args.run.duration.is_none() {
         run.mode = "none (one-shot list from cgroupfs; --duration traces first)".into();
         let report = run.report("list", Counters::default());
-        return emit_final(&args, &report, pprof.as_ref(), &event_loop::EndMark::now());
+        return emit_final(
+            &args,
+            &report,
+            pprof.as_ref(),
+            &event_loop::EndMark::now(),
+            &running_kernel(root),
+        );
     }
 
     features::require_root()?;
     let tracefs = Tracefs::locate_or_mount()?;
-    let features = Features::detect(root, Some(tracefs.root()));
     let btf = Btf::from_sys_fs().ok();
-    let plan = hooks::build(
+    let facts = KernelFacts::probe(root, Some(tracefs.root()), btf.as_ref());
+    let plan = plan::build(
         &tracefs,
         btf.as_ref(),
         &run.hierarchy,
-        &hooks::PlanOptions {
+        &plan::PlanOptions {
             pins: !args.no_pins,
             stacks: !args.no_kernel_stacks,
             all_hierarchies: false,
-            kprobes: features.kprobes
-                && ["mem_cgroup_css_offline", "mem_cgroup_css_free"]
-                    .iter()
-                    .all(|f| crate::kernel::features::kernel_has_symbol(f)),
+            kprobes: plan::kprobes_usable(&facts),
         },
     )?;
     let ringbuf_bytes = event_loop::ringbuf_bytes(args.run.ringbuf_mib)?;
     let (hooks, ring) = Hooks::attach(&plan, args.max_objects, ringbuf_bytes)?;
-    run.mode = mode_line(&plan, &features);
+    run.mode = mode_line(&plan, &facts.features);
     run.attribution = plan.attribution.clone();
     run.reseed()?;
     for note in &plan.notes {
@@ -147,10 +150,16 @@ pub async fn run(args: MemcgOptions) -> Result<()> {
         "final"
     };
     let report = run.report(kind, counters);
-    emit_final(&args, &report, pprof.as_ref(), &ended)
+    emit_final(
+        &args,
+        &report,
+        pprof.as_ref(),
+        &ended,
+        &running_kernel(root),
+    )
 }
 
-fn mode_line(plan: &hooks::Plan, features: &Features) -> String {
+fn mode_line(plan: &plan::Plan, features: &facts::Features) -> String {
     let events: Vec<String> = plan
         .attachments
         .iter()
@@ -259,6 +268,7 @@ fn emit_final(
     report: &Report,
     pprof: Option<&Destination>,
     ended: &event_loop::EndMark,
+    kernel: &KernelRelease,
 ) -> Result<()> {
     let file = pprof.map_or(Ok(()), |dest| {
         let cancelled = || ended.passed();
@@ -273,7 +283,7 @@ fn emit_final(
         })
     });
     let printed = stdout::print(report, args.run.json, Printed::Final, || match args.why {
-        Some(id) => view::why(report, id, &running_kernel()),
+        Some(id) => view::why(report, id, kernel),
         None => view::render(report, &view_options(args), true),
     });
     file.and(printed)?;
@@ -297,9 +307,8 @@ fn view_options(args: &MemcgOptions) -> ViewOptions {
 
 /// `--why` explains what releases a memcg on this kernel; an unreadable
 /// release reads as 0.0, whose explanations are the oldest kernels'.
-fn running_kernel() -> KernelRelease {
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let release = release.trim().to_string();
+fn running_kernel(root: &Path) -> KernelRelease {
+    let release = facts::read_release(root).unwrap_or_default();
     KernelRelease {
         version: kmem::kernel_version(&release).unwrap_or((0, 0)),
         release,

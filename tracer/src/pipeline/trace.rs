@@ -10,8 +10,8 @@ use anyhow::{Context, Result};
 
 use crate::{
     kernel::btf::Btf,
-    kernel::features::{self, Features},
-    kernel::irq_context,
+    kernel::facts::KernelFacts,
+    kernel::features,
     kernel::own_memory,
     kernel::procinfo::TracedProcess,
     kernel::tracefs::Tracefs,
@@ -23,7 +23,8 @@ use crate::{
     slab::caches::{self, Catalogue},
     slab::plan,
     slab::probes::Probes,
-    slab::session::{self, cgroup_source, slab_line, Session, Setup},
+    slab::session::{self, slab_line, Session, Setup},
+    slab::source::{AllocSource, SlabCaches},
     slab::zoom,
     symbolize::Symbolizer,
 };
@@ -41,44 +42,40 @@ pub async fn run(args: TraceOptions, cache: &str) -> Result<()> {
         ..args
     };
     let tracefs = Tracefs::locate_or_mount()?;
-    let features = Features::detect(root, Some(tracefs.root()));
-    let catalogue = Catalogue::read(root).context("reading the slab cache catalogue")?;
-    let selection = caches::select(&catalogue, cache)?;
     // Without BTF the raw tracepoints' argument layout cannot be checked; the
     // classic tracepoints still work.
     let btf = Btf::from_sys_fs().ok();
-    let plan = plan::build(
-        &tracefs,
-        btf.as_ref(),
-        &catalogue,
-        &selection,
-        &plan::PlanOptions {
+    let facts = KernelFacts::probe(root, Some(tracefs.root()), btf.as_ref());
+    let catalogue = Catalogue::read(root).context("reading the slab cache catalogue")?;
+    let selection = caches::select(&catalogue, cache)?;
+    // What slabinfo said before attaching, and how the tracked objects are sized.
+    let slab_baseline = slab_line(root, &selection.cache, &selection.aliases_included);
+    let ringbuf_bytes = crate::pipeline::event_loop::ringbuf_bytes(args.run.ringbuf_mib)?;
+    let zoom_policy = zoom::Policy::default();
+    let mut plan = SlabCaches {
+        tracefs: &tracefs,
+        btf: btf.as_ref(),
+        root,
+        catalogue: &catalogue,
+        selection: &selection,
+        options: plan::PlanOptions {
             pid: args.pid,
             kernel_stacks: !args.no_kernel_stacks,
             user_stacks: !args.no_user_stacks,
             hooks: args.hooks,
             stack_sample: if args.exact { 1 } else { args.stack_sample },
-            on_demand_maps: features::kernel_at_least(6, 1),
+            on_demand_maps: facts.on_demand_maps,
         },
-    )?;
-    let ringbuf_bytes = crate::pipeline::event_loop::ringbuf_bytes(args.run.ringbuf_mib)?;
-    let mut plan = plan;
-    // Wake the reader at a quarter full; the poll timer drains smaller batches.
-    plan.config.wakeup_bytes = u64::from(ringbuf_bytes / 4);
-    // Strata are keyed by the user path only on request: the walk costs more
-    // than the rest of a matched allocation (`cargo xtask bench`), and
-    // sampling is unbiased without it.
-    plan.config.user_fingerprint = u32::from(args.user_paths && !args.no_user_stacks);
-    let cgroup_source = cgroup_source(root, btf.as_ref());
-    plan.config.task = cgroup_source.task;
-    plan.notes.push(cgroup_source.note);
-    match irq_context::resolve(btf.as_ref()) {
-        Ok(irq) => plan.config.irq = irq,
-        Err(why) => plan.notes.push(format!(
-            "interrupt context unknown on this kernel ({why}): allocations made in softirq or \
-             irq are charged to the interrupted process"
-        )),
+        finish: plan::Finish {
+            ringbuf_bytes,
+            user_paths: args.user_paths && !args.no_user_stacks,
+            max_objects: args.max_objects,
+            active_objs: slab_baseline.as_ref().map(|l| l.active_objs),
+            zoom_window_cap: zoom_policy.kernel_window_cap(),
+        },
     }
+    .plan(&facts)?;
+    let max_objects = plan.max_objects;
     // The parsed BTF (~17 MB on 6.18) has done its work: freed before kallsyms
     // is loaded, its pages are reused instead of pinned under it in the heap.
     let have_btf = btf.is_some();
@@ -87,25 +84,6 @@ pub async fn run(args: TraceOptions, cache: &str) -> Result<()> {
     let mut symbols = Symbolizer::new();
     symbols.warm_kernel();
     own_memory::return_freed_memory();
-    let slab_baseline = slab_line(root, &plan.cache, &selection.aliases_included);
-    let max_objects = match args.max_objects {
-        Some(n) => n,
-        None => {
-            let active = slab_baseline.as_ref().map(|l| l.active_objs);
-            let n = plan::live_map_entries(active);
-            plan.notes.push(format!(
-                "sized to track {n} objects at once ({}; --max-objects sets it)",
-                active.map_or("/proc/slabinfo unreadable".to_string(), |a| format!(
-                    "twice the cache's {a} active objects, 65536 at least"
-                ))
-            ));
-            n
-        }
-    };
-    plan.config.live_bucket_mask =
-        plan::live_bucket_mask(max_objects, features::kernel_at_least(5, 12));
-    let zoom_policy = zoom::Policy::default();
-    plan.config.zoom_window_cap = zoom_policy.kernel_window_cap();
     let (mut probes, ring) = Probes::attach(&plan, max_objects, ringbuf_bytes, args.floor)?;
 
     if !(args.exact || args.no_kernel_stacks && args.no_user_stacks) {
@@ -117,7 +95,7 @@ pub async fn run(args: TraceOptions, cache: &str) -> Result<()> {
     }
     eprintln!(
         "leaktrace: {}",
-        plan::hooks_note(&features, &plan.attachments, have_btf)
+        plan::hooks_note(&facts.features, &plan.attachments, have_btf)
     );
     eprintln!(
         "leaktrace: attached to {} (bpf prog ids {:?}); Ctrl-C to stop",
@@ -131,10 +109,10 @@ pub async fn run(args: TraceOptions, cache: &str) -> Result<()> {
         rate_window: args.rate_window,
         zoom_policy,
         symbols,
-        cgroup_mount: cgroup_source.mount,
+        cgroup_mount: plan.cgroup_mount.clone(),
         pods_root: args.pods_root.clone(),
         slab_baseline,
-        cache: plan.cache.clone(),
+        cache: SlabCaches::name(&plan).to_string(),
         aliases: selection.aliases_included.clone(),
         snapshot_opts: SnapshotOptions {
             sort: args.sort,

@@ -23,6 +23,8 @@ pub mod rows;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
+use tracer_common::slab::AllocHeader;
+
 use crate::{
     bpf::stacks::{StackId, StackTable},
     slab::decoder::{Alloc, Event, Free, Route},
@@ -336,13 +338,16 @@ impl Aggregator {
                     Interrupt::Nmi => b"[nmi]".as_slice(),
                 };
                 self.alloc_of(&Alloc {
-                    tgid: key.tgid,
-                    pid: key.tgid,
-                    start_ns: key.start_ns,
-                    ppid: 0,
-                    cgroup_id: 0,
-                    user_ip: 0,
-                    user_fingerprint: 0,
+                    hdr: AllocHeader {
+                        tgid: key.tgid,
+                        pid: key.tgid,
+                        start_ns: key.start_ns,
+                        ppid: 0,
+                        cgroup_id: 0,
+                        user_ip: 0,
+                        user_fingerprint: 0,
+                        ..a.hdr
+                    },
                     shallow: false,
                     comm,
                     ustack: &[],
@@ -719,22 +724,26 @@ mod tests {
         ustack: &'a [u64],
     ) -> Event<'a> {
         Event::Alloc(Alloc {
-            tgid,
-            pid: tgid,
-            source: 1,
-            ptr,
-            ts_ns,
-            bytes_req: 400,
-            bytes_alloc: 512,
-            gfp_flags: 0,
-            cgroup_id: 100 + u64::from(tgid),
-            call_site: kstack.first().copied().unwrap_or(0),
-            user_ip: ustack.first().copied().unwrap_or(0),
-            user_fingerprint: 0,
-            start_ns: 7,
-            ppid: 1,
-            context: 0,
-            charged_cgroup_id: 0,
+            hdr: AllocHeader {
+                kind: tracer_common::EVENT_ALLOC,
+                tgid,
+                pid: tgid,
+                source: 1,
+                flags: 0,
+                ptr,
+                ts_ns,
+                bytes_req: 400,
+                bytes_alloc: 512,
+                gfp_flags: 0,
+                cgroup_id: 100 + u64::from(tgid),
+                call_site: kstack.first().copied().unwrap_or(0),
+                user_ip: ustack.first().copied().unwrap_or(0),
+                user_fingerprint: 0,
+                start_ns: 7,
+                ppid: 1,
+                context: 0,
+                charged_cgroup_id: 0,
+            },
             drawn: true,
             level: 0,
             route: Route::Sampled,
@@ -752,22 +761,26 @@ mod tests {
     /// draw at `level`.
     fn undrawn(tgid: u32, ptr: u64, call_site: u64, fingerprint: u64, level: u8) -> Event<'static> {
         Event::Alloc(Alloc {
-            tgid,
-            pid: tgid,
-            source: 1,
-            ptr,
-            ts_ns: 0,
-            bytes_req: 400,
-            bytes_alloc: 512,
-            gfp_flags: 0,
-            cgroup_id: 100,
-            call_site,
-            user_ip: 0x40,
-            user_fingerprint: fingerprint,
-            start_ns: 7,
-            ppid: 1,
-            context: 0,
-            charged_cgroup_id: 0,
+            hdr: AllocHeader {
+                kind: tracer_common::EVENT_ALLOC_NO_STACKS,
+                tgid,
+                pid: tgid,
+                source: 1,
+                flags: 0,
+                ptr,
+                ts_ns: 0,
+                bytes_req: 400,
+                bytes_alloc: 512,
+                gfp_flags: 0,
+                cgroup_id: 100,
+                call_site,
+                user_ip: 0x40,
+                user_fingerprint: fingerprint,
+                start_ns: 7,
+                ppid: 1,
+                context: 0,
+                charged_cgroup_id: 0,
+            },
             drawn: false,
             level,
             route: Route::Sampled,
@@ -1204,7 +1217,7 @@ mod tests {
                     Event::Free(_) => unreachable!(),
                 };
                 agg.apply(&Event::Alloc(Alloc {
-                    ts_ns: ts,
+                    hdr: AllocHeader { ts_ns: ts, ..a.hdr },
                     level,
                     route,
                     ..a

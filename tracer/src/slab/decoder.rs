@@ -14,31 +14,14 @@ use tracer_common::{
     EVENT_ALLOC, EVENT_ALLOC_NO_STACKS, EVENT_FREE,
 };
 
-/// An allocation with its stacks trimmed to the frames the kernel wrote.
+/// An allocation with its stacks trimmed to the frames the kernel wrote: the
+/// kernel's own header (`tracer_common::slab::AllocHeader`, whose fields read
+/// through `Deref`: `a.tgid`, `a.bytes_alloc`...) with its flags decoded, and
+/// the stacks that followed it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Alloc<'a> {
-    pub tgid: u32,
-    pub pid: u32,
-    pub source: u16,
-    pub ptr: u64,
-    pub ts_ns: u64,
-    pub bytes_req: u64,
-    pub bytes_alloc: u64,
-    pub gfp_flags: u64,
-    pub cgroup_id: u64,
-    pub call_site: u64,
-    /// User instruction pointer that entered the kernel (0 without fingerprints).
-    pub user_ip: u64,
-    /// Hash of the first user frames (0: none); keys the stratum with tgid and call site.
-    pub user_fingerprint: u64,
-    /// The process's start (ns, `group_leader->start_time`); 0: unknown.
-    pub start_ns: u64,
-    /// Parent process at allocation time; 0: unknown.
-    pub ppid: u32,
-    /// `tracer_common::CONTEXT_*` bits; 0: unknown.
-    pub context: u32,
-    /// The memcg the task set to charge instead of its own; 0: none/unknown.
-    pub charged_cgroup_id: u64,
+    /// As the kernel wrote it (a 120-byte copy, the size of the fields read).
+    pub hdr: AllocHeader,
     /// Its stacks were drawn: it stands for its (stratum, level) in estimates.
     pub drawn: bool,
     /// Drawn with probability `1 / 2^level`, decided before the draw.
@@ -56,6 +39,20 @@ pub struct Alloc<'a> {
     /// Negative errno from `bpf_get_stack`, when capture failed.
     pub kstack_err: Option<i32>,
     pub ustack_err: Option<i32>,
+}
+
+impl std::ops::Deref for Alloc<'_> {
+    type Target = AllocHeader;
+
+    fn deref(&self) -> &AllocHeader {
+        &self.hdr
+    }
+}
+
+impl std::ops::DerefMut for Alloc<'_> {
+    fn deref_mut(&mut self) -> &mut AllocHeader {
+        &mut self.hdr
+    }
 }
 
 /// Which rule set an allocation's draw probability (see `stack_draw` in the
@@ -126,22 +123,7 @@ pub fn decode(record: &[u8]) -> Result<Event<'_>, DecodeError> {
 
 fn header(h: &AllocHeader, has_stacks: bool) -> Alloc<'_> {
     Alloc {
-        tgid: h.tgid,
-        pid: h.pid,
-        source: h.source,
-        ptr: h.ptr,
-        ts_ns: h.ts_ns,
-        bytes_req: h.bytes_req,
-        bytes_alloc: h.bytes_alloc,
-        gfp_flags: h.gfp_flags,
-        cgroup_id: h.cgroup_id,
-        call_site: h.call_site,
-        user_ip: h.user_ip,
-        user_fingerprint: h.user_fingerprint,
-        start_ns: h.start_ns,
-        ppid: h.ppid,
-        context: h.context,
-        charged_cgroup_id: h.charged_cgroup_id,
+        hdr: *h,
         drawn: h.flags & FLAG_SAMPLED != 0,
         level: draw_level(h.flags),
         route: if h.flags & FLAG_CENSUS != 0 {

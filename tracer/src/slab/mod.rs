@@ -8,6 +8,7 @@
 
 pub mod aggregator;
 pub mod caches;
+pub mod cgroup_source;
 pub mod counters;
 pub mod decoder;
 pub mod estimate;
@@ -17,4 +18,5 @@ pub mod plan;
 pub mod probes;
 pub mod report;
 pub mod session;
+pub mod source;
 pub mod zoom;

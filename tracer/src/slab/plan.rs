@@ -2,17 +2,22 @@
 //! field offsets from tracefs `format` files, gfp bit values from their print
 //! formats, which kmalloc classes land in the cache, and which tracepoints to attach.
 
+use std::path::{Path, PathBuf};
+
 use anyhow::{bail, Context, Result};
 use tracer_common::slab::{
-    user::cache_name_words, AllocLayout, Config, CACHE_NAME_LEN, MAX_CACHE_NAMES, STACK_KERNEL,
-    STACK_USER,
+    programs::{name as program, PROGRAMS},
+    user::cache_name_words,
+    AllocLayout, Config, CACHE_NAME_LEN, MAX_CACHE_NAMES, STACK_KERNEL, STACK_USER,
 };
 
 use crate::{
     kernel::btf::Btf,
-    kernel::features::Features,
+    kernel::facts::{Features, KernelFacts},
+    kernel::irq_context,
     kernel::tracefs::{EventFormat, Tracefs},
     slab::caches::{Catalogue, KmallocKind, Selection},
+    slab::cgroup_source::cgroup_source,
 };
 
 /// How a program hooks its event.
@@ -59,6 +64,14 @@ pub struct Plan {
     /// One-line facts the user should see at start (aliases included, fallbacks taken).
     pub notes: Vec<String>,
     pub cache: String,
+    /// The kernel reports runs it skipped for recursion in each program's
+    /// info (`KernelFacts::recursion_misses`); set by [`Plan::finish`].
+    pub recursion_misses: bool,
+    /// Objects the kernel can track at once; set by [`Plan::finish`].
+    pub max_objects: u32,
+    /// The hierarchy the CGROUP column's ids are directories of; set by
+    /// [`Plan::finish`].
+    pub cgroup_mount: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -71,7 +84,7 @@ pub struct PlanOptions {
     /// captures every allocation.
     pub stack_sample: u64,
     /// The kernel lets tracing programs use hash maps that are not
-    /// preallocated (bpf_mem_alloc, Linux 6.1+).
+    /// preallocated (`KernelFacts::on_demand_maps`).
     pub on_demand_maps: bool,
 }
 
@@ -116,14 +129,11 @@ pub fn spare_program(raw: &str) -> Option<&'static str> {
         Some(program) => (program, false),
         None => (raw, true),
     };
-    let spare = match program {
-        "kfree_raw" => "kfree_raw_spare",
-        "kmem_cache_free_raw" => "kmem_cache_free_raw_spare",
-        "kmalloc_raw" => "kmalloc_raw_spare",
-        "kmem_cache_alloc_raw" => "kmem_cache_alloc_raw_spare",
-        _ => return None,
-    };
-    Some(program_variant(spare, live_slots))
+    // Only raw hooks have spares, and each is named after its program.
+    let spare = PROGRAMS
+        .iter()
+        .find(|p| p.spare && p.name.strip_suffix("_spare") == Some(program))?;
+    Some(program_variant(spare.name, live_slots))
 }
 
 /// The name suffix of the programs built without compare-and-swap.
@@ -131,28 +141,17 @@ const NOCAS: &str = "_nocas";
 
 /// The program to load for the plan's `program`: the same program built
 /// without BPF compare-and-swap where the kernel has none (`live_slots` false:
-/// `live_bucket_mask` 0, Linux before 5.12, whose verifier rejects a
-/// `BPF_CMPXCHG` anywhere in a program; see the `_nocas` programs in
-/// tracer-ebpf/src/slab.rs).
+/// `live_bucket_mask` 0, `KernelFacts::bpf_cmpxchg` false, Linux before 5.12,
+/// whose verifier rejects a `BPF_CMPXCHG` anywhere in a program; see the
+/// `_nocas` programs in tracer-ebpf/src/slab.rs).
 pub fn program_variant(program: &'static str, live_slots: bool) -> &'static str {
     if live_slots {
         return program;
     }
-    match program {
-        "kmalloc" => "kmalloc_nocas",
-        "kmem_cache_alloc" => "kmem_cache_alloc_nocas",
-        "kfree" => "kfree_nocas",
-        "kmem_cache_free" => "kmem_cache_free_nocas",
-        "kmalloc_raw" => "kmalloc_raw_nocas",
-        "kmem_cache_alloc_raw" => "kmem_cache_alloc_raw_nocas",
-        "kmalloc_raw_spare" => "kmalloc_raw_spare_nocas",
-        "kmem_cache_alloc_raw_spare" => "kmem_cache_alloc_raw_spare_nocas",
-        "kfree_raw" => "kfree_raw_nocas",
-        "kmem_cache_free_raw" => "kmem_cache_free_raw_nocas",
-        "kfree_raw_spare" => "kfree_raw_spare_nocas",
-        "kmem_cache_free_raw_spare" => "kmem_cache_free_raw_spare_nocas",
-        other => other,
-    }
+    PROGRAMS
+        .iter()
+        .find(|p| p.name == program)
+        .map_or(program, |p| p.nocas)
 }
 
 pub fn is_spare(program: &str) -> bool {
@@ -246,15 +245,15 @@ pub fn build(
 
     // Frees are matched against the kernel's live map, so both free paths are always needed:
     // kmalloc'd memory may be freed by kmem_cache_free and cache objects by kfree.
-    match hooks.add("kfree", "kfree", "kfree_raw", RAW_FREE, true)? {
+    match hooks.add("kfree", program::kfree, program::kfree_raw, RAW_FREE, true)? {
         None => return Err(missing(tracefs, "kfree")),
         Some(Some(fmt)) => cfg.kfree_ptr = fmt.offset_of("ptr", 8)?,
         Some(None) => {}
     }
     match hooks.add(
         "kmem_cache_free",
-        "kmem_cache_free",
-        "kmem_cache_free_raw",
+        program::kmem_cache_free,
+        program::kmem_cache_free_raw,
         RAW_FREE,
         true,
     )? {
@@ -287,7 +286,13 @@ pub fn build(
         cfg.kmalloc_classes = class_bitmap(&kinds, present);
         // Before 6.1 NUMA-node kmallocs had their own tracepoint with the same leading fields.
         for event in ["kmalloc", "kmalloc_node"] {
-            if let Some(Some(f)) = hooks.add(event, "kmalloc", "kmalloc_raw", RAW_KMALLOC, true)? {
+            if let Some(Some(f)) = hooks.add(
+                event,
+                program::kmalloc,
+                program::kmalloc_raw,
+                RAW_KMALLOC,
+                true,
+            )? {
                 let layout = alloc_layout(&f)?;
                 if cfg.kmalloc != AllocLayout::default() && cfg.kmalloc != layout {
                     bail!("kmem:kmalloc and kmem:{event} lay out their fields differently; not supported");
@@ -312,8 +317,8 @@ pub fn build(
             let raw_ok = kmem_cache.is_some();
             let Some(Some(fmt)) = hooks.add(
                 event,
-                "kmem_cache_alloc",
-                "kmem_cache_alloc_raw",
+                program::kmem_cache_alloc,
+                program::kmem_cache_alloc_raw,
                 RAW_CACHE_ALLOC,
                 raw_ok,
             )?
@@ -336,7 +341,7 @@ pub fn build(
         if !hooks
             .attachments
             .iter()
-            .any(|a| a.program.starts_with("kmem_cache_alloc"))
+            .any(|a| a.program.starts_with(program::kmem_cache_alloc))
         {
             return Err(missing(tracefs, "kmem_cache_alloc"));
         }
@@ -402,7 +407,68 @@ pub fn build(
         live_map,
         notes,
         cache: sel.cache.clone(),
+        recursion_misses: false,
+        max_objects: 0,
+        cgroup_mount: None,
     })
+}
+
+/// The run's choices [`Plan::finish`] settles with the kernel's facts.
+#[derive(Debug, Clone, Default)]
+pub struct Finish {
+    pub ringbuf_bytes: u32,
+    /// Key the exact counts by each allocation's first user frames too.
+    pub user_paths: bool,
+    /// `--max-objects`; None: sized from the cache's active objects.
+    pub max_objects: Option<u32>,
+    /// The cache's active objects at start (/proc/slabinfo), if readable.
+    pub active_objs: Option<u64>,
+    /// Expected zoomed draws the kernel allows per budget window.
+    pub zoom_window_cap: u64,
+}
+
+impl Plan {
+    /// The rest of the kernel side's configuration, decided once the cache's
+    /// hooks are known: how the ring buffer wakes the reader, what keys the
+    /// strata, where the task's cgroup and interrupt context are read, and how
+    /// the live-object map is sized and probed.
+    pub fn finish(&mut self, facts: &KernelFacts, btf: Option<&Btf>, root: &Path, f: &Finish) {
+        // Wake the reader at a quarter full; the poll timer drains smaller batches.
+        self.config.wakeup_bytes = u64::from(f.ringbuf_bytes / 4);
+        // Strata are keyed by the user path only on request: the walk costs more
+        // than the rest of a matched allocation (`cargo xtask bench`), and
+        // sampling is unbiased without it.
+        self.config.user_fingerprint = u32::from(f.user_paths);
+        let cgroup_source = cgroup_source(root, btf);
+        self.config.task = cgroup_source.task;
+        self.notes.push(cgroup_source.note);
+        match irq_context::resolve(btf) {
+            Ok(irq) => self.config.irq = irq,
+            Err(why) => self.notes.push(format!(
+                "interrupt context unknown on this kernel ({why}): allocations made in softirq \
+                 or irq are charged to the interrupted process"
+            )),
+        }
+        let max_objects = match f.max_objects {
+            Some(n) => n,
+            None => {
+                let n = live_map_entries(f.active_objs);
+                self.notes.push(format!(
+                    "sized to track {n} objects at once ({}; --max-objects sets it)",
+                    f.active_objs
+                        .map_or("/proc/slabinfo unreadable".to_string(), |a| format!(
+                            "twice the cache's {a} active objects, 65536 at least"
+                        ))
+                ));
+                n
+            }
+        };
+        self.config.live_bucket_mask = live_bucket_mask(max_objects, facts.bpf_cmpxchg);
+        self.config.zoom_window_cap = f.zoom_window_cap;
+        self.recursion_misses = facts.recursion_misses;
+        self.max_objects = max_objects;
+        self.cgroup_mount = cgroup_source.mount;
+    }
 }
 
 fn missing(tracefs: &Tracefs, event: &str) -> anyhow::Error {

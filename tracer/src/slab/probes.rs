@@ -36,6 +36,8 @@ pub struct Probes {
     /// Every map's fd, for its kernel memory; valid while the maps live (the
     /// ring buffer is handed out but lives as long as the run).
     map_fds: Vec<i32>,
+    /// The kernel's program info counts recursion misses (`Plan::recursion_misses`).
+    recursion_misses: bool,
 }
 
 /// A hint only where the failure points at one cause: a guess (say, "no ring
@@ -148,6 +150,7 @@ impl Probes {
                 zoom,
                 programs,
                 map_fds,
+                recursion_misses: plan.recursion_misses,
             },
             ring,
         ))
@@ -192,10 +195,11 @@ impl Probes {
         program_ids(&self.ebpf, &self.programs)
     }
 
-    /// Per program: runs the kernel skipped for recursion. None before 5.12,
-    /// whose bpf_prog_info has no such field (zero would read as "none missed").
+    /// Per program: runs the kernel skipped for recursion. None where
+    /// bpf_prog_info has no such field (before 5.12, `KernelFacts::recursion_misses`):
+    /// zero would read as "none missed".
     fn recursion_misses(&self) -> Option<Vec<(&'static str, u64)>> {
-        if !crate::kernel::features::kernel_at_least(5, 12) {
+        if !self.recursion_misses {
             return None;
         }
         let mut out = Vec::new();

@@ -10,26 +10,24 @@ use std::{
 };
 
 use aya::maps::{MapData, RingBuf};
-use tracer_common::{slab::Config, TaskOffsets};
+use tracer_common::slab::Config;
 
 use crate::{
     bpf::stacks::StackId,
-    kernel::btf::Btf,
-    kernel::cgroupfs::Hierarchy,
     kernel::clock::monotonic_ns,
     kernel::meminfo,
     kernel::own_memory,
     kernel::pods::PodNames,
     kernel::procinfo::{self, CgroupPaths, ProcMeta, TracedProcess},
     kernel::slabinfo::{self, SlabLine},
-    kernel::task_offsets,
     slab::aggregator::{rows::SnapshotOptions, Aggregator, Interrupt},
     slab::counters::KernelCounters,
-    slab::decoder::{decode, Event},
+    slab::decoder::Event,
     slab::grouping,
     slab::naming::{self, Header, Naming},
     slab::probes::Probes,
     slab::report::{GroupBy, ProcKey, Report, SlabPicture, TracedPid},
+    slab::source::{AllocSource, SlabCaches},
     slab::zoom::{self, Zoom},
     symbolize::Symbolizer,
 };
@@ -267,7 +265,7 @@ impl Session {
         // next poll in time); past the budget they wait in the queue.
         let start = Instant::now();
         while let Some(item) = ring.next() {
-            match decode(&item) {
+            match SlabCaches::decode(&item) {
                 Ok(event) => {
                     let new = self.agg.apply(&event);
                     if let Some(key) = new.process.filter(|k| Interrupt::of_key(*k).is_none()) {
@@ -345,54 +343,5 @@ fn slab_picture(now: &SlabLine, baseline: Option<&(SlabLine, Instant)>) -> SlabP
         objsize: now.objsize,
         active_objs_delta: growth.as_ref().map_or(0, |g| g.objs_delta),
         active_objs_per_sec: growth.as_ref().map_or(0.0, |g| g.objs_per_sec),
-    }
-}
-
-/// Where the CGROUP column's ids come from and how they are named.
-pub struct CgroupSource {
-    pub task: TaskOffsets,
-    /// The hierarchy the ids are directories of.
-    pub mount: Option<PathBuf>,
-    pub note: String,
-}
-
-/// The memory cgroup where the memory controller is on a v1 hierarchy (the
-/// kernel walks `task->cgroups` for it), else the task's cgroup2 cgroup. The
-/// parent and process start are read wherever BTF has their offsets.
-pub fn cgroup_source(root: &Path, btf: Option<&Btf>) -> CgroupSource {
-    let mut task = TaskOffsets {
-        memcg_from_cgroup2: 1,
-        ..TaskOffsets::zeroed()
-    };
-    task_offsets::set_identity(btf, &mut task);
-    let v1 = Hierarchy::detect(root, None)
-        .ok()
-        .filter(|h| h.version == 1);
-    let cgroup2 = CgroupSource {
-        task,
-        mount: procinfo::cgroup2_mount(root),
-        note: "CGROUP is the allocating task's cgroup2 cgroup".to_string(),
-    };
-    let Some(h) = v1 else {
-        return cgroup2;
-    };
-    match task_offsets::memcg_walk(btf) {
-        Some(w) => CgroupSource {
-            task: task_offsets::combined(w, &task),
-            note: format!(
-                "CGROUP is the allocating task's memory cgroup on the v1 hierarchy at {} \
-                 (task->cgroups->subsys[memory], BTF offsets)",
-                h.mount.display()
-            ),
-            mount: Some(h.mount),
-        },
-        None => CgroupSource {
-            note: format!(
-                "CGROUP shows cgroup2 paths although memory is on the v1 hierarchy at {}: \
-                 without BTF the kernel side cannot read the task's v1 memory cgroup",
-                h.mount.display()
-            ),
-            ..cgroup2
-        },
     }
 }
