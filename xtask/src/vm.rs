@@ -150,10 +150,6 @@ fn which(tool: &str) -> Result<PathBuf> {
 struct StaticBins {
     leaktrace: PathBuf,
     leakgen: PathBuf,
-    /// The Go programs of tests/go, each as built and stripped (`NAME`,
-    /// `NAME-stripped`): the guest has no Go toolchain, so the Go tests read
-    /// them from `LEAKKEYS_GO_DIR`.
-    go: Vec<PathBuf>,
     /// Test target name → executable.
     tests: BTreeMap<String, PathBuf>,
 }
@@ -229,62 +225,15 @@ fn build_static(root: &Path, vm_dir: &Path) -> Result<StaticBins> {
     let bins = StaticBins {
         leaktrace: release.join("leaktrace"),
         leakgen: release.join("leakgen"),
-        go: build_go(root, &vm_dir.join("go"))?,
         tests,
     };
     for exe in [&bins.leaktrace, &bins.leakgen]
         .into_iter()
         .chain(bins.tests.values())
-        .chain(&bins.go)
     {
         ensure_static(exe)?;
     }
     Ok(bins)
-}
-
-/// Every program under tests/go, built static (no cgo: the guest has no
-/// libc) as it is and stripped (`-ldflags '-s -w'`), into `out`.
-fn build_go(root: &Path, out: &Path) -> Result<Vec<PathBuf>> {
-    let go = which("go")?;
-    fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let mut built = Vec::new();
-    let dir = root.join("tests/go");
-    let mut programs: Vec<PathBuf> = fs::read_dir(&dir)
-        .with_context(|| format!("reading {}", dir.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.join("go.mod").exists())
-        .collect();
-    programs.sort();
-    for program in programs {
-        let Some(name) = program.file_name().and_then(|n| n.to_str()) else {
-            continue;
-        };
-        for stripped in [false, true] {
-            let exe = out.join(if stripped {
-                format!("{name}-stripped")
-            } else {
-                name.to_string()
-            });
-            let mut cmd = Command::new(&go);
-            cmd.current_dir(&program)
-                .env("CGO_ENABLED", "0")
-                .env("GOCACHE", root.join("target/go-cache"))
-                .args(["build", "-o"])
-                .arg(&exe);
-            if stripped {
-                cmd.args(["-ldflags", "-s -w"]);
-            }
-            let status = cmd
-                .arg(".")
-                .status()
-                .with_context(|| format!("running go build for tests/go/{name}"))?;
-            if !status.success() {
-                bail!("go build of tests/go/{name} failed ({status})");
-            }
-            built.push(exe);
-        }
-    }
-    Ok(built)
 }
 
 /// The guest has no libc: a dynamically linked executable would fail there with
@@ -342,7 +291,7 @@ fn write_initramfs(
     tests: &[TestCase],
 ) -> Result<()> {
     let mut c = cpio::Cpio::create(path)?;
-    for d in ["bin", "dev", "proc", "sys", "tmp", "run", "tests", "go"] {
+    for d in ["bin", "dev", "proc", "sys", "tmp", "run", "tests"] {
         c.dir(d)?;
     }
     c.char_dev("dev/console", 5, 1)?;
@@ -351,13 +300,6 @@ fn write_initramfs(
     c.file_from("bin/leakgen", &bins.leakgen)?;
     for (name, exe) in &bins.tests {
         c.file_from(&format!("tests/{name}"), exe)?;
-    }
-    for exe in &bins.go {
-        let name = exe
-            .file_name()
-            .and_then(|n| n.to_str())
-            .context("Go test program name")?;
-        c.file_from(&format!("go/{name}"), exe)?;
     }
     c.file("init", init_script(tests).as_bytes())?;
     c.finish()
@@ -369,15 +311,12 @@ fn init_script(tests: &[TestCase]) -> String {
 /bin/busybox --install -s /bin
 export PATH=/bin HOME=/tmp
 export LEAKTRACE_BIN=/bin/leaktrace LEAKGEN_BIN=/bin/leakgen LEAKTRACE_VM_GUEST=1
-export LEAKKEYS_GO_DIR=/go
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs dev /dev
 mount -t tmpfs tmp /tmp
 mount -t cgroup2 cgroup2 /sys/fs/cgroup
 mount -t bpf bpf /sys/fs/bpf
-# Loopback, for the Go client that dials a closed port on 127.0.0.1.
-ip link set lo up
 echo "@@@KERNEL $(uname -r)"
 if [ -d /sys/bus/event_source/devices/kprobe ]; then echo "@@@KPROBES yes"; else echo "@@@KPROBES no"; fi
 # tracefs is left unmounted for this first run: leaktrace must mount it itself.

@@ -302,8 +302,9 @@ pub fn sampling_note(config: &Config, stack_sample: u64) -> String {
     format!(
         "every object is counted exactly per (process, kernel call site{}); full stacks are \
          captured for each new stratum's first {} allocations per CPU, for a random 1 in {} \
-         of the rest, and more often for a while where a stratum's surviving objects drew \
-         none (zoom); each draw's probability is recorded, and the drawn objects split those \
+         of the rest, and more often for a while where a stratum's surviving objects are too \
+         few for that rate to name (zoom); each draw's probability is recorded, and the drawn \
+         objects split those \
          counts into unbiased per-stack estimates with a 95% interval (--exact captures \
          every stack)",
         if config.user_fingerprint != 0 {
