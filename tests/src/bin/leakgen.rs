@@ -1138,7 +1138,9 @@ fn fill_pipe(fd: i32, chunk: &[u8]) -> Result<()> {
         return Err(os_error("fcntl(F_SETPIPE_SZ, 1 MiB)"));
     }
     if (size as usize) < PIPE_PAGES_BYTES {
-        bail!("the pipe took {size} bytes, not {PIPE_PAGES_BYTES}; hint: /proc/sys/fs/pipe-max-size");
+        bail!(
+            "the pipe took {size} bytes, not {PIPE_PAGES_BYTES}; hint: /proc/sys/fs/pipe-max-size"
+        );
     }
     let mut written = 0usize;
     loop {
