@@ -522,6 +522,7 @@ fn memory_band_edges() {
         slab_kb: sunreclaim_kb,
         sreclaimable_kb: 0,
         sunreclaim_kb,
+        ..MemInfo::default()
     };
     assert_eq!(memory_finding(&m(99)).severity, Severity::Ok);
     assert_eq!(memory_finding(&m(100)).severity, Severity::Warning);
