@@ -160,6 +160,7 @@ impl Ledger {
     }
 
     /// The residual, KiB (negative when boot-time offsets outweigh it).
+    #[cfg(test)]
     pub fn unexplained_kb(&self) -> i64 {
         self.bucket(UNEXPLAINED).and_then(|b| b.kb).unwrap_or(0)
     }
@@ -196,6 +197,26 @@ pub fn growth(before: &Ledger, after: &Ledger) -> Vec<BucketGrowth> {
             }
         })
         .collect()
+}
+
+/// The ledger now and each bucket's growth since a baseline (the live header's
+/// "since attach").
+#[derive(Debug, Clone, Serialize)]
+pub struct LedgerPicture {
+    pub now: Ledger,
+    pub since_s: f64,
+    pub growth: Vec<BucketGrowth>,
+}
+
+impl LedgerPicture {
+    pub fn new(now: Ledger, baseline: &Ledger, since_s: f64) -> LedgerPicture {
+        let growth = growth(baseline, &now);
+        LedgerPicture {
+            now,
+            since_s,
+            growth,
+        }
+    }
 }
 
 /// Whether kernel stacks are vmalloc'd (CONFIG_VMAP_STACK), from the running kernel:

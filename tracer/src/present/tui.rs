@@ -552,6 +552,7 @@ mod tests {
             elapsed_s: 1.0,
             rss_bytes: None,
             meminfo: None,
+            ledger: None,
             slab: None,
             totals: Default::default(),
             kernel: Default::default(),

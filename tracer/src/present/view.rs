@@ -4,6 +4,7 @@
 use std::fmt::Write;
 
 use crate::{
+    kernel::ledger::LedgerPicture,
     present::units::{group, human_bytes, human_ms, human_secs, tracked},
     slab::report::{GroupBy, GroupReport, MergedStack, ProcessReport, Report, StackReport},
 };
@@ -48,6 +49,46 @@ fn traced_line(out: &mut String, r: &Report) {
     }
 }
 
+/// The kernel buckets that leak, each with its growth since attach, compactly: the
+/// ones at zero and the reclaimable ones are left to doctor and `--json`.
+fn ledger_line(out: &mut String, l: &LedgerPicture) {
+    const SHOWN: [(&str, &str); 6] = [
+        ("slab_unreclaimable", "SUnreclaim"),
+        ("percpu", "Percpu"),
+        ("vmalloc", "Vmalloc"),
+        ("kernel_stack", "KernelStack"),
+        ("page_tables", "PageTables"),
+        ("unexplained", "unexplained"),
+    ];
+    let signed = |kb: i64| {
+        let size = human_bytes(kb.unsigned_abs().saturating_mul(1024));
+        if kb < 0 {
+            format!("-{size}")
+        } else {
+            size
+        }
+    };
+    let mut parts = Vec::new();
+    for (name, label) in SHOWN {
+        let Some(g) = l.growth.iter().find(|g| g.name == name) else {
+            continue;
+        };
+        let Some(now) = g.after_kb else {
+            continue;
+        };
+        let delta = g.growth_kb.map_or_else(String::new, |d| {
+            format!(" ({}{})", if d < 0 { "" } else { "+" }, signed(d))
+        });
+        parts.push(format!("{label} {}{delta}", signed(now)));
+    }
+    let _ = writeln!(
+        out,
+        "kernel memory (growth since attach, {:.0}s): {}",
+        l.since_s,
+        parts.join("   ")
+    );
+}
+
 fn header(out: &mut String, r: &Report, opts: &TextOptions) {
     let title = if r.kind == "final" {
         "final report"
@@ -80,6 +121,9 @@ fn header(out: &mut String, r: &Report, opts: &TextOptions) {
             human_bytes(m.sunreclaim_kb * 1024),
             pct(m.sunreclaim_kb),
         );
+    }
+    if let Some(l) = &r.ledger {
+        ledger_line(out, l);
     }
     if let Some(s) = &r.slab {
         let _ = writeln!(

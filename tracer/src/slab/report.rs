@@ -7,7 +7,10 @@
 
 use serde::Serialize;
 
-use crate::{kernel::meminfo::MemInfo, slab::zoom::ZoomReport};
+use crate::{
+    kernel::{ledger::LedgerPicture, meminfo::MemInfo},
+    slab::zoom::ZoomReport,
+};
 
 /// Rows name their stacks by id in the run's stack table (see [`StackReport`]).
 pub use crate::bpf::stacks::StackId;
@@ -35,6 +38,9 @@ pub struct Report {
     /// leaktrace's own resident memory (VmRSS); its kernel side is `kernel.map_bytes`.
     pub rss_bytes: Option<u64>,
     pub meminfo: Option<MemInfo>,
+    /// Every kernel bucket of /proc/meminfo and the residual, with growth since attach.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ledger: Option<LedgerPicture>,
     pub slab: Option<SlabPicture>,
     pub totals: Counts,
     pub kernel: KernelCounters,
@@ -434,6 +440,7 @@ pub(crate) fn test_report() -> Report {
         elapsed_s: 2.5,
         rss_bytes: None,
         meminfo: None,
+        ledger: None,
         slab: None,
         totals: Counts {
             outstanding: 4,
