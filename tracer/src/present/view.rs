@@ -4,9 +4,10 @@
 use std::fmt::Write;
 
 use crate::{
-    kernel::ledger::LedgerPicture,
     present::units::{group, human_bytes, human_ms, human_secs, tracked},
-    slab::report::{GroupBy, GroupReport, MergedStack, ProcessReport, Report, StackReport},
+    slab::report::{
+        GroupBy, GroupReport, LedgerPicture, MergedStack, ProcessReport, Report, StackReport,
+    },
 };
 
 /// Zoom episodes the header lists (active first; `--json` has them all).

@@ -7,10 +7,9 @@
 
 use serde::Serialize;
 
-use crate::{
-    kernel::{ledger::LedgerPicture, meminfo::MemInfo},
-    slab::zoom::ZoomReport,
-};
+/// The report holds the kernel-memory ledger; views read it from here.
+pub use crate::kernel::ledger::LedgerPicture;
+use crate::{kernel::meminfo::MemInfo, slab::zoom::ZoomReport};
 
 /// Rows name their stacks by id in the run's stack table (see [`StackReport`]).
 pub use crate::bpf::stacks::StackId;
