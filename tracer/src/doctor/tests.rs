@@ -705,7 +705,8 @@ fn ledger_names_the_source_of_the_growing_bucket() {
     let before = host_ledger(|_| {});
     let secs = Duration::from_secs(10);
     let rate = GROWTH_FLOOR_BYTES_PER_SEC;
-    let cases: [(&str, fn(&mut MemInfo), &str); 5] = [
+    type Grow = fn(&mut MemInfo);
+    let cases: [(&str, Grow, &str); 5] = [
         (
             "percpu",
             |m| m.percpu_kb = m.percpu_kb.map(|p| p + 8 * 1024),

@@ -1,6 +1,6 @@
 //! `/proc/meminfo`: the totals and every kernel bucket the kernel names
 //! (fs/proc/meminfo.c, `meminfo_proc_show`). Fields that older kernels or some configs do
-//! not print are `Option`: `KReclaimable` (4.20), `Percpu` (4.16), `Hugetlb` (4.16,
+//! not print are `Option`: `KReclaimable` (4.20), `Percpu` (4.19), `Hugetlb` (4.16,
 //! CONFIG_HUGETLB_PAGE), `SecPageTables` (6.0), `Zswap` (5.19, CONFIG_ZSWAP).
 
 use std::path::Path;
