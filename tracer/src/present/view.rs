@@ -51,8 +51,8 @@ fn traced_line(out: &mut String, r: &Report) {
 }
 
 /// The kernel buckets that leak, each with its growth since attach, compactly: the
-/// ones at zero and the reclaimable ones are left to doctor and `--json`.
-fn ledger_line(out: &mut String, l: &LedgerPicture) {
+/// reclaimable and config-specific ones are left to doctor and `--json`.
+pub fn ledger_line(l: &LedgerPicture) -> String {
     const SHOWN: [(&str, &str); 6] = [
         ("slab_unreclaimable", "SUnreclaim"),
         ("percpu", "Percpu"),
@@ -82,12 +82,11 @@ fn ledger_line(out: &mut String, l: &LedgerPicture) {
         });
         parts.push(format!("{label} {}{delta}", signed(now)));
     }
-    let _ = writeln!(
-        out,
+    format!(
         "kernel memory (growth since attach, {:.0}s): {}",
         l.since_s,
         parts.join("   ")
-    );
+    )
 }
 
 fn header(out: &mut String, r: &Report, opts: &TextOptions) {
@@ -124,7 +123,7 @@ fn header(out: &mut String, r: &Report, opts: &TextOptions) {
         );
     }
     if let Some(l) = &r.ledger {
-        ledger_line(out, l);
+        let _ = writeln!(out, "{}", ledger_line(l));
     }
     if let Some(s) = &r.slab {
         let _ = writeln!(
