@@ -159,9 +159,18 @@ fn zombie_memcgs_raise_the_dying_count() {
     );
 }
 
+/// The tests that grow kernel memory inside a doctor window take turns: each one's
+/// growth would otherwise be the other's verdict.
+static WINDOW: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn window() -> std::sync::MutexGuard<'static, ()> {
+    WINDOW.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 #[test]
 fn slab_growth_names_the_cache_a_generator_grows() {
     skip_unless!(is_root(), "/proc/slabinfo needs root");
+    let _window = window();
     skip_unless!(slab_cache_exists("kmalloc-512"), "no kmalloc-512 cache");
     let child = Command::new(leaktrace_bin())
         .args(["doctor", "--json", "--watch", "2s"])
@@ -208,7 +217,13 @@ fn slab_growth_names_the_cache_a_generator_grows() {
         objs >= KEYS as f64 / 2.0,
         "kmalloc-512 grew by {objs:.0} objects while {KEYS} keys were held: {slab}"
     );
-    if slab["data"]["top_growth"][0]["name"] == grown["name"] {
+    // A bigger growth elsewhere in kernel memory (another test's pipes) is named instead.
+    let ledger_grower = &finding(&report, "ledger")["data"]["growing"];
+    let slab_or_none = ledger_grower.is_null()
+        || ledger_grower
+            .as_str()
+            .is_some_and(|b| b.starts_with("slab_"));
+    if slab["data"]["top_growth"][0]["name"] == grown["name"] && slab_or_none {
         let next = report["next_command"].as_str().expect("next_command");
         assert!(next.contains("--cache kmalloc-512 --top"), "{next}");
         assert!(
@@ -261,6 +276,8 @@ fn text_report_is_ranked_and_ends_with_the_next_command() {
 #[test]
 fn works_without_root() {
     skip_unless!(is_root(), "needs root to drop to an unprivileged user");
+    // The pipes of the ledger test would make its next command `sudo leaktrace --pages`.
+    let _window = window();
     let out = Command::new(leaktrace_bin())
         .args(["doctor", "--json", "--watch", "100ms"])
         .uid(65534)
@@ -311,11 +328,13 @@ fn ledger_names_the_pages_pipes_take() {
         is_root(),
         "200 MiB of pipes pass the per-user soft limit only as root"
     );
+    let _window = window();
     // Read just before doctor's first ledger read and just after it (doctor reports the
     // sample open on stderr after that read): the named buckets must lie between.
     let opened = meminfo();
     let child = Command::new(leaktrace_bin())
-        .args(["doctor", "--json", "--watch", "4s"])
+        // Long enough for 200 MiB of pipe writes under TCG in the vm-test guests.
+        .args(["doctor", "--json", "--watch", "10s"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -333,6 +352,10 @@ fn ledger_names_the_pages_pipes_take() {
 
     const PIPES: u64 = 200;
     let mut gen = Generator::start("pipe-pages", &PIPES.to_string()).expect("leakgen pipe-pages");
+    assert!(
+        child.0.try_wait().expect("doctor status").is_none(),
+        "the pipes filled after doctor's window closed: the growth cannot be inside it"
+    );
     let out = child.0.wait_with_output_timeout(Duration::from_secs(60));
     gen.release().expect("release the pipes");
     gen.finish().expect("leakgen exit");
