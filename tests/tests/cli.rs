@@ -83,6 +83,17 @@ fn duration_ends_the_run_with_a_final_report_and_detaches() {
         .as_u64()
         .is_some_and(|kb| kb > 0));
     assert!(report["slab"]["objsize"].as_u64() == Some(512), "{report}");
+    // The ledger's last bucket is the residual, with its growth since attach.
+    let growth = report["ledger"]["growth"]
+        .as_array()
+        .expect("ledger growth");
+    assert_eq!(
+        growth.last().map(|b| &b["name"]),
+        Some(&"unexplained".into())
+    );
+    assert!(growth.iter().all(|b| b["name"] == "unexplained"
+        || b["after_kb"].is_null()
+        || b["after_kb"].as_i64().is_some_and(|kb| kb >= 0)));
     assert_detached(&ids);
 }
 
@@ -103,6 +114,8 @@ fn plain_text_top_prints_the_header_and_columns() {
         "cache kmalloc-512",
         "MemTotal",
         "SUnreclaim",
+        "kernel memory (growth since attach",
+        "unexplained",
         "slabinfo kmalloc-512",
         "tracked since attach",
         "OUTSTANDING",

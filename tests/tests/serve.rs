@@ -675,10 +675,21 @@ fn prometheus_scrapes_serve_and_promtool_accepts_metrics_and_rules() {
         "leaktrace_meminfo_sunreclaim_bytes",
         "leaktrace_memcg_dying",
         "leaktrace_serve_trace_active",
+        "leaktrace_kernel_memory_bytes",
     ] {
         assert!(
             body.contains(&format!("# HELP {must} ")),
             "no {must}:\n{body}"
+        );
+    }
+    for bucket in ["slab_unreclaimable", "percpu", "vmalloc", "unexplained"] {
+        assert!(
+            value(
+                &body,
+                &format!("leaktrace_kernel_memory_bytes{{bucket=\"{bucket}\"}}")
+            )
+            .is_some(),
+            "no {bucket} bucket:\n{body}"
         );
     }
     assert!(

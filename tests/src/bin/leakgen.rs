@@ -27,6 +27,15 @@
 //!                      then at a stdin line that thread makes N keys (`MORE
 //!                      <pid>`) before the usual release: a test can name the
 //!                      thread's id before it allocates
+//! leakgen pipe-pages N  N pipes resized to 1 MiB (F_SETPIPE_SZ) and filled by
+//!                      `fill_pipe`: N x 256 held 4 KiB pages the kernel took
+//!                      for pipe buffers straight from the page allocator
+//!                      (`pipe_write`/`anon_pipe_write`, GFP_HIGHUSER|__GFP_ACCOUNT)
+//! LEAKGEN_MEMCG_PARENT=DIR leakgen memcgs N  N memory cgroups made under DIR
+//!                      by `make_memcg` (mkdir, so this process makes their
+//!                      per-CPU statistics), each charged with a 64 KiB tmpfs
+//!                      file written from inside it, then left and removed:
+//!                      N dying memcgs the files pin until release unlinks them
 //! leakgen twopath N [RATIO]  N held kmalloc-512 keys from `hold_key`, and RATIO
 //!                      (default 50) transient ones per held key from `busy_add_key`,
 //!                      both through `sys_add_key` and `user_preparse`
@@ -129,6 +138,8 @@ const KEY_GC_NKEYS_CAP: Duration = Duration::from_millis(500);
 
 const USAGE: &str = "\
 usage: leakgen keys N | keys-twice N | keys-thread N | inotify N | files N | other N | zombies N | pipes N | backlog N
+       leakgen pipe-pages N
+       LEAKGEN_MEMCG_PARENT=DIR leakgen memcgs N
        LEAKGEN_MEMCG=DIR leakgen charged N
        leakgen twopath N [RATIO]
        leakgen rarepath SECS [BUSY_PER_SEC]
@@ -156,6 +167,10 @@ enum Mode {
     Backlog,
     /// N inotify events this process causes, charged to a watcher's memcg.
     Charged,
+    /// N pipes of 1 MiB, full.
+    PipePages,
+    /// N removed memcgs pinned by tmpfs pages.
+    Memcgs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -241,6 +256,8 @@ fn parse_args(args: &[String]) -> Result<Command, String> {
         "pipes" => Some(Mode::Pipes),
         "backlog" => Some(Mode::Backlog),
         "charged" => Some(Mode::Charged),
+        "pipe-pages" => Some(Mode::PipePages),
+        "memcgs" => Some(Mode::Memcgs),
         _ => None,
     };
     if let Some(m) = hold {
@@ -334,6 +351,8 @@ fn main() -> ExitCode {
         Command::Hold(Mode::Pipes, n) => run_pipes(n),
         Command::Hold(Mode::Backlog, n) => run_backlog(n),
         Command::Hold(Mode::Charged, n) => run_charged(n),
+        Command::Hold(Mode::PipePages, n) => run_pipe_pages(n),
+        Command::Hold(Mode::Memcgs, n) => run_memcgs(n),
         Command::Churn {
             op,
             limit,
@@ -1081,6 +1100,110 @@ fn run_pipes(n: usize) -> Result<()> {
         fds.extend(pair);
     }
     hold_protocol(|| close_all(&fds))
+}
+
+// ---------------------------------------------------------------------------
+// pipe-pages
+
+/// Bytes each `pipe-pages` pipe holds: 256 pages of 4 KiB. Root may pass the
+/// per-user soft limit (`/proc/sys/fs/pipe-user-pages-soft`, 16,384 pages),
+/// which would otherwise shrink new pipes to one page.
+const PIPE_PAGES_BYTES: usize = 1 << 20;
+
+#[inline(never)]
+fn run_pipe_pages(n: usize) -> Result<()> {
+    ensure_fd_room(2 * n)?;
+    let mut fds = Vec::with_capacity(2 * n);
+    let chunk = vec![0x5au8; 64 << 10];
+    for i in 0..n {
+        let mut pair = [0i32; 2];
+        // SAFETY: pair is a valid 2-int out-array.
+        if unsafe { libc::pipe2(pair.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
+            let e = Errno(io::Error::last_os_error().raw_os_error().unwrap_or(0));
+            return Err(fd_error("pipe2(O_CLOEXEC|O_NONBLOCK)", e, i, n, ""));
+        }
+        fds.extend(pair);
+        fill_pipe(pair[1], &chunk).with_context(|| format!("pipe {i} of {n}"))?;
+    }
+    hold_protocol(|| close_all(&fds))
+}
+
+/// Resizes the pipe to [`PIPE_PAGES_BYTES`] and writes until it is full: the
+/// pages are allocated by these writes, on this function's stack.
+#[inline(never)]
+fn fill_pipe(fd: i32, chunk: &[u8]) -> Result<()> {
+    // SAFETY: fcntl with integer arguments.
+    let size = unsafe { libc::fcntl(fd, libc::F_SETPIPE_SZ, PIPE_PAGES_BYTES as libc::c_int) };
+    if size < 0 {
+        return Err(os_error("fcntl(F_SETPIPE_SZ, 1 MiB)"));
+    }
+    if (size as usize) < PIPE_PAGES_BYTES {
+        bail!(
+            "the pipe took {size} bytes, not {PIPE_PAGES_BYTES}; hint: /proc/sys/fs/pipe-max-size"
+        );
+    }
+    let mut written = 0usize;
+    loop {
+        // SAFETY: chunk is a live buffer of chunk.len() bytes.
+        let n = unsafe { libc::write(fd, chunk.as_ptr().cast(), chunk.len()) };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::WouldBlock {
+                break;
+            }
+            return Err(os_error("write to the pipe"));
+        }
+        written += n as usize;
+    }
+    if written < PIPE_PAGES_BYTES {
+        bail!("the pipe took {written} bytes before it was full, not {PIPE_PAGES_BYTES}");
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// memcgs
+
+/// Bytes of tmpfs each `memcgs` memcg is charged with: the page-cache pages
+/// keep it from being released after rmdir (a dying memcg).
+const MEMCG_CHARGE_BYTES: usize = 64 << 10;
+
+#[inline(never)]
+fn run_memcgs(n: usize) -> Result<()> {
+    let parent = std::env::var("LEAKGEN_MEMCG_PARENT")
+        .context("memcgs needs LEAKGEN_MEMCG_PARENT=DIR (a memory cgroup directory)")?;
+    let parent = std::path::PathBuf::from(parent);
+    let pid = std::process::id();
+    let tmp = std::path::PathBuf::from("/dev/shm");
+    let mut files = Vec::with_capacity(n);
+    let home = parent.join("cgroup.procs");
+    for i in 0..n {
+        let dir = parent.join(format!("leakgen-{pid}-{i}"));
+        let file = tmp.join(format!("leakgen-memcg-{pid}-{i}"));
+        make_memcg(&dir).with_context(|| format!("memcg {i} of {n}"))?;
+        std::fs::write(dir.join("cgroup.procs"), format!("{pid}\n"))
+            .with_context(|| format!("moving into {}", dir.display()))?;
+        let charged = std::fs::write(&file, vec![0xa5u8; MEMCG_CHARGE_BYTES])
+            .with_context(|| format!("writing {}", file.display()));
+        std::fs::write(&home, format!("{pid}\n"))
+            .with_context(|| format!("moving back into {}", parent.display()))?;
+        charged?;
+        files.push(file);
+        std::fs::remove_dir(&dir).with_context(|| format!("removing {}", dir.display()))?;
+    }
+    hold_protocol(|| {
+        for f in &files {
+            std::fs::remove_file(f).with_context(|| format!("removing {}", f.display()))?;
+        }
+        Ok(())
+    })
+}
+
+/// mkdir of a memory cgroup: the kernel allocates its css and per-CPU
+/// statistics in this call (`mem_cgroup_css_alloc`).
+#[inline(never)]
+fn make_memcg(dir: &std::path::Path) -> Result<()> {
+    std::fs::create_dir(dir).with_context(|| format!("mkdir {}", dir.display()))
 }
 
 // ---------------------------------------------------------------------------

@@ -10,6 +10,7 @@ mod bpf;
 pub(crate) mod cgroups;
 mod kernel;
 mod kmem;
+mod ledger;
 mod memcg;
 mod memory;
 mod render;
@@ -23,6 +24,7 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 
 use crate::kernel::facts::Features;
+use crate::kernel::ledger::{detect_vmap_stack, Ledger};
 use crate::kernel::meminfo::{self, MemInfo};
 use crate::kernel::slabinfo::{self, SlabLine};
 use crate::present::units::human_bytes;
@@ -35,6 +37,7 @@ use kernel::KnownIssue;
 
 use bpf::*;
 use kmem::*;
+use ledger::*;
 use memcg::*;
 use memory::*;
 use render::*;
@@ -79,6 +82,7 @@ pub enum Data {
     Memcgs(MemcgData),
     Kmem(KmemData),
     Bpf(BpfData),
+    Ledger(Box<LedgerData>),
 }
 
 impl Finding {
@@ -121,8 +125,11 @@ pub fn diagnose(
     on_first_sample: impl FnOnce(),
 ) -> Report {
     let start = Instant::now();
+    // Read the kernel's own description once, before the window opens.
+    let vmap_stack = detect_vmap_stack(root);
     let before = slabinfo::read(root);
     let sampled_at = Instant::now();
+    let ledger_before = Ledger::read(root, vmap_stack).map(|l| (l, Instant::now()));
     on_first_sample();
 
     // The other checks run inside the watch window so the window costs no extra time.
@@ -177,12 +184,28 @@ pub fn diagnose(
         }
         Err(e) => Err(e).context("slab growth needs /proc/slabinfo, which only root can read"),
     };
+    let ledger_after = Ledger::read(root, vmap_stack);
     let slab = slab.unwrap_or_else(|e| Finding::unknown("slab", &e));
-    let cache = match &slab.data {
-        Some(Data::Slab(s)) => s.suggested_cache.clone(),
-        _ => None,
+    let (cache, rate_threshold) = match &slab.data {
+        Some(Data::Slab(s)) => (s.suggested_cache.clone(), s.growth_threshold_bytes_per_sec),
+        _ => (None, GROWTH_FLOOR_BYTES_PER_SEC),
     };
     findings.push(slab);
+    let ledger = match (ledger_before, ledger_after) {
+        (Ok((before, at)), Ok(after)) => ledger_finding(
+            &before,
+            &after,
+            at.elapsed(),
+            cache.as_deref(),
+            rate_threshold,
+        ),
+        (Err(e), _) | (_, Err(e)) => Finding::unknown("ledger", &e),
+    };
+    let ledger_next = match &ledger.data {
+        Some(Data::Ledger(l)) => l.next_command.clone(),
+        _ => None,
+    };
+    findings.push(ledger);
     let bpf = bpf_finding(root_user, &features, &tracefs, cache.as_deref());
     let mut next_command = match &bpf.data {
         Some(Data::Bpf(b)) => Some(b.next_command.clone()),
@@ -192,8 +215,19 @@ pub fn diagnose(
     if cache.is_none() && !root_user {
         next_command = Some("sudo leaktrace doctor".to_string());
     }
+    // A growing bucket other than slab is traced by its own source (the slab one is
+    // already the bpf check's `--cache` command).
+    if let (Some(cmd), Some(Data::Bpf(b))) = (ledger_next, &bpf.data) {
+        let leaktrace = cmd.starts_with("leaktrace ");
+        next_command = Some(match (leaktrace, b.can_attach, root_user) {
+            (false, _, _) => cmd,
+            (true, true, true) => cmd,
+            (true, true, false) => format!("sudo {cmd}"),
+            (true, false, _) => next_command.unwrap_or(cmd),
+        });
+    }
     findings.push(bpf);
-    // Stable: equal severities keep the issue's order (memory, memcgs, kmem, slab, bpf).
+    // Stable: equal severities keep the issue's order (memory, memcgs, kmem, slab, ledger, bpf).
     findings.sort_by_key(|f| f.severity);
     Report {
         schema_version: 1,

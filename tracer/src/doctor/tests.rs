@@ -41,7 +41,10 @@ fn assert_ranked(report: &Report) {
     assert_eq!(order, sorted, "findings not ranked most severe first");
     let mut checks: Vec<&str> = report.findings.iter().map(|f| f.check).collect();
     checks.sort();
-    assert_eq!(checks, ["bpf", "kmem", "memcgs", "memory", "slab"]);
+    assert_eq!(
+        checks,
+        ["bpf", "kmem", "ledger", "memcgs", "memory", "slab"]
+    );
 }
 
 /// A copy of a fixture in a temp dir, for states that are one edit away from a fixture.
@@ -522,6 +525,7 @@ fn memory_band_edges() {
         slab_kb: sunreclaim_kb,
         sreclaimable_kb: 0,
         sunreclaim_kb,
+        ..MemInfo::default()
     };
     assert_eq!(memory_finding(&m(99)).severity, Severity::Ok);
     assert_eq!(memory_finding(&m(100)).severity, Severity::Warning);
@@ -648,4 +652,183 @@ fn kprobes_are_seen_through_tracefs_too() {
     assert!(b.kprobes);
     let bpf = r.finding("bpf").expect("bpf");
     assert!(bpf.summary.contains("kprobes yes"), "{}", bpf.summary);
+}
+
+// ---- the kernel-memory ledger ----
+
+fn host_ledger(f: impl FnOnce(&mut MemInfo)) -> Ledger {
+    let root = Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/testdata/proc/ledger-6.18"
+    ));
+    let mut m = meminfo::read(root).expect("ledger-6.18 meminfo");
+    f(&mut m);
+    Ledger::from_parts(&m, Some((15_916, 15_916)), Some(true))
+}
+
+fn ledger_data(f: &Finding) -> &LedgerData {
+    match &f.data {
+        Some(Data::Ledger(l)) => l,
+        _ => panic!("no ledger data: {f:#?}"),
+    }
+}
+
+#[test]
+fn ledger_figures_are_the_fixtures_meminfo() {
+    let r = diagnose_fixture("v1-host", true);
+    let Data::Ledger(l) = data(&r, "ledger") else {
+        panic!("not ledger data")
+    };
+    let m = meminfo::read(&fixture("v1-host")).expect("meminfo");
+    let at = |name: &str| {
+        let b = l.buckets.iter().find(|b| b.name == name).expect(name);
+        (b.before_kb, b.after_kb)
+    };
+    let both = |v: u64| (Some(v as i64), Some(v as i64));
+    assert_eq!(at("slab_unreclaimable"), both(m.sunreclaim_kb));
+    assert_eq!(at("slab_reclaimable"), both(m.sreclaimable_kb));
+    assert_eq!(at("kernel_stack"), both(m.kernel_stack_kb));
+    assert_eq!(at("page_tables"), both(m.page_tables_kb));
+    assert_eq!(at("vmalloc"), both(m.vmalloc_used_kb));
+    assert_eq!(at("percpu"), both(m.percpu_kb.expect("Percpu")));
+    // A still fixture grows nothing: no verdict, no next command from the ledger.
+    assert_eq!(l.growing, None);
+    assert_eq!(severity(&r, "ledger"), Severity::Ok);
+    assert!(r
+        .next_command
+        .as_deref()
+        .is_some_and(|c| c.contains("--cache")));
+}
+
+#[test]
+fn ledger_names_the_source_of_the_growing_bucket() {
+    let before = host_ledger(|_| {});
+    let secs = Duration::from_secs(10);
+    let rate = GROWTH_FLOOR_BYTES_PER_SEC;
+    type Grow = fn(&mut MemInfo);
+    let cases: [(&str, Grow, &str); 5] = [
+        (
+            "percpu",
+            |m| m.percpu_kb = m.percpu_kb.map(|p| p + 8 * 1024),
+            "leaktrace --percpu",
+        ),
+        // Pages taken straight from the page allocator: only MemFree falls.
+        (
+            "unexplained",
+            |m| m.mem_free_kb -= 200 * 1024,
+            "leaktrace --pages",
+        ),
+        (
+            "slab_unreclaimable",
+            |m| {
+                m.sunreclaim_kb += 64 * 1024;
+                m.slab_kb += 64 * 1024;
+                m.mem_free_kb -= 64 * 1024;
+            },
+            "leaktrace --cache kmalloc-512 --top",
+        ),
+        (
+            "kernel_stack",
+            |m| {
+                // With VMAP_STACK the stacks are vmalloc pages too; the smaller growth
+                // (vmalloc's other users) must not win over the stacks.
+                m.kernel_stack_kb += 16 * 1024;
+                m.vmalloc_used_kb += 8 * 1024;
+                m.mem_free_kb -= 16 * 1024;
+            },
+            "leaktrace --cache task_struct --top",
+        ),
+        (
+            "vmalloc",
+            |m| {
+                m.vmalloc_used_kb += 16 * 1024;
+                m.mem_free_kb -= 16 * 1024;
+            },
+            "sort -k2 -n /proc/vmallocinfo | tail",
+        ),
+    ];
+    for (bucket, grow, next) in cases {
+        let after = host_ledger(grow);
+        let f = ledger_finding(&before, &after, secs, Some("kmalloc-512"), rate);
+        let l = ledger_data(&f);
+        assert_eq!(l.growing, Some(bucket), "{f:#?}");
+        assert_eq!(l.next_command.as_deref(), Some(next), "{bucket}");
+        assert_eq!(f.severity, Severity::Warning);
+        assert!(f.summary.contains(next), "{}", f.summary);
+    }
+}
+
+#[test]
+fn ledger_thresholds_ignore_noise() {
+    let before = host_ledger(|_| {});
+    let rate = GROWTH_FLOOR_BYTES_PER_SEC;
+    let quiet = |f: &Finding| ledger_data(f).growing.is_none();
+    // 3 MiB of Percpu and 30 MiB of residual are under the floors.
+    let after = host_ledger(|m| {
+        m.percpu_kb = m.percpu_kb.map(|p| p + 3 * 1024);
+        m.mem_free_kb -= 30 * 1024;
+    });
+    let f = ledger_finding(&before, &after, Duration::from_secs(2), None, rate);
+    assert!(quiet(&f), "{f:#?}");
+    // 40 MiB of residual passes the floor, but not when the per-CPU lists moved 32 MiB
+    // between the reads around meminfo (their mean, 16 MiB lower, adds 16 MiB: 56 < 64).
+    let m = meminfo::read(Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/testdata/proc/ledger-6.18"
+    )))
+    .expect("meminfo");
+    let grown = MemInfo {
+        mem_free_kb: m.mem_free_kb - 40 * 1024,
+        ..m
+    };
+    let settled = Ledger::from_parts(&grown, Some((15_916, 15_916)), Some(true));
+    let f = ledger_finding(&before, &settled, Duration::from_secs(2), None, rate);
+    assert_eq!(ledger_data(&f).growing, Some("unexplained"));
+    let racing = Ledger::from_parts(&grown, Some((7_724, 15_916)), Some(true));
+    let f = ledger_finding(&before, &racing, Duration::from_secs(2), None, rate);
+    assert!(quiet(&f), "{f:#?}");
+    // 8 MiB of Percpu over an hour is under the rate (1% of RAM per hour here).
+    let after = host_ledger(|m| m.percpu_kb = m.percpu_kb.map(|p| p + 8 * 1024));
+    let hour_rate = 24_683_784.0 * 1024.0 * GROWTH_RAM_PCT_PER_HOUR / 100.0 / 3600.0;
+    let f = ledger_finding(&before, &after, Duration::from_secs(3600), None, hour_rate);
+    assert!(quiet(&f), "{f:#?}");
+}
+
+#[test]
+fn ledger_text_shows_every_bucket_and_the_formula() {
+    let before = host_ledger(|_| {});
+    let after = host_ledger(|m| m.mem_free_kb -= 200 * 1024);
+    let f = ledger_finding(
+        &before,
+        &after,
+        Duration::from_secs(3),
+        None,
+        GROWTH_FLOOR_BYTES_PER_SEC,
+    );
+    for field in [
+        "SUnreclaim",
+        "SReclaimable",
+        "KReclaimable - SReclaimable",
+        "KernelStack",
+        "PageTables",
+        "SecPageTables",
+        "Percpu",
+        "VmallocUsed",
+        "Hugetlb",
+        "Zswap",
+        "the residual",
+    ] {
+        assert!(
+            f.details.iter().any(|d| d.contains(field)),
+            "{field}: {:#?}",
+            f.details
+        );
+    }
+    assert!(
+        f.summary
+            .starts_with("unexplained (the residual) grew +200.0M"),
+        "{}",
+        f.summary
+    );
+    assert!(f.details.iter().any(|d| d.contains("inside VmallocUsed")));
 }

@@ -320,6 +320,7 @@ mod tests {
             elapsed_s: 2.0,
             rss_bytes: None,
             meminfo: None,
+            ledger: None,
             slab: None,
             totals: crate::slab::report::Counts {
                 outstanding: 3,

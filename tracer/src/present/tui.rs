@@ -269,6 +269,9 @@ impl ViewState {
         if let Some(note) = crate::present::view::traced_exit_note(r) {
             head.push(Line::from(note));
         }
+        if let Some(l) = &r.ledger {
+            head.push(Line::from(crate::present::view::ledger_line(l)));
+        }
         if let Some(s) = &r.slab {
             head.push(Line::from(format!(
                 "slabinfo: {} active / {} objs of {} B   since attach {:+} objs ({:+.1}/s)",
@@ -552,6 +555,7 @@ mod tests {
             elapsed_s: 1.0,
             rss_bytes: None,
             meminfo: None,
+            ledger: None,
             slab: None,
             totals: Default::default(),
             kernel: Default::default(),

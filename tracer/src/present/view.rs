@@ -5,7 +5,9 @@ use std::fmt::Write;
 
 use crate::{
     present::units::{group, human_bytes, human_ms, human_secs, tracked},
-    slab::report::{GroupBy, GroupReport, MergedStack, ProcessReport, Report, StackReport},
+    slab::report::{
+        GroupBy, GroupReport, LedgerPicture, MergedStack, ProcessReport, Report, StackReport,
+    },
 };
 
 /// Zoom episodes the header lists (active first; `--json` has them all).
@@ -48,6 +50,45 @@ fn traced_line(out: &mut String, r: &Report) {
     }
 }
 
+/// The kernel buckets that leak, each with its growth since attach, compactly: the
+/// reclaimable and config-specific ones are left to doctor and `--json`.
+pub fn ledger_line(l: &LedgerPicture) -> String {
+    const SHOWN: [(&str, &str); 6] = [
+        ("slab_unreclaimable", "SUnreclaim"),
+        ("percpu", "Percpu"),
+        ("vmalloc", "Vmalloc"),
+        ("kernel_stack", "KernelStack"),
+        ("page_tables", "PageTables"),
+        ("unexplained", "unexplained"),
+    ];
+    let signed = |kb: i64| {
+        let size = human_bytes(kb.unsigned_abs().saturating_mul(1024));
+        if kb < 0 {
+            format!("-{size}")
+        } else {
+            size
+        }
+    };
+    let mut parts = Vec::new();
+    for (name, label) in SHOWN {
+        let Some(g) = l.growth.iter().find(|g| g.name == name) else {
+            continue;
+        };
+        let Some(now) = g.after_kb else {
+            continue;
+        };
+        let delta = g.growth_kb.map_or_else(String::new, |d| {
+            format!(" ({}{})", if d < 0 { "" } else { "+" }, signed(d))
+        });
+        parts.push(format!("{label} {}{delta}", signed(now)));
+    }
+    format!(
+        "kernel memory (growth since attach, {:.0}s): {}",
+        l.since_s,
+        parts.join("   ")
+    )
+}
+
 fn header(out: &mut String, r: &Report, opts: &TextOptions) {
     let title = if r.kind == "final" {
         "final report"
@@ -80,6 +121,9 @@ fn header(out: &mut String, r: &Report, opts: &TextOptions) {
             human_bytes(m.sunreclaim_kb * 1024),
             pct(m.sunreclaim_kb),
         );
+    }
+    if let Some(l) = &r.ledger {
+        let _ = writeln!(out, "{}", ledger_line(l));
     }
     if let Some(s) = &r.slab {
         let _ = writeln!(

@@ -17,6 +17,7 @@ use std::{
 };
 
 use crate::kernel::cgroupfs::{self, CgroupDir, Hierarchy};
+use crate::kernel::ledger::{self, Ledger};
 use crate::kernel::memory_stat::{self, StatTiming};
 use crate::kernel::{meminfo, slabinfo};
 use crate::slab::caches::Catalogue;
@@ -43,6 +44,8 @@ struct ReadState {
     /// slabinfo name -> the other names merged into it.
     aliases: Option<(Instant, BTreeMap<String, Vec<String>>)>,
     stat: Option<(Instant, Result<Vec<StatTiming>, String>)>,
+    /// CONFIG_VMAP_STACK, read from BTF at the first scrape: it cannot change.
+    vmap_stack: Option<Option<bool>>,
 }
 
 impl Collector {
@@ -54,6 +57,7 @@ impl Collector {
                 root,
                 aliases: None,
                 stat: None,
+                vmap_stack: None,
             })),
         }
     }
@@ -83,6 +87,41 @@ impl Collector {
         out.push_str(&kernel);
         render_serve(&mut out, profiles);
         out
+    }
+}
+
+/// Every kernel bucket of the ledger (`kernel::ledger`) as one gauge; buckets this kernel
+/// does not print are left out rather than reported as 0.
+fn render_ledger(out: &mut String, l: &Ledger) {
+    const NAME: &str = "leaktrace_kernel_memory_bytes";
+    head(
+        out,
+        NAME,
+        "gauge",
+        "Kernel memory by /proc/meminfo bucket: slab_unreclaimable (SUnreclaim), slab_reclaimable (SReclaimable), \
+         kreclaimable_other (KReclaimable - SReclaimable), kernel_stack (KernelStack; inside vmalloc with CONFIG_VMAP_STACK), \
+         page_tables (PageTables), sec_page_tables (SecPageTables), percpu (Percpu), vmalloc (VmallocUsed), hugetlb (Hugetlb), \
+         zswap (Zswap), and unexplained: MemTotal - MemFree - per-CPU free lists - LRU - the buckets above, the pages the kernel \
+         took straight from the page allocator (pipes, sockets, drivers); only its changes are meaningful (may be negative).",
+    );
+    for b in &l.buckets {
+        if let Some(kb) = b.kb {
+            sample(out, NAME, &[("bucket", b.name)], kb.saturating_mul(1024));
+        }
+    }
+    head(
+        out,
+        "leaktrace_pcp_free_bytes",
+        "gauge",
+        "Pages on the per-CPU free lists (/proc/zoneinfo pagesets count): free, but not in MemFree.",
+    );
+    if let Some(kb) = l.pcp_free_kb {
+        sample(
+            out,
+            "leaktrace_pcp_free_bytes",
+            &[],
+            kb.saturating_mul(1024),
+        );
     }
 }
 
@@ -157,6 +196,16 @@ fn read_kernel(s: &mut ReadState) -> String {
             head(&mut out, name, "gauge", help);
             sample(&mut out, name, &[], kb.saturating_mul(1024));
         }
+    }
+
+    let start = Instant::now();
+    let vmap_stack = *s
+        .vmap_stack
+        .get_or_insert_with(|| ledger::detect_vmap_stack(&root));
+    let ledger = Ledger::read(&root, vmap_stack);
+    up.push(("ledger", ledger.is_ok(), start.elapsed().as_secs_f64()));
+    if let Ok(l) = ledger {
+        render_ledger(&mut out, &l);
     }
 
     let start = Instant::now();

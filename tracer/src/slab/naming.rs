@@ -4,6 +4,7 @@
 
 use crate::{
     bpf::stacks::StackTable,
+    kernel::ledger::LedgerPicture,
     kernel::meminfo::MemInfo,
     kernel::pods::PodNames,
     kernel::procinfo::{CgroupPaths, ProcMeta},
@@ -39,6 +40,7 @@ pub struct Header {
     pub elapsed_s: f64,
     pub rss_bytes: Option<u64>,
     pub meminfo: Option<MemInfo>,
+    pub ledger: Option<LedgerPicture>,
     pub slab: Option<SlabPicture>,
     pub kernel: KernelCounters,
 }
@@ -81,6 +83,7 @@ pub fn build(kind: &'static str, header: Header, snap: Snapshot, names: &mut Nam
         elapsed_s: header.elapsed_s,
         rss_bytes: header.rss_bytes,
         meminfo: header.meminfo,
+        ledger: header.ledger,
         slab: header.slab,
         totals: snap.totals,
         kernel: header.kernel,

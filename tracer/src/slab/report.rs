@@ -7,6 +7,8 @@
 
 use serde::Serialize;
 
+/// The report holds the kernel-memory ledger; views read it from here.
+pub use crate::kernel::ledger::LedgerPicture;
 use crate::{kernel::meminfo::MemInfo, slab::zoom::ZoomReport};
 
 /// Rows name their stacks by id in the run's stack table (see [`StackReport`]).
@@ -35,6 +37,9 @@ pub struct Report {
     /// leaktrace's own resident memory (VmRSS); its kernel side is `kernel.map_bytes`.
     pub rss_bytes: Option<u64>,
     pub meminfo: Option<MemInfo>,
+    /// Every kernel bucket of /proc/meminfo and the residual, with growth since attach.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ledger: Option<LedgerPicture>,
     pub slab: Option<SlabPicture>,
     pub totals: Counts,
     pub kernel: KernelCounters,
@@ -434,6 +439,7 @@ pub(crate) fn test_report() -> Report {
         elapsed_s: 2.5,
         rss_bytes: None,
         meminfo: None,
+        ledger: None,
         slab: None,
         totals: Counts {
             outstanding: 4,

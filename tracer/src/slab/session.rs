@@ -15,6 +15,7 @@ use tracer_common::slab::Config;
 use crate::{
     bpf::stacks::StackId,
     kernel::clock::monotonic_ns,
+    kernel::ledger::{self, Ledger, LedgerPicture},
     kernel::meminfo,
     kernel::own_memory,
     kernel::pods::PodNames,
@@ -70,6 +71,9 @@ pub struct Session {
     cgroups: CgroupPaths,
     pods: PodNames,
     slab_baseline: Option<(SlabLine, Instant)>,
+    /// CONFIG_VMAP_STACK and the ledger at attach: the header's growth since attach.
+    vmap_stack: Option<bool>,
+    ledger_baseline: Option<(Ledger, Instant)>,
     cache: String,
     aliases: Vec<String>,
     started_ns: u64,
@@ -82,6 +86,7 @@ pub struct Session {
 impl Session {
     pub fn new(s: Setup<'_>) -> Session {
         let c = s.config;
+        let vmap_stack = ledger::detect_vmap_stack(Path::new("/"));
         Session {
             // The kernel map cannot hold more than --max-objects, so neither can we.
             agg: Aggregator::with_capacity(
@@ -107,6 +112,10 @@ impl Session {
             cgroups: CgroupPaths::at(s.cgroup_mount),
             pods: PodNames::new(&s.pods_root),
             slab_baseline: s.slab_baseline.map(|l| (l, Instant::now())),
+            vmap_stack,
+            ledger_baseline: Ledger::read(Path::new("/"), vmap_stack)
+                .ok()
+                .map(|l| (l, Instant::now())),
             cache: s.cache,
             aliases: s.aliases,
             started_ns: monotonic_ns(),
@@ -151,6 +160,11 @@ impl Session {
             elapsed_s: now.saturating_sub(self.started_ns) as f64 / 1e9,
             rss_bytes: own_memory::own_rss_bytes(),
             meminfo: meminfo::read(root).ok(),
+            ledger: self.ledger_baseline.as_ref().and_then(|(base, at)| {
+                Ledger::read(root, self.vmap_stack)
+                    .ok()
+                    .map(|now| LedgerPicture::new(now, base, at.elapsed().as_secs_f64()))
+            }),
             slab,
             kernel,
         };
