@@ -1176,7 +1176,10 @@ fn run_memcgs(n: usize) -> Result<()> {
     let pid = std::process::id();
     let tmp = std::path::PathBuf::from("/dev/shm");
     let mut files = Vec::with_capacity(n);
-    let home = parent.join("cgroup.procs");
+    // Back into the memcg this process started in, not DIR: on cgroup2 a
+    // cgroup that delegates memory to its children (DIR must) may hold no
+    // process, so writing DIR/cgroup.procs fails with EBUSY.
+    let home = home_cgroup(&parent)?.join("cgroup.procs");
     for i in 0..n {
         let dir = parent.join(format!("leakgen-{pid}-{i}"));
         let file = tmp.join(format!("leakgen-memcg-{pid}-{i}"));
@@ -1197,6 +1200,38 @@ fn run_memcgs(n: usize) -> Result<()> {
         }
         Ok(())
     })
+}
+
+/// The directory of this process's own memory cgroup in the hierarchy
+/// `dir` belongs to: the hierarchy's mount (the first ancestor of `dir` on
+/// another device) joined with this process's path there (/proc/self/cgroup:
+/// the line naming `memory` on v1, `0::` on cgroup2).
+fn home_cgroup(dir: &std::path::Path) -> Result<std::path::PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.dev());
+    let mut mount = dir.to_path_buf();
+    while let Some(up) = mount.parent() {
+        if dev(up)? != dev(&mount)? {
+            break;
+        }
+        mount = up.to_path_buf();
+    }
+    let v2 = std::fs::read_to_string(mount.join("cgroup.controllers")).is_ok();
+    let own = std::fs::read_to_string("/proc/self/cgroup").context("reading /proc/self/cgroup")?;
+    let rel = own
+        .lines()
+        .find_map(|l| {
+            let mut f = l.splitn(3, ':');
+            let (_, ctrl, path) = (f.next()?, f.next()?, f.next()?);
+            let hit = if v2 {
+                ctrl.is_empty()
+            } else {
+                ctrl.split(',').any(|c| c == "memory")
+            };
+            hit.then(|| path.trim_start_matches('/').to_string())
+        })
+        .with_context(|| format!("no line of /proc/self/cgroup for {}", mount.display()))?;
+    Ok(mount.join(rel))
 }
 
 /// mkdir of a memory cgroup: the kernel allocates its css and per-CPU

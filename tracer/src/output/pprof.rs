@@ -388,8 +388,9 @@ pub fn build(report: &Report, wall_clock_ns: i64) -> Profile {
     b.profile.time_nanos = wall_clock_ns;
     b.profile.duration_nanos = (report.elapsed_s * 1e9) as i64;
     let comment = b.string(&format!(
-        "leaktrace {} report, cache {}; only objects allocated after attach are counted",
-        report.kind, report.cache
+        "leaktrace {} report, {}; only objects allocated after attach are counted",
+        report.kind,
+        report.traced()
     ));
     b.profile.comment.push(comment);
     let sample_every = report.stacks.sample_every;

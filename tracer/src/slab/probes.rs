@@ -115,7 +115,7 @@ impl Probes {
                     if first {
                         loaded(name, prog.load())?;
                     }
-                    prog.attach("kmem", a.event)
+                    prog.attach(a.system, a.event)
                         .with_context(|| format!("attaching to tracepoint {what}"))?;
                 }
                 Hook::Raw => {

@@ -26,7 +26,7 @@ use crate::{
     slab::grouping,
     slab::naming::{self, Header, Naming},
     slab::probes::Probes,
-    slab::report::{GroupBy, ProcKey, Report, SlabPicture, TracedPid},
+    slab::report::{GroupBy, MemorySource, ProcKey, Report, SlabPicture, TracedPid},
     slab::source::{AllocSource, SlabCaches},
     slab::zoom::{self, Zoom},
     symbolize::Symbolizer,
@@ -52,6 +52,7 @@ pub struct Setup<'a> {
     /// The cache's slabinfo line when attached.
     pub slab_baseline: Option<SlabLine>,
     pub cache: String,
+    pub source: MemorySource,
     pub aliases: Vec<String>,
     pub snapshot_opts: SnapshotOptions,
     pub traced: Option<TracedProcess>,
@@ -71,6 +72,7 @@ pub struct Session {
     pods: PodNames,
     slab_baseline: Option<(SlabLine, Instant)>,
     cache: String,
+    source: MemorySource,
     aliases: Vec<String>,
     started_ns: u64,
     snapshot_opts: SnapshotOptions,
@@ -108,6 +110,7 @@ impl Session {
             pods: PodNames::new(&s.pods_root),
             slab_baseline: s.slab_baseline.map(|l| (l, Instant::now())),
             cache: s.cache,
+            source: s.source,
             aliases: s.aliases,
             started_ns: monotonic_ns(),
             snapshot_opts: s.snapshot_opts,
@@ -143,10 +146,14 @@ impl Session {
     pub fn report(&mut self, kind: &'static str, kernel: KernelCounters) -> Report {
         let root = Path::new("/");
         let now = monotonic_ns();
-        let slab = slab_line(root, &self.cache, &self.aliases)
+        // Per-CPU allocations have no slabinfo line.
+        let slab = (self.source == MemorySource::Slab)
+            .then(|| slab_line(root, &self.cache, &self.aliases))
+            .flatten()
             .map(|now| slab_picture(&now, self.slab_baseline.as_ref()));
         let header = Header {
             cache: self.cache.clone(),
+            source: self.source,
             aliases: self.aliases.clone(),
             elapsed_s: now.saturating_sub(self.started_ns) as f64 / 1e9,
             rss_bytes: own_memory::own_rss_bytes(),
