@@ -94,6 +94,10 @@ impl Witness {
         // Room for minutes of this host's per-CPU traffic with stacks;
         // `overruns` below proves nothing was overwritten.
         w.write("buffer_size_kb", "8192");
+        // Frees run on other CPUs than their allocations: the default local
+        // clock may order a free before its allocation (or a reused pointer's
+        // allocation before the old free) in the merged trace.
+        w.write("trace_clock", "global");
         w.write("options/stacktrace", "1");
         for event in ["percpu_alloc_percpu", "percpu_free_percpu"] {
             w.write(&format!("events/percpu/{event}/enable"), "1");
@@ -315,9 +319,12 @@ fn dying_memcgs_per_cpu_memory_is_held_by_their_creator() {
          leaktrace: {n} ({bytes} B), {css} through {CSS_ALLOC} ({css_bytes} B)",
         truth.allocs, truth.live, truth.live_bytes, truth.css_live, truth.css_live_bytes
     );
-    // Never more than the kernel made: an allocation attributed is one the
-    // witness saw this process make.
-    assert!(n <= truth.allocs, "leaktrace {n} > witness {truth:?}");
+    // Every allocation counted, never more than the kernel made.
+    let allocs = process(&report, gen.pid).map_or(0, |p| count(p, "allocs"));
+    assert!(
+        allocs * 10 >= truth.allocs * 9 && allocs <= truth.allocs,
+        "leaktrace counted {allocs} allocations of the process, the witness {truth:?}"
+    );
     assert_eq!(report["source"], "percpu", "{}", report["source"]);
     assert_eq!(report["cache"], "percpu");
 

@@ -1174,7 +1174,7 @@ fn run_memcgs(n: usize) -> Result<()> {
         .context("memcgs needs LEAKGEN_MEMCG_PARENT=DIR (a memory cgroup directory)")?;
     let parent = std::path::PathBuf::from(parent);
     let pid = std::process::id();
-    let tmp = std::path::PathBuf::from("/dev/shm");
+    let tmp = tmpfs_dir()?;
     let mut files = Vec::with_capacity(n);
     // Back into the memcg this process started in, not DIR: on cgroup2 a
     // cgroup that delegates memory to its children (DIR must) may hold no
@@ -1200,6 +1200,23 @@ fn run_memcgs(n: usize) -> Result<()> {
         }
         Ok(())
     })
+}
+
+/// A tmpfs directory for the charging files: /dev/shm, or /tmp where /dev
+/// has none (the vm-test guests mount a devtmpfs without it and a tmpfs on
+/// /tmp). tmpfs pages stay charged until unlinked, disk page cache could be
+/// reclaimed and let the memcg go.
+fn tmpfs_dir() -> Result<std::path::PathBuf> {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    for dir in ["/dev/shm", "/tmp"] {
+        let path = CString::new(dir).context("path")?;
+        // SAFETY: statfs fills the zeroed struct it is given.
+        let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+        if unsafe { libc::statfs(path.as_ptr(), &mut st) } == 0 && st.f_type as i64 == TMPFS_MAGIC {
+            return Ok(std::path::PathBuf::from(dir));
+        }
+    }
+    bail!("no tmpfs at /dev/shm or /tmp to charge the memcgs with")
 }
 
 /// The directory of this process's own memory cgroup in the hierarchy

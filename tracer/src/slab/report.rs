@@ -85,6 +85,14 @@ impl Report {
     pub fn traced(&self) -> String {
         self.source.describe(&self.cache)
     }
+
+    /// The traced memory by its bare name: the cache's, or "per-CPU allocations".
+    pub fn memory(&self) -> String {
+        match self.source {
+            MemorySource::Slab => self.cache.clone(),
+            MemorySource::Percpu => self.traced(),
+        }
+    }
 }
 
 /// `--pid`'s process and whether it is still there: objects it allocated stay
