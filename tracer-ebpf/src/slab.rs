@@ -127,12 +127,14 @@ static TASK_FACTS: PerCpuArray<task::TaskFacts> = PerCpuArray::with_max_entries(
 /// last-in-first-out freelists hand that very address to the next nested
 /// allocation.) The spare tests selection first, and so pays nothing on a
 /// miss. Index:
-/// [`program_slot`] for the allocation hooks, `SEEN_KFREE`/`SEEN_CACHE_FREE`.
+/// [`program_slot`] for the allocation hooks, `SEEN_KFREE`/`SEEN_CACHE_FREE`/
+/// `SEEN_PERCPU_FREE` for the raw free hooks.
 #[map]
-static SEEN: PerCpuArray<u64> = PerCpuArray::with_max_entries(4, 0);
+static SEEN: PerCpuArray<u64> = PerCpuArray::with_max_entries(5, 0);
 
 const SEEN_KFREE: u32 = 2;
 const SEEN_CACHE_FREE: u32 = 3;
+const SEEN_PERCPU_FREE: u32 = 4;
 
 /// A slot per allocation program and role, so a nested run never shares one
 /// with the run it interrupted: 0 kmalloc, 1 kmem_cache_alloc, +2 for spares
@@ -272,6 +274,10 @@ macro_rules! handle {
     };
     (tracepoint percpu_free main $ctx:ident $cas:literal) => {
         tp_free::<$cas>(&$ctx, config().percpu.free_ptr)
+    };
+    // (base_addr, off, ptr) on every kernel since 3.18; userspace checks BTF.
+    (raw_tracepoint percpu_free $role:ident $ctx:ident $cas:literal) => {
+        raw_free::<$cas>($ctx.arg(2), SEEN_PERCPU_FREE, spare!($role))
     };
 }
 

@@ -30,6 +30,8 @@ macro_rules! slab_programs {
             raw_tracepoint cache_free spare: kmem_cache_free_raw_spare, kmem_cache_free_raw_spare_nocas;
             tracepoint percpu_alloc main: percpu_alloc, percpu_alloc_nocas;
             tracepoint percpu_free main: percpu_free, percpu_free_nocas;
+            raw_tracepoint percpu_free main: percpu_free_raw, percpu_free_raw_nocas;
+            raw_tracepoint percpu_free spare: percpu_free_raw_spare, percpu_free_raw_spare_nocas;
         }
     };
 }

@@ -252,6 +252,9 @@ mod tests {
             "kmem_cache_alloc_raw",
             "kfree_raw",
             "kmem_cache_free_raw",
+            "percpu_alloc",
+            "percpu_free",
+            "percpu_free_raw",
         ];
         let spares = planned.iter().filter_map(|p| spare_program(p));
         for name in planned.into_iter().chain(spares) {
