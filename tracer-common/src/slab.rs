@@ -30,6 +30,8 @@ pub const CACHE_NAME_LEN: usize = 32;
 /// Which tracepoint produced an allocation.
 pub const SOURCE_KMALLOC: u16 = 1;
 pub const SOURCE_CACHE_ALLOC: u16 = 2;
+/// `percpu:percpu_alloc_percpu` (the per-CPU source, `leaktrace --percpu`).
+pub const SOURCE_PERCPU: u16 = 3;
 
 /// [`AllocHeader::flags`]: this allocation's stacks were drawn (captured) and
 /// it may stand for its stratum in unbiased per-stack estimates. Whether or
@@ -133,6 +135,28 @@ pub struct AllocLayout {
     pub _pad: [u16; 2],
 }
 
+/// `percpu:percpu_alloc_percpu` and `percpu:percpu_free_percpu` field
+/// offsets, from tracefs. The per-CPU source is on when `possible_cpus` is
+/// not 0; an offset of 0 is a field this kernel's record lacks (the common
+/// header occupies offset 0 of every record, so no real field sits there).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PercpuLayout {
+    /// `size`: bytes of one CPU's copy.
+    pub size: u16,
+    /// `ptr`: the `__percpu` address the allocation returns and its free takes.
+    pub ptr: u16,
+    /// `call_site`, `gfp_flags`: 5.19+ (f67bed134a05); 0 before.
+    pub call_site: u16,
+    pub gfp_flags: u16,
+    /// `ptr` in `percpu_free_percpu`.
+    pub free_ptr: u16,
+    pub _pad: [u16; 3],
+    /// `num_possible_cpus()` (`/sys/devices/system/cpu/possible`): an
+    /// allocation's bytes are `size` times this, on every kernel.
+    pub possible_cpus: u64,
+}
+
 /// Class index of a kmalloc from its gfp flags; see [`Config::kmalloc_classes`].
 #[inline(always)]
 pub fn kmalloc_class(gfp: u64, cfg: &Config) -> u64 {
@@ -215,6 +239,8 @@ pub struct Config {
     pub task: TaskOffsets,
     /// How the interrupt context of an allocation is read ([`AllocHeader::context`]).
     pub irq: IrqContext,
+    /// The per-CPU source's fields; all 0 when it is off.
+    pub percpu: PercpuLayout,
 }
 
 pub const STACK_KERNEL: u32 = 1;
@@ -265,6 +291,15 @@ impl Config {
                 rq_cpu: 0,
                 _pad: 0,
                 preempt_delta: 0,
+            },
+            percpu: PercpuLayout {
+                size: 0,
+                ptr: 0,
+                call_site: 0,
+                gfp_flags: 0,
+                free_ptr: 0,
+                _pad: [0; 3],
+                possible_cpus: 0,
             },
         }
     }

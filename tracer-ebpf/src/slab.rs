@@ -29,8 +29,8 @@ use tracer_common::{
         counter, kmalloc_class, stratum_slot, AllocEvent, AllocHeader, AllocLayout, Config,
         FreeEvent, ZoomSlot, BUDGET_WINDOW_SHIFT, CACHE_NAME_LEN, DRAW_LEVEL_SHIFT,
         FINGERPRINT_FRAMES, FLAG_CENSUS, FLAG_SAMPLED, FLAG_SHALLOW, FLAG_ZOOM, LIVE_WAYS,
-        MAX_CACHE_NAMES, MAX_KSTACK, MAX_USTACK, SOURCE_CACHE_ALLOC, SOURCE_KMALLOC, STACK_KERNEL,
-        STACK_USER, STRATUM_SLOTS, ZOOM_COST_SHIFT,
+        MAX_CACHE_NAMES, MAX_KSTACK, MAX_USTACK, SOURCE_CACHE_ALLOC, SOURCE_KMALLOC, SOURCE_PERCPU,
+        STACK_KERNEL, STACK_USER, STRATUM_SLOTS, ZOOM_COST_SHIFT,
     },
     CONTEXT_INTERRUPT, EVENT_ALLOC, EVENT_ALLOC_NO_STACKS, EVENT_FREE,
 };
@@ -115,7 +115,7 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT
 /// The allocating task's facts per CPU, one slot per allocation program (see
 /// [`task::TaskFacts`]); index [`program_slot`].
 #[map]
-static TASK_FACTS: PerCpuArray<task::TaskFacts> = PerCpuArray::with_max_entries(4, 0);
+static TASK_FACTS: PerCpuArray<task::TaskFacts> = PerCpuArray::with_max_entries(5, 0);
 
 /// The pointer of the event each main program took up last on this CPU,
 /// written first thing for every event, selected or not: while a main program
@@ -127,18 +127,24 @@ static TASK_FACTS: PerCpuArray<task::TaskFacts> = PerCpuArray::with_max_entries(
 /// last-in-first-out freelists hand that very address to the next nested
 /// allocation.) The spare tests selection first, and so pays nothing on a
 /// miss. Index:
-/// [`program_slot`] for the allocation hooks, `SEEN_KFREE`/`SEEN_CACHE_FREE`.
+/// [`program_slot`] for the allocation hooks, `SEEN_KFREE`/`SEEN_CACHE_FREE`/
+/// `SEEN_PERCPU_FREE` for the raw free hooks.
 #[map]
-static SEEN: PerCpuArray<u64> = PerCpuArray::with_max_entries(4, 0);
+static SEEN: PerCpuArray<u64> = PerCpuArray::with_max_entries(5, 0);
 
 const SEEN_KFREE: u32 = 2;
 const SEEN_CACHE_FREE: u32 = 3;
+const SEEN_PERCPU_FREE: u32 = 4;
 
 /// A slot per allocation program and role, so a nested run never shares one
 /// with the run it interrupted: 0 kmalloc, 1 kmem_cache_alloc, +2 for spares
-/// (`TASK_FACTS` only; `SEEN` holds main programs alone).
+/// (`TASK_FACTS` only; `SEEN` holds main programs alone); 4 the per-CPU
+/// source's one program.
 #[inline(always)]
 fn program_slot(source: u16, spare: bool) -> u32 {
+    if source == SOURCE_PERCPU {
+        return 4;
+    }
     let base = if source == SOURCE_KMALLOC { 0 } else { 1 };
     if spare {
         base + 2
@@ -263,6 +269,16 @@ macro_rules! handle {
     (raw_tracepoint cache_free $role:ident $ctx:ident $cas:literal) => {
         raw_free::<$cas>($ctx.arg(1), SEEN_CACHE_FREE, spare!($role))
     };
+    (tracepoint percpu_alloc main $ctx:ident $cas:literal) => {
+        let _ = tp_percpu_alloc::<$cas>(&$ctx);
+    };
+    (tracepoint percpu_free main $ctx:ident $cas:literal) => {
+        tp_free::<$cas>(&$ctx, config().percpu.free_ptr)
+    };
+    // (base_addr, off, ptr) on every kernel since 3.18; userspace checks BTF.
+    (raw_tracepoint percpu_free $role:ident $ctx:ident $cas:literal) => {
+        raw_free::<$cas>($ctx.arg(2), SEEN_PERCPU_FREE, spare!($role))
+    };
 }
 
 tracer_common::slab_programs!(entry_points);
@@ -382,6 +398,42 @@ fn tp_cache_alloc<const CAS: bool>(ctx: &TracePointContext) -> Option<()> {
     }
     let gfp = read::<u32>(ctx, cfg.cache_alloc.gfp_flags)? as u64;
     let site = classic_site(ctx, &cfg.cache_alloc, bytes_alloc, gfp, SOURCE_CACHE_ALLOC)?;
+    record::<CAS>(ctx.as_ptr(), &site, false)
+}
+
+/// The per-CPU source (`percpu:percpu_alloc_percpu`, classic: per-CPU
+/// allocations are rare, so the perf record's cost does not matter, and its
+/// fields are the same on every kernel while the raw arguments are not).
+/// Every allocation is selected; its bytes are `size` times the possible
+/// CPUs, the same unit on every kernel (`bytes_alloc`, 5.19+, adds the memcg
+/// bookkeeping `pcpu_obj_full_size` charges). `call_site` and `gfp_flags`
+/// exist from 5.19; before, the stratum is the process alone and the stack
+/// names the caller.
+#[inline(always)]
+fn tp_percpu_alloc<const CAS: bool>(ctx: &TracePointContext) -> Option<()> {
+    let l = &config().percpu;
+    if l.possible_cpus == 0 {
+        return None;
+    }
+    let size: u64 = read(ctx, l.size)?;
+    let call_site = if l.call_site != 0 {
+        read(ctx, l.call_site).unwrap_or(0)
+    } else {
+        0
+    };
+    let gfp = if l.gfp_flags != 0 {
+        read::<u32>(ctx, l.gfp_flags).unwrap_or(0) as u64
+    } else {
+        0
+    };
+    let site = Site {
+        call_site,
+        ptr: read(ctx, l.ptr)?,
+        bytes_req: size,
+        bytes_alloc: size.wrapping_mul(l.possible_cpus),
+        gfp,
+        source: SOURCE_PERCPU,
+    };
     record::<CAS>(ctx.as_ptr(), &site, false)
 }
 

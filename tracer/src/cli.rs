@@ -48,8 +48,11 @@ Caches merged into the selected one (/sys/kernel/slab aliases) are traced too an
 Only objects allocated after leaktrace attached can be attributed; the header shows the cache's
 slabinfo growth next to the tracked count so the two can be compared.
 
+--percpu traces per-CPU allocations (percpu:percpu_alloc_percpu) instead of a cache.
+
 Examples:
   leaktrace --cache kmalloc-512 --top
+  leaktrace --percpu --duration 60s
   leaktrace --cache kmalloc-cg-512 --duration 60s --json > report.jsonl
   leaktrace caches";
 
@@ -74,6 +77,12 @@ pub struct TraceArgs {
     /// Slab cache to trace, as named in /proc/slabinfo (e.g. kmalloc-512, kmalloc-cg-512, dentry).
     #[arg(long, value_name = "NAME")]
     pub cache: Option<String>,
+
+    /// Trace per-CPU allocations (alloc_percpu: memcg statistics, percpu refcounts and
+    /// counters, BPF per-CPU maps) instead of a slab cache; bytes are size x possible CPUs.
+    /// One source a run: the kernel's live table holds one kind of pointer.
+    #[arg(long, conflicts_with = "cache")]
+    pub percpu: bool,
 
     /// Live view, refreshed every --interval (plain periodic text when stdout is not a terminal).
     #[arg(long)]
@@ -333,6 +342,15 @@ mod tests {
             Err("'10ms' is out of range: use 50ms to 1h".to_string())
         );
         assert!(parse_interval("2h").is_err());
+    }
+
+    #[test]
+    fn one_source_a_run() {
+        let err = Cli::try_parse_from(["leaktrace", "--percpu", "--cache", "kmalloc-512"])
+            .expect_err("two sources");
+        assert!(err.to_string().contains("--percpu"), "{err}");
+        let cli = Cli::try_parse_from(["leaktrace", "--percpu"]).expect("per-CPU alone");
+        assert!(cli.trace.percpu && cli.trace.cache.is_none());
     }
 
     #[test]

@@ -1174,9 +1174,12 @@ fn run_memcgs(n: usize) -> Result<()> {
         .context("memcgs needs LEAKGEN_MEMCG_PARENT=DIR (a memory cgroup directory)")?;
     let parent = std::path::PathBuf::from(parent);
     let pid = std::process::id();
-    let tmp = std::path::PathBuf::from("/dev/shm");
+    let tmp = tmpfs_dir()?;
     let mut files = Vec::with_capacity(n);
-    let home = parent.join("cgroup.procs");
+    // Back into the memcg this process started in, not DIR: on cgroup2 a
+    // cgroup that delegates memory to its children (DIR must) may hold no
+    // process, so writing DIR/cgroup.procs fails with EBUSY.
+    let home = home_cgroup(&parent)?.join("cgroup.procs");
     for i in 0..n {
         let dir = parent.join(format!("leakgen-{pid}-{i}"));
         let file = tmp.join(format!("leakgen-memcg-{pid}-{i}"));
@@ -1197,6 +1200,55 @@ fn run_memcgs(n: usize) -> Result<()> {
         }
         Ok(())
     })
+}
+
+/// A tmpfs directory for the charging files: /dev/shm, or /tmp where /dev
+/// has none (the vm-test guests mount a devtmpfs without it and a tmpfs on
+/// /tmp). tmpfs pages stay charged until unlinked, disk page cache could be
+/// reclaimed and let the memcg go.
+fn tmpfs_dir() -> Result<std::path::PathBuf> {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    for dir in ["/dev/shm", "/tmp"] {
+        let path = CString::new(dir).context("path")?;
+        // SAFETY: statfs fills the zeroed struct it is given.
+        let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+        if unsafe { libc::statfs(path.as_ptr(), &mut st) } == 0 && st.f_type as i64 == TMPFS_MAGIC {
+            return Ok(std::path::PathBuf::from(dir));
+        }
+    }
+    bail!("no tmpfs at /dev/shm or /tmp to charge the memcgs with")
+}
+
+/// The directory of this process's own memory cgroup in the hierarchy
+/// `dir` belongs to: the hierarchy's mount (the first ancestor of `dir` on
+/// another device) joined with this process's path there (/proc/self/cgroup:
+/// the line naming `memory` on v1, `0::` on cgroup2).
+fn home_cgroup(dir: &std::path::Path) -> Result<std::path::PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.dev());
+    let mut mount = dir.to_path_buf();
+    while let Some(up) = mount.parent() {
+        if dev(up)? != dev(&mount)? {
+            break;
+        }
+        mount = up.to_path_buf();
+    }
+    let v2 = std::fs::read_to_string(mount.join("cgroup.controllers")).is_ok();
+    let own = std::fs::read_to_string("/proc/self/cgroup").context("reading /proc/self/cgroup")?;
+    let rel = own
+        .lines()
+        .find_map(|l| {
+            let mut f = l.splitn(3, ':');
+            let (_, ctrl, path) = (f.next()?, f.next()?, f.next()?);
+            let hit = if v2 {
+                ctrl.is_empty()
+            } else {
+                ctrl.split(',').any(|c| c == "memory")
+            };
+            hit.then(|| path.trim_start_matches('/').to_string())
+        })
+        .with_context(|| format!("no line of /proc/self/cgroup for {}", mount.display()))?;
+    Ok(mount.join(rel))
 }
 
 /// mkdir of a memory cgroup: the kernel allocates its css and per-CPU

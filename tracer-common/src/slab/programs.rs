@@ -5,7 +5,8 @@
 //!
 //! A row: the hook (`tracepoint`: classic, fields at tracefs offsets;
 //! `raw_tracepoint`: TP_PROTO arguments), what the program handles
-//! (`kmalloc`, `cache_alloc`, `kfree`, `cache_free`), `main` or `spare` (the
+//! (`kmalloc`, `cache_alloc`, `kfree`, `cache_free`; `percpu_alloc`,
+//! `percpu_free` for the per-CPU source, on `percpu:*`), `main` or `spare` (the
 //! second program on a raw hook, run when the kernel skipped the first for
 //! recursion), then its name and the name of its build without BPF
 //! compare-and-swap (5.10's verifier refuses a cmpxchg anywhere in a program).
@@ -27,6 +28,10 @@ macro_rules! slab_programs {
             raw_tracepoint cache_free main: kmem_cache_free_raw, kmem_cache_free_raw_nocas;
             raw_tracepoint kfree spare: kfree_raw_spare, kfree_raw_spare_nocas;
             raw_tracepoint cache_free spare: kmem_cache_free_raw_spare, kmem_cache_free_raw_spare_nocas;
+            tracepoint percpu_alloc main: percpu_alloc, percpu_alloc_nocas;
+            tracepoint percpu_free main: percpu_free, percpu_free_nocas;
+            raw_tracepoint percpu_free main: percpu_free_raw, percpu_free_raw_nocas;
+            raw_tracepoint percpu_free spare: percpu_free_raw_spare, percpu_free_raw_spare_nocas;
         }
     };
 }

@@ -15,6 +15,7 @@ pub mod meminfo;
 pub mod memory_stat;
 pub mod own_memory;
 pub mod pods;
+pub mod possible_cpus;
 pub mod procinfo;
 pub mod slabinfo;
 pub mod task_offsets;

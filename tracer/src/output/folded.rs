@@ -72,11 +72,11 @@ pub fn flamegraph_svg(report: &Report, weight: Weight) -> Result<Vec<u8>> {
     let lines = lines(report, weight);
     let mut opts = inferno::flamegraph::Options::default();
     opts.title = match weight {
-        Weight::Allocs => format!("leaktrace: allocations in {}", report.cache),
+        Weight::Allocs => format!("leaktrace: allocations in {}", report.memory()),
         _ => format!(
             "leaktrace: outstanding {} in {}",
             weight.unit(),
-            report.cache
+            report.memory()
         ),
     };
     if report

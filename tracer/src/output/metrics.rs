@@ -316,6 +316,7 @@ mod tests {
             schema_version: crate::slab::report::SCHEMA_VERSION,
             kind: "snapshot",
             cache: "kmalloc-512".to_string(),
+            source: crate::slab::report::MemorySource::Slab,
             aliases: Vec::new(),
             elapsed_s: 2.0,
             rss_bytes: None,

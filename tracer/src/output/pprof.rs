@@ -11,7 +11,7 @@ use anyhow::{Context, Result};
 use flate2::{write::GzEncoder, Compression};
 use prost::Message;
 
-use crate::slab::report::{Location as Frames, ProcessReport, Report};
+use crate::slab::report::{Location as Frames, MemorySource, ProcessReport, Report};
 
 #[derive(Clone, PartialEq, Message)]
 pub struct Profile {
@@ -388,8 +388,9 @@ pub fn build(report: &Report, wall_clock_ns: i64) -> Profile {
     b.profile.time_nanos = wall_clock_ns;
     b.profile.duration_nanos = (report.elapsed_s * 1e9) as i64;
     let comment = b.string(&format!(
-        "leaktrace {} report, cache {}; only objects allocated after attach are counted",
-        report.kind, report.cache
+        "leaktrace {} report, {}; only objects allocated after attach are counted",
+        report.kind,
+        report.traced()
     ));
     b.profile.comment.push(comment);
     let sample_every = report.stacks.sample_every;
@@ -405,6 +406,16 @@ pub fn build(report: &Report, wall_clock_ns: i64) -> Profile {
     }
 
     let objsize = object_size(report);
+    let percpu = report.source == MemorySource::Percpu;
+    if percpu {
+        // The report counts bytes of outstanding allocations only.
+        let comment = b.string(
+            "per-CPU allocations differ in size: alloc_space is each stack's allocations x \
+             the mean size of its outstanding ones (of all, where none is outstanding), an \
+             approximation; outstanding_space is exact",
+        );
+        b.profile.comment.push(comment);
+    }
     let kernel_mapping = b.mapping("[kernel.kallsyms]");
     let keys = [
         b.string("pid"),
@@ -437,11 +448,15 @@ pub fn build(report: &Report, wall_clock_ns: i64) -> Profile {
                     .map(|l| b.user_location(user_mapping, l)),
             );
             let c = &s.counts;
+            let size = match c.outstanding_bytes.checked_div(c.outstanding) {
+                Some(mean) if percpu => mean,
+                _ => objsize,
+            };
             let value = [
                 c.outstanding,
                 c.outstanding_bytes,
                 c.allocs,
-                c.allocs.saturating_mul(objsize),
+                c.allocs.saturating_mul(size),
             ]
             .map(|v| i64::try_from(v).unwrap_or(i64::MAX))
             .to_vec();

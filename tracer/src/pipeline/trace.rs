@@ -16,23 +16,26 @@ use crate::{
     kernel::procinfo::TracedProcess,
     kernel::tracefs::Tracefs,
     output,
+    percpu::source::PercpuAllocations,
     pipeline::event_loop::{self, Signals},
-    pipeline::trace_options::TraceOptions,
+    pipeline::trace_options::{TraceOptions, Traced},
     pipeline::trace_tool,
     slab::aggregator::rows::SnapshotOptions,
     slab::caches::{self, Catalogue},
     slab::plan,
     slab::probes::Probes,
+    slab::report::MemorySource,
     slab::session::{self, slab_line, Session, Setup},
     slab::source::{AllocSource, SlabCaches},
     slab::zoom,
     symbolize::Symbolizer,
 };
 
-/// The slab tracer on `cache` (a name or alias of /proc/slabinfo), to the
-/// end. Errors: not root, an unknown cache, outputs or --pid that fail their
-/// checks, a kernel the plan cannot attach to, a closed stdout.
-pub async fn run(args: TraceOptions, cache: &str) -> Result<()> {
+/// The slab tracer on `traced` (a cache by name or alias of /proc/slabinfo,
+/// or per-CPU allocations), to the end. Errors: not root, an unknown cache,
+/// outputs or --pid that fail their checks, a kernel the plan cannot attach
+/// to, a closed stdout.
+pub async fn run(args: TraceOptions, traced: &Traced) -> Result<()> {
     let root = Path::new("/");
     features::require_root()?;
     let checked = preflight(&args, root).await?;
@@ -46,35 +49,62 @@ pub async fn run(args: TraceOptions, cache: &str) -> Result<()> {
     // classic tracepoints still work.
     let btf = Btf::from_sys_fs().ok();
     let facts = KernelFacts::probe(root, Some(tracefs.root()), btf.as_ref());
-    let catalogue = Catalogue::read(root).context("reading the slab cache catalogue")?;
-    let selection = caches::select(&catalogue, cache)?;
-    // What slabinfo said before attaching, and how the tracked objects are sized.
-    let slab_baseline = slab_line(root, &selection.cache, &selection.aliases_included);
     let ringbuf_bytes = crate::pipeline::event_loop::ringbuf_bytes(args.run.ringbuf_mib)?;
     let zoom_policy = zoom::Policy::default();
-    let mut plan = SlabCaches {
-        tracefs: &tracefs,
-        btf: btf.as_ref(),
-        root,
-        catalogue: &catalogue,
-        selection: &selection,
-        options: plan::PlanOptions {
-            pid: args.pid,
-            kernel_stacks: !args.no_kernel_stacks,
-            user_stacks: !args.no_user_stacks,
-            hooks: args.hooks,
-            stack_sample: if args.exact { 1 } else { args.stack_sample },
-            on_demand_maps: facts.on_demand_maps,
-        },
-        finish: plan::Finish {
-            ringbuf_bytes,
-            user_paths: args.user_paths && !args.no_user_stacks,
-            max_objects: args.max_objects,
-            active_objs: slab_baseline.as_ref().map(|l| l.active_objs),
-            zoom_window_cap: zoom_policy.kernel_window_cap(),
-        },
-    }
-    .plan(&facts)?;
+    let options = plan::PlanOptions {
+        pid: args.pid,
+        kernel_stacks: !args.no_kernel_stacks,
+        user_stacks: !args.no_user_stacks,
+        hooks: args.hooks,
+        stack_sample: if args.exact { 1 } else { args.stack_sample },
+        on_demand_maps: facts.on_demand_maps,
+    };
+    let finish = plan::Finish {
+        ringbuf_bytes,
+        user_paths: args.user_paths && !args.no_user_stacks,
+        max_objects: args.max_objects,
+        active_objs: None,
+        zoom_window_cap: zoom_policy.kernel_window_cap(),
+    };
+    let (mut plan, name, aliases, slab_baseline) = match traced {
+        Traced::Cache(cache) => {
+            let catalogue = Catalogue::read(root).context("reading the slab cache catalogue")?;
+            let selection = caches::select(&catalogue, cache)?;
+            // What slabinfo said before attaching, and how the tracked objects are sized.
+            let slab_baseline = slab_line(root, &selection.cache, &selection.aliases_included);
+            let plan = SlabCaches {
+                tracefs: &tracefs,
+                btf: btf.as_ref(),
+                root,
+                catalogue: &catalogue,
+                selection: &selection,
+                options,
+                finish: plan::Finish {
+                    active_objs: slab_baseline.as_ref().map(|l| l.active_objs),
+                    ..finish
+                },
+            }
+            .plan(&facts)?;
+            let name = SlabCaches::name(&plan).to_string();
+            (plan, name, selection.aliases_included, slab_baseline)
+        }
+        Traced::Percpu => {
+            let plan = PercpuAllocations {
+                tracefs: &tracefs,
+                btf: btf.as_ref(),
+                root,
+                options,
+                finish,
+            }
+            .plan(&facts)?;
+            let name = PercpuAllocations::name(&plan).to_string();
+            (plan, name, Vec::new(), None)
+        }
+    };
+    let source = match traced {
+        Traced::Cache(_) => MemorySource::Slab,
+        Traced::Percpu => MemorySource::Percpu,
+    };
     let max_objects = plan.max_objects;
     // The parsed BTF (~17 MB on 6.18) has done its work: freed before kallsyms
     // is loaded, its pages are reused instead of pinned under it in the heap.
@@ -93,13 +123,15 @@ pub async fn run(args: TraceOptions, cache: &str) -> Result<()> {
     for note in &plan.notes {
         eprintln!("leaktrace: {note}");
     }
+    // The per-CPU source is classic by choice, not for want of BTF.
+    let btf_note = have_btf || source == MemorySource::Percpu;
     eprintln!(
         "leaktrace: {}",
-        plan::hooks_note(&facts.features, &plan.attachments, have_btf)
+        plan::hooks_note(&facts.features, &plan.attachments, btf_note)
     );
     eprintln!(
         "leaktrace: attached to {} (bpf prog ids {:?}); Ctrl-C to stop",
-        plan.cache,
+        source.describe(&plan.cache),
         probes.program_ids()
     );
 
@@ -112,8 +144,9 @@ pub async fn run(args: TraceOptions, cache: &str) -> Result<()> {
         cgroup_mount: plan.cgroup_mount.clone(),
         pods_root: args.pods_root.clone(),
         slab_baseline,
-        cache: SlabCaches::name(&plan).to_string(),
-        aliases: selection.aliases_included.clone(),
+        cache: name,
+        source,
+        aliases,
         snapshot_opts: SnapshotOptions {
             sort: args.sort,
             limit: args.limit,

@@ -51,3 +51,13 @@ pub struct TraceOptions {
     /// Benchmark floor: empty programs on the same hooks instead of ours.
     pub floor: Option<Floor>,
 }
+
+/// What the slab tracer's pipeline attributes, one source a run: the
+/// kernel's live table is keyed by one kind of pointer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Traced {
+    /// A slab cache by name or alias (`--cache`).
+    Cache(String),
+    /// Per-CPU allocations (`--percpu`).
+    Percpu,
+}

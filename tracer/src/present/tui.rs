@@ -250,7 +250,7 @@ impl ViewState {
         };
         let bold = Style::default().add_modifier(Modifier::BOLD);
         head.push(Line::from(vec![
-            Span::styled(format!("leaktrace live — cache {}", r.cache), bold),
+            Span::styled(format!("leaktrace live — {}", r.traced()), bold),
             Span::raw(format!(
                 "   up {:.0}s   {} processes   by {}",
                 r.elapsed_s,
@@ -551,6 +551,7 @@ mod tests {
             schema_version: crate::slab::report::SCHEMA_VERSION,
             kind: "snapshot",
             cache: "kmalloc-512".to_string(),
+            source: crate::slab::report::MemorySource::Slab,
             aliases: Vec::new(),
             elapsed_s: 1.0,
             rss_bytes: None,

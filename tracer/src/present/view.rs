@@ -97,8 +97,8 @@ fn header(out: &mut String, r: &Report, opts: &TextOptions) {
     };
     let _ = writeln!(
         out,
-        "leaktrace {title} — cache {}   up {:.0}s   refresh {:.1}s   sort {}   by {}   own memory: BPF maps {} + RSS {}",
-        r.cache,
+        "leaktrace {title} — {}   up {:.0}s   refresh {:.1}s   sort {}   by {}   own memory: BPF maps {} + RSS {}",
+        r.traced(),
         r.elapsed_s,
         opts.interval_s,
         opts.sort_label,

@@ -297,5 +297,6 @@ const INDEX: &str = "\
 leaktrace serve
 /metrics                                  Prometheus metrics (slab caches, meminfo, memcgs, trace cost)
 /debug/pprof/kmem?cache=NAME&seconds=N    deep trace of one slab cache, gzipped pprof (needs auth)
+/debug/pprof/kmem?percpu=1&seconds=N      deep trace of per-CPU allocations, gzipped pprof (needs auth)
 /debug/pprof/memcg?seconds=N              dying memcgs and what pins them, gzipped pprof (needs auth)
 ";

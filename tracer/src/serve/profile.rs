@@ -142,6 +142,9 @@ impl Profiles {
                 return owned_text(StatusCode::BAD_REQUEST, format!("{why}\n"));
             }
         };
+        if request.percpu {
+            return self.deep_trace(Kind::Percpu, request.seconds).await;
+        }
         // The catalogue names what exists now (modules come and go); its
         // did-you-mean is the CLI's.
         let selected = tokio::task::spawn_blocking(move || {
@@ -210,6 +213,7 @@ impl Profiles {
                     header::CONTENT_DISPOSITION,
                     header::HeaderValue::from_static(match kind {
                         Kind::Kmem(_) => "attachment; filename=\"kmem.pb.gz\"",
+                        Kind::Percpu => "attachment; filename=\"percpu.pb.gz\"",
                         Kind::Memcg => "attachment; filename=\"memcg.pb.gz\"",
                     }),
                 );
@@ -263,6 +267,7 @@ impl Profiles {
         let mut command = tokio::process::Command::new(&self.exe);
         match kind {
             Kind::Kmem(cache) => command.arg("--cache").arg(cache),
+            Kind::Percpu => command.arg("--percpu"),
             // Every pinning stack, not the text view's few per memcg.
             Kind::Memcg => command.args(["memcg", "--stacks", "1000"]),
         };
@@ -398,9 +403,11 @@ fn bind_to_serve(serve_pid: u32, profile_fd: RawFd) -> std::io::Result<()> {
     Ok(())
 }
 
-/// What a deep trace runs: the slab tracer on one cache, or the memcg tool.
+/// What a deep trace runs: the slab tracer on one cache or on per-CPU
+/// allocations, or the memcg tool.
 enum Kind {
     Kmem(String),
+    Percpu,
     Memcg,
 }
 
@@ -408,6 +415,7 @@ impl Kind {
     fn name(&self) -> &str {
         match self {
             Kind::Kmem(cache) => cache,
+            Kind::Percpu => "percpu",
             Kind::Memcg => "memcgs",
         }
     }
@@ -464,14 +472,19 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 #[derive(Debug, PartialEq, Eq)]
 struct KmemRequest {
+    /// Empty with `percpu`.
     cache: String,
+    /// `percpu=1`: per-CPU allocations (`leaktrace --percpu`) instead of a cache.
+    percpu: bool,
     seconds: u64,
 }
 
-/// `cache=NAME&seconds=N`, nothing else: unknown parameters are refused rather
-/// than ignored, so a client never believes an option took effect.
+/// `cache=NAME&seconds=N` or `percpu=1&seconds=N`, nothing else: unknown
+/// parameters are refused rather than ignored, so a client never believes an
+/// option took effect.
 fn parse_query(query: &str, max_seconds: u64) -> Result<KmemRequest, String> {
     let mut cache = None;
+    let mut percpu = None;
     let mut seconds = None;
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
@@ -479,18 +492,36 @@ fn parse_query(query: &str, max_seconds: u64) -> Result<KmemRequest, String> {
             .ok_or_else(|| format!("parameter {key}: malformed percent-encoding"))?;
         match key {
             "cache" if cache.is_none() => cache = Some(value),
+            "percpu" if percpu.is_none() => percpu = Some(value),
             "seconds" if seconds.is_none() => seconds = Some(value),
-            "cache" | "seconds" => return Err(format!("parameter {key} given twice")),
+            "cache" | "percpu" | "seconds" => return Err(format!("parameter {key} given twice")),
             _ => {
                 return Err(format!(
-                    "unknown parameter '{}'; use cache=NAME and seconds=N",
+                    "unknown parameter '{}'; use cache=NAME (or percpu=1) and seconds=N",
                     key.chars().take(32).collect::<String>()
                 ))
             }
         }
     }
-    let cache = cache
-        .ok_or("missing cache=NAME (e.g. cache=kmalloc-512; `leaktrace caches` lists them)")?;
+    let percpu = match (percpu.as_deref(), &cache) {
+        (None, _) => false,
+        (Some("1"), None) => true,
+        (Some("1"), Some(_)) => {
+            return Err("percpu=1 traces per-CPU allocations, not a cache: drop cache=".into())
+        }
+        (Some(_), _) => return Err("percpu must be 1".into()),
+    };
+    let seconds = parse_seconds(seconds, max_seconds)?;
+    if percpu {
+        return Ok(KmemRequest {
+            cache: String::new(),
+            percpu,
+            seconds,
+        });
+    }
+    let cache = cache.ok_or(
+        "missing cache=NAME (e.g. cache=kmalloc-512; `leaktrace caches` lists them) or percpu=1",
+    )?;
     if cache.is_empty()
         || cache.len() > MAX_CACHE_NAME
         || !cache
@@ -503,18 +534,24 @@ fn parse_query(query: &str, max_seconds: u64) -> Result<KmemRequest, String> {
             "cache must be a slab cache name (letters, digits, - _ : . ( ), at most {MAX_CACHE_NAME} characters)"
         ));
     }
-    let seconds = match seconds {
-        None => DEFAULT_SECONDS.min(max_seconds),
+    Ok(KmemRequest {
+        cache,
+        percpu,
+        seconds,
+    })
+}
+
+/// `seconds=N`'s value, within 1..=`max_seconds`; the default when absent.
+fn parse_seconds(seconds: Option<String>, max_seconds: u64) -> Result<u64, String> {
+    match seconds {
+        None => Ok(DEFAULT_SECONDS.min(max_seconds)),
         Some(text) => match text.parse::<u64>() {
-            Ok(n) if (1..=max_seconds).contains(&n) => n,
-            _ => {
-                return Err(format!(
-                    "seconds must be a whole number from 1 to {max_seconds} (--max-seconds)"
-                ))
-            }
+            Ok(n) if (1..=max_seconds).contains(&n) => Ok(n),
+            _ => Err(format!(
+                "seconds must be a whole number from 1 to {max_seconds} (--max-seconds)"
+            )),
         },
-    };
-    Ok(KmemRequest { cache, seconds })
+    }
 }
 
 /// `seconds=N` or nothing; anything else is refused, as for kmem.
@@ -579,6 +616,15 @@ mod tests {
             ok("cache=kmalloc-512&seconds=5"),
             Ok(KmemRequest {
                 cache: "kmalloc-512".into(),
+                percpu: false,
+                seconds: 5
+            })
+        );
+        assert_eq!(
+            ok("percpu=1&seconds=5"),
+            Ok(KmemRequest {
+                cache: String::new(),
+                percpu: true,
                 seconds: 5
             })
         );
@@ -604,6 +650,10 @@ mod tests {
             "cache=x&cache=y",
             "cache=kmalloc-512&path=/tmp/x",
             "cache=%zz",
+            "percpu=1&cache=kmalloc-512",
+            "percpu=yes",
+            "percpu=1&percpu=1",
+            "percpu=1&seconds=61",
         ] {
             assert!(ok(bad).is_err(), "{bad:?} accepted");
         }

@@ -10,7 +10,7 @@ use crate::{
     kernel::procinfo::{CgroupPaths, ProcMeta},
     slab::aggregator::rows::Snapshot,
     slab::report::{
-        GroupBy, KernelCounters, Location, ProcKey, Report, SlabPicture, StackReport,
+        GroupBy, KernelCounters, Location, MemorySource, ProcKey, Report, SlabPicture, StackReport,
         SCHEMA_VERSION,
     },
     symbolize::{tracing::strip_tracing_frames, Symbolizer},
@@ -36,6 +36,7 @@ fn pod_of(pods: &mut PodNames, path: Option<&str>) -> Option<String> {
 
 pub struct Header {
     pub cache: String,
+    pub source: MemorySource,
     pub aliases: Vec<String>,
     pub elapsed_s: f64,
     pub rss_bytes: Option<u64>,
@@ -79,6 +80,7 @@ pub fn build(kind: &'static str, header: Header, snap: Snapshot, names: &mut Nam
         schema_version: SCHEMA_VERSION,
         kind,
         cache: header.cache,
+        source: header.source,
         aliases: header.aliases,
         elapsed_s: header.elapsed_s,
         rss_bytes: header.rss_bytes,

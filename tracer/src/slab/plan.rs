@@ -44,13 +44,15 @@ pub enum HookMode {
 pub struct Attachment {
     pub program: &'static str,
     pub hook: Hook,
+    /// The tracefs group of a classic hook's event: `kmem`, `percpu`.
+    pub system: &'static str,
     pub event: &'static str,
 }
 
 impl Attachment {
     pub fn describe(&self) -> String {
         match self.hook {
-            Hook::Classic => format!("kmem:{}", self.event),
+            Hook::Classic => format!("{}:{}", self.system, self.event),
             Hook::Raw => format!("raw:{}", self.event),
         }
     }
@@ -204,12 +206,14 @@ impl Hooks<'_> {
                 self.attachments.push(Attachment {
                     program: raw,
                     hook: Hook::Raw,
+                    system: "kmem",
                     event,
                 });
                 if let Some(spare) = spare_program(raw) {
                     self.attachments.push(Attachment {
                         program: spare,
                         hook: Hook::Raw,
+                        system: "kmem",
                         event,
                     });
                 }
@@ -219,6 +223,7 @@ impl Hooks<'_> {
                 self.attachments.push(Attachment {
                     program: classic,
                     hook: Hook::Classic,
+                    system: "kmem",
                     event,
                 });
                 Ok(Some(Some(fmt)))
@@ -379,15 +384,7 @@ pub fn build(
         cfg.free_align_mask = slab_size.min(4096) - 1;
     }
 
-    let sample_every = opts.stack_sample.max(1).next_power_of_two();
-    cfg.stack_sample_mask = sample_every - 1;
-    cfg.base_level = sample_every.trailing_zeros();
-    // Where every allocation is drawn anyway, a census adds nothing.
-    cfg.census_allocs = if sample_every > 1 { CENSUS_ALLOCS } else { 0 };
-    cfg.census_window_cap = CENSUS_WINDOW_CAP;
-    cfg.target_tgid = opts.pid.unwrap_or(0);
-    cfg.stack_flags = if opts.kernel_stacks { STACK_KERNEL } else { 0 }
-        | if opts.user_stacks { STACK_USER } else { 0 };
+    set_sampling(&mut cfg, opts);
     let live_map = if opts.on_demand_maps && slab_size > ON_DEMAND_MIN_OBJECT {
         LiveMap::OnDemand
     } else {
@@ -414,6 +411,20 @@ pub fn build(
 }
 
 /// The run's choices [`Plan::finish`] settles with the kernel's facts.
+/// What every source's kernel side takes from the run's options: the
+/// process filter, which stacks, and how they are drawn.
+pub fn set_sampling(cfg: &mut Config, opts: &PlanOptions) {
+    let sample_every = opts.stack_sample.max(1).next_power_of_two();
+    cfg.stack_sample_mask = sample_every - 1;
+    cfg.base_level = sample_every.trailing_zeros();
+    // Where every allocation is drawn anyway, a census adds nothing.
+    cfg.census_allocs = if sample_every > 1 { CENSUS_ALLOCS } else { 0 };
+    cfg.census_window_cap = CENSUS_WINDOW_CAP;
+    cfg.target_tgid = opts.pid.unwrap_or(0);
+    cfg.stack_flags = if opts.kernel_stacks { STACK_KERNEL } else { 0 }
+        | if opts.user_stacks { STACK_USER } else { 0 };
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct Finish {
     pub ringbuf_bytes: u32,
@@ -577,7 +588,12 @@ pub fn hooks_note(features: &Features, attachments: &[Attachment], btf: bool) ->
         } else {
             " (no BTF: raw tracepoint layouts unverifiable)"
         };
-        used.push(format!("tracepoints kmem:{classic}{why}"));
+        // One source a run: its classic hooks share one tracefs group.
+        let system = attachments
+            .iter()
+            .find(|a| a.hook == Hook::Classic)
+            .map_or("kmem", |a| a.system);
+        used.push(format!("tracepoints {system}:{classic}{why}"));
     }
     let kprobes = if features.kprobes {
         "kprobes available, not needed for slab tracing"
@@ -859,6 +875,7 @@ mod tests {
         let kmalloc = Attachment {
             program: "kmalloc",
             hook: Hook::Classic,
+            system: "kmem",
             event: "kmalloc",
         };
         let note = hooks_note(&features, &[kmalloc], false);

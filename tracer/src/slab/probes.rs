@@ -115,7 +115,7 @@ impl Probes {
                     if first {
                         loaded(name, prog.load())?;
                     }
-                    prog.attach("kmem", a.event)
+                    prog.attach(a.system, a.event)
                         .with_context(|| format!("attaching to tracepoint {what}"))?;
                 }
                 Hook::Raw => {
@@ -252,6 +252,9 @@ mod tests {
             "kmem_cache_alloc_raw",
             "kfree_raw",
             "kmem_cache_free_raw",
+            "percpu_alloc",
+            "percpu_free",
+            "percpu_free_raw",
         ];
         let spares = planned.iter().filter_map(|p| spare_program(p));
         for name in planned.into_iter().chain(spares) {

@@ -31,7 +31,10 @@ pub struct Report {
     pub schema_version: u32,
     /// "snapshot" for periodic output, "final" for the report at exit.
     pub kind: &'static str,
+    /// The traced slab cache, or `percpu` ([`MemorySource::Percpu`]).
     pub cache: String,
+    /// Which kind of kernel memory the report counts.
+    pub source: MemorySource,
     pub aliases: Vec<String>,
     pub elapsed_s: f64,
     /// leaktrace's own resident memory (VmRSS); its kernel side is `kernel.map_bytes`.
@@ -60,6 +63,41 @@ pub struct Report {
     /// The `--pid` process; absent without --pid.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub traced: Option<TracedPid>,
+}
+
+/// The kind of kernel memory a report counts: a slab cache (`--cache`) or
+/// per-CPU allocations (`--percpu`, bytes = size x possible CPUs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MemorySource {
+    Slab,
+    Percpu,
+}
+
+impl MemorySource {
+    /// What headers, titles and comments call the traced memory, `cache`
+    /// being the report's.
+    pub fn describe(self, cache: &str) -> String {
+        match self {
+            MemorySource::Slab => format!("cache {cache}"),
+            MemorySource::Percpu => "per-CPU allocations".to_string(),
+        }
+    }
+}
+
+impl Report {
+    /// [`MemorySource::describe`] of this report.
+    pub fn traced(&self) -> String {
+        self.source.describe(&self.cache)
+    }
+
+    /// The traced memory by its bare name: the cache's, or "per-CPU allocations".
+    pub fn memory(&self) -> String {
+        match self.source {
+            MemorySource::Slab => self.cache.clone(),
+            MemorySource::Percpu => self.traced(),
+        }
+    }
 }
 
 /// `--pid`'s process and whether it is still there: objects it allocated stay
@@ -435,6 +473,7 @@ pub(crate) fn test_report() -> Report {
         schema_version: crate::slab::report::SCHEMA_VERSION,
         kind: "final",
         cache: "kmalloc-512".to_string(),
+        source: crate::slab::report::MemorySource::Slab,
         aliases: Vec::new(),
         elapsed_s: 2.5,
         rss_bytes: None,

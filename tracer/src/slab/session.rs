@@ -27,7 +27,7 @@ use crate::{
     slab::grouping,
     slab::naming::{self, Header, Naming},
     slab::probes::Probes,
-    slab::report::{GroupBy, ProcKey, Report, SlabPicture, TracedPid},
+    slab::report::{GroupBy, MemorySource, ProcKey, Report, SlabPicture, TracedPid},
     slab::source::{AllocSource, SlabCaches},
     slab::zoom::{self, Zoom},
     symbolize::Symbolizer,
@@ -53,6 +53,7 @@ pub struct Setup<'a> {
     /// The cache's slabinfo line when attached.
     pub slab_baseline: Option<SlabLine>,
     pub cache: String,
+    pub source: MemorySource,
     pub aliases: Vec<String>,
     pub snapshot_opts: SnapshotOptions,
     pub traced: Option<TracedProcess>,
@@ -75,6 +76,7 @@ pub struct Session {
     vmap_stack: Option<bool>,
     ledger_baseline: Option<(Ledger, Instant)>,
     cache: String,
+    source: MemorySource,
     aliases: Vec<String>,
     started_ns: u64,
     snapshot_opts: SnapshotOptions,
@@ -117,6 +119,7 @@ impl Session {
                 .ok()
                 .map(|l| (l, Instant::now())),
             cache: s.cache,
+            source: s.source,
             aliases: s.aliases,
             started_ns: monotonic_ns(),
             snapshot_opts: s.snapshot_opts,
@@ -152,10 +155,14 @@ impl Session {
     pub fn report(&mut self, kind: &'static str, kernel: KernelCounters) -> Report {
         let root = Path::new("/");
         let now = monotonic_ns();
-        let slab = slab_line(root, &self.cache, &self.aliases)
+        // Per-CPU allocations have no slabinfo line.
+        let slab = (self.source == MemorySource::Slab)
+            .then(|| slab_line(root, &self.cache, &self.aliases))
+            .flatten()
             .map(|now| slab_picture(&now, self.slab_baseline.as_ref()));
         let header = Header {
             cache: self.cache.clone(),
+            source: self.source,
             aliases: self.aliases.clone(),
             elapsed_s: now.saturating_sub(self.started_ns) as f64 / 1e9,
             rss_bytes: own_memory::own_rss_bytes(),
