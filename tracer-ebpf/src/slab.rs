@@ -36,6 +36,9 @@ use tracer_common::{
 };
 use tracer_ebpf::{data_loc, task, BPF_NOEXIST};
 
+#[path = "slab/pages.rs"]
+mod pages;
+
 #[no_mangle]
 static CONFIG: Config = Config::zeroed();
 
@@ -263,9 +266,29 @@ macro_rules! handle {
     (raw_tracepoint cache_free $role:ident $ctx:ident $cas:literal) => {
         raw_free::<$cas>($ctx.arg(1), SEEN_CACHE_FREE, spare!($role))
     };
+    (tracepoint page_alloc main $ctx:ident $cas:literal) => {
+        let _ = pages::page_alloc::<$cas>(&$ctx);
+    };
+    (tracepoint page_free main $ctx:ident $cas:literal) => {
+        let _ = pages::page_free::<$cas>(&$ctx);
+    };
+    (tracepoint page_kmalloc main $ctx:ident $cas:literal) => {
+        let p = &config().pages;
+        if let (Some(ptr), Some(bytes)) = (
+            read(&$ctx, p.kmalloc_ptr),
+            read(&$ctx, p.kmalloc_bytes_alloc),
+        ) {
+            pages::page_kmalloc::<$cas>(ptr, bytes)
+        }
+    };
+    (raw_tracepoint page_kmalloc main $ctx:ident $cas:literal) => {
+        // (call_site, ptr, bytes_req, bytes_alloc, ...)
+        pages::page_kmalloc::<$cas>($ctx.arg(1), $ctx.arg(3))
+    };
 }
 
 tracer_common::slab_programs!(entry_points);
+tracer_common::page_programs!(entry_points);
 
 #[inline(always)]
 fn raw_kmalloc<const CAS: bool>(ctx: &RawTracePointContext, spare: bool) {
@@ -991,6 +1014,7 @@ fn on_free<const CAS: bool>(ptr: u64) {
         (*ev).kind = EVENT_FREE;
         (*ev).tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
         (*ev).ptr = ptr;
+        (*ev).bytes = 0;
     }
     entry.submit(wakeup_flags());
     bump(counter::FREES_MATCHED);

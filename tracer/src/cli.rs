@@ -10,6 +10,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::{
     doctor::DoctorOptions,
+    pages::PageOptions,
     pipeline::{memcg::MemcgOptions, trace_options::TraceOptions, RunOptions},
     serve::ServeOptions,
     slab::{
@@ -74,6 +75,23 @@ pub struct TraceArgs {
     /// Slab cache to trace, as named in /proc/slabinfo (e.g. kmalloc-512, kmalloc-cg-512, dentry).
     #[arg(long, value_name = "NAME")]
     pub cache: Option<String>,
+
+    /// Trace the page allocator instead of a slab cache: unmovable page blocks
+    /// the kernel took for itself (pipe buffers, socket frags, driver
+    /// buffers), not slab pages (--cache traces those), page tables, user or
+    /// page-cache pages.
+    #[arg(long, conflicts_with = "cache")]
+    pub pages: bool,
+
+    /// With --pages: only blocks of this order (2^N pages, 0 to 15).
+    #[arg(long, requires = "pages", value_name = "N",
+          value_parser = clap::value_parser!(u8).range(0..16))]
+    pub order: Option<u8>,
+
+    /// With --pages: gfp flags a block's allocation must carry, comma-separated,
+    /// as the kernel prints them (e.g. __GFP_ACCOUNT); !NAME refuses a flag.
+    #[arg(long, requires = "pages", value_delimiter = ',', value_name = "FLAGS")]
+    pub gfp: Vec<String>,
 
     /// Live view, refreshed every --interval (plain periodic text when stdout is not a terminal).
     #[arg(long)]
@@ -551,6 +569,16 @@ fn run_options(
         duration,
         interval,
         ringbuf_mib,
+    }
+}
+
+impl TraceArgs {
+    /// What `--pages` selects.
+    pub fn page_options(&self) -> PageOptions {
+        PageOptions {
+            order: self.order,
+            gfp: self.gfp.clone(),
+        }
     }
 }
 

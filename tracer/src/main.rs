@@ -13,6 +13,7 @@ mod kernel;
 mod layout_tests;
 mod memcg;
 mod output;
+mod pages;
 mod pipeline;
 mod present;
 mod serve;
@@ -53,13 +54,23 @@ fn run(cli: Cli) -> Result<()> {
         Some(Command::Doctor(args)) => doctor::run(&args.into()),
         Some(Command::Memcg(args)) => block_on(pipeline::memcg::run(args.into())),
         Some(Command::Serve(args)) => block_on(serve::run(args.into())),
+        None if cli.trace.pages => {
+            let select = cli.trace.page_options();
+            block_on(pipeline::trace::run(
+                cli.trace.into(),
+                pipeline::trace::Traced::Pages(select),
+            ))
+        }
         None => {
             let Some(cache) = cli.trace.cache.clone() else {
                 anyhow::bail!(
-                    "no cache selected: use --cache NAME (e.g. --cache kmalloc-512); 'leaktrace caches' lists them"
+                    "no cache selected: use --cache NAME (e.g. --cache kmalloc-512; 'leaktrace caches' lists them) or --pages"
                 );
             };
-            block_on(pipeline::trace::run(cli.trace.into(), &cache))
+            block_on(pipeline::trace::run(
+                cli.trace.into(),
+                pipeline::trace::Traced::Cache(&cache),
+            ))
         }
     }
 }

@@ -16,6 +16,7 @@ use crate::{
     kernel::procinfo::TracedProcess,
     kernel::tracefs::Tracefs,
     output,
+    pages::{self, kpageflags::PageFlags, PageOptions, Pages},
     pipeline::event_loop::{self, Signals},
     pipeline::trace_options::TraceOptions,
     pipeline::trace_tool,
@@ -23,16 +24,27 @@ use crate::{
     slab::caches::{self, Catalogue},
     slab::plan,
     slab::probes::Probes,
-    slab::session::{self, slab_line, Session, Setup},
+    slab::session::{self, slab_line, Session, Settle, Setup},
     slab::source::{AllocSource, SlabCaches},
     slab::zoom,
     symbolize::Symbolizer,
 };
 
-/// The slab tracer on `cache` (a name or alias of /proc/slabinfo), to the
-/// end. Errors: not root, an unknown cache, outputs or --pid that fail their
-/// checks, a kernel the plan cannot attach to, a closed stdout.
-pub async fn run(args: TraceOptions, cache: &str) -> Result<()> {
+/// What a run traces: one slab cache (a name or alias of /proc/slabinfo),
+/// or the page allocator's unmovable blocks (`--pages`).
+pub enum Traced<'a> {
+    Cache(&'a str),
+    Pages(PageOptions),
+}
+
+/// Objects the page source tracks at once unless `--max-objects` says: a
+/// million pages (4 GiB at order 0), the live table's own cap.
+const PAGES_MAX_OBJECTS: u32 = 1 << 20;
+
+/// The slab tracer on `traced`, to the end. Errors: not root, an unknown
+/// cache or page filter, outputs or --pid that fail their checks, a kernel
+/// the plan cannot attach to, a closed stdout.
+pub async fn run(args: TraceOptions, traced: Traced<'_>) -> Result<()> {
     let root = Path::new("/");
     features::require_root()?;
     let checked = preflight(&args, root).await?;
@@ -46,35 +58,72 @@ pub async fn run(args: TraceOptions, cache: &str) -> Result<()> {
     // classic tracepoints still work.
     let btf = Btf::from_sys_fs().ok();
     let facts = KernelFacts::probe(root, Some(tracefs.root()), btf.as_ref());
-    let catalogue = Catalogue::read(root).context("reading the slab cache catalogue")?;
-    let selection = caches::select(&catalogue, cache)?;
-    // What slabinfo said before attaching, and how the tracked objects are sized.
-    let slab_baseline = slab_line(root, &selection.cache, &selection.aliases_included);
     let ringbuf_bytes = crate::pipeline::event_loop::ringbuf_bytes(args.run.ringbuf_mib)?;
     let zoom_policy = zoom::Policy::default();
-    let mut plan = SlabCaches {
-        tracefs: &tracefs,
-        btf: btf.as_ref(),
-        root,
-        catalogue: &catalogue,
-        selection: &selection,
-        options: plan::PlanOptions {
-            pid: args.pid,
-            kernel_stacks: !args.no_kernel_stacks,
-            user_stacks: !args.no_user_stacks,
-            hooks: args.hooks,
-            stack_sample: if args.exact { 1 } else { args.stack_sample },
-            on_demand_maps: facts.on_demand_maps,
-        },
-        finish: plan::Finish {
-            ringbuf_bytes,
-            user_paths: args.user_paths && !args.no_user_stacks,
-            max_objects: args.max_objects,
-            active_objs: slab_baseline.as_ref().map(|l| l.active_objs),
-            zoom_window_cap: zoom_policy.kernel_window_cap(),
-        },
-    }
-    .plan(&facts)?;
+    let options = plan::PlanOptions {
+        pid: args.pid,
+        kernel_stacks: !args.no_kernel_stacks,
+        user_stacks: !args.no_user_stacks,
+        hooks: args.hooks,
+        stack_sample: if args.exact { 1 } else { args.stack_sample },
+        on_demand_maps: facts.on_demand_maps,
+    };
+    let finish = |max_objects, active_objs| plan::Finish {
+        ringbuf_bytes,
+        user_paths: args.user_paths && !args.no_user_stacks,
+        max_objects,
+        active_objs,
+        zoom_window_cap: zoom_policy.kernel_window_cap(),
+    };
+    let (mut plan, name, slab_baseline, aliases, settle) = match &traced {
+        Traced::Cache(cache) => {
+            let catalogue = Catalogue::read(root).context("reading the slab cache catalogue")?;
+            let selection = caches::select(&catalogue, cache)?;
+            // What slabinfo said before attaching, and how the tracked objects are sized.
+            let slab_baseline = slab_line(root, &selection.cache, &selection.aliases_included);
+            let plan = SlabCaches {
+                tracefs: &tracefs,
+                btf: btf.as_ref(),
+                root,
+                catalogue: &catalogue,
+                selection: &selection,
+                options,
+                finish: finish(
+                    args.max_objects,
+                    slab_baseline.as_ref().map(|l| l.active_objs),
+                ),
+            }
+            .plan(&facts)?;
+            let name = SlabCaches::name(&plan).to_string();
+            (
+                plan,
+                name,
+                slab_baseline,
+                selection.aliases_included.clone(),
+                None,
+            )
+        }
+        Traced::Pages(select) => {
+            // Before attaching: a run that cannot classify its pages would
+            // count slab pages as loose ones.
+            let flags = PageFlags::open(root)
+                .context("opening /proc/kpageflags (root; CONFIG_PROC_PAGE_MONITOR)")?;
+            let catalogue = Catalogue::read(root).context("reading the slab cache catalogue")?;
+            let plan = Pages {
+                tracefs: &tracefs,
+                btf: btf.as_ref(),
+                root,
+                select,
+                kmalloc_max: pages::kmalloc_max(&catalogue),
+                options,
+                finish: finish(Some(args.max_objects.unwrap_or(PAGES_MAX_OBJECTS)), None),
+            }
+            .plan(&facts)?;
+            let settle: Box<dyn Settle> = Box::new(flags);
+            let name = Pages::name(&plan).to_string();
+            (plan, name, None, Vec::new(), Some(settle))
+        }
+    };
     let max_objects = plan.max_objects;
     // The parsed BTF (~17 MB on 6.18) has done its work: freed before kallsyms
     // is loaded, its pages are reused instead of pinned under it in the heap.
@@ -112,8 +161,8 @@ pub async fn run(args: TraceOptions, cache: &str) -> Result<()> {
         cgroup_mount: plan.cgroup_mount.clone(),
         pods_root: args.pods_root.clone(),
         slab_baseline,
-        cache: SlabCaches::name(&plan).to_string(),
-        aliases: selection.aliases_included.clone(),
+        cache: name,
+        aliases,
         snapshot_opts: SnapshotOptions {
             sort: args.sort,
             limit: args.limit,
@@ -123,6 +172,7 @@ pub async fn run(args: TraceOptions, cache: &str) -> Result<()> {
         },
         traced: checked.traced,
         group_by: args.group_by,
+        settle,
     });
 
     let outcome = trace_tool::run_loop(

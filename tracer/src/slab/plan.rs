@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use tracer_common::slab::{
+    page_programs,
     programs::{name as program, PROGRAMS},
     user::cache_name_words,
     AllocLayout, Config, CACHE_NAME_LEN, MAX_CACHE_NAMES, STACK_KERNEL, STACK_USER,
@@ -150,6 +151,7 @@ pub fn program_variant(program: &'static str, live_slots: bool) -> &'static str 
     }
     PROGRAMS
         .iter()
+        .chain(page_programs::PROGRAMS)
         .find(|p| p.name == program)
         .map_or(program, |p| p.nocas)
 }
@@ -379,15 +381,7 @@ pub fn build(
         cfg.free_align_mask = slab_size.min(4096) - 1;
     }
 
-    let sample_every = opts.stack_sample.max(1).next_power_of_two();
-    cfg.stack_sample_mask = sample_every - 1;
-    cfg.base_level = sample_every.trailing_zeros();
-    // Where every allocation is drawn anyway, a census adds nothing.
-    cfg.census_allocs = if sample_every > 1 { CENSUS_ALLOCS } else { 0 };
-    cfg.census_window_cap = CENSUS_WINDOW_CAP;
-    cfg.target_tgid = opts.pid.unwrap_or(0);
-    cfg.stack_flags = if opts.kernel_stacks { STACK_KERNEL } else { 0 }
-        | if opts.user_stacks { STACK_USER } else { 0 };
+    sampling(&mut cfg, opts);
     let live_map = if opts.on_demand_maps && slab_size > ON_DEMAND_MIN_OBJECT {
         LiveMap::OnDemand
     } else {
@@ -411,6 +405,19 @@ pub fn build(
         max_objects: 0,
         cgroup_mount: None,
     })
+}
+
+/// Stack draws, the census, `--pid` and which stacks: the same for every source.
+pub fn sampling(cfg: &mut Config, opts: &PlanOptions) {
+    let sample_every = opts.stack_sample.max(1).next_power_of_two();
+    cfg.stack_sample_mask = sample_every - 1;
+    cfg.base_level = sample_every.trailing_zeros();
+    // Where every allocation is drawn anyway, a census adds nothing.
+    cfg.census_allocs = if sample_every > 1 { CENSUS_ALLOCS } else { 0 };
+    cfg.census_window_cap = CENSUS_WINDOW_CAP;
+    cfg.target_tgid = opts.pid.unwrap_or(0);
+    cfg.stack_flags = if opts.kernel_stacks { STACK_KERNEL } else { 0 }
+        | if opts.user_stacks { STACK_USER } else { 0 };
 }
 
 /// The run's choices [`Plan::finish`] settles with the kernel's facts.

@@ -55,6 +55,26 @@ pub struct Report {
     /// The `--pid` process; absent without --pid.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub traced: Option<TracedPid>,
+    /// `--pages`: the pages /proc/kpageflags took back from the counts
+    /// (`pages/kpageflags.rs`); absent for a slab cache.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pages: Option<PageClasses>,
+}
+
+/// Pages taken back from the counts since attach, by why.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct PageClasses {
+    /// Became slab pages (`Slab` counts them; trace with `--cache`).
+    pub slab: u64,
+    /// Became page tables (`PageTables` counts them).
+    pub page_table: u64,
+    /// Found free in the buddy allocator: their free was not seen.
+    pub free_unseen: u64,
+    /// Found on an LRU list or anonymous: freed unseen and reused for user
+    /// or page-cache memory.
+    pub user: u64,
+    /// Outstanding pfns that /proc/kpageflags could not be read for (left counted).
+    pub unreadable: u64,
 }
 
 /// `--pid`'s process and whether it is still there: objects it allocated stay
@@ -288,6 +308,19 @@ impl Counts {
         self.outstanding = self.outstanding.saturating_sub(1);
         self.outstanding_bytes = self.outstanding_bytes.saturating_sub(bytes);
         self.frees += 1;
+    }
+
+    /// Part of one freed (a split page block), the rest still outstanding.
+    pub(super) fn shrink(&mut self, bytes: u64) {
+        self.outstanding_bytes = self.outstanding_bytes.saturating_sub(bytes);
+    }
+
+    /// One taken back: it turned out not to be of the traced kind (a page
+    /// found to be a slab page), so it is neither outstanding nor an allocation.
+    pub(super) fn retract(&mut self, bytes: u64) {
+        self.outstanding = self.outstanding.saturating_sub(1);
+        self.outstanding_bytes = self.outstanding_bytes.saturating_sub(bytes);
+        self.allocs = self.allocs.saturating_sub(1);
     }
 }
 
