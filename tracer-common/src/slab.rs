@@ -34,6 +34,8 @@ pub const SOURCE_CACHE_ALLOC: u16 = 2;
 /// `kmem:mm_page_alloc`, the page source (`leaktrace --pages`): the record's
 /// `ptr` is the block's first pfn, `bytes_alloc` `PAGE_SIZE << order`.
 pub const SOURCE_PAGE: u16 = 3;
+/// Bytes of a page tracepoint's record read at once ([`PageConfig::alloc_span`]).
+pub const PAGE_SPAN: usize = 40;
 /// Block orders the page source keeps count of (`MAX_PAGE_ORDER` is 10 on
 /// x86-64 and at most 15 on any architecture Linux has).
 pub const PAGE_ORDERS: u32 = 16;
@@ -253,7 +255,10 @@ pub struct PageConfig {
     pub free_order: u16,
     /// `PAGE_SHIFT` of the running kernel: a block is `1 << (page_shift + order)` bytes.
     pub page_shift: u16,
-    pub _pad: u16,
+    /// Where the one read of each record starts ([`PAGE_SPAN`] bytes from
+    /// it hold every field above): one helper call a record instead of one
+    /// a field, on hooks that fire for every page the kernel allocates.
+    pub alloc_span: u16,
     /// Bit `m` set: allocations of migratetype `m` are selected (the
     /// tracepoint's `migratetype`, from the gfp flags: 0 unmovable, 1
     /// movable, 2 reclaimable).
@@ -270,7 +275,11 @@ pub struct PageConfig {
     /// `kmem:kmalloc`'s `ptr` and `bytes_alloc` offsets (classic hook).
     pub kmalloc_ptr: u16,
     pub kmalloc_bytes_alloc: u16,
-    pub _pad2: [u16; 2],
+    pub free_span: u16,
+    pub _pad2: u16,
+    /// `__GFP_COMP`: a compound block is freed whole (`split_page` refuses
+    /// compound pages), so only blocks without it need the block table.
+    pub gfp_comp: u64,
 }
 
 pub const STACK_KERNEL: u32 = 1;
@@ -330,7 +339,7 @@ impl Config {
                 free_pfn: 0,
                 free_order: 0,
                 page_shift: 0,
-                _pad: 0,
+                alloc_span: 0,
                 migratetypes: 0,
                 orders: 0,
                 gfp_all: 0,
@@ -338,7 +347,9 @@ impl Config {
                 kmalloc_max: 0,
                 kmalloc_ptr: 0,
                 kmalloc_bytes_alloc: 0,
-                _pad2: [0; 2],
+                free_span: 0,
+                _pad2: 0,
+                gfp_comp: 0,
             },
         }
     }

@@ -18,7 +18,7 @@ use aya_ebpf::{
     EbpfContext,
 };
 use tracer_common::{
-    slab::{counter, FreeEvent, PAGE_ORDERS, SOURCE_PAGE},
+    slab::{counter, FreeEvent, PAGE_ORDERS, PAGE_SPAN, SOURCE_PAGE},
     EVENT_FREE,
 };
 
@@ -37,8 +37,10 @@ struct Block {
 #[map]
 static BLOCKS: HashMap<u64, Block> = HashMap::with_max_entries(1 << 16, 0);
 
-/// Tracked blocks per order, so a free asks `BLOCKS` only at orders that
-/// have any (and not at all while only order-0 pages are tracked).
+/// Tracked blocks per order (index 0: of every order), so a free asks
+/// `BLOCKS` only at orders that have any, and not at all while it is empty:
+/// the usual case, as compound blocks (slab pages, large kmallocs, page
+/// frags) never enter it.
 #[map]
 static BLOCK_ORDERS: Array<u64> = Array::with_max_entries(PAGE_ORDERS, 0);
 
@@ -93,6 +95,24 @@ pub(crate) fn page_kmalloc<const CAS: bool>(ptr: u64, bytes_alloc: u64) {
     bump(counter::PAGE_KMALLOC_LARGE);
 }
 
+/// [`PAGE_SPAN`] bytes of a classic record, read with one helper call.
+struct Span([u64; PAGE_SPAN / 8]);
+
+impl Span {
+    #[inline(always)]
+    fn read(ctx: &TracePointContext, start: u16) -> Option<Span> {
+        read::<[u64; PAGE_SPAN / 8]>(ctx, start).map(Span)
+    }
+
+    /// The field at record offset `offset`; userspace checked that it lies
+    /// inside the span.
+    #[inline(always)]
+    fn field<T: Copy>(&self, offset: u16, start: u16) -> T {
+        let at = (offset.wrapping_sub(start) as usize).min(PAGE_SPAN - core::mem::size_of::<T>());
+        unsafe { core::ptr::read_unaligned(self.0.as_ptr().cast::<u8>().add(at).cast::<T>()) }
+    }
+}
+
 /// `kmem:mm_page_alloc`: selection first, on the record's own fields.
 #[inline(always)]
 pub(crate) fn page_alloc<const CAS: bool>(ctx: &TracePointContext) -> Option<()> {
@@ -100,21 +120,22 @@ pub(crate) fn page_alloc<const CAS: bool>(ctx: &TracePointContext) -> Option<()>
     if cfg.orders == 0 {
         return None;
     }
-    let pfn: u64 = read(ctx, cfg.alloc_pfn)?;
+    let span = Span::read(ctx, cfg.alloc_span)?;
+    let pfn: u64 = span.field(cfg.alloc_pfn, cfg.alloc_span);
     // -1: the allocation failed.
     if pfn == u64::MAX {
         return None;
     }
-    let migratetype: i32 = read(ctx, cfg.alloc_migratetype)?;
+    let migratetype: i32 = span.field(cfg.alloc_migratetype, cfg.alloc_span);
     if !(0..64).contains(&migratetype) || (cfg.migratetypes >> migratetype) & 1 == 0 {
         return None;
     }
-    let order: u32 = read(ctx, cfg.alloc_order)?;
+    let order: u32 = span.field(cfg.alloc_order, cfg.alloc_span);
     if order >= PAGE_ORDERS || (cfg.orders >> order) & 1 == 0 {
         return None;
     }
     // 4 bytes before 5.11's `unsigned long`; every gfp bit is in the low 32.
-    let gfp = read::<u32>(ctx, cfg.alloc_gfp)? as u64;
+    let gfp = span.field::<u32>(cfg.alloc_gfp, cfg.alloc_span) as u64;
     if gfp & cfg.gfp_all != cfg.gfp_all || gfp & cfg.gfp_none != 0 {
         return None;
     }
@@ -140,7 +161,8 @@ pub(crate) fn page_alloc<const CAS: bool>(ctx: &TracePointContext) -> Option<()>
             };
         }
     }
-    if order > 0 {
+    // A compound block is freed whole, at its first pfn: `LIVE` finds it.
+    if order > 0 && gfp & config().pages.gfp_comp == 0 {
         // Before alloc_pages returns: nobody can free the block yet.
         let block = Block {
             order: u64::from(order),
@@ -162,8 +184,9 @@ pub(crate) fn page_alloc<const CAS: bool>(ctx: &TracePointContext) -> Option<()>
 #[inline(always)]
 pub(crate) fn page_free<const CAS: bool>(ctx: &TracePointContext) -> Option<()> {
     let cfg = &config().pages;
-    let pfn: u64 = read(ctx, cfg.free_pfn)?;
-    let order: u32 = read(ctx, cfg.free_order)?;
+    let span = Span::read(ctx, cfg.free_span)?;
+    let pfn: u64 = span.field(cfg.free_pfn, cfg.free_span);
+    let order: u32 = span.field(cfg.free_order, cfg.free_span);
     if block_free::<CAS>(pfn, order).is_none() {
         on_free::<CAS>(pfn);
     }
@@ -172,8 +195,10 @@ pub(crate) fn page_free<const CAS: bool>(ctx: &TracePointContext) -> Option<()> 
 
 #[inline(always)]
 fn count_order(order: u32, delta: u64) {
-    if let Some(n) = BLOCK_ORDERS.get_ptr_mut(order) {
-        tracer_ebpf::atomic_add(unsafe { &mut *n }, delta);
+    for index in [0, order] {
+        if let Some(n) = BLOCK_ORDERS.get_ptr_mut(index) {
+            tracer_ebpf::atomic_add(unsafe { &mut *n }, delta);
+        }
     }
 }
 
@@ -181,6 +206,9 @@ fn count_order(order: u32, delta: u64) {
 /// > 0; None: no tracked block holds it.
 #[inline(always)]
 fn block_free<const CAS: bool>(pfn: u64, order: u32) -> Option<()> {
+    if BLOCK_ORDERS.get(0).is_none_or(|n| *n == 0) {
+        return None;
+    }
     let freed = 1u64 << (order & 31);
     let mut k: u32 = 1;
     while k < PAGE_ORDERS {

@@ -3,7 +3,9 @@
 //! and `kmem:mm_page_free`, gfp bit values from the former's print format.
 
 use anyhow::{bail, Context, Result};
-use tracer_common::slab::{page_programs::name as program, Config, PageConfig, PAGE_ORDERS};
+use tracer_common::slab::{
+    page_programs::name as program, Config, PageConfig, PAGE_ORDERS, PAGE_SPAN,
+};
 
 use crate::{
     kernel::btf::Btf,
@@ -53,7 +55,24 @@ pub fn build(
         },
         ..PageConfig::default()
     };
+    pages.alloc_span = span(
+        "mm_page_alloc",
+        &[
+            (pages.alloc_pfn, 8),
+            (pages.alloc_order, 4),
+            (pages.alloc_gfp, 4),
+            (pages.alloc_migratetype, 4),
+        ],
+    )?;
+    pages.free_span = span(
+        "mm_page_free",
+        &[(pages.free_pfn, 8), (pages.free_order, 4)],
+    )?;
     (pages.gfp_all, pages.gfp_none) = gfp_filter(&alloc, &select.gfp)?;
+    pages.gfp_comp = alloc.print_flag("__GFP_COMP").context(
+        "cannot read __GFP_COMP from kmem:mm_page_alloc's print format; refusing to guess \
+         this kernel's gfp bits",
+    )?;
     let mut cfg = Config::zeroed();
     cfg.pages = pages;
     plan::sampling(&mut cfg, opts);
@@ -139,6 +158,20 @@ pub fn build(
         max_objects: 0,
         cgroup_mount: None,
     })
+}
+
+/// Where the kernel side's one read of an `event` record starts, so that
+/// [`PAGE_SPAN`] bytes hold every (offset, size) it reads.
+fn span(event: &str, fields: &[(u16, u16)]) -> Result<u16> {
+    let start = fields.iter().map(|f| f.0).min().unwrap_or(0);
+    let end = fields.iter().map(|f| f.0 + f.1).max().unwrap_or(0);
+    if usize::from(end - start) > PAGE_SPAN {
+        bail!(
+            "kmem:{event}'s fields span {} bytes; leaktrace reads at most {PAGE_SPAN}",
+            end - start
+        );
+    }
+    Ok(start)
 }
 
 /// (every bit required, any bit refused) from `--gfp` names: `NAME` requires

@@ -37,9 +37,10 @@ pub enum Traced<'a> {
     Pages(PageOptions),
 }
 
-/// Objects the page source tracks at once unless `--max-objects` says: a
-/// million pages (4 GiB at order 0), the live table's own cap.
-const PAGES_MAX_OBJECTS: u32 = 1 << 20;
+/// Objects the page source tracks at once unless `--max-objects` says:
+/// 262,144 blocks (1 GiB at order 0). Every page freed on the node looks
+/// its pfn up in the live table, so a smaller table stays in cache.
+const PAGES_MAX_OBJECTS: u32 = 1 << 18;
 
 /// The slab tracer on `traced`, to the end. Errors: not root, an unknown
 /// cache or page filter, outputs or --pid that fail their checks, a kernel
