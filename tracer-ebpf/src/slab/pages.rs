@@ -217,7 +217,8 @@ fn block_free<const CAS: bool>(pfn: u64, order: u32) -> Option<()> {
             if let Some(block) = BLOCKS.get_ptr_mut(first) {
                 let block = unsafe { &mut *block };
                 if block.order == u64::from(k) && pfn + freed <= first + (1 << k) {
-                    return Some(part_free::<CAS>(block, first, k, freed));
+                    part_free::<CAS>(block, first, k, freed);
+                    return Some(());
                 }
             }
         }

@@ -1539,6 +1539,46 @@ mod tests {
     }
 
     #[test]
+    fn a_split_block_shrinks_by_its_parts_and_a_taken_back_one_is_not_counted() {
+        let mut agg = Aggregator::new(10_000_000_000, 1);
+        let block = |ptr| {
+            let Event::Alloc(mut a) = alloc(1, ptr, 0, &[], &[]) else {
+                unreachable!()
+            };
+            a.hdr.bytes_alloc = 16384;
+            Event::Alloc(a)
+        };
+        let part = |ptr, bytes| {
+            Event::Free(Free {
+                tgid: 1,
+                ptr,
+                bytes,
+            })
+        };
+        agg.apply(&block(0x10));
+        agg.apply(&part(0x10, 4096));
+        let snap = agg.snapshot(10, &opts(SortKey::Outstanding));
+        assert_eq!(
+            (snap.totals.outstanding, snap.totals.outstanding_bytes),
+            (1, 12288)
+        );
+        agg.apply(&part(0x10, 4096));
+        agg.apply(&free(0x10));
+        agg.apply(&block(0x20));
+        assert!(agg.exclude(0x20));
+        assert!(!agg.exclude(0x20));
+        // The taken-back block's kernel free is expected, not an anomaly.
+        agg.apply(&free(0x20));
+        let snap = agg.snapshot(20, &opts(SortKey::Outstanding));
+        assert_eq!(
+            (snap.totals.outstanding, snap.totals.outstanding_bytes),
+            (0, 0)
+        );
+        assert_eq!((snap.totals.allocs, snap.totals.frees), (1, 1));
+        assert_eq!(snap.anomalies.unmatched_frees, 0);
+    }
+
+    #[test]
     fn rates_over_window_and_sorting() {
         let mut agg = Aggregator::new(2_000_000_000, 1);
         agg.apply(&alloc(1, 0x1, 0, &[], &[]));

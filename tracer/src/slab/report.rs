@@ -532,5 +532,6 @@ pub(crate) fn test_report() -> Report {
         groups: Vec::new(),
         top_stacks: Vec::new(),
         traced: None,
+        pages: None,
     }
 }
