@@ -992,22 +992,22 @@ fn live_remove<const CAS: bool>(ptr: u64, held: Held) -> bool {
 
 /// The free of a [`free_candidate`]: one bucket of slots rules out nearly
 /// every object we never selected (and `LIVE` is asked only while it holds
-/// anything).
+/// anything). Whether it untracked `ptr` (the page source counts by region).
 #[inline(always)]
-fn on_free<const CAS: bool>(ptr: u64) {
+fn on_free<const CAS: bool>(ptr: u64) -> bool {
     let Some(held) = live_find::<CAS>(ptr) else {
-        return;
+        return false;
     };
     // Reserve before untracking: if the ring is full the entry stays, kernel and
     // userspace keep agreeing the object is live, and the loss is counted.
     let Some(mut entry) = EVENTS.reserve::<FreeEvent>(0) else {
         bump(counter::FREES_LOST_RINGBUF);
-        return;
+        return false;
     };
     if !live_remove::<CAS>(ptr, held) {
         // Another CPU removed it first; nothing to report.
         entry.discard(0);
-        return;
+        return false;
     }
     let ev = entry.as_mut_ptr();
     unsafe {
@@ -1018,4 +1018,5 @@ fn on_free<const CAS: bool>(ptr: u64) {
     }
     entry.submit(wakeup_flags());
     bump(counter::FREES_MATCHED);
+    true
 }

@@ -44,6 +44,42 @@ static BLOCKS: HashMap<u64, Block> = HashMap::with_max_entries(1 << 16, 0);
 #[map]
 static BLOCK_ORDERS: Array<u64> = Array::with_max_entries(PAGE_ORDERS, 0);
 
+/// Tracked pages by region of 2^[`REGION_SHIFT`] pfns (a 2 MiB pageblock,
+/// the unit the allocator assigns a migratetype to), folded into
+/// [`REGIONS`] slots: a free in a region with nothing tracked returns after
+/// one load, before the live table (megabytes, out of cache) is touched.
+/// Unmovable blocks come from unmovable pageblocks, so the page-cache and
+/// user frees that make up most page frees land in empty regions. Counted
+/// up when an object is tracked, down when it is untracked: never zero
+/// while a tracked page lies in the region (folded regions only add hits).
+#[map]
+static REGION_COUNTS: Array<u64> = Array::with_max_entries(REGIONS, 0);
+
+const REGION_SHIFT: u32 = 9;
+const REGIONS: u32 = 1 << 14;
+
+#[inline(always)]
+fn region_add(pfn: u64, delta: u64) {
+    let index = ((pfn >> REGION_SHIFT) as u32) & (REGIONS - 1);
+    if let Some(n) = REGION_COUNTS.get_ptr_mut(index) {
+        tracer_ebpf::atomic_add(unsafe { &mut *n }, delta);
+    }
+}
+
+#[inline(always)]
+fn region_tracked(pfn: u64) -> bool {
+    let index = ((pfn >> REGION_SHIFT) as u32) & (REGIONS - 1);
+    REGION_COUNTS.get(index).is_none_or(|n| *n != 0)
+}
+
+/// The last pfn of a block of `order` at `pfn` when it lies in another
+/// region (blocks larger than a region), so both regions count it.
+#[inline(always)]
+fn other_region_pfn(pfn: u64, order: u32) -> Option<u64> {
+    let last = pfn + (1u64 << (order & 31)) - 1;
+    (last >> REGION_SHIFT != pfn >> REGION_SHIFT).then_some(last)
+}
+
 /// The last block of order > 0 this CPU recorded, for [`page_kmalloc`].
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -90,7 +126,7 @@ pub(crate) fn page_kmalloc<const CAS: bool>(ptr: u64, bytes_alloc: u64) {
     let (pfn, order) = (last.pfn, last.order);
     last.pfn = 0;
     if block_free::<CAS>(pfn, order).is_none() {
-        on_free::<CAS>(pfn);
+        untrack::<CAS>(pfn);
     }
     bump(counter::PAGE_KMALLOC_LARGE);
 }
@@ -149,6 +185,7 @@ pub(crate) fn page_alloc<const CAS: bool>(ctx: &TracePointContext) -> Option<()>
         source: SOURCE_PAGE,
     };
     record::<CAS>(ctx.as_ptr(), &site, false)?;
+    region_add(pfn, 1);
     if order > 0 && config().pages.kmalloc_max != 0 {
         if let Some(last) = LAST_BLOCK.get_ptr_mut(0) {
             unsafe {
@@ -175,6 +212,10 @@ pub(crate) fn page_alloc<const CAS: bool>(ctx: &TracePointContext) -> Option<()>
                 count_order(old, u64::MAX);
             }
             count_order(order, 1);
+            // Its parts are freed at their own pfns, past the first region.
+            if let Some(last) = other_region_pfn(pfn, order) {
+                region_add(last, 1);
+            }
         }
     }
     Some(())
@@ -186,11 +227,22 @@ pub(crate) fn page_free<const CAS: bool>(ctx: &TracePointContext) -> Option<()> 
     let cfg = &config().pages;
     let span = Span::read(ctx, cfg.free_span)?;
     let pfn: u64 = span.field(cfg.free_pfn, cfg.free_span);
+    if !region_tracked(pfn) {
+        return None;
+    }
     let order: u32 = span.field(cfg.free_order, cfg.free_span);
     if block_free::<CAS>(pfn, order).is_none() {
-        on_free::<CAS>(pfn);
+        untrack::<CAS>(pfn);
     }
     Some(())
+}
+
+/// `on_free` and the region count with it.
+#[inline(always)]
+fn untrack<const CAS: bool>(pfn: u64) {
+    if on_free::<CAS>(pfn) {
+        region_add(pfn, u64::MAX);
+    }
 }
 
 #[inline(always)]
@@ -247,8 +299,11 @@ fn part_free<const CAS: bool>(block: &mut Block, first: u64, order: u32, freed: 
     if before <= freed {
         if BLOCKS.remove(first).is_ok() {
             count_order(order, u64::MAX);
+            if let Some(last) = other_region_pfn(first, order) {
+                region_add(last, u64::MAX);
+            }
         }
-        on_free::<CAS>(first);
+        untrack::<CAS>(first);
         return;
     }
     bump(counter::PAGE_PART_FREES);
