@@ -5,6 +5,7 @@
 
 use crate::{IrqContext, TaskOffsets};
 
+pub mod page_programs;
 pub mod programs;
 #[cfg(feature = "user")]
 pub mod user;
@@ -32,6 +33,14 @@ pub const SOURCE_KMALLOC: u16 = 1;
 pub const SOURCE_CACHE_ALLOC: u16 = 2;
 /// `percpu:percpu_alloc_percpu` (the per-CPU source, `leaktrace --percpu`).
 pub const SOURCE_PERCPU: u16 = 3;
+/// `kmem:mm_page_alloc`, the page source (`leaktrace --pages`): the record's
+/// `ptr` is the block's first pfn, `bytes_alloc` `PAGE_SIZE << order`.
+pub const SOURCE_PAGE: u16 = 4;
+/// Bytes of a page tracepoint's record read at once ([`PageConfig::alloc_span`]).
+pub const PAGE_SPAN: usize = 40;
+/// Block orders the page source keeps count of (`MAX_PAGE_ORDER` is 10 on
+/// x86-64 and at most 15 on any architecture Linux has).
+pub const PAGE_ORDERS: u32 = 16;
 
 /// [`AllocHeader::flags`]: this allocation's stacks were drawn (captured) and
 /// it may stand for its stratum in unbiased per-stack estimates. Whether or
@@ -118,6 +127,15 @@ pub mod counter {
         /// kernel time (ns) their stack captures took: what a zoom costs.
         ZOOM_DRAWN,
         ZOOM_STACK_NS,
+        /// Page source: pages of a tracked block of order > 0 freed one part
+        /// at a time (a split block: `split_page`, `alloc_pages_exact`).
+        PAGE_PART_FREES,
+        /// Page source: blocks taken back as a large kmalloc's (`kmem:kmalloc`
+        /// right after their allocation, same task, same size).
+        PAGE_KMALLOC_LARGE,
+        /// Large kmallocs whose block could not be told (another block
+        /// allocated in between on the CPU): each may leave one block counted.
+        PAGE_KMALLOC_UNMATCHED,
     }
 }
 
@@ -241,6 +259,53 @@ pub struct Config {
     pub irq: IrqContext,
     /// The per-CPU source's fields; all 0 when it is off.
     pub percpu: PercpuLayout,
+    /// The page source's selection and tracepoint layout; all zero (no
+    /// order selected) when it is not the run's source.
+    pub pages: PageConfig,
+}
+
+/// What the page source selects, filled from `kmem:mm_page_alloc`'s and
+/// `kmem:mm_page_free`'s tracefs formats and the command line. Every test
+/// here runs before any map or ring-buffer work: page traffic is mostly
+/// movable (user, page cache) and is dropped at the cost of a few loads.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PageConfig {
+    /// Field offsets in `kmem:mm_page_alloc`.
+    pub alloc_pfn: u16,
+    pub alloc_order: u16,
+    pub alloc_gfp: u16,
+    pub alloc_migratetype: u16,
+    /// Field offsets in `kmem:mm_page_free`.
+    pub free_pfn: u16,
+    pub free_order: u16,
+    /// `PAGE_SHIFT` of the running kernel: a block is `1 << (page_shift + order)` bytes.
+    pub page_shift: u16,
+    /// Where the one read of each record starts ([`PAGE_SPAN`] bytes from
+    /// it hold every field above): one helper call a record instead of one
+    /// a field, on hooks that fire for every page the kernel allocates.
+    pub alloc_span: u16,
+    /// Bit `m` set: allocations of migratetype `m` are selected (the
+    /// tracepoint's `migratetype`, from the gfp flags: 0 unmovable, 1
+    /// movable, 2 reclaimable).
+    pub migratetypes: u64,
+    /// Bit `o` set: blocks of order `o` are selected. 0: the page source is off.
+    pub orders: u64,
+    /// Every one of these gfp bits must be set...
+    pub gfp_all: u64,
+    /// ...and none of these.
+    pub gfp_none: u64,
+    /// The largest kmalloc cache's object size: a `kmem:kmalloc` of more,
+    /// a power of two, is a large kmalloc whose block is taken back. 0: off.
+    pub kmalloc_max: u64,
+    /// `kmem:kmalloc`'s `ptr` and `bytes_alloc` offsets (classic hook).
+    pub kmalloc_ptr: u16,
+    pub kmalloc_bytes_alloc: u16,
+    pub free_span: u16,
+    pub _pad2: u16,
+    /// `__GFP_COMP`: a compound block is freed whole (`split_page` refuses
+    /// compound pages), so only blocks without it need the block table.
+    pub gfp_comp: u64,
 }
 
 pub const STACK_KERNEL: u32 = 1;
@@ -300,6 +365,26 @@ impl Config {
                 free_ptr: 0,
                 _pad: [0; 3],
                 possible_cpus: 0,
+            },
+            pages: PageConfig {
+                alloc_pfn: 0,
+                alloc_order: 0,
+                alloc_gfp: 0,
+                alloc_migratetype: 0,
+                free_pfn: 0,
+                free_order: 0,
+                page_shift: 0,
+                alloc_span: 0,
+                migratetypes: 0,
+                orders: 0,
+                gfp_all: 0,
+                gfp_none: 0,
+                kmalloc_max: 0,
+                kmalloc_ptr: 0,
+                kmalloc_bytes_alloc: 0,
+                free_span: 0,
+                _pad2: 0,
+                gfp_comp: 0,
             },
         }
     }
@@ -372,4 +457,8 @@ pub struct FreeEvent {
     pub kind: u32,
     pub tgid: u32,
     pub ptr: u64,
+    /// 0: the whole object is freed. Otherwise the bytes of a page block
+    /// (the block whose first pfn is `ptr`) freed while the rest of it stays
+    /// allocated: a block split after allocation is freed a page at a time.
+    pub bytes: u64,
 }

@@ -47,6 +47,23 @@ pub fn atomic_add(p: &mut u64, n: u64) {
     unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(p, n) };
 }
 
+/// `*p -= n` atomically by compare-and-swap (so only in programs built with
+/// it), retried a bounded number of times; the value before, or None when
+/// every try lost a race (the objects are built for BPF v1, which has no
+/// fetch-add).
+#[inline(always)]
+pub fn fetch_sub(p: &mut u64, n: u64) -> Option<u64> {
+    let mut tries = 0;
+    while tries < 8 {
+        let before = unsafe { core::ptr::read_volatile(p) };
+        if compare_exchange(p, before, before.wrapping_sub(n)) {
+            return Some(before);
+        }
+        tries += 1;
+    }
+    None
+}
+
 /// Binds the shared helpers to one object's own maps, so each object's code
 /// says `config()`, `bump(i)` and `read(ctx, offset)`:
 /// `object_maps!(CONFIG: Config, COUNTERS)`.

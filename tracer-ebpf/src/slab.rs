@@ -36,6 +36,9 @@ use tracer_common::{
 };
 use tracer_ebpf::{data_loc, task, BPF_NOEXIST};
 
+#[path = "slab/pages.rs"]
+mod pages;
+
 #[no_mangle]
 static CONFIG: Config = Config::zeroed();
 
@@ -279,9 +282,29 @@ macro_rules! handle {
     (raw_tracepoint percpu_free $role:ident $ctx:ident $cas:literal) => {
         raw_free::<$cas>($ctx.arg(2), SEEN_PERCPU_FREE, spare!($role))
     };
+    (tracepoint page_alloc main $ctx:ident $cas:literal) => {
+        let _ = pages::page_alloc::<$cas>(&$ctx);
+    };
+    (tracepoint page_free main $ctx:ident $cas:literal) => {
+        let _ = pages::page_free::<$cas>(&$ctx);
+    };
+    (tracepoint page_kmalloc main $ctx:ident $cas:literal) => {
+        let p = &config().pages;
+        if let (Some(ptr), Some(bytes)) = (
+            read(&$ctx, p.kmalloc_ptr),
+            read(&$ctx, p.kmalloc_bytes_alloc),
+        ) {
+            pages::page_kmalloc::<$cas>(ptr, bytes)
+        }
+    };
+    (raw_tracepoint page_kmalloc main $ctx:ident $cas:literal) => {
+        // (call_site, ptr, bytes_req, bytes_alloc, ...)
+        pages::page_kmalloc::<$cas>($ctx.arg(1), $ctx.arg(3))
+    };
 }
 
 tracer_common::slab_programs!(entry_points);
+tracer_common::page_programs!(entry_points);
 
 #[inline(always)]
 fn raw_kmalloc<const CAS: bool>(ctx: &RawTracePointContext, spare: bool) {
@@ -1021,29 +1044,31 @@ fn live_remove<const CAS: bool>(ptr: u64, held: Held) -> bool {
 
 /// The free of a [`free_candidate`]: one bucket of slots rules out nearly
 /// every object we never selected (and `LIVE` is asked only while it holds
-/// anything).
+/// anything). Whether it untracked `ptr` (the page source counts by region).
 #[inline(always)]
-fn on_free<const CAS: bool>(ptr: u64) {
+fn on_free<const CAS: bool>(ptr: u64) -> bool {
     let Some(held) = live_find::<CAS>(ptr) else {
-        return;
+        return false;
     };
     // Reserve before untracking: if the ring is full the entry stays, kernel and
     // userspace keep agreeing the object is live, and the loss is counted.
     let Some(mut entry) = EVENTS.reserve::<FreeEvent>(0) else {
         bump(counter::FREES_LOST_RINGBUF);
-        return;
+        return false;
     };
     if !live_remove::<CAS>(ptr, held) {
         // Another CPU removed it first; nothing to report.
         entry.discard(0);
-        return;
+        return false;
     }
     let ev = entry.as_mut_ptr();
     unsafe {
         (*ev).kind = EVENT_FREE;
         (*ev).tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
         (*ev).ptr = ptr;
+        (*ev).bytes = 0;
     }
     entry.submit(wakeup_flags());
     bump(counter::FREES_MATCHED);
+    true
 }

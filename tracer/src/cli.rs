@@ -10,7 +10,12 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::{
     doctor::DoctorOptions,
-    pipeline::{memcg::MemcgOptions, trace_options::TraceOptions, RunOptions},
+    pages::PageOptions,
+    pipeline::{
+        memcg::MemcgOptions,
+        trace_options::{TraceOptions, Traced},
+        RunOptions,
+    },
     serve::ServeOptions,
     slab::{
         plan::HookMode,
@@ -83,6 +88,22 @@ pub struct TraceArgs {
     /// One source a run: the kernel's live table holds one kind of pointer.
     #[arg(long, conflicts_with = "cache")]
     pub percpu: bool,
+    /// Trace the page allocator instead of a slab cache: unmovable page blocks
+    /// the kernel took for itself (pipe buffers, socket frags, driver
+    /// buffers), not slab pages (--cache traces those), page tables, user or
+    /// page-cache pages.
+    #[arg(long, conflicts_with_all = ["cache", "percpu"])]
+    pub pages: bool,
+
+    /// With --pages: only blocks of this order (2^N pages, 0 to 15).
+    #[arg(long, requires = "pages", value_name = "N",
+          value_parser = clap::value_parser!(u8).range(0..16))]
+    pub order: Option<u8>,
+
+    /// With --pages: gfp flags a block's allocation must carry, comma-separated,
+    /// as the kernel prints them (e.g. __GFP_ACCOUNT); !NAME refuses a flag.
+    #[arg(long, requires = "pages", value_delimiter = ',', value_name = "FLAGS")]
+    pub gfp: Vec<String>,
 
     /// Live view, refreshed every --interval (plain periodic text when stdout is not a terminal).
     #[arg(long)]
@@ -569,6 +590,26 @@ fn run_options(
         duration,
         interval,
         ringbuf_mib,
+    }
+}
+
+impl TraceArgs {
+    /// What the run traces: a slab cache, per-CPU allocations or page blocks
+    /// (clap keeps them exclusive). Error: none was asked for.
+    pub fn traced(&self) -> anyhow::Result<Traced> {
+        match (&self.cache, self.percpu, self.pages) {
+            (Some(cache), ..) => Ok(Traced::Cache(cache.clone())),
+            (None, true, _) => Ok(Traced::Percpu),
+            (None, false, true) => Ok(Traced::Pages(PageOptions {
+                order: self.order,
+                gfp: self.gfp.clone(),
+            })),
+            (None, false, false) => anyhow::bail!(
+                "no cache selected: use --cache NAME (e.g. --cache kmalloc-512; 'leaktrace caches' \
+                 lists them), --percpu for per-CPU allocations or --pages for the page allocator's \
+                 unmovable blocks"
+            ),
+        }
     }
 }
 

@@ -13,6 +13,7 @@ mod kernel;
 mod layout_tests;
 mod memcg;
 mod output;
+mod pages;
 mod percpu;
 mod pipeline;
 mod present;
@@ -55,14 +56,7 @@ fn run(cli: Cli) -> Result<()> {
         Some(Command::Memcg(args)) => block_on(pipeline::memcg::run(args.into())),
         Some(Command::Serve(args)) => block_on(serve::run(args.into())),
         None => {
-            let traced = match (cli.trace.cache.clone(), cli.trace.percpu) {
-                (Some(cache), _) => pipeline::trace_options::Traced::Cache(cache),
-                (None, true) => pipeline::trace_options::Traced::Percpu,
-                (None, false) => anyhow::bail!(
-                    "no cache selected: use --cache NAME (e.g. --cache kmalloc-512; 'leaktrace caches' \
-                     lists them) or --percpu for per-CPU allocations"
-                ),
-            };
+            let traced = cli.trace.traced()?;
             block_on(pipeline::trace::run(cli.trace.into(), &traced))
         }
     }

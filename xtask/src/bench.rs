@@ -9,6 +9,7 @@
 //! that was preempted rather than slowed by tracing is repeated.
 
 mod extras;
+mod pages;
 mod peers;
 pub(crate) mod proc;
 
@@ -38,6 +39,9 @@ pub struct Options {
     /// Another leaktrace binary (e.g. built at an issue's start) run in the
     /// same rounds as [`BASELINE`], so a change's cost is read side by side.
     pub baseline: Option<PathBuf>,
+    /// Only the page source's rows (`bench/pages.rs`), printed and written
+    /// to bench/results/pages-<date>.md.
+    pub pages_only: bool,
 }
 
 /// The configuration that runs `--baseline`'s binary in its default mode.
@@ -161,6 +165,26 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
         leaktrace: root.join("target/release/leaktrace"),
         leakgen: root.join("target/release/leakgen"),
     };
+    if opts.pages_only {
+        let started = SystemTime::now();
+        let rows = pages::measure(&bins, opts.rounds, opts.secs)?;
+        let mut md = format!(
+            "# leaktrace page-source benchmark, {}\n\n- command: `cargo xtask bench --pages-only --rounds {} --secs {}`\n- code: {}\n- load average at end {}\n\n",
+            utc_date(started),
+            opts.rounds,
+            opts.secs,
+            git_state(root),
+            loadavg()
+        );
+        rows.render(&mut md);
+        let dir = root.join("bench/results");
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let path = dir.join(format!("pages-{}.md", utc_date(started)));
+        std::fs::write(&path, &md).with_context(|| format!("writing {}", path.display()))?;
+        println!("{md}");
+        eprintln!("xtask bench: wrote {}", path.display());
+        return Ok(());
+    }
     let work = root.join("target/bench");
     std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
 
@@ -185,6 +209,7 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
 
     let hooks = hooks_line(&bins)?;
     let cells = run_rounds(&bins, &configs, opts, &mut skipped)?;
+    let page_rows = pages::measure(&bins, opts.rounds, opts.secs)?;
     let extras = extras::measure(&bins)?;
     let load_after = loadavg();
 
@@ -207,6 +232,7 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
         cells,
         skipped,
         extras,
+        page_rows,
         tree: git_state(root),
     };
     let md = report.render();
@@ -490,6 +516,7 @@ struct Report<'a> {
     cells: Vec<Cell>,
     skipped: Vec<(String, String)>,
     extras: Extras,
+    page_rows: pages::PageRows,
     tree: String,
 }
 
@@ -557,6 +584,7 @@ impl Report<'_> {
         self.render_ratios(&mut s);
         self.render_targets(&mut s);
         self.extras.render(&mut s);
+        self.page_rows.render(&mut s);
         self.render_skipped(&mut s);
         s
     }
@@ -765,6 +793,7 @@ mod tests {
             rounds: 2,
             secs: 1.0,
             baseline: None,
+            pages_only: false,
         };
         let cell = |config: &str, round, ops_per_sec, cpu| Cell {
             workload: Workload::Writev,
@@ -793,6 +822,7 @@ mod tests {
             ],
             skipped: vec![],
             extras: extras::Extras::empty(),
+            page_rows: pages::unmeasured(),
             tree: String::new(),
         };
         let x = r.ratios(Workload::Writev, "x").unwrap();
@@ -807,6 +837,7 @@ mod tests {
             rounds: 1,
             secs: 1.0,
             baseline: None,
+            pages_only: false,
         };
         let cell = |config: &str, ops_per_sec| Cell {
             workload: Workload::Writev256,
@@ -835,6 +866,7 @@ mod tests {
             ],
             skipped: vec![],
             extras: extras::Extras::empty(),
+            page_rows: pages::unmeasured(),
             tree: String::new(),
         };
         let mut s = String::new();

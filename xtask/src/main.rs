@@ -54,6 +54,10 @@ enum Task {
         /// (e.g. one built at an issue's start).
         #[arg(long, value_name = "PATH")]
         baseline: Option<PathBuf>,
+        /// Only the page source's rows (--pages on tmpfs writes and a pipe
+        /// loop), for a quick look; writes bench/results/pages-<date>.md.
+        #[arg(long)]
+        pages_only: bool,
     },
     /// Run leaktrace for --secs under churn, process churn (short-lived allocating
     /// processes) and a slowly growing holder; checks RSS, loss and the held count and
@@ -106,6 +110,7 @@ fn main() -> Result<()> {
             rounds,
             secs,
             baseline,
+            pages_only,
         } => {
             setup::ensure(setup::Needs::Everything)?;
             bench::run(
@@ -114,6 +119,7 @@ fn main() -> Result<()> {
                     rounds,
                     secs,
                     baseline,
+                    pages_only,
                 },
             )
         }

@@ -49,6 +49,10 @@
 //! leakgen writev256 (SECONDS | --ops N) [--wait]   one transient kmalloc-256 per op
 //! leakgen inotify-churn (SECONDS | --ops N) [--wait]   inotify_init1 + close per op:
 //!                                                  one transient kmalloc-cg-512 + others
+//! leakgen tmpfs-churn (SECONDS | --ops N) [--wait]   64 KiB to an unlinked /dev/shm file per
+//!                                                  op, truncated every 64 MiB: page cache
+//! leakgen pipe-churn (SECONDS | --ops N) [--wait]   8 KiB through a pipe per op: one page
+//!                                                  allocated and one freed by the pipe
 //! churn modes also take [--rate OPS_PER_SEC] (paced instead of flat out)
 //! ```
 //!
@@ -146,6 +150,8 @@ usage: leakgen keys N | keys-twice N | keys-thread N | inotify N | files N | oth
        leakgen writev (SECONDS | --ops N) [--wait] [--rate OPS_PER_SEC]
        leakgen writev256 (SECONDS | --ops N) [--wait] [--rate OPS_PER_SEC]
        leakgen inotify-churn (SECONDS | --ops N) [--wait] [--rate OPS_PER_SEC]
+       leakgen tmpfs-churn (SECONDS | --ops N) [--wait] [--rate OPS_PER_SEC]
+       leakgen pipe-churn (SECONDS | --ops N) [--wait] [--rate OPS_PER_SEC]
 hold modes print `READY <pid>`, wait for a stdin line (or EOF), release,
 print `RELEASED <pid>`, wait for another line (or EOF) and exit";
 
@@ -186,6 +192,13 @@ enum Churn {
     Writev(usize),
     /// inotify_init1 + close.
     Inotify,
+    /// 64 KiB written to an unlinked tmpfs file, truncated every 64 MiB:
+    /// page-cache (movable) pages allocated and freed, 16 an op.
+    Tmpfs,
+    /// 8 KiB written to a pipe and read back: one page allocated and one
+    /// freed an op (the pipe keeps one released page as `tmp_page` for its
+    /// next write, so a one-page op would allocate nothing).
+    Pipe,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -283,6 +296,8 @@ fn parse_args(args: &[String]) -> Result<Command, String> {
         "writev" => Churn::Writev(WRITEV_IOVS),
         "writev256" => Churn::Writev(WRITEV256_IOVS),
         "inotify-churn" => Churn::Inotify,
+        "tmpfs-churn" => Churn::Tmpfs,
+        "pipe-churn" => Churn::Pipe,
         _ => return Err(format!("unknown mode {mode:?}")),
     };
     let mut limit = None;
@@ -1746,6 +1761,69 @@ fn churn_inotify(limit: Limit, rate: Option<f64>) -> Result<u64> {
     })
 }
 
+/// Bytes a tmpfs-churn op writes, and how many ops fill the file before it is
+/// truncated (64 MiB).
+const TMPFS_CHUNK: usize = 64 << 10;
+const TMPFS_OPS_PER_FILE: u64 = 1024;
+
+#[inline(never)]
+fn churn_tmpfs(limit: Limit, rate: Option<f64>) -> Result<u64> {
+    let path = format!("/dev/shm/leakgen-tmpfs-churn-{}", std::process::id());
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .with_context(|| format!("creating {path}"))?;
+    // Unlinked at once: the pages go with the last close, however this ends.
+    std::fs::remove_file(&path).with_context(|| format!("unlinking {path}"))?;
+    let chunk = vec![0x5au8; TMPFS_CHUNK];
+    churn_loop(limit, rate, |ops| {
+        let at = ops % TMPFS_OPS_PER_FILE;
+        if at == 0 {
+            file.set_len(0)
+                .with_context(|| format!("truncating the tmpfs file after {ops} ops"))?;
+        }
+        std::os::unix::fs::FileExt::write_all_at(&file, &chunk, at * TMPFS_CHUNK as u64)
+            .with_context(|| format!("writing the tmpfs file after {ops} ops; hint: df /dev/shm"))
+    })
+}
+
+/// Bytes a pipe-churn op writes and reads back: two pages.
+const PIPE_CHURN_BYTES: usize = 12 << 10;
+
+#[inline(never)]
+fn churn_pipe(limit: Limit, rate: Option<f64>) -> Result<u64> {
+    let mut pair = [0i32; 2];
+    // SAFETY: pair is a valid 2-int out-array.
+    if unsafe { libc::pipe2(pair.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(os_error("pipe2(O_CLOEXEC)"));
+    }
+    let out = vec![0x5au8; PIPE_CHURN_BYTES];
+    let mut back = vec![0u8; PIPE_CHURN_BYTES];
+    let result = churn_loop(limit, rate, |ops| {
+        // SAFETY: out is a live buffer of its length.
+        let n = unsafe { libc::write(pair[1], out.as_ptr().cast(), out.len()) };
+        if n != out.len() as isize {
+            return Err(os_error("write to the churn pipe")).context(format!("after {ops} ops"));
+        }
+        let mut got = 0usize;
+        while got < back.len() {
+            // SAFETY: the tail of back is live and back.len() - got bytes long.
+            let n =
+                unsafe { libc::read(pair[0], back[got..].as_mut_ptr().cast(), back.len() - got) };
+            if n <= 0 {
+                return Err(os_error("read from the churn pipe"))
+                    .context(format!("after {ops} ops"));
+            }
+            got += n as usize;
+        }
+        Ok(())
+    });
+    close_all(&pair)?;
+    result
+}
+
 /// user + sys CPU time of the calling thread.
 fn thread_cpu() -> Result<Duration> {
     // SAFETY: an all-zero rusage is valid, and getrusage only writes to it.
@@ -1777,6 +1855,8 @@ fn run_churn(op: Churn, limit: Limit, wait: bool, rate: Option<f64>) -> Result<(
         Churn::Writev(WRITEV_IOVS) => churn_writev(fd, limit, rate)?,
         Churn::Writev(_) => churn_iovec256(fd, limit, rate)?,
         Churn::Inotify => churn_inotify(limit, rate)?,
+        Churn::Tmpfs => churn_tmpfs(limit, rate)?,
+        Churn::Pipe => churn_pipe(limit, rate)?,
     };
     let secs = start.elapsed().as_secs_f64();
     let cpu = (thread_cpu()? - cpu0).as_secs_f64();

@@ -16,6 +16,7 @@ use crate::{
     kernel::procinfo::TracedProcess,
     kernel::tracefs::Tracefs,
     output,
+    pages::{self, kpageflags::PageFlags, Pages},
     percpu::source::PercpuAllocations,
     pipeline::event_loop::{self, Signals},
     pipeline::trace_options::{TraceOptions, Traced},
@@ -25,16 +26,22 @@ use crate::{
     slab::plan,
     slab::probes::Probes,
     slab::report::MemorySource,
-    slab::session::{self, slab_line, Session, Setup},
+    slab::session::{self, slab_line, Session, Settle, Setup},
     slab::source::{AllocSource, SlabCaches},
     slab::zoom,
     symbolize::Symbolizer,
 };
 
+/// Objects the page source tracks at once unless `--max-objects` says:
+/// 262,144 blocks (1 GiB at order 0). Every page freed on the node looks
+/// its pfn up in the live table, so a smaller table stays in cache.
+const PAGES_MAX_OBJECTS: u32 = 1 << 18;
+
 /// The slab tracer on `traced` (a cache by name or alias of /proc/slabinfo,
-/// or per-CPU allocations), to the end. Errors: not root, an unknown cache,
-/// outputs or --pid that fail their checks, a kernel the plan cannot attach
-/// to, a closed stdout.
+/// per-CPU allocations or the page allocator's unmovable blocks), to the
+/// end. Errors: not root, an unknown cache or page filter, outputs or --pid
+/// that fail their checks, a kernel the plan cannot attach to, a closed
+/// stdout.
 pub async fn run(args: TraceOptions, traced: &Traced) -> Result<()> {
     let root = Path::new("/");
     features::require_root()?;
@@ -59,14 +66,14 @@ pub async fn run(args: TraceOptions, traced: &Traced) -> Result<()> {
         stack_sample: if args.exact { 1 } else { args.stack_sample },
         on_demand_maps: facts.on_demand_maps,
     };
-    let finish = plan::Finish {
+    let finish = |max_objects, active_objs| plan::Finish {
         ringbuf_bytes,
         user_paths: args.user_paths && !args.no_user_stacks,
-        max_objects: args.max_objects,
-        active_objs: None,
+        max_objects,
+        active_objs,
         zoom_window_cap: zoom_policy.kernel_window_cap(),
     };
-    let (mut plan, name, aliases, slab_baseline) = match traced {
+    let (mut plan, name, slab_baseline, aliases, settle) = match traced {
         Traced::Cache(cache) => {
             let catalogue = Catalogue::read(root).context("reading the slab cache catalogue")?;
             let selection = caches::select(&catalogue, cache)?;
@@ -79,14 +86,20 @@ pub async fn run(args: TraceOptions, traced: &Traced) -> Result<()> {
                 catalogue: &catalogue,
                 selection: &selection,
                 options,
-                finish: plan::Finish {
-                    active_objs: slab_baseline.as_ref().map(|l| l.active_objs),
-                    ..finish
-                },
+                finish: finish(
+                    args.max_objects,
+                    slab_baseline.as_ref().map(|l| l.active_objs),
+                ),
             }
             .plan(&facts)?;
             let name = SlabCaches::name(&plan).to_string();
-            (plan, name, selection.aliases_included, slab_baseline)
+            (
+                plan,
+                name,
+                slab_baseline,
+                selection.aliases_included.clone(),
+                None,
+            )
         }
         Traced::Percpu => {
             let plan = PercpuAllocations {
@@ -94,16 +107,37 @@ pub async fn run(args: TraceOptions, traced: &Traced) -> Result<()> {
                 btf: btf.as_ref(),
                 root,
                 options,
-                finish,
+                finish: finish(args.max_objects, None),
             }
             .plan(&facts)?;
             let name = PercpuAllocations::name(&plan).to_string();
-            (plan, name, Vec::new(), None)
+            (plan, name, None, Vec::new(), None)
+        }
+        Traced::Pages(select) => {
+            // Before attaching: a run that cannot classify its pages would
+            // count slab pages as loose ones.
+            let flags = PageFlags::open(root)
+                .context("opening /proc/kpageflags (root; CONFIG_PROC_PAGE_MONITOR)")?;
+            let catalogue = Catalogue::read(root).context("reading the slab cache catalogue")?;
+            let plan = Pages {
+                tracefs: &tracefs,
+                btf: btf.as_ref(),
+                root,
+                select,
+                kmalloc_max: pages::kmalloc_max(&catalogue),
+                options,
+                finish: finish(Some(args.max_objects.unwrap_or(PAGES_MAX_OBJECTS)), None),
+            }
+            .plan(&facts)?;
+            let settle: Box<dyn Settle> = Box::new(flags);
+            let name = Pages::name(&plan).to_string();
+            (plan, name, None, Vec::new(), Some(settle))
         }
     };
     let source = match traced {
         Traced::Cache(_) => MemorySource::Slab,
         Traced::Percpu => MemorySource::Percpu,
+        Traced::Pages(_) => MemorySource::Pages,
     };
     let max_objects = plan.max_objects;
     // The parsed BTF (~17 MB on 6.18) has done its work: freed before kallsyms
@@ -156,6 +190,7 @@ pub async fn run(args: TraceOptions, traced: &Traced) -> Result<()> {
         },
         traced: checked.traced,
         group_by: args.group_by,
+        settle,
     });
 
     let outcome = trace_tool::run_loop(

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use crate::{
     output::folded::Weight,
+    pages::PageOptions,
     pipeline::RunOptions,
     slab::plan::HookMode,
     slab::probes::Floor,
@@ -60,4 +61,6 @@ pub enum Traced {
     Cache(String),
     /// Per-CPU allocations (`--percpu`).
     Percpu,
+    /// The page allocator's unmovable blocks (`--pages`).
+    Pages(PageOptions),
 }

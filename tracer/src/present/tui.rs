@@ -569,6 +569,7 @@ mod tests {
             groups: Vec::new(),
             top_stacks: Vec::new(),
             traced: None,
+            pages: None,
         }
     }
 

@@ -150,6 +150,17 @@ fn header(out: &mut String, r: &Report, opts: &TextOptions) {
             t.frees
         ),
     );
+    if let Some(p) = &r.pages {
+        let _ = writeln!(
+            out,
+            "pages taken back by /proc/kpageflags: slab {}   page-table {}   free (freed unseen) {}   user/page-cache {}   unreadable {}",
+            group(p.slab),
+            group(p.page_table),
+            group(p.free_unseen),
+            group(p.user),
+            group(p.unreadable),
+        );
+    }
     let k = &r.kernel;
     let a = &r.anomalies;
     let recursion = k

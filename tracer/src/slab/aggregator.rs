@@ -229,6 +229,16 @@ fn reuse_or_push<T>(slots: &mut Vec<T>, free: &mut Vec<u32>, item: T) -> u32 {
     slots.len() as u32 - 1
 }
 
+/// How an object leaves the counts ([`Aggregator::release`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Leave {
+    Free,
+    /// Part of it freed: bytes only.
+    Shrink,
+    /// Taken back ([`Aggregator::exclude`]).
+    Retract,
+}
+
 #[derive(Debug)]
 pub struct Aggregator {
     objects: HashMap<u64, Live>,
@@ -253,6 +263,9 @@ pub struct Aggregator {
     rate_window_ns: u64,
     /// The level of an ordinary draw: its objects feed the zoom trigger.
     base_level: u8,
+    /// Objects taken back by [`Aggregator::exclude`] whose kernel free is
+    /// still to come: that free is expected, not an anomaly.
+    excluded: HashSet<u64>,
 }
 
 impl Aggregator {
@@ -305,6 +318,7 @@ impl Aggregator {
             anomalies: Anomalies::default(),
             rate_window_ns,
             base_level: sample_every.max(1).next_power_of_two().trailing_zeros() as u8,
+            excluded: HashSet::new(),
         }
     }
 
@@ -368,8 +382,9 @@ impl Aggregator {
         }
         if let Some(old) = self.objects.remove(&a.ptr) {
             self.anomalies.freed_unseen += 1;
-            self.release(old);
+            self.release(&old, Leave::Free);
         }
+        self.excluded.remove(&a.ptr);
         if a.drawn {
             self.sampling.drawn += 1;
             match a.route {
@@ -530,35 +545,80 @@ impl Aggregator {
     }
 
     fn free(&mut self, f: &Free) {
+        if f.bytes != 0 {
+            return self.part_free(f);
+        }
         match self.objects.remove(&f.ptr) {
-            Some(live) => self.release(live),
+            Some(live) => self.release(&live, Leave::Free),
+            None if self.excluded.remove(&f.ptr) => {}
             None => self.anomalies.unmatched_frees += 1,
         }
     }
 
-    fn release(&mut self, live: Live) {
+    /// Part of a page block freed (a block split after allocation is freed
+    /// a page at a time): its bytes shrink, it stays one outstanding object
+    /// until its last part goes (a whole free, `bytes` 0).
+    fn part_free(&mut self, f: &Free) {
+        let Some(live) = self.objects.get_mut(&f.ptr) else {
+            if !self.excluded.contains(&f.ptr) {
+                self.anomalies.unmatched_frees += 1;
+            }
+            return;
+        };
+        let bytes = u32::try_from(f.bytes).unwrap_or(u32::MAX).min(live.bytes);
+        live.bytes -= bytes;
+        let part = Live { bytes, ..*live };
+        self.release(&part, Leave::Shrink);
+    }
+
+    /// Every pointer outstanding now (the page source classifies them).
+    pub fn outstanding_ptrs(&self) -> Vec<u64> {
+        self.objects.keys().copied().collect()
+    }
+
+    /// Takes `ptr` back as never of the traced kind (a page that turned out
+    /// to be a slab or page-table page, or one already free again whose free
+    /// went unseen): no longer outstanding, not counted as allocated; its
+    /// kernel free, if it comes, is expected. False if it is not outstanding.
+    pub fn exclude(&mut self, ptr: u64) -> bool {
+        let Some(live) = self.objects.remove(&ptr) else {
+            return false;
+        };
+        self.release(&live, Leave::Retract);
+        self.excluded.insert(ptr);
+        true
+    }
+
+    /// `live` leaves the counts as `how` says: freed, shrunk or retracted.
+    fn release(&mut self, live: &Live, leave: Leave) {
         let bytes = u64::from(live.bytes);
+        let whole = leave != Leave::Shrink;
+        let how = match leave {
+            Leave::Free => Counts::free,
+            Leave::Shrink => Counts::shrink,
+            Leave::Retract => Counts::retract,
+        };
         let Some(stratum) = self.strata.get_mut(live.stratum as usize) else {
             return;
         };
-        stratum.counts.free(bytes);
+        how(&mut stratum.counts, bytes);
         let level = level_mut(&mut stratum.levels, live.level);
-        level.counts.free(bytes);
+        how(&mut level.counts, bytes);
         if let Some(site) = self.sites.get_mut(live.site as usize) {
-            site_level_mut(&mut site.drawn, live.level).free(bytes);
-            level.drawn.free(bytes);
+            how(site_level_mut(&mut site.drawn, live.level), bytes);
+            how(&mut level.drawn, bytes);
         }
-        if live.level == self.base_level && self.base_level > 0 {
+        if whole && live.level == self.base_level && self.base_level > 0 {
             stratum.ages.free(live.ts_ms / 1000);
         }
         let proc = stratum.key.proc;
-        self.totals.free(bytes);
+        how(&mut self.totals, bytes);
         let cgroup_id = self.cgroup_ids.get(live.cgroup as usize).copied();
         if let Some(c) = cgroup_id.and_then(|id| self.cgroups.get_mut(&id)) {
-            c.free(bytes);
+            how(c, bytes);
         }
         if let Some(p) = self.procs.get_mut(&proc) {
-            p.counts.free(bytes);
+            how(&mut p.counts, bytes);
         }
     }
 
@@ -803,7 +863,11 @@ mod tests {
     }
 
     fn free(ptr: u64) -> Event<'static> {
-        Event::Free(Free { tgid: 1, ptr })
+        Event::Free(Free {
+            tgid: 1,
+            ptr,
+            bytes: 0,
+        })
     }
 
     fn opts(sort: SortKey) -> SnapshotOptions {
@@ -1472,6 +1536,46 @@ mod tests {
         assert_eq!(snap.totals.outstanding, 1);
         assert_eq!(snap.processes[0].tgid, 2);
         assert_eq!(snap.processes[1].counts.outstanding, 0);
+    }
+
+    #[test]
+    fn a_split_block_shrinks_by_its_parts_and_a_taken_back_one_is_not_counted() {
+        let mut agg = Aggregator::new(10_000_000_000, 1);
+        let block = |ptr| {
+            let Event::Alloc(mut a) = alloc(1, ptr, 0, &[], &[]) else {
+                unreachable!()
+            };
+            a.hdr.bytes_alloc = 16384;
+            Event::Alloc(a)
+        };
+        let part = |ptr, bytes| {
+            Event::Free(Free {
+                tgid: 1,
+                ptr,
+                bytes,
+            })
+        };
+        agg.apply(&block(0x10));
+        agg.apply(&part(0x10, 4096));
+        let snap = agg.snapshot(10, &opts(SortKey::Outstanding));
+        assert_eq!(
+            (snap.totals.outstanding, snap.totals.outstanding_bytes),
+            (1, 12288)
+        );
+        agg.apply(&part(0x10, 4096));
+        agg.apply(&free(0x10));
+        agg.apply(&block(0x20));
+        assert!(agg.exclude(0x20));
+        assert!(!agg.exclude(0x20));
+        // The taken-back block's kernel free is expected, not an anomaly.
+        agg.apply(&free(0x20));
+        let snap = agg.snapshot(20, &opts(SortKey::Outstanding));
+        assert_eq!(
+            (snap.totals.outstanding, snap.totals.outstanding_bytes),
+            (0, 0)
+        );
+        assert_eq!((snap.totals.allocs, snap.totals.frees), (1, 1));
+        assert_eq!(snap.anomalies.unmatched_frees, 0);
     }
 
     #[test]

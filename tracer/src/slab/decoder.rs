@@ -71,6 +71,9 @@ pub enum Route {
 pub struct Free {
     pub tgid: u32,
     pub ptr: u64,
+    /// 0: the whole object. Otherwise bytes of a page block freed while the
+    /// rest of it stays allocated (`FreeEvent::bytes`).
+    pub bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -112,6 +115,7 @@ pub fn decode(record: &[u8]) -> Result<Event<'_>, DecodeError> {
             Ok(Event::Free(Free {
                 tgid: ev.tgid,
                 ptr: ev.ptr,
+                bytes: ev.bytes,
             }))
         }
         _ => Err(DecodeError::UnknownKind {
@@ -309,13 +313,15 @@ pub(crate) mod tests {
             kind: EVENT_FREE,
             tgid: 9,
             ptr: 0x200,
+            bytes: 0,
         };
         let buf = record_of(&ev);
         assert_eq!(
             decode(bytes(&buf, size_of::<FreeEvent>())),
             Ok(Event::Free(Free {
                 tgid: 9,
-                ptr: 0x200
+                ptr: 0x200,
+                bytes: 0,
             }))
         );
     }

@@ -98,6 +98,7 @@ pub fn build(kind: &'static str, header: Header, snap: Snapshot, names: &mut Nam
         groups: Vec::new(),
         top_stacks: Vec::new(),
         traced: None,
+        pages: None,
     }
 }
 

@@ -63,15 +63,37 @@ pub struct Report {
     /// The `--pid` process; absent without --pid.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub traced: Option<TracedPid>,
+    /// `--pages`: the pages /proc/kpageflags took back from the counts
+    /// (`pages/kpageflags.rs`); absent for a slab cache.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pages: Option<PageClasses>,
 }
 
-/// The kind of kernel memory a report counts: a slab cache (`--cache`) or
-/// per-CPU allocations (`--percpu`, bytes = size x possible CPUs).
+/// Pages taken back from the counts since attach, by why.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct PageClasses {
+    /// Became slab pages (`Slab` counts them; trace with `--cache`).
+    pub slab: u64,
+    /// Became page tables (`PageTables` counts them).
+    pub page_table: u64,
+    /// Found free in the buddy allocator: their free was not seen.
+    pub free_unseen: u64,
+    /// Found on an LRU list or anonymous: freed unseen and reused for user
+    /// or page-cache memory.
+    pub user: u64,
+    /// Outstanding pfns that /proc/kpageflags could not be read for (left counted).
+    pub unreadable: u64,
+}
+
+/// The kind of kernel memory a report counts: a slab cache (`--cache`),
+/// per-CPU allocations (`--percpu`, bytes = size x possible CPUs) or the page
+/// allocator's unmovable blocks (`--pages`, bytes = PAGE_SIZE << order).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum MemorySource {
     Slab,
     Percpu,
+    Pages,
 }
 
 impl MemorySource {
@@ -81,6 +103,7 @@ impl MemorySource {
         match self {
             MemorySource::Slab => format!("cache {cache}"),
             MemorySource::Percpu => "per-CPU allocations".to_string(),
+            MemorySource::Pages => "unmovable page blocks".to_string(),
         }
     }
 }
@@ -95,7 +118,7 @@ impl Report {
     pub fn memory(&self) -> String {
         match self.source {
             MemorySource::Slab => self.cache.clone(),
-            MemorySource::Percpu => self.traced(),
+            MemorySource::Percpu | MemorySource::Pages => self.traced(),
         }
     }
 }
@@ -332,6 +355,19 @@ impl Counts {
         self.outstanding_bytes = self.outstanding_bytes.saturating_sub(bytes);
         self.frees += 1;
     }
+
+    /// Part of one freed (a split page block), the rest still outstanding.
+    pub(super) fn shrink(&mut self, bytes: u64) {
+        self.outstanding_bytes = self.outstanding_bytes.saturating_sub(bytes);
+    }
+
+    /// One taken back: it turned out not to be of the traced kind (a page
+    /// found to be a slab page), so it is neither outstanding nor an allocation.
+    pub(super) fn retract(&mut self, bytes: u64) {
+        self.outstanding = self.outstanding.saturating_sub(1);
+        self.outstanding_bytes = self.outstanding_bytes.saturating_sub(bytes);
+        self.allocs = self.allocs.saturating_sub(1);
+    }
 }
 
 /// Everything userspace noticed that makes a number less than exact.
@@ -544,5 +580,6 @@ pub(crate) fn test_report() -> Report {
         groups: Vec::new(),
         top_stacks: Vec::new(),
         traced: None,
+        pages: None,
     }
 }

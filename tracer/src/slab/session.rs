@@ -27,7 +27,7 @@ use crate::{
     slab::grouping,
     slab::naming::{self, Header, Naming},
     slab::probes::Probes,
-    slab::report::{GroupBy, MemorySource, ProcKey, Report, SlabPicture, TracedPid},
+    slab::report::{GroupBy, MemorySource, PageClasses, ProcKey, Report, SlabPicture, TracedPid},
     slab::source::{AllocSource, SlabCaches},
     slab::zoom::{self, Zoom},
     symbolize::Symbolizer,
@@ -58,6 +58,16 @@ pub struct Setup<'a> {
     pub snapshot_opts: SnapshotOptions,
     pub traced: Option<TracedProcess>,
     pub group_by: GroupBy,
+    /// What the source settles at each report; None for a slab cache.
+    pub settle: Option<Box<dyn Settle>>,
+}
+
+/// What a source learns about its outstanding objects only after their
+/// allocation (the page source: `/proc/kpageflags`), settled before each
+/// report: objects it takes back from `agg` leave the counts, and the
+/// classes it returns go in the report's header.
+pub trait Settle {
+    fn settle(&mut self, agg: &mut Aggregator) -> PageClasses;
 }
 
 /// The slab tracer's model during one run; see the module's docs.
@@ -83,6 +93,7 @@ pub struct Session {
     traced: Option<TracedProcess>,
     /// The live view may change it (key `G`).
     pub group_by: GroupBy,
+    settle: Option<Box<dyn Settle>>,
 }
 
 impl Session {
@@ -125,6 +136,7 @@ impl Session {
             snapshot_opts: s.snapshot_opts,
             traced: s.traced,
             group_by: s.group_by,
+            settle: s.settle,
         }
     }
 
@@ -185,6 +197,7 @@ impl Session {
                 ..self.snapshot_opts.clone()
             }
         };
+        let pages = self.settle.as_mut().map(|s| s.settle(&mut self.agg));
         let snap = self.agg.snapshot(now, &opts);
         let mut names = Naming {
             symbols: &mut self.symbols,
@@ -210,6 +223,7 @@ impl Session {
             report.top_stacks = grouping::top_stacks(&report.processes);
         }
         report.traced = self.watch_traced(root, now);
+        report.pages = pages;
         self.symbols.trim();
         // Next refresh re-walks cgroupfs on a miss: new containers appear mid-incident.
         self.cgroups.invalidate();
