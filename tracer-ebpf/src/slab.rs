@@ -16,28 +16,35 @@ use aya_ebpf::{
     bindings::{BPF_F_USER_STACK, BPF_RB_FORCE_WAKEUP},
     helpers::bpf_probe_read_kernel,
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_get_stack,
-        bpf_ktime_get_ns, bpf_probe_read_kernel_str_bytes,
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_stack, bpf_ktime_get_ns,
+        bpf_probe_read_kernel_str_bytes,
     },
     macros::{map, raw_tracepoint, tracepoint},
-    maps::{ring_buf::RingBufEntry, Array, HashMap, PerCpuArray, RingBuf},
+    maps::{ring_buf::RingBufEntry, PerCpuArray, RingBuf},
     programs::{RawTracePointContext, TracePointContext},
     EbpfContext,
 };
 use tracer_common::{
     slab::{
-        counter, kmalloc_class, stratum_slot, AllocEvent, AllocHeader, AllocLayout, Config,
-        FreeEvent, ZoomSlot, BUDGET_WINDOW_SHIFT, CACHE_NAME_LEN, DRAW_LEVEL_SHIFT,
-        FINGERPRINT_FRAMES, FLAG_CENSUS, FLAG_SAMPLED, FLAG_SHALLOW, FLAG_ZOOM, LIVE_WAYS,
-        MAX_CACHE_NAMES, MAX_KSTACK, MAX_USTACK, SOURCE_CACHE_ALLOC, SOURCE_KMALLOC, SOURCE_PERCPU,
-        STACK_KERNEL, STACK_USER, STRATUM_SLOTS, ZOOM_COST_SHIFT,
+        counter, kmalloc_class, AllocEvent, AllocHeader, AllocLayout, Config, FreeEvent,
+        CACHE_NAME_LEN, FLAG_SAMPLED, FLAG_ZOOM, MAX_CACHE_NAMES, MAX_KSTACK, MAX_USTACK,
+        SOURCE_CACHE_ALLOC, SOURCE_KMALLOC, SOURCE_PERCPU, STACK_KERNEL, STACK_USER,
     },
     CONTEXT_INTERRUPT, EVENT_ALLOC, EVENT_ALLOC_NO_STACKS, EVENT_FREE,
 };
-use tracer_ebpf::{data_loc, task, BPF_NOEXIST};
+use tracer_ebpf::{data_loc, task};
 
+#[path = "slab/draw.rs"]
+mod draw;
+#[path = "slab/live.rs"]
+mod live;
 #[path = "slab/pages.rs"]
 mod pages;
+#[path = "slab/percpu.rs"]
+mod percpu;
+
+use draw::{stack_draw, user_path, UserPath};
+use live::{live_find, live_insert, live_remove};
 
 #[no_mangle]
 static CONFIG: Config = Config::zeroed();
@@ -45,72 +52,6 @@ static CONFIG: Config = Config::zeroed();
 /// Sized by userspace (`set_max_entries`) before load.
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(8 << 20, 0);
-
-/// Pointer -> allocation timestamp of every object we reported and have not seen
-/// freed. Not LRU: an eviction would silently turn a live object into a lie.
-#[map]
-static LIVE: HashMap<u64, u64> = HashMap::with_max_entries(1 << 20, 0);
-
-/// The live-object table's fast path: `live_bucket_mask + 1` buckets of
-/// [`LIVE_WAYS`] pointer slots, a bucket chosen by a hash of the pointer. An
-/// allocation claims an empty slot with a compare-and-swap and its free clears
-/// it, so neither takes a lock or allocates: a hash-map insert and delete cost
-/// ~450 ns per object pair on 6.18 (bucket lock, element allocation), this
-/// costs a few loads. A pointer finds no empty slot only when its bucket holds
-/// [`LIVE_WAYS`] other live objects; it then goes to `LIVE`. Sized by userspace.
-#[map]
-static LIVE_SLOTS: Array<[u64; LIVE_WAYS]> = Array::with_max_entries(1, 0);
-
-/// How many pointers `LIVE` holds (index 0), kept so the frees of objects we
-/// never selected skip the hash lookup while `LIVE` is empty, as it nearly
-/// always is when the slots have room.
-#[map]
-static LIVE_OVERFLOW: Array<u64> = Array::with_max_entries(1, 0);
-
-/// Strata seen lately, with how many allocations each made on this CPU: a
-/// per-CPU, direct-mapped table of (process, kernel call site, user
-/// fingerprint) at [`stratum_slot`]. A slot that holds another stratum is
-/// simply taken over, which only means that stratum's next allocations are
-/// taken into the census again: collisions cost extra stacks, never lose
-/// objects, and every draw's probability is recorded with its event. Cheaper
-/// than a shared hash map on the hottest path we have.
-#[map]
-static SITES: PerCpuArray<SiteSlot> = PerCpuArray::with_max_entries(STRATUM_SLOTS, 0);
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct SiteSlot {
-    call_site: u64,
-    fingerprint: u64,
-    tgid: u32,
-    /// Allocations of this stratum seen here since the slot was taken (saturating).
-    allocs: u32,
-}
-
-/// Strata whose draw probability userspace raised for a while ("zoom"): where
-/// old objects of a stratum outlive their undrawn siblings, new ones are drawn
-/// more often until their stacks are known. Indexed like `SITES`; written by
-/// userspace only, read here with one array load.
-#[map]
-static ZOOM: Array<ZoomSlot> = Array::with_max_entries(STRATUM_SLOTS, 0);
-
-/// What the draws of the current budget window have spent: census draws per
-/// CPU ([`CENSUS_SPENT`]), expected zoomed draws of all CPUs ([`ZOOM_SPENT`]).
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct Spent {
-    window: u64,
-    spent: u64,
-}
-
-#[map]
-static CENSUS_SPENT: PerCpuArray<Spent> = PerCpuArray::with_max_entries(1, 0);
-
-/// Shared by every CPU: the window is restarted without a lock and the spend
-/// added atomically, so a race at a window's turn lets a few allocations more
-/// through, never fewer.
-#[map]
-static ZOOM_SPENT: Array<Spent> = Array::with_max_entries(1, 0);
 
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
@@ -273,7 +214,7 @@ macro_rules! handle {
         raw_free::<$cas>($ctx.arg(1), SEEN_CACHE_FREE, spare!($role))
     };
     (tracepoint percpu_alloc main $ctx:ident $cas:literal) => {
-        let _ = tp_percpu_alloc::<$cas>(&$ctx);
+        let _ = percpu::tp_percpu_alloc::<$cas>(&$ctx);
     };
     (tracepoint percpu_free main $ctx:ident $cas:literal) => {
         tp_free::<$cas>(&$ctx, config().percpu.free_ptr)
@@ -421,42 +362,6 @@ fn tp_cache_alloc<const CAS: bool>(ctx: &TracePointContext) -> Option<()> {
     }
     let gfp = read::<u32>(ctx, cfg.cache_alloc.gfp_flags)? as u64;
     let site = classic_site(ctx, &cfg.cache_alloc, bytes_alloc, gfp, SOURCE_CACHE_ALLOC)?;
-    record::<CAS>(ctx.as_ptr(), &site, false)
-}
-
-/// The per-CPU source (`percpu:percpu_alloc_percpu`, classic: per-CPU
-/// allocations are rare, so the perf record's cost does not matter, and its
-/// fields are the same on every kernel while the raw arguments are not).
-/// Every allocation is selected; its bytes are `size` times the possible
-/// CPUs, the same unit on every kernel (`bytes_alloc`, 5.19+, adds the memcg
-/// bookkeeping `pcpu_obj_full_size` charges). `call_site` and `gfp_flags`
-/// exist from 5.19; before, the stratum is the process alone and the stack
-/// names the caller.
-#[inline(always)]
-fn tp_percpu_alloc<const CAS: bool>(ctx: &TracePointContext) -> Option<()> {
-    let l = &config().percpu;
-    if l.possible_cpus == 0 {
-        return None;
-    }
-    let size: u64 = read(ctx, l.size)?;
-    let call_site = if l.call_site != 0 {
-        read(ctx, l.call_site).unwrap_or(0)
-    } else {
-        0
-    };
-    let gfp = if l.gfp_flags != 0 {
-        read::<u32>(ctx, l.gfp_flags).unwrap_or(0) as u64
-    } else {
-        0
-    };
-    let site = Site {
-        call_site,
-        ptr: read(ctx, l.ptr)?,
-        bytes_req: size,
-        bytes_alloc: size.wrapping_mul(l.possible_cpus),
-        gfp,
-        source: SOURCE_PERCPU,
-    };
     record::<CAS>(ctx.as_ptr(), &site, false)
 }
 
@@ -678,189 +583,6 @@ struct Who<'a> {
     context: u32,
 }
 
-/// Where user space entered the kernel and a hash of the frames that led there.
-struct UserPath {
-    ip: u64,
-    fingerprint: u64,
-    shallow: bool,
-}
-
-impl UserPath {
-    const NONE: UserPath = UserPath {
-        ip: 0,
-        fingerprint: 0,
-        shallow: false,
-    };
-}
-
-/// The first [`FINGERPRINT_FRAMES`] user frames, by the kernel's own
-/// frame-pointer walk (`bpf_get_stack` stops after as many frames as the buffer
-/// holds), hashed. Two paths through one syscall wrapper differ in a return
-/// address here, so they land in different strata and each is counted exactly.
-/// (A walk here with `bpf_task_pt_regs` and a `bpf_probe_read_user` a frame
-/// was measured at ~250 ns more per allocation on 6.18: the helper's checks
-/// cost more than perf's `__get_user` loop.)
-#[inline(always)]
-fn user_path(ctx: *mut core::ffi::c_void) -> UserPath {
-    let mut frames = [0u64; FINGERPRINT_FRAMES];
-    let n = unsafe {
-        bpf_get_stack(
-            ctx,
-            frames.as_mut_ptr().cast(),
-            (FINGERPRINT_FRAMES * size_of::<u64>()) as u32,
-            BPF_F_USER_STACK as u64,
-        )
-    };
-    if n <= 0 {
-        return UserPath {
-            ip: 0,
-            fingerprint: 0,
-            shallow: true,
-        };
-    }
-    let mut h: u64 = 0;
-    let mut i = 0;
-    while i < FINGERPRINT_FRAMES {
-        h = (h ^ frames[i]).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        h ^= h >> 29;
-        i += 1;
-    }
-    UserPath {
-        ip: frames[0],
-        // 0 means "no fingerprint" to userspace.
-        fingerprint: h | 1,
-        shallow: n as usize <= size_of::<u64>(),
-    }
-}
-
-/// How an allocation's stacks were drawn, and whether its event wakes the reader.
-struct Draw {
-    /// [`FLAG_SAMPLED`] when drawn, the route ([`FLAG_CENSUS`], [`FLAG_ZOOM`])
-    /// and the draw level; [`FLAG_SHALLOW`].
-    flags: u16,
-    /// The stratum is new on this CPU: often a new process, whose mappings
-    /// the reader should take before a short-lived one exits.
-    wake: bool,
-}
-
-/// Stack capture costs most of a matched event, so by default it is sampled,
-/// each allocation with a probability `1 / 2^level` fixed before its draw by
-/// past events only and recorded with it, so userspace keeps exact counts per
-/// (stratum, level) and every level's drawn objects are an independent
-/// Bernoulli sample of it (unbiased per-stack estimates):
-/// - census: a stratum's first `census_allocs` allocations on this CPU, level 0,
-///   within `census_window_cap` a window on this CPU;
-/// - zoom: a stratum userspace put in `ZOOM`, at the level it chose, within
-///   `zoom_window_cap` a window for all CPUs;
-/// - otherwise `base_level`.
-///
-/// Both caps count allocations, not draws, so no allocation's level depends
-/// on how earlier draws fell.
-#[inline(always)]
-fn stack_draw(call_site: u64, tgid: u32, path: &UserPath, cfg: &Config, ts: u64) -> Draw {
-    let shallow = if path.shallow { FLAG_SHALLOW } else { 0 };
-    if cfg.stack_flags == 0 {
-        return Draw {
-            flags: shallow,
-            wake: false,
-        };
-    }
-    if cfg.stack_sample_mask == 0 {
-        return Draw {
-            flags: FLAG_SAMPLED | shallow,
-            wake: false,
-        };
-    }
-    let index = stratum_slot(call_site, path.fingerprint, tgid);
-    // Allocations of this stratum seen on this CPU before this one.
-    let mut seen: u32 = 0;
-    if let Some(slot) = SITES.get_ptr_mut(index) {
-        unsafe {
-            if (*slot).call_site == call_site
-                && (*slot).fingerprint == path.fingerprint
-                && (*slot).tgid == tgid
-            {
-                seen = (*slot).allocs;
-                (*slot).allocs = seen.saturating_add(1);
-            } else {
-                (*slot).call_site = call_site;
-                (*slot).fingerprint = path.fingerprint;
-                (*slot).tgid = tgid;
-                (*slot).allocs = 1;
-            }
-        }
-    }
-    let wake = seen == 0;
-    let window = ts >> BUDGET_WINDOW_SHIFT;
-    if seen < cfg.census_allocs && census_budget(window, cfg.census_window_cap) {
-        return Draw {
-            flags: FLAG_SAMPLED | FLAG_CENSUS | shallow,
-            wake,
-        };
-    }
-    let (level, route) = match ZOOM.get(index) {
-        Some(z)
-            if z.level_plus_one != 0
-                && z.call_site == call_site
-                && z.fingerprint == path.fingerprint
-                && z.tgid == tgid
-                && zoom_budget(window, z.level_plus_one - 1, cfg.zoom_window_cap) =>
-        {
-            (z.level_plus_one - 1, FLAG_ZOOM)
-        }
-        _ => (cfg.base_level, 0),
-    };
-    let level = level & 31;
-    let mask = (1u64 << level) - 1;
-    let drawn = u64::from(unsafe { bpf_get_prandom_u32() }) & mask == 0;
-    let flags = ((level as u16) << DRAW_LEVEL_SHIFT)
-        | route
-        | shallow
-        | if drawn { FLAG_SAMPLED } else { 0 };
-    Draw { flags, wake }
-}
-
-impl Spent {
-    /// Starts `window` if it is a new one; whether `cap` is not reached yet.
-    #[inline(always)]
-    fn room(&mut self, window: u64, cap: u64) -> bool {
-        if self.window != window {
-            self.window = window;
-            self.spent = 0;
-        }
-        self.spent < cap
-    }
-}
-
-/// Whether this CPU may draw one more census allocation in `window`.
-#[inline(always)]
-fn census_budget(window: u64, cap: u64) -> bool {
-    let Some(slot) = CENSUS_SPENT.get_ptr_mut(0) else {
-        return false;
-    };
-    let slot = unsafe { &mut *slot };
-    if !slot.room(window, cap) {
-        return false;
-    }
-    slot.spent += 1;
-    true
-}
-
-/// Whether an allocation may be zoomed to `level` in `window`, spending its
-/// expected draws (`2^-level`) from the budget all CPUs share.
-#[inline(always)]
-fn zoom_budget(window: u64, level: u32, cap: u64) -> bool {
-    let Some(slot) = ZOOM_SPENT.get_ptr_mut(0) else {
-        return false;
-    };
-    let slot = unsafe { &mut *slot };
-    if !slot.room(window, cap) {
-        return false;
-    }
-    tracer_ebpf::atomic_add(&mut slot.spent, 1 << (ZOOM_COST_SHIFT - (level & 15)));
-    true
-}
-
 #[inline(always)]
 fn fill_header(
     hdr: &mut AllocHeader,
@@ -918,128 +640,6 @@ fn commit<const CAS: bool, T>(entry: RingBufEntry<T>, ptr: u64, ts: u64, wake: b
     entry.submit(wake);
     bump(counter::ALLOCS_MATCHED);
     Some(())
-}
-
-/// Where a live pointer is kept.
-enum Held {
-    Slot(*mut u64),
-    Overflow,
-}
-
-#[inline(always)]
-fn live_bucket<const CAS: bool>(ptr: u64) -> Option<*mut [u64; LIVE_WAYS]> {
-    let mask = config().live_bucket_mask;
-    if !CAS || mask == 0 {
-        return None;
-    }
-    let index = (ptr.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32) & mask;
-    LIVE_SLOTS.get_ptr_mut(index as u32)
-}
-
-/// The slot of `bucket` that holds `ptr`, if any.
-#[inline(always)]
-fn slot_holding(bucket: &mut [u64; LIVE_WAYS], ptr: u64) -> Option<*mut u64> {
-    let mut i = 0;
-    while i < LIVE_WAYS {
-        if bucket[i] == ptr {
-            return Some(&mut bucket[i]);
-        }
-        i += 1;
-    }
-    None
-}
-
-/// `LIVE` gained (`delta` 1) or lost (`u64::MAX`) a pointer. Slot builds
-/// only: nothing else reads the count, and it is one shared cache line.
-#[inline(always)]
-fn count_overflow<const CAS: bool>(delta: u64) {
-    if CAS {
-        if let Some(n) = LIVE_OVERFLOW.get_ptr_mut(0) {
-            tracer_ebpf::atomic_add(unsafe { &mut *n }, delta);
-        }
-    }
-}
-
-/// Whether `LIVE` holds any pointer (slot builds only): one object that
-/// overflowed keeps every later lookup going to the hash too, which costs
-/// time, never correctness.
-#[inline(always)]
-fn overflow_in_use() -> bool {
-    LIVE_OVERFLOW.get(0).copied().unwrap_or(1) != 0
-}
-
-/// Track `ptr`; false only when both the slots and `LIVE` are full. A pointer
-/// already tracked (its free escaped us) stays tracked: userspace reads the
-/// new allocation as proof of the missed free.
-#[inline(always)]
-fn live_insert<const CAS: bool>(ptr: u64, ts: u64) -> bool {
-    if let Some(bucket) = live_bucket::<CAS>(ptr) {
-        let slots = unsafe { &mut *bucket };
-        if slot_holding(slots, ptr).is_some() {
-            return true;
-        }
-        // Tracked in `LIVE` since its bucket was full: a slot freed since must
-        // not take it a second time, or its free would clear one copy only.
-        if overflow_in_use() && unsafe { LIVE.get(ptr) }.is_some() {
-            return true;
-        }
-        let mut i = 0;
-        while i < LIVE_WAYS {
-            if CAS && slots[i] == 0 && tracer_ebpf::compare_exchange(&mut slots[i], 0, ptr) {
-                return true;
-            }
-            i += 1;
-        }
-    }
-    match LIVE.insert(ptr, ts, BPF_NOEXIST) {
-        Ok(()) => {
-            count_overflow::<CAS>(1);
-            true
-        }
-        // EEXIST: already tracked there.
-        Err(e) => e == -17,
-    }
-}
-
-#[inline(always)]
-fn live_find<const CAS: bool>(ptr: u64) -> Option<Held> {
-    if let Some(bucket) = live_bucket::<CAS>(ptr) {
-        if let Some(slot) = slot_holding(unsafe { &mut *bucket }, ptr) {
-            return Some(Held::Slot(slot));
-        }
-        if !overflow_in_use() {
-            return None;
-        }
-    }
-    unsafe { LIVE.get(ptr) }.map(|_| Held::Overflow)
-}
-
-/// Untrack `ptr`; false if another CPU untracked it first. A `LIVE` entry
-/// whose removal the hash refused stays behind (see below) and true is
-/// returned: the free itself is real.
-#[inline(always)]
-fn live_remove<const CAS: bool>(ptr: u64, held: Held) -> bool {
-    match held {
-        Held::Slot(slot) => CAS && tracer_ebpf::compare_exchange(unsafe { &mut *slot }, ptr, 0),
-        Held::Overflow => match LIVE.remove(ptr) {
-            Ok(()) => {
-                count_overflow::<CAS>(u64::MAX);
-                true
-            }
-            // ENOENT: another CPU untracked it first.
-            Err(-2) => false,
-            // The bucket lock was busy on this CPU: EBUSY (5.11+; EDEADLK or
-            // ETIMEDOUT where it is an rqspinlock). Bucket locks are held with
-            // interrupts off, so only an NMI-time program or a tracepoint inside
-            // the locked section meets this, rarely. The lookup just found the
-            // object and this free is real, so it is reported; the entry stays
-            // behind, and the next allocation at this address finds it tracked
-            // already (a spare's nested allocation there is then taken as
-            // recorded and goes uncounted). Dropping the free would leave a
-            // phantom leak instead, which is worse.
-            Err(_) => true,
-        },
-    }
 }
 
 /// The free of a [`free_candidate`]: one bucket of slots rules out nearly

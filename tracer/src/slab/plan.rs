@@ -627,7 +627,7 @@ pub fn live_map_entries(active_objs: Option<u64>) -> u32 {
 }
 
 /// The lock-free live-object table for `max_objects` (see `LIVE_SLOTS` in
-/// tracer-ebpf/src/slab.rs): `LIVE_WAYS` slots a bucket, twice as many slots
+/// tracer-ebpf/src/slab/live.rs): `LIVE_WAYS` slots a bucket, twice as many slots
 /// as objects so a full bucket stays rare, as a bucket count minus one. 0 where
 /// the kernel has no BPF compare-and-swap (`BPF_CMPXCHG`, Linux 5.12); every
 /// pointer then goes to the `LIVE` hash map.
