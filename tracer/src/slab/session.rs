@@ -215,7 +215,11 @@ impl Session {
         };
         report.stacks.zoom_episodes = self.zoom.report(ns_per_draw, |id| self.agg.zoom_drawn(id));
         for e in &mut report.stacks.zoom_episodes.episodes {
-            e.call_site_name = self.symbols.kernel_frames(&[e.call_site]).pop();
+            e.call_site_name = if e.call_site == 0 {
+                Some("(no call site: the hook gives none)".to_string())
+            } else {
+                self.symbols.kernel_frames(&[e.call_site]).pop()
+            };
         }
         report.group_by = self.group_by;
         report.groups = grouping::group(&report.processes, self.group_by, opts.sort);

@@ -162,7 +162,13 @@ impl Aggregator {
         if rest != Counts::default() {
             let (call_site, user_ip, name) = (h.key.call_site, h.user_ip, h.name);
             let fingerprinted = h.key.fingerprint != 0;
-            let kstack = self.stacks.intern(&[call_site]);
+            // The page source's hook has no call site: no frame is better
+            // than a made-up `[kernel] 0x0`.
+            let kstack = if call_site == 0 {
+                StackId::EMPTY
+            } else {
+                self.stacks.intern(&[call_site])
+            };
             let ustack = match name {
                 Some((_, u)) if fingerprinted => {
                     let frames = self.stacks.frames(u);
