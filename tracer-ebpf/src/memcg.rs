@@ -21,11 +21,12 @@ use aya_ebpf::{
 };
 use tracer_common::{
     memcg::{
-        counter, CgroupEvent, ChargeEvent, CssEvent, KreadBatch, MemcgConfig, UnchargeEvent,
-        CACHE_LEN, KREAD_FOLLOW, KREAD_SLOTS, KREAD_SLOT_BYTES, KSTACK, PATH_LEN,
+        counter, CgroupEvent, ChargeEvent, CssEvent, KreadBatch, MemcgConfig, PercpuAllocEvent,
+        PercpuFreeEvent, UnchargeEvent, CACHE_LEN, KREAD_FOLLOW, KREAD_SLOTS, KREAD_SLOT_BYTES,
+        KSTACK, PATH_LEN,
     },
-    EVENT_CHARGE, EVENT_CSS_FREE, EVENT_CSS_OFFLINE, EVENT_MKDIR, EVENT_RELEASE, EVENT_RMDIR,
-    EVENT_UNCHARGE,
+    EVENT_CHARGE, EVENT_CSS_FREE, EVENT_CSS_OFFLINE, EVENT_MKDIR, EVENT_PERCPU_ALLOC,
+    EVENT_PERCPU_FREE, EVENT_PERCPU_OTHER_MKDIR, EVENT_RELEASE, EVENT_RMDIR, EVENT_UNCHARGE,
 };
 use tracer_ebpf::{
     data_loc,
@@ -83,6 +84,14 @@ fn on_cgroup(ctx: &TracePointContext, kind: u32) -> Option<()> {
     let cfg = config();
     let root: u32 = read(ctx, cfg.cgroup.root)?;
     if cfg.filter_hierarchy != 0 && root != cfg.hierarchy {
+        if kind == EVENT_MKDIR && cfg.percpu.enabled != 0 {
+            // The task's per-CPU allocations so far were for this cgroup.
+            percpu_record(
+                EVENT_PERCPU_OTHER_MKDIR,
+                bpf_get_current_pid_tgid() as u32,
+                0,
+            );
+        }
         return None;
     }
     let Some(mut entry) = MEMCG_EVENTS.reserve::<CgroupEvent>(0) else {
@@ -284,6 +293,71 @@ fn on_uncharge(ptr: u64) {
         (*ev).ptr = ptr;
     }
     entry.submit(wakeup_flags(config()));
+}
+
+// Per-CPU allocations and frees, every one: they are rare (each takes the
+// per-CPU allocator's mutex) and which belong to a memcg is known only when
+// the same task's cgroup_mkdir fires, after them; userspace decides.
+
+#[tracepoint]
+pub fn memcg_percpu_alloc(ctx: TracePointContext) -> u32 {
+    let _ = on_percpu_alloc(&ctx, config());
+    0
+}
+
+#[tracepoint]
+pub fn memcg_percpu_free(ctx: TracePointContext) -> u32 {
+    let cfg = config();
+    if let Some(ptr) = read::<u64>(&ctx, cfg.percpu.free_ptr) {
+        percpu_record(EVENT_PERCPU_FREE, 0, ptr);
+    }
+    0
+}
+
+#[inline(always)]
+fn on_percpu_alloc(ctx: &TracePointContext, cfg: &MemcgConfig) -> Option<()> {
+    let ptr: u64 = read(ctx, cfg.percpu.alloc_ptr)?;
+    if ptr == 0 {
+        return None;
+    }
+    let size: u64 = read(ctx, cfg.percpu.alloc_size)?;
+    let Some(mut entry) = MEMCG_EVENTS.reserve::<PercpuAllocEvent>(0) else {
+        bump(counter::PERCPU_LOST);
+        return None;
+    };
+    let ev = entry.as_mut_ptr();
+    let pid_tgid = bpf_get_current_pid_tgid();
+    unsafe {
+        (*ev).kind = EVENT_PERCPU_ALLOC;
+        (*ev).pid = pid_tgid as u32;
+        (*ev).tgid = (pid_tgid >> 32) as u32;
+        (*ev).ptr = ptr;
+        (*ev).size = size;
+        (*ev).ts_ns = bpf_ktime_get_ns();
+        (*ev).kstack_bytes = bpf_get_stack(
+            ctx.as_ptr(),
+            (*ev).kstack.as_mut_ptr().cast(),
+            (KSTACK * size_of::<u64>()) as u32,
+            0,
+        ) as i32;
+    }
+    entry.submit(0);
+    Some(())
+}
+
+#[inline(always)]
+fn percpu_record(kind: u32, pid: u32, ptr: u64) {
+    let Some(mut entry) = MEMCG_EVENTS.reserve::<PercpuFreeEvent>(0) else {
+        bump(counter::PERCPU_LOST);
+        return;
+    };
+    let ev = entry.as_mut_ptr();
+    unsafe {
+        (*ev).kind = kind;
+        (*ev).pid = pid;
+        (*ev).ptr = ptr;
+    }
+    entry.submit(0);
 }
 
 /// One batch of kernel reads asked for by userspace (the memcg walk).

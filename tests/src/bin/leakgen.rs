@@ -35,7 +35,9 @@
 //!                      by `make_memcg` (mkdir, so this process makes their
 //!                      per-CPU statistics), each charged with a 64 KiB tmpfs
 //!                      file written from inside it, then left and removed:
-//!                      N dying memcgs the files pin until release unlinks them
+//!                      N dying memcgs the files pin until release unlinks them;
+//!                      it moves back into LEAKGEN_MEMCG_HOME (default DIR;
+//!                      cgroup v2 needs one outside DIR, no internal processes)
 //! leakgen twopath N [RATIO]  N held kmalloc-512 keys from `hold_key`, and RATIO
 //!                      (default 50) transient ones per held key from `busy_add_key`,
 //!                      both through `sys_add_key` and `user_preparse`
@@ -139,7 +141,7 @@ const KEY_GC_NKEYS_CAP: Duration = Duration::from_millis(500);
 const USAGE: &str = "\
 usage: leakgen keys N | keys-twice N | keys-thread N | inotify N | files N | other N | zombies N | pipes N | backlog N
        leakgen pipe-pages N
-       LEAKGEN_MEMCG_PARENT=DIR leakgen memcgs N
+       LEAKGEN_MEMCG_PARENT=DIR [LEAKGEN_MEMCG_HOME=DIR] leakgen memcgs N
        LEAKGEN_MEMCG=DIR leakgen charged N
        leakgen twopath N [RATIO]
        leakgen rarepath SECS [BUSY_PER_SEC]
@@ -1176,7 +1178,11 @@ fn run_memcgs(n: usize) -> Result<()> {
     let pid = std::process::id();
     let tmp = std::path::PathBuf::from("/dev/shm");
     let mut files = Vec::with_capacity(n);
-    let home = parent.join("cgroup.procs");
+    // cgroup v2 refuses processes in a cgroup whose children have the memory
+    // controller (no internal processes): there the caller names a home.
+    let home = std::env::var_os("LEAKGEN_MEMCG_HOME")
+        .map_or_else(|| parent.clone(), std::path::PathBuf::from)
+        .join("cgroup.procs");
     for i in 0..n {
         let dir = parent.join(format!("leakgen-{pid}-{i}"));
         let file = tmp.join(format!("leakgen-memcg-{pid}-{i}"));
@@ -1186,7 +1192,7 @@ fn run_memcgs(n: usize) -> Result<()> {
         let charged = std::fs::write(&file, vec![0xa5u8; MEMCG_CHARGE_BYTES])
             .with_context(|| format!("writing {}", file.display()));
         std::fs::write(&home, format!("{pid}\n"))
-            .with_context(|| format!("moving back into {}", parent.display()))?;
+            .with_context(|| format!("moving back into {}", home.display()))?;
         charged?;
         files.push(file);
         std::fs::remove_dir(&dir).with_context(|| format!("removing {}", dir.display()))?;

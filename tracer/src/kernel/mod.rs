@@ -10,6 +10,7 @@ pub mod clock;
 pub mod facts;
 pub mod features;
 pub mod irq_context;
+pub mod memcg_percpu;
 pub mod meminfo;
 pub mod memory_stat;
 pub mod own_memory;

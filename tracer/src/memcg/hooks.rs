@@ -38,6 +38,7 @@ pub struct Counters {
     pub charges_lost_map_full: u64,
     pub uncharges_lost: u64,
     pub memcg_unknown: u64,
+    pub percpu_lost: u64,
 }
 
 impl Hooks {
@@ -94,6 +95,7 @@ impl Hooks {
             charges_lost_map_full: sum(counter::CHARGE_LOST_MAP_FULL),
             uncharges_lost: sum(counter::UNCHARGE_LOST),
             memcg_unknown: sum(counter::MEMCG_UNKNOWN),
+            percpu_lost: sum(counter::PERCPU_LOST),
         }
     }
 }
