@@ -108,21 +108,22 @@ pub(super) fn memcg_finding(
     if let Some(why) = &memory_stat_unknown {
         details.push(format!("memory.stat read time: unknown: {why}"));
     }
-    let dying_bytes = percpu.as_ref().ok().map(|e| e.bytes * counts.dying);
+    let dying_bytes = percpu.as_ref().ok().map(|e| e.dying_bytes * counts.dying);
     match &percpu {
         Ok(e) => {
             let line = format!(
-                "{} dying memcgs hold ~{} of Percpu (estimated: {} each = {} B of per-CPU structures x {} possible CPUs, from BTF; `leaktrace memcg` measures the memcgs made while it runs)",
+                "{} dying memcgs hold ~{} of Percpu (estimated: {} each = {} B of per-CPU structures x {} possible CPUs, from BTF; a live one {}; `leaktrace memcg` measures the memcgs made while it runs)",
                 counts.dying,
-                human_bytes(e.bytes * counts.dying),
+                human_bytes(e.dying_bytes * counts.dying),
+                human_bytes(e.dying_bytes),
+                e.dying_per_cpu_bytes,
+                e.possible_cpus,
                 human_bytes(e.bytes),
-                e.per_cpu_bytes,
-                e.possible_cpus
             );
             if counts.dying > 0 {
                 summary.push_str(&format!(
                     "; ~{} of Percpu in dying memcgs (estimated)",
-                    human_bytes(e.bytes * counts.dying)
+                    human_bytes(e.dying_bytes * counts.dying)
                 ));
             }
             details.push(line);

@@ -19,7 +19,8 @@
 //!   `percpu_ref` (5.9+, `memcg_online_kmem`).
 //!
 //! On cgroup v1 the memory hierarchy's cgroup is the memcg's own, so its core
-//! structures are counted. Not counted, because rmdir frees them while the
+//! structures are counted. A dying memcg has freed its killed `percpu_ref`s
+//! (`Estimate::dying_bytes`). Not counted, because rmdir frees them while the
 //! memcg is dying: the cgroup's BPF `percpu_ref` (v2) and the css of other
 //! controllers a v2 parent enables for its children (e.g. `perf_event`).
 
@@ -37,6 +38,10 @@ pub struct Part {
     /// Bytes per CPU of one.
     pub size: u64,
     pub count: u64,
+    /// Freed once the memcg is offline: a killed `percpu_ref` without
+    /// PERCPU_REF_ALLOW_REINIT frees its counters after an RCU grace period
+    /// (lib/percpu-refcount.c, since 5.3), so a dying memcg no longer has it.
+    pub freed_when_dying: bool,
 }
 
 /// The estimate for one memcg on this kernel.
@@ -46,8 +51,11 @@ pub struct Estimate {
     pub parts: Vec<Part>,
     /// Σ size × count: bytes per CPU.
     pub per_cpu_bytes: u64,
-    /// per_cpu_bytes × possible_cpus: what one memcg holds.
+    /// per_cpu_bytes × possible_cpus: what one live memcg holds.
     pub bytes: u64,
+    /// What one dying memcg holds: without the parts freed when dying.
+    pub dying_per_cpu_bytes: u64,
+    pub dying_bytes: u64,
 }
 
 /// What the estimate depends on besides BTF.
@@ -100,6 +108,7 @@ pub fn estimate(btf: &Btf, host: Host) -> Option<Estimate> {
                 what: what.to_string(),
                 size: u64::from(size),
                 count,
+                freed_when_dying: what.starts_with("percpu_ref"),
             });
         }
     };
@@ -164,10 +173,17 @@ pub fn estimate(btf: &Btf, host: Host) -> Option<Estimate> {
         );
     }
     let per_cpu_bytes = parts.iter().map(|p| p.size * p.count).sum::<u64>();
+    let dying_per_cpu_bytes = parts
+        .iter()
+        .filter(|p| !p.freed_when_dying)
+        .map(|p| p.size * p.count)
+        .sum::<u64>();
     Some(Estimate {
         possible_cpus: host.possible_cpus,
         bytes: per_cpu_bytes * host.possible_cpus,
         per_cpu_bytes,
+        dying_bytes: dying_per_cpu_bytes * host.possible_cpus,
+        dying_per_cpu_bytes,
         parts,
     })
 }
@@ -197,6 +213,10 @@ mod tests {
         let e = estimate(&btf, host).expect("a memcg kernel");
         assert!(e.per_cpu_bytes >= 512, "{e:?}");
         assert_eq!(e.bytes, e.per_cpu_bytes * host.possible_cpus);
+        assert!(
+            e.dying_bytes < e.bytes && e.dying_bytes > e.bytes / 2,
+            "{e:?}"
+        );
         assert!(e.parts.iter().any(|p| p.what == "memcg_vmstats_percpu"));
     }
 }

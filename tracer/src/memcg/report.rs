@@ -81,7 +81,7 @@ pub struct DyingPercpu {
     /// Dying memcgs made under tracing, measured.
     pub measured_memcgs: u64,
     pub measured_bytes: u64,
-    /// The others (made before tracing): `estimate.bytes` each.
+    /// The others (made before tracing): `estimate.dying_bytes` each.
     pub estimated_memcgs: u64,
     pub estimated_bytes: u64,
     /// measured + estimated; None without an estimate for the others.
@@ -114,7 +114,7 @@ impl PercpuSummary {
         }
         dying.estimated_memcgs = kernel_dying.saturating_sub(dying.measured_memcgs);
         if let Some(e) = &estimate {
-            dying.estimated_bytes = dying.estimated_memcgs * e.bytes;
+            dying.estimated_bytes = dying.estimated_memcgs * e.dying_bytes;
             dying.total_bytes = Some(dying.measured_bytes + dying.estimated_bytes);
         } else if dying.estimated_memcgs == 0 {
             dying.total_bytes = Some(dying.measured_bytes);

@@ -120,7 +120,11 @@ impl Session {
                     allocations: None,
                 }),
                 None => estimate.map(|e| MemcgPercpu {
-                    bytes: e.bytes,
+                    bytes: if m.state == Phase::Live {
+                        e.bytes
+                    } else {
+                        e.dying_bytes
+                    },
                     kind: "estimated",
                     at_creation_bytes: None,
                     allocations: None,

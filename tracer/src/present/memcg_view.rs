@@ -266,7 +266,7 @@ pub fn percpu_line(p: &PercpuSummary) -> String {
         Some(e) => parts.push(format!(
             "{} estimated at {} each (BTF sizes x {} possible CPUs)",
             group(d.estimated_memcgs),
-            human_bytes(e.bytes),
+            human_bytes(e.dying_bytes),
             p.possible_cpus
         )),
         None => parts.push(format!(
