@@ -72,6 +72,7 @@ pub struct PercpuLayout {
     pub alloc_size: u16,
     pub alloc_ptr: u16,
     pub free_ptr: u16,
+    pub _pad: u64,
 }
 
 /// Filled by userspace from tracefs formats and BTF; frozen at load.
@@ -139,6 +140,7 @@ impl MemcgConfig {
                 alloc_size: 0,
                 alloc_ptr: 0,
                 free_ptr: 0,
+                _pad: 0,
             },
         }
     }

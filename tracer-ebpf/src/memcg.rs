@@ -301,7 +301,13 @@ fn on_uncharge(ptr: u64) {
 
 #[tracepoint]
 pub fn memcg_percpu_alloc(ctx: TracePointContext) -> u32 {
-    let _ = on_percpu_alloc(&ctx, config());
+    let cfg = config();
+    if let (Some(ptr), Some(size)) = (
+        read::<u64>(&ctx, cfg.percpu.alloc_ptr),
+        read::<u64>(&ctx, cfg.percpu.alloc_size),
+    ) {
+        let _ = on_percpu_alloc(ctx.as_ptr(), ptr, size);
+    }
     0
 }
 
@@ -314,13 +320,34 @@ pub fn memcg_percpu_free(ctx: TracePointContext) -> u32 {
     0
 }
 
+// Raw tracepoints read arguments at constant context offsets only (the
+// verifier refuses a computed one): one program per argument layout, picked
+// by userspace from BTF. `size`, `ptr` at 2, 6 before 5.19 and at 3, 7 after
+// (call_site came first); the free's `ptr` is at 2 on every kernel.
+
+#[raw_tracepoint]
+pub fn memcg_percpu_alloc_raw26(ctx: RawTracePointContext) -> i32 {
+    let _ = on_percpu_alloc(ctx.as_ptr(), ctx.arg(6), ctx.arg(2));
+    0
+}
+
+#[raw_tracepoint]
+pub fn memcg_percpu_alloc_raw37(ctx: RawTracePointContext) -> i32 {
+    let _ = on_percpu_alloc(ctx.as_ptr(), ctx.arg(7), ctx.arg(3));
+    0
+}
+
+#[raw_tracepoint]
+pub fn memcg_percpu_free_raw(ctx: RawTracePointContext) -> i32 {
+    percpu_record(EVENT_PERCPU_FREE, 0, ctx.arg(2));
+    0
+}
+
 #[inline(always)]
-fn on_percpu_alloc(ctx: &TracePointContext, cfg: &MemcgConfig) -> Option<()> {
-    let ptr: u64 = read(ctx, cfg.percpu.alloc_ptr)?;
+fn on_percpu_alloc(ctx: *mut core::ffi::c_void, ptr: u64, size: u64) -> Option<()> {
     if ptr == 0 {
         return None;
     }
-    let size: u64 = read(ctx, cfg.percpu.alloc_size)?;
     let Some(mut entry) = MEMCG_EVENTS.reserve::<PercpuAllocEvent>(0) else {
         bump(counter::PERCPU_LOST);
         return None;
@@ -335,7 +362,7 @@ fn on_percpu_alloc(ctx: &TracePointContext, cfg: &MemcgConfig) -> Option<()> {
         (*ev).size = size;
         (*ev).ts_ns = bpf_ktime_get_ns();
         (*ev).kstack_bytes = bpf_get_stack(
-            ctx.as_ptr(),
+            ctx,
             (*ev).kstack.as_mut_ptr().cast(),
             (KSTACK * size_of::<u64>()) as u32,
             0,

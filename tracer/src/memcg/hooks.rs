@@ -5,7 +5,7 @@
 use anyhow::{Context, Result};
 use aya::{
     maps::{MapData, PerCpuArray, RingBuf},
-    programs::{KProbe, TracePoint},
+    programs::{KProbe, RawTracePoint, TracePoint},
     Ebpf, EbpfLoader,
 };
 use serde::Serialize;
@@ -65,6 +65,13 @@ impl Hooks {
             }
             prog.attach(system, event)
                 .with_context(|| format!("attaching to tracepoint {system}:{event}"))?;
+        }
+        for &(name, event) in &plan.raw_attachments {
+            let prog: &mut RawTracePoint = program(&mut ebpf, name, "raw tracepoint")?;
+            loaded(name, prog.load())?;
+            prog.attach(event)
+                .with_context(|| format!("attaching to raw tracepoint {event}"))?;
+            names.push(name);
         }
         for &(name, function) in &plan.kprobes {
             let prog: &mut KProbe = program(&mut ebpf, name, "kprobe")?;

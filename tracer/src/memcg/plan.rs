@@ -19,6 +19,8 @@ pub struct Plan {
     pub config: MemcgConfig,
     /// (program, system, event)
     pub attachments: Vec<(&'static str, &'static str, &'static str)>,
+    /// (program, event) raw tracepoints.
+    pub raw_attachments: Vec<(&'static str, &'static str)>,
     /// (program, kernel function) kprobes, where the kernel has them.
     pub kprobes: Vec<(&'static str, &'static str)>,
     /// How a charge is attributed to a memcg, or why pins are off.
@@ -97,6 +99,7 @@ fn percpu_layout(tracefs: &Tracefs) -> Result<Option<PercpuLayout>> {
     };
     Ok(Some(PercpuLayout {
         enabled: 1,
+        _pad: 0,
         alloc_size: alloc
             .offset_of("size", 8)
             .context("reading percpu:percpu_alloc_percpu")?,
@@ -234,11 +237,41 @@ pub fn build(
         attachments.push(("memcg_kfree", "kmem", "kfree"));
         attachments.push(("memcg_cache_free", "kmem", "kmem_cache_free"));
     }
+    let mut raw_attachments = Vec::new();
     match percpu_layout(tracefs)? {
         Some(layout) => {
+            // Raw tracepoints: a classic tracepoint program is skipped while
+            // any BPF program or map syscall runs on the CPU
+            // (`bpf_prog_active`), and per-CPU frees come from RCU callbacks
+            // that interrupt exactly those. One program per argument layout.
+            let pos = |event: &str, arg: &str| -> Option<usize> {
+                btf?.tracepoint_args(event)?.iter().position(|a| a == arg)
+            };
+            let alloc = match (
+                pos("percpu_alloc_percpu", "size"),
+                pos("percpu_alloc_percpu", "ptr"),
+            ) {
+                (Some(2), Some(6)) => Some("memcg_percpu_alloc_raw26"),
+                (Some(3), Some(7)) => Some("memcg_percpu_alloc_raw37"),
+                _ => None,
+            };
+            let free = pos("percpu_free_percpu", "ptr") == Some(2);
+            match alloc.filter(|_| free) {
+                Some(alloc) => {
+                    raw_attachments.push((alloc, "percpu_alloc_percpu"));
+                    raw_attachments.push(("memcg_percpu_free_raw", "percpu_free_percpu"));
+                }
+                None => {
+                    notes.push(
+                        "percpu raw tracepoints not described by BTF as expected: classic ones, \
+                         which miss events while another BPF program runs on the CPU"
+                            .into(),
+                    );
+                    attachments.push(("memcg_percpu_alloc", "percpu", "percpu_alloc_percpu"));
+                    attachments.push(("memcg_percpu_free", "percpu", "percpu_free_percpu"));
+                }
+            }
             cfg.percpu = layout;
-            attachments.push(("memcg_percpu_alloc", "percpu", "percpu_alloc_percpu"));
-            attachments.push(("memcg_percpu_free", "percpu", "percpu_free_percpu"));
         }
         None => notes.push(
             "no percpu:percpu_alloc_percpu/percpu_free_percpu tracepoints: per-CPU shares are estimated only"
@@ -248,6 +281,7 @@ pub fn build(
     Ok(Plan {
         config: cfg,
         attachments,
+        raw_attachments,
         kprobes,
         attribution,
         notes,

@@ -170,6 +170,7 @@ fn mode_line(plan: &plan::Plan, features: &facts::Features) -> String {
         .attachments
         .iter()
         .map(|(_, s, e)| format!("{s}:{e}"))
+        .chain(plan.raw_attachments.iter().map(|(_, e)| format!("raw {e}")))
         .collect();
     let kprobes = if !plan.kprobes.is_empty() {
         let f: Vec<&str> = plan.kprobes.iter().map(|(_, f)| *f).collect();
