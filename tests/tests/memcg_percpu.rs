@@ -199,17 +199,18 @@ impl Memcg {
             }
         });
         let mut seen = Vec::new();
-        loop {
-            let l = rx
-                .recv_timeout(Duration::from_secs(60))
-                .unwrap_or_else(|_| panic!("leaktrace memcg did not attach: {seen:?}"));
+        let mut tracer = Memcg { child, snapshots };
+        while let Ok(l) = rx.recv_timeout(Duration::from_secs(60)) {
             let done = l.contains("attached to memcg lifetimes");
             seen.push(l);
             if done {
                 println!("{}", seen.join("\n"));
-                return Memcg { child, snapshots };
+                return tracer;
             }
         }
+        let _ = tracer.child.kill();
+        let _ = tracer.child.wait();
+        panic!("leaktrace memcg did not attach: {seen:?}");
     }
 
     fn next(&self) -> Value {
@@ -227,7 +228,7 @@ impl Drop for Memcg {
 }
 
 /// leakgen's memcgs in a report.
-fn ours<'a>(report: &'a Value, pid: u32) -> Vec<&'a Value> {
+fn ours(report: &Value, pid: u32) -> Vec<&Value> {
     let prefix = format!("leakgen-{pid}-");
     report["memcgs"]
         .as_array()
