@@ -270,6 +270,18 @@ impl Drop for Parent {
     }
 }
 
+/// leakgen's tmpfs files, which a failed test (leakgen killed, not released)
+/// would leave pinning 100 dying memcgs.
+struct ShmFiles(u32);
+
+impl Drop for ShmFiles {
+    fn drop(&mut self) {
+        for i in 0..MEMCGS {
+            let _ = std::fs::remove_file(format!("/dev/shm/leakgen-memcg-{}-{i}", self.0));
+        }
+    }
+}
+
 /// Our own cgroup in the v2 hierarchy: leakgen goes back there after
 /// charging each memcg (the parent, with +memory for its children, may hold
 /// no processes).
@@ -313,6 +325,7 @@ fn dying_memcgs_show_their_measured_per_cpu_share_and_the_estimate_is_close() {
     cmd.args(["memcgs", &MEMCGS.to_string()]).envs(env);
     let mut gen = Generator::start_command(cmd).expect("leakgen memcgs");
     let pid = gen.pid;
+    let _files = ShmFiles(pid);
     // Removed memcgs free their killed percpu_refs after RCU grace periods
     // (lazy RCU: seconds): compare a snapshot with the witness read right
     // after it until they agree; a real difference never does.
