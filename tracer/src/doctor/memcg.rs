@@ -130,6 +130,14 @@ pub(super) fn memcg_finding(
         }
         Err(why) => details.push(format!("per-CPU memory of a memcg: unknown: {why}")),
     }
+    if h.cgroup_version() == CgroupVersion::V2 {
+        if let Some(b) = memcg_percpu::memory_stat_percpu(&h.mount) {
+            details.push(format!(
+                "memory.stat percpu under the top-level memcgs: {} (the kernel's charged part of every memcg below them, dying included)",
+                human_bytes(b)
+            ));
+        }
+    }
     let (percpu_per_memcg, percpu_unknown) = match percpu {
         Ok(e) => (Some(e), None),
         Err(why) => (None, Some(why)),

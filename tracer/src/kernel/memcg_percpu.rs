@@ -98,6 +98,29 @@ pub fn count_ranges(text: &str) -> u64 {
         .sum()
 }
 
+/// cgroup v2's own figure (5.9+): Σ `percpu` of `memory.stat` over the
+/// memcgs directly under the hierarchy's root at `mount`. A memcg's per-CPU
+/// statistics are charged to its parent, so this counts every memcg below
+/// the top level, dying ones included, but only the charged structures
+/// (`__GFP_ACCOUNT`: statistics, not the cgroup core's) and with the
+/// kernel's per-object accounting overhead: a cross-check, not our unit.
+/// None: v1 (no such line) or nothing readable.
+pub fn memory_stat_percpu(mount: &Path) -> Option<u64> {
+    let mut total = None;
+    for entry in std::fs::read_dir(mount).ok()?.flatten() {
+        let Ok(text) = std::fs::read_to_string(entry.path().join("memory.stat")) else {
+            continue;
+        };
+        if let Some(v) = text
+            .lines()
+            .find_map(|l| l.strip_prefix("percpu ")?.trim().parse::<u64>().ok())
+        {
+            total = Some(total.unwrap_or(0) + v);
+        }
+    }
+    total
+}
+
 /// The per-memcg estimate from `btf`. None where BTF lacks `struct
 /// mem_cgroup`'s per-CPU statistics (no memcg, or a layout we do not know).
 pub fn estimate(btf: &Btf, host: Host) -> Option<Estimate> {
@@ -191,6 +214,22 @@ pub fn estimate(btf: &Btf, host: Host) -> Option<Estimate> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn memory_stat_percpu_sums_the_top_level() {
+        let dir = std::env::temp_dir().join(format!("leaktrace-msp-{}", std::process::id()));
+        for (name, stat) in [
+            ("a", "anon 1\npercpu 100\n"),
+            ("b", "percpu 23\n"),
+            ("c", "anon 5\n"),
+        ] {
+            std::fs::create_dir_all(dir.join(name)).expect("mkdir");
+            std::fs::write(dir.join(name).join("memory.stat"), stat).expect("write");
+        }
+        assert_eq!(memory_stat_percpu(&dir), Some(123));
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(memory_stat_percpu(Path::new("/nonexistent")), None);
+    }
 
     #[test]
     fn id_lists() {

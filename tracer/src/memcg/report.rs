@@ -72,6 +72,10 @@ pub struct PercpuSummary {
     pub dying: DyingPercpu,
     /// Per-CPU allocations seen outside any cgroup mkdir (not counted).
     pub other_allocations: u64,
+    /// cgroup v2: the kernel's charged figure under the top-level memcgs
+    /// (`kernel::memcg_percpu::memory_stat_percpu`), a cross-check.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory_stat_percpu: Option<u64>,
 }
 
 /// The dying memcgs the kernel holds now and what they hold per CPU.
@@ -126,6 +130,7 @@ impl PercpuSummary {
             estimate_unavailable,
             dying,
             other_allocations,
+            memory_stat_percpu: None,
         }
     }
 }

@@ -131,14 +131,18 @@ impl Session {
                 }),
             };
         }
-        PercpuSummary::new(
+        let mut summary = PercpuSummary::new(
             self.tracker.percpu.measuring(),
             cpus,
             self.percpu_estimate.clone(),
             snapshot,
             kernel_dying,
             self.tracker.percpu.other_allocations,
-        )
+        );
+        if self.hierarchy.version == 2 {
+            summary.memory_stat_percpu = memcg_percpu::memory_stat_percpu(&self.hierarchy.mount);
+        }
+        summary
     }
 
     /// Takes the walk again once the hooks see every change: a memcg made

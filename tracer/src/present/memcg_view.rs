@@ -275,6 +275,12 @@ pub fn percpu_line(p: &PercpuSummary) -> String {
             p.estimate_unavailable.as_deref().unwrap_or("no estimate")
         )),
     }
+    if let Some(b) = p.memory_stat_percpu {
+        parts.push(format!(
+            "memory.stat percpu under the top-level memcgs: {} (charged part only, dying included)",
+            human_bytes(b)
+        ));
+    }
     format!(
         "per-CPU: {} dying memcgs hold {total} of Percpu ({})",
         group(d.memcgs),
