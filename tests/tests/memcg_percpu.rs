@@ -16,7 +16,7 @@ use std::{
     time::Duration,
 };
 
-use leaktrace_tests::{leakgen_bin, leaktrace_bin, skip_unless, Generator};
+use leaktrace_tests::{leakgen_bin, leaktrace_bin, skip_unless, Generator, Tmpfs};
 use serde_json::Value;
 
 const MEMCGS: usize = 100;
@@ -270,18 +270,6 @@ impl Drop for Parent {
     }
 }
 
-/// leakgen's tmpfs files, which a failed test (leakgen killed, not released)
-/// would leave pinning 100 dying memcgs.
-struct ShmFiles(u32);
-
-impl Drop for ShmFiles {
-    fn drop(&mut self) {
-        for i in 0..MEMCGS {
-            let _ = std::fs::remove_file(format!("/dev/shm/leakgen-memcg-{}-{i}", self.0));
-        }
-    }
-}
-
 /// Our own cgroup in the v2 hierarchy: leakgen goes back there after
 /// charging each memcg (the parent, with +memory for its children, may hold
 /// no processes).
@@ -319,13 +307,17 @@ fn dying_memcgs_show_their_measured_per_cpu_share_and_the_estimate_is_close() {
         ));
     }
 
+    // Our own tmpfs (the vm-test guests have no /dev/shm); unmounting it
+    // however the test ends frees the files a killed leakgen would leave
+    // pinning 100 dying memcgs.
+    let tmpfs = Tmpfs::mount("percpu");
+    env.push(("LEAKGEN_MEMCG_TMPFS", tmpfs.0.display().to_string()));
     let tracer = Memcg::start();
     let witness = Witness::start();
     let mut cmd = Command::new(leakgen_bin());
     cmd.args(["memcgs", &MEMCGS.to_string()]).envs(env);
     let mut gen = Generator::start_command(cmd).expect("leakgen memcgs");
     let pid = gen.pid;
-    let _files = ShmFiles(pid);
     // Removed memcgs free their killed percpu_refs after RCU grace periods
     // (lazy RCU: seconds): compare a snapshot with the witness read right
     // after it until they agree; a real difference never does.

@@ -37,7 +37,8 @@
 //!                      file written from inside it, then left and removed:
 //!                      N dying memcgs the files pin until release unlinks them;
 //!                      it moves back into LEAKGEN_MEMCG_HOME (default DIR;
-//!                      cgroup v2 needs one outside DIR, no internal processes)
+//!                      cgroup v2 needs one outside DIR, no internal processes);
+//!                      the files go in LEAKGEN_MEMCG_TMPFS (default /dev/shm)
 //! leakgen twopath N [RATIO]  N held kmalloc-512 keys from `hold_key`, and RATIO
 //!                      (default 50) transient ones per held key from `busy_add_key`,
 //!                      both through `sys_add_key` and `user_preparse`
@@ -1176,7 +1177,10 @@ fn run_memcgs(n: usize) -> Result<()> {
         .context("memcgs needs LEAKGEN_MEMCG_PARENT=DIR (a memory cgroup directory)")?;
     let parent = std::path::PathBuf::from(parent);
     let pid = std::process::id();
-    let tmp = std::path::PathBuf::from("/dev/shm");
+    // Any tmpfs: a minimal initramfs (the vm-test guests) has no /dev/shm.
+    let tmp = std::path::PathBuf::from(
+        std::env::var("LEAKGEN_MEMCG_TMPFS").unwrap_or_else(|_| "/dev/shm".into()),
+    );
     let mut files = Vec::with_capacity(n);
     // cgroup v2 refuses processes in a cgroup whose children have the memory
     // controller (no internal processes): there the caller names a home.
