@@ -106,30 +106,39 @@ impl Witness {
         let mut pending: Vec<(String, u64)> = Vec::new();
         let mut owner: HashMap<String, (u64, u64)> = HashMap::new();
         let mut out: HashMap<u64, u64> = HashMap::new();
-        let mut lines = text.lines().peekable();
-        while let Some(l) = lines.next() {
-            if l.starts_with('#') {
+        // The trace merges the CPUs' buffers by time, so another CPU's line can
+        // come between an allocation and its stack: an allocation waits, per
+        // CPU, for the next "<stack trace>" entry of its CPU (recorded right
+        // after it there), whose "=> fn" lines follow that entry.
+        let cpu_of = |l: &str| -> Option<u32> {
+            let a = l.find('[')?;
+            let b = a + l[a..].find(']')?;
+            l[a + 1..b].trim().parse().ok()
+        };
+        let mut awaiting: HashMap<u32, (bool, String, u64)> = HashMap::new();
+        let mut stack: Option<(u32, bool)> = None;
+        for l in text.lines().filter(|l| !l.starts_with('#')) {
+            let frame = l.trim_start();
+            if let Some(name) = frame.strip_prefix("=> ") {
+                if let Some((_, in_mkdir)) = stack.as_mut() {
+                    *in_mkdir |= name.split('+').next() == Some("cgroup_mkdir");
+                }
                 continue;
             }
-            if l.contains(": percpu_alloc_percpu: ") {
-                let mine = l.contains(&task);
-                let ptr = field(l, "ptr").expect("ptr");
-                let size: u64 = field(l, "size").and_then(|s| s.parse().ok()).expect("size");
-                // Its stack follows: "<stack trace>" then " => fn" lines.
-                let mut in_mkdir = false;
-                while let Some(next) = lines.peek() {
-                    let frame = next.trim_start();
-                    if next.contains("<stack trace>") || frame.starts_with("=> ") {
-                        let name = frame.trim_start_matches("=> ").split('+').next();
-                        in_mkdir |= name == Some("cgroup_mkdir");
-                        lines.next();
-                    } else {
-                        break;
+            if let Some((cpu, in_mkdir)) = stack.take() {
+                if let Some((true, ptr, size)) = awaiting.remove(&cpu) {
+                    if in_mkdir {
+                        pending.push((ptr, size));
                     }
                 }
-                if mine && in_mkdir {
-                    pending.push((ptr, size));
-                }
+            }
+            if l.contains("<stack trace>") {
+                stack = cpu_of(l).map(|c| (c, false));
+            } else if l.contains(": percpu_alloc_percpu: ") {
+                let ptr = field(l, "ptr").expect("ptr");
+                let size: u64 = field(l, "size").and_then(|s| s.parse().ok()).expect("size");
+                let cpu = cpu_of(l).expect("cpu");
+                awaiting.insert(cpu, (l.contains(&task), ptr, size));
             } else if l.contains(": percpu_free_percpu: ") {
                 let ptr = field(l, "ptr").expect("ptr");
                 if let Some((id, size)) = owner.remove(&ptr) {
