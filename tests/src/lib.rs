@@ -846,3 +846,28 @@ pub fn map_name(id: u32) -> Result<String> {
     let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
     Ok(String::from_utf8_lossy(&name[..end]).into_owned())
 }
+
+/// A tmpfs of our own (`mount -t tmpfs`, 64 MiB), unmounted (lazily)
+/// however the test ends; `.0` is its directory.
+pub struct Tmpfs(pub PathBuf);
+
+impl Tmpfs {
+    pub fn mount(tag: &str) -> Tmpfs {
+        let dir = std::env::temp_dir().join(format!("leaktrace-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("tmpfs dir");
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=64m", "leaktrace-test"])
+            .arg(&dir)
+            .status()
+            .expect("mount");
+        assert!(st.success(), "mount -t tmpfs {}", dir.display());
+        Tmpfs(dir)
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}

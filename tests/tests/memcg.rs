@@ -13,7 +13,7 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use leaktrace_tests::{leakgen_bin, leaktrace_bin, skip_unless};
+use leaktrace_tests::{leakgen_bin, leaktrace_bin, skip_unless, Tmpfs};
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -572,30 +572,6 @@ fn walked(v: &Value) -> &Vec<Value> {
 
 fn walked_at<'a>(v: &'a Value, path: &str) -> Option<&'a Value> {
     walked(v).iter().find(|m| m["path"].as_str() == Some(path))
-}
-
-/// A tmpfs of our own, unmounted (lazily) however the test ends.
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn mount(tag: &str) -> Tmpfs {
-        let dir = std::env::temp_dir().join(format!("leaktrace-{tag}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("tmpfs dir");
-        let st = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=64m", "leaktrace-test"])
-            .arg(&dir)
-            .status()
-            .expect("mount");
-        assert!(st.success(), "mount -t tmpfs {}", dir.display());
-        Tmpfs(dir)
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-        let _ = std::fs::remove_dir(&self.0);
-    }
 }
 
 /// `memory.stat` key of a live memcg, in pages.

@@ -44,6 +44,15 @@ pub const EVENT_UNCHARGE: u32 = 8;
 pub const EVENT_CSS_OFFLINE: u32 = 9;
 /// [`memcg::CssEvent`] of kprobe `mem_cgroup_css_free`: the memcg itself is freed.
 pub const EVENT_CSS_FREE: u32 = 10;
+/// [`memcg::PercpuAllocEvent`]: a per-CPU allocation (`percpu:percpu_alloc_percpu`),
+/// for the memcg tool's per-CPU share of the memcgs it sees created.
+pub const EVENT_PERCPU_ALLOC: u32 = 40;
+/// [`memcg::PercpuFreeEvent`]: a per-CPU free (`percpu:percpu_free_percpu`).
+pub const EVENT_PERCPU_FREE: u32 = 41;
+/// [`memcg::PercpuFreeEvent`] carrying a pid: that task made a cgroup in a
+/// hierarchy other than the memory controller's (its per-CPU allocations so
+/// far belong to that cgroup, not to its next memcg).
+pub const EVENT_PERCPU_OTHER_MKDIR: u32 = 42;
 
 /// Counter indexes for a per-CPU counters array: each name gets the next
 /// index from 0, in order, and `COUNT` is how many there are (the array's
@@ -155,7 +164,7 @@ pub struct IrqContext {
 /// Every record kind is distinct: a kind added to one tool must not reuse
 /// another's value.
 const _: () = {
-    const KINDS: [u32; 10] = [
+    const KINDS: [u32; 13] = [
         EVENT_ALLOC,
         EVENT_FREE,
         EVENT_ALLOC_NO_STACKS,
@@ -166,6 +175,9 @@ const _: () = {
         EVENT_UNCHARGE,
         EVENT_CSS_OFFLINE,
         EVENT_CSS_FREE,
+        EVENT_PERCPU_ALLOC,
+        EVENT_PERCPU_FREE,
+        EVENT_PERCPU_OTHER_MKDIR,
     ];
     let mut i = 0;
     while i < KINDS.len() {

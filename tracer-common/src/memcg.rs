@@ -29,6 +29,8 @@ pub mod counter {
         UNCHARGE_LOST,
         /// Charged allocations whose memcg could not be read from the task.
         MEMCG_UNKNOWN,
+        /// Per-CPU allocation/free records lost because the ring buffer was full.
+        PERCPU_LOST,
     }
 }
 
@@ -60,6 +62,19 @@ pub struct KmemLayout {
     pub _pad: [u16; 2],
 }
 
+/// Offsets in the classic `percpu:*` records (`size`, `ptr` exist on every
+/// kernel; `call_site` and `bytes_alloc` only from 5.19, so neither is used).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PercpuLayout {
+    /// 1: the per-CPU programs are attached and forward their records.
+    pub enabled: u16,
+    pub alloc_size: u16,
+    pub alloc_ptr: u16,
+    pub free_ptr: u16,
+    pub _pad: u64,
+}
+
 /// Filled by userspace from tracefs formats and BTF; frozen at load.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -86,6 +101,7 @@ pub struct MemcgConfig {
     /// Charge events wake the reader only once this many bytes wait
     /// (userspace also polls); 0 wakes on every event.
     pub wakeup_bytes: u64,
+    pub percpu: PercpuLayout,
 }
 
 impl MemcgConfig {
@@ -119,6 +135,13 @@ impl MemcgConfig {
             _pad1: 0,
             gfp_account: 0,
             wakeup_bytes: 0,
+            percpu: PercpuLayout {
+                enabled: 0,
+                alloc_size: 0,
+                alloc_ptr: 0,
+                free_ptr: 0,
+                _pad: 0,
+            },
         }
     }
 }
@@ -177,6 +200,35 @@ pub struct CssEvent {
 pub struct UnchargeEvent {
     pub kind: u32,
     pub _pad: u32,
+    pub ptr: u64,
+}
+
+/// A per-CPU allocation with the kernel stack that made it: userspace keeps
+/// those made inside `cgroup_mkdir` (the stack says so) for the cgroup the
+/// same task's mkdir event names next.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct PercpuAllocEvent {
+    pub kind: u32,
+    /// `bpf_get_stack` result: bytes written or a negative errno.
+    pub kstack_bytes: i32,
+    pub pid: u32,
+    pub tgid: u32,
+    pub ptr: u64,
+    /// Bytes asked per CPU (`size`); the allocation costs this times the
+    /// possible CPUs.
+    pub size: u64,
+    pub ts_ns: u64,
+    pub kstack: [u64; KSTACK],
+}
+
+/// A per-CPU free (`EVENT_PERCPU_FREE`, `ptr`), or a mkdir in another
+/// hierarchy (`EVENT_PERCPU_OTHER_MKDIR`, `pid`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct PercpuFreeEvent {
+    pub kind: u32,
+    pub pid: u32,
     pub ptr: u64,
 }
 

@@ -21,11 +21,12 @@ use aya_ebpf::{
 };
 use tracer_common::{
     memcg::{
-        counter, CgroupEvent, ChargeEvent, CssEvent, KreadBatch, MemcgConfig, UnchargeEvent,
-        CACHE_LEN, KREAD_FOLLOW, KREAD_SLOTS, KREAD_SLOT_BYTES, KSTACK, PATH_LEN,
+        counter, CgroupEvent, ChargeEvent, CssEvent, KreadBatch, MemcgConfig, PercpuAllocEvent,
+        PercpuFreeEvent, UnchargeEvent, CACHE_LEN, KREAD_FOLLOW, KREAD_SLOTS, KREAD_SLOT_BYTES,
+        KSTACK, PATH_LEN,
     },
-    EVENT_CHARGE, EVENT_CSS_FREE, EVENT_CSS_OFFLINE, EVENT_MKDIR, EVENT_RELEASE, EVENT_RMDIR,
-    EVENT_UNCHARGE,
+    EVENT_CHARGE, EVENT_CSS_FREE, EVENT_CSS_OFFLINE, EVENT_MKDIR, EVENT_PERCPU_ALLOC,
+    EVENT_PERCPU_FREE, EVENT_PERCPU_OTHER_MKDIR, EVENT_RELEASE, EVENT_RMDIR, EVENT_UNCHARGE,
 };
 use tracer_ebpf::{
     data_loc,
@@ -83,6 +84,14 @@ fn on_cgroup(ctx: &TracePointContext, kind: u32) -> Option<()> {
     let cfg = config();
     let root: u32 = read(ctx, cfg.cgroup.root)?;
     if cfg.filter_hierarchy != 0 && root != cfg.hierarchy {
+        if kind == EVENT_MKDIR && cfg.percpu.enabled != 0 {
+            // The task's per-CPU allocations so far were for this cgroup.
+            percpu_record(
+                EVENT_PERCPU_OTHER_MKDIR,
+                bpf_get_current_pid_tgid() as u32,
+                0,
+            );
+        }
         return None;
     }
     let Some(mut entry) = MEMCG_EVENTS.reserve::<CgroupEvent>(0) else {
@@ -284,6 +293,98 @@ fn on_uncharge(ptr: u64) {
         (*ev).ptr = ptr;
     }
     entry.submit(wakeup_flags(config()));
+}
+
+// Per-CPU allocations and frees, every one: they are rare (each takes the
+// per-CPU allocator's mutex) and which belong to a memcg is known only when
+// the same task's cgroup_mkdir fires, after them; userspace decides.
+
+#[tracepoint]
+pub fn memcg_percpu_alloc(ctx: TracePointContext) -> u32 {
+    let cfg = config();
+    if let (Some(ptr), Some(size)) = (
+        read::<u64>(&ctx, cfg.percpu.alloc_ptr),
+        read::<u64>(&ctx, cfg.percpu.alloc_size),
+    ) {
+        let _ = on_percpu_alloc(ctx.as_ptr(), ptr, size);
+    }
+    0
+}
+
+#[tracepoint]
+pub fn memcg_percpu_free(ctx: TracePointContext) -> u32 {
+    let cfg = config();
+    if let Some(ptr) = read::<u64>(&ctx, cfg.percpu.free_ptr) {
+        percpu_record(EVENT_PERCPU_FREE, 0, ptr);
+    }
+    0
+}
+
+// Raw tracepoints read arguments at constant context offsets only (the
+// verifier refuses a computed one): one program per argument layout, picked
+// by userspace from BTF. `size`, `ptr` at 2, 6 before 5.19 and at 3, 7 after
+// (call_site came first); the free's `ptr` is at 2 on every kernel.
+
+#[raw_tracepoint]
+pub fn memcg_percpu_alloc_raw26(ctx: RawTracePointContext) -> i32 {
+    let _ = on_percpu_alloc(ctx.as_ptr(), ctx.arg(6), ctx.arg(2));
+    0
+}
+
+#[raw_tracepoint]
+pub fn memcg_percpu_alloc_raw37(ctx: RawTracePointContext) -> i32 {
+    let _ = on_percpu_alloc(ctx.as_ptr(), ctx.arg(7), ctx.arg(3));
+    0
+}
+
+#[raw_tracepoint]
+pub fn memcg_percpu_free_raw(ctx: RawTracePointContext) -> i32 {
+    percpu_record(EVENT_PERCPU_FREE, 0, ctx.arg(2));
+    0
+}
+
+#[inline(always)]
+fn on_percpu_alloc(ctx: *mut core::ffi::c_void, ptr: u64, size: u64) -> Option<()> {
+    if ptr == 0 {
+        return None;
+    }
+    let Some(mut entry) = MEMCG_EVENTS.reserve::<PercpuAllocEvent>(0) else {
+        bump(counter::PERCPU_LOST);
+        return None;
+    };
+    let ev = entry.as_mut_ptr();
+    let pid_tgid = bpf_get_current_pid_tgid();
+    unsafe {
+        (*ev).kind = EVENT_PERCPU_ALLOC;
+        (*ev).pid = pid_tgid as u32;
+        (*ev).tgid = (pid_tgid >> 32) as u32;
+        (*ev).ptr = ptr;
+        (*ev).size = size;
+        (*ev).ts_ns = bpf_ktime_get_ns();
+        (*ev).kstack_bytes = bpf_get_stack(
+            ctx,
+            (*ev).kstack.as_mut_ptr().cast(),
+            (KSTACK * size_of::<u64>()) as u32,
+            0,
+        ) as i32;
+    }
+    entry.submit(0);
+    Some(())
+}
+
+#[inline(always)]
+fn percpu_record(kind: u32, pid: u32, ptr: u64) {
+    let Some(mut entry) = MEMCG_EVENTS.reserve::<PercpuFreeEvent>(0) else {
+        bump(counter::PERCPU_LOST);
+        return;
+    };
+    let ev = entry.as_mut_ptr();
+    unsafe {
+        (*ev).kind = kind;
+        (*ev).pid = pid;
+        (*ev).ptr = ptr;
+    }
+    entry.submit(0);
 }
 
 /// One batch of kernel reads asked for by userspace (the memcg walk).

@@ -35,7 +35,10 @@
 //!                      by `make_memcg` (mkdir, so this process makes their
 //!                      per-CPU statistics), each charged with a 64 KiB tmpfs
 //!                      file written from inside it, then left and removed:
-//!                      N dying memcgs the files pin until release unlinks them
+//!                      N dying memcgs the files pin until release unlinks them;
+//!                      it moves back into LEAKGEN_MEMCG_HOME (default DIR;
+//!                      cgroup v2 needs one outside DIR, no internal processes);
+//!                      the files go in LEAKGEN_MEMCG_TMPFS (default /dev/shm)
 //! leakgen twopath N [RATIO]  N held kmalloc-512 keys from `hold_key`, and RATIO
 //!                      (default 50) transient ones per held key from `busy_add_key`,
 //!                      both through `sys_add_key` and `user_preparse`
@@ -143,7 +146,7 @@ const KEY_GC_NKEYS_CAP: Duration = Duration::from_millis(500);
 const USAGE: &str = "\
 usage: leakgen keys N | keys-twice N | keys-thread N | inotify N | files N | other N | zombies N | pipes N | backlog N
        leakgen pipe-pages N
-       LEAKGEN_MEMCG_PARENT=DIR leakgen memcgs N
+       LEAKGEN_MEMCG_PARENT=DIR [LEAKGEN_MEMCG_HOME=DIR] leakgen memcgs N
        LEAKGEN_MEMCG=DIR leakgen charged N
        leakgen twopath N [RATIO]
        leakgen rarepath SECS [BUSY_PER_SEC]
@@ -1189,12 +1192,22 @@ fn run_memcgs(n: usize) -> Result<()> {
         .context("memcgs needs LEAKGEN_MEMCG_PARENT=DIR (a memory cgroup directory)")?;
     let parent = std::path::PathBuf::from(parent);
     let pid = std::process::id();
-    let tmp = tmpfs_dir()?;
+    // Any tmpfs: a minimal initramfs (the vm-test guests) has no /dev/shm;
+    // a test may name its own.
+    let tmp = match std::env::var_os("LEAKGEN_MEMCG_TMPFS") {
+        Some(dir) => std::path::PathBuf::from(dir),
+        None => tmpfs_dir()?,
+    };
     let mut files = Vec::with_capacity(n);
-    // Back into the memcg this process started in, not DIR: on cgroup2 a
-    // cgroup that delegates memory to its children (DIR must) may hold no
-    // process, so writing DIR/cgroup.procs fails with EBUSY.
-    let home = home_cgroup(&parent)?.join("cgroup.procs");
+    // Back into the memcg this process started in (or LEAKGEN_MEMCG_HOME),
+    // not DIR: on cgroup2 a cgroup that delegates memory to its children
+    // (DIR must) may hold no process, so writing DIR/cgroup.procs fails with
+    // EBUSY.
+    let home = match std::env::var_os("LEAKGEN_MEMCG_HOME") {
+        Some(dir) => std::path::PathBuf::from(dir),
+        None => home_cgroup(&parent)?,
+    }
+    .join("cgroup.procs");
     for i in 0..n {
         let dir = parent.join(format!("leakgen-{pid}-{i}"));
         let file = tmp.join(format!("leakgen-memcg-{pid}-{i}"));
@@ -1204,7 +1217,7 @@ fn run_memcgs(n: usize) -> Result<()> {
         let charged = std::fs::write(&file, vec![0xa5u8; MEMCG_CHARGE_BYTES])
             .with_context(|| format!("writing {}", file.display()));
         std::fs::write(&home, format!("{pid}\n"))
-            .with_context(|| format!("moving back into {}", parent.display()))?;
+            .with_context(|| format!("moving back into {}", home.display()))?;
         charged?;
         files.push(file);
         std::fs::remove_dir(&dir).with_context(|| format!("removing {}", dir.display()))?;

@@ -1,6 +1,10 @@
 //! Memory cgroups: live and dying counts and how long a `memory.stat` read takes.
 
 use super::*;
+use crate::kernel::{
+    btf::Btf,
+    memcg_percpu::{self, Estimate},
+};
 
 /// Dying memcgs are normal in small numbers (page cache keeps a removed memcg around until
 /// it is reclaimed); many times more dying than live means something pins them.
@@ -21,6 +25,11 @@ pub struct MemcgData {
     pub memory_stat: Vec<StatTiming>,
     /// Why memory.stat could not be timed.
     pub memory_stat_unknown: Option<String>,
+    /// What one memcg holds per CPU here (BTF sizes x possible CPUs), and so
+    /// what the dying ones hold: estimated, doctor traces nothing.
+    pub percpu_per_memcg: Option<Estimate>,
+    pub percpu_dying_bytes: Option<u64>,
+    pub percpu_unknown: Option<String>,
 }
 
 pub fn memcg_severity(counts: &MemcgCounts, timings: &[StatTiming]) -> Severity {
@@ -48,10 +57,22 @@ pub(super) fn seconds(s: f64) -> String {
     }
 }
 
+/// One memcg's per-CPU memory on the kernel at `root`, or why unknown.
+pub(super) fn percpu_estimate(root: &Path, h: &Hierarchy) -> Result<Estimate, String> {
+    let v1 = h.cgroup_version() == CgroupVersion::V1;
+    let host = memcg_percpu::Host::read(root, v1)
+        .map_err(|e| format!("reading the possible CPUs: {e}"))?;
+    let btf =
+        Btf::read(&root.join("sys/kernel/btf/vmlinux")).map_err(|e| format!("no BTF: {e}"))?;
+    memcg_percpu::estimate(&btf, host)
+        .ok_or_else(|| "BTF has no struct mem_cgroup with per-CPU statistics".to_string())
+}
+
 pub(super) fn memcg_finding(
     h: &Hierarchy,
     counts: MemcgCounts,
     timings: Result<Vec<StatTiming>>,
+    percpu: Result<Estimate, String>,
 ) -> Finding {
     let (memory_stat, memory_stat_unknown) = match timings {
         Ok(t) => (t, None),
@@ -87,6 +108,40 @@ pub(super) fn memcg_finding(
     if let Some(why) = &memory_stat_unknown {
         details.push(format!("memory.stat read time: unknown: {why}"));
     }
+    let dying_bytes = percpu.as_ref().ok().map(|e| e.dying_bytes * counts.dying);
+    match &percpu {
+        Ok(e) => {
+            let line = format!(
+                "{} dying memcgs hold ~{} of Percpu (estimated: {} each = {} B of per-CPU structures x {} possible CPUs, from BTF; a live one {}; `leaktrace memcg` measures the memcgs made while it runs)",
+                counts.dying,
+                human_bytes(e.dying_bytes * counts.dying),
+                human_bytes(e.dying_bytes),
+                e.dying_per_cpu_bytes,
+                e.possible_cpus,
+                human_bytes(e.bytes),
+            );
+            if counts.dying > 0 {
+                summary.push_str(&format!(
+                    "; ~{} of Percpu in dying memcgs (estimated)",
+                    human_bytes(e.dying_bytes * counts.dying)
+                ));
+            }
+            details.push(line);
+        }
+        Err(why) => details.push(format!("per-CPU memory of a memcg: unknown: {why}")),
+    }
+    if h.cgroup_version() == CgroupVersion::V2 {
+        if let Some(b) = memcg_percpu::memory_stat_percpu(&h.mount) {
+            details.push(format!(
+                "memory.stat percpu under the top-level memcgs: {} (the kernel's charged part of every memcg below them, dying included)",
+                human_bytes(b)
+            ));
+        }
+    }
+    let (percpu_per_memcg, percpu_unknown) = match percpu {
+        Ok(e) => (Some(e), None),
+        Err(why) => (None, Some(why)),
+    };
     Finding {
         check: "memcgs",
         severity,
@@ -98,6 +153,9 @@ pub(super) fn memcg_finding(
             counts,
             memory_stat,
             memory_stat_unknown,
+            percpu_per_memcg,
+            percpu_dying_bytes: dying_bytes,
+            percpu_unknown,
         })),
     }
 }

@@ -152,7 +152,12 @@ pub fn diagnose(
         .and_then(|h| h.dirs(true).map(|dirs| (h, dirs)));
     findings.push(match &walked {
         Ok((h, dirs)) => match cgroupfs::count(root, h, dirs) {
-            Ok(counts) => memcg_finding(h, counts, memory_stat::time_memory_stat(h, dirs)),
+            Ok(counts) => memcg_finding(
+                h,
+                counts,
+                memory_stat::time_memory_stat(h, dirs),
+                percpu_estimate(root, h),
+            ),
             Err(e) => Finding::unknown("memcgs", &e),
         },
         Err(e) => Finding::unknown("memcgs", e),

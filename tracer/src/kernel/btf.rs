@@ -354,6 +354,25 @@ impl Btf {
         self.find_member(t, member, 0, 0)
     }
 
+    /// Size of what pointer member `member` of `struct name` points to (e.g.
+    /// `mem_cgroup.vmstats_percpu`: the per-CPU struct one CPU's copy is),
+    /// looking through typedefs and type tags (`__percpu`). None: no such
+    /// member, not a pointer, or a pointee of unknown size.
+    pub fn pointee_size(&self, name: &str, member: &str) -> Option<u32> {
+        let id = *self.by_name.get(&(KIND_STRUCT, name.to_string()))?;
+        let t = self.types.get(id as usize)?;
+        let (_, ty) = self.find_member_typed(t, member, 0, 0)?;
+        let (_, p) = self.resolve(ty)?;
+        (p.kind == KIND_PTR).then_some(())?;
+        self.size_of(p.size_or_type).filter(|&n| n > 0)
+    }
+
+    /// Size of `struct name`.
+    pub fn struct_size(&self, name: &str) -> Option<u32> {
+        let id = *self.by_name.get(&(KIND_STRUCT, name.to_string()))?;
+        self.size_of(id)
+    }
+
     /// A member reached through named inner members, e.g. `dentry` `d_u.d_alias`
     /// (`d_u` is a named union of an anonymous type) or `inode` `i_sb`.
     pub fn member_path(&self, name: &str, path: &[&str]) -> Option<Member> {

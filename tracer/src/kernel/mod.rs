@@ -11,6 +11,7 @@ pub mod facts;
 pub mod features;
 pub mod irq_context;
 pub mod ledger;
+pub mod memcg_percpu;
 pub mod meminfo;
 pub mod memory_stat;
 pub mod own_memory;

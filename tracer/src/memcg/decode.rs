@@ -5,10 +5,10 @@
 use std::path::Path;
 
 use tracer_common::{
-    memcg::{CgroupEvent, ChargeEvent, CssEvent, UnchargeEvent},
+    memcg::{CgroupEvent, ChargeEvent, CssEvent, PercpuAllocEvent, PercpuFreeEvent, UnchargeEvent},
     user::record_kind,
-    EVENT_CHARGE, EVENT_CSS_FREE, EVENT_CSS_OFFLINE, EVENT_MKDIR, EVENT_RELEASE, EVENT_RMDIR,
-    EVENT_UNCHARGE,
+    EVENT_CHARGE, EVENT_CSS_FREE, EVENT_CSS_OFFLINE, EVENT_MKDIR, EVENT_PERCPU_ALLOC,
+    EVENT_PERCPU_FREE, EVENT_PERCPU_OTHER_MKDIR, EVENT_RELEASE, EVENT_RMDIR, EVENT_UNCHARGE,
 };
 
 use super::{
@@ -32,6 +32,7 @@ pub fn apply(tracker: &mut Tracker, record: &[u8], kmalloc_cg: bool) -> Result<(
             let path = cstr(&ev.path);
             match ev.kind {
                 EVENT_MKDIR => {
+                    tracker.percpu.mkdir(ev.pid, ev.id);
                     let who = ancestry::actor(root, ev.pid, ev.tgid, &cstr(&ev.comm), ev.ppid);
                     tracker.mkdir(ev.id, &path, ev.level, ev.ts_ns, who);
                 }
@@ -68,6 +69,20 @@ pub fn apply(tracker: &mut Tracker, record: &[u8], kmalloc_cg: bool) -> Result<(
                 tracker.css_offline(ev.id, ev.ts_ns);
             } else {
                 tracker.css_free(ev.id, ev.ts_ns);
+            }
+        }
+        Some(EVENT_PERCPU_ALLOC) => {
+            let ev = read_event::<PercpuAllocEvent>(record).ok_or(Undecodable)?;
+            let frames = usize::try_from(ev.kstack_bytes).unwrap_or(0) / 8;
+            let kstack = &ev.kstack[..frames.min(ev.kstack.len())];
+            tracker.percpu.alloc(ev.pid, ev.ptr, ev.size, kstack);
+        }
+        Some(EVENT_PERCPU_FREE | EVENT_PERCPU_OTHER_MKDIR) => {
+            let ev = read_event::<PercpuFreeEvent>(record).ok_or(Undecodable)?;
+            if ev.kind == EVENT_PERCPU_FREE {
+                tracker.percpu.free(ev.ptr);
+            } else {
+                tracker.percpu.other_mkdir(ev.pid);
             }
         }
         Some(EVENT_UNCHARGE) => {

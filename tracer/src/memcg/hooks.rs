@@ -5,7 +5,7 @@
 use anyhow::{Context, Result};
 use aya::{
     maps::{MapData, PerCpuArray, RingBuf},
-    programs::{KProbe, TracePoint},
+    programs::{KProbe, RawTracePoint, TracePoint},
     Ebpf, EbpfLoader,
 };
 use serde::Serialize;
@@ -38,6 +38,7 @@ pub struct Counters {
     pub charges_lost_map_full: u64,
     pub uncharges_lost: u64,
     pub memcg_unknown: u64,
+    pub percpu_lost: u64,
 }
 
 impl Hooks {
@@ -64,6 +65,13 @@ impl Hooks {
             }
             prog.attach(system, event)
                 .with_context(|| format!("attaching to tracepoint {system}:{event}"))?;
+        }
+        for &(name, event) in &plan.raw_attachments {
+            let prog: &mut RawTracePoint = program(&mut ebpf, name, "raw tracepoint")?;
+            loaded(name, prog.load())?;
+            prog.attach(event)
+                .with_context(|| format!("attaching to raw tracepoint {event}"))?;
+            names.push(name);
         }
         for &(name, function) in &plan.kprobes {
             let prog: &mut KProbe = program(&mut ebpf, name, "kprobe")?;
@@ -94,6 +102,7 @@ impl Hooks {
             charges_lost_map_full: sum(counter::CHARGE_LOST_MAP_FULL),
             uncharges_lost: sum(counter::UNCHARGE_LOST),
             memcg_unknown: sum(counter::MEMCG_UNKNOWN),
+            percpu_lost: sum(counter::PERCPU_LOST),
         }
     }
 }

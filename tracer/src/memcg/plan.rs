@@ -4,7 +4,7 @@
 //! facts allow them. Loading and attaching the plan is `hooks.rs`.
 
 use anyhow::{bail, Context, Result};
-use tracer_common::memcg::{CgroupLayout, KmemLayout, MemcgConfig};
+use tracer_common::memcg::{CgroupLayout, KmemLayout, MemcgConfig, PercpuLayout};
 
 use crate::{
     kernel::btf::Btf,
@@ -19,11 +19,31 @@ pub struct Plan {
     pub config: MemcgConfig,
     /// (program, system, event)
     pub attachments: Vec<(&'static str, &'static str, &'static str)>,
+    /// (program, event) raw tracepoints.
+    pub raw_attachments: Vec<(&'static str, &'static str)>,
     /// (program, kernel function) kprobes, where the kernel has them.
     pub kprobes: Vec<(&'static str, &'static str)>,
     /// How a charge is attributed to a memcg, or why pins are off.
     pub attribution: String,
     pub notes: Vec<String>,
+}
+
+impl Plan {
+    /// The per-CPU programs are attached: the memcgs made under tracing get
+    /// measured per-CPU shares.
+    pub fn percpu(&self) -> bool {
+        self.config.percpu.enabled != 0
+    }
+
+    /// Leaves the per-CPU programs out (`why`: a note for the user).
+    pub fn drop_percpu(&mut self, why: &str) {
+        if self.percpu() {
+            self.config.percpu.enabled = 0;
+            self.attachments
+                .retain(|&(_, system, _)| system != "percpu");
+            self.notes.push(why.to_string());
+        }
+    }
 }
 
 /// The kernel has kprobes (`KernelFacts`) and kallsyms names the functions
@@ -67,6 +87,29 @@ fn kmem_layout(f: &EventFormat) -> Result<KmemLayout> {
         accounted: opt("accounted", 1).unwrap_or(0),
         _pad: [0; 2],
     })
+}
+
+/// The `percpu:*` offsets, or None where the kernel lacks the events.
+fn percpu_layout(tracefs: &Tracefs) -> Result<Option<PercpuLayout>> {
+    let (Some(alloc), Some(free)) = (
+        tracefs.event_format("percpu", "percpu_alloc_percpu")?,
+        tracefs.event_format("percpu", "percpu_free_percpu")?,
+    ) else {
+        return Ok(None);
+    };
+    Ok(Some(PercpuLayout {
+        enabled: 1,
+        _pad: 0,
+        alloc_size: alloc
+            .offset_of("size", 8)
+            .context("reading percpu:percpu_alloc_percpu")?,
+        alloc_ptr: alloc
+            .offset_of("ptr", 8)
+            .context("reading percpu:percpu_alloc_percpu")?,
+        free_ptr: free
+            .offset_of("ptr", 8)
+            .context("reading percpu:percpu_free_percpu")?,
+    }))
 }
 
 pub fn build(
@@ -194,9 +237,51 @@ pub fn build(
         attachments.push(("memcg_kfree", "kmem", "kfree"));
         attachments.push(("memcg_cache_free", "kmem", "kmem_cache_free"));
     }
+    let mut raw_attachments = Vec::new();
+    match percpu_layout(tracefs)? {
+        Some(layout) => {
+            // Raw tracepoints: a classic tracepoint program is skipped while
+            // any BPF program or map syscall runs on the CPU
+            // (`bpf_prog_active`), and per-CPU frees come from RCU callbacks
+            // that interrupt exactly those. One program per argument layout.
+            let pos = |event: &str, arg: &str| -> Option<usize> {
+                btf?.tracepoint_args(event)?.iter().position(|a| a == arg)
+            };
+            let alloc = match (
+                pos("percpu_alloc_percpu", "size"),
+                pos("percpu_alloc_percpu", "ptr"),
+            ) {
+                (Some(2), Some(6)) => Some("memcg_percpu_alloc_raw26"),
+                (Some(3), Some(7)) => Some("memcg_percpu_alloc_raw37"),
+                _ => None,
+            };
+            let free = pos("percpu_free_percpu", "ptr") == Some(2);
+            match alloc.filter(|_| free) {
+                Some(alloc) => {
+                    raw_attachments.push((alloc, "percpu_alloc_percpu"));
+                    raw_attachments.push(("memcg_percpu_free_raw", "percpu_free_percpu"));
+                }
+                None => {
+                    notes.push(
+                        "percpu raw tracepoints not described by BTF as expected: classic ones, \
+                         which miss events while another BPF program runs on the CPU"
+                            .into(),
+                    );
+                    attachments.push(("memcg_percpu_alloc", "percpu", "percpu_alloc_percpu"));
+                    attachments.push(("memcg_percpu_free", "percpu", "percpu_free_percpu"));
+                }
+            }
+            cfg.percpu = layout;
+        }
+        None => notes.push(
+            "no percpu:percpu_alloc_percpu/percpu_free_percpu tracepoints: per-CPU shares are estimated only"
+                .into(),
+        ),
+    }
     Ok(Plan {
         config: cfg,
         attachments,
+        raw_attachments,
         kprobes,
         attribution,
         notes,
@@ -242,9 +327,26 @@ mod tests {
             );
             assert_eq!(plan.config.hierarchy, 4);
             assert_eq!(plan.config.filter_hierarchy, 1);
-            assert_eq!(plan.attachments.len(), 3, "{kernel}");
+            let percpu = plan.config.percpu;
+            assert_eq!(
+                plan.attachments.len(),
+                if percpu.enabled != 0 { 5 } else { 3 },
+                "{kernel}"
+            );
+            if percpu.enabled != 0 {
+                assert!(percpu.alloc_size != 0 && percpu.alloc_ptr != 0 && percpu.free_ptr != 0);
+            }
             assert!(plan.kprobes.is_empty(), "no BTF, no css -> cgroup id walk");
         }
+    }
+
+    #[test]
+    fn percpu_layout_from_the_running_kernels_format() {
+        let l = percpu_layout(&fixture("6.18"))
+            .expect("readable")
+            .expect("6.18 has the percpu events");
+        assert_eq!((l.alloc_size, l.alloc_ptr, l.free_ptr), (24, 56, 24));
+        assert_eq!(percpu_layout(&fixture("5.10")).expect("readable"), None);
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub use super::kmem::Accounting;
 pub use super::state::{Actor, Group, MemcgReport, Phase, Snapshot};
 pub use super::walk::{KMemcg, KernelWalk};
 use super::{kread, pins, walk};
+pub use crate::kernel::memcg_percpu::Estimate;
 use crate::kernel::{btf::Btf, cgroupfs::Hierarchy};
 
 pub const SCHEMA_VERSION: u32 = 1;
@@ -29,6 +30,8 @@ pub struct Report {
     pub preexisting_dying: Preexisting,
     #[serde(flatten)]
     pub snapshot: Snapshot,
+    /// Per-CPU memory of the memcgs: measured, estimated, the dying total.
+    pub percpu: PercpuSummary,
     pub kernel: Counters,
     /// Events the decoder could not read (should be 0).
     pub decode_errors: u64,
@@ -50,6 +53,85 @@ impl Report {
         }
         let walk = self.kernel_memcgs.as_ref()?.walk.as_ref()?;
         Some(walk.memcgs.iter().any(|m| m.id == id))
+    }
+}
+
+/// The per-CPU memory memcgs hold (`Percpu` in /proc/meminfo): measured for
+/// those made under tracing, estimated (BTF sizes × possible CPUs) for the
+/// rest. Bytes are per-CPU `size` × possible CPUs, as on every kernel.
+#[derive(Debug, Clone, Serialize)]
+pub struct PercpuSummary {
+    /// The percpu tracepoints are attached and `cgroup_mkdir`'s text known.
+    pub measuring: bool,
+    pub possible_cpus: u64,
+    /// One memcg, from BTF.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub estimate: Option<Estimate>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub estimate_unavailable: Option<String>,
+    pub dying: DyingPercpu,
+    /// Per-CPU allocations seen outside any cgroup mkdir (not counted).
+    pub other_allocations: u64,
+    /// cgroup v2: the kernel's charged figure under the top-level memcgs
+    /// (`kernel::memcg_percpu::memory_stat_percpu`), a cross-check.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory_stat_percpu: Option<u64>,
+}
+
+/// The dying memcgs the kernel holds now and what they hold per CPU.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DyingPercpu {
+    pub memcgs: u64,
+    /// Dying memcgs made under tracing, measured.
+    pub measured_memcgs: u64,
+    pub measured_bytes: u64,
+    /// The others (made before tracing): `estimate.dying_bytes` each.
+    pub estimated_memcgs: u64,
+    pub estimated_bytes: u64,
+    /// measured + estimated; None without an estimate for the others.
+    pub total_bytes: Option<u64>,
+}
+
+impl PercpuSummary {
+    pub fn new(
+        measuring: bool,
+        possible_cpus: u64,
+        estimate: Result<Estimate, String>,
+        snapshot: &Snapshot,
+        kernel_dying: u64,
+        other_allocations: u64,
+    ) -> PercpuSummary {
+        let (estimate, estimate_unavailable) = match estimate {
+            Ok(e) => (Some(e), None),
+            Err(why) => (None, Some(why)),
+        };
+        let mut dying = DyingPercpu {
+            memcgs: kernel_dying,
+            ..DyingPercpu::default()
+        };
+        let is_dying = |p: Phase| matches!(p, Phase::Dying | Phase::Zombie);
+        for m in snapshot.memcgs.iter().filter(|m| is_dying(m.state)) {
+            if let Some(p) = m.percpu.as_ref().filter(|p| p.kind == "measured") {
+                dying.measured_memcgs += 1;
+                dying.measured_bytes += p.bytes;
+            }
+        }
+        dying.estimated_memcgs = kernel_dying.saturating_sub(dying.measured_memcgs);
+        if let Some(e) = &estimate {
+            dying.estimated_bytes = dying.estimated_memcgs * e.dying_bytes;
+            dying.total_bytes = Some(dying.measured_bytes + dying.estimated_bytes);
+        } else if dying.estimated_memcgs == 0 {
+            dying.total_bytes = Some(dying.measured_bytes);
+        }
+        PercpuSummary {
+            measuring,
+            possible_cpus,
+            estimate,
+            estimate_unavailable,
+            dying,
+            other_allocations,
+            memory_stat_percpu: None,
+        }
     }
 }
 

@@ -12,12 +12,14 @@ use crate::{
     kernel::cgroupfs::{Dying, Hierarchy},
     kernel::clock::monotonic_ns,
     kernel::facts,
+    kernel::{btf::Btf, memcg_percpu},
     memcg::{
         decode,
         hooks::Counters,
         kmem,
-        report::{KernelMemcgs, Preexisting, Report, SCHEMA_VERSION},
-        state::{SnapshotOptions, Tracker},
+        percpu::{PercpuTracker, TextRange},
+        report::{KernelMemcgs, PercpuSummary, Preexisting, Report, SCHEMA_VERSION},
+        state::{MemcgPercpu, Phase, SnapshotOptions, Tracker},
     },
     symbolize::{tracing::strip_tracing_frames, Symbolizer},
 };
@@ -40,6 +42,9 @@ pub struct Session {
     kmalloc_cg: bool,
     /// The running kernel's release, read once at start (`kernel::facts`).
     release: String,
+    /// One memcg's per-CPU memory from BTF, or why there is no estimate.
+    percpu_estimate: Result<memcg_percpu::Estimate, String>,
+    possible_cpus: u64,
 }
 
 impl Session {
@@ -59,7 +64,85 @@ impl Session {
             decode_errors: 0,
             kmalloc_cg: root.join("sys/kernel/slab/kmalloc-cg-8").exists(),
             release: facts::read_release(root).unwrap_or_default(),
-        })
+            percpu_estimate: Err(String::new()),
+            possible_cpus: 0,
+        }
+        .with_percpu_estimate(root))
+    }
+
+    fn with_percpu_estimate(mut self, root: &Path) -> Session {
+        let v1 = self.hierarchy.version == 1;
+        self.percpu_estimate = match memcg_percpu::Host::read(root, v1) {
+            Err(e) => Err(format!("reading the possible CPUs: {e}")),
+            Ok(host) => {
+                self.possible_cpus = host.possible_cpus;
+                match Btf::from_sys_fs() {
+                    Err(e) => Err(format!("no BTF: {e}")),
+                    Ok(btf) => memcg_percpu::estimate(&btf, host).ok_or_else(|| {
+                        "BTF has no struct mem_cgroup with per-CPU statistics".to_string()
+                    }),
+                }
+            }
+        };
+        self
+    }
+
+    /// Measures the memcgs made from now on: finds `cgroup_mkdir`'s text,
+    /// which the stacks of their per-CPU allocations pass through. False:
+    /// kallsyms does not name it (or hides addresses); nothing is measured.
+    pub fn measure_percpu(&mut self) -> bool {
+        let text = std::fs::read_to_string("/proc/kallsyms").unwrap_or_default();
+        let range = TextRange::of(&text, "cgroup_mkdir");
+        self.tracker.percpu = PercpuTracker::new(range);
+        range.is_some()
+    }
+
+    /// Each shown memcg's per-CPU memory, and the dying ones' total.
+    fn percpu(
+        &self,
+        snapshot: &mut crate::memcg::state::Snapshot,
+        kernel_dying: u64,
+    ) -> PercpuSummary {
+        let cpus = self.possible_cpus;
+        let estimate = self.percpu_estimate.as_ref().ok();
+        for m in &mut snapshot.memcgs {
+            m.percpu = match self.tracker.percpu.get(m.id) {
+                Some(x) => Some(MemcgPercpu {
+                    bytes: x.outstanding_size * cpus,
+                    kind: "measured",
+                    at_creation_bytes: Some(x.created_size * cpus),
+                    allocations: Some(x.created_allocations),
+                }),
+                None if m.state == Phase::Released => Some(MemcgPercpu {
+                    bytes: 0,
+                    kind: "released",
+                    at_creation_bytes: None,
+                    allocations: None,
+                }),
+                None => estimate.map(|e| MemcgPercpu {
+                    bytes: if m.state == Phase::Live {
+                        e.bytes
+                    } else {
+                        e.dying_bytes
+                    },
+                    kind: "estimated",
+                    at_creation_bytes: None,
+                    allocations: None,
+                }),
+            };
+        }
+        let mut summary = PercpuSummary::new(
+            self.tracker.percpu.measuring(),
+            cpus,
+            self.percpu_estimate.clone(),
+            snapshot,
+            kernel_dying,
+            self.tracker.percpu.other_allocations,
+        );
+        if self.hierarchy.version == 2 {
+            summary.memory_stat_percpu = memcg_percpu::memory_stat_percpu(&self.hierarchy.mount);
+        }
+        summary
     }
 
     /// Takes the walk again once the hooks see every change: a memcg made
@@ -97,6 +180,7 @@ impl Session {
             .hierarchy
             .dying_now(Path::new("/"))
             .map_or(self.dying_at_start.count, |d| d.count);
+        let percpu = self.percpu(&mut snapshot, kernel_dying);
         Report {
             schema_version: SCHEMA_VERSION,
             report: "memcg",
@@ -113,6 +197,7 @@ impl Session {
                 source: self.dying_at_start.source.clone(),
             },
             snapshot,
+            percpu,
             kernel,
             decode_errors: self.decode_errors,
             kernel_memcgs: matches!(kind, "list" | "final").then(KernelMemcgs::read),

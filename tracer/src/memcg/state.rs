@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use crate::bpf::stacks::{StackId, StackTable};
 use crate::kernel::cgroup_paths::{self as paths, ContainerInfo};
+use crate::memcg::percpu::PercpuTracker;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -139,6 +140,8 @@ pub struct Tracker {
     released_preexisting_dying: u64,
     creations: Window,
     releases: Window,
+    /// Per-CPU allocations of the memcgs made under tracing (`percpu.rs`).
+    pub percpu: PercpuTracker,
 }
 
 impl Tracker {
@@ -178,6 +181,7 @@ impl Tracker {
             released_preexisting_dying: 0,
             creations: Window::default(),
             releases: Window::default(),
+            percpu: PercpuTracker::default(),
         }
     }
 
@@ -254,6 +258,7 @@ impl Tracker {
                 while self.released_order.len() > KEEP_RELEASED {
                     if let Some(old) = self.released_order.pop_front() {
                         self.memcgs.remove(&old);
+                        self.percpu.forget(old);
                     }
                 }
             }
@@ -513,6 +518,7 @@ impl Tracker {
             pinned_by_cache: by_cache,
             pinned_by_process: by_process,
             pinned_stacks: stacks,
+            percpu: None,
         }
     }
 }
@@ -612,6 +618,23 @@ pub struct MemcgReport {
     pub pinned_by_cache: Vec<CachePins>,
     pub pinned_by_process: Vec<ProcessPins>,
     pub pinned_stacks: Vec<PinStack>,
+    /// Per-CPU memory it holds, measured or estimated (set by the session).
+    pub percpu: Option<MemcgPercpu>,
+}
+
+/// A memcg's per-CPU memory: `kind` "measured" (its mkdir's per-CPU
+/// allocations not yet freed, seen by the percpu tracepoints), "estimated"
+/// (BTF sizes of what a memcg allocates, `kernel::memcg_percpu`) or
+/// "released" (the kernel freed it all). Bytes: size × possible CPUs.
+#[derive(Debug, Clone, Serialize)]
+pub struct MemcgPercpu {
+    pub bytes: u64,
+    pub kind: &'static str,
+    /// Measured only: what its mkdir allocated, freed since or not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub at_creation_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allocations: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]

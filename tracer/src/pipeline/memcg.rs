@@ -114,6 +114,12 @@ pub async fn run(args: MemcgOptions) -> Result<()> {
             kprobes: plan::kprobes_usable(&facts),
         },
     )?;
+    let mut plan = plan;
+    if plan.percpu() && !run.measure_percpu() {
+        plan.drop_percpu(
+            "cgroup_mkdir is not in /proc/kallsyms: per-CPU shares are estimated only",
+        );
+    }
     let ringbuf_bytes = event_loop::ringbuf_bytes(args.run.ringbuf_mib)?;
     let (hooks, ring) = Hooks::attach(&plan, args.max_objects, ringbuf_bytes)?;
     run.mode = mode_line(&plan, &facts.features);
@@ -164,6 +170,7 @@ fn mode_line(plan: &plan::Plan, features: &facts::Features) -> String {
         .attachments
         .iter()
         .map(|(_, s, e)| format!("{s}:{e}"))
+        .chain(plan.raw_attachments.iter().map(|(_, e)| format!("raw {e}")))
         .collect();
     let kprobes = if !plan.kprobes.is_empty() {
         let f: Vec<&str> = plan.kprobes.iter().map(|(_, f)| *f).collect();

@@ -5,7 +5,7 @@
 use std::fmt::Write;
 
 use crate::{
-    memcg::report::{Actor, Group, KMemcg, MemcgReport, Phase, Report},
+    memcg::report::{Actor, Group, KMemcg, MemcgReport, PercpuSummary, Phase, Report},
     present::units::{group, human_bytes, human_secs, tracked},
 };
 
@@ -230,6 +230,7 @@ fn header(out: &mut String, r: &Report, opts: &ViewOptions) {
         group(p.kernel_dying_now),
         p.source,
     );
+    let _ = writeln!(out, "{}", percpu_line(&r.percpu));
     let k = &r.kernel;
     let pins = &r.snapshot.pins;
     let _ = writeln!(
@@ -244,6 +245,57 @@ fn header(out: &mut String, r: &Report, opts: &ViewOptions) {
         r.decode_errors,
     );
     out.push('\n');
+}
+
+/// "81 dying memcgs hold ~0.3M of Percpu": which part is measured, which estimated.
+pub fn percpu_line(p: &PercpuSummary) -> String {
+    let d = &p.dying;
+    let total = d.total_bytes.map_or_else(
+        || "an unknown amount".to_string(),
+        |b| format!("~{}", human_bytes(b)),
+    );
+    let mut parts = Vec::new();
+    if d.measured_memcgs > 0 || p.measuring {
+        parts.push(format!(
+            "{} measured: {}",
+            group(d.measured_memcgs),
+            human_bytes(d.measured_bytes)
+        ));
+    }
+    match &p.estimate {
+        Some(e) => parts.push(format!(
+            "{} estimated at {} each (BTF sizes x {} possible CPUs)",
+            group(d.estimated_memcgs),
+            human_bytes(e.dying_bytes),
+            p.possible_cpus
+        )),
+        None => parts.push(format!(
+            "{} not estimated: {}",
+            group(d.estimated_memcgs),
+            p.estimate_unavailable.as_deref().unwrap_or("no estimate")
+        )),
+    }
+    if let Some(b) = p.memory_stat_percpu {
+        parts.push(format!(
+            "memory.stat percpu under the top-level memcgs: {} (charged part only, dying included)",
+            human_bytes(b)
+        ));
+    }
+    format!(
+        "per-CPU: {} dying memcgs hold {total} of Percpu ({})",
+        group(d.memcgs),
+        parts.join("; ")
+    )
+}
+
+/// A memcg's per-CPU figure and its kind: `4.1K m` measured, `4.1K e` estimated.
+fn percpu_cell(m: &MemcgReport) -> String {
+    match &m.percpu {
+        Some(p) if p.kind == "measured" => format!("{} m", human_bytes(p.bytes)),
+        Some(p) if p.kind == "estimated" => format!("{} e", human_bytes(p.bytes)),
+        Some(p) => human_bytes(p.bytes),
+        None => "-".into(),
+    }
 }
 
 fn groups(out: &mut String, title: &str, groups: &[Group]) {
@@ -272,8 +324,8 @@ fn memcgs(out: &mut String, r: &Report, opts: &ViewOptions, last: bool) {
     }
     let _ = writeln!(
         out,
-        "\n{:>8} {:<8} {:>8} {:>8} {:>8}  {:<26} {:<18} PATH",
-        "ID", "STATE", "AGE", "DYING", "CHARGED", "CREATOR", "REMOVER"
+        "\n{:>8} {:<8} {:>8} {:>8} {:>8} {:>9}  {:<26} {:<18} PATH   (PERCPU: m measured, e estimated)",
+        "ID", "STATE", "AGE", "DYING", "CHARGED", "PERCPU", "CREATOR", "REMOVER"
     );
     let limit = if last && r.kind != "list" {
         usize::MAX
@@ -301,12 +353,13 @@ fn memcg_line(out: &mut String, m: &MemcgReport) {
     };
     let _ = writeln!(
         out,
-        "{:>8} {:<8} {:>8} {:>8} {:>8}  {:<26} {:<18} {}",
+        "{:>8} {:<8} {:>8} {:>8} {:>8} {:>9}  {:<26} {:<18} {}",
         m.id,
         state,
         m.age_s.map_or_else(|| "-".into(), human_secs),
         m.dying_s.map_or_else(|| "-".into(), human_secs),
         group(m.pinned.objects),
+        percpu_cell(m),
         who(&m.creator),
         who(&m.remover),
         m.path,
