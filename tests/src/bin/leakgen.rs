@@ -36,9 +36,10 @@
 //!                      per-CPU statistics), each charged with a 64 KiB tmpfs
 //!                      file written from inside it, then left and removed:
 //!                      N dying memcgs the files pin until release unlinks them;
-//!                      it moves back into LEAKGEN_MEMCG_HOME (default DIR;
-//!                      cgroup v2 needs one outside DIR, no internal processes);
-//!                      the files go in LEAKGEN_MEMCG_TMPFS (default /dev/shm)
+//!                      it moves back into LEAKGEN_MEMCG_HOME (default: the
+//!                      memcg it started in; cgroup v2 allows no process in DIR);
+//!                      the files go in LEAKGEN_MEMCG_TMPFS (default: the first
+//!                      tmpfs of /dev/shm and /tmp)
 //! leakgen twopath N [RATIO]  N held kmalloc-512 keys from `hold_key`, and RATIO
 //!                      (default 50) transient ones per held key from `busy_add_key`,
 //!                      both through `sys_add_key` and `user_preparse`
