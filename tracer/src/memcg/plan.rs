@@ -346,7 +346,11 @@ mod tests {
             .expect("readable")
             .expect("6.18 has the percpu events");
         assert_eq!((l.alloc_size, l.alloc_ptr, l.free_ptr), (24, 56, 24));
-        assert_eq!(percpu_layout(&fixture("5.10")).expect("readable"), None);
+        // 5.10 has no call_site, bytes_alloc or gfp_flags before size.
+        let l = percpu_layout(&fixture("5.10"))
+            .expect("readable")
+            .expect("5.10 has the percpu events");
+        assert_eq!((l.alloc_size, l.alloc_ptr, l.free_ptr), (16, 48, 24));
     }
 
     #[test]
