@@ -23,8 +23,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use serde::Serialize;
 
+use crate::kernel::facts::detect_vmap_stack;
 use crate::kernel::facts::Features;
-use crate::kernel::ledger::{detect_vmap_stack, Ledger};
+use crate::kernel::ledger::Ledger;
 use crate::kernel::meminfo::{self, MemInfo};
 use crate::kernel::slabinfo::{self, SlabLine};
 use crate::present::units::human_bytes;
@@ -126,7 +127,7 @@ pub fn diagnose(
 ) -> Report {
     let start = Instant::now();
     // Read the kernel's own description once, before the window opens.
-    let vmap_stack = detect_vmap_stack(root);
+    let vmap_stack = detect_vmap_stack(root, None);
     let before = slabinfo::read(root);
     let sampled_at = Instant::now();
     let ledger_before = Ledger::read(root, vmap_stack).map(|l| (l, Instant::now()));

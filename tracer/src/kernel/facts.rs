@@ -99,6 +99,9 @@ pub struct KernelFacts {
     /// misses are counted only from 6.1, so a zero before that means "not
     /// counted". Without a loadable program the version decides.
     pub recursion_misses: bool,
+    /// Kernel stacks are vmalloc'd (CONFIG_VMAP_STACK), so `KernelStack` is
+    /// inside `VmallocUsed` ([`detect_vmap_stack`]); None: unknown.
+    pub vmap_stack: Option<bool>,
 }
 
 impl KernelFacts {
@@ -116,9 +119,32 @@ impl KernelFacts {
             },
             recursion_misses: crate::kernel::bpf_probe::prog_info_has_recursion_misses()
                 .unwrap_or_else(|| at_least(5, 12)),
+            vmap_stack: detect_vmap_stack(root, btf),
             features,
         }
     }
+}
+
+/// Whether kernel stacks are vmalloc'd (CONFIG_VMAP_STACK), from the running kernel:
+/// `task_struct.stack_vm_area` exists exactly under that option (include/linux/sched.h).
+/// `btf`: the running kernel's, if already parsed (parsing it takes ~100 ms);
+/// else it is read here. Falls back to `/boot/config-<release>`; None when
+/// neither answers.
+pub fn detect_vmap_stack(root: &Path, btf: Option<&Btf>) -> Option<bool> {
+    let read;
+    let btf = match btf {
+        Some(btf) => Some(btf),
+        None => {
+            read = Btf::read(&root.join("sys/kernel/btf/vmlinux")).ok();
+            read.as_ref()
+        }
+    };
+    if let Some(btf) = btf.filter(|b| b.has_struct("task_struct")) {
+        return Some(btf.member("task_struct", "stack_vm_area").is_some());
+    }
+    let release = read_release(root)?;
+    let config = std::fs::read_to_string(root.join(format!("boot/config-{release}"))).ok()?;
+    Some(config.lines().any(|l| l.trim() == "CONFIG_VMAP_STACK=y"))
 }
 
 #[cfg(test)]
@@ -148,6 +174,28 @@ mod tests {
         assert!(!f.kprobes);
         std::fs::create_dir_all(dir.join("sys/bus/event_source/devices/kprobe")).expect("mkdir");
         assert!(Features::detect(&dir, None).kprobes);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn vmap_stack_from_boot_config_without_btf() {
+        let dir = std::env::temp_dir().join(format!("leaktrace-vmap-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("proc/sys/kernel")).unwrap();
+        std::fs::create_dir_all(dir.join("boot")).unwrap();
+        std::fs::write(dir.join("proc/sys/kernel/osrelease"), "5.10.0-26-amd64\n").unwrap();
+        assert_eq!(detect_vmap_stack(&dir, None), None);
+        std::fs::write(
+            dir.join("boot/config-5.10.0-26-amd64"),
+            "CONFIG_VMAP_STACK=y\n",
+        )
+        .unwrap();
+        assert_eq!(detect_vmap_stack(&dir, None), Some(true));
+        std::fs::write(
+            dir.join("boot/config-5.10.0-26-amd64"),
+            "# CONFIG_VMAP_STACK is not set\n",
+        )
+        .unwrap();
+        assert_eq!(detect_vmap_stack(&dir, None), Some(false));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

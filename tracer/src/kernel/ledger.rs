@@ -31,7 +31,6 @@ use std::path::Path;
 use anyhow::Result;
 use serde::Serialize;
 
-use crate::kernel::btf::Btf;
 use crate::kernel::meminfo::{self, MemInfo};
 use crate::kernel::zoneinfo;
 
@@ -219,20 +218,6 @@ impl LedgerPicture {
     }
 }
 
-/// Whether kernel stacks are vmalloc'd (CONFIG_VMAP_STACK), from the running kernel:
-/// `task_struct.stack_vm_area` exists exactly under that option (include/linux/sched.h).
-/// Falls back to `/boot/config-<release>`; None when neither answers.
-pub fn detect_vmap_stack(root: &Path) -> Option<bool> {
-    if let Ok(btf) = Btf::read(&root.join("sys/kernel/btf/vmlinux")) {
-        if btf.has_struct("task_struct") {
-            return Some(btf.member("task_struct", "stack_vm_area").is_some());
-        }
-    }
-    let release = crate::kernel::facts::read_release(root)?;
-    let config = std::fs::read_to_string(root.join(format!("boot/config-{release}"))).ok()?;
-    Some(config.lines().any(|l| l.trim() == "CONFIG_VMAP_STACK=y"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -322,27 +307,5 @@ mod tests {
         assert_eq!(of("slab_unreclaimable").growth_kb, Some(0));
         // A field that vanished has no growth, not a fall to zero.
         assert_eq!(of("percpu").growth_kb, None);
-    }
-
-    #[test]
-    fn vmap_stack_from_boot_config_without_btf() {
-        let dir = std::env::temp_dir().join(format!("leaktrace-vmap-{}", std::process::id()));
-        std::fs::create_dir_all(dir.join("proc/sys/kernel")).unwrap();
-        std::fs::create_dir_all(dir.join("boot")).unwrap();
-        std::fs::write(dir.join("proc/sys/kernel/osrelease"), "5.10.0-26-amd64\n").unwrap();
-        assert_eq!(detect_vmap_stack(&dir), None);
-        std::fs::write(
-            dir.join("boot/config-5.10.0-26-amd64"),
-            "CONFIG_VMAP_STACK=y\n",
-        )
-        .unwrap();
-        assert_eq!(detect_vmap_stack(&dir), Some(true));
-        std::fs::write(
-            dir.join("boot/config-5.10.0-26-amd64"),
-            "# CONFIG_VMAP_STACK is not set\n",
-        )
-        .unwrap();
-        assert_eq!(detect_vmap_stack(&dir), Some(false));
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

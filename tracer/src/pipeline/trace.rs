@@ -178,6 +178,7 @@ pub async fn run(args: TraceOptions, traced: &Traced) -> Result<()> {
         cgroup_mount: plan.cgroup_mount.clone(),
         pods_root: args.pods_root.clone(),
         slab_baseline,
+        vmap_stack: facts.vmap_stack,
         cache: name,
         source,
         aliases,

@@ -17,7 +17,7 @@ use std::{
 };
 
 use crate::kernel::cgroupfs::{self, CgroupDir, Hierarchy};
-use crate::kernel::ledger::{self, Ledger};
+use crate::kernel::ledger::Ledger;
 use crate::kernel::memory_stat::{self, StatTiming};
 use crate::kernel::{meminfo, slabinfo};
 use crate::slab::caches::Catalogue;
@@ -201,7 +201,7 @@ fn read_kernel(s: &mut ReadState) -> String {
     let start = Instant::now();
     let vmap_stack = *s
         .vmap_stack
-        .get_or_insert_with(|| ledger::detect_vmap_stack(&root));
+        .get_or_insert_with(|| crate::kernel::facts::detect_vmap_stack(&root, None));
     let ledger = Ledger::read(&root, vmap_stack);
     up.push(("ledger", ledger.is_ok(), start.elapsed().as_secs_f64()));
     if let Ok(l) = ledger {

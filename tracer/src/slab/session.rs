@@ -15,7 +15,7 @@ use tracer_common::slab::Config;
 use crate::{
     bpf::stacks::StackId,
     kernel::clock::monotonic_ns,
-    kernel::ledger::{self, Ledger, LedgerPicture},
+    kernel::ledger::{Ledger, LedgerPicture},
     kernel::meminfo,
     kernel::own_memory,
     kernel::pods::PodNames,
@@ -52,6 +52,8 @@ pub struct Setup<'a> {
     pub pods_root: PathBuf,
     /// The cache's slabinfo line when attached.
     pub slab_baseline: Option<SlabLine>,
+    /// CONFIG_VMAP_STACK, from the kernel facts (the ledger's KernelStack term).
+    pub vmap_stack: Option<bool>,
     pub cache: String,
     pub source: MemorySource,
     pub aliases: Vec<String>,
@@ -99,7 +101,7 @@ pub struct Session {
 impl Session {
     pub fn new(s: Setup<'_>) -> Session {
         let c = s.config;
-        let vmap_stack = ledger::detect_vmap_stack(Path::new("/"));
+        let vmap_stack = s.vmap_stack;
         Session {
             // The kernel map cannot hold more than --max-objects, so neither can we.
             agg: Aggregator::with_capacity(
