@@ -852,11 +852,22 @@ pub fn map_name(id: u32) -> Result<String> {
 pub struct Tmpfs(pub PathBuf);
 
 impl Tmpfs {
+    /// A 64 MiB tmpfs of the test's own (the vm-test guests have no /dev/shm).
     pub fn mount(tag: &str) -> Tmpfs {
+        Tmpfs::mount_sized(tag, 64)
+    }
+
+    pub fn mount_sized(tag: &str, mib: u32) -> Tmpfs {
         let dir = std::env::temp_dir().join(format!("leaktrace-{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("tmpfs dir");
         let st = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=64m", "leaktrace-test"])
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={mib}m"),
+                "leaktrace-test",
+            ])
             .arg(&dir)
             .status()
             .expect("mount");

@@ -177,6 +177,10 @@ impl Drop for Witness {
 struct Memcg {
     child: Child,
     snapshots: mpsc::Receiver<Value>,
+    /// The tool fell back to classic percpu tracepoints (its note says so):
+    /// their programs are skipped while another BPF program runs on the CPU,
+    /// so a free may go unseen and a memcg's figure read high.
+    classic: bool,
 }
 
 impl Memcg {
@@ -208,12 +212,19 @@ impl Memcg {
             }
         });
         let mut seen = Vec::new();
-        let mut tracer = Memcg { child, snapshots };
+        let mut tracer = Memcg {
+            child,
+            snapshots,
+            classic: false,
+        };
         while let Ok(l) = rx.recv_timeout(Duration::from_secs(60)) {
             let done = l.contains("attached to memcg lifetimes");
             seen.push(l);
             if done {
                 println!("{}", seen.join("\n"));
+                tracer.classic = seen
+                    .iter()
+                    .any(|l| l.contains("percpu raw tracepoints not"));
                 return tracer;
             }
         }
@@ -291,6 +302,10 @@ fn own_cgroup_v2(mount: &Path) -> PathBuf {
     mount.join(rel.trim_start_matches('/'))
 }
 
+/// How far above the witness a memcg's figure may read where the tool had to
+/// use classic percpu tracepoints (see [`Memcg::classic`]): 8 areas of 8 B.
+const CLASSIC_SLACK: u64 = 64;
+
 #[test]
 fn dying_memcgs_show_their_measured_per_cpu_share_and_the_estimate_is_close() {
     skip_unless!(
@@ -337,7 +352,15 @@ fn dying_memcgs_show_their_measured_per_cpu_share_and_the_estimate_is_close() {
     loop {
         report = tracer.next();
         seen = witness.per_memcg(pid, false);
-        let differ = disagreements(&report, pid, &seen, cpus);
+        let mut differ = disagreements(&report, pid, &seen, cpus);
+        if tracer.classic {
+            // Missed frees only ever leave a figure high, by the few small
+            // areas a dying memcg frees late (its killed percpu_refs and the
+            // like): at most CLASSIC_SLACK bytes per CPU, never low.
+            differ.retain(|&(_, ours, witness)| {
+                ours < witness || ours > witness + CLASSIC_SLACK * cpus
+            });
+        }
         if ours(&report, pid).len() == MEMCGS && differ.is_empty() {
             break;
         }

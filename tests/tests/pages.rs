@@ -62,7 +62,9 @@ fn held_pipe_pages_are_named_and_page_cache_and_slab_churn_add_nothing() {
     // Noise while the pipes fill: 256 MiB of page cache on tmpfs (movable,
     // dropped in the kernel) and 5 s of transient kmalloc-512 (slab pages,
     // taken back by /proc/kpageflags).
-    let file = format!("/dev/shm/leaktrace-pages-test-{}", std::process::id());
+    // A tmpfs of the test's own: the vm-test guests have no /dev/shm.
+    let fs = Tmpfs::mount_sized("pages", 300);
+    let file = fs.0.join("page-cache.dat").display().to_string();
     let mut dd = Command::new("dd")
         .args(["if=/dev/zero", &format!("of={file}"), "bs=1M", "count=256"])
         .stdout(Stdio::null())

@@ -34,8 +34,9 @@
 //! LEAKGEN_MEMCG_PARENT=DIR leakgen memcgs N  N memory cgroups made under DIR
 //!                      by `make_memcg` (mkdir, so this process makes their
 //!                      per-CPU statistics), each charged with a 64 KiB tmpfs
-//!                      file written from inside it, then left and removed:
-//!                      N dying memcgs the files pin until release unlinks them;
+//!                      file written from inside it and pinned by an inotify
+//!                      instance made there, then left and removed: N dying
+//!                      memcgs until release closes and unlinks them;
 //!                      it moves back into LEAKGEN_MEMCG_HOME (default: the
 //!                      memcg it started in; cgroup v2 allows no process in DIR);
 //!                      the files go in LEAKGEN_MEMCG_TMPFS (default: the first
@@ -1200,6 +1201,7 @@ fn run_memcgs(n: usize) -> Result<()> {
         None => tmpfs_dir()?,
     };
     let mut files = Vec::with_capacity(n);
+    let mut groups = Vec::with_capacity(n);
     // Back into the memcg this process started in (or LEAKGEN_MEMCG_HOME),
     // not DIR: on cgroup2 a cgroup that delegates memory to its children
     // (DIR must) may hold no process, so writing DIR/cgroup.procs fails with
@@ -1217,13 +1219,27 @@ fn run_memcgs(n: usize) -> Result<()> {
             .with_context(|| format!("moving into {}", dir.display()))?;
         let charged = std::fs::write(&file, vec![0xa5u8; MEMCG_CHARGE_BYTES])
             .with_context(|| format!("writing {}", file.display()));
+        // 7.1+ reparents a dying memcg's LRU folios, so the file alone no
+        // longer keeps it dying there; an inotify group holds a reference to
+        // the memcg it was made in (`fsnotify_group.memcg`) on every kernel.
+        // SAFETY: plain syscall.
+        let group = unsafe { libc::inotify_init1(libc::IN_CLOEXEC) };
+        let group = if group < 0 {
+            Err(os_error(
+                "inotify_init1 (the memcg's pin; see fs.inotify.max_user_instances)",
+            ))
+        } else {
+            Ok(group)
+        };
         std::fs::write(&home, format!("{pid}\n"))
             .with_context(|| format!("moving back into {}", home.display()))?;
         charged?;
         files.push(file);
+        groups.push(group?);
         std::fs::remove_dir(&dir).with_context(|| format!("removing {}", dir.display()))?;
     }
     hold_protocol(|| {
+        close_all(&groups)?;
         for f in &files {
             std::fs::remove_file(f).with_context(|| format!("removing {}", f.display()))?;
         }
