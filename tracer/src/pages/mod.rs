@@ -65,10 +65,7 @@ impl AllocSource for Pages<'_> {
             self.btf,
             self.kmalloc_max,
             self.select,
-            &PlanOptions {
-                on_demand_maps: facts.on_demand_maps,
-                ..self.options.clone()
-            },
+            &self.options.with_facts(facts),
         )?;
         plan.finish(facts, self.btf, self.root, &self.finish);
         Ok(plan)

@@ -152,16 +152,13 @@ pub fn build(
         notes.push("live-object map preallocated; --max-objects sizes it".to_string());
         LiveMap::Preallocated
     };
-    Ok(Plan {
-        config: cfg,
+    Ok(Plan::unfinished(
+        cfg,
         attachments,
         live_map,
         notes,
-        cache: NAME.to_string(),
-        recursion_misses: false,
-        max_objects: 0,
-        cgroup_mount: None,
-    })
+        NAME.to_string(),
+    ))
 }
 
 /// Where the kernel side's one read of an `event` record starts, so that

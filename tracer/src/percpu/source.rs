@@ -65,10 +65,7 @@ impl AllocSource for PercpuAllocations<'_> {
             self.tracefs,
             self.btf,
             cpus,
-            &PlanOptions {
-                on_demand_maps: facts.on_demand_maps,
-                ..self.options.clone()
-            },
+            &self.options.with_facts(facts),
         )?;
         let finish = Finish {
             max_objects: Some(self.finish.max_objects.unwrap_or_else(|| {
@@ -182,16 +179,13 @@ pub fn build(
             "percpu_free_percpu",
         ));
     }
-    Ok(Plan {
-        config: cfg,
+    Ok(Plan::unfinished(
+        cfg,
         attachments,
         live_map,
         notes,
-        cache: NAME.to_string(),
-        recursion_misses: false,
-        max_objects: 0,
-        cgroup_mount: None,
-    })
+        NAME.to_string(),
+    ))
 }
 
 fn require(tracefs: &Tracefs, event: &str) -> Result<EventFormat> {

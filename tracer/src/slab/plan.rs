@@ -91,6 +91,17 @@ pub struct PlanOptions {
     pub on_demand_maps: bool,
 }
 
+impl PlanOptions {
+    /// These options with the kernel facts' say on on-demand maps, whatever
+    /// was set: what every source plans with.
+    pub fn with_facts(&self, facts: &KernelFacts) -> PlanOptions {
+        PlanOptions {
+            on_demand_maps: facts.on_demand_maps,
+            ..self.clone()
+        }
+    }
+}
+
 /// A stratum's first allocations on each CPU drawn with probability 1: a path
 /// that allocates once every few seconds (a retry loop) is then named by its
 /// first allocations instead of after ~64 of them, and a burst of new
@@ -400,16 +411,13 @@ pub fn build(
         ));
         LiveMap::Preallocated
     };
-    Ok(Plan {
-        config: cfg,
-        attachments: hooks.attachments,
+    Ok(Plan::unfinished(
+        cfg,
+        hooks.attachments,
         live_map,
         notes,
-        cache: sel.cache.clone(),
-        recursion_misses: false,
-        max_objects: 0,
-        cgroup_mount: None,
-    })
+        sel.cache.clone(),
+    ))
 }
 
 /// The run's choices [`Plan::finish`] settles with the kernel's facts.
@@ -441,6 +449,27 @@ pub struct Finish {
 }
 
 impl Plan {
+    /// A source's plan as its `build` leaves it: [`Plan::finish`] settles
+    /// the rest (the cgroup source, the live table's size) with the facts.
+    pub fn unfinished(
+        config: Config,
+        attachments: Vec<Attachment>,
+        live_map: LiveMap,
+        notes: Vec<String>,
+        cache: String,
+    ) -> Plan {
+        Plan {
+            config,
+            attachments,
+            live_map,
+            notes,
+            cache,
+            recursion_misses: false,
+            max_objects: 0,
+            cgroup_mount: None,
+        }
+    }
+
     /// The rest of the kernel side's configuration, decided once the cache's
     /// hooks are known: how the ring buffer wakes the reader, what keys the
     /// strata, where the task's cgroup and interrupt context are read, and how

@@ -67,10 +67,7 @@ impl AllocSource for SlabCaches<'_> {
             self.btf,
             self.catalogue,
             self.selection,
-            &PlanOptions {
-                on_demand_maps: facts.on_demand_maps,
-                ..self.options.clone()
-            },
+            &self.options.with_facts(facts),
         )?;
         plan.finish(facts, self.btf, self.root, &self.finish);
         Ok(plan)
