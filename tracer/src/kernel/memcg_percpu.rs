@@ -28,7 +28,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use super::btf::Btf;
+use super::{btf::Btf, possible_cpus};
 
 /// One kind of per-CPU structure a memcg's mkdir allocates.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -73,29 +73,14 @@ impl Host {
     pub fn read(root: &Path, cgroup_v1: bool) -> std::io::Result<Host> {
         let cpus = std::fs::read_to_string(root.join("sys/devices/system/cpu/possible"))?;
         let nodes = std::fs::read_to_string(root.join("sys/devices/system/node/possible"))
-            .map_or(1, |t| count_ranges(&t).max(1));
+            .map_or(1, |t| possible_cpus::count(&t).unwrap_or(1));
         Ok(Host {
             cgroup_v1,
             psi: root.join("proc/pressure/memory").exists(),
-            possible_cpus: count_ranges(&cpus).max(1),
+            possible_cpus: possible_cpus::count(&cpus).unwrap_or(1),
             possible_nodes: nodes,
         })
     }
-}
-
-/// Number of ids in a kernel id list such as `0-3,8,10-11`.
-pub fn count_ranges(text: &str) -> u64 {
-    text.trim()
-        .split(',')
-        .filter(|s| !s.is_empty())
-        .map(|r| match r.split_once('-') {
-            Some((a, b)) => match (a.parse::<u64>(), b.parse::<u64>()) {
-                (Ok(a), Ok(b)) if b >= a => b - a + 1,
-                _ => 0,
-            },
-            None => u64::from(r.parse::<u64>().is_ok()),
-        })
-        .sum()
 }
 
 /// cgroup v2's own figure (5.9+): Σ `percpu` of `memory.stat` over the
@@ -229,15 +214,6 @@ mod tests {
         assert_eq!(memory_stat_percpu(&dir), Some(123));
         let _ = std::fs::remove_dir_all(&dir);
         assert_eq!(memory_stat_percpu(Path::new("/nonexistent")), None);
-    }
-
-    #[test]
-    fn id_lists() {
-        assert_eq!(count_ranges("0-1\n"), 2);
-        assert_eq!(count_ranges("0-3,8,10-11"), 7);
-        assert_eq!(count_ranges("0"), 1);
-        assert_eq!(count_ranges(""), 0);
-        assert_eq!(count_ranges("3-1"), 0);
     }
 
     /// On this kernel: every struct the estimate names is in its BTF, and a

@@ -16,7 +16,8 @@ pub fn read(root: &Path) -> Result<u64> {
     count(&text).with_context(|| format!("{} is not a CPU list: {text:?}", path.display()))
 }
 
-/// CPUs in a kernel CPU list (`bitmap_parselist` syntax without strides).
+/// Ids in a kernel CPU (or node: the same syntax) list (`bitmap_parselist`
+/// syntax without strides).
 pub fn count(list: &str) -> Option<u64> {
     let mut n = 0u64;
     for part in list.trim().split(',') {
