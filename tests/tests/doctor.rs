@@ -4,10 +4,10 @@
 
 use std::{
     fs,
-    io::{BufRead, BufReader},
+    io::{BufRead, BufReader, Lines},
     os::unix::process::CommandExt,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::{ChildStderr, Command, Stdio},
     thread,
     time::{Duration, Instant},
 };
@@ -172,21 +172,8 @@ fn slab_growth_names_the_cache_a_generator_grows() {
     skip_unless!(is_root(), "/proc/slabinfo needs root");
     let _window = window();
     skip_unless!(slab_cache_exists("kmalloc-512"), "no kmalloc-512 cache");
-    let child = Command::new(leaktrace_bin())
-        .args(["doctor", "--json", "--watch", "2s"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn doctor");
-    let mut child = KillOnDrop(child);
-    let stderr = child.0.stderr.take().expect("stderr");
-    let mut lines = BufReader::new(stderr).lines();
     // The generator must allocate after the first sample, inside the window.
-    let first = lines
-        .next()
-        .expect("doctor wrote nothing to stderr")
-        .expect("read stderr");
+    let (mut child, lines, first) = doctor_sampling("2s");
     assert!(first.contains("sampling slab caches for 2.0s"), "{first}");
 
     const KEYS: u64 = 2000;
@@ -194,9 +181,7 @@ fn slab_growth_names_the_cache_a_generator_grows() {
     let out = child.0.wait_with_output_timeout(Duration::from_secs(30));
     gen.release().expect("release keys");
     gen.finish().expect("leakgen exit");
-    let rest: Vec<String> = lines.map_while(Result::ok).collect();
-    assert!(out.0.success(), "doctor failed: {rest:?}");
-    let report: Value = serde_json::from_str(&out.1).unwrap_or_else(|e| panic!("{e}: {}", out.1));
+    let report = doctor_report(out, lines);
 
     let slab = finding(&report, "slab");
     let grown = slab["data"]["top_growth"]
@@ -332,21 +317,8 @@ fn ledger_names_the_pages_pipes_take() {
     // Read just before doctor's first ledger read and just after it (doctor reports the
     // sample open on stderr after that read): the named buckets must lie between.
     let opened = meminfo();
-    let child = Command::new(leaktrace_bin())
-        // Long enough for 200 MiB of pipe writes under TCG in the vm-test guests.
-        .args(["doctor", "--json", "--watch", "10s"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn doctor");
-    let mut child = KillOnDrop(child);
-    let stderr = child.0.stderr.take().expect("stderr");
-    let mut lines = BufReader::new(stderr).lines();
-    let first = lines
-        .next()
-        .expect("doctor wrote nothing to stderr")
-        .expect("read stderr");
+    // Long enough for 200 MiB of pipe writes under TCG in the vm-test guests.
+    let (mut child, lines, first) = doctor_sampling("10s");
     let sampled = meminfo();
     assert!(first.contains("sampling"), "{first}");
 
@@ -359,9 +331,7 @@ fn ledger_names_the_pages_pipes_take() {
     let out = child.0.wait_with_output_timeout(Duration::from_secs(60));
     gen.release().expect("release the pipes");
     gen.finish().expect("leakgen exit");
-    let rest: Vec<String> = lines.map_while(Result::ok).collect();
-    assert!(out.0.success(), "doctor failed: {rest:?}");
-    let report: Value = serde_json::from_str(&out.1).unwrap_or_else(|e| panic!("{e}: {}", out.1));
+    let report = doctor_report(out, lines);
     let ledger = finding(&report, "ledger");
     let data = &ledger["data"];
     let bucket = |name: &str| {
@@ -434,6 +404,38 @@ fn ledger_names_the_pages_pipes_take() {
             "{ledger}"
         );
     }
+}
+
+/// `leaktrace doctor --json --watch WATCH`, its stderr, and the first line
+/// of it, which doctor writes once its first sample is taken: what a test
+/// starts after reading it grows inside the window.
+fn doctor_sampling(watch: &str) -> (KillOnDrop, Lines<BufReader<ChildStderr>>, String) {
+    let child = Command::new(leaktrace_bin())
+        .args(["doctor", "--json", "--watch", watch])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn doctor");
+    let mut child = KillOnDrop(child);
+    let stderr = child.0.stderr.take().expect("stderr");
+    let mut lines = BufReader::new(stderr).lines();
+    let first = lines
+        .next()
+        .expect("doctor wrote nothing to stderr")
+        .expect("read stderr");
+    (child, lines, first)
+}
+
+/// The JSON report of a doctor that exited (status, stdout), its stderr's
+/// remaining lines shown if it failed.
+fn doctor_report(
+    out: (std::process::ExitStatus, String),
+    lines: Lines<BufReader<ChildStderr>>,
+) -> Value {
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    assert!(out.0.success(), "doctor failed: {rest:?}");
+    serde_json::from_str(&out.1).unwrap_or_else(|e| panic!("{e}: {}", out.1))
 }
 
 struct KillOnDrop(std::process::Child);
