@@ -5,7 +5,6 @@
 
 use crate::{IrqContext, TaskOffsets};
 
-pub mod page_programs;
 pub mod programs;
 #[cfg(feature = "user")]
 pub mod user;

@@ -245,7 +245,6 @@ macro_rules! handle {
 }
 
 tracer_common::slab_programs!(entry_points);
-tracer_common::page_programs!(entry_points);
 
 #[inline(always)]
 fn raw_kmalloc<const CAS: bool>(ctx: &RawTracePointContext, spare: bool) {

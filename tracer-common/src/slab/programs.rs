@@ -6,10 +6,17 @@
 //! A row: the hook (`tracepoint`: classic, fields at tracefs offsets;
 //! `raw_tracepoint`: TP_PROTO arguments), what the program handles
 //! (`kmalloc`, `cache_alloc`, `kfree`, `cache_free`; `percpu_alloc`,
-//! `percpu_free` for the per-CPU source, on `percpu:*`), `main` or `spare` (the
-//! second program on a raw hook, run when the kernel skipped the first for
-//! recursion), then its name and the name of its build without BPF
+//! `percpu_free` for the per-CPU source, on `percpu:*`; `page_alloc`,
+//! `page_free` for the page source, and `page_kmalloc`, which takes a large
+//! kmalloc's block back from it: those pages are counted in `Slab`), `main`
+//! or `spare` (the second program on a raw hook, run when the kernel skipped
+//! the first for recursion), then its name and the name of its build without BPF
 //! compare-and-swap (5.10's verifier refuses a cmpxchg anywhere in a program).
+//!
+//! The page hooks are classic tracepoints: they carry the `pfn`, which
+//! `/proc/kpageflags` and a split block's order-0 frees are keyed by. The raw
+//! tracepoints carry `struct page *`, whose pfn needs `vmemmap_base`
+//! (randomized by KASLR) and `sizeof(struct page)`.
 
 /// Calls `$callback! { rows }` with the slab object's program table.
 #[macro_export]
@@ -32,6 +39,10 @@ macro_rules! slab_programs {
             tracepoint percpu_free main: percpu_free, percpu_free_nocas;
             raw_tracepoint percpu_free main: percpu_free_raw, percpu_free_raw_nocas;
             raw_tracepoint percpu_free spare: percpu_free_raw_spare, percpu_free_raw_spare_nocas;
+            tracepoint page_alloc main: page_alloc, page_alloc_nocas;
+            tracepoint page_free main: page_free, page_free_nocas;
+            tracepoint page_kmalloc main: page_kmalloc, page_kmalloc_nocas;
+            raw_tracepoint page_kmalloc main: page_kmalloc_raw, page_kmalloc_raw_nocas;
         }
     };
 }

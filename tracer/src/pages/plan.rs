@@ -3,9 +3,7 @@
 //! and `kmem:mm_page_free`, gfp bit values from the former's print format.
 
 use anyhow::{bail, Context, Result};
-use tracer_common::slab::{
-    page_programs::name as program, Config, PageConfig, PAGE_ORDERS, PAGE_SPAN,
-};
+use tracer_common::slab::{programs::name as program, Config, PageConfig, PAGE_ORDERS, PAGE_SPAN};
 
 use crate::{
     kernel::btf::Btf,

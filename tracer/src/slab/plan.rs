@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use tracer_common::slab::{
-    page_programs,
     programs::{name as program, PROGRAMS},
     user::cache_name_words,
     AllocLayout, Config, CACHE_NAME_LEN, MAX_CACHE_NAMES, STACK_KERNEL, STACK_USER,
@@ -164,7 +163,6 @@ pub fn program_variant(program: &'static str, live_slots: bool) -> &'static str 
     }
     PROGRAMS
         .iter()
-        .chain(page_programs::PROGRAMS)
         .find(|p| p.name == program)
         .map_or(program, |p| p.nocas)
 }
