@@ -348,6 +348,31 @@ mod tests {
     use super::*;
 
     #[test]
+    fn sample_bytes() {
+        assert_eq!(parse_sample_bytes("65536"), Ok(65536));
+        assert_eq!(parse_sample_bytes("512KiB"), Ok(512 << 10));
+        assert_eq!(parse_sample_bytes("64K"), Ok(64 << 10));
+        assert_eq!(parse_sample_bytes("1MiB"), Ok(1 << 20));
+        assert_eq!(parse_sample_bytes("1GiB"), Ok(1 << 30));
+        for bad in [
+            "",
+            "0",
+            "255",
+            "2GiB",
+            "1.5M",
+            "-1",
+            "10 Mb",
+            "1e6",
+            "99999999999999999999G",
+        ] {
+            assert!(
+                parse_sample_bytes(bad).is_err(),
+                "{bad:?} should be refused"
+            );
+        }
+    }
+
+    #[test]
     fn durations() {
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
         assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
@@ -553,11 +578,53 @@ pub struct ServeArgs {
     /// pods and containers from cgroup paths ("/" on a node; a fixture tree in tests).
     #[arg(long, default_value = "/", value_name = "DIR")]
     pub pods_root: PathBuf,
+
+    /// Do not keep the heap sampler running: /debug/pprof/kheap answers 503 and
+    /// /metrics has no leaktrace_kheap_* series; /debug/pprof/kmem still traces on demand.
+    #[arg(long)]
+    pub no_continuous: bool,
+
+    /// The heap sampler takes one allocation per this many bytes allocated, on
+    /// average, over every slab cache (as Go's runtime.MemProfileRate; 256 B to 1 GiB,
+    /// suffixes K/KiB, M/MiB). Each sample stands for 1/(1 - e^(-size/BYTES)) objects.
+    #[arg(long, default_value = "512KiB", value_name = "BYTES", value_parser = parse_sample_bytes)]
+    pub sample_bytes: u64,
+}
+
+/// `--sample-bytes`: a byte count, bare or with K/KiB/M/MiB/G/GiB (powers of
+/// 1024), 256 B to 1 GiB: below that nearly every allocation is a sample and the
+/// live table fills; above it a leak of less than a gigabyte may go unseen.
+pub fn parse_sample_bytes(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let shift = match unit.trim() {
+        "" | "B" => 0,
+        "K" | "k" | "KiB" | "KB" => 10,
+        "M" | "MiB" | "MB" => 20,
+        "G" | "GiB" | "GB" => 30,
+        _ => {
+            return Err(format!(
+                "'{text}' is not a byte count; use e.g. 65536, 64KiB, 512KiB, 1MiB"
+            ))
+        }
+    };
+    let n: u64 = number.parse().map_err(|_| {
+        format!("'{text}' is not a byte count; use e.g. 65536, 64KiB, 512KiB, 1MiB")
+    })?;
+    match n.checked_mul(1 << shift) {
+        Some(b) if (256..=1 << 30).contains(&b) => Ok(b),
+        _ => Err(format!("'{text}' is out of range: use 256 to 1GiB")),
+    }
 }
 
 const SERVE_AFTER_HELP: &str = "\
 Endpoints:
   /metrics                          Prometheus metrics, no authentication
+  /debug/pprof/kheap[?seconds=N&cache=NAME]
+                                    sampled heap profile of every slab cache since serve
+                                    started, at once (the delta over N s with seconds=N);
+                                    gzipped pprof, Go heap shape (token or client certificate)
   /debug/pprof/kmem?cache=NAME&seconds=N
                                     attach, trace NAME for N seconds, detach; gzipped pprof
                                     (token or client certificate required)
@@ -690,6 +757,8 @@ impl From<ServeArgs> for ServeOptions {
             tls_key: a.tls_key,
             client_ca: a.client_ca,
             pods_root: a.pods_root,
+            continuous: !a.no_continuous,
+            sample_bytes: a.sample_bytes,
         }
     }
 }

@@ -250,7 +250,7 @@ async fn route(shared: &Shared, req: Request<Incoming>, verified_cert: bool) -> 
     let query = req.uri().query().unwrap_or("");
     match req.uri().path() {
         "/metrics" => {
-            let body = shared.metrics.render(&shared.profiles).await;
+            let body = shared.metrics.render(&shared.profiles, &shared.kheap).await;
             let mut resp = Response::new(Full::new(Bytes::from(body)));
             resp.headers_mut().insert(
                 header::CONTENT_TYPE,
@@ -261,6 +261,8 @@ async fn route(shared: &Shared, req: Request<Incoming>, verified_cert: bool) -> 
         "/" => text(StatusCode::OK, INDEX),
         path @ ("/debug/pprof/kmem"
         | "/debug/pprof/kmem/"
+        | "/debug/pprof/kheap"
+        | "/debug/pprof/kheap/"
         | "/debug/pprof/memcg"
         | "/debug/pprof/memcg/") => {
             // A HEAD would run a whole trace for a body nobody reads.
@@ -283,7 +285,9 @@ async fn route(shared: &Shared, req: Request<Incoming>, verified_cert: bool) -> 
                 );
                 return resp;
             }
-            if path.starts_with("/debug/pprof/kmem") {
+            if path.starts_with("/debug/pprof/kheap") {
+                shared.kheap.serve(query).await
+            } else if path.starts_with("/debug/pprof/kmem") {
                 shared.profiles.kmem(query).await
             } else {
                 shared.profiles.memcg(query).await
@@ -295,7 +299,9 @@ async fn route(shared: &Shared, req: Request<Incoming>, verified_cert: bool) -> 
 
 const INDEX: &str = "\
 leaktrace serve
-/metrics                                  Prometheus metrics (slab caches, meminfo, memcgs, trace cost)
+/metrics                                  Prometheus metrics (slab caches, meminfo, memcgs, trace cost, sampled heap)
+/debug/pprof/kheap                        sampled heap profile of every slab cache since serve started, gzipped pprof, Go heap shape (needs auth)
+/debug/pprof/kheap?seconds=N&cache=NAME   its delta over the next N seconds, one cache's samples (needs auth)
 /debug/pprof/kmem?cache=NAME&seconds=N    deep trace of one slab cache, gzipped pprof (needs auth)
 /debug/pprof/kmem?percpu=1&seconds=N      deep trace of per-CPU allocations, gzipped pprof (needs auth)
 /debug/pprof/memcg?seconds=N              dying memcgs and what pins them, gzipped pprof (needs auth)

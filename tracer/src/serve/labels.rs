@@ -17,7 +17,18 @@ pub fn label_profile(gz: &[u8], pods: &mut PodNames) -> Option<Vec<u8>> {
         .read_to_end(&mut raw)
         .ok()?;
     let mut profile = Profile::decode(raw.as_slice()).ok()?;
-    let cgroup_key = profile.string_table.iter().position(|s| s == "cgroup")? as i64;
+    if !add_pod_labels(&mut profile, pods) {
+        return None;
+    }
+    crate::output::pprof::encode(&profile).ok()
+}
+
+/// [`label_profile`] on a decoded profile: true when a label was added.
+pub fn add_pod_labels(profile: &mut Profile, pods: &mut PodNames) -> bool {
+    let Some(cgroup_key) = profile.string_table.iter().position(|s| s == "cgroup") else {
+        return false;
+    };
+    let cgroup_key = cgroup_key as i64;
     let mut strings: HashMap<String, i64> = profile
         .string_table
         .iter()
@@ -77,10 +88,7 @@ pub fn label_profile(gz: &[u8], pods: &mut PodNames) -> Option<Vec<u8>> {
         }
         added = true;
     }
-    if !added {
-        return None;
-    }
-    crate::output::pprof::encode(&profile).ok()
+    added
 }
 
 #[cfg(test)]

@@ -22,6 +22,7 @@ use crate::kernel::memory_stat::{self, StatTiming};
 use crate::kernel::{meminfo, slabinfo};
 use crate::slab::caches::Catalogue;
 
+use super::kheap::{Estimates, Kheap};
 use super::profile::Profiles;
 
 /// Series per cache metric at most: a kernel has a few hundred caches, and a
@@ -63,7 +64,7 @@ impl Collector {
     }
 
     /// The exposition: cached kernel reads, then the live serve/trace figures.
-    pub async fn render(&self, profiles: &Profiles) -> String {
+    pub async fn render(&self, profiles: &Profiles, kheap: &Kheap) -> String {
         let kernel = {
             // Held across the read, so concurrent scrapes share one read.
             let mut cached = self.cached.lock().await;
@@ -86,7 +87,135 @@ impl Collector {
         let mut out = String::with_capacity(kernel.len() + 2048);
         out.push_str(&kernel);
         render_serve(&mut out, profiles);
+        let estimates = kheap.estimates().await;
+        render_kheap(&mut out, kheap, estimates);
         out
+    }
+}
+
+/// The continuous heap sampler: its state, and the in-use estimate by cache
+/// from its latest snapshot (top caches and `other`).
+fn render_kheap(out: &mut String, kheap: &Kheap, estimates: Option<Result<Estimates, String>>) {
+    if !kheap.continuous.enabled() {
+        return;
+    }
+    let st = kheap.continuous.status();
+    head(
+        out,
+        "leaktrace_kheap_sampler_up",
+        "gauge",
+        "1 while the continuous heap sampler (serve's child for /debug/pprof/kheap) runs; 0 while it is down \
+         or restarting; absent with --no-continuous.",
+    );
+    sample(
+        out,
+        "leaktrace_kheap_sampler_up",
+        &[],
+        u8::from(st.running_since.is_some()),
+    );
+    head(
+        out,
+        "leaktrace_kheap_sampler_start_time_seconds",
+        "gauge",
+        "Unix time the running heap sampler started: its profile covers allocations since then.",
+    );
+    if let Some(since) = st.running_since {
+        let secs = since
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        sample(out, "leaktrace_kheap_sampler_start_time_seconds", &[], secs);
+    }
+    head(
+        out,
+        "leaktrace_kheap_sampler_restarts_total",
+        "counter",
+        "Times the heap sampler died or was stuck and was started again (its last error is in serve's log).",
+    );
+    sample(
+        out,
+        "leaktrace_kheap_sampler_restarts_total",
+        &[],
+        st.restarts,
+    );
+    head(
+        out,
+        "leaktrace_kheap_sampler_sample_bytes",
+        "gauge",
+        "The sampler's mean bytes allocated between samples (--sample-bytes).",
+    );
+    sample(
+        out,
+        "leaktrace_kheap_sampler_sample_bytes",
+        &[],
+        kheap.continuous.sample_bytes(),
+    );
+    head(
+        out,
+        "leaktrace_kheap_snapshots_total",
+        "counter",
+        "Heap profiles taken from the sampler (for /debug/pprof/kheap and these metrics), by result.",
+    );
+    sample(
+        out,
+        "leaktrace_kheap_snapshots_total",
+        &[("result", "ok")],
+        st.snapshots_ok,
+    );
+    sample(
+        out,
+        "leaktrace_kheap_snapshots_total",
+        &[("result", "failed")],
+        st.snapshots_failed,
+    );
+    let Some(Ok(e)) = estimates else {
+        return;
+    };
+    head(
+        out,
+        "leaktrace_kheap_inuse_bytes",
+        "gauge",
+        "Sampled estimate (not a count) of slab bytes allocated since the sampler started and still in use, by cache: \
+         each sample stands for 1/(1 - e^(-size/sample_bytes)) objects, so the estimate is unbiased and its relative \
+         error about 1/sqrt(samples); the largest caches by name, the rest summed as cache=\"other\". \
+         Low by up to the dropped samples' share when the sampler's table was full.",
+    );
+    for (cache, bytes) in &e.caches.inuse_bytes {
+        sample(
+            out,
+            "leaktrace_kheap_inuse_bytes",
+            &[("cache", cache)],
+            bytes,
+        );
+    }
+    head(
+        out,
+        "leaktrace_kheap_inuse_objects",
+        "gauge",
+        "Sampled estimate of slab objects allocated since the sampler started and still in use, all caches.",
+    );
+    sample(
+        out,
+        "leaktrace_kheap_inuse_objects",
+        &[],
+        e.caches.inuse_objects,
+    );
+    if let Some(n) = e.samples {
+        head(
+            out,
+            "leaktrace_kheap_samples",
+            "gauge",
+            "Samples the in-use estimates stand on (live in the sampler's table).",
+        );
+        sample(out, "leaktrace_kheap_samples", &[], n);
+    }
+    if let Some(n) = e.dropped {
+        head(
+            out,
+            "leaktrace_kheap_dropped_samples",
+            "gauge",
+            "Samples the sampler could not keep (its table was full): the in-use estimates are low by about this many samples' weight.",
+        );
+        sample(out, "leaktrace_kheap_dropped_samples", &[], n);
     }
 }
 

@@ -1,6 +1,9 @@
 //! `leaktrace serve`: one long-running process per node for a fleet.
 //!
-//! Always on and BPF-free: Prometheus metrics built from /proc/slabinfo,
+//! Always on: a sampled heap profile of every slab cache, kept by a child
+//! sampler ([`continuous`]) and fetched instantly at `/debug/pprof/kheap`
+//! ([`kheap`]) the way Go's `/debug/pprof/heap` is (`--no-continuous` turns
+//! it off); and BPF-free Prometheus metrics built from /proc/slabinfo,
 //! /proc/meminfo and the memory cgroup hierarchy ([`metrics`]), read at most
 //! once per `--refresh` however often they are scraped.
 //!
@@ -12,7 +15,10 @@
 //! client certificate ([`auth`]); metrics stay readable without either.
 
 mod auth;
+mod continuous;
 mod http;
+mod kheap;
+mod kheap_profile;
 mod labels;
 mod metrics;
 mod profile;
@@ -43,6 +49,10 @@ pub struct ServeOptions {
     pub client_ca: Option<PathBuf>,
     /// Where kubelet's pod and container logs are, to name pods.
     pub pods_root: PathBuf,
+    /// Keep the heap sampler running for /debug/pprof/kheap (not `--no-continuous`).
+    pub continuous: bool,
+    /// Its mean sampling interval in bytes allocated.
+    pub sample_bytes: u64,
 }
 
 /// What every connection shares.
@@ -50,6 +60,7 @@ pub struct Shared {
     pub auth: auth::Auth,
     pub metrics: metrics::Collector,
     pub profiles: profile::Profiles,
+    pub kheap: kheap::Kheap,
 }
 
 /// `leaktrace serve`, until SIGINT or SIGTERM. The blocking reads of the
@@ -63,15 +74,25 @@ pub async fn run(args: ServeOptions) -> Result<()> {
         _ => None,
     };
     let pods = crate::kernel::pods::PodNames::new(&args.pods_root);
+    let exe = std::env::current_exe().context("locating the leaktrace binary for deep traces")?;
+    // Started here, on the runtime's one thread (the main thread), so the
+    // sampler's parent-death signal is tied to serve's life.
+    let continuous = if args.continuous {
+        continuous::Continuous::start(exe.clone(), args.sample_bytes)
+    } else {
+        continuous::Continuous::off(args.sample_bytes)
+    };
+    let kheap = kheap::Kheap::new(
+        continuous,
+        args.max_seconds,
+        args.refresh,
+        crate::kernel::pods::PodNames::new(&args.pods_root),
+    );
     let shared = Arc::new(Shared {
         auth,
         metrics: metrics::Collector::new(PathBuf::from("/"), args.refresh),
-        profiles: profile::Profiles::new(
-            args.max_seconds,
-            args.min_interval,
-            std::env::current_exe().context("locating the leaktrace binary for deep traces")?,
-            pods,
-        ),
+        profiles: profile::Profiles::new(args.max_seconds, args.min_interval, exe, pods),
+        kheap,
     });
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -81,8 +102,13 @@ pub async fn run(args: ServeOptions) -> Result<()> {
         .context("reading the listening address")?;
     let scheme = if tls.is_some() { "https" } else { "http" };
     eprintln!(
-        "leaktrace serve: listening on {scheme}://{local} (/metrics; /debug/pprof/kmem {})",
-        shared.auth.describe()
+        "leaktrace serve: listening on {scheme}://{local} (/metrics; /debug/pprof/kheap and /debug/pprof/kmem {}; heap sampler {})",
+        shared.auth.describe(),
+        if args.continuous {
+            format!("on, 1 sample per {} bytes", args.sample_bytes)
+        } else {
+            "off (--no-continuous)".to_string()
+        }
     );
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
         .context("installing the SIGINT handler")?;

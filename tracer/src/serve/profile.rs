@@ -366,12 +366,12 @@ impl Profiles {
 const PROFILE_FD: RawFd = 3;
 /// A profile of every stack of a busy cache is megabytes; past this, the
 /// trace is killed rather than held in serve's memory.
-const MAX_PROFILE: u64 = 256 << 20;
+pub(super) const MAX_PROFILE: u64 = 256 << 20;
 
 /// In the trace child, between fork and exec: the child dies with serve,
 /// however serve ends (SIGKILL, the OOM killer), so its programs detach then
 /// and not at the end of its `--duration`; and the profile pipe becomes fd 3.
-fn bind_to_serve(serve_pid: u32, profile_fd: RawFd) -> std::io::Result<()> {
+pub(super) fn bind_to_serve(serve_pid: u32, profile_fd: RawFd) -> std::io::Result<()> {
     let failed = std::io::Error::last_os_error;
     // SAFETY: plain syscalls on integers, async-signal-safe.
     unsafe {
@@ -581,7 +581,7 @@ fn parse_memcg_query(query: &str, max_seconds: u64) -> Result<u64, String> {
     }
 }
 
-fn percent_decode(text: &str) -> Option<String> {
+pub(super) fn percent_decode(text: &str) -> Option<String> {
     let bytes = text.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
