@@ -224,6 +224,9 @@ async fn run(
             let mut lines = BufReader::new(stderr).lines();
             while let Ok(Some(line)) = lines.next_line().await {
                 eprintln!("leaktrace serve: heap sampler: {line}");
+                if line.trim().is_empty() {
+                    continue;
+                }
                 let mut t = lock(&tail);
                 t.push_back(line);
                 if t.len() > ERROR_LINES {
