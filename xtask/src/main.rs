@@ -5,6 +5,7 @@
 mod bench;
 mod setup;
 mod soak;
+mod soak_continuous;
 mod vm;
 
 use std::{
@@ -69,6 +70,11 @@ enum Task {
         /// Short-lived allocating processes started per second.
         #[arg(long, default_value_t = 100)]
         execs: u32,
+        /// Soak `leaktrace serve` with its continuous heap sampler instead: RSS and BPF
+        /// memory flat, no restart, no phantom in-use after the holders exit; writes
+        /// bench/results/soak-continuous-<date>.md.
+        #[arg(long)]
+        continuous: bool,
     },
     /// Run the integration tests inside Debian kernels under QEMU (default: 5.10, 6.1, 6.12, newest 7.x).
     VmTest {
@@ -123,9 +129,20 @@ fn main() -> Result<()> {
                 },
             )
         }
-        Task::Soak { secs, execs } => {
+        Task::Soak {
+            secs,
+            execs,
+            continuous,
+        } => {
             setup::ensure(setup::Needs::Build)?;
-            soak::run(&root, &soak::Options { secs, execs })
+            soak::run(
+                &root,
+                &soak::Options {
+                    secs,
+                    execs,
+                    continuous,
+                },
+            )
         }
         Task::VmTest {
             kernels,

@@ -39,6 +39,8 @@ use crate::bench::proc::{rss_kib, Running};
 pub struct Options {
     pub secs: u64,
     pub execs: u32,
+    /// `leaktrace serve`'s continuous heap sampler instead of `--cache kmalloc-512 --top`.
+    pub continuous: bool,
 }
 
 const SAMPLE: Duration = Duration::from_secs(10);
@@ -80,6 +82,9 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
             "--bins",
         ],
     )?;
+    if opts.continuous {
+        return crate::soak_continuous::run(root, opts);
+    }
     let leaktrace = root.join("target/release/leaktrace");
     let leakgen = root.join("target/release/leakgen");
     let work = root.join("target/soak");
@@ -243,7 +248,7 @@ fn spawn_copier(mut tracer: Running, mut out: File) -> std::thread::JoinHandle<R
 
 /// Starts `per_sec` short-lived `leakgen writev --ops 4` a second until
 /// `stop`; returns how many failed to start or exited non-zero.
-fn spawn_exec_churn(
+pub(crate) fn spawn_exec_churn(
     leakgen: &Path,
     per_sec: u32,
     stop: Arc<AtomicBool>,
@@ -340,7 +345,7 @@ fn lost_events(r: &Value) -> u64 {
 }
 
 /// Sum of `memlock:` over leaktrace's BPF map descriptors (/proc/PID/fdinfo).
-fn map_memlock_kib(pid: u32) -> u64 {
+pub(crate) fn map_memlock_kib(pid: u32) -> u64 {
     let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
         return 0;
     };

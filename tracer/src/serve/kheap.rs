@@ -39,8 +39,11 @@ pub struct Kheap {
 #[derive(Debug, Clone, Default)]
 pub struct Estimates {
     pub caches: CacheEstimates,
-    /// Counts the sampler states in its comment ("N samples", "N dropped"), if it does.
+    /// Counts the sampler states in its comment ("N samples, N held, N dropped"):
+    /// allocations sampled since it started, samples still live (what the in-use
+    /// estimates stand on), samples its full table could not keep.
     pub samples: Option<u64>,
+    pub held: Option<u64>,
     pub dropped: Option<u64>,
 }
 
@@ -158,6 +161,7 @@ impl Kheap {
             Estimates {
                 caches: kheap_profile::cache_estimates(&p, METRIC_CACHES),
                 samples: count_before(&comments, "samples"),
+                held: count_before(&comments, "held"),
                 dropped: count_before(&comments, "dropped"),
             }
         });
@@ -304,11 +308,15 @@ mod tests {
 
     #[test]
     fn sampler_counts_are_read_from_its_comment() {
+        // The sampler's comment (output/kheap_pprof.rs).
         let c = [
-            "sampled heap: 1 in 512 KiB",
-            "since 2026-12-07T15:00:00Z: 1234 samples, 5 dropped (table full)",
+            "leaktrace kernel heap profile, every slab cache: sampled, one allocation per 524288 bytes \
+             allocated on average, each weighted 1/(1-e^(-size/524288)); values are unbiased estimates; \
+             allocations since unix time 1796000000 only; 1234 samples, 321 held, 5 dropped (table full: \
+             in-use may be low by up to 2621440 bytes)",
         ];
         assert_eq!(count_before(&c, "samples"), Some(1234));
+        assert_eq!(count_before(&c, "held"), Some(321));
         assert_eq!(count_before(&c, "dropped"), Some(5));
         assert_eq!(count_before(&["nothing here"], "samples"), None);
     }

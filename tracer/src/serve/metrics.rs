@@ -199,23 +199,31 @@ fn render_kheap(out: &mut String, kheap: &Kheap, estimates: Option<Result<Estima
         &[],
         e.caches.inuse_objects,
     );
-    if let Some(n) = e.samples {
-        head(
-            out,
-            "leaktrace_kheap_samples",
+    for (name, kind, help, value) in [
+        (
+            "leaktrace_kheap_samples_total",
+            "counter",
+            "Allocations the heap sampler has sampled since it started (resets when it restarts).",
+            e.samples,
+        ),
+        (
+            "leaktrace_kheap_samples_held",
             "gauge",
-            "Samples the in-use estimates stand on (live in the sampler's table).",
-        );
-        sample(out, "leaktrace_kheap_samples", &[], n);
-    }
-    if let Some(n) = e.dropped {
-        head(
-            out,
-            "leaktrace_kheap_dropped_samples",
-            "gauge",
-            "Samples the sampler could not keep (its table was full): the in-use estimates are low by about this many samples' weight.",
-        );
-        sample(out, "leaktrace_kheap_dropped_samples", &[], n);
+            "Samples still live in the sampler's table: the in-use estimates stand on these \
+             (relative error about 1/sqrt of a cache's share).",
+            e.held,
+        ),
+        (
+            "leaktrace_kheap_dropped_samples_total",
+            "counter",
+            "Samples the sampler could not keep because its table was full: in-use estimates are low by their weight.",
+            e.dropped,
+        ),
+    ] {
+        if let Some(n) = value {
+            head(out, name, kind, help);
+            sample(out, name, &[], n);
+        }
     }
 }
 
