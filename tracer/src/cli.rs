@@ -95,6 +95,23 @@ pub struct TraceArgs {
     #[arg(long, conflicts_with_all = ["cache", "percpu"])]
     pub pages: bool,
 
+    /// Every slab cache at once, sampled by bytes (one sample per
+    /// --sample-bytes allocated on average, Go's heap-profile weights): in-use
+    /// estimates by cache, process and stack, with 95% intervals.
+    #[arg(long, conflicts_with_all = ["cache", "percpu", "pages"])]
+    pub all_caches: bool,
+
+    /// With --all-caches: mean bytes allocated between samples (64 to 1 GiB).
+    #[arg(long, requires = "all_caches", value_name = "BYTES", default_value_t = crate::slab::kheap::DEFAULT_RATE,
+          value_parser = clap::value_parser!(u64).range(64..=(1 << 30)))]
+    pub sample_bytes: u64,
+
+    /// With --all-caches: run until killed; each `snapshot` line on stdin
+    /// writes one gzipped pprof heap profile to fd 3, preceded by its length
+    /// as 8 bytes little-endian (for `serve`).
+    #[arg(long, requires = "all_caches", hide = true)]
+    pub pprof_snapshots: bool,
+
     /// With --pages: only blocks of this order (2^N pages, 0 to 15).
     #[arg(long, requires = "pages", value_name = "N",
           value_parser = clap::value_parser!(u8).range(0..16))]
@@ -664,6 +681,11 @@ impl TraceArgs {
     /// What the run traces: a slab cache, per-CPU allocations or page blocks
     /// (clap keeps them exclusive). Error: none was asked for.
     pub fn traced(&self) -> anyhow::Result<Traced> {
+        if self.all_caches {
+            return Ok(Traced::AllCaches {
+                sample_bytes: self.sample_bytes,
+            });
+        }
         match (&self.cache, self.percpu, self.pages) {
             (Some(cache), ..) => Ok(Traced::Cache(cache.clone())),
             (None, true, _) => Ok(Traced::Percpu),
@@ -700,6 +722,7 @@ impl From<TraceArgs> for TraceOptions {
             no_kernel_stacks: a.no_kernel_stacks,
             no_user_stacks: a.no_user_stacks,
             pprof: a.pprof,
+            pprof_snapshots: a.pprof_snapshots,
             folded: a.folded,
             flamegraph: a.flamegraph,
             weight: a.weight,

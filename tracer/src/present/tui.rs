@@ -570,6 +570,7 @@ mod tests {
             top_stacks: Vec::new(),
             traced: None,
             pages: None,
+            kheap: None,
         }
     }
 

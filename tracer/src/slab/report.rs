@@ -67,6 +67,10 @@ pub struct Report {
     /// (`pages/kpageflags.rs`); absent for a slab cache.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pages: Option<PageClasses>,
+    /// `--all-caches`: estimates from the byte-sampled allocations of every
+    /// cache, with their coverage; absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kheap: Option<crate::slab::kheap::KheapSummary>,
 }
 
 /// Pages taken back from the counts since attach, by why.
@@ -581,5 +585,6 @@ pub(crate) fn test_report() -> Report {
         top_stacks: Vec::new(),
         traced: None,
         pages: None,
+        kheap: None,
     }
 }
