@@ -309,8 +309,10 @@ pub fn cache_estimates(p: &Profile, top: usize) -> CacheEstimates {
         *by_cache.entry(cache).or_default() += bytes;
         inuse_objects += objects.and_then(|i| s.value.get(i)).copied().unwrap_or(0);
     }
+    // Caches sampled only for allocations since freed hold nothing: no series.
     let mut ranked: Vec<(String, i64)> = by_cache
         .into_iter()
+        .filter(|&(_, b)| b != 0)
         .map(|(c, b)| (c.to_string(), b))
         .collect();
     ranked.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
@@ -527,6 +529,18 @@ pub(crate) mod tests {
         assert_eq!(e.inuse_objects, 30);
         let total: i64 = e.inuse_bytes.iter().map(|(_, b)| b).sum();
         assert_eq!(total, (1..=30).map(|i| i * 1000).sum::<i64>());
+        // A cache whose sampled objects were all freed has no series.
+        let z = cache_estimates(
+            &heap(
+                &[
+                    (&["f"], "dead", [5, 100, 0, 0]),
+                    (&["g"], "live", [1, 512, 1, 512]),
+                ],
+                0,
+            ),
+            20,
+        );
+        assert_eq!(z.inuse_bytes, vec![("live".to_string(), 512)]);
         // Few caches: no `other`.
         let small = cache_estimates(&heap(&refs[..3], 0), 20);
         assert_eq!(small.inuse_bytes.len(), 3);
