@@ -11,7 +11,8 @@
 //!   (sampler maps <= 16 MiB, sampler RSS <= 32 MiB);
 //! * the sampler never restarted and every snapshot succeeded;
 //! * no phantom: once the holders exited and their keys were collected, no
-//!   in-use estimate stays under `user_preparse` for `comm=leakgen`.
+//!   in-use estimate stays under `user_preparse` for the holders' pids (pids,
+//!   not `comm=leakgen`: other work on the machine runs leakgen too).
 
 use std::{
     fmt::Write as _,
@@ -49,6 +50,9 @@ struct Sample {
     sampler_map_kib: u64,
     kmalloc512_inuse: Option<f64>,
     restarts: Option<f64>,
+    /// Size of an instant /debug/pprof/kheap answer (gzipped), and how long it took.
+    profile_kib: u64,
+    profile_ms: u128,
 }
 
 pub fn run(root: &Path, opts: &Options) -> Result<()> {
@@ -135,6 +139,11 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
             let metrics = get(&addr, "/metrics")
                 .map(|(_, b)| String::from_utf8_lossy(&b).into_owned())
                 .unwrap_or_default();
+            let asked = Instant::now();
+            let profile = get(&addr, "/debug/pprof/kheap")
+                .map(|(st, b)| if st == 200 { b.len() as u64 / 1024 } else { 0 })
+                .unwrap_or(0);
+            let profile_ms = asked.elapsed().as_millis();
             let sampler = sampler_pid(serve_pid);
             samples.push(Sample {
                 at_s: begin.elapsed().as_secs(),
@@ -146,6 +155,8 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
                     "leaktrace_kheap_inuse_bytes{cache=\"kmalloc-512\"}",
                 ),
                 restarts: value(&metrics, "leaktrace_kheap_sampler_restarts_total"),
+                profile_kib: profile,
+                profile_ms,
             });
             next_sample += SAMPLE;
         }
@@ -168,7 +179,8 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
     churn.wait().context("the churn generator")?;
 
     let held_truth = KEYS_PER_HOLDER * holders.len() as u64 * 512;
-    let held_estimate = holders_inuse(&addr, &work, "held")?;
+    let pids: Vec<u32> = holders.iter().map(Running::pid).collect();
+    let held_estimate = holders_inuse(&addr, &work, "held", &pids)?;
     for mut h in holders {
         h.send_line()?;
         h.wait_for(|l| l.text.starts_with("RELEASED"), Duration::from_secs(60))?;
@@ -177,7 +189,7 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
     // Unlinked keys are freed by the key garbage collector, a little later.
     let deadline = Instant::now() + Duration::from_secs(30);
     let phantom = loop {
-        let left = holders_inuse(&addr, &work, "released")?;
+        let left = holders_inuse(&addr, &work, "released", &pids)?;
         if left == 0 || Instant::now() > deadline {
             break left;
         }
@@ -212,23 +224,25 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
         crate::bench::git_state(root),
         crate::bench::loadavg()
     );
-    let _ = writeln!(md, "| t (s) | serve RSS (KiB) | sampler RSS (KiB) | sampler BPF map memlock (KiB) | kmalloc-512 in-use estimate (B) | sampler restarts |");
-    let _ = writeln!(md, "| ---: | ---: | ---: | ---: | ---: | ---: |");
+    let _ = writeln!(md, "| t (s) | serve RSS (KiB) | sampler RSS (KiB) | sampler BPF map memlock (KiB) | kmalloc-512 in-use estimate (B) | sampler restarts | kheap profile (KiB, ms) |");
+    let _ = writeln!(md, "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for s in &samples {
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {}, {} |",
             s.at_s,
             s.serve_rss_kib,
             s.sampler_rss_kib,
             s.sampler_map_kib,
             s.kmalloc512_inuse.map_or("-".into(), |v| format!("{v:.0}")),
             s.restarts.map_or("-".into(), |v| format!("{v:.0}")),
+            s.profile_kib,
+            s.profile_ms,
         );
     }
     let _ = writeln!(
         md,
-        "\nholders' keys under user_preparse (comm=leakgen), inuse_space: held {held_truth} B, \
+        "\nholders' keys under user_preparse (their pids), inuse_space: held {held_truth} B, \
          estimated {held_estimate} B while held; {phantom} B after they exited\n"
     );
     let _ = writeln!(md, "| bound | result |\n| --- | --- |");
@@ -312,8 +326,10 @@ fn sampler_pid(serve: u32) -> Option<u32> {
 }
 
 /// The holders' estimated in-use bytes: `go tool pprof` on an instant
-/// `/debug/pprof/kheap`, focused on `user_preparse` for `comm=leakgen`.
-fn holders_inuse(addr: &str, work: &Path, name: &str) -> Result<u64> {
+/// `/debug/pprof/kheap`, focused on `user_preparse`, one holder's pid at a
+/// time (the pid label is numeric, which `-tagfocus` matches one value or
+/// range of).
+fn holders_inuse(addr: &str, work: &Path, name: &str, pids: &[u32]) -> Result<u64> {
     let (status, body) = get(addr, "/debug/pprof/kheap")?;
     if status != 200 {
         bail!(
@@ -323,32 +339,36 @@ fn holders_inuse(addr: &str, work: &Path, name: &str) -> Result<u64> {
     }
     let file = work.join(format!("kheap-{name}.pb.gz"));
     std::fs::write(&file, &body).with_context(|| format!("writing {}", file.display()))?;
-    let out = Command::new("go")
-        .args([
-            "tool",
-            "pprof",
-            "-top",
-            "-cum",
-            "-unit=B",
-            "-sample_index=inuse_space",
-            "-focus=user_preparse",
-            "-tagfocus=comm=leakgen",
-        ])
-        .arg(&file)
-        .env("HOME", work)
-        .env("PPROF_TMPDIR", work)
-        .output()
-        .context("go tool pprof (cargo xtask setup installs golang-go)")?;
-    if !out.status.success() {
-        bail!("go tool pprof: {}", String::from_utf8_lossy(&out.stderr));
+    let mut total = 0;
+    for pid in pids {
+        let out = Command::new("go")
+            .args([
+                "tool",
+                "pprof",
+                "-top",
+                "-cum",
+                "-unit=B",
+                "-sample_index=inuse_space",
+                "-focus=user_preparse",
+            ])
+            .arg(format!("-tagfocus=pid={pid}"))
+            .arg(&file)
+            .env("HOME", work)
+            .env("PPROF_TMPDIR", work)
+            .output()
+            .context("go tool pprof (cargo xtask setup installs golang-go)")?;
+        if !out.status.success() {
+            bail!("go tool pprof: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let top = String::from_utf8_lossy(&out.stdout);
+        total += top
+            .lines()
+            .find(|l| l.split_whitespace().last() == Some("user_preparse"))
+            .and_then(|l| l.split_whitespace().nth(3))
+            .and_then(|v| v.trim_end_matches('B').parse::<u64>().ok())
+            .unwrap_or(0);
     }
-    let top = String::from_utf8_lossy(&out.stdout);
-    Ok(top
-        .lines()
-        .find(|l| l.split_whitespace().last() == Some("user_preparse"))
-        .and_then(|l| l.split_whitespace().nth(3))
-        .and_then(|v| v.trim_end_matches('B').parse().ok())
-        .unwrap_or(0))
+    Ok(total)
 }
 
 /// A plain HTTP/1.1 GET with the soak's token: (status, body).
