@@ -309,6 +309,10 @@ pub struct PageConfig {
     /// argument is `struct page *`: pfn = (page - [`PageCalibration`]'s
     /// base) / this); 0 with the classic hooks.
     pub struct_page_size: u64,
+    /// log2 of [`Self::struct_page_size`] when a power of two (64 bytes on
+    /// most configurations), so the pfn is a shift rather than a division on
+    /// every page freed; 0 otherwise.
+    pub struct_page_shift: u64,
 }
 
 /// Frees the calibration of the raw page hooks records ([`PageCalibration`]).
@@ -408,6 +412,7 @@ impl Config {
                 _pad2: 0,
                 gfp_comp: 0,
                 struct_page_size: 0,
+                struct_page_shift: 0,
             },
         }
     }

@@ -209,12 +209,16 @@ static PAGE_BASE: Array<u64> = Array::with_max_entries(1, 0);
 /// The pfn of `page`; None for NULL or before the base is known.
 #[inline(always)]
 fn pfn_of(page: u64) -> Option<u64> {
-    let size = config().pages.struct_page_size;
+    let cfg = &config().pages;
     let base = *PAGE_BASE.get(0)?;
-    if size == 0 || base == 0 || page < base {
+    if cfg.struct_page_size == 0 || base == 0 || page < base {
         return None;
     }
-    Some((page - base) / size)
+    // The frozen config leaves one of the two in the program.
+    if cfg.struct_page_shift != 0 {
+        return Some((page - base) >> (cfg.struct_page_shift & 63));
+    }
+    Some((page - base) / cfg.struct_page_size)
 }
 
 /// Filled by `page_calibrate` for userspace (`slab/page_base.rs`).

@@ -78,6 +78,9 @@ pub fn build(
     let (alloc_program, free_program, hook) = match raw {
         Ok(struct_page) => {
             cfg.pages.struct_page_size = struct_page;
+            if struct_page.is_power_of_two() {
+                cfg.pages.struct_page_shift = u64::from(struct_page.trailing_zeros());
+            }
             (program::page_alloc_raw, program::page_free_raw, Hook::Raw)
         }
         Err(why) => {
