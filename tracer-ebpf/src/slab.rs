@@ -229,6 +229,16 @@ macro_rules! handle {
     (tracepoint page_free main $ctx:ident $cas:literal) => {
         let _ = pages::page_free::<$cas>(&$ctx);
     };
+    (raw_tracepoint page_alloc main $ctx:ident $cas:literal) => {
+        let _ = pages::page_alloc_raw::<$cas>(&$ctx);
+    };
+    (raw_tracepoint page_free main $ctx:ident $cas:literal) => {
+        let _ = pages::page_free_raw::<$cas>(&$ctx);
+    };
+    // On raw mm_page_free, while userspace calibrates (before the others attach).
+    (raw_tracepoint page_calibrate main $ctx:ident $cas:literal) => {
+        pages::page_calibrate($ctx.arg(0), $ctx.arg(1))
+    };
     (tracepoint page_kmalloc main $ctx:ident $cas:literal) => {
         let p = &config().pages;
         if let (Some(ptr), Some(bytes)) = (

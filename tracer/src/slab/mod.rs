@@ -14,6 +14,7 @@ pub mod decoder;
 pub mod estimate;
 pub mod grouping;
 pub mod naming;
+pub mod page_base;
 pub mod plan;
 pub mod probes;
 pub mod report;
