@@ -47,6 +47,7 @@ macro_rules! slab_programs {
             raw_tracepoint page_kmalloc main: page_kmalloc_raw, page_kmalloc_raw_nocas;
             raw_tracepoint page_alloc main: page_alloc_raw, page_alloc_raw_nocas;
             raw_tracepoint page_free main: page_free_raw, page_free_raw_nocas;
+            raw_tracepoint page_free spare: page_free_raw_spare, page_free_raw_spare_nocas;
             raw_tracepoint page_calibrate main: page_calibrate_raw, page_calibrate_raw_nocas;
         }
     };

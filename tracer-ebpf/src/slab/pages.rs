@@ -22,7 +22,9 @@ use tracer_common::{
     EVENT_FREE,
 };
 
-use super::{bump, config, on_free, read, record, wakeup_flags, Site, EVENTS};
+use super::{
+    bump, config, on_free, read, record, take_up, taken_up_by_main, wakeup_flags, Site, EVENTS,
+};
 
 /// A tracked block of order > 0, by its first pfn.
 #[repr(C)]
@@ -313,11 +315,22 @@ pub(crate) fn page_free<const CAS: bool>(ctx: &TracePointContext) -> Option<()> 
 }
 
 /// `mm_page_free(struct page *page, unsigned int order)`, raw: the region
-/// test first, after nothing but the pfn's arithmetic.
+/// test first, after nothing but the pfn's arithmetic. A free nested in the
+/// main program's run (an interrupt freeing pages while it runs) skips the
+/// main program, and the spare takes it: a missed free of a tracked page
+/// would be a phantom.
 #[inline(always)]
-pub(crate) fn page_free_raw<const CAS: bool>(ctx: &RawTracePointContext) -> Option<()> {
-    let pfn = pfn_of(ctx.arg(0))?;
-    if !region_tracked(pfn) {
+pub(crate) fn page_free_raw<const CAS: bool>(
+    ctx: &RawTracePointContext,
+    seen: u32,
+    spare: bool,
+) -> Option<()> {
+    let page: u64 = ctx.arg(0);
+    if !spare {
+        take_up(seen, page);
+    }
+    let pfn = pfn_of(page)?;
+    if !region_tracked(pfn) || spare && taken_up_by_main(seen, page) {
         return None;
     }
     free::<CAS>(pfn, ctx.arg::<u64>(1) as u32);

@@ -106,6 +106,17 @@ pub fn build(
             event: "mm_page_free",
         },
     ];
+    if let Some(spare) = (hook == Hook::Raw)
+        .then(|| plan::spare_program(free_program))
+        .flatten()
+    {
+        attachments.push(Attachment {
+            program: spare,
+            hook,
+            system: "kmem",
+            event: "mm_page_free",
+        });
+    }
     match kmalloc_max {
         Some(max) => {
             // Before 6.1 kmalloc_node had its own tracepoint (same leading fields).

@@ -203,7 +203,9 @@ pub fn solve(pfns: &[u64], frees: &[(u64, u64)], struct_page: u64) -> Option<u64
 
 /// The raw page hooks' classic twins, for a run whose calibration failed:
 /// the classic tracepoints carry the pfn itself.
-pub fn to_classic(attachments: &mut [Attachment]) {
+pub fn to_classic(attachments: &mut Vec<Attachment>) {
+    // Classic tracepoints have no recursion guard to make up for.
+    attachments.retain(|a| a.program != program::page_free_raw_spare);
     for a in attachments.iter_mut() {
         let twin = match a.program {
             program::page_alloc_raw => program::page_alloc,
@@ -258,7 +260,7 @@ mod tests {
     use tracer_common::slab::programs::name as program;
 
     /// A failed calibration moves both page hooks, and nothing else, to
-    /// their classic twins on the same events.
+    /// their classic twins on the same events; the free's spare goes.
     #[test]
     fn the_fallback_swaps_only_the_raw_page_hooks() {
         let raw = |program, event| Attachment {
@@ -270,6 +272,7 @@ mod tests {
         let mut a = vec![
             raw(program::page_alloc_raw, "mm_page_alloc"),
             raw(program::page_free_raw, "mm_page_free"),
+            raw(program::page_free_raw_spare, "mm_page_free"),
             raw(program::page_kmalloc_raw, "kmalloc"),
         ];
         to_classic(&mut a);
