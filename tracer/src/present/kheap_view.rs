@@ -6,8 +6,7 @@ use std::fmt::Write;
 
 use crate::{
     present::units::{group, human_bytes},
-    slab::kheap::KheapSummary,
-    slab::report::Report,
+    slab::report::{KheapSummary, Report},
 };
 
 /// Caches and rows shown (`--json` has them all).
