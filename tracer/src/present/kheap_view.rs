@@ -6,7 +6,7 @@ use std::fmt::Write;
 
 use crate::{
     present::units::{group, human_bytes},
-    slab::report::{KheapSummary, Report},
+    slab::report::{KheapSummary, Report, FORGOTTEN},
 };
 
 /// Caches and rows shown (`--json` has them all).
@@ -42,7 +42,11 @@ pub fn section(out: &mut String, r: &Report) {
             "  {:<16} pid {:<7} {:<16} ~{:>8} ({}-{})  ~{} objects, {} samples",
             row.cache,
             row.tgid,
-            p.map_or("?", |p| p.comm.as_str()),
+            match p {
+                Some(p) => p.comm.as_str(),
+                None if row.tgid == FORGOTTEN => "(exited)",
+                None => "?",
+            },
             human_bytes(row.inuse_bytes),
             human_bytes(row.inuse_bytes_low),
             human_bytes(row.inuse_bytes_high),

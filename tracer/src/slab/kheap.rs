@@ -22,7 +22,7 @@ use tracer_common::slab::{
 use crate::{
     bpf::stacks::StackId,
     slab::caches::Catalogue,
-    slab::report::{KheapCache, KheapRow, KheapSummary},
+    slab::report::{KheapCache, KheapRow, KheapSummary, FORGOTTEN},
 };
 
 /// `--sample-bytes`' default: Go's `runtime.MemProfileRate`.
@@ -241,6 +241,37 @@ impl Kheap {
         self.samples += 1;
     }
 
+    /// The session forgot these processes (gone, holding nothing) and the
+    /// stack table may give their stacks' ids to other stacks: their rows,
+    /// which hold no sample, keep their allocation totals under
+    /// [`FORGOTTEN`] with no stack, so no row ever names a stack it did not
+    /// come from and rows stay as many as the live processes.
+    pub fn forget(&mut self, tgids: &[u32]) {
+        let gone: Vec<RowKey> = self
+            .rows
+            .iter()
+            .filter(|(k, r)| tgids.contains(&k.tgid) && r.inuse.samples == 0)
+            .map(|(k, _)| *k)
+            .collect();
+        for key in gone {
+            let Some(row) = self.rows.remove(&key) else {
+                continue;
+            };
+            let merged = self
+                .rows
+                .entry(RowKey {
+                    tgid: FORGOTTEN,
+                    kstack: StackId::EMPTY,
+                    ustack: StackId::EMPTY,
+                    cache: key.cache,
+                })
+                .or_default();
+            merged.alloc.samples += row.alloc.samples;
+            merged.alloc.objects += row.alloc.objects;
+            merged.alloc.bytes += row.alloc.bytes;
+        }
+    }
+
     pub fn free(&mut self, ptr: u64) {
         if let Some(h) = self.held.remove(&ptr) {
             if let Some(r) = self.rows.get_mut(&h.row) {
@@ -345,6 +376,37 @@ mod tests {
         assert_eq!(kmalloc_name(512, 0), "kmalloc-512");
         assert_eq!(kmalloc_name(2048, 4), "kmalloc-cg-2k");
         assert_eq!(kmalloc_name(96, 1), "dma-kmalloc-96");
+    }
+
+    #[test]
+    fn forgotten_processes_keep_their_totals_but_no_stack() {
+        let mut k = empty();
+        let cfg = Config::zeroed();
+        let sample = |ptr, tgid| Sample {
+            ptr,
+            tgid,
+            kstack: StackId(7),
+            ustack: StackId(8),
+            source: SOURCE_KMALLOC,
+            bytes_alloc: 512,
+            gfp: 0,
+            name_hash: 0,
+        };
+        k.alloc(&cfg, &sample(1, 10));
+        k.free(1);
+        k.alloc(&cfg, &sample(2, 11));
+        k.forget(&[10, 11]);
+        let s = k.summary(0);
+        let forgotten: Vec<&KheapRow> = s.rows.iter().filter(|r| r.tgid == FORGOTTEN).collect();
+        assert_eq!(forgotten.len(), 1);
+        assert_eq!(forgotten[0].kstack, StackId::EMPTY);
+        assert_eq!(forgotten[0].inuse_bytes, 0);
+        assert!(forgotten[0].alloc_bytes > 0);
+        // A row still holding a sample keeps its process and stacks.
+        assert!(s
+            .rows
+            .iter()
+            .any(|r| r.tgid == 11 && r.kstack == StackId(7) && r.samples == 1));
     }
 
     /// The kernel's draw and the estimate over 200 seeds: for objects of

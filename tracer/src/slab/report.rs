@@ -589,6 +589,10 @@ pub(crate) fn test_report() -> Report {
     }
 }
 
+/// A [`KheapRow`]'s `tgid` for the allocations of exited processes whose
+/// rows were forgotten (`slab/kheap.rs`): not a process id (0 is interrupts').
+pub const FORGOTTEN: u32 = u32::MAX;
+
 /// `--all-caches`: estimates from byte-sampled allocations, with coverage.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct KheapSummary {
