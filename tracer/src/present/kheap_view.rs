@@ -17,13 +17,24 @@ const FRAMES: usize = 4;
 
 /// Writes the section when the report has one.
 pub fn section(out: &mut String, r: &Report) {
+    write(out, r, CACHES_SHOWN, ROWS_SHOWN, FRAMES);
+}
+
+/// The live view's short form: the top caches and rows, no frames.
+pub fn compact(r: &Report) -> Vec<String> {
+    let mut out = String::new();
+    write(&mut out, r, 4, 4, 0);
+    out.lines().map(str::to_string).collect()
+}
+
+fn write(out: &mut String, r: &Report, caches: usize, rows: usize, frames: usize) {
     let Some(k) = &r.kheap else { return };
     coverage(out, k);
     let _ = writeln!(
         out,
         "in use by cache (estimate, 95% interval, samples held):"
     );
-    for c in k.caches.iter().filter(|c| c.samples > 0).take(CACHES_SHOWN) {
+    for c in k.caches.iter().filter(|c| c.samples > 0).take(caches) {
         let _ = writeln!(
             out,
             "  {:<24} ~{:>8} ({}-{})  {} samples",
@@ -35,7 +46,7 @@ pub fn section(out: &mut String, r: &Report) {
         );
     }
     let _ = writeln!(out, "in use by process, stack and cache:");
-    for row in k.rows.iter().filter(|r| r.samples > 0).take(ROWS_SHOWN) {
+    for row in k.rows.iter().filter(|r| r.samples > 0).take(rows) {
         let p = r.processes.iter().find(|p| p.tgid == row.tgid);
         let _ = writeln!(
             out,
@@ -63,7 +74,7 @@ pub fn section(out: &mut String, r: &Report) {
                 .kernel
                 .iter()
                 .skip_while(|f| f.starts_with("kmem_cache_alloc") || f.starts_with("__kmalloc"));
-            for f in kernel.take(FRAMES).chain(s.user.iter().take(FRAMES)) {
+            for f in kernel.take(frames).chain(s.user.iter().take(frames)) {
                 let _ = writeln!(out, "      {f}");
             }
         }
