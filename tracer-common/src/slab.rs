@@ -135,6 +135,10 @@ pub mod counter {
         /// Large kmallocs whose block could not be told (another block
         /// allocated in between on the CPU): each may leave one block counted.
         PAGE_KMALLOC_UNMATCHED,
+        /// `--all-caches`: samples found still held at an address the
+        /// allocator handed out again (their free fired no per-object event:
+        /// bulk frees, sheaves), untracked then.
+        KHEAP_STALE,
     }
 }
 
@@ -261,6 +265,61 @@ pub struct Config {
     /// The page source's selection and tracepoint layout; all zero (no
     /// order selected) when it is not the run's source.
     pub pages: PageConfig,
+    /// `--all-caches`: every slab allocation drawn by its size; all zero
+    /// (rate 0) otherwise.
+    pub kheap: KheapConfig,
+}
+
+/// Size classes of [`KheapConfig::thresholds`]: sizes below
+/// [`KHEAP_SMALL_LIMIT`] by 8 bytes, larger ones by 4 KiB.
+pub const KHEAP_CLASSES: usize = 2048;
+/// Below this, classes are 8 bytes wide (slab objects are 8-byte aligned).
+pub const KHEAP_SMALL_LIMIT: u64 = 8192;
+
+/// The byte sampler of `--all-caches`: an allocation of `size` bytes is
+/// sampled when a fresh `bpf_get_prandom_u32()` is below
+/// `thresholds[kheap_class(size)]`, i.e. with probability
+/// `threshold / 2^32` ≈ 1 − e^(−size/rate) (BPF has no floating point;
+/// userspace weighs each sample by the inverse of that same threshold, so
+/// the estimate is unbiased whatever the rounding).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KheapConfig {
+    /// Mean bytes between samples (`--sample-bytes`); 0: off.
+    pub rate: u64,
+    pub thresholds: [u32; KHEAP_CLASSES],
+}
+
+/// The class of an allocation of `size` bytes in [`KheapConfig::thresholds`]
+/// (sizes past the last class share it).
+#[inline(always)]
+pub fn kheap_class(size: u64) -> usize {
+    if size < KHEAP_SMALL_LIMIT {
+        (size >> 3) as usize
+    } else {
+        let c = 1024 + (size >> 12);
+        if c >= KHEAP_CLASSES as u64 {
+            KHEAP_CLASSES - 1
+        } else {
+            c as usize
+        }
+    }
+}
+
+/// What the kernel stores for a sampled `kmem_cache_alloc`'s cache: a hash
+/// of the first [`CACHE_NAME_LEN`] bytes of its name (NUL-padded, as
+/// `bpf_probe_read_kernel_str` leaves them), which userspace matches against
+/// /proc/slabinfo's names hashed the same way.
+#[inline(always)]
+pub fn cache_name_hash(words: &[u64; CACHE_NAME_LEN / 8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut i = 0;
+    while i < CACHE_NAME_LEN / 8 {
+        h = (h ^ words[i]).wrapping_mul(0x0000_0100_0000_01b3);
+        h ^= h >> 29;
+        i += 1;
+    }
+    h | 1
 }
 
 /// What the page source selects, filled from `kmem:mm_page_alloc`'s and
@@ -414,6 +473,10 @@ impl Config {
                 struct_page_size: 0,
                 struct_page_shift: 0,
             },
+            kheap: KheapConfig {
+                rate: 0,
+                thresholds: [0; KHEAP_CLASSES],
+            },
         }
     }
 }
@@ -434,6 +497,9 @@ pub struct AllocHeader {
     pub flags: u16,
     pub ptr: u64,
     pub ts_ns: u64,
+    /// The requested size; for `--all-caches` samples from `kmem_cache_alloc`
+    /// (whose raw arguments carry no requested size) the cache's
+    /// [`cache_name_hash`] instead.
     pub bytes_req: u64,
     pub bytes_alloc: u64,
     pub gfp_flags: u64,

@@ -36,6 +36,8 @@ use tracer_ebpf::{data_loc, task};
 
 #[path = "slab/draw.rs"]
 mod draw;
+#[path = "slab/kheap.rs"]
+mod kheap;
 #[path = "slab/live.rs"]
 mod live;
 #[path = "slab/pages.rs"]
@@ -266,6 +268,18 @@ fn raw_kmalloc<const CAS: bool>(ctx: &RawTracePointContext, spare: bool) {
     }
     let cfg = config();
     let bytes_alloc: u64 = ctx.arg(3);
+    if cfg.kheap.rate != 0 {
+        let site = Site {
+            call_site: ctx.arg(0),
+            ptr: ctx.arg(1),
+            bytes_req: ctx.arg(2),
+            bytes_alloc,
+            gfp: ctx.arg::<u64>(4) & 0xffff_ffff,
+            source: SOURCE_KMALLOC,
+        };
+        kheap::alloc::<CAS>(ctx.as_ptr(), site, 0, slot, spare);
+        return;
+    }
     if cfg.kmalloc_size == 0 || bytes_alloc != cfg.kmalloc_size {
         return;
     }
@@ -332,7 +346,9 @@ fn tp_free<const CAS: bool>(ctx: &TracePointContext, ptr_offset: u16) {
 /// slot.
 #[inline(always)]
 fn free_candidate(ptr: u64) -> bool {
-    ptr & config().free_align_mask == 0 && ptr != 0
+    ptr & config().free_align_mask == 0
+        && ptr != 0
+        && (config().kheap.rate == 0 || kheap::region_tracked(ptr))
 }
 
 #[inline(always)]
@@ -404,7 +420,7 @@ fn raw_cache_alloc<const CAS: bool>(
     if !spare {
         take_up(slot, ctx.arg(1));
     }
-    if cfg.cache_size == 0 {
+    if cfg.cache_size == 0 && cfg.kheap.rate == 0 {
         return None;
     }
     // (call_site, ptr, struct kmem_cache *s, gfp_flags, node): userspace uses the
@@ -412,6 +428,18 @@ fn raw_cache_alloc<const CAS: bool>(
     let cache: u64 = ctx.arg(2);
     let size_ptr = (cache + cfg.kmem_cache_size_off as u64) as *const u32;
     let bytes_alloc = unsafe { bpf_probe_read_kernel(size_ptr) }.ok()? as u64;
+    if cfg.kheap.rate != 0 {
+        let site = Site {
+            call_site: ctx.arg(0),
+            ptr: ctx.arg(1),
+            bytes_req: 0,
+            bytes_alloc,
+            gfp: ctx.arg::<u64>(3) & 0xffff_ffff,
+            source: SOURCE_CACHE_ALLOC,
+        };
+        kheap::alloc::<CAS>(ctx.as_ptr(), site, cache, slot, spare);
+        return Some(());
+    }
     if bytes_alloc != cfg.cache_size {
         return None;
     }
@@ -462,6 +490,7 @@ fn name_selected(src: *const u8, cfg: &Config) -> bool {
 }
 
 /// One selected allocation as the hook saw it.
+#[derive(Clone, Copy)]
 struct Site {
     call_site: u64,
     ptr: u64,
@@ -637,7 +666,15 @@ fn fill_header(
 /// already forward its free.
 #[inline(always)]
 fn commit<const CAS: bool, T>(entry: RingBufEntry<T>, ptr: u64, ts: u64, wake: bool) -> Option<()> {
+    // Counted before it can be found, so a free never skips a held sample.
+    let kheap = config().kheap.rate != 0;
+    if kheap {
+        kheap::entering(ptr);
+    }
     if !live_insert::<CAS>(ptr, ts) {
+        if kheap {
+            kheap::left(ptr);
+        }
         entry.discard(0);
         bump(counter::ALLOCS_LOST_MAP_FULL);
         return None;
@@ -670,6 +707,9 @@ fn on_free<const CAS: bool>(ptr: u64) -> bool {
         // Another CPU removed it first; nothing to report.
         entry.discard(0);
         return false;
+    }
+    if config().kheap.rate != 0 {
+        kheap::left(ptr);
     }
     let ev = entry.as_mut_ptr();
     unsafe {

@@ -95,6 +95,24 @@ pub struct TraceArgs {
     #[arg(long, conflicts_with_all = ["cache", "percpu"])]
     pub pages: bool,
 
+    /// Every slab cache at once, sampled by bytes (one sample per
+    /// --sample-bytes allocated on average, Go's heap-profile weights): in-use
+    /// estimates by cache, process and stack, with 95% intervals.
+    #[arg(long, conflicts_with_all = ["cache", "percpu", "pages"])]
+    pub all_caches: bool,
+
+    /// With --all-caches: mean bytes allocated between samples (64 to 1 GiB;
+    /// default 524288, Go's MemProfileRate).
+    #[arg(long, requires = "all_caches", value_name = "BYTES",
+          value_parser = clap::value_parser!(u64).range(64..=(1 << 30)))]
+    pub sample_bytes: Option<u64>,
+
+    /// With --all-caches: run until killed; each `snapshot` line on stdin
+    /// writes one gzipped pprof heap profile to fd 3, preceded by its length
+    /// as 8 bytes little-endian (for `serve`).
+    #[arg(long, requires = "all_caches", hide = true)]
+    pub pprof_snapshots: bool,
+
     /// With --pages: only blocks of this order (2^N pages, 0 to 15).
     #[arg(long, requires = "pages", value_name = "N",
           value_parser = clap::value_parser!(u8).range(0..16))]
@@ -348,6 +366,41 @@ mod tests {
     use super::*;
 
     #[test]
+    fn all_caches_takes_a_sane_rate_and_nothing_else_to_trace() {
+        let cli = Cli::try_parse_from(["leaktrace", "--all-caches"]).expect("default rate");
+        assert_eq!(
+            cli.trace.traced().expect("traced"),
+            Traced::AllCaches {
+                sample_bytes: 512 * 1024
+            }
+        );
+        for bad in [
+            &["leaktrace", "--all-caches", "--sample-bytes", "0"][..],
+            &["leaktrace", "--all-caches", "--sample-bytes", "2G"],
+            &["leaktrace", "--all-caches", "--sample-bytes", "-1"],
+            &["leaktrace", "--all-caches", "--cache", "kmalloc-512"],
+        ] {
+            assert!(
+                Cli::try_parse_from(bad).is_err(),
+                "{bad:?} should be refused"
+            );
+        }
+        for bad in [
+            &[
+                "leaktrace",
+                "--sample-bytes",
+                "4096",
+                "--cache",
+                "kmalloc-512",
+            ][..],
+            &["leaktrace", "--pprof-snapshots", "--percpu"],
+        ] {
+            let refused = Cli::try_parse_from(bad).map_or(true, |c| c.trace.traced().is_err());
+            assert!(refused, "{bad:?} should be refused");
+        }
+    }
+
+    #[test]
     fn durations() {
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
         assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
@@ -597,6 +650,17 @@ impl TraceArgs {
     /// What the run traces: a slab cache, per-CPU allocations or page blocks
     /// (clap keeps them exclusive). Error: none was asked for.
     pub fn traced(&self) -> anyhow::Result<Traced> {
+        // clap's `requires` is not enforced on these flattened flags.
+        if !self.all_caches && (self.sample_bytes.is_some() || self.pprof_snapshots) {
+            anyhow::bail!("--sample-bytes and --pprof-snapshots go with --all-caches");
+        }
+        if self.all_caches {
+            return Ok(Traced::AllCaches {
+                sample_bytes: self
+                    .sample_bytes
+                    .unwrap_or(crate::slab::kheap::DEFAULT_RATE),
+            });
+        }
         match (&self.cache, self.percpu, self.pages) {
             (Some(cache), ..) => Ok(Traced::Cache(cache.clone())),
             (None, true, _) => Ok(Traced::Percpu),
@@ -633,6 +697,7 @@ impl From<TraceArgs> for TraceOptions {
             no_kernel_stacks: a.no_kernel_stacks,
             no_user_stacks: a.no_user_stacks,
             pprof: a.pprof,
+            pprof_snapshots: a.pprof_snapshots,
             folded: a.folded,
             flamegraph: a.flamegraph,
             weight: a.weight,

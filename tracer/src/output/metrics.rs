@@ -340,6 +340,7 @@ mod tests {
             top_stacks: Vec::new(),
             traced: None,
             pages: None,
+            kheap: None,
         }
     }
 

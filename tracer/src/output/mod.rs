@@ -6,6 +6,7 @@
 
 pub mod files;
 pub mod folded;
+pub mod kheap_pprof;
 pub mod memcg_pprof;
 pub mod metrics;
 pub mod pprof;
@@ -76,7 +77,10 @@ impl Outputs {
             let now = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
-            pprof::encode(&pprof::build(report, now))
+            match kheap_pprof::build(report, now) {
+                Some(profile) => pprof::encode(&profile),
+                None => pprof::encode(&pprof::build(report, now)),
+            }
         });
         one(&self.folded, "folded stacks", &|| {
             Ok(folded::folded_text(report, self.weight).into_bytes())

@@ -237,7 +237,7 @@ impl Builder {
     /// process's. A frame leaktrace could not name (`libc.so.6+0x2724a`,
     /// `[unknown] 0x…`) gets no function, so pprof shows the address and the
     /// file instead of a made-up function named after the file.
-    fn user_location(&mut self, process_mapping: u64, loc: &Frames) -> u64 {
+    pub(crate) fn user_location(&mut self, process_mapping: u64, loc: &Frames) -> u64 {
         let Some(file) = &loc.module else {
             return self.location(process_mapping, loc);
         };
@@ -358,7 +358,7 @@ pub fn function_name(frame: &str) -> &str {
 
 /// The file a process runs, for its mapping's name: argv[0] as /proc showed
 /// it, else the command name.
-fn process_image(p: &ProcessReport) -> String {
+pub(crate) fn process_image(p: &ProcessReport) -> String {
     p.cmdline
         .as_deref()
         .and_then(|c| c.split_whitespace().next())

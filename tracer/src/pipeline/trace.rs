@@ -23,6 +23,8 @@ use crate::{
     pipeline::trace_tool,
     slab::aggregator::rows::SnapshotOptions,
     slab::caches::{self, Catalogue},
+    slab::kheap::{CacheNames, Kheap},
+    slab::kheap_source::AllCaches,
     slab::plan,
     slab::probes::Probes,
     slab::report::MemorySource,
@@ -133,9 +135,37 @@ pub async fn run(args: TraceOptions, traced: &Traced) -> Result<()> {
             let name = Pages::name(&plan).to_string();
             (plan, name, None, Vec::new(), Some(settle))
         }
+        Traced::AllCaches { sample_bytes } => {
+            let catalogue = Catalogue::read(root).context("reading the slab cache catalogue")?;
+            let plan = AllCaches {
+                tracefs: &tracefs,
+                btf: btf.as_ref(),
+                root,
+                catalogue: &catalogue,
+                rate: *sample_bytes,
+                options,
+                finish: finish(args.max_objects, None),
+            }
+            .plan(&facts)?;
+            let name = AllCaches::name(&plan).to_string();
+            (plan, name, None, Vec::new(), None)
+        }
+    };
+    let kheap = match traced {
+        Traced::AllCaches { .. } => {
+            let catalogue = Catalogue::read(root).context("reading the slab cache catalogue")?;
+            Some(Kheap::new(
+                plan.config.kheap,
+                CacheNames::new(&catalogue),
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs()),
+            ))
+        }
+        _ => None,
     };
     let source = match traced {
-        Traced::Cache(_) => MemorySource::Slab,
+        Traced::Cache(_) | Traced::AllCaches { .. } => MemorySource::Slab,
         Traced::Percpu => MemorySource::Percpu,
         Traced::Pages(_) => MemorySource::Pages,
     };
@@ -150,7 +180,7 @@ pub async fn run(args: TraceOptions, traced: &Traced) -> Result<()> {
     own_memory::return_freed_memory();
     let (mut probes, ring) = Probes::attach(&mut plan, max_objects, ringbuf_bytes, args.floor)?;
 
-    if !(args.exact || args.no_kernel_stacks && args.no_user_stacks) {
+    if !(args.exact || args.no_kernel_stacks && args.no_user_stacks || kheap.is_some()) {
         plan.notes
             .push(session::sampling_note(&plan.config, args.stack_sample));
     }
@@ -192,6 +222,7 @@ pub async fn run(args: TraceOptions, traced: &Traced) -> Result<()> {
         traced: checked.traced,
         group_by: args.group_by,
         settle,
+        kheap,
     });
 
     let outcome = trace_tool::run_loop(
@@ -201,6 +232,7 @@ pub async fn run(args: TraceOptions, traced: &Traced) -> Result<()> {
         &mut state,
         checked.metrics,
         checked.signals,
+        checked.snapshots,
     )
     .await;
     // Any end signal from here on is a second one: it ends a wait for a FIFO's reader.
@@ -232,6 +264,8 @@ struct Preflight {
     metrics: Option<tokio::net::TcpListener>,
     traced: Option<TracedProcess>,
     signals: Signals,
+    /// `--pprof-snapshots`: fd 3, where each requested profile goes.
+    snapshots: Option<std::fs::File>,
 }
 
 async fn preflight(args: &TraceOptions, root: &Path) -> Result<Preflight> {
@@ -249,10 +283,43 @@ async fn preflight(args: &TraceOptions, root: &Path) -> Result<Preflight> {
         Some(addr) => Some(output::metrics::bind(addr).await?),
         None => None,
     };
+    let snapshots = if args.pprof_snapshots {
+        Some(profile_fd()?)
+    } else {
+        None
+    };
     Ok(Preflight {
         outputs,
         metrics,
         traced,
+        snapshots,
         signals: Signals::install()?,
     })
+}
+
+/// fd 3, where `--pprof-snapshots` writes: checked open and writable before
+/// anything is attached.
+fn profile_fd() -> Result<std::fs::File> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: fcntl(F_GETFL) and fstat only read the descriptor's state.
+    let flags = unsafe { libc::fcntl(3, libc::F_GETFL) };
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    let kind = if unsafe { libc::fstat(3, &mut st) } == 0 {
+        st.st_mode & libc::S_IFMT
+    } else {
+        0
+    };
+    // A pipe, socket or file the parent handed over; not one of the
+    // runtime's own descriptors (epoll, eventfd: anonymous inodes), which
+    // take fd 3 when the parent passed none.
+    let handed_over = [libc::S_IFIFO, libc::S_IFSOCK, libc::S_IFREG].contains(&kind);
+    if flags < 0 || flags & libc::O_ACCMODE == libc::O_RDONLY || !handed_over {
+        anyhow::bail!(
+            "--pprof-snapshots writes profiles to fd 3, which is not a pipe, socket or file \
+             open for writing (start leaktrace with one there)"
+        );
+    }
+    // SAFETY: fd 3 is a pipe, socket or file the parent opened for us
+    // (checked above); nothing else in this process uses it.
+    Ok(unsafe { std::fs::File::from_raw_fd(3) })
 }

@@ -43,6 +43,8 @@ pub struct TraceOptions {
     pub no_user_stacks: bool,
     /// Files written at exit, and their weight.
     pub pprof: Option<std::path::PathBuf>,
+    /// `--all-caches --pprof-snapshots`: a profile to fd 3 per stdin line.
+    pub pprof_snapshots: bool,
     pub folded: Option<std::path::PathBuf>,
     pub flamegraph: Option<std::path::PathBuf>,
     pub weight: Weight,
@@ -63,4 +65,6 @@ pub enum Traced {
     Percpu,
     /// The page allocator's unmovable blocks (`--pages`).
     Pages(PageOptions),
+    /// Every slab cache, sampled by bytes (`--all-caches`).
+    AllCaches { sample_bytes: u64 },
 }

@@ -5,7 +5,7 @@
 
 use std::{io::IsTerminal, sync::Arc};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use aya::maps::{MapData, RingBuf};
 
 use crate::{
@@ -30,6 +30,7 @@ pub async fn run_loop(
     state: &mut Session,
     metrics: Option<tokio::net::TcpListener>,
     signals: Signals,
+    snapshots: Option<std::fs::File>,
 ) -> Result<RingBuf<MapData>> {
     let src = Sources::with_signals(ring, args.run.interval, args.run.duration, signals)?;
     let tty = std::io::stdout().is_terminal();
@@ -57,6 +58,10 @@ pub async fn run_loop(
         metrics,
         metrics_body: Arc::from(""),
         refreshes: 0,
+        requests: snapshots.as_ref().map(|_| {
+            tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(tokio::io::stdin()))
+        }),
+        snapshots,
     };
     let ring = event_loop::run(src, &mut tool).await;
     // Leave the alternate screen before the final report prints.
@@ -75,11 +80,15 @@ struct SlabTool<'a> {
     /// Rendered once per refresh and shared with every scrape until the next.
     metrics_body: Arc<str>,
     refreshes: u64,
+    /// `--pprof-snapshots`: request lines on stdin, profiles to fd 3.
+    requests: Option<tokio::io::Lines<tokio::io::BufReader<tokio::io::Stdin>>>,
+    snapshots: Option<std::fs::File>,
 }
 
 enum SlabInput {
     Key(tui::Action),
     Scrape(std::io::Result<(tokio::net::TcpStream, std::net::SocketAddr)>),
+    Request(std::io::Result<Option<String>>),
 }
 
 impl Tool for SlabTool<'_> {
@@ -121,6 +130,9 @@ impl Tool for SlabTool<'_> {
             conn = event_loop::unless_absent(self.metrics.as_ref().map(|l| l.accept())) => {
                 SlabInput::Scrape(conn)
             }
+            line = event_loop::unless_absent(self.requests.as_mut().map(|r| r.next_line())) => {
+                SlabInput::Request(line)
+            }
         }
     }
 
@@ -141,8 +153,39 @@ impl Tool for SlabTool<'_> {
                 tokio::spawn(output::metrics::serve(conn, self.metrics_body.clone()));
             }
             SlabInput::Scrape(Err(_)) => {}
+            SlabInput::Request(Ok(Some(line))) => {
+                if line.trim() == "snapshot" {
+                    self.write_profile()?;
+                }
+            }
+            // The requester is gone: nobody will read another profile.
+            SlabInput::Request(Ok(None) | Err(_)) => return Ok(Flow::Stop),
         }
         Ok(Flow::Continue)
+    }
+}
+
+impl SlabTool<'_> {
+    /// One `--all-caches` profile to fd 3: its length (8 bytes,
+    /// little-endian), then the gzipped pprof bytes. Errors: fd 3 closed.
+    fn write_profile(&mut self) -> Result<()> {
+        use std::io::Write;
+        let Some(out) = self.snapshots.as_mut() else {
+            return Ok(());
+        };
+        let counters = self.probes.counters().unwrap_or_default();
+        let report = self.state.report("profile", counters);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
+        let Some(profile) = output::kheap_pprof::build(&report, now) else {
+            return Ok(());
+        };
+        let bytes = output::pprof::encode(&profile)?;
+        out.write_all(&(bytes.len() as u64).to_le_bytes())
+            .and_then(|()| out.write_all(&bytes))
+            .and_then(|()| out.flush())
+            .context("writing a profile to fd 3 (--pprof-snapshots)")
     }
 }
 

@@ -13,6 +13,8 @@ pub mod counters;
 pub mod decoder;
 pub mod estimate;
 pub mod grouping;
+pub mod kheap;
+pub mod kheap_source;
 pub mod naming;
 pub mod page_base;
 pub mod plan;

@@ -99,6 +99,7 @@ pub fn build(kind: &'static str, header: Header, snap: Snapshot, names: &mut Nam
         top_stacks: Vec::new(),
         traced: None,
         pages: None,
+        kheap: None,
     }
 }
 

@@ -25,6 +25,7 @@ use crate::{
     slab::counters::KernelCounters,
     slab::decoder::Event,
     slab::grouping,
+    slab::kheap::{Kheap, Sample},
     slab::naming::{self, Header, Naming},
     slab::probes::Probes,
     slab::report::{GroupBy, MemorySource, PageClasses, ProcKey, Report, SlabPicture, TracedPid},
@@ -62,6 +63,8 @@ pub struct Setup<'a> {
     pub group_by: GroupBy,
     /// What the source settles at each report; None for a slab cache.
     pub settle: Option<Box<dyn Settle>>,
+    /// `--all-caches`: the samples' estimates.
+    pub kheap: Option<Kheap>,
 }
 
 /// What a source learns about its outstanding objects only after their
@@ -96,6 +99,8 @@ pub struct Session {
     /// The live view may change it (key `G`).
     pub group_by: GroupBy,
     settle: Option<Box<dyn Settle>>,
+    kheap: Option<Kheap>,
+    config: Config,
 }
 
 impl Session {
@@ -139,6 +144,8 @@ impl Session {
             traced: s.traced,
             group_by: s.group_by,
             settle: s.settle,
+            kheap: s.kheap,
+            config: *s.config,
         }
     }
 
@@ -190,7 +197,9 @@ impl Session {
             kernel,
         };
         // Groups and stacks across processes sum every process, not the top ones.
-        let opts = if self.group_by == GroupBy::Process && kind != "final" {
+        // Periodic snapshots are cut for the screen; the final report and
+        // `--all-caches` profiles ("profile") keep every row.
+        let opts = if self.group_by == GroupBy::Process && kind == "snapshot" {
             self.snapshot_opts.clone()
         } else {
             SnapshotOptions {
@@ -230,6 +239,10 @@ impl Session {
         }
         report.traced = self.watch_traced(root, now);
         report.pages = pages;
+        report.kheap = self
+            .kheap
+            .as_ref()
+            .map(|k| k.summary(report.kernel.allocs_lost_map_full));
         self.symbols.trim();
         // Next refresh re-walks cgroupfs on a miss: new containers appear mid-incident.
         self.cgroups.invalidate();
@@ -279,6 +292,9 @@ impl Session {
             .filter(|&t| !self.procs.keys().any(|k| k.tgid == t))
             .collect();
         self.symbols.forget(&gone_tgids);
+        if let Some(k) = self.kheap.as_mut() {
+            k.forget(&gone_tgids);
+        }
         // Their stack ids may be reused from now on.
         self.pending_stacks
             .retain(|(t, _)| !gone.iter().any(|k| k.tgid == *t));
@@ -309,6 +325,24 @@ impl Session {
             match SlabCaches::decode(&item) {
                 Ok(event) => {
                     let new = self.agg.apply(&event);
+                    if let Some(k) = self.kheap.as_mut() {
+                        match &event {
+                            Event::Alloc(a) => k.alloc(
+                                &self.config,
+                                &Sample {
+                                    ptr: a.ptr,
+                                    tgid: a.tgid,
+                                    kstack: self.agg.stacks.intern(a.kstack),
+                                    ustack: self.agg.stacks.intern(a.ustack),
+                                    source: a.source,
+                                    bytes_alloc: a.bytes_alloc,
+                                    gfp: a.gfp_flags,
+                                    name_hash: a.bytes_req,
+                                },
+                            ),
+                            Event::Free(f) => k.free(f.ptr),
+                        }
+                    }
                     if let Some(key) = new.process.filter(|k| Interrupt::of_key(*k).is_none()) {
                         // Mappings first: of all a short-lived process leaves, they
                         // are what naming its frames cannot do without.

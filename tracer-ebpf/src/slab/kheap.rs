@@ -1,0 +1,109 @@
+//! `--all-caches`: every slab allocation of every cache, sampled by bytes.
+//!
+//! Each allocation is drawn on its own with probability ≈ 1 − e^(−size/rate)
+//! (a fresh `bpf_get_prandom_u32` against a fixed-point threshold by size
+//! class, `KheapConfig`): no per-CPU state, so raw_tp programs that nest on
+//! 5.10 (no recursion guard before 6.1) cannot race on a countdown. A drawn
+//! allocation takes the ordinary record path (`record`: task facts, both
+//! stacks, the live table); an undrawn one costs the draw, plus one load of
+//! [`KHEAP_REGIONS`] to correct a stale sample.
+//!
+//! Stale samples: bulk frees (`kfree_bulk`, `kmem_cache_free_bulk` under
+//! `kvfree_rcu`, 6.18's sheaves) fire no per-object free event, so a sample
+//! there would be held forever (a phantom of ~rate/size objects). When the
+//! allocator hands its address out again the old object was freed: the
+//! sample is untracked and its free reported, whether or not the new
+//! allocation is drawn (a drawn one re-enters `LIVE` itself, which userspace
+//! reads as the old object's free).
+
+use aya_ebpf::{
+    helpers::{bpf_get_prandom_u32, bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes},
+    macros::map,
+    maps::Array,
+};
+use tracer_common::slab::{cache_name_hash, counter, kheap_class, CACHE_NAME_LEN};
+
+use super::{bump, config, on_free, record, taken_up_by_main, Site};
+
+/// Samples held per 2 MiB region of kernel addresses, folded into
+/// [`REGIONS`] slots: a free or an undrawn allocation in a region with no
+/// sample returns after one load, before the live table is touched. Counted
+/// up before a sample enters the live table and down after it left, so
+/// never zero while a sample lies in the region (folding only adds hits).
+#[map]
+static KHEAP_REGIONS: Array<u64> = Array::with_max_entries(REGIONS, 0);
+
+const REGION_SHIFT: u32 = 21;
+const REGIONS: u32 = 1 << 14;
+
+#[inline(always)]
+fn region_add(ptr: u64, delta: u64) {
+    let index = ((ptr >> REGION_SHIFT) as u32) & (REGIONS - 1);
+    if let Some(n) = KHEAP_REGIONS.get_ptr_mut(index) {
+        tracer_ebpf::atomic_add(unsafe { &mut *n }, delta);
+    }
+}
+
+/// Whether a sample may lie in `ptr`'s region.
+#[inline(always)]
+pub(crate) fn region_tracked(ptr: u64) -> bool {
+    let index = ((ptr >> REGION_SHIFT) as u32) & (REGIONS - 1);
+    KHEAP_REGIONS.get(index).is_none_or(|n| *n != 0)
+}
+
+/// A sample is about to enter the live table.
+#[inline(always)]
+pub(crate) fn entering(ptr: u64) {
+    region_add(ptr, 1);
+}
+
+/// A sample left the live table (or never entered it).
+#[inline(always)]
+pub(crate) fn left(ptr: u64) {
+    region_add(ptr, u64::MAX);
+}
+
+/// One slab allocation under `--all-caches`. `cache`: the raw
+/// `kmem_cache_alloc`'s `struct kmem_cache *` (its name is read for a
+/// sample only), 0 for kmalloc. `slot` and `spare` as in the callers.
+#[inline(always)]
+pub(crate) fn alloc<const CAS: bool>(
+    ctx: *mut core::ffi::c_void,
+    mut site: Site,
+    cache: u64,
+    slot: u32,
+    spare: bool,
+) {
+    if spare && taken_up_by_main(slot, site.ptr) {
+        return;
+    }
+    let k = &config().kheap;
+    let class = kheap_class(site.bytes_alloc);
+    let threshold = k.thresholds.get(class).copied().unwrap_or(u32::MAX);
+    let drawn = unsafe { bpf_get_prandom_u32() } < threshold;
+    if !drawn {
+        if site.ptr != 0 && region_tracked(site.ptr) && on_free::<CAS>(site.ptr) {
+            bump(counter::KHEAP_STALE);
+        }
+        return;
+    }
+    if cache != 0 {
+        site.bytes_req = name_hash(cache + u64::from(config().kmem_cache_name_off));
+    }
+    let _ = record::<CAS>(ctx, &site, spare);
+}
+
+/// [`cache_name_hash`] of the name `name_field` points to; 0 if unreadable.
+#[inline(always)]
+fn name_hash(name_field: u64) -> u64 {
+    let Ok(name) = (unsafe { bpf_probe_read_kernel(name_field as *const *const u8) }) else {
+        return 0;
+    };
+    let mut words = [0u64; CACHE_NAME_LEN / 8];
+    let dst =
+        unsafe { core::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), CACHE_NAME_LEN) };
+    if unsafe { bpf_probe_read_kernel_str_bytes(name, dst) }.is_err() {
+        return 0;
+    }
+    cache_name_hash(&words)
+}

@@ -1,0 +1,115 @@
+//! `--all-caches` as an [`AllocSource`]: the slab hooks' raw tracepoints
+//! with no cache selected, every allocation drawn by its size
+//! (`slab/kheap.rs`, `tracer-ebpf/src/slab/kheap.rs`).
+
+use anyhow::{bail, Context, Result};
+
+use crate::{
+    kernel::btf::Btf,
+    kernel::facts::KernelFacts,
+    kernel::tracefs::Tracefs,
+    slab::caches::{Catalogue, KmallocKind, Selection},
+    slab::kheap,
+    slab::plan::{self, Finish, HookMode, Plan, PlanOptions},
+    slab::source::AllocSource,
+};
+
+/// The report's name for the traced memory.
+pub const NAME: &str = "all slab caches (sampled)";
+
+/// Samples the kernel's live table holds at least and at most.
+const MIN_SAMPLES: u32 = 1 << 16;
+const MAX_SAMPLES: u32 = 1 << 20;
+
+/// Every slab cache at once, sampled every `rate` bytes on average.
+pub struct AllCaches<'a> {
+    pub tracefs: &'a Tracefs,
+    pub btf: Option<&'a Btf>,
+    pub root: &'a std::path::Path,
+    pub catalogue: &'a Catalogue,
+    pub rate: u64,
+    pub options: PlanOptions,
+    pub finish: Finish,
+}
+
+/// The live table's size for `rate`: four times the samples the node's
+/// whole slab (`slab_bytes`) would hold, a power of two within
+/// 65,536..1,048,576 (a sample is a 16-byte slot, so at most 16 MiB).
+pub fn table_size(rate: u64, slab_bytes: Option<u64>) -> u32 {
+    let want = slab_bytes.map_or(0, |b| b / rate.max(1)).saturating_mul(4);
+    let want = u32::try_from(want).unwrap_or(MAX_SAMPLES);
+    want.clamp(MIN_SAMPLES, MAX_SAMPLES).next_power_of_two()
+}
+
+impl AllocSource for AllCaches<'_> {
+    type Plan = Plan;
+
+    fn plan(&self, facts: &KernelFacts) -> Result<Plan> {
+        if self.btf.is_none() || self.options.hooks == HookMode::Classic {
+            bail!(
+                "--all-caches reads each allocation's size and cache from the raw kmem \
+                 tracepoints, which need BTF (/sys/kernel/btf/vmlinux) and --hooks auto or raw"
+            );
+        }
+        // Both allocation hooks, as a selection naming a kmalloc and a
+        // named cache would; the kernel side ignores the selection itself
+        // once `kheap.rate` is set.
+        let selection = Selection {
+            cache: NAME.to_string(),
+            object_size: 8,
+            kmalloc: Some((8, KmallocKind::Normal)),
+            also_kmalloc: vec![
+                (8, KmallocKind::Cgroup),
+                (8, KmallocKind::Reclaimable),
+                (8, KmallocKind::Dma),
+            ],
+            named: vec!["all".to_string()],
+            aliases_included: Vec::new(),
+            notes: Vec::new(),
+        };
+        let options = PlanOptions {
+            hooks: HookMode::Raw,
+            // Every sample carries its stacks.
+            stack_sample: 1,
+            ..self.options.with_facts(facts)
+        };
+        let mut plan = plan::build(self.tracefs, self.btf, self.catalogue, &selection, &options)
+            .context("--all-caches needs the raw kmem tracepoints")?;
+        let cfg = &mut plan.config;
+        cfg.kheap = kheap::config(self.rate);
+        // Slab objects are at least 8-byte aligned; a region count rules
+        // out nearly every other free.
+        cfg.free_align_mask = 7;
+        cfg.n_cache_names = 0;
+        plan.live_map = plan::LiveMap::Preallocated;
+        plan.notes = vec![format!(
+            "all caches: every slab allocation sampled with probability 1 - e^(-size/{}) \
+             (one sample per {} bytes allocated on average); each sample weighs 1/p objects \
+             and size/p bytes: in-use figures are unbiased estimates with 95% intervals, \
+             counting allocations since start only",
+            self.rate, self.rate
+        )];
+        let finish = Finish {
+            max_objects: Some(self.finish.max_objects.unwrap_or_else(|| {
+                table_size(
+                    self.rate,
+                    crate::kernel::meminfo::read(self.root)
+                        .ok()
+                        .map(|m| m.slab_kb * 1024),
+                )
+            })),
+            ..self.finish.clone()
+        };
+        plan.finish(facts, self.btf, self.root, &finish);
+        plan.notes.push(format!(
+            "sample table sized for {} samples at once (--max-objects sets it); when full, \
+             new samples are counted as dropped",
+            plan.max_objects
+        ));
+        Ok(plan)
+    }
+
+    fn name(_plan: &Plan) -> &str {
+        NAME
+    }
+}
