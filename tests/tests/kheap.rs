@@ -20,14 +20,32 @@ const OBJECT_BYTES: u64 = 512;
 /// would give ~40, ±25% only ~1.6 of them).
 const SAMPLE_BYTES: &str = "65536";
 
+/// One at a time: each test's leak would be the other's noise.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// `--all-caches` reads size and cache from the raw kmem tracepoints (5.10
+/// defines them through shared classes BTF does not name per event).
+fn raw_hooks() -> bool {
+    let events = ["kmalloc", "kmem_cache_alloc", "kfree", "kmem_cache_free"];
+    let ok = events.iter().all(|e| raw_tracepoint_described(e));
+    if !ok {
+        eprintln!("skip: --all-caches needs the raw kmem tracepoints described by BTF");
+    }
+    ok
+}
+
 fn kheap(report: &Value) -> &Value {
     &report["kheap"]
 }
 
 #[test]
 fn all_caches_names_a_leak_made_during_the_run_and_estimates_it() {
-    if !kernel_has_btf() || !raw_tracepoint_described("kmem_cache_alloc") {
-        eprintln!("skip: --all-caches needs the raw kmem tracepoints (BTF)");
+    let _serial = serial();
+    if !raw_hooks() {
         return;
     }
     let tracer = Tracer::start(&[
@@ -90,4 +108,94 @@ fn all_caches_names_a_leak_made_during_the_run_and_estimates_it() {
     );
     assert_eq!(k["dropped"].as_u64(), Some(0), "{k}");
     drop(holders);
+}
+
+/// The interface `serve` reads: with `--pprof-snapshots`, each `snapshot`
+/// line on stdin writes one gzipped Go heap profile to fd 3, its length
+/// first (8 bytes, little-endian), and the run goes on; EOF on stdin ends
+/// it cleanly. The profile holds a leak made before the request.
+#[test]
+fn pprof_snapshots_answer_each_request_on_fd_3() {
+    let _serial = serial();
+    use std::io::{Read, Write};
+    use std::os::fd::FromRawFd;
+    use std::os::unix::process::CommandExt;
+
+    if !raw_hooks() {
+        return;
+    }
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe writes two descriptors into the array.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0, "pipe");
+    let (read_end, write_end) = (fds[0], fds[1]);
+    let mut cmd = Command::new(leaktrace_bin());
+    cmd.args([
+        "--all-caches",
+        "--sample-bytes",
+        SAMPLE_BYTES,
+        "--pprof-snapshots",
+    ])
+    .stdin(std::process::Stdio::piped())
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::piped());
+    // SAFETY: dup2 and close are async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(write_end, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // When the read end was fd 3, dup2 replaced it already.
+            if read_end != 3 {
+                libc::close(read_end);
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().expect("spawn leaktrace");
+    // SAFETY: both ends are ours; the child has its copy of the write end.
+    unsafe { libc::close(write_end) };
+    let mut profiles = unsafe { std::fs::File::from_raw_fd(read_end) };
+    let mut stderr = std::io::BufReader::new(child.stderr.take().expect("stderr"));
+    let mut line = String::new();
+    while !line.contains("attached to") {
+        line.clear();
+        let n = std::io::BufRead::read_line(&mut stderr, &mut line).expect("stderr");
+        assert!(n > 0, "leaktrace ended before attaching: {line}");
+    }
+    let mut gen = Generator::start("keys", "4000").expect("leakgen keys");
+    let mut stdin = child.stdin.take().expect("stdin");
+    for _ in 0..2 {
+        let asked = std::time::Instant::now();
+        writeln!(stdin, "snapshot").expect("request");
+        stdin.flush().expect("request");
+        let mut len = [0u8; 8];
+        profiles.read_exact(&mut len).expect("length");
+        let mut gz = vec![0u8; u64::from_le_bytes(len) as usize];
+        profiles.read_exact(&mut gz).expect("profile");
+        assert!(
+            asked.elapsed() < Duration::from_secs(2),
+            "answer in {:?}",
+            asked.elapsed()
+        );
+        let mut raw = Vec::new();
+        flate2::read::GzDecoder::new(&gz[..])
+            .read_to_end(&mut raw)
+            .expect("gzip");
+        let at = |s: &str| {
+            raw.windows(s.len())
+                .position(|w| w == s.as_bytes())
+                .unwrap_or_else(|| panic!("no {s:?} in the profile"))
+        };
+        // The string table starts with the sample types, in Go's order.
+        assert!(at("alloc_objects") < at("alloc_space"));
+        assert!(at("alloc_space") < at("inuse_objects"));
+        assert!(at("inuse_objects") < at("inuse_space"));
+        for label in ["cache", "pid", "comm", "cgroup", "kmalloc-512", "sampled"] {
+            at(label);
+        }
+    }
+    gen.release().expect("release");
+    drop(stdin);
+    let status = child.wait().expect("wait");
+    assert!(status.success(), "{status:?}");
 }

@@ -1501,8 +1501,10 @@ fn cum_bytes_of(top: &str, func: &str) -> Option<u64> {
 fn kheap_holds_a_leak_made_before_the_request() {
     skip_in_vm_guest!();
     skip_unless!(
-        kernel_has_btf() && raw_tracepoint_described("kmem_cache_alloc"),
-        "the heap sampler needs the raw kmem tracepoints (BTF)"
+        ["kmalloc", "kmem_cache_alloc", "kfree", "kmem_cache_free"]
+            .iter()
+            .all(|e| raw_tracepoint_described(e)),
+        "the heap sampler (--all-caches) needs the raw kmem tracepoints described by BTF"
     );
     require_tool("go", "golang-go");
     let _serial = serial();

@@ -364,6 +364,33 @@ pub struct PageConfig {
     /// `__GFP_COMP`: a compound block is freed whole (`split_page` refuses
     /// compound pages), so only blocks without it need the block table.
     pub gfp_comp: u64,
+    /// `sizeof(struct page)` from BTF when the raw page hooks run (their
+    /// argument is `struct page *`: pfn = (page - [`PageCalibration`]'s
+    /// base) / this); 0 with the classic hooks.
+    pub struct_page_size: u64,
+    /// log2 of [`Self::struct_page_size`] when a power of two (64 bytes on
+    /// most configurations), so the pfn is a shift rather than a division on
+    /// every page freed; 0 otherwise.
+    pub struct_page_shift: u64,
+}
+
+/// Frees the calibration of the raw page hooks records ([`PageCalibration`]).
+pub const CALIB_FREES: usize = 64;
+
+/// The calibration of the raw page hooks: userspace frees pages whose pfns it
+/// read from `/proc/self/pagemap`, the kernel records the `struct page *` of
+/// each free made by the thread `pid_tgid`, and userspace solves for the
+/// address of pfn 0's `struct page` (x86-64's `vmemmap_base`, moved by
+/// KASLR and, without `CONFIG_KALLSYMS_ALL`, in no symbol table).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct PageCalibration {
+    /// The calibrating thread (`bpf_get_current_pid_tgid`); 0: record nothing.
+    pub pid_tgid: u64,
+    /// Frees recorded so far (at most [`CALIB_FREES`]).
+    pub n: u64,
+    pub pages: [u64; CALIB_FREES],
+    pub orders: [u64; CALIB_FREES],
 }
 
 pub const STACK_KERNEL: u32 = 1;
@@ -443,6 +470,8 @@ impl Config {
                 free_span: 0,
                 _pad2: 0,
                 gfp_comp: 0,
+                struct_page_size: 0,
+                struct_page_shift: 0,
             },
             kheap: KheapConfig {
                 rate: 0,

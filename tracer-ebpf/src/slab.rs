@@ -74,13 +74,14 @@ static TASK_FACTS: PerCpuArray<task::TaskFacts> = PerCpuArray::with_max_entries(
 /// allocation.) The spare tests selection first, and so pays nothing on a
 /// miss. Index:
 /// [`program_slot`] for the allocation hooks, `SEEN_KFREE`/`SEEN_CACHE_FREE`/
-/// `SEEN_PERCPU_FREE` for the raw free hooks.
+/// `SEEN_PERCPU_FREE`/`SEEN_PAGE_FREE` for the raw free hooks.
 #[map]
-static SEEN: PerCpuArray<u64> = PerCpuArray::with_max_entries(5, 0);
+static SEEN: PerCpuArray<u64> = PerCpuArray::with_max_entries(6, 0);
 
 const SEEN_KFREE: u32 = 2;
 const SEEN_CACHE_FREE: u32 = 3;
 const SEEN_PERCPU_FREE: u32 = 4;
+const SEEN_PAGE_FREE: u32 = 5;
 
 /// A slot per allocation program and role, so a nested run never shares one
 /// with the run it interrupted: 0 kmalloc, 1 kmem_cache_alloc, +2 for spares
@@ -230,6 +231,16 @@ macro_rules! handle {
     };
     (tracepoint page_free main $ctx:ident $cas:literal) => {
         let _ = pages::page_free::<$cas>(&$ctx);
+    };
+    (raw_tracepoint page_alloc main $ctx:ident $cas:literal) => {
+        let _ = pages::page_alloc_raw::<$cas>(&$ctx);
+    };
+    (raw_tracepoint page_free $role:ident $ctx:ident $cas:literal) => {
+        let _ = pages::page_free_raw::<$cas>(&$ctx, SEEN_PAGE_FREE, spare!($role));
+    };
+    // On raw mm_page_free, while userspace calibrates (before the others attach).
+    (raw_tracepoint page_calibrate main $ctx:ident $cas:literal) => {
+        pages::page_calibrate($ctx.arg(0), $ctx.arg(1))
     };
     (tracepoint page_kmalloc main $ctx:ident $cas:literal) => {
         let p = &config().pages;

@@ -101,10 +101,11 @@ pub struct TraceArgs {
     #[arg(long, conflicts_with_all = ["cache", "percpu", "pages"])]
     pub all_caches: bool,
 
-    /// With --all-caches: mean bytes allocated between samples (64 to 1 GiB).
-    #[arg(long, requires = "all_caches", value_name = "BYTES", default_value_t = crate::slab::kheap::DEFAULT_RATE,
+    /// With --all-caches: mean bytes allocated between samples (64 to 1 GiB;
+    /// default 524288, Go's MemProfileRate).
+    #[arg(long, requires = "all_caches", value_name = "BYTES",
           value_parser = clap::value_parser!(u64).range(64..=(1 << 30)))]
-    pub sample_bytes: u64,
+    pub sample_bytes: Option<u64>,
 
     /// With --all-caches: run until killed; each `snapshot` line on stdin
     /// writes one gzipped pprof heap profile to fd 3, preceded by its length
@@ -374,7 +375,7 @@ mod tests {
         for bad in [
             "",
             "0",
-            "255",
+            "63",
             "2GiB",
             "1.5M",
             "-1",
@@ -386,6 +387,41 @@ mod tests {
                 parse_sample_bytes(bad).is_err(),
                 "{bad:?} should be refused"
             );
+        }
+    }
+
+    #[test]
+    fn all_caches_takes_a_sane_rate_and_nothing_else_to_trace() {
+        let cli = Cli::try_parse_from(["leaktrace", "--all-caches"]).expect("default rate");
+        assert_eq!(
+            cli.trace.traced().expect("traced"),
+            Traced::AllCaches {
+                sample_bytes: 512 * 1024
+            }
+        );
+        for bad in [
+            &["leaktrace", "--all-caches", "--sample-bytes", "0"][..],
+            &["leaktrace", "--all-caches", "--sample-bytes", "2G"],
+            &["leaktrace", "--all-caches", "--sample-bytes", "-1"],
+            &["leaktrace", "--all-caches", "--cache", "kmalloc-512"],
+        ] {
+            assert!(
+                Cli::try_parse_from(bad).is_err(),
+                "{bad:?} should be refused"
+            );
+        }
+        for bad in [
+            &[
+                "leaktrace",
+                "--sample-bytes",
+                "4096",
+                "--cache",
+                "kmalloc-512",
+            ][..],
+            &["leaktrace", "--pprof-snapshots", "--percpu"],
+        ] {
+            let refused = Cli::try_parse_from(bad).map_or(true, |c| c.trace.traced().is_err());
+            assert!(refused, "{bad:?} should be refused");
         }
     }
 
@@ -602,15 +638,15 @@ pub struct ServeArgs {
     pub no_continuous: bool,
 
     /// The heap sampler takes one allocation per this many bytes allocated, on
-    /// average, over every slab cache (as Go's runtime.MemProfileRate; 256 B to 1 GiB,
+    /// average, over every slab cache (as Go's runtime.MemProfileRate; 64 B to 1 GiB,
     /// suffixes K/KiB, M/MiB). Each sample stands for 1/(1 - e^(-size/BYTES)) objects.
     #[arg(long, default_value = "512KiB", value_name = "BYTES", value_parser = parse_sample_bytes)]
     pub sample_bytes: u64,
 }
 
 /// `--sample-bytes`: a byte count, bare or with K/KiB/M/MiB/G/GiB (powers of
-/// 1024), 256 B to 1 GiB: below that nearly every allocation is a sample and the
-/// live table fills; above it a leak of less than a gigabyte may go unseen.
+/// 1024), 64 B to 1 GiB, the sampler's own range (`leaktrace --all-caches
+/// --sample-bytes`), so serve refuses what its child would.
 pub fn parse_sample_bytes(text: &str) -> Result<u64, String> {
     let t = text.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
@@ -630,8 +666,8 @@ pub fn parse_sample_bytes(text: &str) -> Result<u64, String> {
         format!("'{text}' is not a byte count; use e.g. 65536, 64KiB, 512KiB, 1MiB")
     })?;
     match n.checked_mul(1 << shift) {
-        Some(b) if (256..=1 << 30).contains(&b) => Ok(b),
-        _ => Err(format!("'{text}' is out of range: use 256 to 1GiB")),
+        Some(b) if (64..=1 << 30).contains(&b) => Ok(b),
+        _ => Err(format!("'{text}' is out of range: use 64 to 1GiB")),
     }
 }
 
@@ -681,9 +717,15 @@ impl TraceArgs {
     /// What the run traces: a slab cache, per-CPU allocations or page blocks
     /// (clap keeps them exclusive). Error: none was asked for.
     pub fn traced(&self) -> anyhow::Result<Traced> {
+        // clap's `requires` is not enforced on these flattened flags.
+        if !self.all_caches && (self.sample_bytes.is_some() || self.pprof_snapshots) {
+            anyhow::bail!("--sample-bytes and --pprof-snapshots go with --all-caches");
+        }
         if self.all_caches {
             return Ok(Traced::AllCaches {
-                sample_bytes: self.sample_bytes,
+                sample_bytes: self
+                    .sample_bytes
+                    .unwrap_or(crate::slab::kheap::DEFAULT_RATE),
             });
         }
         match (&self.cache, self.percpu, self.pages) {

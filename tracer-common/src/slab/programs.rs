@@ -13,10 +13,12 @@
 //! the first for recursion), then its name and the name of its build without BPF
 //! compare-and-swap (5.10's verifier refuses a cmpxchg anywhere in a program).
 //!
-//! The page hooks are classic tracepoints: they carry the `pfn`, which
-//! `/proc/kpageflags` and a split block's order-0 frees are keyed by. The raw
-//! tracepoints carry `struct page *`, whose pfn needs `vmemmap_base`
-//! (randomized by KASLR) and `sizeof(struct page)`.
+//! The page hooks are raw tracepoints where the kernel allows: they carry
+//! `struct page *`, whose pfn (what `/proc/kpageflags` and a split block's
+//! order-0 frees are keyed by) needs `sizeof(struct page)` from BTF and the
+//! address of pfn 0's `struct page` (KASLR'd), which `page_calibrate`
+//! measures before they attach. Otherwise the classic tracepoints, which
+//! carry the `pfn` itself.
 
 /// Calls `$callback! { rows }` with the slab object's program table.
 #[macro_export]
@@ -43,6 +45,10 @@ macro_rules! slab_programs {
             tracepoint page_free main: page_free, page_free_nocas;
             tracepoint page_kmalloc main: page_kmalloc, page_kmalloc_nocas;
             raw_tracepoint page_kmalloc main: page_kmalloc_raw, page_kmalloc_raw_nocas;
+            raw_tracepoint page_alloc main: page_alloc_raw, page_alloc_raw_nocas;
+            raw_tracepoint page_free main: page_free_raw, page_free_raw_nocas;
+            raw_tracepoint page_free spare: page_free_raw_spare, page_free_raw_spare_nocas;
+            raw_tracepoint page_calibrate main: page_calibrate_raw, page_calibrate_raw_nocas;
         }
     };
 }

@@ -1,13 +1,16 @@
 //! The slab tracer's types on the user side: what userspace needs to fill
 //! [`Config`] the way its eBPF object reads it.
 
-use super::{Config, ZoomSlot, CACHE_NAME_LEN};
+use super::{Config, PageCalibration, ZoomSlot, CACHE_NAME_LEN};
 
 // SAFETY: plain-old-data, repr(C), every bit pattern valid.
 unsafe impl aya::Pod for Config {}
 
 // SAFETY: plain-old-data, repr(C), no padding, every bit pattern valid.
 unsafe impl aya::Pod for ZoomSlot {}
+
+// SAFETY: plain-old-data, repr(C), no padding, every bit pattern valid.
+unsafe impl aya::Pod for PageCalibration {}
 
 /// A cache name as the kernel side compares it ([`Config::cache_names`]):
 /// NUL-padded little-endian words. None when the name is too long to keep

@@ -14,15 +14,17 @@
 use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, PerCpuArray},
-    programs::TracePointContext,
+    programs::{RawTracePointContext, TracePointContext},
     EbpfContext,
 };
 use tracer_common::{
-    slab::{counter, FreeEvent, PAGE_ORDERS, PAGE_SPAN, SOURCE_PAGE},
+    slab::{counter, FreeEvent, PageCalibration, PAGE_ORDERS, PAGE_SPAN, SOURCE_PAGE},
     EVENT_FREE,
 };
 
-use super::{bump, config, on_free, read, record, wakeup_flags, Site, EVENTS};
+use super::{
+    bump, config, on_free, read, record, take_up, taken_up_by_main, wakeup_flags, Site, EVENTS,
+};
 
 /// A tracked block of order > 0, by its first pfn.
 #[repr(C)]
@@ -149,7 +151,7 @@ impl Span {
     }
 }
 
-/// `kmem:mm_page_alloc`: selection first, on the record's own fields.
+/// `kmem:mm_page_alloc`, classic: selection first, on the record's own fields.
 #[inline(always)]
 pub(crate) fn page_alloc<const CAS: bool>(ctx: &TracePointContext) -> Option<()> {
     let cfg = &config().pages;
@@ -157,25 +159,103 @@ pub(crate) fn page_alloc<const CAS: bool>(ctx: &TracePointContext) -> Option<()>
         return None;
     }
     let span = Span::read(ctx, cfg.alloc_span)?;
+    let migratetype: i32 = span.field(cfg.alloc_migratetype, cfg.alloc_span);
+    let order: u32 = span.field(cfg.alloc_order, cfg.alloc_span);
+    // 4 bytes before 5.11's `unsigned long`; every gfp bit is in the low 32.
+    let gfp = span.field::<u32>(cfg.alloc_gfp, cfg.alloc_span) as u64;
+    if !selected(migratetype, order, gfp) {
+        return None;
+    }
     let pfn: u64 = span.field(cfg.alloc_pfn, cfg.alloc_span);
     // -1: the allocation failed.
     if pfn == u64::MAX {
         return None;
     }
-    let migratetype: i32 = span.field(cfg.alloc_migratetype, cfg.alloc_span);
-    if !(0..64).contains(&migratetype) || (cfg.migratetypes >> migratetype) & 1 == 0 {
+    track::<CAS>(ctx.as_ptr(), pfn, order, gfp)
+}
+
+/// `mm_page_alloc(struct page *page, unsigned int order, gfp_t gfp_flags,
+/// int migratetype)`, raw (userspace checked the order against BTF): the
+/// selection reads the arguments alone, no helper call, so the movable
+/// and page-cache traffic that makes up most allocations costs a few loads.
+#[inline(always)]
+pub(crate) fn page_alloc_raw<const CAS: bool>(ctx: &RawTracePointContext) -> Option<()> {
+    let migratetype = ctx.arg::<u64>(3) as i32;
+    let order = ctx.arg::<u64>(1) as u32;
+    let gfp = ctx.arg::<u64>(2) & 0xffff_ffff;
+    if !selected(migratetype, order, gfp) {
         return None;
     }
-    let order: u32 = span.field(cfg.alloc_order, cfg.alloc_span);
-    if order >= PAGE_ORDERS || (cfg.orders >> order) & 1 == 0 {
+    // NULL: the allocation failed.
+    let pfn = pfn_of(ctx.arg(0))?;
+    track::<CAS>(ctx.as_ptr(), pfn, order, gfp)
+}
+
+/// Whether an allocation of `migratetype`, `order` and `gfp` is selected.
+#[inline(always)]
+fn selected(migratetype: i32, order: u32, gfp: u64) -> bool {
+    let cfg = &config().pages;
+    (0..64).contains(&migratetype)
+        && (cfg.migratetypes >> migratetype) & 1 != 0
+        && order < PAGE_ORDERS
+        && (cfg.orders >> order) & 1 != 0
+        && gfp & cfg.gfp_all == cfg.gfp_all
+        && gfp & cfg.gfp_none == 0
+}
+
+/// The address of pfn 0's `struct page`: written by userspace from the
+/// calibration ([`PAGE_CALIB`]) before the raw page hooks attach.
+#[map]
+static PAGE_BASE: Array<u64> = Array::with_max_entries(1, 0);
+
+/// The pfn of `page`; None for NULL or before the base is known.
+#[inline(always)]
+fn pfn_of(page: u64) -> Option<u64> {
+    let cfg = &config().pages;
+    let base = *PAGE_BASE.get(0)?;
+    if cfg.struct_page_size == 0 || base == 0 || page < base {
         return None;
     }
-    // 4 bytes before 5.11's `unsigned long`; every gfp bit is in the low 32.
-    let gfp = span.field::<u32>(cfg.alloc_gfp, cfg.alloc_span) as u64;
-    if gfp & cfg.gfp_all != cfg.gfp_all || gfp & cfg.gfp_none != 0 {
-        return None;
+    // The frozen config leaves one of the two in the program.
+    if cfg.struct_page_shift != 0 {
+        return Some((page - base) >> (cfg.struct_page_shift & 63));
     }
-    let bytes = 1u64 << ((u32::from(cfg.page_shift) + order) & 63);
+    Some((page - base) / cfg.struct_page_size)
+}
+
+/// Filled by `page_calibrate` for userspace (`slab/page_base.rs`).
+#[map]
+static PAGE_CALIB: Array<PageCalibration> = Array::with_max_entries(1, 0);
+
+/// `mm_page_free(struct page *page, unsigned int order)`, raw, while
+/// userspace calibrates: the frees of the calibrating thread.
+#[inline(always)]
+pub(crate) fn page_calibrate(page: u64, order: u64) {
+    let Some(c) = PAGE_CALIB.get_ptr_mut(0) else {
+        return;
+    };
+    let c = unsafe { &mut *c };
+    if c.pid_tgid == 0 || c.pid_tgid != aya_ebpf::helpers::bpf_get_current_pid_tgid() {
+        return;
+    }
+    let n = c.n as usize;
+    if let (Some(p), Some(o)) = (c.pages.get_mut(n), c.orders.get_mut(n)) {
+        *p = page;
+        *o = order;
+        c.n = n as u64 + 1;
+    }
+}
+
+/// A selected block: recorded, and counted by region (and, split-able, in
+/// the block table).
+#[inline(always)]
+fn track<const CAS: bool>(
+    ctx: *mut core::ffi::c_void,
+    pfn: u64,
+    order: u32,
+    gfp: u64,
+) -> Option<()> {
+    let bytes = 1u64 << ((u32::from(config().pages.page_shift) + order) & 63);
     let site = Site {
         call_site: 0,
         ptr: pfn,
@@ -184,7 +264,7 @@ pub(crate) fn page_alloc<const CAS: bool>(ctx: &TracePointContext) -> Option<()>
         gfp,
         source: SOURCE_PAGE,
     };
-    record::<CAS>(ctx.as_ptr(), &site, false)?;
+    record::<CAS>(ctx, &site, false)?;
     region_add(pfn, 1);
     if order > 0 && config().pages.kmalloc_max != 0 {
         if let Some(last) = LAST_BLOCK.get_ptr_mut(0) {
@@ -221,7 +301,7 @@ pub(crate) fn page_alloc<const CAS: bool>(ctx: &TracePointContext) -> Option<()>
     Some(())
 }
 
-/// `kmem:mm_page_free`: a whole block or, of a split block, one part.
+/// `kmem:mm_page_free`, classic: a whole block or, of a split block, one part.
 #[inline(always)]
 pub(crate) fn page_free<const CAS: bool>(ctx: &TracePointContext) -> Option<()> {
     let cfg = &config().pages;
@@ -230,11 +310,38 @@ pub(crate) fn page_free<const CAS: bool>(ctx: &TracePointContext) -> Option<()> 
     if !region_tracked(pfn) {
         return None;
     }
-    let order: u32 = span.field(cfg.free_order, cfg.free_span);
+    free::<CAS>(pfn, span.field(cfg.free_order, cfg.free_span));
+    Some(())
+}
+
+/// `mm_page_free(struct page *page, unsigned int order)`, raw: the region
+/// test first, after nothing but the pfn's arithmetic. A free nested in the
+/// main program's run (an interrupt freeing pages while it runs) skips the
+/// main program, and the spare takes it: a missed free of a tracked page
+/// would be a phantom.
+#[inline(always)]
+pub(crate) fn page_free_raw<const CAS: bool>(
+    ctx: &RawTracePointContext,
+    seen: u32,
+    spare: bool,
+) -> Option<()> {
+    let page: u64 = ctx.arg(0);
+    if !spare {
+        take_up(seen, page);
+    }
+    let pfn = pfn_of(page)?;
+    if !region_tracked(pfn) || spare && taken_up_by_main(seen, page) {
+        return None;
+    }
+    free::<CAS>(pfn, ctx.arg::<u64>(1) as u32);
+    Some(())
+}
+
+#[inline(always)]
+fn free<const CAS: bool>(pfn: u64, order: u32) {
     if block_free::<CAS>(pfn, order).is_none() {
         untrack::<CAS>(pfn);
     }
-    Some(())
 }
 
 /// `on_free` and the region count with it.

@@ -217,6 +217,12 @@ impl Btf {
         self.by_name.contains_key(&(KIND_STRUCT, name.to_string()))
     }
 
+    /// Whether this kernel's BTF has function `name` (a config option's
+    /// code, say `vmemmap_populate` for `CONFIG_SPARSEMEM_VMEMMAP`).
+    pub fn has_func(&self, name: &str) -> bool {
+        self.by_name.contains_key(&(KIND_FUNC, name.to_string()))
+    }
+
     /// Byte offset of `member` in `struct name` (top-level members only).
     pub fn member_offset(&self, name: &str, member: &str) -> Option<u32> {
         let id = *self.by_name.get(&(KIND_STRUCT, name.to_string()))?;

@@ -10,9 +10,8 @@
 use std::collections::HashMap;
 
 use crate::{
-    bpf::stacks::StackId,
     output::pprof::{process_image, Builder, Label, Profile, Sample, ValueType},
-    slab::report::{ProcessReport, Report, StackReport},
+    slab::report::{KheapRow, ProcessReport, Report, StackReport},
 };
 
 /// Go's heap profile sample types, in its order.
@@ -60,7 +59,7 @@ pub fn build(report: &Report, wall_clock_ns: i64) -> Option<Profile> {
         let mut labels = vec![(keys[0], b.string(&row.cache), 0)];
         labels.push((keys[1], 0, i64::from(row.tgid)));
         if let Some(p) = proc_ {
-            if let Some(s) = stack_of(p, row.kstack, row.ustack) {
+            if let Some(s) = stack_of(p, row) {
                 let user_mapping = b.mapping(&process_image(p));
                 location_id.extend(
                     s.kernel_locations
@@ -116,6 +115,8 @@ pub fn build(report: &Report, wall_clock_ns: i64) -> Option<Profile> {
     Some(b.profile)
 }
 
-fn stack_of(p: &ProcessReport, k: StackId, u: StackId) -> Option<&StackReport> {
-    p.stacks.iter().find(|s| s.kstack == k && s.ustack == u)
+fn stack_of<'a>(p: &'a ProcessReport, row: &KheapRow) -> Option<&'a StackReport> {
+    p.stacks
+        .iter()
+        .find(|s| s.kstack == row.kstack && s.ustack == row.ustack)
 }

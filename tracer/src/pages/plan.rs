@@ -30,11 +30,9 @@ pub fn build(
     select: &PageOptions,
     opts: &PlanOptions,
 ) -> Result<Plan> {
-    if opts.hooks == HookMode::Raw {
-        bail!(
-            "--hooks raw: --pages uses the classic kmem:mm_page_alloc and mm_page_free \
-             tracepoints (their raw twins carry no pfn); use --hooks auto"
-        );
+    let raw = raw_page_hooks(btf, opts.hooks);
+    if let (HookMode::Raw, Err(why)) = (opts.hooks, &raw) {
+        bail!("--hooks raw: --pages cannot use the raw page hooks here: {why}; use --hooks auto");
     }
     let alloc = require(tracefs, "mm_page_alloc")?;
     let free = require(tracefs, "mm_page_free")?;
@@ -74,21 +72,51 @@ pub fn build(
     let mut cfg = Config::zeroed();
     cfg.pages = pages;
     plan::set_sampling(&mut cfg, opts);
+    let mut notes = Vec::new();
+    // The classic hooks' offsets are filled either way: the raw hooks fall
+    // back to them when their calibration fails at attach.
+    let (alloc_program, free_program, hook) = match raw {
+        Ok(struct_page) => {
+            cfg.pages.struct_page_size = struct_page;
+            if struct_page.is_power_of_two() {
+                cfg.pages.struct_page_shift = u64::from(struct_page.trailing_zeros());
+            }
+            (program::page_alloc_raw, program::page_free_raw, Hook::Raw)
+        }
+        Err(why) => {
+            if opts.hooks != HookMode::Classic {
+                notes.push(format!(
+                    "pages: classic kmem:mm_page_alloc/mm_page_free hooks ({why})"
+                ));
+            }
+            (program::page_alloc, program::page_free, Hook::Classic)
+        }
+    };
     let mut attachments = vec![
         Attachment {
-            program: program::page_alloc,
-            hook: Hook::Classic,
+            program: alloc_program,
+            hook,
             system: "kmem",
             event: "mm_page_alloc",
         },
         Attachment {
-            program: program::page_free,
-            hook: Hook::Classic,
+            program: free_program,
+            hook,
             system: "kmem",
             event: "mm_page_free",
         },
     ];
-    let mut notes = Vec::new();
+    if let Some(spare) = (hook == Hook::Raw)
+        .then(|| plan::spare_program(free_program))
+        .flatten()
+    {
+        attachments.push(Attachment {
+            program: spare,
+            hook,
+            system: "kmem",
+            event: "mm_page_free",
+        });
+    }
     match kmalloc_max {
         Some(max) => {
             // Before 6.1 kmalloc_node had its own tracepoint (same leading fields).
@@ -150,13 +178,54 @@ pub fn build(
         notes.push("live-object map preallocated; --max-objects sizes it".to_string());
         LiveMap::Preallocated
     };
-    Ok(Plan::unfinished(
-        cfg,
-        attachments,
-        live_map,
-        notes,
-        NAME.to_string(),
-    ))
+    let mut plan = Plan::unfinished(cfg, attachments, live_map, notes, NAME.to_string());
+    plan.page_hooks_raw_required = opts.hooks == HookMode::Raw;
+    Ok(plan)
+}
+
+/// `TP_PROTO` of the raw page hooks the kernel side reads by position.
+const RAW_PAGE_ALLOC: &[&str] = &["page", "order", "gfp_flags", "migratetype"];
+const RAW_PAGE_FREE: &[&str] = &["page", "order"];
+
+/// `sizeof(struct page)` where the raw `mm_page_alloc`/`mm_page_free` hooks
+/// can run, or why not. Measured on this host (`cargo xtask bench
+/// --pages-only`): the classic hooks build a perf record for every page
+/// allocated and freed, even for an empty program, which alone cost tmpfs
+/// writes 9% of their throughput; the raw hooks pass the `TP_PROTO`
+/// arguments as they are. Their `struct page *` becomes a pfn by
+/// `CONFIG_SPARSEMEM_VMEMMAP`'s linear map, whose base the attach measures
+/// (`slab::page_base`).
+fn raw_page_hooks(btf: Option<&Btf>, hooks: HookMode) -> std::result::Result<u64, String> {
+    if hooks == HookMode::Classic {
+        return Err("--hooks classic".to_string());
+    }
+    let btf = btf.ok_or("no kernel BTF to check the raw hooks' arguments against")?;
+    for (event, want) in [
+        ("mm_page_alloc", RAW_PAGE_ALLOC),
+        ("mm_page_free", RAW_PAGE_FREE),
+    ] {
+        let args = btf
+            .tracepoint_args(event)
+            .ok_or_else(|| format!("BTF has no raw tracepoint {event}"))?;
+        if !args.starts_with(&want.iter().map(|a| a.to_string()).collect::<Vec<_>>()) {
+            return Err(format!(
+                "raw {event} takes ({}), not ({})",
+                args.join(", "),
+                want.join(", ")
+            ));
+        }
+    }
+    if !btf.has_func("vmemmap_populate") {
+        return Err(
+            "no CONFIG_SPARSEMEM_VMEMMAP (BTF has no vmemmap_populate): \
+                    struct page addresses are not linear in the pfn"
+                .to_string(),
+        );
+    }
+    match btf.struct_size("page") {
+        Some(size) if size > 0 => Ok(u64::from(size)),
+        _ => Err("BTF has no struct page size".to_string()),
+    }
 }
 
 /// Where the kernel side's one read of an `event` record starts, so that

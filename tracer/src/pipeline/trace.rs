@@ -178,7 +178,7 @@ pub async fn run(args: TraceOptions, traced: &Traced) -> Result<()> {
     let mut symbols = Symbolizer::new();
     symbols.warm_kernel();
     own_memory::return_freed_memory();
-    let (mut probes, ring) = Probes::attach(&plan, max_objects, ringbuf_bytes, args.floor)?;
+    let (mut probes, ring) = Probes::attach(&mut plan, max_objects, ringbuf_bytes, args.floor)?;
 
     if !(args.exact || args.no_kernel_stacks && args.no_user_stacks || kheap.is_some()) {
         plan.notes

@@ -4,6 +4,7 @@
 //! reports.
 
 pub mod caches;
+pub mod kheap_view;
 pub mod memcg_view;
 pub mod screen;
 pub mod tui;

@@ -294,6 +294,9 @@ impl ViewState {
             group(k.allocs_lost_map_full),
             group(k.frees_lost_ringbuf),
         )));
+        for line in crate::present::kheap_view::compact(r) {
+            head.push(Line::from(line));
+        }
         head.push(Line::from(""));
         let mut title = String::new();
         for c in COLUMNS {

@@ -23,6 +23,7 @@ pub struct TextOptions {
 pub fn render(report: &Report, opts: &TextOptions) -> String {
     let mut out = String::new();
     header(&mut out, report, opts);
+    crate::present::kheap_view::section(&mut out, report);
     if report.group_by == GroupBy::Process {
         processes(&mut out, report, opts);
     } else {

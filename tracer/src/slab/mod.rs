@@ -16,6 +16,7 @@ pub mod grouping;
 pub mod kheap;
 pub mod kheap_source;
 pub mod naming;
+pub mod page_base;
 pub mod plan;
 pub mod probes;
 pub mod report;

@@ -74,6 +74,9 @@ pub struct Plan {
     /// The hierarchy the CGROUP column's ids are directories of; set by
     /// [`Plan::finish`].
     pub cgroup_mount: Option<PathBuf>,
+    /// `--hooks raw` with the page source: its raw hooks' calibration
+    /// failing at attach is an error, not a fallback to the classic ones.
+    pub page_hooks_raw_required: bool,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -465,6 +468,7 @@ impl Plan {
             recursion_misses: false,
             max_objects: 0,
             cgroup_mount: None,
+            page_hooks_raw_required: false,
         }
     }
 

@@ -12,13 +12,14 @@ use aya::{
     programs::{RawTracePoint, TracePoint},
     Ebpf, EbpfLoader,
 };
-use tracer_common::slab::{counter, ZoomSlot};
+use tracer_common::slab::{counter, programs::name as page_programs, ZoomSlot};
 
 use crate::bpf::load::{
     counter_sum, loaded, map_fd, map_memory, prog_info, program, program_ids, raise_memlock_limit,
     take_counters, take_ring, with_map_flags, AlignedObject, BPF_F_NO_PREALLOC,
 };
 use crate::slab::counters::KernelCounters;
+use crate::slab::page_base;
 use crate::slab::plan::{
     is_spare, live_overflow_entries, program_variant, spare_program, Hook, LiveMap, Plan,
 };
@@ -64,8 +65,11 @@ pub enum Floor {
 impl Probes {
     /// Load with the plan's configuration and attach every planned tracepoint.
     /// Returns the ring buffer separately so the event loop can own it.
+    /// The page source's raw hooks are calibrated first ([`page_base`]);
+    /// where that fails they become their classic twins, with a note in
+    /// `plan.notes` (an error under `--hooks raw`).
     pub fn attach(
-        plan: &Plan,
+        plan: &mut Plan,
         max_objects: u32,
         ringbuf_bytes: u32,
         floor: Option<Floor>,
@@ -90,6 +94,25 @@ impl Probes {
                 let hint = load_hint(&format!("{e:#}"));
                 e.context(format!("loading leaktrace's eBPF programs{hint}"))
             })?;
+
+        if plan
+            .attachments
+            .iter()
+            .any(|a| a.program == page_programs::page_free_raw)
+        {
+            let size = plan.config.pages.struct_page_size;
+            let live_slots = plan.config.live_bucket_mask != 0;
+            if let Err(e) = page_base::calibrate(&mut ebpf, size, live_slots) {
+                if plan.page_hooks_raw_required {
+                    return Err(e.context("--hooks raw: the raw page hooks cannot be calibrated"));
+                }
+                page_base::to_classic(&mut plan.attachments);
+                plan.notes.push(format!(
+                    "pages: classic kmem:mm_page_alloc/mm_page_free hooks: the raw ones' \
+                     struct page base could not be measured ({e:#})"
+                ));
+            }
+        }
 
         let mut programs: Vec<&'static str> = Vec::new();
         for a in &plan.attachments {
@@ -255,7 +278,17 @@ mod tests {
             "percpu_alloc",
             "percpu_free",
             "percpu_free_raw",
+            "page_alloc",
+            "page_free",
+            "page_alloc_raw",
+            "page_free_raw",
+            "page_kmalloc",
+            "page_kmalloc_raw",
         ];
+        // The page calibration keeps no live objects: no cmpxchg either way.
+        for name in ["page_calibrate_raw", "page_calibrate_raw_nocas"] {
+            assert!(obj.programs.contains_key(name), "{name} not in the object");
+        }
         let spares = planned.iter().filter_map(|p| spare_program(p));
         for name in planned.into_iter().chain(spares) {
             for live_slots in [true, false] {

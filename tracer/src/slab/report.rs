@@ -70,7 +70,7 @@ pub struct Report {
     /// `--all-caches`: estimates from the byte-sampled allocations of every
     /// cache, with their coverage; absent otherwise.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub kheap: Option<crate::slab::kheap::KheapSummary>,
+    pub kheap: Option<KheapSummary>,
 }
 
 /// Pages taken back from the counts since attach, by why.
@@ -587,4 +587,59 @@ pub(crate) fn test_report() -> Report {
         pages: None,
         kheap: None,
     }
+}
+
+/// A [`KheapRow`]'s `tgid` for the allocations of exited processes whose
+/// rows were forgotten (`slab/kheap.rs`): not a process id (0 is interrupts').
+pub const FORGOTTEN: u32 = u32::MAX;
+
+/// `--all-caches`: estimates from byte-sampled allocations, with coverage.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct KheapSummary {
+    /// Mean bytes between samples (`--sample-bytes`).
+    pub sample_bytes: u64,
+    /// Unix time (s) the sampling began: only allocations since count.
+    pub since_unix_s: u64,
+    /// Samples taken since, and still held.
+    pub samples: u64,
+    pub samples_held: u64,
+    /// Samples found held at an address allocated again (freed unseen).
+    pub stale: u64,
+    /// Samples the live table had no room for; estimates may be low by
+    /// about `may_be_low_by_bytes`.
+    pub dropped: u64,
+    pub may_be_low_by_bytes: u64,
+    /// Estimated bytes in use, every cache.
+    pub inuse_bytes: u64,
+    /// By cache, largest first.
+    pub caches: Vec<KheapCache>,
+    /// By (process, stacks, cache), largest in use first.
+    pub rows: Vec<KheapRow>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct KheapCache {
+    pub name: String,
+    pub samples: u64,
+    pub inuse_objects: u64,
+    pub inuse_bytes: u64,
+    pub inuse_bytes_low: u64,
+    pub inuse_bytes_high: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct KheapRow {
+    pub tgid: u32,
+    #[serde(skip)]
+    pub kstack: StackId,
+    #[serde(skip)]
+    pub ustack: StackId,
+    pub cache: String,
+    pub samples: u64,
+    pub inuse_objects: u64,
+    pub inuse_bytes: u64,
+    pub inuse_bytes_low: u64,
+    pub inuse_bytes_high: u64,
+    pub alloc_objects: u64,
+    pub alloc_bytes: u64,
 }

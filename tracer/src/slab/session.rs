@@ -292,6 +292,9 @@ impl Session {
             .filter(|&t| !self.procs.keys().any(|k| k.tgid == t))
             .collect();
         self.symbols.forget(&gone_tgids);
+        if let Some(k) = self.kheap.as_mut() {
+            k.forget(&gone_tgids);
+        }
         // Their stack ids may be reused from now on.
         self.pending_stacks
             .retain(|(t, _)| !gone.iter().any(|k| k.tgid == *t));

@@ -30,7 +30,11 @@ use blazesym::{
 };
 
 pub struct Symbolizer {
+    /// User-space lookups; dropped every few lookups ([`Self::trim`]).
     blaze: Blaze,
+    /// Kernel lookups: kept for the whole run, so /proc/kallsyms (~200,000
+    /// lines, ~0.1 s to parse) is read once, not again after every trim.
+    kernel_blaze: Blaze,
     kernel: HashMap<u64, String>,
     /// One address can be several frames (Go's inlined calls).
     user: HashMap<(u32, u64), Vec<String>>,
@@ -160,6 +164,7 @@ impl Symbolizer {
     pub fn new() -> Self {
         Symbolizer {
             blaze: Blaze::builder().enable_code_info(false).build(),
+            kernel_blaze: Blaze::builder().enable_code_info(false).build(),
             kernel: HashMap::new(),
             user: HashMap::new(),
             user_lookups: 0,
@@ -364,7 +369,9 @@ impl Symbolizer {
                 debug_syms: false,
                 ..Kernel::default()
             });
-            let names = self.resolve(&src, &missing, |addr| format!("[kernel] {addr:#x}"));
+            let names = resolve(&self.kernel_blaze, &src, &missing, |addr| {
+                format!("[kernel] {addr:#x}")
+            });
             self.kernel.extend(missing.into_iter().zip(names));
         }
         addrs.iter().map(|a| self.kernel[a].clone()).collect()
@@ -412,7 +419,7 @@ impl Symbolizer {
                     perf_map: false,
                     ..Process::new(Pid::from(tgid))
                 });
-                let names = self.resolve(&src, &rest, |addr| module_offset(&maps, addr));
+                let names = resolve(&self.blaze, &src, &rest, |addr| module_offset(&maps, addr));
                 self.user.extend(
                     rest.into_iter()
                         .map(|a| (tgid, a))
@@ -500,31 +507,31 @@ impl Symbolizer {
             crate::kernel::own_memory::return_freed_memory();
         }
     }
+}
 
-    fn resolve(
-        &self,
-        src: &Source<'_>,
-        addrs: &[u64],
-        unknown: impl Fn(u64) -> String,
-    ) -> Vec<String> {
-        // Stack entries past the first are return addresses; the call that made
-        // them is one byte earlier and may belong to another (e.g. noreturn) function.
-        let lookups: Vec<u64> = addrs.iter().map(|a| a.saturating_sub(1)).collect();
-        let results = self
-            .blaze
-            .symbolize(src, Input::AbsAddr(&lookups))
-            .unwrap_or_default();
-        addrs
-            .iter()
-            .enumerate()
-            .map(|(i, &addr)| match results.get(i) {
-                Some(Symbolized::Sym(sym)) => {
-                    format!("{}+{:#x}", sym.name, sym.offset + 1)
-                }
-                _ => unknown(addr),
-            })
-            .collect()
-    }
+/// `addrs` named by `blaze` from `src`, `unknown` where it cannot.
+fn resolve(
+    blaze: &Blaze,
+    src: &Source<'_>,
+    addrs: &[u64],
+    unknown: impl Fn(u64) -> String,
+) -> Vec<String> {
+    // Stack entries past the first are return addresses; the call that made
+    // them is one byte earlier and may belong to another (e.g. noreturn) function.
+    let lookups: Vec<u64> = addrs.iter().map(|a| a.saturating_sub(1)).collect();
+    let results = blaze
+        .symbolize(src, Input::AbsAddr(&lookups))
+        .unwrap_or_default();
+    addrs
+        .iter()
+        .enumerate()
+        .map(|(i, &addr)| match results.get(i) {
+            Some(Symbolized::Sym(sym)) => {
+                format!("{}+{:#x}", sym.name, sym.offset + 1)
+            }
+            _ => unknown(addr),
+        })
+        .collect()
 }
 
 /// The `NT_GNU_BUILD_ID` note of an ELF file, hex: what pprof (and
