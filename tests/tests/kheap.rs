@@ -54,6 +54,8 @@ fn all_caches_names_a_leak_made_during_the_run_and_estimates_it() {
         SAMPLE_BYTES,
         "--duration",
         "8s",
+        "--group-by",
+        "comm",
     ])
     .expect("start leaktrace --all-caches");
     let mut churn = Command::new(leakgen_bin())
@@ -107,6 +109,25 @@ fn all_caches_names_a_leak_made_during_the_run_and_estimates_it() {
         "the churn's short-lived allocations add {churned} bytes in use (≤ 1 MiB)"
     );
     assert_eq!(k["dropped"].as_u64(), Some(0), "{k}");
+    // --group-by sums the same estimates: leakgen's group is its processes'
+    // rows of every cache (each rounded to a byte), and holds the leak.
+    assert_eq!(k["group_by"], "comm", "{k}");
+    let groups = k["groups"].as_array().expect("groups");
+    let leakgen = groups
+        .iter()
+        .find(|g| g["key"] == "leakgen")
+        .map_or(0, |g| count(g, "inuse_bytes"));
+    let leakgen_pids: Vec<u32> = pids.iter().copied().chain([churn.id()]).collect();
+    let leakgen_rows: Vec<&Value> = rows
+        .iter()
+        .filter(|r| leakgen_pids.contains(&(r["tgid"].as_u64().unwrap_or(0) as u32)))
+        .collect();
+    let rows_sum: u64 = leakgen_rows.iter().map(|r| count(r, "inuse_bytes")).sum();
+    assert!(
+        leakgen.abs_diff(rows_sum) <= leakgen_rows.len() as u64 && leakgen >= estimate,
+        "leakgen's group {leakgen} B vs its rows' {rows_sum} B (kmalloc-512: {estimate} B): {:?}",
+        &groups[..groups.len().min(5)]
+    );
     drop(holders);
 }
 

@@ -419,6 +419,7 @@ mod tests {
                 "kmalloc-512",
             ][..],
             &["leaktrace", "--pprof-snapshots", "--percpu"],
+            &["leaktrace", "--group-by", "cache", "--cache", "kmalloc-512"],
         ] {
             let refused = Cli::try_parse_from(bad).map_or(true, |c| c.trace.traced().is_err());
             assert!(refused, "{bad:?} should be refused");
@@ -720,6 +721,11 @@ impl TraceArgs {
         // clap's `requires` is not enforced on these flattened flags.
         if !self.all_caches && (self.sample_bytes.is_some() || self.pprof_snapshots) {
             anyhow::bail!("--sample-bytes and --pprof-snapshots go with --all-caches");
+        }
+        if !self.all_caches && self.group_by == GroupBy::Cache {
+            anyhow::bail!(
+                "--group-by cache goes with --all-caches (a traced run sees one cache or source)"
+            );
         }
         if self.all_caches {
             return Ok(Traced::AllCaches {

@@ -6,7 +6,7 @@ use std::fmt::Write;
 
 use crate::{
     present::units::{group, human_bytes},
-    slab::report::{KheapSummary, Report, FORGOTTEN},
+    slab::report::{GroupBy, KheapSummary, Report, FORGOTTEN},
 };
 
 /// Caches and rows shown (`--json` has them all).
@@ -44,6 +44,25 @@ fn write(out: &mut String, r: &Report, caches: usize, rows: usize, frames: usize
             human_bytes(c.inuse_bytes_high),
             group(c.samples),
         );
+    }
+    if k.group_by != GroupBy::Cache {
+        let _ = writeln!(
+            out,
+            "in use by {} (estimate, 95% interval, samples held):",
+            k.group_by.name()
+        );
+        for g in k.groups.iter().filter(|g| g.samples > 0).take(caches) {
+            let _ = writeln!(
+                out,
+                "  {:<40} ~{:>8} ({}-{})  ~{} objects, {} samples",
+                g.key,
+                human_bytes(g.inuse_bytes),
+                human_bytes(g.inuse_bytes_low),
+                human_bytes(g.inuse_bytes_high),
+                group(g.inuse_objects),
+                group(g.samples),
+            );
+        }
     }
     let _ = writeln!(out, "in use by process, stack and cache:");
     for row in k.rows.iter().filter(|r| r.samples > 0).take(rows) {

@@ -23,7 +23,12 @@ pub struct TextOptions {
 pub fn render(report: &Report, opts: &TextOptions) -> String {
     let mut out = String::new();
     header(&mut out, report, opts);
-    crate::present::kheap_view::section(&mut out, report);
+    if report.kheap.is_some() {
+        // The process, stack and cgroup tables would count samples, not
+        // objects: under --all-caches the estimates are the report.
+        crate::present::kheap_view::section(&mut out, report);
+        return out;
+    }
     if report.group_by == GroupBy::Process {
         processes(&mut out, report, opts);
     } else {
@@ -143,7 +148,12 @@ fn header(out: &mut String, r: &Report, opts: &TextOptions) {
     let t = &r.totals;
     let _ = writeln!(
         out,
-        "tracked since attach: {}   (objects allocated before attach cannot be attributed)",
+        "{}: {}   (objects allocated before attach cannot be attributed)",
+        if r.kheap.is_some() {
+            "samples since attach (counts of samples, not of objects; the estimates follow)"
+        } else {
+            "tracked since attach"
+        },
         tracked(
             t.outstanding,
             Some(t.outstanding_bytes),

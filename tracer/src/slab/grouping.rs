@@ -189,7 +189,7 @@ fn is_allocator(frame: &str) -> bool {
     ALLOCATORS.iter().any(|a| frame.starts_with(a))
 }
 
-fn key_of(p: &ProcessReport, by: GroupBy) -> String {
+pub(crate) fn key_of(p: &ProcessReport, by: GroupBy) -> String {
     let cgroup = || {
         p.cgroup
             .clone()
@@ -198,6 +198,8 @@ fn key_of(p: &ProcessReport, by: GroupBy) -> String {
     let decoded = || p.cgroup.as_deref().map(paths::decode).unwrap_or_default();
     match by {
         GroupBy::Process | GroupBy::Stack => p.tgid.to_string(),
+        // Refused without --all-caches, where one run traces one cache.
+        GroupBy::Cache => "every cache".to_string(),
         GroupBy::Comm => p.comm.clone(),
         GroupBy::Parent if p.ppid == 0 => "parent unknown".to_string(),
         GroupBy::Parent => p.ppid.to_string(),

@@ -22,7 +22,9 @@ use tracer_common::slab::{
 use crate::{
     bpf::stacks::StackId,
     slab::caches::Catalogue,
-    slab::report::{KheapCache, KheapRow, KheapSummary, FORGOTTEN},
+    slab::report::{
+        GroupBy, KheapCache, KheapGroup, KheapRow, KheapSummary, ProcessReport, FORGOTTEN,
+    },
 };
 
 /// `--sample-bytes`' default: Go's `runtime.MemProfileRate`.
@@ -282,6 +284,41 @@ impl Kheap {
 
     /// Rows, caches and coverage as the report carries them; `dropped`:
     /// samples the kernel's live table had no room for.
+    /// The in-use estimates summed by `key` (a row's process, kernel and
+    /// user stacks and cache name to its group), largest first; each group's
+    /// interval as a row's, from its own samples and weights.
+    pub fn groups(&self, key: impl Fn(&RowKey, &str) -> String) -> Vec<KheapGroup> {
+        let mut by: HashMap<String, Row> = HashMap::new();
+        for (k, r) in &self.rows {
+            let g = by
+                .entry(key(k, &self.caches[k.cache as usize]))
+                .or_default();
+            for (into, from) in [(&mut g.inuse, &r.inuse), (&mut g.alloc, &r.alloc)] {
+                into.samples += from.samples;
+                into.objects += from.objects;
+                into.bytes += from.bytes;
+            }
+        }
+        let mut out: Vec<KheapGroup> = by
+            .into_iter()
+            .filter(|(_, r)| r.inuse.samples > 0 || r.alloc.samples > 0)
+            .map(|(key, r)| {
+                let (low, high) = interval(&r.inuse);
+                KheapGroup {
+                    key,
+                    samples: r.inuse.samples,
+                    inuse_objects: r.inuse.objects.round() as u64,
+                    inuse_bytes: r.inuse.bytes.round() as u64,
+                    inuse_bytes_low: low,
+                    inuse_bytes_high: high,
+                    alloc_bytes: r.alloc.bytes.round() as u64,
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| b.inuse_bytes.cmp(&a.inuse_bytes).then(a.key.cmp(&b.key)));
+        out
+    }
+
     pub fn summary(&self, dropped: u64) -> KheapSummary {
         let mut by_cache: HashMap<u32, Weights> = HashMap::new();
         let mut rows: Vec<KheapRow> = Vec::new();
@@ -334,7 +371,43 @@ impl Kheap {
             inuse_bytes: held_bytes.round() as u64,
             caches,
             rows,
+            group_by: GroupBy::Cache,
+            groups: Vec::new(),
         }
+    }
+}
+
+/// The group `--group-by` puts a row of `cache` in: `procs` are the report's
+/// processes by tgid (rows of forgotten processes group as "(exited)").
+pub fn group_key(
+    by: GroupBy,
+    row: &RowKey,
+    cache: &str,
+    procs: &HashMap<u32, &ProcessReport>,
+) -> String {
+    let p = procs.get(&row.tgid);
+    match (by, p) {
+        (GroupBy::Cache, _) => cache.to_string(),
+        (GroupBy::Stack, Some(p)) => p
+            .stacks
+            .iter()
+            .find(|s| s.kstack == row.kstack && s.ustack == row.ustack)
+            .map(|s| {
+                let kernel = s.kernel.iter().skip_while(|f| {
+                    f.starts_with("kmem_cache_alloc") || f.starts_with("__kmalloc")
+                });
+                kernel
+                    .take(2)
+                    .chain(s.user.first())
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(" <- ")
+            })
+            .unwrap_or_else(|| format!("stacks {}/{}", row.kstack.0, row.ustack.0)),
+        (GroupBy::Process, Some(p)) => format!("{} {}", p.tgid, p.comm),
+        (_, Some(p)) => crate::slab::grouping::key_of(p, by),
+        (_, None) if row.tgid == FORGOTTEN => "(exited)".to_string(),
+        (_, None) => format!("pid {}", row.tgid),
     }
 }
 

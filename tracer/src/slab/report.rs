@@ -436,6 +436,8 @@ pub enum GroupBy {
     Pod,
     /// Identical kernel and user stacks, across processes.
     Stack,
+    /// The slab cache (`--all-caches` only: a traced run sees one cache).
+    Cache,
 }
 
 impl GroupBy {
@@ -459,6 +461,7 @@ impl GroupBy {
             GroupBy::Container => "container",
             GroupBy::Pod => "pod",
             GroupBy::Stack => "stack",
+            GroupBy::Cache => "cache",
         }
     }
 
@@ -615,6 +618,22 @@ pub struct KheapSummary {
     pub caches: Vec<KheapCache>,
     /// By (process, stacks, cache), largest in use first.
     pub rows: Vec<KheapRow>,
+    /// The same estimates summed by `--group-by`, largest in use first.
+    pub group_by: GroupBy,
+    pub groups: Vec<KheapGroup>,
+}
+
+/// The in-use estimate of every row whose process, stacks or cache
+/// `--group-by` maps to `key`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct KheapGroup {
+    pub key: String,
+    pub samples: u64,
+    pub inuse_objects: u64,
+    pub inuse_bytes: u64,
+    pub inuse_bytes_low: u64,
+    pub inuse_bytes_high: u64,
+    pub alloc_bytes: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]

@@ -25,7 +25,7 @@ use crate::{
     slab::counters::KernelCounters,
     slab::decoder::Event,
     slab::grouping,
-    slab::kheap::{Kheap, Sample},
+    slab::kheap::{self, Kheap, Sample},
     slab::naming::{self, Header, Naming},
     slab::probes::Probes,
     slab::report::{GroupBy, MemorySource, PageClasses, ProcKey, Report, SlabPicture, TracedPid},
@@ -239,10 +239,14 @@ impl Session {
         }
         report.traced = self.watch_traced(root, now);
         report.pages = pages;
-        report.kheap = self
-            .kheap
-            .as_ref()
-            .map(|k| k.summary(report.kernel.allocs_lost_map_full));
+        report.kheap = self.kheap.as_ref().map(|k| {
+            let procs = report.processes.iter().map(|p| (p.tgid, p)).collect();
+            let mut summary = k.summary(report.kernel.allocs_lost_map_full);
+            summary.group_by = self.group_by;
+            summary.groups =
+                k.groups(|row, cache| kheap::group_key(self.group_by, row, cache, &procs));
+            summary
+        });
         self.symbols.trim();
         // Next refresh re-walks cgroupfs on a miss: new containers appear mid-incident.
         self.cgroups.invalidate();
