@@ -285,7 +285,12 @@ impl ViewState {
         let t = &r.totals;
         let k = &r.kernel;
         head.push(Line::from(format!(
-            "tracked since attach: {} outstanding ({})   allocs {}   frees {}   lost: ringbuf {} map-full {} frees {}",
+            "{}: {} outstanding ({})   allocs {}   frees {}   lost: ringbuf {} map-full {} frees {}",
+            if r.kheap.is_some() {
+                "samples since attach (not objects)"
+            } else {
+                "tracked since attach"
+            },
             group(t.outstanding),
             human_bytes(t.outstanding_bytes),
             group(t.allocs),
@@ -317,6 +322,12 @@ impl ViewState {
             }
         }
         title.push_str("  CGROUP");
+        if r.kheap.is_some() {
+            // The rows below count samples; the estimates are the lines above.
+            head.push(Line::from(
+                "the table counts SAMPLES, not objects: the estimates are above",
+            ));
+        }
         head.push(Line::styled(
             title,
             Style::default().add_modifier(Modifier::REVERSED),
