@@ -1441,6 +1441,7 @@ fn the_token_file_is_bounded_a_regular_file_and_said_when_readable_by_others() {
 /// it listens or starts anything.
 #[test]
 fn kheap_refuses_before_sampling_and_says_why_when_off() {
+    skip_in_vm_guest!();
     let _serial = serial();
     let dir = scratch("kheap-off");
     let serve = Serve::start(&dir, &[]);
