@@ -22,25 +22,40 @@ const KPF_ANON: u32 = 12;
 const KPF_PGTABLE: u32 = 26;
 
 /// Why a tracked page leaves the counts; None: it stays.
-fn classify(flags: u64) -> Option<fn(&mut PageClasses) -> &mut u64> {
+fn classify(flags: u64) -> Option<Leaves> {
     let has = |bit: u32| flags & (1 << bit) != 0;
     if has(KPF_SLAB) {
-        Some(|c| &mut c.slab)
+        Some(Leaves::NotOurs(|c| &mut c.slab))
     } else if has(KPF_PGTABLE) {
-        Some(|c| &mut c.page_table)
+        Some(Leaves::NotOurs(|c| &mut c.page_table))
     } else if has(KPF_BUDDY) {
-        Some(|c| &mut c.free_unseen)
+        Some(Leaves::Freed(|c| &mut c.free_unseen))
     } else if has(KPF_LRU) || has(KPF_ANON) {
-        Some(|c| &mut c.user)
+        Some(Leaves::Freed(|c| &mut c.user))
     } else {
         None
     }
+}
+
+/// How a page leaves, with the header's counter it adds to.
+#[derive(Clone, Copy)]
+enum Leaves {
+    /// A slab or page-table page: never the kernel's loose memory, retracted
+    /// from the allocations as well.
+    NotOurs(fn(&mut PageClasses) -> &mut u64),
+    /// Back in the buddy allocator or in user hands: it was ours, and was
+    /// freed. Its free event may still be in the ring buffer (the tracepoint
+    /// fires before the page reaches the buddy lists), so it is taken back
+    /// only if a second sweep finds it so again.
+    Freed(fn(&mut PageClasses) -> &mut u64),
 }
 
 /// `/proc/kpageflags`, open for the run (root only).
 pub struct PageFlags {
     file: File,
     classes: PageClasses,
+    /// Blocks the last sweep found freed: taken back if this one does too.
+    freed_last: std::collections::HashSet<u64>,
 }
 
 impl PageFlags {
@@ -48,16 +63,20 @@ impl PageFlags {
         Ok(PageFlags {
             file: File::open(root.join("proc/kpageflags"))?,
             classes: PageClasses::default(),
+            freed_last: std::collections::HashSet::new(),
         })
     }
 
     /// Classifies every outstanding block by its first page and takes back
     /// those that are not the kernel's loose pages. Nearby pfns are read
     /// together (sorted, one read per 512-pfn run).
-    fn sweep(&mut self, agg: &mut Aggregator) {
+    /// `drained`: every event the kernel sent has been read (the final
+    /// report), so a freed block's free cannot still be on its way.
+    fn sweep(&mut self, agg: &mut Aggregator, drained: bool) {
         let mut pfns = agg.outstanding_ptrs();
         pfns.sort_unstable();
         let mut unreadable = 0;
+        let mut freed_now = std::collections::HashSet::new();
         let mut i = 0;
         while i < pfns.len() {
             let first = pfns[i];
@@ -78,21 +97,33 @@ impl PageFlags {
                 let at = (pfn - first) as usize * 8;
                 let mut word = [0u8; 8];
                 word.copy_from_slice(&buf[at..at + 8]);
-                if let Some(class) = classify(u64::from_ne_bytes(word)) {
-                    if agg.exclude(pfn) {
-                        *class(&mut self.classes) += 1;
+                match classify(u64::from_ne_bytes(word)) {
+                    Some(Leaves::NotOurs(class)) => {
+                        if agg.exclude(pfn) {
+                            *class(&mut self.classes) += 1;
+                        }
                     }
+                    Some(Leaves::Freed(class)) if drained || self.freed_last.contains(&pfn) => {
+                        if agg.free_unseen(pfn) {
+                            *class(&mut self.classes) += 1;
+                        }
+                    }
+                    Some(Leaves::Freed(_)) => {
+                        freed_now.insert(pfn);
+                    }
+                    None => {}
                 }
             }
             i = end;
         }
         self.classes.unreadable = unreadable;
+        self.freed_last = freed_now;
     }
 }
 
 impl Settle for PageFlags {
-    fn settle(&mut self, agg: &mut Aggregator) -> PageClasses {
-        self.sweep(agg);
+    fn settle(&mut self, agg: &mut Aggregator, drained: bool) -> PageClasses {
+        self.sweep(agg, drained);
         self.classes.clone()
     }
 }
@@ -110,7 +141,9 @@ mod tests {
             (1 << KPF_BUDDY, "buddy"),
             (1 << KPF_LRU | 1 << KPF_ANON, "anon"),
         ] {
-            *classify(flags).expect("leaves")(&mut c) += 1;
+            match classify(flags).expect("leaves") {
+                Leaves::NotOurs(class) | Leaves::Freed(class) => *class(&mut c) += 1,
+            }
         }
         assert_eq!((c.slab, c.page_table, c.free_unseen, c.user), (1, 1, 1, 1));
         // A held pipe page: no flag at all; a compound head alone (bit 15) neither.

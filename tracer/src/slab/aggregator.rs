@@ -589,6 +589,20 @@ impl Aggregator {
         true
     }
 
+    /// Takes `ptr` back as freed, its free unseen (a page found back in the
+    /// buddy allocator or in user hands): it was allocated and is free now,
+    /// so it counts as a free, and its kernel free, if it comes, is
+    /// expected. False if it is not outstanding.
+    pub fn free_unseen(&mut self, ptr: u64) -> bool {
+        let Some(live) = self.objects.remove(&ptr) else {
+            return false;
+        };
+        self.anomalies.freed_unseen += 1;
+        self.release(&live, Leave::Free);
+        self.excluded.insert(ptr);
+        true
+    }
+
     /// `live` leaves the counts as `how` says: freed, shrunk or retracted.
     fn release(&mut self, live: &Live, leave: Leave) {
         let bytes = u64::from(live.bytes);

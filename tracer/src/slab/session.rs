@@ -72,7 +72,9 @@ pub struct Setup<'a> {
 /// report: objects it takes back from `agg` leave the counts, and the
 /// classes it returns go in the report's header.
 pub trait Settle {
-    fn settle(&mut self, agg: &mut Aggregator) -> PageClasses;
+    /// `drained`: the ring buffer has been read to its end (the final
+    /// report), so no event of what the kernel did before now is on its way.
+    fn settle(&mut self, agg: &mut Aggregator, drained: bool) -> PageClasses;
 }
 
 /// The slab tracer's model during one run; see the module's docs.
@@ -208,7 +210,10 @@ impl Session {
                 ..self.snapshot_opts.clone()
             }
         };
-        let pages = self.settle.as_mut().map(|s| s.settle(&mut self.agg));
+        let pages = self
+            .settle
+            .as_mut()
+            .map(|s| s.settle(&mut self.agg, kind == "final"));
         let snap = self.agg.snapshot(now, &opts);
         let mut names = Naming {
             symbols: &mut self.symbols,
