@@ -98,20 +98,18 @@ impl PageFlags {
                 let mut word = [0u8; 8];
                 word.copy_from_slice(&buf[at..at + 8]);
                 match classify(u64::from_ne_bytes(word)) {
-                    Some(Leaves::NotOurs(class)) => {
-                        if agg.exclude(pfn) {
-                            *class(&mut self.classes) += 1;
-                        }
+                    Some(Leaves::NotOurs(class)) if agg.exclude(pfn) => {
+                        *class(&mut self.classes) += 1;
                     }
-                    Some(Leaves::Freed(class)) if drained || self.freed_last.contains(&pfn) => {
-                        if agg.free_unseen(pfn) {
-                            *class(&mut self.classes) += 1;
-                        }
+                    Some(Leaves::Freed(class))
+                        if (drained || self.freed_last.contains(&pfn)) && agg.free_unseen(pfn) =>
+                    {
+                        *class(&mut self.classes) += 1;
                     }
-                    Some(Leaves::Freed(_)) => {
+                    Some(Leaves::Freed(_)) if !drained && !self.freed_last.contains(&pfn) => {
                         freed_now.insert(pfn);
                     }
-                    None => {}
+                    _ => {}
                 }
             }
             i = end;
