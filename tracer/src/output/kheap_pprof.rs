@@ -26,14 +26,7 @@ pub const SAMPLE_TYPES: [(&str, &str); 4] = [
 /// none (not an `--all-caches` run).
 pub fn build(report: &Report, wall_clock_ns: i64) -> Option<Profile> {
     let kheap = report.kheap.as_ref()?;
-    let mut b = Builder::new();
-    b.sample_types(&SAMPLE_TYPES, "inuse_space");
-    b.profile.period_type = Some(ValueType {
-        r#type: b.string("space"),
-        unit: b.string("bytes"),
-    });
-    b.profile.period = i64::try_from(kheap.sample_bytes).unwrap_or(i64::MAX);
-    b.profile.time_nanos = wall_clock_ns;
+    let mut b = header(kheap.sample_bytes, wall_clock_ns);
     b.profile.duration_nanos = (report.elapsed_s * 1e9) as i64;
     let comment = b.string(&format!(
         "leaktrace kernel heap profile, every slab cache: sampled, one allocation per {} bytes \
@@ -113,6 +106,29 @@ pub fn build(report: &Report, wall_clock_ns: i64) -> Option<Profile> {
         });
     }
     Some(b.profile)
+}
+
+/// A heap profile with Go's sample types, the rate as its period and no
+/// samples: what a `--pprof-snapshots` request gets when the report has no
+/// estimates, so the requester reads a valid (empty) answer at once instead
+/// of waiting for one that never comes.
+pub fn empty(sample_bytes: u64, wall_clock_ns: i64) -> Profile {
+    let mut b = header(sample_bytes, wall_clock_ns);
+    let comment = b.string("leaktrace kernel heap profile: no estimates in this report");
+    b.profile.comment.push(comment);
+    b.profile
+}
+
+fn header(sample_bytes: u64, wall_clock_ns: i64) -> Builder {
+    let mut b = Builder::new();
+    b.sample_types(&SAMPLE_TYPES, "inuse_space");
+    b.profile.period_type = Some(ValueType {
+        r#type: b.string("space"),
+        unit: b.string("bytes"),
+    });
+    b.profile.period = i64::try_from(sample_bytes).unwrap_or(i64::MAX);
+    b.profile.time_nanos = wall_clock_ns;
+    b
 }
 
 fn stack_of<'a>(p: &'a ProcessReport, row: &KheapRow) -> Option<&'a StackReport> {
