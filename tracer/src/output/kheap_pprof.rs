@@ -136,3 +136,27 @@ fn stack_of<'a>(p: &'a ProcessReport, row: &KheapRow) -> Option<&'a StackReport>
         .iter()
         .find(|s| s.kstack == row.kstack && s.ustack == row.ustack)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::output::pprof::encode;
+    use prost::Message;
+
+    #[test]
+    fn a_report_without_estimates_still_gets_a_valid_empty_heap_profile() {
+        let report = crate::slab::report::test_report();
+        assert!(build(&report, 7).is_none());
+        let bytes = encode(&empty(524_288, 7)).expect("encode");
+        let mut raw = Vec::new();
+        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&bytes[..]), &mut raw)
+            .expect("gzip");
+        let p = Profile::decode(raw.as_slice()).expect("decode");
+        let s = |i: i64| p.string_table[i as usize].as_str();
+        let types: Vec<&str> = p.sample_type.iter().map(|t| s(t.r#type)).collect();
+        assert_eq!(types, SAMPLE_TYPES.map(|t| t.0));
+        assert_eq!(s(p.default_sample_type), "inuse_space");
+        assert_eq!((p.period, p.time_nanos), (524_288, 7));
+        assert!(p.sample.is_empty());
+    }
+}
