@@ -26,14 +26,7 @@ pub const SAMPLE_TYPES: [(&str, &str); 4] = [
 /// none (not an `--all-caches` run).
 pub fn build(report: &Report, wall_clock_ns: i64) -> Option<Profile> {
     let kheap = report.kheap.as_ref()?;
-    let mut b = Builder::new();
-    b.sample_types(&SAMPLE_TYPES, "inuse_space");
-    b.profile.period_type = Some(ValueType {
-        r#type: b.string("space"),
-        unit: b.string("bytes"),
-    });
-    b.profile.period = i64::try_from(kheap.sample_bytes).unwrap_or(i64::MAX);
-    b.profile.time_nanos = wall_clock_ns;
+    let mut b = header(kheap.sample_bytes, wall_clock_ns);
     b.profile.duration_nanos = (report.elapsed_s * 1e9) as i64;
     let comment = b.string(&format!(
         "leaktrace kernel heap profile, every slab cache: sampled, one allocation per {} bytes \
@@ -115,8 +108,55 @@ pub fn build(report: &Report, wall_clock_ns: i64) -> Option<Profile> {
     Some(b.profile)
 }
 
+/// A heap profile with Go's sample types, the rate as its period and no
+/// samples: what a `--pprof-snapshots` request gets when the report has no
+/// estimates, so the requester reads a valid (empty) answer at once instead
+/// of waiting for one that never comes.
+pub fn empty(sample_bytes: u64, wall_clock_ns: i64) -> Profile {
+    let mut b = header(sample_bytes, wall_clock_ns);
+    let comment = b.string("leaktrace kernel heap profile: no estimates in this report");
+    b.profile.comment.push(comment);
+    b.profile
+}
+
+fn header(sample_bytes: u64, wall_clock_ns: i64) -> Builder {
+    let mut b = Builder::new();
+    b.sample_types(&SAMPLE_TYPES, "inuse_space");
+    b.profile.period_type = Some(ValueType {
+        r#type: b.string("space"),
+        unit: b.string("bytes"),
+    });
+    b.profile.period = i64::try_from(sample_bytes).unwrap_or(i64::MAX);
+    b.profile.time_nanos = wall_clock_ns;
+    b
+}
+
 fn stack_of<'a>(p: &'a ProcessReport, row: &KheapRow) -> Option<&'a StackReport> {
     p.stacks
         .iter()
         .find(|s| s.kstack == row.kstack && s.ustack == row.ustack)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::output::pprof::encode;
+    use prost::Message;
+
+    #[test]
+    fn a_report_without_estimates_still_gets_a_valid_empty_heap_profile() {
+        let report = crate::slab::report::test_report();
+        assert!(build(&report, 7).is_none());
+        let bytes = encode(&empty(524_288, 7)).expect("encode");
+        let mut raw = Vec::new();
+        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&bytes[..]), &mut raw)
+            .expect("gzip");
+        let p = Profile::decode(raw.as_slice()).expect("decode");
+        let s = |i: i64| p.string_table[i as usize].as_str();
+        let types: Vec<&str> = p.sample_type.iter().map(|t| s(t.r#type)).collect();
+        assert_eq!(types, SAMPLE_TYPES.map(|t| t.0));
+        assert_eq!(s(p.default_sample_type), "inuse_space");
+        assert_eq!((p.period, p.time_nanos), (524_288, 7));
+        assert!(p.sample.is_empty());
+    }
 }

@@ -178,9 +178,11 @@ impl SlabTool<'_> {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
-        let Some(profile) = output::kheap_pprof::build(&report, now) else {
-            return Ok(());
-        };
+        // No estimates (not expected of an --all-caches run): still one
+        // answer, or the requester waits out its timeout and restarts us.
+        let profile = output::kheap_pprof::build(&report, now).unwrap_or_else(|| {
+            output::kheap_pprof::empty(self.state.kheap_rate().unwrap_or(0), now)
+        });
         let bytes = output::pprof::encode(&profile)?;
         out.write_all(&(bytes.len() as u64).to_le_bytes())
             .and_then(|()| out.write_all(&bytes))

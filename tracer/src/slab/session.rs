@@ -175,6 +175,11 @@ impl Session {
 
     /// The report of everything counted so far: `kind` is "snapshot" or
     /// "final" (the final one also merges stacks across processes).
+    /// The kernel's mean bytes between samples (`--all-caches`), if set.
+    pub fn kheap_rate(&self) -> Option<u64> {
+        Some(self.config.kheap.rate).filter(|&r| r > 0)
+    }
+
     pub fn report(&mut self, kind: &'static str, kernel: KernelCounters) -> Report {
         let root = Path::new("/");
         let now = monotonic_ns();

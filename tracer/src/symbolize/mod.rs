@@ -8,6 +8,7 @@
 //! be a wrong name.
 
 pub mod gosym;
+pub mod kallsyms;
 pub mod tracing;
 
 use std::{
@@ -23,18 +24,18 @@ use self::gosym::GoBinary;
 
 use blazesym::{
     symbolize::{
-        source::{Elf, Kernel, Process, Source},
+        source::{Elf, Process, Source},
         Input, Symbolized, Symbolizer as Blaze,
     },
-    MaybeDefault, Pid,
+    Pid,
 };
 
 pub struct Symbolizer {
     /// User-space lookups; dropped every few lookups ([`Self::trim`]).
     blaze: Blaze,
-    /// Kernel lookups: kept for the whole run, so /proc/kallsyms (~200,000
-    /// lines, ~0.1 s to parse) is read once, not again after every trim.
-    kernel_blaze: Blaze,
+    /// Kernel lookups: kept for the whole run, so /proc/kallsyms (~120,000
+    /// lines, ~0.1 s to parse) is read once; loaded at the first lookup.
+    kallsyms: Option<kallsyms::Kallsyms>,
     kernel: HashMap<u64, String>,
     /// One address can be several frames (Go's inlined calls).
     user: HashMap<(u32, u64), Vec<String>>,
@@ -164,7 +165,7 @@ impl Symbolizer {
     pub fn new() -> Self {
         Symbolizer {
             blaze: Blaze::builder().enable_code_info(false).build(),
-            kernel_blaze: Blaze::builder().enable_code_info(false).build(),
+            kallsyms: None,
             kernel: HashMap::new(),
             user: HashMap::new(),
             user_lookups: 0,
@@ -361,18 +362,17 @@ impl Symbolizer {
             .filter(|a| !self.kernel.contains_key(a))
             .collect();
         if !missing.is_empty() {
-            let src = Source::Kernel(Kernel {
-                kallsyms: MaybeDefault::Default,
-                // vmlinux lookup would scan /boot and /usr/lib/debug on every call for
-                // a file most nodes do not have; kallsyms names every kernel function.
-                vmlinux: MaybeDefault::None,
-                debug_syms: false,
-                ..Kernel::default()
-            });
-            let names = resolve(&self.kernel_blaze, &src, &missing, |addr| {
-                format!("[kernel] {addr:#x}")
-            });
-            self.kernel.extend(missing.into_iter().zip(names));
+            let table = self.kallsyms.get_or_insert_with(kallsyms::Kallsyms::read);
+            for addr in missing {
+                // Stack entries past the first are return addresses; the call
+                // that made them is one byte earlier and may belong to another
+                // (e.g. noreturn) function.
+                let name = match table.find(addr.saturating_sub(1)) {
+                    Some((name, offset)) => format!("{name}+{:#x}", offset + 1),
+                    None => format!("[kernel] {addr:#x}"),
+                };
+                self.kernel.insert(addr, name);
+            }
         }
         addrs.iter().map(|a| self.kernel[a].clone()).collect()
     }
