@@ -22,7 +22,7 @@
 use std::{
     fmt::Write as _,
     fs::File,
-    path::Path,
+    path::{Path, PathBuf},
     process::{Command, Stdio},
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -108,62 +108,29 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
     let out = File::create(&top).with_context(|| format!("creating {}", top.display()))?;
     let copier = spawn_copier(tracer, out);
 
-    let mut churn = Running::spawn(
-        {
-            let mut c = Command::new(&leakgen);
-            c.args(["writev", &opts.secs.to_string(), "--rate", "20000"]);
-            c
-        },
-        "leakgen writev",
-    )?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let execs = Arc::new(AtomicU64::new(0));
-    let exec_thread = spawn_exec_churn(&leakgen, opts.execs, stop.clone(), execs.clone());
-
-    let begin = Instant::now();
-    let mut holders: Vec<Running> = Vec::new();
+    let mut load = Load::start(&leakgen, opts, KEYS_PER_HOLDER)?;
     let mut samples = Vec::new();
-    let mut next_holder = Instant::now();
     let mut next_sample = Instant::now() + SAMPLE;
-    while begin.elapsed() < Duration::from_secs(opts.secs) {
-        if Instant::now() >= next_holder {
-            let mut c = Command::new(&leakgen);
-            c.args(["keys", &KEYS_PER_HOLDER.to_string()]);
-            let mut h = Running::spawn(c, "leakgen keys")?;
-            h.wait_for(|l| l.text.starts_with("READY"), Duration::from_secs(60))?;
-            holders.push(h);
-            next_holder += HOLDER_EVERY;
-        }
+    while load.running() {
+        load.step()?;
         if Instant::now() >= next_sample {
             let last = last_report(&top)?;
             let (_, rss) = rss_kib(tracer_pid)?;
             samples.push(Sample {
-                at_s: begin.elapsed().as_secs(),
+                at_s: load.elapsed().as_secs(),
                 rss_kib: rss,
                 map_kib: map_memlock_kib(tracer_pid),
                 outstanding: last
                     .as_ref()
                     .map_or(0, |r| r["totals"]["outstanding"].as_u64().unwrap_or(0)),
-                processes_exited: execs.load(Ordering::Relaxed),
+                processes_exited: load.execs(),
                 lost: last.as_ref().map_or(0, lost_events),
             });
             next_sample += SAMPLE;
         }
         std::thread::sleep(Duration::from_millis(200));
-        churn.check_alive().or_else(|e| {
-            // The churn generator ends by itself at --secs.
-            if begin.elapsed() + Duration::from_secs(2) >= Duration::from_secs(opts.secs) {
-                Ok(())
-            } else {
-                Err(e)
-            }
-        })?;
     }
-    stop.store(true, Ordering::Relaxed);
-    let exec_failures = exec_thread
-        .join()
-        .map_err(|_| anyhow::anyhow!("exec churn thread panicked"))?;
-    churn.wait().context("the churn generator")?;
+    let (holders, exec_failures) = load.stop()?;
 
     // Held keys, as leaktrace's final report (every process, not the
     // `--limit` cut of the live snapshots) saw them while they were still held.
@@ -244,6 +211,93 @@ fn spawn_copier(mut tracer: Running, mut out: File) -> std::thread::JoinHandle<R
             std::thread::sleep(Duration::from_millis(100));
         }
     })
+}
+/// The load both soaks run: a paced writev churn for `--secs`, `--execs`
+/// short-lived processes a second, and one more holder of `keys` keys every
+/// [`HOLDER_EVERY`].
+pub(crate) struct Load {
+    leakgen: PathBuf,
+    keys: u64,
+    secs: u64,
+    begin: Instant,
+    churn: Running,
+    stop: Arc<AtomicBool>,
+    execs: Arc<AtomicU64>,
+    exec_thread: std::thread::JoinHandle<u64>,
+    pub holders: Vec<Running>,
+    next_holder: Instant,
+}
+
+impl Load {
+    pub fn start(leakgen: &Path, opts: &Options, keys: u64) -> Result<Load> {
+        let churn = Running::spawn(
+            {
+                let mut c = Command::new(leakgen);
+                c.args(["writev", &opts.secs.to_string(), "--rate", "20000"]);
+                c
+            },
+            "leakgen writev",
+        )?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let execs = Arc::new(AtomicU64::new(0));
+        let exec_thread = spawn_exec_churn(leakgen, opts.execs, stop.clone(), execs.clone());
+        Ok(Load {
+            leakgen: leakgen.to_path_buf(),
+            keys,
+            secs: opts.secs,
+            begin: Instant::now(),
+            churn,
+            stop,
+            execs,
+            exec_thread,
+            holders: Vec::new(),
+            next_holder: Instant::now(),
+        })
+    }
+
+    /// Seconds since the load started.
+    pub fn elapsed(&self) -> Duration {
+        self.begin.elapsed()
+    }
+
+    pub fn running(&self) -> bool {
+        self.begin.elapsed() < Duration::from_secs(self.secs)
+    }
+
+    /// Short-lived processes started so far.
+    pub fn execs(&self) -> u64 {
+        self.execs.load(Ordering::Relaxed)
+    }
+
+    /// Starts the next holder when one is due, and checks the churn (which
+    /// ends by itself at `--secs`).
+    pub fn step(&mut self) -> Result<()> {
+        if Instant::now() >= self.next_holder {
+            let mut c = Command::new(&self.leakgen);
+            c.args(["keys", &self.keys.to_string()]);
+            let mut h = Running::spawn(c, "leakgen keys")?;
+            h.wait_for(|l| l.text.starts_with("READY"), Duration::from_secs(60))?;
+            self.holders.push(h);
+            self.next_holder += HOLDER_EVERY;
+        }
+        let near_end =
+            self.begin.elapsed() + Duration::from_secs(2) >= Duration::from_secs(self.secs);
+        self.churn
+            .check_alive()
+            .or_else(|e| if near_end { Ok(()) } else { Err(e) })
+    }
+
+    /// Stops the churn and the short-lived processes; the holders stay.
+    /// Returns the holders and how many short-lived processes failed.
+    pub fn stop(self) -> Result<(Vec<Running>, u64)> {
+        self.stop.store(true, Ordering::Relaxed);
+        let exec_failures = self
+            .exec_thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("exec churn thread panicked"))?;
+        self.churn.wait().context("the churn generator")?;
+        Ok((self.holders, exec_failures))
+    }
 }
 
 /// Starts `per_sec` short-lived `leakgen writev --ops 4` a second until

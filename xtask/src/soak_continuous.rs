@@ -25,17 +25,13 @@ use std::{
     net::TcpStream,
     path::Path,
     process::Command,
-    sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
-        Arc,
-    },
     time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::{bail, Context, Result};
 
 use crate::bench::proc::{rss_kib, Running};
-use crate::soak::{map_memlock_kib, spawn_exec_churn, Options};
+use crate::soak::{map_memlock_kib, Load, Options};
 
 const SAMPLE: Duration = Duration::from_secs(10);
 const WARM_UP: Duration = Duration::from_secs(60);
@@ -116,32 +112,11 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
         std::thread::sleep(Duration::from_millis(500));
     }
 
-    let mut churn = Running::spawn(
-        {
-            let mut c = Command::new(&leakgen);
-            c.args(["writev", &opts.secs.to_string(), "--rate", "20000"]);
-            c
-        },
-        "leakgen writev",
-    )?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let execs = Arc::new(AtomicU64::new(0));
-    let exec_thread = spawn_exec_churn(&leakgen, opts.execs, stop.clone(), execs.clone());
-
-    let begin = Instant::now();
-    let mut holders: Vec<Running> = Vec::new();
+    let mut load = Load::start(&leakgen, opts, KEYS_PER_HOLDER)?;
     let mut samples = Vec::new();
-    let mut next_holder = Instant::now();
     let mut next_sample = Instant::now() + SAMPLE;
-    while begin.elapsed() < Duration::from_secs(opts.secs) {
-        if Instant::now() >= next_holder {
-            let mut c = Command::new(&leakgen);
-            c.args(["keys", &KEYS_PER_HOLDER.to_string()]);
-            let mut h = Running::spawn(c, "leakgen keys")?;
-            h.wait_for(|l| l.text.starts_with("READY"), Duration::from_secs(60))?;
-            holders.push(h);
-            next_holder += HOLDER_EVERY;
-        }
+    while load.running() {
+        load.step()?;
         if Instant::now() >= next_sample {
             let metrics = get(&addr, "/metrics")
                 .map(|(_, b)| String::from_utf8_lossy(&b).into_owned())
@@ -153,7 +128,7 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
             let profile_ms = asked.elapsed().as_millis();
             let sampler = sampler_pid(serve_pid);
             samples.push(Sample {
-                at_s: begin.elapsed().as_secs(),
+                at_s: load.elapsed().as_secs(),
                 serve_rss_kib: rss_kib(serve_pid)?.1,
                 sampler_vmrss_kib: sampler.and_then(|p| rss_kib(p).ok()).map_or(0, |r| r.1),
                 sampler_rss_kib: sampler.and_then(rss_outside_bpf_maps_kib).unwrap_or(0),
@@ -172,19 +147,8 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
         serve.lines.clear();
         std::thread::sleep(Duration::from_millis(200));
         serve.check_alive()?;
-        churn.check_alive().or_else(|e| {
-            if begin.elapsed() + Duration::from_secs(2) >= Duration::from_secs(opts.secs) {
-                Ok(())
-            } else {
-                Err(e)
-            }
-        })?;
     }
-    stop.store(true, Ordering::Relaxed);
-    let exec_failures = exec_thread
-        .join()
-        .map_err(|_| anyhow::anyhow!("exec churn thread panicked"))?;
-    churn.wait().context("the churn generator")?;
+    let (holders, exec_failures) = load.stop()?;
 
     let held_truth = KEYS_PER_HOLDER * holders.len() as u64 * 512;
     let pids: Vec<u32> = holders.iter().map(Running::pid).collect();
