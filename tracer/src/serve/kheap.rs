@@ -11,8 +11,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use bytes::Bytes;
-use http_body_util::Full;
 use hyper::{header, Response, StatusCode};
 
 use super::continuous::Continuous;
@@ -114,23 +112,14 @@ impl Kheap {
             super::labels::add_pod_labels(&mut profile, &mut pods);
         }
         match crate::output::pprof::encode(&profile) {
-            Ok(gz) => {
-                let mut resp = Response::new(Full::new(Bytes::from(gz)));
-                let h = resp.headers_mut();
-                h.insert(
-                    header::CONTENT_TYPE,
-                    header::HeaderValue::from_static("application/octet-stream"),
-                );
-                h.insert(
-                    header::CONTENT_DISPOSITION,
-                    header::HeaderValue::from_static(if request.seconds.is_some() {
-                        "attachment; filename=\"kheap-delta\""
-                    } else {
-                        "attachment; filename=\"kheap\""
-                    }),
-                );
-                resp
-            }
+            Ok(gz) => super::response::profile(
+                gz,
+                if request.seconds.is_some() {
+                    "attachment; filename=\"kheap-delta\""
+                } else {
+                    "attachment; filename=\"kheap\""
+                },
+            ),
             Err(e) => owned_text(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 format!("encoding the heap profile: {e:#}\n"),

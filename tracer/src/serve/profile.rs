@@ -18,8 +18,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use bytes::Bytes;
-use http_body_util::Full;
 use hyper::{header, Response, StatusCode};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 
@@ -203,21 +201,14 @@ impl Profiles {
         match self.trace(&kind, seconds, &guard).await {
             Ok(profile) => {
                 self.stats.ok.fetch_add(1, Ordering::Relaxed);
-                let mut resp = Response::new(Full::new(Bytes::from(profile)));
-                let h = resp.headers_mut();
-                h.insert(
-                    header::CONTENT_TYPE,
-                    header::HeaderValue::from_static("application/octet-stream"),
-                );
-                h.insert(
-                    header::CONTENT_DISPOSITION,
-                    header::HeaderValue::from_static(match kind {
+                super::response::profile(
+                    profile,
+                    match kind {
                         Kind::Kmem(_) => "attachment; filename=\"kmem.pb.gz\"",
                         Kind::Percpu => "attachment; filename=\"percpu.pb.gz\"",
                         Kind::Memcg => "attachment; filename=\"memcg.pb.gz\"",
-                    }),
-                );
-                resp
+                    },
+                )
             }
             Err(why) => {
                 self.stats.failed.fetch_add(1, Ordering::Relaxed);

@@ -20,3 +20,19 @@ pub fn owned_text(status: StatusCode, body: String) -> Response<Body> {
     );
     resp
 }
+
+/// A gzipped pprof profile, offered for download as `filename` (what
+/// `go tool pprof` and curl save it as).
+pub fn profile(gz: Vec<u8>, filename: &'static str) -> Response<Body> {
+    let mut resp = Response::new(Full::new(Bytes::from(gz)));
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/octet-stream"),
+    );
+    h.insert(
+        header::CONTENT_DISPOSITION,
+        header::HeaderValue::from_static(filename),
+    );
+    resp
+}
