@@ -57,6 +57,10 @@ pub struct BpfCost {
     allocs_matched: Option<u64>,
     /// Total ns of every program / matched allocations.
     ns_per_matched_alloc: Option<f64>,
+    /// `--all-caches`, where every slab allocation runs the programs but only
+    /// samples are matched: total ns / slab allocations (each allocation hook
+    /// runs its main program and its spare, so half their runs).
+    ns_per_alloc: Option<f64>,
     map_bytes: u64,
 }
 
@@ -89,8 +93,9 @@ pub fn measure(bins: &Bins) -> Result<Extras> {
     let attach = attach(bins);
     step("BPF run time per event and map memory");
     let bpf_cost = vec![
-        bpf_cost(bins, "default", &[]),
-        bpf_cost(bins, "--exact", &["--exact"]),
+        bpf_cost(bins, "default", &["--cache", "kmalloc-512"]),
+        bpf_cost(bins, "--exact", &["--cache", "kmalloc-512", "--exact"]),
+        bpf_cost(bins, "--all-caches", &["--all-caches"]),
     ];
     Ok(Extras {
         bpf_cost,
@@ -138,7 +143,7 @@ fn bpf_cost(bins: &Bins, label: &'static str, args: &[&str]) -> Result<BpfCost> 
     let old = std::fs::read_to_string(BPF_STATS).unwrap_or_else(|_| "0".into());
     std::fs::write(BPF_STATS, "1").with_context(|| format!("enabling {BPF_STATS}"))?;
     let result = (|| {
-        let mut all = vec!["--cache", "kmalloc-512", "--json"];
+        let mut all = vec!["--json"];
         all.extend_from_slice(args);
         let t = leaktrace(bins, &all)?;
         let gen = generate(bins, "writev", RATE_SECS, &[]);
@@ -169,6 +174,15 @@ fn bpf_cost(bins: &Bins, label: &'static str, args: &[&str]) -> Result<BpfCost> 
             map_bytes += v["bytes_memlock"].as_u64().unwrap_or(0);
         }
         let total_ns: f64 = programs.iter().map(|(_, r, ns)| *r as f64 * ns).sum();
+        // Names are cut at 15 characters: kmalloc_raw(_spare), kmem_cache_alloc_raw(_spare).
+        let alloc_runs: u64 = programs
+            .iter()
+            .filter(|(n, ..)| n.starts_with("kmalloc_raw") || n.starts_with("kmem_cache_allo"))
+            .map(|(_, r, _)| r)
+            .sum::<u64>()
+            / 2;
+        let ns_per_alloc = (args.contains(&"--all-caches") && alloc_runs > 0)
+            .then(|| total_ns / alloc_runs as f64);
         let lines = t.stop()?;
         gen?;
         let allocs_matched = lines
@@ -183,6 +197,7 @@ fn bpf_cost(bins: &Bins, label: &'static str, args: &[&str]) -> Result<BpfCost> 
             ns_per_matched_alloc: allocs_matched
                 .filter(|&n| n > 0)
                 .map(|n| total_ns / n as f64),
+            ns_per_alloc,
             allocs_matched,
             map_bytes,
         })
@@ -500,6 +515,16 @@ impl Extras {
                         progs.join(", "),
                         c.map_bytes as f64 / (1024.0 * 1024.0)
                     );
+                    if let Some(ns) = c.ns_per_alloc {
+                        let _ = writeln!(
+                            s,
+                            "- {}: {ns:.0} ns of BPF per slab allocation (its free included), i.e. \
+                             {:.2} CPU-s per million allocations, whatever the cache: a node allocating \
+                             N per second pays N × {ns:.0} ns of CPU each second",
+                            c.label,
+                            ns / 1000.0
+                        );
+                    }
                 }
                 Err(e) => {
                     let _ = writeln!(s, "- BPF run time: failed: {e:#}");
