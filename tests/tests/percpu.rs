@@ -361,12 +361,26 @@ fn dying_memcgs_per_cpu_memory_is_held_by_their_creator() {
     println!("witness after release: {after:?}");
     // Up to `frees_maybe_missed` frees may go unseen where the kernel skipped
     // every program of ours on the free hook (recursion); leaktrace says so.
+    // Where the free hook is the classic tracepoint (5.10: its BTF names no
+    // raw percpu_free_percpu arguments; the hooks line says so), the kernel
+    // skips the program while any BPF program runs on that CPU and counts
+    // nothing: a few frees may go unseen, which leaves the count high (22 for
+    // the witness's 21 once in the 5.10 guest), never low.
+    let classic_free = !tracer
+        .stderr_seen
+        .iter()
+        .any(|l| l.contains("raw tracepoints percpu_free_percpu"));
+    let slack = if classic_free {
+        (truth.live / 100).max(2)
+    } else {
+        0
+    };
     let last = std::cell::Cell::new(None);
     let seen_frees = tracer.wait_for("the frees the witness saw", Duration::from_secs(10), |r| {
         let (n, ..) = held(r, gen.pid);
         let missed = count(&r["kernel"], "frees_maybe_missed");
         last.set(Some((n, missed)));
-        n <= after.live + missed
+        n <= after.live + missed + slack
     });
     assert!(
         seen_frees.is_ok(),
