@@ -40,14 +40,14 @@ fn held(report: &Value, pid: u32) -> u64 {
 
 #[test]
 fn held_pipe_pages_are_named_and_page_cache_and_slab_churn_add_nothing() {
-    if !page_tracepoints() {
-        eprintln!("skip: this kernel has no kmem:mm_page_alloc tracepoint");
-        return;
-    }
-    if std::fs::metadata("/proc/kpageflags").is_err() {
-        eprintln!("skip: this kernel has no /proc/kpageflags (CONFIG_PROC_PAGE_MONITOR)");
-        return;
-    }
+    skip_unless!(
+        page_tracepoints(),
+        "this kernel has no kmem:mm_page_alloc tracepoint"
+    );
+    skip_unless!(
+        std::fs::metadata("/proc/kpageflags").is_ok(),
+        "this kernel has no /proc/kpageflags (CONFIG_PROC_PAGE_MONITOR)"
+    );
     let mut tracer = Tracer::start(&[
         "--pages",
         "--top",
