@@ -8,6 +8,7 @@ pub mod fault;
 pub mod memcg;
 pub mod trace;
 pub mod trace_options;
+pub mod trace_source;
 pub mod trace_tool;
 
 use std::time::Duration;

@@ -1,4 +1,4 @@
-//! The slab tracer's run: preflight, plan and attach, then the shared loop
+//! The slab tracer's run: preflight, plan (the source: `trace_source.rs`) and attach, then the shared loop
 //! (`event_loop.rs`) drives the session (`slab::session`: ring buffer ->
 //! decoder -> aggregator -> report) and shows each report (TUI, text or
 //! JSON, metrics), until Ctrl-C, SIGTERM or --duration; then detach, write
@@ -6,7 +6,7 @@
 
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 
 use crate::{
     kernel::btf::Btf,
@@ -16,28 +16,17 @@ use crate::{
     kernel::procinfo::TracedProcess,
     kernel::tracefs::Tracefs,
     output,
-    pages::{self, kpageflags::PageFlags, Pages},
-    percpu::source::PercpuAllocations,
     pipeline::event_loop::{self, Signals},
     pipeline::trace_options::{TraceOptions, Traced},
-    pipeline::trace_tool,
+    pipeline::{trace_source, trace_tool},
     slab::aggregator::rows::SnapshotOptions,
-    slab::caches::{self, Catalogue},
-    slab::kheap::{CacheNames, Kheap},
-    slab::kheap_source::AllCaches,
     slab::plan,
     slab::probes::Probes,
     slab::report::MemorySource,
-    slab::session::{self, slab_line, Session, Settle, Setup},
-    slab::source::{AllocSource, SlabCaches},
+    slab::session::{self, Session, Setup},
     slab::zoom,
     symbolize::Symbolizer,
 };
-
-/// Objects the page source tracks at once unless `--max-objects` says:
-/// 262,144 blocks (1 GiB at order 0). Every page freed on the node looks
-/// its pfn up in the live table, so a smaller table stays in cache.
-const PAGES_MAX_OBJECTS: u32 = 1 << 18;
 
 /// The slab tracer on `traced` (a cache by name or alias of /proc/slabinfo,
 /// per-CPU allocations or the page allocator's unmovable blocks), to the
@@ -75,100 +64,26 @@ pub async fn run(args: TraceOptions, traced: &Traced) -> Result<()> {
         active_objs,
         zoom_window_cap: zoom_policy.kernel_window_cap(),
     };
-    let (mut plan, name, slab_baseline, aliases, settle) = match traced {
-        Traced::Cache(cache) => {
-            let catalogue = Catalogue::read(root).context("reading the slab cache catalogue")?;
-            let selection = caches::select(&catalogue, cache)?;
-            // What slabinfo said before attaching, and how the tracked objects are sized.
-            let slab_baseline = slab_line(root, &selection.cache, &selection.aliases_included);
-            let plan = SlabCaches {
-                tracefs: &tracefs,
-                btf: btf.as_ref(),
-                root,
-                catalogue: &catalogue,
-                selection: &selection,
-                options,
-                finish: finish(
-                    args.max_objects,
-                    slab_baseline.as_ref().map(|l| l.active_objs),
-                ),
-            }
-            .plan(&facts)?;
-            let name = SlabCaches::name(&plan).to_string();
-            (
-                plan,
-                name,
-                slab_baseline,
-                selection.aliases_included.clone(),
-                None,
-            )
-        }
-        Traced::Percpu => {
-            let plan = PercpuAllocations {
-                tracefs: &tracefs,
-                btf: btf.as_ref(),
-                root,
-                options,
-                finish: finish(args.max_objects, None),
-            }
-            .plan(&facts)?;
-            let name = PercpuAllocations::name(&plan).to_string();
-            (plan, name, None, Vec::new(), None)
-        }
-        Traced::Pages(select) => {
-            // Before attaching: a run that cannot classify its pages would
-            // count slab pages as loose ones.
-            let flags = PageFlags::open(root)
-                .context("opening /proc/kpageflags (root; CONFIG_PROC_PAGE_MONITOR)")?;
-            let catalogue = Catalogue::read(root).context("reading the slab cache catalogue")?;
-            let plan = Pages {
-                tracefs: &tracefs,
-                btf: btf.as_ref(),
-                root,
-                select,
-                kmalloc_max: pages::kmalloc_max(&catalogue),
-                options,
-                finish: finish(Some(args.max_objects.unwrap_or(PAGES_MAX_OBJECTS)), None),
-            }
-            .plan(&facts)?;
-            let settle: Box<dyn Settle> = Box::new(flags);
-            let name = Pages::name(&plan).to_string();
-            (plan, name, None, Vec::new(), Some(settle))
-        }
-        Traced::AllCaches { sample_bytes } => {
-            let catalogue = Catalogue::read(root).context("reading the slab cache catalogue")?;
-            let plan = AllCaches {
-                tracefs: &tracefs,
-                btf: btf.as_ref(),
-                root,
-                catalogue: &catalogue,
-                rate: *sample_bytes,
-                options,
-                finish: finish(args.max_objects, None),
-            }
-            .plan(&facts)?;
-            let name = AllCaches::name(&plan).to_string();
-            (plan, name, None, Vec::new(), None)
-        }
-    };
-    let kheap = match traced {
-        Traced::AllCaches { .. } => {
-            let catalogue = Catalogue::read(root).context("reading the slab cache catalogue")?;
-            Some(Kheap::new(
-                plan.config.kheap,
-                CacheNames::new(&catalogue),
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_secs()),
-            ))
-        }
-        _ => None,
-    };
-    let source = match traced {
-        Traced::Cache(_) | Traced::AllCaches { .. } => MemorySource::Slab,
-        Traced::Percpu => MemorySource::Percpu,
-        Traced::Pages(_) => MemorySource::Pages,
-    };
+    let trace_source::Planned {
+        mut plan,
+        name,
+        slab_baseline,
+        aliases,
+        settle,
+        kheap,
+        source,
+    } = trace_source::plan(
+        traced,
+        &trace_source::Inputs {
+            tracefs: &tracefs,
+            btf: btf.as_ref(),
+            root,
+            facts: &facts,
+            options,
+            finish: &finish,
+            max_objects: args.max_objects,
+        },
+    )?;
     let max_objects = plan.max_objects;
     // The parsed BTF (~17 MB on 6.18) has done its work: freed before kallsyms
     // is loaded, its pages are reused instead of pinned under it in the heap.
