@@ -147,6 +147,12 @@ impl Weights {
         self.bytes += bytes;
     }
 
+    fn merge(&mut self, other: &Weights) {
+        self.samples += other.samples;
+        self.objects += other.objects;
+        self.bytes += other.bytes;
+    }
+
     fn sub(&mut self, objects: f64, bytes: f64) {
         self.samples = self.samples.saturating_sub(1);
         self.objects = (self.objects - objects).max(0.0);
@@ -293,11 +299,8 @@ impl Kheap {
             let g = by
                 .entry(key(k, &self.caches[k.cache as usize]))
                 .or_default();
-            for (into, from) in [(&mut g.inuse, &r.inuse), (&mut g.alloc, &r.alloc)] {
-                into.samples += from.samples;
-                into.objects += from.objects;
-                into.bytes += from.bytes;
-            }
+            g.inuse.merge(&r.inuse);
+            g.alloc.merge(&r.alloc);
         }
         let mut out: Vec<KheapGroup> = by
             .into_iter()
@@ -320,13 +323,8 @@ impl Kheap {
     }
 
     pub fn summary(&self, dropped: u64) -> KheapSummary {
-        let mut by_cache: HashMap<u32, Weights> = HashMap::new();
         let mut rows: Vec<KheapRow> = Vec::new();
         for (key, r) in &self.rows {
-            let c = by_cache.entry(key.cache).or_default();
-            c.samples += r.inuse.samples;
-            c.objects += r.inuse.objects;
-            c.bytes += r.inuse.bytes;
             let (low, high) = interval(&r.inuse);
             rows.push(KheapRow {
                 tgid: key.tgid,
@@ -343,21 +341,19 @@ impl Kheap {
             });
         }
         rows.sort_by(|a, b| b.inuse_bytes.cmp(&a.inuse_bytes).then(a.tgid.cmp(&b.tgid)));
-        let mut caches: Vec<KheapCache> = by_cache
+        // The by-cache figures are the groups by cache name, in the same order.
+        let caches: Vec<KheapCache> = self
+            .groups(|_, cache| cache.to_string())
             .into_iter()
-            .map(|(id, w)| {
-                let (low, high) = interval(&w);
-                KheapCache {
-                    name: self.caches[id as usize].clone(),
-                    samples: w.samples,
-                    inuse_objects: w.objects.round() as u64,
-                    inuse_bytes: w.bytes.round() as u64,
-                    inuse_bytes_low: low,
-                    inuse_bytes_high: high,
-                }
+            .map(|g| KheapCache {
+                name: g.key,
+                samples: g.samples,
+                inuse_objects: g.inuse_objects,
+                inuse_bytes: g.inuse_bytes,
+                inuse_bytes_low: g.inuse_bytes_low,
+                inuse_bytes_high: g.inuse_bytes_high,
             })
             .collect();
-        caches.sort_by(|a, b| b.inuse_bytes.cmp(&a.inuse_bytes).then(a.name.cmp(&b.name)));
         let held_bytes: f64 = self.held.values().map(|h| h.bytes).sum();
         KheapSummary {
             sample_bytes: self.sampler.rate,
