@@ -4,7 +4,8 @@
 //! names userspace loads and attaches (`slab/plan.rs`, `slab/probes.rs`).
 //!
 //! A row: the hook (`tracepoint`: classic, fields at tracefs offsets;
-//! `raw_tracepoint`: TP_PROTO arguments), what the program handles
+//! `raw_tracepoint`: TP_PROTO arguments; `btf_tracepoint`: the same
+//! arguments typed by the kernel's BTF, so their fields are plain loads), what the program handles
 //! (`kmalloc`, `cache_alloc`, `kfree`, `cache_free`; `percpu_alloc`,
 //! `percpu_free` for the per-CPU source, on `percpu:*`; `page_alloc`,
 //! `page_free` for the page source, and `page_kmalloc`, which takes a large
@@ -33,6 +34,8 @@ macro_rules! slab_programs {
             raw_tracepoint cache_alloc main: kmem_cache_alloc_raw, kmem_cache_alloc_raw_nocas;
             raw_tracepoint kmalloc spare: kmalloc_raw_spare, kmalloc_raw_spare_nocas;
             raw_tracepoint cache_alloc spare: kmem_cache_alloc_raw_spare, kmem_cache_alloc_raw_spare_nocas;
+            btf_tracepoint cache_alloc main: kmem_cache_alloc_btf, kmem_cache_alloc_btf_nocas;
+            btf_tracepoint cache_alloc spare: kmem_cache_alloc_btf_spare, kmem_cache_alloc_btf_spare_nocas;
             raw_tracepoint kfree main: kfree_raw, kfree_raw_nocas;
             raw_tracepoint cache_free main: kmem_cache_free_raw, kmem_cache_free_raw_nocas;
             raw_tracepoint kfree spare: kfree_raw_spare, kfree_raw_spare_nocas;

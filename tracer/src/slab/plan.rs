@@ -27,6 +27,9 @@ pub enum Hook {
     Classic,
     /// `bpf_raw_tracepoint_open(<event>)`: TP_PROTO arguments, no perf record.
     Raw,
+    /// The same arguments as a BTF tracepoint (`tp_btf/<event>`, 5.5+): a
+    /// pointer argument's fields are plain loads, no `bpf_probe_read_kernel`.
+    Btf,
 }
 
 /// Which hooks the user allows; `Auto` prefers raw tracepoints where BTF proves
@@ -54,6 +57,7 @@ impl Attachment {
         match self.hook {
             Hook::Classic => format!("{}:{}", self.system, self.event),
             Hook::Raw => format!("raw:{}", self.event),
+            Hook::Btf => format!("btf:{}", self.event),
         }
     }
 }
@@ -613,6 +617,10 @@ pub fn hooks_note(features: &Features, attachments: &[Attachment], btf: bool) ->
     let raw = list(Hook::Raw);
     if !raw.is_empty() {
         used.push(format!("raw tracepoints {raw}"));
+    }
+    let btf_hooks = list(Hook::Btf);
+    if !btf_hooks.is_empty() {
+        used.push(format!("BTF tracepoints {btf_hooks}"));
     }
     let classic = list(Hook::Classic);
     if !classic.is_empty() {

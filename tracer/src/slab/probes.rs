@@ -9,10 +9,14 @@ use std::os::fd::{AsFd, AsRawFd};
 use anyhow::{Context, Result};
 use aya::{
     maps::{Array, MapData, PerCpuArray, RingBuf},
-    programs::{RawTracePoint, TracePoint},
-    Ebpf, EbpfLoader,
+    programs::{BtfTracePoint, RawTracePoint, TracePoint},
+    Btf, Ebpf, EbpfLoader,
 };
-use tracer_common::slab::{counter, programs::name as page_programs, ZoomSlot};
+use tracer_common::slab::{
+    counter,
+    programs::{name as page_programs, PROGRAMS},
+    ZoomSlot,
+};
 
 use crate::bpf::load::{
     counter_sum, loaded, map_fd, map_memory, prog_info, program, program_ids, raise_memlock_limit,
@@ -21,7 +25,8 @@ use crate::bpf::load::{
 use crate::slab::counters::KernelCounters;
 use crate::slab::page_base;
 use crate::slab::plan::{
-    is_spare, live_overflow_entries, program_variant, spare_program, Hook, LiveMap, Plan,
+    is_spare, live_overflow_entries, program_variant, spare_program, Attachment, Hook, LiveMap,
+    Plan,
 };
 
 pub(crate) static SLAB_OBJECT: &[u8] =
@@ -114,22 +119,16 @@ impl Probes {
             }
         }
 
-        let mut programs: Vec<&'static str> = Vec::new();
+        let mut programs = load_btf_or_raw(&mut ebpf, plan, floor);
         for a in &plan.attachments {
             // The floor is what observing these hooks at all costs: one empty
             // program per hook, so the spares count as leaktrace's overhead;
             // `Floor::WithSpares` adds an empty program in each spare's place,
             // what the second program on a hook costs before it does anything.
-            let spare = is_spare(a.program);
-            if floor == Some(Floor::Main) && spare {
+            if floor == Some(Floor::Main) && is_spare(a.program) {
                 continue;
             }
-            let name = match (floor, a.hook) {
-                (None, _) => program_variant(a.program, plan.config.live_bucket_mask != 0),
-                (Some(_), Hook::Classic) => "floor_tp",
-                (Some(_), Hook::Raw) if spare => "floor_raw_spare",
-                (Some(_), Hook::Raw) => "floor_raw",
-            };
+            let name = program_name(a, floor, plan.config.live_bucket_mask != 0);
             let first = !programs.contains(&name);
             let what = a.describe();
             match a.hook {
@@ -148,6 +147,12 @@ impl Probes {
                     }
                     prog.attach(a.event)
                         .with_context(|| format!("attaching to raw tracepoint {what}"))?;
+                }
+                // Loaded by `load_btf_or_raw`.
+                Hook::Btf => {
+                    let prog: &mut BtfTracePoint = program(&mut ebpf, name, "BTF tracepoint")?;
+                    prog.attach()
+                        .with_context(|| format!("attaching to BTF tracepoint {what}"))?;
                 }
             }
             if first {
@@ -234,6 +239,73 @@ impl Probes {
     }
 }
 
+/// The program `Probes::attach` loads for `a` (floor: an empty one).
+fn program_name(a: &Attachment, floor: Option<Floor>, live_slots: bool) -> &'static str {
+    let spare = is_spare(a.program);
+    match (floor, a.hook) {
+        (None, _) => program_variant(a.program, live_slots),
+        (Some(_), Hook::Classic) => "floor_tp",
+        (Some(_), Hook::Raw) if spare => "floor_raw_spare",
+        (Some(_), Hook::Raw) => "floor_raw",
+        (Some(_), Hook::Btf) if spare => "floor_btf_spare",
+        (Some(_), Hook::Btf) => "floor_btf",
+    }
+}
+
+/// Loads the plan's BTF tracepoint programs (which the kernel binds to their
+/// event at load) and returns their names. Where the kernel refuses one (no
+/// vmlinux BTF, no `tp_btf` before 5.5, a verifier that will not take the
+/// field load) every BTF hook becomes its raw twin instead, which reads the
+/// same arguments through `bpf_probe_read_kernel`, with a note saying so.
+fn load_btf_or_raw(ebpf: &mut Ebpf, plan: &mut Plan, floor: Option<Floor>) -> Vec<&'static str> {
+    let live_slots = plan.config.live_bucket_mask != 0;
+    let wanted: Vec<(&'static str, &'static str)> = plan
+        .attachments
+        .iter()
+        .filter(|a| a.hook == Hook::Btf)
+        .map(|a| (program_name(a, floor, live_slots), a.event))
+        .collect();
+    if wanted.is_empty() {
+        return Vec::new();
+    }
+    let load = |ebpf: &mut Ebpf| -> Result<Vec<&'static str>> {
+        let btf = Btf::from_sys_fs().context("reading /sys/kernel/btf/vmlinux")?;
+        let mut done = Vec::new();
+        for &(name, event) in &wanted {
+            if done.contains(&name) {
+                continue;
+            }
+            let prog: &mut BtfTracePoint = program(ebpf, name, "BTF tracepoint")?;
+            loaded(name, prog.load(event, &btf))?;
+            done.push(name);
+        }
+        Ok(done)
+    };
+    match load(ebpf) {
+        Ok(done) => done,
+        Err(e) => {
+            for a in plan.attachments.iter_mut().filter(|a| a.hook == Hook::Btf) {
+                a.hook = Hook::Raw;
+                a.program = raw_twin(a.program);
+            }
+            plan.notes.push(format!(
+                "raw tracepoints instead of BTF ones for {}: {e:#}",
+                wanted.iter().map(|(_, e)| *e).collect::<Vec<_>>().join(",")
+            ));
+            Vec::new()
+        }
+    }
+}
+
+/// `kmem_cache_alloc_btf[_spare]`'s raw tracepoint program.
+fn raw_twin(btf_program: &'static str) -> &'static str {
+    let raw = btf_program.replacen("_btf", "_raw", 1);
+    PROGRAMS
+        .iter()
+        .find(|p| p.name == raw)
+        .map_or(btf_program, |p| p.name)
+}
+
 /// Events of the hooks whose program names contain `kind` that neither the
 /// program nor its spare ran for; see [`KernelCounters::frees_maybe_missed`].
 fn missed_by_both(misses: &[(&'static str, u64)], kind: &str) -> u64 {
@@ -273,6 +345,7 @@ mod tests {
             "kmem_cache_free",
             "kmalloc_raw",
             "kmem_cache_alloc_raw",
+            "kmem_cache_alloc_btf",
             "kfree_raw",
             "kmem_cache_free_raw",
             "percpu_alloc",
