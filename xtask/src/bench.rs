@@ -280,8 +280,17 @@ fn leaktrace_configs(bins: &Bins) -> Vec<Tracer> {
             env: vec![],
             ready: Ready::Line("attached to"),
         },
+        // The floor + spares on --all-caches's own hooks: it hooks
+        // kmem_cache_alloc too, which a kmalloc cache's run does not.
+        Tracer {
+            name: FLOOR_ALL_CACHES.into(),
+            program: bins.leaktrace.clone(),
+            args: vec!["--all-caches".into(), "--floor-spares".into()],
+            env: vec![],
+            ready: Ready::Line("attached to"),
+        },
         // Every cache sampled at the default rate (issue 27): the always-on
-        // profile, on the same hooks as the floor + spares.
+        // profile.
         Tracer {
             name: ALL_CACHES.into(),
             program: bins.leaktrace.clone(),
@@ -294,6 +303,10 @@ fn leaktrace_configs(bins: &Bins) -> Vec<Tracer> {
 
 /// `leaktrace --all-caches` at the default --sample-bytes (issue 27).
 const ALL_CACHES: &str = "leaktrace --all-caches";
+
+/// Empty programs on every hook `--all-caches` attaches, spares included:
+/// what dispatching its programs at all costs, which issue 27 bounds it by.
+const FLOOR_ALL_CACHES: &str = "floor + spares, --all-caches hooks (empty progs)";
 
 /// Issue 27's bound: the always-on profile keeps at least this share of
 /// what the floor + spares configuration keeps.
@@ -766,24 +779,40 @@ impl Report<'_> {
                 met(r.as_ref().map(|r| r.cpu_med >= PERCPU_KEEPS))
             );
         }
-        for w in Workload::ALL {
-            let (r, f) = (self.ratios(w, ALL_CACHES), self.ratios(w, FLOOR_SPARES));
-            let share = r.as_ref().zip(f.as_ref()).map(|(r, f)| {
-                (
-                    r.med / f.med.max(f64::MIN_POSITIVE),
-                    r.cpu_med / f.cpu_med.max(f64::MIN_POSITIVE),
-                )
-            });
-            let _ = writeln!(
-                s,
-                "| {}: --all-caches keeps >= {ALL_CACHES_OF_FLOOR:.1} x floor + spares' ratio (median) | {} | {} |",
-                w.mode(),
-                share.map_or_else(
-                    || "not measured".into(),
-                    |(med, cpu)| format!("{med:.2}x (per generator CPU-s: {cpu:.2}x)")
-                ),
-                met(share.map(|(med, _)| med >= ALL_CACHES_OF_FLOOR))
-            );
+        // Against the floor on its own hooks (the bound), then against the
+        // one-cache floor + spares, which lacks the kmem_cache_alloc hook a
+        // kmalloc cache's run does not attach (shown, not bounded).
+        for (floor, what, bounded) in [
+            (
+                FLOOR_ALL_CACHES,
+                "floor + spares' ratio on its own hooks",
+                true,
+            ),
+            (FLOOR_SPARES, "the one-cache floor + spares' ratio", false),
+        ] {
+            for w in Workload::ALL {
+                let (r, f) = (self.ratios(w, ALL_CACHES), self.ratios(w, floor));
+                let share = r.as_ref().zip(f.as_ref()).map(|(r, f)| {
+                    (
+                        r.med / f.med.max(f64::MIN_POSITIVE),
+                        r.cpu_med / f.cpu_med.max(f64::MIN_POSITIVE),
+                    )
+                });
+                let verdict = if bounded {
+                    met(share.map(|(med, _)| med >= ALL_CACHES_OF_FLOOR))
+                } else {
+                    "(for reference)".into()
+                };
+                let _ = writeln!(
+                    s,
+                    "| {}: --all-caches keeps >= {ALL_CACHES_OF_FLOOR:.1} x {what} (median) | {} | {verdict} |",
+                    w.mode(),
+                    share.map_or_else(
+                        || "not measured".into(),
+                        |(med, cpu)| format!("{med:.2}x (per generator CPU-s: {cpu:.2}x)")
+                    ),
+                );
+            }
         }
         // Issue 23: the default mode's ratios keep within 0.01 of the
         // baseline's, both measured in the same rounds.

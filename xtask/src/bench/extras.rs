@@ -15,6 +15,11 @@ use super::{
 const RATE_SECS: f64 = 5.0;
 /// alloc + free = 2 events an op: 50 k ops/s is the issue's 100 k events/s.
 const PACED_OPS: &str = "50000";
+/// Issue 27: `--all-caches` at 100 k slab allocations/s (one a writev).
+const ALL_CACHES_OPS: &str = "100000";
+/// Issue 27's bounds for `--all-caches` at the default rate.
+const ALL_CACHES_CPU_PCT: f64 = 0.5;
+const ALL_CACHES_RSS_KIB: u64 = 32 * 1024;
 const HELD_OBJECTS: u64 = 1_000_000;
 const KNOWN_LEAK: u64 = 1000;
 const ATTACH_RUNS: usize = 5;
@@ -25,6 +30,8 @@ const CATCH_UP_TIMEOUT: Duration = Duration::from_millis(1500);
 pub struct CpuAt {
     events_per_sec: f64,
     pct: f64,
+    /// leaktrace's VmHWM at the end of the run.
+    hwm_kib: u64,
 }
 
 pub struct Rss {
@@ -68,6 +75,7 @@ pub struct Extras {
     bpf_cost: Vec<Result<BpfCost>>,
     cpu_paced: Result<CpuAt>,
     cpu_max: Result<CpuAt>,
+    cpu_all_caches: Result<CpuAt>,
     rss: Result<Rss>,
     leak: Result<u64>,
     loss: Vec<Result<Loss>>,
@@ -77,9 +85,12 @@ pub struct Extras {
 pub fn measure(bins: &Bins) -> Result<Extras> {
     let step = |what: &str| eprintln!("xtask bench: measuring {what}");
     step("userspace CPU at 100k events/s");
-    let cpu_paced = cpu_at(bins, Some(PACED_OPS));
+    let one_cache = ["--cache", "kmalloc-512"];
+    let cpu_paced = cpu_at(bins, &one_cache, Some(PACED_OPS), 2.0);
     step("userspace CPU at the max rate");
-    let cpu_max = cpu_at(bins, None);
+    let cpu_max = cpu_at(bins, &one_cache, None, 2.0);
+    step("userspace CPU under --all-caches at 100k allocations/s");
+    let cpu_all_caches = cpu_at(bins, &["--all-caches"], Some(ALL_CACHES_OPS), 1.0);
     step("RSS at 1M outstanding");
     let rss = rss_at_million(bins);
     step("a known leak");
@@ -101,6 +112,7 @@ pub fn measure(bins: &Bins) -> Result<Extras> {
         bpf_cost,
         cpu_paced,
         cpu_max,
+        cpu_all_caches,
         rss,
         leak,
         loss,
@@ -116,20 +128,24 @@ fn leaktrace(bins: &Bins, args: &[&str]) -> Result<Running> {
     Ok(t)
 }
 
-/// leaktrace's own CPU while one writev generator runs (paced or flat out).
-fn cpu_at(bins: &Bins, rate: Option<&str>) -> Result<CpuAt> {
+/// leaktrace's own CPU while one writev generator runs (paced or flat out);
+/// `events_per_op`: what one writev counts as (an allocation and its free
+/// are 2 events of a traced cache, 1 slab allocation under --all-caches).
+fn cpu_at(bins: &Bins, args: &[&str], rate: Option<&str>, events_per_op: f64) -> Result<CpuAt> {
     let before = prog_ids()?;
-    let t = leaktrace(bins, &["--cache", "kmalloc-512"])?;
+    let t = leaktrace(bins, args)?;
     let cpu0 = cpu_secs(t.pid())?;
     let extra: Vec<&str> = rate.map(|r| vec!["--rate", r]).unwrap_or_default();
     let gen = generate(bins, "writev", RATE_SECS, &extra);
     let cpu1 = cpu_secs(t.pid());
+    let hwm = rss_kib(t.pid());
     t.stop()?;
     wait_progs_gone(&before);
     let gen = gen?;
     Ok(CpuAt {
-        events_per_sec: 2.0 * gen.ops_per_sec,
+        events_per_sec: events_per_op * gen.ops_per_sec,
         pct: 100.0 * (cpu1? - cpu0) / gen.secs,
+        hwm_kib: hwm?.0,
     })
 }
 
@@ -174,7 +190,7 @@ fn bpf_cost(bins: &Bins, label: &'static str, args: &[&str]) -> Result<BpfCost> 
             map_bytes += v["bytes_memlock"].as_u64().unwrap_or(0);
         }
         let total_ns: f64 = programs.iter().map(|(_, r, ns)| *r as f64 * ns).sum();
-        // Names are cut at 15 characters: kmalloc_raw(_spare), kmem_cache_alloc_raw(_spare).
+        // Names are cut at 15 characters: kmalloc_raw(_spare), kmem_cache_alloc_{raw,btf}(_spare).
         let alloc_runs: u64 = programs
             .iter()
             .filter(|(n, ..)| n.starts_with("kmalloc_raw") || n.starts_with("kmem_cache_allo"))
@@ -486,6 +502,7 @@ impl Extras {
             bpf_cost: vec![],
             cpu_paced: none(),
             cpu_max: none(),
+            cpu_all_caches: none(),
             rss: none(),
             leak: none(),
             loss: vec![],
@@ -548,6 +565,19 @@ impl Extras {
             s,
             "- userspace CPU, one unpaced writev generator: {}",
             cpu(&self.cpu_max)
+        );
+        let _ = writeln!(
+            s,
+            "- userspace CPU under `--all-caches` (default --sample-bytes; \
+             `leakgen writev --rate {ALL_CACHES_OPS}`, one kmalloc-512 allocation an op; \
+             events here are slab allocations): {}{}",
+            cpu(&self.cpu_all_caches),
+            self.cpu_all_caches
+                .as_ref()
+                .map_or(String::new(), |c| format!(
+                    "; VmHWM {:.1} MiB (its BPF maps: the --all-caches BPF run time line)",
+                    c.hwm_kib as f64 / 1024.0
+                ))
         );
         match &self.rss {
             Ok(r) => {
@@ -657,6 +687,39 @@ impl Extras {
                 Some(c.pct <= 10.0),
             ),
             Err(e) => row(s, "userspace <= 10% of a core", format!("{e:#}"), None),
+        }
+        let all_caches_cpu = "--all-caches: userspace <= 0.5% of a core at 100 k allocations/s";
+        match &self.cpu_all_caches {
+            Ok(c) => {
+                row(
+                    s,
+                    all_caches_cpu,
+                    format!("{:.2}% at {:.0} allocations/s", c.pct, c.events_per_sec),
+                    Some(c.pct <= ALL_CACHES_CPU_PCT),
+                );
+                row(
+                    s,
+                    "--all-caches: RSS <= 32 MiB at the default rate",
+                    format!("VmHWM {:.1} MiB", c.hwm_kib as f64 / 1024.0),
+                    Some(c.hwm_kib <= ALL_CACHES_RSS_KIB),
+                );
+            }
+            Err(e) => row(s, all_caches_cpu, format!("{e:#}"), None),
+        }
+        if let Some(Ok(c)) = self
+            .bpf_cost
+            .iter()
+            .find(|c| c.as_ref().is_ok_and(|c| c.label == "--all-caches"))
+        {
+            row(
+                s,
+                "--all-caches: BPF maps <= 16 MiB at the default rate",
+                format!(
+                    "{:.1} MiB (bytes_memlock)",
+                    c.map_bytes as f64 / (1 << 20) as f64
+                ),
+                Some(c.map_bytes <= 16 << 20),
+            );
         }
         match &self.rss {
             Ok(r) => row(
