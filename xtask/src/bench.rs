@@ -801,7 +801,7 @@ impl Report<'_> {
                 let verdict = if bounded {
                     met(share.map(|(med, _)| med >= ALL_CACHES_OF_FLOOR))
                 } else {
-                    "(for reference)".into()
+                    "(for reference)"
                 };
                 let _ = writeln!(
                     s,

@@ -11,7 +11,7 @@ use crate::{
     kernel::tracefs::Tracefs,
     slab::caches::{Catalogue, KmallocKind, Selection},
     slab::kheap,
-    slab::plan::{self, Attachment, Finish, Hook, HookMode, Plan, PlanOptions},
+    slab::plan::{self, program_variant, Attachment, Finish, Hook, HookMode, Plan, PlanOptions},
     slab::source::AllocSource,
 };
 
@@ -50,14 +50,26 @@ pub fn table_size(rate: u64, slab_bytes: Option<u64>) -> u32 {
 /// a `bpf_probe_read_kernel` call (~30 ns of ~100 per allocation on 6.18).
 /// Where the kernel refuses them, `Probes::attach` puts the raw ones back.
 fn to_btf(attachments: &mut [Attachment]) {
+    let twins = [
+        (program::kmem_cache_alloc_raw, program::kmem_cache_alloc_btf),
+        (
+            program::kmem_cache_alloc_raw_spare,
+            program::kmem_cache_alloc_btf_spare,
+        ),
+    ];
+    // A spare may be named by its build without compare-and-swap already.
+    let twins = twins.into_iter().flat_map(|(raw, btf)| {
+        [
+            (raw, btf),
+            (program_variant(raw, false), program_variant(btf, false)),
+        ]
+    });
+    let twins: Vec<_> = twins.collect();
     for a in attachments.iter_mut().filter(|a| a.hook == Hook::Raw) {
-        let btf = match a.program {
-            program::kmem_cache_alloc_raw => program::kmem_cache_alloc_btf,
-            program::kmem_cache_alloc_raw_spare => program::kmem_cache_alloc_btf_spare,
-            _ => continue,
-        };
-        a.program = btf;
-        a.hook = Hook::Btf;
+        if let Some(&(_, btf)) = twins.iter().find(|(raw, _)| *raw == a.program) {
+            a.program = btf;
+            a.hook = Hook::Btf;
+        }
     }
 }
 

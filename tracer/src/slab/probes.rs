@@ -297,13 +297,14 @@ fn load_btf_or_raw(ebpf: &mut Ebpf, plan: &mut Plan, floor: Option<Floor>) -> Ve
     }
 }
 
-/// `kmem_cache_alloc_btf[_spare]`'s raw tracepoint program.
+/// `kmem_cache_alloc_btf[_spare][_nocas]`'s raw tracepoint program.
 fn raw_twin(btf_program: &'static str) -> &'static str {
     let raw = btf_program.replacen("_btf", "_raw", 1);
     PROGRAMS
         .iter()
-        .find(|p| p.name == raw)
-        .map_or(btf_program, |p| p.name)
+        .flat_map(|p| [p.name, p.nocas])
+        .find(|name| *name == raw)
+        .unwrap_or(btf_program)
 }
 
 /// Events of the hooks whose program names contain `kind` that neither the
@@ -388,6 +389,23 @@ mod tests {
                     assert_eq!(atomic_count(&obj, loaded, |imm| imm != 0), 0, "{loaded}");
                 }
             }
+        }
+    }
+
+    /// A BTF hook the kernel refuses falls back to the raw program of the
+    /// same role and build.
+    #[test]
+    fn every_btf_program_has_a_raw_twin() {
+        for (btf, raw) in [
+            ("kmem_cache_alloc_btf", "kmem_cache_alloc_raw"),
+            ("kmem_cache_alloc_btf_spare", "kmem_cache_alloc_raw_spare"),
+            ("kmem_cache_alloc_btf_nocas", "kmem_cache_alloc_raw_nocas"),
+            (
+                "kmem_cache_alloc_btf_spare_nocas",
+                "kmem_cache_alloc_raw_spare_nocas",
+            ),
+        ] {
+            assert_eq!(super::raw_twin(btf), raw);
         }
     }
 
