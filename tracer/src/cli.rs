@@ -186,8 +186,10 @@ pub struct TraceArgs {
 
     /// Ring buffer size in MiB (1 to 1024, rounded up to a power of two). Kernel
     /// memory for the whole run (`cargo xtask bench` measures loss at the highest rate).
-    #[arg(long, default_value_t = 8, value_name = "MIB", value_parser = ringbuf_mib_range())]
-    pub ringbuf_mib: u32,
+    /// Default 8; with --all-caches 2 at the default --sample-bytes (only samples
+    /// cross it), up to 8 for denser sampling.
+    #[arg(long, value_name = "MIB", value_parser = ringbuf_mib_range())]
+    pub ringbuf_mib: Option<u32>,
 
     /// Capture stacks for every allocation. By default every object is counted
     /// exactly per (process, kernel call site), and full stacks of a random 1 in
@@ -697,6 +699,9 @@ fn parse_refresh(text: &str) -> Result<Duration, String> {
     parse_duration_in(text, Duration::from_secs(1), Duration::from_secs(3600))
 }
 
+/// A traced cache's ring buffer in MiB when --ringbuf-mib is not given.
+const DEFAULT_RINGBUF_MIB: u32 = 8;
+
 /// The flags both tools spell alike, as the pipeline's [`RunOptions`].
 fn run_options(
     top: bool,
@@ -752,8 +757,14 @@ impl TraceArgs {
 
 impl From<TraceArgs> for TraceOptions {
     fn from(a: TraceArgs) -> Self {
+        let ringbuf_mib = a.ringbuf_mib.unwrap_or(if a.all_caches {
+            let rate = a.sample_bytes.unwrap_or(crate::slab::kheap::DEFAULT_RATE);
+            crate::slab::kheap_source::ring_mib(rate)
+        } else {
+            DEFAULT_RINGBUF_MIB
+        });
         TraceOptions {
-            run: run_options(a.top, a.json, a.duration, a.interval, a.ringbuf_mib),
+            run: run_options(a.top, a.json, a.duration, a.interval, ringbuf_mib),
             pid: a.pid,
             comm: a.comm,
             limit: a.limit,

@@ -30,7 +30,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
-use crate::bench::proc::{rss_kib, Running};
+use crate::bench::proc::{rss_kib, rss_outside_bpf_maps_kib, Running};
 use crate::soak::{map_memlock_kib, Load, Options};
 
 const SAMPLE: Duration = Duration::from_secs(10);
@@ -240,29 +240,6 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
         bail!("continuous soak bounds failed: {}", failed.join("; "));
     }
     Ok(())
-}
-
-/// Sum of smaps `Rss:` of `pid` outside `anon_inode:bpf-map` mappings, KiB.
-fn rss_outside_bpf_maps_kib(pid: u32) -> Option<u64> {
-    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
-    let (mut kib, mut in_bpf_map) = (0u64, false);
-    for line in smaps.lines() {
-        if let Some(v) = line.strip_prefix("Rss:") {
-            if !in_bpf_map {
-                kib += v.trim().trim_end_matches("kB").trim().parse::<u64>().ok()?;
-            }
-        } else {
-            // A mapping's header: range perms offset dev inode [path].
-            let mut fields = line.split_whitespace();
-            if fields
-                .next()
-                .is_some_and(|f| f.contains('-') && !f.ends_with(':'))
-            {
-                in_bpf_map = fields.nth(4) == Some("anon_inode:bpf-map");
-            }
-        }
-    }
-    Some(kib)
 }
 
 fn judge(

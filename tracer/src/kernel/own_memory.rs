@@ -1,6 +1,11 @@
 //! leaktrace's own footprint on the node: what it keeps resident, and giving back
 //! what it no longer needs (it runs where memory is already short).
 
+use std::{
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
 /// This process's resident memory in bytes: VmRSS less the pages of BPF maps
 /// it has mapped (the ring buffer's data pages are mapped twice, so VmRSS
 /// counts 2x its size). Those pages are kernel memory and already in the
@@ -8,6 +13,27 @@
 pub fn own_rss_bytes() -> Option<u64> {
     rss_outside_bpf_maps(&std::fs::read_to_string("/proc/self/smaps").ok()?)
 }
+
+/// [`own_rss_bytes`] as read at most [`RSS_REFRESH`] ago: walking smaps
+/// (every page table entry of the process) was the largest share of an idle
+/// `--all-caches` run's own CPU when read every refresh.
+pub fn own_rss_bytes_recent() -> Option<u64> {
+    static LAST: Mutex<Option<(Instant, Option<u64>)>> = Mutex::new(None);
+    let Ok(mut last) = LAST.lock() else {
+        return own_rss_bytes();
+    };
+    match *last {
+        Some((at, rss)) if at.elapsed() < RSS_REFRESH => rss,
+        _ => {
+            let rss = own_rss_bytes();
+            *last = Some((Instant::now(), rss));
+            rss
+        }
+    }
+}
+
+/// How stale [`own_rss_bytes_recent`] may be.
+pub const RSS_REFRESH: Duration = Duration::from_secs(10);
 
 /// Gives the heap's free pages back to the kernel. Set-up (BTF, kallsyms,
 /// the slab catalogue) frees tens of MB that glibc would otherwise keep

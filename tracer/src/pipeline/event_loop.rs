@@ -20,7 +20,12 @@ use tokio::{
 };
 
 /// Events reach the aggregator within this even when too few arrive to wake us.
-const POLL: Duration = Duration::from_millis(20);
+pub const POLL: Duration = Duration::from_millis(20);
+
+/// The same where events are few and none is urgent (`--all-caches`: samples
+/// only, no zoom to steer): a tenth of the wake-ups, which were most of the
+/// sampler's own CPU on an idle node (issue 27 bounds it at 0.5% of a core).
+pub const SPARSE_POLL: Duration = Duration::from_millis(200);
 
 /// `--ringbuf-mib` in bytes: the kernel wants a power of two.
 pub fn ringbuf_bytes(mib: u32) -> Result<u32> {
@@ -108,21 +113,23 @@ impl Sources {
         interval: Duration,
         duration: Option<Duration>,
     ) -> Result<Sources> {
-        Sources::with_signals(ring, interval, duration, Signals::install()?)
+        Sources::with_signals(ring, interval, duration, Signals::install()?, POLL)
     }
 
+    /// `poll`: [`POLL`] or [`SPARSE_POLL`].
     pub fn with_signals(
         ring: RingBuf<MapData>,
         interval: Duration,
         duration: Option<Duration>,
         signals: Signals,
+        poll: Duration,
     ) -> Result<Sources> {
         // SAFETY: the ring buffer owns its fd for as long as the AsyncFd holds it,
         // and the fd is deregistered (into_ring) before the RingBuf is used elsewhere.
         let ring = unsafe { AsyncFd::register(ring) }
             .map_err(|e| e.into_parts().1)
             .context("registering the ring buffer with the event loop")?;
-        let mut poll = tokio::time::interval(POLL);
+        let mut poll = tokio::time::interval(poll);
         poll.set_missed_tick_behavior(MissedTickBehavior::Skip);
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -200,6 +207,9 @@ pub async fn run<T: Tool>(mut src: Sources, tool: &mut T) -> Result<RingBuf<MapD
                 tool.tick()?;
             }
             input = tool.input() => {
+                // A profile asked for now holds what the ring holds now,
+                // however long the poll timer still sleeps.
+                tool.drain(src.ring.get_mut());
                 if tool.handle(input)? == Flow::Stop {
                     break;
                 }

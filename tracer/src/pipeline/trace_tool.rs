@@ -32,7 +32,12 @@ pub async fn run_loop(
     signals: Signals,
     snapshots: Option<std::fs::File>,
 ) -> Result<RingBuf<MapData>> {
-    let src = Sources::with_signals(ring, args.run.interval, args.run.duration, signals)?;
+    let poll = if state.kheap_rate().is_some() {
+        event_loop::SPARSE_POLL
+    } else {
+        event_loop::POLL
+    };
+    let src = Sources::with_signals(ring, args.run.interval, args.run.duration, signals, poll)?;
     let tty = std::io::stdout().is_terminal();
     // The interactive view only where a person watches; JSON and pipes get lines.
     let tui = if args.run.top && tty && !args.run.json {

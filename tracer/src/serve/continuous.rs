@@ -130,18 +130,8 @@ fn sampler_args(sample_bytes: u64) -> Vec<String> {
         sample_bytes.to_string(),
         "--pprof-snapshots".into(),
         "--ringbuf-mib".into(),
-        sampler_ring_mib(sample_bytes).to_string(),
+        crate::slab::kheap_source::ring_mib(sample_bytes).to_string(),
     ]
-}
-
-/// The sampler's ring buffer in MiB: 2 at the default 512 KiB rate, more for
-/// denser sampling, at most the CLI's default 8. Only samples and their frees
-/// cross it (~660 B an allocation with both stacks), so 2 MiB holds the
-/// samples of ~1.5 GB of slab allocation between two drains; the CLI's 8 MiB ring is
-/// sized for exact tracing and would be most of the sampler's BPF memory
-/// (issue 27 bounds it at 16 MiB).
-fn sampler_ring_mib(sample_bytes: u64) -> u64 {
-    (2 * (512 << 10) / sample_bytes.max(1)).clamp(2, 8)
 }
 
 /// Runs the sampler until serve ends: start, serve snapshots, and on its death

@@ -73,6 +73,17 @@ fn to_btf(attachments: &mut [Attachment]) {
     }
 }
 
+/// The ring buffer in MiB for sampling every `rate` bytes, unless the user
+/// sizes it: 2 at the default 512 KiB rate, more for denser sampling, at
+/// most 8 (a traced cache's default). Only samples and their frees cross
+/// it (~660 B an allocation with both stacks), so 2 MiB holds the samples of
+/// ~1.5 GB of slab allocation between two drains; an 8 MiB ring, sized for
+/// exact tracing, would be most of the sampler's BPF memory (issue 27 bounds
+/// it at 16 MiB).
+pub fn ring_mib(rate: u64) -> u32 {
+    (2 * (512 << 10) / rate.max(1)).clamp(2, 8) as u32
+}
+
 impl AllocSource for AllCaches<'_> {
     type Plan = Plan;
 

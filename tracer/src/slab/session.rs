@@ -184,7 +184,9 @@ impl Session {
         let root = Path::new("/");
         let now = monotonic_ns();
         // Per-CPU allocations have no slabinfo line.
-        let slab = (self.source == MemorySource::Slab)
+        // `--all-caches` names no one cache for a slabinfo line (and
+        // slabinfo walks every cache, each refresh).
+        let slab = (self.source == MemorySource::Slab && self.kheap.is_none())
             .then(|| slab_line(root, &self.cache, &self.aliases))
             .flatten()
             .map(|now| slab_picture(&now, self.slab_baseline.as_ref()));
@@ -193,7 +195,7 @@ impl Session {
             source: self.source,
             aliases: self.aliases.clone(),
             elapsed_s: now.saturating_sub(self.started_ns) as f64 / 1e9,
-            rss_bytes: own_memory::own_rss_bytes(),
+            rss_bytes: own_memory::own_rss_bytes_recent(),
             meminfo: meminfo::read(root).ok(),
             ledger: self.ledger_baseline.as_ref().and_then(|(base, at)| {
                 Ledger::read(root, self.vmap_stack)

@@ -290,3 +290,26 @@ pub fn rss_kib(pid: u32) -> Result<(u64, u64)> {
     };
     Ok((field("VmHWM:")?, field("VmRSS:")?))
 }
+
+/// Sum of smaps `Rss:` of `pid` outside `anon_inode:bpf-map` mappings, KiB.
+pub fn rss_outside_bpf_maps_kib(pid: u32) -> Option<u64> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
+    let (mut kib, mut in_bpf_map) = (0u64, false);
+    for line in smaps.lines() {
+        if let Some(v) = line.strip_prefix("Rss:") {
+            if !in_bpf_map {
+                kib += v.trim().trim_end_matches("kB").trim().parse::<u64>().ok()?;
+            }
+        } else {
+            // A mapping's header: range perms offset dev inode [path].
+            let mut fields = line.split_whitespace();
+            if fields
+                .next()
+                .is_some_and(|f| f.contains('-') && !f.ends_with(':'))
+            {
+                in_bpf_map = fields.nth(4) == Some("anon_inode:bpf-map");
+            }
+        }
+    }
+    Some(kib)
+}
