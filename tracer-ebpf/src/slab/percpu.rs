@@ -40,5 +40,11 @@ pub(crate) fn tp_percpu_alloc<const CAS: bool>(ctx: &TracePointContext) -> Optio
         gfp,
         source: SOURCE_PERCPU,
     };
+    // `--all-caches` samples per-CPU memory by bytes with the slab caches
+    // (classic hook: no spare, and `bpf_prog_active` would skip it anyway).
+    if config().kheap.rate != 0 {
+        super::kheap::alloc::<CAS>(ctx.as_ptr(), site, 0, false);
+        return Some(());
+    }
     record::<CAS>(ctx.as_ptr(), &site, false)
 }

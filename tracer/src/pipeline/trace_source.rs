@@ -9,15 +9,16 @@ use anyhow::{Context, Result};
 use crate::{
     kernel::btf::Btf,
     kernel::facts::KernelFacts,
+    kernel::possible_cpus,
     kernel::slabinfo::SlabLine,
     kernel::tracefs::Tracefs,
     pages::{self, kpageflags::PageFlags, Pages},
-    percpu::source::PercpuAllocations,
+    percpu::{self, source::PercpuAllocations},
     pipeline::trace_options::Traced,
     slab::caches::{self, Catalogue},
     slab::kheap::{CacheNames, Kheap},
     slab::kheap_source::AllCaches,
-    slab::plan::{self, Plan},
+    slab::plan::{self, HookMode, Plan, PlanOptions},
     slab::report::MemorySource,
     slab::session::{slab_line, Settle},
     slab::source::{AllocSource, SlabCaches},
@@ -118,6 +119,13 @@ pub fn plan<F: Fn(Option<u32>, Option<u64>) -> plan::Finish>(
         }
         Traced::AllCaches { sample_bytes } => {
             let catalogue = Catalogue::read(i.root).context("reading the slab cache catalogue")?;
+            // Per-CPU memory is sampled beside the caches, on its own hooks.
+            let percpu_options = PlanOptions {
+                hooks: HookMode::Auto,
+                ..i.options.with_facts(i.facts)
+            };
+            let percpu = possible_cpus::read(i.root)
+                .and_then(|cpus| percpu::source::build(i.tracefs, i.btf, cpus, &percpu_options));
             let plan = AllCaches {
                 tracefs: i.tracefs,
                 btf: i.btf,
@@ -126,6 +134,7 @@ pub fn plan<F: Fn(Option<u32>, Option<u64>) -> plan::Finish>(
                 rate: *sample_bytes,
                 options: i.options.clone(),
                 finish: (i.finish)(i.max_objects, None),
+                percpu,
             }
             .plan(i.facts)?;
             let name = AllCaches::name(&plan).to_string();

@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use statrs::distribution::{ContinuousCDF, Gamma};
 use tracer_common::slab::{
     cache_name_hash, kheap_class, kmalloc_class, Config, KheapConfig, CACHE_NAME_LEN,
-    KHEAP_CLASSES, KHEAP_SMALL_LIMIT, SOURCE_CACHE_ALLOC, SOURCE_KMALLOC,
+    KHEAP_CLASSES, KHEAP_SMALL_LIMIT, SOURCE_CACHE_ALLOC, SOURCE_KMALLOC, SOURCE_PERCPU,
 };
 
 use crate::{
@@ -61,6 +61,10 @@ pub fn probability(k: &KheapConfig, size: u64) -> f64 {
     f64::from(k.thresholds[kheap_class(size)]) / 4_294_967_296.0
 }
 
+/// The name per-CPU samples are listed under (what `/proc/meminfo` calls
+/// `Percpu`), beside the slab caches.
+pub const PERCPU: &str = "percpu";
+
 /// Slab caches by the hash the kernel sends (every name and alias of the
 /// catalogue, as `s->name` may be any of them), and kmalloc's names.
 pub struct CacheNames {
@@ -88,6 +92,7 @@ impl CacheNames {
                 .cloned()
                 .unwrap_or_else(|| format!("cache {hash:#x}")),
             SOURCE_KMALLOC => kmalloc_name(bytes_alloc, kmalloc_class(gfp, cfg)),
+            SOURCE_PERCPU => PERCPU.to_string(),
             _ => "unknown".to_string(),
         }
     }

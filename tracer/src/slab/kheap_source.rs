@@ -31,6 +31,10 @@ pub struct AllCaches<'a> {
     pub rate: u64,
     pub options: PlanOptions,
     pub finish: Finish,
+    /// The per-CPU source's plan (`percpu::source::build`, unfinished), whose
+    /// layout and hooks are merged in so per-CPU memory is sampled beside
+    /// the caches; or why this kernel has none (then a note says so).
+    pub percpu: Result<Plan>,
 }
 
 /// The live table's size for `rate`: four times the samples the node's
@@ -133,6 +137,23 @@ impl AllocSource for AllCaches<'_> {
              counting allocations since start only",
             self.rate, self.rate
         )];
+        match &self.percpu {
+            Ok(p) => {
+                plan.config.percpu = p.config.percpu;
+                // Per-CPU addresses are aligned only as their callers asked.
+                plan.config.free_align_mask = 0;
+                plan.attachments.extend(p.attachments.iter().cloned());
+                plan.notes.push(format!(
+                    "per-CPU memory (percpu_alloc_percpu) sampled too, as cache `{}`: an \
+                     allocation's bytes are its size x {} possible CPUs",
+                    kheap::PERCPU,
+                    p.config.percpu.possible_cpus
+                ));
+            }
+            Err(e) => plan
+                .notes
+                .push(format!("per-CPU memory is not sampled: {e:#}")),
+        }
         let finish = Finish {
             max_objects: Some(self.finish.max_objects.unwrap_or_else(|| {
                 table_size(
