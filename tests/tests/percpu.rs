@@ -60,6 +60,22 @@ impl Parent {
     }
 }
 
+impl Parent {
+    /// Once `tracer` said `attached` on stderr: `leakgen memcgs` makes and
+    /// holds [`MEMCGS`] memcgs here.
+    fn make_memcgs(&self, tracer: &Tracer, attached: &str) -> Generator {
+        assert!(
+            tracer.stderr_seen.iter().any(|l| l.contains(attached)),
+            "{:?}",
+            tracer.stderr_seen
+        );
+        let mut cmd = std::process::Command::new(leakgen_bin());
+        cmd.args(["memcgs", &MEMCGS.to_string()])
+            .env("LEAKGEN_MEMCG_PARENT", &self.dir);
+        Generator::start_command(cmd).expect("leakgen memcgs")
+    }
+}
+
 impl Drop for Parent {
     fn drop(&mut self) {
         // Its children are removed already (dying ones do not block rmdir).
@@ -293,18 +309,7 @@ fn dying_memcgs_per_cpu_memory_is_held_by_their_creator() {
         "allocs",
     ])
     .expect("leaktrace --percpu");
-    assert!(
-        tracer
-            .stderr_seen
-            .iter()
-            .any(|l| l.contains("attached to per-CPU allocations")),
-        "{:?}",
-        tracer.stderr_seen
-    );
-    let mut cmd = std::process::Command::new(leakgen_bin());
-    cmd.args(["memcgs", &MEMCGS.to_string()])
-        .env("LEAKGEN_MEMCG_PARENT", &parent.dir);
-    let mut gen = Generator::start_command(cmd).expect("leakgen memcgs");
+    let mut gen = parent.make_memcgs(&tracer, "attached to per-CPU allocations");
 
     let truth = witness.seen(gen.pid, cpus);
     // A bound from the kernel source, so the witness itself is checked: each
@@ -459,18 +464,7 @@ fn all_caches_samples_per_cpu_memory_beside_the_caches() {
     // ~100 samples, so ±30% is about 3 standard errors.
     let tracer = Tracer::start(&["--all-caches", "--sample-bytes", "4096", "--duration", "6s"])
         .expect("leaktrace --all-caches");
-    assert!(
-        tracer
-            .stderr_seen
-            .iter()
-            .any(|l| l.contains("per-CPU memory (percpu_alloc_percpu) sampled too")),
-        "{:?}",
-        tracer.stderr_seen
-    );
-    let mut cmd = std::process::Command::new(leakgen_bin());
-    cmd.args(["memcgs", &MEMCGS.to_string()])
-        .env("LEAKGEN_MEMCG_PARENT", &parent.dir);
-    let gen = Generator::start_command(cmd).expect("leakgen memcgs");
+    let gen = parent.make_memcgs(&tracer, "per-CPU memory (percpu_alloc_percpu) sampled too");
     let truth = witness.seen(gen.pid, cpus);
     let (code, report, stderr) = tracer.finish(WAIT).expect("final report");
     assert_eq!(code, 0, "{stderr:?}");
