@@ -344,7 +344,10 @@ pub fn build(
             else {
                 continue;
             };
-            let Some(name) = fmt.field("name").filter(|f| f.data_loc) else {
+            // Offset 0 (the common header, never a name) tells the kernel
+            // side there is none.
+            let name = fmt.field("name").filter(|f| f.data_loc).map(|f| f.offset);
+            let Some(name) = name.or(sel.every_cache.then_some(0)) else {
                 bail!(
                     "cache '{}' is selected by name, but this kernel's kmem:{event} tracepoint has no \
                      cache name (Debian's 6.1 and 6.12 have none; 6.18 has it) and its raw tracepoint \
@@ -353,7 +356,7 @@ pub fn build(
                 );
             };
             cfg.cache_alloc = AllocLayout {
-                name: name.offset,
+                name,
                 ..alloc_layout(&fmt)?
             };
         }
