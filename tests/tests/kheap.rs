@@ -158,6 +158,7 @@ fn names_a_leak_made_during_the_run(hooks: &[&str]) {
         "the churn's short-lived allocations add {churned} bytes in use (≤ 1 MiB)"
     );
     assert_eq!(k["dropped"].as_u64(), Some(0), "{k}");
+    assert_unnamed_caches_labelled_by_size(rows, &pids, classic);
     // --group-by sums the same estimates: leakgen's group is its processes'
     // rows of every cache (each rounded to a byte), and holds the leak.
     assert_eq!(k["group_by"], "comm", "{k}");
@@ -178,6 +179,47 @@ fn names_a_leak_made_during_the_run(hooks: &[&str]) {
         &groups[..groups.len().min(5)]
     );
     drop(holders);
+}
+
+/// Each key the holders add is also a `struct key` from `key_jar`
+/// (kmem_cache_alloc). Where the hook carries no cache name (the classic
+/// one before 6.18) its samples are labelled by object size with every
+/// cache of that size, all of them real caches; elsewhere by name.
+fn assert_unnamed_caches_labelled_by_size(rows: &[Value], pids: &[u32], classic: bool) {
+    let unnamed = classic && !tracepoint_has_field("kmem", "kmem_cache_alloc", "name");
+    let holders: Vec<&str> = rows
+        .iter()
+        .filter(|r| pids.contains(&(r["tgid"].as_u64().unwrap_or(0) as u32)))
+        .filter_map(|r| r["cache"].as_str())
+        .collect();
+    let by_size: Vec<&str> = holders
+        .iter()
+        .copied()
+        .filter(|c| c.starts_with("cache of "))
+        .collect();
+    eprintln!("holders' caches: {holders:?}");
+    if !unnamed {
+        assert!(
+            by_size.is_empty(),
+            "named hooks name every cache: {holders:?}"
+        );
+        return;
+    }
+    let key_jar = std::fs::read_to_string("/sys/kernel/slab/key_jar/slab_size")
+        .expect("key_jar's slab_size")
+        .trim()
+        .to_string();
+    let label = by_size
+        .iter()
+        .find(|c| c.starts_with(&format!("cache of {key_jar} B (")))
+        .unwrap_or_else(|| panic!("no key_jar row of {key_jar} B: {holders:?}"));
+    let listed = label
+        .split_once('(')
+        .and_then(|(_, l)| l.strip_suffix(')'))
+        .expect("a list of caches");
+    for name in listed.split('|').filter(|n| !n.starts_with('+')) {
+        assert!(slab_cache_exists(name), "{name} in {label} is no cache");
+    }
 }
 
 /// The interface `serve` reads: with `--pprof-snapshots`, each `snapshot`
