@@ -137,7 +137,10 @@ pub fn plan<F: Fn(Option<u32>, Option<u64>) -> plan::Finish>(
             let catalogue = Catalogue::read(i.root).context("reading the slab cache catalogue")?;
             Some(Kheap::new(
                 plan.config.kheap,
-                CacheNames::new(&catalogue),
+                CacheNames::new(
+                    &catalogue,
+                    &crate::kernel::slabinfo::read(i.root).unwrap_or_default(),
+                ),
                 std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_secs()),

@@ -21,6 +21,7 @@ use tracer_common::slab::{
 
 use crate::{
     bpf::stacks::StackId,
+    kernel::slabinfo::SlabLine,
     slab::caches::Catalogue,
     slab::report::{
         GroupBy, KheapCache, KheapGroup, KheapRow, KheapSummary, ProcessReport, FORGOTTEN,
@@ -74,7 +75,13 @@ pub struct CacheNames {
 const SIZE_NAMES: usize = 4;
 
 impl CacheNames {
-    pub fn new(catalogue: &Catalogue) -> CacheNames {
+    /// `slabinfo`: /proc/slabinfo at start (empty if unreadable), which
+    /// orders an unnamed sample's caches, most active objects first.
+    pub fn new(catalogue: &Catalogue, slabinfo: &[SlabLine]) -> CacheNames {
+        let active: HashMap<&str, u64> = slabinfo
+            .iter()
+            .map(|l| (l.name.as_str(), l.active_objs))
+            .collect();
         let mut by_hash = HashMap::new();
         // A merged group is one kmem_cache: listed once, under the name
         // /proc/slabinfo shows (its sysfs directory is shared).
@@ -94,7 +101,10 @@ impl CacheNames {
             .into_iter()
             .map(|(size, groups)| {
                 let mut names: Vec<String> = groups.into_iter().map(|(_, n)| n).collect();
-                names.sort();
+                names.sort_by(|a, b| {
+                    let objects = |n: &String| active.get(n.as_str()).copied().unwrap_or(0);
+                    objects(b).cmp(&objects(a)).then_with(|| a.cmp(b))
+                });
                 (size, size_label(size, &names))
             })
             .collect();
@@ -138,7 +148,8 @@ impl CacheNames {
 }
 
 /// `cache of 192 B (dentry|kmalloc-192|…)`: which caches an unnamed
-/// sample of `size` bytes (`s->size`) may come from, never one guessed.
+/// sample of `size` bytes (`s->size`) may come from (`names` in order),
+/// never one guessed.
 fn size_label(size: u64, names: &[String]) -> String {
     match names.len() {
         0 => format!("cache of {size} B (none at start)"),
@@ -498,7 +509,11 @@ mod tests {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("testdata/proc")
             .join(fixture);
-        CacheNames::new(&Catalogue::read(&root).expect("catalogue fixture"))
+        let slabinfo = crate::kernel::slabinfo::read(&root).unwrap_or_default();
+        CacheNames::new(
+            &Catalogue::read(&root).expect("catalogue fixture"),
+            &slabinfo,
+        )
     }
 
     #[test]
@@ -507,10 +522,11 @@ mod tests {
         let cfg = Config::zeroed();
         let unnamed = |size| names.name(&cfg, SOURCE_CACHE_ALLOC, size, 0, 0);
         // kmalloc-256, kmalloc-cg-256 and sgpool-8 are one kmem_cache:
-        // listed once, by the name /proc/slabinfo shows.
+        // listed once, by the name /proc/slabinfo shows; the caches with
+        // most active objects first, then by name.
         assert_eq!(
             unnamed(256),
-            "cache of 256 B (dma-kmalloc-256|kmalloc-256|kmalloc-rcl-256)"
+            "cache of 256 B (kmalloc-256|dma-kmalloc-256|kmalloc-rcl-256)"
         );
         assert_eq!(unnamed(192), "cache of 192 B (dentry|filp)");
         assert_eq!(unnamed(12345), "cache of 12345 B (none at start)");
