@@ -150,8 +150,8 @@ fn names_a_leak_made_during_the_run(hooks: &[&str]) {
     let churned = held(churn.id());
     eprintln!(
         "kmalloc-512 first ({}); holders' in-use estimate {estimate} B vs {truth} B; \
-         churn {churned} B; {} samples",
-        caches[0], k["samples"]
+         churn {churned} B; {} samples, {} stale; kernel {}",
+        caches[0], k["samples"], k["stale"], report["kernel"]
     );
     assert!(
         churned <= 1 << 20,

@@ -355,10 +355,15 @@ pub fn build(
                     sel.cache
                 );
             };
-            cfg.cache_alloc = AllocLayout {
+            let layout = AllocLayout {
                 name,
                 ..alloc_layout(&fmt)?
             };
+            // One layout serves both events' program.
+            if cfg.cache_alloc != AllocLayout::default() && cfg.cache_alloc != layout {
+                bail!("kmem:kmem_cache_alloc and kmem:{event} lay out their fields differently; not supported");
+            }
+            cfg.cache_alloc = layout;
         }
         if !hooks
             .attachments
