@@ -27,15 +27,51 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// `--all-caches` reads size and cache from the raw kmem tracepoints (5.10
-/// defines them through shared classes BTF does not name per event).
+/// The raw kmem tracepoints, where BTF describes them (not on 5.10, which
+/// defines them through shared classes BTF does not name per event):
+/// `--all-caches` takes them there and the classic ones elsewhere.
 fn raw_hooks() -> bool {
-    let events = ["kmalloc", "kmem_cache_alloc", "kfree", "kmem_cache_free"];
-    events.iter().all(|e| raw_tracepoint_described(e))
+    KMEM_EVENTS.iter().all(|e| raw_tracepoint_described(e))
 }
 
-const NO_RAW_HOOKS: &str =
-    "--all-caches needs the raw kmem tracepoints described by BTF (5.10 describes them through shared event classes); leaktrace refuses it there before attaching";
+const KMEM_EVENTS: [&str; 4] = ["kmalloc", "kmem_cache_alloc", "kfree", "kmem_cache_free"];
+
+/// What `--all-caches` hooks on any kernel: the classic kmem tracepoints.
+fn kmem_tracepoints() -> bool {
+    KMEM_EVENTS
+        .iter()
+        .all(|e| tracepoint_has_field("kmem", e, "ptr"))
+}
+
+const NO_KMEM: &str =
+    "--all-caches needs the kmem tracepoints (kmalloc, kmem_cache_alloc, kfree, kmem_cache_free)";
+
+/// The run's hooks line says which hooks it took: the classic ones where
+/// asked for or where the raw ones are not described.
+fn assert_hooks(stderr: &[String], classic: bool) {
+    let hooks = stderr
+        .iter()
+        .find(|l| l.contains("hooks: "))
+        .unwrap_or_else(|| panic!("no hooks line: {stderr:?}"));
+    assert_eq!(
+        hooks.contains("raw tracepoints"),
+        !classic,
+        "classic hooks expected: {classic}; {hooks}"
+    );
+    assert_eq!(
+        hooks.contains("tracepoints kmem:"),
+        classic,
+        "classic hooks expected: {classic}; {hooks}"
+    );
+    if classic {
+        assert!(
+            stderr
+                .iter()
+                .any(|l| l.contains("all caches on the classic kmem tracepoints")),
+            "the classic hooks' cost is stated: {stderr:?}"
+        );
+    }
+}
 
 fn kheap(report: &Value) -> &Value {
     &report["kheap"]
@@ -44,8 +80,22 @@ fn kheap(report: &Value) -> &Value {
 #[test]
 fn all_caches_names_a_leak_made_during_the_run_and_estimates_it() {
     let _serial = serial();
-    skip_unless!(raw_hooks(), "{NO_RAW_HOOKS}");
-    let tracer = Tracer::start(&[
+    skip_unless!(kmem_tracepoints(), "{NO_KMEM}");
+    names_a_leak_made_during_the_run(&[]);
+}
+
+/// The same leak through the classic kmem tracepoints, which 5.10 (and
+/// any kernel without BTF) takes: forced here, so the host runs them too.
+#[test]
+fn all_caches_on_classic_hooks_names_a_leak_made_during_the_run() {
+    let _serial = serial();
+    skip_unless!(kmem_tracepoints(), "{NO_KMEM}");
+    names_a_leak_made_during_the_run(&["--hooks", "classic"]);
+}
+
+fn names_a_leak_made_during_the_run(hooks: &[&str]) {
+    let classic = !hooks.is_empty() || !raw_hooks();
+    let args = [
         "--all-caches",
         "--sample-bytes",
         SAMPLE_BYTES,
@@ -53,8 +103,9 @@ fn all_caches_names_a_leak_made_during_the_run_and_estimates_it() {
         "8s",
         "--group-by",
         "comm",
-    ])
-    .expect("start leaktrace --all-caches");
+    ];
+    let args: Vec<&str> = args.iter().chain(hooks).copied().collect();
+    let tracer = Tracer::start(&args).expect("start leaktrace --all-caches");
     let mut churn = Command::new(leakgen_bin())
         .args(["writev", "6"])
         .stdout(std::process::Stdio::null())
@@ -67,6 +118,7 @@ fn all_caches_names_a_leak_made_during_the_run_and_estimates_it() {
     let (code, report, stderr) = tracer.finish(Duration::from_secs(60)).expect("final");
     let _ = churn.wait();
     assert_eq!(code, 0, "{stderr:?}");
+    assert_hooks(&stderr, classic);
     let k = kheap(&report);
     assert_eq!(k["sample_bytes"].as_u64(), Some(65536), "{k}");
     let caches = k["caches"].as_array().expect("caches");
@@ -98,14 +150,15 @@ fn all_caches_names_a_leak_made_during_the_run_and_estimates_it() {
     let churned = held(churn.id());
     eprintln!(
         "kmalloc-512 first ({}); holders' in-use estimate {estimate} B vs {truth} B; \
-         churn {churned} B; {} samples",
-        caches[0], k["samples"]
+         churn {churned} B; {} samples, {} stale; kernel {}",
+        caches[0], k["samples"], k["stale"], report["kernel"]
     );
     assert!(
         churned <= 1 << 20,
         "the churn's short-lived allocations add {churned} bytes in use (≤ 1 MiB)"
     );
     assert_eq!(k["dropped"].as_u64(), Some(0), "{k}");
+    assert_unnamed_caches_labelled_by_size(rows, &pids, classic);
     // --group-by sums the same estimates: leakgen's group is its processes'
     // rows of every cache (each rounded to a byte), and holds the leak.
     assert_eq!(k["group_by"], "comm", "{k}");
@@ -128,6 +181,47 @@ fn all_caches_names_a_leak_made_during_the_run_and_estimates_it() {
     drop(holders);
 }
 
+/// Each key the holders add is also a `struct key` from `key_jar`
+/// (kmem_cache_alloc). Where the hook carries no cache name (the classic
+/// one before 6.18) its samples are labelled by object size with every
+/// cache of that size, all of them real caches; elsewhere by name.
+fn assert_unnamed_caches_labelled_by_size(rows: &[Value], pids: &[u32], classic: bool) {
+    let unnamed = classic && !tracepoint_has_field("kmem", "kmem_cache_alloc", "name");
+    let holders: Vec<&str> = rows
+        .iter()
+        .filter(|r| pids.contains(&(r["tgid"].as_u64().unwrap_or(0) as u32)))
+        .filter_map(|r| r["cache"].as_str())
+        .collect();
+    let by_size: Vec<&str> = holders
+        .iter()
+        .copied()
+        .filter(|c| c.starts_with("cache of "))
+        .collect();
+    eprintln!("holders' caches: {holders:?}");
+    if !unnamed {
+        assert!(
+            by_size.is_empty(),
+            "named hooks name every cache: {holders:?}"
+        );
+        return;
+    }
+    let key_jar = std::fs::read_to_string("/sys/kernel/slab/key_jar/slab_size")
+        .expect("key_jar's slab_size")
+        .trim()
+        .to_string();
+    let label = by_size
+        .iter()
+        .find(|c| c.starts_with(&format!("cache of {key_jar} B (")))
+        .unwrap_or_else(|| panic!("no key_jar row of {key_jar} B: {holders:?}"));
+    let listed = label
+        .split_once('(')
+        .and_then(|(_, l)| l.strip_suffix(')'))
+        .expect("a list of caches");
+    for name in listed.split('|').filter(|n| !n.starts_with('+')) {
+        assert!(slab_cache_exists(name), "{name} in {label} is no cache");
+    }
+}
+
 /// The interface `serve` reads: with `--pprof-snapshots`, each `snapshot`
 /// line on stdin writes one gzipped Go heap profile to fd 3, its length
 /// first (8 bytes, little-endian), and the run goes on; EOF on stdin ends
@@ -139,7 +233,7 @@ fn pprof_snapshots_answer_each_request_on_fd_3() {
     use std::os::fd::FromRawFd;
     use std::os::unix::process::CommandExt;
 
-    skip_unless!(raw_hooks(), "{NO_RAW_HOOKS}");
+    skip_unless!(kmem_tracepoints(), "{NO_KMEM}");
     let mut fds = [0i32; 2];
     // SAFETY: pipe writes two descriptors into the array.
     assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0, "pipe");

@@ -381,6 +381,9 @@ fn free_candidate(ptr: u64) -> bool {
 #[inline(always)]
 fn tp_kmalloc<const CAS: bool>(ctx: &TracePointContext) -> Option<()> {
     let cfg = config();
+    if cfg.kheap.rate != 0 {
+        return kheap::alloc_classic::<CAS>(ctx, &cfg.kmalloc, SOURCE_KMALLOC);
+    }
     if cfg.kmalloc_size == 0 {
         return None;
     }
@@ -402,6 +405,9 @@ fn tp_kmalloc<const CAS: bool>(ctx: &TracePointContext) -> Option<()> {
 #[inline(always)]
 fn tp_cache_alloc<const CAS: bool>(ctx: &TracePointContext) -> Option<()> {
     let cfg = config();
+    if cfg.kheap.rate != 0 {
+        return kheap::alloc_classic::<CAS>(ctx, &cfg.cache_alloc, SOURCE_CACHE_ALLOC);
+    }
     if cfg.cache_size == 0 {
         return None;
     }

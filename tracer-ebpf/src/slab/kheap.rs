@@ -21,9 +21,12 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, PerCpuArray},
 };
+use aya_ebpf::{programs::TracePointContext, EbpfContext};
 use tracer_common::slab::{cache_name_hash, counter, kheap_class, CACHE_NAME_LEN};
+use tracer_common::slab::{AllocLayout, SOURCE_CACHE_ALLOC};
+use tracer_ebpf::data_loc;
 
-use super::{bump, config, on_free, record, Site};
+use super::{bump, classic_site, config, on_free, read, record, Site};
 
 /// Samples held per 2 MiB region of kernel addresses, folded into
 /// [`REGIONS`] slots: a free or an undrawn allocation in a region with no
@@ -103,14 +106,8 @@ pub(crate) fn alloc<const CAS: bool>(
     cache: u64,
     spare: bool,
 ) {
-    let k = &config().kheap;
-    let class = kheap_class(site.bytes_alloc);
-    let threshold = k.thresholds.get(class).copied().unwrap_or(u32::MAX);
-    let drawn = uniform() < threshold;
-    if !drawn {
-        if site.ptr != 0 && region_tracked(site.ptr) && on_free::<CAS>(site.ptr) {
-            bump(counter::KHEAP_STALE);
-        }
+    if !drawn(site.bytes_alloc) {
+        retire_stale::<CAS>(site.ptr);
         return;
     }
     if cache != 0 {
@@ -119,12 +116,78 @@ pub(crate) fn alloc<const CAS: bool>(
     let _ = record::<CAS>(ctx, &site, spare);
 }
 
+/// One slab allocation under `--all-caches` on a classic tracepoint
+/// (`kmem:kmalloc`, `kmem:kmem_cache_alloc` and, before 6.1, their `_node`
+/// twins), fields at `layout`'s tracefs offsets. The size and pointer are
+/// read for every event (the draw and the stale-sample correction); the
+/// rest, and the cache's name where the format has one (6.18; 0 otherwise,
+/// and userspace names the sample by its object size), for a sample only.
+///
+/// No spare can help here: the perf path runs no BPF program on a CPU
+/// where one is already running (`bpf_prog_active`), so an allocation or a
+/// free nested in ours goes unseen. A missed free of a sample is corrected
+/// when its address is handed out again, as bulk frees are.
+#[inline(always)]
+pub(crate) fn alloc_classic<const CAS: bool>(
+    ctx: &TracePointContext,
+    layout: &AllocLayout,
+    source: u16,
+) -> Option<()> {
+    let bytes_alloc: u64 = read(ctx, layout.bytes_alloc)?;
+    let ptr: u64 = read(ctx, layout.ptr)?;
+    if !drawn(bytes_alloc) {
+        retire_stale::<CAS>(ptr);
+        return Some(());
+    }
+    // gfp_flags is 4 bytes on older kernels, 8 on newer; the low 32 hold
+    // every bit.
+    let gfp = u64::from(read::<u32>(ctx, layout.gfp_flags)?);
+    let mut site = classic_site(ctx, layout, bytes_alloc, gfp, source)?;
+    if source == SOURCE_CACHE_ALLOC {
+        // The name hash travels in bytes_req, as on the raw path.
+        site.bytes_req = if layout.name == 0 {
+            0
+        } else {
+            str_hash(data_loc(ctx, read::<u32>(ctx, layout.name)?))
+        };
+    }
+    record::<CAS>(ctx.as_ptr(), &site, false)
+}
+
+/// The draw of [`alloc`] for an allocation of `bytes_alloc` bytes: true
+/// with probability ≈ 1 − e^(−size/rate).
+#[inline(always)]
+fn drawn(bytes_alloc: u64) -> bool {
+    let k = &config().kheap;
+    let threshold = k
+        .thresholds
+        .get(kheap_class(bytes_alloc))
+        .copied()
+        .unwrap_or(u32::MAX);
+    uniform() < threshold
+}
+
+/// An undrawn allocation at `ptr`: a sample still held there is stale.
+#[inline(always)]
+fn retire_stale<const CAS: bool>(ptr: u64) {
+    if ptr != 0 && region_tracked(ptr) && on_free::<CAS>(ptr) {
+        bump(counter::KHEAP_STALE);
+    }
+}
+
 /// [`cache_name_hash`] of the name `name_field` points to; 0 if unreadable.
 #[inline(always)]
 fn name_hash(name_field: u64) -> u64 {
     let Ok(name) = (unsafe { bpf_probe_read_kernel(name_field as *const *const u8) }) else {
         return 0;
     };
+    str_hash(name)
+}
+
+/// [`cache_name_hash`] of the NUL-terminated string at `name` (truncated
+/// and NUL padded to [`CACHE_NAME_LEN`]); 0 if unreadable.
+#[inline(always)]
+fn str_hash(name: *const u8) -> u64 {
     let mut words = [0u64; CACHE_NAME_LEN / 8];
     let dst =
         unsafe { core::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), CACHE_NAME_LEN) };

@@ -120,8 +120,13 @@ pub fn plan<F: Fn(Option<u32>, Option<u64>) -> plan::Finish>(
         Traced::AllCaches { sample_bytes } => {
             let catalogue = Catalogue::read(i.root).context("reading the slab cache catalogue")?;
             // Per-CPU memory is sampled beside the caches, on its own hooks.
+            // Its allocations are classic anyway; its free hook follows
+            // --hooks classic, and is raw where it can be otherwise.
             let percpu_options = PlanOptions {
-                hooks: HookMode::Auto,
+                hooks: match i.options.hooks {
+                    HookMode::Classic => HookMode::Classic,
+                    HookMode::Auto | HookMode::Raw => HookMode::Auto,
+                },
                 ..i.options.with_facts(i.facts)
             };
             let percpu = possible_cpus::read(i.root)
@@ -146,7 +151,10 @@ pub fn plan<F: Fn(Option<u32>, Option<u64>) -> plan::Finish>(
             let catalogue = Catalogue::read(i.root).context("reading the slab cache catalogue")?;
             Some(Kheap::new(
                 plan.config.kheap,
-                CacheNames::new(&catalogue),
+                CacheNames::new(
+                    &catalogue,
+                    &crate::kernel::slabinfo::read(i.root).unwrap_or_default(),
+                ),
                 std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_secs()),

@@ -21,6 +21,7 @@ use tracer_common::slab::{
 
 use crate::{
     bpf::stacks::StackId,
+    kernel::slabinfo::SlabLine,
     slab::caches::Catalogue,
     slab::report::{
         GroupBy, KheapCache, KheapGroup, KheapRow, KheapSummary, ProcessReport, FORGOTTEN,
@@ -69,32 +70,100 @@ pub const PERCPU: &str = "percpu";
 /// catalogue, as `s->name` may be any of them), and kmalloc's names.
 pub struct CacheNames {
     by_hash: HashMap<u64, String>,
+    /// For samples without a name (a classic kmem_cache_alloc before
+    /// 6.18): what is known, the object size and every cache of it.
+    by_size: HashMap<u64, String>,
 }
 
+/// Caches listed by name in an unnamed sample's label, the rest counted.
+const SIZE_NAMES: usize = 4;
+
 impl CacheNames {
-    pub fn new(catalogue: &Catalogue) -> CacheNames {
+    /// `slabinfo`: /proc/slabinfo at start (empty if unreadable), which
+    /// orders an unnamed sample's caches, most active objects first.
+    pub fn new(catalogue: &Catalogue, slabinfo: &[SlabLine]) -> CacheNames {
+        let active: HashMap<&str, u64> = slabinfo
+            .iter()
+            .map(|l| (l.name.as_str(), l.active_objs))
+            .collect();
         let mut by_hash = HashMap::new();
+        // A merged group is one kmem_cache: listed once, under the name
+        // /proc/slabinfo shows (its sysfs directory is shared).
+        let mut groups: HashMap<u64, Vec<(String, String)>> = HashMap::new();
         for c in catalogue.iter() {
             for name in std::iter::once(&c.name).chain(&c.aliases) {
                 by_hash.insert(name_hash(name), c.name.clone());
             }
+            let group = c.sysfs_dir.clone().unwrap_or_else(|| c.name.clone());
+            let shown = c.kernel_name.clone().unwrap_or_else(|| c.name.clone());
+            let names = groups.entry(u64::from(c.slab_size)).or_default();
+            if !names.iter().any(|(g, _)| *g == group) {
+                names.push((group, shown));
+            }
         }
-        CacheNames { by_hash }
+        let by_size = groups
+            .into_iter()
+            .map(|(size, groups)| {
+                let mut names: Vec<String> = groups.into_iter().map(|(_, n)| n).collect();
+                names.sort_by(|a, b| {
+                    let objects = |n: &String| active.get(n.as_str()).copied().unwrap_or(0);
+                    objects(b).cmp(&objects(a)).then_with(|| a.cmp(b))
+                });
+                (size, size_label(size, &names))
+            })
+            .collect();
+        CacheNames { by_hash, by_size }
+    }
+
+    /// A `kmem_cache_alloc` sample of `bytes_alloc` whose cache the kernel
+    /// could not name.
+    fn unnamed(&self, bytes_alloc: u64) -> String {
+        self.by_size
+            .get(&bytes_alloc)
+            .cloned()
+            .unwrap_or_else(|| size_label(bytes_alloc, &[]))
     }
 
     /// The cache of a sample from `source` with `bytes_alloc`, `gfp` and
     /// (`kmem_cache_alloc`) the name hash the kernel put in `bytes_req`.
     pub fn name(&self, cfg: &Config, source: u16, bytes_alloc: u64, gfp: u64, hash: u64) -> String {
         match source {
+            SOURCE_CACHE_ALLOC if hash == 0 => self.unnamed(bytes_alloc),
             SOURCE_CACHE_ALLOC => self
                 .by_hash
                 .get(&hash)
                 .cloned()
                 .unwrap_or_else(|| format!("cache {hash:#x}")),
-            SOURCE_KMALLOC => kmalloc_name(bytes_alloc, kmalloc_class(gfp, cfg)),
+            SOURCE_KMALLOC => {
+                // A kind this kernel has no caches of (kmalloc-cg before
+                // 5.14) lands in the plain cache, as kmalloc_type() does.
+                let name = kmalloc_name(bytes_alloc, kmalloc_class(gfp, cfg));
+                let plain = kmalloc_name(bytes_alloc, 0);
+                let known = |n: &str| self.by_hash.contains_key(&name_hash(n));
+                if !known(&name) && known(&plain) {
+                    plain
+                } else {
+                    name
+                }
+            }
             SOURCE_PERCPU => PERCPU.to_string(),
             _ => "unknown".to_string(),
         }
+    }
+}
+
+/// `cache of 192 B (dentry|kmalloc-192|…)`: which caches an unnamed
+/// sample of `size` bytes (`s->size`) may come from (`names` in order),
+/// never one guessed.
+fn size_label(size: u64, names: &[String]) -> String {
+    match names.len() {
+        0 => format!("cache of {size} B (none at start)"),
+        n if n <= SIZE_NAMES => format!("cache of {size} B ({})", names.join("|")),
+        n => format!(
+            "cache of {size} B ({}|+{} more)",
+            names[..SIZE_NAMES].join("|"),
+            n - SIZE_NAMES
+        ),
     }
 }
 
@@ -435,9 +504,60 @@ mod tests {
             config(DEFAULT_RATE),
             CacheNames {
                 by_hash: HashMap::new(),
+                by_size: HashMap::new(),
             },
             0,
         )
+    }
+
+    fn names_of(fixture: &str) -> CacheNames {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("testdata/proc")
+            .join(fixture);
+        let slabinfo = crate::kernel::slabinfo::read(&root).unwrap_or_default();
+        CacheNames::new(
+            &Catalogue::read(&root).expect("catalogue fixture"),
+            &slabinfo,
+        )
+    }
+
+    #[test]
+    fn unnamed_cache_samples_list_every_cache_of_their_size() {
+        let names = names_of("merged");
+        let cfg = Config::zeroed();
+        let unnamed = |size| names.name(&cfg, SOURCE_CACHE_ALLOC, size, 0, 0);
+        // kmalloc-256, kmalloc-cg-256 and sgpool-8 are one kmem_cache:
+        // listed once, by the name /proc/slabinfo shows; the caches with
+        // most active objects first, then by name.
+        assert_eq!(
+            unnamed(256),
+            "cache of 256 B (kmalloc-256|dma-kmalloc-256|kmalloc-rcl-256)"
+        );
+        assert_eq!(unnamed(192), "cache of 192 B (dentry|filp)");
+        assert_eq!(unnamed(12345), "cache of 12345 B (none at start)");
+        let many: Vec<String> = (0..6).map(|i| format!("c{i}")).collect();
+        assert_eq!(size_label(64, &many[..2]), "cache of 64 B (c0|c1)");
+        assert_eq!(size_label(64, &many), "cache of 64 B (c0|c1|c2|c3|+2 more)");
+        // A named sample keeps its name.
+        let hash = name_hash("dentry");
+        assert_eq!(names.name(&cfg, SOURCE_CACHE_ALLOC, 192, 0, hash), "dentry");
+    }
+
+    #[test]
+    fn accounted_kmalloc_lands_in_the_plain_cache_where_there_is_no_cg_one() {
+        let mut cfg = Config::zeroed();
+        cfg.gfp_account = 0x400000;
+        let accounted = 0x400000 | 0xcc0;
+        let without_cg = names_of("nokmem");
+        assert_eq!(
+            without_cg.name(&cfg, SOURCE_KMALLOC, 512, accounted, 0),
+            "kmalloc-512"
+        );
+        let with_cg = names_of("merged");
+        assert_eq!(
+            with_cg.name(&cfg, SOURCE_KMALLOC, 512, accounted, 0),
+            "kmalloc-cg-512"
+        );
     }
 
     #[test]

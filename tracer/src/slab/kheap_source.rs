@@ -1,8 +1,9 @@
 //! `--all-caches` as an [`AllocSource`]: the slab hooks' raw tracepoints
-//! with no cache selected, every allocation drawn by its size
-//! (`slab/kheap.rs`, `tracer-ebpf/src/slab/kheap.rs`).
+//! (or, where those cannot be used, the classic ones) with no cache
+//! selected, every allocation drawn by its size (`slab/kheap.rs`,
+//! `tracer-ebpf/src/slab/kheap.rs`).
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use tracer_common::slab::programs::name as program;
 
 use crate::{
@@ -88,40 +89,84 @@ pub fn ring_mib(rate: u64) -> u32 {
     (2 * (512 << 10) / rate.max(1)).clamp(2, 8) as u32
 }
 
+/// Both allocation hooks, as a selection naming a kmalloc and a named
+/// cache would; the kernel side ignores the selection itself once
+/// `kheap.rate` is set.
+pub fn selection() -> Selection {
+    Selection {
+        cache: NAME.to_string(),
+        object_size: 8,
+        kmalloc: Some((8, KmallocKind::Normal)),
+        also_kmalloc: vec![
+            (8, KmallocKind::Cgroup),
+            (8, KmallocKind::Reclaimable),
+            (8, KmallocKind::Dma),
+        ],
+        named: vec!["all".to_string()],
+        aliases_included: Vec::new(),
+        notes: Vec::new(),
+        every_cache: true,
+    }
+}
+
+/// What the classic hooks cost in truth, `why` they were taken (empty:
+/// asked for). The perf path runs no BPF program on a CPU where one already
+/// runs (`bpf_prog_active`, every program at once), so no spare can catch
+/// what nests in ours (see `spare_program`).
+fn classic_cost(plan: &Plan, why: &str) -> String {
+    let unnamed = plan.config.cache_alloc.name == 0;
+    format!(
+        "all caches on the classic kmem tracepoints{why}: an allocation or free made in an \
+         interrupt while our program runs on that CPU is not seen (no spare programs there), so \
+         such allocations go undrawn and a sample whose free is missed stays in use until its \
+         address is allocated again (then retired as stale){}",
+        if unnamed {
+            "; kmem_cache_alloc carries no cache name on this kernel: named caches' samples \
+             are labelled by object size with every cache of that size"
+        } else {
+            ""
+        }
+    )
+}
+
 impl AllocSource for AllCaches<'_> {
     type Plan = Plan;
 
     fn plan(&self, facts: &KernelFacts) -> Result<Plan> {
-        if self.btf.is_none() || self.options.hooks == HookMode::Classic {
-            bail!(
-                "--all-caches reads each allocation's size and cache from the raw kmem \
-                 tracepoints, which need BTF (/sys/kernel/btf/vmlinux) and --hooks auto or raw"
-            );
-        }
-        // Both allocation hooks, as a selection naming a kmalloc and a
-        // named cache would; the kernel side ignores the selection itself
-        // once `kheap.rate` is set.
-        let selection = Selection {
-            cache: NAME.to_string(),
-            object_size: 8,
-            kmalloc: Some((8, KmallocKind::Normal)),
-            also_kmalloc: vec![
-                (8, KmallocKind::Cgroup),
-                (8, KmallocKind::Reclaimable),
-                (8, KmallocKind::Dma),
-            ],
-            named: vec!["all".to_string()],
-            aliases_included: Vec::new(),
-            notes: Vec::new(),
-        };
         let options = PlanOptions {
-            hooks: HookMode::Raw,
             // Every sample carries its stacks.
             stack_sample: 1,
             ..self.options.with_facts(facts)
         };
-        let mut plan = plan::build(self.tracefs, self.btf, self.catalogue, &selection, &options)
-            .context("--all-caches needs the raw kmem tracepoints")?;
+        let build = |hooks| {
+            let options = PlanOptions {
+                hooks,
+                ..options.clone()
+            };
+            plan::build(
+                self.tracefs,
+                self.btf,
+                self.catalogue,
+                &selection(),
+                &options,
+            )
+        };
+        // All raw or all classic: one source's truth, stated in one note.
+        let (mut plan, classic_note) = match self.options.hooks {
+            HookMode::Raw => (build(HookMode::Raw)?, None),
+            HookMode::Classic => (build(HookMode::Classic)?, Some(String::new())),
+            HookMode::Auto => match build(HookMode::Raw) {
+                Ok(plan) => (plan, None),
+                Err(_) => (
+                    build(HookMode::Classic).context("--all-caches")?,
+                    Some(if self.btf.is_none() {
+                        " (no BTF at /sys/kernel/btf/vmlinux)".to_string()
+                    } else {
+                        " (this kernel's BTF does not describe the raw ones' arguments)".to_string()
+                    }),
+                ),
+            },
+        };
         to_btf(&mut plan.attachments);
         let cfg = &mut plan.config;
         cfg.kheap = kheap::config(self.rate);
@@ -137,6 +182,9 @@ impl AllocSource for AllCaches<'_> {
              counting allocations since start only",
             self.rate, self.rate
         )];
+        if let Some(why) = classic_note {
+            plan.notes.push(classic_cost(&plan, &why));
+        }
         match &self.percpu {
             Ok(p) => {
                 plan.config.percpu = p.config.percpu;
@@ -176,5 +224,62 @@ impl AllocSource for AllCaches<'_> {
 
     fn name(_plan: &Plan) -> &str {
         NAME
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::slab::plan::Hook;
+
+    const TESTDATA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/testdata");
+
+    /// Without raw hooks (no BTF, as on 5.10's undescribed events) every
+    /// fixture kernel gets both allocation hooks, the `_node` twins where
+    /// they exist, and the cache's name only where the format has one.
+    #[test]
+    fn every_cache_plans_classic_hooks_on_every_fixture_kernel() {
+        let catalogue = Catalogue::read(&Path::new(TESTDATA).join("proc/host-6.18"))
+            .expect("catalogue fixture");
+        for kernel in ["5.10", "6.1", "6.12", "6.18"] {
+            let tracefs = Tracefs::at(Path::new(TESTDATA).join("formats").join(kernel));
+            let options = PlanOptions {
+                hooks: HookMode::Classic,
+                ..PlanOptions::default()
+            };
+            let plan = plan::build(&tracefs, None, &catalogue, &selection(), &options)
+                .unwrap_or_else(|e| panic!("{kernel}: {e:#}"));
+            let events: Vec<&str> = plan.attachments.iter().map(|a| a.event).collect();
+            let want: &[&str] = if kernel == "5.10" {
+                &[
+                    "kfree",
+                    "kmem_cache_free",
+                    "kmalloc",
+                    "kmalloc_node",
+                    "kmem_cache_alloc",
+                    "kmem_cache_alloc_node",
+                ]
+            } else {
+                &["kfree", "kmem_cache_free", "kmalloc", "kmem_cache_alloc"]
+            };
+            assert_eq!(events, want, "{kernel}");
+            assert!(plan.attachments.iter().all(|a| a.hook == Hook::Classic));
+            let c = &plan.config;
+            assert_eq!(
+                c.cache_alloc.name,
+                if kernel == "6.18" { 24 } else { 0 },
+                "{kernel}"
+            );
+            assert_ne!(c.cache_alloc.bytes_alloc, 0, "{kernel}");
+            assert_ne!(c.kmalloc.bytes_alloc, 0, "{kernel}");
+            let note = classic_cost(&plan, "");
+            assert_eq!(
+                note.contains("labelled by object size"),
+                kernel != "6.18",
+                "{note}"
+            );
+        }
     }
 }

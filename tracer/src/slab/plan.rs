@@ -348,7 +348,10 @@ pub fn build(
             else {
                 continue;
             };
-            let Some(name) = fmt.field("name").filter(|f| f.data_loc) else {
+            // Offset 0 (the common header, never a name) tells the kernel
+            // side there is none.
+            let name = fmt.field("name").filter(|f| f.data_loc).map(|f| f.offset);
+            let Some(name) = name.or(sel.every_cache.then_some(0)) else {
                 bail!(
                     "cache '{}' is selected by name, but this kernel's kmem:{event} tracepoint has no \
                      cache name (Debian's 6.1 and 6.12 have none; 6.18 has it) and its raw tracepoint \
@@ -356,10 +359,15 @@ pub fn build(
                     sel.cache
                 );
             };
-            cfg.cache_alloc = AllocLayout {
-                name: name.offset,
+            let layout = AllocLayout {
+                name,
                 ..alloc_layout(&fmt)?
             };
+            // One layout serves both events' program.
+            if cfg.cache_alloc != AllocLayout::default() && cfg.cache_alloc != layout {
+                bail!("kmem:kmem_cache_alloc and kmem:{event} lay out their fields differently; not supported");
+            }
+            cfg.cache_alloc = layout;
         }
         if !hooks
             .attachments

@@ -51,6 +51,11 @@ pub struct Selection {
     pub aliases_included: Vec<String>,
     /// Caveats to print before tracing.
     pub notes: Vec<String>,
+    /// Every cache at once (`--all-caches`): a classic kmem_cache_alloc
+    /// without a `name` field (before 6.18) is hooked all the same, its
+    /// samples named by object size in userspace.
+    #[serde(skip)]
+    pub every_cache: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -258,6 +263,7 @@ pub fn select(cat: &Catalogue, user_name: &str) -> Result<Selection, SelectError
         named,
         aliases_included,
         notes,
+        every_cache: false,
     })
 }
 
