@@ -15,6 +15,14 @@ use leaktrace_tests::*;
 use serde_json::Value;
 
 const MEMCGS: u64 = 100;
+
+/// One test's memcgs at a time: each is pinned by an inotify instance, and
+/// two tests' 2 x MEMCGS pass fs.inotify.max_user_instances (128 by default).
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
 const WAIT: Duration = Duration::from_secs(60);
 /// The memcg's own per-CPU statistics are allocated here on every kernel we
 /// test (5.10: `mem_cgroup_alloc` under it; 6.18 the same, plus
@@ -273,6 +281,7 @@ fn held(report: &Value, tgid: u32) -> (u64, u64, u64, u64) {
 
 #[test]
 fn dying_memcgs_per_cpu_memory_is_held_by_their_creator() {
+    let _serial = serial();
     let tracefs = tracefs();
     skip_unless!(
         tracefs.is_some(),
@@ -440,6 +449,7 @@ fn percpu_and_cache_together_is_refused_before_attaching() {
 /// of what the ftrace witness saw their creator hold.
 #[test]
 fn all_caches_samples_per_cpu_memory_beside_the_caches() {
+    let _serial = serial();
     let tracefs = tracefs();
     skip_unless!(
         tracefs.is_some(),
