@@ -101,10 +101,9 @@ pub struct TraceArgs {
     #[arg(long, conflicts_with_all = ["cache", "percpu", "pages"])]
     pub all_caches: bool,
 
-    /// With --all-caches: mean bytes allocated between samples (64 to 1 GiB;
-    /// default 524288, Go's MemProfileRate).
-    #[arg(long, requires = "all_caches", value_name = "BYTES",
-          value_parser = clap::value_parser!(u64).range(64..=(1 << 30)))]
+    /// With --all-caches: mean bytes allocated between samples, bare or with
+    /// K/KiB/M/MiB/G/GiB (64 to 1GiB; default 512KiB, Go's MemProfileRate).
+    #[arg(long, requires = "all_caches", value_name = "BYTES", value_parser = parse_sample_bytes)]
     pub sample_bytes: Option<u64>,
 
     /// With --all-caches: run until killed; each `snapshot` line on stdin
@@ -195,19 +194,20 @@ pub struct TraceArgs {
     /// exactly per (process, kernel call site), and full stacks of a random 1 in
     /// --stack-sample allocations split those counts into unbiased per-stack
     /// estimates with a 95% interval.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "all_caches")]
     pub exact: bool,
 
     /// Also key the exact counts by each allocation's first user frames (a
     /// frame-pointer walk of 8 frames per selected allocation, ~400-700 ns each,
     /// about halving the throughput kept on a hot path): paths that share a
     /// syscall wrapper are then counted exactly instead of estimated.
-    #[arg(long, conflicts_with = "no_user_stacks")]
+    #[arg(long, conflicts_with_all = ["no_user_stacks", "all_caches"])]
     pub user_paths: bool,
 
     /// Without --exact: capture full stacks for a random 1 in N allocations (a power
     /// of two, 1 to 65536).
-    #[arg(long, default_value_t = 64, value_parser = parse_stack_sample, value_name = "N")]
+    #[arg(long, default_value_t = 64, value_parser = parse_stack_sample, value_name = "N",
+          conflicts_with = "all_caches")]
     pub stack_sample: u64,
 
     /// Do not capture kernel stacks.

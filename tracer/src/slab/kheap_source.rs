@@ -214,9 +214,22 @@ impl AllocSource for AllCaches<'_> {
             ..self.finish.clone()
         };
         plan.finish(facts, self.btf, self.root, &finish);
+        // The live table is slots (twice the size, in buckets) plus an
+        // overflow hash: room for at least --max-objects, often more.
+        let slots = if plan.config.live_bucket_mask == 0 {
+            0
+        } else {
+            (plan.config.live_bucket_mask + 1) * tracer_common::slab::LIVE_WAYS as u64
+        };
+        let room = slots
+            + u64::from(plan::live_overflow_entries(
+                plan.max_objects,
+                plan.config.live_bucket_mask,
+            ));
         plan.notes.push(format!(
-            "sample table sized for {} samples at once (--max-objects sets it); when full, \
-             new samples are counted as dropped",
+            "sample table: room for at least {} samples at once, {room} when every bucket \
+             has room (--max-objects sets the first); when full, new samples are counted \
+             as dropped",
             plan.max_objects
         ));
         Ok(plan)
