@@ -210,6 +210,23 @@ pub struct Process {
     first_seen_ns: u64,
 }
 
+/// A process [`Aggregator::forget_exited`] let go of: its key, and the
+/// names it had (the kernel's comm of its main thread, its last cgroup).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forgotten {
+    pub key: ProcKey,
+    pub comm: String,
+    pub cgroup_id: u64,
+}
+
+/// The pseudo-process the objects of forgotten exited holders are counted
+/// under (`--all-caches` only; [`Aggregator::forget_exited`]): tgid 0 and
+/// a start no task has, beside the interrupts' ones.
+pub const EXITED_HOLDERS: ProcKey = ProcKey {
+    tgid: 0,
+    start_ns: u64::MAX - 4,
+};
+
 /// What an event introduced; see [`Aggregator::apply`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Novelty {
@@ -651,35 +668,55 @@ impl Aggregator {
         slot
     }
 
-    /// Forget processes that hold nothing and are gone (`alive` says no),
+    /// Forget processes that are gone (`alive` says no) and hold nothing,
     /// beyond the [`EXITED_KEPT`] with the most allocations: a node running
     /// exec probes or cron jobs starts thousands of them an hour, and their rows
     /// would grow the table without end, while a busy one that exited is still
-    /// worth its row in the report. A process that holds objects always stays.
-    /// Every other gone process is marked exited. Returns the processes
-    /// forgotten, so callers can drop what they keep per process.
-    pub fn forget_exited(&mut self, alive: impl Fn(u32) -> bool) -> Vec<ProcKey> {
+    /// worth its row in the report. A process that holds objects stays unless
+    /// `holders` (`--all-caches`, where a row is a sampled estimate and exited
+    /// holders' rows fold by what they did, `slab/kheap.rs`): then the
+    /// holders past the kept ones (ranked after every empty one) are forgotten
+    /// too and their objects stay counted under [`EXITED_HOLDERS`], with no
+    /// stack. Every other gone process is marked exited. Returns the processes
+    /// forgotten, so callers can drop what they keep per process; their
+    /// stacks stay until [`Aggregator::retain_stacks`].
+    pub fn forget_exited(&mut self, alive: impl Fn(u32) -> bool, holders: bool) -> Vec<Forgotten> {
         for p in self.procs.values_mut() {
-            p.exited = Interrupt::of_key(p.key).is_none() && !alive(p.key.tgid);
+            if p.key != EXITED_HOLDERS {
+                p.exited = Interrupt::of_key(p.key).is_none() && !alive(p.key.tgid);
+            }
         }
-        let mut empty_exited: Vec<(u64, ProcKey)> = self
+        let mut exited: Vec<(bool, u64, ProcKey)> = self
             .procs
             .values()
-            .filter(|p| p.counts.outstanding == 0 && p.exited)
-            .map(|p| (p.counts.allocs, p.key))
+            .filter(|p| p.exited && p.key != EXITED_HOLDERS)
+            .filter(|p| holders || p.counts.outstanding == 0)
+            .map(|p| (p.counts.outstanding > 0, p.counts.allocs, p.key))
             .collect();
-        if empty_exited.len() <= EXITED_KEPT {
+        if exited.len() <= EXITED_KEPT {
             return Vec::new();
         }
-        empty_exited.sort_unstable();
-        let excess = empty_exited.len() - EXITED_KEPT;
-        let gone: Vec<ProcKey> = empty_exited[..excess].iter().map(|&(_, k)| k).collect();
-        for key in &gone {
-            let Some(p) = self.procs.remove(key) else {
+        exited.sort_unstable();
+        let excess = exited.len() - EXITED_KEPT;
+        let gone = &exited[..excess];
+        // The holders' objects move before their strata's slots are freed
+        // (the pseudo-process's stratum must not take one of them).
+        if gone.iter().any(|&(holds, _, _)| holds) {
+            let into = self.holders_stratum();
+            let moved: HashSet<u32> = gone
+                .iter()
+                .filter_map(|(_, _, k)| self.procs.get(k))
+                .flat_map(|p| p.strata.iter().copied())
+                .collect();
+            self.hand_over(&moved, into);
+        }
+        let mut forgotten = Vec::with_capacity(gone.len());
+        for &(_, _, key) in gone {
+            let Some(p) = self.procs.remove(&key) else {
                 continue;
             };
-            // Nothing outstanding refers to the slots of a process that holds
-            // nothing, so they are free for the next new stratum or site.
+            // Nothing outstanding refers to these slots any more, so they
+            // are free for the next new stratum or site.
             for h in p.strata {
                 let Some(stratum) = self.strata.get_mut(h as usize) else {
                     continue;
@@ -694,11 +731,93 @@ impl Aggregator {
                 stratum.name = None;
                 self.free_strata.push(h);
             }
+            forgotten.push(Forgotten {
+                key,
+                comm: p.comm,
+                cgroup_id: p.last_cgroup_id,
+            });
         }
-        if !gone.is_empty() {
-            self.stacks.retain(&self.stacks_in_use());
+        forgotten
+    }
+
+    /// Drops every stack no process still known refers to, nor `also` (what
+    /// other tables keep by id); their ids may then name other stacks.
+    pub fn retain_stacks(&mut self, also: impl IntoIterator<Item = StackId>) {
+        let mut keep = self.stacks_in_use();
+        keep.extend(also);
+        self.stacks.retain(&keep);
+    }
+
+    /// The stratum of [`EXITED_HOLDERS`], made on first use.
+    fn holders_stratum(&mut self) -> u32 {
+        let key = StratumKey {
+            proc: EXITED_HOLDERS,
+            call_site: 0,
+            fingerprint: 0,
+        };
+        if let Some(&id) = self.stratum_ids.get(&key) {
+            return id;
         }
-        gone
+        let stratum = Stratum {
+            key,
+            user_ip: 0,
+            counts: Counts::default(),
+            levels: Vec::new(),
+            sites: Vec::new(),
+            name: None,
+            ages: AgeCohorts::default(),
+            first_ns: 0,
+            last_ns: 0,
+            zoom_drawn: 0,
+        };
+        let id = reuse_or_push(&mut self.strata, &mut self.free_strata, stratum);
+        self.stratum_ids.insert(key, id);
+        let p = self.procs.entry(EXITED_HOLDERS).or_insert_with(|| Process {
+            key: EXITED_HOLDERS,
+            ppid: 0,
+            exited: true,
+            comm: "(exited)".to_string(),
+            last_cgroup_id: 0,
+            charged_elsewhere: None,
+            counts: Counts::default(),
+            strata: Vec::new(),
+            shallow_allocs: 0,
+            history: VecDeque::new(),
+            first_seen_ns: 0,
+        });
+        p.strata.push(id);
+        id
+    }
+
+    /// The outstanding objects of the strata `from` move to stratum `into`
+    /// (of [`EXITED_HOLDERS`]) as undrawn: still outstanding, with their
+    /// size, age, level and memcg, but no stack. Totals and memcgs do not
+    /// change; the old strata are discarded by the caller.
+    fn hand_over(&mut self, from: &HashSet<u32>, into: u32) {
+        let base_level = self.base_level;
+        let Some(s) = self.strata.get_mut(into as usize) else {
+            return;
+        };
+        let mut moved = Counts::default();
+        for live in self.objects.values_mut() {
+            if !from.contains(&live.stratum) {
+                continue;
+            }
+            let bytes = u64::from(live.bytes);
+            live.stratum = into;
+            live.site = NOT_DRAWN;
+            s.counts.alloc(bytes);
+            level_mut(&mut s.levels, live.level).counts.alloc(bytes);
+            if live.level == base_level && base_level > 0 {
+                s.ages.alloc(live.ts_ms / 1000);
+            }
+            moved.alloc(bytes);
+        }
+        if let Some(p) = self.procs.get_mut(&EXITED_HOLDERS) {
+            p.counts.outstanding += moved.outstanding;
+            p.counts.outstanding_bytes += moved.outstanding_bytes;
+            p.counts.allocs += moved.allocs;
+        }
     }
 
     /// Every stack a process still known refers to.
@@ -977,8 +1096,8 @@ mod tests {
         }
         // 1 exited holding nothing with the fewest allocations; 2 exited but
         // holds an object; 3 is alive.
-        let gone = agg.forget_exited(|tgid| tgid == 3);
-        assert_eq!(gone.iter().map(|k| k.tgid).collect::<Vec<_>>(), vec![1]);
+        let gone = agg.forget_exited(|tgid| tgid == 3, false);
+        assert_eq!(gone.iter().map(|f| f.key.tgid).collect::<Vec<_>>(), vec![1]);
         let all = SnapshotOptions {
             limit: usize::MAX,
             ..opts(SortKey::Outstanding)
@@ -1020,7 +1139,8 @@ mod tests {
                 agg.apply(&alloc(tgid, ptr, 0, &[1, own], &[own]));
                 agg.apply(&free(ptr));
             }
-            agg.forget_exited(|tgid| tgid == 2);
+            agg.forget_exited(|tgid| tgid == 2, false);
+            agg.retain_stacks([]);
             peak = (
                 peak.0.max(agg.strata.len()),
                 peak.1.max(agg.sites.len()),
@@ -1040,6 +1160,56 @@ mod tests {
         let site = site.expect("its site");
         assert_eq!(agg.stacks.frames(site.kstack), &[1, 2]);
         assert_eq!(agg.stacks.frames(site.ustack), &[9]);
+    }
+
+    /// `--all-caches`: exited holders past the kept ones are forgotten, their
+    /// objects counted on under the exited pseudo-process with no stack, so
+    /// totals and a later free still add up; a live holder stays itself.
+    #[test]
+    fn forgotten_holders_hand_their_objects_to_the_exited_pseudo_process() {
+        let mut agg = Aggregator::new(10_000_000_000, 1);
+        agg.apply(&alloc(2, 0x20, 0, &[1, 2], &[9]));
+        let n = EXITED_KEPT as u64 + 1000;
+        for i in 0..n {
+            agg.apply(&alloc(
+                10_000 + i as u32,
+                0x1000 + i * 0x10,
+                0,
+                &[1, 2],
+                &[9],
+            ));
+        }
+        let before = agg.snapshot(0, &opts(SortKey::Outstanding)).totals;
+        assert!(agg.forget_exited(|tgid| tgid == 2, false).is_empty());
+        let gone = agg.forget_exited(|tgid| tgid == 2, true);
+        assert_eq!(gone.len(), 1000);
+        assert!(gone.iter().all(|f| f.key.tgid >= 10_000 && f.comm == "gen"));
+        agg.retain_stacks([]);
+        let all = SnapshotOptions {
+            limit: usize::MAX,
+            ..opts(SortKey::Outstanding)
+        };
+        let snap = agg.snapshot(0, &all);
+        assert_eq!(snap.totals, before, "totals unchanged");
+        let exited = snap
+            .processes
+            .iter()
+            .find(|p| p.tgid == EXITED_HOLDERS.tgid && p.start_ns == EXITED_HOLDERS.start_ns)
+            .expect("the pseudo-process");
+        assert_eq!(exited.counts.outstanding, 1000);
+        assert!(exited.exited);
+        assert!(exited.stacks.iter().all(|s| s.kstack == StackId::EMPTY));
+        assert_eq!(snap.processes.len(), 1 + EXITED_KEPT + 1);
+        assert!(snap.processes.iter().any(|p| p.tgid == 2 && !p.exited));
+        // The first-allocated (fewest allocations tie; lowest key first) went.
+        agg.apply(&free(0x1000));
+        let snap = agg.snapshot(0, &all);
+        assert_eq!(snap.anomalies.unmatched_frees, 0);
+        let exited = snap.processes.iter().find(|p| p.comm == "(exited)");
+        assert_eq!(exited.map(|p| p.counts.outstanding), Some(999));
+        // The pseudo-process is never forgotten itself.
+        let again = agg.forget_exited(|tgid| tgid == 2, true);
+        assert!(again.iter().all(|f| f.key != EXITED_HOLDERS));
     }
 
     #[test]
