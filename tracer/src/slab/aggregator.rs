@@ -219,6 +219,20 @@ pub struct Forgotten {
     pub cgroup_id: u64,
 }
 
+/// What [`Aggregator::forget_exited`] does with the processes found gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exited {
+    /// Forget those that hold nothing past the [`EXITED_KEPT`] busiest: the
+    /// report lists what a process that exited still holds, by its pid.
+    KeepBusiest,
+    /// `--all-caches`: forget every one at once, holders too. Its rows count
+    /// samples, and the estimates (`slab/kheap.rs`) fold what exited
+    /// processes still hold by comm, cgroup, stacks and cache, so they stay
+    /// as many as the live processes and what exited ones hold, however
+    /// many processes come and go.
+    Fold,
+}
+
 /// The pseudo-process the objects of forgotten exited holders are counted
 /// under (`--all-caches` only; [`Aggregator::forget_exited`]): tgid 0 and
 /// a start no task has, beside the interrupts' ones.
@@ -672,15 +686,17 @@ impl Aggregator {
     /// beyond the [`EXITED_KEPT`] with the most allocations: a node running
     /// exec probes or cron jobs starts thousands of them an hour, and their rows
     /// would grow the table without end, while a busy one that exited is still
-    /// worth its row in the report. A process that holds objects stays unless
-    /// `holders` (`--all-caches`, where a row is a sampled estimate and exited
-    /// holders' rows fold by what they did, `slab/kheap.rs`): then the
-    /// holders past the kept ones (ranked after every empty one) are forgotten
-    /// too and their objects stay counted under [`EXITED_HOLDERS`], with no
-    /// stack. Every other gone process is marked exited. Returns the processes
-    /// forgotten, so callers can drop what they keep per process; their
-    /// stacks stay until [`Aggregator::retain_stacks`].
-    pub fn forget_exited(&mut self, alive: impl Fn(u32) -> bool, holders: bool) -> Vec<Forgotten> {
+    /// worth its row in the report. A process that holds objects stays. So
+    /// [`Exited::KeepBusiest`]; under [`Exited::Fold`] every gone process is
+    /// forgotten at once, and a holder's objects stay counted under
+    /// [`EXITED_HOLDERS`], with no stack. Every other gone process is marked
+    /// exited. Returns the processes forgotten, so callers can drop what they
+    /// keep per process; their stacks stay until [`Aggregator::retain_stacks`].
+    pub fn forget_exited(&mut self, alive: impl Fn(u32) -> bool, how: Exited) -> Vec<Forgotten> {
+        let (holders, kept) = match how {
+            Exited::KeepBusiest => (false, EXITED_KEPT),
+            Exited::Fold => (true, 0),
+        };
         for p in self.procs.values_mut() {
             if p.key != EXITED_HOLDERS {
                 p.exited = Interrupt::of_key(p.key).is_none() && !alive(p.key.tgid);
@@ -693,11 +709,11 @@ impl Aggregator {
             .filter(|p| holders || p.counts.outstanding == 0)
             .map(|p| (p.counts.outstanding > 0, p.counts.allocs, p.key))
             .collect();
-        if exited.len() <= EXITED_KEPT {
+        if exited.len() <= kept {
             return Vec::new();
         }
         exited.sort_unstable();
-        let excess = exited.len() - EXITED_KEPT;
+        let excess = exited.len() - kept;
         let gone = &exited[..excess];
         // The holders' objects move before their strata's slots are freed
         // (the pseudo-process's stratum must not take one of them).
@@ -1096,7 +1112,7 @@ mod tests {
         }
         // 1 exited holding nothing with the fewest allocations; 2 exited but
         // holds an object; 3 is alive.
-        let gone = agg.forget_exited(|tgid| tgid == 3, false);
+        let gone = agg.forget_exited(|tgid| tgid == 3, Exited::KeepBusiest);
         assert_eq!(gone.iter().map(|f| f.key.tgid).collect::<Vec<_>>(), vec![1]);
         let all = SnapshotOptions {
             limit: usize::MAX,
@@ -1139,7 +1155,7 @@ mod tests {
                 agg.apply(&alloc(tgid, ptr, 0, &[1, own], &[own]));
                 agg.apply(&free(ptr));
             }
-            agg.forget_exited(|tgid| tgid == 2, false);
+            agg.forget_exited(|tgid| tgid == 2, Exited::KeepBusiest);
             agg.retain_stacks([]);
             peak = (
                 peak.0.max(agg.strata.len()),
@@ -1162,7 +1178,7 @@ mod tests {
         assert_eq!(agg.stacks.frames(site.ustack), &[9]);
     }
 
-    /// `--all-caches`: exited holders past the kept ones are forgotten, their
+    /// `--all-caches`: every exited process is forgotten at once, a holder's
     /// objects counted on under the exited pseudo-process with no stack, so
     /// totals and a later free still add up; a live holder stays itself.
     #[test]
@@ -1179,11 +1195,16 @@ mod tests {
                 &[9],
             ));
         }
+        // One exited process that holds nothing.
+        agg.apply(&alloc(3, 0x30, 0, &[1, 2], &[9]));
+        agg.apply(&free(0x30));
         let before = agg.snapshot(0, &opts(SortKey::Outstanding)).totals;
-        assert!(agg.forget_exited(|tgid| tgid == 2, false).is_empty());
-        let gone = agg.forget_exited(|tgid| tgid == 2, true);
-        assert_eq!(gone.len(), 1000);
-        assert!(gone.iter().all(|f| f.key.tgid >= 10_000 && f.comm == "gen"));
+        let kept = agg.forget_exited(|tgid| tgid == 2, Exited::KeepBusiest);
+        assert!(kept.is_empty(), "holders stay, and one empty one is kept");
+        let gone = agg.forget_exited(|tgid| tgid == 2, Exited::Fold);
+        assert_eq!(gone.len() as u64, n + 1);
+        assert!(gone.iter().all(|f| f.comm == "gen" && f.key.tgid != 2));
+        assert_eq!(gone[0].key.tgid, 3, "the empty one first");
         agg.retain_stacks([]);
         let all = SnapshotOptions {
             limit: usize::MAX,
@@ -1196,20 +1217,19 @@ mod tests {
             .iter()
             .find(|p| p.tgid == EXITED_HOLDERS.tgid && p.start_ns == EXITED_HOLDERS.start_ns)
             .expect("the pseudo-process");
-        assert_eq!(exited.counts.outstanding, 1000);
+        assert_eq!(exited.counts.outstanding, n);
         assert!(exited.exited);
         assert!(exited.stacks.iter().all(|s| s.kstack == StackId::EMPTY));
-        assert_eq!(snap.processes.len(), 1 + EXITED_KEPT + 1);
+        assert_eq!(snap.processes.len(), 2);
         assert!(snap.processes.iter().any(|p| p.tgid == 2 && !p.exited));
-        // The first-allocated (fewest allocations tie; lowest key first) went.
+        // A later free of a forgotten holder's object leaves the pseudo-process.
         agg.apply(&free(0x1000));
         let snap = agg.snapshot(0, &all);
         assert_eq!(snap.anomalies.unmatched_frees, 0);
         let exited = snap.processes.iter().find(|p| p.comm == "(exited)");
-        assert_eq!(exited.map(|p| p.counts.outstanding), Some(999));
+        assert_eq!(exited.map(|p| p.counts.outstanding), Some(n - 1));
         // The pseudo-process is never forgotten itself.
-        let again = agg.forget_exited(|tgid| tgid == 2, true);
-        assert!(again.iter().all(|f| f.key != EXITED_HOLDERS));
+        assert!(agg.forget_exited(|tgid| tgid == 2, Exited::Fold).is_empty());
     }
 
     #[test]

@@ -21,7 +21,7 @@ use crate::{
     kernel::pods::PodNames,
     kernel::procinfo::{self, CgroupPaths, ProcMeta, TracedProcess},
     kernel::slabinfo::{self, SlabLine},
-    slab::aggregator::{rows::SnapshotOptions, Aggregator, Forgotten, Interrupt},
+    slab::aggregator::{rows::SnapshotOptions, Aggregator, Exited, Forgotten, Interrupt},
     slab::counters::KernelCounters,
     slab::decoder::Event,
     slab::grouping,
@@ -299,14 +299,19 @@ impl Session {
     }
 
     /// Each refresh: rates advance, and exited processes that hold nothing
-    /// are forgotten with their names and queued stacks. `kept` (the --pid
-    /// process) keeps its row after exit: the header says it exited.
+    /// (under --all-caches, every exited process: its estimates' rows fold,
+    /// named first) are forgotten with their names and queued stacks. `kept`
+    /// (the --pid process) keeps its row after exit: the header says it exited.
     pub fn tick(&mut self, kept: Option<u32>) {
         self.agg.tick(monotonic_ns());
-        // Under --all-caches exited holders go too: their rows fold.
+        // Under --all-caches every exited process goes: its rows fold.
+        let how = match self.kheap {
+            Some(_) => Exited::Fold,
+            None => Exited::KeepBusiest,
+        };
         let gone = self.agg.forget_exited(
             |tgid| Some(tgid) == kept || Path::new("/proc").join(tgid.to_string()).exists(),
-            self.kheap.is_some(),
+            how,
         );
         if let Some(k) = self.kheap.as_mut() {
             // Before their names, mappings and stacks go: folded rows keep them.
