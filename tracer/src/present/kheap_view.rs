@@ -74,7 +74,10 @@ fn write(out: &mut String, r: &Report, caches: usize, rows: usize, frames: usize
         let (pid, comm) = match (&row.exited, p) {
             (Some(e), _) => (
                 "exited".to_string(),
-                format!("{} ({} processes)", e.comm, group(e.processes)),
+                match e.processes {
+                    1 => format!("{} (1 process)", e.comm),
+                    n => format!("{} ({} processes)", e.comm, group(n)),
+                },
             ),
             (None, Some(p)) => (row.tgid.to_string(), p.comm.clone()),
             (None, None) if row.tgid == FORGOTTEN => ("exited".to_string(), "(exited)".into()),

@@ -237,6 +237,26 @@ struct Folded {
     exited: ExitedRow,
 }
 
+/// An unnamed user frame (`[unknown] 0xADDR`, in no file: the process was
+/// gone before its mappings were read) is an address in one process's
+/// layout, meaningless in another's: a folded row keeps it as `[unknown]`,
+/// what is known of it in each of its processes, so the exits of one program
+/// fold together instead of one row per address-space layout.
+fn without_addresses(e: &mut ExitedRow) {
+    const UNKNOWN: &str = "[unknown]";
+    for f in &mut e.user {
+        if f.starts_with(UNKNOWN) {
+            *f = UNKNOWN.to_string();
+        }
+    }
+    for l in &mut e.user_locations {
+        if l.module.is_none() && l.frames.iter().all(|f| f.starts_with(UNKNOWN)) {
+            l.addr = 0;
+            l.frames = vec![UNKNOWN.to_string()];
+        }
+    }
+}
+
 /// Who a row's estimates belong to, for `--group-by`.
 pub enum Who<'a> {
     Row(&'a RowKey),
@@ -390,6 +410,7 @@ impl Kheap {
 
     /// The slot of the folded row `exited` and `cache` belong to, made if new.
     fn fold(&mut self, mut exited: ExitedRow, cache: u32) -> u32 {
+        without_addresses(&mut exited);
         let key = FoldKey::of(&exited, cache);
         if let Some(&id) = self.fold_ids.get(&key) {
             return id;
@@ -916,6 +937,59 @@ mod tests {
         let by_cgroup = k.groups(|w, c| group_key(GroupBy::Cgroup, w, c, &procs));
         assert_eq!(by_cgroup[0].key, "/system.slice/cron.service");
         assert_eq!(by_cgroup[0].samples, 5);
+    }
+
+    /// Short-lived processes gone before their mappings were read leave
+    /// unnamed user frames at addresses of their own layouts: folded, they
+    /// are one row whose user frames are `[unknown]`, without an address
+    /// that was only one process's; a named frame stays apart.
+    #[test]
+    fn unnamed_user_frames_fold_without_their_addresses() {
+        let mut k = empty();
+        let cfg = Config::zeroed();
+        let mut stacks = StackTable::default();
+        let ks = stacks.intern(&[0xffff_1000]);
+        let mut gone = Vec::new();
+        for i in 0..100u64 {
+            let us = stacks.intern(&[0x7f00_0000_0f37 + (i << 12)]);
+            k.alloc(&cfg, &sample(0x10 + i * 0x10, 200 + i as u32, ks, us, 512));
+            gone.push(key(200 + i as u32));
+        }
+        let named = stacks.intern(&[0x40]);
+        k.alloc(&cfg, &sample(0x9000, 400, ks, named, 512));
+        gone.push(key(400));
+        let mut name = namer(&stacks, "mkdir");
+        k.forget(&gone, |p, kstack, ustack| {
+            let mut e = name(p, kstack, ustack);
+            if ustack != named {
+                for l in &mut e.user_locations {
+                    l.frames = vec![format!("[unknown] {:#x}", l.addr)];
+                }
+                e.user = e
+                    .user_locations
+                    .iter()
+                    .map(|l| l.frames[0].clone())
+                    .collect();
+            }
+            e
+        });
+        let s = k.summary(0);
+        let folded: Vec<&KheapRow> = s.rows.iter().filter(|r| r.exited.is_some()).collect();
+        assert_eq!(folded.len(), 2, "{folded:?}");
+        let unknown = folded
+            .iter()
+            .find_map(|r| {
+                r.exited
+                    .as_ref()
+                    .filter(|e| e.user == ["[unknown]"])
+                    .map(|e| (r, e))
+            })
+            .expect("the unnamed ones, folded");
+        assert_eq!((unknown.0.samples, unknown.1.processes), (100, 100));
+        assert_eq!(unknown.1.user_locations[0].addr, 0);
+        assert!(folded
+            .iter()
+            .any(|r| r.samples == 1 && r.exited.as_ref().is_some_and(|e| e.user == ["f40"])));
     }
 
     /// The kernel's draw and the estimate over 200 seeds: for objects of
