@@ -185,11 +185,15 @@ mod tests {
             frames: vec![f.to_string()],
             module: None,
         };
+        // The test process's one stack is the empty pair; the folded row's
+        // ids are the same, and must not give it that process's names.
+        let none = &report.processes[0].stacks[0];
+        let (kstack, ustack) = (none.kstack, none.ustack);
         let row = |tgid, exited| KheapRow {
             tgid,
             start_ns: 0,
-            kstack: crate::bpf::stacks::StackId::EMPTY,
-            ustack: crate::bpf::stacks::StackId::EMPTY,
+            kstack,
+            ustack,
             cache: "kmalloc-512".to_string(),
             samples: 3,
             inuse_objects: 3000,
