@@ -11,7 +11,7 @@ use std::collections::HashMap;
 
 use crate::{
     output::pprof::{process_image, Builder, Label, Profile, Sample, ValueType},
-    slab::report::{KheapRow, ProcessReport, Report, StackReport},
+    slab::report::{KheapRow, Location, ProcessReport, Report, StackReport, FORGOTTEN},
 };
 
 /// Go's heap profile sample types, in its order.
@@ -44,34 +44,53 @@ pub fn build(report: &Report, wall_clock_ns: i64) -> Option<Profile> {
     b.profile.comment.push(comment);
     let kernel_mapping = b.mapping("[kernel.kallsyms]");
     let keys = ["cache", "pid", "comm", "cgroup", "pod", "container"].map(|k| b.string(k));
-    let procs: HashMap<u32, &ProcessReport> =
-        report.processes.iter().map(|p| (p.tgid, p)).collect();
+    let procs: HashMap<(u32, u64), &ProcessReport> = report
+        .processes
+        .iter()
+        .map(|p| ((p.tgid, p.start_ns), p))
+        .collect();
+    let exited = b.string("exited");
     for row in &kheap.rows {
-        let proc_ = procs.get(&row.tgid).copied();
         let mut location_id = Vec::new();
         let mut labels = vec![(keys[0], b.string(&row.cache), 0)];
-        labels.push((keys[1], 0, i64::from(row.tgid)));
-        if let Some(p) = proc_ {
-            if let Some(s) = stack_of(p, row) {
-                let user_mapping = b.mapping(&process_image(p));
-                location_id.extend(
-                    s.kernel_locations
-                        .iter()
-                        .map(|l| b.location(kernel_mapping, l)),
-                );
-                location_id.extend(
-                    s.user_locations
-                        .iter()
-                        .map(|l| b.user_location(user_mapping, l)),
-                );
+        // A row of forgotten processes is no live pid's: its pid is "exited".
+        if row.tgid == FORGOTTEN {
+            labels.push((keys[1], exited, 0));
+        } else {
+            labels.push((keys[1], 0, i64::from(row.tgid)));
+        }
+        let names = match (&row.exited, procs.get(&(row.tgid, row.start_ns))) {
+            (Some(e), _) => Some(Names {
+                image: e.comm.clone(),
+                comm: &e.comm,
+                cgroup: e
+                    .cgroup
+                    .clone()
+                    .unwrap_or_else(|| format!("id {}", e.cgroup_id)),
+                pod: e.pod.as_deref(),
+                stacks: Some((&e.kernel_locations, &e.user_locations)),
+            }),
+            (None, Some(p)) if row.tgid != FORGOTTEN => Some(Names {
+                image: process_image(p),
+                comm: &p.comm,
+                cgroup: p
+                    .cgroup
+                    .clone()
+                    .unwrap_or_else(|| format!("id {}", p.cgroup_id)),
+                pod: p.pod.as_deref(),
+                stacks: stack_of(p, row).map(|s| (&s.kernel_locations, &s.user_locations)),
+            }),
+            _ => None,
+        };
+        if let Some(n) = names {
+            if let Some((kernel, user)) = n.stacks {
+                let user_mapping = b.mapping(&n.image);
+                location_id.extend(kernel.iter().map(|l| b.location(kernel_mapping, l)));
+                location_id.extend(user.iter().map(|l| b.user_location(user_mapping, l)));
             }
-            labels.push((keys[2], b.string(&p.comm), 0));
-            let cgroup = p
-                .cgroup
-                .clone()
-                .unwrap_or_else(|| format!("id {}", p.cgroup_id));
-            labels.push((keys[3], b.string(&cgroup), 0));
-            if let Some(pod) = &p.pod {
+            labels.push((keys[2], b.string(n.comm), 0));
+            labels.push((keys[3], b.string(&n.cgroup), 0));
+            if let Some(pod) = n.pod {
                 // `namespace/pod[/container]`
                 let mut parts = pod.splitn(3, '/');
                 let (ns, name, container) = (parts.next(), parts.next(), parts.next());
@@ -131,6 +150,17 @@ fn header(sample_bytes: u64, wall_clock_ns: i64) -> Builder {
     b
 }
 
+/// What labels and locations a row gets: its live process's, or what a
+/// folded row kept of its exited ones.
+struct Names<'a> {
+    /// The user mapping's name: the process's executable (a folded row: its comm).
+    image: String,
+    comm: &'a str,
+    cgroup: String,
+    pod: Option<&'a str>,
+    stacks: Option<(&'a Vec<Location>, &'a Vec<Location>)>,
+}
+
 fn stack_of<'a>(p: &'a ProcessReport, row: &KheapRow) -> Option<&'a StackReport> {
     p.stacks
         .iter()
@@ -142,6 +172,86 @@ mod tests {
     use super::*;
     use crate::output::pprof::encode;
     use prost::Message;
+
+    /// A live process's row carries its pid and stack; a folded row of
+    /// exited processes carries pid "exited", the comm and cgroup it kept
+    /// and its own stacks, and is never given the live pid's names.
+    #[test]
+    fn folded_rows_are_labelled_exited_with_the_names_and_stacks_they_kept() {
+        use crate::slab::report::{ExitedRow, KheapRow, KheapSummary};
+        let mut report = crate::slab::report::test_report();
+        let loc = |addr: u64, f: &str| Location {
+            addr,
+            frames: vec![f.to_string()],
+            module: None,
+        };
+        // The test process's one stack is the empty pair; the folded row's
+        // ids are the same, and must not give it that process's names.
+        let none = &report.processes[0].stacks[0];
+        let (kstack, ustack) = (none.kstack, none.ustack);
+        let row = |tgid, exited| KheapRow {
+            tgid,
+            start_ns: 0,
+            kstack,
+            ustack,
+            cache: "kmalloc-512".to_string(),
+            samples: 3,
+            inuse_objects: 3000,
+            inuse_bytes: 1_536_000,
+            inuse_bytes_low: 1,
+            inuse_bytes_high: 2,
+            alloc_objects: 3000,
+            alloc_bytes: 1_536_000,
+            exited,
+        };
+        let exited = ExitedRow {
+            comm: "cronjob".to_string(),
+            cgroup_id: 5,
+            cgroup: Some("/system.slice/cron.service".to_string()),
+            pod: None,
+            processes: 3,
+            kernel: vec!["user_preparse+0x2f".to_string()],
+            user: vec!["add_key+0x9".to_string()],
+            kernel_locations: vec![loc(0xffff_0020, "user_preparse+0x2f")],
+            user_locations: vec![loc(0x7000, "add_key+0x9")],
+        };
+        report.kheap = Some(KheapSummary {
+            sample_bytes: 524_288,
+            rows: vec![row(42, None), row(FORGOTTEN, Some(exited))],
+            ..KheapSummary::default()
+        });
+        let p = build(&report, 7).expect("a heap profile");
+        let s = |i: i64| p.string_table[i as usize].as_str();
+        let label = |sample: &Sample, key: &str| {
+            sample.label.iter().find(|l| s(l.key) == key).map(|l| {
+                if l.str != 0 {
+                    s(l.str).to_string()
+                } else {
+                    l.num.to_string()
+                }
+            })
+        };
+        let frames = |sample: &Sample| -> Vec<String> {
+            sample
+                .location_id
+                .iter()
+                .flat_map(|id| &p.location[*id as usize - 1].line)
+                .map(|l| s(p.function[l.function_id as usize - 1].name).to_string())
+                .collect()
+        };
+        let live = &p.sample[0];
+        assert_eq!(label(live, "pid").as_deref(), Some("42"));
+        assert_eq!(label(live, "comm").as_deref(), Some("leak;er"));
+        let folded = &p.sample[1];
+        assert_eq!(label(folded, "pid").as_deref(), Some("exited"));
+        assert_eq!(label(folded, "comm").as_deref(), Some("cronjob"));
+        assert_eq!(
+            label(folded, "cgroup").as_deref(),
+            Some("/system.slice/cron.service")
+        );
+        assert_eq!(frames(folded), ["user_preparse", "add_key"]);
+        assert_eq!(folded.value, [3000, 1_536_000, 3000, 1_536_000]);
+    }
 
     #[test]
     fn a_report_without_estimates_still_gets_a_valid_empty_heap_profile() {

@@ -66,34 +66,49 @@ fn write(out: &mut String, r: &Report, caches: usize, rows: usize, frames: usize
     }
     let _ = writeln!(out, "in use by process, stack and cache:");
     for row in k.rows.iter().filter(|r| r.samples > 0).take(rows) {
-        let p = r.processes.iter().find(|p| p.tgid == row.tgid);
+        let p = r
+            .processes
+            .iter()
+            .find(|p| p.tgid == row.tgid && p.start_ns == row.start_ns && row.tgid != FORGOTTEN);
+        // A folded row is no live pid's: "exited", with the comm it kept.
+        let (pid, comm) = match (&row.exited, p) {
+            (Some(e), _) => (
+                "exited".to_string(),
+                match e.processes {
+                    1 => format!("{} (1 process)", e.comm),
+                    n => format!("{} ({} processes)", e.comm, group(n)),
+                },
+            ),
+            (None, Some(p)) => (row.tgid.to_string(), p.comm.clone()),
+            (None, None) if row.tgid == FORGOTTEN => ("exited".to_string(), "(exited)".into()),
+            (None, None) => (row.tgid.to_string(), "?".to_string()),
+        };
         let _ = writeln!(
             out,
             "  {:<16} pid {:<7} {:<16} ~{:>8} ({}-{})  ~{} objects, {} samples",
             row.cache,
-            row.tgid,
-            match p {
-                Some(p) => p.comm.as_str(),
-                None if row.tgid == FORGOTTEN => "(exited)",
-                None => "?",
-            },
+            pid,
+            comm,
             human_bytes(row.inuse_bytes),
             human_bytes(row.inuse_bytes_low),
             human_bytes(row.inuse_bytes_high),
             group(row.inuse_objects),
             group(row.samples),
         );
-        let stack = p.and_then(|p| {
-            p.stacks
+        let stack = match (&row.exited, p) {
+            (Some(e), _) => Some((&e.kernel, &e.user)),
+            (None, Some(p)) => p
+                .stacks
                 .iter()
                 .find(|s| s.kstack == row.kstack && s.ustack == row.ustack)
-        });
-        if let Some(s) = stack {
-            let kernel = s
-                .kernel
+                .map(|s| (&s.kernel, &s.user)),
+            (None, None) => None,
+        };
+        if let Some((kernel, user)) = stack {
+            let kernel = kernel
                 .iter()
                 .skip_while(|f| f.starts_with("kmem_cache_alloc") || f.starts_with("__kmalloc"));
-            for f in kernel.take(frames).chain(s.user.iter().take(frames)) {
+            for f in kernel.take(frames).chain(user.iter().take(frames)) {
                 let _ = writeln!(out, "      {f}");
             }
         }

@@ -19,7 +19,10 @@
 //! fingerprinted user frames), marked partial: never under a stack its objects
 //! did not come from.
 
+mod exited;
 pub mod rows;
+
+pub use exited::{Exited, Forgotten};
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
@@ -49,10 +52,6 @@ struct Live {
 }
 
 const NOT_DRAWN: u32 = u32::MAX;
-
-/// Exited processes that hold nothing kept for the report; see
-/// [`Aggregator::forget_exited`].
-pub const EXITED_KEPT: usize = 256;
 
 /// What an allocation served, where the kernel side could read it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -651,75 +650,6 @@ impl Aggregator {
         slot
     }
 
-    /// Forget processes that hold nothing and are gone (`alive` says no),
-    /// beyond the [`EXITED_KEPT`] with the most allocations: a node running
-    /// exec probes or cron jobs starts thousands of them an hour, and their rows
-    /// would grow the table without end, while a busy one that exited is still
-    /// worth its row in the report. A process that holds objects always stays.
-    /// Every other gone process is marked exited. Returns the processes
-    /// forgotten, so callers can drop what they keep per process.
-    pub fn forget_exited(&mut self, alive: impl Fn(u32) -> bool) -> Vec<ProcKey> {
-        for p in self.procs.values_mut() {
-            p.exited = Interrupt::of_key(p.key).is_none() && !alive(p.key.tgid);
-        }
-        let mut empty_exited: Vec<(u64, ProcKey)> = self
-            .procs
-            .values()
-            .filter(|p| p.counts.outstanding == 0 && p.exited)
-            .map(|p| (p.counts.allocs, p.key))
-            .collect();
-        if empty_exited.len() <= EXITED_KEPT {
-            return Vec::new();
-        }
-        empty_exited.sort_unstable();
-        let excess = empty_exited.len() - EXITED_KEPT;
-        let gone: Vec<ProcKey> = empty_exited[..excess].iter().map(|&(_, k)| k).collect();
-        for key in &gone {
-            let Some(p) = self.procs.remove(key) else {
-                continue;
-            };
-            // Nothing outstanding refers to the slots of a process that holds
-            // nothing, so they are free for the next new stratum or site.
-            for h in p.strata {
-                let Some(stratum) = self.strata.get_mut(h as usize) else {
-                    continue;
-                };
-                self.stratum_ids.remove(&stratum.key);
-                for site in std::mem::take(&mut stratum.sites) {
-                    if let Some(s) = self.sites.get(site as usize) {
-                        self.site_ids.remove(&(h, s.kstack, s.ustack));
-                        self.free_sites.push(site);
-                    }
-                }
-                stratum.name = None;
-                self.free_strata.push(h);
-            }
-        }
-        if !gone.is_empty() {
-            self.stacks.retain(&self.stacks_in_use());
-        }
-        gone
-    }
-
-    /// Every stack a process still known refers to.
-    fn stacks_in_use(&self) -> HashSet<StackId> {
-        let mut used = HashSet::new();
-        for h in self.procs.values().flat_map(|p| &p.strata) {
-            let Some(stratum) = self.strata.get(*h as usize) else {
-                continue;
-            };
-            if let Some((k, u)) = stratum.name {
-                used.extend([k, u]);
-            }
-            for site in &stratum.sites {
-                if let Some(s) = self.sites.get(*site as usize) {
-                    used.extend([s.kstack, s.ustack]);
-                }
-            }
-        }
-        used
-    }
-
     /// Record the per-process history that rates are computed from.
     pub fn tick(&mut self, now_ns: u64) {
         let horizon = now_ns.saturating_sub(self.rate_window_ns);
@@ -785,6 +715,7 @@ fn proc_key(a: &Alloc<'_>) -> ProcKey {
 
 #[cfg(test)]
 mod tests {
+    use super::exited::{EXITED_HOLDERS, EXITED_KEPT};
     use super::rows::SnapshotOptions;
     use super::*;
     use crate::slab::report::SortKey;
@@ -977,8 +908,8 @@ mod tests {
         }
         // 1 exited holding nothing with the fewest allocations; 2 exited but
         // holds an object; 3 is alive.
-        let gone = agg.forget_exited(|tgid| tgid == 3);
-        assert_eq!(gone.iter().map(|k| k.tgid).collect::<Vec<_>>(), vec![1]);
+        let gone = agg.forget_exited(|tgid| tgid == 3, Exited::KeepBusiest);
+        assert_eq!(gone.iter().map(|f| f.key.tgid).collect::<Vec<_>>(), vec![1]);
         let all = SnapshotOptions {
             limit: usize::MAX,
             ..opts(SortKey::Outstanding)
@@ -1020,7 +951,8 @@ mod tests {
                 agg.apply(&alloc(tgid, ptr, 0, &[1, own], &[own]));
                 agg.apply(&free(ptr));
             }
-            agg.forget_exited(|tgid| tgid == 2);
+            agg.forget_exited(|tgid| tgid == 2, Exited::KeepBusiest);
+            agg.retain_stacks([]);
             peak = (
                 peak.0.max(agg.strata.len()),
                 peak.1.max(agg.sites.len()),
@@ -1040,6 +972,60 @@ mod tests {
         let site = site.expect("its site");
         assert_eq!(agg.stacks.frames(site.kstack), &[1, 2]);
         assert_eq!(agg.stacks.frames(site.ustack), &[9]);
+    }
+
+    /// `--all-caches`: every exited process is forgotten at once, a holder's
+    /// objects counted on under the exited pseudo-process with no stack, so
+    /// totals and a later free still add up; a live holder stays itself.
+    #[test]
+    fn forgotten_holders_hand_their_objects_to_the_exited_pseudo_process() {
+        let mut agg = Aggregator::new(10_000_000_000, 1);
+        agg.apply(&alloc(2, 0x20, 0, &[1, 2], &[9]));
+        let n = EXITED_KEPT as u64 + 1000;
+        for i in 0..n {
+            agg.apply(&alloc(
+                10_000 + i as u32,
+                0x1000 + i * 0x10,
+                0,
+                &[1, 2],
+                &[9],
+            ));
+        }
+        // One exited process that holds nothing.
+        agg.apply(&alloc(3, 0x30, 0, &[1, 2], &[9]));
+        agg.apply(&free(0x30));
+        let before = agg.snapshot(0, &opts(SortKey::Outstanding)).totals;
+        let kept = agg.forget_exited(|tgid| tgid == 2, Exited::KeepBusiest);
+        assert!(kept.is_empty(), "holders stay, and one empty one is kept");
+        let gone = agg.forget_exited(|tgid| tgid == 2, Exited::Fold);
+        assert_eq!(gone.len() as u64, n + 1);
+        assert!(gone.iter().all(|f| f.comm == "gen" && f.key.tgid != 2));
+        assert_eq!(gone[0].key.tgid, 3, "the empty one first");
+        agg.retain_stacks([]);
+        let all = SnapshotOptions {
+            limit: usize::MAX,
+            ..opts(SortKey::Outstanding)
+        };
+        let snap = agg.snapshot(0, &all);
+        assert_eq!(snap.totals, before, "totals unchanged");
+        let exited = snap
+            .processes
+            .iter()
+            .find(|p| p.tgid == EXITED_HOLDERS.tgid && p.start_ns == EXITED_HOLDERS.start_ns)
+            .expect("the pseudo-process");
+        assert_eq!(exited.counts.outstanding, n);
+        assert!(exited.exited);
+        assert!(exited.stacks.iter().all(|s| s.kstack == StackId::EMPTY));
+        assert_eq!(snap.processes.len(), 2);
+        assert!(snap.processes.iter().any(|p| p.tgid == 2 && !p.exited));
+        // A later free of a forgotten holder's object leaves the pseudo-process.
+        agg.apply(&free(0x1000));
+        let snap = agg.snapshot(0, &all);
+        assert_eq!(snap.anomalies.unmatched_frees, 0);
+        let exited = snap.processes.iter().find(|p| p.comm == "(exited)");
+        assert_eq!(exited.map(|p| p.counts.outstanding), Some(n - 1));
+        // The pseudo-process is never forgotten itself.
+        assert!(agg.forget_exited(|tgid| tgid == 2, Exited::Fold).is_empty());
     }
 
     #[test]

@@ -190,25 +190,41 @@ fn is_allocator(frame: &str) -> bool {
 }
 
 pub(crate) fn key_of(p: &ProcessReport, by: GroupBy) -> String {
-    let cgroup = || {
-        p.cgroup
-            .clone()
-            .unwrap_or_else(|| format!("cgroup id {}", p.cgroup_id))
-    };
-    let decoded = || p.cgroup.as_deref().map(paths::decode).unwrap_or_default();
     match by {
         GroupBy::Process | GroupBy::Stack => p.tgid.to_string(),
-        // Refused without --all-caches, where one run traces one cache.
-        GroupBy::Cache => "every cache".to_string(),
-        GroupBy::Comm => p.comm.clone(),
         GroupBy::Parent if p.ppid == 0 => "parent unknown".to_string(),
         GroupBy::Parent => p.ppid.to_string(),
-        GroupBy::Cgroup => cgroup(),
+        _ => key_of_names(
+            &p.comm,
+            p.cgroup_id,
+            p.cgroup.as_deref(),
+            p.pod.as_deref(),
+            by,
+        ),
+    }
+}
+
+/// The key of what a process was named, not who it was: its comm, cgroup
+/// and pod (also what `--all-caches` keeps of processes folded after they
+/// exited). By process, stack or parent: the comm.
+pub(crate) fn key_of_names(
+    comm: &str,
+    cgroup_id: u64,
+    cgroup: Option<&str>,
+    pod: Option<&str>,
+    by: GroupBy,
+) -> String {
+    let decoded = || cgroup.map(paths::decode).unwrap_or_default();
+    match by {
+        GroupBy::Comm | GroupBy::Process | GroupBy::Stack | GroupBy::Parent => comm.to_string(),
+        // Refused without --all-caches, where one run traces one cache.
+        GroupBy::Cache => "every cache".to_string(),
+        GroupBy::Cgroup => cgroup.map_or_else(|| format!("cgroup id {cgroup_id}"), str::to_string),
         GroupBy::Container => decoded()
             .container_id
             .unwrap_or_else(|| "(no container)".to_string()),
         // The name where kubelet gives one (without the container), else the UID.
-        GroupBy::Pod => match &p.pod {
+        GroupBy::Pod => match pod {
             Some(pod) => pod.splitn(3, '/').take(2).collect::<Vec<_>>().join("/"),
             None => decoded().pod_uid.unwrap_or_else(|| "(no pod)".to_string()),
         },

@@ -11,7 +11,7 @@
 //! so its 95% interval is the exact Poisson interval of the count scaled by
 //! the row's mean weight.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use statrs::distribution::{ContinuousCDF, Gamma};
 use tracer_common::slab::{
@@ -23,8 +23,10 @@ use crate::{
     bpf::stacks::StackId,
     kernel::slabinfo::SlabLine,
     slab::caches::Catalogue,
+    slab::grouping,
     slab::report::{
-        GroupBy, KheapCache, KheapGroup, KheapRow, KheapSummary, ProcessReport, FORGOTTEN,
+        ExitedRow, GroupBy, KheapCache, KheapGroup, KheapRow, KheapSummary, ProcKey, ProcessReport,
+        FORGOTTEN,
     },
 };
 
@@ -198,10 +200,12 @@ fn kmalloc_name(bytes_alloc: u64, class: u64) -> String {
     }
 }
 
-/// Who a sample is attributed to: one profile row.
+/// Who a sample is attributed to: one profile row. `(tgid, start_ns)` is
+/// one process, so a reused pid is another row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct RowKey {
     pub tgid: u32,
+    pub start_ns: u64,
     pub kstack: StackId,
     pub ustack: StackId,
     pub cache: u32,
@@ -240,10 +244,97 @@ struct Row {
     inuse: Weights,
 }
 
+impl RowKey {
+    fn process(&self) -> ProcKey {
+        ProcKey {
+            tgid: self.tgid,
+            start_ns: self.start_ns,
+        }
+    }
+}
+
+/// Where a held sample's weights are: its process's row, or the folded
+/// row it went to when the process was forgotten.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    Row(RowKey),
+    Folded(u32),
+}
+
 struct Held {
-    row: RowKey,
+    row: Slot,
     objects: f64,
     bytes: f64,
+}
+
+/// What a folded row stands for: what still means something once its
+/// processes are gone and repeats across churn. Stacks by content (the
+/// kernel's return addresses; the user frames' names and files, which do
+/// not move with each process's address-space layout), never by an id the
+/// stack table may give to another stack.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct FoldKey {
+    comm: String,
+    cgroup_id: u64,
+    stacks: String,
+    cache: u32,
+}
+
+impl FoldKey {
+    fn of(e: &ExitedRow, cache: u32) -> FoldKey {
+        let mut stacks = String::new();
+        for l in &e.kernel_locations {
+            stacks.push_str(&format!("{:x};", l.addr));
+        }
+        stacks.push('|');
+        for l in &e.user_locations {
+            stacks.push_str(&l.frames.join(","));
+            if let Some(m) = &l.module {
+                stacks.push_str(&format!("@{}#{}", m.path, m.build_id));
+            }
+            stacks.push(';');
+        }
+        FoldKey {
+            comm: e.comm.clone(),
+            cgroup_id: e.cgroup_id,
+            stacks,
+            cache,
+        }
+    }
+}
+
+/// The samples of forgotten processes that were still held, by [`FoldKey`],
+/// with the names their processes had.
+struct Folded {
+    key: FoldKey,
+    row: Row,
+    exited: ExitedRow,
+}
+
+/// An unnamed user frame (`[unknown] 0xADDR`, in no file: the process was
+/// gone before its mappings were read) is an address in one process's
+/// layout, meaningless in another's: a folded row keeps it as `[unknown]`,
+/// what is known of it in each of its processes, so the exits of one program
+/// fold together instead of one row per address-space layout.
+fn without_addresses(e: &mut ExitedRow) {
+    const UNKNOWN: &str = "[unknown]";
+    for f in &mut e.user {
+        if f.starts_with(UNKNOWN) {
+            *f = UNKNOWN.to_string();
+        }
+    }
+    for l in &mut e.user_locations {
+        if l.module.is_none() && l.frames.iter().all(|f| f.starts_with(UNKNOWN)) {
+            l.addr = 0;
+            l.frames = vec![UNKNOWN.to_string()];
+        }
+    }
+}
+
+/// Who a row's estimates belong to, for `--group-by`.
+pub enum Who<'a> {
+    Row(&'a RowKey),
+    Exited(&'a ExitedRow),
 }
 
 /// The samples since start: every one allocated (`alloc_*`) and those
@@ -255,6 +346,10 @@ pub struct Kheap {
     cache_ids: HashMap<String, u32>,
     held: HashMap<u64, Held>,
     rows: HashMap<RowKey, Row>,
+    /// Folded rows by slot (None: free, in `free_folds`), and by key.
+    folded: Vec<Option<Folded>>,
+    fold_ids: HashMap<FoldKey, u32>,
+    free_folds: Vec<u32>,
     started_wall_s: u64,
     samples: u64,
     stale: u64,
@@ -264,6 +359,7 @@ pub struct Kheap {
 pub struct Sample {
     pub ptr: u64,
     pub tgid: u32,
+    pub start_ns: u64,
     pub kstack: StackId,
     pub ustack: StackId,
     pub source: u16,
@@ -281,6 +377,9 @@ impl Kheap {
             cache_ids: HashMap::new(),
             held: HashMap::new(),
             rows: HashMap::new(),
+            folded: Vec::new(),
+            fold_ids: HashMap::new(),
+            free_folds: Vec::new(),
             started_wall_s,
             samples: 0,
             stale: 0,
@@ -305,6 +404,7 @@ impl Kheap {
         let (objects, bytes) = (1.0 / p, s.bytes_alloc as f64 / p);
         let row = RowKey {
             tgid: s.tgid,
+            start_ns: s.start_ns,
             kstack: s.kstack,
             ustack: s.ustack,
             cache,
@@ -315,7 +415,7 @@ impl Kheap {
         self.held.insert(
             s.ptr,
             Held {
-                row,
+                row: Slot::Row(row),
                 objects,
                 bytes,
             },
@@ -323,42 +423,140 @@ impl Kheap {
         self.samples += 1;
     }
 
-    /// The session forgot these processes (gone, holding nothing) and the
-    /// stack table may give their stacks' ids to other stacks: their rows,
-    /// which hold no sample, keep their allocation totals under
-    /// [`FORGOTTEN`] with no stack, so no row ever names a stack it did not
-    /// come from and rows stay as many as the live processes.
-    pub fn forget(&mut self, tgids: &[u32]) {
-        let gone: Vec<RowKey> = self
+    /// The session forgot these processes (`gone`) and the stack table may
+    /// give their stacks' ids to other stacks. A row that holds no sample
+    /// keeps its allocation totals under [`FORGOTTEN`] with no stack. A row
+    /// that still holds samples (the process exited, its kernel objects live
+    /// on) folds into the row of its comm, cgroup, stacks by content and
+    /// cache, labelled exited: its held samples move there, so a later free
+    /// subtracts from it, and `name` (called while the process's names are
+    /// still at hand) gives the row's names. Folded rows that hold nothing
+    /// any more give their totals to [`FORGOTTEN`] too, so rows and the
+    /// stacks they keep are bounded by the live processes, the held samples
+    /// and the distinct (comm, cgroup, stacks, cache) they came from, not by
+    /// the processes that ever ran. Totals (in use and allocated) do not
+    /// change.
+    pub fn forget(
+        &mut self,
+        gone: &[ProcKey],
+        mut name: impl FnMut(ProcKey, StackId, StackId) -> ExitedRow,
+    ) {
+        let gone: HashSet<ProcKey> = gone.iter().copied().collect();
+        let keys: Vec<RowKey> = self
             .rows
-            .iter()
-            .filter(|(k, r)| tgids.contains(&k.tgid) && r.inuse.samples == 0)
-            .map(|(k, _)| *k)
+            .keys()
+            .filter(|k| gone.contains(&k.process()))
+            .copied()
             .collect();
-        for key in gone {
+        let mut moved: HashMap<RowKey, u32> = HashMap::new();
+        let mut counted: HashSet<(ProcKey, u32)> = HashSet::new();
+        for key in keys {
             let Some(row) = self.rows.remove(&key) else {
                 continue;
             };
-            let merged = self
-                .rows
-                .entry(RowKey {
-                    tgid: FORGOTTEN,
-                    kstack: StackId::EMPTY,
-                    ustack: StackId::EMPTY,
-                    cache: key.cache,
-                })
-                .or_default();
-            merged.alloc.samples += row.alloc.samples;
-            merged.alloc.objects += row.alloc.objects;
-            merged.alloc.bytes += row.alloc.bytes;
+            if row.inuse.samples == 0 {
+                self.forgotten(key.cache).alloc.merge(&row.alloc);
+                continue;
+            }
+            let exited = name(key.process(), key.kstack, key.ustack);
+            let id = self.fold(exited, key.cache);
+            let Some(Some(f)) = self.folded.get_mut(id as usize) else {
+                continue;
+            };
+            f.row.alloc.merge(&row.alloc);
+            f.row.inuse.merge(&row.inuse);
+            if counted.insert((key.process(), id)) {
+                f.exited.processes += 1;
+            }
+            moved.insert(key, id);
+        }
+        if !moved.is_empty() {
+            for h in self.held.values_mut() {
+                if let Slot::Row(k) = h.row {
+                    if let Some(&id) = moved.get(&k) {
+                        h.row = Slot::Folded(id);
+                    }
+                }
+            }
+        }
+        self.release_empty_folds();
+    }
+
+    /// The slot of the folded row `exited` and `cache` belong to, made if new.
+    fn fold(&mut self, mut exited: ExitedRow, cache: u32) -> u32 {
+        without_addresses(&mut exited);
+        let key = FoldKey::of(&exited, cache);
+        if let Some(&id) = self.fold_ids.get(&key) {
+            return id;
+        }
+        exited.processes = 0;
+        let f = Folded {
+            key: key.clone(),
+            row: Row::default(),
+            exited,
+        };
+        let id = match self.free_folds.pop() {
+            Some(id) => {
+                self.folded[id as usize] = Some(f);
+                id
+            }
+            None => {
+                self.folded.push(Some(f));
+                self.folded.len() as u32 - 1
+            }
+        };
+        self.fold_ids.insert(key, id);
+        id
+    }
+
+    fn forgotten(&mut self, cache: u32) -> &mut Row {
+        self.rows
+            .entry(RowKey {
+                tgid: FORGOTTEN,
+                start_ns: 0,
+                kstack: StackId::EMPTY,
+                ustack: StackId::EMPTY,
+                cache,
+            })
+            .or_default()
+    }
+
+    /// Folded rows whose samples were all freed: no sample needs their
+    /// names and stacks any more.
+    fn release_empty_folds(&mut self) {
+        for id in 0..self.folded.len() {
+            let empty = matches!(&self.folded[id], Some(f) if f.row.inuse.samples == 0);
+            if !empty {
+                continue;
+            }
+            if let Some(f) = self.folded[id].take() {
+                self.fold_ids.remove(&f.key);
+                self.forgotten(f.key.cache).alloc.merge(&f.row.alloc);
+                self.free_folds.push(id as u32);
+            }
         }
     }
 
+    /// The stack ids the rows still refer to (folded rows keep their
+    /// stacks by content, not by id).
+    pub fn stacks_in_use(&self) -> impl Iterator<Item = StackId> + '_ {
+        self.rows.keys().flat_map(|k| [k.kstack, k.ustack])
+    }
+
     pub fn free(&mut self, ptr: u64) {
-        if let Some(h) = self.held.remove(&ptr) {
-            if let Some(r) = self.rows.get_mut(&h.row) {
-                r.inuse.sub(h.objects, h.bytes);
-            }
+        let Some(h) = self.held.remove(&ptr) else {
+            return;
+        };
+        let row = match h.row {
+            Slot::Row(k) => self.rows.get_mut(&k),
+            Slot::Folded(id) => self
+                .folded
+                .get_mut(id as usize)
+                .and_then(Option::as_mut)
+                .map(|f| &mut f.row),
+        };
+        if let Some(r) = row {
+            r.inuse.sub(h.objects, h.bytes);
         }
     }
 
@@ -367,11 +565,17 @@ impl Kheap {
     /// The in-use estimates summed by `key` (a row's process, kernel and
     /// user stacks and cache name to its group), largest first; each group's
     /// interval as a row's, from its own samples and weights.
-    pub fn groups(&self, key: impl Fn(&RowKey, &str) -> String) -> Vec<KheapGroup> {
+    pub fn groups(&self, key: impl Fn(Who<'_>, &str) -> String) -> Vec<KheapGroup> {
         let mut by: HashMap<String, Row> = HashMap::new();
-        for (k, r) in &self.rows {
+        let live = self.rows.iter().map(|(k, r)| (Who::Row(k), k.cache, r));
+        let folded = self
+            .folded
+            .iter()
+            .flatten()
+            .map(|f| (Who::Exited(&f.exited), f.key.cache, &f.row));
+        for (who, cache, r) in live.chain(folded) {
             let g = by
-                .entry(key(k, &self.caches[k.cache as usize]))
+                .entry(key(who, &self.caches[cache as usize]))
                 .or_default();
             g.inuse.merge(&r.inuse);
             g.alloc.merge(&r.alloc);
@@ -398,10 +602,11 @@ impl Kheap {
 
     pub fn summary(&self, dropped: u64) -> KheapSummary {
         let mut rows: Vec<KheapRow> = Vec::new();
-        for (key, r) in &self.rows {
+        let row = |key: &RowKey, r: &Row, exited: Option<&ExitedRow>| {
             let (low, high) = interval(&r.inuse);
-            rows.push(KheapRow {
+            KheapRow {
                 tgid: key.tgid,
+                start_ns: key.start_ns,
                 kstack: key.kstack,
                 ustack: key.ustack,
                 cache: self.caches[key.cache as usize].clone(),
@@ -412,7 +617,21 @@ impl Kheap {
                 inuse_bytes_high: high,
                 alloc_objects: r.alloc.objects.round() as u64,
                 alloc_bytes: r.alloc.bytes.round() as u64,
-            });
+                exited: exited.cloned(),
+            }
+        };
+        for (key, r) in &self.rows {
+            rows.push(row(key, r, None));
+        }
+        for f in self.folded.iter().flatten() {
+            let key = RowKey {
+                tgid: FORGOTTEN,
+                start_ns: 0,
+                kstack: StackId::EMPTY,
+                ustack: StackId::EMPTY,
+                cache: f.key.cache,
+            };
+            rows.push(row(&key, &f.row, Some(&f.exited)));
         }
         rows.sort_by(|a, b| b.inuse_bytes.cmp(&a.inuse_bytes).then(a.tgid.cmp(&b.tgid)));
         // The by-cache figures are the groups by cache name, in the same order.
@@ -448,37 +667,62 @@ impl Kheap {
 }
 
 /// The group `--group-by` puts a row of `cache` in: `procs` are the report's
-/// processes by tgid (rows of forgotten processes group as "(exited)").
+/// processes by (tgid, start); rows of forgotten processes group as
+/// "(exited)", folded ones by the names they kept.
 pub fn group_key(
     by: GroupBy,
-    row: &RowKey,
+    who: Who<'_>,
     cache: &str,
-    procs: &HashMap<u32, &ProcessReport>,
+    procs: &HashMap<ProcKey, &ProcessReport>,
 ) -> String {
-    let p = procs.get(&row.tgid);
+    let row = match who {
+        Who::Exited(e) => return exited_key(by, e, cache),
+        Who::Row(row) => row,
+    };
+    let p = procs.get(&row.process());
     match (by, p) {
         (GroupBy::Cache, _) => cache.to_string(),
         (GroupBy::Stack, Some(p)) => p
             .stacks
             .iter()
             .find(|s| s.kstack == row.kstack && s.ustack == row.ustack)
-            .map(|s| {
-                let kernel = s.kernel.iter().skip_while(|f| {
-                    f.starts_with("kmem_cache_alloc") || f.starts_with("__kmalloc")
-                });
-                kernel
-                    .take(2)
-                    .chain(s.user.first())
-                    .cloned()
-                    .collect::<Vec<_>>()
-                    .join(" <- ")
-            })
+            .map(|s| stack_label(&s.kernel, &s.user))
             .unwrap_or_else(|| format!("stacks {}/{}", row.kstack.0, row.ustack.0)),
         (GroupBy::Process, Some(p)) => format!("{} {}", p.tgid, p.comm),
         (_, Some(p)) => crate::slab::grouping::key_of(p, by),
         (_, None) if row.tgid == FORGOTTEN => "(exited)".to_string(),
         (_, None) => format!("pid {}", row.tgid),
     }
+}
+
+/// A folded row's group: by the comm, cgroup and stacks it kept; no pid nor
+/// parent (its processes are gone, and were many).
+fn exited_key(by: GroupBy, e: &ExitedRow, cache: &str) -> String {
+    match by {
+        GroupBy::Cache => cache.to_string(),
+        GroupBy::Stack => stack_label(&e.kernel, &e.user),
+        GroupBy::Process | GroupBy::Parent => format!("(exited) {}", e.comm),
+        _ => grouping::key_of_names(
+            &e.comm,
+            e.cgroup_id,
+            e.cgroup.as_deref(),
+            e.pod.as_deref(),
+            by,
+        ),
+    }
+}
+
+/// The first kernel frames past the allocator and the first user frame.
+fn stack_label(kernel: &[String], user: &[String]) -> String {
+    let kernel = kernel
+        .iter()
+        .skip_while(|f| f.starts_with("kmem_cache_alloc") || f.starts_with("__kmalloc"));
+    kernel
+        .take(2)
+        .chain(user.first())
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(" <- ")
 }
 
 /// 95% interval of a row's estimate: the exact Poisson interval of its
@@ -497,7 +741,7 @@ fn interval(w: &Weights) -> (u64, u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_rng::Rng;
+    use crate::{bpf::stacks::StackTable, slab::report::Location, test_rng::Rng};
 
     fn empty() -> Kheap {
         Kheap::new(
@@ -572,35 +816,305 @@ mod tests {
         assert_eq!(kmalloc_name(96, 1), "dma-kmalloc-96");
     }
 
-    #[test]
-    fn forgotten_processes_keep_their_totals_but_no_stack() {
-        let mut k = empty();
-        let cfg = Config::zeroed();
-        let sample = |ptr, tgid| Sample {
+    fn sample(ptr: u64, tgid: u32, kstack: StackId, ustack: StackId, bytes: u64) -> Sample {
+        Sample {
             ptr,
             tgid,
-            kstack: StackId(7),
-            ustack: StackId(8),
+            start_ns: 1000 + u64::from(tgid),
+            kstack,
+            ustack,
             source: SOURCE_KMALLOC,
-            bytes_alloc: 512,
+            bytes_alloc: bytes,
             gfp: 0,
             name_hash: 0,
-        };
-        k.alloc(&cfg, &sample(1, 10));
+        }
+    }
+
+    fn key(tgid: u32) -> ProcKey {
+        ProcKey {
+            tgid,
+            start_ns: 1000 + u64::from(tgid),
+        }
+    }
+
+    /// What the session names a forgotten process's row by: comm `comm`,
+    /// cgroup 42, and the stacks' frames as `stacks` holds them now.
+    fn namer<'a>(
+        stacks: &'a StackTable,
+        comm: &'a str,
+    ) -> impl FnMut(ProcKey, StackId, StackId) -> ExitedRow + 'a {
+        move |_, k, u| {
+            let loc = |&addr: &u64| Location {
+                addr,
+                frames: vec![format!("f{addr:x}")],
+                module: None,
+            };
+            let kernel_locations: Vec<Location> = stacks.frames(k).iter().map(loc).collect();
+            let user_locations: Vec<Location> = stacks.frames(u).iter().map(loc).collect();
+            ExitedRow {
+                comm: comm.to_string(),
+                cgroup_id: 42,
+                cgroup: Some("/system.slice/cron.service".to_string()),
+                pod: None,
+                processes: 1,
+                kernel: kernel_locations
+                    .iter()
+                    .map(|l| l.frames[0].clone())
+                    .collect(),
+                user: user_locations.iter().map(|l| l.frames[0].clone()).collect(),
+                kernel_locations,
+                user_locations,
+            }
+        }
+    }
+
+    /// In-use bytes (the held samples'), and in-use and allocated bytes
+    /// summed over the caches (unrounded weights summed per cache) and over
+    /// the rows (each rounded once).
+    fn totals(s: &KheapSummary) -> (u64, u64, f64, f64) {
+        let rows = |f: fn(&KheapRow) -> u64| s.rows.iter().map(|r| f(r) as f64).sum::<f64>();
+        (
+            s.inuse_bytes,
+            s.caches.iter().map(|c| c.inuse_bytes).sum(),
+            rows(|r| r.inuse_bytes),
+            rows(|r| r.alloc_bytes),
+        )
+    }
+
+    /// Equal but for each row's rounding (half a byte per row at most).
+    fn same_totals(a: &KheapSummary, b: &KheapSummary) {
+        let (x, y) = (totals(a), totals(b));
+        let rows = a.rows.len().max(b.rows.len()) as f64;
+        assert_eq!(x.0, y.0, "held bytes");
+        assert!(x.1.abs_diff(y.1) <= 1, "cache in-use {} vs {}", x.1, y.1);
+        assert!(
+            (x.2 - y.2).abs() <= rows / 2.0,
+            "row in-use {} vs {}",
+            x.2,
+            y.2
+        );
+        assert!(
+            (x.3 - y.3).abs() <= rows / 2.0,
+            "row allocs {} vs {}",
+            x.3,
+            y.3
+        );
+    }
+
+    #[test]
+    fn forgotten_processes_that_hold_nothing_keep_their_totals_but_no_stack() {
+        let mut k = empty();
+        let cfg = Config::zeroed();
+        let mut stacks = StackTable::default();
+        let (ks, us) = (stacks.intern(&[7, 70]), stacks.intern(&[8]));
+        k.alloc(&cfg, &sample(1, 10, ks, us, 512));
         k.free(1);
-        k.alloc(&cfg, &sample(2, 11));
-        k.forget(&[10, 11]);
+        k.alloc(&cfg, &sample(2, 11, ks, us, 512));
+        k.forget(&[key(10)], namer(&stacks, "cron"));
         let s = k.summary(0);
         let forgotten: Vec<&KheapRow> = s.rows.iter().filter(|r| r.tgid == FORGOTTEN).collect();
         assert_eq!(forgotten.len(), 1);
         assert_eq!(forgotten[0].kstack, StackId::EMPTY);
+        assert!(forgotten[0].exited.is_none());
         assert_eq!(forgotten[0].inuse_bytes, 0);
         assert!(forgotten[0].alloc_bytes > 0);
-        // A row still holding a sample keeps its process and stacks.
+        // A process not forgotten keeps its row, pid and stacks.
         assert!(s
             .rows
             .iter()
-            .any(|r| r.tgid == 11 && r.kstack == StackId(7) && r.samples == 1));
+            .any(|r| r.tgid == 11 && r.kstack == ks && r.samples == 1 && r.exited.is_none()));
+    }
+
+    /// Exec churn: 1,000 short-lived processes with one comm and one stack
+    /// each leave one held sample in kmalloc-512. Forgotten, they are one
+    /// row labelled exited holding all 1,000 samples and their summed
+    /// weights; a later free subtracts from it; totals do not move; the live
+    /// process with the same comm and stack keeps its own row; once every
+    /// folded sample is freed the row and its stacks are released.
+    #[test]
+    fn exited_holders_fold_into_one_row_by_comm_cgroup_stacks_and_cache() {
+        let mut k = empty();
+        let cfg = Config::zeroed();
+        let mut stacks = StackTable::default();
+        let (ks, us) = (
+            stacks.intern(&[0xffff_1000, 0xffff_2000]),
+            stacks.intern(&[0x40]),
+        );
+        k.alloc(&cfg, &sample(1, 7, ks, us, 512));
+        let mut expected = Weights::default();
+        for i in 0..1000u64 {
+            let bytes = 512;
+            let tgid = 10_000 + i as u32;
+            k.alloc(&cfg, &sample(0x1000 + i * 0x10, tgid, ks, us, bytes));
+            let p = probability(&k.sampler, bytes);
+            expected.add(1.0 / p, bytes as f64 / p);
+        }
+        let before = k.summary(0);
+        let gone: Vec<ProcKey> = (0..1000).map(|i| key(10_000 + i)).collect();
+        k.forget(&gone, namer(&stacks, "cron"));
+        let after = k.summary(0);
+        same_totals(&after, &before);
+        let folded: Vec<&KheapRow> = after.rows.iter().filter(|r| r.exited.is_some()).collect();
+        assert_eq!(folded.len(), 1, "one row for 1,000 processes");
+        let f = folded[0];
+        let e = f.exited.as_ref().expect("exited");
+        assert_eq!((f.tgid, f.samples, e.processes), (FORGOTTEN, 1000, 1000));
+        assert_eq!(e.comm, "cron");
+        assert_eq!(e.kernel, ["fffff1000", "fffff2000"]);
+        assert_eq!(
+            (e.user.as_slice(), e.cgroup_id),
+            (["f40".to_string()].as_slice(), 42)
+        );
+        assert_eq!(f.inuse_objects, expected.objects.round() as u64);
+        assert_eq!(f.inuse_bytes, expected.bytes.round() as u64);
+        assert_eq!(f.alloc_bytes, expected.bytes.round() as u64);
+        // The live process is never folded: its own row, pid and stacks.
+        let live: Vec<&KheapRow> = after.rows.iter().filter(|r| r.tgid == 7).collect();
+        assert_eq!(live.len(), 1);
+        assert!(live[0].exited.is_none() && live[0].kstack == ks && live[0].samples == 1);
+        assert_eq!(after.rows.len(), 2);
+        // A later free of one of them subtracts from the folded row.
+        k.free(0x1000);
+        let p = probability(&k.sampler, 512);
+        let s = k.summary(0);
+        let f = s.rows.iter().find(|r| r.exited.is_some()).expect("folded");
+        assert_eq!(f.samples, 999);
+        assert_eq!(f.inuse_bytes, (expected.bytes - 512.0 / p).round() as u64);
+        assert_eq!(s.samples_held, 1000);
+        // All freed: at the next forget the row goes, its totals to FORGOTTEN.
+        for i in 1..1000u64 {
+            k.free(0x1000 + i * 0x10);
+        }
+        k.forget(&[], namer(&stacks, "cron"));
+        let s = k.summary(0);
+        assert!(s.rows.iter().all(|r| r.exited.is_none()));
+        assert!(k.folded.iter().all(Option::is_none) && k.fold_ids.is_empty());
+        let forgotten = s
+            .rows
+            .iter()
+            .find(|r| r.tgid == FORGOTTEN)
+            .expect("forgotten");
+        assert_eq!(forgotten.inuse_bytes, 0);
+        assert_eq!(forgotten.alloc_bytes, expected.bytes.round() as u64);
+        let (allocs, allocs_before) = (totals(&s).3, totals(&before).3);
+        assert!(
+            (allocs - allocs_before).abs() <= 1001.0 / 2.0,
+            "alloc totals kept"
+        );
+    }
+
+    /// Folding keys stacks by content: the same frames under ids the table
+    /// gave out again fold together, different frames or comm or cache stay
+    /// apart, and folded rows name no stack id.
+    #[test]
+    fn folded_rows_key_stacks_by_content_not_by_id() {
+        let mut k = empty();
+        let cfg = Config::zeroed();
+        let mut stacks = StackTable::default();
+        let a = stacks.intern(&[1, 2]);
+        let u = stacks.intern(&[0x40]);
+        k.alloc(&cfg, &sample(0x10, 100, a, u, 512));
+        k.forget(&[key(100)], namer(&stacks, "probe"));
+        // The table releases `a`; its id now names other frames, and the
+        // old frames come back under another id.
+        stacks.retain(&HashSet::from([u]));
+        let b = stacks.intern(&[3, 4]);
+        let a2 = stacks.intern(&[1, 2]);
+        assert_eq!(b, a, "the id was reused");
+        k.alloc(&cfg, &sample(0x20, 101, a2, u, 512));
+        k.alloc(&cfg, &sample(0x30, 102, b, u, 512));
+        k.alloc(&cfg, &sample(0x40, 103, a2, u, 64));
+        k.forget(&[key(101), key(102), key(103)], namer(&stacks, "probe"));
+        let s = k.summary(0);
+        let folded: Vec<&KheapRow> = s.rows.iter().filter(|r| r.exited.is_some()).collect();
+        assert_eq!(
+            folded.len(),
+            3,
+            "[1,2] in kmalloc-512, [3,4], [1,2] in kmalloc-64"
+        );
+        let of = |frames: &[&str], cache: &str| {
+            folded
+                .iter()
+                .find(|r| r.cache == cache && r.exited.as_ref().is_some_and(|e| e.kernel == frames))
+                .map(|r| r.samples)
+        };
+        assert_eq!(of(&["f1", "f2"], "kmalloc-512"), Some(2));
+        assert_eq!(of(&["f3", "f4"], "kmalloc-512"), Some(1));
+        assert_eq!(of(&["f1", "f2"], "kmalloc-64"), Some(1));
+        assert!(folded.iter().all(|r| r.kstack == StackId::EMPTY));
+        assert_eq!(k.stacks_in_use().count(), 0, "no row keeps a stack id");
+        // Another comm is another row.
+        k.alloc(&cfg, &sample(0x50, 104, a2, u, 512));
+        k.forget(&[key(104)], namer(&stacks, "shell"));
+        assert_eq!(
+            k.summary(0)
+                .rows
+                .iter()
+                .filter(|r| r.exited.is_some())
+                .count(),
+            4
+        );
+        // --group-by on folded rows: by what they kept, never a pid.
+        let procs = HashMap::new();
+        let by_process = k.groups(|w, c| group_key(GroupBy::Process, w, c, &procs));
+        let keys: Vec<&str> = by_process.iter().map(|g| g.key.as_str()).collect();
+        assert!(keys.contains(&"(exited) probe") && keys.contains(&"(exited) shell"));
+        let by_cgroup = k.groups(|w, c| group_key(GroupBy::Cgroup, w, c, &procs));
+        assert_eq!(by_cgroup[0].key, "/system.slice/cron.service");
+        assert_eq!(by_cgroup[0].samples, 5);
+    }
+
+    /// Short-lived processes gone before their mappings were read leave
+    /// unnamed user frames at addresses of their own layouts: folded, they
+    /// are one row whose user frames are `[unknown]`, without an address
+    /// that was only one process's; a named frame stays apart.
+    #[test]
+    fn unnamed_user_frames_fold_without_their_addresses() {
+        let mut k = empty();
+        let cfg = Config::zeroed();
+        let mut stacks = StackTable::default();
+        let ks = stacks.intern(&[0xffff_1000]);
+        let mut gone = Vec::new();
+        for i in 0..100u64 {
+            let us = stacks.intern(&[0x7f00_0000_0f37 + (i << 12)]);
+            k.alloc(&cfg, &sample(0x10 + i * 0x10, 200 + i as u32, ks, us, 512));
+            gone.push(key(200 + i as u32));
+        }
+        let named = stacks.intern(&[0x40]);
+        k.alloc(&cfg, &sample(0x9000, 400, ks, named, 512));
+        gone.push(key(400));
+        let mut name = namer(&stacks, "mkdir");
+        k.forget(&gone, |p, kstack, ustack| {
+            let mut e = name(p, kstack, ustack);
+            if ustack != named {
+                for l in &mut e.user_locations {
+                    l.frames = vec![format!("[unknown] {:#x}", l.addr)];
+                }
+                e.user = e
+                    .user_locations
+                    .iter()
+                    .map(|l| l.frames[0].clone())
+                    .collect();
+            }
+            e
+        });
+        let s = k.summary(0);
+        let folded: Vec<&KheapRow> = s.rows.iter().filter(|r| r.exited.is_some()).collect();
+        assert_eq!(folded.len(), 2, "{folded:?}");
+        let unknown = folded
+            .iter()
+            .find_map(|r| {
+                r.exited
+                    .as_ref()
+                    .filter(|e| e.user == ["[unknown]"])
+                    .map(|e| (r, e))
+            })
+            .expect("the unnamed ones, folded");
+        assert_eq!((unknown.0.samples, unknown.1.processes), (100, 100));
+        assert_eq!(unknown.1.user_locations[0].addr, 0);
+        assert!(folded
+            .iter()
+            .any(|r| r.samples == 1 && r.exited.as_ref().is_some_and(|e| e.user == ["f40"])));
     }
 
     /// The kernel's draw and the estimate over 200 seeds: for objects of
@@ -640,6 +1154,7 @@ mod tests {
                         &Sample {
                             ptr,
                             tgid: 1,
+                            start_ns: 0,
                             kstack: StackId(0),
                             ustack: StackId(0),
                             source: SOURCE_KMALLOC,

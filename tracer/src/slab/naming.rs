@@ -3,15 +3,15 @@
 //! node's memory picture, the cache's slabinfo line, the kernel counters).
 
 use crate::{
-    bpf::stacks::StackTable,
+    bpf::stacks::{StackId, StackTable},
     kernel::ledger::LedgerPicture,
     kernel::meminfo::MemInfo,
     kernel::pods::PodNames,
     kernel::procinfo::{CgroupPaths, ProcMeta},
     slab::aggregator::rows::Snapshot,
     slab::report::{
-        GroupBy, KernelCounters, Location, MemorySource, ProcKey, Report, SlabPicture, StackReport,
-        SCHEMA_VERSION,
+        ExitedRow, GroupBy, KernelCounters, Location, MemorySource, ProcKey, Report, SlabPicture,
+        StackReport, SCHEMA_VERSION,
     },
     symbolize::{tracing::strip_tracing_frames, Symbolizer},
 };
@@ -106,11 +106,46 @@ pub fn build(kind: &'static str, header: Header, snap: Snapshot, names: &mut Nam
 /// Names `s`'s frames: the kernel stack without the tracing frames above the
 /// allocator, the user stack of process `tgid`, and both by address.
 fn name_stack(s: &mut StackReport, tgid: u32, names: &mut Naming<'_>) {
-    let kaddrs = names.stacks.frames(s.kstack);
+    let n = named_stacks(tgid, s.kstack, s.ustack, names);
+    (s.kernel, s.kernel_locations, s.user, s.user_locations) = n;
+}
+
+/// What `--all-caches` keeps of a process it forgets while its samples are
+/// held (`slab/kheap.rs`): comm, cgroup and pod, and its stacks named now,
+/// while its mappings are still at hand.
+pub fn exited_row(
+    tgid: u32,
+    comm: &str,
+    cgroup_id: u64,
+    (kstack, ustack): (StackId, StackId),
+    names: &mut Naming<'_>,
+) -> ExitedRow {
+    let cgroup = names.cgroups.path(cgroup_id).map(str::to_string);
+    let pod = pod_of(names.pods, cgroup.as_deref());
+    let (kernel, kernel_locations, user, user_locations) =
+        named_stacks(tgid, kstack, ustack, names);
+    ExitedRow {
+        comm: comm.to_string(),
+        cgroup_id,
+        cgroup,
+        pod,
+        processes: 1,
+        kernel,
+        user,
+        kernel_locations,
+        user_locations,
+    }
+}
+
+type Named = (Vec<String>, Vec<Location>, Vec<String>, Vec<Location>);
+
+/// Kernel frames and locations, user frames and locations.
+fn named_stacks(tgid: u32, kstack: StackId, ustack: StackId, names: &mut Naming<'_>) -> Named {
+    let kaddrs = names.stacks.frames(kstack);
     let kall = names.symbols.kernel_frames(kaddrs);
-    s.kernel = strip_tracing_frames(kall.clone());
-    let dropped = kall.len() - s.kernel.len();
-    s.kernel_locations = kaddrs
+    let kernel = strip_tracing_frames(kall.clone());
+    let dropped = kall.len() - kernel.len();
+    let kernel_locations = kaddrs
         .iter()
         .zip(kall)
         .skip(dropped)
@@ -120,11 +155,11 @@ fn name_stack(s: &mut StackReport, tgid: u32, names: &mut Naming<'_>) {
             module: None,
         })
         .collect();
-    let uaddrs = names.stacks.frames(s.ustack);
-    s.user = names.symbols.user_frames(tgid, uaddrs);
+    let uaddrs = names.stacks.frames(ustack);
+    let user = names.symbols.user_frames(tgid, uaddrs);
     // Per address after the whole stack: every lookup is now a
     // cache hit, and an address's inlined frames stay together.
-    s.user_locations = uaddrs
+    let user_locations = uaddrs
         .iter()
         .map(|&addr| Location {
             addr,
@@ -132,4 +167,5 @@ fn name_stack(s: &mut StackReport, tgid: u32, names: &mut Naming<'_>) {
             module: names.symbols.user_file(tgid, addr),
         })
         .collect();
+    (kernel, kernel_locations, user, user_locations)
 }

@@ -646,9 +646,36 @@ pub struct KheapCache {
     pub inuse_bytes_high: u64,
 }
 
+/// A [`KheapRow`] of processes forgotten after they exited while their
+/// sampled objects lived on, folded by what repeats across churn: their
+/// comm, cgroup, stacks (by content) and cache. Its pid is shown as
+/// exited; its names were read while the processes were alive.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ExitedRow {
+    pub comm: String,
+    pub cgroup_id: u64,
+    pub cgroup: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
+    /// Processes whose samples were folded into the row.
+    pub processes: u64,
+    pub kernel: Vec<String>,
+    pub user: Vec<String>,
+    /// The same by return address (pprof): the first folded process's
+    /// addresses of these frames.
+    #[serde(skip)]
+    pub kernel_locations: Vec<Location>,
+    #[serde(skip)]
+    pub user_locations: Vec<Location>,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct KheapRow {
+    /// [`FORGOTTEN`] for the rows of forgotten processes (`exited` says
+    /// what a folded one kept).
     pub tgid: u32,
+    /// With `tgid`, one process (0 for forgotten rows).
+    pub start_ns: u64,
     #[serde(skip)]
     pub kstack: StackId,
     #[serde(skip)]
@@ -661,4 +688,6 @@ pub struct KheapRow {
     pub inuse_bytes_high: u64,
     pub alloc_objects: u64,
     pub alloc_bytes: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exited: Option<ExitedRow>,
 }

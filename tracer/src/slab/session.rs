@@ -21,7 +21,7 @@ use crate::{
     kernel::pods::PodNames,
     kernel::procinfo::{self, CgroupPaths, ProcMeta, TracedProcess},
     kernel::slabinfo::{self, SlabLine},
-    slab::aggregator::{rows::SnapshotOptions, Aggregator, Interrupt},
+    slab::aggregator::{rows::SnapshotOptions, Aggregator, Exited, Forgotten, Interrupt},
     slab::counters::KernelCounters,
     slab::decoder::Event,
     slab::grouping,
@@ -252,11 +252,21 @@ impl Session {
         report.traced = self.watch_traced(root, now);
         report.pages = pages;
         report.kheap = self.kheap.as_ref().map(|k| {
-            let procs = report.processes.iter().map(|p| (p.tgid, p)).collect();
+            let procs = report
+                .processes
+                .iter()
+                .map(|p| {
+                    let key = ProcKey {
+                        tgid: p.tgid,
+                        start_ns: p.start_ns,
+                    };
+                    (key, p)
+                })
+                .collect();
             let mut summary = k.summary(report.kernel.allocs_lost_map_full);
             summary.group_by = self.group_by;
             summary.groups =
-                k.groups(|row, cache| kheap::group_key(self.group_by, row, cache, &procs));
+                k.groups(|who, cache| kheap::group_key(self.group_by, who, cache, &procs));
             summary
         });
         self.symbols.trim();
@@ -291,29 +301,65 @@ impl Session {
     }
 
     /// Each refresh: rates advance, and exited processes that hold nothing
-    /// are forgotten with their names and queued stacks. `kept` (the --pid
-    /// process) keeps its row after exit: the header says it exited.
+    /// (under --all-caches, every exited process: its estimates' rows fold,
+    /// named first) are forgotten with their names and queued stacks. `kept`
+    /// (the --pid process) keeps its row after exit: the header says it exited.
     pub fn tick(&mut self, kept: Option<u32>) {
         self.agg.tick(monotonic_ns());
-        let gone = self.agg.forget_exited(|tgid| {
-            Some(tgid) == kept || Path::new("/proc").join(tgid.to_string()).exists()
-        });
-        for key in &gone {
-            self.procs.remove(key);
+        // Under --all-caches every exited process goes: its rows fold.
+        let how = match self.kheap {
+            Some(_) => Exited::Fold,
+            None => Exited::KeepBusiest,
+        };
+        let gone = self.agg.forget_exited(
+            |tgid| Some(tgid) == kept || Path::new("/proc").join(tgid.to_string()).exists(),
+            how,
+        );
+        if let Some(k) = self.kheap.as_mut() {
+            // Before their names, mappings and stacks go: folded rows keep them.
+            let mut names = Naming {
+                symbols: &mut self.symbols,
+                stacks: &self.agg.stacks,
+                procs: &self.procs,
+                cgroups: &mut self.cgroups,
+                pods: &mut self.pods,
+            };
+            let by_key: HashMap<ProcKey, &Forgotten> = gone.iter().map(|f| (f.key, f)).collect();
+            let keys: Vec<ProcKey> = gone.iter().map(|f| f.key).collect();
+            k.forget(&keys, |key, kstack, ustack| {
+                let f = by_key.get(&key);
+                // /proc's name where it was read, as the report prefers.
+                let comm = names
+                    .procs
+                    .get(&key)
+                    .and_then(|m| m.comm.clone())
+                    .or_else(|| f.map(|f| f.comm.clone()))
+                    .unwrap_or_default();
+                let cgroup_id = f.map_or(0, |f| f.cgroup_id);
+                naming::exited_row(key.tgid, &comm, cgroup_id, (kstack, ustack), &mut names)
+            });
+        }
+        for f in &gone {
+            self.procs.remove(&f.key);
         }
         // A reused PID's live process keeps the mappings read for it.
         let gone_tgids: Vec<u32> = gone
             .iter()
-            .map(|k| k.tgid)
+            .map(|f| f.key.tgid)
             .filter(|&t| !self.procs.keys().any(|k| k.tgid == t))
             .collect();
         self.symbols.forget(&gone_tgids);
-        if let Some(k) = self.kheap.as_mut() {
-            k.forget(&gone_tgids);
+        if !gone.is_empty() {
+            let rows: Vec<StackId> = self
+                .kheap
+                .as_ref()
+                .map(|k| k.stacks_in_use().collect())
+                .unwrap_or_default();
+            self.agg.retain_stacks(rows);
         }
         // Their stack ids may be reused from now on.
         self.pending_stacks
-            .retain(|(t, _)| !gone.iter().any(|k| k.tgid == *t));
+            .retain(|(t, _)| !gone.iter().any(|f| f.key.tgid == *t));
     }
 
     /// Symbolize new user stacks while their processes are likely alive, but never
@@ -348,6 +394,7 @@ impl Session {
                                 &Sample {
                                     ptr: a.ptr,
                                     tgid: a.tgid,
+                                    start_ns: a.start_ns,
                                     kstack: self.agg.stacks.intern(a.kstack),
                                     ustack: self.agg.stacks.intern(a.ustack),
                                     source: a.source,
