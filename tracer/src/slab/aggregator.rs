@@ -89,7 +89,7 @@ impl Interrupt {
 
     /// The pseudo-process its allocations are counted under: tgid 0 and a
     /// start no task has.
-    fn key(self) -> ProcKey {
+    pub fn key(self) -> ProcKey {
         let n = match self {
             Interrupt::Softirq => 1,
             Interrupt::Irq => 2,

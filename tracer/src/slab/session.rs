@@ -389,20 +389,35 @@ impl Session {
                     let new = self.agg.apply(&event);
                     if let Some(k) = self.kheap.as_mut() {
                         match &event {
-                            Event::Alloc(a) => k.alloc(
-                                &self.config,
-                                &Sample {
-                                    ptr: a.ptr,
-                                    tgid: a.tgid,
-                                    start_ns: a.start_ns,
-                                    kstack: self.agg.stacks.intern(a.kstack),
-                                    ustack: self.agg.stacks.intern(a.ustack),
-                                    source: a.source,
-                                    bytes_alloc: a.bytes_alloc,
-                                    gfp: a.gfp_flags,
-                                    name_hash: a.bytes_req,
-                                },
-                            ),
+                            Event::Alloc(a) => {
+                                // As the aggregator counts it: an allocation
+                                // serving an interrupt is its pseudo-process's,
+                                // without the interrupted task's user stack.
+                                let (proc, ustack) = match Interrupt::of(a.context) {
+                                    Some(irq) => (irq.key(), StackId::EMPTY),
+                                    None => (
+                                        ProcKey {
+                                            tgid: a.tgid,
+                                            start_ns: a.start_ns,
+                                        },
+                                        self.agg.stacks.intern(a.ustack),
+                                    ),
+                                };
+                                k.alloc(
+                                    &self.config,
+                                    &Sample {
+                                        ptr: a.ptr,
+                                        tgid: proc.tgid,
+                                        start_ns: proc.start_ns,
+                                        kstack: self.agg.stacks.intern(a.kstack),
+                                        ustack,
+                                        source: a.source,
+                                        bytes_alloc: a.bytes_alloc,
+                                        gfp: a.gfp_flags,
+                                        name_hash: a.bytes_req,
+                                    },
+                                )
+                            }
                             Event::Free(f) => k.free(f.ptr),
                         }
                     }
