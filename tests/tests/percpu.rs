@@ -279,23 +279,22 @@ fn held(report: &Value, tgid: u32) -> (u64, u64, u64, u64) {
     )
 }
 
+/// The percpu tracepoints' witness and a memcg parent, both `test`'s own;
+/// or why this kernel or host cannot have them.
+fn memcg_setup(test: &str) -> Result<(Parent, Witness), &'static str> {
+    let tracefs = tracefs().ok_or("this kernel has no percpu:percpu_alloc_percpu tracepoint")?;
+    let parent = Parent::make(test).ok_or("no memory cgroup hierarchy to make test memcgs in")?;
+    Ok((parent, Witness::start(&tracefs, test)))
+}
+
 #[test]
 fn dying_memcgs_per_cpu_memory_is_held_by_their_creator() {
     let _serial = serial();
-    let tracefs = tracefs();
-    skip_unless!(
-        tracefs.is_some(),
-        "this kernel has no percpu:percpu_alloc_percpu tracepoint"
-    );
-    let Some(tracefs) = tracefs else { return };
-    let parent = Parent::make("dying");
-    skip_unless!(
-        parent.is_some(),
-        "no memory cgroup hierarchy to make test memcgs in"
-    );
-    let Some(parent) = parent else { return };
+    let setup = memcg_setup("dying");
+    let why = setup.as_ref().err().copied().unwrap_or_default();
+    skip_unless!(setup.is_ok(), "{why}");
+    let Ok((parent, witness)) = setup else { return };
     let cpus = possible_cpus();
-    let witness = Witness::start(&tracefs, "dying");
     let scratch = std::env::temp_dir().join(format!("leaktrace-percpu-{}", std::process::id()));
     std::fs::create_dir_all(&scratch).expect("scratch dir");
     let (pprof, folded) = (scratch.join("percpu.pb.gz"), scratch.join("percpu.folded"));
@@ -450,20 +449,11 @@ fn percpu_and_cache_together_is_refused_before_attaching() {
 #[test]
 fn all_caches_samples_per_cpu_memory_beside_the_caches() {
     let _serial = serial();
-    let tracefs = tracefs();
-    skip_unless!(
-        tracefs.is_some(),
-        "this kernel has no percpu:percpu_alloc_percpu tracepoint"
-    );
-    let Some(tracefs) = tracefs else { return };
-    let parent = Parent::make("sampled");
-    skip_unless!(
-        parent.is_some(),
-        "no memory cgroup hierarchy to make test memcgs in"
-    );
-    let Some(parent) = parent else { return };
+    let setup = memcg_setup("sampled");
+    let why = setup.as_ref().err().copied().unwrap_or_default();
+    skip_unless!(setup.is_ok(), "{why}");
+    let Ok((parent, witness)) = setup else { return };
     let cpus = possible_cpus();
-    let witness = Witness::start(&tracefs, "sampled");
     // 4 KiB between samples: the memcgs' ~4 KB of per-CPU memory each gives
     // ~100 samples, so ±30% is about 3 standard errors.
     let tracer = Tracer::start(&["--all-caches", "--sample-bytes", "4096", "--duration", "6s"])
