@@ -95,7 +95,15 @@ fn all_caches_on_classic_hooks_names_a_leak_made_during_the_run() {
 
 fn names_a_leak_made_during_the_run(hooks: &[&str]) {
     let classic = !hooks.is_empty() || !raw_hooks();
+    let folded = std::env::temp_dir().join(format!(
+        "leaktrace-kheap-{}-{}.folded",
+        std::process::id(),
+        hooks.len()
+    ));
+    let folded_arg = folded.to_str().expect("utf-8 temp path").to_string();
     let args = [
+        "--folded",
+        folded_arg.as_str(),
         "--all-caches",
         "--sample-bytes",
         SAMPLE_BYTES,
@@ -158,6 +166,10 @@ fn names_a_leak_made_during_the_run(hooks: &[&str]) {
         "the churn's short-lived allocations add {churned} bytes in use (≤ 1 MiB)"
     );
     assert_eq!(k["dropped"].as_u64(), Some(0), "{k}");
+    assert_coverage(&report);
+    assert_rows_carry_their_stacks(rows, &pids);
+    assert_folded_weighs_estimates(&folded, &pids, estimate);
+    let _ = std::fs::remove_file(&folded);
     assert_unnamed_caches_labelled_by_size(rows, &pids, classic);
     // --group-by sums the same estimates: leakgen's group is its processes'
     // rows of every cache (each rounded to a byte), and holds the leak.
@@ -179,6 +191,83 @@ fn names_a_leak_made_during_the_run(hooks: &[&str]) {
         &groups[..groups.len().min(5)]
     );
     drop(holders);
+}
+
+/// The sample counts are labelled as such, and the coverage states every
+/// loss the kernel counted: samples it could not hand over put the
+/// estimates low by at least the rate each; lost frees of samples, high by
+/// at most what that many held samples weigh.
+fn assert_coverage(report: &Value) {
+    let k = kheap(report);
+    assert_eq!(report["counts_are"], "samples", "{}", report["totals"]);
+    let kernel = &report["kernel"];
+    assert_eq!(k["lost_samples"], kernel["allocs_lost_ringbuf"], "{k}");
+    assert_eq!(k["lost_sample_frees"], kernel["frees_lost_ringbuf"], "{k}");
+    let unseen = count(k, "dropped") + count(k, "lost_samples");
+    assert_eq!(
+        count(k, "low_by_at_least_bytes"),
+        unseen * count(k, "sample_bytes"),
+        "{k}"
+    );
+    let high = count(k, "high_by_at_most_bytes");
+    assert_eq!(high == 0, count(k, "lost_sample_frees") == 0, "{k}");
+    assert!(high <= count(k, "inuse_bytes"), "{k}");
+}
+
+/// Each row names the stack its samples came from: a holder's row ends in
+/// the kernel's key code and leakgen's own frames.
+fn assert_rows_carry_their_stacks(rows: &[Value], pids: &[u32]) {
+    let frames = |r: &Value, side: &str| -> Vec<String> {
+        r[side]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|f| f.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let holder = rows
+        .iter()
+        .find(|r| {
+            pids.contains(&(r["tgid"].as_u64().unwrap_or(0) as u32)) && r["cache"] == "kmalloc-512"
+        })
+        .expect("a holder's kmalloc-512 row");
+    let (kernel, user) = (frames(holder, "kernel"), frames(holder, "user"));
+    assert!(
+        kernel.iter().any(|f| f.contains("key")),
+        "the key code in the holder's kernel stack: {kernel:?}"
+    );
+    assert!(
+        user.iter()
+            .any(|f| f.contains("leakgen") || f.contains("add_key")),
+        "leakgen's frames in the holder's user stack: {user:?}"
+    );
+}
+
+/// `--folded` weighs each stack by its in-use estimate, as the JSON rows
+/// do: the holders' kmalloc-512 lines sum to their estimate (each row
+/// rounded to a byte), not to their samples' raw bytes.
+fn assert_folded_weighs_estimates(path: &std::path::Path, pids: &[u32], estimate: u64) {
+    let text = std::fs::read_to_string(path).expect("the folded file");
+    let mut sum = 0u64;
+    let mut lines = 0u64;
+    for line in text.lines() {
+        let Some((stack, weight)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let holder = pids
+            .iter()
+            .any(|p| stack.starts_with(&format!("leakgen [{p}];")));
+        if holder && stack.ends_with(";[kmalloc-512]") {
+            sum += weight.parse::<u64>().expect("a weight");
+            lines += 1;
+        }
+    }
+    assert!(
+        lines > 0 && sum.abs_diff(estimate) <= lines,
+        "folded holders' kmalloc-512 weights {sum} B over {lines} lines vs the estimate {estimate} B:\n{text}"
+    );
 }
 
 /// Each key the holders add is also a `struct key` from `key_jar`

@@ -7,7 +7,10 @@ use std::fmt::Write as _;
 use anyhow::{Context, Result};
 use clap::ValueEnum;
 
-use crate::{output::pprof::function_name, slab::report::Report};
+use crate::{
+    output::pprof::function_name,
+    slab::report::{KheapSummary, Report, FORGOTTEN},
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Weight {
@@ -33,6 +36,9 @@ impl Weight {
 /// stack from the syscall entry to the allocator. Offsets are dropped so one
 /// function is one box however many call sites it has.
 pub fn lines(report: &Report, weight: Weight) -> Vec<String> {
+    if let Some(k) = &report.kheap {
+        return kheap_lines(report, k, weight);
+    }
     let mut out = Vec::new();
     for p in &report.processes {
         for s in &p.stacks {
@@ -57,6 +63,49 @@ pub fn lines(report: &Report, weight: Weight) -> Vec<String> {
     out
 }
 
+/// `--all-caches`: the process stack tables count samples, so each row
+/// (process, kernel and user stack, cache) is weighed by the estimates the
+/// text report prints: in-use bytes or objects, or objects allocated. The
+/// cache is the leaf, below the allocator.
+fn kheap_lines(report: &Report, k: &KheapSummary, weight: Weight) -> Vec<String> {
+    let mut out = Vec::new();
+    for row in &k.rows {
+        let w = match weight {
+            Weight::Bytes => row.inuse_bytes,
+            Weight::Objects => row.inuse_objects,
+            Weight::Allocs => row.alloc_objects,
+        };
+        if w == 0 {
+            continue;
+        }
+        let comm = report
+            .processes
+            .iter()
+            .find(|p| p.tgid == row.tgid && p.start_ns == row.start_ns)
+            .map(|p| p.comm.as_str());
+        // A folded row of exited processes keeps their comm and stacks.
+        let (mut line, user, kernel) = match (&row.exited, comm) {
+            (Some(e), _) => (frame(&format!("{} [exited]", e.comm)), &e.user, &e.kernel),
+            (None, Some(comm)) => (
+                frame(&format!("{comm} [{}]", row.tgid)),
+                &row.user,
+                &row.kernel,
+            ),
+            (None, None) if row.tgid == FORGOTTEN => {
+                ("(exited)".to_string(), &row.user, &row.kernel)
+            }
+            (None, None) => (format!("? [{}]", row.tgid), &row.user, &row.kernel),
+        };
+        for f in user.iter().rev().chain(kernel.iter().rev()) {
+            line.push(';');
+            line.push_str(&frame(function_name(f)));
+        }
+        let _ = write!(line, ";{} {w}", frame(&format!("[{}]", row.cache)));
+        out.push(line);
+    }
+    out
+}
+
 /// `;` separates frames and a newline ends a record; neither may appear in one.
 fn frame(name: &str) -> String {
     name.replace(';', ":").replace('\n', " ")
@@ -71,25 +120,46 @@ pub fn folded_text(report: &Report, weight: Weight) -> String {
 pub fn flamegraph_svg(report: &Report, weight: Weight) -> Result<Vec<u8>> {
     let lines = lines(report, weight);
     let mut opts = inferno::flamegraph::Options::default();
-    opts.title = match weight {
-        Weight::Allocs => format!("leaktrace: allocations in {}", report.memory()),
-        _ => format!(
-            "leaktrace: outstanding {} in {}",
-            weight.unit(),
-            report.memory()
-        ),
-    };
-    if report
-        .processes
-        .iter()
-        .any(|p| p.stacks.iter().any(|s| s.estimated))
-    {
+    if let Some(k) = &report.kheap {
+        opts.title = match weight {
+            Weight::Allocs => {
+                "leaktrace: objects allocated, every slab cache (sampled estimates)".to_string()
+            }
+            _ => format!(
+                "leaktrace: in-use {}, every slab cache (sampled estimates)",
+                weight.unit()
+            ),
+        };
         opts.subtitle = Some(format!(
-            "per-stack widths are unbiased estimates from drawn stacks (census, zoom, 1 in {}); process totals exact",
-            report.stacks.sample_every
+            "widths are unbiased estimates from byte-sampled allocations, one per {} bytes on average \
+             (each weighed 1/(1-e^(-size/{}))), since unix time {}; {}",
+            k.sample_bytes,
+            k.sample_bytes,
+            k.since_unix_s,
+            k.losses(|b| format!("{b} bytes")),
         ));
+        opts.count_name = format!("estimated {}", weight.unit());
+    } else {
+        opts.title = match weight {
+            Weight::Allocs => format!("leaktrace: allocations in {}", report.memory()),
+            _ => format!(
+                "leaktrace: outstanding {} in {}",
+                weight.unit(),
+                report.memory()
+            ),
+        };
+        if report
+            .processes
+            .iter()
+            .any(|p| p.stacks.iter().any(|s| s.estimated))
+        {
+            opts.subtitle = Some(format!(
+                "per-stack widths are unbiased estimates from drawn stacks (census, zoom, 1 in {}); process totals exact",
+                report.stacks.sample_every
+            ));
+        }
+        opts.count_name = weight.unit().to_string();
     }
-    opts.count_name = weight.unit().to_string();
     let mut svg = Vec::new();
     let drawn =
         inferno::flamegraph::from_lines(&mut opts, lines.iter().map(String::as_str), &mut svg);
@@ -133,6 +203,29 @@ mod tests {
         empty.processes.clear();
         let svg = flamegraph_svg(&empty, Weight::Bytes).expect("an empty graph is still a file");
         assert!(String::from_utf8_lossy(&svg).contains("<svg"));
+    }
+
+    /// Under --all-caches the stack tables count samples (4 of 512 B
+    /// here, 2,048 "bytes"): the lines carry the rows' estimates instead,
+    /// the cache as the leaf, and the graph says they are sampled.
+    #[test]
+    fn all_caches_weighs_stacks_by_their_estimates() {
+        let r = crate::slab::report::test_kheap_report();
+        let stack = "leak:er [42];main;outer;inlined;user_preparse;__kmalloc;[kmalloc-512]";
+        assert_eq!(lines(&r, Weight::Bytes), [format!("{stack} 263170")]);
+        assert_eq!(lines(&r, Weight::Objects), [format!("{stack} 514")]);
+        assert_eq!(lines(&r, Weight::Allocs), [format!("{stack} 1285")]);
+        let svg =
+            String::from_utf8(flamegraph_svg(&r, Weight::Bytes).expect("svg")).expect("utf-8");
+        assert!(
+            svg.contains("leaktrace: in-use bytes, every slab cache (sampled estimates)"),
+            "{svg}"
+        );
+        assert!(
+            svg.contains("one per 65536 bytes on average") && svg.contains("none dropped or lost"),
+            "{svg}"
+        );
+        assert!(svg.contains("263,170 estimated bytes"), "{svg}");
     }
 
     #[test]

@@ -31,17 +31,26 @@ pub fn build(report: &Report, wall_clock_ns: i64) -> Option<Profile> {
     let comment = b.string(&format!(
         "leaktrace kernel heap profile, every slab cache: sampled, one allocation per {} bytes \
          allocated on average, each weighted 1/(1-e^(-size/{})); values are unbiased estimates; \
-         allocations since unix time {} only; {} samples, {} held, {} dropped (table full: \
-         in-use may be low by up to {} bytes)",
+         allocations since unix time {} only; {} samples, {} held; {}",
         kheap.sample_bytes,
         kheap.sample_bytes,
         kheap.since_unix_s,
         kheap.samples,
         kheap.samples_held,
-        kheap.dropped,
-        kheap.may_be_low_by_bytes,
+        kheap.losses(|b| format!("{b} bytes")),
     ));
     b.profile.comment.push(comment);
+    // The same counts as "N word" for tools (serve's /metrics reads them):
+    // the sentence above says "none dropped or lost" rather than zeros.
+    let counts = b.string(&format!(
+        "sampler counts: {} samples, {} held, {} dropped, {} lost, {} lost-frees",
+        kheap.samples,
+        kheap.samples_held,
+        kheap.dropped,
+        kheap.lost_samples,
+        kheap.lost_sample_frees,
+    ));
+    b.profile.comment.push(counts);
     let kernel_mapping = b.mapping("[kernel.kallsyms]");
     let keys = ["cache", "pid", "comm", "cgroup", "pod", "container"].map(|k| b.string(k));
     let procs: HashMap<(u32, u64), &ProcessReport> = report
@@ -202,6 +211,8 @@ mod tests {
             inuse_bytes_high: 2,
             alloc_objects: 3000,
             alloc_bytes: 1_536_000,
+            kernel: Vec::new(),
+            user: Vec::new(),
             exited,
         };
         let exited = ExitedRow {
@@ -251,6 +262,38 @@ mod tests {
         );
         assert_eq!(frames(folded), ["user_preparse", "add_key"]);
         assert_eq!(folded.value, [3000, 1_536_000, 3000, 1_536_000]);
+    }
+
+    fn comment(report: &Report) -> String {
+        let p = build(report, 7).expect("a heap profile");
+        p.string_table[p.comment[0] as usize].clone()
+    }
+
+    #[test]
+    fn the_comment_states_what_was_dropped_and_lost() {
+        let mut r = crate::slab::report::test_kheap_report();
+        let none = comment(&r);
+        assert!(
+            none.ends_with("10 samples, 4 held; none dropped or lost"),
+            "{none}"
+        );
+        let p = build(&r, 7).expect("a heap profile");
+        assert_eq!(
+            p.string_table[p.comment[1] as usize],
+            "sampler counts: 10 samples, 4 held, 0 dropped, 0 lost, 0 lost-frees"
+        );
+        if let Some(k) = r.kheap.as_mut() {
+            k.lost_samples = 4_820;
+            k.low_by_at_least_bytes = 4_820 * 65_536;
+            k.lost_sample_frees = 946;
+            k.high_by_at_most_bytes = 62_000_000;
+        }
+        let lost = comment(&r);
+        assert!(
+            lost.contains("0 samples dropped (table full) and 4820 lost (ring buffer full): in-use estimates are low by at least 315883520 bytes")
+                && lost.contains("946 frees of samples lost (ring buffer full): in-use estimates may be high by up to 62000000 bytes"),
+            "{lost}"
+        );
     }
 
     #[test]

@@ -127,15 +127,7 @@ fn coverage(out: &mut String, k: &KheapSummary) {
         group(k.samples),
         group(k.samples_held),
         group(k.stale),
-        if k.dropped == 0 {
-            "none dropped".to_string()
-        } else {
-            format!(
-                "{} dropped (table full): estimates may be low by up to {}",
-                group(k.dropped),
-                human_bytes(k.may_be_low_by_bytes)
-            )
-        },
+        k.losses(human_bytes),
     );
     let _ = writeln!(
         out,

@@ -585,6 +585,7 @@ mod tests {
             traced: None,
             pages: None,
             kheap: None,
+            counts_are: None,
         }
     }
 

@@ -192,9 +192,16 @@ fn header(out: &mut String, r: &Report, opts: &TextOptions) {
     match (k.frees_maybe_missed, k.allocs_maybe_missed) {
         (Some(0), Some(0)) => {}
         (Some(frees), Some(allocs)) => {
+            // Under --all-caches `outstanding` counts held samples: say so
+            // rather than let a sample count read as objects.
+            let held = if r.kheap.is_some() {
+                "held samples"
+            } else {
+                "outstanding objects"
+            };
             let _ = writeln!(
                 out,
-                "uncertain: up to {} of the outstanding objects may already be freed, and up to {} allocations were not seen (hooks skipped by BPF recursion; --exact does not change this)",
+                "uncertain: up to {} of the {held} may already be freed, and up to {} allocations were not seen (hooks skipped by BPF recursion; --exact does not change this)",
                 group(frees.min(t.outstanding)),
                 group(allocs)
             );
@@ -512,6 +519,38 @@ mod tests {
         let text = render(&r, &opts);
         assert!(
             text.contains("traced process 42 exited 3.2s after attach; its objects stay counted"),
+            "{text}"
+        );
+    }
+
+    /// Under --all-caches the header's counts are of samples: the
+    /// recursion line says "held samples", and the coverage line says
+    /// "none dropped or lost" when nothing was.
+    #[test]
+    fn all_caches_text_counts_samples_and_states_its_losses() {
+        let opts = TextOptions {
+            frames: None,
+            sort_label: "outstanding",
+            interval_s: 1.0,
+        };
+        let mut r = crate::slab::report::test_kheap_report();
+        r.kernel.frees_maybe_missed = Some(2);
+        r.kernel.allocs_maybe_missed = Some(1);
+        let text = render(&r, &opts);
+        assert!(
+            text.contains("uncertain: up to 2 of the held samples may already be freed"),
+            "{text}"
+        );
+        assert!(!text.contains("outstanding objects"), "{text}");
+        assert!(text.contains("none dropped or lost\n"), "{text}");
+        assert!(!text.contains("up to 0"), "{text}");
+        if let Some(k) = r.kheap.as_mut() {
+            k.lost_sample_frees = 946;
+            k.high_by_at_most_bytes = 3 << 20;
+        }
+        let text = render(&r, &opts);
+        assert!(
+            text.contains("946 frees of samples lost (ring buffer full): in-use estimates may be high by up to 3.0M ("),
             "{text}"
         );
     }

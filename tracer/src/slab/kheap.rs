@@ -355,6 +355,19 @@ pub struct Kheap {
     stale: u64,
 }
 
+/// What the kernel counted as not handed over, from its loss counters.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct KheapLosses {
+    /// Samples the live table had no room for (`allocs_lost_map_full`).
+    pub dropped: u64,
+    /// Samples the ring buffer had no room for (`allocs_lost_ringbuf`).
+    pub samples: u64,
+    /// Frees of held samples the ring had no room for
+    /// (`frees_lost_ringbuf`): those samples stay held until their address
+    /// is allocated again.
+    pub sample_frees: u64,
+}
+
 /// One sample as the session hands it over.
 pub struct Sample {
     pub ptr: u64,
@@ -560,8 +573,6 @@ impl Kheap {
         }
     }
 
-    /// Rows, caches and coverage as the report carries them; `dropped`:
-    /// samples the kernel's live table had no room for.
     /// The in-use estimates summed by `key` (a row's process, kernel and
     /// user stacks and cache name to its group), largest first; each group's
     /// interval as a row's, from its own samples and weights.
@@ -600,7 +611,9 @@ impl Kheap {
         out
     }
 
-    pub fn summary(&self, dropped: u64) -> KheapSummary {
+    /// Rows, caches and coverage as the report carries them; `lost`: the
+    /// samples and samples' frees the kernel could not hand over.
+    pub fn summary(&self, lost: KheapLosses) -> KheapSummary {
         let mut rows: Vec<KheapRow> = Vec::new();
         let row = |key: &RowKey, r: &Row, exited: Option<&ExitedRow>| {
             let (low, high) = interval(&r.inuse);
@@ -617,6 +630,8 @@ impl Kheap {
                 inuse_bytes_high: high,
                 alloc_objects: r.alloc.objects.round() as u64,
                 alloc_bytes: r.alloc.bytes.round() as u64,
+                kernel: Vec::new(),
+                user: Vec::new(),
                 exited: exited.cloned(),
             }
         };
@@ -648,15 +663,31 @@ impl Kheap {
             })
             .collect();
         let held_bytes: f64 = self.held.values().map(|h| h.bytes).sum();
+        // A sample whose free the ring had no room for stays held in the
+        // kernel and here: a phantom among the held samples. At most
+        // `lost.sample_frees` of them, so the largest that many held
+        // weights bound what they add.
+        let mut weights: Vec<f64> = self.held.values().map(|h| h.bytes).collect();
+        weights.sort_by(|a, b| b.total_cmp(a));
+        let phantom: f64 = weights
+            .iter()
+            .take(usize::try_from(lost.sample_frees).unwrap_or(usize::MAX))
+            .sum();
+        let unseen = lost.dropped.saturating_add(lost.samples);
         KheapSummary {
             sample_bytes: self.sampler.rate,
             since_unix_s: self.started_wall_s,
             samples: self.samples,
             samples_held: self.held.len() as u64,
             stale: self.stale,
-            dropped,
-            // A dropped sample stood for `rate` bytes on average.
-            may_be_low_by_bytes: dropped.saturating_mul(self.sampler.rate),
+            dropped: lost.dropped,
+            lost_samples: lost.samples,
+            // A sample of `size` bytes stood for size / (1 − e^(−size/rate))
+            // bytes, never less than `rate` (1 − e^(−x) ≤ x): a floor on
+            // what the unseen samples leave out, not a ceiling.
+            low_by_at_least_bytes: unseen.saturating_mul(self.sampler.rate),
+            lost_sample_frees: lost.sample_frees,
+            high_by_at_most_bytes: phantom.round() as u64,
             inuse_bytes: held_bytes.round() as u64,
             caches,
             rows,
@@ -911,7 +942,7 @@ mod tests {
         k.free(1);
         k.alloc(&cfg, &sample(2, 11, ks, us, 512));
         k.forget(&[key(10)], namer(&stacks, "cron"));
-        let s = k.summary(0);
+        let s = k.summary(KheapLosses::default());
         let forgotten: Vec<&KheapRow> = s.rows.iter().filter(|r| r.tgid == FORGOTTEN).collect();
         assert_eq!(forgotten.len(), 1);
         assert_eq!(forgotten[0].kstack, StackId::EMPTY);
@@ -949,10 +980,10 @@ mod tests {
             let p = probability(&k.sampler, bytes);
             expected.add(1.0 / p, bytes as f64 / p);
         }
-        let before = k.summary(0);
+        let before = k.summary(KheapLosses::default());
         let gone: Vec<ProcKey> = (0..1000).map(|i| key(10_000 + i)).collect();
         k.forget(&gone, namer(&stacks, "cron"));
-        let after = k.summary(0);
+        let after = k.summary(KheapLosses::default());
         same_totals(&after, &before);
         let folded: Vec<&KheapRow> = after.rows.iter().filter(|r| r.exited.is_some()).collect();
         assert_eq!(folded.len(), 1, "one row for 1,000 processes");
@@ -976,7 +1007,7 @@ mod tests {
         // A later free of one of them subtracts from the folded row.
         k.free(0x1000);
         let p = probability(&k.sampler, 512);
-        let s = k.summary(0);
+        let s = k.summary(KheapLosses::default());
         let f = s.rows.iter().find(|r| r.exited.is_some()).expect("folded");
         assert_eq!(f.samples, 999);
         assert_eq!(f.inuse_bytes, (expected.bytes - 512.0 / p).round() as u64);
@@ -986,7 +1017,7 @@ mod tests {
             k.free(0x1000 + i * 0x10);
         }
         k.forget(&[], namer(&stacks, "cron"));
-        let s = k.summary(0);
+        let s = k.summary(KheapLosses::default());
         assert!(s.rows.iter().all(|r| r.exited.is_none()));
         assert!(k.folded.iter().all(Option::is_none) && k.fold_ids.is_empty());
         let forgotten = s
@@ -1025,7 +1056,7 @@ mod tests {
         k.alloc(&cfg, &sample(0x30, 102, b, u, 512));
         k.alloc(&cfg, &sample(0x40, 103, a2, u, 64));
         k.forget(&[key(101), key(102), key(103)], namer(&stacks, "probe"));
-        let s = k.summary(0);
+        let s = k.summary(KheapLosses::default());
         let folded: Vec<&KheapRow> = s.rows.iter().filter(|r| r.exited.is_some()).collect();
         assert_eq!(
             folded.len(),
@@ -1047,7 +1078,7 @@ mod tests {
         k.alloc(&cfg, &sample(0x50, 104, a2, u, 512));
         k.forget(&[key(104)], namer(&stacks, "shell"));
         assert_eq!(
-            k.summary(0)
+            k.summary(KheapLosses::default())
                 .rows
                 .iter()
                 .filter(|r| r.exited.is_some())
@@ -1098,7 +1129,7 @@ mod tests {
             }
             e
         });
-        let s = k.summary(0);
+        let s = k.summary(KheapLosses::default());
         let folded: Vec<&KheapRow> = s.rows.iter().filter(|r| r.exited.is_some()).collect();
         assert_eq!(folded.len(), 2, "{folded:?}");
         let unknown = folded
@@ -1115,6 +1146,55 @@ mod tests {
         assert!(folded
             .iter()
             .any(|r| r.samples == 1 && r.exited.as_ref().is_some_and(|e| e.user == ["f40"])));
+    }
+
+    /// Samples never handed over put the estimates low by at least the
+    /// rate each; a lost free of a sample leaves it held, so the estimates
+    /// may be high by at most the largest that many held weights.
+    #[test]
+    fn losses_bound_the_estimates_each_way() {
+        let mut k = empty();
+        let cfg = Config::zeroed();
+        for (ptr, bytes) in [(1u64, 64u64), (2, 8192), (3, 512)] {
+            k.alloc(
+                &cfg,
+                &Sample {
+                    ptr,
+                    tgid: 1,
+                    start_ns: 1,
+                    kstack: StackId(0),
+                    ustack: StackId(0),
+                    source: SOURCE_KMALLOC,
+                    bytes_alloc: bytes,
+                    gfp: 0,
+                    name_hash: 0,
+                },
+            );
+        }
+        let weight = |size: u64| size as f64 / probability(&k.sampler, size);
+        // Each sample stands for at least the rate, more for larger objects.
+        for size in [8, 64, 512, 8192, 1 << 20] {
+            assert!(weight(size) >= DEFAULT_RATE as f64 * 0.999, "{size}");
+        }
+        let none = k.summary(KheapLosses::default());
+        assert_eq!(
+            (none.low_by_at_least_bytes, none.high_by_at_most_bytes),
+            (0, 0)
+        );
+        let s = k.summary(KheapLosses {
+            dropped: 2,
+            samples: 1,
+            sample_frees: 2,
+        });
+        assert_eq!((s.dropped, s.lost_samples, s.lost_sample_frees), (2, 1, 2));
+        assert_eq!(s.low_by_at_least_bytes, 3 * DEFAULT_RATE);
+        // The two largest held weights: the 8 KiB and the 512 B samples'.
+        let high = (weight(8192) + weight(512)).round() as u64;
+        assert_eq!(s.high_by_at_most_bytes, high);
+        assert!(
+            high > 2 * DEFAULT_RATE,
+            "more than rate x lost frees: {high}"
+        );
     }
 
     /// The kernel's draw and the estimate over 200 seeds: for objects of
@@ -1167,7 +1247,7 @@ mod tests {
                         k.free(ptr);
                     }
                 }
-                let s = k.summary(0);
+                let s = k.summary(KheapLosses::default());
                 let (est, low, high) = s.caches.iter().fold((0, 0, 0), |a, c| {
                     (
                         a.0 + c.inuse_bytes,

@@ -100,6 +100,7 @@ pub fn build(kind: &'static str, header: Header, snap: Snapshot, names: &mut Nam
         traced: None,
         pages: None,
         kheap: None,
+        counts_are: None,
     }
 }
 

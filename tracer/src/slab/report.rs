@@ -71,6 +71,11 @@ pub struct Report {
     /// cache, with their coverage; absent otherwise.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kheap: Option<KheapSummary>,
+    /// What `totals` and the processes' stack counts count: "samples"
+    /// under `--all-caches` (sampled allocations, not objects: the
+    /// estimates are `kheap`'s); absent where they count objects.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub counts_are: Option<&'static str>,
 }
 
 /// Pages taken back from the counts since attach, by why.
@@ -589,7 +594,52 @@ pub(crate) fn test_report() -> Report {
         traced: None,
         pages: None,
         kheap: None,
+        counts_are: None,
     }
+}
+
+/// [`test_report`] as an `--all-caches` run: its one stack holds 4
+/// samples of 512 B at a 64 KiB rate, estimated ~257 KiB in use in one row,
+/// with the row's frames; nothing dropped or lost.
+#[cfg(test)]
+pub(crate) fn test_kheap_report() -> Report {
+    let mut r = test_report();
+    let s = &r.processes[0].stacks[0];
+    r.counts_are = Some("samples");
+    r.kheap = Some(KheapSummary {
+        sample_bytes: 65_536,
+        since_unix_s: 1_700_000_000,
+        samples: 10,
+        samples_held: 4,
+        inuse_bytes: 263_170,
+        caches: vec![KheapCache {
+            name: "kmalloc-512".into(),
+            samples: 4,
+            inuse_objects: 514,
+            inuse_bytes: 263_170,
+            inuse_bytes_low: 71_700,
+            inuse_bytes_high: 673_800,
+        }],
+        rows: vec![KheapRow {
+            tgid: 42,
+            start_ns: 0,
+            kstack: s.kstack,
+            ustack: s.ustack,
+            cache: "kmalloc-512".into(),
+            samples: 4,
+            inuse_objects: 514,
+            inuse_bytes: 263_170,
+            inuse_bytes_low: 71_700,
+            inuse_bytes_high: 673_800,
+            alloc_objects: 1_285,
+            alloc_bytes: 657_925,
+            kernel: s.kernel.clone(),
+            user: s.user.clone(),
+            exited: None,
+        }],
+        ..KheapSummary::default()
+    });
+    r
 }
 
 /// A [`KheapRow`]'s `tgid` for the allocations of exited processes whose
@@ -608,10 +658,19 @@ pub struct KheapSummary {
     pub samples_held: u64,
     /// Samples found held at an address allocated again (freed unseen).
     pub stale: u64,
-    /// Samples the live table had no room for; estimates may be low by
-    /// about `may_be_low_by_bytes`.
+    /// Samples the live table had no room for (`dropped`) and samples the
+    /// ring buffer had no room for (`lost_samples`): in-use estimates are
+    /// low by at least `low_by_at_least_bytes` (each stood for at least
+    /// `sample_bytes`; for objects larger than the rate, about their size).
     pub dropped: u64,
-    pub may_be_low_by_bytes: u64,
+    pub lost_samples: u64,
+    pub low_by_at_least_bytes: u64,
+    /// Frees of held samples the ring buffer had no room for: those
+    /// samples stay held (until their address is allocated again), so
+    /// in-use estimates may be high, by at most `high_by_at_most_bytes`
+    /// (the largest that many held samples' weights).
+    pub lost_sample_frees: u64,
+    pub high_by_at_most_bytes: u64,
     /// Estimated bytes in use, every cache.
     pub inuse_bytes: u64,
     /// By cache, largest first.
@@ -621,6 +680,39 @@ pub struct KheapSummary {
     /// The same estimates summed by `--group-by`, largest in use first.
     pub group_by: GroupBy,
     pub groups: Vec<KheapGroup>,
+}
+
+impl KheapSummary {
+    /// What the samples missed and what that does to the estimates, for
+    /// every answer's coverage line (text, pprof comment): "none dropped or
+    /// lost" when nothing was; `bytes` writes a byte count.
+    pub fn losses(&self, bytes: impl Fn(u64) -> String) -> String {
+        let mut parts = Vec::new();
+        if self.dropped + self.lost_samples > 0 {
+            parts.push(format!(
+                "{} samples dropped (table full) and {} lost (ring buffer full): in-use estimates \
+                 are low by at least {} (each stood for at least {}; for objects larger than that, \
+                 about their size)",
+                self.dropped,
+                self.lost_samples,
+                bytes(self.low_by_at_least_bytes),
+                bytes(self.sample_bytes),
+            ));
+        }
+        if self.lost_sample_frees > 0 {
+            parts.push(format!(
+                "{} frees of samples lost (ring buffer full): in-use estimates may be high by up \
+                 to {} (those samples stay held until their address is allocated again)",
+                self.lost_sample_frees,
+                bytes(self.high_by_at_most_bytes),
+            ));
+        }
+        if parts.is_empty() {
+            "none dropped or lost".to_string()
+        } else {
+            parts.join("; ")
+        }
+    }
 }
 
 /// The in-use estimate of every row whose process, stacks or cache
@@ -690,4 +782,36 @@ pub struct KheapRow {
     pub alloc_bytes: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub exited: Option<ExitedRow>,
+    /// The row's stacks, symbolized (allocator first; user innermost
+    /// first); empty for exited processes' rows, which keep no stack.
+    pub kernel: Vec<String>,
+    pub user: Vec<String>,
+}
+
+#[cfg(test)]
+mod kheap_tests {
+    use super::*;
+
+    #[test]
+    fn losses_say_none_or_which_way_each_loss_moves_the_estimates() {
+        let mut k = test_kheap_report().kheap.expect("kheap");
+        let b = |n: u64| format!("{n} B");
+        assert_eq!(k.losses(b), "none dropped or lost");
+        k.dropped = 2;
+        k.lost_samples = 3;
+        k.low_by_at_least_bytes = 5 * 65_536;
+        let low = k.losses(b);
+        assert!(
+            low.starts_with("2 samples dropped (table full) and 3 lost (ring buffer full): in-use estimates are low by at least 327680 B (each stood for at least 65536 B"),
+            "{low}"
+        );
+        assert!(!low.contains("high"), "{low}");
+        k.lost_sample_frees = 1;
+        k.high_by_at_most_bytes = 131_072;
+        let both = k.losses(b);
+        assert!(
+            both.contains("; 1 frees of samples lost (ring buffer full): in-use estimates may be high by up to 131072 B"),
+            "{both}"
+        );
+    }
 }

@@ -28,7 +28,9 @@ use crate::{
     slab::kheap::{self, Kheap, Sample},
     slab::naming::{self, Header, Naming},
     slab::probes::Probes,
-    slab::report::{GroupBy, MemorySource, PageClasses, ProcKey, Report, SlabPicture, TracedPid},
+    slab::report::{
+        GroupBy, MemorySource, PageClasses, ProcKey, ProcessReport, Report, SlabPicture, TracedPid,
+    },
     slab::source::{AllocSource, SlabCaches},
     slab::zoom::{self, Zoom},
     symbolize::Symbolizer,
@@ -252,7 +254,7 @@ impl Session {
         report.traced = self.watch_traced(root, now);
         report.pages = pages;
         report.kheap = self.kheap.as_ref().map(|k| {
-            let procs = report
+            let procs: HashMap<ProcKey, &ProcessReport> = report
                 .processes
                 .iter()
                 .map(|p| {
@@ -263,12 +265,35 @@ impl Session {
                     (key, p)
                 })
                 .collect();
-            let mut summary = k.summary(report.kernel.allocs_lost_map_full);
+            let c = &report.kernel;
+            let mut summary = k.summary(kheap::KheapLosses {
+                dropped: c.allocs_lost_map_full,
+                samples: c.allocs_lost_ringbuf,
+                sample_frees: c.frees_lost_ringbuf,
+            });
+            for row in &mut summary.rows {
+                let key = ProcKey {
+                    tgid: row.tgid,
+                    start_ns: row.start_ns,
+                };
+                let stack = procs.get(&key).and_then(|p| {
+                    p.stacks
+                        .iter()
+                        .find(|s| s.kstack == row.kstack && s.ustack == row.ustack)
+                });
+                if let Some(s) = stack {
+                    row.kernel = s.kernel.clone();
+                    row.user = s.user.clone();
+                }
+            }
             summary.group_by = self.group_by;
             summary.groups =
                 k.groups(|who, cache| kheap::group_key(self.group_by, who, cache, &procs));
             summary
         });
+        if report.kheap.is_some() {
+            report.counts_are = Some("samples");
+        }
         self.symbols.trim();
         // Next refresh re-walks cgroupfs on a miss: new containers appear mid-incident.
         self.cgroups.invalidate();
