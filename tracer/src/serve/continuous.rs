@@ -42,7 +42,17 @@ const ERROR_LINES: usize = 6;
 /// Snapshot requests waiting for the sampler at once; more get 503.
 const QUEUE: usize = 16;
 
-type Reply = oneshot::Sender<Result<Vec<u8>, String>>;
+type Reply = oneshot::Sender<Result<Snapshot, String>>;
+
+/// One gzipped heap profile and which life of the sampler took it: two
+/// snapshots of different lives sample from different starts, so their
+/// difference is no delta (`?seconds=N` refuses it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Counts the sampler's starts from 1; a restart is a new life.
+    pub life: u64,
+    pub gz: Vec<u8>,
+}
 
 /// The sampler's state, for `/metrics` and for the reason of a 503.
 #[derive(Debug, Clone, Default)]
@@ -82,7 +92,7 @@ impl Continuous {
         Self::start_command(exe, sampler_args(sample_bytes), sample_bytes)
     }
 
-    fn start_command(exe: PathBuf, args: Vec<String>, sample_bytes: u64) -> Continuous {
+    pub(super) fn start_command(exe: PathBuf, args: Vec<String>, sample_bytes: u64) -> Continuous {
         let (tx, rx) = mpsc::channel(QUEUE);
         let status: Arc<Mutex<SamplerStatus>> = Arc::default();
         tokio::spawn(supervise(exe, args, rx, status.clone()));
@@ -107,7 +117,7 @@ impl Continuous {
 
     /// One gzipped heap profile from the sampler, or why there is none (for a
     /// 503: sampling off, the sampler down or restarting, or stuck).
-    pub async fn snapshot(&self) -> Result<Vec<u8>, String> {
+    pub async fn snapshot(&self) -> Result<Snapshot, String> {
         let Some(requests) = &self.requests else {
             return Err("continuous sampling is off (serve --no-continuous); \
                         /debug/pprof/kmem?cache=NAME&seconds=N traces on demand"
@@ -143,9 +153,11 @@ async fn supervise(
     status: Arc<Mutex<SamplerStatus>>,
 ) {
     let mut backoff = FIRST_BACKOFF;
+    let mut life = 0;
     loop {
         let started = Instant::now();
-        let why = match run(&exe, &args, &mut requests, &status).await {
+        life += 1;
+        let why = match run(&exe, &args, life, &mut requests, &status).await {
             // The request channel closed: serve is shutting down.
             Ok(()) => return,
             Err(e) => format!("{e:#}"),
@@ -186,6 +198,7 @@ async fn supervise(
 async fn run(
     exe: &PathBuf,
     args: &[String],
+    life: u64,
     requests: &mut mpsc::Receiver<Reply>,
     status: &Arc<Mutex<SamplerStatus>>,
 ) -> Result<()> {
@@ -264,7 +277,7 @@ async fn run(
                 match taken {
                     Ok(profile) => {
                         lock(status).snapshots_ok += 1;
-                        let _ = reply.send(Ok(profile));
+                        let _ = reply.send(Ok(Snapshot { life, gz: profile }));
                     }
                     Err(e) => {
                         lock(status).snapshots_failed += 1;
@@ -351,7 +364,13 @@ mod tests {
         runtime().block_on(async {
             let c = fake(ANSWER);
             for _ in 0..3 {
-                assert_eq!(c.snapshot().await, Ok(b"hello".to_vec()));
+                assert_eq!(
+                    c.snapshot().await,
+                    Ok(Snapshot {
+                        life: 1,
+                        gz: b"hello".to_vec()
+                    })
+                );
             }
             let st = c.status();
             assert_eq!(st.snapshots_ok, 3);
@@ -380,7 +399,14 @@ mod tests {
             let refused = c.snapshot().await.expect_err("down");
             assert!(refused.contains("cannot attach"), "{refused}");
             tokio::time::sleep(FIRST_BACKOFF + Duration::from_millis(300)).await;
-            assert_eq!(c.snapshot().await, Ok(b"hello".to_vec()));
+            // Its second life: snapshots say so, so no delta spans the two.
+            assert_eq!(
+                c.snapshot().await,
+                Ok(Snapshot {
+                    life: 2,
+                    gz: b"hello".to_vec()
+                })
+            );
             let _ = std::fs::remove_file(&marker);
         });
     }

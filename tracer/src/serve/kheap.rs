@@ -21,6 +21,8 @@ use crate::slab::caches::{self, Catalogue};
 
 /// Caches `/metrics` names one by one; the rest are summed as `other`.
 pub const METRIC_CACHES: usize = 20;
+/// The 503 of a `?seconds=N` whose window the sampler restarted in.
+const RESTARTED: &str = "the sampler restarted during the window (its samples start again); retry";
 /// Longest cache name accepted (kernel names are far shorter).
 const MAX_CACHE_NAME: usize = 64;
 
@@ -90,7 +92,7 @@ impl Kheap {
                  /debug/pprof/kmem?cache=NAME&seconds=N traces on demand",
             );
         }
-        let first = match self.profile().await {
+        let (first_life, first) = match self.profile().await {
             Ok(p) => p,
             Err(why) => return unavailable(&why),
         };
@@ -99,7 +101,10 @@ impl Kheap {
             Some(n) => {
                 tokio::time::sleep(Duration::from_secs(n)).await;
                 match self.profile().await {
-                    Ok(later) => kheap_profile::delta(&first, &later),
+                    // A new sampler's samples start again: the difference of
+                    // two lives would read as a shrink of everything held.
+                    Ok((life, _)) if life != first_life => return unavailable(RESTARTED),
+                    Ok((_, later)) => kheap_profile::delta(&first, &later),
                     Err(why) => return unavailable(&why),
                 }
             }
@@ -127,10 +132,13 @@ impl Kheap {
         }
     }
 
-    /// One decoded snapshot, or why there is none.
-    async fn profile(&self) -> Result<crate::output::pprof::Profile, String> {
-        let gz = self.continuous.snapshot().await?;
-        kheap_profile::decode(&gz).map_err(|e| format!("the sampler's snapshot: {e:#}"))
+    /// One decoded snapshot and the sampler's life that took it, or why
+    /// there is none.
+    async fn profile(&self) -> Result<(u64, crate::output::pprof::Profile), String> {
+        let snap = self.continuous.snapshot().await?;
+        let profile = kheap_profile::decode(&snap.gz)
+            .map_err(|e| format!("the sampler's snapshot: {e:#}"))?;
+        Ok((snap.life, profile))
     }
 
     /// The estimates of the latest snapshot, taken at most once per
@@ -145,7 +153,7 @@ impl Kheap {
                 return Some(e.clone());
             }
         }
-        let fresh = self.profile().await.map(|p| {
+        let fresh = self.profile().await.map(|(_, p)| {
             let comments = kheap_profile::comments(&p);
             Estimates {
                 caches: kheap_profile::cache_estimates(&p, METRIC_CACHES),
@@ -253,6 +261,7 @@ fn parse_query(query: &str, max_seconds: u64) -> Result<KheapRequest, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::PathBuf;
 
     #[test]
     fn query_is_checked_before_the_sampler_is_asked() {
@@ -293,6 +302,73 @@ mod tests {
         assert!(ok("bogus=1")
             .unwrap_err()
             .contains("unknown parameter 'bogus'"));
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+    }
+
+    /// A stand-in sampler running `script` (see continuous.rs's tests), and
+    /// `answer`, the file each life writes to fd 3 per `snapshot`: a real
+    /// heap profile, length-prefixed.
+    fn fake_sampler(dir: &Path, script: &str) -> (Kheap, PathBuf) {
+        let profile =
+            kheap_profile::tests::heap(&[(&["leak"], "kmalloc-512", [1, 512, 1, 512])], 1);
+        let gz = crate::output::pprof::encode(&profile).expect("encode");
+        let mut framed = (gz.len() as u64).to_le_bytes().to_vec();
+        framed.extend_from_slice(&gz);
+        let answer = dir.join("answer");
+        std::fs::write(&answer, framed).expect("write answer");
+        let script = script.replace("ANSWER", &answer.display().to_string());
+        let continuous =
+            Continuous::start_command(PathBuf::from("/bin/sh"), vec!["-c".into(), script], 65536);
+        let kheap = Kheap::new(continuous, 60, Duration::from_secs(1), PodNames::new(dir));
+        (kheap, answer)
+    }
+
+    async fn body(resp: Response<Body>) -> (StatusCode, String) {
+        use http_body_util::BodyExt;
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+        (status, String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("kheap-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        dir
+    }
+
+    /// The sampler dies after the window's first snapshot and a new one
+    /// answers the second: its profile starts again, so the difference would
+    /// claim every held byte was freed. 503, and never a delta of two lives.
+    #[test]
+    fn a_delta_across_a_sampler_restart_is_refused() {
+        let dir = scratch("restart");
+        runtime().block_on(async {
+            let (kheap, _) = fake_sampler(
+                &dir,
+                &format!(
+                    "if [ -e {m} ]; then while read l; do cat ANSWER >&3; done; \
+                     else touch {m}; read l; cat ANSWER >&3; exit 9; fi",
+                    m = dir.join("lived").display()
+                ),
+            );
+            let (status, text) = body(kheap.serve("seconds=3").await).await;
+            assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{text}");
+            assert!(
+                text.contains("the sampler restarted during the window"),
+                "{text}"
+            );
+            // The same sampler on both ends: a delta.
+            let (status, text) = body(kheap.serve("seconds=1").await).await;
+            assert_eq!(status, StatusCode::OK, "{text}");
+        });
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
