@@ -18,13 +18,15 @@ use super::kheap_profile::{self, CacheEstimates};
 use super::response::{owned_text, Body};
 use crate::kernel::pods::PodNames;
 use crate::slab::caches::{self, Catalogue};
+use crate::slab::kheap::{KMALLOC_LARGE, PERCPU};
 
 /// Caches `/metrics` names one by one; the rest are summed as `other`.
 pub const METRIC_CACHES: usize = 20;
 /// The 503 of a `?seconds=N` whose window the sampler restarted in.
 const RESTARTED: &str = "the sampler restarted during the window (its samples start again); retry";
-/// Longest cache name accepted (kernel names are far shorter).
-const MAX_CACHE_NAME: usize = 64;
+/// Longest cache name accepted: kernel names are far shorter, an unnamed
+/// cache's label lists up to four of them (`cache of 256 B (a|b|c|d|+5 more)`).
+const MAX_CACHE_NAME: usize = 192;
 
 pub struct Kheap {
     pub continuous: Continuous,
@@ -79,10 +81,10 @@ impl Kheap {
         // A cache name is checked against the catalogue before anything is
         // asked of the sampler: a typo is a 400 with the CLI's did-you-mean,
         // not an empty profile. Merged caches answer to every alias.
-        let names = match &request.cache {
+        let filter = match &request.cache {
             None => None,
-            Some(name) => match cache_names(name.clone()).await {
-                Ok(n) => Some(n),
+            Some(name) => match read_cache_filter(name.clone()).await {
+                Ok(f) => Some(f),
                 Err(why) => return owned_text(StatusCode::BAD_REQUEST, format!("{why}\n")),
             },
         };
@@ -109,8 +111,8 @@ impl Kheap {
                 }
             }
         };
-        if let Some(names) = &names {
-            kheap_profile::filter_cache(&mut profile, names);
+        if let Some(filter) = &filter {
+            kheap_profile::filter_cache(&mut profile, |label| filter.keeps(label));
         }
         if !profile.string_table.iter().any(|s| s == "pod") {
             let mut pods = self.pods.lock().unwrap_or_else(|e| e.into_inner());
@@ -177,20 +179,78 @@ fn unavailable(why: &str) -> Response<Body> {
     resp
 }
 
-/// The cache's name and the names merged into it, as the sampler may label
-/// samples with any of them; a name the kernel does not have is an error with
-/// suggestions.
-async fn cache_names(name: String) -> Result<Vec<String>, String> {
+/// What `?cache=` keeps: any `cache` label the sampler gives
+/// (`CacheNames::name` in slab/kheap.rs) is accepted, a slab cache by any of
+/// its names.
+#[derive(Debug, PartialEq, Eq)]
+enum CacheFilter {
+    /// Samples labelled with one of these: a slab cache, its kernel name and
+    /// the names merged into it; or one of the sampler's own labels
+    /// (`percpu`, `kmalloc-large (pages)`, `cache 0x…`, `unknown`).
+    Names(Vec<String>),
+    /// Samples of an unnamed cache of this object size: `cache of N B
+    /// (candidates)`. Matched by the size alone, as the candidates are listed
+    /// by their activity when the sampler started, which a restart may reorder.
+    Size(u64),
+}
+
+impl CacheFilter {
+    fn keeps(&self, label: &str) -> bool {
+        match self {
+            CacheFilter::Names(names) => names.iter().any(|n| n == label),
+            CacheFilter::Size(size) => size_label(label) == Some(*size),
+        }
+    }
+}
+
+/// The object size of an unnamed cache's label, `cache of N B` alone or
+/// followed by ` (candidates)`.
+fn size_label(label: &str) -> Option<u64> {
+    let rest = label.strip_prefix("cache of ")?;
+    let (size, rest) = rest.split_once(" B")?;
+    if size.is_empty() || !size.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let candidates_ok = rest.is_empty() || (rest.starts_with(" (") && rest.ends_with(')'));
+    candidates_ok.then(|| size.parse().ok()).flatten()
+}
+
+/// The sampler's labels that name no slab cache: per-CPU memory, kmalloc's
+/// page-backed sizes, a cache created after the sampler started (known by
+/// the hash of its name only), a source without a name.
+fn sampler_label(name: &str) -> bool {
+    name == PERCPU
+        || name == KMALLOC_LARGE
+        || name == "unknown"
+        || name.strip_prefix("cache 0x").is_some_and(|hex| {
+            !hex.is_empty() && hex.len() <= 16 && hex.bytes().all(|b| b.is_ascii_hexdigit())
+        })
+}
+
+/// The filter for `?cache=NAME`; a name no sample can carry is an error with
+/// the CLI's suggestions.
+fn cache_filter(catalogue: &Catalogue, name: &str) -> Result<CacheFilter, String> {
+    if sampler_label(name) {
+        return Ok(CacheFilter::Names(vec![name.to_string()]));
+    }
+    if let Some(size) = size_label(name) {
+        return Ok(CacheFilter::Size(size));
+    }
+    let selected = caches::select(catalogue, name).map_err(|e| e.to_string())?;
+    let mut names = vec![name.to_string(), selected.cache.clone()];
+    names.extend(selected.named.iter().cloned());
+    names.extend(selected.aliases_included.iter().cloned());
+    names.sort();
+    names.dedup();
+    Ok(CacheFilter::Names(names))
+}
+
+/// [`cache_filter`] against the running kernel's catalogue.
+async fn read_cache_filter(name: String) -> Result<CacheFilter, String> {
     tokio::task::spawn_blocking(move || {
         let catalogue = Catalogue::read(Path::new("/"))
             .map_err(|e| format!("reading the slab cache catalogue: {e:#}"))?;
-        let selected = caches::select(&catalogue, &name).map_err(|e| e.to_string())?;
-        let mut names = vec![name, selected.cache.clone()];
-        names.extend(selected.named.iter().cloned());
-        names.extend(selected.aliases_included.iter().cloned());
-        names.sort();
-        names.dedup();
-        Ok(names)
+        cache_filter(&catalogue, &name)
     })
     .await
     .unwrap_or_else(|e| Err(format!("cache lookup failed: {e}")))
@@ -247,11 +307,13 @@ fn parse_query(query: &str, max_seconds: u64) -> Result<KheapRequest, String> {
         if c.is_empty()
             || c.len() > MAX_CACHE_NAME
             || !c.chars().all(|ch| {
-                ch.is_ascii_alphanumeric() || matches!(ch, '-' | '_' | ':' | '.' | '(' | ')')
+                ch.is_ascii_alphanumeric()
+                    || matches!(ch, '-' | '_' | ':' | '.' | '(' | ')' | ' ' | '|' | '+')
             })
         {
             return Err(format!(
-                "cache must be a slab cache name (letters, digits, - _ : . ( ), at most {MAX_CACHE_NAME} characters)"
+                "cache must be a slab cache name or a cache label of the profile (letters, digits, \
+                 spaces, - _ : . ( ) | +, at most {MAX_CACHE_NAME} characters)"
             ));
         }
     }
@@ -298,10 +360,75 @@ mod tests {
         ] {
             assert!(ok(bad).is_err(), "{bad:?} accepted");
         }
-        assert!(ok(&format!("cache={}", "a".repeat(65))).is_err());
+        assert!(ok(&format!("cache={}", "a".repeat(193))).is_err());
         assert!(ok("bogus=1")
             .unwrap_err()
             .contains("unknown parameter 'bogus'"));
+    }
+
+    /// Every label the sampler's `CacheNames` gives a sample is accepted by
+    /// `?cache=` and keeps that sample; names no sample can carry are still
+    /// refused with the did-you-mean.
+    #[test]
+    fn every_cache_label_of_the_profile_is_a_filter() {
+        use crate::slab::kheap::{name_hash, CacheNames};
+        use tracer_common::slab::{
+            Config, SOURCE_CACHE_ALLOC, SOURCE_KMALLOC, SOURCE_PAGE, SOURCE_PERCPU,
+        };
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/proc/merged");
+        let catalogue = Catalogue::read(&root).expect("catalogue fixture");
+        let slabinfo = crate::kernel::slabinfo::read(&root).unwrap_or_default();
+        let names = CacheNames::new(&catalogue, &slabinfo);
+        let cfg = Config::zeroed();
+        let labels = [
+            names.name(&cfg, SOURCE_PERCPU, 4096, 0, 0),
+            names.name(&cfg, SOURCE_KMALLOC, 16384, 0, 0),
+            names.name(&cfg, SOURCE_KMALLOC, 512, 0, 0),
+            names.name(&cfg, SOURCE_CACHE_ALLOC, 256, 0, 0),
+            names.name(&cfg, SOURCE_CACHE_ALLOC, 12345, 0, 0),
+            names.name(&cfg, SOURCE_CACHE_ALLOC, 192, 0, name_hash("dentry")),
+            names.name(&cfg, SOURCE_CACHE_ALLOC, 64, 0, 0xdead_beef),
+            names.name(&cfg, SOURCE_PAGE, 4096, 0, 0),
+        ];
+        assert_eq!(labels[0], "percpu");
+        assert_eq!(labels[1], "kmalloc-large (pages)");
+        assert!(labels[3].starts_with("cache of 256 B ("), "{}", labels[3]);
+        for label in &labels {
+            // As a client sends it: spaces as '+', '+' and '|' escaped.
+            let query = format!(
+                "cache={}",
+                label
+                    .replace('+', "%2B")
+                    .replace(' ', "+")
+                    .replace('|', "%7C")
+            );
+            let request = parse_query(&query, 60).unwrap_or_else(|e| panic!("{query}: {e}"));
+            let asked = request.cache.expect("cache");
+            assert_eq!(&asked, label);
+            let filter =
+                cache_filter(&catalogue, &asked).unwrap_or_else(|e| panic!("{label}: {e}"));
+            assert!(filter.keeps(label), "{label}: {filter:?}");
+            for other in labels.iter().filter(|o| *o != label) {
+                assert!(!filter.keeps(other), "{label} keeps {other}");
+            }
+        }
+        // An unnamed cache is one size, whatever its candidates are listed as.
+        let size = cache_filter(&catalogue, "cache of 256 B").expect("size alone");
+        assert!(size.keeps("cache of 256 B (filp|kmalloc-256|+5 more)"));
+        assert!(!size.keeps("cache of 2560 B (none at start)"));
+        let unknown = cache_filter(&catalogue, "kmalloc-51").expect_err("typo");
+        assert!(unknown.contains("did you mean: kmalloc-512"), "{unknown}");
+        for never in [
+            "percpu2",
+            "cache of 25x B",
+            "cache of  B",
+            "cache of 256 B trailing",
+            "cache 0x",
+            "cache 0xzz",
+            "kmalloc-large",
+        ] {
+            assert!(cache_filter(&catalogue, never).is_err(), "{never} accepted");
+        }
     }
 
     fn runtime() -> tokio::runtime::Runtime {

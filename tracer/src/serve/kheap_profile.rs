@@ -260,14 +260,13 @@ fn label<'p>(p: &'p Profile, s: &Sample, key: &str) -> Option<&'p str> {
         .map(String::as_str)
 }
 
-/// Keeps only the samples whose `cache` label is one of `names` (a cache's
-/// own name and the names merged into it). Locations and functions stay:
-/// pprof ignores the ones no sample uses.
-pub fn filter_cache(p: &mut Profile, names: &[String]) {
+/// Keeps only the samples whose `cache` label `wanted` accepts. Locations
+/// and functions stay: pprof ignores the ones no sample uses.
+pub fn filter_cache(p: &mut Profile, wanted: impl Fn(&str) -> bool) {
     let keep: Vec<bool> = p
         .sample
         .iter()
-        .map(|s| label(p, s, "cache").is_some_and(|c| names.iter().any(|n| n == c)))
+        .map(|s| label(p, s, "cache").is_some_and(&wanted))
         .collect();
     let mut it = keep.into_iter();
     p.sample.retain(|_| it.next().unwrap_or(false));
@@ -497,10 +496,10 @@ pub(crate) mod tests {
             ],
             0,
         );
-        filter_cache(&mut p, &["kmalloc-512".into(), "kmalloc-rnd-03-512".into()]);
+        filter_cache(&mut p, |c| c == "kmalloc-512" || c == "kmalloc-rnd-03-512");
         let leaves: Vec<String> = rows(&p).into_iter().map(|r| r.0).collect();
         assert_eq!(leaves, vec!["a", "c"]);
-        filter_cache(&mut p, &["nothing".into()]);
+        filter_cache(&mut p, |c| c == "nothing");
         assert!(p.sample.is_empty());
     }
 
