@@ -1601,3 +1601,87 @@ fn kheap_holds_a_leak_made_before_the_request() {
         gen.finish().expect("leakgen exit");
     }
 }
+
+/// `serve`'s status once `signal` is sent, within `within`.
+fn stop_serve(serve: &mut Serve, signal: i32, within: Duration) -> std::process::ExitStatus {
+    // SAFETY: a signal to our own child, which has not been reaped yet.
+    assert_eq!(unsafe { libc::kill(serve.pid() as i32, signal) }, 0);
+    let sent = Instant::now();
+    loop {
+        if let Some(status) = serve.child.try_wait().expect("wait serve") {
+            return status;
+        }
+        assert!(
+            sent.elapsed() < within,
+            "serve still running {within:?} after the signal"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Whether serve logged a line containing `text` within `within`.
+fn logged(serve: &Serve, text: &str, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    while let Ok(line) = serve
+        .stderr
+        .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+    {
+        if line.contains(text) {
+            return true;
+        }
+    }
+    false
+}
+
+/// A hangup stops serve cleanly, as it stops the CLI: exit 0 and a line
+/// saying why, not death by the signal (rc 129, nothing logged).
+#[test]
+fn serve_stops_cleanly_on_sighup() {
+    skip_in_vm_guest!();
+    let _serial = serial();
+    let dir = scratch("sighup");
+    let mut serve = Serve::start(&dir, &[]);
+    let status = stop_serve(&mut serve, libc::SIGHUP, Duration::from_secs(10));
+    assert!(status.success(), "serve ended by SIGHUP: {status:?}");
+    assert!(
+        logged(&serve, "SIGHUP: stopping", Duration::from_secs(2)),
+        "no line says serve stopped on SIGHUP"
+    );
+}
+
+/// SIGTERM while a `/debug/pprof/kheap?seconds=20` waits out its window: the
+/// client gets 503 "serve is stopping" (not an empty reply) and serve exits 0
+/// well before the window would have ended.
+#[test]
+fn a_kheap_delta_in_flight_is_answered_when_serve_stops() {
+    skip_in_vm_guest!();
+    skip_unless!(
+        ["kmalloc", "kmem_cache_alloc", "kfree", "kmem_cache_free"]
+            .iter()
+            .all(|e| tracepoint_has_field("kmem", e, "ptr")),
+        "the heap sampler (--all-caches) needs the kmem tracepoints"
+    );
+    let _serial = serial();
+    let dir = scratch("kheap-stop");
+    let mut serve = Serve::start(&dir, &["--sample-bytes", "65536"]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while serve.get("/debug/pprof/kheap", Some(TOKEN)).status != 200 {
+        assert!(Instant::now() < deadline, "the sampler never answered");
+        thread::sleep(Duration::from_millis(500));
+    }
+    let addr = serve.addr.clone();
+    let asked = Instant::now();
+    let fetch = thread::spawn(move || get(&addr, "/debug/pprof/kheap?seconds=20", Some(TOKEN)));
+    thread::sleep(Duration::from_secs(2));
+    let status = stop_serve(&mut serve, libc::SIGTERM, Duration::from_secs(10));
+    let r = fetch.join().expect("fetch thread");
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(r.text().contains("serve is stopping"), "{}", r.text());
+    assert!(r.header("retry-after").is_some(), "{}", r.head);
+    assert!(status.success(), "serve after SIGTERM: {status:?}");
+    assert!(
+        asked.elapsed() < Duration::from_secs(15),
+        "answered after {:?}",
+        asked.elapsed()
+    );
+}

@@ -24,6 +24,8 @@ use crate::slab::kheap::{KMALLOC_LARGE, PERCPU};
 pub const METRIC_CACHES: usize = 20;
 /// The 503 of a `?seconds=N` whose window the sampler restarted in.
 const RESTARTED: &str = "the sampler restarted during the window (its samples start again); retry";
+/// The 503 of a `?seconds=N` whose window serve stopped in.
+const STOPPING: &str = "serve is stopping";
 /// Longest cache name accepted: kernel names are far shorter, an unnamed
 /// cache's label lists up to four of them (`cache of 256 B (a|b|c|d|+5 more)`).
 const MAX_CACHE_NAME: usize = 192;
@@ -33,6 +35,8 @@ pub struct Kheap {
     max_seconds: u64,
     refresh: Duration,
     pods: Mutex<PodNames>,
+    /// Set when serve stops: deltas waiting out their window answer 503.
+    stopping: tokio::sync::watch::Sender<bool>,
     /// The latest estimate for /metrics and when it was taken.
     estimates: tokio::sync::Mutex<Option<(Instant, Result<Estimates, String>)>>,
 }
@@ -68,8 +72,15 @@ impl Kheap {
             max_seconds,
             refresh,
             pods: Mutex::new(pods),
+            stopping: tokio::sync::watch::Sender::new(false),
             estimates: tokio::sync::Mutex::new(None),
         }
+    }
+
+    /// serve is stopping: a `?seconds=N` in its window answers 503 now
+    /// rather than be cut off unanswered.
+    pub fn stop(&self) {
+        self.stopping.send_replace(true);
     }
 
     /// `GET /debug/pprof/kheap?QUERY`, already authenticated.
@@ -101,7 +112,11 @@ impl Kheap {
         let mut profile = match request.seconds {
             None => first,
             Some(n) => {
-                tokio::time::sleep(Duration::from_secs(n)).await;
+                let mut stopping = self.stopping.subscribe();
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(n)) => {}
+                    _ = stopping.wait_for(|&stop| stop) => return unavailable(STOPPING),
+                }
                 match self.profile().await {
                     // A new sampler's samples start again: the difference of
                     // two lives would read as a shrink of everything held.
