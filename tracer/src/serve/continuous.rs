@@ -11,7 +11,6 @@
 //! so snapshots are taken one at a time however many clients ask.
 
 use std::{
-    collections::VecDeque,
     os::fd::AsRawFd,
     path::PathBuf,
     process::Stdio,
@@ -37,8 +36,6 @@ const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 const LAST_BACKOFF: Duration = Duration::from_secs(60);
 /// A sampler that ran this long had a healthy run: the backoff starts over.
 const HEALTHY_RUN: Duration = Duration::from_secs(120);
-/// Lines of the sampler's stderr kept for the error a death is reported with.
-const ERROR_LINES: usize = 6;
 /// Snapshot requests waiting for the sampler at once; more get 503.
 const QUEUE: usize = 16;
 
@@ -231,21 +228,17 @@ async fn run(
     let stderr = child.stderr.take().context("sampler stderr")?;
     let mut profiles = tokio::net::unix::pipe::Receiver::from_owned_fd(profile_rx.into())
         .context("reading the sampler's snapshots")?;
-    // Its stderr is logged as it comes; the last lines explain a death.
-    let tail: Arc<Mutex<VecDeque<String>>> = Arc::default();
+    // Its stderr is logged as it comes; its last error line explains a
+    // death (its startup banner, also on stderr, explains nothing).
+    let last_error: Arc<Mutex<Option<String>>> = Arc::default();
     let log = {
-        let tail = tail.clone();
+        let last_error = last_error.clone();
         tokio::spawn(async move {
             let mut lines = BufReader::new(stderr).lines();
             while let Ok(Some(line)) = lines.next_line().await {
                 eprintln!("leaktrace serve: heap sampler: {line}");
-                if line.trim().is_empty() {
-                    continue;
-                }
-                let mut t = lock(&tail);
-                t.push_back(line);
-                if t.len() > ERROR_LINES {
-                    t.pop_front();
+                if is_error_line(&line) {
+                    *lock(&last_error) = Some(line.trim().to_string());
                 }
             }
         })
@@ -255,10 +248,11 @@ async fn run(
             exit = child.wait() => {
                 // Let the last stderr lines arrive before they are quoted.
                 let _ = tokio::time::timeout(Duration::from_secs(1), log).await;
-                let tail = lock(&tail).iter().cloned().collect::<Vec<_>>().join("; ");
-                break match exit {
-                    Ok(code) => Err(anyhow::anyhow!("exited ({code}): {tail}")),
-                    Err(e) => Err(anyhow::anyhow!("waiting for it: {e}")),
+                let said = lock(&last_error).take();
+                break match (exit, said) {
+                    (Ok(code), Some(said)) => Err(anyhow::anyhow!("exited ({code}): {said}")),
+                    (Ok(code), None) => Err(anyhow::anyhow!("exited ({code})")),
+                    (Err(e), _) => Err(anyhow::anyhow!("waiting for it: {e}")),
                 };
             }
             request = requests.recv() => {
@@ -294,6 +288,13 @@ async fn run(
     let _ = child.start_kill();
     let _ = child.wait().await;
     ended
+}
+
+/// A line of the sampler's stderr that says why it failed: leaktrace's own
+/// `leaktrace: error: …` (main.rs) or a panic's message.
+fn is_error_line(line: &str) -> bool {
+    let lower = line.to_ascii_lowercase();
+    lower.contains("error") || lower.contains("panicked")
 }
 
 /// Asks for one profile and reads it: 8 bytes of length (little-endian), then
@@ -386,7 +387,7 @@ mod tests {
             let marker = std::env::temp_dir().join(format!("kheap-fake-{}", std::process::id()));
             let _ = std::fs::remove_file(&marker);
             let script = format!(
-                "if [ -e {m} ]; then {ANSWER}; else touch {m}; echo 'cannot attach' >&2; exit 3; fi",
+                "if [ -e {m} ]; then {ANSWER}; else touch {m}; echo 'leaktrace: error: cannot attach' >&2; exit 3; fi",
                 m = marker.display()
             );
             let c = fake(&script);
@@ -408,6 +409,32 @@ mod tests {
                 })
             );
             let _ = std::fs::remove_file(&marker);
+        });
+    }
+
+    /// A death is told by its exit status and the last error line, not by
+    /// the startup banner before it (what a 503 and serve's log quote).
+    #[test]
+    fn a_death_is_told_by_its_status_and_last_error_line() {
+        runtime().block_on(async {
+            let banner = "echo 'leaktrace: sampling every slab cache' >&2; \
+                          echo '  kmalloc: raw_tp' >&2; \
+                          echo 'leaktrace: attached to all caches; Ctrl-C to stop' >&2";
+            let c = fake(&format!(
+                "{banner}; echo 'leaktrace: error: ring buffer: lost' >&2; echo '' >&2; exit 3"
+            ));
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let err = c.status().last_error.unwrap_or_default();
+            assert_eq!(
+                err,
+                "exited (exit status: 3): leaktrace: error: ring buffer: lost"
+            );
+            let killed = fake(&format!("{banner}; kill -9 $$"));
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let err = killed.status().last_error.unwrap_or_default();
+            assert_eq!(err, "exited (signal: 9 (SIGKILL))");
+            let refused = killed.snapshot().await.expect_err("down");
+            assert!(!refused.contains("Ctrl-C"), "{refused}");
         });
     }
 
