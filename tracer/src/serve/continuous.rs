@@ -11,7 +11,6 @@
 //! so snapshots are taken one at a time however many clients ask.
 
 use std::{
-    collections::VecDeque,
     os::fd::AsRawFd,
     path::PathBuf,
     process::Stdio,
@@ -37,12 +36,20 @@ const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 const LAST_BACKOFF: Duration = Duration::from_secs(60);
 /// A sampler that ran this long had a healthy run: the backoff starts over.
 const HEALTHY_RUN: Duration = Duration::from_secs(120);
-/// Lines of the sampler's stderr kept for the error a death is reported with.
-const ERROR_LINES: usize = 6;
 /// Snapshot requests waiting for the sampler at once; more get 503.
 const QUEUE: usize = 16;
 
-type Reply = oneshot::Sender<Result<Vec<u8>, String>>;
+type Reply = oneshot::Sender<Result<Snapshot, String>>;
+
+/// One gzipped heap profile and which life of the sampler took it: two
+/// snapshots of different lives sample from different starts, so their
+/// difference is no delta (`?seconds=N` refuses it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Counts the sampler's starts from 1; a restart is a new life.
+    pub life: u64,
+    pub gz: Vec<u8>,
+}
 
 /// The sampler's state, for `/metrics` and for the reason of a 503.
 #[derive(Debug, Clone, Default)]
@@ -82,7 +89,7 @@ impl Continuous {
         Self::start_command(exe, sampler_args(sample_bytes), sample_bytes)
     }
 
-    fn start_command(exe: PathBuf, args: Vec<String>, sample_bytes: u64) -> Continuous {
+    pub(super) fn start_command(exe: PathBuf, args: Vec<String>, sample_bytes: u64) -> Continuous {
         let (tx, rx) = mpsc::channel(QUEUE);
         let status: Arc<Mutex<SamplerStatus>> = Arc::default();
         tokio::spawn(supervise(exe, args, rx, status.clone()));
@@ -107,7 +114,7 @@ impl Continuous {
 
     /// One gzipped heap profile from the sampler, or why there is none (for a
     /// 503: sampling off, the sampler down or restarting, or stuck).
-    pub async fn snapshot(&self) -> Result<Vec<u8>, String> {
+    pub async fn snapshot(&self) -> Result<Snapshot, String> {
         let Some(requests) = &self.requests else {
             return Err("continuous sampling is off (serve --no-continuous); \
                         /debug/pprof/kmem?cache=NAME&seconds=N traces on demand"
@@ -143,9 +150,11 @@ async fn supervise(
     status: Arc<Mutex<SamplerStatus>>,
 ) {
     let mut backoff = FIRST_BACKOFF;
+    let mut life = 0;
     loop {
         let started = Instant::now();
-        let why = match run(&exe, &args, &mut requests, &status).await {
+        life += 1;
+        let why = match run(&exe, &args, life, &mut requests, &status).await {
             // The request channel closed: serve is shutting down.
             Ok(()) => return,
             Err(e) => format!("{e:#}"),
@@ -186,6 +195,7 @@ async fn supervise(
 async fn run(
     exe: &PathBuf,
     args: &[String],
+    life: u64,
     requests: &mut mpsc::Receiver<Reply>,
     status: &Arc<Mutex<SamplerStatus>>,
 ) -> Result<()> {
@@ -218,21 +228,17 @@ async fn run(
     let stderr = child.stderr.take().context("sampler stderr")?;
     let mut profiles = tokio::net::unix::pipe::Receiver::from_owned_fd(profile_rx.into())
         .context("reading the sampler's snapshots")?;
-    // Its stderr is logged as it comes; the last lines explain a death.
-    let tail: Arc<Mutex<VecDeque<String>>> = Arc::default();
+    // Its stderr is logged as it comes; its last error line explains a
+    // death (its startup banner, also on stderr, explains nothing).
+    let last_error: Arc<Mutex<Option<String>>> = Arc::default();
     let log = {
-        let tail = tail.clone();
+        let last_error = last_error.clone();
         tokio::spawn(async move {
             let mut lines = BufReader::new(stderr).lines();
             while let Ok(Some(line)) = lines.next_line().await {
                 eprintln!("leaktrace serve: heap sampler: {line}");
-                if line.trim().is_empty() {
-                    continue;
-                }
-                let mut t = lock(&tail);
-                t.push_back(line);
-                if t.len() > ERROR_LINES {
-                    t.pop_front();
+                if is_error_line(&line) {
+                    *lock(&last_error) = Some(line.trim().to_string());
                 }
             }
         })
@@ -242,10 +248,11 @@ async fn run(
             exit = child.wait() => {
                 // Let the last stderr lines arrive before they are quoted.
                 let _ = tokio::time::timeout(Duration::from_secs(1), log).await;
-                let tail = lock(&tail).iter().cloned().collect::<Vec<_>>().join("; ");
-                break match exit {
-                    Ok(code) => Err(anyhow::anyhow!("exited ({code}): {tail}")),
-                    Err(e) => Err(anyhow::anyhow!("waiting for it: {e}")),
+                let said = lock(&last_error).take();
+                break match (exit, said) {
+                    (Ok(code), Some(said)) => Err(anyhow::anyhow!("exited ({code}): {said}")),
+                    (Ok(code), None) => Err(anyhow::anyhow!("exited ({code})")),
+                    (Err(e), _) => Err(anyhow::anyhow!("waiting for it: {e}")),
                 };
             }
             request = requests.recv() => {
@@ -264,7 +271,7 @@ async fn run(
                 match taken {
                     Ok(profile) => {
                         lock(status).snapshots_ok += 1;
-                        let _ = reply.send(Ok(profile));
+                        let _ = reply.send(Ok(Snapshot { life, gz: profile }));
                     }
                     Err(e) => {
                         lock(status).snapshots_failed += 1;
@@ -281,6 +288,13 @@ async fn run(
     let _ = child.start_kill();
     let _ = child.wait().await;
     ended
+}
+
+/// A line of the sampler's stderr that says why it failed: leaktrace's own
+/// `leaktrace: error: …` (main.rs) or a panic's message.
+fn is_error_line(line: &str) -> bool {
+    let lower = line.to_ascii_lowercase();
+    lower.contains("error") || lower.contains("panicked")
 }
 
 /// Asks for one profile and reads it: 8 bytes of length (little-endian), then
@@ -351,7 +365,13 @@ mod tests {
         runtime().block_on(async {
             let c = fake(ANSWER);
             for _ in 0..3 {
-                assert_eq!(c.snapshot().await, Ok(b"hello".to_vec()));
+                assert_eq!(
+                    c.snapshot().await,
+                    Ok(Snapshot {
+                        life: 1,
+                        gz: b"hello".to_vec()
+                    })
+                );
             }
             let st = c.status();
             assert_eq!(st.snapshots_ok, 3);
@@ -367,7 +387,7 @@ mod tests {
             let marker = std::env::temp_dir().join(format!("kheap-fake-{}", std::process::id()));
             let _ = std::fs::remove_file(&marker);
             let script = format!(
-                "if [ -e {m} ]; then {ANSWER}; else touch {m}; echo 'cannot attach' >&2; exit 3; fi",
+                "if [ -e {m} ]; then {ANSWER}; else touch {m}; echo 'leaktrace: error: cannot attach' >&2; exit 3; fi",
                 m = marker.display()
             );
             let c = fake(&script);
@@ -380,8 +400,41 @@ mod tests {
             let refused = c.snapshot().await.expect_err("down");
             assert!(refused.contains("cannot attach"), "{refused}");
             tokio::time::sleep(FIRST_BACKOFF + Duration::from_millis(300)).await;
-            assert_eq!(c.snapshot().await, Ok(b"hello".to_vec()));
+            // Its second life: snapshots say so, so no delta spans the two.
+            assert_eq!(
+                c.snapshot().await,
+                Ok(Snapshot {
+                    life: 2,
+                    gz: b"hello".to_vec()
+                })
+            );
             let _ = std::fs::remove_file(&marker);
+        });
+    }
+
+    /// A death is told by its exit status and the last error line, not by
+    /// the startup banner before it (what a 503 and serve's log quote).
+    #[test]
+    fn a_death_is_told_by_its_status_and_last_error_line() {
+        runtime().block_on(async {
+            let banner = "echo 'leaktrace: sampling every slab cache' >&2; \
+                          echo '  kmalloc: raw_tp' >&2; \
+                          echo 'leaktrace: attached to all caches; Ctrl-C to stop' >&2";
+            let c = fake(&format!(
+                "{banner}; echo 'leaktrace: error: ring buffer: lost' >&2; echo '' >&2; exit 3"
+            ));
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let err = c.status().last_error.unwrap_or_default();
+            assert_eq!(
+                err,
+                "exited (exit status: 3): leaktrace: error: ring buffer: lost"
+            );
+            let killed = fake(&format!("{banner}; kill -9 $$"));
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let err = killed.status().last_error.unwrap_or_default();
+            assert_eq!(err, "exited (signal: 9 (SIGKILL))");
+            let refused = killed.snapshot().await.expect_err("down");
+            assert!(!refused.contains("Ctrl-C"), "{refused}");
         });
     }
 

@@ -31,7 +31,7 @@ use super::Shared;
 
 /// Open connections at once, so a flood of idle sockets cannot exhaust
 /// memory or fds.
-const MAX_CONNECTIONS: usize = 128;
+pub const MAX_CONNECTIONS: usize = 128;
 /// Of those, what one client address (an IPv6 /64) may hold: a peer that
 /// opens connections and sends nothing locks out itself, not the Prometheus
 /// scraping /metrics from elsewhere.
@@ -46,12 +46,15 @@ const READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Besides the trace itself, the most a response may take to be written.
 const WRITE_SLACK: Duration = Duration::from_secs(60);
 
+/// Serves connections until dropped; `slots` ([`MAX_CONNECTIONS`] permits)
+/// are held one per open connection, so the caller can wait for the answers
+/// in flight when it stops.
 pub async fn accept_loop(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     shared: Arc<Shared>,
+    slots: Arc<Semaphore>,
 ) -> Result<()> {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let refusing = Arc::new(Semaphore::new(MAX_REFUSING));
     let peers = Arc::new(Peers::default());
     // Whole connection, request to last byte: the longest trace plus attach,

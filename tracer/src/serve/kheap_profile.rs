@@ -107,7 +107,49 @@ pub fn delta(earlier: &Profile, later: &Profile) -> Profile {
     kept.retain(|s| s.value.iter().any(|&v| v != 0));
     out.sample = kept;
     out.duration_nanos = later.time_nanos.saturating_sub(earlier.time_nanos).max(0);
+    let window_s = out.duration_nanos as f64 / 1e9;
+    let end_unix_s = later.time_nanos / 1_000_000_000;
+    let mut said: Vec<String> = comments(later)
+        .iter()
+        .map(|c| delta_comment(c, window_s, end_unix_s))
+        .collect();
+    if said.is_empty() {
+        said.push(delta_comment("", window_s, end_unix_s));
+    }
+    out.comment = said
+        .into_iter()
+        .map(|c| {
+            out.string_table.push(c);
+            out.string_table.len() as i64 - 1
+        })
+        .collect();
     out
+}
+
+/// A delta's comment: the sampler's "allocations since unix time T only"
+/// (output/kheap_pprof.rs) would claim the values cover everything since the
+/// sampler started; they are the change over the window.
+fn delta_comment(text: &str, window_s: f64, end_unix_s: i64) -> String {
+    const SINCE: &str = "allocations since unix time ";
+    let window = format!(
+        "the delta over the {window_s:.0}-second window ending at unix time {end_unix_s} \
+         (alloc_*: allocated in the window; inuse_*: the change of in-use, negative where it shrank)"
+    );
+    if text.is_empty() {
+        return window;
+    }
+    let Some(at) = text.find(SINCE) else {
+        return format!("{window}; {text}");
+    };
+    let rest = &text[at + SINCE.len()..];
+    let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+    let tail = &rest[digits..];
+    format!(
+        "{}{window}, from a sampler running since unix time {}{}",
+        &text[..at],
+        &rest[..digits],
+        tail.strip_prefix(" only").unwrap_or(tail)
+    )
 }
 
 /// Copies samples of another profile into `into`, re-interning their strings,
@@ -260,14 +302,13 @@ fn label<'p>(p: &'p Profile, s: &Sample, key: &str) -> Option<&'p str> {
         .map(String::as_str)
 }
 
-/// Keeps only the samples whose `cache` label is one of `names` (a cache's
-/// own name and the names merged into it). Locations and functions stay:
-/// pprof ignores the ones no sample uses.
-pub fn filter_cache(p: &mut Profile, names: &[String]) {
+/// Keeps only the samples whose `cache` label `wanted` accepts. Locations
+/// and functions stay: pprof ignores the ones no sample uses.
+pub fn filter_cache(p: &mut Profile, wanted: impl Fn(&str) -> bool) {
     let keep: Vec<bool> = p
         .sample
         .iter()
-        .map(|s| label(p, s, "cache").is_some_and(|c| names.iter().any(|n| n == c)))
+        .map(|s| label(p, s, "cache").is_some_and(&wanted))
         .collect();
     let mut it = keep.into_iter();
     p.sample.retain(|_| it.next().unwrap_or(false));
@@ -487,6 +528,41 @@ pub(crate) mod tests {
         assert!(d.encode_to_vec().len() > 10);
     }
 
+    /// A delta says it is the change over its window, not the in-use since
+    /// the sampler started that its later snapshot's comment claims.
+    #[test]
+    fn a_delta_says_it_is_the_window() {
+        let with_comment = |time_nanos: i64| {
+            let mut p = heap(&[(&["a"], "kmalloc-512", [1, 512, 1, 512])], time_nanos);
+            p.string_table.push(
+                "leaktrace kernel heap profile, every slab cache: sampled; values are unbiased \
+                 estimates; allocations since unix time 1796000000 only; 12 samples, 3 held"
+                    .into(),
+            );
+            p.comment = vec![p.string_table.len() as i64 - 1];
+            p
+        };
+        let d = delta(
+            &with_comment(1_796_000_100_000_000_000),
+            &with_comment(1_796_000_108_000_000_000),
+        );
+        assert_eq!(
+            comments(&d),
+            vec![
+                "leaktrace kernel heap profile, every slab cache: sampled; values are unbiased \
+                 estimates; the delta over the 8-second window ending at unix time 1796000108 \
+                 (alloc_*: allocated in the window; inuse_*: the change of in-use, negative where \
+                 it shrank), from a sampler running since unix time 1796000000; 12 samples, 3 held"
+            ]
+        );
+        let bare = delta(&heap(&[], 0), &heap(&[], 8_000_000_000));
+        assert!(
+            comments(&bare)[0].starts_with("the delta over the 8-second window"),
+            "{:?}",
+            comments(&bare)
+        );
+    }
+
     #[test]
     fn cache_filter_keeps_only_that_cache() {
         let mut p = heap(
@@ -497,10 +573,10 @@ pub(crate) mod tests {
             ],
             0,
         );
-        filter_cache(&mut p, &["kmalloc-512".into(), "kmalloc-rnd-03-512".into()]);
+        filter_cache(&mut p, |c| c == "kmalloc-512" || c == "kmalloc-rnd-03-512");
         let leaves: Vec<String> = rows(&p).into_iter().map(|r| r.0).collect();
         assert_eq!(leaves, vec!["a", "c"]);
-        filter_cache(&mut p, &["nothing".into()]);
+        filter_cache(&mut p, |c| c == "nothing");
         assert!(p.sample.is_empty());
     }
 

@@ -94,6 +94,12 @@ pub async fn run(args: ServeOptions) -> Result<()> {
         profiles: profile::Profiles::new(args.max_seconds, args.min_interval, exe, pods),
         kheap,
     });
+    // Before "listening" is said: a signal from then on is a clean stop.
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    // A hangup is a clean stop, as it is for the CLI's traces (event_loop.rs).
+    let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("--listen: binding {}", args.listen))?;
@@ -110,14 +116,31 @@ pub async fn run(args: ServeOptions) -> Result<()> {
             "off (--no-continuous)".to_string()
         }
     );
-    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
-        .context("installing the SIGINT handler")?;
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("installing the SIGTERM handler")?;
-    let server = http::accept_loop(listener, tls, shared);
-    tokio::select! {
-        result = server => result,
-        _ = sigint.recv() => Ok(()),
-        _ = sigterm.recv() => Ok(()),
+    let slots = Arc::new(tokio::sync::Semaphore::new(http::MAX_CONNECTIONS));
+    let server = http::accept_loop(listener, tls, shared.clone(), slots.clone());
+    let signal = tokio::select! {
+        result = server => return result,
+        _ = sigint.recv() => "SIGINT",
+        _ = sigterm.recv() => "SIGTERM",
+        _ = sighup.recv() => "SIGHUP",
+    };
+    eprintln!("leaktrace serve: {signal}: stopping");
+    // No new connections (the listener is gone); a heap delta waiting out its
+    // window answers 503 at once, and every open connection gets a moment to
+    // be written before the process ends.
+    shared.kheap.stop();
+    let all = http::MAX_CONNECTIONS as u32;
+    if tokio::time::timeout(STOP_GRACE, slots.acquire_many(all))
+        .await
+        .is_err()
+    {
+        eprintln!(
+            "leaktrace serve: connections still open after {} s are closed unanswered",
+            STOP_GRACE.as_secs()
+        );
     }
+    Ok(())
 }
+
+/// How long a stopping serve waits for the answers in flight.
+const STOP_GRACE: Duration = Duration::from_secs(3);

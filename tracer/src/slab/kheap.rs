@@ -68,6 +68,9 @@ pub fn probability(k: &KheapConfig, size: u64) -> f64 {
 /// `Percpu`), beside the slab caches.
 pub const PERCPU: &str = "percpu";
 
+/// The name allocations past kmalloc's largest cache are listed under.
+pub const KMALLOC_LARGE: &str = "kmalloc-large (pages)";
+
 /// Slab caches by the hash the kernel sends (every name and alias of the
 /// catalogue, as `s->name` may be any of them), and kmalloc's names.
 pub struct CacheNames {
@@ -185,7 +188,7 @@ pub fn name_hash(name: &str) -> u64 {
 /// account << 2`), as the kernel names it; past the largest cache, pages.
 fn kmalloc_name(bytes_alloc: u64, class: u64) -> String {
     if bytes_alloc > KHEAP_SMALL_LIMIT {
-        return "kmalloc-large (pages)".to_string();
+        return KMALLOC_LARGE.to_string();
     }
     let size = if bytes_alloc >= 1024 && bytes_alloc.is_multiple_of(1024) {
         format!("{}k", bytes_alloc / 1024)
