@@ -1159,20 +1159,7 @@ mod tests {
         let mut k = empty();
         let cfg = Config::zeroed();
         for (ptr, bytes) in [(1u64, 64u64), (2, 8192), (3, 512)] {
-            k.alloc(
-                &cfg,
-                &Sample {
-                    ptr,
-                    tgid: 1,
-                    start_ns: 1,
-                    kstack: StackId(0),
-                    ustack: StackId(0),
-                    source: SOURCE_KMALLOC,
-                    bytes_alloc: bytes,
-                    gfp: 0,
-                    name_hash: 0,
-                },
-            );
+            k.alloc(&cfg, &sample(ptr, 1, StackId(0), StackId(0), bytes));
         }
         let weight = |size: u64| size as f64 / probability(&k.sampler, size);
         // Each sample stands for at least the rate, more for larger objects.
@@ -1232,20 +1219,7 @@ mod tests {
                         continue;
                     }
                     let ptr = (i as u64 + 1) << 12;
-                    k.alloc(
-                        &cfg,
-                        &Sample {
-                            ptr,
-                            tgid: 1,
-                            start_ns: 0,
-                            kstack: StackId(0),
-                            ustack: StackId(0),
-                            source: SOURCE_KMALLOC,
-                            bytes_alloc: bytes,
-                            gfp: 0,
-                            name_hash: 0,
-                        },
-                    );
+                    k.alloc(&cfg, &sample(ptr, 1, StackId(0), StackId(0), bytes));
                     if !held {
                         k.free(ptr);
                     }
