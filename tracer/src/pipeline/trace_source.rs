@@ -60,7 +60,7 @@ pub fn plan<F: Fn(Option<u32>, Option<u64>) -> plan::Finish>(
     traced: &Traced,
     i: &Inputs<'_, F>,
 ) -> Result<Planned> {
-    let (plan, name, slab_baseline, aliases, settle) = match traced {
+    let (plan, name, slab_baseline, aliases, settle, kheap) = match traced {
         Traced::Cache(cache) => {
             let catalogue = Catalogue::read(i.root).context("reading the slab cache catalogue")?;
             let selection = caches::select(&catalogue, cache)?;
@@ -83,6 +83,7 @@ pub fn plan<F: Fn(Option<u32>, Option<u64>) -> plan::Finish>(
                 slab_baseline,
                 selection.aliases_included.clone(),
                 None,
+                None,
             )
         }
         Traced::Percpu => {
@@ -95,7 +96,7 @@ pub fn plan<F: Fn(Option<u32>, Option<u64>) -> plan::Finish>(
             }
             .plan(i.facts)?;
             let name = PercpuAllocations::name(&plan).to_string();
-            (plan, name, None, Vec::new(), None)
+            (plan, name, None, Vec::new(), None, None)
         }
         Traced::Pages(select) => {
             // Before attaching: a run that cannot classify its pages would
@@ -115,7 +116,7 @@ pub fn plan<F: Fn(Option<u32>, Option<u64>) -> plan::Finish>(
             .plan(i.facts)?;
             let settle: Box<dyn Settle> = Box::new(flags);
             let name = Pages::name(&plan).to_string();
-            (plan, name, None, Vec::new(), Some(settle))
+            (plan, name, None, Vec::new(), Some(settle), None)
         }
         Traced::AllCaches { sample_bytes } => {
             let catalogue = Catalogue::read(i.root).context("reading the slab cache catalogue")?;
@@ -143,13 +144,8 @@ pub fn plan<F: Fn(Option<u32>, Option<u64>) -> plan::Finish>(
             }
             .plan(i.facts)?;
             let name = AllCaches::name(&plan).to_string();
-            (plan, name, None, Vec::new(), None)
-        }
-    };
-    let kheap = match traced {
-        Traced::AllCaches { .. } => {
-            let catalogue = Catalogue::read(i.root).context("reading the slab cache catalogue")?;
-            Some(Kheap::new(
+            // The samples' cache names, from the catalogue the plan read.
+            let kheap = Kheap::new(
                 plan.config.kheap,
                 CacheNames::new(
                     &catalogue,
@@ -158,9 +154,9 @@ pub fn plan<F: Fn(Option<u32>, Option<u64>) -> plan::Finish>(
                 std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_secs()),
-            ))
+            );
+            (plan, name, None, Vec::new(), None, Some(kheap))
         }
-        _ => None,
     };
     let source = match traced {
         Traced::Cache(_) | Traced::AllCaches { .. } => MemorySource::Slab,
